@@ -1,0 +1,37 @@
+#include "isa.h"
+
+namespace dreidel {
+
+bool isa_available(Isa isa) {
+  switch (isa) {
+    case Isa::portable:
+      return true;
+#if defined(DREIDEL_X86)
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#endif
+    default:
+      return false;
+  }
+}
+
+Isa best_isa() {
+  static const Isa best = [] {
+    if (isa_available(Isa::avx512)) return Isa::avx512;
+    if (isa_available(Isa::avx2)) return Isa::avx2;
+    return Isa::portable;
+  }();
+  return best;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+}  // namespace dreidel

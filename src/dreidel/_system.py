@@ -1,0 +1,53 @@
+"""What machine and software dreidel is running on: used by `dreidel info` and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dreidel._native import best_isa, native
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    dreidel: str
+    torch: str
+    python: str
+    cpu: str
+    cores: int
+    isa: str
+    torch_threads: int
+    openmp_max_threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def system_info() -> SystemInfo:
+    from dreidel import __version__
+
+    return SystemInfo(
+        dreidel=__version__,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        cpu=cpu_model(),
+        cores=os.cpu_count() or 1,
+        isa=best_isa(),
+        torch_threads=torch.get_num_threads(),
+        openmp_max_threads=native.openmp_max_threads(),
+    )

@@ -1,0 +1,215 @@
+"""The fast Walsh-Hadamard transform as a PyTorch op.
+
+``fwht`` is registered with ``torch.library.custom_op`` (``dreidel::fwht``): it has a fake implementation
+for meta tensors and ``torch.compile``, and autograd through the transform itself, since ``H`` is symmetric
+(and orthogonal when normalized). On CPU it runs the native kernel; on every other device it runs
+``fwht_reference``, the pure-PyTorch butterfly that is also the test oracle.
+
+Order convention: see ``dreidel.algo.hadamard_matrix`` (``H_m ⊗ H_{2^k}``, Sylvester natural order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dreidel._native import native
+from dreidel.algo._hadamard import (
+    HADAMARD_FACTORS,
+    hadamard_factor,
+    nearest_hadamard_lengths,
+    small_hadamard,
+)
+
+__all__ = ["fwht", "fwht_reference", "pad_to_hadamard"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_input(x: torch.Tensor, dim: int) -> int:
+    """Validate ``x`` and ``dim``; return the length of the transformed dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"x must be a real floating-point tensor (float32, float64, float16, bfloat16), got {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
+    n = x.shape[dim]
+    if n != 0 and hadamard_factor(n) is None:
+        below, above = nearest_hadamard_lengths(n)
+        nearest = ", ".join(str(v) for v in (below, above) if v is not None)
+        raise ValueError(
+            f"fwht: dimension {dim} has length {n}, which is not a supported Hadamard length "
+            f"(m * 2^k with m in {HADAMARD_FACTORS}, 2^k <= 2^30). Nearest supported lengths: {nearest}. "
+            f"Use dreidel.pad_to_hadamard(x, dim={dim}) to zero-pad."
+        )
+    return n
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _scale(n: int, normalized: bool) -> float:
+    return 1.0 / math.sqrt(n) if normalized else 1.0
+
+
+def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    n = x.shape[-1]
+    m, chunk = hadamard_factor(n)
+    rows = x.numel() // n
+    y = x.reshape(rows, m, chunk)
+    h = 1
+    while h < chunk:
+        pairs = y.reshape(rows, m, chunk // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    y = y.reshape(rows, m, chunk)
+    if m > 1:
+        hm = small_hadamard(m, y.dtype).to(y.device)
+        y = torch.einsum("ab,rbc->rac", hm, y)
+    if normalized:
+        y = y * _scale(n, True)
+    return y.reshape(x.shape)
+
+
+def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> torch.Tensor:
+    """Pure-PyTorch FWHT: ``log2(2^k)`` butterfly stages, then ``H_m`` by einsum. Any device, any float dtype.
+
+    Same contract as :func:`fwht` (without ``inplace``); float16/bfloat16 are computed in float32.
+    """
+    n = _check_input(x, dim)
+    if x.numel() == 0 or n == 0:
+        return x.clone()
+    moved = x.movedim(dim, -1).to(_compute_dtype(x.dtype))
+    return _reference_last_dim(moved, normalized).to(x.dtype).movedim(-1, dim)
+
+
+def _native_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool) -> None:
+    n = src.shape[-1]
+    m, _ = hadamard_factor(n)
+    native.fwht(
+        src, dst, n, small_hadamard(m, src.dtype), _scale(n, normalized), torch.get_num_threads()
+    )
+
+
+@torch.library.custom_op("dreidel::fwht", mutates_args=())
+def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """Transform along the last dimension; the default implementation (non-CPU devices) is the reference."""
+    return _reference_last_dim(x, normalized).contiguous()
+
+
+@_fwht_op.register_kernel("cpu")
+def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    src = x.contiguous()
+    out = torch.empty_like(src)
+    _native_into(src, out, normalized)
+    return out
+
+
+@_fwht_op.register_fake
+def _fwht_op_fake(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fwht_setup_context(ctx, inputs, output) -> None:
+    ctx.normalized = inputs[1]
+
+
+def _fwht_backward(ctx, grad: torch.Tensor):
+    # H is symmetric, so the vector-Jacobian product is the same transform of the incoming gradient.
+    return _fwht_op(grad, ctx.normalized), None
+
+
+_fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
+
+
+@torch.library.custom_op("dreidel::fwht_", mutates_args=("x",))
+def _fwht_inplace_op(x: torch.Tensor, normalized: bool) -> None:
+    x.copy_(_reference_last_dim(x, normalized))
+
+
+@_fwht_inplace_op.register_kernel("cpu")
+def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
+    if x.is_contiguous():
+        _native_into(x, x, normalized)
+    else:
+        work = x.contiguous()
+        _native_into(work, work, normalized)
+        x.copy_(work)
+
+
+@_fwht_inplace_op.register_fake
+def _fwht_inplace_op_fake(x: torch.Tensor, normalized: bool) -> None:
+    return None
+
+
+def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
+
+    Computes ``y = c · H x`` along ``dim``, with ``H = H_m ⊗ H_{2^k}`` for a length ``n = m · 2^k``
+    (``m`` in 1, 12, 20, 28; ``H_{2^k}`` in Sylvester natural order, equal to ``scipy.linalg.hadamard``)
+    and ``c = 1/sqrt(n)`` when ``normalized`` (then ``H`` is orthonormal and ``fwht(fwht(x)) == x``),
+    else ``c = 1``. Cost ``O(n log n)`` per row (plus ``O(m n)`` for the ``H_m`` factor).
+
+    Args:
+        x: real floating tensor of any shape ``(..., n, ...)``. float32/float64 are computed in their own
+            dtype; float16/bfloat16 in float32 and cast back. Non-contiguous input is fine.
+        dim: the dimension to transform.
+        normalized: scale by ``1/sqrt(n)``.
+        inplace: write the result into ``x`` and return ``x`` (no autograd through it).
+
+    Returns:
+        a tensor of ``x``'s shape and dtype. Differentiable: the backward pass is the same transform.
+
+    Raises:
+        TypeError: integer, bool or complex ``x``.
+        ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
+    """
+    n = _check_input(x, dim)
+    if x.numel() == 0 or n == 0:
+        return x if inplace else x.clone()
+    moved = x.movedim(dim, -1)
+    if inplace:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "fwht(inplace=True) cannot be differentiated: x requires grad. "
+                "Use inplace=False, or run under torch.no_grad()."
+            )
+        if x.dtype in _LOW_PRECISION:
+            moved.copy_(_fwht_op(moved.float(), normalized))
+        else:
+            _fwht_inplace_op(moved, normalized)
+        return x
+    out = _fwht_op(moved.to(_compute_dtype(x.dtype)), normalized)
+    return out.to(x.dtype).movedim(-1, dim)
+
+
+def pad_to_hadamard(x: torch.Tensor, dim: int = -1, powers_of_two_only: bool = False) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` to the next length ``fwht`` supports.
+
+    With ``powers_of_two_only`` the target is the next power of two (what most other FWHT libraries need).
+    Returns ``x`` itself when no padding is needed.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
+    n = x.shape[dim]
+    if powers_of_two_only:
+        target = 1 << max(0, (n - 1).bit_length())
+    else:
+        _, target = nearest_hadamard_lengths(max(n, 1))
+    if target is None:
+        raise ValueError(f"dimension {dim} has length {n}, longer than the longest supported length")
+    if target == n:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = target - n
+    return torch.cat((x, x.new_zeros(pad_shape)), dim=dim)

@@ -1,0 +1,1 @@
+"""The `dreidel` command line: `dreidel info`, `dreidel demo`, ..."""

@@ -1,0 +1,27 @@
+"""`dreidel info`: versions, the ISA the native core dispatched to, and thread counts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help="show versions, SIMD dispatch and threads")
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dreidel._native import available_isas
+    from dreidel._system import system_info
+
+    info = system_info().as_dict()
+    info["available_isas"] = ", ".join(available_isas())
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
