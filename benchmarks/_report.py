@@ -1,0 +1,31 @@
+"""Shared by the benchmark scripts: each writes its own section, `run_all.py` assembles BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_section(name: str, markdown: str) -> Path:
+    """Atomically write benchmarks/results/<name>.md (one section of BENCHMARKS.md) and echo it."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    sys.stdout.write(markdown.rstrip() + "\n")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

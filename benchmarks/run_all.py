@@ -1,0 +1,58 @@
+"""`make bench`: run every benchmark script, then rewrite BENCHMARKS.md from their sections."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def header() -> str:
+    from dreidel._system import system_info
+
+    info = system_info()
+    cpu = info.cpu
+    try:
+        fields = dict(
+            line.split(":", 1) for line in open("/proc/cpuinfo", encoding="utf-8") if ":" in line
+        )
+        cpu += f" (family {fields['cpu family'].strip()}, model {fields['model'].strip()})"
+    except (OSError, KeyError):
+        pass
+    return (
+        "# Benchmarks\n\n"
+        "Written by `make bench` (benchmarks/run_all.py); every figure below comes from that run.\n\n"
+        f"- date: {datetime.date.today().isoformat()}\n"
+        f"- CPU: {cpu}, {info.cores} cores, native core dispatched to {info.isa}\n"
+        f"- dreidel {info.dreidel}, torch {info.torch}, Python {info.python}\n"
+    )
+
+
+def main() -> int:
+    scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_") and p.name != "run_all.py")
+    only = set(sys.argv[1:])
+    failed = []
+    for script in scripts:
+        if only and script.stem not in only:
+            continue
+        print(f"== {script.name}", flush=True)
+        if subprocess.run([sys.executable, str(script)], cwd=ROOT, env=os.environ.copy()).returncode:
+            failed.append(script.name)
+    sections = [p.read_text(encoding="utf-8") for p in sorted((HERE / "results").glob("*.md"))]
+    out = ROOT / "BENCHMARKS.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(header() + "\n" + "\n".join(sections), encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
