@@ -60,9 +60,9 @@ NB_MODULE(_C, m) {
       "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto')\n\n"
       "dst = scale * (H_m kron H_{n/m}) src for every contiguous row of length n. src and dst are\n"
       "C-contiguous CPU buffers of equal size (they may be the same buffer); hadamard_m is m x m.";
-  m.def("fwht", &fwht_binding<float>, nb::arg("src"), nb::arg("dst"), nb::arg("n"), nb::arg("hadamard_m"),
+  m.def("fwht", &fwht_binding<float>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", fwht_doc);
-  m.def("fwht", &fwht_binding<double>, nb::arg("src"), nb::arg("dst"), nb::arg("n"), nb::arg("hadamard_m"),
+  m.def("fwht", &fwht_binding<double>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");

@@ -1,0 +1,71 @@
+"""Metrics for ``Sequential.compile``: each maps ``(output, target)`` to a batch mean (a Python float)."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+
+__all__ = ["Accuracy", "TopKAccuracy", "metric_name", "resolve_metric"]
+
+
+def _class_indices(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Class indices ``(B,)`` from integer labels ``(B,)`` or from probability/logit targets ``(B, C)``."""
+    if target.dim() == output.dim():
+        return target.argmax(dim=-1)
+    return target
+
+
+class TopKAccuracy:
+    """Fraction of samples whose true class is among the ``k`` largest of the ``(B, C)`` outputs."""
+
+    def __init__(self, k: int = 5) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.k = k
+        self.name = "accuracy" if k == 1 else f"top_{k}_accuracy"
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        if self.k > output.shape[-1]:
+            raise ValueError(f"k={self.k} exceeds the number of classes {output.shape[-1]}")
+        labels = _class_indices(target, output)
+        top = output.topk(self.k, dim=-1).indices  # (B, k)
+        return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
+
+
+class Accuracy(TopKAccuracy):
+    """Fraction of samples whose arg-max output is the true class."""
+
+    def __init__(self) -> None:
+        super().__init__(k=1)
+
+
+_TOP_K_NAME = re.compile(r"top_(\d+)(_accuracy)?")
+
+
+def resolve_metric(metric) -> TopKAccuracy:
+    """A metric from ``"accuracy"``, ``"top_k"`` / ``"top_k_accuracy"`` (e.g. ``"top_5"``) or a callable.
+
+    A callable must take ``(output, target)`` and return a float; it is logged under its function name
+    (or its class name for a callable object).
+    """
+    if isinstance(metric, str):
+        if metric == "accuracy":
+            return Accuracy()
+        match = _TOP_K_NAME.fullmatch(metric)
+        if match:
+            return TopKAccuracy(int(match.group(1)))
+        raise ValueError(f"unknown metric {metric!r}; expected 'accuracy', 'top_<k>' or a callable")
+    if callable(metric):
+        return metric
+    raise TypeError(f"metric must be a name or a callable, got {type(metric).__name__}")
+
+
+def metric_name(metric) -> str:
+    """The history key under which ``metric`` is logged."""
+    if isinstance(metric, TopKAccuracy):
+        return metric.name
+    if isinstance(metric, types.FunctionType):
+        return metric.__name__
+    return type(metric).__name__

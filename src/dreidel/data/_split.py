@@ -1,0 +1,91 @@
+"""Seeded stratified train/test splits and DataLoader wrapping shared by the bundled data sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["SPLITS", "as_dataloader", "select_split", "stratified_split"]
+
+SPLITS = ("train", "test", "all")
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a stratified train/test split, each shuffled.
+
+    Every class contributes ``round(test_fraction * class_count)`` samples to the test part, so class
+    proportions match in both parts. The same ``seed`` always gives the same split.
+
+    Args:
+        labels: int array of shape ``(N,)``.
+        test_fraction: in (0, 1).
+        seed: seed of the numpy ``Generator`` that draws the permutations.
+
+    Returns:
+        ``(train_indices, test_indices)``, int64 arrays that together hold every index once.
+    """
+    rng = np.random.default_rng(seed)
+    train_parts, test_parts = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(test_fraction * len(members)))
+        test_parts.append(members[:n_test])
+        train_parts.append(members[n_test:])
+    train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
+    test = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
+    return train, test
+
+
+def select_split(
+    features: np.ndarray,
+    labels: np.ndarray,
+    split: str,
+    seed: int,
+    test_fraction: float,
+    as_tensors: bool,
+    batch_size: int | None,
+) -> tuple:
+    """Pick one split of ``(features, labels)`` and convert it as the public loaders promise.
+
+    ``split="all"`` returns every sample in a seeded shuffled order. With ``batch_size`` a DataLoader is
+    returned (shuffled for ``"train"``/``"all"``, with a generator seeded by ``seed``).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    train, test = stratified_split(labels, test_fraction, seed)
+    if split == "train":
+        index = train
+    elif split == "test":
+        index = test
+    else:
+        index = np.random.default_rng(seed).permutation(len(labels))
+    x, y = features[index], labels[index].astype(np.int64)
+    if batch_size is not None:
+        generator = torch.Generator().manual_seed(seed)
+        return as_dataloader(x, y, batch_size, shuffle=split != "test", generator=generator)
+    if as_tensors:
+        return torch.from_numpy(x), torch.from_numpy(y)
+    return x, y
+
+
+def as_dataloader(
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    batch_size: int,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """Wrap in-memory ``x`` of shape ``(N, ...)`` and ``y`` of shape ``(N, ...)`` in a DataLoader.
+
+    Shuffling draws from ``generator`` (pass a seeded one for reproducible epochs).
+    """
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)

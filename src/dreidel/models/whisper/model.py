@@ -1,0 +1,247 @@
+"""Whisper (Radford et al., 2022, "Robust Speech Recognition via Large-Scale Weak Supervision", arXiv:2212.04356).
+
+One implementation, configured by :class:`WhisperDimensions`. One :class:`ResidualAttentionBlock` with a
+``cross_attention`` flag serves the encoder and the decoder (the openai/whisper layout). Every projection is built
+by the linear-layer registry (``linear="dense"`` by default), so a spectral Whisper is the same classes built with
+another kind.
+
+Decoding runs on static key/value buffers (:class:`DecoderCache`): the self-attention cache is written in place at
+the current position, the cross-attention keys/values are computed once per audio window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["WhisperDimensions", "Whisper", "AudioEncoder", "TextDecoder", "ResidualAttentionBlock", "DecoderCache"]
+
+
+@dataclass(frozen=True)
+class WhisperDimensions:
+    """Sizes of a Whisper model; the defaults are tiny.en."""
+
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 384
+    n_audio_head: int = 6
+    n_audio_layer: int = 4
+    n_vocab: int = 51864
+    n_text_ctx: int = 448
+    n_text_state: int = 384
+    n_text_head: int = 6
+    n_text_layer: int = 4
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"WhisperDimensions.{field.name} must be a positive int, got {value!r}")
+        if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
+            raise ValueError("n_audio_state / n_text_state must be divisible by their head counts")
+
+    @property
+    def is_multilingual(self) -> bool:
+        """English-only checkpoints have 51864 tokens, multilingual ones 51865 or more."""
+        return self.n_vocab >= 51865
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def linear_factory(kind: str):
+    """Return ``f(in_features, out_features, bias)`` building linear layers of registry kind ``kind``."""
+    if not isinstance(kind, str):
+        raise TypeError(f"linear must be a registry kind name (str), got {type(kind).__name__}")
+    if kind != "dense":  # TODO: switch to dreidel.layers.build_linear when the registry lands
+        raise ValueError(f"linear kind {kind!r} is not available yet; use 'dense'")
+
+    def build(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    return build
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with openai/whisper's projections (the key projection has no bias)."""
+
+    def __init__(self, n_state: int, n_head: int, make_linear) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = make_linear(n_state, n_state)
+        self.key = make_linear(n_state, n_state, bias=False)
+        self.value = make_linear(n_state, n_state)
+        self.out = make_linear(n_state, n_state)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, length, state = x.shape
+        return x.view(batch, length, self.n_head, state // self.n_head).transpose(1, 2)  # (B, H, T, Dh)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        batch, _, length, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, length, self.n_head * head_dim)  # (B, T, C)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh) -> (B, Tq, C) after the output projection."""
+        return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Bidirectional self-attention (the encoder): x (B, T, C) -> (B, T, C)."""
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.query, self.key, self.value))
+        return self.attend(q, k, v)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block; ``cross_attention=True`` adds attention to the audio features (decoder)."""
+
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool, make_linear) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head, make_linear)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head, make_linear) if cross_attention else None
+        self.cross_attn_ln = nn.LayerNorm(n_state) if cross_attention else None
+        self.mlp_in = make_linear(n_state, 4 * n_state)
+        self.mlp_out = make_linear(4 * n_state, n_state)
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.mlp_out(F.gelu(self.mlp_in(self.mlp_ln(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoder block: x (B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(x)
+
+    def forward_cached(self, x: Tensor, layer: int, offset: int, cache: "DecoderCache") -> Tensor:
+        """Decoder block on new tokens x (B, T, C) at positions offset..offset+T-1, reading/writing ``cache``."""
+        attn = self.attn
+        h = self.attn_ln(x)
+        end = offset + x.shape[1]
+        k_buf, v_buf = cache.self_k[layer], cache.self_v[layer]
+        k_buf[:, :, offset:end] = attn.split_heads(attn.key(h))
+        v_buf[:, :, offset:end] = attn.split_heads(attn.value(h))
+        q = attn.split_heads(attn.query(h))
+        mask = cache.causal_mask(offset, x.shape[1]) if x.shape[1] > 1 else None
+        x = x + attn.attend(q, k_buf[:, :, :end], v_buf[:, :, :end], mask)
+        cross = self.cross_attn
+        q = cross.split_heads(cross.query(self.cross_attn_ln(x)))
+        x = x + cross.attend(q, cache.cross_k[layer], cache.cross_v[layer])
+        return x + self.mlp(x)
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel (B, n_mels, 2·n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state)."""
+
+    def __init__(self, dims: WhisperDimensions, make_linear) -> None:
+        super().__init__()
+        n_state = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        # Sinusoidal in every released checkpoint; loaded from the checkpoint as stored.
+        self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(n_state, dims.n_audio_head, False, make_linear) for _ in range(dims.n_audio_layer)
+        )
+        self.ln_post = nn.LayerNorm(n_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        x = F.gelu(self.conv1(mel))  # (B, C, 2T)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
+        if x.shape[1] != self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"mel must have {2 * self.positional_embedding.shape[0]} frames (30 s), got {mel.shape[-1]}"
+            )
+        x = x + self.positional_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class DecoderCache:
+    """Static key/value buffers of one decoding run.
+
+    self_k / self_v: per layer (B, H, n_text_ctx, Dh), written in place; cross_k / cross_v: per layer
+    (B, H, n_audio_ctx, Dh), computed once from the audio features.
+    """
+
+    def __init__(self, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor]):
+        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
+
+    def causal_mask(self, offset: int, length: int) -> Tensor:
+        """Boolean (length, offset+length) mask: new token i sees positions <= offset+i."""
+        rows = torch.arange(length).unsqueeze(1) + offset
+        return torch.arange(offset + length).unsqueeze(0) <= rows
+
+    def reorder(self, index: Tensor, length: int) -> None:
+        """Beam search: row b of the first ``length`` positions becomes row ``index[b]`` of before."""
+        for buffers in (self.self_k, self.self_v):
+            for buf in buffers:
+                buf[:, :, :length] = buf[index, :, :length]
+
+
+class TextDecoder(nn.Module):
+    """Tokens (B, T) and a :class:`DecoderCache` -> logits (B, T, n_vocab); the output projection is tied."""
+
+    def __init__(self, dims: WhisperDimensions, make_linear) -> None:
+        super().__init__()
+        n_state = dims.n_text_state
+        self.n_head = dims.n_text_head
+        self.token_embedding = nn.Embedding(dims.n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(n_state, dims.n_text_head, True, make_linear) for _ in range(dims.n_text_layer)
+        )
+        self.ln = nn.LayerNorm(n_state)
+
+    def new_cache(self, audio_features: Tensor) -> DecoderCache:
+        """Buffers for decoding against audio_features (B, n_audio_ctx, n_audio_state)."""
+        batch = audio_features.shape[0]
+        n_ctx, n_state = self.positional_embedding.shape
+        head_dim = n_state // self.n_head
+        like = dict(dtype=audio_features.dtype, device=audio_features.device)
+        self_k = [torch.zeros(batch, self.n_head, n_ctx, head_dim, **like) for _ in self.blocks]
+        self_v = [torch.zeros(batch, self.n_head, n_ctx, head_dim, **like) for _ in self.blocks]
+        cross_k, cross_v = [], []
+        for block in self.blocks:
+            cross_k.append(block.cross_attn.split_heads(block.cross_attn.key(audio_features)))
+            cross_v.append(block.cross_attn.split_heads(block.cross_attn.value(audio_features)))
+        return DecoderCache(self_k, self_v, cross_k, cross_v)
+
+    def forward(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> logits (B, T or 1, n_vocab) float."""
+        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_cached(x, layer, offset, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.ln(x) @ self.token_embedding.weight.T  # (B, T, V)
+
+
+class Whisper(nn.Module):
+    """Encoder-decoder; ``linear`` is the registry kind of every projection ("dense", "wht", "deep_wht", ...)."""
+
+    def __init__(self, dims: WhisperDimensions, linear: str = "dense") -> None:
+        super().__init__()
+        if not isinstance(dims, WhisperDimensions):
+            raise TypeError(f"dims must be WhisperDimensions, got {type(dims).__name__}")
+        self.dims = dims
+        self.linear = linear
+        make_linear = linear_factory(linear)
+        self.encoder = AudioEncoder(dims, make_linear)
+        self.decoder = TextDecoder(dims, make_linear)
+
+    def embed_audio(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, 3000) -> audio features (B, 1500, n_audio_state)."""
+        return self.encoder(mel)
+
+    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, n_vocab) of tokens (B, T) from position 0 (no cache kept)."""
+        return self.decoder(tokens, 0, self.decoder.new_cache(audio_features))
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        return self.logits(tokens, self.embed_audio(mel))

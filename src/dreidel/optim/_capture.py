@@ -1,0 +1,144 @@
+"""Hooks that record what curvature estimates need: each layer's input and the gradient at its output.
+
+Also the exact per-sample squared-gradient sums ``sum_i (dL_i/dp)^2`` of the layers that can give them
+cheaply: modules implementing ``dreidel.layers.PerSampleGradients``, ``nn.Linear`` (per-sample
+gradients are outer products ``g_i a_i^T``) and ``nn.LayerNorm`` (``g_i * x_hat_i``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreidel.layers._curvature import PerSampleGradients
+
+
+@dataclass
+class LayerRecord:
+    """One forward call of a watched module: its inputs and (after backward) the output gradient."""
+
+    inputs: tuple[torch.Tensor, ...]
+    grad_output: torch.Tensor | None = None
+
+
+@dataclass
+class ActivationCapture:
+    """Records ``LayerRecord``s for ``modules`` while ``enabled`` and grad mode is on.
+
+    Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
+    start from it. Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
+    """
+
+    root: nn.Module | None
+    modules: list[nn.Module]
+    enabled: bool = False
+    records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
+    root_output: torch.Tensor | None = None
+    _handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for module in self.modules:
+            self._handles.append(module.register_forward_hook(self._on_forward))
+        if self.root is not None:
+            self._handles.append(self.root.register_forward_hook(self._on_root_forward))
+
+    def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+            return
+        if not output.requires_grad:
+            return
+        record = LayerRecord(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
+        self.records.setdefault(module, []).append(record)
+
+        def keep_grad(grad: torch.Tensor) -> None:
+            record.grad_output = grad.detach()
+
+        output.register_hook(keep_grad)
+
+    def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            self.root_output = output
+
+    def complete_records(self, module: nn.Module) -> list[LayerRecord]:
+        """Records of ``module`` whose backward has run."""
+        return [r for r in self.records.get(module, []) if r.grad_output is not None]
+
+    def clear(self) -> None:
+        self.records = {}
+        self.root_output = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _is_per_sample_module(module: nn.Module) -> bool:
+    return isinstance(module, (PerSampleGradients, nn.Linear, nn.LayerNorm))
+
+
+def per_sample_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules of ``model`` with exact per-sample gradients; a matched module's children are not visited
+    (a composite layer implementing the protocol already covers its sub-layers)."""
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if _is_per_sample_module(module):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return found
+
+
+def _as_samples(t: torch.Tensor) -> torch.Tensor:
+    """``(B, ..., F)`` -> ``(B, T, F)`` with the middle dimensions flattened (T=1 for 2-D input)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def per_sample_grads(module: nn.Module, record: LayerRecord) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients ``(B, *p.shape)`` of ``module``'s parameters for one recorded call."""
+    if isinstance(module, PerSampleGradients):
+        return module.per_sample_grads(record.inputs, record.grad_output)
+    x, g = record.inputs[0], record.grad_output
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if isinstance(module, nn.Linear):
+        x3, g3 = _as_samples(x), _as_samples(g)  # (B, T, in), (B, T, out)
+        out[module.weight] = torch.einsum("bto,bti->boi", g3, x3)
+        if module.bias is not None:
+            out[module.bias] = g3.sum(1)
+        return out
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        x_hat = F.layer_norm(x, shape, None, None, module.eps)
+        reduce_dims = tuple(range(1, x.dim() - len(shape)))
+        if module.weight is not None:
+            out[module.weight] = (g * x_hat).sum(reduce_dims) if reduce_dims else g * x_hat
+        if module.bias is not None:
+            out[module.bias] = g.sum(reduce_dims) if reduce_dims else g
+        return out
+    raise TypeError(f"module: no per-sample gradients for {type(module).__name__}")
+
+
+def squared_grad_sums(module: nn.Module, records: list[LayerRecord]) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_i (per-sample grad_i)^2`` per parameter, summed over all recorded calls of ``module``.
+
+    For a 2-D ``nn.Linear`` input this uses ``(g^2)^T (a^2)`` and never forms per-sample tensors.
+    """
+    sums: dict[nn.Parameter, torch.Tensor] = {}
+    for record in records:
+        if isinstance(module, nn.Linear) and record.inputs[0].dim() == 2:
+            x, g = record.inputs[0], record.grad_output
+            parts = {module.weight: (g * g).t() @ (x * x)}
+            if module.bias is not None:
+                parts[module.bias] = (g * g).sum(0)
+        else:
+            parts = {p: (psg * psg).sum(0) for p, psg in per_sample_grads(module, record).items()}
+        for p, value in parts.items():
+            sums[p] = sums[p] + value if p in sums else value
+    return sums

@@ -1,0 +1,263 @@
+"""dreidel.fwht against independent oracles: the dense Hadamard matrix in float64, and the reference path."""
+
+import math
+
+import pytest
+import torch
+
+import dreidel as dr
+from dreidel._native import available_isas, native
+from dreidel.algo._fwht import _fwht_inplace_op, _fwht_op
+from dreidel.algo._hadamard import small_hadamard
+
+POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+COMPOSITE = [12, 24, 48, 96, 384, 1536, 20, 40, 320, 28, 56, 448]
+
+
+def dense_fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> torch.Tensor:
+    """The oracle: an explicit matrix product in float64."""
+    n = x.shape[dim]
+    h = dr.hadamard_matrix(n)
+    y = torch.movedim(x.double(), dim, -1) @ h.T
+    if normalized:
+        y = y / math.sqrt(n)
+    return torch.movedim(y, -1, dim)
+
+
+@pytest.mark.parametrize("n", POW2 + COMPOSITE)
+@pytest.mark.parametrize("normalized", [True, False])
+def test_matches_dense_matrix_float64(n, normalized, num_threads, generator):
+    x = torch.randn(5, n, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(dr.fwht(x, normalized=normalized), dense_fwht(x, normalized=normalized),
+                               rtol=1e-12, atol=1e-12 * math.sqrt(n))
+
+
+@pytest.mark.parametrize("n", POW2 + COMPOSITE + [1 << 14, 1 << 17, 12 << 12])
+def test_float32_error_at_most_twice_reference_error(n, num_threads, generator):
+    """The accuracy rule of Dao-AILab's fast-hadamard-transform: native error <= 2x the PyTorch path's."""
+    x64 = torch.randn(8, n, dtype=torch.float64, generator=generator)
+    truth = dr.fwht_reference(x64)  # exact enough: float64
+    x = x64.float()
+    native_err = (dr.fwht(x).double() - truth).abs().max().item()
+    reference_err = (dr.fwht_reference(x).double() - truth).abs().max().item()
+    assert native_err <= 2 * reference_err + 1e-7 * 2 ** -20
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 512, 8192, 12, 24, 48, 96, 192, 384, 20, 160, 28, 224])
+def test_every_isa_matches_reference(isa, dtype, n, generator):
+    x = torch.randn(3, n, dtype=torch.float64, generator=generator).to(dtype)
+    m, _ = dr.algo.hadamard_factor(n)
+    for inplace in (False, True):
+        out = x.clone() if inplace else torch.empty_like(x)
+        src = out if inplace else x
+        native.fwht(src, out, n, small_hadamard(m, dtype), 1 / math.sqrt(n), 2, isa)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out.double(), dense_fwht(x), rtol=tol, atol=tol * math.sqrt(n))
+
+
+@pytest.mark.parametrize("n", [1 << 20, 12 << 16])
+def test_long_rows_use_blocked_path_correctly(n, num_threads, generator):
+    # Rows longer than the in-cache limit are transformed in two cache-blocked passes, threads inside the row.
+    x = torch.randn(2, n, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(dr.fwht(x), dr.fwht_reference(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1 << 24, 28 << 20])
+def test_very_long_single_row(n, num_threads, generator):
+    x = torch.randn(1, n, generator=generator)
+    torch.testing.assert_close(dr.fwht(x).double(), dr.fwht_reference(x.double()), rtol=1e-4, atol=1e-4)
+
+
+def test_threads_do_not_change_the_result(generator):
+    x = torch.randn(64, 4096, generator=generator)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dr.fwht(x)
+        torch.set_num_threads(2)
+        two = dr.fwht(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1, -2])
+def test_any_dim(dim, generator):
+    x = torch.randn(8, 12, 16, dtype=torch.float64, generator=generator)
+    if not dr.is_hadamard_length(x.shape[dim]):
+        pytest.skip("length not supported along this dim")
+    y = dr.fwht(x, dim=dim)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, dense_fwht(x, dim=dim))
+
+
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda t: t.T,  # transposed
+        lambda t: t[:, ::2],  # strided columns
+        lambda t: t[::3],  # strided rows
+        lambda t: t.unsqueeze(1).expand(-1, 2, -1)[:, 1],  # stride-0 broadcast dim
+    ],
+    ids=["transposed", "col-step", "row-step", "expanded"],
+)
+def test_non_contiguous_input(make_view, generator):
+    base = torch.randn(64, 64, dtype=torch.float64, generator=generator)
+    view = make_view(base)
+    before = base.clone()
+    torch.testing.assert_close(dr.fwht(view), dense_fwht(view.contiguous()))
+    assert torch.equal(base, before), "out-of-place fwht must not touch its input"
+
+
+@pytest.mark.parametrize("n", [8, 384, 4096])
+def test_inplace_matches_out_of_place(n, generator):
+    x = torch.randn(4, n, generator=generator)
+    expected = dr.fwht(x)
+    result = dr.fwht(x, inplace=True)
+    assert result is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_inplace_on_a_strided_view_writes_through(generator):
+    base = torch.randn(16, 32, dtype=torch.float64, generator=generator)
+    expected = base.clone()
+    expected[:, ::2] = dense_fwht(base[:, ::2], dim=0)
+    dr.fwht(base[:, ::2], dim=0, inplace=True)
+    torch.testing.assert_close(base, expected)
+
+
+def test_inplace_refuses_autograd():
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace"):
+        dr.fwht(x, inplace=True)
+    with torch.no_grad():
+        dr.fwht(x, inplace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_low_precision_computed_in_float32(dtype, inplace, generator):
+    x = torch.randn(4, 384, generator=generator).to(dtype)
+    expected = dr.fwht(x.float()).to(dtype)
+    y = dr.fwht(x.clone() if inplace else x, inplace=inplace)
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("n", [8, 12, 40, 56])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_gradcheck(n, normalized, generator):
+    x = torch.randn(3, n, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=-1, normalized=normalized), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: dr.fwht(t, normalized=normalized), (x,))
+
+
+def test_gradcheck_along_inner_dim(generator):
+    x = torch.randn(4, 12, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=1), (x,))
+
+
+def test_normalized_transform_is_an_involution(generator):
+    for n in (1024, 384, 1280, 1792):
+        x = torch.randn(3, n, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(dr.fwht(dr.fwht(x)), x)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 384), (5, 1)])
+def test_opcheck(shape, generator):
+    x = torch.randn(*shape, generator=generator)
+    torch.library.opcheck(_fwht_op, (x, True))
+    torch.library.opcheck(_fwht_op, (x.double().requires_grad_(), False))
+    torch.library.opcheck(_fwht_inplace_op, (x.clone(), True))
+
+
+def test_meta_tensors_give_shapes_without_compute():
+    y = dr.fwht(torch.empty(4, 7, 384, device="meta"), dim=-1)
+    assert y.shape == (4, 7, 384) and y.device.type == "meta"
+
+
+def test_torch_compile(generator):
+    x = torch.randn(8, 256, generator=generator, requires_grad=True)
+    compiled = torch.compile(lambda t: torch.relu(dr.fwht(t * 2.0)).sum(), fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    expected_grad = dr.fwht((dr.fwht(x.detach() * 2.0) > 0).float()) * 2.0
+    torch.testing.assert_close(loss, torch.relu(dr.fwht(x.detach() * 2.0)).sum())
+    torch.testing.assert_close(x.grad, expected_grad)
+
+
+def test_nan_and_inf_propagate_like_the_dense_product():
+    x = torch.zeros(4, 16, dtype=torch.float64)
+    x[0, 3] = float("nan")
+    x[1, 0] = float("inf")
+    x[2, 0] = float("inf")
+    x[2, 1] = float("inf")
+    x[3, 5] = float("-inf")
+    got = dr.fwht(x, normalized=False)
+    # The dense product written as sums of +-x_j, which is what H x means for non-finite entries.
+    h = dr.hadamard_matrix(16)
+    expected = torch.stack([(h * row).nansum(-1) if not row.isnan().any() else torch.full((16,), float("nan"),
+                            dtype=torch.float64) for row in x])
+    expected[2] = torch.where(h[:, 0] * h[:, 1] < 0, float("nan"), float("inf"))
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8])
+def test_rejects_non_real_float_dtypes(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        dr.fwht(torch.zeros(2, 8, dtype=dtype))
+
+
+def test_rejects_unsupported_length_with_nearest_lengths():
+    with pytest.raises(ValueError) as info:
+        dr.fwht(torch.zeros(2, 100), dim=1)
+    message = str(info.value)
+    for fragment in ("dimension 1", "length 100", "96", "112", "pad_to_hadamard"):
+        assert fragment in message
+
+
+def test_rejects_bad_dim_and_scalars():
+    with pytest.raises(ValueError, match="dim=2"):
+        dr.fwht(torch.zeros(2, 8), dim=2)
+    with pytest.raises(ValueError, match="0-d"):
+        dr.fwht(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        dr.fwht([1.0, 2.0])
+
+
+@pytest.mark.parametrize("shape, dim", [((0, 8), -1), ((3, 0), -1), ((0,), 0)])
+def test_empty_tensors_return_empty(shape, dim):
+    x = torch.zeros(shape)
+    y = dr.fwht(x, dim=dim)
+    assert y.shape == x.shape and y is not x
+    assert dr.fwht(x, dim=dim, inplace=True) is x
+
+
+def test_native_binding_validates_buffers():
+    h = small_hadamard(1, torch.float32)
+    with pytest.raises(ValueError, match="same number"):
+        native.fwht(torch.zeros(8), torch.zeros(16), 8, h, 1.0, 1)
+    with pytest.raises(ValueError, match="multiple of n"):
+        native.fwht(torch.zeros(12), torch.zeros(12), 8, h, 1.0, 1)
+    with pytest.raises(ValueError, match="m \\* 2\\^k"):
+        native.fwht(torch.zeros(12), torch.zeros(12), 12, h, 1.0, 1)
+    with pytest.raises(ValueError, match="isa"):
+        native.fwht(torch.zeros(8), torch.zeros(8), 8, h, 1.0, 1, "sse9")
+    with pytest.raises(TypeError):
+        native.fwht(torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32), 8, h, 1.0, 1)
+
+
+@pytest.mark.parametrize("n, target", [(100, 112), (384, 384), (1000, 1024), (5, 8), (1, 1)])
+def test_pad_to_hadamard(n, target, generator):
+    x = torch.randn(3, n, generator=generator)
+    padded = dr.pad_to_hadamard(x, dim=1)
+    assert padded.shape == (3, target)
+    assert torch.equal(padded[:, :n], x) and not padded[:, n:].any()
+    dr.fwht(padded, dim=1)
+
+
+def test_pad_to_powers_of_two():
+    assert dr.pad_to_hadamard(torch.zeros(2, 384), powers_of_two_only=True).shape == (2, 512)

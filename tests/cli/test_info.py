@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from dreidel._native import available_isas, best_isa
+from dreidel.cli.main import main
+
+
+def test_info_reports_dispatch_and_threads(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["isa"] == best_isa() and info["isa"] in available_isas()
+    assert info["torch"] == torch.__version__
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert info["openmp_max_threads"] >= 1
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "dreidel.cli.main", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "isa" in out and "torch" in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    try:
+        main(["no-such-command"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "invalid choice" in capsys.readouterr().err
