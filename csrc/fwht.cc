@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include "fwht_kernels.h"
 
@@ -35,33 +36,118 @@ namespace {
 inline const FwhtKernels<float>& kernels_for(Isa isa, float) { return fwht_kernels_f32(isa); }
 inline const FwhtKernels<double>& kernels_for(Isa isa, double) { return fwht_kernels_f64(isa); }
 
-// A row whose power-of-two part fits in this many bytes is transformed in one go (it stays in L2);
-// longer rows are split into blocks of this size and done in two passes over memory.
-constexpr int64_t kInCacheBytes = int64_t(1) << 18;
-constexpr int64_t kBlockBytes = int64_t(1) << 17;
-// Width of a column strip in the second pass: the strip of `count` rows should fit in L2.
-constexpr int64_t kStripBytes = int64_t(1) << 18;
+// A power-of-two row (or chunk) of at most this many bytes is transformed in one go while it sits in L1;
+// longer ones are split as H_count kron H_block (see long_pow2), recursively, into leaves of this size.
+constexpr int64_t kLeafBytes = int64_t(1) << 14;
+// At most this many blocks per level, so a column strip spans few rows and each row's part of it is
+// several cache lines long (DRAM- and TLB-friendly).
+constexpr int64_t kMaxCount = 64;
+// Bytes of one column strip (it is copied to a compact scratch buffer in L2).
+constexpr int64_t kStripBytes = int64_t(1) << 17;
+// Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
+constexpr int64_t kBatchBytes = int64_t(1) << 14;
+// Threads take rows in grains of about this many bytes.
+constexpr int64_t kGrainBytes = int64_t(1) << 18;
 // Below this many elements in total, starting threads costs more than it saves.
 constexpr int64_t kMinParallelElements = int64_t(1) << 15;
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
-// Two-level transform of one long power-of-two row (len = count * block): first every contiguous block
-// (H_block), then across blocks in column strips (H_count); H_len = H_count kron H_block.
+// Recognise Paley II structure in the caller's H_m (see MixPlan); otherwise the dense matrix is used.
 template <class T>
-void long_row_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
-  const int64_t block = std::min<int64_t>(len, kBlockBytes / int64_t(sizeof(T)));
-  const int64_t count = len / block;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < count; ++b) k.row_pow2(src + b * block, dst + b * block, block, scale);
-  if (count == 1) return;
-  int64_t width = kStripBytes / (count * int64_t(sizeof(T)));
-  width = std::max<int64_t>(width, 64 / int64_t(sizeof(T)));  // at least one cache line
-  width = std::max<int64_t>(width, k.lanes);
-  width = std::min<int64_t>(width, block);
-  const int64_t strips = block / width;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, count, block, width);
+MixPlan<T> make_plan(int m, const T* h) {
+  MixPlan<T> plan;
+  plan.m = m;
+  plan.dense = h;
+  if (m < 4 || m % 2 != 0 || m / 2 > MixPlan<T>::kMaxPairs) return plan;
+  const int pairs = m / 2;
+  // Diagonal blocks [[1, 1], [1, -1]]; off-diagonal blocks c * [[1, -1], [-1, -1]], c = +-1.
+  for (int a = 0; a < pairs; ++a)
+    for (int b = 0; b < pairs; ++b) {
+      const T h00 = h[(2 * a) * m + 2 * b], h01 = h[(2 * a) * m + 2 * b + 1];
+      const T h10 = h[(2 * a + 1) * m + 2 * b], h11 = h[(2 * a + 1) * m + 2 * b + 1];
+      if (a == b) {
+        if (h00 != T(1) || h01 != T(1) || h10 != T(1) || h11 != T(-1)) return plan;
+        plan.conference[a * pairs + b] = T(0);
+      } else {
+        if (h00 != T(1) && h00 != T(-1)) return plan;
+        if (h01 != -h00 || h10 != -h00 || h11 != -h00) return plan;
+        plan.conference[a * pairs + b] = h00;
+      }
+    }
+  plan.paley = true;
+  plan.pairs = pairs;
+  return plan;
+}
+
+// How a long power-of-two length splits: len = count * block, H_len = H_count kron H_block, with the
+// columns of the H_count factor done in strips of `width`.
+struct Split {
+  int64_t count, block, width, strips;
+};
+
+template <class T>
+Split split_of(const FwhtKernels<T>& k, int64_t len) {
+  const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
+  Split sp;
+  sp.count = std::min<int64_t>(kMaxCount, len / leaf);
+  sp.block = len / sp.count;
+  sp.width = kStripBytes / (sp.count * int64_t(sizeof(T)));
+  sp.width = std::max<int64_t>(sp.width, 64 / int64_t(sizeof(T)));  // at least one cache line
+  sp.width = std::max<int64_t>(sp.width, k.lanes);
+  sp.width = std::min<int64_t>(sp.width, sp.block);
+  sp.strips = sp.block / sp.width;
+  return sp;
+}
+
+template <class T>
+int64_t scratch_size(const FwhtKernels<T>& k, int64_t len) {
+  int64_t most = 0;
+  for (int64_t l = len; l * int64_t(sizeof(T)) > kLeafBytes;) {
+    const Split sp = split_of(k, l);
+    most = std::max(most, sp.count * sp.width);
+    l = sp.block;
+  }
+  return most;
+}
+
+// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes. First every block (recursively;
+// the leaves are rows in L1), then the H_count factor across blocks, a strip of columns at a time.
+template <class T>
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, T* scratch) {
+  const Split sp = split_of(k, len);
+  if (sp.block * int64_t(sizeof(T)) <= kLeafBytes)
+    k.rows_pow2(src, dst, sp.count, sp.block, scale);
+  else
+    for (int64_t b = 0; b < sp.count; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch);
+  for (int64_t s = 0; s < sp.strips; ++s)
+    k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch,
+                   s + 1 < sp.strips ? dst + (s + 1) * sp.width : nullptr);
+}
+
+// The same with all threads inside one row: blocks split among threads, then strips split among threads.
+// Two passes over memory for any length (the blocks of the first pass stay in cache while they are done).
+template <class T>
+void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
+  const Split sp = split_of(k, len);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> scratch(static_cast<size_t>(scratch_size(k, len)));
+    if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
+      const int64_t grain = std::max<int64_t>(1, kGrainBytes / (sp.block * int64_t(sizeof(T))));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < sp.count; b += grain)
+        k.rows_pow2(src + b * sp.block, dst + b * sp.block, std::min(grain, sp.count - b), sp.block, scale);
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < sp.count; ++b)
+        long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch.data());
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < sp.strips; ++s)
+      k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch.data(),
+                     s + 1 < sp.strips ? dst + (s + 1) * sp.width : nullptr);
+  }
 }
 
 template <class T>
@@ -73,35 +159,60 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   threads = std::max(1, threads);
   if (p.rows * p.n < kMinParallelElements) threads = 1;
 
-  const int m = p.m;
-  const int64_t chunk = p.n / m;  // the power-of-two part
-  const bool long_rows = chunk * int64_t(sizeof(T)) > kInCacheBytes ||
-                         (p.rows < threads && chunk * int64_t(sizeof(T)) > kBlockBytes);
+  const MixPlan<T> plan = make_plan(p.m, p.hadamard_m);
+  const int64_t chunk = p.n / p.m;  // the power-of-two part
+  const bool short_rows = chunk * int64_t(sizeof(T)) <= kLeafBytes;
 
-  if (!long_rows) {
-    // Each thread takes whole rows; a row (all m chunks, then their mixing) never leaves its cache.
-    const int row_threads = static_cast<int>(std::min<int64_t>(threads, p.rows));
-#pragma omp parallel for num_threads(row_threads) schedule(static) if (row_threads > 1)
-    for (int64_t r = 0; r < p.rows; ++r) {
-      const T* src = p.src + r * p.n;
-      T* dst = p.dst + r * p.n;
-      for (int a = 0; a < m; ++a) k.row_pow2(src + a * chunk, dst + a * chunk, chunk, p.scale);
-      if (m > 1) k.mix_chunks(dst, m, chunk, p.hadamard_m, 0, chunk);
+  if (short_rows) {
+    // Threads take grains of whole rows (dynamic: the machine may be shared, and a late thread should not
+    // hold up the others); within a grain the kernel gets cache-sized batches and a row (all m chunks, then
+    // their mixing) never leaves the cache in between.
+    const int64_t row_bytes = p.n * int64_t(sizeof(T));
+    const int64_t batch = std::max<int64_t>(1, kBatchBytes / row_bytes);
+    const int64_t grain = std::max<int64_t>(1, kGrainBytes / row_bytes);
+    const int64_t grains = (p.rows + grain - 1) / grain;
+    const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
+#pragma omp parallel for num_threads(row_threads) schedule(dynamic, 1) if (row_threads > 1)
+    for (int64_t g = 0; g < grains; ++g) {
+      const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
+      if (p.m == 1) {
+        // One call for the grain: rows longer than 8 registers prefetch the next row themselves.
+        k.rows_pow2(p.src + begin * p.n, p.dst + begin * p.n, end - begin, p.n, p.scale);
+      } else {
+        for (int64_t r = begin; r < end; r += batch)
+          k.rows_hadamard(p.src + r * p.n, p.dst + r * p.n, std::min(batch, end - r), chunk, plan, p.scale);
+      }
     }
     return;
   }
 
-  // Long rows: all threads work inside one row at a time.
+  if (p.rows >= threads) {
+    // Long rows, at least one per thread: each thread transforms whole rows.
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      std::vector<T> scratch(static_cast<size_t>(scratch_size(k, chunk)));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const T* src = p.src + r * p.n;
+        T* dst = p.dst + r * p.n;
+        for (int a = 0; a < p.m; ++a) long_pow2(k, src + a * chunk, dst + a * chunk, chunk, p.scale, scratch.data());
+        if (p.m > 1) k.mix_chunks(dst, chunk, plan, 0, chunk);
+      }
+    }
+    return;
+  }
+
+  // Fewer long rows than threads: all threads work inside one row at a time.
   for (int64_t r = 0; r < p.rows; ++r) {
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
-    for (int a = 0; a < m; ++a) long_row_pow2(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads);
-    if (m > 1) {
+    for (int a = 0; a < p.m; ++a) long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads);
+    if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#pragma omp parallel for num_threads(threads) schedule(static)
       for (int64_t s = 0; s < strips; ++s)
-        k.mix_chunks(dst, m, chunk, p.hadamard_m, s * width, std::min(chunk, (s + 1) * width));
+        k.mix_chunks(dst, chunk, plan, s * width, std::min(chunk, (s + 1) * width));
     }
   }
 }

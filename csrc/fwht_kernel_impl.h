@@ -4,12 +4,15 @@
 // compiled with its own -m flags. Everything here has internal linkage, so the copies built for
 // different ISAs never meet at link time.
 //
-// Structure (after FFHT, Andoni et al. 2015, "Practical and Optimal LSH for Angular Distance"):
-//  * the strides below one SIMD register are done with in-register shuffles;
+// Structure (after FFHT, Andoni et al. 2015, arXiv:1509.02897, "Practical and Optimal LSH for Angular
+// Distance"):
+//  * the strides below one SIMD register are done with in-register shuffles (one shuffle and one
+//    multiply-add by a +-1 vector per stage);
 //  * the first pass also does the first log2(8) cross-register strides, so a row of up to 8 registers is
-//    finished in one load/store;
-//  * later strides go in radix-8 passes (three stages per load/store), which keeps the FP add units, not
-//    the load/store ports, the bottleneck while the row is in cache.
+//    finished in one load/store, and rows that short are batched with no per-row call;
+//  * later strides go in radix-8 passes (three stages per load/store) while the row is in L1;
+//  * where the CPU has FMA, half of each butterfly (a - b) is issued as fma(b, -1, a), which is exact and
+//    runs on the multiply-add ports, so the add and the multiply-add ports share the butterflies.
 #pragma once
 
 #include <algorithm>
@@ -18,6 +21,15 @@
 #include <utility>
 
 #include "fwht_kernels.h"
+
+#if defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+#define DREIDEL_FUSED_DIFFERENCE 1
+#else
+#define DREIDEL_FUSED_DIFFERENCE 0
+#endif
+
+// Loops over a compile-time number of registers must be unrolled, or the registers live on the stack.
+#define DREIDEL_UNROLL _Pragma("GCC unroll 64")
 
 namespace dreidel {
 namespace {
@@ -29,6 +41,29 @@ struct Kernel {
 
   static inline V load(const T* p) { return *reinterpret_cast<const V*>(p); }
   static inline void store(T* p, V v) { *reinterpret_cast<V*>(p) = v; }
+  static inline V splat(T s) { return V{} + s; }
+
+  // A vector of -1 the optimiser cannot see through, so `b * minus_one + a` stays one FMA (a - b, exact)
+  // instead of being folded back into a subtraction.
+  static inline V minus_one() {
+    V v = splat(T(-1));
+#if DREIDEL_FUSED_DIFFERENCE
+    asm("" : "+x"(v));
+#endif
+    return v;
+  }
+
+  static inline void butterfly(V& a, V& b, V m1) {
+    const V sum = a + b;
+#if DREIDEL_FUSED_DIFFERENCE
+    const V difference = b * m1 + a;
+#else
+    (void)m1;
+    const V difference = a - b;
+#endif
+    a = sum;
+    b = difference;
+  }
 
   // One butterfly stage at lane stride S inside a register: lane i pairs with lane i ^ S.
   template <int S, std::size_t... I>
@@ -39,129 +74,217 @@ struct Kernel {
     return partner + v * sign;
   }
 
-  static inline V lane_stages(V v) {
+  // The in-register stages at lane strides below `limit` (all of them by default).
+  static inline V lane_stages(V v, int limit = W) {
     constexpr auto lanes = std::make_index_sequence<W>{};
-    if constexpr (W >= 2) v = lane_stage<1>(v, lanes);
-    if constexpr (W >= 4) v = lane_stage<2>(v, lanes);
-    if constexpr (W >= 8) v = lane_stage<4>(v, lanes);
-    if constexpr (W >= 16) v = lane_stage<8>(v, lanes);
+    if constexpr (W >= 2) if (limit > 1) v = lane_stage<1>(v, lanes);
+    if constexpr (W >= 4) if (limit > 2) v = lane_stage<2>(v, lanes);
+    if constexpr (W >= 8) if (limit > 4) v = lane_stage<4>(v, lanes);
+    if constexpr (W >= 16) if (limit > 8) v = lane_stage<8>(v, lanes);
     return v;
   }
 
   // log2(R) butterfly stages across R registers held in `r`.
-  template <int R>
-  static inline void register_butterflies(V* r) {
-    for (int h = 1; h < R; h <<= 1)
-      for (int i = 0; i < R; i += 2 * h)
-        for (int j = i; j < i + h; ++j) {
-          const V a = r[j], b = r[j + h];
-          r[j] = a + b;
-          r[j + h] = a - b;
-        }
-  }
-
-  template <int G>
-  static void first_pass(const T* src, T* dst, int64_t nvec, T scale) {
-    for (int64_t v0 = 0; v0 < nvec; v0 += G) {
-      V r[G];
-      for (int g = 0; g < G; ++g) r[g] = lane_stages(load(src + (v0 + g) * W) * scale);
-      register_butterflies<G>(r);
-      for (int g = 0; g < G; ++g) store(dst + (v0 + g) * W, r[g]);
+  template <int R, int H = 1>
+  static inline void butterflies(V* r, V m1) {
+    if constexpr (H < R) {
+      DREIDEL_UNROLL
+      for (int i = 0; i < R; i += 2 * H) {
+        DREIDEL_UNROLL
+        for (int j = i; j < i + H; ++j) butterfly(r[j], r[j + H], m1);
+      }
+      butterflies<R, 2 * H>(r, m1);
     }
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers.
+  // Walks the cache lines of a region (`rows` runs of `row_bytes`, `stride_bytes` apart) that the next unit
+  // of work will read, a few lines per step of the current one, so memory and arithmetic overlap (the
+  // hardware prefetcher does not run ahead while a row is being worked on in L1).
+  struct Prefetcher {
+    const char* base = nullptr;
+    int64_t stride_bytes = 0, row_bytes = 0, rows = 0, per_step = 0;
+    int64_t row = 0, offset = 0;
+
+    Prefetcher() = default;
+    Prefetcher(const T* region, int64_t stride, int64_t width, int64_t count, int64_t steps)
+        : base(reinterpret_cast<const char*>(region)),
+          stride_bytes(stride * int64_t(sizeof(T))),
+          row_bytes(width * int64_t(sizeof(T))),
+          rows(region == nullptr ? 0 : count) {
+      const int64_t lines = rows * ((row_bytes + 63) / 64);
+      per_step = steps > 0 ? (lines + steps - 1) / steps : lines;
+    }
+
+    inline void step() {
+      for (int64_t i = 0; i < per_step && row < rows; ++i) {
+        __builtin_prefetch(base + row * stride_bytes + offset, 1, 3);
+        offset += 64;
+        if (offset >= row_bytes) {
+          offset = 0;
+          ++row;
+        }
+      }
+    }
+  };
+
+  // G consecutive registers (G * W values): scale, in-lane stages, then log2(G) cross-register stages.
+  template <int G, bool Scaled>
+  static inline void block(const T* src, T* dst, V scale, V m1) {
+    V r[G];
+    DREIDEL_UNROLL
+    for (int g = 0; g < G; ++g) {
+      V v = load(src + g * W);
+      if constexpr (Scaled) v = v * scale;
+      r[g] = lane_stages(v);
+    }
+    butterflies<G>(r, m1);
+    DREIDEL_UNROLL
+    for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
+  }
+
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place.
   template <int R>
-  static void radix_pass(T* x, int64_t nvec, int64_t s) {
+  static void radix_pass(T* x, int64_t nvec, int64_t s, V m1, Prefetcher& ahead) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
+        ahead.step();
         V r[R];
+        DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
-        register_butterflies<R>(r);
+        butterflies<R>(r, m1);
+        DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) store(x + (j + i * s) * W, r[i]);
       }
   }
 
-  static void scalar_row(const T* src, T* dst, int64_t len, T scale) {
-    for (int64_t i = 0; i < len; ++i) dst[i] = src[i] * scale;
-    for (int64_t h = 1; h < len; h <<= 1)
-      for (int64_t i = 0; i < len; i += 2 * h)
-        for (int64_t j = i; j < i + h; ++j) {
-          const T a = dst[j], b = dst[j + h];
-          dst[j] = a + b;
-          dst[j + h] = a - b;
-        }
-  }
-
-  static void row_pow2(const T* src, T* dst, int64_t len, T scale) {
-    if (len < W) return scalar_row(src, dst, len, scale);
-    const int64_t nvec = len / W;
-    int64_t s;
-    if (nvec >= 8) {
-      first_pass<8>(src, dst, nvec, scale);
-      s = 8;
-    } else if (nvec == 4) {
-      first_pass<4>(src, dst, nvec, scale);
-      s = 4;
-    } else if (nvec == 2) {
-      first_pass<2>(src, dst, nvec, scale);
-      s = 2;
-    } else {
-      first_pass<1>(src, dst, nvec, scale);
-      s = 1;
-    }
-    while (s < nvec) {
+  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1.
+  // The radices of the passes after the first (which covers register strides 1..4), largest first.
+  static int later_radices(int64_t nvec, int* radices) {
+    int passes = 0;
+    for (int64_t s = 8; s < nvec;) {
       const int64_t left = nvec / s;
-      if (left >= 8) {
-        radix_pass<8>(dst, nvec, s);
-        s *= 8;
-      } else if (left == 4) {
-        radix_pass<4>(dst, nvec, s);
-        s *= 4;
-      } else {
-        radix_pass<2>(dst, nvec, s);
-        s *= 2;
+      const int radix = left >= 8 ? 8 : static_cast<int>(left);
+      radices[passes++] = radix;
+      s *= radix;
+    }
+    return passes;
+  }
+
+  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1; `next` (or nullptr)
+  // is the row to prefetch meanwhile.
+  template <bool Scaled>
+  static void long_row(const T* src, T* dst, int64_t nvec, V scale, V m1, const T* next) {
+    int radices[32];
+    const int passes = later_radices(nvec, radices);
+    int64_t steps = 0;
+    for (int p = 0; p < passes; ++p) steps += nvec / radices[p];
+    Prefetcher ahead(next, 0, nvec * W, 1, steps);
+    for (int64_t v0 = 0; v0 < nvec; v0 += 8) block<8, Scaled>(src + v0 * W, dst + v0 * W, scale, m1);
+    int64_t s = 8;
+    for (int p = 0; p < passes; ++p) {
+      switch (radices[p]) {
+        case 8: radix_pass<8>(dst, nvec, s, m1, ahead); break;
+        case 4: radix_pass<4>(dst, nvec, s, m1, ahead); break;
+        default: radix_pass<2>(dst, nvec, s, m1, ahead); break;
       }
+      s *= radices[p];
     }
   }
 
-  // Stages at row strides s, ..., (R/2)s across `count` rows of `width` columns (width % W == 0).
-  template <int R>
-  static void column_radix_pass(T* x, int64_t count, int64_t stride, int64_t width, int64_t s) {
-    for (int64_t base = 0; base < count; base += R * s)
-      for (int64_t j = base; j < base + s; ++j)
-        for (int64_t c = 0; c < width; c += W) {
-          V r[R];
-          for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * stride + c);
-          register_butterflies<R>(r);
-          for (int i = 0; i < R; ++i) store(x + (j + i * s) * stride + c, r[i]);
-        }
+  static void scalar_rows(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
+    for (int64_t r = 0; r < rows; ++r, src += len, dst += len) {
+      for (int64_t i = 0; i < len; ++i) dst[i] = src[i] * scale;
+      for (int64_t h = 1; h < len; h <<= 1)
+        for (int64_t i = 0; i < len; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const T a = dst[j], b = dst[j + h];
+            dst[j] = a + b;
+            dst[j + h] = a - b;
+          }
+    }
   }
 
-  static void columns_pow2(T* x, int64_t count, int64_t stride, int64_t width) {
-    int64_t s = 1;
-    while (s < count) {
-      const int64_t left = count / s;
-      if (left >= 8) {
-        column_radix_pass<8>(x, count, stride, width, s);
-        s *= 8;
-      } else if (left == 4) {
-        column_radix_pass<4>(x, count, stride, width, s);
-        s *= 4;
-      } else {
-        column_radix_pass<2>(x, count, stride, width, s);
-        s *= 2;
+  // Rows shorter than a register: one register holds W / len whole rows, and the lane stages below len
+  // never mix two rows.
+  template <bool Scaled>
+  static void short_rows(const T* src, T* dst, int64_t rows, int64_t len, V scale) {
+    const int64_t full = rows * len / W;
+    for (int64_t v = 0; v < full; ++v) {
+      V x = load(src + v * W);
+      if constexpr (Scaled) x = x * scale;
+      store(dst + v * W, lane_stages(x, static_cast<int>(len)));
+    }
+    const int64_t done = full * W / len;
+    scalar_rows(src + done * len, dst + done * len, rows - done, len, scale[0]);
+  }
+
+  template <int G, bool Scaled>
+  static void block_rows(const T* src, T* dst, int64_t rows, V scale, V m1) {
+    for (int64_t r = 0; r < rows; ++r) block<G, Scaled>(src + r * G * W, dst + r * G * W, scale, m1);
+  }
+
+  template <bool Scaled>
+  static void rows_pow2_impl(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
+    const V m1 = minus_one();
+    const V sv = splat(scale);
+    if (len < W) return short_rows<Scaled>(src, dst, rows, len, sv);
+    const int64_t nvec = len / W;
+    switch (nvec) {
+      case 1: return block_rows<1, Scaled>(src, dst, rows, sv, m1);
+      case 2: return block_rows<2, Scaled>(src, dst, rows, sv, m1);
+      case 4: return block_rows<4, Scaled>(src, dst, rows, sv, m1);
+      case 8: return block_rows<8, Scaled>(src, dst, rows, sv, m1);
+      default:
+        for (int64_t r = 0; r < rows; ++r)
+          long_row<Scaled>(src + r * len, dst + r * len, nvec, sv, m1, r + 1 < rows ? src + (r + 1) * len : nullptr);
+    }
+  }
+
+  static void rows_pow2(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
+    if (scale == T(1)) return rows_pow2_impl<false>(src, dst, rows, len, scale);
+    rows_pow2_impl<true>(src, dst, rows, len, scale);
+  }
+
+  // ---- the H_m factor ----
+
+  // Paley II form: for pairs (u_b, v_b) = (chunk 2b, chunk 2b+1), s_b = u_b + v_b, d_b = u_b - v_b, and
+  // out_{2a} = s_a + sum_b C_ab d_b, out_{2a+1} = d_a - sum_b C_ab s_b (C has a zero diagonal).
+  template <int P>
+  static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; c += W) {
+      V s[P], d[P];
+      DREIDEL_UNROLL
+      for (int b = 0; b < P; ++b) {
+        const V u = load(x + (2 * b) * chunk + c), v = load(x + (2 * b + 1) * chunk + c);
+        s[b] = u + v;
+        d[b] = u - v;
+      }
+      DREIDEL_UNROLL
+      for (int a = 0; a < P; ++a) {
+        V even = s[a], odd = d[a];
+        DREIDEL_UNROLL
+        for (int b = 0; b < P; ++b) {
+          if (b == a) continue;
+          const V cab = splat(conference[a * P + b]);
+          even += d[b] * cab;
+          odd -= s[b] * cab;
+        }
+        store(x + (2 * a) * chunk + c, even);
+        store(x + (2 * a + 1) * chunk + c, odd);
       }
     }
   }
 
   template <int M>
-  static void mix_vectors(T* x, int64_t chunk, const T* h, int64_t begin, int64_t end) {
+  static void mix_dense(T* x, int64_t chunk, const T* h, int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; c += W) {
       V in[M];
+      DREIDEL_UNROLL
       for (int a = 0; a < M; ++a) in[a] = load(x + a * chunk + c);
+      DREIDEL_UNROLL
       for (int a = 0; a < M; ++a) {
         V acc = in[0] * h[a * M];
+        DREIDEL_UNROLL
         for (int b = 1; b < M; ++b) acc += in[b] * h[a * M + b];
         store(x + a * chunk + c, acc);
       }
@@ -180,18 +303,98 @@ struct Kernel {
     }
   }
 
-  static void mix_chunks(T* x, int m, int64_t chunk, const T* h, int64_t begin, int64_t end) {
-    if (chunk % W != 0 || (end - begin) % W != 0) return mix_scalar(x, m, chunk, h, begin, end);
+  static void mix_chunks(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end) {
+    const int m = plan.m;
+    if (chunk % W != 0 || begin % W != 0 || (end - begin) % W != 0)
+      return mix_scalar(x, m, chunk, plan.dense, begin, end);
+    if (plan.paley) {
+      switch (plan.pairs) {
+        case 6: return mix_paley<6>(x, chunk, plan.conference, begin, end);
+        case 10: return mix_paley<10>(x, chunk, plan.conference, begin, end);
+        case 14: return mix_paley<14>(x, chunk, plan.conference, begin, end);
+        default: break;
+      }
+    }
     switch (m) {
-      case 12: return mix_vectors<12>(x, chunk, h, begin, end);
-      case 20: return mix_vectors<20>(x, chunk, h, begin, end);
-      case 28: return mix_vectors<28>(x, chunk, h, begin, end);
-      default: return mix_scalar(x, m, chunk, h, begin, end);
+      case 12: return mix_dense<12>(x, chunk, plan.dense, begin, end);
+      case 20: return mix_dense<20>(x, chunk, plan.dense, begin, end);
+      case 28: return mix_dense<28>(x, chunk, plan.dense, begin, end);
+      default: return mix_scalar(x, m, chunk, plan.dense, begin, end);
+    }
+  }
+
+  static void rows_hadamard(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan,
+                            T scale) {
+    const int64_t n = plan.m * chunk;
+    for (int64_t r = 0; r < rows; ++r) {
+      // The m chunks of one row are m contiguous rows of the power-of-two transform; then H_m mixes them
+      // while the row is still in L1.
+      rows_pow2(src + r * n, dst + r * n, plan.m, chunk, scale);
+      if (plan.m > 1) mix_chunks(dst + r * n, chunk, plan, 0, chunk);
+    }
+  }
+
+  // ---- the outer factor of a long row ----
+
+  // Stages at row strides s, ..., (R/2)s of `count` rows, `width` columns each, read from `in` and
+  // written to `out` (which may be `in`); every group reads all its rows before writing them.
+  template <int R>
+  static void column_pass(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t count,
+                          int64_t width, int64_t s, V m1, Prefetcher& ahead) {
+    for (int64_t base = 0; base < count; base += R * s)
+      for (int64_t j = base; j < base + s; ++j)
+        for (int64_t c = 0; c < width; c += W) {
+          ahead.step();
+          V r[R];
+          DREIDEL_UNROLL
+          for (int i = 0; i < R; ++i) r[i] = load(in + (j + i * s) * in_stride + c);
+          butterflies<R>(r, m1);
+          DREIDEL_UNROLL
+          for (int i = 0; i < R; ++i) store(out + (j + i * s) * out_stride + c, r[i]);
+        }
+  }
+
+  static void column_pass_any(int radix, const T* in, int64_t in_stride, T* out, int64_t out_stride,
+                              int64_t count, int64_t width, int64_t s, V m1, Prefetcher& ahead) {
+    switch (radix) {
+      case 8: return column_pass<8>(in, in_stride, out, out_stride, count, width, s, m1, ahead);
+      case 4: return column_pass<4>(in, in_stride, out, out_stride, count, width, s, m1, ahead);
+      default: return column_pass<2>(in, in_stride, out, out_stride, count, width, s, m1, ahead);
+    }
+  }
+
+  // The strip is gathered into `scratch` by the first radix pass (so the middle passes run on a compact,
+  // alias-free copy in L2) and scattered back by the last one.
+  static void columns_pow2(T* x, int64_t count, int64_t stride, int64_t width, T* scratch, const T* next) {
+    const V m1 = minus_one();
+    int radices[32];
+    int passes = 0;
+    int log2_count = 0;
+    while ((int64_t(1) << log2_count) < count) ++log2_count;
+    if (log2_count % 3 == 1) radices[passes++] = 2;
+    if (log2_count % 3 == 2) radices[passes++] = 4;
+    for (int i = 0; i < log2_count / 3; ++i) radices[passes++] = 8;
+    if (passes == 0) return;
+    // The next strip is fetched during every pass but the first (which reads this strip from memory).
+    int64_t steps = 0;
+    for (int p = passes > 1 ? 1 : 0; p < passes; ++p) steps += count / radices[p] * (width / W);
+    Prefetcher ahead(next, stride, width, count, steps);
+    Prefetcher none;
+    if (passes == 1) {
+      column_pass_any(radices[0], x, stride, x, stride, count, width, 1, m1, ahead);
+      return;
+    }
+    int64_t s = 1;
+    for (int p = 0; p < passes; ++p) {
+      const bool first = p == 0, last = p == passes - 1;
+      column_pass_any(radices[p], first ? x : scratch, first ? stride : width, last ? x : scratch,
+                      last ? stride : width, count, width, s, m1, first ? none : ahead);
+      s *= radices[p];
     }
   }
 
   static const FwhtKernels<T>& table() {
-    static const FwhtKernels<T> t{W, &row_pow2, &columns_pow2, &mix_chunks};
+    static const FwhtKernels<T> t{W, &rows_pow2, &rows_hadamard, &columns_pow2, &mix_chunks};
     return t;
   }
 };

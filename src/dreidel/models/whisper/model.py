@@ -58,11 +58,13 @@ def linear_factory(kind: str):
     """Return ``f(in_features, out_features, bias)`` building linear layers of registry kind ``kind``."""
     if not isinstance(kind, str):
         raise TypeError(f"linear must be a registry kind name (str), got {type(kind).__name__}")
-    if kind != "dense":  # TODO: switch to dreidel.layers.build_linear when the registry lands
-        raise ValueError(f"linear kind {kind!r} is not available yet; use 'dense'")
+    from dreidel.layers import build_linear, linear_kinds
+
+    if kind not in linear_kinds():
+        raise ValueError(f"linear must be one of {', '.join(linear_kinds())}, got {kind!r}")
 
     def build(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return build_linear(kind, in_features, out_features, bias=bias)
 
     return build
 
@@ -122,16 +124,28 @@ class ResidualAttentionBlock(nn.Module):
         attn = self.attn
         h = self.attn_ln(x)
         end = offset + x.shape[1]
-        k_buf, v_buf = cache.self_k[layer], cache.self_v[layer]
-        k_buf[:, :, offset:end] = attn.split_heads(attn.key(h))
+        k_buf, v_buf = cache.self_k[layer], cache.self_v[layer]  # (B, H, Dh, ctx), (B, H, ctx, Dh)
+        k_buf[:, :, :, offset:end] = attn.split_heads(attn.key(h)).transpose(2, 3)
         v_buf[:, :, offset:end] = attn.split_heads(attn.value(h))
         q = attn.split_heads(attn.query(h))
         mask = cache.causal_mask(offset, x.shape[1]) if x.shape[1] > 1 else None
-        x = x + attn.attend(q, k_buf[:, :, :end], v_buf[:, :, :end], mask)
+        x = x + attn.out(attn.merge_heads(_attention(q, k_buf[:, :, :, :end], v_buf[:, :, :end], mask)))
         cross = self.cross_attn
         q = cross.split_heads(cross.query(self.cross_attn_ln(x)))
-        x = x + cross.attend(q, cache.cross_k[layer], cache.cross_v[layer])
+        x = x + cross.out(cross.merge_heads(_attention(q, cache.cross_k[layer], cache.cross_v[layer])))
         return x + self.mlp(x)
+
+
+def _attention(q: Tensor, k_transposed: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention for the few queries of a decoding step, on pre-transposed keys.
+
+    q (B, H, T, Dh), k_transposed (B, H, Dh, S), v (B, H, S, Dh), mask (T, S) bool (True = attend)
+    -> (B, H, T, Dh). Two batched matmuls beat the fused SDPA kernel for T = 1 on CPU.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k_transposed)  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 class AudioEncoder(nn.Module):
@@ -165,8 +179,9 @@ class AudioEncoder(nn.Module):
 class DecoderCache:
     """Static key/value buffers of one decoding run.
 
-    self_k / self_v: per layer (B, H, n_text_ctx, Dh), written in place; cross_k / cross_v: per layer
-    (B, H, n_audio_ctx, Dh), computed once from the audio features.
+    self_k: per layer (B, H, Dh, n_text_ctx) (keys stored transposed), self_v: (B, H, n_text_ctx, Dh), both
+    written in place; cross_k (B, H, Dh, n_audio_ctx) and cross_v (B, H, n_audio_ctx, Dh): computed once per
+    audio window.
     """
 
     def __init__(self, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor]):
@@ -179,9 +194,10 @@ class DecoderCache:
 
     def reorder(self, index: Tensor, length: int) -> None:
         """Beam search: row b of the first ``length`` positions becomes row ``index[b]`` of before."""
-        for buffers in (self.self_k, self.self_v):
-            for buf in buffers:
-                buf[:, :, :length] = buf[index, :, :length]
+        for buf in self.self_k:
+            buf[:, :, :, :length] = buf[index, :, :, :length]
+        for buf in self.self_v:
+            buf[:, :, :length] = buf[index, :, :length]
 
 
 class TextDecoder(nn.Module):
@@ -197,6 +213,8 @@ class TextDecoder(nn.Module):
             ResidualAttentionBlock(n_state, dims.n_text_head, True, make_linear) for _ in range(dims.n_text_layer)
         )
         self.ln = nn.LayerNorm(n_state)
+        # None: logits use the tied token embedding. quantize_int8 installs an (int8) Linear copy here.
+        self.output: nn.Module | None = None
 
     def new_cache(self, audio_features: Tensor) -> DecoderCache:
         """Buffers for decoding against audio_features (B, n_audio_ctx, n_audio_state)."""
@@ -204,22 +222,33 @@ class TextDecoder(nn.Module):
         n_ctx, n_state = self.positional_embedding.shape
         head_dim = n_state // self.n_head
         like = dict(dtype=audio_features.dtype, device=audio_features.device)
-        self_k = [torch.zeros(batch, self.n_head, n_ctx, head_dim, **like) for _ in self.blocks]
+        self_k = [torch.zeros(batch, self.n_head, head_dim, n_ctx, **like) for _ in self.blocks]
         self_v = [torch.zeros(batch, self.n_head, n_ctx, head_dim, **like) for _ in self.blocks]
         cross_k, cross_v = [], []
         for block in self.blocks:
-            cross_k.append(block.cross_attn.split_heads(block.cross_attn.key(audio_features)))
+            cross_k.append(block.cross_attn.split_heads(block.cross_attn.key(audio_features)).transpose(2, 3)
+                           .contiguous())
             cross_v.append(block.cross_attn.split_heads(block.cross_attn.value(audio_features)))
         return DecoderCache(self_k, self_v, cross_k, cross_v)
 
-    def forward(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
-        """tokens (B, T) int64 at positions offset..offset+T-1 -> logits (B, T or 1, n_vocab) float."""
+    def hidden(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T or 1, C)."""
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, layer, offset, cache)
         if last_only:
             x = x[:, -1:]
-        return self.ln(x) @ self.token_embedding.weight.T  # (B, T, V)
+        return self.ln(x)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """(..., C) -> logits (..., n_vocab) through the tied token embedding (or ``output`` when installed)."""
+        if self.output is not None:
+            return self.output(hidden)
+        return hidden @ self.token_embedding.weight.T
+
+    def forward(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> logits (B, T or 1, n_vocab) float."""
+        return self.project(self.hidden(tokens, offset, cache, last_only))
 
 
 class Whisper(nn.Module):

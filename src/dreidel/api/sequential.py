@@ -1,0 +1,321 @@
+"""``dreidel.Sequential``: a Keras-like ``add`` / ``compile`` / ``fit`` / ``evaluate`` / ``predict`` / ``save``.
+
+Underneath it is an ordinary ``torch.nn.Sequential``: index it, iterate it, call it, hand its parameters to a
+hand-written loop — the high-level methods only add a training loop and a checkpoint format.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dreidel.api import _training
+from dreidel.api._batches import BatchSource, make_source
+from dreidel.api.callbacks import Callback
+from dreidel.api.history import History
+from dreidel.api.layer_specs import build_layer, layer_spec
+from dreidel.api.losses import resolve_loss
+from dreidel.api.metrics import resolve_metric
+from dreidel.api.summary import summarize
+from dreidel.io.checkpoint import load_state_strict, read_checkpoint, require_config_keys, write_checkpoint
+from dreidel.optim import build_optimizer
+
+__all__ = ["Sequential", "load"]
+
+CHECKPOINT_FORMAT = "dreidel.Sequential"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class _Compiled:
+    """What ``compile`` chose; the optimizer itself is built once every parameter exists (lazy layers)."""
+
+    optimizer_spec: object
+    optimizer_kwargs: dict
+    loss: object
+    metrics: list
+    optimizer: torch.optim.Optimizer | None = None
+
+
+class Sequential(nn.Sequential):
+    """Layers applied in order. ``Sequential(layer, ...)`` or ``Sequential()`` then ``add(layer)``.
+
+    Inputs are ``(N, *input_shape)`` tensors; ``input_shape`` is fixed by the first batch the model sees in
+    ``fit`` / ``evaluate`` / ``predict`` / ``build`` (lazy layers such as ``LinearWHT(1024)`` learn their
+    input width then), and every later batch must match it.
+
+    Note: ``compile`` here is Keras's (choose optimizer, loss, metrics); for ``torch.compile`` call
+    ``torch.compile(model)``.
+    """
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.input_shape: tuple[int, ...] | None = None
+        self.stop_training = False
+        self.history: History | None = None
+        self._compiled: _Compiled | None = None
+
+    # --------------------------------------------------------------------------------- building
+    def add(self, layer: nn.Module) -> "Sequential":
+        """Append ``layer`` (any ``nn.Module``); returns the model so calls can be chained."""
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        self.append(layer)
+        if self._compiled is not None and not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
+            self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
+        return self
+
+    @property
+    def is_built(self) -> bool:
+        """Whether every parameter and buffer exists (no lazy layer waits for its first input)."""
+        return not any(nn.parameter.is_lazy(t) for t in (*self.parameters(), *self.buffers()))
+
+    def build(self, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> "Sequential":
+        """Fix ``input_shape`` (per sample, without the batch dimension) and materialise lazy layers."""
+        input_shape = tuple(int(d) for d in input_shape)
+        if self.input_shape is not None and input_shape != self.input_shape:
+            raise ValueError(f"input_shape: the model was built for samples of shape {self.input_shape}, "
+                             f"got {input_shape}")
+        if len(self) == 0:
+            raise ValueError("the model has no layers: add some before building it")
+        if dtype is None:
+            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point() and not nn.parameter.is_lazy(p)),
+                         torch.get_default_dtype())
+        was_training = self.training
+        self.eval()  # the dry run (which also materialises lazy layers) must not move BatchNorm statistics
+        try:
+            with torch.no_grad():
+                self(torch.zeros((2, *input_shape), dtype=dtype))
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
+        finally:
+            self.train(was_training)
+        self.input_shape = input_shape
+        return self
+
+    def _check_input(self, x: torch.Tensor, where: str) -> None:
+        if self.input_shape is None:
+            self.build(tuple(x.shape[1:]))
+        elif tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x: expected samples of shape {self.input_shape} (fixed by the first batch), "
+                             f"got {tuple(x.shape[1:])} in {where}")
+
+    # -------------------------------------------------------------------------------- compiling
+    def compile(self, optimizer="adam", loss="cross_entropy", metrics=(), **optimizer_kwargs) -> "Sequential":
+        """Choose how ``fit`` trains.
+
+        Args:
+            optimizer: a name (``"adam"``, ``"sgd"``, ``"diagonal_newton"``, ``"kfac"``), a
+                ``torch.optim.Optimizer`` instance, or a factory ``(model) -> Optimizer``; resolved by
+                ``dreidel.optim.build_optimizer`` once the model is built.
+            loss: ``"cross_entropy"``, ``"mse"``, ``"kl_divergence"``, an instance from ``dreidel.api.losses``
+                (e.g. ``CrossEntropy(label_smoothing=0.1)``) or any callable ``(output, target) -> scalar``.
+            metrics: names (``"accuracy"``, ``"top_5"``) or callables ``(output, target) -> float``.
+            optimizer_kwargs: hyper-parameters of a named optimizer (``lr=...``).
+        """
+        if isinstance(metrics, str):
+            raise TypeError("metrics must be a list of names or callables, e.g. ['accuracy'], not a string")
+        if isinstance(optimizer, torch.optim.Optimizer) and optimizer_kwargs:
+            raise ValueError(f"optimizer_kwargs: an optimizer instance takes no extra arguments, got {sorted(optimizer_kwargs)}")
+        if not isinstance(optimizer, (str, torch.optim.Optimizer)) and not callable(optimizer):
+            raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
+        self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss),
+                                   [resolve_metric(m) for m in metrics])
+        if self.is_built and len(self):
+            self._ensure_optimizer()
+        return self
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer ``fit`` steps (None until ``compile`` and, for lazy layers, the first batch)."""
+        return None if self._compiled is None else self._compiled.optimizer
+
+    def _require_compiled(self, method: str) -> _Compiled:
+        if self._compiled is None:
+            raise RuntimeError(f"call compile(optimizer, loss, metrics) before {method}()")
+        return self._compiled
+
+    def _ensure_optimizer(self) -> torch.optim.Optimizer:
+        compiled = self._compiled
+        if compiled.optimizer is None:
+            compiled.optimizer = build_optimizer(compiled.optimizer_spec, self, **compiled.optimizer_kwargs)
+        return compiled.optimizer
+
+    # ---------------------------------------------------------------------------------- training
+    def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
+            validation_split: float = 0.0, callbacks: list[Callback] | tuple = (), verbose: int = 1,
+            shuffle: bool = True, seed: int | None = None, generator: torch.Generator | None = None) -> History:
+        """Train for ``epochs`` passes over ``(x, y)`` (tensors/arrays ``(N, ...)``) or a DataLoader ``x``.
+
+        Args:
+            validation_data: ``(x_val, y_val)`` or a DataLoader, evaluated after every epoch (``val_*`` logs).
+            validation_split: instead, hold out this last fraction of ``x``/``y`` (taken before shuffling).
+            callbacks: ``dreidel.api.callbacks`` objects.
+            verbose: 0 silences the progress bar (it is also off when stderr is not a terminal).
+            shuffle: reshuffle in-memory data every epoch (a DataLoader shuffles as configured).
+                Numpy float arrays are converted to float32 tensors, numpy integer arrays to int64.
+            seed / generator: the source of the shuffling order (give at most one).
+
+        Returns:
+            the ``History`` (also kept as ``model.history``).
+        """
+        compiled = self._require_compiled("fit")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("give seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
+        callbacks = list(callbacks)
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks must hold dreidel.api.callbacks.Callback objects, got {type(callback).__name__}")
+        self._check_input(train.x if train.x is not None else train.first_input(), "x")
+        optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
+        self.history = history = History()
+        self.stop_training = False
+        for callback in callbacks:
+            callback.on_train_begin(self)
+        try:
+            for epoch in range(epochs):
+                for callback in callbacks:
+                    callback.on_epoch_begin(self, epoch)
+                logs = _training.train_epoch(self, train, optimizer, compiled.loss, compiled.metrics, epoch,
+                                             self._check_input, shuffle, generator, verbose,
+                                             f"epoch {epoch + 1}/{epochs}")
+                if validation is not None:
+                    logs.update(_training.evaluate_pass(self, validation, compiled.loss, compiled.metrics,
+                                                        self._check_input, prefix="val_"))
+                logs["lr"] = optimizer.param_groups[0]["lr"]
+                history.append(epoch, logs)
+                for callback in callbacks:
+                    callback.on_epoch_end(self, epoch, logs)
+                if self.stop_training:
+                    break
+        finally:
+            for callback in callbacks:
+                callback.on_train_end(self)
+        return history
+
+    def _split_sources(self, x, y, batch_size, validation_data, validation_split) -> tuple[BatchSource, BatchSource | None]:
+        if not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+        if validation_split and validation_data is not None:
+            raise ValueError("give validation_data or validation_split, not both")
+        train = make_source(x, y, batch_size, need_targets=True)
+        if validation_split:
+            if train.loader is not None:
+                raise ValueError("validation_split needs in-memory x and y, not a DataLoader; pass validation_data")
+            held_out = int(round(train.x.shape[0] * validation_split))
+            if held_out < 1 or held_out >= train.x.shape[0]:
+                raise ValueError(f"validation_split={validation_split} leaves {held_out} of {train.x.shape[0]} "
+                                 "samples for validation; need at least one on each side")
+            cut = train.x.shape[0] - held_out
+            validation = BatchSource(x=train.x[cut:], y=train.y[cut:], batch_size=batch_size)
+            train = BatchSource(x=train.x[:cut], y=train.y[:cut], batch_size=batch_size)
+            return train, validation
+        if validation_data is None:
+            return train, None
+        if isinstance(validation_data, DataLoader):
+            return train, make_source(validation_data, None, batch_size, need_targets=True)
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("validation_data must be an (x_val, y_val) pair or a DataLoader")
+        return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True)
+
+    def evaluate(self, x, y=None, batch_size: int = 256) -> dict[str, float]:
+        """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
+        compiled = self._require_compiled("evaluate")
+        source = make_source(x, y, batch_size, need_targets=True)
+        return _training.evaluate_pass(self, source, compiled.loss, compiled.metrics, self._check_input)
+
+    def predict(self, x, batch_size: int = 256) -> torch.Tensor:
+        """Outputs ``(N, *output_shape)`` for ``x`` ``(N, *input_shape)`` (or a DataLoader), in eval mode."""
+        source = make_source(x, None, batch_size, need_targets=False)
+        was_training = self.training
+        self.eval()
+        outputs = []
+        try:
+            with torch.no_grad():
+                for index, (batch, _) in enumerate(source.batches(False, None)):
+                    self._check_input(batch, f"prediction batch {index + 1}")
+                    outputs.append(self(batch))
+        finally:
+            self.train(was_training)
+        if not outputs:
+            raise ValueError("x is empty: nothing to predict")
+        return torch.cat(outputs)
+
+    # ----------------------------------------------------------------------------------- reporting
+    def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
+        """A table of layers, output shapes, parameters and FLOPs per sample (returned as text, not printed)."""
+        from dreidel.cli._table import format_table
+
+        if input_shape is not None:
+            self.build(input_shape)
+        if self.input_shape is None:
+            raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        rows = summarize(self, self.input_shape, dtype)
+        table = [(r.name, r.layer, str(r.output_shape), r.parameters, "?" if r.flops is None else r.flops) for r in rows]
+        total_params = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        known_flops = sum(r.flops for r in rows if r.flops is not None)
+        flops_note = "" if all(r.flops is not None for r in rows) else " (layers marked ? not counted)"
+        lines = [format_table(["#", "layer", "output shape", "params", "FLOPs/sample"], table),
+                 f"input shape: {self.input_shape}",
+                 f"parameters: {total_params:,} ({trainable:,} trainable)",
+                 f"FLOPs per sample: {known_flops:,}{flops_note}"]
+        return "\n".join(lines)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameter elements (only those with ``requires_grad`` when ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` (layer specs, input shape) and ``path/model.safetensors``, atomically.
+
+        The optimizer state is not saved. Returns the checkpoint directory.
+        """
+        if not self.is_built:
+            raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
+        config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                  "input_shape": None if self.input_shape is None else list(self.input_shape),
+                  "layers": [layer_spec(layer) for layer in self]}
+        return write_checkpoint(path, config, self.state_dict())
+
+
+def load(path: str | os.PathLike) -> Sequential:
+    """Rebuild a ``Sequential`` saved by ``Sequential.save`` (JSON + safetensors; nothing is unpickled).
+
+    The model comes back uncompiled, in train mode, with the dtype it was saved in.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: a corrupted file, a missing config key, an unknown layer type, or a tensor that is
+            missing, unexpected or mis-shaped (the message names it).
+    """
+    config, tensors = read_checkpoint(path)
+    where = f"{Path(path) / 'config.json'}"
+    require_config_keys(config, ("format", "format_version", "input_shape", "layers"), where)
+    if config["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where}: 'format' is {config['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    if config["format_version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{where}: 'format_version' {config['format_version']!r} is not supported "
+                         f"(this dreidel reads version {CHECKPOINT_VERSION})")
+    if not isinstance(config["layers"], list):
+        raise ValueError(f"{where}: 'layers' must be a list of layer specs")
+    model = Sequential(*(build_layer(spec, f"{where} layers[{i}]") for i, spec in enumerate(config["layers"])))
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(float_dtypes) == 1:
+        model.to(float_dtypes.pop())
+    if config["input_shape"] is not None:
+        model.input_shape = tuple(int(d) for d in config["input_shape"])
+    load_state_strict(model, tensors, source=str(Path(path) / "model.safetensors"))
+    return model

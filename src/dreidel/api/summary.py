@@ -1,0 +1,107 @@
+"""``Sequential.summary``: per-layer output shapes, parameter counts and floating-point operations per sample.
+
+FLOPs count one multiply and one add as two operations. For a spectral layer with transform length
+``L = m·2^k`` (``m`` in 1, 12, 20, 28) a fast Walsh-Hadamard transform costs ``L·k`` additions for the
+butterflies plus ``L·(m - 1)`` for the ``m``-point Hadamard blocks plus ``L`` for the orthonormal scaling;
+every diagonal scaling, the bias and the activation add one operation per element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dreidel.layers import DeepSpectralLinear, LinearWHT
+
+__all__ = ["LayerRow", "fwht_flops", "layer_flops", "summarize"]
+
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+_FREE = (nn.Identity, nn.Dropout, nn.Flatten)
+_HADAMARD_BASES = (28, 20, 12, 1)
+
+
+def fwht_flops(length: int) -> int:
+    """Operations of one orthonormal FWHT of ``length = m·2^k``."""
+    for base in _HADAMARD_BASES:
+        if length % base == 0 and (length // base) & (length // base - 1) == 0:
+            log2 = int(math.log2(length // base))
+            return length * log2 + length * (base - 1) + length
+    raise ValueError(f"length {length} is not a supported Hadamard length m·2^k")
+
+
+def _spectral_flops(layer: LinearWHT | DeepSpectralLinear) -> int:
+    length, blocks = layer.transform_length, layer.num_blocks
+    per_stage = fwht_flops(length) + length  # one diagonal scaling before each transform
+    ops = blocks * layer.depth * per_stage + layer.out_features  # + s_out
+    if layer.bias is not None:
+        ops += layer.out_features
+    if layer.activation is not None:
+        ops += layer.out_features
+    return ops
+
+
+def _linear_flops(layer: nn.Linear) -> int:
+    return 2 * layer.in_features * layer.out_features + (layer.out_features if layer.bias is not None else 0)
+
+
+# FLOPs per row of the last dimension, for layers that act along it
+_ROW_FLOPS: dict[type, Callable[[nn.Module], int]] = {
+    nn.Linear: _linear_flops,
+    LinearWHT: _spectral_flops,
+    DeepSpectralLinear: _spectral_flops,
+}
+
+
+def layer_flops(layer: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int | None:
+    """FLOPs for one sample through ``layer`` (shapes exclude the batch dimension); None when unknown."""
+    output_elements = math.prod(output_shape)
+    if type(layer) in _ROW_FLOPS:
+        rows = math.prod(input_shape[:-1])
+        return rows * _ROW_FLOPS[type(layer)](layer)
+    if isinstance(layer, _ELEMENTWISE):
+        return output_elements
+    if isinstance(layer, _FREE):
+        return 0
+    if isinstance(layer, (nn.Softmax, nn.LogSoftmax)):
+        return 3 * output_elements
+    if isinstance(layer, (nn.LayerNorm, nn.BatchNorm1d)):
+        return 5 * output_elements
+    return None
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    layer: str
+    output_shape: tuple[int, ...]
+    parameters: int
+    flops: int | None
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> list[LayerRow]:
+    """Run one zero sample ``(1, *input_shape)`` through ``model``'s children and record each layer."""
+    records: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    handles = []
+    for name, child in model.named_children():
+        def hook(module, inputs, output, name=name):
+            records[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+        handles.append(child.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name, child in model.named_children():
+        layer_in, layer_out = records[name]
+        parameters = sum(p.numel() for p in child.parameters())
+        rows.append(LayerRow(name, type(child).__name__, layer_out, parameters, layer_flops(child, layer_in, layer_out)))
+    return rows

@@ -1,0 +1,116 @@
+"""Whisper's log-mel front end: 25 ms Hann frames every 10 ms at 16 kHz, power spectrum, Slaney mel filters,
+log10 clamped to 8 decades below the maximum, scaled by (x + 4) / 4 (Radford et al. 2022, arXiv:2212.04356).
+
+The Slaney mel scale (Slaney, "Auditory Toolbox", 1998; as in librosa with ``htk=False, norm="slaney"``) is
+linear below 1 kHz (3 mels per 200 Hz) and logarithmic above; each triangle is scaled to unit area.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",
+    "mel_filters", "log_mel_spectrogram", "pad_or_trim", "hz_to_mel", "mel_to_hz",
+]
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds per Whisper window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
+
+_LINEAR_HZ_PER_MEL = 200.0 / 3.0
+_LOG_START_HZ = 1000.0
+_LOG_START_MEL = _LOG_START_HZ / _LINEAR_HZ_PER_MEL  # 15
+_LOG_STEP = np.log(6.4) / 27.0  # 27 mels per factor 6.4 in frequency
+
+
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel of frequencies in Hz (float64)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / _LINEAR_HZ_PER_MEL
+    logarithmic = _LOG_START_MEL + np.log(np.maximum(hz, _LOG_START_HZ) / _LOG_START_HZ) / _LOG_STEP
+    return np.where(hz >= _LOG_START_HZ, logarithmic, linear)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel` (float64)."""
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * _LINEAR_HZ_PER_MEL
+    logarithmic = _LOG_START_HZ * np.exp(_LOG_STEP * (np.maximum(mel, _LOG_START_MEL) - _LOG_START_MEL))
+    return np.where(mel >= _LOG_START_MEL, logarithmic, linear)
+
+
+@lru_cache(maxsize=8)
+def _mel_filters_float64(n_mels: int, sample_rate: int, n_fft: int) -> np.ndarray:
+    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2.0), n_mels + 2))
+    widths = np.diff(edges_hz)  # (n_mels + 1,)
+    offsets = edges_hz[:, None] - fft_hz[None, :]  # (n_mels + 2, n_freqs)
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    triangles = np.maximum(0.0, np.minimum(rising, falling))
+    return triangles * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # unit area ("slaney" norm)
+
+
+def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist."""
+    if not isinstance(n_mels, int) or n_mels <= 0:
+        raise ValueError(f"n_mels must be a positive int, got {n_mels!r}")
+    return torch.from_numpy(_mel_filters_float64(n_mels, sample_rate, n_fft)).to(dtype)
+
+
+def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
+    """Zero-pad or cut the last axis of ``audio`` (..., samples) to ``length`` samples."""
+    if not isinstance(audio, torch.Tensor):
+        audio = torch.as_tensor(np.asarray(audio))
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if audio.shape[-1] >= length:
+        return audio[..., :length]
+    return torch.nn.functional.pad(audio, (0, length - audio.shape[-1]))
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tensor:
+    """Whisper's normalised log-mel spectrogram.
+
+    Args:
+        audio: 16 kHz float waveform ``(..., samples)`` (tensor or array; see :func:`dreidel.audio.load_audio`).
+        n_mels: 80 (Whisper up to large-v2) or 128 (large-v3).
+        padding: zeros appended before the transform (Whisper's transcribe pads by ``N_SAMPLES``).
+
+    Returns:
+        float32 ``(..., n_mels, (samples + padding) // 160)``; 3000 frames for 30 s. The clamp to ``max - 8``
+        uses each example's own maximum.
+
+    Raises:
+        ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them).
+    """
+    if not isinstance(audio, torch.Tensor):
+        audio = torch.as_tensor(np.asarray(audio))
+    if not audio.is_floating_point():
+        raise TypeError(f"audio must hold float samples in [-1, 1], got dtype {audio.dtype} (use load_audio)")
+    if audio.dim() == 0:
+        raise ValueError("audio must have a samples axis, got a scalar")
+    audio = audio.to(torch.float32)
+    if padding:
+        audio = torch.nn.functional.pad(audio, (0, padding))
+    if audio.shape[-1] <= N_FFT // 2:
+        raise ValueError(f"audio has {audio.shape[-1]} samples after padding; log_mel_spectrogram needs at least "
+                         f"{N_FFT // 2 + 1} (pad it, e.g. with pad_or_trim)")
+    leading = audio.shape[:-1]
+    window = torch.hann_window(N_FFT, device=audio.device)
+    spectrum = torch.stft(audio.reshape(-1, audio.shape[-1]), N_FFT, HOP_LENGTH, window=window,
+                          center=True, pad_mode="reflect", return_complex=True)  # (B, 201, frames + 1)
+    power = spectrum[..., :-1].abs() ** 2  # Whisper drops the last frame
+    mel = mel_filters(n_mels).to(audio.device) @ power  # (B, n_mels, frames)
+    log_mel = torch.clamp(mel, min=1e-10).log10()
+    peak = log_mel.amax(dim=(-2, -1), keepdim=True)
+    log_mel = torch.maximum(log_mel, peak - 8.0)
+    return ((log_mel + 4.0) / 4.0).reshape(*leading, n_mels, -1)

@@ -1,0 +1,48 @@
+"""`dreidel transcribe FILE...`: speech to text with Whisper, printing each text and its real-time factor."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("transcribe", help="transcribe audio files with Whisper (tiny.en by default)")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format libsndfile reads)")
+    parser.add_argument("--model", default="tiny.en",
+                        help="tiny.en, base, or a CTranslate2 / Hugging Face Whisper directory (default: tiny.en)")
+    parser.add_argument("--beam", type=int, default=1, help="beam size; 1 is greedy (default: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
+    parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dreidel.models import whisper
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.beam < 1:
+        raise SystemExit("--beam must be >= 1")
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"no such file: {missing[0]}")
+    recognizer = whisper.load(args.model)
+    if args.int8:
+        recognizer = whisper.quantize_int8(recognizer)
+    results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language)
+    total_audio = total_compute = 0.0
+    for path, result in zip(args.files, results):
+        print(f"{path}: {result.text}")
+        print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {result.rtf:.3f}")
+        total_audio += result.seconds_audio
+        total_compute += result.seconds_compute
+    if len(results) > 1 and total_audio:
+        print(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, RTF {total_compute / total_audio:.3f}"
+              f" ({torch.get_num_threads()} threads, beam {args.beam})")
+    return 0

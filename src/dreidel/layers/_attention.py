@@ -1,0 +1,134 @@
+"""Multi-head attention whose q/k/v/out projections come from the linear-kind registry (spectral by default).
+
+Attention itself is ``torch.nn.functional.scaled_dot_product_attention`` (Vaswani et al. 2017,
+arXiv:1706.03762). Incremental decoding keeps projected keys and values in a ``KVCache`` that the layer
+updates in place, so the forward pass returns a plain tensor and stays usable inside ``nn.Sequential``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dreidel.layers._registry import build_linear
+
+__all__ = ["KVCache", "MultiHeadAttentionSpectral"]
+
+
+@dataclass
+class KVCache:
+    """Projected keys and values of the positions seen so far, each ``(batch, heads, positions, head_dim)``.
+
+    Empty (``None``) until the first call. For self-attention each call appends its new positions; for
+    cross-attention (``context=`` given) the first call stores the projected context and later calls reuse it.
+    """
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return 0 if self.key is None else self.key.shape[-2]
+
+
+class MultiHeadAttentionSpectral(nn.Module):
+    """Multi-head (self- or cross-) attention with registry-built projections.
+
+    Args:
+        embed_dim: model width ``E`` (divisible by ``num_heads``).
+        num_heads: number of heads; ``head_dim = E / num_heads``.
+        linear: registry kind of the four projections ("wht", "deep_wht", "dense", ...).
+        bias: biases in the projections.
+        causal: mask future positions (self-attention only).
+        dropout: attention dropout probability, applied in training mode only.
+        generator: passed to spectral projections for reproducible permutations and scales.
+        linear_kwargs: extra arguments for ``build_linear`` (e.g. ``{"depth": 3}``).
+
+    Shapes: ``x`` ``(B, T, E)``; ``context`` ``(B, S, E)``; output ``(B, T, E)``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, linear: str = "wht", bias: bool = True,
+                 causal: bool = False, dropout: float = 0.0, generator: torch.Generator | None = None,
+                 linear_kwargs: dict[str, object] | None = None) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal, self.dropout, self.linear = causal, dropout, linear
+        kwargs = dict(linear_kwargs or {})
+        if generator is not None:
+            kwargs.setdefault("generator", generator)
+        self.query, self.key, self.value, self.out = (
+            build_linear(linear, embed_dim, embed_dim, bias, **kwargs) for _ in range(4)
+        )
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = t.shape
+        return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def _check(self, name: str, t: torch.Tensor, batch: int | None) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[-1] != self.embed_dim or (batch is not None and t.shape[0] != batch):
+            raise ValueError(
+                f"{name} must have shape (batch, positions, {self.embed_dim})"
+                f"{'' if batch is None else f' with batch {batch}'}, got {tuple(t.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from ``x`` ``(B, T, E)`` to itself (or to ``context``); returns ``(B, T, E)``.
+
+        Args:
+            context: ``(B, S, E)`` for cross-attention; ``None`` for self-attention.
+            kv_cache: a ``KVCache`` updated in place (see its docstring); ``None`` for a full pass.
+            attn_mask: optional mask broadcastable to ``(B, heads, T, keys)``: bool (True = attend) or additive float.
+        """
+        self._check("x", x, None)
+        if context is not None:
+            self._check("context", context, x.shape[0])
+            if self.causal:
+                raise ValueError("causal=True applies to self-attention; do not pass context")
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
+        query = self._split_heads(self.query(x))  # (B, heads, T, head_dim)
+        past = 0 if kv_cache is None else kv_cache.length
+        if context is not None and kv_cache is not None and past > 0:
+            key, value = kv_cache.key, kv_cache.value  # cross-attention: the context was projected before
+        else:
+            source = x if context is None else context
+            key, value = self._split_heads(self.key(source)), self._split_heads(self.value(source))
+            if kv_cache is not None:
+                if context is None and past > 0:
+                    key = torch.cat((kv_cache.key, key), dim=-2)
+                    value = torch.cat((kv_cache.value, value), dim=-2)
+                kv_cache.key, kv_cache.value = key, value
+        mask, is_causal = self._mask(attn_mask, x.shape[1], key.shape[-2], past, x.device)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, heads, T, head_dim)
+        return self.out(attended.transpose(1, 2).reshape(x.shape))
+
+    def _mask(self, attn_mask: torch.Tensor | None, queries: int, keys: int, past: int,
+              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """The mask for SDPA; ``is_causal`` only when queries and keys start together (no cached past)."""
+        if not self.causal or (past > 0 and queries == 1):  # one new query may see every cached key
+            return attn_mask, False
+        if attn_mask is None and past == 0:
+            return None, True
+        # Query i sits at absolute position past + i and sees keys 0..past + i (bottom-right aligned).
+        allowed = torch.arange(keys, device=device) <= (past + torch.arange(queries, device=device)).unsqueeze(-1)
+        if attn_mask is None:
+            return allowed, False
+        if attn_mask.dtype == torch.bool:
+            return attn_mask & allowed, False
+        return attn_mask.masked_fill(~allowed, float("-inf")), False

@@ -1,0 +1,124 @@
+"""Channels-last spectral convolutions: a depthwise spatial convolution, then a spectral channel mix.
+
+A dense ``k^d · C_in · C_out`` convolution is factored into a depthwise convolution (``k^d · C_in`` weights,
+one filter per channel) and a channel mix along the contiguous last axis of a channels-last tensor, done by a
+linear layer from the registry (``"wht"`` by default: ``O(C)`` parameters, ``O(C log C)`` time per pixel).
+This is the depthwise-separable factorisation (Chollet 2017, "Xception", arXiv:1610.02357) with the pointwise
+1×1 convolution replaced by a structured Walsh-Hadamard layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dreidel.layers._activation import resolve_activation
+from dreidel.layers._registry import build_linear
+
+__all__ = ["Conv2dSpectral", "Conv3dSpectral"]
+
+_CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {2: F.conv2d, 3: F.conv3d}
+_LAYOUT_NAMES = {2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+
+
+def _as_tuple(name: str, value: int | tuple[int, ...], spatial_dims: int, minimum: int) -> tuple[int, ...]:
+    values = (value,) * spatial_dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(values, tuple) or len(values) != spatial_dims
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {spatial_dims} such ints, got {value!r}")
+    return values
+
+
+class _SpectralConvNd(nn.Module):
+    """Depthwise ``spatial_dims``-D convolution on a channels-last tensor, then a linear channel mix."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int | None,
+                 kernel_size: int | tuple[int, ...], stride: int | tuple[int, ...], padding: int | tuple[int, ...],
+                 dilation: int | tuple[int, ...], bias: bool, activation: str | None, linear: str,
+                 generator: torch.Generator | None, linear_kwargs: dict[str, object] | None) -> None:
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        out_channels = in_channels if out_channels is None else out_channels
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _as_tuple("kernel_size", kernel_size, spatial_dims, 1)
+        self.stride = _as_tuple("stride", stride, spatial_dims, 1)
+        self.padding = _as_tuple("padding", padding, spatial_dims, 0)
+        self.dilation = _as_tuple("dilation", dilation, spatial_dims, 1)
+        self.activation = activation
+        self._activation_fn = resolve_activation(activation)
+        self.linear = linear
+        # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
+        fan_in = math.prod(self.kernel_size)
+        weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
+        self.depthwise_weight = nn.Parameter(weight)  # (C_in, 1, *kernel)
+        kwargs = dict(linear_kwargs or {})
+        if generator is not None:
+            kwargs.setdefault("generator", generator)
+        self.channel_mix = build_linear(linear, in_channels, out_channels, bias, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: channels-last ``(N, *spatial, C_in)`` → ``(N, *spatial_out, C_out)``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected a channels-last tensor {_LAYOUT_NAMES[self.spatial_dims]} with "
+                f"C={self.in_channels}, got shape {tuple(x.shape)}"
+            )
+        channels_first = x.movedim(-1, 1)  # a view: channels-last strides, which the CPU conv kernels accept
+        spatial = _CONV_FUNCTIONS[self.spatial_dims](
+            channels_first, self.depthwise_weight, None, self.stride, self.padding, self.dilation,
+            groups=self.in_channels,
+        )
+        y = self.channel_mix(spatial.movedim(1, -1))  # (N, *spatial_out, C_out)
+        return y if self._activation_fn is None else self._activation_fn(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, linear={self.linear!r}, "
+                f"activation={self.activation!r}")
+
+
+class Conv2dSpectral(_SpectralConvNd):
+    """Channels-last 2-D convolution: depthwise ``kernel_size`` filter per channel, then a spectral channel mix.
+
+    Args:
+        in_channels, out_channels: channel counts (``out_channels`` defaults to ``in_channels``).
+        kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair), for the depthwise part.
+        bias: bias of the channel mix. activation: ``None`` or a name ("relu", "gelu", ...), applied last.
+        linear: registry kind of the channel mix ("wht", "deep_wht", "dense", ...); ``linear_kwargs`` go to it.
+        generator: source of the depthwise weights and of the spectral mix's permutations and scales.
+
+    Shapes: input ``(N, H, W, C_in)`` → output ``(N, H_out, W_out, C_out)`` (``H_out`` as for ``nn.Conv2d``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size: int | tuple[int, int] = 3,
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, activation: str | None = None,
+                 linear: str = "wht", generator: torch.Generator | None = None,
+                 linear_kwargs: dict[str, object] | None = None) -> None:
+        super().__init__(2, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, activation,
+                         linear, generator, linear_kwargs)
+
+
+class Conv3dSpectral(_SpectralConvNd):
+    """Channels-last 3-D convolution: input ``(N, D, H, W, C_in)`` → ``(N, D_out, H_out, W_out, C_out)``.
+
+    Same arguments as ``Conv2dSpectral`` with triples for ``kernel_size``, ``stride``, ``padding``, ``dilation``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None,
+                 kernel_size: int | tuple[int, int, int] = 3, stride: int | tuple[int, int, int] = 1,
+                 padding: int | tuple[int, int, int] = 0, dilation: int | tuple[int, int, int] = 1,
+                 bias: bool = True, activation: str | None = None, linear: str = "wht",
+                 generator: torch.Generator | None = None, linear_kwargs: dict[str, object] | None = None) -> None:
+        super().__init__(3, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, activation,
+                         linear, generator, linear_kwargs)

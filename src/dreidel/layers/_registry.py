@@ -1,0 +1,89 @@
+"""The registry of linear-layer kinds: models take ``linear="wht"`` instead of importing layer classes.
+
+Every kind is a factory ``(in_features, out_features, bias, **kwargs) -> nn.Module`` whose module maps
+``(*, in_features)`` to ``(*, out_features)`` like ``nn.Linear``; ``in_features=None`` asks for a lazy layer
+(input width inferred on the first forward pass). Every built-in kind accepts ``generator=`` for
+reproducible initialisation, so composite layers can pass one without knowing the kind.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from dreidel.layers._spectral import DeepSpectralLinear, LinearWHT
+
+__all__ = ["LinearFactory", "build_linear", "linear_kinds", "register_linear"]
+
+
+class LinearFactory(Protocol):
+    def __call__(self, in_features: int | None, out_features: int, bias: bool = True, **kwargs: object) -> nn.Module:
+        ...
+
+
+_LINEAR_KINDS: dict[str, LinearFactory] = {}
+
+
+def register_linear(name: str) -> Callable[[LinearFactory], LinearFactory]:
+    """Decorator: register ``factory`` as the linear kind ``name`` (a new name; re-registering is an error)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+
+    def decorator(factory: LinearFactory) -> LinearFactory:
+        if name in _LINEAR_KINDS:
+            raise ValueError(f"linear kind {name!r} is already registered")
+        _LINEAR_KINDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def linear_kinds() -> tuple[str, ...]:
+    """The registered kind names, sorted."""
+    return tuple(sorted(_LINEAR_KINDS))
+
+
+def build_linear(kind: str, in_features: int | None, out_features: int, bias: bool = True,
+                 **kwargs: object) -> nn.Module:
+    """Build a linear layer of the registered ``kind`` mapping ``(*, in_features)`` → ``(*, out_features)``.
+
+    ``kwargs`` go to the kind's constructor (e.g. ``depth=`` for "deep_wht", ``generator=``, ``dtype=``).
+
+    Raises:
+        ValueError: unknown ``kind`` (the message lists the known kinds).
+    """
+    if kind not in _LINEAR_KINDS:
+        raise ValueError(f"unknown linear kind {kind!r}; known kinds: {', '.join(linear_kinds())}")
+    return _LINEAR_KINDS[kind](in_features, out_features, bias, **kwargs)
+
+
+@register_linear("dense")
+def _dense(in_features: int | None, out_features: int, bias: bool = True,
+           generator: torch.Generator | None = None, **kwargs: object) -> nn.Module:
+    """``nn.Linear`` (``nn.LazyLinear`` when ``in_features`` is None); ``generator`` redraws its default init."""
+    if in_features is None:
+        if generator is not None:
+            raise ValueError("generator= is not supported for a lazy dense layer (in_features=None)")
+        return nn.LazyLinear(out_features, bias=bias, **kwargs)
+    layer = nn.Linear(in_features, out_features, bias=bias, **kwargs)
+    if generator is not None:  # the same distributions as nn.Linear.reset_parameters, from the given generator
+        bound = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            if layer.bias is not None:
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
+@register_linear("wht")
+def _wht(in_features: int | None, out_features: int, bias: bool = True, **kwargs: object) -> nn.Module:
+    return LinearWHT(in_features, out_features, bias=bias, **kwargs)
+
+
+@register_linear("deep_wht")
+def _deep_wht(in_features: int | None, out_features: int, bias: bool = True, **kwargs: object) -> nn.Module:
+    kwargs.setdefault("depth", 2)
+    return DeepSpectralLinear(in_features, out_features, bias=bias, **kwargs)

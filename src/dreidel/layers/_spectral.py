@@ -1,0 +1,337 @@
+"""Spectral linear layers: diagonal scalings around the Walsh-Hadamard transform.
+
+One block maps ``x`` (length ``in_features``) to
+
+    y = s_out ⊙ H P (s_in ⊙ pad(x)) + b
+
+with ``H`` the orthonormal Walsh-Hadamard transform of length ``L`` (``dreidel.fwht``), ``P`` a fixed random
+permutation, and ``s_in``, ``s_out``, ``b`` trainable vectors. This is the ACDC / Fastfood family:
+Moczulski et al. 2016, "ACDC: A Structured Efficient Linear Layer" (arXiv:1511.05946) cascade
+diagonal-transform-diagonal factors with permutations in between; Yang et al. 2015, "Deep Fried Convnets"
+(arXiv:1412.7149) use the Fastfood transform (Le et al. 2013) ``S H G Π H B`` as a trainable layer and stack
+independent Fastfood blocks to reach outputs wider than the transform.
+
+Widths:
+- ``L`` is the smallest supported Hadamard length ``>= in_features`` (``m·2^k``, ``m`` in 1, 12, 20, 28), so
+  384 = 12·32 or 640 = 20·32 need no padding; other widths are zero-padded up to ``L``.
+- When ``out_features > L``, ``ceil(out_features / L)`` independent blocks (each with its own ``s_in``,
+  ``P`` and ``s_out``) are stacked and the output is truncated to ``out_features``; when
+  ``out_features < L`` the one block's output is truncated.
+
+``DeepSpectralLinear`` cascades ``depth`` transforms, each preceded by its own permutation and diagonal:
+``y = s_out ⊙ H P_K (s_{K-1} ⊙ H P_{K-1} (… s_1 ⊙ H P_1 (s_in ⊙ pad(x)))) + b``; ``depth=1`` is ``LinearWHT``.
+
+Initialisation (``init=``), both variance preserving — for inputs with independent features of common
+variance σ², every output has variance σ² at initialisation (bias zero):
+- ``"variance_preserving"`` (default): each diagonal before a transform is drawn i.i.d. N(0, 1) and rescaled
+  per block to unit mean square (Fastfood's Gaussian ``G``). With the orthonormal ``H``,
+  ``Var(y_j) = s_out_j² · (1/L) · Σ_i s_in_i² σ² = s_out_j² · (n/L) · σ²`` (only the ``n = in_features``
+  unpadded entries carry signal; truncation removes outputs, not variance), hence ``s_out = sqrt(L / n)``.
+  Each inner stage ``z ↦ H P (s ⊙ z)`` keeps the per-entry variance when ``s`` has unit mean square.
+- ``"random_sign"``: each diagonal before a transform is ±1 at random (Rademacher), ``s_out = sqrt(L / n)``.
+  Then ``E_s[y_j²] = (1/n) Σ_i E[x_i²]`` for any input covariance, not only independent features.
+
+Lazy width: ``LinearWHT(1024)`` (one width) means ``out_features=1024`` with ``in_features`` inferred from
+the last dimension of the first input, like ``nn.LazyLinear``. Until then the parameters are
+``UninitializedParameter``s: run one forward pass (a dry run) before building the optimizer, or load a
+state dict, which materialises them with the stored shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from dreidel.algo import fwht, nearest_hadamard_lengths
+from dreidel.layers._activation import resolve_activation
+from dreidel.layers._spectral_grads import (
+    SpectralLayout,
+    spectral_linear,
+    spectral_per_sample_grads,
+    spectral_stages,
+)
+
+__all__ = ["DeepSpectralLinear", "LinearWHT", "SPECTRAL_INITS", "transform_length"]
+
+SPECTRAL_INITS = ("variance_preserving", "random_sign")
+
+
+@functools.lru_cache(maxsize=None)
+def transform_length(in_features: int) -> int:
+    """The Hadamard length a spectral layer uses for ``in_features`` inputs: the smallest supported ``>= it``."""
+    length = nearest_hadamard_lengths(in_features)[1]
+    if length is None:
+        raise ValueError(f"in_features={in_features} exceeds the longest supported Hadamard length")
+    return length
+
+
+def _check_width(name: str, value: object, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+class _SpectralLinearBase(LazyModuleMixin, nn.Module):
+    """Shared machinery of ``LinearWHT`` (depth 1) and ``DeepSpectralLinear`` (depth K).
+
+    Parameters (``B`` stacked blocks, transform length ``L``, ``n = in_features``):
+        in_scale: ``(B, n)``; inner_scale: ``(depth - 1, B, L)`` (only when ``depth > 1``);
+        out_scale: ``(out_features,)``; bias: ``(out_features,)`` or None.
+    Buffers: ``permutation`` ``(depth, B, L)`` int64, ``permutation[k, b]`` the permutation of stage ``k`` in
+    block ``b`` (``P(v)_j = v[permutation[k, b, j]]``); persistent, so a reloaded layer is bit-identical.
+    """
+
+    cls_to_become = None
+
+    def __init__(
+        self,
+        in_features: int | None,
+        out_features: int | None,
+        *,
+        depth: int,
+        bias: bool,
+        activation: str | None,
+        init: str,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        if out_features is None:  # Keras-like: one width is the output width; the input width is lazy.
+            in_features, out_features = None, in_features
+        _check_width("in_features", in_features, allow_none=True)
+        _check_width("out_features", out_features, allow_none=False)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        if init not in SPECTRAL_INITS:
+            raise ValueError(f"init must be one of {SPECTRAL_INITS}, got {init!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self._activation_fn = resolve_activation(activation)
+        self.activation = activation
+        self.in_features = in_features
+        self._transform_length = self._num_blocks = 0
+        self.out_features = out_features
+        self.depth = depth
+        self.init = init
+        self._generator = generator
+        factory = {"device": device, "dtype": dtype}
+        self.in_scale = UninitializedParameter(**factory)
+        self.register_parameter("inner_scale", UninitializedParameter(**factory) if depth > 1 else None)
+        self.out_scale = UninitializedParameter(**factory)
+        self.register_parameter("bias", UninitializedParameter(**factory) if bias else None)
+        self.register_buffer("permutation", UninitializedBuffer(device=device, dtype=torch.long))
+        self.register_load_state_dict_post_hook(_after_load)
+        if in_features is not None:
+            self._materialize(in_features)
+
+    # ----------------------------------------------------------------------------------------- shapes
+    @property
+    def transform_length(self) -> int:
+        """``L``, the Hadamard length of each block (needs ``in_features``)."""
+        self._require_in_features()
+        return self._transform_length
+
+    @property
+    def num_blocks(self) -> int:
+        """``B = ceil(out_features / L)``, the number of stacked independent blocks."""
+        self._require_in_features()
+        return self._num_blocks
+
+    def _set_in_features(self, in_features: int) -> None:
+        self.in_features = in_features
+        self._transform_length = transform_length(in_features)  # plain ints: no work per forward call
+        self._num_blocks = math.ceil(self.out_features / self._transform_length)
+
+    def _require_in_features(self) -> int:
+        if self.in_features is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has lazy in_features: run a forward pass (or load a state dict) first"
+            )
+        return self.in_features
+
+    def _expected_shapes(self, in_features: int) -> dict[str, tuple[int, ...]]:
+        length = transform_length(in_features)
+        blocks = math.ceil(self.out_features / length)
+        shapes = {"in_scale": (blocks, in_features), "out_scale": (self.out_features,),
+                  "permutation": (self.depth, blocks, length)}
+        if self.depth > 1:
+            shapes["inner_scale"] = (self.depth - 1, blocks, length)
+        if self.bias is not None:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    # ---------------------------------------------------------------------------------- materialise
+    def initialize_parameters(self, x: torch.Tensor, *args: object, **kwargs: object) -> None:
+        """LazyModuleMixin hook: infer ``in_features`` from the last dimension of the first input."""
+        if self.has_uninitialized_params():
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                raise ValueError(f"{type(self).__name__} expects a tensor of shape (*, in_features)")
+            self._materialize(x.shape[-1])
+
+    def _materialize(self, in_features: int) -> None:
+        _check_width("in_features", in_features, allow_none=False)
+        self._set_in_features(in_features)
+        with torch.no_grad():
+            for name, shape in self._expected_shapes(in_features).items():
+                getattr(self, name).materialize(shape)
+            self.reset_parameters()
+        self._generator = None  # drawn once; not kept (generators are not part of the module's state)
+
+    def reset_parameters(self) -> None:
+        """Draw fresh permutations and scales as configured by ``init`` (from ``generator`` if given)."""
+        if self.in_features is None:
+            return
+        gen, n, length = self._generator, self.in_features, self.transform_length
+        with torch.no_grad():
+            perms = [torch.randperm(length, generator=gen) for _ in range(self.depth * self.num_blocks)]
+            self.permutation.copy_(torch.stack(perms).view(self.depth, self.num_blocks, length))
+            self.in_scale.copy_(self._draw_diagonal(self.in_scale.shape, gen))
+            if self.inner_scale is not None:
+                self.inner_scale.copy_(self._draw_diagonal(self.inner_scale.shape, gen))
+            self.out_scale.fill_(math.sqrt(length / n))
+            if self.bias is not None:
+                self.bias.zero_()
+        self._build_indices()
+
+    def _draw_diagonal(self, shape: torch.Size, gen: torch.Generator | None) -> torch.Tensor:
+        if self.init == "random_sign":
+            return torch.randint(0, 2, shape, generator=gen).to(torch.float64) * 2 - 1
+        values = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return values / values.square().mean(dim=-1, keepdim=True).sqrt()  # unit mean square per block
+
+    def _build_indices(self) -> None:
+        """Derived (non-persistent) flat indices over the ``B·L`` stacked layout, rebuilt from ``permutation``."""
+        n, length, blocks = self.in_features, self.transform_length, self.num_blocks
+        perm = self.permutation
+        offsets = torch.arange(blocks, device=perm.device).view(1, blocks, 1) * length
+        flat_perm = (perm + offsets).view(self.depth, blocks * length)
+        flat_inverse = torch.empty_like(flat_perm)
+        flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
+        first = perm[0]  # (B, L): source position in the padded input of each block
+        padded = first >= n
+        # Stage 1 reads x directly: padded positions read x[0] and are zeroed by a zero scale.
+        input_gather = torch.where(padded, torch.zeros_like(first), first).reshape(-1)
+        if n == length:  # nothing padded: index s_in (B, L) directly
+            scale_gather = flat_perm[0]
+        else:  # index pad(s_in, one zero slot per block) (B, n + 1): padded entries read the zero
+            block_rows = torch.arange(blocks, device=perm.device).view(blocks, 1) * (n + 1)
+            scale_gather = (torch.where(padded, torch.full_like(first, n), first) + block_rows).reshape(-1)
+        input_scatter = flat_inverse[0].view(blocks, length)[:, :n].reshape(-1)
+        for name, value in (("_flat_perm", flat_perm), ("_flat_inverse", flat_inverse),
+                            ("_input_gather", input_gather), ("_scale_gather", scale_gather),
+                            ("_input_scatter", input_scatter)):
+            self.register_buffer(name, value.contiguous(), persistent=False)
+
+    # -------------------------------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {tuple(x.shape)})"
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.in_features} input features in the last dimension, got {got}"
+            )
+
+    def layout(self) -> SpectralLayout:
+        """The index tensors and sizes that the functional forward/backward need."""
+        return SpectralLayout(self._input_gather, self._scale_gather, self._flat_perm, self._flat_inverse,
+                              self._input_scatter, self._transform_length, self._num_blocks, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(*, in_features)`` float tensor → ``(*, out_features)`` of the same dtype."""
+        self._check_input(x)
+        y = spectral_linear(x, self.in_scale, self.inner_scale, self.out_scale, self.bias, self.layout())
+        return y if self._activation_fn is None else self._activation_fn(y)
+
+    # ------------------------------------------------------------------------------------- helpers
+    def dense_matrix(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` float64 matrix ``W`` with ``y = act(W x + b)`` (from the identity)."""
+        n = self._require_in_features()
+        with torch.no_grad():
+            eye = torch.eye(n, dtype=torch.float64, device=self.in_scale.device)
+            inner = None if self.inner_scale is None else self.inner_scale.double()
+            spectral = spectral_stages(eye, self.in_scale.double(), inner, self.layout())[-1][:, : self.out_features]
+            return (spectral * self.out_scale.double()).T.contiguous()
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count (``O(N)``: the scales and the bias)."""
+        return sum(p.numel() for p in self.parameters() if not isinstance(p, UninitializedParameter))
+
+    def extra_repr(self) -> str:
+        lazy = "lazy" if self.in_features is None else f"transform_length={self.transform_length}, blocks={self.num_blocks}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}, init={self.init!r}, {lazy}")
+
+    def config(self) -> dict[str, object]:
+        """Shape-defining settings as plain data (JSON-serialisable). Includes ``depth`` (1 for ``LinearWHT``,
+        whose constructor takes no ``depth``: drop it before calling ``LinearWHT(**config)``)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "depth": self.depth,
+                "bias": self.bias is not None, "activation": self.activation, "init": self.init}
+
+    def per_sample_grads(
+        self, inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """``PerSampleGradients`` protocol (``dreidel.layers._curvature``); see ``spectral_per_sample_grads``."""
+        return spectral_per_sample_grads(self, inputs, grad_output)
+
+
+def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: learn a lazy ``in_features`` from the loaded shapes and rebuild indices."""
+    if isinstance(module.in_scale, UninitializedParameter):
+        return  # nothing was loaded for this module (e.g. strict=False with missing keys)
+    n = module.in_scale.shape[-1]
+    for name, shape in module._expected_shapes(n).items():
+        got = tuple(getattr(module, name).shape)
+        if got != shape:
+            raise ValueError(f"{type(module).__name__}: loaded {name!r} has shape {got}, expected {shape}")
+    module._set_in_features(n)
+    module._generator = None
+    module._build_indices()
+
+
+class LinearWHT(_SpectralLinearBase):
+    """``y = act(s_out ⊙ H P (s_in ⊙ x) + b)``: an ``O(N)``-parameter, ``O(N log N)``-time linear map.
+
+    Args:
+        in_features: input width, or — when ``out_features`` is omitted — the output width, with the input
+            width inferred on the first forward pass (``LinearWHT(1024, activation="relu")``).
+        out_features: output width.
+        bias: learn an additive bias (zero at initialisation).
+        activation: ``None`` or a name from ``dreidel.layers.ACTIVATIONS`` ("relu", "gelu", "tanh", "silu", ...).
+        init: "variance_preserving" (Gaussian scales) or "random_sign" (±1 scales); see the module docstring.
+        generator: source of the permutations and scales; the default RNG when None.
+        device, dtype: where and in which float dtype the parameters live.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``, like ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int | None, out_features: int | None = None, bias: bool = True,
+                 activation: str | None = None, init: str = "variance_preserving",
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, depth=1, bias=bias, activation=activation, init=init,
+                         generator=generator, device=device, dtype=dtype)
+
+
+class DeepSpectralLinear(_SpectralLinearBase):
+    """``depth`` cascaded ``H P (s ⊙ ·)`` stages between ``s_in`` and ``s_out``; ``depth`` is the expressivity dial.
+
+    Same arguments and shapes as ``LinearWHT`` plus ``depth`` (>= 1; ``depth=1`` is a ``LinearWHT``).
+    Parameters: ``B·(n + (depth - 1)·L) + 2·out_features``; time ``O(depth · B·L log L)`` per row.
+    """
+
+    def __init__(self, in_features: int | None, out_features: int | None = None, depth: int = 2,
+                 bias: bool = True, activation: str | None = None, init: str = "variance_preserving",
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, depth=depth, bias=bias, activation=activation, init=init,
+                         generator=generator, device=device, dtype=dtype)

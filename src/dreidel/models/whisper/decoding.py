@@ -1,0 +1,161 @@
+"""Greedy and beam-search decoding of Whisper without timestamps (Radford et al., 2022, arXiv:2212.04356, §4.5).
+
+Logit filters follow openai/whisper and transformers' Whisper generation: the checkpoint's ``suppress_tokens``
+are masked at every step, and ``begin_suppress_tokens`` (the blank " " and <|endoftext|>) at the first sampled
+step. Sequences that finished keep emitting <|endoftext|>, so a batch of audio windows decodes in lock step on
+one static cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dreidel.models.whisper.model import Whisper
+
+__all__ = ["DecodingOptions", "decode"]
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """What to decode and how.
+
+    prompt: the start tokens (see ``WhisperTokenizer.prompt``); eot: <|endoftext|>.
+    beam_size: 1 is greedy; k > 1 keeps k hypotheses per window and stops when k of them ended
+    (openai's beam search with patience 1), ranked by sum of log-probabilities / length.
+    max_new_tokens: cap on sampled tokens per window (openai uses n_text_ctx // 2 = 224).
+    """
+
+    prompt: tuple[int, ...]
+    eot: int
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    beam_size: int = 1
+    max_new_tokens: int = 224
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("prompt must hold at least <|startoftranscript|>")
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"beam_size must be an int >= 1, got {self.beam_size!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+
+
+def _suppression_bias(tokens: tuple[int, ...], n_vocab: int, like: Tensor) -> Tensor:
+    bias = torch.zeros(n_vocab, dtype=like.dtype, device=like.device)
+    bias[[t for t in tokens if t < n_vocab]] = float("-inf")
+    return bias  # (V,)
+
+
+@torch.inference_mode()
+def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[int]]:
+    """Sampled tokens (prompt excluded, up to and without <|endoftext|>) for each window of ``mel``.
+
+    mel: (B, n_mels, 3000) float log-mel of B 30-second windows.
+    """
+    if mel.dim() != 3:
+        raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
+    features = model.embed_audio(mel.to(model.decoder.positional_embedding.dtype))  # (B, 1500, C)
+    max_new = min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
+    if max_new < 1:
+        raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
+    if options.beam_size == 1:
+        return _greedy(model, features, options, max_new)
+    return _beam_search(model, features, options, max_new)
+
+
+def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
+    decoder = model.decoder
+    batch = features.shape[0]
+    n_vocab = model.dims.n_vocab
+    cache = decoder.new_cache(features)
+    prompt = torch.tensor([options.prompt] * batch)  # (B, P)
+    hidden = decoder.hidden(prompt, 0, cache, last_only=True)[:, -1]  # (B, C)
+    suppress = _suppression_bias(options.suppress_tokens, n_vocab, hidden)
+    first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens, n_vocab, hidden)
+    sampled = torch.full((batch, max_new), options.eot, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    offset = len(options.prompt)
+    for step in range(max_new):
+        next_tokens = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).argmax(-1)  # (B,)
+        next_tokens.masked_fill_(finished, options.eot)
+        sampled[:, step] = next_tokens
+        finished |= next_tokens == options.eot
+        if bool(finished.all()) or step + 1 == max_new:
+            break
+        hidden = decoder.hidden(next_tokens[:, None], offset + step, cache)[:, -1]
+    return [_until_eot(row, options.eot) for row in sampled.tolist()]
+
+
+def _until_eot(tokens: list[int], eot: int) -> list[int]:
+    return tokens[: tokens.index(eot)] if eot in tokens else tokens
+
+
+def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
+    decoder = model.decoder
+    batch, beams = features.shape[0], options.beam_size
+    cache = decoder.new_cache(features.repeat_interleave(beams, dim=0))  # rows: window-major, beam-minor
+    prompt = torch.tensor([options.prompt] * (batch * beams))
+    logits = decoder(prompt, 0, cache, last_only=True)[:, -1]  # (B*K, V)
+    suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)
+    first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens,
+                                       logits.shape[-1], logits)
+    hypotheses: list[list[int]] = [[] for _ in range(batch * beams)]
+    sum_logprobs = [0.0] * (batch * beams)
+    finished: list[dict[tuple[int, ...], float]] = [{} for _ in range(batch)]
+    done = [False] * batch
+    offset = len(options.prompt)
+    for step in range(max_new):
+        logprobs = torch.log_softmax(logits.float() + (first_suppress if step == 0 else suppress), dim=-1)
+        top_logprobs, top_tokens = logprobs.topk(beams + 1, dim=-1)  # (B*K, K+1)
+        top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
+        source_rows, new_hypotheses, new_sums = [], [], []
+        for window in range(batch):
+            rows = range(window * beams, (window + 1) * beams)
+            if done[window]:
+                source_rows += rows
+                new_hypotheses += [hypotheses[r] + [options.eot] for r in rows]
+                new_sums += [sum_logprobs[r] for r in rows]
+                continue
+            candidates: dict[tuple[int, ...], tuple[float, int]] = {}
+            # At step 0 all beams are the same prompt; looking at the first row avoids duplicate candidates.
+            for row in (rows[:1] if step == 0 else rows):
+                for logprob, token in zip(top_logprobs[row], top_tokens[row]):
+                    sequence = tuple(hypotheses[row]) + (token,)
+                    score = sum_logprobs[row] + logprob
+                    if sequence not in candidates or candidates[sequence][0] < score:
+                        candidates[sequence] = (score, row)
+            kept = 0
+            for sequence, (score, row) in sorted(candidates.items(), key=lambda item: -item[1][0]):
+                if sequence[-1] == options.eot:
+                    if len(finished[window]) < beams:
+                        finished[window][sequence[:-1]] = score
+                elif kept < beams:
+                    source_rows.append(row)
+                    new_hypotheses.append(list(sequence))
+                    new_sums.append(score)
+                    kept += 1
+                if kept == beams:
+                    break
+            done[window] = len(finished[window]) >= beams
+        hypotheses, sum_logprobs = new_hypotheses, new_sums
+        if all(done) or step + 1 == max_new:
+            break
+        index = torch.tensor(source_rows)
+        cache.reorder(index, offset + step)
+        last = torch.tensor([h[-1] for h in hypotheses])
+        logits = decoder(last[:, None], offset + step, cache)[:, -1]
+    results = []
+    for window in range(batch):
+        pool = dict(finished[window])
+        live = sorted(range(window * beams, (window + 1) * beams), key=lambda r: -sum_logprobs[r])
+        for row in live:  # ran out of steps: live hypotheses fill the pool, as in openai/whisper
+            if len(pool) >= beams:
+                break
+            pool.setdefault(tuple(hypotheses[row]), sum_logprobs[row])
+        best = max(pool.items(), key=lambda item: item[1] / max(len(item[0]), 1))
+        results.append(_until_eot(list(best[0]), options.eot))
+    return results

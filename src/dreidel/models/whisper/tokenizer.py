@@ -1,0 +1,66 @@
+"""Whisper's byte-level BPE tokenizer and its special tokens, on the shipped ``tokenizer.json`` (``tokenizers``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["WhisperTokenizer"]
+
+
+class WhisperTokenizer:
+    """Text <-> token ids, plus the special tokens that build a decoding prompt.
+
+    Args:
+        path: a ``tokenizer.json`` (Hugging Face ``tokenizers`` format).
+        multilingual: whether the model has language tokens in its prompt (51865-token vocabularies).
+    """
+
+    def __init__(self, path: str | Path, multilingual: bool) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer.json not found: {path}")
+        self.path = path
+        self.multilingual = bool(multilingual)
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.eot = self._special("<|endoftext|>")
+        self.sot = self._special("<|startoftranscript|>")
+        self.transcribe = self._special("<|transcribe|>")
+        self.translate = self._special("<|translate|>")
+        self.no_timestamps = self._special("<|notimestamps|>")
+
+    def _special(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.path} has no special token {token}")
+        return token_id
+
+    def language_token(self, language: str) -> int:
+        """Id of ``<|language|>`` (e.g. "en", "de"); ``ValueError`` when the vocabulary has none."""
+        token_id = self._tokenizer.token_to_id(f"<|{language}|>")
+        if token_id is None or token_id <= self.sot or token_id >= self.translate:
+            raise ValueError(f"language must be a Whisper language code such as 'en', got {language!r}")
+        return token_id
+
+    def prompt(self, language: str | None = "en") -> list[int]:
+        """The start of every decode, without timestamps.
+
+        English-only: ``<|startoftranscript|><|notimestamps|>``. Multilingual:
+        ``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>`` (``language`` defaults to English).
+        """
+        if not self.multilingual:
+            if language not in (None, "en"):
+                raise ValueError(f"this model is English-only; language must be 'en' or None, got {language!r}")
+            return [self.sot, self.no_timestamps]
+        return [self.sot, self.language_token(language or "en"), self.transcribe, self.no_timestamps]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text of ``tokens``; special and timestamp tokens (ids >= <|endoftext|>) are left out."""
+        return self._tokenizer.decode([t for t in tokens if t < self.eot])

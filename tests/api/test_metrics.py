@@ -1,0 +1,47 @@
+"""Accuracy and top-k accuracy against a numpy computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreidel.api.metrics import Accuracy, TopKAccuracy, metric_name, resolve_metric
+
+
+def _numpy_top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean([label in row for row, label in zip(ranked, labels)]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_top_k_against_numpy(k):
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randn(200, 7, generator=generator)
+    labels = torch.randint(0, 7, (200,), generator=generator)
+    expected = _numpy_top_k(scores.numpy(), labels.numpy(), k)
+    assert TopKAccuracy(k)(scores, labels) == pytest.approx(expected, abs=1e-7)
+    if k == 7:
+        assert expected == 1.0
+
+
+def test_accuracy_and_probability_targets():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = torch.tensor([1, 1, 1, 0])
+    assert Accuracy()(scores, labels) == pytest.approx(0.75)
+    one_hot = torch.nn.functional.one_hot(labels, 2).float()
+    assert Accuracy()(scores, one_hot) == pytest.approx(0.75)
+
+
+def test_resolve_metric_names():
+    assert metric_name(resolve_metric("accuracy")) == "accuracy"
+    assert resolve_metric("top_5").k == 5 and metric_name(resolve_metric("top_3_accuracy")) == "top_3_accuracy"
+
+    def recall_of_zero(output, target):
+        return 0.0
+
+    assert metric_name(resolve_metric(recall_of_zero)) == "recall_of_zero"
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        resolve_metric("f1")
+    with pytest.raises(ValueError, match="k=5 exceeds"):
+        TopKAccuracy(5)(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,358 @@
+"""``dreidel.Sequential``: training against a hand-written torch loop, save/load, summary, and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import dreidel.api as api
+from dreidel.data import as_dataloader, load_digits
+from dreidel.layers import DeepSpectralLinear, LinearWHT
+from dreidel.optim import CurvatureOptimizer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x_train, y_train = load_digits("train", seed=0)
+    x_test, y_test = load_digits("test", seed=0)
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def trained_spectral(digits):
+    """A lazy spectral MLP trained on the 8x8 digits through the high-level API."""
+    x_train, y_train, x_test, y_test = digits
+    torch.manual_seed(0)
+    model = api.Sequential()
+    model.add(LinearWHT(128, activation="relu"))  # in_features inferred from the first batch
+    model.add(nn.Linear(128, 10))
+    model.compile("adam", "cross_entropy", ["accuracy", "top_3"], lr=1e-2)
+    history = model.fit(x_train, y_train, epochs=8, batch_size=32, seed=0, verbose=0, validation_data=(x_test, y_test))
+    return model, history
+
+
+def _small_model(kind: str) -> api.Sequential:
+    first = nn.Linear(64, 32) if kind == "dense" else LinearWHT(64, 32)
+    return api.Sequential(first, nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_spectral_model_learns_digits(trained_spectral, digits):
+    model, history = trained_spectral
+    *_, x_test, y_test = digits
+    scores = model.evaluate(x_test, y_test)
+    assert scores["accuracy"] > 0.9  # chance is 0.1
+    assert scores["top_3_accuracy"] >= scores["accuracy"]
+    assert history.history["val_accuracy"][-1] == pytest.approx(scores["accuracy"])
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    predicted = model.predict(x_test).argmax(1)
+    assert (predicted == y_test).float().mean().item() == pytest.approx(scores["accuracy"])
+
+
+@pytest.mark.parametrize("kind", ["dense", "wht"])
+def test_fit_equals_a_hand_written_torch_loop(digits, kind):
+    """Same initial weights, same seed: ``fit`` must produce exactly the weights of the plain loop."""
+    x_train, y_train, *_ = digits
+    torch.manual_seed(1)
+    model = _small_model(kind)
+    reference = _small_model(kind)
+    reference.load_state_dict(model.state_dict())
+
+    model.compile("adam", "cross_entropy", lr=1e-2)
+    model.fit(x_train, y_train, epochs=2, batch_size=50, seed=7, verbose=0)
+
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(x_train), 50):
+            index = order[start : start + 50]
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x_train[index]), y_train[index]).backward()
+            optimizer.step()
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_dataloader_input_and_validation_split(digits):
+    x_train, y_train, *_ = digits
+    torch.manual_seed(0)
+    model = api.Sequential(LinearWHT(32, activation="relu"), nn.Linear(32, 10))
+    model.compile("sgd", "cross_entropy", ["accuracy"], lr=0.1)
+    loader = as_dataloader(x_train, y_train, 64, generator=torch.Generator().manual_seed(0))
+    history = model.fit(loader, epochs=2, verbose=0, validation_data=as_dataloader(x_train[:100], y_train[:100], 64))
+    assert model.input_shape == (64,) and len(history.history["val_loss"]) == 2
+    history = model.fit(x_train, y_train, epochs=1, validation_split=0.25, verbose=0)
+    held_out = model.evaluate(x_train[-360:], y_train[-360:])  # the last quarter (1438 * 0.25 -> 360)
+    assert history.history["val_loss"][0] == pytest.approx(held_out["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_save_load_round_trip_is_exact(tmp_path, digits, dtype):
+    x_train, y_train, x_test, _ = digits
+    torch.manual_seed(2)
+    model = api.Sequential(LinearWHT(100, activation="relu"), DeepSpectralLinear(48, depth=2, activation="gelu"),
+                           nn.Dropout(0.1), nn.LayerNorm(48), nn.Linear(48, 10)).to(dtype)
+    model.compile("adam", lr=1e-2)
+    model.fit(x_train.to(dtype), y_train, epochs=1, verbose=0, seed=0)
+    path = model.save(tmp_path / "digits.dreidel")
+    config = json.loads((path / "config.json").read_text())
+    assert [spec["type"] for spec in config["layers"]] == ["LinearWHT", "DeepSpectralLinear", "Dropout", "LayerNorm", "Linear"]
+    assert config["input_shape"] == [64]
+    loaded = api.load(path)
+    assert isinstance(loaded, api.Sequential) and loaded.input_shape == (64,)
+    assert torch.equal(loaded.predict(x_test.to(dtype)), model.predict(x_test.to(dtype)))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def _edit_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["layers"][0].__setitem__("type", "Conv9d"), "unknown layer type 'Conv9d'"),
+        (lambda c: c.pop("layers"), "missing the key 'layers'"),
+        (lambda c: c["layers"][0].pop("args"), r"layers\[0\] is missing the key 'args'"),
+        (lambda c: c["layers"][2]["args"].__setitem__("out_features", 11), r"'2.weight' has shape \(10, 32\)"),
+        (lambda c: c["layers"].append({"type": "Linear", "args": {"in_features": 10, "out_features": 2}}), "lacks tensor '3.weight'"),
+        (lambda c: c["layers"][0]["args"].__setitem__("colour", "red"), "cannot build LinearWHT"),
+        (lambda c: c.__setitem__("format", "keras"), "'format' is 'keras'"),
+    ],
+    ids=["unknown-type", "no-layers", "no-args", "mis-shaped", "missing-tensor", "bad-args", "format"],
+)
+def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message):
+    model = _small_model("wht").build((64,))
+    path = model.save(tmp_path / "m")
+    _edit_config(path, edit)
+    with pytest.raises(ValueError, match=message):
+        api.load(path)
+
+
+def test_summary_counts(trained_spectral):
+    model, _ = trained_spectral
+    text = model.summary()
+    assert f"parameters: {sum(p.numel() for p in model.parameters()):,}" in text
+    spectral, dense = model[0], model[1]
+    assert spectral.in_features == 64
+    from dreidel.api.summary import fwht_flops, summarize
+
+    rows = summarize(model, model.input_shape, torch.float32)
+    assert [r.parameters for r in rows] == [sum(p.numel() for p in layer.parameters()) for layer in model]
+    assert [r.output_shape for r in rows] == [(128,), (10,)]
+    assert rows[1].flops == 2 * 128 * 10 + 10
+    # 64 -> 128: two blocks of a 64-point transform, one scaling each; then s_out, bias, ReLU on 128 outputs
+    assert rows[0].flops == 2 * (fwht_flops(64) + 64) + 3 * 128
+    assert fwht_flops(64) == 64 * 6 + 64 and fwht_flops(48) == 48 * 2 + 48 * 11 + 48
+
+
+def test_summary_of_an_unbuilt_model_needs_an_input_shape():
+    model = api.Sequential(LinearWHT(16), nn.ReLU())
+    with pytest.raises(ValueError, match="input_shape"):
+        model.summary()
+    assert "(16,)" in model.summary(input_shape=(20,))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_fit_before_compile(digits):
+    x_train, y_train, *_ = digits
+    with pytest.raises(RuntimeError, match=r"compile\(optimizer, loss, metrics\) before fit"):
+        _small_model("dense").fit(x_train, y_train)
+    with pytest.raises(RuntimeError, match="before evaluate"):
+        _small_model("dense").evaluate(x_train, y_train)
+
+
+def test_wrong_feature_count_after_first_batch(trained_spectral, digits):
+    model, _ = trained_spectral
+    *_, x_test, y_test = digits
+    with pytest.raises(ValueError, match=r"x: expected samples of shape \(64,\).*got \(63,\)"):
+        model.predict(x_test[:, :63])
+    with pytest.raises(ValueError, match=r"expected samples of shape \(64,\)"):
+        model.fit(torch.zeros(8, 65), torch.zeros(8, dtype=torch.long), verbose=0)
+    with pytest.raises(ValueError, match=r"do not fit the model's layers"):
+        _small_model("dense").predict(torch.zeros(4, 63))
+
+
+@pytest.mark.parametrize("bad_label", [10, -1])
+def test_labels_out_of_range(digits, bad_label):
+    x_train, y_train, *_ = digits
+    labels = y_train.clone()
+    labels[70] = bad_label
+    model = _small_model("dense").compile("sgd", lr=0.01)
+    with pytest.raises(ValueError, match=r"y: labels must lie in \[0, 9\].*epoch 1, batch 3"):
+        model.fit(x_train, labels, batch_size=32, shuffle=False, verbose=0)
+
+
+def test_wrong_target_kind(digits):
+    x_train, y_train, *_ = digits
+    with pytest.raises(ValueError, match="int64 class indices"):
+        _small_model("dense").compile().fit(x_train, y_train.float(), verbose=0)
+    with pytest.raises(ValueError, match=r"mse expects targets shaped like the output \(32, 10\)"):
+        _small_model("dense").compile(loss="mse").fit(x_train, y_train.float(), verbose=0)
+
+
+def test_nan_loss_names_epoch_and_batch(digits):
+    x_train, y_train, *_ = digits
+    x = x_train.clone()
+    x[40, 3] = float("nan")
+    model = _small_model("dense").compile("sgd", lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="loss became nan at epoch 1, batch 2"):
+        model.fit(x, y_train, batch_size=32, shuffle=False, verbose=0)
+    after = list(model.parameters())
+    assert not any(torch.isnan(p).any() for p in after)
+    assert not torch.equal(before[0], after[0])  # batch 1 was applied, batch 2 was not
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"epochs": 0}, ValueError, "epochs must be a positive int"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ({"validation_split": 1.5}, ValueError, "validation_split must be in"),
+        ({"validation_split": 0.2, "validation_data": (None, None)}, ValueError, "not both"),
+        ({"seed": 1, "generator": torch.Generator()}, ValueError, "seed or generator"),
+        ({"callbacks": [print]}, TypeError, "Callback objects"),
+    ],
+)
+def test_bad_fit_arguments(digits, kwargs, error, message):
+    x_train, y_train, *_ = digits
+    model = _small_model("dense").compile()
+    with pytest.raises(error, match=message):
+        model.fit(x_train, y_train, verbose=0, **kwargs)
+
+
+def test_bad_data_arguments(digits):
+    x_train, y_train, *_ = digits
+    model = _small_model("dense").compile()
+    with pytest.raises(ValueError, match="same number of samples"):
+        model.fit(x_train, y_train[:10], verbose=0)
+    with pytest.raises(ValueError, match="y is required"):
+        model.fit(x_train, verbose=0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model.fit([[1.0] * 64], [0], verbose=0)
+
+
+def test_bad_compile_arguments():
+    model = _small_model("dense")
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
+        model.compile("adamw")
+    with pytest.raises(TypeError, match="optimizer must be"):
+        model.compile(3)
+    with pytest.raises(TypeError, match="metrics must be a list"):
+        model.compile(metrics="accuracy")
+    with pytest.raises(ValueError, match="unknown loss"):
+        model.compile(loss="hinge")
+    with pytest.raises(TypeError, match="layer must be a torch.nn.Module"):
+        model.add("relu")
+
+
+# ------------------------------------------------------------------------------ optimizer contract
+class _RecordingCurvature(CurvatureOptimizer):
+    """Plain SGD that evaluates the closure every step, so the test can see what the closure computes."""
+
+    def __init__(self, params, lr: float = 0.05) -> None:
+        super().__init__(params, {"lr": lr})
+        self.closure_losses: list[float] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        closure = self._check_closure(closure, "test")
+        with torch.enable_grad():
+            loss = closure()
+        assert loss.requires_grad  # re-evaluated with a graph, not under no_grad
+        self.closure_losses.append(loss.item())
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+class _RecordingSGD(torch.optim.SGD):
+    closures: list = []
+
+    def step(self, closure=None):
+        self.closures.append(closure)
+        return super().step()
+
+
+def test_closure_only_for_curvature_optimizers(digits):
+    x_train, y_train, *_ = digits
+    training_losses: list[float] = []
+
+    def recorded_cross_entropy(output, target):
+        loss = F.cross_entropy(output, target)
+        training_losses.append(loss.item())
+        return loss
+
+    model = _small_model("wht")
+    model.compile(lambda m: _RecordingCurvature(m.parameters()), recorded_cross_entropy)
+    model.fit(x_train[:200], y_train[:200], batch_size=50, verbose=0, seed=0)
+    optimizer = model.optimizer
+    # each step's loss, then the closure's re-evaluation on the same batch before the update
+    assert training_losses[0::2] == pytest.approx(optimizer.closure_losses, rel=1e-6)
+    assert len(optimizer.closure_losses) == 4
+
+    sgd = _RecordingSGD(model.parameters(), lr=0.01)
+    model.compile(sgd)
+    model.fit(x_train[:200], y_train[:200], batch_size=50, verbose=0)
+    assert sgd.closures == [None] * 4
+
+
+def test_named_curvature_optimizer_trains(digits):
+    x_train, y_train, *_ = digits
+    torch.manual_seed(0)
+    model = api.Sequential(LinearWHT(64, activation="relu"), nn.Linear(64, 10))
+    model.compile("diagonal_newton", "cross_entropy", ["accuracy"])
+    history = model.fit(x_train, y_train, epochs=2, batch_size=64, seed=0, verbose=0)
+    assert isinstance(model.optimizer, CurvatureOptimizer)
+    assert history.history["loss"][1] < history.history["loss"][0]
+
+
+def test_sequential_is_a_plain_module(trained_spectral, digits):
+    model, _ = trained_spectral
+    *_, x_test, _ = digits
+    assert isinstance(model, nn.Sequential)
+    manual = x_test
+    for layer in model:
+        manual = layer(manual)
+    assert torch.equal(manual, model.predict(x_test))
+
+
+# ----------------------------------------------------------------------------------------- progress
+def test_progress_bar_only_on_a_terminal(digits, capsys, monkeypatch):
+    x_train, y_train, *_ = digits
+    model = _small_model("dense").compile("sgd", "cross_entropy", ["accuracy"], lr=0.01)
+    model.fit(x_train[:256], y_train[:256], epochs=1, verbose=1)  # pytest's stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    model.fit(x_train[:256], y_train[:256], epochs=1, verbose=0)
+    assert capsys.readouterr().err == ""
+    model.fit(x_train[:256], y_train[:256], epochs=1, verbose=1)
+    shown = capsys.readouterr().err
+    assert "epoch 1/1" in shown and "samples/s" in shown and "accuracy" in shown
+
+
+def test_lazy_model_from_a_shuffling_dataloader_trains_like_a_built_one(digits):
+    """Building lazy layers from a DataLoader must not consume its shuffling RNG (or change the result)."""
+    x_train, y_train, *_ = digits
+    results = []
+    for build_first in (True, False):
+        torch.manual_seed(3)
+        model = api.Sequential(LinearWHT(32, activation="relu"), nn.Linear(32, 10))
+        if build_first:
+            model.build((64,))
+        model.compile("sgd", lr=0.1)
+        loader = as_dataloader(x_train, y_train, 100, generator=torch.Generator().manual_seed(5))
+        model.fit(loader, epochs=1, verbose=0)
+        results.append(model.state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key

@@ -1,0 +1,95 @@
+"""load_audio: files through soundfile, PCM scaling, channel mixing, resampling, clear errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dreidel.audio import SAMPLE_RATE, load_audio, resample
+
+soundfile = pytest.importorskip("soundfile")
+scipy_signal = pytest.importorskip("scipy.signal")
+
+
+def _tone(rate, seconds=0.5, freq=440.0):
+    return np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)
+
+
+def test_stereo_44k_int16_file(tmp_path):
+    left, right = 0.5 * _tone(44100), 0.25 * _tone(44100, freq=1000.0)
+    pcm = np.round(np.stack([left, right], axis=1) * 32767).astype(np.int16)  # (frames, channels)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, pcm, 44100, subtype="PCM_16")
+    audio = load_audio(path)
+    assert audio.dtype == torch.float32 and audio.dim() == 1
+    assert audio.shape[0] == math.ceil(pcm.shape[0] * SAMPLE_RATE / 44100)
+    mono = pcm.astype(np.float64).mean(axis=1) / 32768.0
+    reference = scipy_signal.resample_poly(mono, 160, 441)
+    assert np.abs(audio.numpy() - reference)[800:-800].max() < 1e-2
+    expected = 0.5 * (0.5 * _tone(SAMPLE_RATE) + 0.25 * _tone(SAMPLE_RATE, freq=1000.0))
+    assert np.abs(audio.numpy() - expected[: audio.shape[0]])[800:-800].max() < 2e-3  # int16 rounding
+
+
+def test_8k_array_and_file_agree(tmp_path):
+    tone = (0.3 * _tone(8000)).astype(np.float32)
+    path = tmp_path / "narrow.flac"
+    soundfile.write(path, tone, 8000, subtype="PCM_24")
+    from_file = load_audio(path)
+    from_array = load_audio(tone, sample_rate=8000)
+    assert from_array.shape == (tone.shape[0] * 2,)
+    assert torch.allclose(from_file, from_array, atol=1e-6)
+    expected = 0.3 * _tone(SAMPLE_RATE)
+    assert np.abs(from_array.numpy() - expected)[400:-400].max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.int16, 2**15), (np.int32, 2**31), (np.float64, 1.0)])
+def test_array_dtypes_and_channels_first(dtype, scale):
+    tone = _tone(SAMPLE_RATE) * 0.5
+    samples = (tone * scale).astype(dtype) if scale != 1.0 else tone.astype(dtype)
+    stereo = np.stack([samples, samples])
+    audio = load_audio(stereo)
+    assert audio.dtype == torch.float32
+    assert np.abs(audio.numpy() - tone).max() < 1e-4
+    assert torch.equal(load_audio(torch.from_numpy(stereo)), audio)
+
+
+def test_empty_audio_is_an_empty_tensor(tmp_path):
+    assert load_audio(np.zeros(0, dtype=np.float32)).shape == (0,)
+    path = tmp_path / "empty.wav"
+    soundfile.write(path, np.zeros(0, dtype=np.int16), 22050)
+    assert load_audio(path).shape == (0,)
+
+
+def test_non_audio_file(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("these are not samples")
+    with pytest.raises(ValueError, match=r"notes\.wav.*not a readable audio file"):
+        load_audio(path)
+    with pytest.raises(ValueError, match="not found"):
+        load_audio(tmp_path / "missing.wav")
+
+
+@pytest.mark.parametrize("bad, kwargs, error, message", [
+    (np.zeros((2, 3, 4), dtype=np.float32), {}, ValueError, "shape"),
+    (np.zeros((16000, 2), dtype=np.float32), {}, ValueError, "transpose"),
+    (np.array([0.0, np.nan], dtype=np.float32), {}, ValueError, "NaN"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample_rate"),
+    (np.zeros(10, dtype=bool), {}, TypeError, "dtype"),
+    ([0.0, 1.0], {}, TypeError, "path_or_array"),
+])
+def test_bad_arrays(bad, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        load_audio(bad, **kwargs)
+
+
+def test_sample_rate_with_file(tmp_path):
+    path = tmp_path / "a.wav"
+    soundfile.write(path, np.zeros(100, dtype=np.int16), 16000)
+    with pytest.raises(ValueError, match="sample_rate must be None"):
+        load_audio(path, sample_rate=8000)
+
+
+def test_resample_is_used_for_arrays():
+    tone = torch.from_numpy(_tone(22050).astype(np.float32))
+    assert torch.equal(load_audio(tone, sample_rate=22050), resample(tone, 22050, SAMPLE_RATE))

@@ -1,0 +1,70 @@
+"""Whisper's log-mel front end against transformers' WhisperFeatureExtractor and mel_filter_bank."""
+
+import numpy as np
+import pytest
+import torch
+
+from dreidel.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, mel_filters, pad_or_trim
+
+audio_utils = pytest.importorskip("transformers.audio_utils")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_transformers_slaney(n_mels):
+    reference = audio_utils.mel_filter_bank(num_frequency_bins=201, num_mel_filters=n_mels, min_frequency=0.0,
+                                            max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney",
+                                            mel_scale="slaney")
+    ours = mel_filters(n_mels, dtype=torch.float64).numpy()
+    assert ours.shape == (n_mels, 201)
+    np.testing.assert_allclose(ours, reference.T, rtol=1e-12, atol=1e-15)
+
+
+def _speech():
+    speech = pytest.importorskip("dreidel.data.speech")
+    try:
+        return speech.synthesize("The quick brown fox jumps over the lazy dog near the river bank.")
+    except (ImportError, OSError) as error:
+        pytest.skip(f"eSpeak NG unavailable: {error}")
+
+
+def _noise():
+    return (np.random.default_rng(0).standard_normal(SAMPLE_RATE * 7) * 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize("make_audio", [_speech, _noise], ids=["speech", "noise"])
+def test_matches_whisper_feature_extractor(make_audio):
+    audio = make_audio()
+    extractor = transformers.WhisperFeatureExtractor(feature_size=80)
+    ours = log_mel_spectrogram(pad_or_trim(torch.from_numpy(audio))).numpy()
+    assert ours.shape == (80, N_FRAMES) and ours.dtype == np.float32
+    public = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+    assert np.abs(ours - public).max() < 1e-4
+    # the numpy path of transformers (float64 STFT) is independent of torch.stft
+    numpy_path = extractor._np_extract_fbank_features(pad_or_trim(torch.from_numpy(audio)).numpy()[None], "cpu")[0]
+    assert np.abs(ours - numpy_path).max() < 1e-4
+
+
+def test_batch_matches_single_and_padding():
+    audio = torch.from_numpy(_noise())
+    batch = torch.stack([audio, 0.5 * audio.flip(0)])
+    mels = log_mel_spectrogram(batch, padding=N_SAMPLES)
+    assert mels.shape == (2, 80, (audio.shape[0] + N_SAMPLES) // 160)
+    assert torch.allclose(mels[1], log_mel_spectrogram(0.5 * audio.flip(0), padding=N_SAMPLES), atol=1e-5)
+    assert log_mel_spectrogram(pad_or_trim(audio)).shape == (80, N_FRAMES)
+
+
+def test_pad_or_trim():
+    audio = torch.arange(10.0)
+    assert torch.equal(pad_or_trim(audio, 4), audio[:4])
+    assert torch.equal(pad_or_trim(audio, 12)[10:], torch.zeros(2))
+    assert pad_or_trim(torch.zeros(2, 5), 3).shape == (2, 3)
+
+
+def test_silence_and_short_input():
+    silent = log_mel_spectrogram(pad_or_trim(torch.zeros(0)))  # empty audio padded to 30 s of silence
+    assert torch.all(silent == (-10.0 + 4.0) / 4.0)
+    with pytest.raises(ValueError, match="at least 201"):
+        log_mel_spectrogram(torch.zeros(200))
+    with pytest.raises(TypeError, match="float"):
+        log_mel_spectrogram(torch.zeros(1000, dtype=torch.int16))

@@ -1,0 +1,73 @@
+"""Band-limited resampling against analytic sinusoids and scipy.signal.resample_poly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dreidel.audio import resample
+
+RATE_PAIRS = [(8000, 16000), (44100, 16000), (22050, 16000), (48000, 16000), (16000, 8000), (11025, 16000)]
+
+
+def _tones(rate_in, rate_out, n_in, generator):
+    """Three random in-band tones (below 0.4 of the lower rate) and the times where the output samples fall."""
+    band = 0.4 * min(rate_in, rate_out)
+    freqs = torch.rand(3, generator=generator, dtype=torch.float64) * (band - 50) + 50
+    phases = torch.rand(3, generator=generator, dtype=torch.float64) * 2 * math.pi
+
+    def signal(times):
+        return torch.sin(2 * math.pi * freqs[:, None] * times[None, :] + phases[:, None]).sum(0)
+
+    return signal
+
+
+@pytest.mark.parametrize("rate_in, rate_out", RATE_PAIRS)
+def test_band_limited_signal_is_exact(rate_in, rate_out, generator):
+    n_in = rate_in // 2
+    signal = _tones(rate_in, rate_out, n_in, generator)
+    out = resample(signal(torch.arange(n_in, dtype=torch.float64) / rate_in), rate_in, rate_out)
+    assert out.shape == (math.ceil(n_in * rate_out / rate_in),)
+    expected = signal(torch.arange(out.shape[0], dtype=torch.float64) / rate_out)
+    interior = slice(rate_out // 20, -rate_out // 20)  # the filter sees zeros beyond the ends
+    assert torch.allclose(out[interior], expected[interior], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rate_in, rate_out", RATE_PAIRS)
+def test_matches_scipy_resample_poly(rate_in, rate_out, generator):
+    scipy_signal = pytest.importorskip("scipy.signal")
+    n_in = rate_in // 2
+    signal = _tones(rate_in, rate_out, n_in, generator)
+    x = signal(torch.arange(n_in, dtype=torch.float64) / rate_in)
+    divisor = math.gcd(rate_in, rate_out)
+    reference = scipy_signal.resample_poly(x.numpy(), rate_out // divisor, rate_in // divisor)
+    out = resample(x.float(), rate_in, rate_out)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    interior = slice(rate_out // 20, -rate_out // 20)
+    # scipy's default filter is shorter (its own error on these tones is ~5e-3), so the bound is scipy's accuracy
+    assert np.abs(out.numpy() - reference)[interior].max() < 1e-2
+
+
+@pytest.mark.parametrize("rate_in", [44100, 22050, 48000])
+def test_removes_frequencies_above_the_new_nyquist(rate_in):
+    n_in = rate_in
+    tone = torch.sin(2 * math.pi * 9000.0 * torch.arange(n_in, dtype=torch.float64) / rate_in)  # aliases to 7 kHz
+    out = resample(tone, rate_in, 16000)
+    assert out[800:-800].abs().max() < 1e-3
+
+
+def test_batch_shape_identity_and_integers(generator):
+    x = torch.randn(2, 3, 441, generator=generator)
+    out = resample(x, 44100, 16000)
+    assert out.shape == (2, 3, 160)
+    assert torch.allclose(out[1, 2], resample(x[1, 2], 44100, 16000), atol=1e-6)
+    assert torch.equal(resample(x, 16000, 16000), x)
+    assert resample(torch.zeros(0), 8000, 16000).shape == (0,)
+    assert resample(torch.ones(10, dtype=torch.int16), 8000, 16000).dtype == torch.float32
+
+
+@pytest.mark.parametrize("rate", [0, -8000, 8000.5, None])
+def test_bad_rates(rate):
+    with pytest.raises(ValueError, match="orig_rate"):
+        resample(torch.zeros(10), rate, 16000)

@@ -1,0 +1,162 @@
+"""Checkpoint directories: round trip, atomic replacement, and clear errors for every kind of damage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dreidel.io import checkpoint as checkpoint_module
+from dreidel.io.checkpoint import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    load_state_strict,
+    read_checkpoint,
+    require_config_keys,
+    write_checkpoint,
+)
+
+
+@pytest.fixture
+def tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {"layer.weight": torch.randn(3, 4, generator=generator), "layer.bias": torch.randn(3, generator=generator),
+            "order": torch.randperm(7, generator=generator), "half": torch.randn(2, 2, generator=generator).half()}
+
+
+def test_round_trip_keeps_values_and_dtypes(tmp_path, tensors):
+    config = {"layers": [{"type": "Linear", "args": {"in_features": 4}}], "note": "ü"}
+    write_checkpoint(tmp_path / "model", config, tensors)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [CONFIG_FILE, TENSORS_FILE]
+    loaded_config, loaded = read_checkpoint(tmp_path / "model")
+    assert loaded_config == config
+    assert loaded.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
+
+
+def test_shared_and_strided_tensors_are_saved(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    write_checkpoint(tmp_path / "m", {}, {"a": base, "a_t": base.t(), "a_row": base[1]})
+    _, loaded = read_checkpoint(tmp_path / "m")
+    assert torch.equal(loaded["a_t"], base.t()) and torch.equal(loaded["a_row"], base[1])
+
+
+def test_existing_checkpoint_is_replaced_without_leftovers(tmp_path, tensors):
+    write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
+    write_checkpoint(tmp_path / "m", {"version": 2}, {"only": torch.ones(2)})
+    config, loaded = read_checkpoint(tmp_path / "m")
+    assert config == {"version": 2} and list(loaded) == ["only"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging or retired directories remain
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
+    write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(tmp_path / "m", {"version": 2}, tensors)
+    assert read_checkpoint(tmp_path / "m")[0] == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_refuses_to_replace_unrelated_data(tmp_path, tensors):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match="not a dreidel checkpoint"):
+        write_checkpoint(tmp_path / "photos", {}, tensors)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a dreidel checkpoint"):
+        write_checkpoint(tmp_path / "notes.txt", {}, tensors)
+    assert (tmp_path / "photos" / "cat.jpg").exists() and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_non_json_config_is_rejected_before_writing(tmp_path, tensors):
+    with pytest.raises(TypeError):
+        write_checkpoint(tmp_path / "m", {"bad": object()}, tensors)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.02])
+def test_truncated_tensor_file_is_a_value_error(tmp_path, tensors, cut):
+    write_checkpoint(tmp_path / "m", {}, tensors)
+    path = tmp_path / "m" / TENSORS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        read_checkpoint(tmp_path / "m")
+
+
+def test_pickle_in_place_of_safetensors_is_not_unpickled(tmp_path, tensors):
+    write_checkpoint(tmp_path / "m", {}, tensors)
+    torch.save(tensors, tmp_path / "m" / TENSORS_FILE)  # a pickle archive under the safetensors name
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        read_checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object")])
+def test_bad_config_is_a_value_error(tmp_path, tensors, text, message):
+    write_checkpoint(tmp_path / "m", {}, tensors)
+    (tmp_path / "m" / CONFIG_FILE).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("missing", [CONFIG_FILE, TENSORS_FILE])
+def test_missing_file_names_it(tmp_path, tensors, missing):
+    write_checkpoint(tmp_path / "m", {}, tensors)
+    (tmp_path / "m" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        read_checkpoint(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        read_checkpoint(tmp_path / "absent")
+
+
+def test_require_config_keys_names_the_key():
+    require_config_keys({"a": 1, "b": 2}, ("a", "b"), "config.json")
+    with pytest.raises(ValueError, match="'layers'"):
+        require_config_keys({"a": 1}, ("a", "layers"), "config.json")
+
+
+def _model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    return model
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.pop("0.weight"), "lacks tensor '0.weight'"),
+        (lambda t: t.__setitem__("2.weight", torch.ones(1)), "has tensor '2.weight' that the model does not have"),
+        (lambda t: t.__setitem__("0.bias", torch.ones(4)), r"'0.bias' has shape \(4,\), the model expects \(3,\)"),
+        (lambda t: t.pop("1.running_mean"), "lacks tensor '1.running_mean'"),
+    ],
+    ids=["missing", "unexpected", "mis-shaped", "missing-buffer"],
+)
+def test_load_state_strict_checks_both_directions(damage, message):
+    source = _model()
+    tensors = dict(source.state_dict())
+    damage(tensors)
+    with pytest.raises(ValueError, match=message):
+        load_state_strict(_model(), tensors)
+
+
+def test_load_state_strict_copies_everything():
+    source, target = _model(), _model()
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            tensor.copy_(torch.rand_like(tensor.float()).to(tensor.dtype) + 1)
+    load_state_strict(target, {k: v.double() if v.is_floating_point() else v for k, v in source.state_dict().items()})
+    for key, value in source.state_dict().items():
+        assert target.state_dict()[key].dtype == value.dtype
+        assert torch.equal(target.state_dict()[key], value)
+
+
+def test_config_file_is_plain_json(tmp_path, tensors):
+    write_checkpoint(tmp_path / "m", {"layers": [1, 2]}, tensors)
+    assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text()) == {"layers": [1, 2]}

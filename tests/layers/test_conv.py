@@ -1,0 +1,79 @@
+"""Channels-last spectral convolutions against torch's channels-first depthwise conv + the mix's dense matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from dreidel.layers import Conv2dSpectral, Conv3dSpectral, to_dense
+
+CASES = [
+    # (spatial dims, in, out, kernel, stride, padding, dilation, linear)
+    (2, 12, 20, 3, 1, 1, 1, "wht"),
+    (2, 24, 10, (3, 1), (2, 1), (0, 1), (1, 2), "deep_wht"),
+    (2, 7, 7, 5, 2, 2, 1, "dense"),
+    (3, 8, 16, 3, 1, 1, 1, "wht"),
+    (3, 20, 12, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 2), "deep_wht"),
+]
+
+
+def make(dims, cin, cout, kernel, stride, padding, dilation, linear, **kwargs):
+    cls = Conv2dSpectral if dims == 2 else Conv3dSpectral
+    return cls(cin, cout, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, linear=linear,
+               generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[1]}to{c[2]}-{c[7]}")
+def test_matches_depthwise_conv_then_dense_matrix(case):
+    dims, cin, cout, kernel, stride, padding, dilation, linear = case
+    layer = make(*case, activation="relu").double()
+    with torch.no_grad():
+        layer.channel_mix.bias.normal_()
+    spatial = (9, 8) if dims == 2 else (5, 6, 7)
+    x = torch.randn(2, *spatial, cin, dtype=torch.float64)
+    conv = F.conv2d if dims == 2 else F.conv3d
+    depthwise = conv(x.movedim(-1, 1).contiguous(), layer.depthwise_weight, None, layer.stride, layer.padding,
+                     layer.dilation, groups=cin)
+    mixed = depthwise.movedim(1, -1) @ to_dense(layer.channel_mix).T + layer.channel_mix.bias
+    y = layer(x)
+    assert y.shape == mixed.shape and y.shape[-1] == cout
+    torch.testing.assert_close(y, F.relu(mixed), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gradcheck(dims):
+    layer = make(dims, 3, 5, 2, 1, 0, 1, "wht", activation="tanh").double()
+    x = torch.randn(1, *([3] * dims), 3, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def f(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *layer.parameters()), fast_mode=True)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_safetensors_round_trip_is_bit_identical(tmp_path, dims):
+    source = make(dims, 12, 24, 3, 1, 1, 1, "deep_wht")
+    save_file(source.state_dict(), str(tmp_path / "conv.safetensors"))
+    target = Conv2dSpectral(12, 24, padding=1, linear="deep_wht") if dims == 2 else \
+        Conv3dSpectral(12, 24, padding=1, linear="deep_wht")
+    target.load_state_dict(load_file(str(tmp_path / "conv.safetensors")))
+    x = torch.randn(2, *([5] * dims), 12)
+    assert torch.equal(source(x), target(x))
+
+
+def test_rejects_channels_first_and_bad_arguments():
+    layer = Conv2dSpectral(8, 16)
+    with pytest.raises(ValueError, match=r"channels-last.*C=8.*\(2, 8, 5, 5\)"):
+        layer(torch.randn(2, 8, 5, 5))
+    with pytest.raises(ValueError, match="kernel_size"):
+        Conv2dSpectral(8, 16, kernel_size=(3, 3, 3))
+    with pytest.raises(ValueError, match="in_channels"):
+        Conv3dSpectral(0, 4)
+    with pytest.raises(ValueError, match="stride"):
+        Conv2dSpectral(8, 8, stride=0)
+    with pytest.raises(ValueError, match="activation"):
+        Conv2dSpectral(8, 8, activation="bogus")

@@ -1,0 +1,203 @@
+"""LinearWHT / DeepSpectralLinear against explicit dense matrices, autograd, statistics and serialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parameter import UninitializedParameter
+
+from dreidel.layers import SPECTRAL_INITS, DeepSpectralLinear, LinearWHT, PerSampleGradients, transform_length
+
+from ._oracle import spectral_matrix
+
+WIDTHS = [(384, 384), (768, 768), (1000, 1000), (784, 1024), (200, 64), (64, 200), (5, 70)]
+
+
+def make_layer(in_features, out_features, depth, seed=0, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    if depth == 1:
+        return LinearWHT(in_features, out_features, generator=gen, **kwargs)
+    return DeepSpectralLinear(in_features, out_features, depth=depth, generator=gen, **kwargs)
+
+
+def randomize_bias(layer, seed=1):
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: f"{w[0]}to{w[1]}")
+def test_forward_matches_explicit_matrix_float64(widths, depth):
+    n, out = widths
+    layer = make_layer(n, out, depth, dtype=torch.float64)
+    randomize_bias(layer)
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    oracle = spectral_matrix(layer)
+    torch.testing.assert_close(layer(x), x @ oracle.T + layer.bias, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.dense_matrix(), oracle, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_low_precision_dtypes_follow_the_float64_matrix(dtype, depth):
+    layer = make_layer(300, 500, depth, dtype=dtype, activation="gelu")
+    x = torch.randn(4, 300).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (4, 500)
+    expected = torch.nn.functional.gelu(x.double() @ spectral_matrix(layer).T + layer.bias.double())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+def test_transform_length_uses_native_factors_without_padding():
+    assert transform_length(384) == 384 and transform_length(640) == 640 and transform_length(1000) == 1024
+    layer = LinearWHT(784, 1024)
+    assert layer.transform_length == 896 and layer.num_blocks == 2
+    assert layer.permutation.shape == (1, 2, 896) and layer.in_scale.shape == (2, 784)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh"])
+@pytest.mark.parametrize("widths,depth", [((5, 7), 1), ((12, 30), 2), ((20, 9), 3)])
+def test_gradcheck(widths, depth, activation):
+    layer = make_layer(*widths, depth, dtype=torch.float64, activation=activation)
+    randomize_bias(layer)
+    x = torch.randn(3, widths[0], dtype=torch.float64, requires_grad=True)
+    params = [p for p in layer.parameters()]
+
+    def f(x, *ps):
+        state = dict(zip([name for name, _ in layer.named_parameters()], ps))
+        return torch.func.functional_call(layer, state, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("widths,depth", [((20, 20), 1), ((30, 70), 2), ((100, 40), 3)])
+def test_per_sample_grads_match_autograd(widths, depth, activation):
+    layer = make_layer(*widths, depth, dtype=torch.float64, activation=activation)
+    randomize_bias(layer)
+    x = torch.randn(4, 3, widths[0], dtype=torch.float64)  # (batch, tokens, in)
+    target = torch.randn(4, 3, widths[1], dtype=torch.float64)
+    out = layer(x)
+    out.retain_grad()
+    ((out - target) ** 2).sum().backward()
+    assert isinstance(layer, PerSampleGradients)
+    per_sample = layer.per_sample_grads((x,), out.grad)
+    assert set(per_sample) == set(layer.parameters())
+    for p, g in per_sample.items():
+        assert g.shape == (4, *p.shape)
+        torch.testing.assert_close(g.sum(0), p.grad, rtol=1e-10, atol=1e-10)
+    for i in range(4):
+        layer.zero_grad()
+        ((layer(x[i : i + 1]) - target[i : i + 1]) ** 2).sum().backward()
+        for p, g in per_sample.items():
+            torch.testing.assert_close(g[i], p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_per_sample_grads_rejects_mismatched_shapes():
+    layer = make_layer(10, 6, 1)
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        layer.per_sample_grads((torch.randn(4, 10),), torch.randn(4, 7))
+    with pytest.raises(ValueError, match="expected 10"):
+        layer.per_sample_grads((torch.randn(4, 9),), torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("init", SPECTRAL_INITS)
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("widths", [(100, 100), (384, 1000), (1000, 300)], ids=str)
+def test_initialisation_preserves_variance(widths, depth, init):
+    n, out = widths
+    sigma = 1.7
+    layer = make_layer(n, out, depth, seed=3, init=init)
+    x = sigma * torch.randn(4000, n, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = layer(x)
+    ratio = y.var(dim=0).mean().item() / sigma**2
+    assert abs(ratio - 1.0) < 0.06, ratio
+    if init == "random_sign" and depth == 1:  # every output, not only the average, has variance sigma²
+        per_output = y.var(dim=0) / sigma**2
+        assert (per_output - 1).abs().max().item() < 0.2
+
+
+def test_random_sign_scales_are_signs():
+    layer = make_layer(50, 60, 2, init="random_sign")
+    assert set(layer.in_scale.unique().tolist()) == {-1.0, 1.0}
+    assert set(layer.inner_scale.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_same_generator_seed_gives_the_same_layer():
+    a, b = make_layer(100, 50, 2, seed=9), make_layer(100, 50, 2, seed=9)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    assert not torch.equal(a.permutation, make_layer(100, 50, 2, seed=10).permutation)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lazy_in_features_inferred_on_first_forward(depth):
+    layer = LinearWHT(64, activation="relu") if depth == 1 else DeepSpectralLinear(64, depth=2)
+    assert layer.in_features is None and isinstance(layer.in_scale, UninitializedParameter)
+    assert layer.num_parameters() == 0
+    y = layer(torch.randn(5, 30))
+    assert y.shape == (5, 64) and layer.in_features == 30
+    assert not layer.has_uninitialized_params()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)  # built after the dry run
+    before = layer.in_scale.detach().clone()
+    layer(torch.randn(5, 30)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, layer.in_scale)
+
+
+def test_wrong_feature_count_after_materialisation_names_expected_and_got():
+    layer = LinearWHT(16)
+    layer(torch.randn(2, 10))
+    with pytest.raises(ValueError, match=r"expected 10 .*got 12"):
+        layer(torch.randn(2, 12))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"in_features": 0, "out_features": 4}, ValueError),
+        ({"in_features": 4, "out_features": -1}, ValueError),
+        ({"in_features": 4.0, "out_features": 4}, TypeError),
+        ({"in_features": True, "out_features": 4}, TypeError),
+        ({"in_features": 4, "out_features": 4, "activation": "swishy"}, ValueError),
+        ({"in_features": 4, "out_features": 4, "init": "xavier"}, ValueError),
+        ({"in_features": 4, "out_features": 4, "depth": 0}, ValueError),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error):
+    with pytest.raises(error):
+        DeepSpectralLinear(**kwargs)
+
+
+@pytest.mark.parametrize("lazy_target", [False, True])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_safetensors_round_trip_is_bit_identical(tmp_path, depth, lazy_target):
+    source = make_layer(300, 700, depth, seed=1, activation="relu")
+    randomize_bias(source)
+    path = tmp_path / "layer.safetensors"
+    save_file(source.state_dict(), str(path))
+    if lazy_target:
+        target = LinearWHT(700, activation="relu") if depth == 1 else DeepSpectralLinear(700, depth=2, activation="relu")
+    else:
+        target = make_layer(300, 700, depth, seed=2, activation="relu")
+    target.load_state_dict(load_file(str(path)))
+    assert target.in_features == 300
+    x = torch.randn(6, 300)
+    assert torch.equal(source(x), target(x))
+
+
+def test_loading_a_mismatched_state_dict_names_the_key():
+    state = make_layer(300, 700, 1).state_dict()
+    state["permutation"] = state["permutation"][..., :-1]
+    with pytest.raises((ValueError, RuntimeError), match="permutation"):
+        LinearWHT(700).load_state_dict(state)
+
+
+def test_num_parameters_is_linear_in_width():
+    layer = LinearWHT(4096, 4096)
+    assert layer.num_parameters() == 3 * 4096
+    deep = DeepSpectralLinear(4096, 4096, depth=4, bias=False)
+    assert deep.num_parameters() == 4096 * 5

@@ -1,0 +1,154 @@
+"""Checkpoint name mappings: both directions, real checkpoints, and errors that name the tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_DIMS, hf_model_from_ours
+
+from dreidel.io import read_ctranslate2, shipped_whisper_files, write_ctranslate2
+from dreidel.models.whisper import (
+    Whisper,
+    checkpoint_to_ours,
+    ct2_rules,
+    dims_from_ct2,
+    dims_from_hf_config,
+    dims_to_hf_config,
+    hf_rules,
+    load,
+    load_state_dict_strict,
+    ours_to_checkpoint,
+)
+from dreidel.models.whisper.convert import CT2_CONFIG_VARIABLES
+
+RULES = {"hf": hf_rules, "ct2": ct2_rules}
+
+
+def expected_shapes(model: Whisper) -> dict:
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["hf", "ct2"])
+def test_round_trip_ours_checkpoint_ours(random_whisper, kind):
+    rules = RULES[kind](TINY_DIMS)
+    state = random_whisper.state_dict()
+    checkpoint = ours_to_checkpoint(rules, state)
+    back = checkpoint_to_ours(rules, checkpoint, expected_shapes(random_whisper))
+    assert back.keys() == state.keys()
+    for name in state:
+        assert torch.equal(back[name], state[name]), name
+
+
+def test_round_trip_hf_ours_hf(random_whisper):
+    hf = hf_model_from_ours(random_whisper)
+    hf_state = {k: v for k, v in hf.state_dict().items() if k != "proj_out.weight"}
+    ours = checkpoint_to_ours(hf_rules(TINY_DIMS), hf_state, expected_shapes(random_whisper))
+    again = ours_to_checkpoint(hf_rules(TINY_DIMS), ours)
+    assert again.keys() == hf_state.keys()
+    for name, tensor in hf_state.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_ct2_fused_layout_matches_split_projections(random_whisper):
+    """Fused CT2 q|k|v rows are our query, key, value weights in that order; the key bias is written as zeros."""
+    checkpoint = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
+    attn = random_whisper.decoder.blocks[1].attn
+    fused = checkpoint["decoder/layer_1/self_attention/linear_0/weight"]
+    assert torch.equal(fused, torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]))
+    bias = checkpoint["decoder/layer_1/self_attention/linear_0/bias"]
+    assert torch.equal(bias, torch.cat([attn.query.bias, torch.zeros(TINY_DIMS.n_text_state), attn.value.bias]))
+
+
+def test_shipped_tiny_en_maps_every_tensor():
+    checkpoint = read_ctranslate2(shipped_whisper_files("tiny.en").model_parts)
+    dims = dims_from_ct2(checkpoint.variables)
+    assert (dims.n_audio_layer, dims.n_text_layer, dims.n_audio_head, dims.n_vocab) == (4, 4, 6, 51864)
+    model = Whisper(dims)
+    ours = checkpoint_to_ours(ct2_rules(dims), checkpoint.variables, expected_shapes(model),
+                              ignore=CT2_CONFIG_VARIABLES)
+    back = ours_to_checkpoint(ct2_rules(dims), ours)
+    for name, tensor in back.items():  # exact, key-bias zeros included: CTranslate2 stores that part as zeros
+        assert torch.equal(tensor, checkpoint.variables[name]), name
+
+
+def _break(kind: str, checkpoint: dict) -> tuple[dict, str]:
+    checkpoint = dict(checkpoint)
+    if kind == "missing":
+        name = sorted(checkpoint)[3]
+        del checkpoint[name]
+    elif kind == "unknown":
+        name = "decoder/layer_9/ffn/linear_0/weight" if "decoder/embeddings/weight" in checkpoint else \
+            "model.decoder.layers.9.fc1.weight"
+        checkpoint[name] = torch.zeros(1)
+    else:
+        name = sorted(checkpoint)[5]
+        checkpoint[name] = torch.zeros(checkpoint[name].shape[0] * 3 + 3)
+    return checkpoint, name
+
+
+@pytest.mark.parametrize("kind", ["hf", "ct2"])
+@pytest.mark.parametrize("defect", ["missing", "unknown", "wrong_shape"])
+def test_bad_checkpoint_is_a_value_error_naming_the_tensor(random_whisper, kind, defect):
+    rules = RULES[kind](TINY_DIMS)
+    checkpoint, name = _break(defect, ours_to_checkpoint(rules, random_whisper.state_dict()))
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        checkpoint_to_ours(rules, checkpoint, expected_shapes(random_whisper))
+
+
+@pytest.mark.parametrize("defect", ["missing", "unknown", "wrong_shape"])
+def test_load_state_dict_strict_names_the_tensor(random_whisper, defect):
+    state = dict(random_whisper.state_dict())
+    if defect == "missing":
+        name = "decoder.blocks.0.cross_attn.value.bias"
+        del state[name]
+    elif defect == "unknown":
+        name = "decoder.blocks.0.cross_attn.key.bias"
+        state[name] = torch.zeros(TINY_DIMS.n_text_state)
+    else:
+        name = "encoder.ln_post.weight"
+        state[name] = torch.zeros(3)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        load_state_dict_strict(Whisper(TINY_DIMS), state)
+
+
+def test_hf_config_dims_round_trip():
+    assert dims_from_hf_config(dims_to_hf_config(TINY_DIMS)) == TINY_DIMS
+    with pytest.raises(ValueError, match="d_model"):
+        dims_from_hf_config({k: v for k, v in dims_to_hf_config(TINY_DIMS).items() if k != "d_model"})
+
+
+def _tokenizer_dir(tmp_path):
+    shutil.copy(shipped_whisper_files("tiny.en").directory / "tokenizer.json", tmp_path / "tokenizer.json")
+
+
+def test_load_hf_directory(random_whisper, tmp_path):
+    """A directory written by transformers' save_pretrained loads to the same weights."""
+    hf = hf_model_from_ours(random_whisper)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    _tokenizer_dir(tmp_path)
+    loaded = load(tmp_path).model
+    for name, tensor in random_whisper.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_load_ct2_directory_written_by_our_writer(random_whisper, tmp_path):
+    variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
+    variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
+    variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
+    write_ctranslate2(tmp_path / "model.bin", "WhisperSpec", 3, variables,
+                      aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
+    _tokenizer_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [220, 50256]}))
+    recognizer = load(tmp_path)
+    assert recognizer.suppress_tokens == (1, 2)
+    for name, tensor in random_whisper.state_dict().items():
+        assert torch.equal(recognizer.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("bad", ["no-such-model", 3])
+def test_load_rejects_bad_names(bad):
+    with pytest.raises((ValueError, TypeError)):
+        load(bad)

@@ -1,0 +1,125 @@
+"""Decoding on the shipped tiny.en: greedy tokens equal transformers' generate; beam, batch and long audio."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import mel_of, speech_clips
+
+from dreidel.models.whisper import DecodingOptions, decode, transcribe
+from dreidel.models.whisper.decoding import _beam_search, _greedy
+
+
+def hf_greedy(recognizer, hf, mel: torch.Tensor, max_new_tokens: int = 224) -> list[list[int]]:
+    """transformers' WhisperForConditionalGeneration.generate, greedy, no timestamps, the checkpoint's suppression."""
+    from transformers import GenerationConfig
+
+    tokenizer = recognizer.tokenizer
+    config = GenerationConfig(decoder_start_token_id=tokenizer.sot, eos_token_id=tokenizer.eot,
+                              pad_token_id=tokenizer.eot, no_timestamps_token_id=tokenizer.no_timestamps,
+                              is_multilingual=False, suppress_tokens=list(recognizer.suppress_tokens),
+                              begin_suppress_tokens=list(recognizer.begin_suppress_tokens),
+                              max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generated = hf.generate(mel, generation_config=config)
+    rows = generated.tolist()
+    return [[t for t in row if t != tokenizer.eot] for row in rows]
+
+
+def check_greedy_matches_transformers(tiny_en, tiny_en_hf, n_clips: int, seed: int) -> None:
+    clips = speech_clips(n_clips, seed=seed)
+    mel = torch.stack([mel_of(audio) for _, audio in clips])
+    ours = decode(tiny_en.model, mel, tiny_en.options())
+    theirs = hf_greedy(tiny_en, tiny_en_hf, mel)
+    for (text, _), our_tokens, their_tokens in zip(clips, ours, theirs):
+        assert our_tokens == their_tokens, text
+        assert our_tokens, text  # speech gives a non-empty transcript
+
+
+def test_greedy_tokens_equal_transformers(tiny_en, tiny_en_hf):
+    check_greedy_matches_transformers(tiny_en, tiny_en_hf, n_clips=2, seed=0)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_transformers_dozen_clips(tiny_en, tiny_en_hf):
+    check_greedy_matches_transformers(tiny_en, tiny_en_hf, n_clips=12, seed=7)
+
+
+RANDOM_OPTIONS = DecodingOptions(prompt=(50257, 50362), eot=50256, suppress_tokens=(1, 2, 50257),
+                                 begin_suppress_tokens=(220, 50256), max_new_tokens=12)
+
+
+@torch.inference_mode()
+def test_beam_search_with_one_beam_is_greedy_random_model(random_whisper):
+    features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(3))
+    greedy = _greedy(random_whisper, features, RANDOM_OPTIONS, 12)
+    assert _beam_search(random_whisper, features, RANDOM_OPTIONS, 12) == greedy
+    assert any(greedy)
+
+
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_batched_decode_equals_one_by_one_random_model(random_whisper, beam_size):
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(4))
+    options = DecodingOptions(**{**RANDOM_OPTIONS.__dict__, "beam_size": beam_size})
+    batched = decode(random_whisper, mel, options)
+    assert batched == [decode(random_whisper, m[None], options)[0] for m in mel]
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_beam_search_with_one_beam_is_greedy(tiny_en):
+    clips = speech_clips(2, seed=1)
+    features = tiny_en.model.embed_audio(torch.stack([mel_of(a) for _, a in clips]))
+    options = tiny_en.options()
+    assert _beam_search(tiny_en.model, features, options, 224) == _greedy(tiny_en.model, features, options, 224)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_batched_decode_equals_one_by_one(tiny_en, beam_size):
+    clips = speech_clips(3, seed=2)
+    options = tiny_en.options(beam_size=beam_size)
+    mels = [mel_of(audio) for _, audio in clips]
+    batched = decode(tiny_en.model, torch.stack(mels), options)
+    alone = [decode(tiny_en.model, mel[None], options)[0] for mel in mels]
+    assert batched == alone
+
+
+@pytest.mark.slow
+def test_beam_five_transcribes_speech(tiny_en):
+    (text, audio), = speech_clips(1, seed=4)
+    result = transcribe(tiny_en, audio, beam_size=5)
+    greedy = transcribe(tiny_en, audio)
+    words = set(text.lower().replace(".", "").replace(",", "").replace("?", "").split())
+    heard = set(result.text.lower().replace(".", "").replace(",", "").replace("?", "").split())
+    assert len(words & heard) >= len(words) // 2, (text, result.text, greedy.text)
+
+
+@pytest.mark.slow
+def test_long_audio_is_decoded_in_consecutive_windows(tiny_en):
+    """A 30 s window of speech + silence, then a second sentence: two windows, each decoded as on its own."""
+    from dreidel.audio import N_SAMPLES, SAMPLE_RATE
+
+    (first_text, first), (second_text, second) = speech_clips(2, seed=5)
+    first_window = torch.nn.functional.pad(first, (0, N_SAMPLES - first.numel()))
+    long_audio = torch.cat([first_window, second])
+    result = transcribe(tiny_en, long_audio)
+    alone = transcribe(tiny_en, [first, second])
+    assert result.tokens == (alone[0].tokens[0], alone[1].tokens[0])
+    assert result.text == f"{alone[0].text} {alone[1].text}"
+    assert result.seconds_audio == pytest.approx(long_audio.numel() / SAMPLE_RATE)
+    assert result.rtf == pytest.approx(result.seconds_compute / result.seconds_audio)
+
+
+def test_options_are_validated(tiny_en):
+    with pytest.raises(ValueError, match="beam_size"):
+        DecodingOptions(prompt=(1,), eot=2, beam_size=0)
+    with pytest.raises(ValueError, match="English-only"):
+        tiny_en.tokenizer.prompt("de")
+    with pytest.raises(ValueError, match="mel"):
+        decode(tiny_en.model, torch.zeros(80, 3000), tiny_en.options())
+    with pytest.raises(TypeError, match="recognizer"):
+        transcribe(tiny_en.model, torch.zeros(16000))

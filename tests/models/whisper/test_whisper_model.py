@@ -1,0 +1,83 @@
+"""Our Whisper against transformers' WhisperForConditionalGeneration holding the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_model_from_ours, mel_of, speech_clips
+
+
+@pytest.fixture(scope="module")
+def random_pair(random_whisper):
+    return random_whisper, hf_model_from_ours(random_whisper)
+
+
+@torch.inference_mode()
+def test_random_model_encoder_and_logits_match_transformers(random_pair):
+    ours, hf = random_pair
+    generator = torch.Generator().manual_seed(1)
+    mel = torch.randn(2, 80, 3000, generator=generator)
+    tokens = torch.randint(0, 50256, (2, 9), generator=generator)
+    features = ours.embed_audio(mel)
+    hf_features = hf.model.encoder(mel).last_hidden_state
+    torch.testing.assert_close(features, hf_features, rtol=1e-4, atol=1e-4)
+    logits = ours.logits(tokens, features)
+    hf_logits = hf(encoder_outputs=(hf_features,), decoder_input_ids=tokens).logits
+    torch.testing.assert_close(logits, hf_logits, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_cached_steps_equal_full_sequence(random_whisper):
+    """Feeding tokens one at a time through the static cache gives the teacher-forced logits."""
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(3, 1500, random_whisper.dims.n_audio_state, generator=generator)
+    tokens = torch.randint(0, 50256, (3, 7), generator=generator)
+    full = random_whisper.logits(tokens, features)
+    decoder = random_whisper.decoder
+    cache = decoder.new_cache(features)
+    steps = [decoder(tokens[:, :3], 0, cache)] + [decoder(tokens[:, i:i + 1], i, cache) for i in range(3, 7)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_tiny_en_encoder_and_first_step_logits_match_transformers(tiny_en, tiny_en_hf):
+    (_, audio), = speech_clips(1, seed=3)
+    mel = mel_of(audio)[None]
+    prompt = torch.tensor([tiny_en.tokenizer.prompt()])
+    features = tiny_en.model.embed_audio(mel)
+    hf_features = tiny_en_hf.model.encoder(mel).last_hidden_state
+    torch.testing.assert_close(features, hf_features, rtol=1e-4, atol=2e-4)
+    logits = tiny_en.model.logits(prompt, features)[:, -1]
+    hf_logits = tiny_en_hf(encoder_outputs=(hf_features,), decoder_input_ids=prompt).logits[:, -1]
+    torch.testing.assert_close(logits, hf_logits, rtol=1e-4, atol=2e-4)
+
+
+def test_dimensions_are_validated():
+    from dreidel.models.whisper import Whisper, WhisperDimensions
+
+    with pytest.raises(ValueError, match="n_audio_head"):
+        WhisperDimensions(n_audio_head=0)
+    with pytest.raises(ValueError, match="divisible"):
+        WhisperDimensions(n_audio_state=10, n_audio_head=3)
+    with pytest.raises(TypeError, match="dims"):
+        Whisper({"n_mels": 80})
+    with pytest.raises(ValueError, match="linear"):
+        Whisper(WhisperDimensions(), linear="no-such-kind")
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_multilingual_base_matches_transformers():
+    from dreidel.models.whisper import load
+
+    base = load("base")
+    assert base.model.dims.is_multilingual and len(base.tokenizer.prompt()) == 4
+    hf = hf_model_from_ours(base.model)
+    (_, audio), = speech_clips(1, seed=3)
+    mel = mel_of(audio)[None]
+    prompt = torch.tensor([base.tokenizer.prompt("en")])
+    features = base.model.embed_audio(mel)
+    torch.testing.assert_close(features, hf.model.encoder(mel).last_hidden_state, rtol=1e-4, atol=2e-4)
+    logits = base.model.logits(prompt, features)
+    hf_logits = hf(encoder_outputs=(features,), decoder_input_ids=prompt).logits
+    torch.testing.assert_close(logits, hf_logits, rtol=1e-4, atol=2e-4)

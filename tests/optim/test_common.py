@@ -1,0 +1,140 @@
+"""Behaviour shared by both curvature optimizers and ``build_optimizer``: state-dict round trips,
+mismatch errors, parameters without gradients, the closure contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _optim_helpers import train_step
+from dreidel.optim import KFAC, OPTIMIZER_NAMES, CurvatureOptimizer, DiagonalNewton, build_optimizer
+
+CONFIGS = {
+    "dn_gauss_newton_sampled": lambda m: DiagonalNewton(m, likelihood="categorical", curvature_every=2),
+    "dn_hutchinson": lambda m: DiagonalNewton(m, curvature="hutchinson", curvature_every=3),
+    "dn_empirical": lambda m: DiagonalNewton(m, curvature_every=2),
+    "kfac_sampled": lambda m: KFAC(m, likelihood="categorical", inverse_every=3, damping_every=2),
+    "kfac_empirical": lambda m: KFAC(m, inverse_every=3),
+}
+
+
+def make_model(seed: int = 0, width: int = 6) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.LayerNorm(width), nn.Linear(width, 3))
+
+
+def batches(n: int):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_round_trip_continues_identically(name):
+    data = batches(10)
+    model = make_model()
+    opt = CONFIGS[name](model)
+    for x, y in data[:5]:
+        train_step(model, opt, F.cross_entropy, x, y)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # as if written to disk
+    for x, y in data[5:]:
+        train_step(model, opt, F.cross_entropy, x, y)
+
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = CONFIGS[name](resumed)
+    resumed_opt.load_state_dict(saved_opt)
+    for x, y in data[5:]:
+        train_step(resumed, resumed_opt, F.cross_entropy, x, y)
+    for (key, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_loading_state_of_another_model_names_the_parameter(name):
+    model = make_model()
+    opt = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    train_step(model, opt, F.cross_entropy, x, y)
+    other = make_model(width=7)
+    other_opt = CONFIGS[name](other)
+    with pytest.raises(ValueError, match=r"'0\.weight'"):
+        other_opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_parameters_without_grad_are_skipped(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    unused = nn.Linear(2, 2)
+    model.add_module("unused", unused)  # never called: its grads stay None
+    frozen = model[0].bias
+    frozen.requires_grad_(False)
+
+    def forward(x):
+        return model[2](model[1](model[0](x)))
+
+    holder = nn.Module()
+    holder.net = model
+    holder.forward = forward
+    opt = CONFIGS[name](holder)
+    before = (unused.weight.detach().clone(), frozen.detach().clone(), model[2].weight.detach().clone())
+    for x, y in batches(3):
+        train_step(holder, opt, F.cross_entropy, x, y)
+    assert torch.equal(before[0], unused.weight) and torch.equal(before[1], frozen)
+    assert not torch.equal(before[2], model[2].weight)
+
+
+@pytest.mark.parametrize("name", ["dn_gauss_newton_sampled", "dn_hutchinson", "kfac_sampled"])
+def test_closure_free_step_where_required_raises(name):
+    model = make_model()
+    opt = CONFIGS[name](model)
+    assert opt.closure_required(0)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+
+
+def test_empirical_diagonal_newton_needs_no_closure():
+    model = make_model()
+    opt = DiagonalNewton(model)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert not opt.closure_required(0)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_build_optimizer_by_name_trains(name):
+    model = make_model()
+    opt = build_optimizer(name, model, lr=0.05)
+    x, y = batches(1)[0]
+    losses = [train_step(model, opt, F.cross_entropy, x, y) for _ in range(15)]
+    assert losses[-1] < losses[0]
+    assert isinstance(opt, CurvatureOptimizer) == (name in ("diagonal_newton", "kfac"))
+
+
+def test_build_optimizer_defaults_and_passthrough():
+    model = make_model()
+    sgd = build_optimizer("sgd", model)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    instance = torch.optim.Adam(model.parameters())
+    assert build_optimizer(instance, model) is instance
+    made = build_optimizer(lambda m: torch.optim.SGD(m.parameters(), lr=0.3), model)
+    assert made.param_groups[0]["lr"] == 0.3
+
+
+def test_build_optimizer_unknown_name_lists_names():
+    with pytest.raises(ValueError, match="diagonal_newton") as info:
+        build_optimizer("lbfgs", make_model())
+    assert "lbfgs" in str(info.value) and "kfac" in str(info.value)
+
+
+def test_build_optimizer_refuses_lazy_parameters():
+    with pytest.raises(ValueError, match="lazy"):
+        build_optimizer("adam", nn.LazyLinear(3))

@@ -1,0 +1,173 @@
+"""DiagonalNewton against oracles: Newton's step on a separable quadratic, Hutchinson's estimator
+against the true Hessian diagonal, and the Gauss-Newton diagonal against per-sample loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _optim_helpers import brute_force_per_sample_grads, train_step
+from dreidel.layers import LinearWHT
+from dreidel.optim import DiagonalNewton
+
+
+class Quadratic(nn.Module):
+    """L(p) = 0.5 (p - c)^T Q (p - c); forward returns L (the 'model output' is the loss)."""
+
+    def __init__(self, hessian: torch.Tensor, centre: torch.Tensor) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(centre.shape[0]))
+        self.register_buffer("hessian", hessian)
+        self.register_buffer("centre", centre)
+
+    def forward(self, _x=None) -> torch.Tensor:
+        d = self.p - self.centre
+        return 0.5 * d @ self.hessian @ d
+
+
+def quadratic_step(model, opt):
+    opt.zero_grad()
+    model().backward()
+    opt.step(lambda: model())
+
+
+def test_newton_step_on_separable_quadratic():
+    """Diagonal Hessian: z*(Hz) = diag(H) exactly for Rademacher z, so one unclipped lr=1 step lands on c."""
+    h = torch.tensor([0.5, 2.0, 10.0, 0.1])
+    centre = torch.tensor([1.0, -2.0, 0.3, 0.05])
+    model = Quadratic(torch.diag(h), centre)
+    opt = DiagonalNewton(model, lr=1.0, betas=(0.0, 0.0), damping=0.0, clip=1e9, curvature="hutchinson")
+    quadratic_step(model, opt)
+    torch.testing.assert_close(model.p.detach(), centre)
+    torch.testing.assert_close(opt.state[model.p]["curvature"], h)
+
+
+def test_clipping_bounds_each_coordinate():
+    h = torch.tensor([0.5, 2.0, 1e-3])
+    centre = torch.tensor([3.0, -0.01, 1.0])
+    model = Quadratic(torch.diag(h), centre)
+    opt = DiagonalNewton(model, lr=0.1, betas=(0.0, 0.0), damping=0.0, clip=1.0, curvature="hutchinson")
+    quadratic_step(model, opt)
+    newton = centre  # the full Newton step from p = 0
+    expected = 0.1 * newton.clamp(-1.0, 1.0)
+    torch.testing.assert_close(model.p.detach(), expected)
+
+
+def test_hutchinson_estimate_converges_to_hessian_diagonal():
+    """Mean of z*(Qz) over n draws: unbiased, standard error sqrt(sum_{j!=i} Q_ij^2 / n)."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=gen)
+    hessian = m @ m.t()
+    model = Quadratic(hessian, torch.randn(6, generator=gen))
+    opt = DiagonalNewton(model, curvature="hutchinson", seed=3)
+    draws = 1500
+    total = torch.zeros(6)
+    for _ in range(draws):
+        total += opt._hutchinson(lambda: model(), [model.p])[model.p]
+    estimate = total / draws
+    off_diagonal = (hessian**2).sum(1) - hessian.diagonal() ** 2
+    standard_error = (off_diagonal / draws).sqrt()
+    assert ((estimate - hessian.diagonal()).abs() < 4 * standard_error).all()
+    assert ((estimate - hessian.diagonal()).abs() > 0).any()  # a real estimate, not the exact diagonal
+
+
+def cross_entropy(out, y):
+    return F.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("kind", ["linear2d", "linear_sequence", "layernorm", "linear_wht"])
+def test_empirical_gauss_newton_diagonal_equals_per_sample_loop(kind):
+    """h_hat = B * sum_i (per-sample grad of the mean loss)^2, checked against a loop over samples."""
+    torch.manual_seed(0)
+    if kind == "linear_wht":
+        layer = LinearWHT(8, 8, dtype=torch.float64)
+        model = nn.Sequential(layer, nn.Tanh(), nn.Linear(8, 3))
+    elif kind == "layernorm":
+        layer = nn.LayerNorm(5)
+        model = nn.Sequential(nn.Linear(4, 5), layer, nn.Linear(5, 3))
+    else:
+        layer = nn.Linear(4, 5)
+        model = nn.Sequential(layer, nn.Tanh(), nn.Linear(5, 3))
+    batch = 6
+    in_features = 8 if kind == "linear_wht" else 4
+    if kind == "linear_sequence":
+        x, y = torch.randn(batch, 3, in_features), torch.randint(0, 3, (batch, 3))
+        loss_fn = lambda out, t: F.cross_entropy(out.reshape(-1, 3), t.reshape(-1))  # noqa: E731
+    else:
+        x, y = torch.randn(batch, in_features), torch.randint(0, 3, (batch,))
+        loss_fn = cross_entropy
+    params = list(layer.parameters())
+    per_sample = brute_force_per_sample_grads(model, loss_fn, x, y, params)
+    opt = DiagonalNewton(model, betas=(0.0, 0.0), likelihood="empirical")
+    train_step(model, opt, loss_fn, x, y)
+    for p, grads in zip(params, per_sample):
+        torch.testing.assert_close(opt.state[p]["curvature"], batch * (grads**2).sum(0))
+
+
+def test_sampled_gauss_newton_is_unbiased_for_gaussian_likelihood():
+    """E[h_hat] = diag(J^T H J), H = 2/M I for F.mse_loss: mean over refreshes vs. the exact Jacobian."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    first = model[0].weight
+    jac = torch.autograd.functional.jacobian(
+        lambda w: torch.func.functional_call(model, {"0.weight": w}, (x,)), first.detach()
+    )  # (5, 2, 4, 3)
+    exact = (2.0 / 10) * (jac**2).sum((0, 1))
+    opt = DiagonalNewton(model, betas=(0.0, 0.0), likelihood="gaussian", curvature_every=1, lr=1e-12, seed=2)
+    total, draws = torch.zeros_like(exact), 800
+    for _ in range(draws):
+        train_step(model, opt, F.mse_loss, x, y)
+        total += opt.state[first]["curvature"]
+    torch.testing.assert_close(total / draws, exact, rtol=0.1, atol=0.02 * float(exact.max()))
+
+
+def test_gnb_uses_sampled_gradient_squared():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = DiagonalNewton(model, curvature="gnb", likelihood="categorical", betas=(0.0, 0.0), lr=1e-12)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    train_step(model, opt, cross_entropy, x, y)
+    h = opt.state[model[0].weight]["curvature"]
+    assert (h >= 0).all() and h.sum() > 0
+
+
+def test_needs_model_for_gauss_newton():
+    with pytest.raises(ValueError, match="model_or_params"):
+        DiagonalNewton(nn.Linear(2, 2).parameters(), curvature="gauss_newton")
+
+
+@pytest.mark.parametrize("argument,value", [("curvature", "bfgs"), ("likelihood", "poisson"), ("lr", -1.0)])
+def test_bad_arguments_name_the_argument(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        DiagonalNewton(nn.Linear(2, 2), **{argument: value})
+
+
+def test_hutchinson_without_double_backward_raises_clear_error():
+    class NoDoubleBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**2
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return grad * 2 * x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.ones(3))
+
+        def forward(self):
+            return NoDoubleBackward.apply(self.p).sum()
+
+    model = Model()
+    opt = DiagonalNewton(model, curvature="hutchinson")
+    model().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        opt.step(lambda: model())
