@@ -8,9 +8,11 @@ is skipped: its weight and gradient alone take 2 GiB and one forward+backward at
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,25 +41,42 @@ def build(kind: str, width: int) -> nn.Module:
     return DeepSpectralLinear(width, width, depth=int(kind[-1]), generator=gen)
 
 
-def time_layer(layer: nn.Module, batch: int, width: int, backward: bool, dense_flops: float) -> float:
-    """Median seconds of one forward (no_grad) or forward+backward call; repeats shrink for the big cases."""
+def make_step(layer: nn.Module, batch: int, width: int, backward: bool) -> Callable[[], None]:
+    """One forward (no_grad) or forward+backward call; gradients are reset to None first, as
+    ``optimizer.zero_grad()`` does in a training loop (so dense layers pay for a fresh weight gradient)."""
     x = torch.randn(batch, width, requires_grad=backward)
-    if backward:
-        grad = torch.randn(batch, width)
+    if not backward:
 
-        def step() -> None:
-            layer(x).backward(grad)
-    else:
-
-        def step() -> None:
+        def forward() -> None:
             with torch.no_grad():
                 layer(x)
 
-    if dense_flops > 2e10:
-        return median_seconds(step, repeats=1, warmup=1)
-    if dense_flops > 2e9:
-        return median_seconds(step, repeats=3, warmup=1)
-    return median_seconds(step, repeats=7, warmup=2, min_seconds=0.002)
+        return forward
+    grad = torch.randn(batch, width)
+
+    def forward_backward() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad)
+
+    return forward_backward
+
+
+def time_kinds(layers: dict[str, nn.Module], batch: int, width: int, backward: bool,
+               dense_flops: float) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call for each layer. Repeats are interleaved across the layers so that load
+    from other processes on a shared machine hits all of them alike; repeats shrink for the big dense cases."""
+    repeats, warmup, min_seconds = (7, 2, 0.005) if dense_flops <= 2e9 else ((3, 1, 0.0) if dense_flops <= 2e10
+                                                                             else (1, 1, 0.0))
+    steps = {kind: make_step(layer, batch, width, backward) for kind, layer in layers.items()}
+    samples: dict[str, list[float]] = {kind: [] for kind in layers}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for kind, step in steps.items():
+            samples[kind].append(median_seconds(step, repeats=1, warmup=0, min_seconds=min_seconds))
+    return {kind: (statistics.median(values), min(values)) for kind, values in samples.items()}
 
 
 def layer_memory(layer: nn.Module) -> tuple[int, int, int]:
@@ -81,13 +100,11 @@ def main() -> None:
         for width in WIDTHS:
             layers = {kind: build(kind, width) for kind in kinds if kind != "dense" or width <= DENSE_MAX_WIDTH}
             for batch in BATCHES:
-                times = {}
+                times: dict[tuple[str, bool], float | None] = {}
                 for backward in (False, True):
-                    flops = 2.0 * batch * width * width * (3 if backward else 1)
+                    measured = time_kinds(layers, batch, width, backward, 2.0 * batch * width * width)
                     for kind in kinds:
-                        times[kind, backward] = (
-                            time_layer(layers[kind], batch, width, backward, flops) if kind in layers else None
-                        )
+                        times[kind, backward] = measured[kind][0] if kind in layers else None
                 dense_fb, wht_fb = times["dense", True], times["wht", True]
                 speedup = f"{dense_fb / wht_fb:.1f}x" if dense_fb is not None else "-"
                 rows.append([threads, width, batch] + [fmt_ms(times[k, False]) for k in kinds]
@@ -95,17 +112,18 @@ def main() -> None:
                 print(rows[-1], flush=True)
             del layers
         # the bar: width 4096, batch 64, forward+backward
-        bar = {kind: time_layer(build(kind, BAR_WIDTH), BAR_BATCH, BAR_WIDTH, True, 2e9) for kind in kinds}
-        bar_rows.append([threads] + [fmt_ms(bar[k]) for k in kinds]
-                        + [f"{bar['dense'] / bar[k]:.1f}x" for k in kinds[1:]])
+        bar = time_kinds({kind: build(kind, BAR_WIDTH) for kind in kinds}, BAR_BATCH, BAR_WIDTH, True, 2e9)
+        bar_rows.append([threads] + [fmt_ms(bar[k][0]) for k in kinds]
+                        + [f"{bar['dense'][0] / bar[k][0]:.1f}x" for k in kinds[1:]]
+                        + [f"{bar['dense'][1] / bar['wht'][1]:.1f}x"])
         # crossover at the bar's batch size, forward+backward and forward
         for backward in (True, False):
             crossover = None
             for width in CROSSOVER_WIDTHS:
-                dense = time_layer(build("dense", width), BAR_BATCH, width, backward, 0.0)
-                wht = time_layer(build("wht", width), BAR_BATCH, width, backward, 0.0)
-                if wht < dense:
-                    crossover = width
+                pair = time_kinds({"dense": build("dense", width), "wht": build("wht", width)}, BAR_BATCH, width,
+                                  backward, 0.0)
+                if pair["wht"][0] < pair["dense"][0]:
+                    crossover = f"{width} (dense {fmt_ms(pair['dense'][0])} ms, wht {fmt_ms(pair['wht'][0])} ms)"
                     break
             crossover_rows.append([threads, BAR_BATCH, "forward+backward" if backward else "forward",
                                    crossover if crossover is not None else f"> {CROSSOVER_WIDTHS[-1]}"])
@@ -124,17 +142,20 @@ def main() -> None:
     markdown = "\n\n".join([
         "## Spectral linear layers vs nn.Linear (`benchmarks/spectral_linear.py`)",
         f"CPU: {info.cpu}, {info.cores} cores visible; torch {info.torch}; float32; square layers; "
-        f"threads = torch.set_num_threads. Times in ms (median of repeats; 1 repeat for dense cases above "
-        f"20 GFLOP). wht = LinearWHT, deepK = DeepSpectralLinear(depth=K). nn.Linear at 16384 skipped "
-        f"(2 GiB for weight + gradient). The machine was shared with other jobs, so absolute times are noisy; "
-        f"ratios come from the same process. Run time {elapsed:.0f} s.",
+        f"threads = torch.set_num_threads. Times in ms: median of repeats interleaved across the layers (7 "
+        f"repeats; 3 for dense cases above 2 GFLOP, 1 above 20 GFLOP); gradients are reset to None before each "
+        f"forward+backward, as in a training step. wht = LinearWHT, deepK = DeepSpectralLinear(depth=K). "
+        f"nn.Linear at 16384 skipped (2 GiB for weight + gradient, ~400 GFLOP per forward+backward at batch 256). "
+        f"The machine ({info.cores} cores) was shared with other jobs while this ran, so absolute times are noisy "
+        f"(2-thread runs most of all: OpenMP threads wait on descheduled peers); ratios come from interleaved "
+        f"repeats in one process. Run time {elapsed:.0f} s.",
         "### The bar: width 4096, batch 64, forward+backward (target: LinearWHT >= 20x faster than nn.Linear)",
         markdown_table(["threads", "dense ms", "wht ms", "deep2 ms", "deep4 ms", "dense/wht", "dense/deep2",
-                        "dense/deep4"], bar_rows),
+                        "dense/deep4", "dense/wht (fastest repeats)"], bar_rows),
         "### Crossover: smallest width where LinearWHT is faster than nn.Linear (target: <= 256)",
         markdown_table(["threads", "batch", "pass", "crossover width"], crossover_rows),
-        "### Memory per layer (O(N) for the spectral layers; buffers are the int64 permutation and its "
-        "derived gather indices)",
+        "### Memory per layer (O(N) for the spectral layers; buffers are the int64 permutation (saved) and its "
+        "derived int32 gather indices (rebuilt on load))",
         markdown_table(["width", "layer", "parameters", "parameter MiB", "buffer MiB"], memory_rows),
         "### All widths and batches (ms)",
         markdown_table(["threads", "width", "batch"] + [f"{k} fwd" for k in kinds] + [f"{k} f+b" for k in kinds]

@@ -105,7 +105,7 @@ int64_t scratch_size(const FwhtKernels<T>& k, int64_t len) {
   int64_t most = 0;
   for (int64_t l = len; l * int64_t(sizeof(T)) > kLeafBytes;) {
     const Split sp = split_of(k, l);
-    most = std::max(most, sp.count * sp.width);
+    most = std::max(most, sp.count * (sp.width + 64 / int64_t(sizeof(T))));  // see columns_pow2
     l = sp.block;
   }
   return most;

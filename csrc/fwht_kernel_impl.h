@@ -97,36 +97,6 @@ struct Kernel {
     }
   }
 
-  // Walks the cache lines of a region (`rows` runs of `row_bytes`, `stride_bytes` apart) that the next unit
-  // of work will read, a few lines per step of the current one, so memory and arithmetic overlap (the
-  // hardware prefetcher does not run ahead while a row is being worked on in L1).
-  struct Prefetcher {
-    const char* base = nullptr;
-    int64_t stride_bytes = 0, row_bytes = 0, rows = 0, per_step = 0;
-    int64_t row = 0, offset = 0;
-
-    Prefetcher() = default;
-    Prefetcher(const T* region, int64_t stride, int64_t width, int64_t count, int64_t steps)
-        : base(reinterpret_cast<const char*>(region)),
-          stride_bytes(stride * int64_t(sizeof(T))),
-          row_bytes(width * int64_t(sizeof(T))),
-          rows(region == nullptr ? 0 : count) {
-      const int64_t lines = rows * ((row_bytes + 63) / 64);
-      per_step = steps > 0 ? (lines + steps - 1) / steps : lines;
-    }
-
-    inline void step() {
-      for (int64_t i = 0; i < per_step && row < rows; ++i) {
-        __builtin_prefetch(base + row * stride_bytes + offset, 1, 3);
-        offset += 64;
-        if (offset >= row_bytes) {
-          offset = 0;
-          ++row;
-        }
-      }
-    }
-  };
-
   // G consecutive registers (G * W values): scale, in-lane stages, then log2(G) cross-register stages.
   template <int G, bool Scaled>
   static inline void block(const T* src, T* dst, V scale, V m1) {
@@ -144,10 +114,9 @@ struct Kernel {
 
   // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place.
   template <int R>
-  static void radix_pass(T* x, int64_t nvec, int64_t s, V m1, Prefetcher& ahead) {
+  static void radix_pass(T* x, int64_t nvec, int64_t s, V m1) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
-        ahead.step();
         V r[R];
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
@@ -157,35 +126,44 @@ struct Kernel {
       }
   }
 
-  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1.
-  // The radices of the passes after the first (which covers register strides 1..4), largest first.
+  // The radices of the passes after the first (which covers register strides 1..4).
   static int later_radices(int64_t nvec, int* radices) {
     int passes = 0;
     for (int64_t s = 8; s < nvec;) {
       const int64_t left = nvec / s;
-      const int radix = left >= 8 ? 8 : static_cast<int>(left);
+      // 16 registers at once only where that saves a whole pass (1024-point rows on AVX2): otherwise radix 8
+      // keeps every value in a register.
+      const int radix = left == 16 ? 16 : left >= 8 ? 8 : static_cast<int>(left);
       radices[passes++] = radix;
       s *= radix;
     }
     return passes;
   }
 
-  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1; `next` (or nullptr)
-  // is the row to prefetch meanwhile.
+  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1. The first pass,
+  // which reads the row from memory, prefetches `next` (the next row, or nullptr) line for line, so the
+  // next row streams in while this one is worked on (the hardware prefetcher does not run ahead while a
+  // row is being worked on in L1).
   template <bool Scaled>
   static void long_row(const T* src, T* dst, int64_t nvec, V scale, V m1, const T* next) {
+    constexpr int64_t block_bytes = 8 * W * int64_t(sizeof(T));
+    for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
+      if (next != nullptr) {
+        const char* ahead = reinterpret_cast<const char*>(next + v0 * W);
+        DREIDEL_UNROLL
+        for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b, 1, 3);
+      }
+      block<8, Scaled>(src + v0 * W, dst + v0 * W, scale, m1);
+    }
     int radices[32];
     const int passes = later_radices(nvec, radices);
-    int64_t steps = 0;
-    for (int p = 0; p < passes; ++p) steps += nvec / radices[p];
-    Prefetcher ahead(next, 0, nvec * W, 1, steps);
-    for (int64_t v0 = 0; v0 < nvec; v0 += 8) block<8, Scaled>(src + v0 * W, dst + v0 * W, scale, m1);
     int64_t s = 8;
     for (int p = 0; p < passes; ++p) {
       switch (radices[p]) {
-        case 8: radix_pass<8>(dst, nvec, s, m1, ahead); break;
-        case 4: radix_pass<4>(dst, nvec, s, m1, ahead); break;
-        default: radix_pass<2>(dst, nvec, s, m1, ahead); break;
+        case 16: radix_pass<16>(dst, nvec, s, m1); break;
+        case 8: radix_pass<8>(dst, nvec, s, m1); break;
+        case 4: radix_pass<4>(dst, nvec, s, m1); break;
+        default: radix_pass<2>(dst, nvec, s, m1); break;
       }
       s *= radices[p];
     }
@@ -337,25 +315,39 @@ struct Kernel {
   // ---- the outer factor of a long row ----
 
   // Stages at row strides s, ..., (R/2)s of `count` rows, `width` columns each, read from `in` and
-  // written to `out` (which may be `in`); every group reads all its rows before writing them.
+  // written to `out` (which may be `in`); every group reads all its rows before writing them. With
+  // `ahead` != 0 every cache line read is mirrored by a prefetch of the line `ahead` elements further on
+  // (the same place in the next strip), so the next strip streams in while this one is worked on.
   template <int R>
   static void column_pass(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t count,
-                          int64_t width, int64_t s, V m1, Prefetcher& ahead) {
+                          int64_t width, int64_t s, V m1, int64_t ahead) {
+    constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
     for (int64_t base = 0; base < count; base += R * s)
-      for (int64_t j = base; j < base + s; ++j)
+      for (int64_t j = base; j < base + s; ++j) {
+        const T* in_rows[R];
+        T* out_rows[R];
+        DREIDEL_UNROLL
+        for (int i = 0; i < R; ++i) {
+          in_rows[i] = in + (j + i * s) * in_stride;
+          out_rows[i] = out + (j + i * s) * out_stride;
+        }
         for (int64_t c = 0; c < width; c += W) {
-          ahead.step();
+          if (ahead != 0 && c % line == 0) {
+            DREIDEL_UNROLL
+            for (int i = 0; i < R; ++i) __builtin_prefetch(in_rows[i] + c + ahead, 1, 3);
+          }
           V r[R];
           DREIDEL_UNROLL
-          for (int i = 0; i < R; ++i) r[i] = load(in + (j + i * s) * in_stride + c);
+          for (int i = 0; i < R; ++i) r[i] = load(in_rows[i] + c);
           butterflies<R>(r, m1);
           DREIDEL_UNROLL
-          for (int i = 0; i < R; ++i) store(out + (j + i * s) * out_stride + c, r[i]);
+          for (int i = 0; i < R; ++i) store(out_rows[i] + c, r[i]);
         }
+      }
   }
 
   static void column_pass_any(int radix, const T* in, int64_t in_stride, T* out, int64_t out_stride,
-                              int64_t count, int64_t width, int64_t s, V m1, Prefetcher& ahead) {
+                              int64_t count, int64_t width, int64_t s, V m1, int64_t ahead) {
     switch (radix) {
       case 8: return column_pass<8>(in, in_stride, out, out_stride, count, width, s, m1, ahead);
       case 4: return column_pass<4>(in, in_stride, out, out_stride, count, width, s, m1, ahead);
@@ -363,8 +355,11 @@ struct Kernel {
     }
   }
 
+  static constexpr int64_t scratch_stride(int64_t width) { return width + 64 / int64_t(sizeof(T)); }
+
   // The strip is gathered into `scratch` by the first radix pass (so the middle passes run on a compact,
-  // alias-free copy in L2) and scattered back by the last one.
+  // alias-free copy in L2) and scattered back by the last one. The first pass, the one that reads memory,
+  // prefetches the next strip (`next`, the same rows `next - x` further on) line for line.
   static void columns_pow2(T* x, int64_t count, int64_t stride, int64_t width, T* scratch, const T* next) {
     const V m1 = minus_one();
     int radices[32];
@@ -375,20 +370,19 @@ struct Kernel {
     if (log2_count % 3 == 2) radices[passes++] = 4;
     for (int i = 0; i < log2_count / 3; ++i) radices[passes++] = 8;
     if (passes == 0) return;
-    // The next strip is fetched during every pass but the first (which reads this strip from memory).
-    int64_t steps = 0;
-    for (int p = passes > 1 ? 1 : 0; p < passes; ++p) steps += count / radices[p] * (width / W);
-    Prefetcher ahead(next, stride, width, count, steps);
-    Prefetcher none;
+    const int64_t ahead = next == nullptr ? 0 : static_cast<int64_t>(next - x);
     if (passes == 1) {
       column_pass_any(radices[0], x, stride, x, stride, count, width, 1, m1, ahead);
       return;
     }
+    // Scratch rows are one cache line longer than the strip, so rows a power of two apart do not all fall
+    // into the same L1 set.
+    const int64_t ws = scratch_stride(width);
     int64_t s = 1;
     for (int p = 0; p < passes; ++p) {
       const bool first = p == 0, last = p == passes - 1;
-      column_pass_any(radices[p], first ? x : scratch, first ? stride : width, last ? x : scratch,
-                      last ? stride : width, count, width, s, m1, first ? none : ahead);
+      column_pass_any(radices[p], first ? x : scratch, first ? stride : ws, last ? x : scratch,
+                      last ? stride : ws, count, width, s, m1, first ? ahead : 0);
       s *= radices[p];
     }
   }

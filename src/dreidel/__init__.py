@@ -1,5 +1,6 @@
 """dreidel: fast deep learning on CPUs through structured (Walsh-Hadamard) and hashed layers."""
 
+from dreidel import algo, api, data, io, layers, optim
 from dreidel._native import available_isas, best_isa
 from dreidel.algo import (
     fwht,
@@ -8,11 +9,20 @@ from dreidel.algo import (
     is_hadamard_length,
     pad_to_hadamard,
 )
+from dreidel.api import Sequential, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "Sequential",
+    "algo",
+    "api",
+    "data",
+    "io",
+    "layers",
+    "load",
+    "optim",
     "available_isas",
     "best_isa",
     "fwht",

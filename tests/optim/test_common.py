@@ -138,3 +138,16 @@ def test_build_optimizer_unknown_name_lists_names():
 def test_build_optimizer_refuses_lazy_parameters():
     with pytest.raises(ValueError, match="lazy"):
         build_optimizer("adam", nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_non_finite_gradient_skips_the_step(name, caplog):
+    model = make_model()
+    opt = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    bad_loss = lambda out, t: F.cross_entropy(out, t) * float("nan")  # noqa: E731
+    with caplog.at_level("WARNING", logger="dreidel.optim"):
+        train_step(model, opt, bad_loss, x, y)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert any("non-finite gradient" in r.getMessage() for r in caplog.records)

@@ -28,7 +28,7 @@ def _linear_args(module: nn.Linear) -> dict[str, Any]:
 
 def _spectral_args(module: LinearWHT) -> dict[str, Any]:
     args = module.config()
-    args.pop("depth")  # LinearWHT is depth 1 by definition and takes no depth argument
+    args.pop("depth", None)  # LinearWHT is depth 1 by definition and takes no depth argument
     return args
 
 

@@ -21,7 +21,7 @@ from dreidel.api.history import History
 from dreidel.api.layer_specs import build_layer, layer_spec
 from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import resolve_metric
-from dreidel.api.summary import summarize
+from dreidel.api.summary import format_summary, summarize
 from dreidel.io.checkpoint import load_state_strict, read_checkpoint, require_config_keys, write_checkpoint
 from dreidel.optim import build_optimizer
 
@@ -254,20 +254,17 @@ class Sequential(nn.Sequential):
     # ----------------------------------------------------------------------------------- reporting
     def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
         """A table of layers, output shapes, parameters and FLOPs per sample (returned as text, not printed)."""
-        from dreidel.cli._table import format_table
-
         if input_shape is not None:
             self.build(input_shape)
         if self.input_shape is None:
             raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
         rows = summarize(self, self.input_shape, dtype)
-        table = [(r.name, r.layer, str(r.output_shape), r.parameters, "?" if r.flops is None else r.flops) for r in rows]
         total_params = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         known_flops = sum(r.flops for r in rows if r.flops is not None)
         flops_note = "" if all(r.flops is not None for r in rows) else " (layers marked ? not counted)"
-        lines = [format_table(["#", "layer", "output shape", "params", "FLOPs/sample"], table),
+        lines = [format_summary(rows),
                  f"input shape: {self.input_shape}",
                  f"parameters: {total_params:,} ({trainable:,} trainable)",
                  f"FLOPs per sample: {known_flops:,}{flops_note}"]

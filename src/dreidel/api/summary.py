@@ -17,7 +17,7 @@ from torch import nn
 
 from dreidel.layers import DeepSpectralLinear, LinearWHT
 
-__all__ = ["LayerRow", "fwht_flops", "layer_flops", "summarize"]
+__all__ = ["LayerRow", "format_summary", "fwht_flops", "layer_flops", "summarize"]
 
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 _FREE = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -105,3 +105,17 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
         parameters = sum(p.numel() for p in child.parameters())
         rows.append(LayerRow(name, type(child).__name__, layer_out, parameters, layer_flops(child, layer_in, layer_out)))
     return rows
+
+
+def format_summary(rows: list[LayerRow]) -> str:
+    """A plain-text table of ``rows``: text columns left-aligned, counts right-aligned with thousands separators."""
+    headers = ("#", "layer", "output shape", "params", "FLOPs/sample")
+    cells = [headers] + [(r.name, r.layer, str(r.output_shape), f"{r.parameters:,}",
+                          "?" if r.flops is None else f"{r.flops:,}") for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    right_aligned = (False, False, False, True, True)
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, right_aligned)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(row) for row in cells[1:])])

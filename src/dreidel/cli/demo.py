@@ -12,6 +12,7 @@ import time
 import torch
 
 from dreidel.cli._table import format_table
+from dreidel.cli.demo_mnist import mnist_step
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def transform_step(seed: int) -> None:
     print(format_table(["rows x length", "dreidel ms", "x vs PyTorch butterfly", "x vs dense matmul"], rows))
 
 
-STEPS = (transform_step,)
+STEPS = (transform_step, mnist_step)
 
 
 def run(args: argparse.Namespace) -> int:

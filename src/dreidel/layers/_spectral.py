@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from dreidel.algo import fwht, nearest_hadamard_lengths
+from dreidel.algo import nearest_hadamard_lengths
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._spectral_grads import (
     SpectralLayout,
@@ -229,7 +229,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         for name, value in (("_flat_perm", flat_perm), ("_flat_inverse", flat_inverse),
                             ("_input_gather", input_gather), ("_scale_gather", scale_gather),
                             ("_input_scatter", input_scatter)):
-            self.register_buffer(name, value.contiguous(), persistent=False)
+            # int32 halves the index memory (index_select takes int32 or int64 indices)
+            self.register_buffer(name, value.to(torch.int32).contiguous(), persistent=False)
 
     # -------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:

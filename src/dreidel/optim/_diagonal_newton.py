@@ -15,6 +15,8 @@ are neither tiny nor (after ``max``) exploding. With ``lr=1``, ``beta1=0``, ``da
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ from dreidel.optim._capture import ActivationCapture, per_sample_modules, square
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 CURVATURES = ("gauss_newton", "gnb", "hutchinson")
+logger = logging.getLogger("dreidel.optim")
 
 
 class DiagonalNewton(CurvatureOptimizer):
@@ -102,6 +105,7 @@ class DiagonalNewton(CurvatureOptimizer):
         self.likelihood = likelihood
         self.curvature_every = curvature_every
         self.generator = torch.Generator().manual_seed(seed)
+        self._warned_flat = False
         self.capture: ActivationCapture | None = None
         if self.model is not None:
             modules = per_sample_modules(self.model) if curvature == "gauss_newton" else []
@@ -158,6 +162,11 @@ class DiagonalNewton(CurvatureOptimizer):
             loss = closure()
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
+        flat = [self._param_names[p] for p, g in zip(params, grads) if g is not None and not g.requires_grad]
+        if flat and not self._warned_flat:
+            logger.warning("DiagonalNewton: no Hessian-vector product for %s (gradient has no graph: linear in "
+                           "the loss or a once-differentiable layer); their curvature stays 0", ", ".join(flat))
+            self._warned_flat = True
         if not pairs:
             return {}
         zs = [
@@ -203,6 +212,11 @@ class DiagonalNewton(CurvatureOptimizer):
         refresh = step % self.curvature_every == 0
         if self.closure_required(step):
             self._check_closure(closure, f"curvature={self.curvature!r}, likelihood={self.likelihood!r}")
+        if params and not torch.isfinite(torch.stack([p.grad.sum() for p in params])).all():
+            logger.warning("DiagonalNewton: non-finite gradient at step %d; step skipped", step)
+            if self.capture is not None:
+                self.capture.clear()
+            return None
         estimates: dict = {}
         if refresh and params:
             if self.curvature == "hutchinson":

@@ -48,17 +48,23 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
 class KFAC(CurvatureOptimizer):
     """K-FAC preconditioner; the preconditioned gradient is handed to a base optimizer.
 
-    Each step: (1) every ``factor_every`` steps (every step during the first ``inverse_every``) update the running factors A, G (or diagonals) from the
-    captured layer inputs and output gradients; (2) every ``inverse_every`` steps (and at steps 1, 2, 4, 8, ... before that) eigendecompose them;
-    (3) replace ``p.grad`` by ``(F_block + damping I)^{-1} grad`` for every supported layer (other
-    parameters keep their gradient); (4) scale all preconditioned gradients by
-    ``min(1, sqrt(kl_clip / (lr^2 sum grad . precond)))``; (5) ``base.step()``; (6) every
-    ``damping_every`` steps compare the loss change with the quadratic model and adapt ``damping``
-    (Levenberg-Marquardt, M&G 2015 Sec. 6.5: rho > 3/4 -> damping * omega, rho < 1/4 -> / omega,
-    omega = (19/20)^damping_every; the quadratic model uses the blocks' approximations and their
-    damping; parameters without a block contribute their linear term only). A non-finite loss after the step reverts it and multiplies the
-    damping by 10; a non-finite preconditioned gradient falls back to the raw gradient and raises
-    the damping; both are logged as warnings.
+    Each step:
+
+    1. every ``factor_every`` steps (every step during the first ``inverse_every``) update the running
+       factors A, G (or diagonals) from the captured layer inputs and output gradients;
+    2. every ``inverse_every`` steps (and at steps 1, 2, 4, 8, ... before that) eigendecompose them;
+    3. replace ``p.grad`` by ``(F_block + damping I)^{-1} grad`` for every supported layer (other
+       parameters keep their gradient);
+    4. scale all preconditioned gradients by ``min(1, sqrt(kl_clip / (lr^2 sum grad . precond)))``;
+    5. ``base.step()``;
+    6. every ``damping_every`` steps compare the loss change with the quadratic model and adapt
+       ``damping`` (Levenberg-Marquardt, M&G 2015 Sec. 6.5: rho > 3/4 -> damping * omega,
+       rho < 1/4 -> damping / omega, omega = (19/20)^damping_every; the model uses the blocks'
+       approximations and damping; parameters without a block contribute their linear term only).
+
+    A non-finite gradient skips the step; a non-finite loss after the step reverts it and multiplies
+    the damping by 10; a non-finite preconditioned gradient falls back to the raw gradient and raises
+    the damping; a failed eigendecomposition retries with jitter. All are logged as warnings.
 
     Args:
         model: the module; its Linear/Conv1d/Conv2d (Kronecker factors), Embedding (diagonal A),
@@ -66,10 +72,12 @@ class KFAC(CurvatureOptimizer):
             Other parameters are left to the base optimizer (listed once at INFO level).
         lr, momentum, weight_decay: of the default base optimizer, SGD with momentum.
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
-            the mean loss's curvature (M&G 2015 use an absolute lambda too). 1e-3 by default; the
-            Levenberg-Marquardt rule adapts it. (A damping relative to each block's mean eigenvalue
-            was tried: it made the steps of near-flat output layers far too large on the MNIST
-            autoencoder.)
+            the mean loss's curvature. M&G 2015 start high (150 for a sum over a batch of ~1000-5000,
+            i.e. ~0.1 for a mean) and let the Levenberg-Marquardt rule lower it; 0.1 by default.
+            Too small a start (1e-3) amplifies the near-null directions of factors estimated from a
+            few batches and diverged on the MNIST MLP without KL clipping. (A damping relative to
+            each block's mean eigenvalue was tried: it made the steps of near-flat output layers far
+            too large on the MNIST autoencoder.)
         factor_decay: EMA decay of the factors (M&G 2015 use 0.95).
         factor_every: update the factors every T1 steps (M&G: 1; we default to 5, which keeps the
             sampled-Fisher backward and the factor products off most steps).
@@ -96,7 +104,7 @@ class KFAC(CurvatureOptimizer):
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = 0.1,
         factor_decay: float = 0.95,
         factor_every: int = 5,
         inverse_every: int = 20,

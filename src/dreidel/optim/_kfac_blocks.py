@@ -38,24 +38,33 @@ logger = logging.getLogger("dreidel.optim")
 
 
 def robust_eigh(matrix: torch.Tensor, name: str, attempts: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of a symmetric PSD factor; on failure or non-finite output add growing jitter
-    (1e-6 .. 1e-1 of the mean diagonal) and retry, reporting it; as a last resort the identity."""
+    """Eigendecomposition of a symmetric PSD factor, returned in ``matrix``'s dtype.
+
+    A failure (exception or non-finite output) is retried in float64 (reported at INFO: float32
+    ``eigh`` fails to converge on rank-deficient factors such as raw-pixel covariances), then with
+    growing jitter (1e-6 .. 1e-2 of the mean diagonal, reported as warnings), and as a last resort
+    the identity is used (warning).
+    """
+    dtype = matrix.dtype
     matrix = 0.5 * (matrix + matrix.t())
     scale = matrix.diagonal().abs().mean().clamp_min(1e-12)
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
     for attempt in range(attempts):
-        jitter = 0.0 if attempt == 0 else scale * 10.0 ** (attempt - 7)
+        work = matrix.double() if attempt else matrix
+        jitter = 0.0 if attempt < 2 else float(scale) * 10.0 ** (attempt - 8)
         try:
-            values, vectors = torch.linalg.eigh(matrix + jitter * eye)
+            values, vectors = torch.linalg.eigh(work + jitter * torch.eye(work.shape[0], dtype=work.dtype))
             if torch.isfinite(values).all() and torch.isfinite(vectors).all():
-                if attempt:
-                    logger.warning("K-FAC: eigendecomposition of %s succeeded with jitter %.3g", name, float(jitter))
-                return values.clamp_min(0.0), vectors
+                if attempt == 1:
+                    logger.info("K-FAC: eigendecomposition of %s needed float64", name)
+                elif attempt > 1:
+                    logger.warning("K-FAC: eigendecomposition of %s succeeded with jitter %.3g", name, jitter)
+                return values.clamp_min(0.0).to(dtype), vectors.to(dtype)
         except (RuntimeError, torch.linalg.LinAlgError):
             pass
-        logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); adding jitter", name, attempt + 1)
+        if attempt:
+            logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); adding jitter", name, attempt + 1)
     logger.warning("K-FAC: %s could not be decomposed; using the identity", name)
-    return torch.ones(matrix.shape[0], dtype=matrix.dtype), eye
+    return torch.ones(matrix.shape[0], dtype=dtype), torch.eye(matrix.shape[0], dtype=dtype)
 
 
 def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, updates: int) -> torch.Tensor:

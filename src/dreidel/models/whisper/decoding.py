@@ -97,7 +97,7 @@ def _until_eot(tokens: list[int], eot: int) -> list[int]:
 def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
-    cache = decoder.new_cache(features.repeat_interleave(beams, dim=0))  # rows: window-major, beam-minor
+    cache = decoder.new_cache(features, rows_per_window=beams)  # rows: window-major, beam-minor
     prompt = torch.tensor([options.prompt] * (batch * beams))
     logits = decoder(prompt, 0, cache, last_only=True)[:, -1]  # (B*K, V)
     suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)
