@@ -285,3 +285,13 @@ def test_unit_vector_gives_a_hadamard_column_up_to_2_pow_30(log2_n, num_threads)
     sample = torch.randint(0, n, (1 << 16,), generator=torch.Generator().manual_seed(log2_n))
     assert torch.equal(x[0, sample].double(), sylvester_entries(sample, column))
     assert bool((x.abs() == 1).all())  # every entry is exactly +-1
+
+
+@pytest.mark.parametrize("n", [8, 384, 1 << 17])
+def test_fwht_into_is_the_raw_kernel(n, generator):
+    x = torch.randn(3, n, dtype=torch.float64, generator=generator)
+    out = torch.empty_like(x)
+    dr.algo.fwht_into(x, out, normalized=True)
+    torch.testing.assert_close(out, dense_fwht(x) if n <= 4096 else dr.fwht_reference(x))
+    dr.algo.fwht_into(x, x, normalized=False)
+    torch.testing.assert_close(x, out * math.sqrt(n))

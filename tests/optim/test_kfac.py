@@ -246,7 +246,7 @@ def test_failed_decomposition_retries_with_jitter(monkeypatch, caplog):
 
     def flaky(matrix):
         calls["n"] += 1
-        if calls["n"] <= 2:  # the plain and the float64 attempts fail
+        if calls["n"] <= 3:  # the plain, the small-jitter and the float64 attempts fail
             raise torch.linalg.LinAlgError("simulated failure")
         return real_eigh(matrix)
 
@@ -254,7 +254,8 @@ def test_failed_decomposition_retries_with_jitter(monkeypatch, caplog):
     matrix = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
         values, vectors = robust_eigh(matrix, "test factor")
-    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.t(), matrix, atol=1e-5, rtol=1e-5)
+    # the successful attempt added a jitter of 1e-4 x the mean diagonal
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.t(), matrix, atol=3e-4, rtol=0)
     assert any("jitter" in r.getMessage() for r in caplog.records)
     assert values.dtype == matrix.dtype
 

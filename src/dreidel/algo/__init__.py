@@ -1,6 +1,6 @@
 """Algorithms: the Walsh-Hadamard transform (and, later, LSH tables and sparse active-set products)."""
 
-from dreidel.algo._fwht import fwht, fwht_reference, pad_to_hadamard
+from dreidel.algo._fwht import fwht, fwht_into, fwht_reference, pad_to_hadamard
 from dreidel.algo._hadamard import (
     HADAMARD_FACTORS,
     hadamard_factor,
@@ -12,6 +12,7 @@ from dreidel.algo._hadamard import (
 __all__ = [
     "HADAMARD_FACTORS",
     "fwht",
+    "fwht_into",
     "fwht_reference",
     "hadamard_factor",
     "hadamard_matrix",

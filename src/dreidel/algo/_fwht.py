@@ -22,7 +22,7 @@ from dreidel.algo._hadamard import (
     small_hadamard,
 )
 
-__all__ = ["fwht", "fwht_reference", "pad_to_hadamard"]
+__all__ = ["fwht", "fwht_into", "fwht_reference", "pad_to_hadamard"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -91,7 +91,14 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
     return _reference_last_dim(moved, normalized).to(x.dtype).movedim(-1, dim)
 
 
-def _native_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool) -> None:
+def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> None:
+    """Raw native transform along the last dim: ``dst = fwht(src)``, no autograd, no op dispatch.
+
+    For layer implementations that write their own backward and call the transform many times on small
+    tensors (the custom-op dispatch of :func:`fwht` costs tens of microseconds). The caller guarantees:
+    ``src`` and ``dst`` are contiguous CPU float32/float64 tensors of the same shape and dtype (they may be
+    the same tensor) whose last dimension is a supported length.
+    """
     n = src.shape[-1]
     m, _ = hadamard_factor(n)
     native.fwht(
@@ -109,7 +116,7 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     src = x.contiguous()
     out = torch.empty_like(src)
-    _native_into(src, out, normalized)
+    fwht_into(src, out, normalized)
     return out
 
 
@@ -138,10 +145,10 @@ def _fwht_inplace_op(x: torch.Tensor, normalized: bool) -> None:
 @_fwht_inplace_op.register_kernel("cpu")
 def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
     if x.is_contiguous():
-        _native_into(x, x, normalized)
+        fwht_into(x, x, normalized)
     else:
         work = x.contiguous()
-        _native_into(work, work, normalized)
+        fwht_into(work, work, normalized)
         x.copy_(work)
 
 

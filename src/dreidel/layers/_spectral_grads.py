@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dreidel.algo import fwht
-from dreidel.algo import _fwht as fwht_impl
+from dreidel.algo import fwht, fwht_into
 
 if TYPE_CHECKING:
     from dreidel.layers._spectral import _SpectralLinearBase
@@ -50,7 +49,7 @@ def _transform_(z: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
     if not torch.compiler.is_compiling() and z.dtype in (torch.float32, torch.float64) and z.device.type == "cpu":
         # Eager CPU fast path: the native kernel directly, skipping ~40 µs of custom-op dispatch per call
         # (measured at 64 x 256), which decides the crossover width against nn.Linear. Traced code keeps the op.
-        fwht_impl._native_into(z.view(-1, layout.length), z.view(-1, layout.length), True)
+        fwht_into(z.view(-1, layout.length), z.view(-1, layout.length), True)
         return z
     return fwht(z.view(rows, layout.blocks, layout.length), inplace=True).view(rows, -1)
 

@@ -52,7 +52,7 @@ class KFAC(CurvatureOptimizer):
 
     1. every ``factor_every`` steps (every step during the first ``inverse_every``) update the running
        factors A, G (or diagonals) from the captured layer inputs and output gradients;
-    2. every ``inverse_every`` steps (and at steps 1, 2, 4, 8, ... before that) eigendecompose them;
+    2. every ``inverse_every`` steps (and at steps 1, 4, 16, ... before that) eigendecompose them;
     3. replace ``p.grad`` by ``(F_block + damping I)^{-1} grad`` for every supported layer (other
        parameters keep their gradient);
     4. scale all preconditioned gradients by ``min(1, sqrt(kl_clip / (lr^2 sum grad . precond)))``;
@@ -163,9 +163,9 @@ class KFAC(CurvatureOptimizer):
         return step % self.hyper["factor_every"] == 0 or step < self.hyper["inverse_every"]
 
     def _is_inverse_step(self, step: int) -> bool:
-        """Every ``inverse_every`` steps, and at steps 1, 2, 4, 8, ... of the warm-up: the first factors
+        """Every ``inverse_every`` steps, and at steps 1, 4, 16, ... of the warm-up: the first factors
         come from one batch (rank <= batch size), so their inverse must not be kept for long."""
-        warm_up = step < self.hyper["inverse_every"] and step & (step - 1) == 0
+        warm_up = 0 < step < self.hyper["inverse_every"] and 4 ** round(math.log(step, 4)) == step
         return step % self.hyper["inverse_every"] == 0 or warm_up
 
     def closure_required(self, step: int) -> bool:

@@ -37,32 +37,31 @@ from dreidel.optim._capture import LayerRecord, squared_grad_sums
 logger = logging.getLogger("dreidel.optim")
 
 
-def robust_eigh(matrix: torch.Tensor, name: str, attempts: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def robust_eigh(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition of a symmetric PSD factor, returned in ``matrix``'s dtype.
 
-    A failure (exception or non-finite output) is retried in float64 (reported at INFO: float32
-    ``eigh`` fails to converge on rank-deficient factors such as raw-pixel covariances), then with
-    growing jitter (1e-6 .. 1e-2 of the mean diagonal, reported as warnings), and as a last resort
-    the identity is used (warning).
+    Attempts, in order: as given; with a jitter of 1e-6 of the mean diagonal (reported at INFO:
+    float32 ``eigh`` often fails to converge on rank-deficient factors such as raw-pixel covariances);
+    in float64; in float64 with jitters 1e-4 and 1e-2 (warnings); finally the identity (warning).
     """
     dtype = matrix.dtype
     matrix = 0.5 * (matrix + matrix.t())
-    scale = matrix.diagonal().abs().mean().clamp_min(1e-12)
-    for attempt in range(attempts):
-        work = matrix.double() if attempt else matrix
-        jitter = 0.0 if attempt < 2 else float(scale) * 10.0 ** (attempt - 8)
+    scale = float(matrix.diagonal().abs().mean().clamp_min(1e-12))
+    attempts = [(dtype, 0.0), (dtype, 1e-6), (torch.float64, 0.0), (torch.float64, 1e-4), (torch.float64, 1e-2)]
+    for number, (work_dtype, relative_jitter) in enumerate(attempts):
+        work = matrix.to(work_dtype)
+        jitter = relative_jitter * scale
         try:
-            values, vectors = torch.linalg.eigh(work + jitter * torch.eye(work.shape[0], dtype=work.dtype))
+            values, vectors = torch.linalg.eigh(work + jitter * torch.eye(work.shape[0], dtype=work_dtype))
             if torch.isfinite(values).all() and torch.isfinite(vectors).all():
-                if attempt == 1:
-                    logger.info("K-FAC: eigendecomposition of %s needed float64", name)
-                elif attempt > 1:
-                    logger.warning("K-FAC: eigendecomposition of %s succeeded with jitter %.3g", name, jitter)
+                if number:
+                    log = logger.info if number < 3 else logger.warning
+                    log("K-FAC: eigendecomposition of %s needed %s with jitter %.3g", name, work_dtype, jitter)
                 return values.clamp_min(0.0).to(dtype), vectors.to(dtype)
         except (RuntimeError, torch.linalg.LinAlgError):
             pass
-        if attempt:
-            logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); adding jitter", name, attempt + 1)
+        if number >= 2:
+            logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); retrying", name, number + 1)
     logger.warning("K-FAC: %s could not be decomposed; using the identity", name)
     return torch.ones(matrix.shape[0], dtype=dtype), torch.eye(matrix.shape[0], dtype=dtype)
 
