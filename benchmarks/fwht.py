@@ -11,12 +11,14 @@ difference is the per-call cost of the PyTorch custom op). Peers that need a pow
 
 Each timed call starts from the same data (in-place transforms are re-filled from a pristine copy outside the
 timed region, so unnormalised values never overflow); implementations are interleaved within each repeat and
-the median is reported. The bar: dreidel in place at least 1.5x faster than the fastest peer in every case at
+the median is reported; speedups are the median of per-repeat ratios of times measured back to back (the
+machine may be shared: contention that outlasts one repeat cancels in the ratio). The bar: dreidel in place at least 1.5x faster than the fastest peer in every case at
 1 thread, and near-linear scaling from 1 to 2 threads.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -62,7 +64,7 @@ CASES = [
 ]
 THREADS = [1, 2]
 BAR = 1.5
-FAST_REPEATS = 9
+FAST_REPEATS = 15
 # The pure-PyTorch peers take 30-300x longer: no warm-up, at most 3 repeats, one when a call takes > 0.5 s.
 SLOW_REPEATS = 3
 SLOW_SECONDS = 0.5
@@ -117,7 +119,21 @@ def implementations(rows: int, n: int, threads: int, pristine: torch.Tensor) -> 
     return impls
 
 
-def measure(rows: int, n: int, threads: int) -> dict[str, float]:
+class Timings(dict):
+    """Median seconds per implementation (a dict), plus every sample in `samples` for paired ratios."""
+
+    samples: dict[str, list[float]]
+
+    def ratio(self, slower: str, faster: str) -> float:
+        """Median over repeats of samples[slower][r] / samples[faster][r]: the two ran back to back in each
+        repeat, so contention that lasts longer than one repeat cancels. Medians' ratio if unpaired."""
+        a, b = self.samples[slower], self.samples[faster]
+        if len(a) != len(b):
+            return self[slower] / self[faster]
+        return statistics.median(x / y for x, y in zip(a, b))
+
+
+def measure(rows: int, n: int, threads: int) -> Timings:
     """Median seconds per implementation, interleaved repeats."""
     torch.set_num_threads(threads)
     pristine = torch.randn(rows, n, generator=torch.Generator().manual_seed(0))
@@ -134,7 +150,9 @@ def measure(rows: int, n: int, threads: int) -> dict[str, float]:
             start = time.perf_counter()
             impl.run()
             impl.samples.append(time.perf_counter() - start)
-    return {impl.name: statistics.median(impl.samples) for impl in impls}
+    out = Timings({impl.name: statistics.median(impl.samples) for impl in impls})
+    out.samples = {impl.name: impl.samples for impl in impls}
+    return out
 
 
 def case_label(rows: int, n: int) -> str:
@@ -146,9 +164,20 @@ def case_label(rows: int, n: int) -> str:
     return f"{pow2(rows)} × {pow2(n)}"
 
 
+def cpu_details() -> str:
+    """`family F model M` from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            fields = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in f if ":" in line))
+        return f"family {fields['cpu family']} model {fields['model']}"
+    except (OSError, KeyError):
+        return "family/model unknown"
+
+
 def main() -> None:
     info = system_info()
-    results: dict[tuple[int, int, int], dict[str, float]] = {}
+    load = os.getloadavg()[0]  # read before any case runs
+    results: dict[tuple[int, int, int], Timings] = {}
     for rows, n in CASES:
         for threads in THREADS:
             results[(rows, n, threads)] = measure(rows, n, threads)
@@ -172,7 +201,7 @@ def main() -> None:
             for k in names:
                 cells.append(f"{t[k] * 1e3:.3g} ({2 * mb / 1e3 / t[k]:.1f}, {t[k] / t['copy_']:.2f})")
             best = min(peers, key=lambda p: t[p])
-            cells += [best, f"{t[best] / t['dreidel in place']:.2f}×", f"{t[best] / t['dreidel kernel']:.2f}×"]
+            cells += [best, f"{t.ratio(best, 'dreidel in place'):.2f}×", f"{t.ratio(best, 'dreidel kernel'):.2f}×"]
             table.append(cells)
         sections.append(f"**{threads} thread{'s' if threads > 1 else ''}**\n\n" + markdown_table(headers, table))
 
@@ -181,8 +210,8 @@ def main() -> None:
     for rows, n in CASES:
         t1, t2 = results[(rows, n, 1)], results[(rows, n, 2)]
         best = min(peers, key=lambda p: t1[p])
-        speedup = t1[best] / t1["dreidel in place"]
-        kernel_speedup = t1[best] / t1["dreidel kernel"]
+        speedup = t1.ratio(best, "dreidel in place")
+        kernel_speedup = t1.ratio(best, "dreidel kernel")
         verdict = "meets" if speedup >= BAR else "MISSES"
         verdicts.append(
             f"- {case_label(rows, n)}: dreidel.fwht in place is {speedup:.2f}× the fastest peer ({best}) at 1 "
@@ -197,12 +226,14 @@ def main() -> None:
 
     markdown = (
         "## FWHT: dreidel vs CPU peers (float32)\n\n"
-        f"Machine: {info.cpu}, {info.cores} cores, dreidel core dispatched to {info.isa}; torch {info.torch}. "
-        "Shared machine: timings are medians of interleaved repeats in one process.\n\n"
+        f"Machine: {info.cpu} ({cpu_details()}), {info.cores} cores, dreidel core dispatched to {info.isa}; "
+        f"torch {info.torch}. Load average when the run started: {load:.1f} (on a shared machine, absolute "
+        "times and the 2-thread column are only as good as the share of the cores and memory bus the run "
+        "got; the paired ratios are the robust figures).\n\n"
         "dreidel is unnormalised (`normalized=False`), like ffht and fht-cpu; hadamard-transform normalises. "
         "ffht and fht-cpu are in place and run on lengths 384/1536 zero-padded to 512/2048 (timed on the padded "
-        "array); GB/s counts the logical array read + written. \"speedup\" = fastest peer ÷ dreidel in place "
-        "(the public op); \"dreidel kernel\" is `dreidel._C.fwht` in place without the op's per-call dispatch. "
+        "array); GB/s counts the logical array read + written. \"speedup\" = fastest peer (by median) ÷ dreidel "
+        "in place (the public op), the median over repeats of the two times measured back to back in each repeat; \"dreidel kernel\" is `dreidel._C.fwht` in place without the op's per-call dispatch. "
         "Threads: torch.set_num_threads (dreidel, the PyTorch peers); ffht and fht-cpu get the same count "
         "explicitly and thread over rows only (one row: one thread).\n\n"
         + "\n\n".join(sections)

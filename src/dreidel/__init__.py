@@ -1,6 +1,6 @@
 """dreidel: fast deep learning on CPUs through structured (Walsh-Hadamard) and hashed layers."""
 
-from dreidel import algo, api, data, io, layers, optim
+from dreidel import algo, api, data, io, layers, models, optim
 from dreidel._native import available_isas, best_isa
 from dreidel.algo import (
     fwht,
@@ -22,6 +22,7 @@ __all__ = [
     "io",
     "layers",
     "load",
+    "models",
     "optim",
     "available_isas",
     "best_isa",

@@ -13,6 +13,7 @@ import torch
 
 from dreidel.cli._table import format_table
 from dreidel.cli.demo_mnist import mnist_step
+from dreidel.cli.demo_whisper import whisper_step
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def transform_step(seed: int) -> None:
     from dreidel._timing import median_seconds
 
     generator = torch.Generator().manual_seed(seed)
-    print(f"1. The Walsh-Hadamard transform (native core: {dr.best_isa()}, {torch.get_num_threads()} threads)")
+    print(f"The Walsh-Hadamard transform (native core: {dr.best_isa()}, {torch.get_num_threads()} threads)")
     rows = []
     for length in (8, 384, 1024, 1536, 4096):
         x = torch.randn(16, length, dtype=torch.float64, generator=generator)
@@ -47,14 +48,15 @@ def transform_step(seed: int) -> None:
     print(format_table(["rows x length", "dreidel ms", "x vs PyTorch butterfly", "x vs dense matmul"], rows))
 
 
-STEPS = (transform_step, mnist_step)
+STEPS = (transform_step, mnist_step, whisper_step)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    for i, step in enumerate(STEPS):
-        if i:
+    for number, step in enumerate(STEPS, start=1):
+        if number > 1:
             print()
+        print(f"{number}. ", end="")  # each step prints its own heading on this line
         step(args.seed)
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s")
     return 0

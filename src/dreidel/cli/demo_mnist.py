@@ -84,6 +84,6 @@ def format_results(results: list[MnistResult]) -> str:
 
 def mnist_step(seed: int) -> None:
     """Print the comparison table (the ``dreidel demo`` step)."""
-    print(f"2. Spectral MLP on MNIST-5k (784-1024-1024-10, {EPOCHS} epochs of Adam, "
+    print(f"Spectral MLP on MNIST-5k (784-1024-1024-10, {EPOCHS} epochs of Adam, "
           f"4,000 train / 1,000 test digits, {torch.get_num_threads()} threads)")
     print(format_results(compare_linear_kinds(seed)))

@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from dreidel.cli import demo, info
+from dreidel.cli import demo, info, transcribe
 
 # Each module exposes `register(subparsers)`, which adds its parser and sets `func`.
-COMMANDS = (info, demo)
+COMMANDS = (info, demo, transcribe)
 
 
 def build_parser() -> argparse.ArgumentParser:

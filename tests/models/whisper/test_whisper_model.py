@@ -81,3 +81,18 @@ def test_multilingual_base_matches_transformers():
     logits = base.model.logits(prompt, features)
     hf_logits = hf(encoder_outputs=(features,), decoder_input_ids=prompt).logits
     torch.testing.assert_close(logits, hf_logits, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("linear", ["wht", "deep_wht"])
+@torch.inference_mode()
+def test_spectral_whisper_is_the_same_classes_with_another_linear_kind(linear):
+    """A spectral Whisper decodes through the per-window key/value path (no dense weights to fold)."""
+    from conftest import TINY_DIMS
+
+    from dreidel.models.whisper import DecodingOptions, Whisper, decode
+
+    model = Whisper(TINY_DIMS, linear=linear).eval()
+    assert not model.decoder.dense_cross_attention()
+    options = DecodingOptions(prompt=(50257, 50362), eot=50256, max_new_tokens=3, beam_size=2)
+    tokens = decode(model, torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(5)), options)
+    assert len(tokens) == 1 and len(tokens[0]) <= 3
