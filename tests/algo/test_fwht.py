@@ -295,3 +295,14 @@ def test_fwht_into_is_the_raw_kernel(n, generator):
     torch.testing.assert_close(out, dense_fwht(x) if n <= 4096 else dr.fwht_reference(x))
     dr.algo.fwht_into(x, x, normalized=False)
     torch.testing.assert_close(x, out * math.sqrt(n))
+
+
+@pytest.mark.parametrize("n", [8, 384, 4096])
+def test_eager_path_and_custom_op_agree_bitwise(n, generator):
+    x = torch.randn(5, n, generator=generator, requires_grad=True)
+    eager = dr.fwht(x)
+    op = _fwht_op(x, True)
+    assert torch.equal(eager, op)
+    (grad_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    (grad_op,) = torch.autograd.grad(op.square().sum(), x)
+    assert torch.equal(grad_eager, grad_op)

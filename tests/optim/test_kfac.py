@@ -317,3 +317,17 @@ def test_adaptive_damping_moves_and_stays_in_bounds():
     for _ in range(20):
         train_step(model, opt, mse, x, y)
     assert opt.damping != 1e-2 and 1e-4 <= opt.damping <= 1.0
+
+
+def test_damped_inverse_matches_explicit_inverse_and_survives_non_pd(caplog):
+    from dreidel.optim._kfac_blocks import damped_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 3, generator=gen)
+    factor = m @ m.t()  # rank 3: PSD, singular
+    torch.testing.assert_close(damped_inverse(factor, 0.1, "f"), torch.linalg.inv(factor + 0.1 * torch.eye(5)))
+    indefinite = torch.diag(torch.tensor([1.0, -5.0, 2.0]))
+    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
+        inverse = damped_inverse(indefinite, 0.1, "bad")
+    torch.testing.assert_close(inverse, torch.diag(torch.tensor([1 / 1.1, 1 / 0.1, 1 / 2.1])))
+    assert any("Cholesky" in r.getMessage() for r in caplog.records)

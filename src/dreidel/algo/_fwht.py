@@ -3,7 +3,9 @@
 ``fwht`` is registered with ``torch.library.custom_op`` (``dreidel::fwht``): it has a fake implementation
 for meta tensors and ``torch.compile``, and autograd through the transform itself, since ``H`` is symmetric
 (and orthogonal when normalized). On CPU it runs the native kernel; on every other device it runs
-``fwht_reference``, the pure-PyTorch butterfly that is also the test oracle.
+``fwht_reference``, the pure-PyTorch butterfly that is also the test oracle. In eager mode on CPU,
+``fwht`` skips the custom-op dispatch (tens of microseconds a call) and calls the kernel through a plain
+``autograd.Function``; both paths compute bit-identical results (tested).
 
 Order convention: see ``dreidel.algo.hadamard_matrix`` (``H_m ⊗ H_{2^k}``, Sylvester natural order).
 """
@@ -157,6 +159,35 @@ def _fwht_inplace_op_fake(x: torch.Tensor, normalized: bool) -> None:
     return None
 
 
+class _EagerFwht(torch.autograd.Function):
+    """The eager CPU path: the native kernel behind a plain autograd.Function.
+
+    Same maths as the ``dreidel::fwht`` custom op (which ``torch.compile``, meta tensors and other devices
+    use) at a fraction of the dispatch cost; the backward applies the same function, so higher-order
+    gradients work too.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, normalized: bool) -> torch.Tensor:
+        ctx.normalized = normalized
+        src = x.contiguous()
+        out = torch.empty_like(src)
+        fwht_into(src, out, normalized)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _EagerFwht.apply(grad, ctx.normalized), None
+
+
+def _takes_eager_path(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool = False) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
 
@@ -190,11 +221,14 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
                 "Use inplace=False, or run under torch.no_grad()."
             )
         if x.dtype in _LOW_PRECISION:
-            moved.copy_(_fwht_op(moved.float(), normalized))
+            moved.copy_(fwht(moved.float(), normalized=normalized))
+        elif _takes_eager_path(moved) and moved.is_contiguous():
+            fwht_into(moved, moved, normalized)
         else:
             _fwht_inplace_op(moved, normalized)
         return x
-    out = _fwht_op(moved.to(_compute_dtype(x.dtype)), normalized)
+    work = moved.to(_compute_dtype(x.dtype))
+    out = _EagerFwht.apply(work, normalized) if _takes_eager_path(work) else _fwht_op(work, normalized)
     return out.to(x.dtype).movedim(-1, dim)
 
 

@@ -20,13 +20,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss.backward()
         optimizer.step(closure)
 
-    ``zero_grad()`` also drops the layer inputs recorded by forward passes since the previous step
-    (e.g. a validation pass with grad enabled). ``closure()`` re-evaluates the loss **on the same batch** with gradients enabled and returns
-    the scalar loss tensor **without** calling ``backward`` on it. The optimizer calls it only on
+    ``closure()`` re-evaluates the loss **on the same batch** with gradients enabled and returns the
+    scalar loss tensor **without** calling ``backward`` on it. The optimizer calls it only on
     steps that need it (a Hutchinson Hessian-vector product, a sampled-label Fisher backward, a
     Levenberg-Marquardt damping check), so on most steps it costs nothing. Subclasses say in
     ``closure_required(step)`` whether the coming step will call it; a step that needs a closure and
-    got none raises ``ValueError``.
+    got none raises ``ValueError``. ``zero_grad()`` also drops the layer inputs recorded by forward
+    passes since the previous step (e.g. a validation pass run with grad enabled).
 
     The loss is assumed to be a mean over the batch (``reduction="mean"``), which fixes the scale
     of the curvature estimates.

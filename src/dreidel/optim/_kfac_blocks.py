@@ -16,8 +16,8 @@ Two damping modes for the Kronecker blocks:
   ``(G ⊗ A + lambda I)^{-1} vec(Gamma) = vec(Q_G [(Q_G^T Gamma Q_A) / (l_G l_A^T + lambda)] Q_A^T)``
   (the eigenbasis of George et al. 2018, arXiv:1806.03884): four matrix products per step.
 - ``"factored"``: ``(G + sqrt(lambda)/pi I)^{-1} Gamma (A + pi sqrt(lambda) I)^{-1}`` with
-  ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (M&G 2015, Sec. 6.3): the inverses are formed at
-  refresh time (with the damping of that moment), so a step costs two matrix products. It equals
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (M&G 2015, Sec. 6.3): the inverses are formed by
+  Cholesky at refresh time (with the damping of that moment), so a step costs two matrix products. It equals
   ``((G + sqrt(lambda)/pi I) ⊗ (A + pi sqrt(lambda) I))^{-1}``, which differs from the exact damping
   by the cross terms.
 """
@@ -64,6 +64,19 @@ def robust_eigh(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
             logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); retrying", name, number + 1)
     logger.warning("K-FAC: %s could not be decomposed; using the identity", name)
     return torch.ones(matrix.shape[0], dtype=dtype), torch.eye(matrix.shape[0], dtype=dtype)
+
+
+def damped_inverse(matrix: torch.Tensor, shift: float, name: str) -> torch.Tensor:
+    """``(matrix + shift I)^{-1}`` of a symmetric PSD factor by Cholesky (~10x cheaper than ``eigh`` on
+    CPU); if the factorisation fails (not numerically PD), through ``robust_eigh`` (reported)."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    damped = 0.5 * (matrix + matrix.t()) + shift * eye
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        return torch.cholesky_inverse(factor)
+    logger.warning("K-FAC: Cholesky of damped %s failed; inverting through its eigendecomposition", name)
+    values, vectors = robust_eigh(matrix, name)
+    return (vectors / (values + max(shift, 1e-12))) @ vectors.t()
 
 
 def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, updates: int) -> torch.Tensor:
@@ -141,16 +154,16 @@ class KroneckerBlock(Block):
     def refresh_inverse(self, state, damping: float, mode: str) -> None:
         if "A" not in state:
             return
-        eig_a = robust_eigh(state["A"], f"{self.name} A")
-        eig_g = robust_eigh(state["G"], f"{self.name} G")
         if mode == "exact":
-            state["eig_A"], state["eig_G"] = eig_a, eig_g
+            state["eig_A"] = robust_eigh(state["A"], f"{self.name} A")
+            state["eig_G"] = robust_eigh(state["G"], f"{self.name} G")
             return
-        (l_a, q_a), (l_g, q_g) = eig_a, eig_g
-        pi = math.sqrt(max(float(l_a.mean()), 1e-30) / max(float(l_g.mean()), 1e-30))
+        a, g = state["A"], state["G"]
+        mean_a, mean_g = float(a.diagonal().mean()), float(g.diagonal().mean())
+        pi = math.sqrt(max(mean_a, 1e-30) / max(mean_g, 1e-30))
         root = math.sqrt(damping)
-        state["inv_A"] = (q_a / (l_a + pi * root)) @ q_a.t()
-        state["inv_G"] = (q_g / (l_g + root / pi)) @ q_g.t()
+        state["inv_A"] = damped_inverse(a, pi * root, f"{self.name} A")
+        state["inv_G"] = damped_inverse(g, root / pi, f"{self.name} G")
 
     def grad_matrix(self, tensors: dict) -> torch.Tensor:
         w = tensors[self.weight].reshape(self.weight.shape[0], -1)
