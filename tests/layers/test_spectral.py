@@ -201,3 +201,11 @@ def test_num_parameters_is_linear_in_width():
     assert layer.num_parameters() == 3 * 4096
     deep = DeepSpectralLinear(4096, 4096, depth=4, bias=False)
     assert deep.num_parameters() == 4096 * 5
+
+
+@pytest.mark.parametrize("cls, kwargs", [(LinearWHT, {}), (DeepSpectralLinear, {"depth": 3})])
+def test_config_rebuilds_the_layer(cls, kwargs):
+    layer = cls(100, 300, activation="relu", **kwargs)
+    rebuilt = type(layer)(**layer.config())
+    assert rebuilt.config() == layer.config()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}

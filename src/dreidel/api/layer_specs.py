@@ -26,13 +26,7 @@ def _linear_args(module: nn.Linear) -> dict[str, Any]:
     return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
 
 
-def _spectral_args(module: LinearWHT) -> dict[str, Any]:
-    args = module.config()
-    args.pop("depth", None)  # LinearWHT is depth 1 by definition and takes no depth argument
-    return args
-
-
-def _deep_spectral_args(module: DeepSpectralLinear) -> dict[str, Any]:
+def _spectral_args(module: LinearWHT | DeepSpectralLinear) -> dict[str, Any]:
     return module.config()
 
 
@@ -50,7 +44,7 @@ def _batch_norm_args(module: nn.BatchNorm1d) -> dict[str, Any]:
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ArgsOf]] = {
     "Linear": (nn.Linear, _linear_args),
     "LinearWHT": (LinearWHT, _spectral_args),
-    "DeepSpectralLinear": (DeepSpectralLinear, _deep_spectral_args),
+    "DeepSpectralLinear": (DeepSpectralLinear, _spectral_args),
     "ReLU": (nn.ReLU, _no_args),
     "GELU": (nn.GELU, lambda m: {"approximate": m.approximate}),
     "SiLU": (nn.SiLU, _no_args),

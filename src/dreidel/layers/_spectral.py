@@ -273,9 +273,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                 f"bias={self.bias is not None}, activation={self.activation!r}, init={self.init!r}, {lazy}")
 
     def config(self) -> dict[str, object]:
-        """Shape-defining settings as plain data (JSON-serialisable). Includes ``depth`` (1 for ``LinearWHT``,
-        whose constructor takes no ``depth``: drop it before calling ``LinearWHT(**config)``)."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "depth": self.depth,
+        """The constructor's shape-defining arguments as plain data: ``type(self)(**config())`` rebuilds it."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "activation": self.activation, "init": self.init}
 
     def per_sample_grads(
@@ -336,3 +335,6 @@ class DeepSpectralLinear(_SpectralLinearBase):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, depth=depth, bias=bias, activation=activation, init=init,
                          generator=generator, device=device, dtype=dtype)
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "depth": self.depth}
