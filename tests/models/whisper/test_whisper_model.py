@@ -96,3 +96,10 @@ def test_spectral_whisper_is_the_same_classes_with_another_linear_kind(linear):
     options = DecodingOptions(prompt=(50257, 50362), eot=50256, max_new_tokens=3, beam_size=2)
     tokens = decode(model, torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(5)), options)
     assert len(tokens) == 1 and len(tokens[0]) <= 3
+
+
+def test_load_refuses_non_dense_kinds_before_reading_weights(tmp_path):
+    from dreidel.models.whisper import load
+
+    with pytest.raises(ValueError, match="linear='wht'"):
+        load(tmp_path / "does-not-exist", linear="wht")

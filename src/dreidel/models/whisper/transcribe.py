@@ -88,16 +88,13 @@ def load_state_dict_strict(model: Whisper, state_dict: dict[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=True)
 
 
-def _model_from(dims: WhisperDimensions, linear: str, state_dict: dict, dtype: torch.dtype, source: str) -> Whisper:
+def _model_from(dims: WhisperDimensions, state_dict: dict, dtype: torch.dtype, source: str) -> Whisper:
     model = Whisper(dims, linear="dense")
     load_state_dict_strict(model, state_dict, source)
-    if linear != "dense":
-        raise ValueError(f"load builds dense checkpoints only (linear='dense'); recast the loaded model to get "
-                         f"{linear!r} layers")
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def _load_ct2(name: str, model_parts, directory: Path, linear: str, dtype: torch.dtype) -> WhisperRecognizer:
+def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     from dreidel.io import read_ctranslate2
 
     checkpoint = read_ctranslate2(model_parts, dtype=torch.float32)
@@ -116,11 +113,11 @@ def _load_ct2(name: str, model_parts, directory: Path, linear: str, dtype: torch
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = tuple(config.get("suppress_ids", ()))
     begin = tuple(config.get("suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
-    return WhisperRecognizer(_model_from(dims, linear, state_dict, dtype, checkpoint.source), tokenizer,
+    return WhisperRecognizer(_model_from(dims, state_dict, dtype, checkpoint.source), tokenizer,
                              suppress, begin, name)
 
 
-def _load_hf(directory: Path, linear: str, dtype: torch.dtype) -> WhisperRecognizer:
+def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     from safetensors.torch import load_file
 
     dims = dims_from_hf_config(_read_json(directory / "config.json"))
@@ -143,7 +140,7 @@ def _load_hf(directory: Path, linear: str, dtype: torch.dtype) -> WhisperRecogni
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = tuple(generation.get("suppress_tokens", ()))
     begin = tuple(generation.get("begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
-    return WhisperRecognizer(_model_from(dims, linear, state_dict, dtype, str(directory)), tokenizer, suppress,
+    return WhisperRecognizer(_model_from(dims, state_dict, dtype, str(directory)), tokenizer, suppress,
                              begin, directory.name)
 
 
@@ -162,20 +159,23 @@ def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = t
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if linear != "dense":
+        raise ValueError(f"load builds dense checkpoints only (linear='dense'), got linear={linear!r}; "
+                         "recast the loaded model to get spectral layers")
     if isinstance(name_or_path, str) and name_or_path in SHIPPED_NAMES:
         from dreidel.io import shipped_whisper_files
 
         files = shipped_whisper_files(name_or_path)
-        return _load_ct2(name_or_path, list(files.model_parts), files.directory, linear, dtype)
+        return _load_ct2(name_or_path, list(files.model_parts), files.directory, dtype)
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be str or Path, got {type(name_or_path).__name__}")
     directory = Path(name_or_path)
     if not directory.is_dir():
         raise ValueError(f"name_or_path must be one of {SHIPPED_NAMES} or a model directory, got {name_or_path!r}")
     if (directory / "model.bin").is_file():
-        return _load_ct2(directory.name, directory / "model.bin", directory, linear, dtype)
+        return _load_ct2(directory.name, directory / "model.bin", directory, dtype)
     if any(directory.glob("*.safetensors")):
-        return _load_hf(directory, linear, dtype)
+        return _load_hf(directory, dtype)
     raise ValueError(f"{directory} holds neither model.bin (CTranslate2) nor *.safetensors (Hugging Face)")
 
 
