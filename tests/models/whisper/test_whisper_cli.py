@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from conftest import speech_clips
+from _whisper_helpers import speech_clips
 
 from dreidel.cli import transcribe as transcribe_command
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_DIMS, hf_model_from_ours
+from _whisper_helpers import TINY_DIMS, hf_model_from_ours
 
 from dreidel.io import read_ctranslate2, shipped_whisper_files, write_ctranslate2
 from dreidel.models.whisper import (

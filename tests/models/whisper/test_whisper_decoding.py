@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import mel_of, speech_clips
+from _whisper_helpers import mel_of, speech_clips
 
 from dreidel.models.whisper import DecodingOptions, decode, transcribe
 from dreidel.models.whisper.decoding import _beam_search, _greedy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model_from_ours, mel_of, speech_clips
+from _whisper_helpers import hf_model_from_ours, mel_of, speech_clips
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_multilingual_base_matches_transformers():
 @torch.inference_mode()
 def test_spectral_whisper_is_the_same_classes_with_another_linear_kind(linear):
     """A spectral Whisper decodes through the per-window key/value path (no dense weights to fold)."""
-    from conftest import TINY_DIMS
+    from _whisper_helpers import TINY_DIMS
 
     from dreidel.models.whisper import DecodingOptions, Whisper, decode
 
