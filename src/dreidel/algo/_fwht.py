@@ -129,6 +129,7 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 
 @_fwht_op.register_kernel("cpu")
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """Out of place on CPU: the kernel reads ``x`` and writes a fresh contiguous tensor in one pass."""
     src = x.contiguous()
     out = torch.empty_like(src)
     fwht_into(src, out, normalized)
@@ -183,10 +184,7 @@ class _EagerFwht(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, normalized: bool) -> torch.Tensor:
         ctx.normalized = normalized
-        src = x.contiguous()
-        out = torch.empty_like(src)
-        fwht_into(src, out, normalized)
-        return out
+        return _fwht_op_cpu(x, normalized)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
