@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fwht_kernels.h"
+#include "fwht_serial.h"
 
 namespace dreidel {
 
@@ -150,6 +151,46 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   }
 }
 
+}  // namespace
+
+template <class T>
+SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa)
+    : kernels_(&kernels_for(isa, T())), plan_(make_plan(m, hadamard_m)), n_(n), chunk_(0), scale_(scale) {
+  if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
+  if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
+  chunk_ = n / m;
+  if (chunk_ * int64_t(sizeof(T)) > kLeafBytes) scratch_.resize(static_cast<size_t>(scratch_size(*kernels_, chunk_)));
+}
+
+template <class T>
+void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) {
+  const FwhtKernels<T>& k = *kernels_;
+  const int m = plan_.m;
+  if (chunk_ * int64_t(sizeof(T)) <= kLeafBytes) {
+    if (m == 1) {
+      // One call: rows longer than 8 registers prefetch the next row themselves.
+      k.rows_pow2(src, dst, rows, n_, scale_);
+      return;
+    }
+    // Cache-sized batches: a row (all m chunks, then their mixing) never leaves the cache in between.
+    const int64_t batch = std::max<int64_t>(1, kBatchBytes / (n_ * int64_t(sizeof(T))));
+    for (int64_t r = 0; r < rows; r += batch)
+      k.rows_hadamard(src + r * n_, dst + r * n_, std::min(batch, rows - r), chunk_, plan_, scale_);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * n_;
+    T* d = dst + r * n_;
+    for (int a = 0; a < m; ++a) long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, scratch_.data());
+    if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
+  }
+}
+
+template class SerialFwht<float>;
+template class SerialFwht<double>;
+
+namespace {
+
 template <class T>
 void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   if (const char* err = fwht_check(p.n, p.m)) throw std::invalid_argument(err);
@@ -158,50 +199,27 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   const FwhtKernels<T>& k = kernels_for(isa, T());
   threads = std::max(1, threads);
   if (p.rows * p.n < kMinParallelElements) threads = 1;
-
-  const MixPlan<T> plan = make_plan(p.m, p.hadamard_m);
   const int64_t chunk = p.n / p.m;  // the power-of-two part
-  const bool short_rows = chunk * int64_t(sizeof(T)) <= kLeafBytes;
 
-  if (short_rows) {
+  if (chunk * int64_t(sizeof(T)) <= kLeafBytes || p.rows >= threads) {
     // Threads take grains of whole rows (dynamic: the machine may be shared, and a late thread should not
-    // hold up the others); within a grain the kernel gets cache-sized batches and a row (all m chunks, then
-    // their mixing) never leaves the cache in between.
-    const int64_t row_bytes = p.n * int64_t(sizeof(T));
-    const int64_t batch = std::max<int64_t>(1, kBatchBytes / row_bytes);
-    const int64_t grain = std::max<int64_t>(1, kGrainBytes / row_bytes);
+    // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
+    const int64_t grain = std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
-#pragma omp parallel for num_threads(row_threads) schedule(dynamic, 1) if (row_threads > 1)
-    for (int64_t g = 0; g < grains; ++g) {
-      const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
-      if (p.m == 1) {
-        // One call for the grain: rows longer than 8 registers prefetch the next row themselves.
-        k.rows_pow2(p.src + begin * p.n, p.dst + begin * p.n, end - begin, p.n, p.scale);
-      } else {
-        for (int64_t r = begin; r < end; r += batch)
-          k.rows_hadamard(p.src + r * p.n, p.dst + r * p.n, std::min(batch, end - r), chunk, plan, p.scale);
-      }
-    }
-    return;
-  }
-
-  if (p.rows >= threads) {
-    // Long rows, at least one per thread: each thread transforms whole rows.
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(row_threads) if (row_threads > 1)
     {
-      std::vector<T> scratch(static_cast<size_t>(scratch_size(k, chunk)));
+      SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t r = 0; r < p.rows; ++r) {
-        const T* src = p.src + r * p.n;
-        T* dst = p.dst + r * p.n;
-        for (int a = 0; a < p.m; ++a) long_pow2(k, src + a * chunk, dst + a * chunk, chunk, p.scale, scratch.data());
-        if (p.m > 1) k.mix_chunks(dst, chunk, plan, 0, chunk);
+      for (int64_t g = 0; g < grains; ++g) {
+        const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
+        transform(p.src + begin * p.n, p.dst + begin * p.n, end - begin);
       }
     }
     return;
   }
 
+  const MixPlan<T> plan = make_plan(p.m, p.hadamard_m);
   // Fewer long rows than threads: all threads work inside one row at a time.
   for (int64_t r = 0; r < p.rows; ++r) {
     const T* src = p.src + r * p.n;

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parameter import UninitializedParameter
 
+from dreidel.layers import _spectral_grads
 from dreidel.layers import SPECTRAL_INITS, DeepSpectralLinear, LinearWHT, PerSampleGradients, transform_length
 
 from ._oracle import spectral_matrix
@@ -26,9 +27,17 @@ def randomize_bias(layer, seed=1):
         layer.bias.copy_(torch.randn(layer.bias.shape, generator=torch.Generator().manual_seed(seed)))
 
 
+@pytest.fixture(params=["native", "reference"])
+def path(request, monkeypatch):
+    """Run a test on the fused native kernels (the eager CPU default) and on the reference torch-op path."""
+    if request.param == "reference":
+        monkeypatch.setattr(_spectral_grads, "runs_native_eager", lambda *tensors: False)
+    return request.param
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: f"{w[0]}to{w[1]}")
-def test_forward_matches_explicit_matrix_float64(widths, depth):
+def test_forward_matches_explicit_matrix_float64(widths, depth, path):
     n, out = widths
     layer = make_layer(n, out, depth, dtype=torch.float64)
     randomize_bias(layer)
@@ -59,7 +68,7 @@ def test_transform_length_uses_native_factors_without_padding():
 
 @pytest.mark.parametrize("activation", [None, "tanh"])
 @pytest.mark.parametrize("widths,depth", [((5, 7), 1), ((12, 30), 2), ((20, 9), 3)])
-def test_gradcheck(widths, depth, activation):
+def test_gradcheck(widths, depth, activation, path):
     layer = make_layer(*widths, depth, dtype=torch.float64, activation=activation)
     randomize_bias(layer)
     x = torch.randn(3, widths[0], dtype=torch.float64, requires_grad=True)
@@ -74,7 +83,7 @@ def test_gradcheck(widths, depth, activation):
 
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("widths,depth", [((20, 20), 1), ((30, 70), 2), ((100, 40), 3)])
-def test_per_sample_grads_match_autograd(widths, depth, activation):
+def test_per_sample_grads_match_autograd(widths, depth, activation, path):
     layer = make_layer(*widths, depth, dtype=torch.float64, activation=activation)
     randomize_bias(layer)
     x = torch.randn(4, 3, widths[0], dtype=torch.float64)  # (batch, tokens, in)

@@ -1,6 +1,6 @@
 """Algorithms: the Walsh-Hadamard transform (and, later, LSH tables and sparse active-set products)."""
 
-from dreidel.algo._fwht import fwht, fwht_into, fwht_reference, pad_to_hadamard
+from dreidel.algo._fwht import fwht, fwht_into, fwht_reference, pad_to_hadamard, runs_native_eager
 from dreidel.algo._hadamard import (
     HADAMARD_FACTORS,
     hadamard_factor,
@@ -19,4 +19,5 @@ __all__ = [
     "is_hadamard_length",
     "nearest_hadamard_lengths",
     "pad_to_hadamard",
+    "runs_native_eager",
 ]

@@ -12,7 +12,6 @@ Order convention: see ``dreidel.algo.hadamard_matrix`` (``H_m ⊗ H_{2^k}``, Syl
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,9 +22,10 @@ from dreidel.algo._hadamard import (
     hadamard_factor,
     nearest_hadamard_lengths,
     small_hadamard,
+    small_hadamard_array,
 )
 
-__all__ = ["fwht", "fwht_into", "fwht_reference", "pad_to_hadamard"]
+__all__ = ["fwht", "fwht_into", "fwht_reference", "pad_to_hadamard", "runs_native_eager"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -110,15 +110,10 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         src.detach().numpy(),
         dst.detach().numpy(),
         n,
-        _small_hadamard_numpy(m, src.dtype),
+        small_hadamard_array(m, src.dtype),
         _scale(n, normalized),
         torch.get_num_threads(),
     )
-
-
-@functools.lru_cache(maxsize=None)
-def _small_hadamard_numpy(m: int, dtype: torch.dtype):
-    return small_hadamard(m, dtype).numpy()
 
 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
@@ -191,11 +186,18 @@ class _EagerFwht(torch.autograd.Function):
         return _EagerFwht.apply(grad, ctx.normalized), None
 
 
-def _takes_eager_path(x: torch.Tensor) -> bool:
+def runs_native_eager(*tensors: torch.Tensor) -> bool:
+    """True when code is not being traced and every tensor is a CPU float32/float64 tensor of one dtype.
+
+    Then the native kernels may be called directly (``fwht_into``, the fused spectral layers) instead of
+    through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``)
+    and other devices or dtypes keep the registered ops and the reference paths.
+    """
+    dtype = tensors[0].dtype
     return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
+        and dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
     )
 
 
@@ -233,13 +235,13 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             )
         if x.dtype in _LOW_PRECISION:
             moved.copy_(fwht(moved.float(), normalized=normalized))
-        elif _takes_eager_path(moved) and moved.is_contiguous():
+        elif runs_native_eager(moved) and moved.is_contiguous():
             fwht_into(moved, moved, normalized)
         else:
             _fwht_inplace_op(moved, normalized)
         return x
     work = moved.to(_compute_dtype(x.dtype))
-    out = _EagerFwht.apply(work, normalized) if _takes_eager_path(work) else _fwht_op(work, normalized)
+    out = _EagerFwht.apply(work, normalized) if runs_native_eager(work) else _fwht_op(work, normalized)
     return out.to(x.dtype).movedim(-1, dim)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "nearest_hadamard_lengths",
     "hadamard_matrix",
     "small_hadamard",
+    "small_hadamard_array",
 ]
 
 HADAMARD_FACTORS = (1, 12, 20, 28)
@@ -117,6 +118,12 @@ def _small_hadamard_f64(m: int) -> torch.Tensor:
 def small_hadamard(m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The symmetric ``m x m`` factor ``H_m`` (entries ±1, ``H_m² = m I``) as a contiguous CPU tensor."""
     return _small_hadamard_f64(m).to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def small_hadamard_array(m: int, dtype: torch.dtype):
+    """``small_hadamard(m, dtype)`` as a NumPy array, the form the native kernels take it in (cached)."""
+    return small_hadamard(m, dtype).numpy()
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

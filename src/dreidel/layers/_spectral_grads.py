@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dreidel.algo import fwht, fwht_into
+from dreidel.algo import fwht, fwht_into, runs_native_eager
+from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectral_forward, native_spectral_grads
 
 if TYPE_CHECKING:
     from dreidel.layers._spectral import _SpectralLinearBase
@@ -46,9 +47,7 @@ class SpectralLayout(NamedTuple):
 def _transform_(z: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
     """In-place orthonormal FWHT of each length-``L`` block of ``z`` ``(rows, B·L)``."""
     rows = z.shape[0]
-    if not torch.compiler.is_compiling() and z.dtype in (torch.float32, torch.float64) and z.device.type == "cpu":
-        # Eager CPU fast path: the native kernel directly, skipping ~40 µs of custom-op dispatch per call
-        # (measured at 64 x 256), which decides the crossover width against nn.Linear. Traced code keeps the op.
+    if runs_native_eager(z):  # the kernel directly, without the custom op's dispatch; traced code keeps the op
         fwht_into(z.view(-1, layout.length), z.view(-1, layout.length), True)
         return z
     return fwht(z.view(rows, layout.blocks, layout.length), inplace=True).view(rows, -1)
@@ -153,12 +152,20 @@ class _SpectralLinearFunction(torch.autograd.Function):
 
 def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                     out_scale: torch.Tensor, bias: torch.Tensor | None, layout: SpectralLayout) -> torch.Tensor:
-    """The affine part of a spectral layer for ``x`` ``(*, n)`` → ``(*, out)``; differentiable in all inputs."""
+    """The affine part of a spectral layer for ``x`` ``(*, n)`` → ``(*, out)``; differentiable in all inputs.
+
+    Eager CPU float32/float64 runs the fused native kernels (``_spectral_native``); everything else (traced
+    code, other devices and dtypes) runs the reference composition of torch ops above.
+    """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     params = (in_scale, out_scale) + tuple(t for t in (inner_scale, bias) if t is not None)
+    native = runs_native_eager(rows, *params)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        y = _SpectralLinearFunction.apply(rows, in_scale, inner_scale, out_scale, bias, *layout)
+        function = NativeSpectralLinear if native else _SpectralLinearFunction
+        y = function.apply(rows, in_scale, inner_scale, out_scale, bias, *layout)
+    elif native:
+        y = native_spectral_forward(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
     else:  # inference: the same computation without the autograd.Function bookkeeping
         spectral = spectral_stages(rows, in_scale, inner_scale, layout)[-1][:, : layout.out_features]
         y = spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
@@ -188,16 +195,27 @@ def spectral_per_sample_grads(
     grad = grad_output.detach().reshape(batch, -1, out)  # (batch, M, out)
     in_scale, out_scale = layer.in_scale.detach(), layer.out_scale.detach()
     inner_scale = None if layer.inner_scale is None else layer.inner_scale.detach()
-    with torch.no_grad():
-        stages = [h.view(batch, -1, h.shape[-1]) for h in spectral_stages(x3.reshape(-1, n), in_scale, inner_scale, layout)]
+    bias = None if layer.bias is None else layer.bias.detach()
+    native = runs_native_eager(x3, grad, in_scale, out_scale)
+    if native:
+        stages = None
+        pre = None if layer._activation_fn is None else native_spectral_forward(
+            x3.reshape(-1, n), in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length
+        ).view(batch, -1, out)
+    else:
+        with torch.no_grad():
+            stages = [h.view(batch, -1, h.shape[-1]) for h in spectral_stages(x3.reshape(-1, n), in_scale, inner_scale, layout)]
+        pre = stages[-1][..., :out] * out_scale if bias is None else torch.addcmul(bias, stages[-1][..., :out], out_scale)
     if layer._activation_fn is not None:  # chain through the activation at the recomputed pre-activation
         with torch.enable_grad():
-            pre = stages[-1][..., :out] * out_scale
-            if layer.bias is not None:
-                pre = pre + layer.bias.detach()
             pre.requires_grad_(True)
             (grad,) = torch.autograd.grad(layer._activation_fn(pre), pre, grad)
-    grads = _spectral_vjp(x3, grad, stages, in_scale, inner_scale, out_scale, layout, want_input_grad=False)
+    if native:
+        grads = native_spectral_grads(x3.reshape(-1, n), grad.reshape(-1, out), in_scale, inner_scale, out_scale,
+                                      bias is not None, layout.flat_perm, layout.length, groups=batch,
+                                      want_input_grad=False)
+    else:
+        grads = _spectral_vjp(x3, grad, stages, in_scale, inner_scale, out_scale, layout, want_input_grad=False)
     named = {"in_scale": layer.in_scale, "inner_scale": layer.inner_scale, "out_scale": layer.out_scale,
              "bias": layer.bias}
     return {named[name]: value for name, value in grads.items() if named[name] is not None}

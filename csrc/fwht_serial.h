@@ -1,0 +1,35 @@
+// Single-threaded FWHT of contiguous rows, for native code that runs its own thread loop and transforms
+// small pieces between other work (the spectral layers transform each row's blocks between gathers).
+// Same kernels, cache blocking and convention as dreidel::fwht (see fwht.h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fwht_kernels.h"
+#include "isa.h"
+
+namespace dreidel {
+
+template <class T>
+class SerialFwht {
+ public:
+  // n = m * 2^k (checked: throws std::invalid_argument), hadamard_m is m x m and must outlive this object,
+  // `isa` must be available. Each thread needs its own instance (it owns scratch memory).
+  SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa);
+  // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
+  void operator()(const T* src, T* dst, int64_t rows);
+  int64_t n() const { return n_; }
+
+ private:
+  const FwhtKernels<T>* kernels_;
+  MixPlan<T> plan_;
+  int64_t n_, chunk_;
+  T scale_;
+  std::vector<T> scratch_;  // for the column passes of rows longer than the L1 leaf
+};
+
+extern template class SerialFwht<float>;
+extern template class SerialFwht<double>;
+
+}  // namespace dreidel
