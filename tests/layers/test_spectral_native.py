@@ -29,11 +29,13 @@ def make_layer(n, out, depth, dtype):
 def both_paths(layer, x, grad):
     """(y, input grad, parameter grads) from the native Function and from the reference Function."""
     results = []
-    for function in (NativeSpectralLinear, _SpectralLinearFunction):
+    layout = layer.layout()
+    for function, layout_args in ((NativeSpectralLinear, (layout.flat_perm, layout.length)),
+                                  (_SpectralLinearFunction, layout)):
         xr = x.clone().requires_grad_(True)
         params = [p.detach().clone().requires_grad_(True) if p is not None else None
                   for p in (layer.in_scale, layer.inner_scale, layer.out_scale, layer.bias)]
-        y = function.apply(xr, *params, *layer.layout())
+        y = function.apply(xr, *params, *layout_args)
         y.backward(grad)
         results.append((y.detach(), xr.grad, [p.grad for p in params if p is not None]))
     return results

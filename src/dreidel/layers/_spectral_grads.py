@@ -161,9 +161,11 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     rows = x.reshape(-1, x.shape[-1])
     params = (in_scale, out_scale) + tuple(t for t in (inner_scale, bias) if t is not None)
     native = runs_native_eager(rows, *params)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        function = NativeSpectralLinear if native else _SpectralLinearFunction
-        y = function.apply(rows, in_scale, inner_scale, out_scale, bias, *layout)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if differentiable and native:
+        y = NativeSpectralLinear.apply(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
+    elif differentiable:
+        y = _SpectralLinearFunction.apply(rows, in_scale, inner_scale, out_scale, bias, *layout)
     elif native:
         y = native_spectral_forward(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
     else:  # inference: the same computation without the autograd.Function bookkeeping

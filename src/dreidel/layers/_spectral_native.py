@@ -85,13 +85,11 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
 class NativeSpectralLinear(torch.autograd.Function):
     """``y = s_out ⊙ h_K[:, :out] + b`` for ``x`` ``(rows, n)`` on the native kernels.
 
-    Takes the arguments of ``_spectral_grads._SpectralLinearFunction`` (the layout's fields after the
-    parameters); only ``flat_perm`` and ``length`` of the layout are used.
+    ``flat_perm`` and ``length`` are the ``SpectralLayout`` fields of the layer.
     """
 
     @staticmethod
-    def forward(ctx, x, in_scale, inner_scale, out_scale, bias, input_gather, scale_gather, flat_perm,
-                flat_inverse, input_scatter, length, blocks, out_features):
+    def forward(ctx, x, in_scale, inner_scale, out_scale, bias, flat_perm, length):
         ctx.length, ctx.has_bias, ctx.has_inner = length, bias is not None, inner_scale is not None
         ctx.save_for_backward(x, in_scale, inner_scale, out_scale, flat_perm)
         return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, flat_perm, length)
@@ -108,5 +106,6 @@ class NativeSpectralLinear(torch.autograd.Function):
             grads["inner_scale"][0] if ctx.has_inner else None,
             grads["out_scale"][0],
             grads["bias"][0] if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None,
+            None,
+            None,
         )

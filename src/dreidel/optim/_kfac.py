@@ -72,8 +72,13 @@ class KFAC(CurvatureOptimizer):
             Other parameters are left to the base optimizer (listed once at INFO level).
         lr, momentum, weight_decay: of the default base optimizer, SGD with momentum.
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
-            the mean loss's curvature. M&G 2015 start high (150 for a sum over a batch of ~1000-5000,
-            i.e. ~0.1 for a mean) and let the Levenberg-Marquardt rule lower it; 0.1 by default.
+            the mean loss's curvature. M&G 2015 start high (150 for a per-case loss summed over the
+            outputs) and let the Levenberg-Marquardt rule lower it (by 0.77 per 5 steps at most, so
+            ~130 steps per factor 1000); 0.1 by default, a fit for cross-entropy over ~10 classes. The
+            scale is problem-dependent: a mean-reduced MSE over D outputs has curvature ~2/D smaller
+            per output, and on the MNIST autoencoder (D = 784) the Fisher eigenvalues are ~1e-7..1e-3,
+            so a start of 0.1 swamps them and the step is plain SGD with step size lr/damping for the
+            first few hundred steps (benchmarks/optimizers.py: tuned start 1e-4 there). Tune it.
             Too small a start (1e-3) amplifies the near-null directions of factors estimated from a
             few batches and diverged on the MNIST MLP without KL clipping. (A damping relative to
             each block's mean eigenvalue was tried: it made the steps of near-flat output layers far
