@@ -181,12 +181,21 @@ void backward_row(const SpectralLayer<T>& l, const Gathers<T>& gathers, const T*
     const T* __restrict s = l.in_scale + b * n;
     const T* __restrict d1 = d;
     Acc* __restrict gs = acc.in_scale.data() + b * n;
-    for (int64_t i = 0; i < n; ++i) gs[i] += Acc(d1[inverse[i]]) * Acc(x[i]);
-    if (grad_x == nullptr) continue;
-    if (b == 0)
-      for (int64_t i = 0; i < n; ++i) grad_x[i] = d1[inverse[i]] * s[i];
-    else
-      for (int64_t i = 0; i < n; ++i) grad_x[i] += d1[inverse[i]] * s[i];
+    if (grad_x == nullptr) {
+      for (int64_t i = 0; i < n; ++i) gs[i] += Acc(d1[inverse[i]]) * Acc(x[i]);
+    } else if (b == 0) {
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = d1[inverse[i]];
+        gs[i] += Acc(v) * Acc(x[i]);
+        grad_x[i] = v * s[i];
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = d1[inverse[i]];
+        gs[i] += Acc(v) * Acc(x[i]);
+        grad_x[i] += v * s[i];
+      }
+    }
   }
 }
 
