@@ -204,12 +204,17 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   if (chunk * int64_t(sizeof(T)) <= kLeafBytes || p.rows >= threads) {
     // Threads take grains of whole rows (dynamic: the machine may be shared, and a late thread should not
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
-    const int64_t grain = std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
+    const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
+    const int64_t grain = long_rows ? 1 : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
+    // Built before the parallel region (they own scratch memory): an allocation failure raises here.
+    std::vector<SerialFwht<T>> transforms;
+    transforms.reserve(static_cast<size_t>(row_threads));
+    for (int t = 0; t < row_threads; ++t) transforms.emplace_back(p.n, p.m, p.hadamard_m, p.scale, isa);
 #pragma omp parallel num_threads(row_threads) if (row_threads > 1)
     {
-      SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa);
+      SerialFwht<T>& transform = transforms[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < grains; ++g) {
         const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);

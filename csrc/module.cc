@@ -127,6 +127,29 @@ void spectral_backward_binding(Buffer<const T> x, Buffer<const T> grad_y, Buffer
   dreidel::spectral_backward(l, x.data(), grad_y.data(), rows, grads, threads, chosen);
 }
 
+// Both dtypes' spectral bindings (nanobind picks the overload by the arrays' dtype).
+template <class T>
+void def_spectral(nb::module_& m) {
+  m.def("spectral_forward", &spectral_forward_binding<T>, nb::arg("x").noconvert(), nb::arg("y").noconvert(),
+        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
+        nb::arg("bias").noconvert(), nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("threads"),
+        nb::arg("isa") = "auto",
+        "spectral_forward(x, y, in_scale, inner_scale, out_scale, bias, perm, hadamard_m, threads, isa='auto')\n\n"
+        "y = the spectral linear layer (csrc/spectral.h) applied to each row of x (rows, in). in_scale is\n"
+        "(blocks, in), perm (depth, blocks * length) int32 with block offsets; empty arrays stand for no\n"
+        "inner_scale (depth 1) or no bias. All buffers C-contiguous, one float dtype.");
+  m.def("spectral_backward", &spectral_backward_binding<T>, nb::arg("x").noconvert(), nb::arg("grad_y").noconvert(),
+        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
+        nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("grad_input").noconvert(),
+        nb::arg("grad_in_scale").noconvert(), nb::arg("grad_inner_scale").noconvert(),
+        nb::arg("grad_out_scale").noconvert(), nb::arg("grad_bias").noconvert(), nb::arg("groups"), nb::arg("threads"),
+        nb::arg("isa") = "auto",
+        "spectral_backward(x, grad_y, in_scale, inner_scale, out_scale, perm, hadamard_m, grad_input,\n"
+        "                  grad_in_scale, grad_inner_scale, grad_out_scale, grad_bias, groups, threads, isa='auto')\n\n"
+        "Overwrites the gradient buffers; parameter gradients are summed within `groups` equal consecutive\n"
+        "groups of rows (1: the usual sum; rows: per-sample). Empty grad_input / grad_bias: not computed.");
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
   for (auto isa : {dreidel::Isa::portable, dreidel::Isa::avx2, dreidel::Isa::avx512})
@@ -146,36 +169,8 @@ NB_MODULE(_C, m) {
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", fwht_doc);
   m.def("fwht", &fwht_binding<double>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto");
-  const char* forward_doc =
-      "spectral_forward(x, y, in_scale, inner_scale, out_scale, bias, perm, hadamard_m, threads, isa='auto')\n\n"
-      "y = the spectral linear layer (csrc/spectral.h) applied to each row of x (rows, in). in_scale is\n"
-      "(blocks, in), perm (depth, blocks * length) int32 with block offsets; empty arrays stand for no\n"
-      "inner_scale (depth 1) or no bias. All buffers C-contiguous, one float dtype.";
-  const char* backward_doc =
-      "spectral_backward(x, grad_y, in_scale, inner_scale, out_scale, perm, hadamard_m, grad_input,\n"
-      "                  grad_in_scale, grad_inner_scale, grad_out_scale, grad_bias, groups, threads, isa='auto')\n\n"
-      "Overwrites the gradient buffers; parameter gradients are summed within `groups` equal consecutive\n"
-      "groups of rows (1: the usual sum; rows: per-sample). Empty grad_input / grad_bias: not computed.";
-  m.def("spectral_forward", &spectral_forward_binding<float>, nb::arg("x").noconvert(), nb::arg("y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("bias").noconvert(), nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("threads"),
-        nb::arg("isa") = "auto", forward_doc);
-  m.def("spectral_backward", &spectral_backward_binding<float>, nb::arg("x").noconvert(), nb::arg("grad_y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("grad_input").noconvert(),
-        nb::arg("grad_in_scale").noconvert(), nb::arg("grad_inner_scale").noconvert(),
-        nb::arg("grad_out_scale").noconvert(), nb::arg("grad_bias").noconvert(), nb::arg("groups"), nb::arg("threads"),
-        nb::arg("isa") = "auto", backward_doc);
-  m.def("spectral_forward", &spectral_forward_binding<double>, nb::arg("x").noconvert(), nb::arg("y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("bias").noconvert(), nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("threads"),
-        nb::arg("isa") = "auto");
-  m.def("spectral_backward", &spectral_backward_binding<double>, nb::arg("x").noconvert(), nb::arg("grad_y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("grad_input").noconvert(),
-        nb::arg("grad_in_scale").noconvert(), nb::arg("grad_inner_scale").noconvert(),
-        nb::arg("grad_out_scale").noconvert(), nb::arg("grad_bias").noconvert(), nb::arg("groups"), nb::arg("threads"),
-        nb::arg("isa") = "auto");
+  def_spectral<float>(m);
+  def_spectral<double>(m);
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

@@ -90,7 +90,7 @@ struct Workspace {
 template <class T>
 T* run_stages(const SpectralLayer<T>& l, const Gathers<T>& g, const T* __restrict x, Workspace<T>& ws, bool keep_all) {
   const int64_t width = ws.width;
-  T* __restrict a = ws.stage(0);
+  T* a = ws.stage(0);
   {
     const int32_t* __restrict index = g.first_index.data();
     const T* __restrict scale = g.first_scale.data();
@@ -293,12 +293,19 @@ const char* spectral_check(const SpectralLayer<T>& l) {
   if (l.perm == nullptr || l.in_scale == nullptr || l.out_scale == nullptr) return "missing perm or scales";
   if ((l.inner_scale == nullptr) != (l.depth == 1)) return "inner_scale must be given exactly when depth > 1";
   if (l.m > 1 && l.hadamard_m == nullptr) return "missing hadamard_m";
-  // Every index must stay in its own block: this is what keeps the gathers and scatters in bounds.
+  // Every index must stay in its own block (this keeps the gathers and scatters in bounds) and appear once
+  // (the backward pass inverts the permutations).
+  std::vector<char> seen(static_cast<size_t>(l.length));
   for (int64_t k = 0; k < l.depth; ++k)
     for (int64_t b = 0; b < l.blocks; ++b) {
       const int32_t* p = l.perm + (k * l.blocks + b) * l.length;
-      for (int64_t j = 0; j < l.length; ++j)
-        if (p[j] < b * l.length || p[j] >= (b + 1) * l.length) return "perm has an index outside its block";
+      std::fill(seen.begin(), seen.end(), char(0));
+      for (int64_t j = 0; j < l.length; ++j) {
+        const int64_t i = int64_t(p[j]) - b * l.length;
+        if (i < 0 || i >= l.length) return "perm has an index outside its block";
+        if (seen[static_cast<size_t>(i)]) return "perm repeats an index within a block: not a permutation";
+        seen[static_cast<size_t>(i)] = 1;
+      }
     }
   return nullptr;
 }

@@ -9,11 +9,13 @@ import torch
 from dreidel import _C
 from dreidel.algo._hadamard import small_hadamard_array
 from dreidel.layers import DeepSpectralLinear, LinearWHT
-from dreidel.layers._spectral_grads import _SpectralLinearFunction
-from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectral_forward, native_spectral_grads
+from dreidel.layers import _spectral_grads, _spectral_native
+from dreidel.layers._spectral_native import native_spectral_forward, native_spectral_grads
 
-CASES = [  # (in, out, depth): powers of two, m * 2^k lengths (384 = 12 * 32), padding, stacked blocks
-    (256, 256, 1), (384, 384, 2), (100, 700, 1), (1000, 300, 3), (20, 50, 2), (640, 1500, 2),
+CASES = [  # (in, out, depth): powers of two, m * 2^k lengths (384 = 12 * 32, 448 = 28 * 16), padding, stacked
+    # blocks, and a transform longer than the kernel's L1 leaf (8192: the cache-blocked path)
+    (256, 256, 1), (384, 384, 2), (448, 448, 1), (100, 700, 1), (1000, 300, 3), (20, 50, 2), (640, 1500, 2),
+    (8000, 64, 2),
 ]
 
 
@@ -26,48 +28,92 @@ def make_layer(n, out, depth, dtype):
     return layer
 
 
-def both_paths(layer, x, grad):
-    """(y, input grad, parameter grads) from the native Function and from the reference Function."""
+def both_paths(layer, x, grad, monkeypatch):
+    """(y, input grad, parameter grads) from the native kernels and from the reference torch-op path."""
     results = []
-    layout = layer.layout()
-    for function, layout_args in ((NativeSpectralLinear, (layout.flat_perm, layout.length)),
-                                  (_SpectralLinearFunction, layout)):
-        xr = x.clone().requires_grad_(True)
-        params = [p.detach().clone().requires_grad_(True) if p is not None else None
-                  for p in (layer.in_scale, layer.inner_scale, layer.out_scale, layer.bias)]
-        y = function.apply(xr, *params, *layout_args)
-        y.backward(grad)
-        results.append((y.detach(), xr.grad, [p.grad for p in params if p is not None]))
+    for native in (True, False):
+        with monkeypatch.context() as patch:
+            if not native:
+                patch.setattr(_spectral_grads, "runs_native_eager", lambda *tensors: False)
+            xr = x.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            y = layer(xr)
+            y.backward(grad)
+        results.append((y.detach(), xr.grad, [p.grad for p in layer.parameters()]))
     return results
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("n,out,depth", CASES)
-def test_native_forward_and_backward_match_the_reference_path(n, out, depth, dtype, threads):
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        layer = make_layer(n, out, depth, dtype)
-        x = torch.randn(150, n, dtype=dtype)  # enough rows for both threads to take part
-        grad = torch.randn(150, out, dtype=dtype)
-        (y, gx, gp), (y_ref, gx_ref, gp_ref) = both_paths(layer, x, grad)
-    finally:
-        torch.set_num_threads(previous)
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(y, y_ref, **tol)
-    torch.testing.assert_close(gx, gx_ref, **tol)
-    for got, expected in zip(gp, gp_ref, strict=True):
-        torch.testing.assert_close(got, expected, **tol)
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
 
 
-def test_native_grouped_gradients_are_per_group_sums():
-    layer = make_layer(100, 130, 2, torch.float64)
-    x, grad = torch.randn(12, 100, dtype=torch.float64), torch.randn(12, 130, dtype=torch.float64)
+@pytest.mark.parametrize("n,out,depth", CASES)
+def test_native_forward_and_backward_match_the_reference_path_float64(n, out, depth, threads, monkeypatch):
+    layer = make_layer(n, out, depth, torch.float64)
+    x = torch.randn(150, n, dtype=torch.float64)  # enough rows for both threads to take part
+    grad = torch.randn(150, out, dtype=torch.float64)
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = both_paths(layer, x, grad, monkeypatch)
+    for got, expected in zip([y, gx, *gp], [y_ref, gx_ref, *gp_ref], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,out,depth", CASES)
+def test_native_float32_error_is_within_twice_the_reference_paths(n, out, depth, threads, monkeypatch):
+    """Against float64 ground truth, the native float32 results err at most 2x as much as the reference path's."""
+    layer = make_layer(n, out, depth, torch.float64)
+    x, grad = torch.randn(40, n, dtype=torch.float64), torch.randn(40, out, dtype=torch.float64)
+    truth = both_paths(layer, x, grad, monkeypatch)[0]
+    native, reference = both_paths(layer.float(), x.float(), grad.float(), monkeypatch)
+    flat = lambda result: [result[0], result[1], *result[2]]  # noqa: E731
+    for got, ref, exact in zip(flat(native), flat(reference), flat(truth), strict=True):
+        error, ref_error = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+        assert error <= 2 * ref_error + 1e-6 * exact.abs().max()
+
+
+def test_eager_cpu_calls_take_the_native_kernels(monkeypatch):
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(_C, name)
+
+    monkeypatch.setattr(_spectral_native, "native", Recorder())
+    layer = make_layer(30, 40, 2, torch.float32)
+    layer(torch.randn(5, 30, requires_grad=True)).sum().backward()
+    layer.per_sample_grads((torch.randn(5, 30),), torch.randn(5, 40))
+    assert calls == ["spectral_forward", "spectral_backward", "spectral_backward"]
+
+
+def test_double_backward_raises_instead_of_returning_wrong_values():
+    layer = make_layer(16, 16, 1, torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        gx.square().sum().backward()
+
+
+def test_per_sample_grads_with_mixed_parameter_dtypes_use_the_reference_path():
+    layer = make_layer(30, 40, 2, torch.float64)
+    layer.inner_scale.data = layer.inner_scale.data.float()
+    x, grad = torch.randn(4, 30, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64)
+    per_sample = layer.per_sample_grads((x,), grad)
+    layer(x).backward(grad)
+    for p, g in per_sample.items():
+        torch.testing.assert_close(g.sum(0).to(p.grad.dtype), p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_native_grouped_gradients_are_per_group_sums(threads):
+    layer = make_layer(1000, 1300, 2, torch.float64)  # big enough for two threads to share the groups
+    x, grad = torch.randn(40, 1000, dtype=torch.float64), torch.randn(40, 1300, dtype=torch.float64)
     args = (layer.in_scale, layer.inner_scale, layer.out_scale, True, layer._flat_perm, layer.transform_length)
     per_group = native_spectral_grads(x, grad, *args, groups=4, want_input_grad=True)
     for g in range(4):
-        rows = slice(3 * g, 3 * g + 3)
+        rows = slice(10 * g, 10 * g + 10)
         single = native_spectral_grads(x[rows], grad[rows], *args, groups=1, want_input_grad=True)
         for name in ("in_scale", "inner_scale", "out_scale", "bias"):
             torch.testing.assert_close(per_group[name][g], single[name][0], rtol=1e-12, atol=1e-12)
@@ -88,15 +134,40 @@ def kernel_args(layer, x):
             small_hadamard_array(1, torch.float32), 1]
 
 
-def test_native_kernel_rejects_a_permutation_leaving_its_block():
+@pytest.mark.parametrize("entry,message", [(64, "outside its block"), (-1, "outside its block"),
+                                           (None, "not a permutation")])
+def test_native_kernel_rejects_a_corrupted_permutation(entry, message):
     layer = make_layer(64, 128, 1, torch.float32)  # two blocks of 64
     args = kernel_args(layer, torch.randn(3, 64))
-    args[6][0, 5] = 64  # an index of block 1 inside block 0
-    with pytest.raises(ValueError, match="perm has an index outside its block"):
+    perm = args[6]
+    perm[0, 5] = perm[0, 6] if entry is None else entry  # None: a repeated index
+    with pytest.raises(ValueError, match=message):
         _C.spectral_forward(*args)
-    args[6][0, 5] = -1
-    with pytest.raises(ValueError, match="perm has an index outside its block"):
-        _C.spectral_forward(*args)
+
+
+def test_loading_a_state_dict_with_a_non_permutation_raises():
+    layer = make_layer(20, 30, 2, torch.float32)
+    state = layer.state_dict()
+    state["permutation"][1, 0, 3] = state["permutation"][1, 0, 4]
+    with pytest.raises(ValueError, match="'permutation' is not a permutation"):
+        make_layer(20, 30, 2, torch.float32).load_state_dict(state)
+
+
+def test_native_backward_kernel_rejects_wrong_gradient_buffers():
+    layer = make_layer(64, 128, 1, torch.float32)
+    x, grad = torch.randn(4, 64), torch.randn(4, 128)
+    args = [x.numpy(), grad.numpy(), layer.in_scale.detach().numpy(), np.empty(0, np.float32),
+            layer.out_scale.detach().numpy(), layer._flat_perm.numpy(), small_hadamard_array(1, torch.float32),
+            np.empty((4, 64), np.float32), np.empty((1, 2, 64), np.float32), np.empty(0, np.float32),
+            np.empty((1, 128), np.float32), np.empty((1, 128), np.float32), 1, 1]
+    _C.spectral_backward(*args)  # consistent
+    for position, bad, message in [(8, np.empty((1, 1, 64), np.float32), "grad_in_scale"),
+                                   (10, np.empty((1, 127), np.float32), "grad_out_scale"),
+                                   (12, 3, "multiple of groups")]:
+        wrong = list(args)
+        wrong[position] = bad
+        with pytest.raises(ValueError, match=message):
+            _C.spectral_backward(*wrong)
 
 
 @pytest.mark.parametrize("position,bad,message", [
@@ -111,3 +182,19 @@ def test_native_kernel_rejects_inconsistent_sizes(position, bad, message):
     args[position] = bad
     with pytest.raises(ValueError, match=message):
         _C.spectral_forward(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])  # native kernel / reference inside the op
+@pytest.mark.parametrize("n,out,depth", [(20, 50, 2), (384, 300, 1)])
+def test_registered_ops_pass_opcheck(n, out, depth, dtype):
+    layer = make_layer(n, out, depth, dtype)
+    layout = layer.layout()
+    indices, sizes = list(layout[:5]), tuple(layout[5:])
+    x = torch.randn(6, n, dtype=dtype, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) if p is not None else None
+              for p in (layer.in_scale, layer.inner_scale, layer.out_scale, layer.bias)]
+    torch.library.opcheck(torch.ops.dreidel.spectral_linear.default, (x, *params, indices, *sizes))
+    grad = torch.randn(6, out, dtype=dtype)
+    backward_args = (x.detach(), grad, params[0].detach(), None if params[1] is None else params[1].detach(),
+                     params[2].detach(), indices, *sizes, True, True)
+    torch.library.opcheck(torch.ops.dreidel.spectral_linear_backward.default, backward_args)

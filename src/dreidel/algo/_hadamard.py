@@ -122,8 +122,10 @@ def small_hadamard(m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def small_hadamard_array(m: int, dtype: torch.dtype):
-    """``small_hadamard(m, dtype)`` as a NumPy array, the form the native kernels take it in (cached)."""
-    return small_hadamard(m, dtype).numpy()
+    """``small_hadamard(m, dtype)`` as a read-only NumPy array, the form the native kernels take it in (cached)."""
+    array = small_hadamard(m, dtype).numpy().copy()
+    array.setflags(write=False)
+    return array
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

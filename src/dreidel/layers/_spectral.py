@@ -293,6 +293,10 @@ def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
         got = tuple(getattr(module, name).shape)
         if got != shape:
             raise ValueError(f"{type(module).__name__}: loaded {name!r} has shape {got}, expected {shape}")
+    perm = module.permutation
+    if not torch.equal(perm.sort(dim=-1).values, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)):
+        raise ValueError(f"{type(module).__name__}: loaded 'permutation' is not a permutation of "
+                         f"0..{perm.shape[-1] - 1} in every (stage, block)")
     module._set_in_features(n)
     module._generator = None
     module._build_indices()

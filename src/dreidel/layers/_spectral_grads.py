@@ -1,4 +1,4 @@
-"""Forward stages, hand-written backward and per-sample gradients of the spectral linear layers.
+"""The spectral linear layers' maths as torch ops (the reference path), and the dispatch to the native kernels.
 
 Notation (one row; ``B`` stacked blocks of transform length ``L``, flattened to ``B·L``):
 ``a_1 = P_1 (s_in ⊙ pad(x))``, ``h_k = H a_k``, ``a_k = P_k (s_{k-1} ⊙ h_{k-1})`` for ``k = 2..K``,
@@ -12,6 +12,12 @@ code serves the autograd backward (everything summed over rows) and the per-samp
 ``PerSampleGradients`` protocol (summed only over the positions between batch and features). Writing the
 backward by hand (rather than letting autograd differentiate gathers) replaces scatter-adds by gathers with
 the inverse permutation and runs the transforms in place.
+
+Three entry points share these functions: eager CPU float32/float64 calls the fused native kernels
+(``_spectral_native``); everything else calls the registered ops ``dreidel::spectral_linear`` and
+``dreidel::spectral_linear_backward``, whose implementations pick the native kernels where they run (CPU,
+float32/float64, e.g. inside a ``torch.compile`` graph) and this reference path elsewhere (other devices,
+float16/bfloat16); and the per-sample gradients call the same pair directly.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectra
 if TYPE_CHECKING:
     from dreidel.layers._spectral import _SpectralLinearBase
 
-__all__ = ["SpectralLayout", "spectral_linear", "spectral_per_sample_grads", "spectral_stages"]
+__all__ = ["SpectralLayout", "spectral_forward", "spectral_grads", "spectral_linear", "spectral_per_sample_grads",
+           "spectral_stages"]
 
 
 class SpectralLayout(NamedTuple):
@@ -115,62 +122,123 @@ def _spectral_vjp(
     return grads
 
 
-class _SpectralLinearFunction(torch.autograd.Function):
-    """``y = s_out ⊙ h_K[:, :out] + b`` for ``x`` ``(rows, n)``, with the hand-written backward above."""
+def _takes_native(*tensors: torch.Tensor | None) -> bool:
+    """The one dispatch rule: the native kernels run when every tensor given is eager CPU float32/float64."""
+    return runs_native_eager(*(t for t in tensors if t is not None))
 
-    @staticmethod
-    def forward(ctx, x, in_scale, inner_scale, out_scale, bias, input_gather, scale_gather, flat_perm,
-                flat_inverse, input_scatter, length, blocks, out_features):
-        layout = SpectralLayout(input_gather, scale_gather, flat_perm, flat_inverse, input_scatter,
-                                length, blocks, out_features)
-        stages = spectral_stages(x, in_scale, inner_scale, layout)
-        spectral = stages[-1][:, :out_features]
-        y = spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
-        ctx.layout_sizes = (length, blocks, out_features)
-        ctx.has_inner, ctx.has_bias = inner_scale is not None, bias is not None
-        inner = inner_scale if inner_scale is not None else in_scale.new_empty(0)
-        ctx.save_for_backward(x, in_scale, inner, out_scale, input_gather, scale_gather, flat_perm,
-                              flat_inverse, input_scatter, *stages)
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, in_scale, inner, out_scale, *indices = ctx.saved_tensors
-        layout = SpectralLayout(*indices[:5], *ctx.layout_sizes)
-        stages = [s.unsqueeze(0) for s in indices[5:]]
-        grads = _spectral_vjp(x.unsqueeze(0), grad_y.contiguous().unsqueeze(0), stages, in_scale,
-                              inner if ctx.has_inner else None, out_scale, layout, ctx.needs_input_grad[0])
-        return (
-            grads["input"][0] if ctx.needs_input_grad[0] else None,
-            grads["in_scale"][0],
-            grads["inner_scale"][0] if ctx.has_inner else None,
-            grads["out_scale"][0],
-            grads["bias"][0] if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None,
-        )
+def spectral_forward(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
+                     out_scale: torch.Tensor, bias: torch.Tensor | None, layout: SpectralLayout) -> torch.Tensor:
+    """``y`` ``(rows, out)`` for ``x`` ``(rows, n)``, no autograd: the native kernel where it runs, else the reference."""
+    if _takes_native(x, in_scale, inner_scale, out_scale, bias):
+        return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
+    spectral = spectral_stages(x, in_scale, inner_scale, layout)[-1][:, : layout.out_features]
+    return spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
+
+
+def spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
+                   out_scale: torch.Tensor, has_bias: bool, layout: SpectralLayout, groups: int,
+                   want_input_grad: bool) -> dict[str, torch.Tensor]:
+    """Gradients for ``x`` ``(rows, n)`` and ``grad`` ``(rows, out)``, parameter gradients summed within ``groups``
+    equal groups of rows; keys and shapes as ``_spectral_native.native_spectral_grads``. No autograd."""
+    if _takes_native(x, grad, in_scale, inner_scale, out_scale):
+        return native_spectral_grads(x, grad, in_scale, inner_scale, out_scale, has_bias, layout.flat_perm,
+                                     layout.length, groups, want_input_grad)
+    rows, n = x.shape
+    with torch.no_grad():
+        stages = [h.view(groups, rows // groups, -1) for h in spectral_stages(x, in_scale, inner_scale, layout)]
+    grads = _spectral_vjp(x.view(groups, rows // groups, n), grad.view(groups, rows // groups, -1), stages, in_scale,
+                          inner_scale, out_scale, layout, want_input_grad)
+    if not has_bias:
+        del grads["bias"]
+    if want_input_grad:
+        grads["input"] = grads["input"].reshape(rows, n)
+    return grads
+
+
+# The traceable form: custom ops (with fake implementations and autograd) that torch.compile keeps as calls,
+# so compiled models run the same native kernels on CPU; elsewhere they run the reference path.
+@torch.library.custom_op("dreidel::spectral_linear", mutates_args=())
+def _spectral_linear_op(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
+                        out_scale: torch.Tensor, bias: torch.Tensor | None, indices: list[torch.Tensor], length: int,
+                        blocks: int, out_features: int) -> torch.Tensor:
+    return spectral_forward(x, in_scale, inner_scale, out_scale, bias,
+                            SpectralLayout(*indices, length, blocks, out_features))
+
+
+@_spectral_linear_op.register_fake
+def _spectral_linear_op_fake(x, in_scale, inner_scale, out_scale, bias, indices, length, blocks, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+_GRAD_NAMES = ("input", "in_scale", "inner_scale", "out_scale", "bias")
+
+
+@torch.library.custom_op("dreidel::spectral_linear_backward", mutates_args=())
+def _spectral_linear_backward_op(
+    x: torch.Tensor, grad: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
+    out_scale: torch.Tensor, indices: list[torch.Tensor], length: int, blocks: int, out_features: int,
+    has_bias: bool, want_input_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients in ``_GRAD_NAMES`` order, parameter ones with a leading group dimension of 1; an empty
+    tensor stands for one that does not exist or is not wanted."""
+    grads = spectral_grads(x, grad, in_scale, inner_scale, out_scale, has_bias,
+                           SpectralLayout(*indices, length, blocks, out_features), 1, want_input_grad)
+    return tuple(grads[name] if name in grads else x.new_empty(0) for name in _GRAD_NAMES)
+
+
+@_spectral_linear_backward_op.register_fake
+def _spectral_linear_backward_op_fake(x, grad, in_scale, inner_scale, out_scale, indices, length, blocks,
+                                      out_features, has_bias, want_input_grad):
+    shapes = {"input": x.shape if want_input_grad else None, "in_scale": (1, *in_scale.shape),
+              "inner_scale": None if inner_scale is None else (1, *inner_scale.shape),
+              "out_scale": (1, *out_scale.shape), "bias": (1, *out_scale.shape) if has_bias else None}
+    return tuple(x.new_empty(shapes[name] if shapes[name] is not None else 0) for name in _GRAD_NAMES)
+
+
+def _spectral_linear_setup_context(ctx, inputs, output) -> None:
+    x, in_scale, inner_scale, out_scale, bias, indices, length, blocks, out_features = inputs
+    ctx.sizes = (length, blocks, out_features)
+    ctx.has_inner, ctx.has_bias = inner_scale is not None, bias is not None
+    ctx.save_for_backward(x, in_scale, inner_scale, out_scale, *indices)
+
+
+def _spectral_linear_backward(ctx, grad):
+    x, in_scale, inner_scale, out_scale, *indices = ctx.saved_tensors
+    grads = dict(zip(_GRAD_NAMES, _spectral_linear_backward_op(
+        x, grad.contiguous(), in_scale, inner_scale if ctx.has_inner else None, out_scale, indices, *ctx.sizes,
+        ctx.has_bias, ctx.needs_input_grad[0])))
+    return (
+        grads["input"] if ctx.needs_input_grad[0] else None,
+        grads["in_scale"][0],
+        grads["inner_scale"][0] if ctx.has_inner else None,
+        grads["out_scale"][0],
+        grads["bias"][0] if ctx.has_bias else None,
+        [None] * len(indices),
+        None, None, None,
+    )
+
+
+_spectral_linear_op.register_autograd(_spectral_linear_backward, setup_context=_spectral_linear_setup_context)
 
 
 def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                     out_scale: torch.Tensor, bias: torch.Tensor | None, layout: SpectralLayout) -> torch.Tensor:
     """The affine part of a spectral layer for ``x`` ``(*, n)`` → ``(*, out)``; differentiable in all inputs.
 
-    Eager CPU float32/float64 runs the fused native kernels (``_spectral_native``); everything else (traced
-    code, other devices and dtypes) runs the reference composition of torch ops above.
+    Eager CPU float32/float64 calls the fused native kernels through a plain ``autograd.Function`` (a few
+    microseconds of overhead); traced code, other devices and other dtypes go through the registered op
+    ``dreidel::spectral_linear``, which runs the same kernels on CPU and the reference path elsewhere.
     """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    params = (in_scale, out_scale) + tuple(t for t in (inner_scale, bias) if t is not None)
-    native = runs_native_eager(rows, *params)
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    if differentiable and native:
+    params = (in_scale, inner_scale, out_scale, bias)
+    if not _takes_native(rows, *params):
+        y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])
+    elif torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         y = NativeSpectralLinear.apply(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
-    elif differentiable:
-        y = _SpectralLinearFunction.apply(rows, in_scale, inner_scale, out_scale, bias, *layout)
-    elif native:
+    else:
         y = native_spectral_forward(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
-    else:  # inference: the same computation without the autograd.Function bookkeeping
-        spectral = spectral_stages(rows, in_scale, inner_scale, layout)[-1][:, : layout.out_features]
-        y = spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
     return y.view(*lead, layout.out_features)
 
 
@@ -193,31 +261,17 @@ def spectral_per_sample_grads(
         )
     batch, n, out = x.shape[0], layer.in_features, layer.out_features
     layout = layer.layout()
-    x3 = x.detach().reshape(batch, -1, n)  # (batch, M, n)
-    grad = grad_output.detach().reshape(batch, -1, out)  # (batch, M, out)
+    x2 = x.detach().reshape(-1, n)  # (batch·M, n): M positions per sample, consecutive
+    grad2 = grad_output.detach().reshape(-1, out)
     in_scale, out_scale = layer.in_scale.detach(), layer.out_scale.detach()
     inner_scale = None if layer.inner_scale is None else layer.inner_scale.detach()
     bias = None if layer.bias is None else layer.bias.detach()
-    native = runs_native_eager(x3, grad, in_scale, out_scale)
-    if native:
-        stages = None
-        pre = None if layer._activation_fn is None else native_spectral_forward(
-            x3.reshape(-1, n), in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length
-        ).view(batch, -1, out)
-    else:
-        with torch.no_grad():
-            stages = [h.view(batch, -1, h.shape[-1]) for h in spectral_stages(x3.reshape(-1, n), in_scale, inner_scale, layout)]
-        pre = stages[-1][..., :out] * out_scale if bias is None else torch.addcmul(bias, stages[-1][..., :out], out_scale)
     if layer._activation_fn is not None:  # chain through the activation at the recomputed pre-activation
         with torch.enable_grad():
-            pre.requires_grad_(True)
-            (grad,) = torch.autograd.grad(layer._activation_fn(pre), pre, grad)
-    if native:
-        grads = native_spectral_grads(x3.reshape(-1, n), grad.reshape(-1, out), in_scale, inner_scale, out_scale,
-                                      bias is not None, layout.flat_perm, layout.length, groups=batch,
-                                      want_input_grad=False)
-    else:
-        grads = _spectral_vjp(x3, grad, stages, in_scale, inner_scale, out_scale, layout, want_input_grad=False)
+            pre = spectral_forward(x2, in_scale, inner_scale, out_scale, bias, layout).requires_grad_(True)
+            (grad2,) = torch.autograd.grad(layer._activation_fn(pre), pre, grad2)
+    grads = spectral_grads(x2, grad2, in_scale, inner_scale, out_scale, bias is not None, layout, groups=batch,
+                           want_input_grad=False)
     named = {"in_scale": layer.in_scale, "inner_scale": layer.inner_scale, "out_scale": layer.out_scale,
              "bias": layer.bias}
     return {named[name]: value for name, value in grads.items() if named[name] is not None}

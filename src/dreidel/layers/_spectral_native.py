@@ -45,7 +45,7 @@ def native_spectral_forward(x: torch.Tensor, in_scale: torch.Tensor, inner_scale
                             length: int) -> torch.Tensor:
     """``y`` ``(rows, out)`` for ``x`` ``(rows, n)``; arguments as in ``SpectralLayout`` (no autograd)."""
     x = x.detach().contiguous()
-    y = torch.empty((x.shape[0], out_scale.shape[0]), dtype=x.dtype)
+    y = x.new_empty((x.shape[0], out_scale.shape[0]))
     scales_in, scales_inner, scales_out, perm, hadamard = _layer_arrays(in_scale, inner_scale, out_scale, flat_perm, length)
     native.spectral_forward(x.numpy(), y.numpy(), scales_in, scales_inner, scales_out, _view(bias, x.dtype), perm,
                             hadamard, torch.get_num_threads())
@@ -65,7 +65,7 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
     """
     x, grad = x.detach().contiguous(), grad.detach().contiguous()
     dtype, rows = x.dtype, x.shape[0]
-    empty = lambda *shape: torch.empty(shape, dtype=dtype)  # noqa: E731
+    empty = x.new_empty
     grads = {"in_scale": empty(groups, *in_scale.shape), "out_scale": empty(groups, *out_scale.shape)}
     if inner_scale is not None:
         grads["inner_scale"] = empty(groups, *inner_scale.shape)
@@ -95,6 +95,7 @@ class NativeSpectralLinear(torch.autograd.Function):
         return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, flat_perm, length)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, grad_y):
         x, in_scale, inner_scale, out_scale, flat_perm = ctx.saved_tensors
         grads = native_spectral_grads(x, grad_y, in_scale, inner_scale if ctx.has_inner else None, out_scale,
