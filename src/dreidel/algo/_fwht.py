@@ -197,7 +197,7 @@ def runs_native_eager(*tensors: torch.Tensor) -> bool:
     return (
         not torch.compiler.is_compiling()
         and dtype in (torch.float32, torch.float64)
-        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and all(t.is_cpu and t.dtype == dtype for t in tensors)  # is_cpu: no device object per call
     )
 
 
