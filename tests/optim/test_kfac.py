@@ -331,3 +331,34 @@ def test_damped_inverse_matches_explicit_inverse_and_survives_non_pd(caplog):
         inverse = damped_inverse(indefinite, 0.1, "bad")
     torch.testing.assert_close(inverse, torch.diag(torch.tensor([1 / 1.1, 1 / 0.1, 1 / 2.1])))
     assert any("Cholesky" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "likelihood,warmup,expected",
+    [
+        ("gaussian", 0, [2, 0, 0, 0, 0] * 2),  # sampled backward (= loss before) + loss after
+        ("empirical", 0, [2, 0, 0, 0, 0] * 2),  # loss before + loss after
+        ("gaussian", 3, [2, 1, 1, 0, 0, 2, 0, 0, 0, 0]),  # warm-up: a sampled backward on every step
+    ],
+)
+def test_closure_calls_follow_factor_and_damping_schedule(likelihood, warmup, expected):
+    """Damping adaptation at steps 0, 5, ... in phase with the factor steps, so a sampled factor step's
+    forward doubles as the loss before the step; factors on every step during ``factor_warmup``."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    opt = KFAC(model, likelihood=likelihood, factor_every=5, damping_every=5, factor_warmup=warmup)
+    calls = []
+    for step in range(10):
+        count = [0]
+
+        def closure():
+            count[0] += 1
+            return mse(model(x), y)
+
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        assert opt.closure_required(step) == (expected[step] > 0)
+        opt.step(closure)
+        calls.append(count[0])
+    assert calls == expected

@@ -50,7 +50,7 @@ class KFAC(CurvatureOptimizer):
 
     Each step:
 
-    1. every ``factor_every`` steps (every step during the first ``inverse_every``) update the running
+    1. every ``factor_every`` steps (every step during the first ``factor_warmup``) update the running
        factors A, G (or diagonals) from the captured layer inputs and output gradients;
     2. every ``inverse_every`` steps (and at steps 1, 4, 16, ... before that) eigendecompose them;
     3. replace ``p.grad`` by ``(F_block + damping I)^{-1} grad`` for every supported layer (other
@@ -87,9 +87,14 @@ class KFAC(CurvatureOptimizer):
         factor_every: update the factors every T1 steps (M&G: 1; we default to 5, which keeps the
             sampled-Fisher backward and the factor products off most steps).
         inverse_every: eigendecompose every T3 steps (M&G: 20).
+        factor_warmup: update the factors on every step before this one (default: ``inverse_every``), so
+            that the first inverses (steps 1, 4, 16, ...) see more than one batch. Each warm-up step
+            costs a factor update (and a sampled backward); 0 keeps the ``factor_every`` cadence from
+            the start (on the MNIST autoencoder this reached a given loss in no more steps).
         kl_clip: bound on the predicted KL change ``lr^2 g^T F^{-1} g`` (ACKTR: 1e-3); None disables.
         adapt_damping: Levenberg-Marquardt adaptation of ``damping`` (needs the closure every
-            ``damping_every`` steps: two extra forward passes). M&G's T2 = 5.
+            ``damping_every`` steps, in phase with the factor steps: a forward pass after the step, plus one
+            before it unless a sampled-likelihood factor step already ran the closure). M&G's T2 = 5.
         min_damping, max_damping: bounds of the adapted damping.
         likelihood: ``"empirical"`` builds G from the training step's own (true-label) backward -- free,
             but the empirical Fisher, which is not the curvature (Kunstner et al. 2019,
@@ -113,6 +118,7 @@ class KFAC(CurvatureOptimizer):
         factor_decay: float = 0.95,
         factor_every: int = 5,
         inverse_every: int = 20,
+        factor_warmup: int | None = None,
         kl_clip: float | None = 1e-3,
         adapt_damping: bool = True,
         damping_every: int = 5,
@@ -129,6 +135,8 @@ class KFAC(CurvatureOptimizer):
             raise ValueError("damping: expected > 0; factor_decay: expected in [0, 1)")
         if min(factor_every, inverse_every, damping_every) < 1:
             raise ValueError("factor_every/inverse_every/damping_every: expected >= 1")
+        if factor_warmup is not None and factor_warmup < 0:
+            raise ValueError(f"factor_warmup: expected >= 0 or None, got {factor_warmup}")
         if kl_clip is not None and kl_clip <= 0:
             raise ValueError(f"kl_clip: expected > 0 or None, got {kl_clip}")
         check_likelihood(likelihood)
@@ -148,6 +156,7 @@ class KFAC(CurvatureOptimizer):
         self.capture = ActivationCapture(model, [b.module for b in self.blocks])
         self.hyper = dict(
             factor_decay=factor_decay, factor_every=factor_every, inverse_every=inverse_every,
+            factor_warmup=inverse_every if factor_warmup is None else factor_warmup,
             kl_clip=kl_clip, adapt_damping=adapt_damping, damping_every=damping_every,
             min_damping=min_damping, max_damping=max_damping, damping_mode=damping_mode,
         )
@@ -164,8 +173,8 @@ class KFAC(CurvatureOptimizer):
         return self.capture
 
     def _is_factor_step(self, step: int) -> bool:
-        """Every ``factor_every`` steps, and every step during the warm-up (``step < inverse_every``)."""
-        return step % self.hyper["factor_every"] == 0 or step < self.hyper["inverse_every"]
+        """Every ``factor_every`` steps, and every step during the warm-up (``step < factor_warmup``)."""
+        return step % self.hyper["factor_every"] == 0 or step < self.hyper["factor_warmup"]
 
     def _is_inverse_step(self, step: int) -> bool:
         """Every ``inverse_every`` steps, and at steps 1, 4, 16, ... of the warm-up: the first factors
@@ -173,10 +182,15 @@ class KFAC(CurvatureOptimizer):
         warm_up = 0 < step < self.hyper["inverse_every"] and 4 ** round(math.log(step, 4)) == step
         return step % self.hyper["inverse_every"] == 0 or warm_up
 
+    def _is_adapt_step(self, step: int) -> bool:
+        """Every ``damping_every`` steps, in phase with the factor steps (step 0, T2, 2 T2, ...): with a
+        sampled likelihood and T2 a multiple of T1, the loss before the step then comes from the sampled
+        backward's forward pass instead of an extra one."""
+        return self.hyper["adapt_damping"] and step % self.hyper["damping_every"] == 0
+
     def closure_required(self, step: int) -> bool:
         sampled = self.likelihood != "empirical" and self._is_factor_step(step)
-        adapt = self.hyper["adapt_damping"] and step % self.hyper["damping_every"] == self.hyper["damping_every"] - 1
-        return sampled or adapt
+        return sampled or self._is_adapt_step(step)
 
     def _arm_capture(self) -> None:
         refresh = self._is_factor_step(self.progress["step"])
@@ -278,7 +292,7 @@ class KFAC(CurvatureOptimizer):
             if predicted > kl_clip:
                 scale = math.sqrt(kl_clip / predicted)
                 precond = {p: u * scale for p, u in precond.items()}
-        adapt = self.hyper["adapt_damping"] and step % self.hyper["damping_every"] == self.hyper["damping_every"] - 1
+        adapt = self._is_adapt_step(step)
         raw_grads = {p: p.grad.clone() for p in params} if adapt else {}
         for p, u in precond.items():
             p.grad.copy_(u)
