@@ -18,15 +18,19 @@ def header() -> str:
     info = system_info()
     cpu = info.cpu
     try:
-        fields = dict(
-            line.split(":", 1) for line in open("/proc/cpuinfo", encoding="utf-8") if ":" in line
-        )
+        fields = {}
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value)
         cpu += f" (family {fields['cpu family'].strip()}, model {fields['model'].strip()})"
     except (OSError, KeyError):
         pass
     return (
         "# Benchmarks\n\n"
-        "Written by `make bench` (benchmarks/run_all.py); every figure below comes from that run.\n\n"
+        "Assembled by benchmarks/run_all.py from the sections the benchmark scripts write to benchmarks/results/ "
+        "(`make bench` reruns every script first; `benchmarks/run_all.py NAME ...` reruns only those). Every "
+        "figure was measured by the script that wrote its section, on the machine below.\n\n"
         f"- date: {datetime.date.today().isoformat()}\n"
         f"- CPU: {cpu}, {info.cores} cores, native core dispatched to {info.isa}\n"
         f"- dreidel {info.dreidel}, torch {info.torch}, Python {info.python}\n"
