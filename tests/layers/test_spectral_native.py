@@ -43,16 +43,8 @@ def both_paths(layer, x, grad, monkeypatch):
     return results
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("n,out,depth", CASES)
-def test_native_forward_and_backward_match_the_reference_path_float64(n, out, depth, threads, monkeypatch):
+def test_native_forward_and_backward_match_the_reference_path_float64(n, out, depth, num_threads, monkeypatch):
     layer = make_layer(n, out, depth, torch.float64)
     x = torch.randn(150, n, dtype=torch.float64)  # enough rows for both threads to take part
     grad = torch.randn(150, out, dtype=torch.float64)
@@ -62,7 +54,7 @@ def test_native_forward_and_backward_match_the_reference_path_float64(n, out, de
 
 
 @pytest.mark.parametrize("n,out,depth", CASES)
-def test_native_float32_error_is_within_twice_the_reference_paths(n, out, depth, threads, monkeypatch):
+def test_native_float32_error_is_within_twice_the_reference_paths(n, out, depth, num_threads, monkeypatch):
     """Against float64 ground truth, the native float32 results err at most 2x as much as the reference path's."""
     layer = make_layer(n, out, depth, torch.float64)
     x, grad = torch.randn(40, n, dtype=torch.float64), torch.randn(40, out, dtype=torch.float64)
@@ -107,7 +99,7 @@ def test_per_sample_grads_with_mixed_parameter_dtypes_use_the_reference_path():
         torch.testing.assert_close(g.sum(0).to(p.grad.dtype), p.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_native_grouped_gradients_are_per_group_sums(threads):
+def test_native_grouped_gradients_are_per_group_sums(num_threads):
     layer = make_layer(1000, 1300, 2, torch.float64)  # big enough for two threads to share the groups
     x, grad = torch.randn(40, 1000, dtype=torch.float64), torch.randn(40, 1300, dtype=torch.float64)
     args = (layer.in_scale, layer.inner_scale, layer.out_scale, True, layer._flat_perm, layer.transform_length)

@@ -1,8 +1,8 @@
 """Spectral linear layers on the fused native kernels (``csrc/spectral.h``): eager CPU, float32/float64.
 
 The same maths as the composition of torch ops in ``_spectral_grads`` (the reference path: the test
-oracle, and what ``torch.compile``, other devices and other dtypes run), done in one native call for the
-forward pass and one for the backward pass. Each row goes through all its gathers, transforms and
+oracle, and what other devices and other dtypes run), done in one native call for the forward pass and
+one for the backward pass; ``_spectral_grads`` decides which runs. Each row goes through all its gathers, transforms and
 scalings while it sits in cache; the forward pass keeps nothing but its inputs, and the backward pass
 recomputes the row's stages (``O(depth · B·L log L)``, cheaper than storing and re-reading them) and sums
 the parameter gradients in double. At width 256 this replaces about twenty small torch ops a step.
