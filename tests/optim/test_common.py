@@ -19,6 +19,7 @@ CONFIGS = {
     "dn_empirical": lambda m: DiagonalNewton(m, curvature_every=2),
     "kfac_sampled": lambda m: KFAC(m, likelihood="categorical", inverse_every=3, damping_every=2),
     "kfac_empirical": lambda m: KFAC(m, inverse_every=3),
+    "kfac_low_rank": lambda m: KFAC(m, likelihood="categorical", inverse_every=3, factor_rank=1),
 }
 
 

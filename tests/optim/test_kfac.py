@@ -269,7 +269,7 @@ def test_nan_factor_falls_back_to_identity_and_never_nan_weights(caplog):
     opt.state[model[0].weight]["A"].fill_(float("nan"))
     with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
         for block in opt.blocks:
-            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), "exact")
+            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), "exact", None, opt.generator)
         train_step(model, opt, mse, x, y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any("identity" in r.getMessage() for r in caplog.records)
@@ -362,3 +362,89 @@ def test_closure_calls_follow_factor_and_damping_schedule(likelihood, warmup, ex
         opt.step(closure)
         calls.append(count[0])
     assert calls == expected
+
+
+def eigen_truncated(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Oracle of the low-rank factor in float64: top ``rank`` eigenpairs kept, the rest set to their mean."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    tail = values[:-rank].mean()
+    kept = torch.cat([torch.full_like(values[:-rank], float(tail)), values[-rank:]])
+    return (vectors * kept) @ vectors.t()
+
+
+def test_low_rank_damped_inverse_equals_inverse_of_truncated_factor():
+    from dreidel.optim._kfac_blocks import inverse_times, low_rank_damped_inverse, times_inverse
+
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    factor = (q * 2.0 ** -torch.arange(40.0, dtype=torch.float64)) @ q.t()  # decaying spectrum
+    shift, rank = 1e-3, 6
+    inverse = low_rank_damped_inverse(factor, shift, rank, "f", torch.Generator().manual_seed(0))
+    expected = torch.linalg.inv(eigen_truncated(factor, rank) + shift * torch.eye(40, dtype=torch.float64))
+    m = torch.randn(40, 7, generator=gen, dtype=torch.float64)
+    tolerance = dict(rtol=1e-5, atol=1e-6 * float((expected @ m).abs().max()))
+    torch.testing.assert_close(inverse_times(inverse, m), expected @ m, **tolerance)
+    torch.testing.assert_close(times_inverse(m.t(), inverse), m.t() @ expected, **tolerance)
+    basis, correction, identity = inverse
+    assert basis.shape == (40, rank) and correction.shape == (rank,) and identity.dim() == 0
+
+
+def test_low_rank_step_equals_explicit_kronecker_of_truncated_factors():
+    """factor_rank=k: A (13 wide > 2k) is replaced by its rank-k truncation with the tail at its mean;
+    G (3 wide <= 2k) stays dense; then the step is the factored-damping Kronecker solve."""
+    torch.manual_seed(14)
+    layer = nn.Linear(12, 3)
+    model = nn.Sequential(layer)
+    scales = 2.0 ** -torch.arange(12.0)  # inputs with a decaying covariance spectrum
+    x, y = torch.randn(64, 12) * scales, torch.randn(64, 3)
+    damping, rank = 0.03, 2
+    opt = plain_kfac(model, damping=damping, damping_mode="factored", factor_rank=rank)
+    model.zero_grad()
+    mse(model(x), y).backward()
+    gamma = torch.cat([layer.weight.grad, layer.bias.grad.unsqueeze(1)], dim=1).double()
+    before = layer.weight.detach().clone()
+    train_step(model, opt, mse, x, y)
+    state = opt.state[layer.weight]
+    assert isinstance(state["inv_A"], tuple) and isinstance(state["inv_G"], torch.Tensor)
+    a, g = state["A"].double(), state["G"].double()
+    pi = ((a.trace() / 13) / (g.trace() / 3)).sqrt()
+    root = damping**0.5
+    a_hat = eigen_truncated(a, rank)
+    kron = torch.kron(g + root / pi * torch.eye(3, dtype=torch.float64), a_hat + pi * root * torch.eye(13, dtype=torch.float64))
+    expected = torch.linalg.solve(kron, gamma.reshape(-1)).reshape(3, 13)
+    torch.testing.assert_close((before - layer.weight.detach()).double(), expected[:, :12], rtol=2e-3, atol=1e-5)
+
+
+def test_low_rank_state_loads_with_weights_only(tmp_path):
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = KFAC(model, factor_rank=2, inverse_every=1)
+    x, y = torch.randn(16, 10), torch.randn(16, 2)
+    train_step(model, opt, mse, x, y)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    resumed = KFAC(model, factor_rank=2, inverse_every=1)
+    resumed.load_state_dict(state)
+    assert isinstance(resumed.state[model[0].weight]["inv_A"], tuple)
+
+
+@pytest.mark.parametrize("kwargs", [{"factor_rank": 0}, {"factor_rank": 2.5}, {"factor_rank": True},
+                                    {"factor_rank": 4, "damping_mode": "exact"}])
+def test_bad_factor_rank_names_the_argument(kwargs):
+    with pytest.raises(ValueError, match="factor_rank"):
+        KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
+
+
+def test_low_rank_nan_factor_falls_back_and_never_nan_weights(caplog):
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(6, 2))
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    opt = plain_kfac(model, damping_mode="factored", factor_rank=1)
+    train_step(model, opt, mse, x, y)
+    opt.state[model[0].weight]["A"].fill_(float("nan"))
+    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
+        for block in opt.blocks:
+            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), "factored", 1, opt.generator)
+        train_step(model, opt, mse, x, y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any("low-rank" in r.getMessage() for r in caplog.records)

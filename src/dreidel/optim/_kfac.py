@@ -86,7 +86,9 @@ class KFAC(CurvatureOptimizer):
         factor_decay: EMA decay of the factors (M&G 2015 use 0.95).
         factor_every: update the factors every T1 steps (M&G: 1; we default to 5, which keeps the
             sampled-Fisher backward and the factor products off most steps).
-        inverse_every: eigendecompose every T3 steps (M&G: 20).
+        inverse_every: refresh the inverses every T3 steps (M&G: 20). Refreshing them with every factor
+            update (``inverse_every = factor_every``) costs one more inverse per factor step; on the MNIST
+            autoencoder (factor_every 10) it reached Adam's final loss in ~20% fewer steps than 20.
         factor_warmup: update the factors on every step before this one (default: ``inverse_every``), so
             that the first inverses (steps 1, 4, 16, ...) see more than one batch. Each warm-up step
             costs a factor update (and a sampled backward); 0 keeps the ``factor_every`` cadence from
@@ -104,6 +106,12 @@ class KFAC(CurvatureOptimizer):
         damping_mode: ``"exact"`` solves ``(G ⊗ A + damping I)`` exactly in the Kronecker eigenbasis (four
             matrix products per layer and step); ``"factored"`` uses M&G's pi-split damping with inverses
             formed every ``inverse_every`` steps (two products per step, ~2x cheaper on wide layers).
+        factor_rank: factored mode only: invert factors wider than ``2 * factor_rank`` in rank
+            ``factor_rank`` (top eigenpairs by randomized subspace iteration, the other eigenvalues
+            replaced by their mean; ``_kfac_blocks``), so preconditioning a ``(d_out, d_in)`` gradient costs
+            ``O(d_out d_in k)`` instead of ``O(d_out d_in (d_out + d_in))``. None (default): dense inverses.
+            On the MNIST autoencoder (784-wide factors) rank 32 reached a given loss in as many steps as
+            the dense inverses at ~30% less time per step (benchmarks/optimizers.py).
         base: ``factory(params) -> Optimizer`` replacing the default SGD.
         seed: seed of the sampled-label generator.
     """
@@ -126,6 +134,7 @@ class KFAC(CurvatureOptimizer):
         max_damping: float = 1e4,
         likelihood: str = "empirical",
         damping_mode: str = "factored",
+        factor_rank: int | None = None,
         base: BaseFactory | None = None,
         seed: int = 0,
     ) -> None:
@@ -142,6 +151,10 @@ class KFAC(CurvatureOptimizer):
         check_likelihood(likelihood)
         if damping_mode not in ("exact", "factored"):
             raise ValueError(f"damping_mode: expected 'exact' or 'factored', got {damping_mode!r}")
+        if factor_rank is not None and (isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1):
+            raise ValueError(f"factor_rank: expected a positive int or None, got {factor_rank!r}")
+        if factor_rank is not None and damping_mode != "factored":
+            raise ValueError("factor_rank: low-rank inverses need damping_mode='factored'")
         names, params = named_trainable_parameters(model)
         base_opt = base(params) if base is not None else torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay
@@ -159,6 +172,7 @@ class KFAC(CurvatureOptimizer):
             factor_warmup=inverse_every if factor_warmup is None else factor_warmup,
             kl_clip=kl_clip, adapt_damping=adapt_damping, damping_every=damping_every,
             min_damping=min_damping, max_damping=max_damping, damping_mode=damping_mode,
+            factor_rank=factor_rank,
         )
         self.likelihood = likelihood
         self.progress = {"step": 0, "damping": float(damping)}
@@ -284,7 +298,8 @@ class KFAC(CurvatureOptimizer):
         if self._is_inverse_step(step):
             for block in self.blocks:
                 state = self._block_state(block)
-                block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"])
+                block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"],
+                                      self.hyper["factor_rank"], self.generator)
         precond = self._preconditioned()
         kl_clip, lr = self.hyper["kl_clip"], self.param_groups[0]["lr"]
         if kl_clip is not None and precond:
