@@ -161,9 +161,8 @@ L2_SLICE_BYTES = 1 << 18  # fits in any recent core's L2
 def kernel_in_l2(rows: int, n: int) -> float | None:
     """Seconds the kernel (1 thread) would take for the whole ``rows x n`` array if it never left L2: a slice
     of at most 256 KB of rows transformed in place over and over, less the binding's per-call cost, scaled
-    to the array (median of 5). This is
-    the compute-bound time; the gap to the streaming time is what memory traffic costs. None for rows
-    longer than the slice."""
+    to the array (median of 5). This is the compute-bound time; the gap to the streaming time is what
+    memory traffic costs. None for rows longer than the slice."""
     slice_rows = L2_SLICE_BYTES // (4 * n)
     if slice_rows < 1:
         return None

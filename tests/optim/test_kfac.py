@@ -260,19 +260,24 @@ def test_failed_decomposition_retries_with_jitter(monkeypatch, caplog):
     assert values.dtype == matrix.dtype
 
 
-def test_nan_factor_falls_back_to_identity_and_never_nan_weights(caplog):
+@pytest.mark.parametrize(
+    "mode,rank,message",
+    [("exact", None, "identity"), ("factored", 1, "low-rank")],  # low rank: A is 4 wide > 2 * rank
+    ids=["exact", "low_rank"],
+)
+def test_nan_factor_falls_back_and_never_nan_weights(caplog, mode, rank, message):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(3, 2))
     x, y = torch.randn(4, 3), torch.randn(4, 2)
-    opt = plain_kfac(model)
+    opt = plain_kfac(model, damping_mode=mode, factor_rank=rank)
     train_step(model, opt, mse, x, y)
     opt.state[model[0].weight]["A"].fill_(float("nan"))
     with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
         for block in opt.blocks:
-            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), "exact", None, opt.generator)
+            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), mode, rank, opt.generator)
         train_step(model, opt, mse, x, y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any("identity" in r.getMessage() for r in caplog.records)
+    assert any(message in r.getMessage() for r in caplog.records)
 
 
 def test_non_finite_loss_skips_step(caplog):
@@ -433,18 +438,3 @@ def test_low_rank_state_loads_with_weights_only(tmp_path):
 def test_bad_factor_rank_names_the_argument(kwargs):
     with pytest.raises(ValueError, match="factor_rank"):
         KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
-
-
-def test_low_rank_nan_factor_falls_back_and_never_nan_weights(caplog):
-    torch.manual_seed(16)
-    model = nn.Sequential(nn.Linear(6, 2))
-    x, y = torch.randn(8, 6), torch.randn(8, 2)
-    opt = plain_kfac(model, damping_mode="factored", factor_rank=1)
-    train_step(model, opt, mse, x, y)
-    opt.state[model[0].weight]["A"].fill_(float("nan"))
-    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
-        for block in opt.blocks:
-            block.refresh_inverse(opt.state[block.params[0]], opt.block_damping(block), "factored", 1, opt.generator)
-        train_step(model, opt, mse, x, y)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any("low-rank" in r.getMessage() for r in caplog.records)
