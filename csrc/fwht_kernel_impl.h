@@ -128,11 +128,16 @@ struct Kernel {
     for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place.
-  template <int R>
-  static void radix_pass(T* x, int64_t nvec, int64_t s) {
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place. With Prefetch,
+  // one cache line from `prefetch` on per group of R registers as well.
+  template <int R, bool Prefetch>
+  static void radix_pass(T* x, int64_t nvec, int64_t s, const char* prefetch) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
+        if constexpr (Prefetch) {
+          __builtin_prefetch(prefetch, 1, 3);
+          prefetch += 64;
+        }
         V r[R];
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
@@ -140,6 +145,16 @@ struct Kernel {
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) store(x + (j + i * s) * W, r[i]);
       }
+  }
+
+  template <int R>
+  static void radix_pass_prefetching(T* x, int64_t nvec, int64_t s, const char*& prefetch, const char* end) {
+    if (prefetch < end) {
+      radix_pass<R, true>(x, nvec, s, prefetch);
+      prefetch += 64 * (nvec / R);
+    } else {
+      radix_pass<R, false>(x, nvec, s, nullptr);
+    }
   }
 
   // The radices of the passes after the first (which covers register strides 1..4): as few passes as
@@ -157,18 +172,26 @@ struct Kernel {
     return passes;
   }
 
-  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1. The first pass,
-  // which reads the row from memory, prefetches `next` (the next row, or nullptr) line for line, so the
-  // next row streams in while this one is worked on (the hardware prefetcher does not run ahead while a
-  // row is being worked on in L1). (Spreading those prefetches over all the passes measured slower.)
+  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1. Meanwhile `next`
+  // (the next row, or nullptr) is prefetched, since the hardware prefetcher does not run ahead while a row
+  // is worked on in L1. Rows of up to kBurstPrefetchBytes prefetch the whole next row during the first pass;
+  // longer ones prefetch half of it then, and the rest a line per group of the later passes (the last such
+  // pass may run into the row after it). Spread like that, the prefetches of a long row overlap the
+  // arithmetic instead of filling the core's miss buffers: on Zen 3, 4096-point rows streamed from memory
+  // ran 5-11% faster, 2048-point rows 1-9%, while 1024-point rows ran faster with the burst.
+  static constexpr int64_t kBurstPrefetchBytes = 4096;
+
   template <bool Scaled>
   static void long_row(const T* src, T* dst, int64_t nvec, V scale, const T* next) {
     constexpr int64_t block_bytes = 8 * W * int64_t(sizeof(T));
+    const int64_t row_bytes = nvec * W * int64_t(sizeof(T));
+    const int64_t lines_per_block = row_bytes <= kBurstPrefetchBytes ? block_bytes / 64 : (block_bytes / 64 + 1) / 2;
+    const char* prefetch = reinterpret_cast<const char*>(next);
+    const char* const prefetch_end = next == nullptr ? nullptr : prefetch + row_bytes;
     for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
-      if (next != nullptr) {
-        const char* ahead = reinterpret_cast<const char*>(next + v0 * W);
-        DREIDEL_UNROLL
-        for (int64_t b = 0; b < block_bytes; b += 64) __builtin_prefetch(ahead + b, 1, 3);
+      if (prefetch != nullptr) {
+        for (int64_t l = 0; l < lines_per_block; ++l) __builtin_prefetch(prefetch + 64 * l, 1, 3);
+        prefetch += 64 * lines_per_block;
       }
       block<8, Scaled>(src + v0 * W, dst + v0 * W, scale);
     }
@@ -177,9 +200,9 @@ struct Kernel {
     int64_t s = 8;
     for (int p = 0; p < passes; ++p) {
       switch (radices[p]) {
-        case 8: radix_pass<8>(dst, nvec, s); break;
-        case 4: radix_pass<4>(dst, nvec, s); break;
-        default: radix_pass<2>(dst, nvec, s); break;
+        case 8: radix_pass_prefetching<8>(dst, nvec, s, prefetch, prefetch_end); break;
+        case 4: radix_pass_prefetching<4>(dst, nvec, s, prefetch, prefetch_end); break;
+        default: radix_pass_prefetching<2>(dst, nvec, s, prefetch, prefetch_end); break;
       }
       s *= radices[p];
     }
@@ -215,7 +238,7 @@ struct Kernel {
   // Rows of G registers, one block each. The loop prefetches kPrefetchBytes ahead: the block's arithmetic
   // is a long dependency chain, so the hardware prefetcher alone leaves the memory bus idle part of the time.
   // (A prefetch past the end of the buffer is harmless: prefetches never fault and load nothing.)
-  static constexpr int64_t kPrefetchBytes = 1024;
+  static constexpr int64_t kPrefetchBytes = 4096;
 
   template <int G, bool Scaled>
   static void block_rows(const T* src, T* dst, int64_t rows, V scale) {

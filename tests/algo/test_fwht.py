@@ -10,7 +10,7 @@ from dreidel._native import available_isas, native
 from dreidel.algo._fwht import _fwht_inplace_op, _fwht_op
 from dreidel.algo._hadamard import small_hadamard
 
-POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]  # every split of a row into kernel passes
 COMPOSITE = [12, 24, 48, 96, 384, 1536, 20, 40, 320, 28, 56, 448]
 
 
