@@ -78,6 +78,10 @@ MixPlan<T> make_plan(int m, const T* h) {
     }
   plan.paley = true;
   plan.pairs = pairs;
+  plan.quadratic_residue = true;
+  for (int a = 0; a < pairs; ++a)
+    for (int b = 0; b < pairs; ++b)
+      if (plan.conference[a * pairs + b] != T(paley_conference_sign(pairs - 1, a, b))) plan.quadratic_residue = false;
   return plan;
 }
 

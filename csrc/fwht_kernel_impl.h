@@ -47,11 +47,21 @@ struct Kernel {
   static inline void store(T* p, V v) { *reinterpret_cast<V*>(p) = v; }
   static inline V splat(T s) { return V{} + s; }
 
+  // Keeps the optimiser from seeing a constant, so a multiply-add by +-1 is not folded back into an add or a
+  // subtract (which would move it off the multiply-add ports).
+  static inline void hide_from_optimiser(V& v) {
+#if DREIDEL_FMA_DIFFERENCE
+    asm("" : "+x"(v));
+#else
+    (void)v;
+#endif
+  }
+
   // a - b, as fma(b, -1, a) where the CPU has FMA (see the header comment).
   static inline V difference_on_fma_ports(V a, V b) {
 #if DREIDEL_FMA_DIFFERENCE
     V minus_one = splat(T(-1));
-    asm("" : "+x"(minus_one));  // so the optimiser cannot fold the FMA back into a subtraction
+    hide_from_optimiser(minus_one);
     return b * minus_one + a;
 #else
     return a - b;
@@ -302,6 +312,49 @@ struct Kernel {
     }
   }
 
+  // The same with C the quadratic-residue conference matrix of the prime P - 1, its signs known at compile
+  // time: (P - 2) / 2 of the P - 1 terms of each output are plain adds or subtracts (add ports), the
+  // others multiply-adds by +-1 (FMA ports), which balances the two kinds of port; the generic form above
+  // puts every term on the FMA ports. Measured on Zen 3, cycles per register of the mix (chunks of 32):
+  // m = 12: 3.85 generic, 2.86 here; m = 28: 12.9 generic, 9.0 here (1, 2 or 3 add terms of 5 at m = 12
+  // measured alike).
+  template <int P>
+  static void mix_paley_quadratic_residue(T* x, int64_t chunk, int64_t begin, int64_t end) {
+    constexpr int q = P - 1;
+    constexpr int add_terms = (P - 2) / 2;
+    V plus = splat(T(1)), minus = splat(T(-1));
+    hide_from_optimiser(plus);
+    hide_from_optimiser(minus);
+    for (int64_t c = begin; c < end; c += W) {
+      V s[P], d[P];
+      DREIDEL_UNROLL
+      for (int b = 0; b < P; ++b) {
+        const V u = load(x + (2 * b) * chunk + c), v = load(x + (2 * b + 1) * chunk + c);
+        s[b] = u + v;
+        d[b] = u - v;
+      }
+      DREIDEL_UNROLL
+      for (int a = 0; a < P; ++a) {
+        V even = s[a], odd = d[a];
+        int term = 0;
+        DREIDEL_UNROLL
+        for (int b = 0; b < P; ++b) {
+          if (b == a) continue;
+          const bool positive = paley_conference_sign(q, a, b) > 0;
+          if (term++ < add_terms) {
+            even = positive ? even + d[b] : even - d[b];
+            odd = positive ? odd - s[b] : odd + s[b];
+          } else {
+            even = d[b] * (positive ? plus : minus) + even;
+            odd = s[b] * (positive ? minus : plus) + odd;
+          }
+        }
+        store(x + (2 * a) * chunk + c, even);
+        store(x + (2 * a + 1) * chunk + c, odd);
+      }
+    }
+  }
+
   template <int M>
   static void mix_dense(T* x, int64_t chunk, const T* h, int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; c += W) {
@@ -334,6 +387,13 @@ struct Kernel {
     const int m = plan.m;
     if (chunk % W != 0 || begin % W != 0 || (end - begin) % W != 0)
       return mix_scalar(x, m, chunk, plan.dense, begin, end);
+    if (plan.paley && plan.quadratic_residue) {
+      switch (plan.pairs) {
+        case 6: return mix_paley_quadratic_residue<6>(x, chunk, begin, end);
+        case 14: return mix_paley_quadratic_residue<14>(x, chunk, begin, end);
+        default: break;
+      }
+    }
     if (plan.paley) {
       switch (plan.pairs) {
         case 6: return mix_paley<6>(x, chunk, plan.conference, begin, end);

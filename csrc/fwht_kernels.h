@@ -20,7 +20,21 @@ struct MixPlan {
   bool paley = false;
   int pairs = 0;                           // m / 2
   T conference[kMaxPairs * kMaxPairs] = {};  // C, row-major, pairs * pairs
+  // C is the quadratic-residue conference matrix of a prime q = pairs - 1 (see paley_conference_sign),
+  // the one dreidel builds for m = 12 and 28: its signs are then compiled into the kernel.
+  bool quadratic_residue = false;
 };
+
+// The Paley conference matrix of order q + 1 for a prime q = 1 (mod 4): C = [[0, 1ᵀ], [1, Q]] with
+// Q[x][y] = chi(y - x), chi the quadratic character mod q (Paley 1933). Returns C[a][b] in {-1, 0, 1}.
+constexpr int paley_conference_sign(int q, int a, int b) {
+  if (a == b) return 0;
+  if (a == 0 || b == 0) return 1;
+  const int r = ((b - a) % q + q) % q;
+  for (int x = 1; x < q; ++x)
+    if (x * x % q == r) return 1;
+  return -1;
+}
 
 template <class T>
 struct FwhtKernels {
