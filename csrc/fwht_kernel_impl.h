@@ -287,15 +287,20 @@ struct Kernel {
   // Paley II form: for pairs (u_b, v_b) = (chunk 2b, chunk 2b+1), s_b = u_b + v_b, d_b = u_b - v_b, and
   // out_{2a} = s_a + sum_b C_ab d_b, out_{2a+1} = d_a - sum_b C_ab s_b (C has a zero diagonal).
   template <int P>
+  static inline void pair_sums(const T* x, int64_t chunk, V* s, V* d) {
+    DREIDEL_UNROLL
+    for (int b = 0; b < P; ++b) {
+      const V u = load(x + (2 * b) * chunk), v = load(x + (2 * b + 1) * chunk);
+      s[b] = u + v;
+      d[b] = u - v;
+    }
+  }
+
+  template <int P>
   static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; c += W) {
       V s[P], d[P];
-      DREIDEL_UNROLL
-      for (int b = 0; b < P; ++b) {
-        const V u = load(x + (2 * b) * chunk + c), v = load(x + (2 * b + 1) * chunk + c);
-        s[b] = u + v;
-        d[b] = u - v;
-      }
+      pair_sums<P>(x + c, chunk, s, d);
       DREIDEL_UNROLL
       for (int a = 0; a < P; ++a) {
         V even = s[a], odd = d[a];
@@ -327,12 +332,7 @@ struct Kernel {
     hide_from_optimiser(minus);
     for (int64_t c = begin; c < end; c += W) {
       V s[P], d[P];
-      DREIDEL_UNROLL
-      for (int b = 0; b < P; ++b) {
-        const V u = load(x + (2 * b) * chunk + c), v = load(x + (2 * b + 1) * chunk + c);
-        s[b] = u + v;
-        d[b] = u - v;
-      }
+      pair_sums<P>(x + c, chunk, s, d);
       DREIDEL_UNROLL
       for (int a = 0; a < P; ++a) {
         V even = s[a], odd = d[a];
