@@ -64,7 +64,7 @@ CASES = [
 ]
 THREADS = [1, 2]
 BAR = 1.5
-FAST_REPEATS = 15
+FAST_REPEATS = 25
 # The pure-PyTorch peers take 30-300x longer: no warm-up, at most 3 repeats, one when a call takes > 0.5 s.
 SLOW_REPEATS = 3
 SLOW_SECONDS = 0.5
