@@ -45,11 +45,11 @@ constexpr int64_t kLeafBytes = int64_t(1) << 14;
 constexpr int64_t kMaxCount = 64;
 // Bytes of one column strip (it is copied to a compact scratch buffer in L2).
 constexpr int64_t kStripBytes = int64_t(1) << 17;
-// Leaf rows transformed together with the stages across them (see leaf_level).
-constexpr int64_t kLeafGroup = 8;
+// Blocks transformed together with the stages across them (see long_pow2).
+constexpr int64_t kGroup = 8;
 // Blocks above the leaf level are at least this large where the length allows (1 MB: 64 leaves, whose
-// cross-leaf stages leaf_level does with one pass over the outer cache); fewer, larger blocks mean fewer
-// rows in the column passes above. Chosen by measurement on Zen 3, 1 thread, float32: with leaf_level,
+// cross-leaf stages long_pow2 does with one pass over the outer cache); fewer, larger blocks mean fewer
+// rows in the column passes above. Chosen by measurement on Zen 3, 1 thread, float32: with grouped leaves,
 // rows of 2^16..2^24 ran 1.11-1.40x faster than with as many blocks as kMaxCount allows and whole-level
 // column passes; 512 KB and 2 MB blocks gave uneven results (0.94-1.25x).
 constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
@@ -126,37 +126,43 @@ int64_t scratch_size(const FwhtKernels<T>& k, int64_t len) {
   return most;
 }
 
-// The level just above the leaves, one thread: `count` leaf rows of `block` values (block fits in L1). The
-// rows go in groups of up to 8: each group's rows, then the stages across them while the group (8 leaves,
-// 128 KB of float32) is still in L2; then the stages across groups, in place, a strip at a time. Splitting
-// H_count = H_{count/8} kron H_8 like that reads the level from the outer cache once instead of twice.
+// The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
+// x, in strips of `width` (each strip prefetches the next).
 template <class T>
-void leaf_level(const FwhtKernels<T>& k, const T* src, T* dst, int64_t count, int64_t block, T scale, T* scratch) {
-  const int64_t group = std::min<int64_t>(kLeafGroup, count);
-  for (int64_t g = 0; g < count; g += group) {
-    k.rows_pow2(src + g * block, dst + g * block, group, block, scale);
-    k.columns_pow2(dst + g * block, group, block, block, scratch, nullptr);
-  }
-  const int64_t groups = count / group;
-  if (groups == 1) return;
-  // Each group is one contiguous row of group * block values for the stages across groups.
-  const int64_t span = group * block;
-  const int64_t width = std::max<int64_t>(k.lanes, std::min<int64_t>(span, kLeafBytes / (groups * int64_t(sizeof(T)))));
+void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width, T* scratch) {
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(dst + s * width, groups, span, width, scratch, s + 1 < strips ? dst + (s + 1) * width : nullptr);
+    k.columns_pow2(x + s * width, count, stride, width, scratch, s + 1 < strips ? x + (s + 1) * width : nullptr);
 }
 
-// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes. First every block (recursively;
-// the leaves are rows in L1), then the H_count factor across blocks, a strip of columns at a time.
+template <class T>
+int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_t bytes) {
+  return std::max<int64_t>(k.lanes, std::min<int64_t>(span, bytes / (count * int64_t(sizeof(T)))));
+}
+
+// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
+// blocks go in groups of up to kGroup: each group's blocks (recursively; leaves are rows in L1), then the
+// stages across the group's blocks while the group is still in an inner cache; then the stages across
+// groups. At the leaf level (8 leaves: 128 KB of float32 in L2) splitting H_count = H_{count/8} kron H_8
+// like that reads a 1 MB block from the outer cache once instead of twice; above it, the same grouping
+// measured neutral (0.97-1.07x on rows of 2^22..2^24) and keeps one code path.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, T* scratch) {
   const Split sp = split_of(k, len);
-  if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) return leaf_level(k, src, dst, sp.count, sp.block, scale, scratch);
-  for (int64_t b = 0; b < sp.count; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch);
-  for (int64_t s = 0; s < sp.strips; ++s)
-    k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch,
-                   s + 1 < sp.strips ? dst + (s + 1) * sp.width : nullptr);
+  const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
+  const int64_t group = std::min<int64_t>(kGroup, sp.count);
+  for (int64_t g = 0; g < sp.count; g += group) {
+    if (leaves)
+      k.rows_pow2(src + g * sp.block, dst + g * sp.block, group, sp.block, scale);
+    else
+      for (int64_t b = g; b < g + group; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch);
+    cross_rows(k, dst + g * sp.block, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes), scratch);
+  }
+  const int64_t groups = sp.count / group;
+  if (groups == 1) return;
+  // Each group is one contiguous row of group * block values for the stages across groups.
+  const int64_t span = group * sp.block;
+  cross_rows(k, dst, groups, span, span, strip_width(k, groups, span, leaves ? kLeafBytes : kStripBytes), scratch);
 }
 
 // The same with all threads inside one row: blocks split among threads, then strips split among threads.
