@@ -1,7 +1,6 @@
 // FWHT driver: validation, cache blocking and OpenMP threading around the per-ISA kernels.
 #include "fwht.h"
 
-#include <omp.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -99,13 +98,15 @@ struct Split {
   int64_t count, block, width, strips;
 };
 
+// Blocks are at least kMinBlockBytes where the length allows, but at least `min_count` of them (enough
+// tasks for the threads of long_pow2_parallel).
 template <class T>
-Split split_of(const FwhtKernels<T>& k, int64_t len) {
+Split split_of(const FwhtKernels<T>& k, int64_t len, int64_t min_count) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   Split sp;
   sp.count = std::min<int64_t>(kMaxCount, len / leaf);
   if (len / leaf > kMaxCount)  // two or more levels below this one
-    sp.count = std::min<int64_t>(sp.count, std::max<int64_t>(2, len / (kMinBlockBytes / int64_t(sizeof(T)))));
+    sp.count = std::min<int64_t>(sp.count, std::max<int64_t>(min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))));
   sp.block = len / sp.count;
   sp.width = kStripBytes / (sp.count * int64_t(sizeof(T)));
   sp.width = std::max<int64_t>(sp.width, 64 / int64_t(sizeof(T)));  // at least one cache line
@@ -115,24 +116,17 @@ Split split_of(const FwhtKernels<T>& k, int64_t len) {
   return sp;
 }
 
-template <class T>
-int64_t scratch_size(const FwhtKernels<T>& k, int64_t len) {
-  int64_t most = 0;
-  for (int64_t l = len; l * int64_t(sizeof(T)) > kLeafBytes;) {
-    const Split sp = split_of(k, l);
-    most = std::max(most, sp.count * (sp.width + 64 / int64_t(sizeof(T))));  // see columns_pow2
-    l = sp.block;
-  }
-  return most;
-}
+// Every column pass long_pow2 makes spans at most kGroup or kMaxCount / kGroup rows: one radix-8 pass in
+// place, which needs no scratch buffer (see columns_pow2).
+static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "long_pow2's column passes must stay single in-place passes");
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
 // x, in strips of `width` (each strip prefetches the next).
 template <class T>
-void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width, T* scratch) {
+void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(x + s * width, count, stride, width, scratch, s + 1 < strips ? x + (s + 1) * width : nullptr);
+    k.columns_pow2(x + s * width, count, stride, width, nullptr, s + 1 < strips ? x + (s + 1) * width : nullptr);
 }
 
 template <class T>
@@ -143,36 +137,40 @@ int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
 // blocks go in groups of up to kGroup: each group's blocks (recursively; leaves are rows in L1), then the
 // stages across the group's blocks while the group is still in an inner cache; then the stages across
-// groups. At the leaf level (8 leaves: 128 KB of float32 in L2) splitting H_count = H_{count/8} kron H_8
-// like that reads a 1 MB block from the outer cache once instead of twice; above it, the same grouping
-// measured neutral (0.97-1.07x on rows of 2^22..2^24) and keeps one code path.
+// groups. At the leaf level (8 leaves: 128 KB of float32, in L2) that turns the pass across a 1 MB
+// block's 64 leaves (strips of 64 rows gathered into a scratch buffer, two radix-8 passes there, scattered
+// back) into an in-place radix-8 pass across 8 rows; above the leaves the same grouping measured neutral
+// (0.97-1.07x on rows of 2^22..2^24) and keeps one code path.
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, T* scratch) {
-  const Split sp = split_of(k, len);
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale) {
+  const Split sp = split_of(k, len, 1);
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
   const int64_t group = std::min<int64_t>(kGroup, sp.count);
   for (int64_t g = 0; g < sp.count; g += group) {
     if (leaves)
       k.rows_pow2(src + g * sp.block, dst + g * sp.block, group, sp.block, scale);
     else
-      for (int64_t b = g; b < g + group; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch);
-    cross_rows(k, dst + g * sp.block, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes), scratch);
+      for (int64_t b = g; b < g + group; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale);
+    cross_rows(k, dst + g * sp.block, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes));
   }
   const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
-  cross_rows(k, dst, groups, span, span, strip_width(k, groups, span, leaves ? kLeafBytes : kStripBytes), scratch);
+  cross_rows(k, dst, groups, span, span, strip_width(k, groups, span, leaves ? kLeafBytes : kStripBytes));
 }
 
 // The same with all threads inside one row: blocks split among threads, then strips split among threads.
 // Two passes over memory for any length (the blocks of the first pass stay in cache while they are done).
+// At least 8 blocks per thread, so the threads share the first pass evenly.
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
-  const Split sp = split_of(k, len);
+  const Split sp = split_of(k, len, 8 * int64_t(threads));
+  // The strips of the H_count factor are gathered into a scratch buffer (see columns_pow2).
+  const size_t scratch_size = static_cast<size_t>(sp.count * (sp.width + 64 / int64_t(sizeof(T))));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> scratch(static_cast<size_t>(scratch_size(k, len)));
+    std::vector<T> scratch(scratch_size);
     if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
       const int64_t grain = std::max<int64_t>(1, kGrainBytes / (sp.block * int64_t(sizeof(T))));
 #pragma omp for schedule(dynamic, 1)
@@ -180,8 +178,7 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
         k.rows_pow2(src + b * sp.block, dst + b * sp.block, std::min(grain, sp.count - b), sp.block, scale);
     } else {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < sp.count; ++b)
-        long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale, scratch.data());
+      for (int64_t b = 0; b < sp.count; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < sp.strips; ++s)
@@ -198,11 +195,10 @@ SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa is
   if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
   chunk_ = n / m;
-  if (chunk_ * int64_t(sizeof(T)) > kLeafBytes) scratch_.resize(static_cast<size_t>(scratch_size(*kernels_, chunk_)));
 }
 
 template <class T>
-void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) {
+void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
   const FwhtKernels<T>& k = *kernels_;
   const int m = plan_.m;
   if (chunk_ * int64_t(sizeof(T)) <= kLeafBytes) {
@@ -220,7 +216,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * n_;
     T* d = dst + r * n_;
-    for (int a = 0; a < m; ++a) long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, scratch_.data());
+    for (int a = 0; a < m; ++a) long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_);
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
   }
 }
@@ -247,18 +243,11 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     const int64_t grain = long_rows ? 1 : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
-    // Built before the parallel region (they own scratch memory): an allocation failure raises here.
-    std::vector<SerialFwht<T>> transforms;
-    transforms.reserve(static_cast<size_t>(row_threads));
-    for (int t = 0; t < row_threads; ++t) transforms.emplace_back(p.n, p.m, p.hadamard_m, p.scale, isa);
-#pragma omp parallel num_threads(row_threads) if (row_threads > 1)
-    {
-      SerialFwht<T>& transform = transforms[static_cast<size_t>(omp_get_thread_num())];
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t g = 0; g < grains; ++g) {
-        const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
-        transform(p.src + begin * p.n, p.dst + begin * p.n, end - begin);
-      }
+    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa);  // shared: no mutable state
+#pragma omp parallel for num_threads(row_threads) schedule(dynamic, 1) if (row_threads > 1)
+    for (int64_t g = 0; g < grains; ++g) {
+      const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
+      transform(p.src + begin * p.n, p.dst + begin * p.n, end - begin);
     }
     return;
   }

@@ -17,7 +17,8 @@
 //    are otherwise idle there. Measured on Zen 3, cycles per radix-8 group of 8 registers: 12.0 all on the
 //    add ports, 10.0 with the last stage's 4 differences moved, 14-16 with every difference moved (the
 //    longer FMA latency then costs more than the ports gain); radix-4 passes and the first pass (whose
-//    lane stages already fill the multiply-add ports) measured fastest with none moved.
+//    lane stages already fill the multiply-add ports) measured fastest with none moved. The column passes
+//    of long rows use the same radix-8 butterflies (not measured separately).
 #pragma once
 
 #include <algorithm>
@@ -210,6 +211,11 @@ struct Kernel {
     const int passes = later_radices(nvec, radices);
     int64_t s = 8;
     for (int p = 0; p < passes; ++p) {
+      if (p == passes - 1 && prefetch != nullptr) {
+        // What the last pass's line per group will not reach (16 KB rows on AVX-512) is requested now.
+        for (const char* line = prefetch + 64 * (nvec / radices[p]); line < prefetch_end; line += 64)
+          __builtin_prefetch(line, 1, 3);
+      }
       switch (radices[p]) {
         case 8: radix_pass_prefetching<8>(dst, nvec, s, prefetch, prefetch_end); break;
         case 4: radix_pass_prefetching<4>(dst, nvec, s, prefetch, prefetch_end); break;

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "fwht_kernels.h"
 #include "isa.h"
@@ -15,10 +14,10 @@ template <class T>
 class SerialFwht {
  public:
   // n = m * 2^k (checked: throws std::invalid_argument), hadamard_m is m x m and must outlive this object,
-  // `isa` must be available. Each thread needs its own instance (it owns scratch memory).
+  // `isa` must be available. Instances hold no mutable state.
   SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa);
   // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
-  void operator()(const T* src, T* dst, int64_t rows);
+  void operator()(const T* src, T* dst, int64_t rows) const;
   int64_t n() const { return n_; }
 
  private:
@@ -26,7 +25,6 @@ class SerialFwht {
   MixPlan<T> plan_;
   int64_t n_, chunk_;
   T scale_;
-  std::vector<T> scratch_;  // for the column passes of rows longer than the L1 leaf
 };
 
 extern template class SerialFwht<float>;
