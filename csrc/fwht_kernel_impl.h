@@ -184,7 +184,7 @@ struct Kernel {
     return passes;
   }
 
-  // A row of nvec > 8 registers: blocks of 8, then radix passes while the row is in L1. Meanwhile `next`
+  // A row of nvec > 16 registers: blocks of 8, then radix passes while the row is in L1. Meanwhile `next`
   // (the next row, or nullptr) is prefetched, since the hardware prefetcher does not run ahead while a row
   // is worked on in L1. Rows of up to kBurstPrefetchBytes prefetch the whole next row during the first pass;
   // longer ones prefetch half of it then, and the rest a line per group of the later passes (the last such
@@ -300,74 +300,62 @@ struct Kernel {
   // ---- the H_m factor ----
 
   // Paley II form: for pairs (u_b, v_b) = (chunk 2b, chunk 2b+1), s_b = u_b + v_b, d_b = u_b - v_b, and
-  // out_{2a} = s_a + sum_b C_ab d_b, out_{2a+1} = d_a - sum_b C_ab s_b (C has a zero diagonal).
-  template <int P>
-  static inline void pair_sums(const T* x, int64_t chunk, V* s, V* d) {
-    DREIDEL_UNROLL
-    for (int b = 0; b < P; ++b) {
-      const V u = load(x + (2 * b) * chunk), v = load(x + (2 * b + 1) * chunk);
-      s[b] = u + v;
-      d[b] = u - v;
-    }
-  }
-
-  template <int P>
-  static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end) {
+  // out_{2a} = s_a + sum_b C_ab d_b, out_{2a+1} = d_a - sum_b C_ab s_b (C has a zero diagonal), for the
+  // columns [begin, end). add_term(a, b, s_b, d_b, even, odd) adds the term of C_ab (b != a) to both.
+  template <int P, class AddTerm>
+  static inline void mix_paley_columns(T* x, int64_t chunk, int64_t begin, int64_t end, AddTerm add_term) {
     for (int64_t c = begin; c < end; c += W) {
       V s[P], d[P];
-      pair_sums<P>(x + c, chunk, s, d);
+      DREIDEL_UNROLL
+      for (int b = 0; b < P; ++b) {
+        const V u = load(x + (2 * b) * chunk + c), v = load(x + (2 * b + 1) * chunk + c);
+        s[b] = u + v;
+        d[b] = u - v;
+      }
       DREIDEL_UNROLL
       for (int a = 0; a < P; ++a) {
         V even = s[a], odd = d[a];
         DREIDEL_UNROLL
-        for (int b = 0; b < P; ++b) {
-          if (b == a) continue;
-          const V cab = splat(conference[a * P + b]);
-          even += d[b] * cab;
-          odd -= s[b] * cab;
-        }
+        for (int b = 0; b < P; ++b)
+          if (b != a) add_term(a, b, s[b], d[b], even, odd);
         store(x + (2 * a) * chunk + c, even);
         store(x + (2 * a + 1) * chunk + c, odd);
       }
     }
   }
 
-  // The same with C the quadratic-residue conference matrix of the prime P - 1, its signs known at compile
-  // time: (P - 2) / 2 of the P - 1 terms of each output are plain adds or subtracts (add ports), the
-  // others multiply-adds by +-1 (FMA ports), which balances the two kinds of port; the generic form above
+  // C from the caller's matrix: every term a multiply-add by C_ab.
+  template <int P>
+  static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end) {
+    mix_paley_columns<P>(x, chunk, begin, end, [conference](int a, int b, V s, V d, V& even, V& odd) {
+      const V cab = splat(conference[a * P + b]);
+      even += d * cab;
+      odd -= s * cab;
+    });
+  }
+
+  // C the quadratic-residue conference matrix of the prime P - 1, its signs known at compile time (the
+  // loops are unrolled): (P - 2) / 2 of the P - 1 terms of each output are plain adds or subtracts (add
+  // ports), the others multiply-adds by +-1 (FMA ports), which balances the two kinds of port; mix_paley
   // puts every term on the FMA ports. Measured on Zen 3, cycles per register of the mix (chunks of 32):
   // m = 12: 3.85 generic, 2.86 here; m = 28: 12.9 generic, 9.0 here (1, 2 or 3 add terms of 5 at m = 12
   // measured alike).
   template <int P>
   static void mix_paley_quadratic_residue(T* x, int64_t chunk, int64_t begin, int64_t end) {
-    constexpr int q = P - 1;
-    constexpr int add_terms = (P - 2) / 2;
     V plus = splat(T(1)), minus = splat(T(-1));
     hide_from_optimiser(plus);
     hide_from_optimiser(minus);
-    for (int64_t c = begin; c < end; c += W) {
-      V s[P], d[P];
-      pair_sums<P>(x + c, chunk, s, d);
-      DREIDEL_UNROLL
-      for (int a = 0; a < P; ++a) {
-        V even = s[a], odd = d[a];
-        int term = 0;
-        DREIDEL_UNROLL
-        for (int b = 0; b < P; ++b) {
-          if (b == a) continue;
-          const bool positive = paley_conference_sign(q, a, b) > 0;
-          if (term++ < add_terms) {
-            even = positive ? even + d[b] : even - d[b];
-            odd = positive ? odd - s[b] : odd + s[b];
-          } else {
-            even = d[b] * (positive ? plus : minus) + even;
-            odd = s[b] * (positive ? minus : plus) + odd;
-          }
-        }
-        store(x + (2 * a) * chunk + c, even);
-        store(x + (2 * a + 1) * chunk + c, odd);
+    mix_paley_columns<P>(x, chunk, begin, end, [plus, minus](int a, int b, V s, V d, V& even, V& odd) {
+      const bool positive = paley_conference_sign(P - 1, a, b) > 0;
+      const int term = b < a ? b : b - 1;  // b's place among the P - 1 terms of output a
+      if (term < (P - 2) / 2) {
+        even = positive ? even + d : even - d;
+        odd = positive ? odd - s : odd + s;
+      } else {
+        even = d * (positive ? plus : minus) + even;
+        odd = s * (positive ? minus : plus) + odd;
       }
-    }
+    });
   }
 
   template <int M>
