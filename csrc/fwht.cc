@@ -98,6 +98,14 @@ struct Split {
   int64_t count, block, width, strips;
 };
 
+// Columns per strip when `count` rows of a strip should take about `bytes`: at least a cache line and a
+// register, at most the `span` there is.
+template <class T>
+int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_t bytes) {
+  const int64_t width = std::max<int64_t>({bytes / (count * int64_t(sizeof(T))), 64 / int64_t(sizeof(T)), k.lanes});
+  return std::min<int64_t>(width, span);
+}
+
 // Blocks are at least kMinBlockBytes where the length allows, but at least `min_count` of them (enough
 // tasks for the threads of long_pow2_parallel).
 template <class T>
@@ -108,10 +116,7 @@ Split split_of(const FwhtKernels<T>& k, int64_t len, int64_t min_count) {
   if (len / leaf > kMaxCount)  // two or more levels below this one
     sp.count = std::min<int64_t>(sp.count, std::max<int64_t>(min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))));
   sp.block = len / sp.count;
-  sp.width = kStripBytes / (sp.count * int64_t(sizeof(T)));
-  sp.width = std::max<int64_t>(sp.width, 64 / int64_t(sizeof(T)));  // at least one cache line
-  sp.width = std::max<int64_t>(sp.width, k.lanes);
-  sp.width = std::min<int64_t>(sp.width, sp.block);
+  sp.width = strip_width(k, sp.count, sp.block, kStripBytes);
   sp.strips = sp.block / sp.width;
   return sp;
 }
@@ -127,11 +132,6 @@ void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, in
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
     k.columns_pow2(x + s * width, count, stride, width, nullptr, s + 1 < strips ? x + (s + 1) * width : nullptr);
-}
-
-template <class T>
-int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_t bytes) {
-  return std::max<int64_t>(k.lanes, std::min<int64_t>(span, bytes / (count * int64_t(sizeof(T)))));
 }
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
