@@ -10,8 +10,8 @@ difference is the per-call cost of the PyTorch custom op). Peers that need a pow
 512 / 2048 and are timed on the padded array. GB/s counts the bytes read plus written of the logical array.
 
 Each timed call starts from the same data (in-place transforms are re-filled from a pristine copy outside the
-timed region, so unnormalised values never overflow); implementations are interleaved within each repeat and
-the median is reported; speedups are the median of per-repeat ratios of times measured back to back (the
+timed region, so unnormalised values never overflow); implementations are interleaved within each repeat, in a
+fresh random order each time (so no implementation always follows the same one), and the median is reported; speedups are the median of per-repeat ratios of times measured back to back (the
 machine may be shared: contention that outlasts one repeat cancels in the ratio). The bar: dreidel in place at least 1.5x faster than the fastest peer in every case at
 1 thread, and near-linear scaling from 1 to 2 threads.
 """
@@ -19,6 +19,7 @@ machine may be shared: contention that outlasts one repeat cancels in the ratio)
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import sys
 import time
@@ -142,11 +143,13 @@ def measure(rows: int, n: int, threads: int) -> Timings:
         if impl.name not in SLOW:
             impl.prepare()
             impl.run()
+    order = random.Random(0)
     for rep in range(FAST_REPEATS):
-        # A different implementation goes first in each repeat: what ran just before (and the dirty cache
-        # lines it left) changes a streaming kernel's time by up to ~10% on a shared machine.
-        shift = rep % len(impls)
-        for impl in impls[shift:] + impls[:shift]:
+        # A fresh random order each repeat: what ran just before (and the dirty cache lines it left) changes
+        # a streaming kernel's time by up to ~10%. Rotating a fixed order is not enough, since every
+        # implementation then always follows the same one (ffht's in-place pass on fht-cpu's own buffer
+        # before fht-cpu, 16 MB of copy_ output before dreidel in place).
+        for impl in order.sample(impls, len(impls)):
             if impl.name in SLOW and (rep >= SLOW_REPEATS or (impl.samples and impl.samples[0] > SLOW_SECONDS)):
                 continue
             impl.prepare()

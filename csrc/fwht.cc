@@ -107,14 +107,14 @@ int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_
 }
 
 // Blocks are at least kMinBlockBytes where the length allows, but at least `min_count` of them (enough
-// tasks for the threads of long_pow2_parallel).
+// tasks for the threads of long_pow2_parallel), and never fewer than two (each level must shrink).
 template <class T>
 Split split_of(const FwhtKernels<T>& k, int64_t len, int64_t min_count) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   Split sp;
   sp.count = std::min<int64_t>(kMaxCount, len / leaf);
   if (len / leaf > kMaxCount)  // two or more levels below this one
-    sp.count = std::min<int64_t>(sp.count, std::max<int64_t>(min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))));
+    sp.count = std::min<int64_t>(sp.count, std::max<int64_t>({2, min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))}));
   sp.block = len / sp.count;
   sp.width = strip_width(k, sp.count, sp.block, kStripBytes);
   sp.strips = sp.block / sp.width;
@@ -126,12 +126,12 @@ Split split_of(const FwhtKernels<T>& k, int64_t len, int64_t min_count) {
 static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "long_pow2's column passes must stay single in-place passes");
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
-// x, in strips of `width` (each strip prefetches the next).
+// x, in strips of `width`.
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(x + s * width, count, stride, width, nullptr, s + 1 < strips ? x + (s + 1) * width : nullptr);
+    k.columns_pow2(x + s * width, count, stride, width, nullptr);
 }
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
@@ -182,8 +182,7 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < sp.strips; ++s)
-      k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch.data(),
-                     s + 1 < sp.strips ? dst + (s + 1) * sp.width : nullptr);
+      k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch.data());
   }
 }
 

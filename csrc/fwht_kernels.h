@@ -47,8 +47,8 @@ struct FwhtKernels {
   void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale);
   // In place, across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns
   // at x (width % lanes == 0): the outer factor H_count of a two-level transform of one long row. `scratch`
-  // holds count * (width + 64 / sizeof(T)) values; `next` (or nullptr) is the next strip's x, prefetched while this one works.
-  void (*columns_pow2)(T* x, int64_t count, int64_t stride, int64_t width, T* scratch, const T* next);
+  // holds count * (width + 64 / sizeof(T)) values (unused, and may be null, when count <= 8).
+  void (*columns_pow2)(T* x, int64_t count, int64_t stride, int64_t width, T* scratch);
   // In place: chunk a of x (length `chunk`, a < m) <- sum_a' H_m[a][a'] chunk a', for columns [begin, end).
   void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end);
 };
