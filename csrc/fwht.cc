@@ -61,6 +61,12 @@ constexpr int64_t kMinParallelElements = int64_t(1) << 15;
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+inline int64_t ceil_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
 // Recognise Paley II structure in the caller's H_m (see MixPlan); otherwise the dense matrix is used.
 template <class T>
 MixPlan<T> make_plan(int m, const T* h) {
@@ -92,10 +98,9 @@ MixPlan<T> make_plan(int m, const T* h) {
   return plan;
 }
 
-// How a long power-of-two length splits: len = count * block, H_len = H_count kron H_block, with the
-// columns of the H_count factor done in strips of `width`.
+// How a long power-of-two length splits: len = count * block, H_len = H_count kron H_block.
 struct Split {
-  int64_t count, block, width, strips;
+  int64_t count, block;
 };
 
 // Columns per strip when `count` rows of a strip should take about `bytes`: at least a cache line and a
@@ -107,17 +112,16 @@ int64_t strip_width(const FwhtKernels<T>& k, int64_t count, int64_t span, int64_
 }
 
 // Blocks are at least kMinBlockBytes where the length allows, but at least `min_count` of them (enough
-// tasks for the threads of long_pow2_parallel), and never fewer than two (each level must shrink).
+// tasks for the threads of long_pow2_parallel; rounded up to a power of two), and never fewer than two
+// (each level must shrink).
 template <class T>
-Split split_of(const FwhtKernels<T>& k, int64_t len, int64_t min_count) {
+Split split_of(int64_t len, int64_t min_count) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   Split sp;
   sp.count = std::min<int64_t>(kMaxCount, len / leaf);
   if (len / leaf > kMaxCount)  // two or more levels below this one
-    sp.count = std::min<int64_t>(sp.count, std::max<int64_t>({2, min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))}));
+    sp.count = std::min<int64_t>(sp.count, ceil_pow2(std::max<int64_t>({2, min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))})));
   sp.block = len / sp.count;
-  sp.width = strip_width(k, sp.count, sp.block, kStripBytes);
-  sp.strips = sp.block / sp.width;
   return sp;
 }
 
@@ -134,55 +138,62 @@ void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, in
     k.columns_pow2(x + s * width, count, stride, width, nullptr);
 }
 
+template <class T>
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale);
+
+// Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
+// across them while they are still in an inner cache.
+template <class T>
+void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
+                T scale) {
+  const int64_t offset = first * sp.block;
+  if (sp.block * int64_t(sizeof(T)) <= kLeafBytes)
+    k.rows_pow2(src + offset, dst + offset, group, sp.block, scale);
+  else
+    for (int64_t b = 0; b < group; ++b)
+      long_pow2(k, src + offset + b * sp.block, dst + offset + b * sp.block, sp.block, scale);
+  cross_rows(k, dst + offset, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes));
+}
+
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
-// blocks go in groups of up to kGroup: each group's blocks (recursively; leaves are rows in L1), then the
-// stages across the group's blocks while the group is still in an inner cache; then the stages across
-// groups. At the leaf level (8 leaves: 128 KB of float32, in L2) that turns the pass across a 1 MB
-// block's 64 leaves (strips of 64 rows gathered into a scratch buffer, two radix-8 passes there, scattered
-// back) into an in-place radix-8 pass across 8 rows; above the leaves the same grouping measured neutral
-// (0.97-1.07x on rows of 2^22..2^24) and keeps one code path.
+// blocks go in groups of up to kGroup (group_pow2), then come the stages across groups. At the leaf level
+// (8 leaves: 128 KB of float32, in L2) that turns the pass across a 1 MB block's 64 leaves (strips of 64
+// rows gathered into a scratch buffer, two radix-8 passes there, scattered back) into an in-place radix-8
+// pass across 8 rows; above the leaves the same grouping measured neutral (0.97-1.07x on rows of
+// 2^22..2^24) and keeps one code path.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale) {
-  const Split sp = split_of(k, len, 1);
-  const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
+  const Split sp = split_of<T>(len, 1);
   const int64_t group = std::min<int64_t>(kGroup, sp.count);
-  for (int64_t g = 0; g < sp.count; g += group) {
-    if (leaves)
-      k.rows_pow2(src + g * sp.block, dst + g * sp.block, group, sp.block, scale);
-    else
-      for (int64_t b = g; b < g + group; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale);
-    cross_rows(k, dst + g * sp.block, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes));
-  }
+  for (int64_t g = 0; g < sp.count; g += group) group_pow2(k, src, dst, sp, g, group, scale);
   const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
+  const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
   cross_rows(k, dst, groups, span, span, strip_width(k, groups, span, leaves ? kLeafBytes : kStripBytes));
 }
 
-// The same with all threads inside one row: blocks split among threads, then strips split among threads.
-// Two passes over memory for any length (the blocks of the first pass stay in cache while they are done).
-// At least 8 blocks per thread, so the threads share the first pass evenly.
+// The same with all threads inside one row: the groups of blocks split among threads, then the strips of
+// the stages across groups. Groups shrink below kGroup blocks until every thread has at least two (a row
+// of 2^24 float32 at 2 threads keeps groups of 8 1 MB blocks, as long_pow2 does); more than 8 groups are
+// crossed in scratch buffers (see columns_pow2).
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
-  const Split sp = split_of(k, len, 8 * int64_t(threads));
-  // The strips of the H_count factor are gathered into a scratch buffer (see columns_pow2).
-  const size_t scratch_size = static_cast<size_t>(sp.count * (sp.width + 64 / int64_t(sizeof(T))));
+  const Split sp = split_of<T>(len, 8 * int64_t(threads));
+  int64_t group = std::min<int64_t>(kGroup, sp.count);
+  while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
+  const int64_t groups = sp.count / group;
+  const int64_t span = group * sp.block;
+  const int64_t width = strip_width(k, groups, span, kStripBytes);
+  const int64_t strips = span / width;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> scratch(scratch_size);
-    if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
-      const int64_t grain = std::max<int64_t>(1, kGrainBytes / (sp.block * int64_t(sizeof(T))));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < sp.count; b += grain)
-        k.rows_pow2(src + b * sp.block, dst + b * sp.block, std::min(grain, sp.count - b), sp.block, scale);
-    } else {
+    for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale);
+    std::vector<T> scratch(groups > 8 ? static_cast<size_t>(groups * (width + 64 / int64_t(sizeof(T)))) : 0);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < sp.count; ++b) long_pow2(k, src + b * sp.block, dst + b * sp.block, sp.block, scale);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < sp.strips; ++s)
-      k.columns_pow2(dst + s * sp.width, sp.count, sp.block, sp.width, scratch.data());
+    for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, groups, span, width, scratch.data());
   }
 }
 
