@@ -1,7 +1,6 @@
 // FWHT driver: validation, cache blocking and OpenMP threading around the per-ISA kernels.
 #include "fwht.h"
 
-
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
@@ -42,7 +41,8 @@ constexpr int64_t kLeafBytes = int64_t(1) << 14;
 // At most this many blocks per level, so a column strip spans few rows and each row's part of it is
 // several cache lines long (DRAM- and TLB-friendly).
 constexpr int64_t kMaxCount = 64;
-// Bytes of one column strip (it is copied to a compact scratch buffer in L2).
+// Bytes of one column strip (worked in place, or through a compact scratch buffer in L2 when it spans more
+// than 8 rows).
 constexpr int64_t kStripBytes = int64_t(1) << 17;
 // Blocks transformed together with the stages across them (see long_pow2).
 constexpr int64_t kGroup = 8;
@@ -119,8 +119,10 @@ Split split_of(int64_t len, int64_t min_count) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   Split sp;
   sp.count = std::min<int64_t>(kMaxCount, len / leaf);
-  if (len / leaf > kMaxCount)  // two or more levels below this one
-    sp.count = std::min<int64_t>(sp.count, ceil_pow2(std::max<int64_t>({2, min_count, len / (kMinBlockBytes / int64_t(sizeof(T)))})));
+  if (len / leaf > kMaxCount) {  // two or more levels below this one
+    const int64_t at_min_size = len / (kMinBlockBytes / int64_t(sizeof(T)));
+    sp.count = std::min<int64_t>(sp.count, ceil_pow2(std::max<int64_t>({2, min_count, at_min_size})));
+  }
   sp.block = len / sp.count;
   return sp;
 }

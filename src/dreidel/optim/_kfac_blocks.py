@@ -114,8 +114,9 @@ def low_rank_damped_inverse(
         logger.warning("K-FAC: low-rank eigendecomposition of %s failed; inverting it densely", name)
         return damped_inverse(matrix, shift, name)
     tail_mean = max(float(symmetric.diagonal().sum() - values.sum()), 0.0) / max(n - rank, 1)
-    identity = 1.0 / (tail_mean + max(shift, 1e-30))
-    return vectors, 1.0 / (values + max(shift, 1e-30)) - identity, torch.tensor(identity, dtype=matrix.dtype)
+    shift = max(shift, 1e-30)
+    identity = 1.0 / (tail_mean + shift)
+    return vectors, 1.0 / (values + shift) - identity, torch.tensor(identity, dtype=matrix.dtype)
 
 
 def inverse_times(inverse: torch.Tensor | tuple, m: torch.Tensor) -> torch.Tensor:
