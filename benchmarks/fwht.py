@@ -36,7 +36,7 @@ from _report import markdown_table, write_section  # noqa: E402
 import dreidel  # noqa: E402
 from dreidel._native import native  # noqa: E402
 from dreidel._system import system_info  # noqa: E402
-from dreidel.algo._hadamard import hadamard_factor, small_hadamard  # noqa: E402
+from dreidel.algo._hadamard import hadamard_factor, small_hadamard_array  # noqa: E402
 
 try:
     import ffht
@@ -89,7 +89,8 @@ def next_pow2(n: int) -> int:
 def implementations(rows: int, n: int, threads: int, pristine: torch.Tensor) -> list[Impl]:
     """Every available implementation for `rows` x `n`, each with its own buffers."""
     padded_n = next_pow2(n)
-    hadamard_m = small_hadamard(hadamard_factor(n)[0], torch.float32)
+    m = hadamard_factor(n)[0]
+    hadamard_m_address = small_hadamard_array(m, torch.float32).ctypes.data  # the array is cached: stays valid
     pristine_padded = torch.zeros(rows, padded_n)
     pristine_padded[:, :n] = pristine
     work = torch.empty_like(pristine)
@@ -102,6 +103,7 @@ def implementations(rows: int, n: int, threads: int, pristine: torch.Tensor) -> 
     def refill_padded() -> None:
         work_padded.copy_(pristine_padded)
 
+    work_address = work.data_ptr()
     padded_np = work_padded.numpy()
     padded_1d = padded_np.reshape(-1) if rows == 1 else padded_np
     impls = [
@@ -110,8 +112,13 @@ def implementations(rows: int, n: int, threads: int, pristine: torch.Tensor) -> 
         Impl("add_ in place", lambda: work.add_(1.0), refill),
         Impl("dreidel in place", lambda: dreidel.fwht(work, normalized=False, inplace=True), refill),
         Impl("dreidel", lambda: dreidel.fwht(pristine, normalized=False)),
-        # The kernel alone, without the PyTorch op's dispatch (what dreidel.fwht adds per call).
-        Impl("dreidel kernel", lambda: native.fwht(work, work, n, hadamard_m, 1.0, threads), refill),
+        # The kernel alone: its binding called on addresses taken beforehand, without the checks and the
+        # dispatch dreidel.fwht adds per call.
+        Impl(
+            "dreidel kernel",
+            lambda: native.fwht_at(work_address, work_address, rows, n, hadamard_m_address, m, 1.0, threads, False),
+            refill,
+        ),
     ]
     if ffht is not None:
         impls.append(Impl("ffht", lambda: ffht.fht_(padded_1d, threads), refill_padded))
@@ -177,22 +184,23 @@ def kernel_in_l2(rows: int, n: int) -> float | None:
         return None
     slice_rows = min(slice_rows, rows)
     work = torch.randn(slice_rows, n, generator=torch.Generator().manual_seed(0)) * 1e-3
-    hadamard_m = small_hadamard(hadamard_factor(n)[0], torch.float32)
+    m = hadamard_factor(n)[0]
     scale = 1.0 / n**0.5  # orthonormal: values keep their size over any number of calls (one multiply
     # per element more than the unnormalised streaming run, so this estimate errs on the slow side)
     calls = max(1, rows // slice_rows)
-    tiny, one = torch.zeros(1, 8), small_hadamard(1, torch.float32)
+    tiny = torch.zeros(1, 8)
 
-    def loop(x: torch.Tensor, length: int, h: torch.Tensor) -> float:
+    def loop(x: torch.Tensor, length: int, m: int) -> float:
+        address, h_address = x.data_ptr(), small_hadamard_array(m, torch.float32).ctypes.data
         start = time.perf_counter()
         for _ in range(calls):
-            native.fwht(x, x, length, h, scale, 1)
+            native.fwht_at(address, address, x.shape[0], length, h_address, m, scale, 1, False)
         return time.perf_counter() - start
 
     samples = []
     for _ in range(5):
         # the per-call cost of the binding (measured on a 1 x 8 call) is not the kernel's: subtracted
-        samples.append((loop(work, n, hadamard_m) - loop(tiny, 8, one)) * rows / (calls * slice_rows))
+        samples.append((loop(work, n, m) - loop(tiny, 8, 1)) * rows / (calls * slice_rows))
     return statistics.median(samples)
 
 
@@ -294,7 +302,7 @@ def main() -> None:
         "dreidel is unnormalised (`normalized=False`), like ffht and fht-cpu; hadamard-transform normalises. "
         "ffht and fht-cpu are in place and run on lengths 384/1536 zero-padded to 512/2048 (timed on the padded "
         "array); GB/s counts the logical array read + written. \"speedup\" = fastest peer (by median) ÷ dreidel "
-        "in place (the public op), the median over repeats of the two times measured back to back in each repeat; \"dreidel kernel\" is `dreidel._C.fwht` in place without the op's per-call dispatch. "
+        "in place (the public op), the median over repeats of the two times measured back to back in each repeat; \"dreidel kernel\" is the binding `dreidel._C.fwht_at` in place on addresses taken beforehand, without the op's per-call checks. "
         "\"dreidel\" (out of place) allocates its result on every call, and PyTorch takes blocks of tens of MB "
         "fresh from the OS, so that column includes a page fault per 4 KB of output (see the README for "
         "`THP_MEM_ALLOC_ENABLE`). "

@@ -6,6 +6,7 @@
 
 #include <omp.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,6 +45,35 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
                                         static_cast<int>(m), hadamard_m.data(), static_cast<T>(scale)};
   nb::gil_scoped_release release;
   dreidel::fwht(problem, threads, chosen);
+}
+
+// The same transform at raw addresses, for the eager path of dreidel.algo.fwht. Making ndarrays of torch
+// tensors on every call (NumPy views or DLPack) costs more than the rest of the call: Tensor.numpy() takes
+// 1 us warm, but 40-60 us right after a 16 MB copy has pushed the interpreter's code and objects out of the
+// caches, which made a whole 16 MB in-place transform 7% slower (Zen 3); even the cached m x m matrix cost
+// 7 us cold as an ndarray argument. The caller has checked what the ndarray casts of fwht() check: CPU,
+// C-contiguous, the dtype (float64 or float32), rows * n elements at src and dst, m * m at hadamard_m.
+template <class T>
+void fwht_at(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t hadamard_m, int m, double scale,
+             int threads) {
+  if (rows < 0) throw std::invalid_argument("rows must be >= 0");
+  if (const char* err = dreidel::fwht_check(n, m)) throw std::invalid_argument(err);
+  if (rows == 0) return;
+  for (uintptr_t address : {src, dst, hadamard_m})
+    if (address == 0 || address % alignof(T) != 0)
+      throw std::invalid_argument("src, dst and hadamard_m must be non-null addresses aligned to the element size");
+  const dreidel::FwhtProblem<T> problem{reinterpret_cast<const T*>(src), reinterpret_cast<T*>(dst), rows, n, m,
+                                        reinterpret_cast<const T*>(hadamard_m), static_cast<T>(scale)};
+  nb::gil_scoped_release release;
+  dreidel::fwht(problem, threads, dreidel::best_isa());
+}
+
+void fwht_at_binding(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t hadamard_m, int m, double scale,
+                     int threads, bool float64) {
+  if (float64)
+    fwht_at<double>(src, dst, rows, n, hadamard_m, m, scale, threads);
+  else
+    fwht_at<float>(src, dst, rows, n, hadamard_m, m, scale, threads);
 }
 
 // An empty array stands for an absent optional argument.
@@ -168,6 +198,11 @@ NB_MODULE(_C, m) {
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", fwht_doc);
   m.def("fwht", &fwht_binding<double>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto");
+  m.def("fwht_at", &fwht_at_binding, nb::arg("src_address"), nb::arg("dst_address"), nb::arg("rows"), nb::arg("n"),
+        nb::arg("hadamard_m_address"), nb::arg("m"), nb::arg("scale"), nb::arg("threads"), nb::arg("float64"),
+        "fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, threads, float64)\n\n"
+        "fwht() on rows * n contiguous elements at raw addresses (Tensor.data_ptr()), float64 or float32.\n"
+        "Internal: the caller must have checked that each address holds that many elements of that dtype.");
   def_spectral<float>(m);
   def_spectral<double>(m);
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },

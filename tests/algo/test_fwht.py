@@ -8,7 +8,7 @@ import torch
 import dreidel as dr
 from dreidel._native import available_isas, native
 from dreidel.algo._fwht import _fwht_inplace_op, _fwht_op
-from dreidel.algo._hadamard import small_hadamard
+from dreidel.algo._hadamard import small_hadamard, small_hadamard_array
 
 POW2 = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]  # every split of a row into kernel passes
 COMPOSITE = [12, 24, 48, 96, 384, 1536, 20, 40, 320, 28, 56, 448]
@@ -318,3 +318,57 @@ def test_eager_path_and_custom_op_agree_bitwise(n, generator):
     (grad_eager,) = torch.autograd.grad(eager.square().sum(), x)
     (grad_op,) = torch.autograd.grad(op.square().sum(), x)
     assert torch.equal(grad_eager, grad_op)
+
+
+def test_address_binding_validates_its_arguments():
+    h = small_hadamard_array(1, torch.float32)
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="m \\* 2\\^k"):
+        native.fwht_at(x.data_ptr(), x.data_ptr(), 2, 12, h.ctypes.data, 1, 1.0, 1, False)
+    with pytest.raises(ValueError, match="rows"):
+        native.fwht_at(x.data_ptr(), x.data_ptr(), -1, 8, h.ctypes.data, 1, 1.0, 1, False)
+    with pytest.raises(ValueError, match="non-null"):
+        native.fwht_at(0, x.data_ptr(), 2, 8, h.ctypes.data, 1, 1.0, 1, False)
+    with pytest.raises(ValueError, match="aligned"):
+        native.fwht_at(x.data_ptr() + 1, x.data_ptr(), 2, 8, h.ctypes.data, 1, 1.0, 1, False)
+    native.fwht_at(0, 0, 0, 8, 0, 1, 1.0, 1, False)  # nothing to transform: no address is read
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        (torch.zeros(3, 8), torch.zeros(3, 16)),  # shapes differ
+        (torch.zeros(3, 8), torch.zeros(3, 8, dtype=torch.float64)),  # dtypes differ
+        (torch.zeros(8, 3).t(), torch.zeros(3, 8)),  # not contiguous
+        (torch.zeros(3, 10), torch.zeros(3, 10)),  # unsupported length
+        (torch.zeros(3, 8, dtype=torch.float16), torch.zeros(3, 8, dtype=torch.float16)),  # no native kernel
+        (torch.zeros(()), torch.zeros(())),  # no last dimension
+    ],
+    ids=["shape", "dtype", "contiguity", "length", "float16", "0-d"],
+)
+def test_fwht_into_rejects_what_the_kernel_cannot_take(src, dst):
+    with pytest.raises(ValueError, match="fwht_into"):
+        dr.algo.fwht_into(src, dst)
+
+
+@pytest.mark.parametrize("n", [8, 384, 1 << 13])
+def test_direct_kernel_path_agrees_with_the_autograd_path(n, generator):
+    x = torch.randn(4, n, generator=generator, requires_grad=True)
+    recorded = dr.fwht(x)
+    with torch.no_grad():
+        direct = dr.fwht(x)
+    assert recorded.requires_grad and not direct.requires_grad
+    assert torch.equal(recorded, direct)
+    assert torch.equal(dr.fwht(x.detach()), direct)
+
+
+def test_negative_views_are_not_read_as_raw_memory(generator):
+    x = torch.randn(3, 64, generator=generator)
+    original = x.clone()
+    negated = torch._neg_view(x)
+    assert negated.is_neg() and negated.is_contiguous()
+    torch.testing.assert_close(dr.fwht(negated), -dr.fwht(original))
+    with pytest.raises(ValueError, match="fwht_into"):
+        dr.algo.fwht_into(negated, torch.empty_like(x))
+    dr.fwht(negated, inplace=True)  # the view now holds H(-x), so x itself holds H x
+    torch.testing.assert_close(x, dr.fwht(original))

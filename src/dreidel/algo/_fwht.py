@@ -4,15 +4,18 @@
 for meta tensors and ``torch.compile``, and autograd through the transform itself, since ``H`` is symmetric
 (and orthogonal when normalized). On CPU it runs the native kernel; on every other device it runs
 ``fwht_reference``, the pure-PyTorch butterfly that is also the test oracle. In eager mode on CPU,
-``fwht`` skips the custom-op dispatch (tens of microseconds a call) and calls the kernel through a plain
-``autograd.Function``; both paths compute bit-identical results (tested).
+``fwht`` skips the custom-op dispatch (tens of microseconds a call): a contiguous input with no gradient
+to record goes straight to the kernel, one that records a gradient through a plain
+``autograd.Function``; all paths compute bit-identical results (tested).
 
 Order convention: see ``dreidel.algo.hadamard_matrix`` (``H_m ⊗ H_{2^k}``, Sylvester natural order).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +31,11 @@ from dreidel.algo._hadamard import (
 __all__ = ["fwht", "fwht_into", "fwht_reference", "pad_to_hadamard", "runs_native_eager"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+# Bound once: each attribute lookup on the way to the kernel is a cache miss when the caches are cold.
+_get_num_threads = torch.get_num_threads
+_is_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
 
 
 def _check_input(x: torch.Tensor, dim: int) -> int:
@@ -94,27 +102,71 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
     return _reference_last_dim(moved, normalized).to(x.dtype).movedim(-1, dim)
 
 
+class _KernelConstants(NamedTuple):
+    """What the native kernel needs besides the data, per (length, dtype): see ``_kernel_constants``."""
+
+    hadamard_m: object  # the m x m factor as a read-only NumPy array; keeps hadamard_m_address valid
+    hadamard_m_address: int
+    m: int
+    normalized_scale: float
+    float64: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_constants(n: int, dtype: torch.dtype) -> _KernelConstants | None:
+    """The kernel's constants for a supported length ``n`` and a native dtype, else ``None`` (cached)."""
+    factor = hadamard_factor(n)
+    if factor is None or dtype not in _NATIVE_DTYPES:
+        return None
+    hadamard_m = small_hadamard_array(factor[0], dtype)
+    return _KernelConstants(
+        hadamard_m, hadamard_m.ctypes.data, factor[0], _scale(n, True), dtype == torch.float64
+    )
+
+
+def _run_kernel(
+    src_address: int, dst_address: int, rows: int, n: int, constants: _KernelConstants, normalized: bool
+) -> None:
+    """The native transform of ``rows x n`` contiguous values at ``src_address`` into ``dst_address``.
+
+    The callers have checked the tensors behind the addresses (see ``fwht_into``). Raw addresses rather
+    than NumPy views or DLPack: right after a large memory operation (the usual case: the input was just
+    computed) every distinct piece of Python and torch code on the way to the kernel runs from cold caches,
+    at several microseconds each, and a view per call made a 16 MB in-place transform 7% slower
+    (csrc/module.cc). Hence also the few tensor attributes the callers read.
+    """
+    _, hadamard_m_address, m, normalized_scale, float64 = constants
+    scale = normalized_scale if normalized else 1.0
+    native.fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, _get_num_threads(), float64)
+
+
 def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> None:
     """Raw native transform along the last dim: ``dst = fwht(src)``, no autograd, no op dispatch.
 
     For layer implementations that write their own backward and call the transform many times on small
-    tensors (the custom-op dispatch of :func:`fwht` costs tens of microseconds). The caller guarantees:
-    ``src`` and ``dst`` are contiguous CPU float32/float64 tensors of the same shape and dtype (they may be
-    the same tensor) whose last dimension is a supported length.
+    tensors. ``src`` and ``dst`` must be contiguous CPU float32/float64 tensors of the same shape and dtype
+    (they may be the same tensor, but must not otherwise overlap) whose last dimension is a supported
+    length; anything else raises ``ValueError`` before the kernel runs.
     """
-    n = src.shape[-1]
-    m, _ = hadamard_factor(n)
-    # Zero-copy NumPy views reach the kernel through the buffer protocol; torch's __dlpack__ costs about
-    # 5 us a tensor, which tripled the time of a 64 x 256 transform. In place, one view serves both.
-    src_array = _numpy_view(src)
-    dst_array = src_array if dst is src else _numpy_view(dst)
-    native.fwht(
-        src_array, dst_array, n, small_hadamard_array(m, src.dtype), _scale(n, normalized), torch.get_num_threads()
-    )
-
-
-def _numpy_view(x: torch.Tensor):
-    return x.detach().numpy() if x.requires_grad else x.numpy()
+    constants = _kernel_constants(src.size(-1) if src.ndim > 0 else 0, src.dtype)
+    if constants is None or not (
+        src.is_cpu
+        and dst.is_cpu
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and src.is_contiguous()
+        and dst.is_contiguous()
+        and not src.is_neg()
+    ):
+        raise ValueError(
+            "fwht_into: src and dst must be contiguous CPU float32/float64 tensors of one shape and dtype whose "
+            f"last dimension is a supported Hadamard length; got src {src.dtype} {tuple(src.shape)} on "
+            f"{src.device} (contiguous: {src.is_contiguous()}), dst {dst.dtype} {tuple(dst.shape)} on "
+            f"{dst.device} (contiguous: {dst.is_contiguous()})"
+        )
+    n = src.size(-1)
+    if n > 0:
+        _run_kernel(src.data_ptr(), dst.data_ptr(), src.numel() // n, n, constants, normalized)
 
 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
@@ -126,7 +178,7 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 @_fwht_op.register_kernel("cpu")
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     """Out of place on CPU: the kernel reads ``x`` and writes a fresh contiguous tensor in one pass."""
-    src = x.contiguous()
+    src = x.resolve_neg().contiguous()  # a lazily negated view is materialised, not read as raw memory
     out = torch.empty_like(src)
     fwht_into(src, out, normalized)
     return out
@@ -202,6 +254,29 @@ def runs_native_eager(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelConstants] | None:
+    """``(rows, n, constants)`` when ``x`` can go straight to the kernel, else ``None``.
+
+    Straight to the kernel: a non-empty contiguous CPU float32/float64 tensor (without a lazy negation bit)
+    transformed along its last dimension (of a supported length), with no gradient to record and outside
+    ``torch.compile``. Everything else takes the general path, which checks the input (with its error
+    messages) and dispatches.
+    """
+    if _is_compiling() or not isinstance(x, torch.Tensor):  # first: torch.compile must not trace the rest
+        return None
+    shape = x.shape
+    if not shape or (dim != -1 and dim != len(shape) - 1):
+        return None
+    n = shape[-1]
+    constants = _kernel_constants(n, x.dtype)
+    if constants is None or not (x.is_cpu and x.is_contiguous()) or x.is_neg():
+        return None
+    if x.requires_grad and _is_grad_enabled():
+        return None
+    rows = math.prod(shape[:-1])
+    return (rows, n, constants) if rows > 0 else None
+
+
 def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool = False) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
 
@@ -224,6 +299,16 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         TypeError: integer, bool or complex ``x``.
         ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
     """
+    direct = _direct_kernel_args(x, dim)
+    if direct is not None:  # the common case, with as little Python as possible before the kernel
+        rows, n, constants = direct
+        address = x.data_ptr()
+        if inplace:
+            _run_kernel(address, address, rows, n, constants, normalized)
+            return x
+        out = torch.empty_like(x)
+        _run_kernel(address, out.data_ptr(), rows, n, constants, normalized)
+        return out
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x if inplace else x.clone()
@@ -234,8 +319,9 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
                 "fwht(inplace=True) cannot be differentiated: x requires grad. "
                 "Use inplace=False, or run under torch.no_grad()."
             )
-        if x.dtype in _LOW_PRECISION:
-            moved.copy_(fwht(moved.float(), normalized=normalized))
+        if x.dtype in _LOW_PRECISION or moved.is_neg():
+            # Computed out of place, then written through the view (copy_ applies the lazy negation).
+            moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
         elif runs_native_eager(moved) and moved.is_contiguous():
             fwht_into(moved, moved, normalized)
         else:
