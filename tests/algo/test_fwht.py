@@ -372,3 +372,36 @@ def test_negative_views_are_not_read_as_raw_memory(generator):
         dr.algo.fwht_into(negated, torch.empty_like(x))
     dr.fwht(negated, inplace=True)  # the view now holds H(-x), so x itself holds H x
     torch.testing.assert_close(x, dr.fwht(original))
+
+
+def test_fwht_into_refuses_a_negated_destination():
+    with pytest.raises(ValueError, match="is_neg"):
+        dr.algo.fwht_into(torch.ones(3, 8), torch._neg_view(torch.zeros(3, 8)))
+
+
+def test_forward_mode_ad_carries_the_tangent_through_the_transform(generator):
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(3, 384, dtype=torch.float64, generator=generator)
+    tangent = torch.randn(3, 384, dtype=torch.float64, generator=generator)
+    with fwAD.dual_level():
+        primal, jvp = fwAD.unpack_dual(dr.fwht(fwAD.make_dual(x, tangent)))
+    torch.testing.assert_close(primal, dense_fwht(x))
+    torch.testing.assert_close(jvp, dense_fwht(tangent))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # sizes are baked in as constants: expected
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace is deprecated, still used
+def test_jit_trace_records_the_transform(generator):
+    traced = torch.jit.trace(lambda x: dr.fwht(x) * 2.0, torch.randn(2, 64, generator=generator))
+    other = torch.randn(2, 64, generator=generator)
+    torch.testing.assert_close(traced(other), dr.fwht(other) * 2.0)
+
+
+def test_in_place_on_a_tensor_saved_for_backward_is_refused():
+    weight = torch.randn(3, 8, requires_grad=True)
+    x = torch.randn(3, 8)
+    loss = (weight * x).sum()  # saves x for the gradient of weight
+    dr.fwht(x, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

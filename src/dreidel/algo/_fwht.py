@@ -36,6 +36,9 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _get_num_threads = torch.get_num_threads
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
+_forward_ad = torch.autograd.forward_ad
+_increment_version = torch.autograd.graph.increment_version
 
 
 def _check_input(x: torch.Tensor, dim: int) -> int:
@@ -50,7 +53,7 @@ def _check_input(x: torch.Tensor, dim: int) -> int:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
-    n = x.shape[dim]
+    n = int(x.shape[dim])  # an int even under torch.jit.trace, where sizes are traced values
     if n != 0 and hadamard_factor(n) is None:
         below, above = nearest_hadamard_lengths(n)
         nearest = ", ".join(str(v) for v in (below, above) if v is not None)
@@ -148,7 +151,8 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
     (they may be the same tensor, but must not otherwise overlap) whose last dimension is a supported
     length; anything else raises ``ValueError`` before the kernel runs.
     """
-    constants = _kernel_constants(src.size(-1) if src.ndim > 0 else 0, src.dtype)
+    n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
+    constants = _kernel_constants(n, src.dtype)
     if constants is None or not (
         src.is_cpu
         and dst.is_cpu
@@ -157,16 +161,16 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         and src.is_contiguous()
         and dst.is_contiguous()
         and not src.is_neg()
+        and not dst.is_neg()
     ):
         raise ValueError(
             "fwht_into: src and dst must be contiguous CPU float32/float64 tensors of one shape and dtype whose "
             f"last dimension is a supported Hadamard length; got src {src.dtype} {tuple(src.shape)} on "
             f"{src.device} (contiguous: {src.is_contiguous()}), dst {dst.dtype} {tuple(dst.shape)} on "
-            f"{dst.device} (contiguous: {dst.is_contiguous()})"
+            f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) are refused too"
         )
-    n = src.size(-1)
     if n > 0:
-        _run_kernel(src.data_ptr(), dst.data_ptr(), src.numel() // n, n, constants, normalized)
+        _run_kernel(src.data_ptr(), dst.data_ptr(), int(src.numel()) // n, n, constants, normalized)
 
 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
@@ -238,6 +242,11 @@ class _EagerFwht(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         return _EagerFwht.apply(grad, ctx.normalized), None
 
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor, _normalized_tangent) -> torch.Tensor:
+        # Forward-mode AD: the transform is linear, so the tangent goes through it too.
+        return _fwht_op_cpu(x_tangent, ctx.normalized)
+
 
 def runs_native_eager(*tensors: torch.Tensor) -> bool:
     """True when code is not being traced and every tensor is a CPU float32/float64 tensor of one dtype.
@@ -262,7 +271,9 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelCon
     ``torch.compile``. Everything else takes the general path, which checks the input (with its error
     messages) and dispatches.
     """
-    if _is_compiling() or not isinstance(x, torch.Tensor):  # first: torch.compile must not trace the rest
+    # First, so that torch.compile does not trace the rest. The tracers and forward-mode AD record ops, and
+    # the raw kernel call is none: they take the general path (forward AD: _EagerFwht's jvp).
+    if _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 or not isinstance(x, torch.Tensor):
         return None
     shape = x.shape
     if not shape or (dim != -1 and dim != len(shape) - 1):
@@ -305,6 +316,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         address = x.data_ptr()
         if inplace:
             _run_kernel(address, address, rows, n, constants, normalized)
+            _increment_version(x)  # as any in-place op: autograd then refuses x if it was saved for backward
             return x
         out = torch.empty_like(x)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized)
@@ -324,6 +336,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
         elif runs_native_eager(moved) and moved.is_contiguous():
             fwht_into(moved, moved, normalized)
+            _increment_version(moved)
         else:
             _fwht_inplace_op(moved, normalized)
         return x
