@@ -5,9 +5,9 @@ unnormalised, its own OpenMP loop over rows), fht-cpu (`fht_cpu.fht`, in place, 
 rows), hadamard-transform (pure PyTorch, out of place, normalised), a plain PyTorch butterfly
 (`dreidel.fwht_reference`, out of place, unnormalised) and `torch.Tensor.copy_` of the same array as the
 memory-bandwidth yardstick. dreidel is timed unnormalised (`normalized=False`) in place, the fair match for the
-in-place peers, and out of place, both through the public op, and its native kernel called directly (the
-difference is the per-call cost of the PyTorch custom op). Peers that need a power of two get lengths 384 / 1536 zero-padded to
-512 / 2048 and are timed on the padded array. GB/s counts the bytes read plus written of the logical array.
+in-place peers, and out of place, both through the public op, and its native kernel called directly on
+addresses taken beforehand (the difference is what the op's per-call checks cost). Peers that need a power
+of two get lengths 384 / 1536 zero-padded to 512 / 2048 and are timed on the padded array. GB/s counts the bytes read plus written of the logical array.
 
 Each timed call starts from the same data (in-place transforms are re-filled from a pristine copy outside the
 timed region, so unnormalised values never overflow); implementations are interleaved within each repeat,

@@ -169,8 +169,7 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
             f"{src.device} (contiguous: {src.is_contiguous()}), dst {dst.dtype} {tuple(dst.shape)} on "
             f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) are refused too"
         )
-    if n > 0:
-        _run_kernel(src.data_ptr(), dst.data_ptr(), int(src.numel()) // n, n, constants, normalized)
+    _run_kernel(src.data_ptr(), dst.data_ptr(), int(src.numel()) // n, n, constants, normalized)
 
 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
