@@ -256,7 +256,10 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
     const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa);  // shared: no mutable state
-#pragma omp parallel for num_threads(row_threads) schedule(dynamic, 1) if (row_threads > 1)
+    // One thread: no OpenMP region at all (entering even a serialised one runs cold runtime code, which
+    // costs microseconds right after a large memory operation, when the call is most common).
+    if (row_threads == 1) return transform(p.src, p.dst, p.rows);
+#pragma omp parallel for num_threads(row_threads) schedule(dynamic, 1)
     for (int64_t g = 0; g < grains; ++g) {
       const int64_t begin = g * grain, end = std::min(p.rows, begin + grain);
       transform(p.src + begin * p.n, p.dst + begin * p.n, end - begin);

@@ -1,11 +1,13 @@
 // Python bindings for the native core. Only binds: all logic lives in the kernels and in dreidel.algo.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <omp.h>
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -77,107 +79,86 @@ void fwht_at_binding(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uint
     fwht_at<float>(src, dst, rows, n, hadamard_m, m, scale, threads);
 }
 
-// An empty array stands for an absent optional argument.
-template <class A>
-auto data_or_null(const A& a) -> decltype(a.data()) {
-  return a.size() == 0 ? nullptr : a.data();
-}
+// The spectral layer kernels at raw addresses too (the eager path of dreidel.layers), for the reason given at
+// fwht_at: at batch 1 the NumPy views of the layer's eight buffers cost several times the kernel itself.
+// `layer` is (in, out, length, blocks, depth, m, in_scale, inner_scale, out_scale, bias, perm, hadamard_m):
+// the sizes of csrc/spectral.h, then the addresses of the buffers (0 for an absent inner_scale or bias).
+// The caller (dreidel.layers._spectral_native) has checked that every address holds a C-contiguous CPU
+// buffer of that size and of the layer's dtype (perm: int32); the kernels check the sizes' consistency and
+// every permutation entry (spectral_check) before any other access.
+using LayerAt = std::array<uint64_t, 12>;
 
-void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument(what);
-}
-
-// The layer description from its arrays: in_scale (blocks, n), inner_scale ((depth - 1) * blocks * L
-// values, or empty), out_scale (out), bias (out, or empty), perm (depth, blocks * L) int32.
+// Non-null and aligned, or (where allowed) 0 for an absent buffer.
 template <class T>
-dreidel::SpectralLayer<T> spectral_layer(Buffer<const T> in_scale, Buffer<const T> inner_scale,
-                                         Buffer<const T> out_scale, Buffer<const T> bias,
-                                         Buffer<const int32_t> perm, Buffer<const T> hadamard_m) {
-  require(in_scale.ndim() == 2, "in_scale must be (blocks, in_features)");
-  require(perm.ndim() == 2, "perm must be (depth, blocks * length)");
+T* pointer_at(uint64_t address, const char* name, bool optional) {
+  if (address == 0 && optional) return nullptr;
+  if (address == 0 || address % alignof(T) != 0)
+    throw std::invalid_argument(std::string(name) + " must be a non-null address aligned to its element size");
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+int64_t size_at(uint64_t value) {
+  if (value > uint64_t(INT64_MAX)) throw std::invalid_argument("spectral layer sizes must fit in int64");
+  return static_cast<int64_t>(value);
+}
+
+template <class T>
+dreidel::SpectralLayer<T> spectral_layer_at(const LayerAt& a) {
   dreidel::SpectralLayer<T> l{};
-  l.blocks = static_cast<int64_t>(in_scale.shape(0));
-  l.in = static_cast<int64_t>(in_scale.shape(1));
-  l.depth = static_cast<int64_t>(perm.shape(0));
-  require(l.blocks > 0 && perm.shape(1) % static_cast<size_t>(l.blocks) == 0, "perm width must be blocks * length");
-  l.length = static_cast<int64_t>(perm.shape(1)) / l.blocks;
-  l.out = static_cast<int64_t>(out_scale.size());
-  require(inner_scale.size() == static_cast<size_t>((l.depth - 1) * l.blocks * l.length),
-          "inner_scale must hold (depth - 1) * blocks * length values");
-  require(bias.size() == 0 || bias.size() == static_cast<size_t>(l.out), "bias must be empty or hold out_features values");
-  require(hadamard_m.ndim() == 2 && hadamard_m.shape(0) == hadamard_m.shape(1), "hadamard_m must be square");
-  l.m = static_cast<int>(hadamard_m.shape(0));
-  l.hadamard_m = hadamard_m.data();
-  l.perm = perm.data();
-  l.in_scale = in_scale.data();
-  l.inner_scale = data_or_null(inner_scale);
-  l.out_scale = out_scale.data();
-  l.bias = data_or_null(bias);
+  l.in = size_at(a[0]);
+  l.out = size_at(a[1]);
+  l.length = size_at(a[2]);
+  l.blocks = size_at(a[3]);
+  l.depth = size_at(a[4]);
+  if (a[5] > 28) throw std::invalid_argument("m must be 1, 12, 20 or 28");
+  l.m = static_cast<int>(a[5]);
+  l.in_scale = pointer_at<const T>(a[6], "in_scale", false);
+  l.inner_scale = pointer_at<const T>(a[7], "inner_scale", true);
+  l.out_scale = pointer_at<const T>(a[8], "out_scale", false);
+  l.bias = pointer_at<const T>(a[9], "bias", true);
+  l.perm = pointer_at<const int32_t>(a[10], "perm", false);
+  l.hadamard_m = pointer_at<const T>(a[11], "hadamard_m", false);
   return l;  // the kernels run dreidel::spectral_check themselves
 }
 
 template <class T>
-void spectral_forward_binding(Buffer<const T> x, Buffer<T> y, Buffer<const T> in_scale, Buffer<const T> inner_scale,
-                              Buffer<const T> out_scale, Buffer<const T> bias, Buffer<const int32_t> perm,
-                              Buffer<const T> hadamard_m, int threads, const std::string& isa) {
-  const auto l = spectral_layer(in_scale, inner_scale, out_scale, bias, perm, hadamard_m);
-  require(x.ndim() == 2 && x.shape(1) == static_cast<size_t>(l.in), "x must be (rows, in_features)");
-  const int64_t rows = static_cast<int64_t>(x.shape(0));
-  require(y.ndim() == 2 && y.shape(0) == x.shape(0) && y.shape(1) == static_cast<size_t>(l.out),
-          "y must be (rows, out_features)");
-  const dreidel::Isa chosen = parse_isa(isa);
+void spectral_forward_at(uint64_t x, uint64_t y, int64_t rows, const LayerAt& layer, int threads) {
+  const auto l = spectral_layer_at<T>(layer);
+  const T* xp = pointer_at<const T>(x, "x", rows == 0);  // no rows: an empty tensor's address may be 0
+  T* yp = pointer_at<T>(y, "y", rows == 0);
   nb::gil_scoped_release release;
-  dreidel::spectral_forward(l, x.data(), y.data(), rows, threads, chosen);
+  dreidel::spectral_forward(l, xp, yp, rows, threads, dreidel::best_isa());
 }
 
+// grads: the addresses of (input, in_scale, inner_scale, out_scale, bias); 0 for input or bias: not computed.
 template <class T>
-void spectral_backward_binding(Buffer<const T> x, Buffer<const T> grad_y, Buffer<const T> in_scale,
-                               Buffer<const T> inner_scale, Buffer<const T> out_scale, Buffer<const int32_t> perm,
-                               Buffer<const T> hadamard_m, Buffer<T> grad_input, Buffer<T> grad_in_scale,
-                               Buffer<T> grad_inner_scale, Buffer<T> grad_out_scale, Buffer<T> grad_bias,
-                               int64_t groups, int threads, const std::string& isa) {
-  const Buffer<const T> no_bias;
-  const auto l = spectral_layer(in_scale, inner_scale, out_scale, no_bias, perm, hadamard_m);
-  require(x.ndim() == 2 && x.shape(1) == static_cast<size_t>(l.in), "x must be (rows, in_features)");
-  const int64_t rows = static_cast<int64_t>(x.shape(0));
-  require(grad_y.ndim() == 2 && grad_y.shape(0) == x.shape(0) && grad_y.shape(1) == static_cast<size_t>(l.out),
-          "grad_y must be (rows, out_features)");
-  require(groups >= 1 && rows % groups == 0, "rows must be a positive multiple of groups");
-  auto holds = [](size_t size, int64_t count) { return size == static_cast<size_t>(count); };
-  require(grad_input.size() == 0 || holds(grad_input.size(), rows * l.in), "grad_input must be empty or (rows, in_features)");
-  require(holds(grad_in_scale.size(), groups * l.blocks * l.in), "grad_in_scale must be (groups, blocks, in_features)");
-  require(holds(grad_inner_scale.size(), groups * (l.depth - 1) * l.blocks * l.length),
-          "grad_inner_scale must be (groups, depth - 1, blocks, length)");
-  require(holds(grad_out_scale.size(), groups * l.out), "grad_out_scale must be (groups, out_features)");
-  require(grad_bias.size() == 0 || holds(grad_bias.size(), groups * l.out), "grad_bias must be empty or (groups, out_features)");
-  const dreidel::SpectralGrads<T> grads{groups, data_or_null(grad_input), grad_in_scale.data(),
-                                        data_or_null(grad_inner_scale), grad_out_scale.data(), data_or_null(grad_bias)};
-  const dreidel::Isa chosen = parse_isa(isa);
+void spectral_backward_at(uint64_t x, uint64_t grad_y, int64_t rows, const LayerAt& layer,
+                          const std::array<uint64_t, 5>& grads, int64_t groups, int threads) {
+  const auto l = spectral_layer_at<T>(layer);  // rows and groups: checked by the kernel
+  const T* xp = pointer_at<const T>(x, "x", rows == 0);
+  const T* gp = pointer_at<const T>(grad_y, "grad_y", rows == 0);
+  const dreidel::SpectralGrads<T> g{groups, pointer_at<T>(grads[0], "grad_input", true),
+                                    pointer_at<T>(grads[1], "grad_in_scale", false),
+                                    pointer_at<T>(grads[2], "grad_inner_scale", l.depth == 1),
+                                    pointer_at<T>(grads[3], "grad_out_scale", false),
+                                    pointer_at<T>(grads[4], "grad_bias", true)};
   nb::gil_scoped_release release;
-  dreidel::spectral_backward(l, x.data(), grad_y.data(), rows, grads, threads, chosen);
+  dreidel::spectral_backward(l, xp, gp, rows, g, threads, dreidel::best_isa());
 }
 
-// Both dtypes' spectral bindings (nanobind picks the overload by the arrays' dtype).
-template <class T>
-void def_spectral(nb::module_& m) {
-  m.def("spectral_forward", &spectral_forward_binding<T>, nb::arg("x").noconvert(), nb::arg("y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("bias").noconvert(), nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("threads"),
-        nb::arg("isa") = "auto",
-        "spectral_forward(x, y, in_scale, inner_scale, out_scale, bias, perm, hadamard_m, threads, isa='auto')\n\n"
-        "y = the spectral linear layer (csrc/spectral.h) applied to each row of x (rows, in). in_scale is\n"
-        "(blocks, in), perm (depth, blocks * length) int32 with block offsets; empty arrays stand for no\n"
-        "inner_scale (depth 1) or no bias. All buffers C-contiguous, one float dtype.");
-  m.def("spectral_backward", &spectral_backward_binding<T>, nb::arg("x").noconvert(), nb::arg("grad_y").noconvert(),
-        nb::arg("in_scale").noconvert(), nb::arg("inner_scale").noconvert(), nb::arg("out_scale").noconvert(),
-        nb::arg("perm").noconvert(), nb::arg("hadamard_m").noconvert(), nb::arg("grad_input").noconvert(),
-        nb::arg("grad_in_scale").noconvert(), nb::arg("grad_inner_scale").noconvert(),
-        nb::arg("grad_out_scale").noconvert(), nb::arg("grad_bias").noconvert(), nb::arg("groups"), nb::arg("threads"),
-        nb::arg("isa") = "auto",
-        "spectral_backward(x, grad_y, in_scale, inner_scale, out_scale, perm, hadamard_m, grad_input,\n"
-        "                  grad_in_scale, grad_inner_scale, grad_out_scale, grad_bias, groups, threads, isa='auto')\n\n"
-        "Overwrites the gradient buffers; parameter gradients are summed within `groups` equal consecutive\n"
-        "groups of rows (1: the usual sum; rows: per-sample). Empty grad_input / grad_bias: not computed.");
+void spectral_forward_binding(uint64_t x, uint64_t y, int64_t rows, const LayerAt& layer, int threads, bool float64) {
+  if (float64)
+    spectral_forward_at<double>(x, y, rows, layer, threads);
+  else
+    spectral_forward_at<float>(x, y, rows, layer, threads);
+}
+
+void spectral_backward_binding(uint64_t x, uint64_t grad_y, int64_t rows, const LayerAt& layer,
+                               const std::array<uint64_t, 5>& grads, int64_t groups, int threads, bool float64) {
+  if (float64)
+    spectral_backward_at<double>(x, grad_y, rows, layer, grads, groups, threads);
+  else
+    spectral_backward_at<float>(x, grad_y, rows, layer, grads, groups, threads);
 }
 
 std::vector<std::string> available_isas() {
@@ -204,8 +185,18 @@ NB_MODULE(_C, m) {
         "fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, threads, float64)\n\n"
         "fwht() on rows * n contiguous elements at raw addresses (Tensor.data_ptr()), float64 or float32.\n"
         "Internal: the caller must have checked that each address holds that many elements of that dtype.");
-  def_spectral<float>(m);
-  def_spectral<double>(m);
+  m.def("spectral_forward_at", &spectral_forward_binding, nb::arg("x_address"), nb::arg("y_address"), nb::arg("rows"),
+        nb::arg("layer"), nb::arg("threads"), nb::arg("float64"),
+        "spectral_forward_at(x_address, y_address, rows, layer, threads, float64)\n\n"
+        "y (rows, out) = the spectral linear layer (csrc/spectral.h) applied to each row of x (rows, in). layer:\n"
+        "(in, out, length, blocks, depth, m, in_scale, inner_scale, out_scale, bias, perm, hadamard_m), sizes\n"
+        "then addresses (0: no inner_scale / bias). Internal: the caller must have checked every buffer.");
+  m.def("spectral_backward_at", &spectral_backward_binding, nb::arg("x_address"), nb::arg("grad_y_address"),
+        nb::arg("rows"), nb::arg("layer"), nb::arg("grads"), nb::arg("groups"), nb::arg("threads"), nb::arg("float64"),
+        "spectral_backward_at(x_address, grad_y_address, rows, layer, grads, groups, threads, float64)\n\n"
+        "Overwrites the gradient buffers at grads = (input, in_scale, inner_scale, out_scale, bias) addresses\n"
+        "(0: input / bias not computed); parameter gradients are summed within `groups` equal consecutive\n"
+        "groups of rows (1: the usual sum; rows: per-sample). Internal, as spectral_forward_at.");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

@@ -243,7 +243,8 @@ template <class T>
 void backward(const SpectralLayer<T>& l, const T* x, const T* grad_y, int64_t rows, const SpectralGrads<T>& grads,
               int threads, Isa isa) {
   check_or_throw(l, isa);
-  if (grads.groups < 1 || rows % grads.groups != 0) throw std::invalid_argument("rows must be a multiple of groups");
+  if (rows < 0 || grads.groups < 1 || rows % grads.groups != 0)
+    throw std::invalid_argument("rows must be a non-negative multiple of groups");
   if ((grads.inner_scale == nullptr) != (l.depth == 1))
     throw std::invalid_argument("grads.inner_scale must be given exactly when depth > 1");
   const int64_t per_group = rows / grads.groups;

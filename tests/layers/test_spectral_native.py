@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from dreidel import _C
-from dreidel.algo._hadamard import small_hadamard_array
 from dreidel.layers import DeepSpectralLinear, LinearWHT
 from dreidel.layers import _spectral_grads, _spectral_native
-from dreidel.layers._spectral_native import native_spectral_forward, native_spectral_grads
+from dreidel.layers._spectral_native import _layer_at, native_spectral_forward, native_spectral_grads
 
 CASES = [  # (in, out, depth): powers of two, m * 2^k lengths (384 = 12 * 32, 448 = 28 * 16), padding, stacked
     # blocks, and a transform longer than the kernel's L1 leaf (8192: the cache-blocked path)
@@ -78,7 +76,7 @@ def test_eager_cpu_calls_take_the_native_kernels(monkeypatch):
     layer = make_layer(30, 40, 2, torch.float32)
     layer(torch.randn(5, 30, requires_grad=True)).sum().backward()
     layer.per_sample_grads((torch.randn(5, 30),), torch.randn(5, 40))
-    assert calls == ["spectral_forward", "spectral_backward", "spectral_backward"]
+    assert calls == ["spectral_forward_at", "spectral_backward_at", "spectral_backward_at"]
 
 
 def test_double_backward_raises_instead_of_returning_wrong_values():
@@ -119,22 +117,26 @@ def test_native_forward_of_no_rows_is_empty():
     assert y.shape == (0, 40)
 
 
-def kernel_args(layer, x):
-    y = np.empty((x.shape[0], layer.out_features), dtype=np.float32)
-    return [x.numpy(), y, layer.in_scale.detach().numpy(), np.empty(0, np.float32),
-            layer.out_scale.detach().numpy(), layer.bias.detach().numpy(), layer._flat_perm.numpy().copy(),
-            small_hadamard_array(1, torch.float32), 1]
+def kernel_call(layer, x, **changes):
+    """The arguments of ``_C.spectral_forward_at`` for ``layer`` on ``x``, with fields of ``layer`` replaced."""
+    fields = ("in", "out", "length", "blocks", "depth", "m", "in_scale", "inner_scale", "out_scale", "bias", "perm",
+              "hadamard_m")
+    described = dict(zip(fields, _layer_at(x, layer.in_scale, layer.inner_scale, layer.out_scale, layer.bias,
+                                             layer._flat_perm, layer.transform_length), strict=True))
+    described.update(changes)
+    y = torch.empty(x.shape[0], layer.out_features)
+    return (x.data_ptr(), y.data_ptr(), x.shape[0], tuple(described[f] for f in fields), 1, False)
 
 
 @pytest.mark.parametrize("entry,message", [(64, "outside its block"), (-1, "outside its block"),
                                            (None, "not a permutation")])
 def test_native_kernel_rejects_a_corrupted_permutation(entry, message):
     layer = make_layer(64, 128, 1, torch.float32)  # two blocks of 64
-    args = kernel_args(layer, torch.randn(3, 64))
-    perm = args[6]
+    perm = layer._flat_perm.clone()
     perm[0, 5] = perm[0, 6] if entry is None else entry  # None: a repeated index
+    x = torch.randn(3, 64)
     with pytest.raises(ValueError, match=message):
-        _C.spectral_forward(*args)
+        _C.spectral_forward_at(*kernel_call(layer, x, perm=perm.data_ptr()))
 
 
 def test_loading_a_state_dict_with_a_non_permutation_raises():
@@ -145,35 +147,79 @@ def test_loading_a_state_dict_with_a_non_permutation_raises():
         make_layer(20, 30, 2, torch.float32).load_state_dict(state)
 
 
-def test_native_backward_kernel_rejects_wrong_gradient_buffers():
+@pytest.mark.parametrize("change,message", [
+    ({"in": 65}, "in must be at most length"),
+    ({"out": 129}, "out must be at most blocks"),
+    ({"length": 48}, "n must be m"),
+    ({"m": 3}, "m must be"),
+    ({"m": 2**40}, "m must be"),
+    ({"depth": 0}, "must be positive"),
+    ({"depth": 2}, "inner_scale must be given exactly when depth > 1"),
+    ({"blocks": 2**63}, "fit in int64"),
+    ({"in_scale": 0}, "in_scale must be a non-null"),
+    ({"perm": 0}, "perm must be a non-null"),
+    ({"out_scale": 2}, "out_scale must be a non-null address aligned"),
+])
+def test_native_kernel_rejects_inconsistent_layer_descriptions(change, message):
+    layer = make_layer(64, 128, 1, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        _C.spectral_forward_at(*kernel_call(layer, torch.randn(3, 64), **change))
+
+
+def test_native_backward_kernel_rejects_rows_that_do_not_split_into_groups():
     layer = make_layer(64, 128, 1, torch.float32)
     x, grad = torch.randn(4, 64), torch.randn(4, 128)
-    args = [x.numpy(), grad.numpy(), layer.in_scale.detach().numpy(), np.empty(0, np.float32),
-            layer.out_scale.detach().numpy(), layer._flat_perm.numpy(), small_hadamard_array(1, torch.float32),
-            np.empty((4, 64), np.float32), np.empty((1, 2, 64), np.float32), np.empty(0, np.float32),
-            np.empty((1, 128), np.float32), np.empty((1, 128), np.float32), 1, 1]
-    _C.spectral_backward(*args)  # consistent
-    for position, bad, message in [(8, np.empty((1, 1, 64), np.float32), "grad_in_scale"),
-                                   (10, np.empty((1, 127), np.float32), "grad_out_scale"),
-                                   (12, 3, "multiple of groups")]:
-        wrong = list(args)
-        wrong[position] = bad
-        with pytest.raises(ValueError, match=message):
-            _C.spectral_backward(*wrong)
+    x_address, _, rows, described, threads, float64 = kernel_call(layer, x)
+    grads = [torch.empty(4, 64), torch.empty(1, 2, 64), None, torch.empty(1, 128), torch.empty(1, 128)]
+    addresses = tuple(0 if g is None else g.data_ptr() for g in grads)
+    _C.spectral_backward_at(x_address, grad.data_ptr(), rows, described, addresses, 1, threads, float64)  # consistent
+    with pytest.raises(ValueError, match="multiple of groups"):
+        _C.spectral_backward_at(x_address, grad.data_ptr(), rows, described, addresses, 3, threads, float64)
+    with pytest.raises(ValueError, match="grad_in_scale must be a non-null"):
+        _C.spectral_backward_at(x_address, grad.data_ptr(), rows, described, (addresses[0], 0, 0, *addresses[3:]),
+                                1, threads, float64)
 
 
-@pytest.mark.parametrize("position,bad,message", [
-    (0, np.zeros((3, 63), np.float32), "x must be"),
-    (1, np.zeros((3, 127), np.float32), "y must be"),
-    (3, np.zeros(5, np.float32), "inner_scale must hold"),
-    (5, np.zeros(7, np.float32), "bias must be empty"),
-    (6, np.zeros((1, 127), np.int32), "perm width"),
+@pytest.mark.parametrize("name,bad", [
+    ("in_scale", torch.ones(2, 63)), ("in_scale", torch.ones(128)), ("out_scale", torch.ones(127)),
+    ("out_scale", torch.ones(1, 128)), ("bias", torch.ones(7)), ("inner_scale", torch.ones(5)),
 ])
-def test_native_kernel_rejects_inconsistent_sizes(position, bad, message):
-    args = kernel_args(make_layer(64, 128, 1, torch.float32), torch.randn(3, 64))
-    args[position] = bad
-    with pytest.raises(ValueError, match=message):
-        _C.spectral_forward(*args)
+def test_native_path_refuses_parameters_of_the_wrong_shape(name, bad):
+    """Parameters are the user's to replace: a wrong shape is a ValueError before the kernel reads anything."""
+    layer = make_layer(64, 128, 1, torch.float32)
+    setattr(layer, name, torch.nn.Parameter(bad))
+    with pytest.raises(ValueError, match="spectral layer tensors do not fit together"):
+        layer(torch.randn(3, 64))
+
+
+def test_native_path_refuses_a_wrong_gradient_shape():
+    layer = make_layer(64, 128, 1, torch.float32)
+    args = (layer.in_scale, None, layer.out_scale, True, layer._flat_perm, layer.transform_length)
+    with pytest.raises(ValueError, match=r"grad must be \(rows, out_features\)"):
+        native_spectral_grads(torch.randn(3, 64), torch.randn(3, 127), *args, groups=1, want_input_grad=True)
+
+
+def test_strided_parameters_and_parametrized_layers_match_the_reference_path(monkeypatch):
+    layer = make_layer(48, 40, 2, torch.float64)
+    with torch.no_grad():  # the same values, stored with a stride of 2 (not contiguous)
+        strided = torch.empty(*layer.in_scale.shape, 2, dtype=torch.float64)[..., 0]
+        layer.in_scale.data = strided.copy_(layer.in_scale)
+    assert not layer.in_scale.is_contiguous()
+    x, grad = torch.randn(5, 48, dtype=torch.float64), torch.randn(5, 40, dtype=torch.float64)
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = both_paths(layer, x, grad, monkeypatch)
+    for got, expected in zip([y, gx, *gp], [y_ref, gx_ref, *gp_ref], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+    class Doubled(torch.nn.Module):
+        def forward(self, value):
+            return 2 * value
+
+    with torch.no_grad():
+        reference = layer(x).clone()
+        layer.out_scale.mul_(0.5)
+    torch.nn.utils.parametrize.register_parametrization(layer, "out_scale", Doubled())
+    assert "out_scale" not in layer._parameters  # a property now: the forward pass must still see it
+    torch.testing.assert_close(layer(x), reference, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])  # native kernel / reference inside the op

@@ -36,9 +36,11 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _get_num_threads = torch.get_num_threads
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
-_is_tracing = torch.jit.is_tracing
+# torch.jit.is_tracing and torch.autograd.graph.increment_version without their Python wrappers (one frame
+# fewer each; dreidel's ops are not TorchScript-scriptable, so the wrappers' is_scripting branch never applies).
+_is_tracing = torch._C._is_tracing
 _forward_ad = torch.autograd.forward_ad
-_increment_version = torch.autograd.graph.increment_version
+_increment_versions = torch._C._increment_version  # takes a sequence of tensors (a tensor is one too: of its rows)
 
 
 def _check_input(x: torch.Tensor, dim: int) -> int:
@@ -106,7 +108,7 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
 
 
 class _KernelConstants(NamedTuple):
-    """What the native kernel needs besides the data, per (length, dtype): see ``_kernel_constants``."""
+    """What the native kernel needs besides the data, per (length, dtype): see ``kernel_constants``."""
 
     hadamard_m: object  # the m x m factor as a read-only NumPy array; keeps hadamard_m_address valid
     hadamard_m_address: int
@@ -116,7 +118,7 @@ class _KernelConstants(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_constants(n: int, dtype: torch.dtype) -> _KernelConstants | None:
+def kernel_constants(n: int, dtype: torch.dtype) -> _KernelConstants | None:
     """The kernel's constants for a supported length ``n`` and a native dtype, else ``None`` (cached)."""
     factor = hadamard_factor(n)
     if factor is None or dtype not in _NATIVE_DTYPES:
@@ -152,7 +154,7 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
     length; anything else raises ``ValueError`` before the kernel runs.
     """
     n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
-    constants = _kernel_constants(n, src.dtype)
+    constants = kernel_constants(n, src.dtype)
     if constants is None or not (
         src.is_cpu
         and dst.is_cpu
@@ -247,19 +249,21 @@ class _EagerFwht(torch.autograd.Function):
         return _fwht_op_cpu(x_tangent, ctx.normalized)
 
 
-def runs_native_eager(*tensors: torch.Tensor) -> bool:
-    """True when code is not being traced and every tensor is a CPU float32/float64 tensor of one dtype.
+def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
+    """True when code is not being traced and every tensor given is a CPU float32/float64 tensor of one dtype
+    (``None`` entries, e.g. an absent bias, are skipped; the first must be a tensor).
 
     Then the native kernels may be called directly (``fwht_into``, the fused spectral layers) instead of
     through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``)
     and other devices or dtypes keep the registered ops and the reference paths.
     """
     dtype = tensors[0].dtype
-    return (
-        not torch.compiler.is_compiling()
-        and dtype in (torch.float32, torch.float64)
-        and all(t.is_cpu and t.dtype == dtype for t in tensors)  # is_cpu: no device object per call
-    )
+    if _is_compiling() or dtype not in _NATIVE_DTYPES:
+        return False
+    for t in tensors:  # is_cpu: no device object per call
+        if t is not None and not (t.is_cpu and t.dtype == dtype):
+            return False
+    return True
 
 
 def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelConstants] | None:
@@ -278,7 +282,7 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelCon
     if not shape or (dim != -1 and dim != len(shape) - 1):
         return None
     n = shape[-1]
-    constants = _kernel_constants(n, x.dtype)
+    constants = kernel_constants(n, x.dtype)
     if constants is None or not (x.is_cpu and x.is_contiguous()) or x.is_neg():
         return None
     if x.requires_grad and _is_grad_enabled():
@@ -315,7 +319,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         address = x.data_ptr()
         if inplace:
             _run_kernel(address, address, rows, n, constants, normalized)
-            _increment_version(x)  # as any in-place op: autograd then refuses x if it was saved for backward
+            _increment_versions((x,))  # as any in-place op: autograd then refuses x if it was saved for backward
             return x
         out = torch.empty_like(x)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized)
@@ -335,7 +339,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
         elif runs_native_eager(moved) and moved.is_contiguous():
             fwht_into(moved, moved, normalized)
-            _increment_version(moved)
+            _increment_versions((moved,))
         else:
             _fwht_inplace_op(moved, normalized)
         return x

@@ -252,7 +252,13 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(*, in_features)`` float tensor → ``(*, out_features)`` of the same dtype."""
         self._check_input(x)
-        y = spectral_linear(x, self.in_scale, self.inner_scale, self.out_scale, self.bias, self.layout())
+        try:  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
+            params = self._parameters
+            in_scale, inner_scale, out_scale, bias = (params["in_scale"], params["inner_scale"], params["out_scale"],
+                                                      params["bias"])
+        except KeyError:  # a parametrization (torch.nn.utils.parametrize) turns a parameter into a property
+            in_scale, inner_scale, out_scale, bias = self.in_scale, self.inner_scale, self.out_scale, self.bias
+        y = spectral_linear(x, in_scale, inner_scale, out_scale, bias, self.layout())
         return y if self._activation_fn is None else self._activation_fn(y)
 
     # ------------------------------------------------------------------------------------- helpers

@@ -122,15 +122,10 @@ def _spectral_vjp(
     return grads
 
 
-def _takes_native(*tensors: torch.Tensor | None) -> bool:
-    """The one dispatch rule: the native kernels run when every tensor given is eager CPU float32/float64."""
-    return runs_native_eager(*(t for t in tensors if t is not None))
-
-
 def spectral_forward(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                      out_scale: torch.Tensor, bias: torch.Tensor | None, layout: SpectralLayout) -> torch.Tensor:
     """``y`` ``(rows, out)`` for ``x`` ``(rows, n)``, no autograd: the native kernel where it runs, else the reference."""
-    if _takes_native(x, in_scale, inner_scale, out_scale, bias):
+    if runs_native_eager(x, in_scale, inner_scale, out_scale, bias):
         return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
     spectral = spectral_stages(x, in_scale, inner_scale, layout)[-1][:, : layout.out_features]
     return spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
@@ -141,7 +136,7 @@ def spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.Tensor, 
                    want_input_grad: bool) -> dict[str, torch.Tensor]:
     """Gradients for ``x`` ``(rows, n)`` and ``grad`` ``(rows, out)``, parameter gradients summed within ``groups``
     equal groups of rows; keys and shapes as ``_spectral_native.native_spectral_grads``. No autograd."""
-    if _takes_native(x, grad, in_scale, inner_scale, out_scale):
+    if runs_native_eager(x, grad, in_scale, inner_scale, out_scale):
         return native_spectral_grads(x, grad, in_scale, inner_scale, out_scale, has_bias, layout.flat_perm,
                                      layout.length, groups, want_input_grad)
     rows, n = x.shape
@@ -230,16 +225,17 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     microseconds of overhead); traced code, other devices and other dtypes go through the registered op
     ``dreidel::spectral_linear``, which runs the same kernels on CPU and the reference path elsewhere.
     """
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    params = (in_scale, inner_scale, out_scale, bias)
-    if not _takes_native(rows, *params):
+    flat = x.dim() == 2  # the common case: no reshape and no view back (each costs microseconds a call)
+    rows = x if flat else x.reshape(-1, x.shape[-1])
+    if not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
         y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])
-    elif torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    elif torch.is_grad_enabled() and (x.requires_grad or in_scale.requires_grad or out_scale.requires_grad
+                                      or (inner_scale is not None and inner_scale.requires_grad)
+                                      or (bias is not None and bias.requires_grad)):
         y = NativeSpectralLinear.apply(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
     else:
         y = native_spectral_forward(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
-    return y.view(*lead, layout.out_features)
+    return y if flat else y.view(*x.shape[:-1], layout.out_features)
 
 
 def spectral_per_sample_grads(

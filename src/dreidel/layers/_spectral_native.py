@@ -10,45 +10,71 @@ the parameter gradients in double. At width 256 this replaces about twenty small
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from dreidel._native import native
-from dreidel.algo import hadamard_factor
-from dreidel.algo._hadamard import small_hadamard_array
+from dreidel.algo._fwht import kernel_constants
 
 __all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads"]
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_get_num_threads = torch.get_num_threads  # bound once: looked up on every call otherwise
 
 
-def _view(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A zero-copy NumPy view of a contiguous tensor (an empty array for None): the kernels' argument form.
+def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None, out_scale: torch.Tensor,
+              bias: torch.Tensor | None, flat_perm: torch.Tensor, length: int) -> tuple[int, ...]:
+    """The kernels' ``layer`` argument: ``(in, out, length, blocks, depth, m)`` then the addresses of
+    ``in_scale, inner_scale, out_scale, bias, flat_perm`` and ``H_m`` (0 for an absent one).
 
-    NumPy views cross into the extension through the buffer protocol, which is several microseconds a
-    tensor cheaper than torch's ``__dlpack__``.
+    The kernels take raw addresses (``csrc/module.cc``: at batch 1, NumPy views of the eight buffers cost
+    several times the kernel), so this checks that every buffer is C-contiguous and has the shape the kernels
+    will read, and raises ``ValueError`` otherwise. The callers have checked that all are CPU tensors of one
+    float dtype (``runs_native_eager``); the kernels check the permutation's entries.
     """
-    if t is None:
-        return np.empty(0, dtype=_NUMPY_DTYPES[dtype])
-    return t.detach().contiguous().numpy()
+    # Sizes from three shapes; the rest by element counts, which is what bounds the kernels' reads.
+    n = x.shape[1] if x.dim() == 2 else 0
+    blocks, n_scale = in_scale.shape if in_scale.dim() == 2 else (0, 0)
+    depth, width = flat_perm.shape if flat_perm.dim() == 2 else (0, 0)
+    out = out_scale.numel() if out_scale.dim() == 1 else 0
+    fits = (
+        n > 0 and n_scale == n and blocks > 0 and depth > 0 and out > 0 and width == blocks * length
+        and (inner_scale.numel() == (depth - 1) * width if inner_scale is not None else depth == 1)
+        and (bias is None or bias.numel() == out)
+        and flat_perm.dtype == torch.int32
+    )
+    contiguous = (x.is_contiguous() and in_scale.is_contiguous() and out_scale.is_contiguous()
+                  and flat_perm.is_contiguous() and (inner_scale is None or inner_scale.is_contiguous())
+                  and (bias is None or bias.is_contiguous()))
+    if not (fits and contiguous):
+        described = ", ".join(
+            f"{name} None" if t is None else f"{name} {tuple(t.shape)} {t.dtype}{'' if t.is_contiguous() else ' strided'}"
+            for name, t in (("x", x), ("in_scale", in_scale), ("inner_scale", inner_scale), ("out_scale", out_scale),
+                            ("bias", bias), ("flat_perm", flat_perm)))
+        raise ValueError(
+            f"spectral layer tensors do not fit together (transform length {length}): expected contiguous "
+            f"x (rows, n), in_scale (blocks, n), inner_scale (depth - 1, blocks, length) or None at depth 1, "
+            f"out_scale (out,), bias (out,) or None, int32 flat_perm (depth, blocks * length); got {described}"
+        )
+    constants = kernel_constants(length, x.dtype)
+    return (n, out, length, blocks, depth, constants.m, in_scale.data_ptr(),
+            0 if inner_scale is None else inner_scale.data_ptr(), out_scale.data_ptr(),
+            0 if bias is None else bias.data_ptr(), flat_perm.data_ptr(), constants.hadamard_m_address)
 
 
-def _layer_arrays(in_scale, inner_scale, out_scale, flat_perm, length):
-    dtype = in_scale.dtype
-    m, _ = hadamard_factor(length)
-    return (_view(in_scale.reshape(in_scale.shape[0], -1), dtype), _view(inner_scale, dtype), _view(out_scale, dtype),
-            flat_perm.numpy(), small_hadamard_array(m, dtype))
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def native_spectral_forward(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                             out_scale: torch.Tensor, bias: torch.Tensor | None, flat_perm: torch.Tensor,
                             length: int) -> torch.Tensor:
     """``y`` ``(rows, out)`` for ``x`` ``(rows, n)``; arguments as in ``SpectralLayout`` (no autograd)."""
-    x = x.detach().contiguous()
-    y = x.new_empty((x.shape[0], out_scale.shape[0]))
-    scales_in, scales_inner, scales_out, perm, hadamard = _layer_arrays(in_scale, inner_scale, out_scale, flat_perm, length)
-    native.spectral_forward(x.numpy(), y.numpy(), scales_in, scales_inner, scales_out, _view(bias, x.dtype), perm,
-                            hadamard, torch.get_num_threads())
+    # The contiguous tensors stay bound here until the kernel has returned (it holds only their addresses).
+    x, in_scale, inner_scale, out_scale, bias = (x.contiguous(), in_scale.contiguous(), _contiguous(inner_scale),
+                                                 out_scale.contiguous(), _contiguous(bias))
+    layer = _layer_at(x, in_scale, inner_scale, out_scale, bias, flat_perm, length)
+    rows = x.shape[0]
+    y = torch.empty((rows, layer[1]), dtype=x.dtype)
+    native.spectral_forward_at(x.data_ptr(), y.data_ptr(), rows, layer, _get_num_threads(), x.dtype == torch.float64)
     return y
 
 
@@ -63,22 +89,25 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
     ``has_bias`` and "input" ``(rows, n)`` when ``want_input_grad`` — the keys and shapes of
     ``_spectral_grads._spectral_vjp`` with ``G = groups``.
     """
-    x, grad = x.detach().contiguous(), grad.detach().contiguous()
-    dtype, rows = x.dtype, x.shape[0]
-    empty = x.new_empty
-    grads = {"in_scale": empty(groups, *in_scale.shape), "out_scale": empty(groups, *out_scale.shape)}
+    x, grad, in_scale, inner_scale, out_scale = (x.contiguous(), grad.contiguous(), in_scale.contiguous(),
+                                                 _contiguous(inner_scale), out_scale.contiguous())
+    layer = _layer_at(x, in_scale, inner_scale, out_scale, None, flat_perm, length)
+    rows = x.shape[0]
+    if grad.shape != (rows, layer[1]):
+        raise ValueError(f"grad must be (rows, out_features) = {(rows, layer[1])}, got {tuple(grad.shape)}")
+    empty, dtype = torch.empty, x.dtype
+    grads = {"in_scale": empty((groups, *in_scale.shape), dtype=dtype),
+             "out_scale": empty((groups, *out_scale.shape), dtype=dtype)}
     if inner_scale is not None:
-        grads["inner_scale"] = empty(groups, *inner_scale.shape)
+        grads["inner_scale"] = empty((groups, *inner_scale.shape), dtype=dtype)
     if has_bias:
-        grads["bias"] = empty(groups, *out_scale.shape)
+        grads["bias"] = empty((groups, *out_scale.shape), dtype=dtype)
     if want_input_grad:
-        grads["input"] = empty(rows, x.shape[1])
-    scales_in, scales_inner, scales_out, perm, hadamard = _layer_arrays(in_scale, inner_scale, out_scale, flat_perm, length)
-    native.spectral_backward(
-        x.numpy(), grad.numpy(), scales_in, scales_inner, scales_out, perm, hadamard,
-        *(_view(grads.get(name), dtype) for name in ("input", "in_scale", "inner_scale", "out_scale", "bias")),
-        groups, torch.get_num_threads(),
-    )
+        grads["input"] = empty(x.shape, dtype=dtype)
+    addresses = tuple(grads[name].data_ptr() if name in grads else 0
+                      for name in ("input", "in_scale", "inner_scale", "out_scale", "bias"))
+    native.spectral_backward_at(x.data_ptr(), grad.data_ptr(), rows, layer, addresses, groups, _get_num_threads(),
+                                dtype == torch.float64)
     return grads
 
 
