@@ -41,10 +41,13 @@ constexpr int64_t kLeafBytes = int64_t(1) << 14;
 // At most this many blocks per level, so a column strip spans few rows and each row's part of it is
 // several cache lines long (DRAM- and TLB-friendly).
 constexpr int64_t kMaxCount = 64;
-// Bytes of one column strip (worked in place, or through a compact scratch buffer in L2 when it spans more
-// than 8 rows).
+// Bytes of one column strip worked in place (up to 8 rows, one radix pass).
 constexpr int64_t kStripBytes = int64_t(1) << 17;
-// Blocks transformed together with the stages across them (see long_pow2).
+// Bytes of each row of a strip crossed in a scratch buffer (64 rows: 16 KB, in L1). Measured on a Xeon
+// with AVX-512, a 2^24 float32 row, 1 thread: 64, 128, 512 B, 1 KB and 2 KB ran 1.20, 1.03, 1.03, 1.20
+// and 1.21x slower than 256 B.
+constexpr int64_t kScratchRowBytes = 256;
+// Leaves transformed together with the stages across them (see long_pow2).
 constexpr int64_t kGroup = 8;
 // Blocks above the leaf level are at least this large where the length allows (1 MB: 64 leaves, whose
 // cross-leaf stages long_pow2 does with one pass over the outer cache); fewer, larger blocks mean fewer
@@ -127,74 +130,112 @@ Split split_of(int64_t len, int64_t min_count) {
   return sp;
 }
 
-// Every column pass long_pow2 makes spans at most kGroup or kMaxCount / kGroup rows: one radix-8 pass in
-// place, which needs no scratch buffer (see columns_pow2).
-static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "long_pow2's column passes must stay single in-place passes");
+// The leaf level's column passes span at most kGroup or kMaxCount / kGroup rows: one radix-8 pass in place,
+// which needs no scratch buffer (see columns_pow2).
+static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "the leaf level's column passes must stay single in-place passes");
+
+// Columns per strip of the stages across `count` blocks (rows spaced `span` apart, `span` columns each): a
+// strip of up to 8 rows is one radix pass in place, kStripBytes in all; a strip of more rows is gathered
+// into a scratch buffer with kScratchRowBytes of each.
+template <class T>
+int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
+  return strip_width(k, count, span, count > 8 ? count * kScratchRowBytes : kStripBytes);
+}
+
+// Values of the scratch buffer that columns_pow2 needs for `count` rows of `width` columns (none up to 8).
+template <class T>
+size_t cross_scratch_size(int64_t count, int64_t width) {
+  return count > 8 ? static_cast<size_t>(count * (width + 64 / int64_t(sizeof(T)))) : 0;
+}
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
 // x, in strips of `width`.
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
+  std::vector<T> scratch(cross_scratch_size<T>(count, width));
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(x + s * width, count, stride, width, nullptr);
+    k.columns_pow2(x + s * width, count, stride, width, scratch.data());
 }
 
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale);
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after);
+
+// Blocks per group (see long_pow2): as many as fit in kMinBlockBytes, the size of a block done in L2 (8
+// leaves, 4 blocks of 256 KB), but at most kGroup; blocks of 1 MB or more go one at a time.
+template <class T>
+int64_t group_of(const Split& sp) {
+  int64_t group = std::min<int64_t>(kGroup, sp.count);
+  while (group > 1 && group * sp.block * int64_t(sizeof(T)) > kMinBlockBytes) group /= 2;
+  return group;
+}
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
-// across them while they are still in an inner cache.
+// across them while they are still in an inner cache. `after` is the input this thread transforms next
+// (nullptr if none): the last leaf prefetches its start, which then arrives while the stages across the
+// group run in L2 (a 2^24 row, 1 thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's
+// input: prefetched for writing, its lines would be taken from the core working on them (rows of 2^16 to
+// 2^19 at 2 threads ran up to 1.3x slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale) {
+                T scale, const T* after) {
   const int64_t offset = first * sp.block;
-  if (sp.block * int64_t(sizeof(T)) <= kLeafBytes)
-    k.rows_pow2(src + offset, dst + offset, group, sp.block, scale);
-  else
-    for (int64_t b = 0; b < group; ++b)
-      long_pow2(k, src + offset + b * sp.block, dst + offset + b * sp.block, sp.block, scale);
+  if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
+    k.rows_pow2(src + offset, dst + offset, group, sp.block, scale, after);
+  } else {
+    for (int64_t b = 0; b < group; ++b) {
+      const T* block = src + offset + b * sp.block;
+      long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after);
+    }
+  }
   cross_rows(k, dst + offset, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes));
 }
 
-// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block. The
-// blocks go in groups of up to kGroup (group_pow2), then come the stages across groups. At the leaf level
-// (8 leaves: 128 KB of float32, in L2) that turns the pass across a 1 MB block's 64 leaves (strips of 64
-// rows gathered into a scratch buffer, two radix-8 passes there, scattered back) into an in-place radix-8
-// pass across 8 rows; above the leaves the same grouping measured neutral (0.97-1.07x on rows of
-// 2^22..2^24) and keeps one code path.
+// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
+// blocks, then the stages across them; `after` as for group_pow2. Leaves (rows in L1) go in groups of
+// kGroup (group_pow2): 8 leaves, 128 KB of float32, stay in L2 for an in-place radix-8 pass across them,
+// and the pass across the groups is another. (At that level one pass across all 64 leaves of a 1 MB block,
+// through a scratch buffer, measured slower on a Xeon with AVX-512: 12 cycles per register against 8.4 for
+// the two in-place passes, in L2.) Blocks above the leaves (1 MB, each done in L2) are crossed all at once,
+// in one pass over memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such
+// blocks crossed in place and then a pass across the groups (two passes over memory for a 64 MB row), that
+// measured 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale) {
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after) {
   const Split sp = split_of<T>(len, 1);
-  const int64_t group = std::min<int64_t>(kGroup, sp.count);
-  for (int64_t g = 0; g < sp.count; g += group) group_pow2(k, src, dst, sp, g, group, scale);
+  const int64_t group = group_of<T>(sp);
+  for (int64_t g = 0; g < sp.count; g += group)
+    group_pow2(k, src, dst, sp, g, group, scale, g + group < sp.count ? src + (g + group) * sp.block : after);
   const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
-  cross_rows(k, dst, groups, span, span, strip_width(k, groups, span, leaves ? kLeafBytes : kStripBytes));
+  cross_rows(k, dst, groups, span, span, leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span));
 }
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
-// the stages across groups. Groups shrink below kGroup blocks until every thread has at least two (a row
-// of 2^24 float32 at 2 threads keeps groups of 8 1 MB blocks, as long_pow2 does); more than 8 groups are
-// crossed in scratch buffers (see columns_pow2).
+// the stages across groups. Groups of leaves shrink below kGroup until every thread has at least two; more
+// than 8 groups are crossed in scratch buffers, one per thread.
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
   const Split sp = split_of<T>(len, 8 * int64_t(threads));
-  int64_t group = std::min<int64_t>(kGroup, sp.count);
+  int64_t group = group_of<T>(sp);
   while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
   const int64_t groups = sp.count / group;
   const int64_t span = group * sp.block;
-  const int64_t width = strip_width(k, groups, span, kStripBytes);
+  const int64_t width = cross_width(k, groups, span);
   const int64_t strips = span / width;
+  // Threads take strips in grains of about kGrainBytes (a strip of 64 rows is only 16 KB), but at least
+  // four grains per thread.
+  const int64_t strips_per_grain = std::max<int64_t>(
+      1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale);
-    std::vector<T> scratch(groups > 8 ? static_cast<size_t>(groups * (width + 64 / int64_t(sizeof(T)))) : 0);
-#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr));
+    std::vector<T> scratch(cross_scratch_size<T>(groups, width));
+#pragma omp for schedule(dynamic, strips_per_grain)
     for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, groups, span, width, scratch.data());
   }
 }
@@ -216,7 +257,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
   if (chunk_ * int64_t(sizeof(T)) <= kLeafBytes) {
     if (m == 1) {
       // One call: rows longer than 8 registers prefetch the next row themselves.
-      k.rows_pow2(src, dst, rows, n_, scale_);
+      k.rows_pow2(src, dst, rows, n_, scale_, nullptr);
       return;
     }
     // Cache-sized batches: a row (all m chunks, then their mixing) never leaves the cache in between.
@@ -228,7 +269,11 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * n_;
     T* d = dst + r * n_;
-    for (int a = 0; a < m; ++a) long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_);
+    for (int a = 0; a < m; ++a) {
+      // What follows this chunk: the next chunk, or the next row of this call.
+      const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after);
+    }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
   }
 }

@@ -269,7 +269,7 @@ struct Kernel {
   }
 
   template <bool Scaled>
-  static void rows_pow2_impl(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
+  static void rows_pow2_impl(const T* src, T* dst, int64_t rows, int64_t len, T scale, const T* after) {
     const V sv = splat(scale);
     if (len < W) return short_rows<Scaled>(src, dst, rows, len, sv);
     const int64_t nvec = len / W;
@@ -284,17 +284,21 @@ struct Kernel {
       case 16: return block_rows<16, Scaled>(src, dst, rows, sv);
       default: {
         // The row prefetched is at least kPrefetchBytes ahead (256-point rows: 1.10x from memory, A/B on
-        // Zen 3; longer rows prefetch the next one). Past the end of the buffer is harmless, as above.
+        // Zen 3; longer rows prefetch the next one); the last rows prefetch from `after` on, if given.
         const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (len * int64_t(sizeof(T))));
-        for (int64_t r = 0; r < rows; ++r)
-          long_row<Scaled>(src + r * len, dst + r * len, nvec, sv, r + 1 < rows ? src + (r + ahead) * len : nullptr);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* next = r + ahead < rows ? src + (r + ahead) * len
+                          : after != nullptr ? after + (r + ahead - rows) * len
+                                             : nullptr;
+          long_row<Scaled>(src + r * len, dst + r * len, nvec, sv, next);
+        }
       }
     }
   }
 
-  static void rows_pow2(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
-    if (scale == T(1)) return rows_pow2_impl<false>(src, dst, rows, len, scale);
-    rows_pow2_impl<true>(src, dst, rows, len, scale);
+  static void rows_pow2(const T* src, T* dst, int64_t rows, int64_t len, T scale, const T* after) {
+    if (scale == T(1)) return rows_pow2_impl<false>(src, dst, rows, len, scale, after);
+    rows_pow2_impl<true>(src, dst, rows, len, scale, after);
   }
 
   // ---- the H_m factor ----
@@ -419,7 +423,7 @@ struct Kernel {
     for (int64_t r = 0; r < rows; ++r) {
       // The m chunks of one row are m contiguous rows of the power-of-two transform; then H_m mixes them
       // while the row is still in L1.
-      rows_pow2(src + r * n, dst + r * n, plan.m, chunk, scale);
+      rows_pow2(src + r * n, dst + r * n, plan.m, chunk, scale, nullptr);
       if (plan.m > 1) mix_chunks(dst + r * n, chunk, plan, 0, chunk);
     }
   }

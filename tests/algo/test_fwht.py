@@ -57,16 +57,18 @@ def test_every_isa_matches_reference(isa, dtype, n, generator):
         torch.testing.assert_close(out.double(), dense_fwht(x), rtol=tol, atol=tol * math.sqrt(n))
 
 
-@pytest.mark.parametrize("n", [1 << 20, 12 << 16])
+@pytest.mark.parametrize("n", [1 << 20, 12 << 16, 1 << 22])
 def test_long_rows_use_blocked_path_correctly(n, num_threads, generator):
-    # Rows longer than the in-cache limit are transformed in two cache-blocked passes, threads inside the row.
+    # Rows longer than the in-cache limit are transformed in cache-blocked passes, threads inside the row
+    # (2 rows at 2 threads: a row each). 2^22 float64 values are 32 blocks of 1 MB, crossed through a
+    # scratch buffer (radix 4, then 8).
     x = torch.randn(2, n, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(dr.fwht(x), dr.fwht_reference(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_threads", [2, 3, 4, 6, 16], indirect=True)
-@pytest.mark.parametrize("n", [1 << 13, 1 << 15, 1 << 17, 1 << 19, 12 << 16, 1 << 20])
+@pytest.mark.parametrize("n", [1 << 13, 1 << 15, 1 << 17, 1 << 19, 12 << 16, 1 << 20, 1 << 22])
 def test_threads_inside_one_row_at_any_thread_count(n, num_threads, dtype, generator):
     # One row, several threads: the row is split among them (a count that is not a power of two once
     # produced blocks of a non-power-of-two length).
