@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <stdexcept>
-#include <vector>
 
 #include "fwht_kernels.h"
 #include "fwht_serial.h"
@@ -142,20 +141,22 @@ int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
   return strip_width(k, count, span, count > 8 ? count * kScratchRowBytes : kStripBytes);
 }
 
-// Values of the scratch buffer that columns_pow2 needs for `count` rows of `width` columns (none up to 8).
+// The scratch buffer columns_pow2 needs for a strip of up to kMaxCount rows of at most kScratchRowBytes
+// each (a cross_width strip), padded as columns_pow2 pads it. It lives on the stack (20 KB): the passes
+// allocate nothing, so nothing can throw inside a parallel region.
 template <class T>
-size_t cross_scratch_size(int64_t count, int64_t width) {
-  return count > 8 ? static_cast<size_t>(count * (width + 64 / int64_t(sizeof(T)))) : 0;
-}
+struct CrossScratch {
+  alignas(64) T values[kMaxCount * (kScratchRowBytes + 64) / sizeof(T)];
+};
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
-// x, in strips of `width`.
+// x, in strips of `width` (for more than 8 rows, a cross_width: the strip must fit CrossScratch).
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
-  std::vector<T> scratch(cross_scratch_size<T>(count, width));
+  CrossScratch<T> scratch;
   const int64_t strips = span / width;
   for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(x + s * width, count, stride, width, scratch.data());
+    k.columns_pow2(x + s * width, count, stride, width, scratch.values);
 }
 
 template <class T>
@@ -234,9 +235,9 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr));
-    std::vector<T> scratch(cross_scratch_size<T>(groups, width));
+    CrossScratch<T> scratch;
 #pragma omp for schedule(dynamic, strips_per_grain)
-    for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, groups, span, width, scratch.data());
+    for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, groups, span, width, scratch.values);
   }
 }
 
