@@ -261,10 +261,12 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
       k.rows_pow2(src, dst, rows, n_, scale_, nullptr);
       return;
     }
-    // Cache-sized batches: a row (all m chunks, then their mixing) never leaves the cache in between.
+    // Cache-sized batches: a row (all m chunks, then their mixing) never leaves the cache in between. Each
+    // batch's last row prefetches the next batch of this call.
     const int64_t batch = std::max<int64_t>(1, kBatchBytes / (n_ * int64_t(sizeof(T))));
     for (int64_t r = 0; r < rows; r += batch)
-      k.rows_hadamard(src + r * n_, dst + r * n_, std::min(batch, rows - r), chunk_, plan_, scale_);
+      k.rows_hadamard(src + r * n_, dst + r * n_, std::min(batch, rows - r), chunk_, plan_, scale_,
+                      r + batch < rows ? src + (r + batch) * n_ : nullptr);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -41,11 +41,13 @@ struct FwhtKernels {
   int lanes;  // SIMD width in elements of T
   // dst = scale * H_len src for `rows` contiguous rows of power-of-two length `len`, each small enough to
   // stay in cache. src may equal dst. Rows of more than 16 registers prefetch the rows after them; the last
-  // ones prefetch the input the caller transforms next, from `after` on (or nothing, if null).
+  // ones prefetch the input the caller transforms next, from `after` on (or nothing, if null): input of the
+  // same thread only, since the prefetches are for writing.
   void (*rows_pow2)(const T* src, T* dst, int64_t rows, int64_t len, T scale, const T* after);
   // dst = scale * (H_m kron H_chunk) src for `rows` contiguous rows of length m * chunk (chunk a power of
-  // two, a row small enough to stay in cache). src may equal dst.
-  void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale);
+  // two, a row small enough to stay in cache). src may equal dst; `after` as for rows_pow2.
+  void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale,
+                        const T* after);
   // In place, across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns
   // at x (width % lanes == 0): the outer factor H_count of a two-level transform of one long row. `scratch`
   // holds count * (width + 64 / sizeof(T)) values (unused, and may be null, when count <= 8).

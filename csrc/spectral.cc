@@ -28,8 +28,10 @@ using Acc = double;  // parameter gradients are sums over rows: accumulate them 
 // compiled for x86-64-v4 (AVX-512), -v3 (AVX2, FMA) and the baseline, and the loader picks the widest the
 // CPU runs (GCC function multiversioning: one symbol per clone, so no code built for one level is shared
 // with another). Measured on a Xeon with AVX-512, 1 thread, LinearWHT(256) at batch 64: forward 18.3 ->
-// 9.8 us, backward 41.7 -> 22.1 us.
-#if defined(DREIDEL_X86) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__)
+// 9.8 us, backward 41.7 -> 22.1 us. The clone follows the CPU, not the `isa` argument (which picks the FWHT
+// kernels), and the -v3/-v4 clones contract multiply-adds into FMAs, so results can differ in the last bits
+// between CPUs. GCC 12 or later (the first to take arch= levels here); other compilers build one baseline copy.
+#if defined(DREIDEL_X86) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define DREIDEL_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DREIDEL_ROW_CLONES

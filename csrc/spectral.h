@@ -51,7 +51,8 @@ struct SpectralGrads {
 template <class T>
 const char* spectral_check(const SpectralLayer<T>& layer);
 
-// y (rows * out) = the layer applied to x (rows * n).
+// y (rows * out) = the layer applied to x (rows * n). `isa` picks the FWHT kernels; the per-row gathers and
+// scalings run the widest copy the CPU supports (see spectral.cc).
 void spectral_forward(const SpectralLayer<float>& layer, const float* x, float* y, int64_t rows, int threads, Isa isa);
 void spectral_forward(const SpectralLayer<double>& layer, const double* x, double* y, int64_t rows, int threads, Isa isa);
 
