@@ -189,7 +189,7 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
       long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after);
     }
   }
-  cross_rows(k, dst + offset, group, sp.block, sp.block, strip_width(k, group, sp.block, kStripBytes));
+  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block));
 }
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
