@@ -149,14 +149,21 @@ struct CrossScratch {
   alignas(64) T values[kMaxCount * (kScratchRowBytes + 64) / sizeof(T)];
 };
 
+// cross_rows for more than 8 rows, through a scratch buffer. Not inlined, so the 20 KB of stack is taken
+// only where a scratch strip is used (the passes across up to 8 rows, most of them, need none).
+template <class T>
+__attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride,
+                                                     int64_t span, int64_t width) {
+  CrossScratch<T> scratch;
+  for (int64_t s = 0; s < span / width; ++s) k.columns_pow2(x + s * width, count, stride, width, scratch.values);
+}
+
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
 // x, in strips of `width` (for more than 8 rows, a cross_width: the strip must fit CrossScratch).
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
-  CrossScratch<T> scratch;
-  const int64_t strips = span / width;
-  for (int64_t s = 0; s < strips; ++s)
-    k.columns_pow2(x + s * width, count, stride, width, scratch.values);
+  if (count > 8) return cross_rows_in_scratch(k, x, count, stride, span, width);
+  for (int64_t s = 0; s < span / width; ++s) k.columns_pow2(x + s * width, count, stride, width, nullptr);
 }
 
 template <class T>
@@ -235,9 +242,11 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr));
-    CrossScratch<T> scratch;
-#pragma omp for schedule(dynamic, strips_per_grain)
-    for (int64_t s = 0; s < strips; ++s) k.columns_pow2(dst + s * width, groups, span, width, scratch.values);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < strips; s += strips_per_grain) {
+      const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
+      cross_rows(k, dst + s * width, groups, span, grain_span, width);
+    }
   }
 }
 
