@@ -193,6 +193,14 @@ def test_meta_tensors_give_shapes_without_compute():
     assert y.shape == (4, 7, 384) and y.device.type == "meta"
 
 
+def test_torch_compile_in_place(generator):
+    x = torch.randn(5, 16, generator=generator)
+    expected = dense_fwht(x).float()
+    compiled = torch.compile(lambda t: dr.fwht(t, inplace=True), fullgraph=True)
+    assert compiled(x) is x
+    torch.testing.assert_close(x, expected)
+
+
 def test_torch_compile(generator):
     x = torch.randn(8, 256, generator=generator, requires_grad=True)
     compiled = torch.compile(lambda t: torch.relu(dr.fwht(t * 2.0)).sum(), fullgraph=True)
@@ -233,13 +241,61 @@ def test_rejects_unsupported_length_with_nearest_lengths():
         assert fragment in message
 
 
-def test_rejects_bad_dim_and_scalars():
+def test_rejects_bad_dim_and_non_tensors():
     with pytest.raises(ValueError, match="dim=2"):
         dr.fwht(torch.zeros(2, 8), dim=2)
-    with pytest.raises(ValueError, match="0-d"):
-        dr.fwht(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="dim=1 .* 0-d"):
+        dr.fwht(torch.tensor(1.0), dim=1)
     with pytest.raises(TypeError, match="torch.Tensor"):
         dr.fwht([1.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_a_scalar_is_a_vector_of_length_one(dtype, dim):
+    x = torch.tensor(-2.5, dtype=dtype, requires_grad=True)
+    for normalized in (True, False):  # H_1 = [1], 1/sqrt(1) = 1: the identity either way
+        y = dr.fwht(x, dim=dim, normalized=normalized)
+        assert y.shape == () and y.dtype == dtype and y.item() == -2.5
+        assert dr.fwht_reference(x, dim=dim, normalized=normalized).item() == -2.5
+    y.backward()
+    assert x.grad.item() == 1.0
+    z = x.detach().clone()
+    assert dr.fwht(z, dim=dim, inplace=True) is z and z.item() == -2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rejects_float8_as_a_dtype_error(dtype):
+    with pytest.raises(TypeError, match="float32, float64, float16, bfloat16"):
+        dr.fwht(torch.ones(4).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contiguous_tensors_off_their_element_alignment(dtype, generator):
+    """torch.frombuffer at an odd byte offset makes contiguous tensors the kernel must not take as they are."""
+    values = torch.randn(3, 16, dtype=dtype, generator=generator)
+    raw = bytearray(1) + bytearray(values.numpy().tobytes())
+    x = torch.frombuffer(raw, dtype=dtype, offset=1, count=48).view(3, 16)
+    assert x.is_contiguous() and x.data_ptr() % x.element_size() != 0
+    torch.testing.assert_close(dr.fwht(x), dense_fwht(values).to(dtype))
+    assert dr.fwht(x, inplace=True) is x
+    torch.testing.assert_close(x, dense_fwht(values).to(dtype))
+    with pytest.raises(ValueError, match="fwht_into.*aligned"):
+        dr.algo.fwht_into(x, torch.empty(3, 16, dtype=dtype))
+
+
+def test_in_place_on_an_inference_tensor_follows_torch():
+    with torch.inference_mode():
+        x = torch.ones(2, 8)
+    with pytest.raises(RuntimeError, match="inference"):
+        x.mul_(1.0)  # torch's own rule, which the kernel's direct write must not bypass
+    for view in (x, x.t()):  # the direct path and the general one
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            dr.fwht(view, dim=view.dim() - 1 if view is x else 0, inplace=True)
+    torch.testing.assert_close(x, torch.ones(2, 8))
+    with torch.inference_mode():
+        dr.fwht(x, inplace=True, normalized=False)
+    torch.testing.assert_close(x, dense_fwht(torch.ones(2, 8), normalized=False).float())
 
 
 @pytest.mark.parametrize("shape, dim", [((0, 8), -1), ((3, 0), -1), ((0,), 0)])
@@ -379,6 +435,46 @@ def test_negative_views_are_not_read_as_raw_memory(generator):
 def test_fwht_into_refuses_a_negated_destination():
     with pytest.raises(ValueError, match="is_neg"):
         dr.algo.fwht_into(torch.ones(3, 8), torch._neg_view(torch.zeros(3, 8)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_dim, dim", [(0, -1), (1, -1), (2, -1), (2, 0), (0, 1), (-1, 0)])
+def test_vmap_matches_the_transform_of_each_slice(in_dim, dim, dtype, generator):
+    x = torch.randn(4, 8, 12, dtype=dtype, generator=generator)  # (2, -1): the batch is the last dimension
+    got = torch.func.vmap(lambda t: dr.fwht(t, dim=dim), in_dims=in_dim)(x)
+    slices = [dense_fwht(t, dim=dim) for t in x.unbind(in_dim)]
+    torch.testing.assert_close(got.double(), torch.stack(slices), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_jacobians_are_the_hadamard_matrix(generator):
+    x = torch.randn(24, dtype=torch.float64, generator=generator)
+    h = dr.hadamard_matrix(24).double() / math.sqrt(24)
+    torch.testing.assert_close(torch.func.jacrev(dr.fwht)(x), h)
+    torch.testing.assert_close(torch.func.jacfwd(dr.fwht)(x), h)
+    w = torch.randn(24, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(torch.func.grad(lambda t: (dr.fwht(t) * w).sum())(x), h.T @ w)
+    primal, tangent = torch.func.jvp(dr.fwht, (x,), (w,))
+    torch.testing.assert_close(primal, h @ x)
+    torch.testing.assert_close(tangent, h @ w)
+
+
+def test_per_sample_gradients_by_vmap_of_grad(generator):
+    x = torch.randn(6, 16, dtype=torch.float64, generator=generator)
+    w = torch.randn(16, dtype=torch.float64, generator=generator)
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: (torch.tanh(dr.fwht(t)) * w).sum()))(x)
+    expected = []
+    for row in x:
+        row = row.clone().requires_grad_()
+        (torch.tanh(dense_fwht(row)) * w).sum().backward()
+        expected.append(row.grad)
+    torch.testing.assert_close(per_sample, torch.stack(expected))
+
+
+def test_in_place_under_vmap_writes_each_slice(generator):
+    x = torch.randn(3, 8, generator=generator)
+    expected = dense_fwht(x).float()
+    torch.func.vmap(lambda t: dr.fwht(t, inplace=True))(x)
+    torch.testing.assert_close(x, expected)
 
 
 def test_forward_mode_ad_carries_the_tangent_through_the_transform(generator):

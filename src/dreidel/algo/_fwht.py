@@ -28,7 +28,7 @@ from dreidel.algo._hadamard import (
     small_hadamard_array,
 )
 
-__all__ = ["fwht", "fwht_into", "fwht_reference", "pad_to_hadamard", "runs_native_eager"]
+__all__ = ["fwht", "fwht_into", "fwht_reference", "in_functorch_transform", "pad_to_hadamard", "runs_native_eager"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -41,18 +41,22 @@ _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
 _forward_ad = torch.autograd.forward_ad
 _increment_versions = torch._C._increment_version  # takes a sequence of tensors (a tensor is one too: of its rows)
+# True inside torch.func transforms (vmap, grad, jvp, jacrev, ...), whose wrapper tensors have no data pointer.
+in_functorch_transform = torch._C._are_functorch_transforms_active
 
 
 def _check_input(x: torch.Tensor, dim: int) -> int:
     """Validate ``x`` and ``dim``; return the length of the transformed dimension."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
+    if x.dtype not in _NATIVE_DTYPES and x.dtype not in _LOW_PRECISION:
         raise TypeError(
             f"x must be a real floating-point tensor (float32, float64, float16, bfloat16), got {x.dtype}"
         )
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if x.dim() == 0:  # a scalar is a vector of length 1, as torch reductions treat it: dim 0 or -1
+        if dim not in (0, -1):
+            raise ValueError(f"dim={dim} is out of range for a 0-d tensor (expected 0 or -1)")
+        return 1
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
     n = int(x.shape[dim])  # an int even under torch.jit.trace, where sizes are traced values
@@ -103,6 +107,8 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x.clone()
+    if x.dim() == 0:
+        return fwht_reference(x.unsqueeze(0), -1, normalized).squeeze(0)
     moved = x.movedim(dim, -1).to(_compute_dtype(x.dtype))
     return _reference_last_dim(moved, normalized).to(x.dtype).movedim(-1, dim)
 
@@ -145,13 +151,27 @@ def _run_kernel(
     native.fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, _get_num_threads(), float64)
 
 
+def _kernel_can_take(t: torch.Tensor) -> bool:
+    """Whether the kernel can work on ``t``'s memory as it is: contiguous, no lazy negation, and aligned to
+    its element size (``torch.frombuffer`` can make tensors that are not)."""
+    return t.is_contiguous() and not t.is_neg() and t.data_ptr() % t.element_size() == 0
+
+
+def _kernel_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor the kernel can take: ``t`` itself if it is one, else a fresh contiguous copy."""
+    if _kernel_can_take(t):
+        return t
+    t = t.resolve_neg().contiguous()
+    return t if t.data_ptr() % t.element_size() == 0 else t.clone()
+
+
 def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> None:
     """Raw native transform along the last dim: ``dst = fwht(src)``, no autograd, no op dispatch.
 
     For layer implementations that write their own backward and call the transform many times on small
-    tensors. ``src`` and ``dst`` must be contiguous CPU float32/float64 tensors of the same shape and dtype
-    (they may be the same tensor, but must not otherwise overlap) whose last dimension is a supported
-    length; anything else raises ``ValueError`` before the kernel runs.
+    tensors. ``src`` and ``dst`` must be contiguous CPU float32/float64 tensors of the same shape and dtype,
+    aligned to their element size (they may be the same tensor, but must not otherwise overlap) whose last
+    dimension is a supported length; anything else raises ``ValueError`` before the kernel runs.
     """
     n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
     constants = kernel_constants(n, src.dtype)
@@ -164,12 +184,15 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         and dst.is_contiguous()
         and not src.is_neg()
         and not dst.is_neg()
+        and src.data_ptr() % src.element_size() == 0
+        and dst.data_ptr() % dst.element_size() == 0
     ):
         raise ValueError(
             "fwht_into: src and dst must be contiguous CPU float32/float64 tensors of one shape and dtype whose "
             f"last dimension is a supported Hadamard length; got src {src.dtype} {tuple(src.shape)} on "
             f"{src.device} (contiguous: {src.is_contiguous()}), dst {dst.dtype} {tuple(dst.shape)} on "
-            f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) are refused too"
+            f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) and addresses not "
+            f"aligned to the element size are refused too"
         )
     _run_kernel(src.data_ptr(), dst.data_ptr(), int(src.numel()) // n, n, constants, normalized)
 
@@ -183,7 +206,7 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 @_fwht_op.register_kernel("cpu")
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     """Out of place on CPU: the kernel reads ``x`` and writes a fresh contiguous tensor in one pass."""
-    src = x.resolve_neg().contiguous()  # a lazily negated view is materialised, not read as raw memory
+    src = _kernel_copy(x)  # a lazily negated view is materialised, not read as raw memory
     out = torch.empty_like(src)
     fwht_into(src, out, normalized)
     return out
@@ -213,12 +236,10 @@ def _fwht_inplace_op(x: torch.Tensor, normalized: bool) -> None:
 
 @_fwht_inplace_op.register_kernel("cpu")
 def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
-    if x.is_contiguous():
-        fwht_into(x, x, normalized)
-    else:
-        work = x.contiguous()
-        fwht_into(work, work, normalized)
-        x.copy_(work)
+    work = _kernel_copy(x)
+    fwht_into(work, work, normalized)
+    if work is not x:
+        x.copy_(work)  # through x's strides and negation bit
 
 
 @_fwht_inplace_op.register_fake
@@ -227,17 +248,21 @@ def _fwht_inplace_op_fake(x: torch.Tensor, normalized: bool) -> None:
 
 
 class _EagerFwht(torch.autograd.Function):
-    """The eager CPU path: the native kernel behind a plain autograd.Function.
+    """The eager CPU path: the native kernel behind a plain autograd.Function, along the last dimension.
 
     Same maths as the ``dreidel::fwht`` custom op (which ``torch.compile``, meta tensors and other devices
     use) at a fraction of the dispatch cost; the backward applies the same function, so higher-order
-    gradients work too.
+    gradients work too. It also carries ``torch.func`` transforms (``setup_context`` style, a vmap rule),
+    which the custom op's generated autograd does not.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, normalized: bool) -> torch.Tensor:
-        ctx.normalized = normalized
+    def forward(x: torch.Tensor, normalized: bool) -> torch.Tensor:
         return _fwht_op_cpu(x, normalized)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.normalized = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -245,8 +270,16 @@ class _EagerFwht(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent: torch.Tensor, _normalized_tangent) -> torch.Tensor:
-        # Forward-mode AD: the transform is linear, so the tangent goes through it too.
-        return _fwht_op_cpu(x_tangent, ctx.normalized)
+        # Forward-mode AD: the transform is linear, so the tangent goes through it too (through apply, since
+        # under torch.func.jvp the tangent is a wrapper tensor).
+        return _EagerFwht.apply(x_tangent, ctx.normalized)
+
+    @staticmethod
+    def vmap(info, in_dims, x: torch.Tensor, normalized: bool):
+        # The transform runs along the last dimension, so a batch dimension anywhere else just rides along.
+        if in_dims[0] is None:
+            return _EagerFwht.apply(x, normalized), None
+        return _EagerFwht.apply(x.movedim(in_dims[0], 0), normalized), 0
 
 
 def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
@@ -255,10 +288,11 @@ def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
 
     Then the native kernels may be called directly (``fwht_into``, the fused spectral layers) instead of
     through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``)
-    and other devices or dtypes keep the registered ops and the reference paths.
+    and other devices or dtypes keep the registered ops and the reference paths; inside ``torch.func``
+    transforms (whose wrapper tensors have no memory of their own) this is False too.
     """
     dtype = tensors[0].dtype
-    if _is_compiling() or dtype not in _NATIVE_DTYPES:
+    if _is_compiling() or dtype not in _NATIVE_DTYPES or in_functorch_transform():
         return False
     for t in tensors:  # is_cpu: no device object per call
         if t is not None and not (t.is_cpu and t.dtype == dtype):
@@ -266,17 +300,18 @@ def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelConstants] | None:
-    """``(rows, n, constants)`` when ``x`` can go straight to the kernel, else ``None``.
+def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelConstants, int] | None:
+    """``(rows, n, constants, address)`` when ``x`` can go straight to the kernel, else ``None``.
 
-    Straight to the kernel: a non-empty contiguous CPU float32/float64 tensor (without a lazy negation bit)
-    transformed along its last dimension (of a supported length), with no gradient to record and outside
-    ``torch.compile``. Everything else takes the general path, which checks the input (with its error
-    messages) and dispatches.
+    Straight to the kernel: a non-empty contiguous CPU float32/float64 tensor (aligned, without a lazy
+    negation bit) transformed along its last dimension (of a supported length), with no gradient to record,
+    outside ``torch.compile`` and ``torch.func`` transforms. Everything else takes the general path, which
+    checks the input (with its error messages) and dispatches.
     """
     # First, so that torch.compile does not trace the rest. The tracers and forward-mode AD record ops, and
     # the raw kernel call is none: they take the general path (forward AD: _EagerFwht's jvp).
-    if _is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 or not isinstance(x, torch.Tensor):
+    if (_is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 or not isinstance(x, torch.Tensor)
+            or in_functorch_transform()):
         return None
     shape = x.shape
     if not shape or (dim != -1 and dim != len(shape) - 1):
@@ -288,7 +323,10 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelCon
     if x.requires_grad and _is_grad_enabled():
         return None
     rows = math.prod(shape[:-1])
-    return (rows, n, constants) if rows > 0 else None
+    address = x.data_ptr()
+    if rows == 0 or address % (8 if constants.float64 else 4) != 0:  # torch.frombuffer can misalign
+        return None
+    return rows, n, constants, address
 
 
 def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -315,9 +353,10 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     """
     direct = _direct_kernel_args(x, dim)
     if direct is not None:  # the common case, with as little Python as possible before the kernel
-        rows, n, constants = direct
-        address = x.data_ptr()
+        rows, n, constants, address = direct
         if inplace:
+            if x.is_inference():
+                _check_inference_update(x)
             _run_kernel(address, address, rows, n, constants, normalized)
             _increment_versions((x,))  # as any in-place op: autograd then refuses x if it was saved for backward
             return x
@@ -327,6 +366,9 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x if inplace else x.clone()
+    if x.dim() == 0:  # a vector of length 1
+        out = fwht(x.unsqueeze(0), -1, normalized, inplace)
+        return x if inplace else out.squeeze(0)
     moved = x if dim in (-1, x.dim() - 1) else x.movedim(dim, -1)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():
@@ -334,18 +376,36 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
                 "fwht(inplace=True) cannot be differentiated: x requires grad. "
                 "Use inplace=False, or run under torch.no_grad()."
             )
-        if x.dtype in _LOW_PRECISION or moved.is_neg():
-            # Computed out of place, then written through the view (copy_ applies the lazy negation).
+        if not _is_compiling() and x.is_inference():
+            _check_inference_update(x)
+        if x.dtype in _LOW_PRECISION or in_functorch_transform() or (not _is_compiling() and moved.is_neg()):
+            # Computed out of place, then written through the view (copy_ applies the lazy negation and works
+            # on torch.func's wrapper tensors).
             moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
-        elif runs_native_eager(moved) and moved.is_contiguous():
+        elif runs_native_eager(moved) and _kernel_can_take(moved):
             fwht_into(moved, moved, normalized)
             _increment_versions((moved,))
         else:
             _fwht_inplace_op(moved, normalized)
         return x
     work = moved.to(_compute_dtype(x.dtype))
-    out = _EagerFwht.apply(work, normalized) if runs_native_eager(work) else _fwht_op(work, normalized)
+    if not _is_compiling() and work.is_cpu and work.dtype in _NATIVE_DTYPES:
+        out = _EagerFwht.apply(work, normalized)  # eager CPU, torch.func transforms included
+    elif in_functorch_transform():
+        out = _reference_last_dim(work, normalized)  # other devices: torch ops, which torch.func transforms
+    else:
+        out = _fwht_op(work, normalized)
     return out.to(x.dtype).movedim(-1, dim)
+
+
+def _check_inference_update(x: torch.Tensor) -> None:
+    """Raise as torch does for an in-place update of an inference tensor outside inference mode (the kernel
+    writes memory directly, past the dispatcher's check)."""
+    if not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "fwht(inplace=True): x is an inference tensor (made under torch.inference_mode()); in-place "
+            "updates to it are only allowed inside inference mode. Use inplace=False or clone it first."
+        )
 
 
 def pad_to_hadamard(x: torch.Tensor, dim: int = -1, powers_of_two_only: bool = False) -> torch.Tensor:

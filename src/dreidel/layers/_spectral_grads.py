@@ -17,7 +17,10 @@ Three entry points share these functions: eager CPU float32/float64 calls the fu
 (``_spectral_native``); everything else calls the registered ops ``dreidel::spectral_linear`` and
 ``dreidel::spectral_linear_backward``, whose implementations pick the native kernels where they run (CPU,
 float32/float64, e.g. inside a ``torch.compile`` graph) and this reference path elsewhere (other devices,
-float16/bfloat16); and the per-sample gradients call the same pair directly.
+float16/bfloat16); and the per-sample gradients call the same pair directly. Inside ``torch.func``
+transforms (vmap, grad, jacrev, ...), which neither the raw kernels nor custom ops' generated autograd
+support, the layer is the plain composition of differentiable torch ops and ``fwht`` in
+``spectral_linear_composed``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dreidel.algo import fwht, fwht_into, runs_native_eager
+from dreidel.algo import fwht, fwht_into, in_functorch_transform, runs_native_eager
 from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectral_forward, native_spectral_grads
 
 if TYPE_CHECKING:
     from dreidel.layers._spectral import _SpectralLinearBase
 
-__all__ = ["SpectralLayout", "spectral_forward", "spectral_grads", "spectral_linear", "spectral_per_sample_grads",
-           "spectral_stages"]
+__all__ = ["SpectralLayout", "spectral_forward", "spectral_grads", "spectral_linear", "spectral_linear_composed",
+           "spectral_per_sample_grads", "spectral_stages"]
 
 
 class SpectralLayout(NamedTuple):
@@ -217,17 +220,39 @@ def _spectral_linear_backward(ctx, grad):
 _spectral_linear_op.register_autograd(_spectral_linear_backward, setup_context=_spectral_linear_setup_context)
 
 
+def spectral_linear_composed(rows: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
+                             out_scale: torch.Tensor, bias: torch.Tensor | None,
+                             layout: SpectralLayout) -> torch.Tensor:
+    """``y`` ``(rows, out)`` for ``rows`` ``(rows, n)`` as differentiable torch ops and ``fwht`` (which carries
+    ``torch.func`` transforms): the forward of ``spectral_stages`` without in-place updates, left to autograd."""
+    if in_scale.shape[-1] == layout.length:
+        scale = in_scale.reshape(-1).index_select(0, layout.scale_gather)
+    else:  # one zero slot per block stands for the padded entries
+        scale = F.pad(in_scale, (0, 1)).reshape(-1).index_select(0, layout.scale_gather)
+    blocks = (-1, layout.blocks, layout.length)
+    h = fwht(rows.index_select(1, layout.input_gather).mul(scale).reshape(blocks)).flatten(1)
+    for k in range(1, layout.flat_perm.shape[0]):
+        perm = layout.flat_perm[k]
+        scale = inner_scale[k - 1].reshape(-1).index_select(0, perm)
+        h = fwht(h.index_select(1, perm).mul(scale).reshape(blocks)).flatten(1)
+    spectral = h[:, : layout.out_features]
+    return spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
+
+
 def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                     out_scale: torch.Tensor, bias: torch.Tensor | None, layout: SpectralLayout) -> torch.Tensor:
     """The affine part of a spectral layer for ``x`` ``(*, n)`` → ``(*, out)``; differentiable in all inputs.
 
     Eager CPU float32/float64 calls the fused native kernels through a plain ``autograd.Function`` (a few
     microseconds of overhead); traced code, other devices and other dtypes go through the registered op
-    ``dreidel::spectral_linear``, which runs the same kernels on CPU and the reference path elsewhere.
+    ``dreidel::spectral_linear``, which runs the same kernels on CPU and the reference path elsewhere;
+    ``torch.func`` transforms get ``spectral_linear_composed``.
     """
     flat = x.dim() == 2  # the common case: no reshape and no view back (each costs microseconds a call)
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    if not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
+    if in_functorch_transform():
+        y = spectral_linear_composed(rows, in_scale, inner_scale, out_scale, bias, layout)
+    elif not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
         y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])
     elif torch.is_grad_enabled() and (x.requires_grad or in_scale.requires_grad or out_scale.requires_grad
                                       or (inner_scale is not None and inner_scale.requires_grad)
