@@ -50,10 +50,14 @@ class DiagonalNewton(CurvatureOptimizer):
         weight_decay: decoupled weight decay (0 by default).
         curvature: where ``h_hat`` comes from:
 
-            - ``"gauss_newton"``: exact per-sample Gauss-Newton/Fisher diagonal
-              ``sum_i (dL_i/dp)^2`` for layers with per-sample gradients (``PerSampleGradients``
-              modules such as the spectral layers, ``nn.Linear``, ``nn.LayerNorm``); every other
-              parameter gets the Gauss-Newton-Bartlett estimate ``g_hat^2`` of the same backward.
+            - ``"gauss_newton"``: per-sample sums ``sum_i (dL_i/dp)^2`` (exact sums over the batch's
+              per-sample gradients, not Bartlett's batch approximation) for layers with per-sample
+              gradients (``PerSampleGradients`` modules such as the spectral layers, ``nn.Linear``,
+              ``nn.LayerNorm``); every other parameter gets the batch estimate ``B * g^2`` of the same
+              backward. What the sum estimates depends on ``likelihood``: with the default
+              ``"empirical"`` it is the empirical Fisher diagonal (true-label gradients, exactly
+              computed); with ``"categorical"``/``"gaussian"`` it is a one-draw Monte-Carlo estimate
+              of the Gauss-Newton (= Fisher) diagonal (one sampled label per example and refresh).
             - ``"gnb"``: Gauss-Newton-Bartlett (Sophia-G) for every parameter: ``g_hat^2``.
             - ``"hutchinson"``: ``z * (H z)`` with a Rademacher ``z`` (AdaHessian, Yao et al. 2020,
               arXiv:2006.00719; Sophia-H); the true Hessian, which may be negative (hence ``eps``).
