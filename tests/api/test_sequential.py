@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -108,6 +109,35 @@ def test_save_load_round_trip_is_exact(tmp_path, digits, dtype):
     assert torch.equal(loaded.predict(x_test.to(dtype)), model.predict(x_test.to(dtype)))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_named_layers_round_trip(tmp_path):
+    torch.manual_seed(4)
+    model = api.Sequential(OrderedDict(fc1=LinearWHT(16, 8, activation="relu"), fc2=nn.Linear(8, 2))).build((16,))
+    path = model.save(tmp_path / "named")
+    config = json.loads((path / "config.json").read_text())
+    assert [spec["name"] for spec in config["layers"]] == ["fc1", "fc2"]
+    loaded = api.load(path)
+    assert [name for name, _ in loaded.named_children()] == ["fc1", "fc2"]
+    x = torch.randn(5, 16)
+    assert torch.equal(loaded.predict(x), model.predict(x))
+
+
+def test_checkpoint_without_layer_names_loads_positionally(tmp_path):
+    """Files written before names were stored have specs without ``name``: children are numbered."""
+    path = _small_model("wht").build((64,)).save(tmp_path / "m")
+    _edit_config(path, lambda c: [spec.pop("name") for spec in c["layers"]])
+    assert [name for name, _ in api.load(path).named_children()] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("names, message", [(["a", "a", "b"], "repeats the name 'a'"),
+                                            (["a", "b.c", "d"], "invalid 'name' 'b.c'"),
+                                            (["a", 3, "d"], "invalid 'name' 3")])
+def test_load_rejects_bad_layer_names(tmp_path, names, message):
+    path = _small_model("wht").build((64,)).save(tmp_path / "m")
+    _edit_config(path, lambda c: [spec.__setitem__("name", name) for spec, name in zip(c["layers"], names)])
+    with pytest.raises(ValueError, match=message):
+        api.load(path)
 
 
 def _edit_config(path, edit):

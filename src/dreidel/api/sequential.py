@@ -7,6 +7,7 @@ hand-written loop — the high-level methods only add a training loop and a chec
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class _Compiled:
 
 
 class Sequential(nn.Sequential):
-    """Layers applied in order. ``Sequential(layer, ...)`` or ``Sequential()`` then ``add(layer)``.
+    """Layers applied in order. ``Sequential(layer, ...)``, ``Sequential(OrderedDict(name=layer, ...))`` (named
+    children, kept by ``save``) or ``Sequential()`` then ``add(layer)``.
 
     Inputs are ``(N, *input_shape)`` tensors; ``input_shape`` is fixed by the first batch the model sees in
     ``fit`` / ``evaluate`` / ``predict`` / ``build`` (lazy layers such as ``LinearWHT(1024)`` learn their
@@ -284,7 +286,7 @@ class Sequential(nn.Sequential):
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
-                  "layers": [layer_spec(layer) for layer in self]}
+                  "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
         return write_checkpoint(path, config, self.state_dict())
 
 
@@ -308,7 +310,9 @@ def load(path: str | os.PathLike) -> Sequential:
                          f"(this dreidel reads version {CHECKPOINT_VERSION})")
     if not isinstance(config["layers"], list):
         raise ValueError(f"{where}: 'layers' must be a list of layer specs")
-    model = Sequential(*(build_layer(spec, f"{where} layers[{i}]") for i, spec in enumerate(config["layers"])))
+    names = _layer_names(config["layers"], where)
+    layers = [build_layer(spec, f"{where} layers[{i}]") for i, spec in enumerate(config["layers"])]
+    model = Sequential(OrderedDict(zip(names, layers)))
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(float_dtypes) == 1:
         model.to(float_dtypes.pop())
@@ -316,3 +320,17 @@ def load(path: str | os.PathLike) -> Sequential:
         model.input_shape = tuple(int(d) for d in config["input_shape"])
     load_state_strict(model, tensors, source=str(Path(path) / "model.safetensors"))
     return model
+
+
+def _layer_names(specs: list, where: str) -> list[str]:
+    """The child names of the saved layers (``"0"``, ``"1"``, ... for specs without a ``name``, as in old files)."""
+    names = []
+    for index, spec in enumerate(specs):
+        name = spec.get("name", str(index)) if isinstance(spec, dict) else str(index)
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{where} layers[{index}] has an invalid 'name' {name!r}: expected a non-empty string "
+                             "without '.'")
+        if name in names:
+            raise ValueError(f"{where} layers[{index}] repeats the name {name!r} of an earlier layer")
+        names.append(name)
+    return names
