@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dreidel.api as api
 from dreidel.layers import KVCache, MultiHeadAttentionSpectral, to_dense
 
 
@@ -99,6 +100,20 @@ def test_safetensors_round_trip_is_bit_identical(tmp_path):
     target.load_state_dict(load_file(str(tmp_path / "attention.safetensors")))
     x = torch.randn(2, 5, 48, dtype=torch.float64)
     assert torch.equal(source(x), target(x))
+
+
+@pytest.mark.parametrize("linear, linear_kwargs", [("wht", None), ("deep_wht", {"depth": 3}), ("dense", None)])
+def test_sequential_checkpoint_round_trip_is_bit_identical(tmp_path, linear, linear_kwargs):
+    source = MultiHeadAttentionSpectral(48, 4, linear=linear, causal=True, dropout=0.25, bias=False,
+                                        linear_kwargs=linear_kwargs, generator=torch.Generator().manual_seed(5))
+    model = api.Sequential(source).build((5, 48))
+    loaded = api.load(model.save(tmp_path / "attention"))
+    assert loaded[0].config() == source.config()
+    assert loaded.input_shape == (5, 48)
+    x = torch.randn(2, 5, 48)
+    assert torch.equal(loaded.predict(x), model.predict(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_bad_arguments():

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
+import dreidel.api as api
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, to_dense
 
 CASES = [
@@ -63,6 +64,31 @@ def test_safetensors_round_trip_is_bit_identical(tmp_path, dims):
     target.load_state_dict(load_file(str(tmp_path / "conv.safetensors")))
     x = torch.randn(2, *([5] * dims), 12)
     assert torch.equal(source(x), target(x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[1]}to{c[2]}-{c[7]}")
+def test_sequential_checkpoint_round_trip_is_bit_identical(tmp_path, case):
+    dims = case[0]
+    source = make(*case, activation="relu", bias=False,
+                  linear_kwargs={"depth": 3} if case[7] == "deep_wht" else None)
+    model = api.Sequential(source).double()
+    x = torch.randn(2, *([9] * dims), case[1], dtype=torch.float64)
+    model.build(tuple(x.shape[1:]))
+    loaded = api.load(model.save(tmp_path / "conv"))
+    assert loaded[0].config() == source.config()
+    assert torch.equal(loaded.predict(x), model.predict(x))
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype and torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_config_rebuilds_the_layer_and_leaves_out_init_only_arguments():
+    layer = Conv2dSpectral(8, 16, kernel_size=(3, 1), padding=(1, 0), linear="deep_wht",
+                           linear_kwargs={"depth": 3, "dtype": torch.float64}, generator=torch.Generator())
+    config = layer.config()
+    assert config["kernel_size"] == [3, 1] and config["linear_kwargs"] == {"depth": 3}
+    rebuilt = Conv2dSpectral(**config)
+    assert rebuilt.config() == config
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
 
 
 def test_rejects_channels_first_and_bad_arguments():

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from dreidel.layers import DeepSpectralLinear, LinearWHT
+from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
 
 __all__ = ["LAYER_TYPES", "build_layer", "layer_spec", "register_layer_type"]
 
@@ -26,7 +26,8 @@ def _linear_args(module: nn.Linear) -> dict[str, Any]:
     return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
 
 
-def _spectral_args(module: LinearWHT | DeepSpectralLinear) -> dict[str, Any]:
+def _config_args(module: nn.Module) -> dict[str, Any]:
+    """dreidel's own layers describe themselves: ``module.config()``."""
     return module.config()
 
 
@@ -43,8 +44,11 @@ def _batch_norm_args(module: nn.BatchNorm1d) -> dict[str, Any]:
 # type name -> (class, function giving the constructor arguments of an instance as JSON data)
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ArgsOf]] = {
     "Linear": (nn.Linear, _linear_args),
-    "LinearWHT": (LinearWHT, _spectral_args),
-    "DeepSpectralLinear": (DeepSpectralLinear, _spectral_args),
+    "LinearWHT": (LinearWHT, _config_args),
+    "DeepSpectralLinear": (DeepSpectralLinear, _config_args),
+    "Conv2dSpectral": (Conv2dSpectral, _config_args),
+    "Conv3dSpectral": (Conv3dSpectral, _config_args),
+    "MultiHeadAttentionSpectral": (MultiHeadAttentionSpectral, _config_args),
     "ReLU": (nn.ReLU, _no_args),
     "GELU": (nn.GELU, lambda m: {"approximate": m.approximate}),
     "SiLU": (nn.SiLU, _no_args),

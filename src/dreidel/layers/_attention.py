@@ -64,12 +64,21 @@ class MultiHeadAttentionSpectral(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.dropout, self.linear = causal, dropout, linear
+        self._bias = bias
+        # generator / device / dtype only say how to initialise; config() leaves them out
+        self._linear_kwargs = {k: v for k, v in (linear_kwargs or {}).items()
+                               if k not in ("generator", "device", "dtype")}
         kwargs = dict(linear_kwargs or {})
         if generator is not None:
             kwargs.setdefault("generator", generator)
         self.query, self.key, self.value, self.out = (
             build_linear(linear, embed_dim, embed_dim, bias, **kwargs) for _ in range(4)
         )
+
+    def config(self) -> dict[str, object]:
+        """The constructor's arguments as plain data: ``MultiHeadAttentionSpectral(**config())`` rebuilds its shapes."""
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads, "linear": self.linear, "bias": self._bias,
+                "causal": self.causal, "dropout": self.dropout, "linear_kwargs": dict(self._linear_kwargs)}
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         batch, length, _ = t.shape

@@ -25,8 +25,13 @@ _CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {2: F.conv2d, 3: F.con
 _LAYOUT_NAMES = {2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 
 
+# Arguments that only say how or where to initialise: not part of a layer's config (see ``config``).
+_INIT_ONLY_KWARGS = ("generator", "device", "dtype")
+
+
 def _as_tuple(name: str, value: int | tuple[int, ...], spatial_dims: int, minimum: int) -> tuple[int, ...]:
     values = (value,) * spatial_dims if isinstance(value, int) and not isinstance(value, bool) else value
+    values = tuple(values) if isinstance(values, list) else values  # lists come back from a JSON config
     if (not isinstance(values, tuple) or len(values) != spatial_dims
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)):
         raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {spatial_dims} such ints, got {value!r}")
@@ -55,6 +60,8 @@ class _SpectralConvNd(nn.Module):
         self.activation = activation
         self._activation_fn = resolve_activation(activation)
         self.linear = linear
+        self._bias = bias
+        self._linear_kwargs = {k: v for k, v in (linear_kwargs or {}).items() if k not in _INIT_ONLY_KWARGS}
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
         fan_in = math.prod(self.kernel_size)
         weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
@@ -81,6 +88,17 @@ class _SpectralConvNd(nn.Module):
         y = self.channel_mix(spatial.movedim(1, -1))  # (N, *spatial_out, C_out)
         return y if self._activation_fn is None else self._activation_fn(y)
 
+    def config(self) -> dict[str, object]:
+        """The constructor's arguments as plain data: ``type(self)(**config())`` rebuilds the layer's shapes.
+
+        ``generator`` (and ``device`` / ``dtype`` in ``linear_kwargs``) only say how to initialise; the saved
+        tensors carry the values and dtypes.
+        """
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "bias": self._bias, "activation": self.activation,
+                "linear": self.linear, "linear_kwargs": dict(self._linear_kwargs)}
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, linear={self.linear!r}, "
@@ -92,7 +110,8 @@ class Conv2dSpectral(_SpectralConvNd):
 
     Args:
         in_channels, out_channels: channel counts (``out_channels`` defaults to ``in_channels``).
-        kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair), for the depthwise part.
+        kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair; a list is taken as a tuple),
+            for the depthwise part.
         bias: bias of the channel mix. activation: ``None`` or a name ("relu", "gelu", ...), applied last.
         linear: registry kind of the channel mix ("wht", "deep_wht", "dense", ...); ``linear_kwargs`` go to it.
         generator: source of the depthwise weights and of the spectral mix's permutations and scales.
