@@ -171,3 +171,58 @@ def test_hutchinson_without_double_backward_raises_clear_error():
     model().backward()
     with pytest.raises(RuntimeError, match="double backward"):
         opt.step(lambda: model())
+
+
+class AppliedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.norm, self.out = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.inner(x)))
+        return self.out(self.norm(torch.tanh(self.inner(h))))  # inner and norm run twice
+
+
+class SharedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("kind", ["applied_twice", "shared_weight"])
+def test_reused_parameters_get_exact_per_sample_sums(kind):
+    """Per-sample gradients of every call / owner are summed before squaring: oracle, a loop over samples."""
+    torch.manual_seed(0)
+    model = AppliedTwice() if kind == "applied_twice" else SharedWeight()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    params = [p for p in model.parameters()]
+    per_sample = brute_force_per_sample_grads(model, cross_entropy, x, y, params)
+    opt = DiagonalNewton(model, betas=(0.0, 0.0))
+    train_step(model, opt, cross_entropy, x, y)
+    for p, grads in zip(params, per_sample):
+        torch.testing.assert_close(opt.state[p]["curvature"], 6 * (grads**2).sum(0))
+
+
+def test_weight_shared_with_a_module_without_per_sample_grads_gets_batch_estimate():
+    """A tied embedding / output head: the Embedding has no per-sample gradients, so the weight gets B g^2."""
+    torch.manual_seed(0)
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 5), nn.Linear(5, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.emb(tokens)))
+
+    model = TiedLM()
+    x, y = torch.randint(0, 7, (4,)), torch.randint(0, 7, (4,))
+    grad = torch.autograd.grad(cross_entropy(model(x), y), model.emb.weight)[0]
+    opt = DiagonalNewton(model, betas=(0.0, 0.0))
+    train_step(model, opt, cross_entropy, x, y)
+    torch.testing.assert_close(opt.state[model.emb.weight]["curvature"], 4 * grad**2)

@@ -438,3 +438,52 @@ def test_low_rank_state_loads_with_weights_only(tmp_path):
 def test_bad_factor_rank_names_the_argument(kwargs):
     with pytest.raises(ValueError, match="factor_rank"):
         KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
+
+
+class TiedLM(nn.Module):
+    """GPT-2-style tied embedding and output head, plus an untied Linear that keeps its block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(7, 5), nn.Linear(5, 5), nn.Linear(5, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+class TwoLinearsOneWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("kind", ["tied_lm", "two_linears"])
+def test_shared_weights_are_left_to_the_base_optimizer(kind, caplog):
+    """A weight owned by two modules gets no factors (never mixed, never a crash): its step is plain SGD."""
+    torch.manual_seed(0)
+    if kind == "tied_lm":
+        model, shared, owners = TiedLM(), None, ("emb", "head")
+        x, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 7, (4, 3))
+        loss_fn = lambda out, t: F.cross_entropy(out.reshape(-1, 7), t.reshape(-1))  # noqa: E731
+        shared = model.emb.weight
+    else:
+        model, owners = TwoLinearsOneWeight(), ("a", "b")
+        x, y = torch.randn(6, 4), torch.randn(6, 4)
+        loss_fn, shared = mse, model.a.weight
+    with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+        opt = plain_kfac(model)
+    assert not {b.name for b in opt.blocks} & set(owners)
+    message = next(r.getMessage() for r in caplog.records if "no curvature factors" in r.getMessage())
+    assert all(message.count(f"{name} (") == 1 for name in owners)
+    before = shared.detach().clone()
+    grad = torch.autograd.grad(loss_fn(model(x), y), shared)[0]
+    train_step(model, opt, loss_fn, x, y)
+    torch.testing.assert_close(shared.detach(), before - grad)
+    assert "A" not in opt.state[shared] and "A_diag" not in opt.state[shared]
+    if kind == "tied_lm":
+        assert "mix" in {b.name for b in opt.blocks} and "A" in opt.state[model.mix.weight]

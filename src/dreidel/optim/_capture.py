@@ -125,11 +125,63 @@ def per_sample_grads(module: nn.Module, record: LayerRecord) -> dict[nn.Paramete
     raise TypeError(f"module: no per-sample gradients for {type(module).__name__}")
 
 
-def squared_grad_sums(module: nn.Module, records: list[LayerRecord]) -> dict[nn.Parameter, torch.Tensor]:
-    """``sum_i (per-sample grad_i)^2`` per parameter, summed over all recorded calls of ``module``.
+def parameter_owners(model: nn.Module, units: list[nn.Module]) -> dict[nn.Parameter, list[nn.Module]]:
+    """Each parameter of ``model`` -> the distinct modules that own it: a module in ``units`` owns every
+    parameter of its sub-tree, any other module the parameters it registers itself. A parameter with
+    more than one owner is shared (a tied embedding and output head, two layers with one weight)."""
+    unit_ids = {id(m) for m in units}
+    owners: dict[nn.Parameter, list[nn.Module]] = {}
+    visited: set[int] = set()
 
-    For a 2-D ``nn.Linear`` input this uses ``(g^2)^T (a^2)`` and never forms per-sample tensors.
+    def add(module: nn.Module, params) -> None:
+        for p in params:
+            listed = owners.setdefault(p, [])
+            if not any(m is module for m in listed):
+                listed.append(module)
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in visited:  # a module reused at two places of the tree is one owner
+            return
+        visited.add(id(module))
+        if id(module) in unit_ids:
+            add(module, module.parameters())
+            return
+        add(module, module.parameters(recurse=False))
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return owners
+
+
+def _batch_size(record: LayerRecord) -> int:
+    return record.grad_output.shape[0]
+
+
+def summed_per_sample_grads(calls: list[tuple[nn.Module, LayerRecord]]) -> dict[nn.Parameter, torch.Tensor] | None:
+    """Per-sample gradients ``(B, *p.shape)`` summed over several calls (a module applied twice per
+    forward, or modules sharing a weight); None when the calls do not see the same batch size."""
+    if len({_batch_size(record) for _, record in calls}) > 1:
+        return None
+    sums: dict[nn.Parameter, torch.Tensor] = {}
+    for module, record in calls:
+        for p, psg in per_sample_grads(module, record).items():
+            sums[p] = sums[p] + psg if p in sums else psg
+    return sums
+
+
+def squared_grad_sums(module: nn.Module, records: list[LayerRecord]) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_i (per-sample grad_i)^2`` per parameter, the per-sample gradient of sample i summed over
+    all recorded calls of ``module`` before squaring (exact for a module applied several times).
+
+    For one call with a 2-D ``nn.Linear`` input this uses ``(g^2)^T (a^2)`` and never forms per-sample
+    tensors. Calls with different batch sizes cannot be matched sample by sample: their squares are
+    summed per call instead.
     """
+    if len(records) > 1:
+        summed = summed_per_sample_grads([(module, record) for record in records])
+        if summed is not None:
+            return {p: (psg * psg).sum(0) for p, psg in summed.items()}
     sums: dict[nn.Parameter, torch.Tensor] = {}
     for record in records:
         if isinstance(module, nn.Linear) and record.inputs[0].dim() == 2:

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import Closure, CurvatureOptimizer, named_trainable_parameters
-from dreidel.optim._capture import ActivationCapture, per_sample_modules, squared_grad_sums
+from dreidel.optim._capture import (
+    ActivationCapture,
+    parameter_owners,
+    per_sample_modules,
+    squared_grad_sums,
+    summed_per_sample_grads,
+)
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 CURVATURES = ("gauss_newton", "gnb", "hutchinson")
@@ -58,6 +64,9 @@ class DiagonalNewton(CurvatureOptimizer):
               ``"empirical"`` it is the empirical Fisher diagonal (true-label gradients, exactly
               computed); with ``"categorical"``/``"gaussian"`` it is a one-draw Monte-Carlo estimate
               of the Gauss-Newton (= Fisher) diagonal (one sampled label per example and refresh).
+              A module applied several times per forward, or a weight shared by several such
+              modules, has its per-sample gradients summed over the calls before squaring; a weight
+              shared with a module without per-sample gradients (a tied embedding) gets ``B * g^2``.
             - ``"gnb"``: Gauss-Newton-Bartlett (Sophia-G) for every parameter: ``g_hat^2``.
             - ``"hutchinson"``: ``z * (H z)`` with a Rademacher ``z`` (AdaHessian, Yao et al. 2020,
               arXiv:2006.00719; Sophia-H); the true Hessian, which may be negative (hence ``eps``).
@@ -118,7 +127,18 @@ class DiagonalNewton(CurvatureOptimizer):
         if self.model is not None:
             modules = per_sample_modules(self.model) if curvature == "gauss_newton" else []
             self.capture = ActivationCapture(self.model, modules)
+            self._shared = self._shared_parameters(modules)
             self._arm_capture()
+
+    def _shared_parameters(self, modules: list[nn.Module]) -> dict[nn.Parameter, list[nn.Module] | None]:
+        """Parameters owned by several modules: -> their per-sample owners (their per-sample gradients are
+        summed before squaring), or None when an owner has no per-sample gradients (``B * g^2`` then)."""
+        module_ids = {id(m) for m in modules}
+        shared = {}
+        for p, owners in parameter_owners(self.model, modules).items():
+            if len(owners) > 1:
+                shared[p] = owners if all(id(m) in module_ids for m in owners) else None
+        return shared
 
     # -- bookkeeping ------------------------------------------------------------------------------
     @property
@@ -208,8 +228,14 @@ class DiagonalNewton(CurvatureOptimizer):
         estimates = dict(fallback)
         for module in capture.modules:
             for p, value in squared_grad_sums(module, capture.complete_records(module)).items():
-                if p in estimates:
+                if p in estimates and p not in self._shared:
                     estimates[p] = batch * value
+        for p, owners in self._shared.items():
+            if owners is None or p not in estimates:
+                continue
+            summed = summed_per_sample_grads([(m, r) for m in owners for r in capture.complete_records(m)])
+            if summed is not None and p in summed:
+                estimates[p] = batch * (summed[p] * summed[p]).sum(0)
         return estimates
 
     # -- the step ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import Closure, CurvatureOptimizer, named_trainable_parameters
-from dreidel.optim._capture import ActivationCapture
+from dreidel.optim._capture import ActivationCapture, parameter_owners
 from dreidel.optim._kfac_blocks import Block, block_for
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
@@ -42,7 +42,13 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    return blocks, unsupported
+    # A parameter owned by two blocks, or by a block and another module (a tied embedding / output
+    # head), would get two conflicting factor sets in one state slot: left to the base optimizer.
+    owners = parameter_owners(model, [b.module for b in blocks])
+    shared = [b for b in blocks if any(len(owners[p]) > 1 for p in b.params)]
+    for block in shared:
+        unsupported.append(f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)")
+    return [b for b in blocks if b not in shared], unsupported
 
 
 class KFAC(CurvatureOptimizer):
@@ -69,7 +75,8 @@ class KFAC(CurvatureOptimizer):
     Args:
         model: the module; its Linear/Conv1d/Conv2d (Kronecker factors), Embedding (diagonal A),
             LayerNorm and ``PerSampleGradients`` layers (exact diagonal Fisher) are preconditioned.
-            Other parameters are left to the base optimizer (listed once at INFO level).
+            Other parameters, and those shared by two modules (a tied embedding and output head), are
+            left to the base optimizer (listed once at INFO level).
         lr, momentum, weight_decay: of the default base optimizer, SGD with momentum.
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
             the mean loss's curvature. M&G 2015 start high (150 for a per-case loss summed over the
