@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import dreidel.api as api
 from dreidel.data import as_dataloader, load_digits
@@ -209,6 +210,43 @@ def test_wrong_feature_count_after_first_batch(trained_spectral, digits):
         model.fit(torch.zeros(8, 65), torch.zeros(8, dtype=torch.long), verbose=0)
     with pytest.raises(ValueError, match=r"do not fit the model's layers"):
         _small_model("dense").predict(torch.zeros(4, 63))
+
+
+def _flatten_pairs(samples):
+    """A collate_fn that changes the shape: (4, 4) images become 16 features."""
+    return torch.stack([x for x, _ in samples]).flatten(1), torch.stack([y for _, y in samples])
+
+
+def test_lazy_layers_are_built_from_the_collated_batch(digits):
+    """The input shape is what the loader's collate_fn yields, not the dataset's raw samples."""
+    torch.manual_seed(6)
+    images = torch.rand(32, 4, 4)
+    labels = torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, collate_fn=_flatten_pairs)
+    model = api.Sequential(LinearWHT(8), nn.Linear(8, 2)).compile("adam")
+    model.fit(loader, verbose=0)
+    assert model.input_shape == (16,) and model[0].in_features == 16
+    with pytest.raises(ValueError, match=r"expected samples of shape \(16,\) \(the shape the model was built for\)"):
+        model.predict(images)
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"x": torch.zeros(4, 3), "y": torch.zeros(4, dtype=torch.long)}, r"a dict with keys \['x', 'y'\]"),
+        ((torch.zeros(4, 3), torch.zeros(4), torch.ones(4)), r"a (tuple|list) of 3 \(Tensor, Tensor, Tensor\)"),
+        (([1.0, 2.0], torch.zeros(2)), r"a (tuple|list) of 2 \(list, Tensor\)"),
+    ],
+    ids=["dict", "triple", "list-inside"],
+)
+def test_unsupported_batch_structures_name_what_fit_accepts(batch, message):
+    loader = DataLoader([batch], batch_size=None)
+    for lazy in (True, False):
+        model = api.Sequential(nn.LazyLinear(2) if lazy else nn.Linear(3, 2)).compile("sgd")
+        with pytest.raises(TypeError, match=message + r".*a tensor x, or a tuple/list \(x, y\) or \(x,\) of tensors"):
+            model.fit(loader, verbose=0)
+    with pytest.raises(TypeError, match=message):
+        api.Sequential(nn.Linear(3, 2)).predict(loader)
 
 
 @pytest.mark.parametrize("bad_label", [10, -1])

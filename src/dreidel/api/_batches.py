@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dreidel.api.losses import CrossEntropy, KLDivergence, MeanSquaredError
 
-__all__ = ["BatchSource", "as_tensor", "check_targets", "make_source"]
+__all__ = ["BatchSource", "as_tensor", "check_targets", "make_source", "split_batch"]
 
 
 def as_tensor(value, name: str) -> torch.Tensor:
@@ -25,6 +25,23 @@ def as_tensor(value, name: str) -> torch.Tensor:
             return tensor.float()
         return tensor.long() if tensor.dtype != torch.bool else tensor
     raise TypeError(f"{name} must be a torch.Tensor, a numpy array or (for x) a DataLoader, got {type(value).__name__}")
+
+
+def split_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A DataLoader batch as ``(x, y)``: a tensor ``x``, or a tuple/list ``(x,)`` or ``(x, y)`` of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    if isinstance(batch, dict):
+        got = f"a dict with keys {sorted(map(str, batch))}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)} ({', '.join(type(t).__name__ for t in batch)})"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise TypeError(f"x: the DataLoader yielded {got} as {where}; fit, evaluate and predict take batches that are "
+                    "a tensor x, or a tuple/list (x, y) or (x,) of tensors (map other structures to (x, y) in the "
+                    "dataset or a collate_fn)")
 
 
 @dataclass
@@ -43,22 +60,23 @@ class BatchSource:
         return len(self.loader.dataset) if isinstance(self.loader.dataset, Sized) else None
 
     def first_input(self) -> torch.Tensor:
-        """One input batch ``(b, ...)`` to build lazy layers from, without advancing a loader's shuffling RNG."""
+        """The first input batch ``(b, ...)`` as the model will see it (through the loader's ``collate_fn``),
+        to build lazy layers from, without advancing a loader's shuffling RNG."""
         if self.loader is None:
             return self.x[:1]
-        dataset = self.loader.dataset
-        if isinstance(dataset, IterableDataset):
+        loader, dataset = self.loader, self.loader.dataset
+        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized) or len(dataset) == 0:
             return next(self.batches(False, None))[0]
-        sample = dataset[0]
-        return (sample[0] if isinstance(sample, (tuple, list)) else sample).unsqueeze(0)
+        if loader.batch_size is None:  # automatic batching off: the collate_fn sees one sample at a time
+            batch = loader.collate_fn(dataset[0])
+        else:  # the first batch of the unshuffled order, collated as the loader collates every batch
+            batch = loader.collate_fn([dataset[i] for i in range(min(loader.batch_size, len(dataset)))])
+        return split_batch(batch, "the first batch")[0]
 
     def batches(self, shuffle: bool, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         if self.loader is not None:
-            for batch in self.loader:
-                if isinstance(batch, (tuple, list)):
-                    yield batch[0], (batch[1] if len(batch) > 1 else None)
-                else:
-                    yield batch, None
+            for index, batch in enumerate(self.loader):
+                yield split_batch(batch, f"batch {index + 1}")
             return
         n = self.x.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None

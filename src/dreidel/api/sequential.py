@@ -104,7 +104,7 @@ class Sequential(nn.Sequential):
         if self.input_shape is None:
             self.build(tuple(x.shape[1:]))
         elif tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"x: expected samples of shape {self.input_shape} (fixed by the first batch), "
+            raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
 
     # -------------------------------------------------------------------------------- compiling
