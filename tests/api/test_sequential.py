@@ -212,6 +212,20 @@ def test_wrong_feature_count_after_first_batch(trained_spectral, digits):
         _small_model("dense").predict(torch.zeros(4, 63))
 
 
+def test_dry_runs_use_the_models_device_and_dtype():
+    """build / predict / summary / fit run their first forward pass where the parameters are (here: meta)."""
+    meta = api.Sequential(LinearWHT(16, 8), nn.ReLU(), nn.LazyLinear(2, device="meta")).to("meta")
+    assert meta.predict(torch.zeros(3, 16, device="meta")).shape == (3, 2)
+    assert meta[2].weight.shape == (2, 8) and meta[2].weight.device.type == "meta"
+    assert "(2,)" in api.Sequential(nn.Linear(16, 2)).to("meta").summary((16,))
+    unfit = api.Sequential(nn.Linear(16, 8), nn.LazyLinear(2, device="meta")).to("meta").compile("sgd", "mse")
+    with pytest.raises(RuntimeError, match="item"):  # training on meta stops at loss.item(), after the dry run
+        unfit.fit(torch.zeros(4, 16, device="meta"), torch.zeros(4, 2, device="meta"), verbose=0)
+    assert unfit.input_shape == (16,) and unfit[1].weight.shape == (2, 8)
+    wide = api.Sequential(nn.Linear(16, 4, dtype=torch.float64), nn.LazyLinear(2, dtype=torch.float64))
+    assert "(2,)" in wide.summary((16,)) and wide[1].weight.dtype == torch.float64
+
+
 def _flatten_pairs(samples):
     """A collate_fn that changes the shape: (4, 4) images become 16 features."""
     return torch.stack([x for x, _ in samples]).flatten(1), torch.stack([y for _, y in samples])

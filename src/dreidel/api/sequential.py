@@ -85,20 +85,31 @@ class Sequential(nn.Sequential):
                              f"got {input_shape}")
         if len(self) == 0:
             raise ValueError("the model has no layers: add some before building it")
-        if dtype is None:
-            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point() and not nn.parameter.is_lazy(p)),
-                         torch.get_default_dtype())
+        device, model_dtype = self._device_and_dtype()
+        dtype = model_dtype if dtype is None else dtype
         was_training = self.training
         self.eval()  # the dry run (which also materialises lazy layers) must not move BatchNorm statistics
         try:
             with torch.no_grad():
-                self(torch.zeros((2, *input_shape), dtype=dtype))
+                self(torch.zeros((2, *input_shape), dtype=dtype, device=device))
         except (RuntimeError, ValueError) as error:
             raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
         finally:
             self.train(was_training)
         self.input_shape = input_shape
         return self
+
+    def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the parameters live and their floating dtype (a materialised parameter's first), for dry runs.
+
+        A model without parameters or buffers answers the CPU and torch's default dtype.
+        """
+        tensors = [*self.parameters(), *self.buffers()]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        floating = [t for t in tensors if t.is_floating_point()]
+        materialised = [t for t in floating if not nn.parameter.is_lazy(t)]
+        dtype = (materialised or floating)[0].dtype if floating else torch.get_default_dtype()
+        return device, dtype
 
     def _check_input(self, x: torch.Tensor, where: str) -> None:
         if self.input_shape is None:
@@ -260,8 +271,8 @@ class Sequential(nn.Sequential):
             self.build(input_shape)
         if self.input_shape is None:
             raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
-        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
-        rows = summarize(self, self.input_shape, dtype)
+        device, dtype = self._device_and_dtype()
+        rows = summarize(self, self.input_shape, dtype, device)
         total_params = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         known_flops = sum(r.flops for r in rows if r.flops is not None)

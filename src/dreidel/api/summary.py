@@ -82,8 +82,10 @@ class LayerRow:
     flops: int | None
 
 
-def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> list[LayerRow]:
-    """Run one zero sample ``(1, *input_shape)`` through ``model``'s children and record each layer."""
+def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> list[LayerRow]:
+    """Run one zero sample ``(1, *input_shape)`` of ``dtype`` on ``device`` through ``model``'s children and
+    record each layer."""
     records: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     handles = []
     for name, child in model.named_children():
@@ -94,7 +96,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), dtype=dtype))
+            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
     finally:
         model.train(was_training)
         for handle in handles:
