@@ -34,6 +34,15 @@ def test_every_kind_supports_lazy_in_features(kind):
     assert num_parameters(layer) > 0
 
 
+def test_a_generator_leaves_the_global_rng_alone():
+    for kind in ("dense", "wht", "deep_wht"):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        build_linear(kind, 50, 40, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(torch.rand(3), expected), kind
+
+
 def test_generator_makes_every_kind_reproducible():
     for kind in linear_kinds():
         a, b = (build_linear(kind, 50, 40, generator=torch.Generator().manual_seed(3)) for _ in range(2))

@@ -128,6 +128,60 @@ def test_torch_func_transforms_match_eager_autograd(widths, depth):
     torch.testing.assert_close(torch.func.jacrev(layer)(x[0]), jacobian, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_jit_trace_without_autograd_records_the_layer(depth):
+    """Traced for inference (no_grad): the tracer cannot see a raw kernel call, so the layer must take its ops."""
+    layer = make_layer(40, 70, depth, activation="gelu").eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (torch.randn(4, 40),), check_trace=False)
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_permutation_in_use_is_the_one_in_the_state(depth):
+    a, b = (make_layer(24, 40, depth, seed=seed, dtype=torch.float64) for seed in (1, 2))
+    randomize_bias(b)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    # functional_call with another layer's state dict (which carries the permutation, not derived indices)
+    torch.testing.assert_close(torch.func.functional_call(a, b.state_dict(), (x,)), b(x))
+    torch.testing.assert_close(a(x), x @ spectral_matrix(a).T + a.bias)  # a is itself again afterwards
+    with torch.no_grad():  # edited in place: the forward and dense_matrix follow
+        for name, tensor in b.state_dict().items():
+            getattr(a, name).copy_(tensor)
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.dense_matrix(), b.dense_matrix())
+
+
+def test_inputs_of_another_dtype_or_device_are_refused_like_nn_linear():
+    layer = LinearWHT(16, 8)
+    with pytest.raises(TypeError, match="input dtype torch.uint8 does not match the layer's torch.float32"):
+        layer(torch.ones(2, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="input dtype torch.float64"):
+        layer(torch.ones(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input on meta"):
+        layer(torch.ones(2, 16, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose
+        y = layer(torch.ones(2, 16, dtype=torch.bfloat16))
+    torch.testing.assert_close(y, layer(torch.ones(2, 16)), rtol=2e-2, atol=2e-2)  # partly in bfloat16
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lazy_layers_can_be_copied_and_pickled_before_their_first_forward(depth):
+    import copy
+    import pickle
+
+    lazy = make_layer(None, 8, depth)
+    for clone in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
+        assert clone.in_features is None and clone.permutation.dtype == torch.int64
+        x = torch.randn(2, 12)
+        y = clone(x)
+        assert y.shape == (2, 8) and clone.in_features == 12
+        torch.testing.assert_close(y, x @ spectral_matrix(clone).T.float() + clone.bias)
+
+
 def test_per_sample_grads_rejects_mismatched_shapes():
     layer = make_layer(10, 6, 1)
     with pytest.raises(ValueError, match="grad_output must have shape"):

@@ -287,12 +287,13 @@ def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
     (``None`` entries, e.g. an absent bias, are skipped; the first must be a tensor).
 
     Then the native kernels may be called directly (``fwht_into``, the fused spectral layers) instead of
-    through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``)
-    and other devices or dtypes keep the registered ops and the reference paths; inside ``torch.func``
+    through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``,
+    ``torch.jit.trace``, which would not see a raw kernel call) and other devices or dtypes keep the
+    registered ops and the reference paths; inside ``torch.func``
     transforms (whose wrapper tensors have no memory of their own) this is False too.
     """
     dtype = tensors[0].dtype
-    if _is_compiling() or dtype not in _NATIVE_DTYPES or in_functorch_transform():
+    if _is_compiling() or _is_tracing() or dtype not in _NATIVE_DTYPES or in_functorch_transform():
         return False
     for t in tensors:  # is_cpu: no device object per call
         if t is not None and not (t.is_cpu and t.dtype == dtype):

@@ -68,13 +68,17 @@ def _dense(in_features: int | None, out_features: int, bias: bool = True,
         if generator is not None:
             raise ValueError("generator= is not supported for a lazy dense layer (in_features=None)")
         return nn.LazyLinear(out_features, bias=bias, **kwargs)
-    layer = nn.Linear(in_features, out_features, bias=bias, **kwargs)
-    if generator is not None:  # the same distributions as nn.Linear.reset_parameters, from the given generator
-        bound = 1.0 / math.sqrt(in_features)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-            if layer.bias is not None:
-                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    if generator is None:
+        return nn.Linear(in_features, out_features, bias=bias, **kwargs)
+    # Built on the meta device, so that nn.Linear's own initialisation does not draw from the global RNG; then
+    # the same distributions as nn.Linear.reset_parameters, from the given generator.
+    device = kwargs.pop("device", None) or torch.get_default_device()
+    layer = nn.Linear(in_features, out_features, bias=bias, device="meta", **kwargs).to_empty(device=device)
+    bound = 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        if layer.bias is not None:
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
     return layer
 
 

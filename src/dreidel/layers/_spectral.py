@@ -58,7 +58,24 @@ from dreidel.layers._spectral_grads import (
 
 __all__ = ["DeepSpectralLinear", "LinearWHT", "SPECTRAL_INITS", "transform_length"]
 
+_is_compiling = torch.compiler.is_compiling  # bound once: layout() runs on every forward
+_is_autocast_enabled = torch.is_autocast_enabled
+
 SPECTRAL_INITS = ("variance_preserving", "random_sign")
+
+
+class _UninitializedIndexBuffer(UninitializedBuffer):
+    """A lazy layer's ``permutation`` before its width is known. torch's ``UninitializedBuffer`` cannot be
+    deep-copied and comes back from pickle as float32 (``UninitializedParameter`` has both right); this
+    keeps its device and dtype through both, so a lazy layer can be copied before its first forward."""
+
+    def __deepcopy__(self, memo: dict) -> "_UninitializedIndexBuffer":
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(device=self.data.device, dtype=self.data.dtype)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        return type(self), (False, self.data.device, self.data.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +145,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         self.register_parameter("inner_scale", UninitializedParameter(**factory) if depth > 1 else None)
         self.out_scale = UninitializedParameter(**factory)
         self.register_parameter("bias", UninitializedParameter(**factory) if bias else None)
-        self.register_buffer("permutation", UninitializedBuffer(device=device, dtype=torch.long))
+        self.register_buffer("permutation", _UninitializedIndexBuffer(device=device, dtype=torch.long))
         self.register_load_state_dict_post_hook(_after_load)
         if in_features is not None:
             self._materialize(in_features)
@@ -231,6 +248,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                             ("_input_scatter", input_scatter)):
             # int32 halves the index memory (index_select takes int32 or int64 indices)
             self.register_buffer(name, value.to(torch.int32).contiguous(), persistent=False)
+        # What the indices were built from (see layout): the permutation tensor, its version (inference tensors
+        # have none), and our index.
+        version = None if perm.is_inference() else perm._version
+        self._index_source = (perm, version, self._buffers["_flat_perm"])
 
     # -------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -241,10 +262,31 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: expected {self.in_features} input features in the last dimension, got {got}"
             )
+        weight = self.in_scale
+        if x.dtype != weight.dtype and not (x.is_floating_point() and _is_autocast_enabled(x.device.type)):
+            # As nn.Linear: no silent promotion (a float64 input would give a float64 output) or integer input.
+            raise TypeError(
+                f"{type(self).__name__}: input dtype {x.dtype} does not match the layer's {weight.dtype} "
+                f"parameters; convert one of them (x.to({weight.dtype}) or layer.to(...))"
+            )
+        if x.device != weight.device:
+            raise ValueError(
+                f"{type(self).__name__}: input on {x.device}, the layer's parameters on {weight.device}"
+            )
 
     def layout(self) -> SpectralLayout:
-        """The index tensors and sizes that the functional forward/backward need."""
+        """The index tensors and sizes that the functional forward/backward need.
+
+        They are derived from ``permutation`` and rebuilt when it was replaced (``functional_call`` with
+        another layer's state dict) or edited in place since they were built; indices supplied together
+        with it (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given.
+        """
         buffers = self._buffers  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
+        source = self._index_source
+        if buffers["_flat_perm"] is source[2] and not _is_compiling():
+            permutation = buffers["permutation"]
+            if permutation is not source[0] or (source[1] is not None and permutation._version != source[1]):
+                self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],
                               buffers["_flat_inverse"], buffers["_input_scatter"], self._transform_length,
                               self._num_blocks, self.out_features)
@@ -272,7 +314,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             return (spectral * self.out_scale.double()).T.contiguous()
 
     def num_parameters(self) -> int:
-        """Trainable parameter count (``O(N)``: the scales and the bias)."""
+        """Parameter count, frozen ones included (``O(N)``: the scales and the bias)."""
         return sum(p.numel() for p in self.parameters() if not isinstance(p, UninitializedParameter))
 
     def extra_repr(self) -> str:
