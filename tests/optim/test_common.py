@@ -152,3 +152,67 @@ def test_non_finite_gradient_skips_the_step(name, caplog):
         train_step(model, opt, bad_loss, x, y)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert any("non-finite gradient" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_step_returns_the_loss_whenever_it_evaluated_the_closure(name):
+    model = make_model()
+    opt = CONFIGS[name](model)
+    for x, y in batches(6):
+        losses = []
+
+        def closure():
+            losses.append(F.cross_entropy(model(x), y))
+            return losses[-1]
+
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        returned = opt.step(closure)
+        if losses:
+            assert returned is not None and torch.equal(returned, losses[0].detach())
+        else:
+            assert returned is None
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lbfgs_style_closure_without_backward_raises(name):
+    """torch's LBFGS convention (zero_grad + backward inside the closure, none before step) is refused."""
+    model = make_model()
+    opt = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="backward before step"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_internal_closure_calls_leave_batchnorm_statistics_alone(name):
+    """Only the training step's own forward counts: running stats as after exactly one forward per step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    reference = copy.deepcopy(model[1])
+    opt = CONFIGS[name](model)
+    calls = []
+    for x, y in batches(4):
+        h = model[0](x).detach()
+        reference(h)  # the oracle: one BatchNorm update per step, with the pre-step weights
+
+        def closure():
+            calls.append(1)
+            return F.cross_entropy(model(x), y)
+
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(closure)
+    assert calls or name == "dn_empirical"  # the others evaluate the closure at least once
+    for (key, value), ours in zip(reference.named_buffers(), model[1].buffers()):
+        torch.testing.assert_close(ours, value, msg=key)

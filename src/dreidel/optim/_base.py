@@ -10,6 +10,32 @@ from torch import nn
 Closure = Callable[[], torch.Tensor]
 
 
+class RecordingClosure:
+    """The user's closure as the optimizer calls it: each call's loss is kept (``step`` returns the first),
+    and ``restore()`` puts the running statistics of ``model`` (BatchNorm's running_mean/var and
+    num_batches_tracked, any ``running_*`` buffer) back as they were before the first call, so that the
+    optimizer's re-evaluations of the loss do not count as more training batches. Restoring waits for
+    the end of the step: the batch-norm backward of a sampled-label pass still needs those buffers."""
+
+    def __init__(self, closure: Closure, model: nn.Module | None) -> None:
+        self.closure, self.model = closure, model
+        self.losses: list[torch.Tensor] = []
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._saved is None:
+            buffers = running_statistics(self.model) if self.model is not None else []
+            self._saved = [(b, b.detach().clone()) for b in buffers]
+        loss = self.closure()
+        self.losses.append(loss.detach())
+        return loss
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in self._saved or []:
+                buffer.copy_(saved)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class of optimizers that may re-evaluate the loss on curvature-refresh steps.
 
@@ -25,7 +51,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     steps that need it (a Hutchinson Hessian-vector product, a sampled-label Fisher backward, a
     Levenberg-Marquardt damping check), so on most steps it costs nothing. Subclasses say in
     ``closure_required(step)`` whether the coming step will call it; a step that needs a closure and
-    got none raises ``ValueError``. ``zero_grad()`` also drops the layer inputs recorded by forward
+    got none raises ``ValueError``; so does a step with a closure but no gradient at all (torch's
+    LBFGS convention of calling ``backward`` inside the closure). ``step`` returns the loss of its
+    first closure evaluation, or None when it made none. The optimizer's own closure calls leave
+    the model's running statistics (BatchNorm) as the training step's forward left them.
+    ``zero_grad()`` also drops the layer inputs recorded by forward
     passes since the previous step (e.g. a validation pass run with grad enabled).
 
     The loss is assumed to be a mean over the batch (``reduction="mean"``), which fixes the scale
@@ -62,6 +92,38 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def closure_required(self, step: int) -> bool:
         """Whether step number ``step`` (0-based) calls the closure. Subclasses override."""
         return False
+
+    @staticmethod
+    def _check_gradients(params_with_grad: list, param_groups: list, closure: Closure | None) -> None:
+        """A closure but no gradient at all: the caller followed torch's LBFGS convention (backward inside
+        the closure, no backward before ``step``), which would silently do nothing."""
+        if params_with_grad or closure is None:
+            return
+        if any(p.requires_grad for group in param_groups for p in group["params"]):
+            raise ValueError(
+                "step: no parameter has a gradient, but a closure was given. The contract is "
+                "optimizer.zero_grad(); loss.backward(); optimizer.step(closure): call backward before step; "
+                "closure() only re-evaluates and returns the loss on the same batch, without calling "
+                "zero_grad() or backward() itself (not torch's LBFGS-style closure)"
+            )
+
+    def _model_or_none(self) -> nn.Module | None:
+        """The model whose running statistics the optimizer's own closure calls must not change."""
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor | None:
+        """One optimization step; returns the loss of the first closure evaluation it made, else None."""
+        recorder = RecordingClosure(closure, self._model_or_none()) if closure is not None else None
+        try:
+            self._step(recorder)
+        finally:
+            if recorder is not None:
+                recorder.restore()
+        return recorder.losses[0] if recorder is not None and recorder.losses else None
+
+    def _step(self, closure: Closure | None) -> None:
+        raise NotImplementedError
 
     @staticmethod
     def _check_closure(closure: Closure | None, why: str) -> Closure:
@@ -115,3 +177,12 @@ def named_trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Par
         names.append(name)
         params.append(p)
     return names, params
+
+
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Buffers that a forward pass in training mode updates: ``running_*`` and ``num_batches_tracked``."""
+    return [
+        buffer
+        for name, buffer in model.named_buffers()
+        if name.rsplit(".", 1)[-1].startswith("running_") or name.endswith("num_batches_tracked")
+    ]

@@ -180,8 +180,10 @@ class DiagonalNewton(CurvatureOptimizer):
             return self._rademacher_hessian_products(closure, params)
         except RuntimeError as error:
             raise RuntimeError(
-                "curvature='hutchinson' needs a double backward (Hessian-vector product) through every layer, "
-                "and one of the model's layers does not support it; use curvature='gauss_newton' or 'gnb'"
+                "curvature='hutchinson' needs a double backward (Hessian-vector product) through every layer: "
+                "closure() must return the loss without calling backward() or zero_grad() itself (the "
+                "step's own backward comes before step(closure)), and every layer must support double "
+                "backward; otherwise use curvature='gauss_newton' or 'gnb'"
             ) from error
 
     def _rademacher_hessian_products(self, closure: Closure, params: list[torch.Tensor]) -> dict:
@@ -239,10 +241,13 @@ class DiagonalNewton(CurvatureOptimizer):
         return estimates
 
     # -- the step ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor | None:
+    def _model_or_none(self) -> nn.Module | None:
+        return self.model
+
+    def _step(self, closure: Closure | None) -> None:
         step = self.steps_taken
         params = self._params_with_grad()
+        self._check_gradients(params, self.param_groups, closure)
         refresh = step % self.curvature_every == 0
         if self.closure_required(step):
             self._check_closure(closure, f"curvature={self.curvature!r}, likelihood={self.likelihood!r}")
@@ -250,7 +255,7 @@ class DiagonalNewton(CurvatureOptimizer):
             logger.warning("DiagonalNewton: non-finite gradient at step %d; step skipped", step)
             if self.capture is not None:
                 self.capture.clear()
-            return None
+            return
         estimates: dict = {}
         if refresh and params:
             if self.curvature == "hutchinson":
@@ -284,4 +289,3 @@ class DiagonalNewton(CurvatureOptimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(newton, alpha=-group["lr"])
         self._arm_capture()
-        return None

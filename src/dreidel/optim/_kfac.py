@@ -288,16 +288,19 @@ class KFAC(CurvatureOptimizer):
     def _set_damping(self, value: float) -> None:
         self.progress["damping"] = min(max(value, self.hyper["min_damping"]), self.hyper["max_damping"])
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor | None:
+    def _model_or_none(self) -> nn.Module | None:
+        return self.model
+
+    def _step(self, closure: Closure | None) -> None:
         step = self.progress["step"]
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._check_gradients(params, self.param_groups, closure)
         if self.closure_required(step):
             self._check_closure(closure, f"likelihood={self.likelihood!r}, adapt_damping every {self.hyper['damping_every']}")
         if params and not torch.isfinite(torch.stack([p.grad.sum() for p in params])).all():
             logger.warning("K-FAC: non-finite gradient at step %d; step skipped", step)
             self.capture.clear()
-            return None
+            return
         loss0 = None
         if params and self._is_factor_step(step):
             loss0 = self._update_factors(closure, params)
@@ -327,7 +330,6 @@ class KFAC(CurvatureOptimizer):
             self._adapt_damping(closure, loss0, old, raw_grads)
         self.progress["step"] = step + 1
         self._arm_capture()
-        return loss0
 
     def _adapt_damping(self, closure: Closure, loss0: torch.Tensor, old: dict, raw_grads: dict) -> None:
         loss1 = closure().detach()
