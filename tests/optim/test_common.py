@@ -216,3 +216,45 @@ def test_internal_closure_calls_leave_batchnorm_statistics_alone(name):
     assert calls or name == "dn_empirical"  # the others evaluate the closure at least once
     for (key, value), ours in zip(reference.named_buffers(), model[1].buffers()):
         torch.testing.assert_close(ours, value, msg=key)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16_params", "autocast_bfloat16"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_low_precision_trains_with_float32_curvature(name, precision):
+    """bfloat16 parameters or torch.autocast(bfloat16): curvature in float32, parameters keep their dtype,
+    and a state round trip keeps the float32 factors (torch casts loaded state to the parameter dtype)."""
+    dtype = torch.bfloat16 if precision == "bfloat16_params" else torch.float32
+    model = make_model().to(dtype)
+    opt = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    data = [(x.to(dtype), y)] * 8
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out.float(), y)
+
+    def forward_loss(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast_bfloat16"):
+            return loss_fn(model(x), y)
+
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = forward_loss(x, y)
+        loss.backward()
+        opt.step(lambda: forward_loss(x, y))
+        losses.append(float(loss.detach()))
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
+    curvature = [v for s in opt.state.values() for k, v in s.items()
+                 if torch.is_tensor(v) and k in ("A", "G", "diag0", "diag1", "curvature")]
+    assert curvature and all(v.dtype in (torch.float32, dtype) for v in curvature)
+    if isinstance(opt, KFAC):
+        assert all(v.dtype == torch.float32 for v in curvature)
+        resumed = CONFIGS[name](model)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+        loaded = [v for s in resumed.state.values() for k, v in s.items() if k in ("A", "G", "diag0")]
+        assert loaded and all(v.dtype == torch.float32 for v in loaded)
+        x, y = data[0]
+        opt.zero_grad()
+        forward_loss(x, y).backward()
+        resumed.step(lambda: forward_loss(x, y))

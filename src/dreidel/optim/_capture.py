@@ -16,6 +16,19 @@ from torch import nn
 from dreidel.layers._curvature import PerSampleGradients
 
 
+def curvature_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Curvature estimates are formed in float32 (bfloat16/float16 products and solves lose too much, and
+    CPU Cholesky has no bfloat16 kernel); float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its curvature dtype: a low-precision float tensor (autocast, bfloat16 layers) as float32."""
+    if t.is_floating_point() and t.dtype != curvature_dtype(t.dtype):
+        return t.to(curvature_dtype(t.dtype))
+    return t
+
+
 @dataclass
 class LayerRecord:
     """One forward call of a watched module: its inputs and (after backward) the output gradient."""
@@ -50,11 +63,11 @@ class ActivationCapture:
             return
         if not output.requires_grad:
             return
-        record = LayerRecord(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
+        record = LayerRecord(tuple(working_precision(x.detach()) if isinstance(x, torch.Tensor) else x for x in inputs))
         self.records.setdefault(module, []).append(record)
 
         def keep_grad(grad: torch.Tensor) -> None:
-            record.grad_output = grad.detach()
+            record.grad_output = working_precision(grad.detach())
 
         output.register_hook(keep_grad)
 

@@ -27,6 +27,7 @@ from dreidel.optim._capture import (
     per_sample_modules,
     squared_grad_sums,
     summed_per_sample_grads,
+    working_precision,
 )
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
@@ -82,6 +83,13 @@ class DiagonalNewton(CurvatureOptimizer):
             Adam-like second moment.
         curvature_every: refresh ``h`` every k steps (Sophia's k = 10).
         seed: seed of the generator used for Rademacher vectors and sampled labels.
+
+    Mixed precision: curvature is estimated in float32 (float64 stays float64) from bfloat16/float16
+    layers or a ``torch.autocast`` forward; the parameters keep their dtype. ``torch.amp.GradScaler``
+    is not supported: the curvature read from a scaled backward (and ``B * g^2`` of scaled
+    gradients) is off by the loss scale squared, which the optimizer cannot see. Use bfloat16
+    autocast without a scaler, or a ``GradScaler(init_scale=1.0, growth_interval=2**31 - 1)`` that
+    only skips non-finite steps.
     """
 
     def __init__(
@@ -211,7 +219,7 @@ class DiagonalNewton(CurvatureOptimizer):
         if self.likelihood == "empirical":
             output = capture.root_output
             batch = output.shape[0] if output is not None else 1
-            fallback = {p: batch * p.grad * p.grad for p in params}
+            fallback = {p: batch * working_precision(p.grad) ** 2 for p in params}
         else:
             capture.clear()
             capture.enabled = True
@@ -226,7 +234,7 @@ class DiagonalNewton(CurvatureOptimizer):
             finally:
                 capture.enabled = False
             batch = 1
-            fallback = {p: g * g for p, g in zip(params, grads) if g is not None}
+            fallback = {p: working_precision(g) ** 2 for p, g in zip(params, grads) if g is not None}
         estimates = dict(fallback)
         for module in capture.modules:
             for p, value in squared_grad_sums(module, capture.complete_records(module)).items():

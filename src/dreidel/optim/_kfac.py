@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import Closure, CurvatureOptimizer, named_trainable_parameters
-from dreidel.optim._capture import ActivationCapture, parameter_owners
+from dreidel.optim._capture import ActivationCapture, curvature_dtype, parameter_owners
 from dreidel.optim._kfac_blocks import Block, block_for
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
@@ -49,6 +49,15 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
     for block in shared:
         unsupported.append(f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)")
     return [b for b in blocks if b not in shared], unsupported
+
+
+def _cast_floating(value, dtype: torch.dtype):
+    """A factor state value (a tensor or a tuple of tensors) with its floating tensors in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floating(v, dtype) for v in value)
+    return value
 
 
 class KFAC(CurvatureOptimizer):
@@ -121,6 +130,13 @@ class KFAC(CurvatureOptimizer):
             the dense inverses at ~30% less time per step (benchmarks/optimizers.py).
         base: ``factory(params) -> Optimizer`` replacing the default SGD.
         seed: seed of the sampled-label generator.
+
+    Mixed precision: factors, inverses and the preconditioned gradient are computed in float32 (float64
+    stays float64) for bfloat16/float16 layers or a ``torch.autocast`` forward, and the update is cast
+    back to the parameter's dtype. ``torch.amp.GradScaler`` is not supported: its scaled backward
+    makes G (and the damping's scale) off by the loss scale squared, which the optimizer cannot see.
+    Use bfloat16 autocast without a scaler, or ``GradScaler(init_scale=1.0, growth_interval=2**31 - 1)``
+    that only skips non-finite steps.
     """
 
     def __init__(
@@ -233,6 +249,11 @@ class KFAC(CurvatureOptimizer):
         base, progress = state_dict.pop("base"), state_dict.pop("kfac")
         generator_state = state_dict.pop("generator_state")
         super().load_state_dict(state_dict)
+        for block in self.blocks:  # torch casts loaded state to the parameter's dtype (bfloat16, say)
+            state, dtype = self._block_state(block), curvature_dtype(block.params[0].dtype)
+            for key, value in state.items():
+                if key != "step":
+                    state[key] = _cast_floating(value, dtype)
         self.base.load_state_dict(base)
         self.param_groups = self.base.param_groups
         self.progress.update(progress)

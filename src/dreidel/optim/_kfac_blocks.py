@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreidel.layers._curvature import PerSampleGradients
-from dreidel.optim._capture import LayerRecord, squared_grad_sums
+from dreidel.optim._capture import LayerRecord, curvature_dtype, squared_grad_sums
 
 logger = logging.getLogger("dreidel.optim")
 
@@ -226,8 +226,10 @@ class KroneckerBlock(Block):
                                    else damped_inverse(factor, shift, name))
 
     def grad_matrix(self, tensors: dict) -> torch.Tensor:
-        w = tensors[self.weight].reshape(self.weight.shape[0], -1)
-        return torch.cat([w, tensors[self.bias].unsqueeze(1)], dim=1) if self.bias is not None else w
+        """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype."""
+        dtype = curvature_dtype(self.weight.dtype)
+        w = tensors[self.weight].reshape(self.weight.shape[0], -1).to(dtype)
+        return torch.cat([w, tensors[self.bias].to(dtype).unsqueeze(1)], dim=1) if self.bias is not None else w
 
     def split(self, matrix: torch.Tensor) -> dict:
         out = {self.weight: matrix[:, : matrix.shape[1] - (self.bias is not None)].reshape(self.weight.shape)}
@@ -259,7 +261,7 @@ class EmbeddingBlock(Block):
         if not records:
             return
         m: nn.Embedding = self.module
-        counts = torch.zeros(m.num_embeddings, dtype=m.weight.dtype)
+        counts = torch.zeros(m.num_embeddings, dtype=curvature_dtype(m.weight.dtype))
         g_sum, n_rows = 0.0, 0
         for record in records:
             idx = record.inputs[0].reshape(-1)
@@ -281,14 +283,14 @@ class EmbeddingBlock(Block):
             return {}
         l_g, q_g = state["eig_G"]
         weight = self.module.weight
-        rotated = weight.grad @ q_g  # row v: (Q_G^T grad_v)^T, shape (V, D)
+        rotated = weight.grad.to(q_g.dtype) @ q_g  # row v: (Q_G^T grad_v)^T, shape (V, D)
         scaled = rotated / (state["A_diag"][:, None] * l_g[None, :] + damping)
         return {weight: scaled @ q_g.t()}
 
     def quadratic(self, state, delta):
         if "G" not in state:
             return torch.zeros(())
-        d = delta[self.module.weight]
+        d = delta[self.module.weight].to(state["G"].dtype)
         return (state["A_diag"][:, None] * d * (d @ state["G"])).sum()
 
 
