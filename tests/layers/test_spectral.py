@@ -81,6 +81,24 @@ def test_gradcheck(widths, depth, activation, path):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+@pytest.mark.parametrize("widths,depth", [((5, 7), 1), ((12, 30), 2), ((20, 9), 3)])
+def test_gradgradcheck_on_the_native_path(widths, depth):
+    """A backward that builds a graph (gradient penalties) differentiates the layer's torch-op form."""
+    layer = make_layer(*widths, depth, dtype=torch.float64, activation="tanh")
+    randomize_bias(layer)
+    x = torch.randn(3, widths[0], dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradgradcheck(f, (x, *layer.parameters()))
+    # and the first-order gradient is still the kernel's, equal to the graph-building one
+    (plain,) = torch.autograd.grad(layer(x).sum(), x)
+    (graphed,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(plain, graphed, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("widths,depth", [((20, 20), 1), ((30, 70), 2), ((100, 40), 3)])
 def test_per_sample_grads_match_autograd(widths, depth, activation, path):

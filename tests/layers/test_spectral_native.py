@@ -79,12 +79,21 @@ def test_eager_cpu_calls_take_the_native_kernels(monkeypatch):
     assert calls == ["spectral_forward_at", "spectral_backward_at", "spectral_backward_at"]
 
 
-def test_double_backward_raises_instead_of_returning_wrong_values():
-    layer = make_layer(16, 16, 1, torch.float64)
-    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
-        gx.square().sum().backward()
+def test_double_backward_matches_a_dense_layer():
+    """A gradient penalty through the native path equals the same penalty through nn.Linear(dense_matrix)."""
+    layer = make_layer(16, 12, 2, torch.float64)
+    dense = torch.nn.Linear(16, 12, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_matrix())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    penalties = []
+    for model in (layer, dense):
+        xs = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(torch.tanh(model(xs)).sum(), xs, create_graph=True)
+        (dx,) = torch.autograd.grad(gx.square().sum(), xs)
+        penalties.append(dx)
+    torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-10, atol=1e-10)
 
 
 def test_per_sample_grads_with_mixed_parameter_dtypes_use_the_reference_path():

@@ -257,7 +257,7 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     elif torch.is_grad_enabled() and (x.requires_grad or in_scale.requires_grad or out_scale.requires_grad
                                       or (inner_scale is not None and inner_scale.requires_grad)
                                       or (bias is not None and bias.requires_grad)):
-        y = NativeSpectralLinear.apply(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
+        y = NativeSpectralLinear.apply(rows, in_scale, inner_scale, out_scale, bias, layout, spectral_linear_composed)
     else:
         y = native_spectral_forward(rows, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
     return y if flat else y.view(*x.shape[:-1], layout.out_features)

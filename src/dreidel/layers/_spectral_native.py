@@ -114,21 +114,35 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
 class NativeSpectralLinear(torch.autograd.Function):
     """``y = s_out ⊙ h_K[:, :out] + b`` for ``x`` ``(rows, n)`` on the native kernels.
 
-    ``flat_perm`` and ``length`` are the ``SpectralLayout`` fields of the layer.
+    ``layout`` is the layer's ``SpectralLayout``; ``differentiable_forward(x, in_scale, inner_scale,
+    out_scale, bias, layout)`` computes the same map as differentiable torch ops. The kernel's gradients are
+    not themselves differentiable, so a backward that builds a graph (``create_graph=True``: gradient
+    penalties, Hessian-vector products) differentiates ``differentiable_forward`` instead.
     """
 
     @staticmethod
-    def forward(ctx, x, in_scale, inner_scale, out_scale, bias, flat_perm, length):
-        ctx.length, ctx.has_bias, ctx.has_inner = length, bias is not None, inner_scale is not None
-        ctx.save_for_backward(x, in_scale, inner_scale, out_scale, flat_perm)
-        return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, flat_perm, length)
+    def forward(ctx, x, in_scale, inner_scale, out_scale, bias, layout, differentiable_forward):
+        ctx.layout, ctx.differentiable_forward = layout, differentiable_forward
+        ctx.has_bias, ctx.has_inner = bias is not None, inner_scale is not None
+        ctx.save_for_backward(x, in_scale, inner_scale, out_scale, bias)
+        return native_spectral_forward(x, in_scale, inner_scale, out_scale, bias, layout.flat_perm, layout.length)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, grad_y):
-        x, in_scale, inner_scale, out_scale, flat_perm = ctx.saved_tensors
-        grads = native_spectral_grads(x, grad_y, in_scale, inner_scale if ctx.has_inner else None, out_scale,
-                                      ctx.has_bias, flat_perm, ctx.length, groups=1,
+        x, in_scale, inner_scale, out_scale, bias = ctx.saved_tensors
+        inner_scale = inner_scale if ctx.has_inner else None
+        bias = bias if ctx.has_bias else None
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (x, in_scale, inner_scale, out_scale, bias)
+            wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if t is not None and needed]
+            with torch.enable_grad():
+                y = ctx.differentiable_forward(x, in_scale, inner_scale, out_scale, bias, ctx.layout)
+            computed = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+            grads = [next(computed) if t is not None and needed else None
+                     for t, needed in zip(inputs, ctx.needs_input_grad)]
+            return (*grads, None, None)
+        grads = native_spectral_grads(x, grad_y, in_scale, inner_scale, out_scale, ctx.has_bias,
+                                      ctx.layout.flat_perm, ctx.layout.length, groups=1,
                                       want_input_grad=ctx.needs_input_grad[0])
         return (
             grads.get("input"),
