@@ -258,3 +258,32 @@ def test_low_precision_trains_with_float32_curvature(name, precision):
         opt.zero_grad()
         forward_loss(x, y).backward()
         resumed.step(lambda: forward_loss(x, y))
+
+
+class DictOutput(nn.Module):
+    """Returns a dict (as Hugging Face models do): the batch size must come from the input."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x), "aux": (self.net(x[:1]).detach(),)}
+
+
+@pytest.mark.parametrize("name", ["dn_empirical", "kfac_empirical"])
+def test_batch_size_comes_from_the_input_when_the_output_is_a_dict(name):
+    """Same curvature state as the plain model (whose curvature the oracle tests check)."""
+    x, y = batches(1)[0]
+    states = []
+    for wrap in (False, True):
+        net = make_model()
+        model = DictOutput(net) if wrap else net
+        opt = CONFIGS[name](model)
+        loss_fn = (lambda out, t: F.cross_entropy(out["logits"], t)) if wrap else F.cross_entropy
+        train_step(model, opt, loss_fn, x, y)
+        states.append([opt.state[p] for p in net.parameters()])
+    for plain, wrapped in zip(*states):
+        for key in ("curvature", "A", "G", "diag0"):
+            if key in plain:
+                torch.testing.assert_close(wrapped[key], plain[key], msg=key)

@@ -42,7 +42,9 @@ class ActivationCapture:
     """Records ``LayerRecord``s for ``modules`` while ``enabled`` and grad mode is on.
 
     Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
-    start from it. Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
+    start from it, and the batch size B of that call (``batch_size``: the leading dimension of the first
+    tensor positional argument, else of the output; 1 for a 0-d one), which scales the empirical Fisher
+    whatever the model returns (a tuple, a dict). Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
     """
 
     root: nn.Module | None
@@ -50,6 +52,7 @@ class ActivationCapture:
     enabled: bool = False
     records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
     root_output: torch.Tensor | None = None
+    batch_size: int | None = None
     _handles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -72,8 +75,12 @@ class ActivationCapture:
         output.register_hook(keep_grad)
 
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        if self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        if not (self.enabled and torch.is_grad_enabled()):
+            return
+        if isinstance(output, torch.Tensor):
             self.root_output = output
+        first = next((x for x in inputs if isinstance(x, torch.Tensor)), output)
+        self.batch_size = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
 
     def complete_records(self, module: nn.Module) -> list[LayerRecord]:
         """Records of ``module`` whose backward has run."""
@@ -82,6 +89,7 @@ class ActivationCapture:
     def clear(self) -> None:
         self.records = {}
         self.root_output = None
+        self.batch_size = None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -217,8 +217,7 @@ class DiagonalNewton(CurvatureOptimizer):
     def _fisher(self, closure: Closure | None, params: list[torch.Tensor]) -> dict:
         capture = self.capture
         if self.likelihood == "empirical":
-            output = capture.root_output
-            batch = output.shape[0] if output is not None else 1
+            batch = capture.batch_size or 1
             fallback = {p: batch * working_precision(p.grad) ** 2 for p in params}
         else:
             capture.clear()

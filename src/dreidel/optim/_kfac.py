@@ -279,8 +279,7 @@ class KFAC(CurvatureOptimizer):
     def _update_factors(self, closure: Closure | None, params: list) -> torch.Tensor | None:
         loss0 = None
         if self.likelihood == "empirical":
-            output = self.capture.root_output
-            grad_scale = float(output.shape[0]) if output is not None else 1.0
+            grad_scale = float(self.capture.batch_size or 1)
         else:
             loss0 = self._sampled_backward(closure, params)
             grad_scale = 1.0
