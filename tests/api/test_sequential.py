@@ -147,25 +147,91 @@ def _edit_config(path, edit):
     (path / "config.json").write_text(json.dumps(config))
 
 
+def _set_arg(index, key, value):
+    return lambda c: c["layers"][index]["args"].__setitem__(key, value)
+
+
+CONFIG, TENSORS = "config.json", "model.safetensors"
+
+
 @pytest.mark.parametrize(
-    "edit, message",
+    "edit, message, file",
     [
-        (lambda c: c["layers"][0].__setitem__("type", "Conv9d"), "unknown layer type 'Conv9d'"),
-        (lambda c: c.pop("layers"), "missing the key 'layers'"),
-        (lambda c: c["layers"][0].pop("args"), r"layers\[0\] is missing the key 'args'"),
-        (lambda c: c["layers"][2]["args"].__setitem__("out_features", 11), r"'2.weight' has shape \(10, 32\)"),
-        (lambda c: c["layers"].append({"type": "Linear", "args": {"in_features": 10, "out_features": 2}}), "lacks tensor '3.weight'"),
-        (lambda c: c["layers"][0]["args"].__setitem__("colour", "red"), "cannot build LinearWHT"),
-        (lambda c: c.__setitem__("format", "keras"), "'format' is 'keras'"),
+        (lambda c: c["layers"][0].__setitem__("type", "Conv9d"), "unknown layer type 'Conv9d'", CONFIG),
+        (lambda c: c.pop("layers"), "missing the key 'layers'", CONFIG),
+        (lambda c: c["layers"][0].pop("args"), r"layers\[0\] named '0' is missing the key 'args'", CONFIG),
+        (_set_arg(2, "out_features", 11),
+         r"tensor '2.weight' has shape \(10, 32\), but .*layers\[2\] named '2' \(Linear\) declares \(11, 32\)", TENSORS),
+        (lambda c: c["layers"].append({"type": "Linear", "args": {"in_features": 10, "out_features": 2}}),
+         "lacks tensor '3.weight'", TENSORS),
+        (lambda c: c["layers"].pop(), "has tensor '2.bias' that no layer of the config declares", TENSORS),
+        (_set_arg(0, "colour", "red"), "cannot build LinearWHT: unknown argument 'colour'", CONFIG),
+        (lambda c: c.__setitem__("format", "keras"), "'format' is 'keras'", CONFIG),
+        (lambda c: c.__setitem__("optimizer", "adam"), "unknown key 'optimizer'", CONFIG),
+        (lambda c: c["layers"][0].__setitem__("kind", "x"), r"layers\[0\] named '0' has unknown key 'kind'", CONFIG),
+        (_set_arg(0, "activation", "bogus"),
+         r"layers\[0\] named '0' \(LinearWHT\): cannot build LinearWHT .*unknown activation 'bogus'", CONFIG),
+        (_set_arg(0, "device", "meta"), r"layers\[0\] named '0': LinearWHT argument 'device' is not allowed", CONFIG),
+        (_set_arg(2, "dtype", "float16"), r"layers\[2\] named '2': Linear argument 'dtype' is not allowed", CONFIG),
+        (_set_arg(0, "generator", 0), "argument 'generator' is not allowed", CONFIG),
+        (_set_arg(0, "in_features", None), r"layers\[0\] named '0' \(LinearWHT\).*lazy layer", CONFIG),
+        (_set_arg(2, "in_features", None), r"layers\[2\] named '2' \(Linear\): cannot build Linear", CONFIG),
+        (_set_arg(2, "bias", "yes"), r"Linear argument 'bias' must be bool \(or null\), got 'yes'", CONFIG),
+        (_set_arg(2, "in_features", 32.5), r"layers\[2\] named '2' \(Linear\): cannot build Linear", CONFIG),
+        (lambda c: c.__setitem__("input_shape", [65]), r"'input_shape' \[65\] does not fit the layers", CONFIG),
+        (lambda c: c.__setitem__("input_shape", "64"), "'input_shape' must be null or a list of positive ints", CONFIG),
+        (lambda c: c.__setitem__("input_shape", [0]), "'input_shape' must be null or a list of positive ints", CONFIG),
     ],
-    ids=["unknown-type", "no-layers", "no-args", "mis-shaped", "missing-tensor", "bad-args", "format"],
+    ids=["unknown-type", "no-layers", "no-args", "mis-shaped", "missing-tensor", "unexpected-tensor", "unknown-arg",
+         "format", "unknown-config-key", "unknown-spec-key", "bad-activation", "device", "dtype", "generator",
+         "lazy", "null-width", "bool-type", "float-width", "input-shape-misfit", "input-shape-type", "input-shape-zero"],
 )
-def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message):
+def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message, file):
     model = _small_model("wht").build((64,))
     path = model.save(tmp_path / "m")
     _edit_config(path, edit)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         api.load(path)
+    assert str(path / file) in str(error.value)  # the message names the file at fault
+
+
+class _NeedsRealTensors(nn.Module):
+    """A user layer whose constructor reads a value (``.item()``), which the meta device cannot give."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.norm = float(self.weight.norm().item())
+
+    def forward(self, x):
+        return x * self.weight / self.norm
+
+
+def test_layers_that_cannot_be_built_on_meta_are_checked_after_building(tmp_path, monkeypatch):
+    monkeypatch.setitem(api.LAYER_TYPES, "_NeedsRealTensors", (_NeedsRealTensors, lambda m: {"width": len(m.weight)}))
+    model = api.Sequential(nn.Linear(3, 4), _NeedsRealTensors(4)).build((3,))
+    path = model.save(tmp_path / "m")
+    x = torch.randn(2, 3)
+    assert torch.equal(api.load(path).predict(x), model.predict(x))
+    _edit_config(path, lambda c: c.__setitem__("input_shape", [5]))
+    with pytest.raises(ValueError, match=r"config.json: 'input_shape' \[5\] does not fit the layers"):
+        api.load(path)
+    _edit_config(path, lambda c: c.update(input_shape=[3]) or c["layers"][1]["args"].update(width=6))
+    with pytest.raises(ValueError, match=r"model.safetensors tensor '1.weight' has shape \(4,\)"):
+        api.load(path)
+
+
+def test_declared_shapes_are_checked_against_the_tensor_header_before_any_layer_is_built(tmp_path, monkeypatch):
+    """A tiny tensor file whose config declares Linear(4096, 4096) fails before 64 MB are allocated."""
+    path = _small_model("dense").build((64,)).save(tmp_path / "m")
+    _edit_config(path, lambda c: c["layers"][2]["args"].update(in_features=4096, out_features=4096))
+    initialised_on = []
+    original = nn.Linear.reset_parameters
+    monkeypatch.setattr(nn.Linear, "reset_parameters",
+                        lambda self: (initialised_on.append(self.weight.device.type), original(self))[-1])
+    with pytest.raises(ValueError, match=r"'2.weight' has shape \(10, 32\), but .* declares \(4096, 4096\)"):
+        api.load(path)
+    assert initialised_on and set(initialised_on) == {"meta"}
 
 
 def test_summary_counts(trained_spectral):

@@ -13,7 +13,9 @@ from dreidel.io.checkpoint import (
     CONFIG_FILE,
     TENSORS_FILE,
     load_state_strict,
+    TensorHeader,
     read_checkpoint,
+    read_tensor_header,
     require_config_keys,
     write_checkpoint,
 )
@@ -35,6 +37,19 @@ def test_round_trip_keeps_values_and_dtypes(tmp_path, tensors):
     assert loaded.keys() == tensors.keys()
     for key, tensor in tensors.items():
         assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
+
+
+def test_tensor_header_gives_shapes_and_dtypes_without_the_data(tmp_path, tensors):
+    write_checkpoint(tmp_path / "m", {}, {**tensors, "bf16": torch.zeros(5, dtype=torch.bfloat16)})
+    header = read_tensor_header(tmp_path / "m")
+    assert header["layer.weight"] == TensorHeader((3, 4), "F32") and header["layer.weight"].is_floating_point
+    assert header["order"] == TensorHeader((7,), "I64") and not header["order"].is_floating_point
+    assert header["half"].dtype == "F16" and header["bf16"].is_floating_point
+    path = tmp_path / "m" / TENSORS_FILE
+    for damaged in (path.read_bytes()[: len(path.read_bytes()) // 2], b"\x10\x00"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="corrupted or truncated"):
+            read_tensor_header(tmp_path / "m")
 
 
 def test_shared_and_strided_tensors_are_saved(tmp_path):

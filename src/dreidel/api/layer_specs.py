@@ -7,13 +7,15 @@ registry of classes (never imports or evaluates anything named in the file) and 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from torch import nn
 
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
 
-__all__ = ["LAYER_TYPES", "build_layer", "layer_spec", "register_layer_type"]
+__all__ = ["LAYER_TYPES", "REFUSED_ARGS", "build_layer", "check_layer_spec", "construct_layer", "layer_spec",
+           "register_layer_type"]
 
 ArgsOf = Callable[[nn.Module], dict[str, Any]]
 
@@ -83,20 +85,85 @@ def layer_spec(module: nn.Module) -> dict[str, Any]:
     )
 
 
-def build_layer(spec: Any, where: str = "layer spec") -> nn.Module:
-    """Rebuild a layer from ``{"type": ..., "args": {...}}``; ``where`` names the spec in error messages."""
+# Constructor arguments that say where or how to initialise, never what the layer is: a checkpoint may not set them
+# (a model loads on the CPU with the dtypes its tensors were saved in; its values come from the tensor file).
+REFUSED_ARGS = ("device", "dtype", "generator")
+SPEC_KEYS = ("name", "type", "args")
+
+
+def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Module], dict[str, Any]]:
+    """Check a spec before anything is built: its keys, a registered ``type``, and ``args`` against the constructor.
+
+    Every argument must be a parameter of the constructor (not ``device`` / ``dtype`` / ``generator``), and where
+    the constructor's default is a bool, an int (or tuple of ints), a float or a string the value must be of that
+    type (or null); the constructor itself (run on the meta device by ``dreidel.load``) judges the rest.
+
+    Returns:
+        ``(cls, args)``.
+
+    Raises:
+        ValueError: naming ``where`` and the offending key.
+    """
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be a JSON object with 'type' and 'args', got {type(spec).__name__}")
     for key in ("type", "args"):
         if key not in spec:
             raise ValueError(f"{where} is missing the key {key!r}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key {unknown[0]!r} (a layer spec holds {list(SPEC_KEYS)})")
     type_name, args = spec["type"], spec["args"]
-    if type_name not in LAYER_TYPES:
+    if not isinstance(type_name, str) or type_name not in LAYER_TYPES:
         raise ValueError(f"{where} has unknown layer type {type_name!r}; known types: {sorted(LAYER_TYPES)}")
     if not isinstance(args, dict):
         raise ValueError(f"{where} 'args' must be a JSON object, got {type(args).__name__}")
     cls = LAYER_TYPES[type_name][0]
+    parameters = {name: parameter for name, parameter in inspect.signature(cls).parameters.items()
+                  if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
+    allowed = sorted(set(parameters) - set(REFUSED_ARGS))
+    for key, value in args.items():
+        if key in REFUSED_ARGS:
+            raise ValueError(f"{where}: {type_name} argument {key!r} is not allowed in a checkpoint (models load on "
+                             "the CPU with the dtypes their tensors were saved in; move them with .to() afterwards)")
+        if key not in parameters:
+            raise ValueError(f"{where}: cannot build {type_name}: unknown argument {key!r} (allowed: {allowed})")
+        expected = _expected_json_type(parameters[key].default)
+        if value is not None and expected is not None and not _is_json_type(value, expected):
+            allowed_types = "int or a list of ints" if expected is int else expected.__name__
+            raise ValueError(f"{where}: {type_name} argument {key!r} must be {allowed_types} (or null), "
+                             f"got {value!r}")
+    return cls, args
+
+
+def _expected_json_type(default: Any) -> type | None:
+    """The JSON type an argument must have, judged from the constructor's default; None when it says nothing."""
+    for kind in (bool, int, float, str):  # bool before int: True is an int
+        if isinstance(default, kind):
+            return kind
+    return None
+
+
+def _is_json_type(value: Any, expected: type) -> bool:
+    if expected is int and isinstance(value, list):  # int-or-tuple arguments (kernel_size) come back as lists
+        return all(_is_json_type(v, int) for v in value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+
+
+def build_layer(spec: Any, where: str = "layer spec") -> nn.Module:
+    """Rebuild a layer from ``{"type": ..., "args": {...}}``; ``where`` names the spec in error messages."""
+    cls, args = check_layer_spec(spec, where)
+    return construct_layer(cls, args, where)
+
+
+def construct_layer(cls: type[nn.Module], args: dict[str, Any], where: str) -> nn.Module:
+    """``cls(**args)`` with the constructor's own complaints (bad values) raised as a ValueError naming ``where``."""
     try:
         return cls(**args)
-    except TypeError as error:
-        raise ValueError(f"{where}: cannot build {type_name} from args {args}: {error}") from error
+    except NotImplementedError:  # an operator missing on this device (e.g. meta), not a bad argument
+        raise
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{where}: cannot build {cls.__name__} from args {args}: {error}") from error

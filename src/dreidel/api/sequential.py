@@ -19,11 +19,20 @@ from dreidel.api import _training
 from dreidel.api._batches import BatchSource, make_source
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
-from dreidel.api.layer_specs import build_layer, layer_spec
+from dreidel.api import _loading
+from dreidel.api.layer_specs import construct_layer, layer_spec
 from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import resolve_metric
 from dreidel.api.summary import format_summary, summarize
-from dreidel.io.checkpoint import load_state_strict, read_checkpoint, require_config_keys, write_checkpoint
+from dreidel.io.checkpoint import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    load_state_strict,
+    read_config,
+    read_tensor_header,
+    read_tensors,
+    write_checkpoint,
+)
 from dreidel.optim import build_optimizer
 
 __all__ = ["Sequential", "load"]
@@ -304,44 +313,33 @@ class Sequential(nn.Sequential):
 def load(path: str | os.PathLike) -> Sequential:
     """Rebuild a ``Sequential`` saved by ``Sequential.save`` (JSON + safetensors; nothing is unpickled).
 
-    The model comes back uncompiled, in train mode, with the dtype it was saved in.
+    The model comes back uncompiled, in train mode, on the CPU, with the dtype it was saved in. Before any
+    tensor is read or any layer allocated, ``config.json`` is checked: its keys, the layer types, the
+    constructor arguments (``device`` / ``dtype`` / ``generator`` are refused), every declared parameter shape
+    against the safetensors header, and ``input_shape`` against the layers.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: a corrupted file, a missing config key, an unknown layer type, or a tensor that is
-            missing, unexpected or mis-shaped (the message names it).
+        ValueError: a corrupted file, a bad or missing config key, an unknown layer type, bad layer arguments,
+            or a tensor that is missing, unexpected or mis-shaped (the message names the file and the layer).
     """
-    config, tensors = read_checkpoint(path)
-    where = f"{Path(path) / 'config.json'}"
-    require_config_keys(config, ("format", "format_version", "input_shape", "layers"), where)
-    if config["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{where}: 'format' is {config['format']!r}, expected {CHECKPOINT_FORMAT!r}")
-    if config["format_version"] != CHECKPOINT_VERSION:
-        raise ValueError(f"{where}: 'format_version' {config['format_version']!r} is not supported "
-                         f"(this dreidel reads version {CHECKPOINT_VERSION})")
-    if not isinstance(config["layers"], list):
-        raise ValueError(f"{where}: 'layers' must be a list of layer specs")
-    names = _layer_names(config["layers"], where)
-    layers = [build_layer(spec, f"{where} layers[{i}]") for i, spec in enumerate(config["layers"])]
-    model = Sequential(OrderedDict(zip(names, layers)))
+    config_file, tensors_file = Path(path) / CONFIG_FILE, str(Path(path) / TENSORS_FILE)
+    config, header = read_config(path), read_tensor_header(path)
+    plans, input_shape = _loading.check_config(config, str(config_file), CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    meta = _loading.meta_layers(plans)
+    _loading.check_tensor_header(plans, meta, header, tensors_file)
+    if input_shape is not None and all(layer is not None for layer in meta):
+        _loading.check_input_shape(plans, meta, input_shape, str(config_file))
+    tensors = read_tensors(path)
+    model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where)) for plan in plans))
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(float_dtypes) == 1:
         model.to(float_dtypes.pop())
-    if config["input_shape"] is not None:
-        model.input_shape = tuple(int(d) for d in config["input_shape"])
-    load_state_strict(model, tensors, source=str(Path(path) / "model.safetensors"))
+    load_state_strict(model, tensors, source=tensors_file)
+    if input_shape is not None and any(layer is None for layer in meta):  # not checked on meta: check it now
+        try:
+            model.build(input_shape)
+        except ValueError as error:
+            raise ValueError(f"{config_file}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
+    model.input_shape = input_shape
     return model
-
-
-def _layer_names(specs: list, where: str) -> list[str]:
-    """The child names of the saved layers (``"0"``, ``"1"``, ... for specs without a ``name``, as in old files)."""
-    names = []
-    for index, spec in enumerate(specs):
-        name = spec.get("name", str(index)) if isinstance(spec, dict) else str(index)
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"{where} layers[{index}] has an invalid 'name' {name!r}: expected a non-empty string "
-                             "without '.'")
-        if name in names:
-            raise ValueError(f"{where} layers[{index}] repeats the name {name!r} of an earlier layer")
-        names.append(name)
-    return names

@@ -14,19 +14,24 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
     "CONFIG_FILE",
     "TENSORS_FILE",
+    "TensorHeader",
     "load_state_strict",
     "read_checkpoint",
+    "read_config",
+    "read_tensor_header",
+    "read_tensors",
     "require_config_keys",
     "write_checkpoint",
 ]
@@ -66,6 +71,18 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     return target
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """What the safetensors header says about one tensor (read without reading its data)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # the safetensors name: "F32", "BF16", "I64", ...
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a checkpoint directory written by ``write_checkpoint``.
 
@@ -76,6 +93,42 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         FileNotFoundError: ``path`` or one of its two files is missing.
         ValueError: the config is not a JSON object, or the tensor file is corrupted or truncated.
     """
+    return read_config(path), read_tensors(path)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of the checkpoint directory ``path`` (whose tensor file must exist too)."""
+    config_path, _ = _checkpoint_files(path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
+    """Names, shapes and dtypes of the checkpoint's tensors, from the safetensors header alone (no data read)."""
+    _, tensors_path = _checkpoint_files(path)
+    try:
+        with safe_open(str(tensors_path), framework="pt") as handle:
+            return {name: TensorHeader(tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                    for name in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, as CPU tensors of the dtypes they were saved in."""
+    _, tensors_path = _checkpoint_files(path)
+    try:
+        return load_file(str(tensors_path), device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
+
+
+def _checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path]:
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}")
@@ -83,17 +136,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     for required in (config_path, tensors_path):
         if not required.is_file():
             raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {required.name}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    try:
-        tensors = load_file(str(tensors_path), device="cpu")
-    except SafetensorError as error:
-        raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
-    return config, tensors
+    return config_path, tensors_path
 
 
 def require_config_keys(config: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:

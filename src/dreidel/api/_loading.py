@@ -1,0 +1,139 @@
+"""Checks behind ``dreidel.load``: a checkpoint's config is trusted only after it has been checked.
+
+The order matters: ``config.json`` is validated first (keys, layer types, constructor arguments); then every
+layer is built on the meta device (no memory, no random draws) so that its declared parameter shapes can be
+compared with the safetensors header, and the declared ``input_shape`` is run through the meta layers. Only
+then are the tensors read and the layers built for real, so a small tensor file whose config declares a huge
+layer fails before anything is allocated. Every error names the file and the layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dreidel.api.layer_specs import check_layer_spec
+from dreidel.io.checkpoint import TensorHeader, require_config_keys
+
+__all__ = ["LayerPlan", "check_config", "check_input_shape", "check_tensor_header", "meta_layers"]
+
+CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One checked layer spec: its child name, class and constructor arguments, and how errors name it."""
+
+    name: str
+    cls: type[nn.Module]
+    args: dict[str, Any]
+    where: str
+
+
+def check_config(config: dict[str, Any], where: str, format_name: str, version: int
+                 ) -> tuple[list[LayerPlan], tuple[int, ...] | None]:
+    """Validate a Sequential ``config.json`` (``where`` names the file); returns the layer plans and input shape."""
+    require_config_keys(config, CONFIG_KEYS, where)
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key {unknown[0]!r} (expected keys: {list(CONFIG_KEYS)})")
+    if config["format"] != format_name:
+        raise ValueError(f"{where}: 'format' is {config['format']!r}, expected {format_name!r}")
+    if config["format_version"] != version:
+        raise ValueError(f"{where}: 'format_version' {config['format_version']!r} is not supported "
+                         f"(this dreidel reads version {version})")
+    specs = config["layers"]
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"{where}: 'layers' must be a non-empty list of layer specs")
+    input_shape = config["input_shape"]
+    if input_shape is not None and (
+            not isinstance(input_shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)):
+        raise ValueError(f"{where}: 'input_shape' must be null or a list of positive ints, got {input_shape!r}")
+    plans = []
+    for index, (name, spec) in enumerate(zip(_layer_names(specs, where), specs)):
+        layer_where = f"{where} layers[{index}] named {name!r}"
+        cls, args = check_layer_spec(spec, layer_where)
+        plans.append(LayerPlan(name, cls, args, f"{layer_where} ({spec['type']})"))
+    return plans, None if input_shape is None else tuple(input_shape)
+
+
+def _layer_names(specs: list, where: str) -> list[str]:
+    """The child names of the saved layers (``"0"``, ``"1"``, ... for specs without a ``name``, as in old files)."""
+    names = []
+    for index, spec in enumerate(specs):
+        name = spec.get("name", str(index)) if isinstance(spec, dict) else str(index)
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{where} layers[{index}] has an invalid 'name' {name!r}: expected a non-empty string "
+                             "without '.'")
+        if name in names:
+            raise ValueError(f"{where} layers[{index}] repeats the name {name!r} of an earlier layer")
+        names.append(name)
+    return names
+
+
+def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:
+    """Each layer built on the meta device (None for a layer whose constructor needs real tensors: such a layer
+    is built for real and checked by ``load_state_strict`` instead, like every layer's tensor values).
+
+    Raises:
+        ValueError: bad constructor arguments, or a layer that would learn a size from data (lazy).
+    """
+    layers = []
+    for plan in plans:
+        try:
+            with torch.device("meta"):
+                layer = plan.cls(**plan.args)
+        except (TypeError, ValueError) as error:  # the constructor refused the arguments
+            raise ValueError(f"{plan.where}: cannot build {plan.cls.__name__} from args {plan.args}: {error}") from error
+        except RuntimeError:  # e.g. .item() or an operator without a meta kernel: checked after the real build
+            layers.append(None)
+            continue
+        if any(nn.parameter.is_lazy(t) for t in (*layer.parameters(), *layer.buffers())):
+            raise ValueError(f"{plan.where}: args {plan.args} leave a size to be learnt from data (a lazy layer); "
+                             "a checkpoint must declare every size (e.g. in_features)")
+        layers.append(layer)
+    return layers
+
+
+def check_tensor_header(plans: list[LayerPlan], layers: list[nn.Module | None], header: dict[str, TensorHeader],
+                        tensors_file: str) -> None:
+    """Compare the declared layers' tensors (names, shapes, float or not) with the tensor file's header."""
+    declared: set[str] = set()
+    unchecked = {plan.name for plan, layer in zip(plans, layers) if layer is None}
+    for plan, layer in zip(plans, layers):
+        if layer is None:
+            continue
+        for key, tensor in layer.state_dict().items():
+            full_key = f"{plan.name}.{key}"
+            declared.add(full_key)
+            if full_key not in header:
+                raise ValueError(f"{tensors_file} lacks tensor {full_key!r} that {plan.where} declares")
+            found = header[full_key]
+            if found.shape != tuple(tensor.shape):
+                raise ValueError(f"{tensors_file} tensor {full_key!r} has shape {found.shape}, but {plan.where} "
+                                 f"declares {tuple(tensor.shape)}")
+            if found.is_floating_point != tensor.is_floating_point():
+                raise ValueError(f"{tensors_file} tensor {full_key!r} has dtype {found.dtype}, but {plan.where} "
+                                 f"expects a {'floating-point' if tensor.is_floating_point() else 'integer'} tensor")
+    unexpected = sorted(key for key in header if key not in declared and key.split(".", 1)[0] not in unchecked)
+    if unexpected:
+        raise ValueError(f"{tensors_file} has tensor {unexpected[0]!r} that no layer of the config declares "
+                         f"(unexpected: {unexpected})")
+
+
+def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_shape: tuple[int, ...],
+                      where: str) -> None:
+    """Run a meta batch ``(2, *input_shape)`` through the meta ``layers``; a failure names the file."""
+    model = nn.Sequential(OrderedDict((plan.name, layer) for plan, layer in zip(plans, layers))).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape), device="meta"))
+    except NotImplementedError:
+        return  # a layer without meta kernels: the shapes were checked against the tensor file already
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"{where}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
