@@ -146,6 +146,19 @@ def test_torch_func_transforms_match_eager_autograd(widths, depth):
     torch.testing.assert_close(torch.func.jacrev(layer)(x[0]), jacobian, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_forward_mode_ad_gives_the_jacobian_vector_product(depth):
+    import torch.autograd.forward_ad as fwAD
+
+    layer = make_layer(20, 9, depth, dtype=torch.float64)
+    randomize_bias(layer)
+    x, tangent = torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64)
+    with fwAD.dual_level():
+        primal, jvp = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent)))
+    torch.testing.assert_close(primal, x @ spectral_matrix(layer).T + layer.bias)
+    torch.testing.assert_close(jvp, tangent @ spectral_matrix(layer).T)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("depth", [1, 2])

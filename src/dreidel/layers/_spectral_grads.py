@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["SpectralLayout", "spectral_forward", "spectral_grads", "spectral_linear", "spectral_linear_composed",
            "spectral_per_sample_grads", "spectral_stages"]
 
+_forward_ad = torch.autograd.forward_ad
+
 
 class SpectralLayout(NamedTuple):
     """Index tensors and sizes of one spectral layer (see ``_SpectralLinearBase._build_indices``)."""
@@ -246,11 +248,11 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     Eager CPU float32/float64 calls the fused native kernels through a plain ``autograd.Function`` (a few
     microseconds of overhead); traced code, other devices and other dtypes go through the registered op
     ``dreidel::spectral_linear``, which runs the same kernels on CPU and the reference path elsewhere;
-    ``torch.func`` transforms get ``spectral_linear_composed``.
+    ``torch.func`` transforms and forward-mode AD get ``spectral_linear_composed``.
     """
     flat = x.dim() == 2  # the common case: no reshape and no view back (each costs microseconds a call)
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    if in_functorch_transform():
+    if in_functorch_transform() or _forward_ad._current_level >= 0:  # torch.func, or forward-mode AD
         y = spectral_linear_composed(rows, in_scale, inner_scale, out_scale, bias, layout)
     elif not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
         y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])
