@@ -195,6 +195,23 @@ def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message, file):
     assert str(path / file) in str(error.value)  # the message names the file at fault
 
 
+def test_mixed_precision_checkpoint_keeps_each_tensors_dtype(tmp_path):
+    torch.manual_seed(8)
+    model = api.Sequential(LinearWHT(16, 8), nn.LayerNorm(8), DeepSpectralLinear(8, 8)).build((16,))
+    model[0].bfloat16()
+    model[2].double()
+    path = model.save(tmp_path / "mixed")
+    rng = torch.get_rng_state()
+    loaded = api.load(path)
+    assert torch.equal(torch.get_rng_state(), rng)  # the layers take the file's values: nothing is drawn
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype and torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert torch.equal(loaded[0](x), model[0](x))
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+    assert loaded.num_parameters() == model.num_parameters()
+
+
 class _NeedsRealTensors(nn.Module):
     """A user layer whose constructor reads a value (``.item()``), which the meta device cannot give."""
 
@@ -205,6 +222,27 @@ class _NeedsRealTensors(nn.Module):
 
     def forward(self, x):
         return x * self.weight / self.norm
+
+
+class _WithDerivedBuffer(nn.Module):
+    """A user layer with state outside its state dict (a non-persistent buffer computed at construction)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((width,), 3.0))
+        self.register_buffer("ramp", torch.arange(width, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        return x * self.weight + self.ramp
+
+
+def test_state_outside_the_tensor_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setitem(api.LAYER_TYPES, "_WithDerivedBuffer", (_WithDerivedBuffer, lambda m: {"width": len(m.weight)}))
+    model = api.Sequential(nn.Linear(3, 4), _WithDerivedBuffer(4)).double().build((3,))
+    loaded = api.load(model.save(tmp_path / "m"))
+    assert torch.equal(loaded[1].ramp, torch.arange(4.0)) and loaded[1].weight.dtype == torch.float64
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(loaded.predict(x), model.predict(x))
 
 
 def test_layers_that_cannot_be_built_on_meta_are_checked_after_building(tmp_path, monkeypatch):

@@ -175,3 +175,16 @@ def test_load_state_strict_copies_everything():
 def test_config_file_is_plain_json(tmp_path, tensors):
     write_checkpoint(tmp_path / "m", {"layers": [1, 2]}, tensors)
     assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text()) == {"layers": [1, 2]}
+
+
+def test_load_state_strict_can_keep_the_tensors_dtypes():
+    source, target = _model(), _model()
+    tensors = {k: v.double() if v.is_floating_point() else v.int() for k, v in source.state_dict().items()}
+    tensors["1.weight"] = tensors["1.weight"].bfloat16()
+    load_state_strict(target, tensors, keep_dtypes=True)
+    state = target.state_dict()
+    assert state["0.weight"].dtype == torch.float64 and state["1.weight"].dtype == torch.bfloat16
+    assert state["1.num_batches_tracked"].dtype == torch.int64  # integer tensors keep the module's dtype
+    assert isinstance(target[0].weight, nn.Parameter) and target[0].weight.requires_grad
+    for key, value in tensors.items():
+        assert torch.equal(state[key], value.to(state[key].dtype)), key

@@ -331,11 +331,18 @@ def load(path: str | os.PathLike) -> Sequential:
     if input_shape is not None and all(layer is not None for layer in meta):
         _loading.check_input_shape(plans, meta, input_shape, str(config_file))
     tensors = read_tensors(path)
-    model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where)) for plan in plans))
-    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(float_dtypes) == 1:
-        model.to(float_dtypes.pop())
-    load_state_strict(model, tensors, source=tensors_file)
+    # The meta layers take the file's tensors as they are (no second allocation, each tensor's dtype kept)
+    model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where) if layer is None
+                                    else layer) for plan, layer in zip(plans, meta)))
+    load_state_strict(model, tensors, source=tensors_file, keep_dtypes=True)
+    for plan in plans:
+        layer = getattr(model, plan.name)
+        if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):  # state the tensor file does not hold
+            layer = construct_layer(plan.cls, plan.args, plan.where)
+            prefix = f"{plan.name}."
+            load_state_strict(layer, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                              source=tensors_file, keep_dtypes=True)
+            setattr(model, plan.name, layer)
     if input_shape is not None and any(layer is None for layer in meta):  # not checked on meta: check it now
         try:
             model.build(input_shape)

@@ -146,11 +146,15 @@ def require_config_keys(config: Mapping[str, Any], keys: tuple[str, ...], where:
             raise ValueError(f"{where} is missing the key {key!r} (expected keys: {list(keys)})")
 
 
-def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                      keep_dtypes: bool = False) -> None:
     """Copy ``tensors`` into ``module``'s parameters and buffers after checking them against it.
 
     Every key of ``module.state_dict()`` must be present, no other key may be, and every shape must match;
-    dtypes are cast to the module's. A mismatch raises ``ValueError`` naming the key and the shapes.
+    a mismatch raises ``ValueError`` naming the key and the shapes. Floating-point tensors are cast to the
+    module's dtypes, or with ``keep_dtypes`` become the module's tensors as they are (their own dtypes and
+    device: a mixed-precision checkpoint stays mixed, and a module built on the meta device gets real tensors).
+    Other tensors always take the module's dtype.
     """
     expected = module.state_dict()
     missing = [key for key in expected if key not in tensors]
@@ -164,6 +168,11 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
             raise ValueError(
                 f"{source} tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {tuple(reference.shape)}"
             )
+    if keep_dtypes:
+        module.load_state_dict({key: tensors[key] if tensors[key].is_floating_point() and reference.is_floating_point()
+                                else tensors[key].to(reference.dtype) for key, reference in expected.items()},
+                               strict=True, assign=True)
+        return
     with torch.no_grad():
         module.load_state_dict({key: tensors[key].to(expected[key].dtype) for key in expected}, strict=True)
 
