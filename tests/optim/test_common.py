@@ -287,3 +287,54 @@ def test_batch_size_comes_from_the_input_when_the_output_is_a_dict(name):
         for key in ("curvature", "A", "G", "diag0"):
             if key in plain:
                 torch.testing.assert_close(wrapped[key], plain[key], msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_add_param_group_trains_and_round_trips(name):
+    """A group added later (as torch's fine-tuning recipes do) trains at its own lr and survives a state
+    round trip; K-FAC's new group gets the base optimizer's defaults (momentum, ...)."""
+    data = batches(6)
+    states = []
+    for resume in (False, True):
+        model = make_model()
+        head = nn.Linear(3, 3)
+        full = nn.Sequential(model, head)
+        for p in head.parameters():
+            p.requires_grad_(False)  # frozen while the optimizer is built, as in a warm-up
+        opt = CONFIGS[name](full)
+        extra = nn.Parameter(torch.ones(3))
+        opt.add_param_group({"params": [extra], "lr": 0.01})
+        assert opt.param_groups[-1]["lr"] == 0.01
+        if isinstance(opt, KFAC):
+            assert opt.param_groups[-1]["momentum"] == opt.base.defaults["momentum"]
+        for p in head.parameters():
+            p.requires_grad_(True)
+        head_before = head.weight.detach().clone()
+
+        def loss_fn(out, y, extra=extra):
+            return F.cross_entropy(out * extra, y)
+
+        for step, (x, y) in enumerate(data):
+            train_step(full, opt, loss_fn, x, y)
+            if resume and step == 2:
+                saved = copy.deepcopy(opt.state_dict())
+                head.requires_grad_(False)  # rebuilt as it was built (K-FAC gives a frozen layer no block)
+                opt = CONFIGS[name](full)
+                head.requires_grad_(True)
+                opt.add_param_group({"params": [extra], "lr": 0.01})
+                opt.load_state_dict(saved)
+        assert not torch.equal(extra.detach(), torch.ones(3))
+        assert not torch.equal(head.weight.detach(), head_before)  # frozen when built, trains once unfrozen
+        states.append([p.detach().clone() for p in [*full.parameters(), extra]])
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
+
+
+def test_kfac_defaults_are_the_base_optimizers_for_schedulers():
+    opt = KFAC(make_model())
+    assert opt.defaults is opt.base.defaults and "momentum" in opt.defaults
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # cycles momentum
+    x, y = batches(1)[0]
+    train_step(opt.model, opt, F.cross_entropy, x, y)
+    scheduler.step()
+    assert opt.base.param_groups[0]["lr"] == scheduler.get_last_lr()[0]

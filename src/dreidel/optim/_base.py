@@ -66,17 +66,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, defaults: dict, names: list[str] | None = None) -> None:
+        self._param_names: dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
         all_params = [p for group in self.param_groups for p in group["params"]]
-        if names is None:
-            names = [
-                f"param_groups[{g}].params[{i}]"
-                for g, group in enumerate(self.param_groups)
-                for i in range(len(group["params"]))
-            ]
-        if len(names) != len(all_params):
-            raise ValueError(f"names: expected {len(all_params)} names, got {len(names)}")
-        self._param_names: dict[torch.Tensor, str] = dict(zip(all_params, names))
+        if names is not None:
+            if len(names) != len(all_params):
+                raise ValueError(f"names: expected {len(all_params)} names, got {len(names)}")
+            self._param_names = dict(zip(all_params, names))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the new parameters are named by position."""
+        super().add_param_group(param_group)
+        self._name_new_parameters()
+
+    def _name_new_parameters(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                self._param_names.setdefault(p, f"param_groups[{g}].params[{i}]")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also forgets layer inputs recorded since the last step (the contract starts a step here)."""
@@ -164,12 +170,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-def named_trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and parameters of ``model`` that require grad; lazy (uninitialised) ones are refused."""
+def named_model_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and parameters of ``model``, frozen ones included (as ``torch.optim`` optimizers built from
+    ``model.parameters()``: a parameter unfrozen later trains, one without a gradient is skipped); lazy
+    (uninitialised) ones are refused."""
     names, params = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         if nn.parameter.is_lazy(p):
             raise ValueError(
                 f"model: parameter {name!r} is not initialised yet (lazy); run one forward pass first"

@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, named_trainable_parameters
+from dreidel.optim._base import Closure, CurvatureOptimizer, named_model_parameters
 from dreidel.optim._capture import (
     ActivationCapture,
     parameter_owners,
@@ -121,7 +121,7 @@ class DiagonalNewton(CurvatureOptimizer):
         if self.model is None and curvature != "hutchinson":
             raise ValueError(f"model_or_params: curvature={curvature!r} needs the nn.Module, not parameters")
         if self.model is not None:
-            names, params = named_trainable_parameters(self.model)
+            names, params = named_model_parameters(self.model)
         else:
             params, names = list(model_or_params), None
         defaults = dict(lr=lr, betas=betas, damping=damping, eps=eps, clip=clip, weight_decay=weight_decay)

@@ -7,7 +7,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from dreidel.optim._base import named_trainable_parameters
+from dreidel.optim._base import named_model_parameters
 from dreidel.optim._diagonal_newton import DiagonalNewton
 from dreidel.optim._kfac import KFAC
 
@@ -34,10 +34,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.op
     if isinstance(spec, str):
         name = spec.lower()
         if name == "adam":
-            return torch.optim.Adam(named_trainable_parameters(model)[1], **{"lr": 1e-3, **kwargs})
+            return torch.optim.Adam(named_model_parameters(model)[1], **{"lr": 1e-3, **kwargs})
         if name == "sgd":
             options = {"lr": 0.01, "momentum": 0.9, **kwargs}
-            return torch.optim.SGD(named_trainable_parameters(model)[1], **options)
+            return torch.optim.SGD(named_model_parameters(model)[1], **options)
         if name == "diagonal_newton":
             return DiagonalNewton(model, **kwargs)
         if name == "kfac":

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, named_trainable_parameters
+from dreidel.optim._base import Closure, CurvatureOptimizer, named_model_parameters
 from dreidel.optim._capture import ActivationCapture, curvature_dtype, parameter_owners
 from dreidel.optim._kfac_blocks import Block, block_for
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -178,13 +178,15 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"factor_rank: expected a positive int or None, got {factor_rank!r}")
         if factor_rank is not None and damping_mode != "factored":
             raise ValueError("factor_rank: low-rank inverses need damping_mode='factored'")
-        names, params = named_trainable_parameters(model)
+        names, params = named_model_parameters(model)
         base_opt = base(params) if base is not None else torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay
         )
+        self.base = None  # add_param_group during construction goes to this optimizer's own groups
         super().__init__(params, dict(lr=lr), names)
         self.base = base_opt
         self.param_groups = self.base.param_groups  # one set of groups: schedulers see the base's lr
+        self.defaults = self.base.defaults  # add_param_group and schedulers (OneCycleLR's momentum) see them
         self.model = model
         self.blocks, unsupported = find_blocks(model)
         if unsupported:
@@ -201,6 +203,15 @@ class KFAC(CurvatureOptimizer):
         self.progress = {"step": 0, "damping": float(damping)}
         self.generator = torch.Generator().manual_seed(seed)
         self._arm_capture()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds the group to the base optimizer (whose groups these are), with the base's defaults."""
+        if self.base is None:
+            super().add_param_group(param_group)
+            return
+        self.base.add_param_group(param_group)
+        self.param_groups = self.base.param_groups
+        self._name_new_parameters()
 
     @property
     def damping(self) -> float:
