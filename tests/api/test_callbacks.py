@@ -69,6 +69,44 @@ def test_model_checkpoint_writes_loadable_models(tmp_path, digits):
     assert reloaded.evaluate(x_val, y_val)["accuracy"] == pytest.approx(best_accuracy)
 
 
+@pytest.mark.parametrize(
+    "checkpoint, message",
+    [
+        (dict(path="ck/{val_loss:.2f}"), r"path '.*ck/\{val_loss:.2f\}' uses 'val_loss', which fit will not log \(val_\* "
+                                          r"keys need validation_data or validation_split\); logged keys: "
+                                          r"\['epoch', 'loss', 'accuracy', 'lr'\]"),
+        (dict(path="ck/{epoch}-{top_5_accuracy}"), "uses 'top_5_accuracy', which fit will not log"),
+        (dict(path="ck/best", monitor="val_accuracy", save_best_only=True), "monitor is 'val_accuracy'"),
+    ],
+)
+def test_model_checkpoint_names_a_missing_metric_before_training(tmp_path, digits, checkpoint, message):
+    x, y, *_ = digits
+    model = _model().compile("sgd", "cross_entropy", ["accuracy"], lr=0.1)
+    before = [p.clone() for p in model.parameters()]
+    checkpoint["path"] = tmp_path / checkpoint["path"]
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, epochs=2, callbacks=[api.ModelCheckpoint(**checkpoint)], verbose=0)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # stopped before the first step
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path, message", [("ck/{}", "placeholders must name a logged key"),
+                                           ("ck/{0}", "placeholders must name a logged key"),
+                                           ("ck/{loss", "not a valid format string")])
+def test_model_checkpoint_rejects_malformed_paths(path, message):
+    with pytest.raises(ValueError, match=message):
+        api.ModelCheckpoint(path)
+
+
+def test_model_checkpoint_path_may_use_any_logged_key(tmp_path, digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("sgd", "cross_entropy", ["accuracy"], lr=0.1)
+    saver = api.ModelCheckpoint(tmp_path / "e{epoch}-{loss:.1f}-{val_accuracy:.2f}-{lr}")
+    history = model.fit(x, y, epochs=1, validation_data=(x_val, y_val), callbacks=[saver], verbose=0)
+    logs = {key: values[0] for key, values in history.history.items()}
+    assert [p.name for p in saver.saved_paths] == [f"e1-{logs['loss']:.1f}-{logs['val_accuracy']:.2f}-{logs['lr']}"]
+
+
 def test_csv_logger_rows_match_history(tmp_path, digits):
     x, y, x_val, y_val = digits
     model = _model().compile("adam", "cross_entropy", ["accuracy"])

@@ -11,6 +11,8 @@ import io
 import logging
 import math
 import os
+import re
+import string
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,10 @@ class Callback:
 
     def on_train_end(self, model) -> None:
         pass
+
+    def check_log_keys(self, keys: list[str]) -> None:
+        """Called by ``fit`` before training with the keys every epoch's logs will hold (and ``epoch``); raise
+        a ``ValueError`` here for a key the callback needs that fit will not log."""
 
 
 def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
@@ -108,6 +114,24 @@ class ModelCheckpoint(Callback):
         self._improves = _improves(mode, monitor)
         self.best: float | None = None
         self.saved_paths: list[Path] = []
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(self.path) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"path {self.path!r} is not a valid format string: {error}") from error
+        if "" in fields or any(field[0].isdigit() for field in fields if field):
+            raise ValueError(f"path {self.path!r}: placeholders must name a logged key, e.g. {{epoch}} or {{val_loss}}")
+        self._path_keys = list(dict.fromkeys(re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields))
+
+    def check_log_keys(self, keys: list[str]) -> None:
+        needed = [key for key in self._path_keys if key != "epoch"]
+        if self.save_best_only:
+            needed.append(self.monitor)
+        missing = [key for key in needed if key not in keys]
+        if missing:
+            hint = " (val_* keys need validation_data or validation_split)" if missing[0].startswith("val_") else ""
+            use = f"path {self.path!r} uses" if missing[0] in self._path_keys else "monitor is"
+            raise ValueError(f"ModelCheckpoint: {use} {missing[0]!r}, which fit will not log{hint}; "
+                             f"logged keys: {['epoch', *keys]}")
 
     def on_train_begin(self, model) -> None:
         self.best = None

@@ -22,7 +22,7 @@ from dreidel.api.history import History
 from dreidel.api import _loading
 from dreidel.api.layer_specs import construct_layer, layer_spec
 from dreidel.api.losses import resolve_loss
-from dreidel.api.metrics import resolve_metric
+from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
 from dreidel.io.checkpoint import (
     CONFIG_FILE,
@@ -198,6 +198,10 @@ class Sequential(nn.Sequential):
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(f"callbacks must hold dreidel.api.callbacks.Callback objects, got {type(callback).__name__}")
+        log_keys = ["loss", *(metric_name(m) for m in compiled.metrics)]
+        log_keys += [f"val_{key}" for key in log_keys] if validation is not None else []
+        for callback in callbacks:
+            callback.check_log_keys([*log_keys, "lr"])
         self._check_input(train.x if train.x is not None else train.first_input(), "x")
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.history = history = History()
