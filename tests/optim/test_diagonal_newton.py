@@ -3,6 +3,8 @@ against the true Hessian diagonal, and the Gauss-Newton diagonal against per-sam
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +228,53 @@ def test_weight_shared_with_a_module_without_per_sample_grads_gets_batch_estimat
     opt = DiagonalNewton(model, betas=(0.0, 0.0))
     train_step(model, opt, cross_entropy, x, y)
     torch.testing.assert_close(opt.state[model.emb.weight]["curvature"], 4 * grad**2)
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x, use_b: bool):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+@pytest.mark.parametrize("first_use", [0, 5, 13])
+def test_parameter_first_used_mid_run_gets_its_own_counts_and_batch_estimate(first_use):
+    """Its first step is m = g (bias-corrected by its own count) over h = B g^2 (refresh) or the B g^2
+    fallback (between refreshes); was a sign step (h = 0, global bias correction)."""
+    torch.manual_seed(0)
+    model = Branchy()
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = DiagonalNewton(model, lr=0.1, curvature="gnb")  # gnb, empirical: every estimate is B g^2
+    for step in range(first_use + 1):
+        use_b = step == first_use
+        before = model.b.weight.detach().clone()
+        opt.zero_grad()
+        F.mse_loss(model(x, use_b), y).backward()
+        grad = model.b.weight.grad
+        opt.step(lambda: F.mse_loss(model(x, use_b), y))
+    expected = before - 0.1 * (grad / (16 * grad**2 + 1e-4)).clamp(-1, 1)
+    torch.testing.assert_close(model.b.weight.detach(), expected)
+    assert opt.state[model.b.weight]["step"] == 1 and opt.state[model.a.weight]["step"] == first_use + 1
+
+
+def test_state_saved_without_per_parameter_counts_still_loads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = DiagonalNewton(model, curvature_every=2)
+    for _ in range(3):
+        train_step(model, opt, F.mse_loss, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    old_style = {**saved, "state": {k: {n: v for n, v in s.items() if n not in ("step", "curvature_updates")}
+                                    for k, s in saved["state"].items()}}
+    resumed_model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = DiagonalNewton(resumed_model, curvature_every=2)
+    resumed.load_state_dict(old_style)
+    for _ in range(3):
+        train_step(model, opt, F.mse_loss, x, y)
+        train_step(resumed_model, resumed, F.mse_loss, x, y)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)

@@ -42,7 +42,8 @@ class ActivationCapture:
     """Records ``LayerRecord``s for ``modules`` while ``enabled`` and grad mode is on.
 
     Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
-    start from it, and the batch size B of that call (``batch_size``: the leading dimension of the first
+    start from it, and the batch size B of the last call with grad enabled (``batch_size``, kept even
+    while disabled: the leading dimension of the first
     tensor positional argument, else of the output; 1 for a 0-d one), which scales the empirical Fisher
     whatever the model returns (a tuple, a dict). Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
     """
@@ -75,12 +76,12 @@ class ActivationCapture:
         output.register_hook(keep_grad)
 
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not (self.enabled and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
             return
-        if isinstance(output, torch.Tensor):
-            self.root_output = output
         first = next((x for x in inputs if isinstance(x, torch.Tensor)), output)
         self.batch_size = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+        if self.enabled and isinstance(output, torch.Tensor):
+            self.root_output = output
 
     def complete_records(self, module: nn.Module) -> list[LayerRecord]:
         """Records of ``module`` whose backward has run."""

@@ -131,6 +131,7 @@ class DiagonalNewton(CurvatureOptimizer):
         self.curvature_every = curvature_every
         self.generator = torch.Generator().manual_seed(seed)
         self._warned_flat = False
+        self._flat: set[torch.Tensor] = set()  # Hutchinson: parameters whose curvature stays 0
         self.capture: ActivationCapture | None = None
         if self.model is not None:
             modules = per_sample_modules(self.model) if curvature == "gauss_newton" else []
@@ -205,6 +206,7 @@ class DiagonalNewton(CurvatureOptimizer):
             logger.warning("DiagonalNewton: no Hessian-vector product for %s (gradient has no graph: linear in "
                            "the loss or a once-differentiable layer); their curvature stays 0", ", ".join(flat))
             self._warned_flat = True
+        self._flat.update(p for p, g in zip(params, grads) if g is not None and not g.requires_grad)
         if not pairs:
             return {}
         zs = [
@@ -263,6 +265,7 @@ class DiagonalNewton(CurvatureOptimizer):
             if self.capture is not None:
                 self.capture.clear()
             return
+        batch = (self.capture.batch_size or 1) if self.capture is not None else 1
         estimates: dict = {}
         if refresh and params:
             if self.curvature == "hutchinson":
@@ -274,22 +277,31 @@ class DiagonalNewton(CurvatureOptimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             group["step"] = step + 1
-            if refresh:
-                group["curvature_updates"] = group.get("curvature_updates", 0) + 1
             n_curv = group.get("curvature_updates", 0)
+            if refresh:
+                group["curvature_updates"] = n_curv + 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["curvature"] = torch.zeros_like(p)
-                if p in estimates:
-                    h_hat = torch.nan_to_num(estimates[p], nan=0.0, posinf=0.0, neginf=0.0)
+                    state.update(exp_avg=torch.zeros_like(p), curvature=torch.zeros_like(p), step=0,
+                                 curvature_updates=0)
+                elif "curvature_updates" not in state:  # saved before per-parameter counts: the global ones
+                    state.update(step=step, curvature_updates=n_curv)
+                # Counts are per parameter: one that first gets a gradient mid-run is bias-corrected by
+                # its own updates, and until a refresh estimates it, its curvature is B g^2 of this gradient.
+                h_hat = estimates.get(p)
+                if h_hat is None and state["curvature_updates"] == 0 and p not in self._flat:
+                    h_hat = batch * working_precision(p.grad) ** 2
+                if h_hat is not None:
+                    h_hat = torch.nan_to_num(h_hat, nan=0.0, posinf=0.0, neginf=0.0)
                     state["curvature"].mul_(beta2).add_(h_hat, alpha=1 - beta2)
+                    state["curvature_updates"] += 1
+                state["step"] += 1
                 state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                m = state["exp_avg"] / (1 - beta1 ** (step + 1))
-                h = state["curvature"] / max(1 - beta2**n_curv, 1e-12)
+                m = state["exp_avg"] / (1 - beta1 ** state["step"])
+                h = state["curvature"] / max(1 - beta2 ** state["curvature_updates"], 1e-12)
                 newton = m / (h + group["damping"]).clamp_min(group["eps"])
                 newton = torch.nan_to_num(newton.clamp_(-group["clip"], group["clip"]), nan=0.0)
                 if group["weight_decay"]:
