@@ -330,6 +330,38 @@ def test_dry_runs_use_the_models_device_and_dtype():
     assert "(2,)" in wide.summary((16,)) and wide[1].weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+def test_floating_inputs_are_cast_to_the_models_dtype(digits, model_dtype):
+    """A float64 tensor, a float64 array, a float32 array and a DataLoader of float64 batches train alike."""
+    x_train, y_train, x_test, _ = digits
+    x, y = x_train[:200], y_train[:200]
+    inputs = {"reference": (x.to(model_dtype), y), "float64 tensor": (x.double(), y),
+              "float64 array": (x.double().numpy(), y.numpy()), "float32 array": (x.float().numpy(), y.numpy()),
+              "float64 loader": (as_dataloader(x.double(), y, 50, shuffle=False), None)}
+    states = {}
+    for name, (data, labels) in inputs.items():
+        torch.manual_seed(9)
+        model = api.Sequential(LinearWHT(16, activation="relu"), nn.Linear(16, 10)).to(model_dtype)
+        model.compile("sgd", lr=0.1)
+        model.fit(data, labels, batch_size=50, shuffle=False, verbose=0)
+        assert model.predict(x_test.double()).dtype == model_dtype
+        states[name] = model.state_dict()
+    for name, state in states.items():
+        for key, value in states["reference"].items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), (name, key)
+
+
+def test_floating_targets_are_cast_to_the_outputs_dtype(digits):
+    x_train, *_ = digits
+    x = x_train[:64]
+    results = []
+    for target in (x[:, :8].float(), x[:, :8].double(), x[:, :8].double().numpy()):
+        torch.manual_seed(10)
+        model = api.Sequential(nn.Linear(64, 8)).compile("sgd", "mse", lr=0.1)
+        results.append(model.fit(x, target, verbose=0, shuffle=False).history["loss"])
+    assert results[0] == results[1] == results[2]
+
+
 def _flatten_pairs(samples):
     """A collate_fn that changes the shape: (4, 4) images become 16 features."""
     return torch.stack([x for x, _ in samples]).flatten(1), torch.stack([y for _, y in samples])

@@ -12,17 +12,18 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dreidel.api.losses import CrossEntropy, KLDivergence, MeanSquaredError
 
-__all__ = ["BatchSource", "as_tensor", "check_targets", "make_source", "split_batch"]
+__all__ = ["BatchSource", "as_tensor", "check_targets", "make_source", "split_batch", "targets_like"]
 
 
 def as_tensor(value, name: str) -> torch.Tensor:
-    """``value`` (tensor or numpy array) as a tensor, float arrays as float32; ``name`` is used in errors."""
+    """``value`` (tensor or numpy array) as a tensor; integer arrays as int64, float arrays keep their dtype
+    (``BatchSource`` casts floating inputs to the model's dtype per batch); ``name`` is used in errors."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         if tensor.is_floating_point():
-            return tensor.float()
+            return tensor
         return tensor.long() if tensor.dtype != torch.bool else tensor
     raise TypeError(f"{name} must be a torch.Tensor, a numpy array or (for x) a DataLoader, got {type(value).__name__}")
 
@@ -46,12 +47,19 @@ def split_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @dataclass
 class BatchSource:
-    """Where batches come from: in-memory ``x`` ``(N, ...)`` / ``y`` ``(N, ...)``, or a DataLoader of pairs."""
+    """Where batches come from: in-memory ``x`` ``(N, ...)`` / ``y`` ``(N, ...)``, or a DataLoader of pairs.
+
+    Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set.
+    """
 
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     loader: DataLoader | None = None
     batch_size: int = 32
+    dtype: torch.dtype | None = None
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) if self.dtype is not None and x.is_floating_point() else x
 
     @property
     def num_samples(self) -> int | None:
@@ -76,34 +84,41 @@ class BatchSource:
     def batches(self, shuffle: bool, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         if self.loader is not None:
             for index, batch in enumerate(self.loader):
-                yield split_batch(batch, f"batch {index + 1}")
+                x, y = split_batch(batch, f"batch {index + 1}")
+                yield self._cast(x), y
             return
         n = self.x.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
         for start in range(0, n, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
-            yield self.x[index], (None if self.y is None else self.y[index])
+            yield self._cast(self.x[index]), (None if self.y is None else self.y[index])
 
 
-def make_source(x, y, batch_size: int, need_targets: bool) -> BatchSource:
-    """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them."""
+def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | None = None) -> BatchSource:
+    """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them (floating ``x``
+    batches cast to ``dtype``)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(x, DataLoader):
         if y is not None:
             raise ValueError("y must be None when x is a DataLoader (the loader yields (x, y) pairs)")
-        return BatchSource(loader=x)
+        return BatchSource(loader=x, dtype=dtype)
     x = as_tensor(x, "x")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, features...), got shape {tuple(x.shape)}")
     if y is None:
         if need_targets:
             raise ValueError("y is required when x is a tensor or array")
-        return BatchSource(x=x, batch_size=batch_size)
+        return BatchSource(x=x, batch_size=batch_size, dtype=dtype)
     y = as_tensor(y, "y")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    return BatchSource(x=x, y=y, batch_size=batch_size)
+    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype)
+
+
+def targets_like(target: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | None:
+    """Floating-point targets in the output's dtype (class indices and missing targets as they are)."""
+    return target.to(output.dtype) if target is not None and target.is_floating_point() else target
 
 
 def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dreidel.api._batches import BatchSource, check_targets
+from dreidel.api._batches import BatchSource, check_targets, targets_like
 from dreidel.api.metrics import metric_name
 from dreidel.optim import CurvatureOptimizer
 
@@ -85,6 +85,7 @@ def train_epoch(
             check_input(x, where)
             optimizer.zero_grad()
             output = model(x)
+            y = targets_like(y, output)
             check_targets(loss_fn, output, y, where)
             loss = loss_fn(output, y)
             loss_value = loss.item()
@@ -128,6 +129,7 @@ def evaluate_pass(
                 where = f"evaluation batch {batch_index + 1}"
                 check_input(x, where)
                 output = model(x)
+                y = targets_like(y, output)
                 check_targets(loss_fn, output, y, where)
                 running.add(_batch_metrics(loss_fn(output, y).item(), metrics, output, y), x.shape[0])
     finally:

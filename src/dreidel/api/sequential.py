@@ -180,7 +180,11 @@ class Sequential(nn.Sequential):
             callbacks: ``dreidel.api.callbacks`` objects.
             verbose: 0 silences the progress bar (it is also off when stderr is not a terminal).
             shuffle: reshuffle in-memory data every epoch (a DataLoader shuffles as configured).
-                Numpy float arrays are converted to float32 tensors, numpy integer arrays to int64.
+
+        Dtypes: floating-point ``x`` (tensor or numpy array, in memory or from a DataLoader) is cast to the
+        model's dtype (that of its parameters), so a float64 array and a float64 tensor train a float32 model
+        alike; floating-point ``y`` is cast to the output's dtype; numpy integer arrays become int64.
+        ``evaluate`` and ``predict`` cast the same way.
             seed / generator: the source of the shuffling order (give at most one).
 
         Returns:
@@ -234,7 +238,8 @@ class Sequential(nn.Sequential):
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         if validation_split and validation_data is not None:
             raise ValueError("give validation_data or validation_split, not both")
-        train = make_source(x, y, batch_size, need_targets=True)
+        dtype = self._device_and_dtype()[1]
+        train = make_source(x, y, batch_size, need_targets=True, dtype=dtype)
         if validation_split:
             if train.loader is not None:
                 raise ValueError("validation_split needs in-memory x and y, not a DataLoader; pass validation_data")
@@ -243,26 +248,26 @@ class Sequential(nn.Sequential):
                 raise ValueError(f"validation_split={validation_split} leaves {held_out} of {train.x.shape[0]} "
                                  "samples for validation; need at least one on each side")
             cut = train.x.shape[0] - held_out
-            validation = BatchSource(x=train.x[cut:], y=train.y[cut:], batch_size=batch_size)
-            train = BatchSource(x=train.x[:cut], y=train.y[:cut], batch_size=batch_size)
+            validation = BatchSource(x=train.x[cut:], y=train.y[cut:], batch_size=batch_size, dtype=dtype)
+            train = BatchSource(x=train.x[:cut], y=train.y[:cut], batch_size=batch_size, dtype=dtype)
             return train, validation
         if validation_data is None:
             return train, None
         if isinstance(validation_data, DataLoader):
-            return train, make_source(validation_data, None, batch_size, need_targets=True)
+            return train, make_source(validation_data, None, batch_size, need_targets=True, dtype=dtype)
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be an (x_val, y_val) pair or a DataLoader")
-        return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True)
+        return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype)
 
     def evaluate(self, x, y=None, batch_size: int = 256) -> dict[str, float]:
         """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
         compiled = self._require_compiled("evaluate")
-        source = make_source(x, y, batch_size, need_targets=True)
+        source = make_source(x, y, batch_size, need_targets=True, dtype=self._device_and_dtype()[1])
         return _training.evaluate_pass(self, source, compiled.loss, compiled.metrics, self._check_input)
 
     def predict(self, x, batch_size: int = 256) -> torch.Tensor:
         """Outputs ``(N, *output_shape)`` for ``x`` ``(N, *input_shape)`` (or a DataLoader), in eval mode."""
-        source = make_source(x, None, batch_size, need_targets=False)
+        source = make_source(x, None, batch_size, need_targets=False, dtype=self._device_and_dtype()[1])
         was_training = self.training
         self.eval()
         outputs = []
