@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -210,6 +211,15 @@ def test_mixed_precision_checkpoint_keeps_each_tensors_dtype(tmp_path):
     assert torch.equal(loaded[0](x), model[0](x))
     assert all(isinstance(p, nn.Parameter) and p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
     assert loaded.num_parameters() == model.num_parameters()
+
+
+def test_values_that_a_layer_refuses_name_the_tensor_file(tmp_path):
+    path = _small_model("wht").build((64,)).save(tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["0.permutation"][0, 0, :2] = 0  # no longer a permutation
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors: .*'permutation' is not a permutation"):
+        api.load(path)
 
 
 class _NeedsRealTensors(nn.Module):

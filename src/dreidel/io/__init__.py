@@ -1,5 +1,13 @@
 """Model files: dreidel checkpoints (safetensors + JSON) and CTranslate2 model.bin files."""
-from dreidel.io.checkpoint import load_state_strict, read_checkpoint, write_checkpoint
+from dreidel.io.checkpoint import (
+    TensorHeader,
+    load_state_strict,
+    read_checkpoint,
+    read_config,
+    read_tensor_header,
+    read_tensors,
+    write_checkpoint,
+)
 from dreidel.io.ctranslate2 import (  # CTranslate2 model.bin reader/writer
     CTranslate2Model,
     read_ctranslate2,
@@ -16,7 +24,11 @@ __all__ = [
     "load_state_strict",
     "read_checkpoint",
     "ShippedModelFiles",
+    "TensorHeader",
+    "read_config",
     "read_ctranslate2",
+    "read_tensor_header",
+    "read_tensors",
     "shipped_whisper_directory",
     "shipped_whisper_files",
     "write_checkpoint",

@@ -169,12 +169,15 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
                 f"{source} tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {tuple(reference.shape)}"
             )
     if keep_dtypes:
-        module.load_state_dict({key: tensors[key] if tensors[key].is_floating_point() and reference.is_floating_point()
-                                else tensors[key].to(reference.dtype) for key, reference in expected.items()},
-                               strict=True, assign=True)
-        return
-    with torch.no_grad():
-        module.load_state_dict({key: tensors[key].to(expected[key].dtype) for key in expected}, strict=True)
+        state = {key: tensors[key] if tensors[key].is_floating_point() and reference.is_floating_point()
+                 else tensors[key].to(reference.dtype) for key, reference in expected.items()}
+    else:
+        state = {key: tensors[key].to(reference.dtype) for key, reference in expected.items()}
+    try:
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True, assign=keep_dtypes)
+    except (ValueError, RuntimeError) as error:  # a module's own check of the values (e.g. a permutation)
+        raise ValueError(f"{source}: {error}") from error
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
