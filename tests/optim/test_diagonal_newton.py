@@ -141,10 +141,25 @@ def test_needs_model_for_gauss_newton():
         DiagonalNewton(nn.Linear(2, 2).parameters(), curvature="gauss_newton")
 
 
-@pytest.mark.parametrize("argument,value", [("curvature", "bfgs"), ("likelihood", "poisson"), ("lr", -1.0)])
-def test_bad_arguments_name_the_argument(argument, value):
-    with pytest.raises(ValueError, match=argument):
+@pytest.mark.parametrize(
+    "argument,value,error",
+    [("curvature", "bfgs", ValueError), ("likelihood", "poisson", ValueError), ("lr", -1.0, ValueError),
+     ("lr", float("nan"), ValueError), ("lr", float("inf"), ValueError), ("lr", "0.1", TypeError),
+     ("lr", True, TypeError), ("damping", -1.0, ValueError), ("damping", float("nan"), ValueError),
+     ("eps", 0.0, ValueError), ("clip", 0.0, ValueError), ("clip", float("nan"), ValueError),
+     ("weight_decay", -1.0, ValueError), ("curvature_every", 0, ValueError), ("curvature_every", 2.5, TypeError),
+     ("curvature_every", True, TypeError), ("seed", 1.5, TypeError), ("betas", (0.9,), ValueError),
+     ("betas", 0.9, ValueError), ("betas", (1.0, 0.9), ValueError), ("betas", (0.9, float("nan")), ValueError),
+     ("betas", ("0.9", 0.9), TypeError)],
+)
+def test_bad_arguments_name_the_argument(argument, value, error):
+    with pytest.raises(error, match=argument):
         DiagonalNewton(nn.Linear(2, 2), **{argument: value})
+
+
+def test_a_tensor_instead_of_parameters_is_refused():
+    with pytest.raises(TypeError, match="model_or_params"):
+        DiagonalNewton(torch.zeros(3, requires_grad=True), curvature="hutchinson")
 
 
 def test_hutchinson_without_double_backward_raises_clear_error():

@@ -487,3 +487,32 @@ def test_shared_weights_are_left_to_the_base_optimizer(kind, caplog):
     assert "A" not in opt.state[shared] and "A_diag" not in opt.state[shared]
     if kind == "tied_lm":
         assert "mix" in {b.name for b in opt.blocks} and "A" in opt.state[model.mix.weight]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [({"lr": float("nan")}, ValueError, "lr"), ({"lr": "0.1"}, TypeError, "lr"), ({"momentum": -1.0}, ValueError, "momentum"),
+     ({"weight_decay": -1.0}, ValueError, "weight_decay"), ({"damping": 0.0}, ValueError, "damping"),
+     ({"damping": float("inf")}, ValueError, "damping"), ({"factor_decay": 1.0}, ValueError, "factor_decay"),
+     ({"factor_every": 2.5}, TypeError, "factor_every"), ({"inverse_every": 0}, ValueError, "inverse_every"),
+     ({"damping_every": True}, TypeError, "damping_every"), ({"factor_warmup": -1}, ValueError, "factor_warmup"),
+     ({"kl_clip": float("nan")}, ValueError, "kl_clip"), ({"min_damping": -1.0}, ValueError, "min_damping"),
+     ({"min_damping": 10.0, "max_damping": 1.0, "damping": 5.0}, ValueError, "min_damping"),
+     ({"max_damping": float("inf")}, ValueError, "max_damping"), ({"damping": 1e6}, ValueError, "damping"),
+     ({"damping": 1e-9, "min_damping": 1e-8}, ValueError, "damping"), ({"adapt_damping": "yes"}, TypeError, "adapt_damping"),
+     ({"base": 3}, TypeError, "base"), ({"base": lambda params: 5}, TypeError, "base"),
+     ({"lr": 0.5, "base": lambda params: torch.optim.Adam(params)}, ValueError, "lr"),
+     ({"momentum": 0.0, "base": lambda params: torch.optim.Adam(params)}, ValueError, "momentum"),
+     ({"weight_decay": 0.1, "base": lambda params: torch.optim.Adam(params)}, ValueError, "weight_decay")],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
+
+
+def test_default_sgd_options_and_base_factory():
+    model = nn.Sequential(nn.Linear(3, 2))
+    group = KFAC(model).param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 0.0)
+    opt = KFAC(model, base=lambda params: torch.optim.Adam(params, lr=1e-3))
+    assert isinstance(opt.base, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3

@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, named_model_parameters
+from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
 from dreidel.optim._capture import (
     ActivationCapture,
     parameter_owners,
@@ -106,17 +106,23 @@ class DiagonalNewton(CurvatureOptimizer):
         curvature_every: int = 10,
         seed: int = 0,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas: expected both in [0, 1), got {betas}")
-        if damping < 0 or eps <= 0 or clip <= 0 or weight_decay < 0:
-            raise ValueError("damping/weight_decay: expected >= 0; eps/clip: expected > 0")
+        check_number("lr", lr, low=0, low_open=True)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+        check_number("damping", damping, low=0)
+        check_number("eps", eps, low=0, low_open=True)
+        check_number("clip", clip, low=0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
         check_likelihood(likelihood)
-        if curvature_every < 1:
-            raise ValueError(f"curvature_every: expected >= 1, got {curvature_every}")
+        check_count("curvature_every", curvature_every)
+        check_count("seed", seed, minimum=-(2**63))
+        if isinstance(model_or_params, torch.Tensor):
+            raise TypeError("model_or_params: expected an nn.Module or an iterable of parameters / param groups, "
+                            f"got a {type(model_or_params).__name__}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is None and curvature != "hutchinson":
             raise ValueError(f"model_or_params: curvature={curvature!r} needs the nn.Module, not parameters")
@@ -124,7 +130,7 @@ class DiagonalNewton(CurvatureOptimizer):
             names, params = named_model_parameters(self.model)
         else:
             params, names = list(model_or_params), None
-        defaults = dict(lr=lr, betas=betas, damping=damping, eps=eps, clip=clip, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), damping=damping, eps=eps, clip=clip, weight_decay=weight_decay)
         super().__init__(params, defaults, names)
         self.curvature = curvature
         self.likelihood = likelihood

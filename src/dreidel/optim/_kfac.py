@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, named_model_parameters
+from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
 from dreidel.optim._capture import ActivationCapture, curvature_dtype, parameter_owners
 from dreidel.optim._kfac_blocks import Block, block_for
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -86,7 +86,8 @@ class KFAC(CurvatureOptimizer):
             LayerNorm and ``PerSampleGradients`` layers (exact diagonal Fisher) are preconditioned.
             Other parameters, and those shared by two modules (a tied embedding and output head), are
             left to the base optimizer (listed once at INFO level).
-        lr, momentum, weight_decay: of the default base optimizer, SGD with momentum.
+        lr, momentum, weight_decay: of the default base optimizer, SGD with momentum (0.1, 0.9 and 0
+            when not given); refused together with ``base`` (give them to its factory).
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
             the mean loss's curvature. M&G 2015 start high (150 for a per-case loss summed over the
             outputs) and let the Levenberg-Marquardt rule lower it (by 0.77 per 5 steps at most, so
@@ -142,9 +143,9 @@ class KFAC(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         damping: float = 0.1,
         factor_decay: float = 0.95,
         factor_every: int = 5,
@@ -163,14 +164,37 @@ class KFAC(CurvatureOptimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if damping <= 0 or not 0 <= factor_decay < 1:
-            raise ValueError("damping: expected > 0; factor_decay: expected in [0, 1)")
-        if min(factor_every, inverse_every, damping_every) < 1:
-            raise ValueError("factor_every/inverse_every/damping_every: expected >= 1")
-        if factor_warmup is not None and factor_warmup < 0:
-            raise ValueError(f"factor_warmup: expected >= 0 or None, got {factor_warmup}")
-        if kl_clip is not None and kl_clip <= 0:
-            raise ValueError(f"kl_clip: expected > 0 or None, got {kl_clip}")
+        sgd_options = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        if base is not None:
+            given = [name for name, value in sgd_options.items() if value is not None]
+            if given:
+                raise ValueError(f"{'/'.join(given)}: options of the default SGD, ignored with base=; "
+                                 "give them to the base optimizer's factory instead")
+            if not callable(base):
+                raise TypeError(f"base: expected a factory(params) -> Optimizer, got {type(base).__name__}")
+        lr, momentum, weight_decay = (0.1 if lr is None else lr, 0.9 if momentum is None else momentum,
+                                      0.0 if weight_decay is None else weight_decay)
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("momentum", momentum, low=0)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("damping", damping, low=0, low_open=True)
+        check_number("factor_decay", factor_decay, low=0, high=1, high_open=True)
+        for name, value in (("factor_every", factor_every), ("inverse_every", inverse_every),
+                            ("damping_every", damping_every)):
+            check_count(name, value)
+        if factor_warmup is not None:
+            check_count("factor_warmup", factor_warmup, minimum=0)
+        if kl_clip is not None:
+            check_number("kl_clip", kl_clip, low=0, low_open=True)
+        if not isinstance(adapt_damping, bool):
+            raise TypeError(f"adapt_damping: expected a bool, got {type(adapt_damping).__name__}")
+        check_number("min_damping", min_damping, low=0)
+        check_number("max_damping", max_damping, low=0, low_open=True)
+        if min_damping > max_damping:
+            raise ValueError(f"min_damping/max_damping: expected min_damping <= max_damping, got {min_damping} > {max_damping}")
+        if not min_damping <= damping <= max_damping:
+            raise ValueError(f"damping: expected in [min_damping, max_damping] = [{min_damping}, {max_damping}], got {damping}")
+        check_count("seed", seed, minimum=-(2**63))
         check_likelihood(likelihood)
         if damping_mode not in ("exact", "factored"):
             raise ValueError(f"damping_mode: expected 'exact' or 'factored', got {damping_mode!r}")
@@ -182,6 +206,8 @@ class KFAC(CurvatureOptimizer):
         base_opt = base(params) if base is not None else torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay
         )
+        if not isinstance(base_opt, torch.optim.Optimizer):
+            raise TypeError(f"base: the factory returned {type(base_opt).__name__}, not a torch.optim.Optimizer")
         self.base = None  # add_param_group during construction goes to this optimizer's own groups
         super().__init__(params, dict(lr=lr), names)
         self.base = base_opt
