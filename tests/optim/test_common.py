@@ -338,3 +338,66 @@ def test_kfac_defaults_are_the_base_optimizers_for_schedulers():
     train_step(opt.model, opt, F.cross_entropy, x, y)
     scheduler.step()
     assert opt.base.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
+
+
+def trained_state(make):
+    model = make_model()
+    opt = make(model)
+    for x, y in batches(3):
+        train_step(model, opt, F.cross_entropy, x, y)
+    return copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize(
+    "source,target,match",
+    [(lambda m: KFAC(m), lambda m: DiagonalNewton(m), "KFAC"),
+     (lambda m: DiagonalNewton(m), lambda m: KFAC(m), "DiagonalNewton"),
+     (lambda m: KFAC(m), lambda m: KFAC(m, damping_mode="exact"), "damping_mode"),
+     (lambda m: KFAC(m, factor_rank=1), lambda m: KFAC(m), "factor_rank")],
+    ids=["kfac_into_dn", "dn_into_kfac", "factored_into_exact", "low_rank_into_dense"],
+)
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "old_state"])
+def test_loading_another_optimizers_state_names_the_mismatch(source, target, match, recorded):
+    state = trained_state(source)
+    if not recorded:  # saved before the record existed: type mismatches are still caught by their keys
+        state.pop("optimizer")
+        if match in ("damping_mode", "factor_rank"):
+            return  # covered by test_old_factored_state_loads_into_exact_mode_with_fresh_inverses
+        match = "KFAC|missing"
+    with pytest.raises(ValueError, match=match):
+        target(make_model()).load_state_dict(state)
+
+
+@pytest.mark.parametrize("target", [lambda m: KFAC(m), lambda m: DiagonalNewton(m)], ids=["kfac", "dn"])
+def test_loading_a_torch_optimizer_state_is_a_clear_error(target):
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters())
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    adam.step()
+    with pytest.raises(ValueError, match="not saved by"):
+        target(make_model()).load_state_dict(adam.state_dict())
+
+
+def test_old_factored_state_loads_into_exact_mode_with_fresh_inverses():
+    """No record to compare: the factored inverses are dropped and the exact eigenbasis rebuilt from the
+    saved factors, so the next step is the exact damped Kronecker solve (float64 oracle)."""
+    state = trained_state(lambda m: KFAC(m, kl_clip=None, adapt_damping=False, lr=1.0, momentum=0.0))
+    state.pop("optimizer")
+    model = make_model()
+    opt = KFAC(model, damping_mode="exact", kl_clip=None, adapt_damping=False, lr=1.0, momentum=0.0)
+    opt.load_state_dict(state)
+    layer = model[0]
+    factors = opt.state[layer.weight]
+    assert "inv_A" not in factors and "eig_A" in factors
+    opt.progress["step"] = 21  # neither a factor nor an inverse step: the loaded factors are used as they are
+    opt._arm_capture()
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    gamma = torch.cat([layer.weight.grad, layer.bias.grad.unsqueeze(1)], dim=1)
+    before = layer.weight.detach().clone()
+    opt.step()
+    kron = torch.kron(factors["G"], factors["A"]) + opt.damping * torch.eye(gamma.numel())
+    expected = torch.linalg.solve(kron, gamma.reshape(-1)).reshape(gamma.shape)
+    torch.testing.assert_close(before - layer.weight.detach(), expected[:, :4])

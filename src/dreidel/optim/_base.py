@@ -147,13 +147,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             [self._param_names[p], list(p.shape)] for group in self.param_groups for p in group["params"]
         ]
 
+    def _state_record(self) -> dict:
+        """The optimizer type and the settings that shape its per-parameter state (saved and compared)."""
+        return {"type": type(self).__name__}
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["param_signature"] = self._param_signature()
+        state["optimizer"] = self._state_record()
         return state
+
+    def _check_state_record(self, state_dict: dict) -> None:
+        """``ValueError`` naming the first difference between the saved record and ours (none saved: old
+        states load as before)."""
+        theirs = state_dict.get("optimizer")
+        if theirs is None:
+            return
+        ours = self._state_record()
+        for key in [*ours, *(k for k in theirs if k not in ours)]:
+            if theirs.get(key) != ours.get(key):
+                raise ValueError(
+                    f"state_dict: saved by {theirs.get('type')} with {key}={theirs.get(key)!r}, but this "
+                    f"{ours['type']} has {key}={ours.get(key)!r}"
+                )
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        self._check_state_record(state_dict)
+        state_dict.pop("optimizer", None)
         theirs = state_dict.pop("param_signature", None)
         if theirs is None:
             raise ValueError("state_dict: missing 'param_signature' (not saved by a dreidel optimizer)")

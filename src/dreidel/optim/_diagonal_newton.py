@@ -180,6 +180,9 @@ class DiagonalNewton(CurvatureOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        self._check_state_record(state_dict)
+        if "kfac" in state_dict or "base" in state_dict:
+            raise ValueError("state_dict: saved by KFAC (it has 'kfac'/'base' entries), not by DiagonalNewton")
         generator_state = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)
         if generator_state is not None:

@@ -281,8 +281,16 @@ class KFAC(CurvatureOptimizer):
         state["generator_state"] = self.generator.get_state()
         return state
 
+    def _state_record(self) -> dict:
+        return {**super()._state_record(), "damping_mode": self.hyper["damping_mode"],
+                "factor_rank": self.hyper["factor_rank"]}
+
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        self._check_state_record(state_dict)
+        missing = [key for key in ("base", "kfac", "generator_state") if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: missing {missing} (not saved by KFAC)")
         base, progress = state_dict.pop("base"), state_dict.pop("kfac")
         generator_state = state_dict.pop("generator_state")
         super().load_state_dict(state_dict)
@@ -295,7 +303,20 @@ class KFAC(CurvatureOptimizer):
         self.param_groups = self.base.param_groups
         self.progress.update(progress)
         self.generator.set_state(generator_state)
+        self._drop_other_mode_inverses()
         self._arm_capture()
+
+    def _drop_other_mode_inverses(self) -> None:
+        """A state saved before the record (so unchecked) in the other damping mode: its inverses would be
+        used stale (factored ``inv_*`` win over ``eig_*``), so they are dropped and rebuilt from the factors."""
+        stale = ("inv_A", "inv_G") if self.hyper["damping_mode"] == "exact" else ("eig_A", "eig_G")
+        for block in self.blocks:
+            state = self._block_state(block)
+            if any(key in state for key in stale):
+                for key in stale:
+                    state.pop(key, None)
+                block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"],
+                                      self.hyper["factor_rank"], self.generator)
 
     # -- the step ---------------------------------------------------------------------------------
     def _sampled_backward(self, closure: Closure, params: list) -> torch.Tensor:
