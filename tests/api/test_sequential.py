@@ -388,6 +388,12 @@ def test_lazy_layers_are_built_from_the_collated_batch(digits):
     assert model.input_shape == (16,) and model[0].in_features == 16
     with pytest.raises(ValueError, match=r"expected samples of shape \(16,\) \(the shape the model was built for\)"):
         model.predict(images)
+    batches = DataLoader(TensorDataset(images, labels), batch_sampler=[[0, 1, 2], [3, 4]], collate_fn=_flatten_pairs)
+    custom = api.Sequential(LinearWHT(8), nn.Linear(8, 2)).compile("adam")
+    custom.fit(batches, verbose=0)
+    assert custom.input_shape == (16,)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        custom.fit(DataLoader(TensorDataset(images[:0], labels[:0]), batch_size=4), verbose=0)
 
 
 @pytest.mark.parametrize(

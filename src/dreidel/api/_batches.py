@@ -73,12 +73,19 @@ class BatchSource:
         if self.loader is None:
             return self.x[:1]
         loader, dataset = self.loader, self.loader.dataset
-        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized) or len(dataset) == 0:
-            return next(self.batches(False, None))[0]
-        if loader.batch_size is None:  # automatic batching off: the collate_fn sees one sample at a time
+        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+            first = next(self.batches(False, None), None)
+            if first is None:
+                raise ValueError("x: the DataLoader yields no batches")
+            return first[0]
+        if len(dataset) == 0:
+            raise ValueError("x: the DataLoader's dataset is empty")
+        if loader.batch_sampler is None:  # automatic batching off: the collate_fn sees one sample at a time
             batch = loader.collate_fn(dataset[0])
-        else:  # the first batch of the unshuffled order, collated as the loader collates every batch
-            batch = loader.collate_fn([dataset[i] for i in range(min(loader.batch_size, len(dataset)))])
+        else:  # the first batch of the unshuffled order (one sample for a custom batch_sampler), collated as
+            # the loader collates every batch
+            size = min(loader.batch_size or 1, len(dataset))
+            batch = loader.collate_fn([dataset[i] for i in range(size)])
         return split_batch(batch, "the first batch")[0]
 
     def batches(self, shuffle: bool, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
