@@ -293,3 +293,18 @@ def test_state_saved_without_per_parameter_counts_still_loads():
         train_step(resumed_model, resumed, F.mse_loss, x, y)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_unbatched_input_is_a_batch_of_one():
+    """A 1-D input to Linear/LayerNorm layers: the same curvature as that input as a batch of one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4), torch.randn(3)
+    curvatures = []
+    for batched in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+        opt = DiagonalNewton(model, betas=(0.0, 0.0))
+        train_step(model, opt, F.mse_loss, x.unsqueeze(0) if batched else x, y.unsqueeze(0) if batched else y)
+        curvatures.append([opt.state[p]["curvature"] for p in model.parameters()])
+    for a, b in zip(*curvatures):
+        torch.testing.assert_close(a, b)

@@ -3,6 +3,7 @@ the exact natural gradient of a single linear layer with a Gaussian likelihood."
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -516,3 +517,72 @@ def test_default_sgd_options_and_base_factory():
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 0.0)
     opt = KFAC(model, base=lambda params: torch.optim.Adam(params, lr=1e-3))
     assert isinstance(opt.base, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_sparse_embedding_and_attention_projections_are_left_to_the_base(caplog):
+    """A sparse Embedding has no dense gradient to precondition; MultiheadAttention uses out_proj's weight
+    without calling it (no factors would ever come): both listed once, both stepped by plain SGD."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 6, sparse=True)
+            self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            return self.head(self.att(h, h, h)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Model()
+    x, y = torch.randint(0, 7, (4, 5)), torch.randn(4, 2)
+    with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+        opt = plain_kfac(model)
+    assert [b.name for b in opt.blocks] == ["head"]
+    message = next(r.getMessage() for r in caplog.records if "no curvature factors" in r.getMessage())
+    assert "emb (Embedding)" in message and "att.out_proj (" in message
+    loss = mse(model(x), y)
+    grad_emb, grad_out = torch.autograd.grad(loss, [model.emb.weight, model.att.out_proj.weight])
+    before = model.emb.weight.detach().clone(), model.att.out_proj.weight.detach().clone()
+    train_step(model, opt, mse, x, y)
+    torch.testing.assert_close(model.emb.weight.detach(), before[0] - grad_emb.to_dense())
+    torch.testing.assert_close(model.att.out_proj.weight.detach(), before[1] - grad_out)
+
+
+def test_overflowing_gradients_skip_factors_and_step_with_warnings(caplog):
+    """Factors that overflow are not stored; a non-finite predicted KL skips the step and raises the damping."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = KFAC(model, factor_every=1, inverse_every=1, adapt_damping=False)
+    train_step(model, opt, mse, x, y)
+    factors = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k in ("A", "G")}
+    before = [p.detach().clone() for p in model.parameters()]
+    damping = opt.damping
+    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
+        train_step(model, opt, lambda out, t: 1e200 * mse(out, t), x, y)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "non-finite curvature factors" in messages and "non-finite predicted KL" in messages
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(opt.state[model[0].weight][k], v) for k, v in factors.items())
+    assert opt.damping == pytest.approx(10 * damping)
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
+def test_unbatched_conv_input_is_a_batch_of_one(kind):
+    """Factors of an unbatched (C, L) / (C, H, W) input equal those of the same input as a batch of one."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1) if kind == "conv1d" else nn.Conv2d(2, 3, 3, stride=2)
+    shape = (2, 6) if isinstance(conv, nn.Conv1d) else (2, 6, 6)
+    x = torch.randn(*shape)
+    factors = []
+    for batched in (False, True):
+        model = nn.Sequential(copy.deepcopy(conv), nn.Flatten(-2 if isinstance(conv, nn.Conv1d) else -3))
+        opt = plain_kfac(model)
+        inp = x.unsqueeze(0) if batched else x
+        out_shape = model(inp).shape
+        train_step(model, opt, mse, inp, torch.zeros(out_shape))
+        factors.append({k: opt.state[model[0].weight][k] for k in ("A", "G")})
+    for key in ("A", "G"):
+        torch.testing.assert_close(factors[0][key], factors[1][key])

@@ -29,6 +29,19 @@ def working_precision(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``x`` is one sample without a batch dimension for ``module`` (torch's unbatched forms)."""
+    if isinstance(module, nn.Linear):
+        return x.dim() == 1
+    if isinstance(module, nn.LayerNorm):
+        return x.dim() == len(module.normalized_shape)
+    if isinstance(module, nn.Conv1d):
+        return x.dim() == 2
+    if isinstance(module, nn.Conv2d):
+        return x.dim() == 3
+    return False
+
+
 @dataclass
 class LayerRecord:
     """One forward call of a watched module: its inputs and (after backward) the output gradient."""
@@ -45,7 +58,8 @@ class ActivationCapture:
     start from it, and the batch size B of the last call with grad enabled (``batch_size``, kept even
     while disabled: the leading dimension of the first
     tensor positional argument, else of the output; 1 for a 0-d one), which scales the empirical Fisher
-    whatever the model returns (a tuple, a dict). Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
+    whatever the model returns (a tuple, a dict); 1 when a watched layer saw an unbatched input (a 1-D
+    Linear input, a (C, L) Conv1d or (C, H, W) Conv2d input), which is a batch of one. Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
     """
 
     root: nn.Module | None
@@ -54,6 +68,7 @@ class ActivationCapture:
     records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
     root_output: torch.Tensor | None = None
     batch_size: int | None = None
+    unbatched: bool = False
     _handles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -63,7 +78,11 @@ class ActivationCapture:
             self._handles.append(self.root.register_forward_hook(self._on_root_forward))
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+        if not torch.is_grad_enabled():
+            return
+        if inputs and isinstance(inputs[0], torch.Tensor) and _is_unbatched(module, inputs[0]):
+            self.unbatched = True
+        if not (self.enabled and isinstance(output, torch.Tensor)):
             return
         if not output.requires_grad:
             return
@@ -79,7 +98,8 @@ class ActivationCapture:
         if not torch.is_grad_enabled():
             return
         first = next((x for x in inputs if isinstance(x, torch.Tensor)), output)
-        self.batch_size = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+        batched = isinstance(first, torch.Tensor) and first.dim() > 0 and not self.unbatched
+        self.batch_size = first.shape[0] if batched else 1
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 
@@ -91,6 +111,7 @@ class ActivationCapture:
         self.records = {}
         self.root_output = None
         self.batch_size = None
+        self.unbatched = False
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -119,8 +140,9 @@ def per_sample_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _as_samples(t: torch.Tensor) -> torch.Tensor:
-    """``(B, ..., F)`` -> ``(B, T, F)`` with the middle dimensions flattened (T=1 for 2-D input)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    """``(B, ..., F)`` -> ``(B, T, F)`` with the middle dimensions flattened (T=1 for 2-D input); an
+    unbatched ``(F,)`` is a batch of one."""
+    return t.reshape(1, 1, -1) if t.dim() == 1 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 def per_sample_grads(module: nn.Module, record: LayerRecord) -> dict[nn.Parameter, torch.Tensor]:
@@ -137,6 +159,8 @@ def per_sample_grads(module: nn.Module, record: LayerRecord) -> dict[nn.Paramete
         return out
     if isinstance(module, nn.LayerNorm):
         shape = module.normalized_shape
+        if x.dim() == len(shape):  # unbatched: a batch of one
+            x, g = x.unsqueeze(0), g.unsqueeze(0)
         x_hat = F.layer_norm(x, shape, None, None, module.eps)
         reduce_dims = tuple(range(1, x.dim() - len(shape)))
         if module.weight is not None:
@@ -176,18 +200,14 @@ def parameter_owners(model: nn.Module, units: list[nn.Module]) -> dict[nn.Parame
     return owners
 
 
-def _batch_size(record: LayerRecord) -> int:
-    return record.grad_output.shape[0]
-
-
 def summed_per_sample_grads(calls: list[tuple[nn.Module, LayerRecord]]) -> dict[nn.Parameter, torch.Tensor] | None:
     """Per-sample gradients ``(B, *p.shape)`` summed over several calls (a module applied twice per
     forward, or modules sharing a weight); None when the calls do not see the same batch size."""
-    if len({_batch_size(record) for _, record in calls}) > 1:
-        return None
     sums: dict[nn.Parameter, torch.Tensor] = {}
     for module, record in calls:
         for p, psg in per_sample_grads(module, record).items():
+            if p in sums and sums[p].shape[0] != psg.shape[0]:
+                return None
             sums[p] = sums[p] + psg if p in sums else psg
     return sums
 

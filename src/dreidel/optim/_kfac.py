@@ -38,6 +38,12 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
             return
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+        if isinstance(module, nn.MultiheadAttention):
+            # it uses out_proj's weight functionally, never calling the Linear: no factors would come
+            for child_name, child in module.named_children():
+                if any(p.requires_grad for p in child.parameters()):
+                    unsupported.append(f"{name}.{child_name} ({type(child).__name__} inside MultiheadAttention)")
+            return
         for child_name, child in module.named_children():
             visit(child, f"{name}.{child_name}" if name else child_name)
 
@@ -79,13 +85,17 @@ class KFAC(CurvatureOptimizer):
 
     A non-finite gradient skips the step; a non-finite loss after the step reverts it and multiplies
     the damping by 10; a non-finite preconditioned gradient falls back to the raw gradient and raises
-    the damping; a failed eigendecomposition retries with jitter. All are logged as warnings.
+    the damping; non-finite new factors (overflowing activations or gradients) are not folded in; a
+    non-finite predicted KL change skips the step and multiplies the damping by 10; a failed
+    eigendecomposition retries with jitter. All are logged as warnings.
 
     Args:
         model: the module; its Linear/Conv1d/Conv2d (Kronecker factors), Embedding (diagonal A),
             LayerNorm and ``PerSampleGradients`` layers (exact diagonal Fisher) are preconditioned.
-            Other parameters, and those shared by two modules (a tied embedding and output head), are
-            left to the base optimizer (listed once at INFO level).
+            Other parameters, those shared by two modules (a tied embedding and output head), sparse
+            Embeddings and the projections inside ``nn.MultiheadAttention`` (it uses their weights
+            without calling them) are left to the base optimizer (listed once at INFO level).
+            Unbatched inputs (a 1-D Linear input, (C, L) / (C, H, W) convolution inputs) are a batch of one.
         lr, momentum, weight_decay: of the default base optimizer, SGD with momentum (0.1, 0.9 and 0
             when not given); refused together with ``base`` (give them to its factory).
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
@@ -341,9 +351,14 @@ class KFAC(CurvatureOptimizer):
         else:
             loss0 = self._sampled_backward(closure, params)
             grad_scale = 1.0
+        failed = []
         for block in self.blocks:
             records = self.capture.complete_records(block.module)
-            block.update_factors(self._block_state(block), records, grad_scale, self.hyper["factor_decay"])
+            if not block.update_factors(self._block_state(block), records, grad_scale, self.hyper["factor_decay"]):
+                failed.append(block.name)
+        if failed:
+            logger.warning("K-FAC: non-finite curvature factors for %s at step %d (overflowing activations or "
+                           "gradients); their factors were not updated", ", ".join(failed), self.progress["step"])
         return loss0
 
     def _preconditioned(self) -> dict:
@@ -392,6 +407,10 @@ class KFAC(CurvatureOptimizer):
         kl_clip, lr = self.hyper["kl_clip"], self.param_groups[0]["lr"]
         if kl_clip is not None and precond:
             predicted = sum(float((u * p.grad).sum()) for p, u in precond.items()) * lr * lr
+            if not math.isfinite(predicted):
+                logger.warning("K-FAC: non-finite predicted KL change at step %d; step skipped, damping x10", step)
+                self._set_damping(self.damping * 10)
+                return
             if predicted > kl_clip:
                 scale = math.sqrt(kl_clip / predicted)
                 precond = {p: u * scale for p, u in precond.items()}

@@ -137,8 +137,8 @@ def times_inverse(m: torch.Tensor, inverse: torch.Tensor | tuple) -> torch.Tenso
 
 def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, updates: int) -> torch.Tensor:
     """EMA with decay min(decay, 1 - 1/(n+1)): an exact mean for the first updates (M&G 2015, Sec. 5)."""
-    if old is None or not torch.isfinite(new).all():
-        return new if old is None else old
+    if old is None:
+        return new
     rate = min(decay, 1.0 - 1.0 / (updates + 1))
     return old.mul(rate).add_(new, alpha=1.0 - rate)
 
@@ -150,8 +150,21 @@ class Block:
         self.module, self.name = module, name
         self.params = [p for p in module.parameters(recurse=True) if p.requires_grad]
 
-    def update_factors(self, state: dict, records: list[LayerRecord], grad_scale: float, decay: float) -> None:
+    def update_factors(self, state: dict, records: list[LayerRecord], grad_scale: float, decay: float) -> bool:
+        """Fold the records' factors into the running ones; False (nothing stored) when a new factor is
+        not finite (overflowing activations or gradients), which the optimizer reports."""
         raise NotImplementedError
+
+    @staticmethod
+    def _store(state: dict, factors: dict[str, torch.Tensor], decay: float) -> bool:
+        """All of ``factors`` into their running averages, or (one of them not finite) none."""
+        if not all(bool(torch.isfinite(f).all()) for f in factors.values()):
+            return False
+        n = state.get("factor_updates", 0)
+        for key, factor in factors.items():
+            state[key] = running_average(state.get(key), factor, decay, n)
+        state["factor_updates"] = n + 1
+        return True
 
     def refresh_inverse(self, state: dict, damping: float, mode: str, rank: int | None, generator: torch.Generator) -> None:
         """Recompute the eigendecompositions / inverses (nothing to do for diagonal blocks); ``rank``: the
@@ -182,6 +195,9 @@ class KroneckerBlock(Block):
         if isinstance(m, nn.Linear):
             a, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         else:
+            unbatched = 2 if isinstance(m, nn.Conv1d) else 3
+            if x.dim() == unbatched:  # (C, L) / (C, H, W): a batch of one
+                x, g = x.unsqueeze(0), g.unsqueeze(0)
             if isinstance(m, nn.Conv1d):  # (B, C, L) as a (B, C, L, 1) image
                 x, g = x.unsqueeze(-1), g.unsqueeze(-1)
                 kernel, dil, pad, stride = (m.kernel_size[0], 1), (m.dilation[0], 1), (m.padding[0], 0), (m.stride[0], 1)
@@ -196,17 +212,14 @@ class KroneckerBlock(Block):
 
     def update_factors(self, state, records, grad_scale, decay):
         if not records:
-            return
+            return True
         a_sum, g_sum, n_rows = 0.0, 0.0, 0
         for record in records:
             a, g = self.rows(record)
             a_sum = a_sum + a.t() @ a
             g_sum = g_sum + g.t() @ g
             n_rows += a.shape[0]
-        n = state.get("factor_updates", 0)
-        state["A"] = running_average(state.get("A"), a_sum / n_rows, decay, n)
-        state["G"] = running_average(state.get("G"), g_sum * grad_scale, decay, n)
-        state["factor_updates"] = n + 1
+        return self._store(state, {"A": a_sum / n_rows, "G": g_sum * grad_scale}, decay)
 
     def refresh_inverse(self, state, damping, mode, rank, generator) -> None:
         if "A" not in state:
@@ -218,6 +231,9 @@ class KroneckerBlock(Block):
         a, g = state["A"], state["G"]
         mean_a, mean_g = float(a.diagonal().mean()), float(g.diagonal().mean())
         pi = math.sqrt(max(mean_a, 1e-30) / max(mean_g, 1e-30))
+        if math.isinf(pi) or pi == 0.0:  # trace ratio beyond the float range: keep the old inverses
+            logger.warning("K-FAC: factor traces of %s out of range (pi = %g); inverses not refreshed", self.name, pi)
+            return
         root = math.sqrt(damping)
         for key, factor, shift in (("A", a, pi * root), ("G", g, root / pi)):
             name = f"{self.name} {key}"
@@ -259,7 +275,7 @@ class EmbeddingBlock(Block):
 
     def update_factors(self, state, records, grad_scale, decay):
         if not records:
-            return
+            return True
         m: nn.Embedding = self.module
         counts = torch.zeros(m.num_embeddings, dtype=curvature_dtype(m.weight.dtype))
         g_sum, n_rows = 0.0, 0
@@ -269,10 +285,7 @@ class EmbeddingBlock(Block):
             counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
             g_sum = g_sum + g.t() @ g
             n_rows += idx.numel()
-        n = state.get("factor_updates", 0)
-        state["A_diag"] = running_average(state.get("A_diag"), counts / n_rows, decay, n)
-        state["G"] = running_average(state.get("G"), g_sum * grad_scale, decay, n)
-        state["factor_updates"] = n + 1
+        return self._store(state, {"A_diag": counts / n_rows, "G": g_sum * grad_scale}, decay)
 
     def refresh_inverse(self, state, damping, mode, rank, generator):
         if "G" in state:
@@ -299,13 +312,9 @@ class DiagonalBlock(Block):
 
     def update_factors(self, state, records, grad_scale, decay):
         if not records:
-            return
+            return True
         sums = squared_grad_sums(self.module, records)
-        n = state.get("factor_updates", 0)
-        for i, p in enumerate(self.params):
-            if p in sums:
-                state[f"diag{i}"] = running_average(state.get(f"diag{i}"), sums[p] * grad_scale, decay, n)
-        state["factor_updates"] = n + 1
+        return self._store(state, {f"diag{i}": sums[p] * grad_scale for i, p in enumerate(self.params) if p in sums}, decay)
 
     def precondition(self, state, damping):
         return {
@@ -334,7 +343,7 @@ def block_for(module: nn.Module, name: str) -> Block | None:
         numeric_padding = not isinstance(module.padding, str) and module.padding_mode == "zeros"
         usable = module.groups == 1 and numeric_padding and module.weight.requires_grad
         return KroneckerBlock(module, name) if usable else None
-    if isinstance(module, nn.Embedding):
-        usable = module.max_norm is None and module.weight.requires_grad
+    if isinstance(module, nn.Embedding):  # a sparse gradient has no dense row-space to precondition
+        usable = module.max_norm is None and not module.sparse and module.weight.requires_grad
         return EmbeddingBlock(module, name) if usable else None
     return None
