@@ -84,6 +84,13 @@ class DiagonalNewton(CurvatureOptimizer):
         curvature_every: refresh ``h`` every k steps (Sophia's k = 10).
         seed: seed of the generator used for Rademacher vectors and sampled labels.
 
+    Gradient clipping (``torch.nn.utils.clip_grad_norm_`` between ``backward`` and ``step``) scales
+    ``p.grad``, which feeds the momentum and the ``B * g^2`` / ``g^2`` estimates, but not the
+    per-sample curvature, which comes from the layers' recorded inputs and output gradients: a
+    clipped step of a per-sample layer is ``m_clipped / h_unclipped`` (smaller by the clip factor),
+    while a fallback parameter's ``m / (B g^2)`` grows by its inverse. Prefer the per-coordinate
+    ``clip`` (and ``lr``) to bound steps.
+
     Mixed precision: curvature is estimated in float32 (float64 stays float64) from bfloat16/float16
     layers or a ``torch.autocast`` forward; the parameters keep their dtype. ``torch.amp.GradScaler``
     is not supported: the curvature read from a scaled backward (and ``B * g^2`` of scaled
