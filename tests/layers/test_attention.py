@@ -126,3 +126,8 @@ def test_bad_arguments():
         layer(torch.randn(2, 5, 40))
     with pytest.raises(ValueError, match="causal"):
         layer(torch.randn(2, 5, 48), context=torch.randn(2, 3, 48))
+    cache = KVCache()
+    layer(torch.randn(2, 5, 48), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache holds a batch of 2, x has a batch of 3"):
+        layer(torch.randn(3, 1, 48), kv_cache=cache)
+    assert cache.length == 5  # left as it was

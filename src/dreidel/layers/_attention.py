@@ -109,8 +109,13 @@ class MultiHeadAttentionSpectral(nn.Module):
                 raise ValueError("causal=True applies to self-attention; do not pass context")
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
-        query = self._split_heads(self.query(x))  # (B, heads, T, head_dim)
         past = 0 if kv_cache is None else kv_cache.length
+        if past and kv_cache.key.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"kv_cache holds a batch of {kv_cache.key.shape[0]}, x has a batch of {x.shape[0]}; "
+                "use one KVCache per batch (a new KVCache() to start over)"
+            )
+        query = self._split_heads(self.query(x))  # (B, heads, T, head_dim)
         if context is not None and kv_cache is not None and past > 0:
             key, value = kv_cache.key, kv_cache.value  # cross-attention: the context was projected before
         else:
