@@ -16,45 +16,13 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
-from dreidel.optim._capture import ActivationCapture, curvature_dtype, parameter_owners
-from dreidel.optim._kfac_blocks import Block, block_for
+from dreidel.optim._capture import ActivationCapture, curvature_dtype
+from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 logger = logging.getLogger("dreidel.optim")
 
 BaseFactory = Callable[[list], torch.optim.Optimizer]
-
-
-def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
-    """K-FAC blocks of ``model`` (a matched module's children are not visited) and the names of the
-    modules that own trainable parameters but have no block."""
-    blocks: list[Block] = []
-    unsupported: list[str] = []
-
-    def visit(module: nn.Module, name: str) -> None:
-        block = block_for(module, name or type(module).__name__)
-        if block is not None:
-            blocks.append(block)
-            return
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
-        if isinstance(module, nn.MultiheadAttention):
-            # it uses out_proj's weight functionally, never calling the Linear: no factors would come
-            for child_name, child in module.named_children():
-                if any(p.requires_grad for p in child.parameters()):
-                    unsupported.append(f"{name}.{child_name} ({type(child).__name__} inside MultiheadAttention)")
-            return
-        for child_name, child in module.named_children():
-            visit(child, f"{name}.{child_name}" if name else child_name)
-
-    visit(model, "")
-    # A parameter owned by two blocks, or by a block and another module (a tied embedding / output
-    # head), would get two conflicting factor sets in one state slot: left to the base optimizer.
-    owners = parameter_owners(model, [b.module for b in blocks])
-    shared = [b for b in blocks if any(len(owners[p]) > 1 for p in b.params)]
-    for block in shared:
-        unsupported.append(f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)")
-    return [b for b in blocks if b not in shared], unsupported
 
 
 def _cast_floating(value, dtype: torch.dtype):
