@@ -32,10 +32,14 @@ def run(args: argparse.Namespace) -> int:
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"no such file: {missing[0]}")
-    recognizer = whisper.load(args.model)
-    if args.int8:
-        recognizer = whisper.quantize_int8(recognizer)
-    results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language)
+    # A bad model directory, language or audio file is the user's input, not a bug: one line, no traceback.
+    try:
+        recognizer = whisper.load(args.model)
+        if args.int8:
+            recognizer = whisper.quantize_int8(recognizer)
+        results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
     for path, result in zip(args.files, results):
         print(f"{path}: {result.text}")

@@ -37,3 +37,24 @@ def test_transcribe_command_rejects_bad_arguments(argv, tmp_path, monkeypatch):
     args = parse(argv)
     with pytest.raises(SystemExit):
         args.func(args)
+
+
+@pytest.mark.parametrize("case", ["not-audio", "bad-model-dir", "english-only-language"])
+def test_transcribe_command_reports_bad_input_in_one_line(case, tmp_path, monkeypatch):
+    import soundfile
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    soundfile.write(tmp_path / "clip.wav", torch.zeros(1600).numpy(), 16000)
+    (tmp_path / "notes.wav").write_text("not audio")
+    (tmp_path / "model").mkdir()
+    argv, expected = {
+        "not-audio": (["notes.wav"], "notes.wav"),
+        "bad-model-dir": (["clip.wav", "--model", str(tmp_path / "model")], str(tmp_path / "model")),
+        "english-only-language": (["clip.wav", "--language", "de"], "'de'"),
+    }[case]
+    args = parse(["transcribe", *argv])
+    with pytest.raises(SystemExit) as raised:  # not a traceback
+        args.func(args)
+    message = str(raised.value.code)
+    assert message.startswith("dreidel transcribe: error:") and expected in message
