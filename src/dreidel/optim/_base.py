@@ -131,6 +131,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return recorder.losses[0] if recorder is not None and recorder.losses else None
 
     def _step(self, closure: Closure | None) -> None:
+        """The subclass's update, run under ``torch.no_grad``; ``closure`` (None when none was given)
+        records its losses and restores running statistics, so subclasses just call it."""
         raise NotImplementedError
 
     @staticmethod
