@@ -152,3 +152,43 @@ def test_load_ct2_directory_written_by_our_writer(random_whisper, tmp_path):
 def test_load_rejects_bad_names(bad):
     with pytest.raises((ValueError, TypeError)):
         load(bad)
+
+
+def _ct2_dir(model: Whisper, directory) -> None:
+    variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), model.state_dict())
+    variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
+    variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
+    write_ctranslate2(directory / "model.bin", "WhisperSpec", 3, variables,
+                      aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
+    _tokenizer_dir(directory)
+
+
+@pytest.mark.parametrize("defect, file, message", [
+    ("config-not-object", "config.json", "expected a JSON object"),
+    ("config-not-utf8", "config.json", "cannot read"),
+    ("suppress-not-ids", "config.json", "'suppress_ids' must be a list of token ids"),
+    ("tokenizer-malformed", "tokenizer.json", "not a tokenizers tokenizer.json"),
+])
+def test_load_bad_ct2_side_files_are_value_errors_naming_the_file(random_whisper, tmp_path, defect, file, message):
+    _ct2_dir(random_whisper, tmp_path)
+    content = {"config-not-object": b"[1, 2]", "config-not-utf8": b"\xff\xfe{", "tokenizer-malformed": b"{not json",
+               "suppress-not-ids": json.dumps({"suppress_ids": "1, 2"}).encode()}[defect]
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as raised:
+        load(tmp_path)
+    assert str(tmp_path / file) in str(raised.value)
+
+
+def test_load_bad_hf_safetensors_is_a_value_error_naming_the_file(random_whisper, tmp_path):
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
+    _tokenizer_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ValueError, match="not a readable safetensors file") as raised:
+        load(tmp_path)
+    assert str(tmp_path / "model.safetensors") in str(raised.value)
+
+
+def test_load_missing_directory_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no such model directory") as raised:
+        load(tmp_path / "missing")
+    assert str(tmp_path / "missing") in str(raised.value)

@@ -23,7 +23,10 @@ class WhisperTokenizer:
             raise ValueError(f"tokenizer.json not found: {path}")
         self.path = path
         self.multilingual = bool(multilingual)
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise ValueError(f"{path}: not a tokenizers tokenizer.json: {error}") from None
         self.eot = self._special("<|endoftext|>")
         self.sot = self._special("<|startoftranscript|>")
         self.transcribe = self._special("<|transcribe|>")

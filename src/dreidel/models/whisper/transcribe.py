@@ -109,10 +109,11 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state_dict = checkpoint_to_ours(ct2_rules(dims), checkpoint.variables, expected, checkpoint.source,
                                     ignore=CT2_CONFIG_VARIABLES)
-    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    config_path = directory / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
-    suppress = tuple(config.get("suppress_ids", ()))
-    begin = tuple(config.get("suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
+    suppress = _token_ids(config, "suppress_ids", (), config_path)
+    begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path)
     return WhisperRecognizer(_model_from(dims, state_dict, dtype, checkpoint.source), tokenizer,
                              suppress, begin, name)
 
@@ -123,7 +124,10 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     dims = dims_from_hf_config(_read_json(directory / "config.json"))
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as error:  # safetensors raises its own SafetensorError (an Exception) or OSError
+            raise ValueError(f"{file}: not a readable safetensors file: {error}") from None
     if not any(name.startswith("model.") for name in tensors):  # a bare WhisperModel state dict
         tensors = {f"model.{name}": t for name, t in tensors.items()}
     tied, embedding = HF_TIED_OUTPUT
@@ -135,20 +139,34 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     expected = {k: v.shape for k, v in Whisper(dims).state_dict().items()}
     state_dict = checkpoint_to_ours(hf_rules(dims), {k: v.float() for k, v in tensors.items()}, expected,
                                     str(directory))
-    generation = directory / "generation_config.json"
-    generation = _read_json(generation) if generation.is_file() else {}
+    generation_path = directory / "generation_config.json"
+    generation = _read_json(generation_path) if generation_path.is_file() else {}
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
-    suppress = tuple(generation.get("suppress_tokens", ()))
-    begin = tuple(generation.get("begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,)))
+    suppress = _token_ids(generation, "suppress_tokens", (), generation_path)
+    begin = _token_ids(generation, "begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,),
+                       generation_path)
     return WhisperRecognizer(_model_from(dims, state_dict, dtype, str(directory)), tokenizer, suppress,
                              begin, directory.name)
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _token_ids(config: dict, key: str, default: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    """``config[key]`` as token ids (``default`` when absent); anything but a list of ints is a ValueError."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ValueError(f"{path}: {key!r} must be a list of token ids (ints), got {value!r:.80}")
+    return tuple(value)
 
 
 def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = torch.float32) -> WhisperRecognizer:
@@ -170,6 +188,9 @@ def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = t
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be str or Path, got {type(name_or_path).__name__}")
     directory = Path(name_or_path)
+    if not directory.exists():
+        raise ValueError(f"no such model directory: {directory} (name_or_path must be one of {SHIPPED_NAMES} or a "
+                         f"CTranslate2 / Hugging Face Whisper directory)")
     if not directory.is_dir():
         raise ValueError(f"name_or_path must be one of {SHIPPED_NAMES} or a model directory, got {name_or_path!r}")
     if (directory / "model.bin").is_file():
