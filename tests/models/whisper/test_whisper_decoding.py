@@ -123,3 +123,17 @@ def test_options_are_validated(tiny_en):
         decode(tiny_en.model, torch.zeros(80, 3000), tiny_en.options())
     with pytest.raises(TypeError, match="recognizer"):
         transcribe(tiny_en.model, torch.zeros(16000))
+
+
+def test_empty_audio_is_empty_text_and_leaves_other_inputs_alone(tiny_en, tmp_path):
+    """Empty input used to be padded to a silent window, which tiny.en transcribes as "you"."""
+    import soundfile
+
+    (_, clip), = speech_clips(1, seed=6)
+    soundfile.write(tmp_path / "empty.wav", torch.zeros(0).numpy(), 16000)
+    alone = transcribe(tiny_en, clip)
+    empty_array, empty_file, same = transcribe(tiny_en, [torch.zeros(0), tmp_path / "empty.wav", clip])
+    for empty in (empty_array, empty_file):
+        assert empty.text == "" and empty.tokens == () and empty.seconds_audio == 0.0
+    assert same.tokens == alone.tokens and same.text == alone.text
+    assert transcribe(tiny_en, torch.zeros(0), beam_size=2).text == ""

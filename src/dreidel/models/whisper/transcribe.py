@@ -221,11 +221,10 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
 
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive 30 s windows; none for empty audio (a silent window would make the model hallucinate)."""
     from dreidel.audio import N_SAMPLES
 
-    if audio.numel() == 0:
-        return [audio]
-    return list(audio.split(N_SAMPLES))
+    return list(audio.split(N_SAMPLES)) if audio.numel() else []
 
 
 @torch.inference_mode()
@@ -235,7 +234,7 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
     into consecutive 30 s windows (no timestamps, so a word on a boundary may be split); up to ``batch_size``
-    windows are decoded together.
+    windows are decoded together. Empty audio is not decoded: its text is "" and it has no windows.
     """
     from dreidel.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
@@ -265,6 +264,6 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
         own = [tokens[i] for i, owner in enumerate(owners) if owner == index]
         text = " ".join(recognizer.tokenizer.decode(t).strip() for t in own).strip()
         results.append(Transcription(text=text, seconds_audio=waveform.numel() / SAMPLE_RATE,
-                                     seconds_compute=elapsed * len(own) / len(windows),
+                                     seconds_compute=elapsed * len(own) / max(len(windows), 1),
                                      tokens=tuple(tuple(t) for t in own)))
     return results[0] if single else results
