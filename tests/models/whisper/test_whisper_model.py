@@ -103,3 +103,37 @@ def test_load_refuses_non_dense_kinds_before_reading_weights(tmp_path):
 
     with pytest.raises(ValueError, match="linear='wht'"):
         load(tmp_path / "does-not-exist", linear="wht")
+
+
+@pytest.mark.parametrize("misuse, message", [
+    ("batch-mismatch", "batch 1 but the cache holds 2 rows"),
+    ("past-context", "do not fit"),
+    ("straddles-context", "do not fit"),
+    ("negative-offset", "do not fit"),
+    ("one-dimensional", "tokens must be"),
+    ("float-tokens", "tokens must be"),
+])
+@torch.inference_mode()
+def test_decoder_cache_misuse_is_a_value_error(random_whisper, misuse, message):
+    """A batch that does not match the cache used to broadcast silently into wrong-shaped logits."""
+    decoder = random_whisper.decoder
+    n_ctx = random_whisper.dims.n_text_ctx
+    features = torch.zeros(2, 1500, random_whisper.dims.n_audio_state)
+    cache = decoder.new_cache(features)
+    tokens, offset = {
+        "batch-mismatch": (torch.zeros(1, 1, dtype=torch.long), 0),
+        "past-context": (torch.zeros(2, 1, dtype=torch.long), n_ctx),
+        "straddles-context": (torch.zeros(2, 2, dtype=torch.long), n_ctx - 1),
+        "negative-offset": (torch.zeros(2, 1, dtype=torch.long), -1),
+        "one-dimensional": (torch.zeros(2, dtype=torch.long), 0),
+        "float-tokens": (torch.zeros(2, 1), 0),
+    }[misuse]
+    with pytest.raises(ValueError, match=message):
+        decoder(tokens, offset, cache)
+    assert decoder(torch.zeros(2, 1, dtype=torch.long), n_ctx - 1, cache).shape == (2, 1, random_whisper.dims.n_vocab)
+
+
+@pytest.mark.parametrize("shape", [(80, 3000), (1, 128, 3000), (1, 1, 80, 3000)])
+def test_encoder_rejects_mel_of_the_wrong_shape(random_whisper, shape):
+    with pytest.raises(ValueError, match=r"mel must be \(batch, 80, frames\)"):
+        random_whisper.embed_audio(torch.zeros(shape))

@@ -193,6 +193,8 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(n_state)
 
     def forward(self, mel: Tensor) -> Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.conv1.in_channels:
+            raise ValueError(f"mel must be (batch, {self.conv1.in_channels}, frames), got shape {tuple(mel.shape)}")
         x = F.gelu(self.conv1(mel))  # (B, C, 2T)
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
         if x.shape[1] != self.positional_embedding.shape[0]:
@@ -218,6 +220,16 @@ class DecoderCache:
                  audio_features: Tensor | None = None):
         self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
         self.audio_features = audio_features
+
+    @property
+    def rows(self) -> int:
+        """Number of sequences (R) the buffers hold."""
+        return self.self_k[0].shape[0]
+
+    @property
+    def n_ctx(self) -> int:
+        """Number of positions the self-attention buffers hold."""
+        return self.self_k[0].shape[-1]
 
     def causal_mask(self, offset: int, length: int) -> Tensor:
         """Boolean (length, offset+length) mask: new token i sees positions <= offset+i."""
@@ -274,7 +286,19 @@ class TextDecoder(nn.Module):
                    and type(block.cross_attn.value) is nn.Linear for block in self.blocks)
 
     def hidden(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
-        """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T or 1, C)."""
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T or 1, C).
+
+        B must be the cache's number of rows and offset+T at most n_text_ctx; otherwise ``ValueError`` (a
+        mismatched batch would broadcast silently against the buffers).
+        """
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be (batch, length) int64, got shape {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[0] != cache.rows:
+            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache holds {cache.rows} rows (build it "
+                             f"with new_cache from the same audio features and rows_per_window)")
+        if not 0 <= offset <= cache.n_ctx - tokens.shape[1]:
+            raise ValueError(f"tokens at positions {offset}..{offset + tokens.shape[1] - 1} do not fit the "
+                             f"{cache.n_ctx} positions of the text context")
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, layer, offset, cache)
