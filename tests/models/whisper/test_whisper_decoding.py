@@ -137,3 +137,17 @@ def test_empty_audio_is_empty_text_and_leaves_other_inputs_alone(tiny_en, tmp_pa
         assert empty.text == "" and empty.tokens == () and empty.seconds_audio == 0.0
     assert same.tokens == alone.tokens and same.text == alone.text
     assert transcribe(tiny_en, torch.zeros(0), beam_size=2).text == ""
+
+
+@pytest.mark.parametrize("argument, value", [("beam_size", True), ("max_new_tokens", True), ("batch_size", True),
+                                             ("beam_size", 2.0)])
+def test_transcribe_rejects_bools_and_floats_as_counts(tiny_en, argument, value):
+    with pytest.raises(ValueError, match=argument):
+        transcribe(tiny_en, torch.zeros(1600), **{argument: value})
+
+
+def test_quantize_int8_names_a_wrong_argument(tiny_en):
+    from dreidel.models.whisper import quantize_int8
+
+    with pytest.raises(TypeError, match="recognizer must be a WhisperRecognizer"):
+        quantize_int8(tiny_en.model)

@@ -38,9 +38,10 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         if not self.prompt:
             raise ValueError("prompt must hold at least <|startoftranscript|>")
-        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+        if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or self.beam_size < 1:
             raise ValueError(f"beam_size must be an int >= 1, got {self.beam_size!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
+                or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
 
 

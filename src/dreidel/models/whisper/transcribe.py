@@ -208,6 +208,8 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
     """
     import copy
 
+    if not isinstance(recognizer, WhisperRecognizer):
+        raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
     model = copy.deepcopy(recognizer.model)
     decoder = model.decoder
     output = nn.Linear(decoder.token_embedding.embedding_dim, decoder.token_embedding.num_embeddings, bias=False)
@@ -240,7 +242,7 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     if not isinstance(recognizer, WhisperRecognizer):
         raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     single = not isinstance(audio, (list, tuple))
     inputs = [audio] if single else list(audio)
