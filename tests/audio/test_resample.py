@@ -71,3 +71,48 @@ def test_batch_shape_identity_and_integers(generator):
 def test_bad_rates(rate):
     with pytest.raises(ValueError, match="orig_rate"):
         resample(torch.zeros(10), rate, 16000)
+
+
+# Rates whose reduced ratio to 16 kHz is large (NTSC 44056 Hz, the classic Macintosh 22254 / 11127 Hz): the
+# polyphase table would be new x (orig + taps) entries, hundreds of MB to GB.
+ODD_RATE_PAIRS = [(44056, 16000), (22254, 16000), (11127, 16000), (16000, 22254)]
+
+
+@pytest.mark.parametrize("rate_in, rate_out", ODD_RATE_PAIRS)
+def test_odd_rates_band_limited_signal_is_exact(rate_in, rate_out, generator):
+    n_in = rate_in // 2
+    signal = _tones(rate_in, rate_out, n_in, generator)
+    out = resample(signal(torch.arange(n_in, dtype=torch.float64) / rate_in), rate_in, rate_out)
+    assert out.shape == (math.ceil(n_in * rate_out / rate_in),)
+    expected = signal(torch.arange(out.shape[0], dtype=torch.float64) / rate_out)
+    interior = slice(rate_out // 20, -rate_out // 20)
+    assert torch.allclose(out[interior], expected[interior], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rate_in", [44056, 22254])
+def test_odd_rates_need_little_memory(rate_in):
+    import tracemalloc
+
+    x = torch.randn(rate_in // 4, dtype=torch.float64)
+    tracemalloc.start()  # sees the numpy kernel tables
+    try:
+        resample(x, rate_in, 16000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("rate_in, rate_out", RATE_PAIRS + [(1, 3), (16000, 44100)])
+def test_direct_path_equals_polyphase(rate_in, rate_out, generator, monkeypatch):
+    """The per-output kernel path of large ratios computes the same filter as the polyphase path."""
+    from dreidel.audio import _resample
+
+    x = torch.randn(2, 3, rate_in // 8 + 5, generator=generator, dtype=torch.float64)
+    polyphase = resample(x, rate_in, rate_out)
+    monkeypatch.setattr(_resample, "_MAX_POLYPHASE_TABLE", 0)
+    monkeypatch.setattr(_resample, "_DIRECT_CHUNK", 1000)  # several chunks
+    direct = resample(x, rate_in, rate_out)
+    assert direct.shape == polyphase.shape
+    torch.testing.assert_close(direct, polyphase, rtol=0, atol=1e-12)
+    assert resample(x.float(), rate_in, rate_out).dtype == torch.float32

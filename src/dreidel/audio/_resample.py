@@ -5,6 +5,11 @@ position ``q*orig + i*orig/new``; each phase ``i`` is one FIR kernel, so all pha
 ``conv1d`` with ``new`` output channels. The kernel is an ideal low-pass (sinc) at ``rolloff`` times the lower
 Nyquist frequency, truncated to ``zero_crossings`` zero crossings on each side and tapered by a Kaiser window
 (Smith, "Digital Audio Resampling", CCRMA 2002; Kaiser & Schafer 1980 for the window).
+
+A polyphase kernel has ``orig + 2·half_width`` taps per phase, mostly zeros, and ``new`` phases, so rates whose
+reduced ratio is large (44056 -> 16000 is 5507/2000, 22254 -> 16000 is 11127/8000) would need a table of
+hundreds of MB to GB and as many multiply-adds per sample. Those ratios evaluate the same kernel directly at each
+output's exact input position instead: ``2·half_width + 2`` taps per output sample, in chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +37,44 @@ def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float,
     return 2.0 * cutoff * np.sinc(2.0 * cutoff * distance) * window
 
 
+_MAX_POLYPHASE_TABLE = 1 << 20  # kernel entries (new x taps); beyond it the direct path is cheaper and small
+_DIRECT_CHUNK = 1 << 15  # output samples per step of the direct path
+
+
+@lru_cache(maxsize=16)
+def _direct_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, kaiser_beta: float) -> np.ndarray:
+    """(new, 2·half_width + 2) float64: for phase ``i`` (output k with k·orig ≡ i·orig mod new), tap ``j``
+    multiplies input ``floor(k·orig/new) - half_width + j``; the same windowed sinc as ``_polyphase_kernels``."""
+    cutoff = 0.5 * min(orig, new) / orig * rolloff
+    half_width = math.ceil(zero_crossings / (2.0 * cutoff))
+    fraction = (np.arange(new) * orig % new) / new  # (new,) position of the output past its input sample
+    distance = fraction[:, None] + half_width - np.arange(2 * half_width + 2)[None, :]
+    inside = np.abs(distance) <= half_width
+    window = np.where(inside, np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (distance / half_width) ** 2, 0.0, 1.0)))
+                      / np.i0(kaiser_beta), 0.0)
+    return 2.0 * cutoff * np.sinc(2.0 * cutoff * distance) * window
+
+
+def _resample_direct(signal: torch.Tensor, orig: int, new: int, n_out: int, kernels: torch.Tensor) -> torch.Tensor:
+    """signal (batch, n_in) -> (batch, n_out) with ``kernels`` from ``_direct_kernels`` (new, taps).
+
+    Output ``k`` lies at input position ``k·orig/new`` (integer part and phase computed exactly in int64) and
+    takes the ``taps`` inputs around it; the signal is zero beyond its ends.
+    """
+    batch, n_in = signal.shape
+    taps = kernels.shape[1]
+    half_width = (taps - 2) // 2
+    offsets = torch.arange(taps, device=signal.device)  # (taps,)
+    padded = torch.nn.functional.pad(signal, (half_width, half_width + 2))  # input i sits at i + half_width
+    out = signal.new_empty(batch, n_out)
+    for start in range(0, n_out, _DIRECT_CHUNK):
+        k = torch.arange(start, min(start + _DIRECT_CHUNK, n_out), device=signal.device)  # (K,) int64
+        base = k * orig // new
+        gathered = padded[:, base[:, None] + offsets[None, :]]  # (batch, K, taps)
+        out[:, start:start + k.shape[0]] = (gathered * kernels[k % new]).sum(-1)
+    return out
+
+
 def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossings: int = 24,
              rolloff: float = 0.945, kaiser_beta: float = 8.6) -> torch.Tensor:
     """Resample ``audio`` of shape ``(..., samples)`` from ``orig_rate`` to ``new_rate`` Hz.
@@ -57,6 +100,12 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     if n_in == 0:
         return audio.new_zeros(*leading, 0)
     compute_dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
+    half_width = math.ceil(zero_crossings / (min(orig, new) / orig * rolloff))  # as in the kernels
+    if new * (2 * half_width + orig) > _MAX_POLYPHASE_TABLE:
+        kernels = torch.from_numpy(_direct_kernels(orig, new, zero_crossings, rolloff, kaiser_beta))
+        signal = audio.reshape(-1, n_in).to(compute_dtype)
+        out = _resample_direct(signal, orig, new, n_out, kernels.to(device=audio.device, dtype=compute_dtype))
+        return out.reshape(*leading, n_out).to(audio.dtype)
     kernels = torch.from_numpy(_polyphase_kernels(orig, new, zero_crossings, rolloff, kaiser_beta))
     kernels = kernels.to(device=audio.device, dtype=compute_dtype)[:, None, :]  # (new, 1, taps)
     half_width = (kernels.shape[-1] - orig) // 2
