@@ -93,3 +93,14 @@ def test_sample_rate_with_file(tmp_path):
 def test_resample_is_used_for_arrays():
     tone = torch.from_numpy(_tone(22050).astype(np.float32))
     assert torch.equal(load_audio(tone, sample_rate=22050), resample(tone, 22050, SAMPLE_RATE))
+
+
+def test_non_finite_samples_in_a_file_name_the_file(tmp_path):
+    import soundfile
+
+    samples = np.zeros(1600, dtype=np.float32)
+    samples[10] = np.nan
+    soundfile.write(tmp_path / "nan.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match="NaN or infinite") as raised:
+        load_audio(tmp_path / "nan.wav")
+    assert str(tmp_path / "nan.wav") in str(raised.value)

@@ -83,5 +83,6 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     if waveform.dim() == 2:
         waveform = waveform.mean(dim=0)
     if not torch.isfinite(waveform).all():
-        raise ValueError("audio contains NaN or infinite samples")
+        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
+        raise ValueError(f"{where}audio contains NaN or infinite samples")
     return resample(waveform.to(torch.float32), int(rate), SAMPLE_RATE).contiguous()

@@ -192,3 +192,10 @@ def test_load_missing_directory_says_so(tmp_path):
     with pytest.raises(ValueError, match="no such model directory") as raised:
         load(tmp_path / "missing")
     assert str(tmp_path / "missing") in str(raised.value)
+
+
+def test_load_of_the_model_bin_file_points_to_its_directory(random_whisper, tmp_path):
+    _ct2_dir(random_whisper, tmp_path)
+    with pytest.raises(ValueError, match="pass its directory") as raised:
+        load(tmp_path / "model.bin")
+    assert str(tmp_path) in str(raised.value)

@@ -191,6 +191,9 @@ def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = t
     if not directory.exists():
         raise ValueError(f"no such model directory: {directory} (name_or_path must be one of {SHIPPED_NAMES} or a "
                          f"CTranslate2 / Hugging Face Whisper directory)")
+    if directory.is_file() and directory.name == "model.bin":
+        raise ValueError(f"name_or_path must be a model directory, got the file {directory}; pass its directory "
+                         f"{directory.parent}")
     if not directory.is_dir():
         raise ValueError(f"name_or_path must be one of {SHIPPED_NAMES} or a model directory, got {name_or_path!r}")
     if (directory / "model.bin").is_file():
