@@ -151,3 +151,16 @@ def test_quantize_int8_names_a_wrong_argument(tiny_en):
 
     with pytest.raises(TypeError, match="recognizer must be a WhisperRecognizer"):
         quantize_int8(tiny_en.model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_decode_on_cuda_equals_cpu(random_whisper, beam_size):
+    """The mel, prompt, masks and beam indices follow the model's device (they were built on the CPU)."""
+    import copy
+
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(7))
+    options = DecodingOptions(prompt=(50257, 50362), eot=50256, max_new_tokens=5, beam_size=beam_size)
+    on_cuda = copy.deepcopy(random_whisper).double().cuda()
+    on_cpu = copy.deepcopy(random_whisper).double()  # float64: the same argmax on both devices
+    assert decode(on_cuda, mel, options) == decode(on_cpu, mel, options)

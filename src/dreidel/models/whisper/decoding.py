@@ -59,7 +59,8 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[i
     """
     if mel.dim() != 3:
         raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
-    features = model.embed_audio(mel.to(model.decoder.positional_embedding.dtype))  # (B, 1500, C)
+    weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
+    features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
     max_new = min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
     if max_new < 1:
         raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
@@ -73,12 +74,13 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     batch = features.shape[0]
     n_vocab = model.dims.n_vocab
     cache = decoder.new_cache(features)
-    prompt = torch.tensor([options.prompt] * batch)  # (B, P)
+    device = features.device
+    prompt = torch.tensor([options.prompt] * batch, device=device)  # (B, P)
     hidden = decoder.hidden(prompt, 0, cache, last_only=True)[:, -1]  # (B, C)
     suppress = _suppression_bias(options.suppress_tokens, n_vocab, hidden)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens, n_vocab, hidden)
-    sampled = torch.full((batch, max_new), options.eot, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    sampled = torch.full((batch, max_new), options.eot, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     offset = len(options.prompt)
     for step in range(max_new):
         next_tokens = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).argmax(-1)  # (B,)
@@ -99,7 +101,8 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
     cache = decoder.new_cache(features, rows_per_window=beams)  # rows: window-major, beam-minor
-    prompt = torch.tensor([options.prompt] * (batch * beams))
+    device = features.device
+    prompt = torch.tensor([options.prompt] * (batch * beams), device=device)
     logits = decoder(prompt, 0, cache, last_only=True)[:, -1]  # (B*K, V)
     suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens,
@@ -145,9 +148,9 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
         hypotheses, sum_logprobs = new_hypotheses, new_sums
         if all(done) or step + 1 == max_new:
             break
-        index = torch.tensor(source_rows)
+        index = torch.tensor(source_rows, device=device)
         cache.reorder(index, offset + step)
-        last = torch.tensor([h[-1] for h in hypotheses])
+        last = torch.tensor([h[-1] for h in hypotheses], device=device)
         logits = decoder(last[:, None], offset + step, cache)[:, -1]
     results = []
     for window in range(batch):

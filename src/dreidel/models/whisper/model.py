@@ -129,7 +129,7 @@ class ResidualAttentionBlock(nn.Module):
         k_buf[:, :, :, offset:end] = attn.split_heads(attn.key(h)).transpose(2, 3)
         v_buf[:, :, offset:end] = attn.split_heads(attn.value(h))
         q = attn.split_heads(attn.query(h))
-        mask = cache.causal_mask(offset, x.shape[1]) if x.shape[1] > 1 else None
+        mask = cache.causal_mask(offset, x.shape[1], x.device) if x.shape[1] > 1 else None
         x = x + attn.out(attn.merge_heads(_attention(q, k_buf[:, :, :, :end], v_buf[:, :, :end], mask)))
         cross = self.cross_attn
         q = cross.split_heads(cross.query(self.cross_attn_ln(x)))
@@ -231,10 +231,10 @@ class DecoderCache:
         """Number of positions the self-attention buffers hold."""
         return self.self_k[0].shape[-1]
 
-    def causal_mask(self, offset: int, length: int) -> Tensor:
+    def causal_mask(self, offset: int, length: int, device: torch.device | None = None) -> Tensor:
         """Boolean (length, offset+length) mask: new token i sees positions <= offset+i."""
-        rows = torch.arange(length).unsqueeze(1) + offset
-        return torch.arange(offset + length).unsqueeze(0) <= rows
+        rows = torch.arange(length, device=device).unsqueeze(1) + offset
+        return torch.arange(offset + length, device=device).unsqueeze(0) <= rows
 
     def reorder(self, index: Tensor, length: int) -> None:
         """Beam search: row b of the first ``length`` positions becomes row ``index[b]`` of before."""
