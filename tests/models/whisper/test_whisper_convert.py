@@ -199,3 +199,16 @@ def test_load_of_the_model_bin_file_points_to_its_directory(random_whisper, tmp_
     with pytest.raises(ValueError, match="pass its directory") as raised:
         load(tmp_path / "model.bin")
     assert str(tmp_path) in str(raised.value)
+
+
+def test_load_warns_when_the_suppress_token_list_is_missing(random_whisper, tmp_path, caplog):
+    _ct2_dir(random_whisper, tmp_path)  # model.bin and tokenizer.json, no config.json
+    with caplog.at_level("WARNING", logger="dreidel.models.whisper"):
+        recognizer = load(tmp_path)
+    assert recognizer.suppress_tokens == ()
+    assert "no config.json" in caplog.text and str(tmp_path) in caplog.text
+    caplog.clear()
+    (tmp_path / "config.json").write_text(json.dumps({"suppress_ids": [1], "suppress_ids_begin": [220, 50256]}))
+    with caplog.at_level("WARNING", logger="dreidel.models.whisper"):
+        load(tmp_path)
+    assert not caplog.text

@@ -10,6 +10,7 @@ joins each input's window texts.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
 __all__ = ["WhisperRecognizer", "Transcription", "load", "load_state_dict_strict", "transcribe", "quantize_int8"]
+
+logger = logging.getLogger("dreidel.models.whisper")
 
 SHIPPED_NAMES = ("tiny.en", "base")
 _DEFAULT_BEGIN_SUPPRESS = (220,)  # " "; <|endoftext|> is added from the tokenizer
@@ -111,6 +114,9 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
                                     ignore=CT2_CONFIG_VARIABLES)
     config_path = directory / "config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
+    if not config_path.is_file():
+        logger.warning("%s: no config.json; decoding suppresses no tokens (its suppress_ids are unknown), so text "
+                       "can differ from the reference", directory)
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = _token_ids(config, "suppress_ids", (), config_path)
     begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path)
@@ -141,6 +147,9 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
                                     str(directory))
     generation_path = directory / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.is_file() else {}
+    if not generation_path.is_file():
+        logger.warning("%s: no generation_config.json; decoding suppresses no tokens (its suppress_tokens are "
+                       "unknown), so text can differ from the reference", directory)
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = _token_ids(generation, "suppress_tokens", (), generation_path)
     begin = _token_ids(generation, "begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,),
