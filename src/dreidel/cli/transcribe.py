@@ -15,6 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
+    parser.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
+                        help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
+                             "decode every window; silence then often reads as 'you')")
     parser.set_defaults(func=run)
 
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         recognizer = whisper.load(args.model)
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
-        results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language)
+        results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language,
+                                     no_speech_threshold=args.no_speech_threshold)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0

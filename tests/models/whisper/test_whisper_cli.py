@@ -58,3 +58,18 @@ def test_transcribe_command_reports_bad_input_in_one_line(case, tmp_path, monkey
         args.func(args)
     message = str(raised.value.code)
     assert message.startswith("dreidel transcribe: error:") and expected in message
+
+
+def test_transcribe_command_no_speech_threshold(tmp_path, capsys):
+    import soundfile
+    import torch
+
+    path = tmp_path / "silence.wav"
+    soundfile.write(path, torch.zeros(16000).numpy(), 16000)
+    for extra, expected in (([], f"{path}: you\n"), (["--no-speech-threshold", "0.6"], f"{path}: \n")):
+        args = parse(["transcribe", str(path), *extra])
+        assert args.func(args) == 0
+        assert capsys.readouterr().out.startswith(expected)
+    args = parse(["transcribe", str(path), "--no-speech-threshold", "2"])
+    with pytest.raises(SystemExit, match="no_speech_threshold"):
+        args.func(args)

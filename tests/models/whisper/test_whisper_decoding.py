@@ -164,3 +164,27 @@ def test_decode_on_cuda_equals_cpu(random_whisper, beam_size):
     on_cuda = copy.deepcopy(random_whisper).double().cuda()
     on_cpu = copy.deepcopy(random_whisper).double()  # float64: the same argmax on both devices
     assert decode(on_cuda, mel, options) == decode(on_cpu, mel, options)
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_no_speech_threshold_drops_silent_windows_only(tiny_en, beam_size):
+    """tiny.en hears "you" in silence, e.g. the silent end of a recording longer than 30 s; the threshold
+    leaves such windows empty and every window with speech exactly as decoded without it."""
+    from dreidel.audio import N_SAMPLES
+
+    (_, first), (_, second) = speech_clips(2, seed=5)
+    speech_then_silence = torch.cat([first, torch.zeros(N_SAMPLES)])  # window 2 is silent
+    inputs = [first, torch.zeros(16000), speech_then_silence, second]
+    plain = transcribe(tiny_en, inputs, beam_size=beam_size)
+    gated = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=0.6)
+    assert plain[1].text == "you" and plain[2].text.endswith(" you")  # the problem
+    assert gated[1].text == "" and gated[1].tokens == ((),)
+    assert gated[2].tokens == (plain[0].tokens[0], ()) and gated[2].text == plain[0].text
+    for index in (0, 3):
+        assert gated[index].tokens == plain[index].tokens and gated[index].text == plain[index].text
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5, True, "0.6"])
+def test_no_speech_threshold_is_validated(tiny_en, threshold):
+    with pytest.raises(ValueError, match="no_speech_threshold"):
+        transcribe(tiny_en, torch.zeros(1600), no_speech_threshold=threshold)

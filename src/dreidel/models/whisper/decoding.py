@@ -26,6 +26,10 @@ class DecodingOptions:
     beam_size: 1 is greedy; k > 1 keeps k hypotheses per window and stops when k of them ended
     (openai's beam search with patience 1), ranked by sum of log-probabilities / length.
     max_new_tokens: cap on sampled tokens per window (openai uses n_text_ctx // 2 = 224).
+    no_speech_threshold: ``None`` decodes every window; a probability p in (0, 1) leaves a window empty when the
+    model's probability of ``no_speech`` (<|nocaptions|>) right after <|startoftranscript|> exceeds p: openai's
+    no-speech probability, here used alone (openai also requires a low average log-probability, which does not
+    stop tiny.en from hearing "you" in silence). 0.6 is openai's default threshold.
     """
 
     prompt: tuple[int, ...]
@@ -34,6 +38,8 @@ class DecodingOptions:
     begin_suppress_tokens: tuple[int, ...] = ()
     beam_size: int = 1
     max_new_tokens: int = 224
+    no_speech: int | None = None
+    no_speech_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -43,6 +49,13 @@ class DecodingOptions:
         if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        threshold = self.no_speech_threshold
+        if threshold is not None:
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
+                raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got {threshold!r}")
+            if self.no_speech is None:
+                raise ValueError("no_speech_threshold needs the no-speech token id (no_speech); this vocabulary "
+                                 "has no <|nocaptions|> / <|nospeech|> token")
 
 
 def _suppression_bias(tokens: tuple[int, ...], n_vocab: int, like: Tensor) -> Tensor:
@@ -64,9 +77,29 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[i
     max_new = min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
     if max_new < 1:
         raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
+    if options.no_speech_threshold is not None:
+        speech = (_no_speech_probability(model, features, options) <= options.no_speech_threshold).tolist()
+        if not all(speech):
+            kept = [i for i, keep in enumerate(speech) if keep]
+            tokens = iter(_decode_features(model, features[kept], options, max_new) if kept else [])
+            return [next(tokens) if keep else [] for keep in speech]
+    return _decode_features(model, features, options, max_new)
+
+
+def _decode_features(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
     if options.beam_size == 1:
         return _greedy(model, features, options, max_new)
     return _beam_search(model, features, options, max_new)
+
+
+def _no_speech_probability(model: Whisper, features: Tensor, options: DecodingOptions) -> Tensor:
+    """(B,) probability of ``no_speech`` after the first prompt token; causal attention makes that position
+    independent of the rest of the prompt, so one token is enough."""
+    decoder = model.decoder
+    cache = decoder.new_cache(features)
+    first = torch.full((features.shape[0], 1), options.prompt[0], dtype=torch.long, device=features.device)
+    logits = decoder(first, 0, cache)[:, 0].float()  # (B, V)
+    return logits.softmax(dim=-1)[:, options.no_speech]
 
 
 def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:

@@ -32,6 +32,10 @@ class WhisperTokenizer:
         self.transcribe = self._special("<|transcribe|>")
         self.translate = self._special("<|translate|>")
         self.no_timestamps = self._special("<|notimestamps|>")
+        # "<|nocaptions|>" up to large-v2, "<|nospeech|>" from large-v3: its probability at <|startoftranscript|>
+        # is openai's no-speech probability.
+        names = [t for t in ("<|nospeech|>", "<|nocaptions|>") if self._tokenizer.token_to_id(t) is not None]
+        self.no_speech = self._special(names[0]) if names else None
 
     def _special(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

@@ -50,10 +50,12 @@ class WhisperRecognizer:
     begin_suppress_tokens: tuple[int, ...]
     name: str = ""
 
-    def options(self, beam_size: int = 1, language: str | None = "en", max_new_tokens: int = 224) -> DecodingOptions:
+    def options(self, beam_size: int = 1, language: str | None = "en", max_new_tokens: int = 224,
+                no_speech_threshold: float | None = None) -> DecodingOptions:
         return DecodingOptions(prompt=tuple(self.tokenizer.prompt(language)), eot=self.tokenizer.eot,
                                suppress_tokens=self.suppress_tokens, begin_suppress_tokens=self.begin_suppress_tokens,
-                               beam_size=beam_size, max_new_tokens=max_new_tokens)
+                               beam_size=beam_size, max_new_tokens=max_new_tokens,
+                               no_speech=self.tokenizer.no_speech, no_speech_threshold=no_speech_threshold)
 
 
 @dataclass(frozen=True)
@@ -243,12 +245,15 @@ def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
-               max_new_tokens: int = 224, batch_size: int = 8):
+               max_new_tokens: int = 224, batch_size: int = 8, no_speech_threshold: float | None = None):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
     Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
     into consecutive 30 s windows (no timestamps, so a word on a boundary may be split); up to ``batch_size``
     windows are decoded together. Empty audio is not decoded: its text is "" and it has no windows.
+    ``no_speech_threshold`` (e.g. 0.6): windows the model judges to hold no speech give no text (without it,
+    tiny.en transcribes a silent window, such as the silent end of a long recording, as "you"); see
+    :class:`DecodingOptions`.
     """
     from dreidel.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
@@ -260,7 +265,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     inputs = [audio] if single else list(audio)
     if not inputs:
         raise ValueError("audio must be a path, an array or a non-empty list of them")
-    options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens)
+    options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
+                                 no_speech_threshold=no_speech_threshold)
     waveforms = [load_audio(item) for item in inputs]
     owners, windows = [], []
     for index, waveform in enumerate(waveforms):
@@ -276,7 +282,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     results = []
     for index, waveform in enumerate(waveforms):
         own = [tokens[i] for i, owner in enumerate(owners) if owner == index]
-        text = " ".join(recognizer.tokenizer.decode(t).strip() for t in own).strip()
+        texts = (recognizer.tokenizer.decode(t).strip() for t in own)
+        text = " ".join(text for text in texts if text)  # a window without speech adds no blank
         results.append(Transcription(text=text, seconds_audio=waveform.numel() / SAMPLE_RATE,
                                      seconds_compute=elapsed * len(own) / max(len(windows), 1),
                                      tokens=tuple(tuple(t) for t in own)))
