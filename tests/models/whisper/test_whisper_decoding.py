@@ -188,3 +188,19 @@ def test_no_speech_threshold_drops_silent_windows_only(tiny_en, beam_size):
 def test_no_speech_threshold_is_validated(tiny_en, threshold):
     with pytest.raises(ValueError, match="no_speech_threshold"):
         transcribe(tiny_en, torch.zeros(1600), no_speech_threshold=threshold)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_int8_of_a_half_precision_model(tiny_en, dtype):
+    """Used to fail at transcription with "expected scalar type Float but found Half"."""
+    import copy
+
+    from dreidel.models.whisper import WhisperRecognizer, quantize_int8
+
+    (_, clip), = speech_clips(1, seed=6)
+    half = WhisperRecognizer(copy.deepcopy(tiny_en.model).to(dtype), tiny_en.tokenizer, tiny_en.suppress_tokens,
+                             tiny_en.begin_suppress_tokens, "half")
+    rounded = WhisperRecognizer(copy.deepcopy(half.model).float(), tiny_en.tokenizer, tiny_en.suppress_tokens,
+                                tiny_en.begin_suppress_tokens, "rounded")
+    assert transcribe(quantize_int8(half), clip).tokens == transcribe(quantize_int8(rounded), clip).tokens
+    assert half.model.decoder.positional_embedding.dtype == dtype  # the original is left as it was

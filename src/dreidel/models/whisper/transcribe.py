@@ -218,13 +218,13 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
     """A copy whose ``nn.Linear`` layers (and the tied output projection) run int8 dynamic quantisation.
 
     Uses ``torch.ao.quantization.quantize_dynamic`` (weights int8 per tensor, activations quantised per batch);
-    tokens can differ from the float model.
+    tokens can differ from the float model. The copy runs in float32 whatever dtype ``recognizer`` was loaded in.
     """
     import copy
 
     if not isinstance(recognizer, WhisperRecognizer):
         raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
-    model = copy.deepcopy(recognizer.model)
+    model = copy.deepcopy(recognizer.model).float()  # dynamic int8 kernels take float32 (not fp16/bf16) weights
     decoder = model.decoder
     output = nn.Linear(decoder.token_embedding.embedding_dim, decoder.token_embedding.num_embeddings, bias=False)
     output.weight = nn.Parameter(decoder.token_embedding.weight.detach().clone(), requires_grad=False)
