@@ -25,6 +25,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     Returns:
         ``(train_indices, test_indices)``, int64 arrays that together hold every index once.
     """
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     train_parts, test_parts = [], []
     for label in np.unique(labels):
@@ -35,6 +38,17 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
     test = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
     return train, test
+
+
+def check_seed(seed: object) -> None:
+    """A seed is a non-negative int: ``None`` would silently draw a fresh, unreproducible split."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def _check_batch_size(batch_size: object) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def select_split(
@@ -53,8 +67,9 @@ def select_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if batch_size is not None:
+        _check_batch_size(batch_size)
+    check_seed(seed)
     train, test = stratified_split(labels, test_fraction, seed)
     if split == "train":
         index = train
@@ -65,7 +80,7 @@ def select_split(
     x, y = features[index], labels[index].astype(np.int64)
     if batch_size is not None:
         generator = torch.Generator().manual_seed(seed)
-        return as_dataloader(x, y, batch_size, shuffle=split != "test", generator=generator)
+        return as_dataloader(x, y, int(batch_size), shuffle=split != "test", generator=generator)
     if as_tensors:
         return torch.from_numpy(x), torch.from_numpy(y)
     return x, y
@@ -86,6 +101,5 @@ def as_dataloader(
     y = torch.as_tensor(y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    _check_batch_size(batch_size)
+    return DataLoader(TensorDataset(x, y), batch_size=int(batch_size), shuffle=shuffle, generator=generator)

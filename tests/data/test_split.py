@@ -1,0 +1,45 @@
+"""Argument checks of the shared split / DataLoader helpers, through the public loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreidel.data import as_dataloader, load_digits, stratified_split
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, "0", True, 2**64])
+def test_seed_must_be_a_non_negative_int(seed):
+    # None used to give a fresh random split on every call; the others failed inside numpy without naming `seed`.
+    with pytest.raises(ValueError, match="seed must be an int"):
+        load_digits("train", seed=seed)
+
+
+def test_numpy_int_seed_and_batch_size_are_accepted():
+    x, _ = load_digits("test", seed=np.int64(4))
+    assert torch.equal(x, load_digits("test", seed=4)[0])
+    loader = load_digits("test", seed=4, batch_size=np.int64(100))
+    assert [len(y) for _, y in loader] == [100, 100, 100, 59]
+
+
+@pytest.mark.parametrize("batch_size", [0, True, 2.0])
+def test_batch_size_must_be_a_positive_int(batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        load_digits("train", batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        as_dataloader(torch.zeros(4, 2), torch.zeros(4), batch_size)
+
+
+@pytest.mark.parametrize("test_fraction", [0, 0.0, 1, 1.5, -0.2, True])
+def test_stratified_split_rejects_fractions_outside_the_open_unit_interval(test_fraction):
+    # 1.5 used to put every sample into the test part and 0 none, silently.
+    with pytest.raises(ValueError, match="test_fraction must be a number in"):
+        stratified_split(np.array([0, 1, 0, 1]), test_fraction, seed=0)
+
+
+def test_stratified_split_partitions_every_index_once():
+    labels = np.repeat(np.arange(3), 10)
+    train, test = stratified_split(labels, 0.2, seed=1)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(30))
+    assert np.bincount(labels[test]).tolist() == [2, 2, 2]
