@@ -97,6 +97,18 @@ def test_cached_speech_writes_once(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".wav", ".wav"]  # no temp files left
 
 
+def test_written_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = speech.synthesize_to_file("Stop the music.", tmp_path / "stop.wav")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["stop.wav"]
+
+
 def test_sentence_file_and_test_set():
     sentences = speech.test_sentences()
     assert len(sentences) >= 100 and len(set(sentences)) == len(sentences)

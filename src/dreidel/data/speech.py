@@ -165,6 +165,12 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     return audio.clamp_(-1.0, 1.0).numpy()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restore at once
+    os.umask(mask)
+    return mask
+
+
 def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, pitch: int = 50) -> Path:
     """:func:`synthesize` into a 16-bit 16 kHz WAV file written atomically; returns the path."""
     import soundfile
@@ -175,6 +181,7 @@ def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, p
     handle, temp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".wav", dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file open()'s usual mode
         soundfile.write(temp_name, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         os.replace(temp_name, path)
     except BaseException:
