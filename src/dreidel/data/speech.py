@@ -132,12 +132,16 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     Use :func:`cached_speech` to fix the audio of a test set once.
 
     Raises:
-        ValueError: empty text, unknown voice, rate or pitch out of range.
+        ValueError: empty text, unknown voice or variant, rate or pitch out of range.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     if not isinstance(voice, str) or not voice:
         raise ValueError(f"voice must be a non-empty string such as 'en-us' or 'en-us+f2', got {voice!r}")
+    variant = voice.partition("+")[2]
+    if "+" in voice and variant not in available_variants():  # eSpeak would silently use the plain voice
+        raise ValueError(f"unknown voice variant {variant!r} in voice {voice!r}; expected one of available_variants(), "
+                         f"e.g. 'en-us+f2'")
     if not isinstance(rate, int) or not 80 <= rate <= 450:
         raise ValueError(f"rate must be an int in [80, 450] words per minute, got {rate!r}")
     if not isinstance(pitch, int) or not 0 <= pitch <= 100:
