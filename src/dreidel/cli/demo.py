@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from dreidel.cli._args import seed
 from dreidel.cli._table import format_table
 from dreidel.cli.demo_mnist import mnist_step
 from dreidel.cli.demo_whisper import whisper_step
@@ -18,7 +19,8 @@ from dreidel.cli.demo_whisper import whisper_step
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the tour (about a minute on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="seed of the random inputs, the MNIST split and training, and the sentences (default: 0)")
     parser.set_defaults(func=run)
 
 

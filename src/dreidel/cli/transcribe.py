@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from dreidel.cli._args import MAX_BEAM, existing_file, int_in_range, probability
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("transcribe", help="transcribe audio files with Whisper (tiny.en by default)")
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format libsndfile reads)")
+    parser.add_argument("files", nargs="+", metavar="FILE", type=existing_file,
+                        help="audio files (any format libsndfile reads)")
     parser.add_argument("--model", default="tiny.en",
                         help="tiny.en, base, or a CTranslate2 / Hugging Face Whisper directory (default: tiny.en)")
-    parser.add_argument("--beam", type=int, default=1, help="beam size; 1 is greedy (default: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--beam", type=int_in_range(1, MAX_BEAM), default=1,
+                        help=f"beam size, 1 to {MAX_BEAM}; 1 is greedy (default: 1)")
+    parser.add_argument("--threads", type=int_in_range(1), default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
-    parser.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
+    parser.add_argument("--no-speech-threshold", type=probability, default=None, metavar="P",
                         help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
                              "decode every window; silence then often reads as 'you')")
     parser.set_defaults(func=run)
@@ -27,14 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from dreidel.models import whisper
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.beam < 1:
-        raise SystemExit("--beam must be >= 1")
-    missing = [f for f in args.files if not Path(f).is_file()]
-    if missing:
-        raise SystemExit(f"no such file: {missing[0]}")
     # A bad model directory, language or audio file is the user's input, not a bug: one line, no traceback.
     try:
         recognizer = whisper.load(args.model)

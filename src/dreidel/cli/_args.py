@@ -1,0 +1,53 @@
+"""argparse ``type=`` checks: a bad value becomes argparse's one-line usage error naming the option (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+MAX_BEAM = 64  # far above useful beams; larger ones only exhaust memory for the decoder's key/value cache
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+
+
+def int_in_range(low: int, high: int | None = None):
+    """A ``type=`` for ints in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low or (high is not None and value > high):
+            expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its fallback message
+    return parse
+
+
+seed = int_in_range(0, 2**63 - 1)
+
+
+def probability(text: str) -> float:
+    """A ``type=`` for a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") from None
+    if math.isnan(value) or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """A ``type=`` for a path that must be a regular file."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"not a file: {text}")
+    return text

@@ -1,0 +1,50 @@
+"""Bad command-line values are one-line usage errors naming the option (exit 2), never tracebacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreidel.cli.main import main
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def wav(tmp_path):
+    path = tmp_path / "a.wav"
+    path.write_bytes(b"not audio, but the argument checks come first")
+    return str(path)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--beam", "0", "argument --beam: expected an int in [1, 64], got 0"),
+    # 100000 used to reach the decoder and die in a 68 GB allocation with a traceback
+    ("--beam", "100000", "argument --beam: expected an int in [1, 64], got 100000"),
+    ("--beam", "two", "argument --beam: expected an int, got 'two'"),
+    ("--threads", "0", "argument --threads: expected an int >= 1, got 0"),
+    ("--no-speech-threshold", "2", "argument --no-speech-threshold: expected a probability in (0, 1), got 2"),
+    ("--no-speech-threshold", "nan", "argument --no-speech-threshold: expected a probability in (0, 1), got nan"),
+])
+def test_transcribe_option_errors_name_the_option(option, value, expected, wav, capsys):
+    assert _usage_error(["transcribe", wav, option, value], capsys) == f"dreidel transcribe: error: {expected}"
+
+
+def test_transcribe_missing_file_and_directory(tmp_path, capsys):
+    missing = str(tmp_path / "missing.wav")
+    assert _usage_error(["transcribe", missing], capsys).endswith(f"argument FILE: no such file: {missing}")
+    assert _usage_error(["transcribe", str(tmp_path)], capsys).endswith(f"argument FILE: not a file: {tmp_path}")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("-1", "expected an int in [0, 9223372036854775807], got -1"),  # used to fail inside numpy with a traceback
+    ("x", "expected an int, got 'x'"),
+])
+def test_demo_seed_errors_name_the_option(value, expected, capsys):
+    assert _usage_error(["demo", "--seed", value], capsys) == f"dreidel demo: error: argument --seed: {expected}"
