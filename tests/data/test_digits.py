@@ -17,6 +17,7 @@ def test_shapes_dtypes_and_split_sizes():
     x_test, y_test = load_digits("test", seed=0)
     assert x_train.shape[1] == 64 and x_train.dtype == torch.float32 and y_train.dtype == torch.int64
     assert len(y_train) + len(y_test) == 1797
+    assert (len(y_train), len(y_test)) == (1438, 359)  # 20 % of each class, rounded per class
     assert 0.0 <= float(x_train.min()) and float(x_train.max()) == 1.0
 
 

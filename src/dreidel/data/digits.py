@@ -10,7 +10,7 @@ from dreidel.data._split import select_split
 
 __all__ = ["load_digits"]
 
-DIGITS_TEST_FRACTION = 0.2  # about 1,437 train / 360 test, stratified
+DIGITS_TEST_FRACTION = 0.2  # 1,438 train / 359 test, stratified (per-class rounding)
 
 
 @functools.lru_cache(maxsize=1)
