@@ -18,7 +18,8 @@ from dreidel.cli.demo_whisper import whisper_step
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the tour: FWHT, spectral MNIST MLP, Whisper (about 10 s on 2 cores)")
+    parser = subparsers.add_parser("demo",
+                                   help="run the tour: FWHT, spectral MNIST MLP, Whisper (about 10 s on 2 cores)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the random inputs, the MNIST split and training, and the sentences (default: 0)")
     parser.set_defaults(func=run)
