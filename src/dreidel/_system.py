@@ -23,6 +23,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets) where the OS has one.
+
+    ``os.cpu_count()`` counts the whole machine, which overstates what a pinned process can use.
+    """
+    if hasattr(os, "sched_getaffinity"):  # Linux; elsewhere the machine's count is the best answer
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class SystemInfo:
     dreidel: str
@@ -46,7 +56,7 @@ def system_info() -> SystemInfo:
         torch=torch.__version__,
         python=platform.python_version(),
         cpu=cpu_model(),
-        cores=os.cpu_count() or 1,
+        cores=usable_cores(),
         isa=best_isa(),
         torch_threads=torch.get_num_threads(),
         openmp_max_threads=native.openmp_max_threads(),

@@ -1,7 +1,10 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dreidel._native import available_isas, best_isa
@@ -15,6 +18,15 @@ def test_info_reports_dispatch_and_threads(capsys):
     assert info["torch"] == torch.__version__
     assert info["torch_threads"] == torch.get_num_threads()
     assert info["openmp_max_threads"] >= 1
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_info_counts_the_cores_this_process_may_use():
+    # `taskset -c 0 dreidel info` used to report every core of the machine
+    first_cpu = str(min(os.sched_getaffinity(0)))
+    out = subprocess.run(["taskset", "-c", first_cpu, sys.executable, "-m", "dreidel.cli.main", "info", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["cores"] == 1
 
 
 def test_console_script_entry_point_runs():
