@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     total_audio = total_compute = 0.0
     for path, result in zip(args.files, results):
         print(f"{path}: {result.text}")
-        print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {result.rtf:.3f}")
+        rtf = f"{result.rtf:.3f}" if result.seconds_audio else "-"  # an empty file has no real-time factor (nan)
+        print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
         total_audio += result.seconds_audio
         total_compute += result.seconds_compute
     if len(results) > 1 and total_audio:
