@@ -111,6 +111,17 @@ def test_written_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stop.wav"]
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"n": True}, ValueError, "n must be None or an int"), ({"n": 2.0}, ValueError, "n must be None or an int"),
+    ({"n": 2, "voices": ()}, ValueError, "voices and rates"),  # used to be an IndexError from random.choice
+    ({"n": 2, "rates": []}, ValueError, "voices and rates"),
+    ({"n": 2, "sentences": "one sentence"}, TypeError, "sentences must be a list"),
+])
+def test_speech_test_set_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        speech.speech_test_set(**kwargs)
+
+
 def test_sentence_file_and_test_set():
     sentences = speech.test_sentences()
     assert len(sentences) >= 100 and len(set(sentences)) == len(sentences)

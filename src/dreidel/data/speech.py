@@ -242,9 +242,14 @@ def speech_test_set(n: int | None = None, seed: int = 0, *, sentences: list[str]
 
     The sentence order is shuffled by ``seed`` too, so a small ``n`` still mixes the kinds of sentence.
     """
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a list of strings, got one string (it would be split into characters)")
     sentences = test_sentences() if sentences is None else list(sentences)
-    if n is not None and not 0 <= n <= len(sentences):
-        raise ValueError(f"n must be in [0, {len(sentences)}], got {n}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(sentences)):
+        raise ValueError(f"n must be None or an int in [0, {len(sentences)}], got {n!r}")
+    voices, rates = tuple(voices), tuple(rates)
+    if not voices or not rates:
+        raise ValueError(f"voices and rates must each hold at least one choice, got {voices!r} and {rates!r}")
     generator = random.Random(seed)
     order = list(range(len(sentences)))
     generator.shuffle(order)
