@@ -1,9 +1,8 @@
-"""argparse ``type=`` checks: a bad value becomes argparse's one-line usage error naming the option (exit 2)."""
+"""Argument checks: a bad value becomes argparse's one-line usage error naming the option (exit 2)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 MAX_BEAM = 64  # far above useful beams; larger ones only exhaust memory for the decoder's key/value cache
@@ -32,22 +31,11 @@ def int_in_range(low: int, high: int | None = None):
 seed = int_in_range(0, 2**63 - 1)
 
 
-def probability(text: str) -> float:
-    """A ``type=`` for a probability strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") from None
-    if math.isnan(value) or not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
-    return value
-
-
-def existing_file(text: str) -> str:
-    """A ``type=`` for a path that must be a regular file."""
+def file_problem(text: str) -> str | None:
+    """Why ``text`` is not a readable regular file's path, or None when it is one."""
     path = Path(text)
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
+        return f"no such file: {text}"
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"not a file: {text}")
-    return text
+        return f"not a file: {text}"
+    return None

@@ -4,35 +4,40 @@ from __future__ import annotations
 
 import argparse
 
-from dreidel.cli._args import MAX_BEAM, existing_file, int_in_range, probability
+from dreidel.cli._args import MAX_BEAM, file_problem, int_in_range
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("transcribe", help="transcribe audio files with Whisper (tiny.en by default)")
-    parser.add_argument("files", nargs="+", metavar="FILE", type=existing_file,
-                        help="audio files (any format libsndfile reads)")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format libsndfile reads)")
     parser.add_argument("--model", default="tiny.en",
                         help="tiny.en, base, or a CTranslate2 / Hugging Face Whisper directory (default: tiny.en)")
-    parser.add_argument("--beam", type=int_in_range(1, MAX_BEAM), default=1,
+    parser.add_argument("--beam", type=int, default=1,
                         help=f"beam size, 1 to {MAX_BEAM}; 1 is greedy (default: 1)")
     parser.add_argument("--threads", type=int_in_range(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
-    parser.add_argument("--no-speech-threshold", type=probability, default=None, metavar="P",
+    parser.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
                         help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
                              "decode every window; silence then often reads as 'you')")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked here rather than by argparse types so that `func` alone (as the tests call it) rejects them too.
+    if not 1 <= args.beam <= MAX_BEAM:
+        args.parser.error(f"argument --beam: expected an int in [1, {MAX_BEAM}], got {args.beam}")
+    for problem in filter(None, map(file_problem, args.files)):
+        args.parser.error(f"argument FILE: {problem}")
+
     import torch
 
     from dreidel.models import whisper
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    # A bad model directory, language or audio file is the user's input, not a bug: one line, no traceback.
+    # A bad model directory, language, threshold or audio file is the user's input, not a bug: one line, no traceback.
     try:
         recognizer = whisper.load(args.model)
         if args.int8:
