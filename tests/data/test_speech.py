@@ -122,6 +122,15 @@ def test_speech_test_set_bad_arguments(kwargs, error, message):
         speech.speech_test_set(**kwargs)
 
 
+def test_sentences_ship_inside_the_package():
+    # They lived in tests/data/, which wheels leave out, so an installed `dreidel demo` failed at its Whisper step.
+    import importlib.resources
+
+    packaged = importlib.resources.files("dreidel.data").joinpath("sentences.txt")
+    assert packaged.is_file()
+    assert speech.test_sentences() == speech.test_sentences(packaged)
+
+
 def test_sentence_file_and_test_set():
     sentences = speech.test_sentences()
     assert len(sentences) >= 100 and len(set(sentences)) == len(sentences)

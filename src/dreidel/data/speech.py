@@ -223,11 +223,12 @@ class SpeechItem:
     rate: int
 
 
+SENTENCES_FILE = Path(__file__).with_name("sentences.txt")  # package data: in wheels too, unlike tests/
+
+
 def test_sentences(path=None) -> list[str]:
-    """The project's test sentences (one per line in ``tests/data/sentences.txt`` unless ``path`` is given)."""
-    if path is None:
-        path = Path(__file__).resolve().parents[3] / "tests" / "data" / "sentences.txt"
-    path = Path(path)
+    """The project's test sentences (one per line in ``dreidel/data/sentences.txt`` unless ``path`` is given)."""
+    path = SENTENCES_FILE if path is None else Path(path)
     if not path.is_file():
         raise ValueError(f"sentence file not found: {path}")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
