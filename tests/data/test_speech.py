@@ -80,6 +80,7 @@ def test_concurrent_calls_are_not_mixed_up():
     ({"text": "   "}, "text"), ({"text": "hi", "voice": "xx-not-a-voice"}, "unknown voice"),
     ({"text": "hi", "voice": "en-us+zz9"}, "unknown voice variant 'zz9'"),
     ({"text": "hi", "voice": "en-us+"}, "variant"),
+    ({"text": "hi\0there"}, "NUL"),
     ({"text": "hi", "rate": 10}, "rate"), ({"text": "hi", "pitch": 101}, "pitch"),
 ])
 def test_bad_arguments(kwargs, message):

@@ -136,6 +136,8 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
+    if "\0" in text:  # the C API reads up to the first NUL and would silently drop the rest
+        raise ValueError(f"text must not contain NUL characters, got {text[:40]!r}")
     if not isinstance(voice, str) or not voice:
         raise ValueError(f"voice must be a non-empty string such as 'en-us' or 'en-us+f2', got {voice!r}")
     variant = voice.partition("+")[2]
