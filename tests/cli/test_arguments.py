@@ -28,7 +28,8 @@ def wav(tmp_path):
     # 100000 used to reach the decoder and die in a 68 GB allocation with a traceback
     ("--beam", "100000", "argument --beam: expected an int in [1, 64], got 100000"),
     ("--beam", "two", "argument --beam: invalid int value: 'two'"),
-    ("--threads", "0", "argument --threads: expected an int >= 1, got 0"),
+    ("--threads", "0", "argument --threads: expected an int in [1, 256], got 0"),
+    ("--threads", "100000", "argument --threads: expected an int in [1, 256], got 100000"),  # was a segfault
 ])
 def test_transcribe_option_errors_name_the_option(option, value, expected, wav, capsys):
     assert _usage_error(["transcribe", wav, option, value], capsys) == f"dreidel transcribe: error: {expected}"

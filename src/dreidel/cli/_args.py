@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 MAX_BEAM = 64  # far above useful beams; larger ones only exhaust memory for the decoder's key/value cache
+MAX_THREADS = 256  # torch.set_num_threads(100000) segfaults while creating the OpenMP pool
 
 
 def _int(text: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dreidel.cli._args import MAX_BEAM, file_problem, int_in_range
+from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tiny.en, base, or a CTranslate2 / Hugging Face Whisper directory (default: tiny.en)")
     parser.add_argument("--beam", type=int, default=1,
                         help=f"beam size, 1 to {MAX_BEAM}; 1 is greedy (default: 1)")
-    parser.add_argument("--threads", type=int_in_range(1), default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_in_range(1, MAX_THREADS), default=None,
+                        help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
     parser.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
