@@ -39,6 +39,21 @@ def test_round_trip_keeps_values_and_dtypes(tmp_path, tensors):
         assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_gets_the_modes_mkdir_and_open_would_give(tmp_path, tensors, umask):
+    """Written through mkdtemp (owner-only 0700) and renamed: the directory must not keep that mode."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        target = write_checkpoint(tmp_path / "model", {"layers": []}, tensors)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        assert (target / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_tensor_header_gives_shapes_and_dtypes_without_the_data(tmp_path, tensors):
     write_checkpoint(tmp_path / "m", {}, {**tensors, "bf16": torch.zeros(5, dtype=torch.bfloat16)})
     header = read_tensor_header(tmp_path / "m")

@@ -13,11 +13,12 @@ import math
 import os
 import re
 import string
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from dreidel._files import staging_file
 
 __all__ = ["CSVLogger", "Callback", "EarlyStopping", "LearningRateScheduler", "ModelCheckpoint"]
 
@@ -165,7 +166,7 @@ class CSVLogger(Callback):
         writer.writeheader()
         writer.writerows(self._rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        handle, staging = staging_file(self.path)
         try:
             with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
                 file.write(buffer.getvalue())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from dreidel._files import staging_file
 
 __all__ = ["History"]
 
@@ -57,7 +58,7 @@ class History:
         figure.tight_layout()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
+        handle, staging = staging_file(target, suffix=".png")
         os.close(handle)
         try:
             figure.savefig(staging, format="png", dpi=100)

@@ -14,7 +14,6 @@ import ctypes
 import hashlib
 import os
 import random
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreidel._files import staging_file
 from dreidel.audio import SAMPLE_RATE, resample
 
 __all__ = [
@@ -171,12 +171,6 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     return audio.clamp_(-1.0, 1.0).numpy()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; restore at once
-    os.umask(mask)
-    return mask
-
-
 def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, pitch: int = 50) -> Path:
     """:func:`synthesize` into a 16-bit 16 kHz WAV file written atomically; returns the path."""
     import soundfile
@@ -184,10 +178,9 @@ def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, p
     path = Path(path)
     audio = synthesize(text, voice=voice, rate=rate, pitch=pitch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".wav", dir=path.parent)
+    handle, temp_name = staging_file(path, suffix=".wav")
     os.close(handle)
     try:
-        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file open()'s usual mode
         soundfile.write(temp_name, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         os.replace(temp_name, path)
     except BaseException:

@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dreidel._files import give_usual_file_mode, staging_dir
+
 __all__ = [
     "CONFIG_FILE",
     "TENSORS_FILE",
@@ -59,10 +61,11 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     # safetensors refuses views that share storage; give it one contiguous copy of each tensor
     plain = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_dir(target)
     try:
         _write_text(staging / CONFIG_FILE, config_text + "\n")
         save_file(plain, str(staging / TENSORS_FILE))
+        give_usual_file_mode(staging / TENSORS_FILE)
         _fsync_file(staging / TENSORS_FILE)
         _swap_into_place(staging, target)
     except BaseException:

@@ -30,13 +30,14 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from dreidel._files import staging_file
 
 __all__ = [
     "CTranslate2Model",
@@ -352,7 +353,7 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
     chunks.append(struct.pack("<I", len(aliases)))
     for alias in sorted(aliases):
         chunks += [_pack_string(alias), _pack_string(aliases[alias])]
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    handle, temp_name = staging_file(path)
     try:
         with os.fdopen(handle, "wb") as out:
             for chunk in chunks:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from dreidel._files import staging_file
 
 __all__ = ["ShippedModelFiles", "shipped_whisper_files", "shipped_whisper_directory"]
 
@@ -79,7 +80,7 @@ def shipped_whisper_directory(name: str, cache_dir) -> Path:
 
 
 def _atomic_copy(sources: Sequence[Path], destination: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".tmp", dir=destination.parent)
+    handle, temp_name = staging_file(destination)
     try:
         with os.fdopen(handle, "wb") as out:
             for source in sources:
