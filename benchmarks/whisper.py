@@ -6,7 +6,7 @@ Claim: dreidel's float32 greedy decode gives the same tokens (so the same WER) a
 
 Protocol (one process):
 - clips: the first ``--clips`` items of ``dreidel.data.speech.speech_test_set(seed=0)`` (sentences from
-  tests/data/sentences.txt, voices and rates drawn by the seed), synthesised once into .cache/speech.
+  src/dreidel/data/sentences.txt, voices and rates drawn by the seed), synthesised once into .cache/speech.
 - every system decodes greedily (beam 1), without timestamps, no temperature fallback, no VAD, no previous-text
   conditioning, English prompt ``<|startoftranscript|><|notimestamps|>``, the checkpoint's suppress tokens and
   blank suppression at the first step. One clip at a time (batch 1).
@@ -217,7 +217,7 @@ def main() -> int:
                                 token_rows)
     section = (
         "## Whisper tiny.en: WER and real-time factor (`benchmarks/whisper.py`)\n\n"
-        f"{len(clips)} eSpeak NG clips ({audio_seconds:.1f} s of audio) from tests/data/sentences.txt, greedy, "
+        f"{len(clips)} eSpeak NG clips ({audio_seconds:.1f} s of audio) from src/dreidel/data/sentences.txt, greedy, "
         "no timestamps, batch 1, one process, systems interleaved clip by clip; RTF excludes model load and "
         "includes the log-mel front end. Normaliser: lowercase, digits spelled out, punctuation removed "
         f"(see the script). CPU: {info.cpu}, {info.cores} cores; torch {info.torch}. Run time {total:.0f} s.\n\n"

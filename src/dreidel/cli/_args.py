@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MAX_BEAM = 64  # far above useful beams; larger ones only exhaust memory for the decoder's key/value cache
+from dreidel.models.whisper.decoding import MAX_BEAM_SIZE
+
+MAX_BEAM = MAX_BEAM_SIZE  # the decoder's own cap: larger beams only exhaust memory for its key/value cache
 MAX_THREADS = 256  # torch.set_num_threads(100000) segfaults while creating the OpenMP pool
 
 

@@ -117,6 +117,9 @@ def test_long_audio_is_decoded_in_consecutive_windows(tiny_en):
 def test_options_are_validated(tiny_en):
     with pytest.raises(ValueError, match="beam_size"):
         DecodingOptions(prompt=(1,), eot=2, beam_size=0)
+    with pytest.raises(ValueError, match=r"beam_size must be an int in \[1, 64\], got 100000"):
+        DecodingOptions(prompt=(1,), eot=2, beam_size=100_000)  # a KV cache of 100,000 beams: out of memory
+    assert DecodingOptions(prompt=(1,), eot=2, beam_size=64).beam_size == 64
     with pytest.raises(ValueError, match="English-only"):
         tiny_en.tokenizer.prompt("de")
     with pytest.raises(ValueError, match="mel"):

@@ -18,6 +18,9 @@ from dreidel.models.whisper.model import Whisper
 __all__ = ["DecodingOptions", "decode"]
 
 
+MAX_BEAM_SIZE = 64  # openai's default is 5
+
+
 @dataclass(frozen=True)
 class DecodingOptions:
     """What to decode and how.
@@ -44,8 +47,10 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         if not self.prompt:
             raise ValueError("prompt must hold at least <|startoftranscript|>")
-        if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or self.beam_size < 1:
-            raise ValueError(f"beam_size must be an int >= 1, got {self.beam_size!r}")
+        if (not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool)
+                or not 1 <= self.beam_size <= MAX_BEAM_SIZE):
+            # the cap: the decoder's KV cache grows with batch x beams, and a huge beam is an out-of-memory crash
+            raise ValueError(f"beam_size must be an int in [1, {MAX_BEAM_SIZE}], got {self.beam_size!r}")
         if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
