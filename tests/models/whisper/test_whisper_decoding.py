@@ -122,6 +122,9 @@ def test_options_are_validated(tiny_en):
     assert DecodingOptions(prompt=(1,), eot=2, beam_size=64).beam_size == 64
     with pytest.raises(ValueError, match="English-only"):
         tiny_en.tokenizer.prompt("de")
+    assert tiny_en.tokenizer.prompt(" EN ") == tiny_en.tokenizer.prompt("en")  # codes in any case
+    with pytest.raises(TypeError, match="language must be a language code"):
+        tiny_en.tokenizer.prompt(5)
     with pytest.raises(ValueError, match="mel"):
         decode(tiny_en.model, torch.zeros(80, 3000), tiny_en.options())
     with pytest.raises(TypeError, match="recognizer"):

@@ -75,6 +75,7 @@ def test_multilingual_base_matches_transformers():
     hf = hf_model_from_ours(base.model)
     (_, audio), = speech_clips(1, seed=3)
     mel = mel_of(audio)[None]
+    assert base.tokenizer.prompt("DE") == base.tokenizer.prompt("de") != base.tokenizer.prompt("en")
     prompt = torch.tensor([base.tokenizer.prompt("en")])
     features = base.model.embed_audio(mel)
     torch.testing.assert_close(features, hf.model.encoder(mel).last_hidden_state, rtol=1e-4, atol=2e-4)

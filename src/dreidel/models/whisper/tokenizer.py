@@ -55,7 +55,12 @@ class WhisperTokenizer:
 
         English-only: ``<|startoftranscript|><|notimestamps|>``. Multilingual:
         ``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>`` (``language`` defaults to English).
+        ``language`` is a Whisper language code ("en", "de", ...), in any case.
         """
+        if language is not None:
+            if not isinstance(language, str):
+                raise TypeError(f"language must be a language code such as 'en' or None, got {type(language).__name__}")
+            language = language.strip().lower()  # codes are case-insensitive: "EN" is "en"
         if not self.multilingual:
             if language not in (None, "en"):
                 raise ValueError(f"this model is English-only; language must be 'en' or None, got {language!r}")
