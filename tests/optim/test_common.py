@@ -195,6 +195,30 @@ def test_lbfgs_style_closure_without_backward_raises(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_closure_that_calls_backward_after_a_normal_backward_raises(name):
+    """The same LBFGS-style closure after a proper backward: it would rewrite the gradients mid-step."""
+    model = make_model()
+    opt = CONFIGS[name](model)
+    for x, y in batches(12):
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if not opt.closure_required(opt.steps_taken if hasattr(opt, "steps_taken") else 0):
+            opt.step(closure)  # a step that does not evaluate the closure is unaffected
+            continue
+        with pytest.raises(ValueError, match="closure: it changed the parameters' gradients"):
+            opt.step(closure)
+        return
+    pytest.skip(f"{name} evaluates no closure within 12 steps")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_internal_closure_calls_leave_batchnorm_statistics_alone(name):
     """Only the training step's own forward counts: running stats as after exactly one forward per step."""
     torch.manual_seed(0)

@@ -12,15 +12,24 @@ from torch import nn
 Closure = Callable[[], torch.Tensor]
 
 
+_CLOSURE_CHANGED_GRADIENTS = (
+    "closure: it changed the parameters' gradients (it called zero_grad() or backward()); with dreidel's "
+    "optimizers the closure only re-evaluates and returns the loss on the same batch: "
+    "optimizer.zero_grad(); loss.backward(); optimizer.step(closure)"
+)
+
+
 class RecordingClosure:
     """The user's closure as the optimizer calls it: each call's loss is kept (``step`` returns the first),
     and ``restore()`` puts the running statistics of ``model`` (BatchNorm's running_mean/var and
     num_batches_tracked, any ``running_*`` buffer) back as they were before the first call, so that the
     optimizer's re-evaluations of the loss do not count as more training batches. Restoring waits for
-    the end of the step: the batch-norm backward of a sampled-label pass still needs those buffers."""
+    the end of the step: the batch-norm backward of a sampled-label pass still needs those buffers.
+    A closure that changes the gradients of ``params`` (it called ``zero_grad`` or ``backward``, torch's
+    LBFGS convention) raises ``ValueError``: the step would otherwise use gradients it did not expect."""
 
-    def __init__(self, closure: Closure, model: nn.Module | None) -> None:
-        self.closure, self.model = closure, model
+    def __init__(self, closure: Closure, model: nn.Module | None, params: list[torch.Tensor]) -> None:
+        self.closure, self.model, self.params = closure, model, params
         self.losses: list[torch.Tensor] = []
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -28,7 +37,18 @@ class RecordingClosure:
         if self._saved is None:
             buffers = running_statistics(self.model) if self.model is not None else []
             self._saved = [(b, b.detach().clone()) for b in buffers]
-        loss = self.closure()
+        grads = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
+        try:
+            loss = self.closure()
+        except RuntimeError as error:
+            # Evaluations that need no graph (the damping checks) run without grad, where a closure's own
+            # backward() fails inside torch before the check below could name the cause.
+            if not torch.is_grad_enabled() and "does not require grad" in str(error):
+                raise ValueError(_CLOSURE_CHANGED_GRADIENTS) from error
+            raise
+        for p, (grad, version) in zip(self.params, grads):
+            if p.grad is not grad or (grad is not None and grad._version != version):
+                raise ValueError(_CLOSURE_CHANGED_GRADIENTS)
         self.losses.append(loss.detach())
         return loss
 
@@ -122,7 +142,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
         """One optimization step; returns the loss of the first closure evaluation it made, else None."""
-        recorder = RecordingClosure(closure, self._model_or_none()) if closure is not None else None
+        params = [p for group in self.param_groups for p in group["params"]]
+        recorder = RecordingClosure(closure, self._model_or_none(), params) if closure is not None else None
         try:
             self._step(recorder)
         finally:
