@@ -174,13 +174,8 @@ def test_step_returns_the_loss_whenever_it_evaluated_the_closure(name):
             assert returned is None
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_lbfgs_style_closure_without_backward_raises(name):
-    """torch's LBFGS convention (zero_grad + backward inside the closure, none before step) is refused."""
-    model = make_model()
-    opt = CONFIGS[name](model)
-    x, y = batches(1)[0]
-    before = [p.detach().clone() for p in model.parameters()]
+def lbfgs_style_closure(opt, model, x, y):
+    """torch's LBFGS convention: the closure itself zeroes the gradients and calls backward."""
 
     def closure():
         opt.zero_grad()
@@ -188,9 +183,19 @@ def test_lbfgs_style_closure_without_backward_raises(name):
         loss.backward()
         return loss
 
+    return closure
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lbfgs_style_closure_without_backward_raises(name):
+    """torch's LBFGS convention (zero_grad + backward inside the closure, none before step) is refused."""
+    model = make_model()
+    opt = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     with pytest.raises(ValueError, match="backward before step"):
-        opt.step(closure)
+        opt.step(lbfgs_style_closure(opt, model, x, y))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -200,13 +205,7 @@ def test_closure_that_calls_backward_after_a_normal_backward_raises(name):
     model = make_model()
     opt = CONFIGS[name](model)
     for x, y in batches(12):
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = lbfgs_style_closure(opt, model, x, y)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if not opt.closure_required(opt.steps_taken if hasattr(opt, "steps_taken") else 0):
