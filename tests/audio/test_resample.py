@@ -23,7 +23,12 @@ def _tones(rate_in, rate_out, n_in, generator):
     return signal
 
 
-@pytest.mark.parametrize("rate_in, rate_out", RATE_PAIRS)
+# Rates whose reduced ratio to 16 kHz is large (NTSC 44056 Hz, the classic Macintosh 22254 / 11127 Hz): the
+# polyphase table would be new x (orig + taps) entries, hundreds of MB to GB; resample takes another method.
+ODD_RATE_PAIRS = [(44056, 16000), (22254, 16000), (11127, 16000), (16000, 22254)]
+
+
+@pytest.mark.parametrize("rate_in, rate_out", RATE_PAIRS + ODD_RATE_PAIRS)
 def test_band_limited_signal_is_exact(rate_in, rate_out, generator):
     n_in = rate_in // 2
     signal = _tones(rate_in, rate_out, n_in, generator)
@@ -72,21 +77,6 @@ def test_bad_rates(rate):
     with pytest.raises(ValueError, match="orig_rate"):
         resample(torch.zeros(10), rate, 16000)
 
-
-# Rates whose reduced ratio to 16 kHz is large (NTSC 44056 Hz, the classic Macintosh 22254 / 11127 Hz): the
-# polyphase table would be new x (orig + taps) entries, hundreds of MB to GB.
-ODD_RATE_PAIRS = [(44056, 16000), (22254, 16000), (11127, 16000), (16000, 22254)]
-
-
-@pytest.mark.parametrize("rate_in, rate_out", ODD_RATE_PAIRS)
-def test_odd_rates_band_limited_signal_is_exact(rate_in, rate_out, generator):
-    n_in = rate_in // 2
-    signal = _tones(rate_in, rate_out, n_in, generator)
-    out = resample(signal(torch.arange(n_in, dtype=torch.float64) / rate_in), rate_in, rate_out)
-    assert out.shape == (math.ceil(n_in * rate_out / rate_in),)
-    expected = signal(torch.arange(out.shape[0], dtype=torch.float64) / rate_out)
-    interior = slice(rate_out // 20, -rate_out // 20)
-    assert torch.allclose(out[interior], expected[interior], atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("rate_in", [44056, 22254])

@@ -135,12 +135,7 @@ def test_load_hf_directory(random_whisper, tmp_path):
 
 
 def test_load_ct2_directory_written_by_our_writer(random_whisper, tmp_path):
-    variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
-    variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
-    variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
-    write_ctranslate2(tmp_path / "model.bin", "WhisperSpec", 3, variables,
-                      aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
-    _tokenizer_dir(tmp_path)
+    _ct2_dir(random_whisper, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [220, 50256]}))
     recognizer = load(tmp_path)
     assert recognizer.suppress_tokens == (1, 2)
