@@ -282,8 +282,11 @@ def test_state_saved_without_per_parameter_counts_still_loads():
     for _ in range(3):
         train_step(model, opt, F.mse_loss, x, y)
     saved = copy.deepcopy(opt.state_dict())
+    # The old format: the counts per parameter group, none per parameter.
     old_style = {**saved, "state": {k: {n: v for n, v in s.items() if n not in ("step", "curvature_updates")}
-                                    for k, s in saved["state"].items()}}
+                                    for k, s in saved["state"].items()},
+                 "param_groups": [{**g, "curvature_updates": saved["state"][g["params"][0]]["curvature_updates"]}
+                                  for g in saved["param_groups"]]}
     resumed_model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     resumed_model.load_state_dict(model.state_dict())
     resumed = DiagonalNewton(resumed_model, curvature_every=2)

@@ -56,10 +56,11 @@ class ActivationCapture:
 
     Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
     start from it, and the batch size B of the last call with grad enabled (``batch_size``, kept even
-    while disabled: the leading dimension of the first
-    tensor positional argument, else of the output; 1 for a 0-d one), which scales the empirical Fisher
-    whatever the model returns (a tuple, a dict); 1 when a watched layer saw an unbatched input (a 1-D
-    Linear input, a (C, L) Conv1d or (C, H, W) Conv2d input), which is a batch of one. Call ``clear()`` after using the records and ``remove()`` to detach the hooks.
+    while disabled: the leading dimension of the first tensor positional argument, else of the output;
+    1 for a 0-d one), which scales the empirical Fisher whatever the model returns (a tuple, a dict);
+    1 when a watched layer saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or (C, H, W)
+    Conv2d input), which is a batch of one. Call ``clear()`` after using the records and ``remove()``
+    to detach the hooks.
     """
 
     root: nn.Module | None

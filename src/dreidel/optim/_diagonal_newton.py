@@ -194,6 +194,11 @@ class DiagonalNewton(CurvatureOptimizer):
         super().load_state_dict(state_dict)
         if generator_state is not None:
             self.generator.set_state(generator_state)
+        for group in self.param_groups:  # saved before per-parameter counts: each takes its group's
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "curvature_updates" not in state:
+                    state.update(step=group.get("step", 0), curvature_updates=group.get("curvature_updates", 0))
         self._arm_capture()
 
     # -- curvature estimates ----------------------------------------------------------------------
@@ -293,9 +298,6 @@ class DiagonalNewton(CurvatureOptimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             group["step"] = step + 1
-            n_curv = group.get("curvature_updates", 0)
-            if refresh:
-                group["curvature_updates"] = n_curv + 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -303,8 +305,6 @@ class DiagonalNewton(CurvatureOptimizer):
                 if not state:
                     state.update(exp_avg=torch.zeros_like(p), curvature=torch.zeros_like(p), step=0,
                                  curvature_updates=0)
-                elif "curvature_updates" not in state:  # saved before per-parameter counts: the global ones
-                    state.update(step=step, curvature_updates=n_curv)
                 # Counts are per parameter: one that first gets a gradient mid-run is bias-corrected by
                 # its own updates, and until a refresh estimates it, its curvature is B g^2 of this gradient.
                 h_hat = estimates.get(p)
