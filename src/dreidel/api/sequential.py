@@ -180,12 +180,12 @@ class Sequential(nn.Sequential):
             callbacks: ``dreidel.api.callbacks`` objects.
             verbose: 0 silences the progress bar (it is also off when stderr is not a terminal).
             shuffle: reshuffle in-memory data every epoch (a DataLoader shuffles as configured).
+            seed / generator: the source of the shuffling order (give at most one).
 
         Dtypes: floating-point ``x`` (tensor or numpy array, in memory or from a DataLoader) is cast to the
         model's dtype (that of its parameters), so a float64 array and a float64 tensor train a float32 model
         alike; floating-point ``y`` is cast to the output's dtype; numpy integer arrays become int64.
         ``evaluate`` and ``predict`` cast the same way.
-            seed / generator: the source of the shuffling order (give at most one).
 
         Returns:
             the ``History`` (also kept as ``model.history``).

@@ -116,8 +116,8 @@ def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
     _, tensors_path = _checkpoint_files(path)
     try:
         with safe_open(str(tensors_path), framework="pt") as handle:
-            return {name: TensorHeader(tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
-                    for name in handle.keys()}
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            return {name: TensorHeader(tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
     except SafetensorError as error:
         raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
 
