@@ -23,18 +23,29 @@ import torch
 __all__ = ["resample"]
 
 
-@lru_cache(maxsize=16)
-def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, kaiser_beta: float) -> np.ndarray:
-    """(new, taps) float64 kernels; tap ``j`` of phase ``i`` multiplies input ``q*orig + j - half_width``."""
-    cutoff = 0.5 * min(orig, new) / orig * rolloff  # cycles per input sample
-    half_width = math.ceil(zero_crossings / (2.0 * cutoff))
-    taps = 2 * half_width + orig
-    phase_offsets = np.arange(new)[:, None] * orig / new  # output position inside the stride, input units
-    distance = phase_offsets + half_width - np.arange(taps)[None, :]  # output time minus input time
+def _filter_size(orig: int, new: int, zero_crossings: int, rolloff: float) -> tuple[float, int]:
+    """``(cutoff, half_width)``: the low-pass cutoff in cycles per input sample, and the kernel's half width in
+    input samples (``zero_crossings`` zero crossings of the sinc)."""
+    cutoff = 0.5 * min(orig, new) / orig * rolloff
+    return cutoff, math.ceil(zero_crossings / (2.0 * cutoff))
+
+
+def _windowed_sinc(distance: np.ndarray, cutoff: float, half_width: int, kaiser_beta: float) -> np.ndarray:
+    """The kernel at ``distance`` (output time minus input time, input samples): sinc low-pass, Kaiser window."""
     inside = np.abs(distance) <= half_width
     window = np.where(inside, np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (distance / half_width) ** 2, 0.0, 1.0)))
                       / np.i0(kaiser_beta), 0.0)
     return 2.0 * cutoff * np.sinc(2.0 * cutoff * distance) * window
+
+
+@lru_cache(maxsize=16)
+def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, kaiser_beta: float) -> np.ndarray:
+    """(new, taps) float64 kernels; tap ``j`` of phase ``i`` multiplies input ``q*orig + j - half_width``."""
+    cutoff, half_width = _filter_size(orig, new, zero_crossings, rolloff)
+    taps = 2 * half_width + orig
+    phase_offsets = np.arange(new)[:, None] * orig / new  # output position inside the stride, input units
+    distance = phase_offsets + half_width - np.arange(taps)[None, :]  # output time minus input time
+    return _windowed_sinc(distance, cutoff, half_width, kaiser_beta)
 
 
 _MAX_POLYPHASE_TABLE = 1 << 20  # kernel entries (new x taps); beyond it the direct path is cheaper and small
@@ -45,14 +56,10 @@ _DIRECT_CHUNK = 1 << 15  # output samples per step of the direct path
 def _direct_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, kaiser_beta: float) -> np.ndarray:
     """(new, 2·half_width + 2) float64: for phase ``i`` (output k with k·orig ≡ i·orig mod new), tap ``j``
     multiplies input ``floor(k·orig/new) - half_width + j``; the same windowed sinc as ``_polyphase_kernels``."""
-    cutoff = 0.5 * min(orig, new) / orig * rolloff
-    half_width = math.ceil(zero_crossings / (2.0 * cutoff))
+    cutoff, half_width = _filter_size(orig, new, zero_crossings, rolloff)
     fraction = (np.arange(new) * orig % new) / new  # (new,) position of the output past its input sample
     distance = fraction[:, None] + half_width - np.arange(2 * half_width + 2)[None, :]
-    inside = np.abs(distance) <= half_width
-    window = np.where(inside, np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (distance / half_width) ** 2, 0.0, 1.0)))
-                      / np.i0(kaiser_beta), 0.0)
-    return 2.0 * cutoff * np.sinc(2.0 * cutoff * distance) * window
+    return _windowed_sinc(distance, cutoff, half_width, kaiser_beta)
 
 
 def _resample_direct(signal: torch.Tensor, orig: int, new: int, n_out: int, kernels: torch.Tensor) -> torch.Tensor:
@@ -100,15 +107,14 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     if n_in == 0:
         return audio.new_zeros(*leading, 0)
     compute_dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
-    half_width = math.ceil(zero_crossings / (min(orig, new) / orig * rolloff))  # as in the kernels
+    half_width = _filter_size(orig, new, zero_crossings, rolloff)[1]
     if new * (2 * half_width + orig) > _MAX_POLYPHASE_TABLE:
         kernels = torch.from_numpy(_direct_kernels(orig, new, zero_crossings, rolloff, kaiser_beta))
         signal = audio.reshape(-1, n_in).to(compute_dtype)
         out = _resample_direct(signal, orig, new, n_out, kernels.to(device=audio.device, dtype=compute_dtype))
         return out.reshape(*leading, n_out).to(audio.dtype)
     kernels = torch.from_numpy(_polyphase_kernels(orig, new, zero_crossings, rolloff, kaiser_beta))
-    kernels = kernels.to(device=audio.device, dtype=compute_dtype)[:, None, :]  # (new, 1, taps)
-    half_width = (kernels.shape[-1] - orig) // 2
+    kernels = kernels.to(device=audio.device, dtype=compute_dtype)[:, None, :]  # (new, 1, 2·half_width + orig)
     n_strides = -(-n_out // new)
     total = (n_strides - 1) * orig + kernels.shape[-1]
     signal = audio.reshape(-1, 1, n_in).to(compute_dtype)
