@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
+from dreidel.layers._registry import INIT_ONLY_ARGS
 
 __all__ = ["LAYER_TYPES", "REFUSED_ARGS", "build_layer", "check_layer_spec", "construct_layer", "layer_spec",
            "register_layer_type"]
@@ -85,9 +86,9 @@ def layer_spec(module: nn.Module) -> dict[str, Any]:
     )
 
 
-# Constructor arguments that say where or how to initialise, never what the layer is: a checkpoint may not set them
-# (a model loads on the CPU with the dtypes its tensors were saved in; its values come from the tensor file).
-REFUSED_ARGS = ("device", "dtype", "generator")
+# A checkpoint may not set them: a model loads on the CPU with the dtypes its tensors were saved in, and its
+# values come from the tensor file.
+REFUSED_ARGS = INIT_ONLY_ARGS
 SPEC_KEYS = ("name", "type", "args")
 
 

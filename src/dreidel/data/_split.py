@@ -69,8 +69,7 @@ def select_split(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if batch_size is not None:
         _check_batch_size(batch_size)
-    check_seed(seed)
-    train, test = stratified_split(labels, test_fraction, seed)
+    train, test = stratified_split(labels, test_fraction, seed)  # checks test_fraction and seed
     if split == "train":
         index = train
     elif split == "test":

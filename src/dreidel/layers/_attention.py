@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dreidel.layers._registry import build_linear
+from dreidel.layers._registry import build_linear, config_kwargs
 
 __all__ = ["KVCache", "MultiHeadAttentionSpectral"]
 
@@ -65,9 +65,7 @@ class MultiHeadAttentionSpectral(nn.Module):
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.dropout, self.linear = causal, dropout, linear
         self._bias = bias
-        # generator / device / dtype only say how to initialise; config() leaves them out
-        self._linear_kwargs = {k: v for k, v in (linear_kwargs or {}).items()
-                               if k not in ("generator", "device", "dtype")}
+        self._linear_kwargs = config_kwargs(linear_kwargs)  # generator / device / dtype: not in config()
         kwargs = dict(linear_kwargs or {})
         if generator is not None:
             kwargs.setdefault("generator", generator)

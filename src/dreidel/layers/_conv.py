@@ -17,16 +17,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
-from dreidel.layers._registry import build_linear
+from dreidel.layers._registry import build_linear, config_kwargs
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 
 _CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {2: F.conv2d, 3: F.conv3d}
 _LAYOUT_NAMES = {2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
-
-
-# Arguments that only say how or where to initialise: not part of a layer's config (see ``config``).
-_INIT_ONLY_KWARGS = ("generator", "device", "dtype")
 
 
 def _as_tuple(name: str, value: int | tuple[int, ...], spatial_dims: int, minimum: int) -> tuple[int, ...]:
@@ -61,7 +57,7 @@ class _SpectralConvNd(nn.Module):
         self._activation_fn = resolve_activation(activation)
         self.linear = linear
         self._bias = bias
-        self._linear_kwargs = {k: v for k, v in (linear_kwargs or {}).items() if k not in _INIT_ONLY_KWARGS}
+        self._linear_kwargs = config_kwargs(linear_kwargs)
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
         fan_in = math.prod(self.kernel_size)
         weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)

@@ -16,7 +16,16 @@ from torch import nn
 
 from dreidel.layers._spectral import DeepSpectralLinear, LinearWHT
 
-__all__ = ["LinearFactory", "build_linear", "linear_kinds", "register_linear"]
+__all__ = ["INIT_ONLY_ARGS", "LinearFactory", "build_linear", "config_kwargs", "linear_kinds", "register_linear"]
+
+# Constructor arguments that say how or where to initialise a layer, never what it is: configs leave them out
+# (the saved tensors carry the values and dtypes) and checkpoints may not set them.
+INIT_ONLY_ARGS = ("device", "dtype", "generator")
+
+
+def config_kwargs(linear_kwargs: dict[str, object] | None) -> dict[str, object]:
+    """``linear_kwargs`` as a layer's ``config()`` keeps them: without the ``INIT_ONLY_ARGS``."""
+    return {k: v for k, v in (linear_kwargs or {}).items() if k not in INIT_ONLY_ARGS}
 
 
 class LinearFactory(Protocol):
