@@ -56,6 +56,16 @@ constexpr int64_t kGroup = 8;
 constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
+// Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB to 1 MB
+// then go through blocks_pipelined; smaller calls, whose data a last-level cache may well hold, take the
+// in-place passes in L2, faster there. On a Xeon with AVX-512 (1 thread, float32, the harness of
+// benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
+// 1.06-1.20x on 16 to 128 MB.
+constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
+// At most this many blocks per task when threads share one row's pipelined blocks (long_pow2_parallel).
+// A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
+// blocks one at a time through group_pow2, runs of 2 1.09x.
+constexpr int64_t kPipelinedRun = 8;
 // Threads take rows in grains of about this many bytes.
 constexpr int64_t kGrainBytes = int64_t(1) << 18;
 // Below this many elements in total, starting threads costs more than it saves.
@@ -155,7 +165,8 @@ template <class T>
 __attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride,
                                                      int64_t span, int64_t width) {
   CrossScratch<T> scratch;
-  for (int64_t s = 0; s < span / width; ++s) k.columns_pow2(x + s * width, count, stride, width, scratch.values);
+  for (int64_t s = 0; s < span / width; ++s)
+    k.columns_pow2(x + s * width, x + s * width, count, stride, width, scratch.values);
 }
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
@@ -163,11 +174,13 @@ __attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T*
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
   if (count > 8) return cross_rows_in_scratch(k, x, count, stride, span, width);
-  for (int64_t s = 0; s < span / width; ++s) k.columns_pow2(x + s * width, count, stride, width, nullptr);
+  for (int64_t s = 0; s < span / width; ++s)
+    k.columns_pow2(x + s * width, x + s * width, count, stride, width, nullptr);
 }
 
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after);
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
+               bool from_memory);
 
 // Blocks per group (see long_pow2): as many as fit in kMinBlockBytes, the size of a block done in L2 (8
 // leaves, 4 blocks of 256 KB), but at most kGroup; blocks of 1 MB or more go one at a time.
@@ -186,34 +199,102 @@ int64_t group_of(const Split& sp) {
 // 2^19 at 2 threads ran up to 1.3x slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after) {
+                T scale, const T* after, bool from_memory) {
   const int64_t offset = first * sp.block;
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
     k.rows_pow2(src + offset, dst + offset, group, sp.block, scale, after);
   } else {
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
-      long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after);
+      long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after,
+                from_memory);
     }
   }
   cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block));
 }
 
-// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
-// blocks, then the stages across them; `after` as for group_pow2. Leaves (rows in L1) go in groups of
-// kGroup (group_pow2): 8 leaves, 128 KB of float32, stay in L2 for an in-place radix-8 pass across them,
-// and the pass across the groups is another. (At that level one pass across all 64 leaves of a 1 MB block,
-// through a scratch buffer, measured slower on a Xeon with AVX-512: 12 cycles per register against 8.4 for
-// the two in-place passes, in L2.) Blocks above the leaves (1 MB, each done in L2) are crossed all at once,
-// in one pass over memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such
-// blocks crossed in place and then a pass across the groups (two passes over memory for a 64 MB row), that
-// measured 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).
+// Whether blocks (or rows) of `len` values go through blocks_pipelined: more than kGroup leaves, few
+// enough for one strip of the scratch buffer (256 KB to 1 MB), and 64-byte registers. With the AVX2 and
+// portable kernels, whose leaves take longer, it measured slower on the Xeon (0.84-0.94x on a 2^24 row,
+// a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU without AVX-512.
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after) {
+bool pipelined(const FwhtKernels<T>& k, int64_t len) {
+  const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
+  return k.lanes * int64_t(sizeof(T)) >= 64 && leaves > kGroup && leaves <= kMaxCount;
+}
+
+// Prefetches into L2 (for reading: it may be src) the strip of `width` columns at x across `count` rows
+// spaced `stride` apart. (The same loop inside a lambda compiled to nothing with GCC 12: a loop whose only
+// effects are prefetches may be deleted.)
+template <class T>
+void prefetch_strip(const T* x, int64_t count, int64_t stride, int64_t width) {
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t c = 0; c < width; c += 64 / int64_t(sizeof(T))) __builtin_prefetch(x + r * stride + c, 0, 1);
+}
+
+// Blocks first .. last - 1 of `block` values each (kGroup < leaves <= kMaxCount leaves) transformed whole,
+// src to dst, by one thread. A block's stages across its leaves come first, straight from memory: strips of
+// all its leaves gathered into the scratch buffer, crossed there and written to dst (the pattern of the
+// pass across blocks: 64 streams the hardware prefetcher follows); then its leaves, now in L2, one at a
+// time in L1 (the stages commute, so their order is free). The leaves of one block alternate with the
+// gather of the next, a strip of it before each leaf. Against the leaves first and then two in-place
+// radix-8 passes over each block in L2 (group_pow2), measured on a Xeon with AVX-512, 1 thread, in the
+// harness of benchmarks/fwht.py: float32 rows of 2^22 to 2^25 1.06-1.20x faster (2^24: 1.10-1.14x),
+// 64 MB of rows of 2^19 to 2^22 1.04-1.12x, 16 to 64 MB of rows of 2^16 or 2^17 1.14-1.24x, rows of 2^18
+// 0.97-1.00x; float64 1.13-1.21x. Called in a loop on one buffer with nothing in between: 0.93-1.02x on
+// the 2^24 row, 1.22x on 64 rows of 2^18. Without the alternation (a block's whole gather, then its
+// leaves) the 2^24 row gained only 1.03x; and timed alone, the first pass over that row takes what the
+// leaves and the L2 passes take (9.4-9.6 ms, 1.5x `add_`): the gain shows in the whole call, for reasons
+// not pinned down here (the VM exposes no hardware performance counters).
+template <class T>
+__attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
+                                                int64_t first, int64_t last, T scale) {
+  const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
+  const int64_t leaves = block / leaf;
+  const int64_t width = cross_width(k, leaves, leaf);
+  const int64_t strips = leaf / width;
+  CrossScratch<T> scratch;
+  const auto gather = [&](int64_t b, int64_t strip) {
+    const int64_t at = b * block + strip * width;
+    k.columns_pow2(src + at, dst + at, leaves, leaf, width, scratch.values);
+  };
+  for (int64_t strip = 0; strip < strips; ++strip) gather(first, strip);
+  for (int64_t b = first; b < last; ++b) {
+    int64_t gathered = 0;
+    for (int64_t i = 0; i < leaves; ++i) {
+      if (b + 1 < last) {
+        for (const int64_t until = (i + 1) * strips / leaves; gathered < until; ++gathered) gather(b + 1, gathered);
+        // The strip gathered next is prefetched while the leaf runs: 1.01-1.06x on the cases above.
+        if (gathered < strips) prefetch_strip(src + (b + 1) * block + gathered * width, leaves, leaf, width);
+        else if (b + 2 < last) prefetch_strip(src + (b + 2) * block, leaves, leaf, width);
+      }
+      // In place: the leaf is in dst now. It prefetches the next leaf, this thread's (just gathered: in L2).
+      T* x = dst + b * block + i * leaf;
+      k.rows_pow2(x, x, 1, leaf, scale, i + 1 < leaves || b + 1 < last ? x + leaf : nullptr);
+    }
+  }
+}
+
+// One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
+// blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
+// blocks_pipelined. Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of
+// float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
+// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
+// memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
+// place and then a pass across the groups (two passes over memory for a 64 MB row), that measured
+// 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).
+template <class T>
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
+               bool from_memory) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp);
-  for (int64_t g = 0; g < sp.count; g += group)
-    group_pow2(k, src, dst, sp, g, group, scale, g + group < sp.count ? src + (g + group) * sp.block : after);
+  if (from_memory && group == 1 && pipelined(k, sp.block)) {  // group_of: 1 for blocks of kMinBlockBytes
+    blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
+  } else {
+    for (int64_t g = 0; g < sp.count; g += group)
+      group_pow2(k, src, dst, sp, g, group, scale, g + group < sp.count ? src + (g + group) * sp.block : after,
+                 from_memory);
+  }
   const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
@@ -226,7 +307,8 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
 // the stages across groups. Groups of leaves shrink below kGroup until every thread has at least two; more
 // than 8 groups are crossed in scratch buffers, one per thread.
 template <class T>
-void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads) {
+void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads,
+                        bool from_memory) {
   const Split sp = split_of<T>(len, 8 * int64_t(threads));
   int64_t group = group_of<T>(sp);
   while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
@@ -238,10 +320,22 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   // four grains per thread.
   const int64_t strips_per_grain = std::max<int64_t>(
       1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
+  // Pipelined blocks go to the threads in runs of up to kPipelinedRun, at least two runs per thread (the
+  // first block of a run is gathered with no leaves to alternate with).
+  const bool pipeline = from_memory && group == 1 && pipelined(k, sp.block);
+  const int64_t run = std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, sp.count / (2 * int64_t(threads))));
+  const int64_t runs = (sp.count + run - 1) / run;
 #pragma omp parallel num_threads(threads)
   {
+    if (pipeline) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; ++g) group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr));
+      for (int64_t r = 0; r < runs; ++r)
+        blocks_pipelined(k, src, dst, sp.block, r * run, std::min(sp.count, (r + 1) * run), scale);
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t g = 0; g < groups; ++g)
+        group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr), from_memory);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
@@ -253,8 +347,13 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
 }  // namespace
 
 template <class T>
-SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa)
-    : kernels_(&kernels_for(isa, T())), plan_(make_plan(m, hadamard_m)), n_(n), chunk_(0), scale_(scale) {
+SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory)
+    : kernels_(&kernels_for(isa, T())),
+      plan_(make_plan(m, hadamard_m)),
+      n_(n),
+      chunk_(0),
+      scale_(scale),
+      from_memory_(from_memory) {
   if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
   chunk_ = n / m;
@@ -278,13 +377,18 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
                       r + batch < rows ? src + (r + batch) * n_ : nullptr);
     return;
   }
+  // Rows of 256 KB to 1 MB, when there are many, follow one another like the blocks of a long row.
+  if (from_memory_ && m == 1 && pipelined(k, n_)) {
+    blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * n_;
     T* d = dst + r * n_;
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after, from_memory_);
     }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
   }
@@ -304,15 +408,20 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   threads = std::max(1, threads);
   if (p.rows * p.n < kMinParallelElements) threads = 1;
   const int64_t chunk = p.n / p.m;  // the power-of-two part
+  const bool from_memory = p.rows * p.n * int64_t(sizeof(T)) >= kPipelineMinBytes;
 
   if (chunk * int64_t(sizeof(T)) <= kLeafBytes || p.rows >= threads) {
     // Threads take grains of whole rows (dynamic: the machine may be shared, and a late thread should not
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
+    // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
-    const int64_t grain = long_rows ? 1 : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
+    const int64_t run = from_memory && p.m == 1 && pipelined(k, p.n)
+                            ? std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, p.rows / (2 * int64_t(threads))))
+                            : 1;
+    const int64_t grain = long_rows ? run : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
-    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa);  // shared: no mutable state
+    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory);  // shared: no mutable state
     // One thread: no OpenMP region at all (entering even a serialised one runs cold runtime code, which
     // costs microseconds right after a large memory operation, when the call is most common).
     if (row_threads == 1) return transform(p.src, p.dst, p.rows);
@@ -329,7 +438,8 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
   for (int64_t r = 0; r < p.rows; ++r) {
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
-    for (int a = 0; a < p.m; ++a) long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads);
+    for (int a = 0; a < p.m; ++a)
+      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads, from_memory);
     if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;

@@ -516,7 +516,7 @@ struct Kernel {
 
   // The strip is gathered into `scratch` by the first radix pass (so the middle passes run on a compact,
   // alias-free copy in L2) and scattered back by the last one.
-  static void columns_pow2(T* x, int64_t count, int64_t stride, int64_t width, T* scratch) {
+  static void columns_pow2(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch) {
     int radices[32];
     int passes = 0;
     int log2_count = 0;
@@ -524,9 +524,12 @@ struct Kernel {
     if (log2_count % 3 == 1) radices[passes++] = 2;
     if (log2_count % 3 == 2) radices[passes++] = 4;
     for (int i = 0; i < log2_count / 3; ++i) radices[passes++] = 8;
-    if (passes == 0) return;
+    if (passes == 0) {  // H_1: a copy
+      if (in != out) std::memcpy(out, in, size_t(width) * sizeof(T));
+      return;
+    }
     if (passes == 1) {
-      column_pass_any(radices[0], x, stride, x, stride, count, width, 1);
+      column_pass_any(radices[0], in, stride, out, stride, count, width, 1);
       return;
     }
     // Scratch rows are one cache line longer than the strip, so rows a power of two apart do not all fall
@@ -535,7 +538,7 @@ struct Kernel {
     int64_t s = 1;
     for (int p = 0; p < passes; ++p) {
       const bool first = p == 0, last = p == passes - 1;
-      column_pass_any(radices[p], first ? x : scratch, first ? stride : ws, last ? x : scratch,
+      column_pass_any(radices[p], first ? in : scratch, first ? stride : ws, last ? out : scratch,
                       last ? stride : ws, count, width, s);
       s *= radices[p];
     }

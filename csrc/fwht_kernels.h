@@ -48,10 +48,11 @@ struct FwhtKernels {
   // two, a row small enough to stay in cache). src may equal dst; `after` as for rows_pow2.
   void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale,
                         const T* after);
-  // In place, across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns
-  // at x (width % lanes == 0): the outer factor H_count of a two-level transform of one long row. `scratch`
-  // holds count * (width + 64 / sizeof(T)) values (unused, and may be null, when count <= 8).
-  void (*columns_pow2)(T* x, int64_t count, int64_t stride, int64_t width, T* scratch);
+  // Across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns at `in`
+  // (width % lanes == 0), written to the same places at `out` (which may be `in`): the outer factor H_count
+  // of a two-level transform of one long row. `scratch` holds count * (width + 64 / sizeof(T)) values
+  // (unused, and may be null, when count <= 8).
+  void (*columns_pow2)(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch);
   // In place: chunk a of x (length `chunk`, a < m) <- sum_a' H_m[a][a'] chunk a', for columns [begin, end).
   void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end);
 };

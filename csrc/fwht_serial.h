@@ -14,8 +14,9 @@ template <class T>
 class SerialFwht {
  public:
   // n = m * 2^k (checked: throws std::invalid_argument), hadamard_m is m x m and must outlive this object,
-  // `isa` must be available. Instances hold no mutable state.
-  SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa);
+  // `isa` must be available. `from_memory`: the rows are far larger than the caches, as a whole (the
+  // transform then picks passes that stream better, see fwht.cc). Instances hold no mutable state.
+  SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory = false);
   // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
   void operator()(const T* src, T* dst, int64_t rows) const;
   int64_t n() const { return n_; }
@@ -25,6 +26,7 @@ class SerialFwht {
   MixPlan<T> plan_;
   int64_t n_, chunk_;
   T scale_;
+  bool from_memory_;
 };
 
 extern template class SerialFwht<float>;

@@ -67,6 +67,36 @@ def test_long_rows_use_blocked_path_correctly(n, num_threads, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("rows", "n"), [(67, 1 << 16), (35, 1 << 17), (17, 1 << 18), (9, 1 << 19), (1, 12 << 19)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_calls_of_16_mb_and_more_stream_through_the_pipelined_pass(rows, n, inplace, dtype, num_threads, generator):
+    # At 16 MB and more per call, rows (and blocks of long rows) of 256 KB to 1 MB are crossed while being
+    # gathered from memory and then transformed leaf by leaf, one block's leaves alternating with the next
+    # block's gather (AVX-512 builds). Odd row counts leave runs of unequal length to the threads; 12 * 2^19
+    # is two pipelined blocks per chunk, then H_12; out of place, the gather reads the input and must leave
+    # it untouched.
+    x = torch.randn(rows, n, dtype=torch.float64, generator=generator).to(dtype)
+    assert x.numel() * x.element_size() >= 16 << 20
+    expected = dr.fwht_reference(x.double())
+    before = x.clone()
+    out = dr.fwht(x, inplace=inplace)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    if not inplace:
+        assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_every_isa_on_a_call_that_streams_from_memory(isa, generator):
+    # The pipelined pass is taken by the AVX-512 kernels only; every ISA must give the same transform.
+    n = 1 << 22
+    x = torch.randn(1, n, generator=generator)
+    out = torch.empty_like(x)
+    native.fwht(x, out, n, small_hadamard(1, torch.float32), 1 / math.sqrt(n), 1, isa)
+    torch.testing.assert_close(out.double(), dr.fwht_reference(x.double()), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_threads", [2, 3, 4, 6, 16], indirect=True)
 @pytest.mark.parametrize("n", [1 << 13, 1 << 15, 1 << 17, 1 << 19, 12 << 16, 1 << 20, 1 << 22])
 def test_threads_inside_one_row_at_any_thread_count(n, num_threads, dtype, generator):
