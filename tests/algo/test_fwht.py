@@ -86,6 +86,17 @@ def test_calls_of_16_mb_and_more_stream_through_the_pipelined_pass(rows, n, inpl
         assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize(("rows", "n"), [(32, 1 << 17), (1, 1 << 22)])
+def test_float32_error_rule_holds_on_the_pipelined_pass(rows, n, generator):
+    # The pipelined pass does the stages in another order (across leaves first): the accuracy rule must hold.
+    x64 = torch.randn(rows, n, dtype=torch.float64, generator=generator)
+    truth = dr.fwht_reference(x64)
+    x = x64.float()
+    native_err = (dr.fwht(x).double() - truth).abs().max().item()
+    reference_err = (dr.fwht_reference(x).double() - truth).abs().max().item()
+    assert native_err <= 2 * reference_err
+
+
 @pytest.mark.parametrize("isa", available_isas())
 def test_every_isa_on_a_call_that_streams_from_memory(isa, generator):
     # The pipelined pass is taken by the AVX-512 kernels only; every ISA must give the same transform.
