@@ -348,6 +348,10 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     Returns:
         a tensor of ``x``'s shape and dtype. Differentiable: the backward pass is the same transform.
 
+    Rounding: for a given input, thread count and CPU the result is always the same, but a row's last bits
+    may change with the number of threads, and with the size of the whole call (calls of 16 MB and more
+    order the stages differently on AVX-512 CPUs); the error stays within the accuracy rule of the tests.
+
     Raises:
         TypeError: integer, bool or complex ``x``.
         ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
