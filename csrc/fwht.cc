@@ -62,7 +62,7 @@ constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
 // 1.06-1.20x on 16 to 128 MB.
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
-// At most this many blocks per task when threads share one row's pipelined blocks (long_pow2_parallel).
+// At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
 // blocks one at a time through group_pow2, runs of 2 1.09x.
 constexpr int64_t kPipelinedRun = 8;
@@ -213,14 +213,21 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
   cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block));
 }
 
-// Whether blocks (or rows) of `len` values go through blocks_pipelined: more than kGroup leaves, few
-// enough for one strip of the scratch buffer (256 KB to 1 MB), and 64-byte registers. With the AVX2 and
-// portable kernels, whose leaves take longer, it measured slower on the Xeon (0.84-0.94x on a 2^24 row,
-// a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU without AVX-512.
+// Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
+// memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer
+// (256 KB to 1 MB), and 64-byte registers. With the AVX2 and portable kernels, whose leaves take longer, it
+// measured slower on the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been
+// measured on a CPU without AVX-512.
 template <class T>
-bool pipelined(const FwhtKernels<T>& k, int64_t len) {
+bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  return k.lanes * int64_t(sizeof(T)) >= 64 && leaves > kGroup && leaves <= kMaxCount;
+  return from_memory && k.lanes * int64_t(sizeof(T)) >= 64 && leaves > kGroup && leaves <= kMaxCount;
+}
+
+// Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
+// per thread (the first block of a run is gathered with no leaves to alternate with).
+inline int64_t pipelined_run(int64_t count, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, count / (2 * int64_t(threads))));
 }
 
 // Prefetches into L2 (for reading: it may be src) the strip of `width` columns at x across `count` rows
@@ -288,7 +295,7 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
                bool from_memory) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp);
-  if (from_memory && group == 1 && pipelined(k, sp.block)) {  // group_of: 1 for blocks of kMinBlockBytes
+  if (group == 1 && pipelined(k, sp.block, from_memory)) {  // group_of: 1 for blocks of kMinBlockBytes
     blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
   } else {
     for (int64_t g = 0; g < sp.count; g += group)
@@ -320,10 +327,8 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   // four grains per thread.
   const int64_t strips_per_grain = std::max<int64_t>(
       1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
-  // Pipelined blocks go to the threads in runs of up to kPipelinedRun, at least two runs per thread (the
-  // first block of a run is gathered with no leaves to alternate with).
-  const bool pipeline = from_memory && group == 1 && pipelined(k, sp.block);
-  const int64_t run = std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, sp.count / (2 * int64_t(threads))));
+  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory);
+  const int64_t run = pipelined_run(sp.count, threads);
   const int64_t runs = (sp.count + run - 1) / run;
 #pragma omp parallel num_threads(threads)
   {
@@ -378,7 +383,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     return;
   }
   // Rows of 256 KB to 1 MB, when there are many, follow one another like the blocks of a long row.
-  if (from_memory_ && m == 1 && pipelined(k, n_)) {
+  if (m == 1 && pipelined(k, n_, from_memory_)) {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;
   }
@@ -415,9 +420,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
     // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
-    const int64_t run = from_memory && p.m == 1 && pipelined(k, p.n)
-                            ? std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, p.rows / (2 * int64_t(threads))))
-                            : 1;
+    const int64_t run = p.m == 1 && pipelined(k, p.n, from_memory) ? pipelined_run(p.rows, threads) : 1;
     const int64_t grain = long_rows ? run : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
