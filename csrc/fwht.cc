@@ -215,13 +215,14 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 
 // Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
 // memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer
-// (256 KB to 1 MB), and 64-byte registers. With the AVX2 and portable kernels, whose leaves take longer, it
+// (256 KB to 1 MB), and a leaf_prefetching_strip kernel (AVX-512). With the AVX2 and portable kernels,
+// whose leaves take longer, the pipelined pass (then with its prefetches issued at once before each leaf)
 // measured slower on the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been
 // measured on a CPU without AVX-512.
 template <class T>
 bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  return from_memory && k.lanes * int64_t(sizeof(T)) >= 64 && leaves > kGroup && leaves <= kMaxCount;
+  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount;
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -230,21 +231,13 @@ inline int64_t pipelined_run(int64_t count, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, count / (2 * int64_t(threads))));
 }
 
-// Prefetches into L2 (for reading: it may be src) the strip of `width` columns at x across `count` rows
-// spaced `stride` apart. (The same loop inside a lambda compiled to nothing with GCC 12: a loop whose only
-// effects are prefetches may be deleted.)
-template <class T>
-void prefetch_strip(const T* x, int64_t count, int64_t stride, int64_t width) {
-  for (int64_t r = 0; r < count; ++r)
-    for (int64_t c = 0; c < width; c += 64 / int64_t(sizeof(T))) __builtin_prefetch(x + r * stride + c, 0, 1);
-}
-
 // Blocks first .. last - 1 of `block` values each (kGroup < leaves <= kMaxCount leaves) transformed whole,
 // src to dst, by one thread. A block's stages across its leaves come first, straight from memory: strips of
 // all its leaves gathered into the scratch buffer, crossed there and written to dst (the pattern of the
 // pass across blocks: 64 streams the hardware prefetcher follows); then its leaves, now in L2, one at a
 // time in L1 (the stages commute, so their order is free). The leaves of one block alternate with the
-// gather of the next, a strip of it before each leaf. Against the leaves first and then two in-place
+// gather of the next, a strip of it before each leaf, and each leaf prefetches the strips gathered after it,
+// spread over its work (leaf_prefetching_strip). Against the leaves first and then two in-place
 // radix-8 passes over each block in L2 (group_pow2), measured on a Xeon with AVX-512, 1 thread, in the
 // harness of benchmarks/fwht.py: float32 rows of 2^22 to 2^25 1.06-1.20x faster (2^24: 1.10-1.14x),
 // 64 MB of rows of 2^19 to 2^22 1.04-1.12x, 16 to 64 MB of rows of 2^16 or 2^17 1.14-1.24x, rows of 2^18
@@ -252,7 +245,11 @@ void prefetch_strip(const T* x, int64_t count, int64_t stride, int64_t width) {
 // the 2^24 row, 1.22x on 64 rows of 2^18. Without the alternation (a block's whole gather, then its
 // leaves) the 2^24 row gained only 1.03x; and timed alone, the first pass over that row takes what the
 // leaves and the L2 passes take (9.4-9.6 ms, 1.5x `add_`): the gain shows in the whole call, for reasons
-// not pinned down here (the VM exposes no hardware performance counters).
+// not pinned down here (the VM exposes no hardware performance counters). Those figures are with the
+// prefetch issued all at once before each leaf; spread over the leaf, it measured (same harness) a further
+// 1.01-1.05x on the 2^24 row (8.6 ms for this pass alone, 1.3x `add_`), 1.02-1.07x on 16 to 64 MB of rows
+// of 2^16 to 2^22, 1.01x on the 2^24 row at 2 threads, and 1.01-1.04x for float64. With the spread
+// prefetch, the leaves no longer prefetch the next leaf into L1 (which then measured no different).
 template <class T>
 __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
                                                 int64_t first, int64_t last, T scale) {
@@ -269,15 +266,16 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
   for (int64_t b = first; b < last; ++b) {
     int64_t gathered = 0;
     for (int64_t i = 0; i < leaves; ++i) {
+      // The strips gathered before the next leaf (of this block or the next) are prefetched while this one
+      // runs: columns of every leaf, at next_strips.
+      const T* next_strips = nullptr;
       if (b + 1 < last) {
         for (const int64_t until = (i + 1) * strips / leaves; gathered < until; ++gathered) gather(b + 1, gathered);
-        // The strip gathered next is prefetched while the leaf runs: 1.01-1.06x on the cases above.
-        if (gathered < strips) prefetch_strip(src + (b + 1) * block + gathered * width, leaves, leaf, width);
-        else if (b + 2 < last) prefetch_strip(src + (b + 2) * block, leaves, leaf, width);
+        if (gathered < strips) next_strips = src + (b + 1) * block + gathered * width;
+        else if (b + 2 < last) next_strips = src + (b + 2) * block;
       }
-      // In place: the leaf is in dst now. It prefetches the next leaf, this thread's (just gathered: in L2).
-      T* x = dst + b * block + i * leaf;
-      k.rows_pow2(x, x, 1, leaf, scale, i + 1 < leaves || b + 1 < last ? x + leaf : nullptr);
+      // In place: the leaf is in dst now (and in L2).
+      k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips, leaves, leaf, strips / leaves * width);
     }
   }
 }

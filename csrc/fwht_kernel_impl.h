@@ -145,17 +145,15 @@ struct Kernel {
     for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place. With Prefetch,
-  // `Lines` cache lines from `prefetch` on per group of R registers as well.
-  template <int R, bool Prefetch, int Lines = 1>
-  static void radix_pass(T* x, int64_t nvec, int64_t s, const char* prefetch) {
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place. `slot()` is
+  // called before each group of R registers: a prefetch spread over the pass issues its next share there.
+  // (Slots are taken by value, their state in registers: a slot taken by reference kept its pointer in
+  // memory, loaded and stored at every group, where radix_pass is not inlined.)
+  template <int R, class Slot>
+  static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
-        if constexpr (Prefetch) {
-          DREIDEL_UNROLL
-          for (int l = 0; l < Lines; ++l) __builtin_prefetch(prefetch + 64 * l, 1, 3);
-          prefetch += 64 * Lines;
-        }
+        slot();
         V r[R];
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
@@ -165,13 +163,17 @@ struct Kernel {
       }
   }
 
+  // A radix pass that prefetches a line per group from `prefetch` on (advanced past them), up to `end`.
   template <int R>
   static void radix_pass_prefetching(T* x, int64_t nvec, int64_t s, const char*& prefetch, const char* end) {
     if (prefetch < end) {
-      radix_pass<R, true>(x, nvec, s, prefetch);
+      radix_pass<R>(x, nvec, s, [line = prefetch]() mutable {
+        __builtin_prefetch(line, 1, 3);
+        line += 64;
+      });
       prefetch += 64 * (nvec / R);
     } else {
-      radix_pass<R, false>(x, nvec, s, nullptr);
+      radix_pass<R>(x, nvec, s, [] {});
     }
   }
 
@@ -237,29 +239,65 @@ struct Kernel {
   // A row of exactly 256 registers where the ISA has 32 of them (AVX-512: 4096 float32 or 2048 float64, the
   // 16 KB leaves of every longer row): a first pass over blocks of 16 registers (four register stages, then
   // the lane stages), then one radix-16 pass, which holds its 16 registers without spilling: two passes
-  // over L1 instead of long_row's three. The next row's prefetch is spread evenly, 8 lines per block and per
-  // group (with long_row's catch-up before the last pass, 112 lines at once, the same passes ran 0.88-0.91x
-  // from memory). Measured on a Xeon with AVX-512, A/B against long_row in one process: float32, 9.3 against
-  // 9.7 cycles per register in L1; from memory, 1024 rows of 4096 1.06x at 1 and at 2 threads, 64 rows of
-  // 2^16 (leaves) 1.04-1.05x, a 2^24 row 1.00-1.01x; float64, 2048-point rows 1.01-1.11x, rows of 2^16 and
-  // 2^23 1.02-1.05x. 16-register first blocks measured slower at the other lengths (float32 2^9:
-  // 0.92-0.97x, 2^11: 0.88-0.90x), which keep long_row.
-  template <bool Scaled>
-  static void row_of_256(const T* src, T* dst, V scale, const T* next) {
-    constexpr int64_t kNvec = 256, kFirst = 16;
-    constexpr int kLines = kNvec * W * int(sizeof(T)) / 64 / (2 * (kNvec / kFirst));
-    static_assert(kLines * 64 * 2 * (kNvec / kFirst) == kNvec * W * int64_t(sizeof(T)), "8 lines per slot");
-    const char* prefetch = reinterpret_cast<const char*>(next);
-    for (int64_t v0 = 0; v0 < kNvec; v0 += kFirst) {
-      if (prefetch != nullptr) {
-        DREIDEL_UNROLL
-        for (int l = 0; l < kLines; ++l) __builtin_prefetch(prefetch + 64 * l, 1, 3);
-        prefetch += 64 * kLines;
-      }
-      block<kFirst, Scaled>(src + v0 * W, dst + v0 * W, scale);
+  // over L1 instead of long_row's three. `slot()` is called before each block and each group, kLeafSlots
+  // times in all, so a prefetch spreads evenly over the row: the next row's, 8 lines a slot (with
+  // long_row's catch-up before the last pass, 112 lines at once, the same passes ran 0.88-0.91x from
+  // memory), or a strip's (leaf_prefetching_strip). Measured on a Xeon with AVX-512, A/B against long_row
+  // in one process: float32, 9.3 against 9.7 cycles per register in L1; from memory, 1024 rows of 4096
+  // 1.06x at 1 and at 2 threads, 64 rows of 2^16 (leaves) 1.04-1.05x, a 2^24 row 1.00-1.01x; float64,
+  // 2048-point rows 1.01-1.11x, rows of 2^16 and 2^23 1.02-1.05x. 16-register first blocks measured slower
+  // at the other lengths (float32 2^9: 0.92-0.97x, 2^11: 0.88-0.90x), which keep long_row.
+  static constexpr int64_t kLeafRegisters = 256, kLeafBlock = 16;
+  static constexpr int64_t kLeafSlots = 2 * kLeafRegisters / kLeafBlock;
+
+  template <bool Scaled, class Slot>
+  static void row_of_256(const T* src, T* dst, V scale, Slot slot) {
+    for (int64_t v0 = 0; v0 < kLeafRegisters; v0 += kLeafBlock) {
+      slot();
+      block<kLeafBlock, Scaled>(src + v0 * W, dst + v0 * W, scale);
     }
-    if (prefetch != nullptr) radix_pass<16, true, kLines>(dst, kNvec, kFirst, prefetch);
-    else radix_pass<16, false>(dst, kNvec, kFirst, nullptr);
+    radix_pass<kLeafBlock>(dst, kLeafRegisters, kLeafBlock, slot);
+  }
+
+  template <bool Scaled>
+  static void row_of_256_prefetching_next(const T* src, T* dst, V scale, const T* next) {
+    constexpr int kLines = kLeafRegisters * W * int(sizeof(T)) / 64 / kLeafSlots;
+    if (next == nullptr) return row_of_256<Scaled>(src, dst, scale, [] {});
+    row_of_256<Scaled>(src, dst, scale, [line = reinterpret_cast<const char*>(next)]() mutable {
+      DREIDEL_UNROLL
+      for (int l = 0; l < kLines; ++l) __builtin_prefetch(line + 64 * l, 1, 3);
+      line += 64 * kLines;
+    });
+  }
+
+  // A row of 256 registers (a 16 KB leaf) in place at x, scaled, while the strip of `count` rows of `width`
+  // values spaced `stride` apart at `strip` (nullptr: none) is prefetched into L2 for reading, spread evenly
+  // over the row's slots: a long row's pipelined first pass gathers that strip from memory next (see
+  // blocks_pipelined in fwht.cc). Issued all at once before the row instead, the same prefetches measured
+  // 1.05x slower on a 2^24 float32 row (a Xeon with AVX-512, 1 thread): a burst of some 256 misses fills
+  // the core's miss buffers, and the row's own loads then wait behind them.
+  static void leaf_prefetching_strip(T* x, T scale, const T* strip, int64_t count, int64_t stride, int64_t width) {
+    const int64_t row_bytes = width * int64_t(sizeof(T)), stride_bytes = stride * int64_t(sizeof(T));
+    const int64_t lines = strip == nullptr ? 0 : count * ((row_bytes + 63) / 64);
+    const auto slot = [=, row = reinterpret_cast<const char*>(strip), column = int64_t(0), issued = int64_t(0),
+                       slots = int64_t(0)]() mutable {
+      for (const int64_t until = ++slots * lines / kLeafSlots; issued < until; ++issued) {
+        __builtin_prefetch(row + column, 0, 1);
+        column += 64;
+        if (column >= row_bytes) {
+          column = 0;
+          row += stride_bytes;
+        }
+      }
+    };
+    if (scale == T(1)) row_of_256<false>(x, x, splat(scale), slot);
+    else row_of_256<true>(x, x, splat(scale), slot);
+  }
+
+  // The entry in the table: only where a 16 KB leaf is a row_of_256.
+  static constexpr auto leaf_prefetching_strip_entry() {
+    if constexpr (kRegisters >= 32 && kLeafRegisters * Bytes == 16384) return &leaf_prefetching_strip;
+    else return static_cast<decltype(&leaf_prefetching_strip)>(nullptr);
   }
 
   static void scalar_rows(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
@@ -329,8 +367,8 @@ struct Kernel {
                           : after != nullptr ? after + (r + ahead - rows) * len
                                              : nullptr;
           if constexpr (kRegisters >= 32) {
-            if (nvec == 256) {
-              row_of_256<Scaled>(src + r * len, dst + r * len, sv, next);
+            if (nvec == kLeafRegisters) {
+              row_of_256_prefetching_next<Scaled>(src + r * len, dst + r * len, sv, next);
               continue;
             }
           }
@@ -545,7 +583,8 @@ struct Kernel {
   }
 
   static const FwhtKernels<T>& table() {
-    static const FwhtKernels<T> t{W, &rows_pow2, &rows_hadamard, &columns_pow2, &mix_chunks};
+    static const FwhtKernels<T> t{W, &rows_pow2, &rows_hadamard, &columns_pow2, &mix_chunks,
+                                  leaf_prefetching_strip_entry()};
     return t;
   }
 };
