@@ -246,10 +246,11 @@ inline int64_t pipelined_run(int64_t count, int threads) {
 // leaves) the 2^24 row gained only 1.03x; and timed alone, the first pass over that row takes what the
 // leaves and the L2 passes take (9.4-9.6 ms, 1.5x `add_`): the gain shows in the whole call, for reasons
 // not pinned down here (the VM exposes no hardware performance counters). Those figures are with the
-// prefetch issued all at once before each leaf; spread over the leaf, it measured (same harness) a further
-// 1.01-1.05x on the 2^24 row (8.6 ms for this pass alone, 1.3x `add_`), 1.02-1.07x on 16 to 64 MB of rows
-// of 2^16 to 2^22, 1.01x on the 2^24 row at 2 threads, and 1.01-1.04x for float64. With the spread
-// prefetch, the leaves no longer prefetch the next leaf into L1 (which then measured no different).
+// prefetch of the next strip issued all at once before each leaf; with every strip gathered before the
+// next leaf prefetched, spread over the leaf, the same harness measured 1.00-1.05x on the 2^24 row (8.6 ms
+// for this pass alone, 1.3x `add_`), 1.00-1.07x on 16 to 64 MB of rows of 2^16 to 2^22, 1.01-1.04x for
+// float64; but with the data in the L3 (a harness with fewer buffers), 0.94-0.95x on 16 MB of rows of 2^16
+// (docs/ARCHITECTURE.md). The leaves no longer prefetch the next leaf into L1 (no different with it).
 template <class T>
 __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
                                                 int64_t first, int64_t last, T scale) {

@@ -273,9 +273,8 @@ struct Kernel {
   // A row of 256 registers (a 16 KB leaf) in place at x, scaled, while the strip of `count` rows of `width`
   // values spaced `stride` apart at `strip` (nullptr: none) is prefetched into L2 for reading, spread evenly
   // over the row's slots: a long row's pipelined first pass gathers that strip from memory next (see
-  // blocks_pipelined in fwht.cc). Issued all at once before the row instead, the same prefetches measured
-  // 1.05x slower on a 2^24 float32 row (a Xeon with AVX-512, 1 thread): a burst of some 256 misses fills
-  // the core's miss buffers, and the row's own loads then wait behind them.
+  // blocks_pipelined in fwht.cc, which gives the figures). A burst of prefetches from memory before the row
+  // would fill the core's miss buffers, and the row's own loads would then wait behind them.
   static void leaf_prefetching_strip(T* x, T scale, const T* strip, int64_t count, int64_t stride, int64_t width) {
     const int64_t row_bytes = width * int64_t(sizeof(T)), stride_bytes = stride * int64_t(sizeof(T));
     const int64_t lines = strip == nullptr ? 0 : count * ((row_bytes + 63) / 64);
