@@ -276,14 +276,18 @@ struct Kernel {
   // blocks_pipelined in fwht.cc, which gives the figures). A burst of prefetches from memory before the row
   // would fill the core's miss buffers, and the row's own loads would then wait behind them.
   static void leaf_prefetching_strip(T* x, T scale, const T* strip, int64_t count, int64_t stride, int64_t width) {
-    const int64_t row_bytes = width * int64_t(sizeof(T)), stride_bytes = stride * int64_t(sizeof(T));
-    const int64_t lines = strip == nullptr ? 0 : count * ((row_bytes + 63) / 64);
-    const auto slot = [=, row = reinterpret_cast<const char*>(strip), column = int64_t(0), issued = int64_t(0),
-                       slots = int64_t(0)]() mutable {
+    // Every line a row of the strip touches, from the one its start falls in (a misaligned src): the rows
+    // share that offset, since their stride (a leaf) is a multiple of 64 bytes.
+    const int64_t misalignment = int64_t(reinterpret_cast<uintptr_t>(strip) % 64);
+    const int64_t row_span = (misalignment + width * int64_t(sizeof(T)) + 63) / 64 * 64;
+    const int64_t stride_bytes = stride * int64_t(sizeof(T));
+    const int64_t lines = strip == nullptr ? 0 : count * (row_span / 64);
+    const auto slot = [=, row = reinterpret_cast<const char*>(strip) - misalignment, column = int64_t(0),
+                       issued = int64_t(0), slots = int64_t(0)]() mutable {
       for (const int64_t until = ++slots * lines / kLeafSlots; issued < until; ++issued) {
         __builtin_prefetch(row + column, 0, 1);
         column += 64;
-        if (column >= row_bytes) {
+        if (column >= row_span) {
           column = 0;
           row += stride_bytes;
         }
