@@ -115,10 +115,7 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
     state_dict = checkpoint_to_ours(ct2_rules(dims), checkpoint.variables, expected, checkpoint.source,
                                     ignore=CT2_CONFIG_VARIABLES)
     config_path = directory / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
-    if not config_path.is_file():
-        logger.warning("%s: no config.json; decoding suppresses no tokens (its suppress_ids are unknown), so text "
-                       "can differ from the reference", directory)
+    config = _optional_json(config_path, "suppress_ids")
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = _token_ids(config, "suppress_ids", (), config_path)
     begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path)
@@ -148,10 +145,7 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     state_dict = checkpoint_to_ours(hf_rules(dims), {k: v.float() for k, v in tensors.items()}, expected,
                                     str(directory))
     generation_path = directory / "generation_config.json"
-    generation = _read_json(generation_path) if generation_path.is_file() else {}
-    if not generation_path.is_file():
-        logger.warning("%s: no generation_config.json; decoding suppresses no tokens (its suppress_tokens are "
-                       "unknown), so text can differ from the reference", directory)
+    generation = _optional_json(generation_path, "suppress_tokens")
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
     suppress = _token_ids(generation, "suppress_tokens", (), generation_path)
     begin = _token_ids(generation, "begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,),
@@ -168,6 +162,16 @@ def _read_json(path: Path) -> dict:
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content
+
+
+def _optional_json(path: Path, suppress_key: str) -> dict:
+    """``path``'s JSON object, or ``{}`` with a warning when the file is absent: decoding then suppresses no
+    tokens (``suppress_key`` of that file is unknown), so text can differ from the reference."""
+    if path.is_file():
+        return _read_json(path)
+    logger.warning("%s: no %s; decoding suppresses no tokens (its %s are unknown), so text can differ from the "
+                   "reference", path.parent, path.name, suppress_key)
+    return {}
 
 
 def _token_ids(config: dict, key: str, default: tuple[int, ...], path: Path) -> tuple[int, ...]:
