@@ -283,7 +283,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
 // blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
-// blocks_pipelined. Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of
+// blocks_pipelined where pipelined() allows (a call streaming from memory, AVX-512). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of
 // float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
 // another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
