@@ -62,6 +62,12 @@ constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
 // 1.06-1.20x on 16 to 128 MB.
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
+// Out of place, blocks_pipelined takes blocks (or rows) of at most this many leaves (512 KB of float32): its
+// gather then reads src and writes dst, and for 1 MB blocks the lines of both, for this block and the next,
+// overflow a 2 MB L2. Measured on a Xeon with AVX-512, 1 thread, against the grouped leaves (whose reads and
+// writes are sequential): rows of 2^16 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, 16 rows of
+// 2^20 0.85x, a 2^24 row 0.96x.
+constexpr int64_t kMaxOutOfPlaceLeaves = 32;
 // At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
 // blocks one at a time through group_pow2, runs of 2 1.09x.
@@ -215,14 +221,15 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 
 // Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
 // memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer
-// (256 KB to 1 MB), and a leaf_prefetching_strip kernel (AVX-512). With the AVX2 and portable kernels,
-// whose leaves take longer, the pipelined pass (then with its prefetches issued at once before each leaf)
-// measured slower on the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been
-// measured on a CPU without AVX-512.
+// (256 KB to 1 MB; out of place, at most kMaxOutOfPlaceLeaves), and a leaf_prefetching_strip kernel
+// (AVX-512). With the AVX2 and portable kernels, whose leaves take longer, the pipelined pass (then with its
+// prefetches issued at once before each leaf) measured slower on the Xeon (0.84-0.94x on a 2^24 row, a 2^22
+// row and 64 rows of 2^17); it has not been measured on a CPU without AVX-512.
 template <class T>
-bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory) {
+bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount;
+  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup &&
+         leaves <= (in_place ? kMaxCount : kMaxOutOfPlaceLeaves);
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -251,6 +258,9 @@ inline int64_t pipelined_run(int64_t count, int threads) {
 // for this pass alone, 1.3x `add_`), 1.00-1.07x on 16 to 64 MB of rows of 2^16 to 2^22, 1.01-1.04x for
 // float64; but with the data in the L3 (a harness with fewer buffers), 0.94-0.95x on 16 MB of rows of 2^16
 // (docs/ARCHITECTURE.md). The leaves no longer prefetch the next leaf into L1 (no different with it).
+// Out of place (blocks of at most kMaxOutOfPlaceLeaves), the strips' lines in dst are prefetched too, for
+// writing: without that, 16-64 MB of rows of 2^16 or 2^17 out of place ran 1.24-1.41x slower, each of the
+// gather's stores waiting for its line.
 template <class T>
 __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
                                                 int64_t first, int64_t last, T scale) {
@@ -269,14 +279,15 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
     for (int64_t i = 0; i < leaves; ++i) {
       // The strips gathered before the next leaf (of this block or the next) are prefetched while this one
       // runs: columns of every leaf, at next_strips.
-      const T* next_strips = nullptr;
+      int64_t next_strips = -1;  // offset of the strips, if any
       if (b + 1 < last) {
         for (const int64_t until = (i + 1) * strips / leaves; gathered < until; ++gathered) gather(b + 1, gathered);
-        if (gathered < strips) next_strips = src + (b + 1) * block + gathered * width;
-        else if (b + 2 < last) next_strips = src + (b + 2) * block;
+        if (gathered < strips) next_strips = (b + 1) * block + gathered * width;
+        else if (b + 2 < last) next_strips = (b + 2) * block;
       }
       // In place: the leaf is in dst now (and in L2).
-      k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips, leaves, leaf, strips / leaves * width);
+      k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips < 0 ? nullptr : src + next_strips,
+                               next_strips < 0 ? nullptr : dst + next_strips, leaves, leaf, strips / leaves * width);
     }
   }
 }
@@ -294,7 +305,7 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
                bool from_memory) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp);
-  if (group == 1 && pipelined(k, sp.block, from_memory)) {  // group_of: 1 for blocks of kMinBlockBytes
+  if (group == 1 && pipelined(k, sp.block, from_memory, src == dst)) {  // group_of: 1 for blocks of kMinBlockBytes
     blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
   } else {
     for (int64_t g = 0; g < sp.count; g += group)
@@ -326,7 +337,7 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   // four grains per thread.
   const int64_t strips_per_grain = std::max<int64_t>(
       1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
-  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory);
+  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory, src == dst);
   const int64_t run = pipelined_run(sp.count, threads);
   const int64_t runs = (sp.count + run - 1) / run;
 #pragma omp parallel num_threads(threads)
@@ -382,7 +393,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     return;
   }
   // Rows of 256 KB to 1 MB, when there are many, follow one another like the blocks of a long row.
-  if (m == 1 && pipelined(k, n_, from_memory_)) {
+  if (m == 1 && pipelined(k, n_, from_memory_, src == dst)) {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;
   }
@@ -419,7 +430,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
     // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
-    const int64_t run = p.m == 1 && pipelined(k, p.n, from_memory) ? pipelined_run(p.rows, threads) : 1;
+    const int64_t run = p.m == 1 && pipelined(k, p.n, from_memory, p.src == p.dst) ? pipelined_run(p.rows, threads) : 1;
     const int64_t grain = long_rows ? run : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));

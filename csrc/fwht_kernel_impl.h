@@ -270,22 +270,20 @@ struct Kernel {
     });
   }
 
-  // A row of 256 registers (a 16 KB leaf) in place at x, scaled, while the strip of `count` rows of `width`
-  // values spaced `stride` apart at `strip` (nullptr: none) is prefetched into L2 for reading, spread evenly
-  // over the row's slots: a long row's pipelined first pass gathers that strip from memory next (see
-  // blocks_pipelined in fwht.cc, which gives the figures). A burst of prefetches from memory before the row
-  // would fill the core's miss buffers, and the row's own loads would then wait behind them.
-  static void leaf_prefetching_strip(T* x, T scale, const T* strip, int64_t count, int64_t stride, int64_t width) {
-    // Every line a row of the strip touches, from the one its start falls in (a misaligned src): the rows
-    // share that offset, since their stride (a leaf) is a multiple of 64 bytes.
-    const int64_t misalignment = int64_t(reinterpret_cast<uintptr_t>(strip) % 64);
+  // A slot callable (see row_of_256) that prefetches into L2, spread evenly over kLeafSlots calls, every line
+  // the `count` rows of `width` values spaced `stride` apart at `start` touch (nullptr: none), for writing if
+  // Write. From the line each row's start falls in (a misaligned buffer): the rows share that offset, since
+  // their stride (a leaf) is a multiple of 64 bytes.
+  template <int Write>
+  static auto spread_prefetch(const T* start, int64_t count, int64_t stride, int64_t width) {
+    const int64_t misalignment = int64_t(reinterpret_cast<uintptr_t>(start) % 64);
     const int64_t row_span = (misalignment + width * int64_t(sizeof(T)) + 63) / 64 * 64;
     const int64_t stride_bytes = stride * int64_t(sizeof(T));
-    const int64_t lines = strip == nullptr ? 0 : count * (row_span / 64);
-    const auto slot = [=, row = reinterpret_cast<const char*>(strip) - misalignment, column = int64_t(0),
-                       issued = int64_t(0), slots = int64_t(0)]() mutable {
+    const int64_t lines = start == nullptr ? 0 : count * (row_span / 64);
+    return [=, row = reinterpret_cast<const char*>(start) - misalignment, column = int64_t(0), issued = int64_t(0),
+            slots = int64_t(0)]() mutable {
       for (const int64_t until = ++slots * lines / kLeafSlots; issued < until; ++issued) {
-        __builtin_prefetch(row + column, 0, 1);
+        __builtin_prefetch(row + column, Write, 1);
         column += 64;
         if (column >= row_span) {
           column = 0;
@@ -293,8 +291,28 @@ struct Kernel {
         }
       }
     };
-    if (scale == T(1)) row_of_256<false>(x, x, splat(scale), slot);
-    else row_of_256<true>(x, x, splat(scale), slot);
+  }
+
+  // A row of 256 registers (a 16 KB leaf) in place at x, scaled, while the strip of `count` rows of `width`
+  // values spaced `stride` apart at `strip` (nullptr: none) is prefetched into L2 for reading, spread evenly
+  // over the row's slots: a long row's pipelined first pass gathers that strip from memory next (see
+  // blocks_pipelined in fwht.cc, which gives the figures). A burst of prefetches from memory before the row
+  // would fill the core's miss buffers, and the row's own loads would then wait behind them. Out of place,
+  // the same strip at `strip_out` (the gather's destination, in no cache yet) is prefetched for writing as
+  // well: otherwise each of the gather's stores waits for its line to come from memory.
+  static void leaf_prefetching_strip(T* x, T scale, const T* strip, T* strip_out, int64_t count, int64_t stride,
+                                     int64_t width) {
+    auto read = spread_prefetch<0>(strip, count, stride, width);
+    if (strip_out == nullptr || strip_out == strip) {
+      if (scale == T(1)) return row_of_256<false>(x, x, splat(scale), read);
+      return row_of_256<true>(x, x, splat(scale), read);
+    }
+    const auto read_and_write = [read, write = spread_prefetch<1>(strip_out, count, stride, width)]() mutable {
+      read();
+      write();
+    };
+    if (scale == T(1)) return row_of_256<false>(x, x, splat(scale), read_and_write);
+    return row_of_256<true>(x, x, splat(scale), read_and_write);
   }
 
   // The entry in the table: only where a 16 KB leaf is a row_of_256.

@@ -56,9 +56,11 @@ struct FwhtKernels {
   // In place: chunk a of x (length `chunk`, a < m) <- sum_a' H_m[a][a'] chunk a', for columns [begin, end).
   void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end);
   // x = scale * H x for one 16 KB row (a leaf of a long row) while the strip of `count` rows of `width`
-  // values spaced `stride` apart at `strip` (or nothing, if null) is prefetched into L2 for reading, spread
-  // over the work. Null where the ISA has fewer than 32 registers of 64 bytes (only AVX-512 has it).
-  void (*leaf_prefetching_strip)(T* x, T scale, const T* strip, int64_t count, int64_t stride, int64_t width);
+  // values spaced `stride` apart at `strip` (or nothing, if null) is prefetched into L2 for reading, and the
+  // same strip at `strip_out` (unless null: an out-of-place pass writes there) for writing, spread over the
+  // work. Null where the ISA has fewer than 32 registers of 64 bytes (only AVX-512 has it).
+  void (*leaf_prefetching_strip)(T* x, T scale, const T* strip, T* strip_out, int64_t count, int64_t stride,
+                                 int64_t width);
 };
 
 const FwhtKernels<float>& fwht_kernels_f32(Isa isa);

@@ -15,6 +15,7 @@
 
 #include "fwht.h"
 #include "isa.h"
+#include "memory.h"
 #include "spectral.h"
 
 namespace nb = nanobind;
@@ -197,6 +198,13 @@ NB_MODULE(_C, m) {
         "Overwrites the gradient buffers at grads = (input, in_scale, inner_scale, out_scale, bias) addresses\n"
         "(0: input / bias not computed); parameter gradients are summed within `groups` equal consecutive\n"
         "groups of rows (1: the usual sum; rows: per-sample). Internal, as spectral_forward_at.");
+  m.def("advise_huge_pages",
+        [](uintptr_t address, size_t bytes) { return dreidel::advise_huge_pages(reinterpret_cast<void*>(address), bytes); },
+        nb::arg("address"), nb::arg("bytes"),
+        "advise_huge_pages(address, bytes) -> bool\n\n"
+        "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
+        "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
+        "dreidel has just allocated and is about to fill. False where the advice was not taken.");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

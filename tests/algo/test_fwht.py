@@ -1,6 +1,9 @@
 """dreidel.fwht against independent oracles: the dense Hadamard matrix in float64, and the reference path."""
 
 import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +87,53 @@ def test_calls_of_16_mb_and_more_stream_through_the_pipelined_pass(rows, n, inpl
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     if not inplace:
         assert torch.equal(x, before)
+
+
+def transparent_huge_pages() -> str | None:
+    """Linux's THP mode ("always", "madvise" or "never"), or None where there is no such setting."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else None
+
+
+def thp_eligible(address: int) -> bool:
+    """Whether the mapping holding ``address`` may take huge pages (/proc/self/smaps' THPeligible)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_page_advice_changes_no_contents():
+    x = torch.randn(3 << 20)  # 12 MB: at least five whole 2 MB pages inside
+    before = x.clone()
+    taken = native.advise_huge_pages(x.data_ptr(), x.nbytes)
+    assert torch.equal(x, before)
+    assert taken == (sys.platform == "linux" and transparent_huge_pages() in ("always", "madvise"))
+    assert not native.advise_huge_pages(x.data_ptr(), 1 << 20), "1 MB holds no whole 2 MB page"
+    assert not native.advise_huge_pages(0, 1 << 30)
+
+
+@pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"), reason="needs Linux THP")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_out_of_place_results_go_on_huge_pages(dtype, generator):
+    # A result of 32 MB or more is advised onto transparent huge pages before the kernel writes it (its first
+    # write would otherwise page-fault every 4 KB); a smaller one is left as PyTorch allocated it.
+    x = torch.randn(1 << 23, generator=generator).to(dtype)
+    out = dr.fwht(x)
+    torch.testing.assert_close(out.double(), dr.fwht_reference(x.double()), rtol=1e-4, atol=1e-4)
+    middle = out.data_ptr() + out.nbytes // 2
+    assert thp_eligible(middle)
+    if transparent_huge_pages() == "madvise":
+        small = dr.fwht(torch.randn(1 << 12, 1024, generator=generator))  # 16 MB
+        assert not thp_eligible(small.data_ptr() + small.nbytes // 2)
 
 
 @pytest.mark.parametrize(("rows", "n"), [(32, 1 << 17), (1, 1 << 22)])

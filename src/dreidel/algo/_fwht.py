@@ -165,6 +165,28 @@ def _kernel_copy(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % t.element_size() == 0 else t.clone()
 
 
+# Results of at least this many bytes go onto transparent huge pages (see _empty_result): 32 MB is glibc's
+# largest mmap threshold, above which every allocation is a fresh mapping of its own.
+_HUGE_PAGE_RESULT_BYTES = 32 << 20
+
+
+def _empty_result(src: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor like the contiguous ``src`` for the kernel to write the transform into.
+
+    A block of tens of megabytes comes fresh from the OS on every allocation, and its first write then
+    page-faults every 4 KB; advised onto 2 MB pages first (``madvise``; only where Linux has transparent huge
+    pages in "madvise" mode), it faults 512 times less often. Measured on a Xeon with AVX-512, 1 thread,
+    float32, out of place into a fresh result: a 2^24 row 1.21x faster, 16 rows of 2^20 1.42x, 64 rows of
+    2^18 1.54x, 4096 rows of 4096 1.69x; at 2 threads 1.15-1.37x, but the 2^24 row 0.96x (two threads
+    fault 4 KB pages in parallel, while a 2 MB page is zeroed by one). PyTorch offers the same for all of
+    its allocations, process-wide, through ``THP_MEM_ALLOC_ENABLE=1``.
+    """
+    out = torch.empty_like(src)
+    if out.nbytes >= _HUGE_PAGE_RESULT_BYTES:
+        native.advise_huge_pages(out.data_ptr(), out.nbytes)
+    return out
+
+
 def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> None:
     """Raw native transform along the last dim: ``dst = fwht(src)``, no autograd, no op dispatch.
 
@@ -207,7 +229,7 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     """Out of place on CPU: the kernel reads ``x`` and writes a fresh contiguous tensor in one pass."""
     src = _kernel_copy(x)  # a lazily negated view is materialised, not read as raw memory
-    out = torch.empty_like(src)
+    out = _empty_result(src)
     fwht_into(src, out, normalized)
     return out
 
@@ -350,7 +372,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
 
     Rounding: for a given input, thread count and CPU the result is always the same, but a row's last bits
     may change with the number of threads, and with the size of the whole call (calls of 16 MB and more
-    order the stages differently on AVX-512 CPUs); the error stays within the accuracy rule of the tests.
+    order the stages differently on AVX-512 CPUs, in place and out of place differently again); the error
+    stays within the accuracy rule of the tests.
 
     Raises:
         TypeError: integer, bool or complex ``x``.
@@ -365,7 +388,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             _run_kernel(address, address, rows, n, constants, normalized)
             _increment_versions((x,))  # as any in-place op: autograd then refuses x if it was saved for backward
             return x
-        out = torch.empty_like(x)
+        out = _empty_result(x)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized)
         return out
     n = _check_input(x, dim)
