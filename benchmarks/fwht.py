@@ -303,9 +303,10 @@ def main() -> None:
         "ffht and fht-cpu are in place and run on lengths 384/1536 zero-padded to 512/2048 (timed on the padded "
         "array); GB/s counts the logical array read + written. \"speedup\" = fastest peer (by median) ÷ dreidel "
         "in place (the public op), the median over repeats of the two times measured back to back in each repeat; \"dreidel kernel\" is the binding `dreidel._C.fwht_at` in place on addresses taken beforehand, without the op's per-call checks. "
-        "\"dreidel\" (out of place) allocates its result on every call, and PyTorch takes blocks of tens of MB "
-        "fresh from the OS, so that column includes a page fault per 4 KB of output (see the README for "
-        "`THP_MEM_ALLOC_ENABLE`). "
+        "\"dreidel\" (out of place) allocates its result on every call: a result of 32 MB or more comes fresh "
+        "from the OS, advised onto transparent huge pages, so that column includes a page fault per 2 MB of "
+        "output (per 4 KB where THP is off) and the zeroing of those pages; a smaller one may reuse memory the "
+        "allocator kept (see the README). "
         "Threads: torch.set_num_threads (dreidel, the PyTorch peers); ffht and fht-cpu get the same count "
         "explicitly and thread over rows only (one row: one thread).\n\n"
         + "\n\n".join(sections)
