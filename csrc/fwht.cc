@@ -62,11 +62,12 @@ constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
 // 1.06-1.20x on 16 to 128 MB.
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
-// Out of place, blocks_pipelined takes blocks (or rows) of at most this many leaves (512 KB of float32): its
-// gather then reads src and writes dst, and for 1 MB blocks the lines of both, for this block and the next,
-// overflow a 2 MB L2. Measured on a Xeon with AVX-512, 1 thread, against the grouped leaves (whose reads and
-// writes are sequential): rows of 2^16 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, 16 rows of
-// 2^20 0.85x, a 2^24 row 0.96x.
+// Out of place, blocks_pipelined takes rows of at most this many leaves (512 KB of float32; the blocks of a
+// long row are 1 MB, so out of place they always take the grouped leaves): its gather then reads src and
+// writes dst, and for 1 MB the lines of both, for this row or block and the next, overflow a 2 MB L2.
+// Measured on a Xeon with AVX-512, 1 thread, against the grouped leaves (whose reads and writes are
+// sequential): rows of 2^16 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's
+// blocks: 16 rows of 2^20 0.85x, a 2^24 row 0.96x.
 constexpr int64_t kMaxOutOfPlaceLeaves = 32;
 // At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
@@ -258,7 +259,7 @@ inline int64_t pipelined_run(int64_t count, int threads) {
 // for this pass alone, 1.3x `add_`), 1.00-1.07x on 16 to 64 MB of rows of 2^16 to 2^22, 1.01-1.04x for
 // float64; but with the data in the L3 (a harness with fewer buffers), 0.94-0.95x on 16 MB of rows of 2^16
 // (docs/ARCHITECTURE.md). The leaves no longer prefetch the next leaf into L1 (no different with it).
-// Out of place (blocks of at most kMaxOutOfPlaceLeaves), the strips' lines in dst are prefetched too, for
+// Out of place (rows of at most kMaxOutOfPlaceLeaves), the strips' lines in dst are prefetched too, for
 // writing: without that, 16-64 MB of rows of 2^16 or 2^17 out of place ran 1.24-1.41x slower, each of the
 // gather's stores waiting for its line.
 template <class T>
@@ -279,15 +280,17 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
     for (int64_t i = 0; i < leaves; ++i) {
       // The strips gathered before the next leaf (of this block or the next) are prefetched while this one
       // runs: columns of every leaf, at next_strips.
-      int64_t next_strips = -1;  // offset of the strips, if any
+      const T* next_strips = nullptr;
       if (b + 1 < last) {
         for (const int64_t until = (i + 1) * strips / leaves; gathered < until; ++gathered) gather(b + 1, gathered);
-        if (gathered < strips) next_strips = (b + 1) * block + gathered * width;
-        else if (b + 2 < last) next_strips = (b + 2) * block;
+        if (gathered < strips) next_strips = src + (b + 1) * block + gathered * width;
+        else if (b + 2 < last) next_strips = src + (b + 2) * block;
       }
+      // The same strips in dst, where the gather writes them (out of place, they are in no cache yet).
+      T* next_strips_out = next_strips == nullptr ? nullptr : dst + (next_strips - src);
       // In place: the leaf is in dst now (and in L2).
-      k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips < 0 ? nullptr : src + next_strips,
-                               next_strips < 0 ? nullptr : dst + next_strips, leaves, leaf, strips / leaves * width);
+      k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips, next_strips_out, leaves, leaf,
+                               strips / leaves * width);
     }
   }
 }

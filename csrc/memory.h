@@ -6,11 +6,12 @@
 namespace dreidel {
 
 // Asks Linux to back the 2 MB-aligned part of [data, data + bytes) with transparent huge pages when it is
-// first written (madvise MADV_HUGEPAGE; the partial 2 MB at either end keep 4 KB pages). For a fresh
-// allocation of tens of megabytes that is about to be written whole: such blocks come straight from the OS,
-// and writing them page-faults once per page. Only advice: the contents and the mapping are unchanged, and
-// it does nothing where THP is off ("never"), already on for everything ("always"), or not Linux. Returns
-// whether the kernel took the advice.
+// first written (madvise MADV_HUGEPAGE; the partial 2 MB at either end keep 4 KB pages), and never touches
+// anything outside that range. For a fresh allocation of tens of megabytes that is about to be written
+// whole: such blocks usually come straight from the OS, and writing them page-faults once per page. Only
+// advice: the contents are unchanged, and it has no effect where THP is off ("never") or already on for all
+// memory ("always"). Returns whether madvise accepted it (false where there is no whole 2 MB page in the
+// range, or no MADV_HUGEPAGE: not Linux, or a kernel built without THP; Linux accepts it in "never" mode too).
 bool advise_huge_pages(void* data, std::size_t bytes);
 
 }  // namespace dreidel

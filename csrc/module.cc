@@ -204,7 +204,7 @@ NB_MODULE(_C, m) {
         "advise_huge_pages(address, bytes) -> bool\n\n"
         "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
-        "dreidel has just allocated and is about to fill. False where the advice was not taken.");
+        "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

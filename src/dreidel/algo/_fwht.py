@@ -166,20 +166,23 @@ def _kernel_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 # Results of at least this many bytes go onto transparent huge pages (see _empty_result): 32 MB is glibc's
-# largest mmap threshold, above which every allocation is a fresh mapping of its own.
+# largest mmap threshold, so such a block is usually a fresh mapping of its own.
 _HUGE_PAGE_RESULT_BYTES = 32 << 20
 
 
 def _empty_result(src: torch.Tensor) -> torch.Tensor:
     """A fresh tensor like the contiguous ``src`` for the kernel to write the transform into.
 
-    A block of tens of megabytes comes fresh from the OS on every allocation, and its first write then
-    page-faults every 4 KB; advised onto 2 MB pages first (``madvise``; only where Linux has transparent huge
-    pages in "madvise" mode), it faults 512 times less often. Measured on a Xeon with AVX-512, 1 thread,
-    float32, out of place into a fresh result: a 2^24 row 1.21x faster, 16 rows of 2^20 1.42x, 64 rows of
-    2^18 1.54x, 4096 rows of 4096 1.69x; at 2 threads 1.15-1.37x, but the 2^24 row 0.96x (two threads
-    fault 4 KB pages in parallel, while a 2 MB page is zeroed by one). PyTorch offers the same for all of
-    its allocations, process-wide, through ``THP_MEM_ALLOC_ENABLE=1``.
+    A block of tens of megabytes usually comes fresh from the OS on every allocation, and its first write
+    then page-faults every 4 KB; advised onto 2 MB pages first (``madvise``; it takes effect where Linux's
+    THP setting is "madvise"), it faults 512 times less often. Measured on a Xeon with AVX-512, float32, out
+    of place into a fresh result, against no advice: in the harness of ``benchmarks/fwht.py`` 1.46-1.87x
+    faster at 1 thread (a 2^24 row, 2^20 rows of 8, 384- and 1536-wide rows) and 1.05-1.14x at 2; in a plain
+    loop, 1.21-1.69x at 1 thread and 0.96-1.37x at 2 (the 2^24 row 0.96x: two threads fault 4 KB pages in
+    parallel, while each 2 MB page is zeroed by the one thread that faults it). PyTorch offers the same for
+    all of its allocations, process-wide, through ``THP_MEM_ALLOC_ENABLE=1``. The advice changes no
+    contents; where glibc carved the block from free heap memory instead, that part of the heap stays
+    eligible for huge pages afterwards.
     """
     out = torch.empty_like(src)
     if out.nbytes >= _HUGE_PAGE_RESULT_BYTES:
