@@ -297,9 +297,9 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
 // blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
-// blocks_pipelined where pipelined() allows (a call streaming from memory, AVX-512). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of
-// float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
-// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
+// blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512).
+// Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of float32, stay in
+// L2 for an in-place radix-8 pass across them, and the pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
 // place and then a pass across the groups (two passes over memory for a 64 MB row), that measured
 // 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).
@@ -378,6 +378,11 @@ SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa is
 }
 
 template <class T>
+bool SerialFwht<T>::pipelines(bool in_place) const {
+  return plan_.m == 1 && pipelined(*kernels_, n_, from_memory_, in_place);
+}
+
+template <class T>
 void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
   const FwhtKernels<T>& k = *kernels_;
   const int m = plan_.m;
@@ -396,7 +401,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     return;
   }
   // Rows of 256 KB to 1 MB, when there are many, follow one another like the blocks of a long row.
-  if (m == 1 && pipelined(k, n_, from_memory_, src == dst)) {
+  if (pipelines(src == dst)) {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;
   }
@@ -433,11 +438,11 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
     // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
-    const int64_t run = p.m == 1 && pipelined(k, p.n, from_memory, p.src == p.dst) ? pipelined_run(p.rows, threads) : 1;
+    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory);  // shared: no mutable state
+    const int64_t run = transform.pipelines(p.src == p.dst) ? pipelined_run(p.rows, threads) : 1;
     const int64_t grain = long_rows ? run : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
     const int row_threads = static_cast<int>(std::min<int64_t>(threads, grains));
-    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory);  // shared: no mutable state
     // One thread: no OpenMP region at all (entering even a serialised one runs cold runtime code, which
     // costs microseconds right after a large memory operation, when the call is most common).
     if (row_threads == 1) return transform(p.src, p.dst, p.rows);

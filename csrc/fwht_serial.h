@@ -19,6 +19,9 @@ class SerialFwht {
   SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory = false);
   // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
   void operator()(const T* src, T* dst, int64_t rows) const;
+  // Whether operator() streams the rows through the pipelined pass (in place or not): a thread loop should
+  // then hand them out in runs (see fwht.cc).
+  bool pipelines(bool in_place) const;
   int64_t n() const { return n_; }
 
  private:
