@@ -29,3 +29,10 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def l2_text(l2_bytes: int) -> str:
+    """'2 MB L2 per core' (binary units, as the OS reports cache sizes), or that it is unknown."""
+    if l2_bytes <= 0:
+        return "L2 size not reported"
+    return f"{l2_bytes / (1 << 20):g} MB L2 per core" if l2_bytes >= 1 << 20 else f"{l2_bytes >> 10} KB L2 per core"

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "cache.h"
 #include "fwht_kernels.h"
 #include "fwht_serial.h"
 
@@ -62,13 +63,6 @@ constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
 // 1.06-1.20x on 16 to 128 MB.
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
-// Out of place, blocks_pipelined takes rows of at most this many leaves (512 KB of float32; the blocks of a
-// long row are 1 MB, so out of place they always take the grouped leaves): its gather then reads src and
-// writes dst, and for 1 MB the lines of both, for this row or block and the next, overflow a 2 MB L2.
-// Measured on a Xeon with AVX-512, 1 thread, against the grouped leaves (whose reads and writes are
-// sequential): rows of 2^16 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's
-// blocks: 16 rows of 2^20 0.85x, a 2^24 row 0.96x.
-constexpr int64_t kMaxOutOfPlaceLeaves = 32;
 // At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
 // blocks one at a time through group_pow2, runs of 2 1.09x.
@@ -221,16 +215,25 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 }
 
 // Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
-// memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer
-// (256 KB to 1 MB; out of place, at most kMaxOutOfPlaceLeaves), and a leaf_prefetching_strip kernel
-// (AVX-512). With the AVX2 and portable kernels, whose leaves take longer, the pipelined pass (then with its
-// prefetches issued at once before each leaf) measured slower on the Xeon (0.84-0.94x on a 2^24 row, a 2^22
-// row and 64 rows of 2^17); it has not been measured on a CPU without AVX-512.
+// memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer,
+// and a leaf_prefetching_strip kernel (AVX-512). With the AVX2 and portable kernels, whose leaves take
+// longer, the pipelined pass (then with its prefetches issued at once before each leaf) measured slower on
+// the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU
+// without AVX-512.
+// And only where the L2 holds a block and the strips of the next gathered into it as the block's leaves
+// are done: twice the block in place; out of place, where the gather reads src and writes dst, the lines
+// of both, four times. On the Xeon (2 MB L2) that is blocks of up to 1 MB in place and 512 KB out of
+// place (so out of place a long row's 1 MB blocks take the grouped leaves); measured there out of place,
+// 1 thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16 1.31-1.36x
+// faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20 0.85x and a
+// 2^24 row 0.96x. Where the L2 is smaller (1 MB on many AVX-512 CPUs; not measured on one), the blocks
+// that overflow it take the grouped leaves, the pass chosen on Zen 3 (512 KB L2).
 template <class T>
 bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup &&
-         leaves <= (in_place ? kMaxCount : kMaxOutOfPlaceLeaves);
+  const int64_t footprint = len * int64_t(sizeof(T)) * (in_place ? 2 : 4);
+  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount &&
+         footprint <= l2_cache_bytes();
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -259,9 +262,9 @@ inline int64_t pipelined_run(int64_t count, int threads) {
 // for this pass alone, 1.3x `add_`), 1.00-1.07x on 16 to 64 MB of rows of 2^16 to 2^22, 1.01-1.04x for
 // float64; but with the data in the L3 (a harness with fewer buffers), 0.94-0.95x on 16 MB of rows of 2^16
 // (docs/ARCHITECTURE.md). The leaves no longer prefetch the next leaf into L1 (no different with it).
-// Out of place (rows of at most kMaxOutOfPlaceLeaves), the strips' lines in dst are prefetched too, for
-// writing: without that, 16-64 MB of rows of 2^16 or 2^17 out of place ran 1.24-1.41x slower, each of the
-// gather's stores waiting for its line.
+// Out of place (rows that fit the L2 four times, see pipelined), the strips' lines in dst are prefetched
+// too, for writing: without that, 16-64 MB of rows of 2^16 or 2^17 out of place ran 1.24-1.41x slower, each
+// of the gather's stores waiting for its line.
 template <class T>
 __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
                                                 int64_t first, int64_t last, T scale) {

@@ -334,12 +334,21 @@ struct Kernel {
     }
   }
 
+  // The loops over rows of up to 16 registers prefetch this far ahead: a row's arithmetic is a long
+  // dependency chain, so the hardware prefetcher alone leaves the memory bus idle part of the time. (A
+  // prefetch past the end of the buffer is harmless: prefetches never fault and load nothing.)
+  static constexpr int64_t kPrefetchBytes = 4096;
+
   // Rows shorter than a register: one register holds W / len whole rows, and the lane stages below len
-  // never mix two rows.
+  // never mix two rows. One prefetch per cache line, as block_rows: measured on a Xeon with AVX-512 (2^20
+  // rows of 8 float32, 1 thread, 32 MB partly in the L3), 1.29x faster than without.
   template <bool Scaled>
   static void short_rows(const T* src, T* dst, int64_t rows, int64_t len, V scale) {
+    constexpr int64_t registers_per_line = Bytes >= 64 ? 1 : 64 / Bytes;
     const int64_t full = rows * len / W;
     for (int64_t v = 0; v < full; ++v) {
+      if (v % registers_per_line == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(src + v * W) + kPrefetchBytes, 1, 3);
       V x = load(src + v * W);
       if constexpr (Scaled) x = x * scale;
       store(dst + v * W, lane_stages(x, static_cast<int>(len)));
@@ -348,11 +357,7 @@ struct Kernel {
     scalar_rows(src + done * len, dst + done * len, rows - done, len, scale[0]);
   }
 
-  // Rows of G registers, one block each. The loop prefetches kPrefetchBytes ahead: the block's arithmetic
-  // is a long dependency chain, so the hardware prefetcher alone leaves the memory bus idle part of the time.
-  // (A prefetch past the end of the buffer is harmless: prefetches never fault and load nothing.)
-  static constexpr int64_t kPrefetchBytes = 4096;
-
+  // Rows of G registers, one block each, prefetching kPrefetchBytes ahead (see short_rows).
   template <int G, bool Scaled>
   static void block_rows(const T* src, T* dst, int64_t rows, V scale) {
     constexpr int64_t row_bytes = G * W * int64_t(sizeof(T));

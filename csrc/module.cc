@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fwht.h"
+#include "cache.h"
 #include "isa.h"
 #include "memory.h"
 #include "spectral.h"
@@ -205,6 +206,8 @@ NB_MODULE(_C, m) {
         "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
         "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
+  m.def("l2_cache_bytes", &dreidel::l2_cache_bytes,
+        "Bytes of one core's L2 cache as the OS reports it (0: not reported); the FWHT sizes its blocks by it.");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

@@ -41,6 +41,7 @@ class SystemInfo:
     cpu: str
     cores: int
     isa: str
+    l2_cache_bytes: int  # one core's, as the OS reports it; 0: not reported
     torch_threads: int
     openmp_max_threads: int
 
@@ -58,6 +59,7 @@ def system_info() -> SystemInfo:
         cpu=cpu_model(),
         cores=usable_cores(),
         isa=best_isa(),
+        l2_cache_bytes=native.l2_cache_bytes(),
         torch_threads=torch.get_num_threads(),
         openmp_max_threads=native.openmp_max_threads(),
     )

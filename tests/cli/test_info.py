@@ -20,6 +20,23 @@ def test_info_reports_dispatch_and_threads(capsys):
     assert info["openmp_max_threads"] >= 1
 
 
+def _l2_from_getconf() -> int | None:
+    """One core's L2 size from glibc's `getconf`, an independent reader of what the native core reads."""
+    if shutil.which("getconf") is None:
+        return None
+    out = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    return int(out) if out.isdigit() and int(out) > 0 else None
+
+
+def test_info_reports_the_l2_cache_the_fwht_blocks_for(capsys):
+    assert main(["info", "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)["l2_cache_bytes"]
+    expected = _l2_from_getconf()
+    if expected is None:
+        pytest.skip("getconf does not report the L2 size here")
+    assert reported == expected
+
+
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
 def test_info_counts_the_cores_this_process_may_use():
     # `taskset -c 0 dreidel info` used to report every core of the machine
