@@ -32,7 +32,10 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def l2_text(l2_bytes: int) -> str:
-    """'2 MB L2 per core' (binary units, as the OS reports cache sizes), or that it is unknown."""
+    """'2 MB L2 per core' (binary units, as cache sizes are reported), or that it is unknown."""
     if l2_bytes <= 0:
         return "L2 size not reported"
-    return f"{l2_bytes / (1 << 20):g} MB L2 per core" if l2_bytes >= 1 << 20 else f"{l2_bytes >> 10} KB L2 per core"
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if l2_bytes >= scale:
+            return f"{l2_bytes / scale:g} {unit} L2 per core"
+    return f"{l2_bytes} B L2 per core"

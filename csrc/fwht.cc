@@ -57,8 +57,8 @@ constexpr int64_t kGroup = 8;
 constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
-// Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB to 1 MB
-// then go through blocks_pipelined; smaller calls, whose data a last-level cache may well hold, take the
+// Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB up to
+// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined; smaller calls, whose data a last-level cache may well hold, take the
 // in-place passes in L2, faster there. On a Xeon with AVX-512 (1 thread, float32, the harness of
 // benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
 // 1.06-1.20x on 16 to 128 MB.
@@ -67,6 +67,38 @@ constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
 // blocks one at a time through group_pow2, runs of 2 1.09x.
 constexpr int64_t kPipelinedRun = 8;
+// The pipelined pass needs room in L2 for a block and the strips of the next block gathered into it as the
+// block's leaves are done: twice the block in place; out of place, where the gather reads src and writes
+// dst, the lines of both, four times. On the Xeon's 2 MB L2 that is blocks of up to 1 MB in place and 512 KB
+// out of place (a long row's 1 MB blocks then take the grouped leaves out of place); measured there out of
+// place, 1 thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16
+// 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20
+// 0.85x and a 2^24 row 0.96x. A smaller L2 (1 MB on many AVX-512 CPUs; none was available to measure) only
+// turns the pass off for the blocks that overflow it, which take the grouped leaves, the pass chosen on Zen
+// 3 (512 KB L2). A larger one, or none reported, counts as the 2 MB measured: beyond it the limits are
+// untested (out of place, the next larger blocks measured slower here).
+constexpr int64_t kPipeliningL2Bytes = int64_t(2) << 20;
+
+constexpr int64_t pipelining_l2_bytes(int64_t reported) {
+  return reported > 0 && reported < kPipeliningL2Bytes ? reported : kPipeliningL2Bytes;
+}
+
+constexpr bool fits_l2(int64_t block_bytes, bool in_place, int64_t l2_bytes) {
+  return block_bytes * (in_place ? 2 : 4) <= l2_bytes;
+}
+
+// The limits measured on the Xeon, whatever L2 the build machine has.
+static_assert(fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(int64_t(2) << 20)) &&
+                  !fits_l2(int64_t(2) << 20, true, pipelining_l2_bytes(int64_t(2) << 20)) &&
+                  fits_l2(int64_t(512) << 10, false, pipelining_l2_bytes(int64_t(2) << 20)) &&
+                  !fits_l2(int64_t(1) << 20, false, pipelining_l2_bytes(int64_t(2) << 20)),
+              "on a 2 MB L2: 1 MB blocks pipelined in place, 512 KB out of place");
+static_assert(!fits_l2(int64_t(1) << 20, false, pipelining_l2_bytes(int64_t(32) << 20)) &&
+                  fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(0)),
+              "a larger L2, or none reported, counts as the 2 MB measured");
+static_assert(!fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(int64_t(1) << 20)) &&
+                  fits_l2(int64_t(512) << 10, true, pipelining_l2_bytes(int64_t(1) << 20)),
+              "a 1 MB L2: 512 KB blocks pipelined in place, 1 MB not");
 // Threads take rows in grains of about this many bytes.
 constexpr int64_t kGrainBytes = int64_t(1) << 18;
 // Below this many elements in total, starting threads costs more than it saves.
@@ -221,19 +253,12 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 // the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU
 // without AVX-512.
 // And only where the L2 holds a block and the strips of the next gathered into it as the block's leaves
-// are done: twice the block in place; out of place, where the gather reads src and writes dst, the lines
-// of both, four times. On the Xeon (2 MB L2) that is blocks of up to 1 MB in place and 512 KB out of
-// place (so out of place a long row's 1 MB blocks take the grouped leaves); measured there out of place,
-// 1 thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16 1.31-1.36x
-// faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20 0.85x and a
-// 2^24 row 0.96x. Where the L2 is smaller (1 MB on many AVX-512 CPUs; not measured on one), the blocks
-// that overflow it take the grouped leaves, the pass chosen on Zen 3 (512 KB L2).
+// are done (fits_l2).
 template <class T>
 bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  const int64_t footprint = len * int64_t(sizeof(T)) * (in_place ? 2 : 4);
   return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount &&
-         footprint <= l2_cache_bytes();
+         fits_l2(len * int64_t(sizeof(T)), in_place, pipelining_l2_bytes(l2_cache_bytes()));
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -300,7 +325,8 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
 // blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
-// blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512).
+// blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2
+// that holds two blocks).
 // Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of float32, stay in
 // L2 for an in-place radix-8 pass across them, and the pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
@@ -403,7 +429,8 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
                       r + batch < rows ? src + (r + batch) * n_ : nullptr);
     return;
   }
-  // Rows of 256 KB to 1 MB, when there are many, follow one another like the blocks of a long row.
+  // Rows of 256 KB up to what the L2 allows, when there are many, follow one another like the blocks of a
+  // long row.
   if (pipelines(src == dst)) {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;

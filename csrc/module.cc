@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "fwht.h"
 #include "cache.h"
+#include "fwht.h"
 #include "isa.h"
 #include "memory.h"
 #include "spectral.h"
@@ -207,7 +207,8 @@ NB_MODULE(_C, m) {
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
         "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
   m.def("l2_cache_bytes", &dreidel::l2_cache_bytes,
-        "Bytes of one core's L2 cache as the OS reports it (0: not reported); the FWHT sizes its blocks by it.");
+        "Bytes of the L2 cache a core uses, as the C library reports it (0: not reported); the FWHT takes its\n"
+        "pipelined first pass only for blocks that fit it twice (four times out of place).");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

@@ -41,7 +41,7 @@ class SystemInfo:
     cpu: str
     cores: int
     isa: str
-    l2_cache_bytes: int  # one core's, as the OS reports it; 0: not reported
+    l2_cache_bytes: int  # a core's, as the C library reports it; 0: not reported
     torch_threads: int
     openmp_max_threads: int
 

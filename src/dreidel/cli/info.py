@@ -1,4 +1,4 @@
-"""`dreidel info`: versions, the ISA the native core dispatched to, and thread counts."""
+"""`dreidel info`: versions, the ISA the native core dispatched to, the L2 size it plans by, threads."""
 
 from __future__ import annotations
 
