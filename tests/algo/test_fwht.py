@@ -350,9 +350,30 @@ def test_rejects_unsupported_length_with_nearest_lengths():
         assert fragment in message
 
 
+@pytest.mark.parametrize("n", [12, 20, 28, 24, 40, 56])
+def test_float32_error_rule_over_many_batches_of_short_composite_rows(n):
+    """n = m * 2^k with k <= 3: few stages before the H_m mix, where scaling the inputs first (instead of the
+    sums, as the reference does) broke the rule in about 1 in 200 batches; checked against exact sums."""
+    h = dr.hadamard_matrix(n)  # float64: the +-1 sums of float32 inputs are exact in it
+    for seed in range(200):
+        x = torch.randn(32, n, generator=torch.Generator().manual_seed(seed))
+        truth = (x.double() @ h) / math.sqrt(n)
+        native_err = (dr.fwht(x).double() - truth).abs().max().item()
+        reference_err = (dr.fwht_reference(x).double() - truth).abs().max().item()
+        assert native_err <= 2 * reference_err, seed
+
+
 def test_rejects_bad_dim_and_non_tensors():
     with pytest.raises(ValueError, match="dim=2"):
         dr.fwht(torch.zeros(2, 8), dim=2)
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(TypeError, match="dim must be an int"):
+            dr.fwht(torch.zeros(2, 8), dim=bad)
+        with pytest.raises(TypeError, match="dim must be an int"):
+            dr.fwht_reference(torch.zeros(2, 8), dim=bad)
+    numpy = pytest.importorskip("numpy")
+    x = torch.randn(8, 3)
+    assert torch.equal(dr.fwht(x, dim=numpy.int64(0)), dr.fwht(x, dim=0))
     with pytest.raises(ValueError, match="dim=1 .* 0-d"):
         dr.fwht(torch.tensor(1.0), dim=1)
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -442,6 +463,25 @@ def test_pad_to_powers_of_two():
     assert dr.pad_to_hadamard(torch.zeros(2, 384), powers_of_two_only=True).shape == (2, 512)
 
 
+@pytest.mark.parametrize("powers_of_two_only", [False, True])
+def test_pad_to_hadamard_edges(powers_of_two_only):
+    for x in (torch.zeros(3, 0), torch.tensor(2.0)):  # what fwht takes as it is: an empty dim, a 0-d "length 1"
+        assert dr.pad_to_hadamard(x, powers_of_two_only=powers_of_two_only) is x
+    longest = 2**30 if powers_of_two_only else 28 * 2**30
+    too_long = torch.empty(longest + 1, device="meta")  # no memory: only the length matters
+    with pytest.raises(ValueError, match="longer than the longest supported length"):
+        dr.pad_to_hadamard(too_long, powers_of_two_only=powers_of_two_only)
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "nested"])
+def test_rejects_sparse_and_nested_tensors(layout):
+    dense = torch.randn(4, 8)
+    x = {"sparse_coo": dense.to_sparse, "sparse_csr": dense.to_sparse_csr,
+         "nested": lambda: torch.nested.nested_tensor([dense[0], dense[1]])}[layout]()
+    with pytest.raises(TypeError, match="dense"):
+        dr.fwht(x)
+
+
 def sylvester_entries(rows: torch.Tensor, column: int) -> torch.Tensor:
     """H_{2^k}[i, j] = (-1)^popcount(i & j): a closed form independent of any butterfly."""
     bits = rows & column
@@ -516,6 +556,25 @@ def test_address_binding_validates_its_arguments():
 def test_fwht_into_rejects_what_the_kernel_cannot_take(src, dst):
     with pytest.raises(ValueError, match="fwht_into"):
         dr.algo.fwht_into(src, dst)
+
+
+def test_fwht_into_follows_the_rules_of_in_place_ops():
+    buffer = torch.randn(24)
+    with pytest.raises(ValueError, match="overlap"):
+        dr.algo.fwht_into(buffer[:16].view(2, 8), buffer[8:].view(2, 8))
+    weight = torch.randn(2, 8, requires_grad=True)
+    saved = torch.randn(2, 8)
+    loss = (weight * saved).sum()  # saves `saved` for the gradient of weight
+    dr.algo.fwht_into(torch.randn(2, 8), saved)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="leaf that requires grad"):
+        dr.algo.fwht_into(torch.randn(2, 8), torch.zeros(2, 8, requires_grad=True))
+    with torch.inference_mode():
+        inference = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        dr.algo.fwht_into(torch.randn(2, 8), inference)
+    assert not inference.any()  # refused before the kernel wrote anything
 
 
 @pytest.mark.parametrize("n", [8, 384, 1 << 13])

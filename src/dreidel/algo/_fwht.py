@@ -6,7 +6,8 @@ for meta tensors and ``torch.compile``, and autograd through the transform itsel
 ``fwht_reference``, the pure-PyTorch butterfly that is also the test oracle. In eager mode on CPU,
 ``fwht`` skips the custom-op dispatch (tens of microseconds a call): a contiguous input with no gradient
 to record goes straight to the kernel, one that records a gradient through a plain
-``autograd.Function``; all paths compute bit-identical results (tested).
+``autograd.Function``; all paths compute bit-identical results (tested). Tools that record or rewrite ops
+at the dispatcher (``make_fx``, fake tensors, dispatch modes, functionalization) always get the op.
 
 Order convention: see ``dreidel.algo.hadamard_matrix`` (``H_m ⊗ H_{2^k}``, Sylvester natural order).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,7 @@ import torch
 from dreidel._native import native
 from dreidel.algo._hadamard import (
     HADAMARD_FACTORS,
+    MAX_POW2_LOG2,
     hadamard_factor,
     nearest_hadamard_lengths,
     small_hadamard,
@@ -43,6 +46,37 @@ _forward_ad = torch.autograd.forward_ad
 _increment_versions = torch._C._increment_version  # takes a sequence of tensors (a tensor is one too: of its rows)
 # True inside torch.func transforms (vmap, grad, jvp, jacrev, ...), whose wrapper tensors have no data pointer.
 in_functorch_transform = torch._C._are_functorch_transforms_active
+_dispatch_modes_active = torch._C._len_torch_dispatch_stack
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd.grad(is_grads_batched=True), ...
+_is_functional = torch._is_functional_tensor  # torch.func.functionalize's wrappers
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def _dispatches_plainly(x: torch.Tensor) -> bool:
+    """Whether ``x``'s ops reach torch's own kernels untouched, so a raw kernel call may stand in for one.
+
+    Not so under a ``TorchDispatchMode`` (``make_fx``, ``aot_function``, ``FakeTensorMode``, op loggers),
+    for a subclass that intercepts dispatch (``FakeTensor``), a legacy-vmap batched tensor (batched
+    gradients: ``is_grads_batched``, ``jacobian(vectorize=True)``) or a functionalized one: those record or
+    rewrite ops and would never see a raw call (``make_fx`` then traced a graph returning uninitialised
+    memory), and the last three have no memory of their own. They take the registered op or the reference.
+    """
+    return (
+        _dispatch_modes_active() == 0
+        and type(x).__torch_dispatch__ is _PLAIN_DISPATCH
+        and not _is_legacy_batched(x)
+        and not _is_functional(x)
+    )
+
+
+def _as_dim(dim: object) -> int:
+    """``dim`` as a Python int (any integer type: ``operator.index``); bools and non-integers are refused."""
+    if isinstance(dim, bool):
+        raise TypeError("dim must be an int, got bool")
+    try:
+        return operator.index(dim)
+    except TypeError:
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
 
 
 def _check_input(x: torch.Tensor, dim: int) -> int:
@@ -53,6 +87,9 @@ def _check_input(x: torch.Tensor, dim: int) -> int:
         raise TypeError(
             f"x must be a real floating-point tensor (float32, float64, float16, bfloat16), got {x.dtype}"
         )
+    if x.layout != torch.strided or x.is_nested:
+        layout = "nested" if x.is_nested else str(x.layout)
+        raise TypeError(f"x must be a dense (strided) tensor, got a {layout} one; convert it with .to_dense()")
     if x.dim() == 0:  # a scalar is a vector of length 1, as torch reductions treat it: dim 0 or -1
         if dim not in (0, -1):
             raise ValueError(f"dim={dim} is out of range for a 0-d tensor (expected 0 or -1)")
@@ -93,7 +130,7 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     y = y.reshape(rows, m, chunk)
     if m > 1:
         hm = small_hadamard(m, y.dtype).to(y.device)
-        y = torch.einsum("ab,rbc->rac", hm, y)
+        y = hm @ y  # (m, m) @ (rows, m, chunk): matmul, unlike einsum, has a legacy-vmap batching rule
     if normalized:
         y = y * _scale(n, True)
     return y.reshape(x.shape)
@@ -104,6 +141,7 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
 
     Same contract as :func:`fwht` (without ``inplace``); float16/bfloat16 are computed in float32.
     """
+    dim = _as_dim(dim)
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x.clone()
@@ -196,7 +234,10 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
     For layer implementations that write their own backward and call the transform many times on small
     tensors. ``src`` and ``dst`` must be contiguous CPU float32/float64 tensors of the same shape and dtype,
     aligned to their element size (they may be the same tensor, but must not otherwise overlap) whose last
-    dimension is a supported length; anything else raises ``ValueError`` before the kernel runs.
+    dimension is a supported length; anything else raises ``ValueError`` before the kernel runs. Like an
+    in-place torch op, it bumps ``dst``'s version counter (autograd then refuses ``dst`` if it was saved for
+    a backward pass) and refuses (``RuntimeError``) an inference tensor outside inference mode and a leaf
+    that requires grad while grad mode is on.
     """
     n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
     constants = kernel_constants(n, src.dtype)
@@ -219,7 +260,15 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
             f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) and addresses not "
             f"aligned to the element size are refused too"
         )
-    _run_kernel(src.data_ptr(), dst.data_ptr(), int(src.numel()) // n, n, constants, normalized)
+    src_address, dst_address, nbytes = src.data_ptr(), dst.data_ptr(), src.nbytes
+    if src_address != dst_address and src_address < dst_address + nbytes and dst_address < src_address + nbytes:
+        raise ValueError("fwht_into: src and dst overlap without being the same memory")
+    if dst.is_inference():
+        _check_inference_update(dst, "fwht_into: dst")
+    if dst.requires_grad and dst.is_leaf and _is_grad_enabled():
+        raise RuntimeError("fwht_into: dst is a leaf that requires grad; torch refuses in-place updates to it too")
+    _increment_versions((dst,))
+    _run_kernel(src_address, dst_address, int(src.numel()) // n, n, constants, normalized)
 
 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
@@ -228,9 +277,22 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     return _reference_last_dim(x, normalized).contiguous()
 
 
+def _op_input_needs_care(x: torch.Tensor) -> bool:
+    """True when the ops' CPU kernels cannot hand ``x`` straight to the native kernel: an empty or 0-d tensor,
+    float16/bfloat16, or a length or dtype the kernel refuses (then ``_check_input`` says why)."""
+    if x.dim() == 0 or x.numel() == 0 or x.dtype in _LOW_PRECISION:
+        return True
+    _check_input(x, -1)
+    return False
+
+
 @_fwht_op.register_kernel("cpu")
 def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     """Out of place on CPU: the kernel reads ``x`` and writes a fresh contiguous tensor in one pass."""
+    if _op_input_needs_care(x):  # called directly as torch.ops.dreidel.fwht; dreidel.fwht never gets here
+        if x.dim() == 0 or x.numel() == 0:
+            return x.clone(memory_format=torch.contiguous_format)  # length 1 (0-d) or nothing to transform
+        return _fwht_op_cpu(x.to(torch.float32), normalized).to(x.dtype)
     src = _kernel_copy(x)  # a lazily negated view is materialised, not read as raw memory
     out = _empty_result(src)
     fwht_into(src, out, normalized)
@@ -261,6 +323,10 @@ def _fwht_inplace_op(x: torch.Tensor, normalized: bool) -> None:
 
 @_fwht_inplace_op.register_kernel("cpu")
 def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
+    if _op_input_needs_care(x):
+        if x.dim() > 0 and x.numel() > 0:
+            x.copy_(_fwht_op_cpu(x.to(torch.float32), normalized))
+        return
     work = _kernel_copy(x)
     fwht_into(work, work, normalized)
     if work is not x:
@@ -291,13 +357,14 @@ class _EagerFwht(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _EagerFwht.apply(grad, ctx.normalized), None
+        # Through the routing: with batched gradients the incoming one is a legacy-vmap batched tensor.
+        return _last_dim(grad, ctx.normalized), None
 
     @staticmethod
     def jvp(ctx, x_tangent: torch.Tensor, _normalized_tangent) -> torch.Tensor:
-        # Forward-mode AD: the transform is linear, so the tangent goes through it too (through apply, since
-        # under torch.func.jvp the tangent is a wrapper tensor).
-        return _EagerFwht.apply(x_tangent, ctx.normalized)
+        # Forward-mode AD: the transform is linear, so the tangent goes through it too (a wrapper tensor under
+        # torch.func.jvp, a batched one under jacobian(strategy="forward-mode", vectorize=True)).
+        return _last_dim(x_tangent, ctx.normalized)
 
     @staticmethod
     def vmap(info, in_dims, x: torch.Tensor, normalized: bool):
@@ -305,6 +372,22 @@ class _EagerFwht(torch.autograd.Function):
         if in_dims[0] is None:
             return _EagerFwht.apply(x, normalized), None
         return _EagerFwht.apply(x.movedim(in_dims[0], 0), normalized), 0
+
+
+def _last_dim(work: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """The out-of-place transform of ``work`` (float32/float64, or any dtype off CPU) along its last dim, by
+    the path that can carry it: eager CPU through ``_EagerFwht`` (``torch.func`` transforms included);
+    batched gradients and ``torch.func`` transforms off CPU through the reference's torch ops; everything
+    else (other devices, ``torch.compile``, ``make_fx``, fake tensors, functionalization) through the
+    registered op, which those tools see and rewrite.
+    """
+    if _is_compiling():  # torch.func transforms under torch.compile: the reference's ops, which both trace
+        return _reference_last_dim(work, normalized) if in_functorch_transform() else _fwht_op(work, normalized)
+    if work.is_cpu and work.dtype in _NATIVE_DTYPES and _dispatches_plainly(work):
+        return _EagerFwht.apply(work, normalized)
+    if _is_legacy_batched(work) or (in_functorch_transform() and not _is_functional(work)):
+        return _reference_last_dim(work, normalized)
+    return _fwht_op(work, normalized)
 
 
 def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
@@ -315,13 +398,15 @@ def runs_native_eager(*tensors: torch.Tensor | None) -> bool:
     through custom ops, whose dispatch costs tens of microseconds a call. Traced code (``torch.compile``,
     ``torch.jit.trace``, which would not see a raw kernel call) and other devices or dtypes keep the
     registered ops and the reference paths; inside ``torch.func``
-    transforms (whose wrapper tensors have no memory of their own) this is False too.
+    transforms (whose wrapper tensors have no memory of their own), under a ``TorchDispatchMode`` and for
+    tensors whose ops do not reach torch's kernels plainly (see ``_dispatches_plainly``) this is False too.
     """
     dtype = tensors[0].dtype
-    if _is_compiling() or _is_tracing() or dtype not in _NATIVE_DTYPES or in_functorch_transform():
+    if (_is_compiling() or _is_tracing() or dtype not in _NATIVE_DTYPES or in_functorch_transform()
+            or _dispatch_modes_active() != 0):
         return False
     for t in tensors:  # is_cpu: no device object per call
-        if t is not None and not (t.is_cpu and t.dtype == dtype):
+        if t is not None and not (t.is_cpu and t.dtype == dtype and _dispatches_plainly(t)):
             return False
     return True
 
@@ -331,25 +416,31 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, _KernelCon
 
     Straight to the kernel: a non-empty contiguous CPU float32/float64 tensor (aligned, without a lazy
     negation bit) transformed along its last dimension (of a supported length), with no gradient to record,
-    outside ``torch.compile`` and ``torch.func`` transforms. Everything else takes the general path, which
-    checks the input (with its error messages) and dispatches.
+    outside ``torch.compile``, ``torch.func`` transforms and anything else that records or rewrites ops
+    (``_dispatches_plainly``). Everything else takes the general path, which checks the input (with its error
+    messages) and dispatches.
     """
-    # First, so that torch.compile does not trace the rest. The tracers and forward-mode AD record ops, and
-    # the raw kernel call is none: they take the general path (forward AD: _EagerFwht's jvp).
+    # First, so that torch.compile does not trace the rest. The tracers, dispatch modes, dispatch-intercepting
+    # subclasses and forward-mode AD record ops, and the raw kernel call is none: they take the general path
+    # (forward AD: _EagerFwht's jvp). The two checks here are the cheap part of _dispatches_plainly.
     if (_is_compiling() or _is_tracing() or _forward_ad._current_level >= 0 or not isinstance(x, torch.Tensor)
-            or in_functorch_transform()):
+            or in_functorch_transform() or _dispatch_modes_active() != 0
+            or type(x).__torch_dispatch__ is not _PLAIN_DISPATCH):
         return None
-    shape = x.shape
-    if not shape or (dim != -1 and dim != len(shape) - 1):
+    try:
+        shape = x.shape  # nested tensors raise here
+        if not shape or type(dim) is not int or (dim != -1 and dim != len(shape) - 1):  # bool, np.int64: later
+            return None
+        n = shape[-1]
+        constants = kernel_constants(n, x.dtype)
+        if constants is None or not (x.is_cpu and x.is_contiguous()) or x.is_neg():  # sparse CSR raises
+            return None
+        if x.requires_grad and _is_grad_enabled():
+            return None
+        rows = math.prod(shape[:-1])
+        address = x.data_ptr()  # tensors without storage raise: sparse COO, legacy-vmap batched, functionalized
+    except RuntimeError:  # the general path says what is wrong, or routes the tensor where it can go
         return None
-    n = shape[-1]
-    constants = kernel_constants(n, x.dtype)
-    if constants is None or not (x.is_cpu and x.is_contiguous()) or x.is_neg():
-        return None
-    if x.requires_grad and _is_grad_enabled():
-        return None
-    rows = math.prod(shape[:-1])
-    address = x.data_ptr()
     if rows == 0 or address % (8 if constants.float64 else 4) != 0:  # torch.frombuffer can misalign
         return None
     return rows, n, constants, address
@@ -376,7 +467,9 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     Rounding: for a given input, thread count and CPU the result is always the same, but a row's last bits
     may change with the number of threads, and with the size of the whole call (calls of 16 MB and more
     order the stages differently on AVX-512 CPUs, in place and out of place differently again); the error
-    stays within the accuracy rule of the tests.
+    stays within the accuracy rule of the tests. Normalized, most paths scale the inputs before summing them
+    (so values near the largest float do not overflow), and values near the smallest ones may then flush to
+    zero where the dense product would not.
 
     Raises:
         TypeError: integer, bool or complex ``x``.
@@ -394,6 +487,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         out = _empty_result(x)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized)
         return out
+    dim = _as_dim(dim)
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x if inplace else x.clone()
@@ -409,7 +503,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             )
         if not _is_compiling() and x.is_inference():
             _check_inference_update(x)
-        if x.dtype in _LOW_PRECISION or in_functorch_transform() or (not _is_compiling() and moved.is_neg()):
+        if (x.dtype in _LOW_PRECISION or in_functorch_transform()
+                or (not _is_compiling() and (moved.is_neg() or _is_legacy_batched(moved)))):
             # Computed out of place, then written through the view (copy_ applies the lazy negation and works
             # on torch.func's wrapper tensors).
             moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
@@ -419,22 +514,16 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         else:
             _fwht_inplace_op(moved, normalized)
         return x
-    work = moved.to(_compute_dtype(x.dtype))
-    if not _is_compiling() and work.is_cpu and work.dtype in _NATIVE_DTYPES:
-        out = _EagerFwht.apply(work, normalized)  # eager CPU, torch.func transforms included
-    elif in_functorch_transform():
-        out = _reference_last_dim(work, normalized)  # other devices: torch ops, which torch.func transforms
-    else:
-        out = _fwht_op(work, normalized)
+    out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized)
     return out.to(x.dtype).movedim(-1, dim)
 
 
-def _check_inference_update(x: torch.Tensor) -> None:
+def _check_inference_update(x: torch.Tensor, name: str = "fwht(inplace=True): x") -> None:
     """Raise as torch does for an in-place update of an inference tensor outside inference mode (the kernel
     writes memory directly, past the dispatcher's check)."""
     if not torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "fwht(inplace=True): x is an inference tensor (made under torch.inference_mode()); in-place "
+            f"{name} is an inference tensor (made under torch.inference_mode()); in-place "
             "updates to it are only allowed inside inference mode. Use inplace=False or clone it first."
         )
 
@@ -447,13 +536,21 @@ def pad_to_hadamard(x: torch.Tensor, dim: int = -1, powers_of_two_only: bool = F
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dim = _as_dim(dim)
+    if x.dim() == 0:  # a vector of length 1, as fwht treats it: nothing to pad
+        if dim not in (0, -1):
+            raise ValueError(f"dim={dim} is out of range for a 0-d tensor (expected 0 or -1)")
+        return x
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
-    n = x.shape[dim]
+    n = int(x.shape[dim])
+    if n == 0:  # fwht takes an empty dimension as it is
+        return x
     if powers_of_two_only:
-        target = 1 << max(0, (n - 1).bit_length())
+        target = 1 << (n - 1).bit_length()
+        target = target if target <= 1 << MAX_POW2_LOG2 else None
     else:
-        _, target = nearest_hadamard_lengths(max(n, 1))
+        _, target = nearest_hadamard_lengths(n)
     if target is None:
         raise ValueError(f"dimension {dim} has length {n}, longer than the longest supported length")
     if target == n:

@@ -18,6 +18,7 @@ import functools
 import math
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "HADAMARD_FACTORS",
@@ -53,11 +54,16 @@ def is_hadamard_length(n: int) -> bool:
 
 def nearest_hadamard_lengths(n: int) -> tuple[int | None, int | None]:
     """The largest supported length ``<= n`` and the smallest ``>= n`` (``None`` where there is none)."""
-    candidates = sorted(
-        m << k for m in HADAMARD_FACTORS for k in range(MAX_POW2_LOG2 + 1)
-    )
-    below = max((c for c in candidates if c <= n), default=None)
-    above = min((c for c in candidates if c >= n), default=None)
+    # Plain loops over ints (no max(default=)): torch.compile traces them, so a bad length reaches the user
+    # as fwht's ValueError even under fullgraph=True.
+    below = above = None
+    for m in HADAMARD_FACTORS:
+        for k in range(MAX_POW2_LOG2 + 1):
+            length = m << k
+            if length <= n and (below is None or length > below):
+                below = length
+            if length >= n and (above is None or length < above):
+                above = length
     return below, above
 
 
@@ -103,6 +109,13 @@ def _paley_two(q: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _small_hadamard_f64(m: int) -> torch.Tensor:
+    # A cached constant: built with real tensors even when first asked for under a TorchDispatchMode
+    # (make_fx, FakeTensorMode), which would otherwise trace it, or refuse its data-dependent check.
+    with _disable_current_modes():
+        return _build_small_hadamard_f64(m)
+
+
+def _build_small_hadamard_f64(m: int) -> torch.Tensor:
     if m == 1:
         h = torch.ones(1, 1, dtype=torch.float64)
     elif m in (12, 20, 28):
@@ -117,7 +130,8 @@ def _small_hadamard_f64(m: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def small_hadamard(m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The symmetric ``m x m`` factor ``H_m`` (entries ±1, ``H_m² = m I``) as a contiguous CPU tensor."""
-    return _small_hadamard_f64(m).to(dtype).contiguous()
+    with _disable_current_modes():  # a cached constant, as _small_hadamard_f64
+        return _small_hadamard_f64(m).to(dtype).contiguous()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,86 @@
+"""dreidel.fwht under PyTorch's tracing and transform tools that work at the dispatcher: make_fx, AOT
+autograd, fake tensors, dispatch modes, functionalization and batched gradients. The eager CPU fast path
+calls the kernel directly; these tools must see (and may rewrite) the registered op instead."""
+
+import pytest
+import torch
+from functorch.compile import aot_function, nop
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dreidel as dr
+from dreidel.algo import _hadamard
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+@pytest.mark.parametrize(("shape", "dim", "inplace"), [((2, 8), -1, False), ((8, 3), 0, False), ((3, 384), -1, True)])
+def test_make_fx_records_the_op_and_its_graph_computes_the_transform(tracing_mode, shape, dim, inplace, generator):
+    _hadamard._small_hadamard_f64.cache_clear()  # first built under the tracer: it must not be traced
+    _hadamard.small_hadamard.cache_clear()
+
+    def f(t):
+        return dr.fwht(t.clone(), dim=dim, inplace=True) if inplace else dr.fwht(t, dim=dim)
+
+    graph = make_fx(f, tracing_mode=tracing_mode)(torch.randn(shape, generator=generator))
+    assert "dreidel.fwht" in graph.code
+    other = torch.randn(shape, generator=generator)
+    torch.testing.assert_close(graph(other), dr.fwht_reference(other, dim=dim))
+
+
+def test_aot_autograd_and_fake_tensors(generator):
+    x = torch.randn(4, 12, generator=generator, requires_grad=True)
+    compiled = aot_function(lambda t: dr.fwht(t), nop)
+    y = compiled(x)
+    torch.testing.assert_close(y, dr.fwht_reference(x.detach()))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, dr.fwht_reference(torch.ones(4, 12)))
+    with FakeTensorMode():
+        fake = dr.fwht(torch.randn(3, 12))
+        assert fake.shape == (3, 12) and fake.dtype == torch.float32
+
+
+def test_dispatch_modes_see_the_op(generator):
+    with RecordOps() as record:
+        dr.fwht(torch.randn(2, 8, generator=generator))
+        dr.fwht(torch.randn(2, 8, generator=generator), inplace=True)
+    assert "dreidel.fwht.default" in record.ops and "dreidel.fwht_.default" in record.ops
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_functionalize(inplace, generator):
+    x = torch.randn(4, 8, generator=generator)
+    f = (lambda t: dr.fwht(t.clone(), inplace=True)) if inplace else dr.fwht
+    torch.testing.assert_close(torch.func.functionalize(f)(x), dr.fwht_reference(x))
+
+
+@pytest.mark.parametrize("n", [8, 12])
+def test_batched_gradients(n, generator):
+    x = torch.randn(n, dtype=torch.float64, generator=generator, requires_grad=True)
+    h = dr.hadamard_matrix(n) / n**0.5
+    (rows,) = torch.autograd.grad(dr.fwht(x), x, torch.eye(n, dtype=torch.float64), is_grads_batched=True)
+    torch.testing.assert_close(rows, h)
+    for strategy in ("reverse-mode", "forward-mode"):
+        jacobian = torch.autograd.functional.jacobian(dr.fwht, x.detach(), vectorize=True, strategy=strategy)
+        torch.testing.assert_close(jacobian, h)
+    assert torch.autograd.gradcheck(dr.fwht, (x,), check_batched_grad=True, check_forward_ad=True,
+                                    check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_registered_op_takes_low_precision_and_checks_lengths(dtype, generator):
+    x = torch.randn(3, 384, generator=generator).to(dtype)
+    torch.testing.assert_close(torch.ops.dreidel.fwht(x, True), dr.fwht(x))
+    with pytest.raises(ValueError, match="length 5,.*pad_to_hadamard"):
+        torch.ops.dreidel.fwht(torch.randn(2, 5), True)
+    torch.library.opcheck(torch.ops.dreidel.fwht.default, (x.float(), True))
