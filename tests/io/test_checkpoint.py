@@ -129,7 +129,9 @@ def test_pickle_in_place_of_safetensors_is_not_unpickled(tmp_path, tensors):
         read_checkpoint(tmp_path / "m")
 
 
-@pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object")])
+@pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                           ("[" * 100_000 + "]" * 100_000, "not valid JSON: RecursionError"),
+                                           ('{"a": ' + "9" * 5000 + "}", "not valid JSON: ValueError")])
 def test_bad_config_is_a_value_error(tmp_path, tensors, text, message):
     write_checkpoint(tmp_path / "m", {}, tensors)
     (tmp_path / "m" / CONFIG_FILE).write_text(text)

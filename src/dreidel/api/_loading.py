@@ -43,7 +43,7 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
         raise ValueError(f"{where} has unknown key {unknown[0]!r} (expected keys: {list(CONFIG_KEYS)})")
     if config["format"] != format_name:
         raise ValueError(f"{where}: 'format' is {config['format']!r}, expected {format_name!r}")
-    if config["format_version"] != version:
+    if type(config["format_version"]) is not int or config["format_version"] != version:  # not true, not 1.0
         raise ValueError(f"{where}: 'format_version' {config['format_version']!r} is not supported "
                          f"(this dreidel reads version {version})")
     specs = config["layers"]

@@ -39,6 +39,15 @@ __all__ = ["Sequential", "load"]
 
 CHECKPOINT_FORMAT = "dreidel.Sequential"
 CHECKPOINT_VERSION = 1
+# What a Sequential keeps besides its children (set in __init__): a child of one of these names, of a method's
+# or of one of nn.Module's own attributes would be replaced by it, or refused with a KeyError.
+_MODEL_ATTRIBUTES = ("input_shape", "stop_training", "history", "_compiled")
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
+
+
+def reserved_layer_name(name: str) -> bool:
+    """Whether a child layer of a ``Sequential`` cannot be called ``name`` (an attribute of the model's)."""
+    return name in _MODEL_ATTRIBUTES or name in _MODULE_ATTRIBUTES or hasattr(Sequential, name)
 
 
 @dataclass
@@ -65,6 +74,11 @@ class Sequential(nn.Sequential):
     """
 
     def __init__(self, *layers: nn.Module) -> None:
+        if len(layers) == 1 and isinstance(layers[0], OrderedDict):
+            for name in layers[0]:
+                if isinstance(name, str) and reserved_layer_name(name):
+                    raise ValueError(f"layers: the name {name!r} is taken by an attribute of Sequential "
+                                     "(a method, or what the model keeps); name the layer otherwise")
         super().__init__(*layers)
         self.input_shape: tuple[int, ...] | None = None
         self.stop_training = False
@@ -311,6 +325,8 @@ class Sequential(nn.Sequential):
 
         The optimizer state is not saved. Returns the checkpoint directory.
         """
+        if len(self) == 0:
+            raise ValueError("the model has no layers: add some before save() (load() refuses a model without any)")
         if not self.is_built:
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
@@ -335,6 +351,9 @@ def load(path: str | os.PathLike) -> Sequential:
     config_file, tensors_file = Path(path) / CONFIG_FILE, str(Path(path) / TENSORS_FILE)
     config, header = read_config(path), read_tensor_header(path)
     plans, input_shape = _loading.check_config(config, str(config_file), CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    for plan in plans:
+        if reserved_layer_name(plan.name):
+            raise ValueError(f"{plan.where}: the name {plan.name!r} is taken by an attribute of Sequential")
     meta = _loading.meta_layers(plans)
     _loading.check_tensor_header(plans, meta, header, tensors_file)
     if input_shape is not None and all(layer is not None for layer in meta):

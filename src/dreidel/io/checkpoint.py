@@ -104,8 +104,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path, _ = _checkpoint_files(path)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # ValueError: also a too-long integer
+        raise ValueError(f"{config_path} is not valid JSON: {type(error).__name__}: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     return config

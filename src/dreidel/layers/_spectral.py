@@ -207,6 +207,9 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         """Draw fresh permutations and scales as configured by ``init`` (from ``generator`` if given)."""
         if self.in_features is None:
             return
+        if self.permutation.is_meta:  # shapes only (dreidel.load checks a config on the meta device): no draws,
+            self._build_indices()  # whose cost grows with the declared sizes before the tensor file is checked
+            return
         gen, n, length = self._generator, self.in_features, self.transform_length
         with torch.no_grad():
             perms = [torch.randperm(length, generator=gen) for _ in range(self.depth * self.num_blocks)]

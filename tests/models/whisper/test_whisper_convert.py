@@ -161,12 +161,14 @@ def _ct2_dir(model: Whisper, directory) -> None:
 @pytest.mark.parametrize("defect, file, message", [
     ("config-not-object", "config.json", "expected a JSON object"),
     ("config-not-utf8", "config.json", "cannot read"),
+    ("config-nested-too-deep", "config.json", "cannot read .*RecursionError"),
     ("suppress-not-ids", "config.json", "'suppress_ids' must be a list of token ids"),
     ("tokenizer-malformed", "tokenizer.json", "not a tokenizers tokenizer.json"),
 ])
 def test_load_bad_ct2_side_files_are_value_errors_naming_the_file(random_whisper, tmp_path, defect, file, message):
     _ct2_dir(random_whisper, tmp_path)
     content = {"config-not-object": b"[1, 2]", "config-not-utf8": b"\xff\xfe{", "tokenizer-malformed": b"{not json",
+               "config-nested-too-deep": b"[" * 100_000 + b"]" * 100_000,
                "suppress-not-ids": json.dumps({"suppress_ids": "1, 2"}).encode()}[defect]
     (tmp_path / file).write_bytes(content)
     with pytest.raises(ValueError, match=message) as raised:

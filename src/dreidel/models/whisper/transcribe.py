@@ -157,8 +157,8 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
 def _read_json(path: Path) -> dict:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, long integers
+        raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content
