@@ -314,6 +314,16 @@ def test_loading_a_mismatched_state_dict_names_the_key():
         LinearWHT(700).load_state_dict(state)
 
 
+def test_a_partial_state_dict_cannot_half_build_a_lazy_layer():
+    # strict=False with in_scale alone used to end in torch's "uninitialized parameter" error from the hook
+    state = make_layer(300, 700, 1).state_dict()
+    with pytest.raises(ValueError, match=r"gave 'in_scale' but not \['out_scale', 'permutation', 'bias'\]"):
+        LinearWHT(700).load_state_dict({"in_scale": state["in_scale"]}, strict=False)
+    empty = LinearWHT(700)
+    empty.load_state_dict({}, strict=False)  # nothing given: the layer stays lazy
+    assert empty.in_features is None
+
+
 def test_num_parameters_is_linear_in_width():
     layer = LinearWHT(4096, 4096)
     assert layer.num_parameters() == 3 * 4096

@@ -45,7 +45,7 @@ import math
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from dreidel.algo import nearest_hadamard_lengths
 from dreidel.layers._activation import resolve_activation
@@ -342,6 +342,10 @@ def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
     if isinstance(module.in_scale, UninitializedParameter):
         return  # nothing was loaded for this module (e.g. strict=False with missing keys)
     n = module.in_scale.shape[-1]
+    left_lazy = [name for name in module._expected_shapes(n) if is_lazy(getattr(module, name))]
+    if left_lazy:  # a partial state dict (strict=False) materialised in_scale only
+        raise ValueError(f"{type(module).__name__}: the state dict gave 'in_scale' but not {left_lazy}; a lazy "
+                         "layer learns its width from a state dict with all of its tensors")
     for name, shape in module._expected_shapes(n).items():
         got = tuple(getattr(module, name).shape)
         if got != shape:
