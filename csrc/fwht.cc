@@ -58,10 +58,10 @@ constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB up to
-// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined; smaller calls, whose data a last-level cache may well hold, take the
-// in-place passes in L2, faster there. On a Xeon with AVX-512 (1 thread, float32, the harness of
-// benchmarks/fwht.py), blocks_pipelined against those passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB,
-// 1.06-1.20x on 16 to 128 MB.
+// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined; smaller
+// calls, whose data a last-level cache may well hold, take the in-place passes in L2, faster there. On a
+// Xeon with AVX-512 (1 thread, float32, the harness of benchmarks/fwht.py), blocks_pipelined against those
+// passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB, 1.06-1.20x on 16 to 128 MB.
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
 // At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
 // A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
@@ -326,9 +326,9 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
 // blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
 // blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2
-// that holds two blocks).
-// Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves, 128 KB of float32, stay in
-// L2 for an in-place radix-8 pass across them, and the pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
+// that holds two blocks). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
+// 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
+// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
 // place and then a pass across the groups (two passes over memory for a 64 MB row), that measured
 // 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).

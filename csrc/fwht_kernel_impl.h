@@ -487,7 +487,7 @@ struct Kernel {
     }
   }
 
-  // The dense mix one value at a time, each output then scaled by `scale`.
+  // The dense mix one value at a time, each output then scaled by `scale` (by 1: exact, the sum unchanged).
   static void mix_scalar(T* x, int m, int64_t chunk, const T* h, int64_t begin, int64_t end, T scale = T(1)) {
     T in[32];
     for (int64_t c = begin; c < end; ++c) {
@@ -495,15 +495,19 @@ struct Kernel {
       for (int a = 0; a < m; ++a) {
         T acc = in[0] * h[a * m];
         for (int b = 1; b < m; ++b) acc += in[b] * h[a * m + b];
-        x[a * chunk + c] = scale == T(1) ? acc : acc * scale;
+        x[a * chunk + c] = acc * scale;
       }
     }
   }
 
+  // Whether mix_chunks mixes the columns [begin, end) one value at a time (they are not whole registers).
+  static bool mixes_scalar(int64_t chunk, int64_t begin, int64_t end) {
+    return chunk % W != 0 || begin % W != 0 || (end - begin) % W != 0;
+  }
+
   static void mix_chunks(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end) {
     const int m = plan.m;
-    if (chunk % W != 0 || begin % W != 0 || (end - begin) % W != 0)
-      return mix_scalar(x, m, chunk, plan.dense, begin, end);
+    if (mixes_scalar(chunk, begin, end)) return mix_scalar(x, m, chunk, plan.dense, begin, end);
     if (plan.paley && plan.quadratic_residue) {
       switch (plan.pairs) {
         case 6: return mix_paley_quadratic_residue<6>(x, chunk, begin, end);
@@ -534,7 +538,7 @@ struct Kernel {
     // scaled first, each input's rounding went into the sums of m terms, and with only k <= 3 stages before
     // them (float32, n = 20 or 28, k = 0) the error then exceeded 2x the reference's in about 1 in 200
     // batches of 32 rows. Longer chunks scale their first pass (their own stages dominate the error).
-    const bool scale_sums = plan.m > 1 && chunk % W != 0;
+    const bool scale_sums = plan.m > 1 && mixes_scalar(chunk, 0, chunk);
     for (int64_t r = 0; r < rows; ++r) {
       // The m chunks of one row are m contiguous rows of the power-of-two transform; then H_m mixes them
       // while the row is still in L1. The last chunks prefetch the next row (chunks of up to 4 KB: the

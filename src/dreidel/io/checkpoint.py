@@ -32,6 +32,7 @@ __all__ = [
     "load_state_strict",
     "read_checkpoint",
     "read_config",
+    "read_json_object",
     "read_tensor_header",
     "read_tensors",
     "require_config_keys",
@@ -102,13 +103,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of the checkpoint directory ``path`` (whose tensor file must exist too)."""
     config_path, _ = _checkpoint_files(path)
+    return read_json_object(config_path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (not UTF-8, not
+    JSON, nested too deeply or with integers too long to parse, not an object). ``OSError`` passes through."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # ValueError: also a too-long integer
-        raise ValueError(f"{config_path} is not valid JSON: {type(error).__name__}: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    return config
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, long integers
+        raise ValueError(f"cannot read {path}: not valid JSON: {type(error).__name__}: {error}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:

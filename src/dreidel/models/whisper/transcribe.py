@@ -9,7 +9,6 @@ joins each input's window texts.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -155,13 +154,12 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
 
 
 def _read_json(path: Path) -> dict:
+    from dreidel.io import read_json_object
+
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, long integers
-        raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
+        return read_json_object(path)
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def _optional_json(path: Path, suppress_key: str) -> dict:
