@@ -31,11 +31,14 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def l2_text(l2_bytes: int) -> str:
-    """'2 MB L2 per core' (binary units, as cache sizes are reported), or that it is unknown."""
-    if l2_bytes <= 0:
-        return "L2 size not reported"
-    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
-        if l2_bytes >= scale:
-            return f"{l2_bytes / scale:g} {unit} L2 per core"
-    return f"{l2_bytes} B L2 per core"
+def cache_text(l2_bytes: int, l1d_ways: int) -> str:
+    """'2 MB L2, 12-way L1d per core' (binary units, as cache sizes are reported), saying what is unknown."""
+    l2 = "L2 size not reported"
+    if l2_bytes > 0:
+        l2 = f"{l2_bytes} B L2"
+        for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+            if l2_bytes >= scale:
+                l2 = f"{l2_bytes / scale:g} {unit} L2"
+                break
+    l1 = f"{l1d_ways}-way L1d" if l1d_ways > 0 else "L1d ways not reported"
+    return f"{l2}, {l1} per core"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import l2_text, markdown_table, write_section  # noqa: E402
+from _report import cache_text, markdown_table, write_section  # noqa: E402
 
 import dreidel  # noqa: E402
 from dreidel._native import native  # noqa: E402
@@ -295,7 +295,7 @@ def main() -> None:
 
     markdown = (
         "## FWHT: dreidel vs CPU peers (float32)\n\n"
-        f"Machine: {info.cpu} ({cpu_details()}), {info.cores} cores, {l2_text(info.l2_cache_bytes)}, "
+        f"Machine: {info.cpu} ({cpu_details()}), {info.cores} cores, {cache_text(info.l2_cache_bytes, info.l1d_ways)}, "
         f"dreidel core dispatched to {info.isa}; "
         f"torch {info.torch}. Load average when the run started: {load:.1f} (on a shared machine, absolute "
         "times and the 2-thread column are only as good as the share of the cores and memory bus the run "

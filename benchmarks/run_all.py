@@ -13,7 +13,7 @@ ROOT = HERE.parent
 
 
 def header() -> str:
-    from _report import l2_text
+    from _report import cache_text
     from dreidel._system import system_info
 
     info = system_info()
@@ -33,7 +33,7 @@ def header() -> str:
         "(`make bench` reruns every script first; `benchmarks/run_all.py NAME ...` reruns only those). Every "
         "figure was measured by the script that wrote its section, on the machine below.\n\n"
         f"- date: {datetime.date.today().isoformat()}\n"
-        f"- CPU: {cpu}, {info.cores} cores, {l2_text(info.l2_cache_bytes)}, native core dispatched to {info.isa}\n"
+        f"- CPU: {cpu}, {info.cores} cores, {cache_text(info.l2_cache_bytes, info.l1d_ways)}, native core dispatched to {info.isa}\n"
         f"- dreidel {info.dreidel}, torch {info.torch}, Python {info.python}\n"
     )
 

@@ -37,15 +37,20 @@ const char* isa_name(Isa isa) {
   }
 }
 
-int64_t l2_cache_bytes() noexcept {
-  static const int64_t bytes = [] {
+CacheGeometry host_cache_geometry() noexcept {
+  static const CacheGeometry geometry = [] {
+    CacheGeometry g;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (reported > 0) return int64_t(reported);
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) g.l2_bytes = int64_t(l2);
 #endif
-    return int64_t(0);
+#if defined(_SC_LEVEL1_DCACHE_ASSOC)
+    const long ways = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+    if (ways > 0 && ways < 1024) g.l1d_ways = int(ways);
+#endif
+    return g;
   }();
-  return bytes;
+  return geometry;
 }
 
 }  // namespace dreidel

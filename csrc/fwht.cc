@@ -47,6 +47,20 @@ constexpr int64_t kStripBytes = int64_t(1) << 17;
 // with AVX-512, a 2^24 float32 row, 1 thread: 64, 128, 512 B, 1 KB and 2 KB ran 1.20, 1.03, 1.03, 1.20
 // and 1.21x slower than 256 B.
 constexpr int64_t kScratchRowBytes = 256;
+// The passes across more than 8 rows (64 rows 1 MB apart in a 2^24 row) go through that scratch strip only
+// where the L1 data cache has at least this many ways; elsewhere they are in-place radix-8 passes, one per
+// three stages, and blocks of 1 MB go in groups of 8 like the leaves (the stages across a group done while
+// it is in the L3), so a 2^24 row takes blocks of 1 MB, groups of 8 MB and a last radix-8 pass over memory.
+// Rows a power of two apart share L1 sets, and an 8-row strip already fills an 8-way set: on Zen 3 (32 KB,
+// 8 ways; 512 KB L2) an in-place pass over 16 such rows ran 4-5x slower than a pass over 8, from L3 or
+// memory, and every form of the 64-row scratch pass tried there lost to in-place passes (scratch rows of
+// 256 B to 2 KB, 32- and 16-row gathers, in L2, L3 or memory). A/B there, 1 thread, float32 in place:
+// a 2^24 row 1.33x faster (19.4 -> 14.6 ms; 1.34x at 2 threads), 2 rows of 2^23 1.30x, 4 of 2^22 1.13x;
+// 16 rows of 2^20 and 64 of 2^18 (blocks crossed in place either way) 1.01-1.04x. On a Xeon with AVX-512
+// (48 KB, 12 ways; 2 MB L2) the scratch pass had measured 1.06-1.15x faster than the groups of 8 MB.
+constexpr int kScratchMinL1Ways = 12;
+
+inline bool crosses_in_scratch(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
 // Leaves transformed together with the stages across them (see long_pow2).
 constexpr int64_t kGroup = 8;
 // Blocks above the leaf level are at least this large where the length allows (1 MB: 64 leaves, whose
@@ -178,10 +192,12 @@ static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "the leaf level's column p
 
 // Columns per strip of the stages across `count` blocks (rows spaced `span` apart, `span` columns each): a
 // strip of up to 8 rows is one radix pass in place, kStripBytes in all; a strip of more rows is gathered
-// into a scratch buffer with kScratchRowBytes of each.
+// into a scratch buffer with kScratchRowBytes of each, or, on a CPU that crosses them in place, is as wide
+// as a strip of 8 (see kScratchMinL1Ways).
 template <class T>
-int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
-  return strip_width(k, count, span, count > 8 ? count * kScratchRowBytes : kStripBytes);
+int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span, const CacheGeometry& cache) {
+  if (count > 8 && crosses_in_scratch(cache)) return strip_width(k, count, span, count * kScratchRowBytes);
+  return strip_width(k, std::min<int64_t>(count, 8), span, kStripBytes);
 }
 
 // The scratch buffer columns_pow2 needs for a strip of up to kMaxCount rows of at most kScratchRowBytes
@@ -203,23 +219,38 @@ __attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T*
 }
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
-// x, in strips of `width` (for more than 8 rows, a cross_width: the strip must fit CrossScratch).
+// x, in strips of `width` (for more than 8 rows, a cross_width for `cache`: the strip must fit CrossScratch).
 template <class T>
-void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width) {
-  if (count > 8) return cross_rows_in_scratch(k, x, count, stride, span, width);
+void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width,
+                const CacheGeometry& cache) {
+  if (count > 8 && crosses_in_scratch(cache)) return cross_rows_in_scratch(k, x, count, stride, span, width);
+  if (count > 8) {
+    // In place, 8 rows at a time: H_count = H_(count / 8) kron H_8, the smaller strides first.
+    for (int64_t inner = 1; inner < count;) {
+      const int64_t radix = std::min<int64_t>(8, count / inner);
+      for (int64_t first = 0; first < count; first += radix * inner)
+        for (int64_t i = 0; i < inner; ++i)
+          cross_rows(k, x + (first + i) * stride, radix, inner * stride, span, width, cache);
+      inner *= radix;
+    }
+    return;
+  }
   for (int64_t s = 0; s < span / width; ++s)
     k.columns_pow2(x + s * width, x + s * width, count, stride, width, nullptr);
 }
 
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               bool from_memory);
+               bool from_memory, const CacheGeometry& cache);
 
 // Blocks per group (see long_pow2): as many as fit in kMinBlockBytes, the size of a block done in L2 (8
-// leaves, 4 blocks of 256 KB), but at most kGroup; blocks of 1 MB or more go one at a time.
+// leaves, 4 blocks of 256 KB), but at most kGroup; blocks of 1 MB or more go one at a time, crossed all at
+// once through the scratch strip. Where the CPU crosses rows in place instead (see kScratchMinL1Ways), every
+// level goes in groups of kGroup.
 template <class T>
-int64_t group_of(const Split& sp) {
+int64_t group_of(const Split& sp, const CacheGeometry& cache) {
   int64_t group = std::min<int64_t>(kGroup, sp.count);
+  if (!crosses_in_scratch(cache)) return group;
   while (group > 1 && group * sp.block * int64_t(sizeof(T)) > kMinBlockBytes) group /= 2;
   return group;
 }
@@ -232,7 +263,7 @@ int64_t group_of(const Split& sp) {
 // 2^19 at 2 threads ran up to 1.3x slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after, bool from_memory) {
+                T scale, const T* after, bool from_memory, const CacheGeometry& cache) {
   const int64_t offset = first * sp.block;
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
     k.rows_pow2(src + offset, dst + offset, group, sp.block, scale, after);
@@ -240,10 +271,10 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
       long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after,
-                from_memory);
+                from_memory, cache);
     }
   }
-  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block));
+  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block, cache), cache);
 }
 
 // Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
@@ -253,12 +284,12 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 // the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU
 // without AVX-512.
 // And only where the L2 holds a block and the strips of the next gathered into it as the block's leaves
-// are done (fits_l2).
+// are done (fits_l2), and the L1 is wide enough for gathers of many rows (kScratchMinL1Ways).
 template <class T>
-bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place) {
+bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place, const CacheGeometry& cache) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
   return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount &&
-         fits_l2(len * int64_t(sizeof(T)), in_place, pipelining_l2_bytes(l2_cache_bytes()));
+         crosses_in_scratch(cache) && fits_l2(len * int64_t(sizeof(T)), in_place, pipelining_l2_bytes(cache.l2_bytes));
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -295,7 +326,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
                                                 int64_t first, int64_t last, T scale) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   const int64_t leaves = block / leaf;
-  const int64_t width = cross_width(k, leaves, leaf);
+  const int64_t width = strip_width(k, leaves, leaf, leaves * kScratchRowBytes);  // a cross_width in scratch
   const int64_t strips = leaf / width;
   CrossScratch<T> scratch;
   const auto gather = [&](int64_t b, int64_t strip) {
@@ -331,25 +362,28 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
 // place and then a pass across the groups (two passes over memory for a 64 MB row), that measured
-// 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread).
+// 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread); where the L1 is too narrow for the scratch strip
+// (kScratchMinL1Ways), the blocks go in those groups of 8.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               bool from_memory) {
+               bool from_memory, const CacheGeometry& cache) {
   const Split sp = split_of<T>(len, 1);
-  const int64_t group = group_of<T>(sp);
-  if (group == 1 && pipelined(k, sp.block, from_memory, src == dst)) {  // group_of: 1 for blocks of kMinBlockBytes
+  const int64_t group = group_of<T>(sp, cache);
+  // group_of: 1 for blocks of kMinBlockBytes
+  if (group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache)) {
     blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
   } else {
     for (int64_t g = 0; g < sp.count; g += group)
       group_pow2(k, src, dst, sp, g, group, scale, g + group < sp.count ? src + (g + group) * sp.block : after,
-                 from_memory);
+                 from_memory, cache);
   }
   const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
-  cross_rows(k, dst, groups, span, span, leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span));
+  cross_rows(k, dst, groups, span, span,
+             leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span, cache), cache);
 }
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
@@ -357,19 +391,19 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
 // than 8 groups are crossed in scratch buffers, one per thread.
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads,
-                        bool from_memory) {
+                        bool from_memory, const CacheGeometry& cache) {
   const Split sp = split_of<T>(len, 8 * int64_t(threads));
-  int64_t group = group_of<T>(sp);
+  int64_t group = group_of<T>(sp, cache);
   while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
   const int64_t groups = sp.count / group;
   const int64_t span = group * sp.block;
-  const int64_t width = cross_width(k, groups, span);
+  const int64_t width = cross_width(k, groups, span, cache);
   const int64_t strips = span / width;
   // Threads take strips in grains of about kGrainBytes (a strip of 64 rows is only 16 KB), but at least
   // four grains per thread.
   const int64_t strips_per_grain = std::max<int64_t>(
       1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
-  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory, src == dst);
+  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache);
   const int64_t run = pipelined_run(sp.count, threads);
   const int64_t runs = (sp.count + run - 1) / run;
 #pragma omp parallel num_threads(threads)
@@ -381,12 +415,12 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
     } else {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < groups; ++g)
-        group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr), from_memory);
+        group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr), from_memory, cache);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
-      cross_rows(k, dst + s * width, groups, span, grain_span, width);
+      cross_rows(k, dst + s * width, groups, span, grain_span, width, cache);
     }
   }
 }
@@ -394,13 +428,15 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
 }  // namespace
 
 template <class T>
-SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory)
+SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory,
+                          const CacheGeometry& cache)
     : kernels_(&kernels_for(isa, T())),
       plan_(make_plan(m, hadamard_m)),
       n_(n),
       chunk_(0),
       scale_(scale),
-      from_memory_(from_memory) {
+      from_memory_(from_memory),
+      cache_(cache) {
   if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
   chunk_ = n / m;
@@ -408,7 +444,7 @@ SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa is
 
 template <class T>
 bool SerialFwht<T>::pipelines(bool in_place) const {
-  return plan_.m == 1 && pipelined(*kernels_, n_, from_memory_, in_place);
+  return plan_.m == 1 && pipelined(*kernels_, n_, from_memory_, in_place, cache_);
 }
 
 template <class T>
@@ -441,7 +477,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after, from_memory_);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after, from_memory_, cache_);
     }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
   }
@@ -453,7 +489,7 @@ template class SerialFwht<double>;
 namespace {
 
 template <class T>
-void run(const FwhtProblem<T>& p, int threads, Isa isa) {
+void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cache) {
   if (const char* err = fwht_check(p.n, p.m)) throw std::invalid_argument(err);
   if (p.rows <= 0 || p.n <= 0) return;
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
@@ -468,7 +504,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
     // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
-    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory);  // shared: no mutable state
+    const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory, cache);  // shared: no mutable state
     const int64_t run = transform.pipelines(p.src == p.dst) ? pipelined_run(p.rows, threads) : 1;
     const int64_t grain = long_rows ? run : std::max<int64_t>(1, kGrainBytes / (p.n * int64_t(sizeof(T))));
     const int64_t grains = (p.rows + grain - 1) / grain;
@@ -490,7 +526,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa) {
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
     for (int a = 0; a < p.m; ++a)
-      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads, from_memory);
+      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads, from_memory, cache);
     if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;
@@ -510,7 +546,11 @@ const char* fwht_check(int64_t n, int m) {
   return nullptr;
 }
 
-void fwht(const FwhtProblem<float>& p, int threads, Isa isa) { run(p, threads, isa); }
-void fwht(const FwhtProblem<double>& p, int threads, Isa isa) { run(p, threads, isa); }
+void fwht(const FwhtProblem<float>& p, int threads, Isa isa, const CacheGeometry& cache) {
+  run(p, threads, isa, cache);
+}
+void fwht(const FwhtProblem<double>& p, int threads, Isa isa, const CacheGeometry& cache) {
+  run(p, threads, isa, cache);
+}
 
 }  // namespace dreidel

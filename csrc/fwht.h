@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cache.h"
 #include "isa.h"
 
 namespace dreidel {
@@ -27,7 +28,8 @@ struct FwhtProblem {
 // Returns an error message for a malformed problem, or nullptr when it is valid.
 const char* fwht_check(int64_t n, int m);
 
-void fwht(const FwhtProblem<float>& p, int threads, Isa isa);
-void fwht(const FwhtProblem<double>& p, int threads, Isa isa);
+// Passes are chosen for `cache` (by default this CPU's); the result does not depend on it.
+void fwht(const FwhtProblem<float>& p, int threads, Isa isa, const CacheGeometry& cache = host_cache_geometry());
+void fwht(const FwhtProblem<double>& p, int threads, Isa isa, const CacheGeometry& cache = host_cache_geometry());
 
 }  // namespace dreidel

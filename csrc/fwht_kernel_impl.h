@@ -126,9 +126,9 @@ struct Kernel {
   }
 
   // G consecutive registers (G * W values): scale, log2(G) cross-register stages, then the in-lane stages
-  // one stride at a time across all G registers. (That order measured 8% faster on Zen 3 than in-lane
-  // stages register by register first: 26.5 against 28.9 cycles for 8 registers.)
-  template <int G, bool Scaled>
+  // at strides below LaneLimit, one stride at a time across all G registers. (That order measured 8% faster
+  // on Zen 3 than in-lane stages register by register first: 26.5 against 28.9 cycles for 8 registers.)
+  template <int G, bool Scaled, int LaneLimit = W>
   static inline void block(const T* src, T* dst, V scale) {
     V r[G];
     DREIDEL_UNROLL
@@ -137,19 +137,20 @@ struct Kernel {
       if constexpr (Scaled) r[g] = r[g] * scale;
     }
     butterflies<G, false>(r);
-    lane_stage_all<1, G>(r);
-    lane_stage_all<2, G>(r);
-    lane_stage_all<4, G>(r);
-    lane_stage_all<8, G>(r);
+    if constexpr (LaneLimit > 1) lane_stage_all<1, G>(r);
+    if constexpr (LaneLimit > 2) lane_stage_all<2, G>(r);
+    if constexpr (LaneLimit > 4) lane_stage_all<4, G>(r);
+    if constexpr (LaneLimit > 8) lane_stage_all<8, G>(r);
     DREIDEL_UNROLL
     for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place. `slot()` is
-  // called before each group of R registers: a prefetch spread over the pass issues its next share there.
-  // (Slots are taken by value, their state in registers: a slot taken by reference kept its pointer in
-  // memory, loaded and stored at every group, where radix_pass is not inlined.)
-  template <int R, class Slot>
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place, and the lane stage
+  // at stride Lane (none if 0). `slot()` is called before each group of R registers: a prefetch spread over
+  // the pass issues its next share there. (Slots are taken by value, their state in registers: a slot taken
+  // by reference kept its pointer in memory, loaded and stored at every group, where radix_pass is not
+  // inlined.)
+  template <int R, class Slot, int Lane = 0>
   static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
@@ -158,24 +159,39 @@ struct Kernel {
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
         butterflies<R, R == 8>(r);
+        if constexpr (Lane > 0) lane_stage_all<Lane, R>(r);
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) store(x + (j + i * s) * W, r[i]);
       }
   }
 
-  // A radix pass that prefetches a line per group from `prefetch` on (advanced past them), up to `end`.
-  template <int R>
+  // A radix pass (with the lane stage at stride Lane) that prefetches a line per group from `prefetch` on
+  // (advanced past them), up to `end`.
+  template <int R, int Lane>
   static void radix_pass_prefetching(T* x, int64_t nvec, int64_t s, const char*& prefetch, const char* end) {
+    auto none = [] {};
     if (prefetch < end) {
-      radix_pass<R>(x, nvec, s, [line = prefetch]() mutable {
+      auto line_per_group = [line = prefetch]() mutable {
         __builtin_prefetch(line, 1, 3);
         line += 64;
-      });
+      };
+      radix_pass<R, decltype(line_per_group), Lane>(x, nvec, s, line_per_group);
       prefetch += 64 * (nvec / R);
     } else {
-      radix_pass<R>(x, nvec, s, [] {});
+      radix_pass<R, decltype(none), Lane>(x, nvec, s, none);
     }
   }
+
+  template <int Lane>
+  static void radix_pass_prefetching(int radix, T* x, int64_t nvec, int64_t s, const char*& prefetch,
+                                     const char* end) {
+    switch (radix) {
+      case 8: return radix_pass_prefetching<8, Lane>(x, nvec, s, prefetch, end);
+      case 4: return radix_pass_prefetching<4, Lane>(x, nvec, s, prefetch, end);
+      default: return radix_pass_prefetching<2, Lane>(x, nvec, s, prefetch, end);
+    }
+  }
+
 
   // The radices of the passes after the first (which covers register strides 1..4): as few passes as
   // radix 8 allows, the stages spread evenly over them (a 1024-point AVX2 row: two radix-4 passes, 16.7
@@ -208,15 +224,19 @@ struct Kernel {
     const int64_t lines_per_block = row_bytes <= kBurstPrefetchBytes ? block_bytes / 64 : (block_bytes / 64 + 1) / 2;
     const char* prefetch = reinterpret_cast<const char*>(next);
     const char* const prefetch_end = next == nullptr ? nullptr : prefetch + row_bytes;
+    int radices[32];
+    const int passes = later_radices(nvec, radices);
+    // kLaneStagesSpread: the lane stages at strides W / 4 and W / 2 move to the last two passes (a row of more
+    // than 4 KB has at least 256 registers of 8 float32, so two later passes).
+    const bool lanes_spread = kLaneStagesSpread && row_bytes > kBurstPrefetchBytes && passes >= 2;
     for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
       if (prefetch != nullptr) {
         for (int64_t l = 0; l < lines_per_block; ++l) __builtin_prefetch(prefetch + 64 * l, 1, 3);
         prefetch += 64 * lines_per_block;
       }
-      block<8, Scaled>(src + v0 * W, dst + v0 * W, scale);
+      if (lanes_spread) block<8, Scaled, W / 4>(src + v0 * W, dst + v0 * W, scale);
+      else block<8, Scaled>(src + v0 * W, dst + v0 * W, scale);
     }
-    int radices[32];
-    const int passes = later_radices(nvec, radices);
     int64_t s = 8;
     for (int p = 0; p < passes; ++p) {
       if (p == passes - 1 && prefetch != nullptr) {
@@ -224,17 +244,30 @@ struct Kernel {
         for (const char* line = prefetch + 64 * (nvec / radices[p]); line < prefetch_end; line += 64)
           __builtin_prefetch(line, 1, 3);
       }
-      switch (radices[p]) {
-        case 8: radix_pass_prefetching<8>(dst, nvec, s, prefetch, prefetch_end); break;
-        case 4: radix_pass_prefetching<4>(dst, nvec, s, prefetch, prefetch_end); break;
-        default: radix_pass_prefetching<2>(dst, nvec, s, prefetch, prefetch_end); break;
-      }
+      if (lanes_spread && p == passes - 1)
+        radix_pass_prefetching<W / 2>(radices[p], dst, nvec, s, prefetch, prefetch_end);
+      else if (lanes_spread && p == passes - 2)
+        radix_pass_prefetching<W / 4>(radices[p], dst, nvec, s, prefetch, prefetch_end);
+      else
+        radix_pass_prefetching<0>(radices[p], dst, nvec, s, prefetch, prefetch_end);
       s *= radices[p];
     }
   }
 
   // Vector registers the ISA has: 32 with AVX-512, 16 with AVX2 and the 16-byte ISAs.
   static constexpr int kRegisters = Bytes == 64 ? 32 : 16;
+
+  // With 16 registers and 8 lanes (AVX2, float32), long_row's first pass on a row longer than
+  // kBurstPrefetchBytes leaves the lane stages at the two largest strides to its later passes (the largest
+  // to the last pass, the next to the one before it). The
+  // first pass, whose lane stages are a shuffle and a multiply-add each, is the slowest pass per register;
+  // the radix passes wait on their stores (one per register and pass) and have arithmetic to spare.
+  // Measured on Zen 3, 4096-point rows: 1.63-1.64 ns per register in L1 against 1.84-1.86 (1.70 with the
+  // largest stride alone moved), 1.05-1.08x from memory; 2048-point rows 1.0-1.1x. Rows of up to 4 KB, whose
+  // first pass also prefetches the whole next row, ran up to 1.15x slower from memory (1024 points), and
+  // with 4 lanes (AVX2 float64, SSE2 float32) the change measured within noise: both keep every lane stage
+  // in the first pass.
+  static constexpr bool kLaneStagesSpread = kRegisters < 32 && W == 8;
 
   // A row of exactly 256 registers where the ISA has 32 of them (AVX-512: 4096 float32 or 2048 float64, the
   // 16 KB leaves of every longer row): a first pass over blocks of 16 registers (four register stages, then

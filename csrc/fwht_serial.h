@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cache.h"
 #include "fwht_kernels.h"
 #include "isa.h"
 
@@ -15,8 +16,10 @@ class SerialFwht {
  public:
   // n = m * 2^k (checked: throws std::invalid_argument), hadamard_m is m x m and must outlive this object,
   // `isa` must be available. `from_memory`: the rows are far larger than the caches, as a whole (the
-  // transform then picks passes that stream better, see fwht.cc). Instances hold no mutable state.
-  SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory = false);
+  // transform then picks passes that stream better, see fwht.cc); `cache`: the CPU the passes are chosen
+  // for. Instances hold no mutable state.
+  SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory = false,
+             const CacheGeometry& cache = host_cache_geometry());
   // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
   void operator()(const T* src, T* dst, int64_t rows) const;
   // Whether operator() streams the rows through the pipelined pass (in place or not): a thread loop should
@@ -30,6 +33,7 @@ class SerialFwht {
   int64_t n_, chunk_;
   T scale_;
   bool from_memory_;
+  CacheGeometry cache_;
 };
 
 extern template class SerialFwht<float>;

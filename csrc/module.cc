@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/array.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -34,9 +35,19 @@ dreidel::Isa parse_isa(const std::string& name) {
 template <class T>
 using Buffer = nb::ndarray<T, nb::c_contig, nb::device::cpu>;
 
+// The CPU the passes are chosen for: this one, or, for tests, another one's L2 size and L1 ways (-1: this
+// CPU's value).
+dreidel::CacheGeometry cache_for(int64_t l2_bytes, int l1d_ways) {
+  dreidel::CacheGeometry cache = dreidel::host_cache_geometry();
+  if (l2_bytes < -1 || l1d_ways < -1) throw std::invalid_argument("l2_bytes and l1d_ways must be >= 0, or -1 for this CPU's");
+  if (l2_bytes >= 0) cache.l2_bytes = l2_bytes;
+  if (l1d_ways >= 0) cache.l1d_ways = l1d_ways;
+  return cache;
+}
+
 template <class T>
 void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T> hadamard_m, double scale,
-                  int threads, const std::string& isa) {
+                  int threads, const std::string& isa, int64_t l2_bytes, int l1d_ways) {
   if (src.size() != dst.size()) throw std::invalid_argument("src and dst must have the same number of elements");
   if (n <= 0 || src.size() % static_cast<size_t>(n) != 0)
     throw std::invalid_argument("the buffer size must be a multiple of n");
@@ -45,10 +56,11 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
     throw std::invalid_argument("hadamard_m must be a square m x m matrix");
   if (const char* err = dreidel::fwht_check(n, static_cast<int>(m))) throw std::invalid_argument(err);
   const dreidel::Isa chosen = parse_isa(isa);
+  const dreidel::CacheGeometry cache = cache_for(l2_bytes, l1d_ways);
   const dreidel::FwhtProblem<T> problem{src.data(), dst.data(), static_cast<int64_t>(src.size()) / n, n,
                                         static_cast<int>(m), hadamard_m.data(), static_cast<T>(scale)};
   nb::gil_scoped_release release;
-  dreidel::fwht(problem, threads, chosen);
+  dreidel::fwht(problem, threads, chosen, cache);
 }
 
 // The same transform at raw addresses, for the eager path of dreidel.algo.fwht. Making ndarrays of torch
@@ -175,13 +187,16 @@ std::vector<std::string> available_isas() {
 NB_MODULE(_C, m) {
   m.doc() = "dreidel native core: FWHT and fused spectral-layer kernels (C++17, OpenMP, runtime SIMD dispatch)";
   const char* fwht_doc =
-      "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto')\n\n"
+      "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto', l2_bytes=-1, l1d_ways=-1)\n\n"
       "dst = scale * (H_m kron H_{n/m}) src for every contiguous row of length n. src and dst are\n"
-      "C-contiguous CPU buffers of equal size (they may be the same buffer); hadamard_m is m x m.";
+      "C-contiguous CPU buffers of equal size (they may be the same buffer); hadamard_m is m x m.\n"
+      "l2_bytes and l1d_ways (-1: this CPU's) choose the passes another CPU would take, for tests.";
   m.def("fwht", &fwht_binding<float>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
-        nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", fwht_doc);
+        nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", nb::arg("l2_bytes") = -1,
+        nb::arg("l1d_ways") = -1, fwht_doc);
   m.def("fwht", &fwht_binding<double>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
-        nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto");
+        nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", nb::arg("l2_bytes") = -1,
+        nb::arg("l1d_ways") = -1);
   m.def("fwht_at", &fwht_at_binding, nb::arg("src_address"), nb::arg("dst_address"), nb::arg("rows"), nb::arg("n"),
         nb::arg("hadamard_m_address"), nb::arg("m"), nb::arg("scale"), nb::arg("threads"), nb::arg("float64"),
         "fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, threads, float64)\n\n"
@@ -206,9 +221,14 @@ NB_MODULE(_C, m) {
         "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
         "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
-  m.def("l2_cache_bytes", &dreidel::l2_cache_bytes,
-        "Bytes of the L2 cache a core uses, as the C library reports it (0: not reported); the FWHT takes its\n"
-        "pipelined first pass only for blocks that fit it twice (four times out of place).");
+  m.def("cache_geometry",
+        [] {
+          const dreidel::CacheGeometry cache = dreidel::host_cache_geometry();
+          return std::make_pair(cache.l2_bytes, cache.l1d_ways);
+        },
+        "cache_geometry() -> (l2_bytes, l1d_ways)\n\n"
+        "A core's L2 size in bytes and the associativity of its L1 data cache, as the C library reports them\n"
+        "(0: not reported). The FWHT chooses its passes over long rows by them.");
   m.def("best_isa", [] { return std::string(dreidel::isa_name(dreidel::best_isa())); },
         "The widest instruction set compiled in and supported by this CPU.");
   m.def("available_isas", &available_isas, "Instruction sets compiled in and supported by this CPU.");

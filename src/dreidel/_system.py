@@ -42,6 +42,7 @@ class SystemInfo:
     cores: int
     isa: str
     l2_cache_bytes: int  # a core's, as the C library reports it; 0: not reported
+    l1d_ways: int  # associativity of a core's L1 data cache, likewise
     torch_threads: int
     openmp_max_threads: int
 
@@ -52,6 +53,7 @@ class SystemInfo:
 def system_info() -> SystemInfo:
     from dreidel import __version__
 
+    l2_cache_bytes, l1d_ways = native.cache_geometry()
     return SystemInfo(
         dreidel=__version__,
         torch=torch.__version__,
@@ -59,7 +61,8 @@ def system_info() -> SystemInfo:
         cpu=cpu_model(),
         cores=usable_cores(),
         isa=best_isa(),
-        l2_cache_bytes=native.l2_cache_bytes(),
+        l2_cache_bytes=l2_cache_bytes,
+        l1d_ways=l1d_ways,
         torch_threads=torch.get_num_threads(),
         openmp_max_threads=native.openmp_max_threads(),
     )

@@ -1,5 +1,6 @@
 """dreidel.fwht against independent oracles: the dense Hadamard matrix in float64, and the reference path."""
 
+import functools
 import math
 import re
 import sys
@@ -173,6 +174,40 @@ def test_every_isa_on_a_call_that_streams_from_memory(isa, generator):
     out = torch.empty_like(x)
     native.fwht(x, out, n, small_hadamard(1, torch.float32), 1 / math.sqrt(n), 1, isa)
     torch.testing.assert_close(out.double(), dr.fwht_reference(x.double()), rtol=2e-5, atol=2e-5)
+
+
+# (L2 bytes, L1d ways) of CPUs whose passes over long rows differ: a Xeon with AVX-512 (2 MB, 12 ways: 1 MB
+# blocks crossed through the scratch strip, pipelined with AVX-512), Zen 3 (512 KB, 8 ways: in-place radix-8
+# levels, blocks in groups of 8), a 1 MB L2 with 12 ways (scratch strip, no pipelining), and none reported.
+CACHE_GEOMETRIES = [(2 << 20, 12), (512 << 10, 8), (1 << 20, 12), (0, 0)]
+
+
+@functools.lru_cache(maxsize=1)
+def _long_rows_and_truth(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n + rows))
+    return x, dr.fwht_reference(x.double())
+
+
+@pytest.mark.parametrize(("rows", "n"), [(1, 1 << 22), (2, 1 << 21), (1, 12 << 18), (20, 1 << 16)])
+@pytest.mark.parametrize("geometry", CACHE_GEOMETRIES, ids=lambda g: f"l2_{g[0] >> 10}k_{g[1]}way")
+@pytest.mark.parametrize("isa", available_isas())
+def test_long_rows_give_the_same_transform_on_every_cache_geometry(geometry, isa, rows, n):
+    # 16 MB or more of float32: the calls that stream from memory, where the passes depend most on the CPU.
+    # 2^22 points are 16 blocks of 1 MB, crossed in one pass through the scratch strip or in two in-place
+    # levels; 12 * 2^18 mixes twelve such rows. 1 thread; 3 (threads inside one row, unevenly); 16 (the
+    # 2^22 row's 64 blocks then go in 32 groups of 2, crossed in two levels or through the scratch strip).
+    x, truth = _long_rows_and_truth(rows, n)
+    h = small_hadamard(dr.algo.hadamard_factor(n)[0], torch.float32)
+    for threads, inplace in ((1, False), (3, True), (16, False)):
+        out = x.clone() if inplace else torch.empty_like(x)
+        native.fwht(out if inplace else x, out, n, h, 1 / math.sqrt(n), threads, isa, *geometry)
+        torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=2e-5)
+
+
+def test_cache_geometry_override_is_checked():
+    h = small_hadamard(1, torch.float32)
+    with pytest.raises(ValueError, match="l2_bytes"):
+        native.fwht(torch.zeros(8), torch.zeros(8), 8, h, 1.0, 1, "auto", -2, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

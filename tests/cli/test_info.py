@@ -21,30 +21,29 @@ def test_info_reports_dispatch_and_threads(capsys):
     assert info["openmp_max_threads"] >= 1
 
 
-def _l2_from_sysfs() -> int | None:
-    """cpu0's L2 (data or unified) size from Linux's sysfs: the kernel's own reading of the CPU's cache
-    description, independent of the C library's sysconf that the native core asks."""
+def _cache_from_sysfs(level: str, kinds: tuple[str, ...], field: str) -> str | None:
+    """A field of cpu0's cache of that level and type from Linux's sysfs: the kernel's own reading of the
+    CPU's cache description, independent of the C library's sysconf that the native core asks."""
     root = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(root.glob("index*")):
         try:
-            level = (index / "level").read_text().strip()
-            kind = (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
+            if (index / "level").read_text().strip() == level and (index / "type").read_text().strip() in kinds:
+                return (index / field).read_text().strip()
         except OSError:
             continue
-        if level == "2" and kind in ("Data", "Unified"):
-            units = {"K": 1 << 10, "M": 1 << 20}
-            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
     return None
 
 
-def test_info_reports_the_l2_cache_the_fwht_passes_are_chosen_by(capsys):
+def test_info_reports_the_caches_the_fwht_passes_are_chosen_by(capsys):
     assert main(["info", "--json"]) == 0
-    reported = json.loads(capsys.readouterr().out)["l2_cache_bytes"]
-    expected = _l2_from_sysfs()
-    if expected is None or reported == 0:
-        pytest.skip("the kernel or the C library reports no L2 size here")
-    assert reported == expected
+    info = json.loads(capsys.readouterr().out)
+    size = _cache_from_sysfs("2", ("Data", "Unified"), "size")
+    ways = _cache_from_sysfs("1", ("Data",), "ways_of_associativity")
+    if size is None or ways is None or info["l2_cache_bytes"] == 0 or info["l1d_ways"] == 0:
+        pytest.skip("the kernel or the C library reports no cache geometry here")
+    units = {"K": 1 << 10, "M": 1 << 20}
+    assert info["l2_cache_bytes"] == (int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+    assert info["l1d_ways"] == int(ways)
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
