@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def header() -> str:
+def header(rerun: list[str]) -> str:
     from _report import cache_text
     from dreidel._system import system_info
 
@@ -31,7 +31,8 @@ def header() -> str:
         "# Benchmarks\n\n"
         "Assembled by benchmarks/run_all.py from the sections the benchmark scripts write to benchmarks/results/ "
         "(`make bench` reruns every script first; `benchmarks/run_all.py NAME ...` reruns only those). Every "
-        "figure was measured by the script that wrote its section, on the machine below.\n\n"
+        "figure was measured by the script that wrote its section, on the machine that section names; this "
+        f"assembly reran {', '.join(rerun) if rerun else 'no script'}, on the machine below.\n\n"
         f"- date: {datetime.date.today().isoformat()}\n"
         f"- CPU: {cpu}, {info.cores} cores, {cache_text(info.l2_cache_bytes, info.l1d_ways)}, native core dispatched to {info.isa}\n"
         f"- dreidel {info.dreidel}, torch {info.torch}, Python {info.python}\n"
@@ -51,7 +52,8 @@ def main() -> int:
     sections = [p.read_text(encoding="utf-8") for p in sorted((HERE / "results").glob("*.md"))]
     out = ROOT / "BENCHMARKS.md"
     tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(header() + "\n" + "\n".join(sections), encoding="utf-8")
+    rerun = [script.name for script in scripts if not only or script.stem in only]
+    tmp.write_text(header(rerun) + "\n" + "\n".join(sections), encoding="utf-8")
     os.replace(tmp, out)
     print(f"wrote {out}")
     if failed:

@@ -57,7 +57,9 @@ constexpr int64_t kScratchRowBytes = 256;
 // 256 B to 2 KB, 32- and 16-row gathers, in L2, L3 or memory). A/B there, 1 thread, float32 in place:
 // a 2^24 row 1.33x faster (19.4 -> 14.6 ms; 1.34x at 2 threads), 2 rows of 2^23 1.30x, 4 of 2^22 1.13x;
 // 16 rows of 2^20 and 64 of 2^18 (blocks crossed in place either way) 1.01-1.04x. On a Xeon with AVX-512
-// (48 KB, 12 ways; 2 MB L2) the scratch pass had measured 1.06-1.15x faster than the groups of 8 MB.
+// (48 KB, 12 ways; 2 MB L2) the scratch pass had measured 1.06-1.15x faster than the groups of 8 MB. Where
+// the associativity is not reported, the in-place passes are taken: they need only 8 ways, which every
+// x86-64 and most other L1 data caches have.
 constexpr int kScratchMinL1Ways = 12;
 
 inline bool crosses_in_scratch(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
@@ -72,7 +74,8 @@ constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
 // Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB up to
-// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined; smaller
+// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined (with
+// AVX-512, on an L1 of kScratchMinL1Ways or more); smaller
 // calls, whose data a last-level cache may well hold, take the in-place passes in L2, faster there. On a
 // Xeon with AVX-512 (1 thread, float32, the harness of benchmarks/fwht.py), blocks_pipelined against those
 // passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB, 1.06-1.20x on 16 to 128 MB.
@@ -87,10 +90,11 @@ constexpr int64_t kPipelinedRun = 8;
 // out of place (a long row's 1 MB blocks then take the grouped leaves out of place); measured there out of
 // place, 1 thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16
 // 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20
-// 0.85x and a 2^24 row 0.96x. A smaller L2 (1 MB on many AVX-512 CPUs; none was available to measure) only
-// turns the pass off for the blocks that overflow it, which take the grouped leaves, the pass chosen on Zen
-// 3 (512 KB L2). A larger one, or none reported, counts as the 2 MB measured: beyond it the limits are
-// untested (out of place, the next larger blocks measured slower here).
+// 0.85x and a 2^24 row 0.96x. A smaller L2 with a 12-way L1 (1.25 MB on Ice Lake-SP; none was available to
+// measure) only turns the pass off for the blocks that overflow it, which take the grouped leaves. (The
+// AVX-512 CPUs with a 1 MB L2, Skylake-SP to Cascade Lake and Zen 4, have 8-way L1s: no pipelined pass
+// there, see kScratchMinL1Ways.) A larger L2, or none reported, counts as the 2 MB measured: beyond it the
+// limits are untested (out of place, the next larger blocks measured slower here).
 constexpr int64_t kPipeliningL2Bytes = int64_t(2) << 20;
 
 constexpr int64_t pipelining_l2_bytes(int64_t reported) {
@@ -357,7 +361,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
 // blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
 // blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2
-// that holds two blocks). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
+// that holds two blocks, an L1 of kScratchMinL1Ways). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
 // 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
 // another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
 // memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
@@ -388,7 +392,8 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
 // the stages across groups. Groups of leaves shrink below kGroup until every thread has at least two; more
-// than 8 groups are crossed in scratch buffers, one per thread.
+// than 8 groups are crossed in scratch buffers, one per thread, or in place 8 rows at a time (see
+// kScratchMinL1Ways).
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads,
                         bool from_memory, const CacheGeometry& cache) {

@@ -192,7 +192,6 @@ struct Kernel {
     }
   }
 
-
   // The radices of the passes after the first (which covers register strides 1..4): as few passes as
   // radix 8 allows, the stages spread evenly over them (a 1024-point AVX2 row: two radix-4 passes, 16.7
   // cycles per 8 registers on Zen 3, against 18.1 for one radix-16 pass, which spills registers, and 17.9
