@@ -38,14 +38,28 @@ def _windowed_sinc(distance: np.ndarray, cutoff: float, half_width: int, kaiser_
     return 2.0 * cutoff * np.sinc(2.0 * cutoff * distance) * window
 
 
+_KERNEL_ROWS_PER_STEP = 512  # phases evaluated at once: np.i0's temporaries stay a few MB
+
+
+def _kernel_table(phase_offsets: np.ndarray, taps: int, cutoff: float, half_width: int,
+                  kaiser_beta: float) -> np.ndarray:
+    """(phases, taps) float64: ``_windowed_sinc`` at ``phase_offsets[i] + half_width - j``, filled a block of
+    phases at a time (evaluated whole, the window's temporaries took several times the table's size)."""
+    table = np.empty((phase_offsets.shape[0], taps))
+    tap_index = np.arange(taps)[None, :]
+    for start in range(0, phase_offsets.shape[0], _KERNEL_ROWS_PER_STEP):
+        rows = phase_offsets[start:start + _KERNEL_ROWS_PER_STEP, None]
+        table[start:start + rows.shape[0]] = _windowed_sinc(rows + half_width - tap_index, cutoff, half_width,
+                                                            kaiser_beta)
+    return table
+
+
 @lru_cache(maxsize=16)
 def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, kaiser_beta: float) -> np.ndarray:
     """(new, taps) float64 kernels; tap ``j`` of phase ``i`` multiplies input ``q*orig + j - half_width``."""
     cutoff, half_width = _filter_size(orig, new, zero_crossings, rolloff)
-    taps = 2 * half_width + orig
-    phase_offsets = np.arange(new)[:, None] * orig / new  # output position inside the stride, input units
-    distance = phase_offsets + half_width - np.arange(taps)[None, :]  # output time minus input time
-    return _windowed_sinc(distance, cutoff, half_width, kaiser_beta)
+    phase_offsets = np.arange(new) * orig / new  # output position inside the stride, input units
+    return _kernel_table(phase_offsets, 2 * half_width + orig, cutoff, half_width, kaiser_beta)
 
 
 _MAX_POLYPHASE_TABLE = 1 << 20  # kernel entries (new x taps); beyond it the direct path is cheaper and small
@@ -58,8 +72,7 @@ def _direct_kernels(orig: int, new: int, zero_crossings: int, rolloff: float, ka
     multiplies input ``floor(k·orig/new) - half_width + j``; the same windowed sinc as ``_polyphase_kernels``."""
     cutoff, half_width = _filter_size(orig, new, zero_crossings, rolloff)
     fraction = (np.arange(new) * orig % new) / new  # (new,) position of the output past its input sample
-    distance = fraction[:, None] + half_width - np.arange(2 * half_width + 2)[None, :]
-    return _windowed_sinc(distance, cutoff, half_width, kaiser_beta)
+    return _kernel_table(fraction, 2 * half_width + 2, cutoff, half_width, kaiser_beta)
 
 
 def _resample_direct(signal: torch.Tensor, orig: int, new: int, n_out: int, kernels: torch.Tensor) -> torch.Tensor:
