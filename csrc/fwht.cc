@@ -63,6 +63,7 @@ constexpr int64_t kScratchRowBytes = 256;
 constexpr int kScratchMinL1Ways = 12;
 
 inline bool crosses_in_scratch(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
+
 // Leaves transformed together with the stages across them (see long_pow2).
 constexpr int64_t kGroup = 8;
 // Blocks above the leaf level are at least this large where the length allows (1 MB: 64 leaves, whose
