@@ -200,8 +200,13 @@ static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "the leaf level's column p
 // into a scratch buffer with kScratchRowBytes of each, or, on a CPU that crosses them in place, is as wide
 // as a strip of 8 (see kScratchMinL1Ways).
 template <class T>
+int64_t scratch_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
+  return strip_width(k, count, span, count * kScratchRowBytes);
+}
+
+template <class T>
 int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span, const CacheGeometry& cache) {
-  if (count > 8 && crosses_in_scratch(cache)) return strip_width(k, count, span, count * kScratchRowBytes);
+  if (count > 8 && crosses_in_scratch(cache)) return scratch_width(k, count, span);
   return strip_width(k, std::min<int64_t>(count, 8), span, kStripBytes);
 }
 
@@ -331,7 +336,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
                                                 int64_t first, int64_t last, T scale) {
   const int64_t leaf = kLeafBytes / int64_t(sizeof(T));
   const int64_t leaves = block / leaf;
-  const int64_t width = strip_width(k, leaves, leaf, leaves * kScratchRowBytes);  // a cross_width in scratch
+  const int64_t width = scratch_width(k, leaves, leaf);
   const int64_t strips = leaf / width;
   CrossScratch<T> scratch;
   const auto gather = [&](int64_t b, int64_t strip) {
@@ -360,21 +365,21 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 }
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
-// blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through
-// blocks_pipelined where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2
-// that holds two blocks, an L1 of kScratchMinL1Ways). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
+// blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through blocks_pipelined
+// where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2 that holds two blocks,
+// an L1 of kScratchMinL1Ways). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
 // 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
-// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over
-// memory: up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in
-// place and then a pass across the groups (two passes over memory for a 64 MB row), that measured
-// 1.06-1.15x faster on rows of 2^22..2^24 there (1 thread); where the L1 is too narrow for the scratch strip
+// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over memory:
+// up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in place and
+// then a pass across the groups (two passes over memory for a 64 MB row), that measured 1.06-1.15x faster on
+// rows of 2^22..2^24 on a Xeon with AVX-512 (1 thread); where the L1 is too narrow for the scratch strip
 // (kScratchMinL1Ways), the blocks go in those groups of 8.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
                bool from_memory, const CacheGeometry& cache) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp, cache);
-  // group_of: 1 for blocks of kMinBlockBytes
+  // group_of: 1 for blocks of kMinBlockBytes where rows are crossed in scratch, as pipelined() requires
   if (group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache)) {
     blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
   } else {
