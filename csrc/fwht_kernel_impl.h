@@ -584,6 +584,23 @@ struct Kernel {
 
   // ---- the outer factor of a long row ----
 
+  // H_R across the R rows in + i * in_step, written to out + i * out_step, over `width` columns. Rows are
+  // addressed as base + i * step (not through an array of row pointers: with 2R pointers live,
+  // GCC kept some on the stack and reloaded them in the inner loop, and on Zen 3 a radix-8 pass over 8 MB in
+  // the L3 then took 2.2 ms per 64 MB against 1.2 ms written this way; 0.45 against 0.39 ns per register in
+  // L1).
+  template <int R>
+  DREIDEL_REGISTER_HELPER void columns(const T* in, int64_t in_step, T* out, int64_t out_step, int64_t width) {
+    for (int64_t c = 0; c < width; c += W) {
+      V r[R];
+      DREIDEL_UNROLL
+      for (int i = 0; i < R; ++i) r[i] = load(in + i * in_step + c);
+      butterflies<R, R == 8>(r);
+      DREIDEL_UNROLL
+      for (int i = 0; i < R; ++i) store(out + i * out_step + c, r[i]);
+    }
+  }
+
   // Stages at row strides s, ..., (R/2)s of `count` rows, `width` columns each, read from `in` and
   // written to `out` (which may be `in`); every group reads all its rows before writing them. No software
   // prefetch: each row is walked front to back, R sequential streams the hardware prefetcher follows (on
@@ -592,23 +609,15 @@ struct Kernel {
   template <int R>
   static void column_pass(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t count,
                           int64_t width, int64_t s) {
+    const int64_t in_step = s * in_stride, out_step = s * out_stride;
     for (int64_t base = 0; base < count; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
-        const T* in_rows[R];
-        T* out_rows[R];
-        DREIDEL_UNROLL
-        for (int i = 0; i < R; ++i) {
-          in_rows[i] = in + (j + i * s) * in_stride;
-          out_rows[i] = out + (j + i * s) * out_stride;
-        }
-        for (int64_t c = 0; c < width; c += W) {
-          V r[R];
-          DREIDEL_UNROLL
-          for (int i = 0; i < R; ++i) r[i] = load(in_rows[i] + c);
-          butterflies<R, R == 8>(r);
-          DREIDEL_UNROLL
-          for (int i = 0; i < R; ++i) store(out_rows[i] + c, r[i]);
-        }
+        const T* rows_in = in + j * in_stride;
+        T* rows_out = out + j * out_stride;
+        // In place (every pass but the gathers and scatters of a scratch strip), one base and one step
+        // serve both sides, in half the registers.
+        if (rows_in == rows_out && in_step == out_step) columns<R>(rows_out, out_step, rows_out, out_step, width);
+        else columns<R>(rows_in, in_step, rows_out, out_step, width);
       }
   }
 
