@@ -258,9 +258,9 @@ struct Kernel {
 
   // With 16 registers and 8 lanes (AVX2, float32), long_row's first pass on a row longer than
   // kBurstPrefetchBytes leaves the lane stages at the two largest strides to its later passes (the largest
-  // to the last pass, the next to the one before it). The
-  // first pass, whose lane stages are a shuffle and a multiply-add each, is the slowest pass per register;
-  // the radix passes wait on their stores (one per register and pass) and have arithmetic to spare.
+  // to the last pass, the next to the one before it). The first pass, whose lane stages are a shuffle and a
+  // multiply-add each, is the slowest pass per register; the radix passes wait on their stores (one per
+  // register and pass) and have arithmetic to spare.
   // Measured on Zen 3, 4096-point rows: 1.63-1.64 ns per register in L1 against 1.84-1.86 (1.70 with the
   // largest stride alone moved), 1.05-1.08x from memory; 2048-point rows 1.0-1.1x. Rows of up to 4 KB, whose
   // first pass also prefetches the whole next row, ran up to 1.15x slower from memory (1024 points), and
@@ -585,10 +585,9 @@ struct Kernel {
   // ---- the outer factor of a long row ----
 
   // H_R across the R rows in + i * in_step, written to out + i * out_step, over `width` columns. Rows are
-  // addressed as base + i * step (not through an array of row pointers: with 2R pointers live,
-  // GCC kept some on the stack and reloaded them in the inner loop, and on Zen 3 a radix-8 pass over 8 MB in
-  // the L3 then took 2.2 ms per 64 MB against 1.2 ms written this way; 0.45 against 0.39 ns per register in
-  // L1).
+  // addressed as base + i * step (not through an array of row pointers: with 2R pointers live, GCC kept some
+  // on the stack and reloaded them in the inner loop, and on Zen 3 a radix-8 pass over 8 MB in the L3 then
+  // took 2.2 ms per 64 MB against 1.2 ms written this way; 0.45 against 0.39 ns per register in L1).
   template <int R>
   DREIDEL_REGISTER_HELPER void columns(const T* in, int64_t in_step, T* out, int64_t out_step, int64_t width) {
     for (int64_t c = 0; c < width; c += W) {

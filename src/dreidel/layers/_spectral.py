@@ -342,11 +342,12 @@ def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
     if isinstance(module.in_scale, UninitializedParameter):
         return  # nothing was loaded for this module (e.g. strict=False with missing keys)
     n = module.in_scale.shape[-1]
-    left_lazy = [name for name in module._expected_shapes(n) if is_lazy(getattr(module, name))]
+    expected = module._expected_shapes(n)
+    left_lazy = [name for name in expected if is_lazy(getattr(module, name))]
     if left_lazy:  # a partial state dict (strict=False) materialised in_scale only
         raise ValueError(f"{type(module).__name__}: the state dict gave 'in_scale' but not {left_lazy}; a lazy "
                          "layer learns its width from a state dict with all of its tensors")
-    for name, shape in module._expected_shapes(n).items():
+    for name, shape in expected.items():
         got = tuple(getattr(module, name).shape)
         if got != shape:
             raise ValueError(f"{type(module).__name__}: loaded {name!r} has shape {got}, expected {shape}")
