@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import subprocess
@@ -41,7 +42,19 @@ def header(rerun: list[str]) -> str:
 
 def main() -> int:
     scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_") and p.name != "run_all.py")
-    only = set(sys.argv[1:])
+    parser = argparse.ArgumentParser(
+        description="Run benchmark scripts, then rewrite BENCHMARKS.md from every section in benchmarks/results/."
+    )
+    names = [script.stem for script in scripts]
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"rerun only these scripts ({', '.join(names)}); default: all of them",
+    )
+    only = set(parser.parse_args().names)
+    if only - set(names):
+        parser.error(f"no benchmark script named {', '.join(sorted(only - set(names)))}; choose from {', '.join(names)}")
     failed = []
     for script in scripts:
         if only and script.stem not in only:

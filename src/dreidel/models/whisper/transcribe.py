@@ -185,14 +185,16 @@ def _token_ids(config: dict, key: str, default: tuple[int, ...], path: Path) -> 
 def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = torch.float32) -> WhisperRecognizer:
     """Load "tiny.en", "base", a CTranslate2 directory or a Hugging Face Whisper directory.
 
-    dtype: floating dtype of the weights (float32 default). ``linear`` must be "dense" (checkpoints are dense;
-    spectral kinds come from recasting the loaded model).
+    dtype: floating dtype of the weights (float32 default). ``linear`` must be "dense": the checkpoints are dense.
+    A spectral Whisper is the same model built with another kind, ``Whisper(recognizer.model.dims, linear="wht")``,
+    whose weights must then be trained; no pretrained spectral weights ship.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if linear != "dense":
-        raise ValueError(f"load builds dense checkpoints only (linear='dense'), got linear={linear!r}; "
-                         "recast the loaded model to get spectral layers")
+        raise ValueError(f"load builds dense checkpoints only (linear='dense'), got linear={linear!r}; a spectral "
+                         f"Whisper is dreidel.models.whisper.Whisper(recognizer.model.dims, linear={linear!r}), "
+                         "with untrained spectral weights")
     if isinstance(name_or_path, str) and name_or_path in SHIPPED_NAMES:
         from dreidel.io import shipped_whisper_files
 

@@ -1,1 +1,0 @@
-"""dreidel.recast"""
