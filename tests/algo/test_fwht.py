@@ -288,6 +288,68 @@ def test_inplace_on_a_strided_view_writes_through(generator):
     torch.testing.assert_close(base, expected)
 
 
+@pytest.mark.parametrize("make_view", [
+    lambda b: b.as_strided((4, 8), (2, 1)),  # rows overlap
+    lambda b: b.unfold(0, 8, 1),
+    lambda b: b[:8].expand(4, 8),
+    lambda b: b.as_strided((2, 4, 4), (16, 2, 4)),  # 2 * 2 = 4 * 1: offsets repeat
+])
+def test_inplace_refuses_a_view_whose_elements_share_memory(make_view, generator):
+    base = torch.randn(40, generator=generator)
+    before = base.clone()
+    view = make_view(base)
+    with pytest.raises(RuntimeError, match="share memory"):
+        dr.fwht(view, inplace=True)
+    assert torch.equal(base, before)
+    dr.fwht(view.clone(), inplace=True)  # a copy is fine
+
+
+def test_inplace_takes_views_with_interleaved_strides(generator):
+    # Offsets {0, 2, 4} + {0, 3}: no two elements meet, though no stride passes the reach of the other.
+    base = torch.randn(16, dtype=torch.float64, generator=generator)
+    view = base.as_strided((3, 2), (2, 3)).t()  # (2, 3): transform the dim of length 2
+    expected = dense_fwht(view.contiguous(), dim=0)
+    dr.fwht(view, dim=0, inplace=True)
+    torch.testing.assert_close(view, expected)
+
+
+def test_inplace_carries_a_forward_mode_tangent(generator):
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(16, 12, dtype=torch.float64, generator=generator)
+    tangent = torch.randn(16, 12, dtype=torch.float64, generator=generator)
+    for dim in (-1, 0):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.clone(), tangent.clone())
+            assert dr.fwht(dual, dim=dim, inplace=True) is dual
+            primal, jvp = fwAD.unpack_dual(dual)
+        torch.testing.assert_close(primal, dense_fwht(x, dim=dim))
+        torch.testing.assert_close(jvp, dense_fwht(tangent, dim=dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_inplace_on_a_negated_low_precision_view(dtype, generator):
+    x = torch.randn(4, 16, generator=generator).to(dtype)
+    original = x.clone()
+    negated = torch._neg_view(x)
+    dr.fwht(negated, inplace=True)  # the view now holds H(-x), so x itself holds H x
+    torch.testing.assert_close(x, dr.fwht(original))
+
+
+@pytest.mark.parametrize("flags", [{"normalized": None}, {"normalized": "False"}, {"normalized": 1},
+                                   {"inplace": "False"}, {"inplace": 0}])
+def test_flags_must_be_bools(flags):
+    x = torch.randn(2, 8)
+    before = x.clone()
+    name = next(iter(flags))
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        dr.fwht(x, **flags)
+    assert torch.equal(x, before)
+    if name == "normalized":
+        with pytest.raises(TypeError, match="normalized must be a bool"):
+            dr.fwht_reference(x, **flags)
+
+
 def test_inplace_refuses_autograd():
     x = torch.randn(4, 8, requires_grad=True)
     with pytest.raises(ValueError, match="inplace"):

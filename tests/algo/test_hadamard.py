@@ -56,3 +56,13 @@ def test_nearest_lengths():
 def test_hadamard_matrix_rejects_bad_length():
     with pytest.raises(ValueError, match="n=100"):
         hadamard_matrix(100)
+    for bad in (True, 4.0, "4"):
+        with pytest.raises(TypeError, match="n must be an int"):
+            hadamard_matrix(bad)
+    assert not is_hadamard_length(True)
+
+
+@pytest.mark.parametrize("n", [np.int64(12), np.int32(4), torch.tensor(40)])
+def test_any_integer_type_is_a_length(n):
+    assert is_hadamard_length(n)
+    assert torch.equal(hadamard_matrix(n), hadamard_matrix(int(n)))

@@ -74,7 +74,8 @@ def test_non_audio_file(tmp_path):
     (np.zeros((2, 3, 4), dtype=np.float32), {}, ValueError, "shape"),
     (np.zeros((16000, 2), dtype=np.float32), {}, ValueError, "transpose"),
     (np.array([0.0, np.nan], dtype=np.float32), {}, ValueError, "NaN"),
-    (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample_rate"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample rate must be a positive integer"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 768_001}, ValueError, "up to 768000"),
     (np.zeros(10, dtype=bool), {}, TypeError, "dtype"),
     ([0.0, 1.0], {}, TypeError, "path_or_array"),
 ])
@@ -104,3 +105,18 @@ def test_non_finite_samples_in_a_file_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="NaN or infinite") as raised:
         load_audio(tmp_path / "nan.wav")
     assert str(tmp_path / "nan.wav") in str(raised.value)
+
+
+def test_a_header_claiming_an_absurd_rate_is_refused_before_resampling(tmp_path):
+    path = tmp_path / "fast.wav"
+    soundfile.write(path, np.zeros(1600, dtype=np.int16), 16000)
+    header = bytearray(path.read_bytes())
+    header[24:28] = (2**31 - 1).to_bytes(4, "little")  # the fmt chunk's sample rate
+    path.write_bytes(bytes(header))
+    with pytest.raises(ValueError, match="sample rate must be .* up to 768000.*got 2147483647") as raised:
+        load_audio(path)
+    assert str(path) in str(raised.value)
+
+
+def test_the_highest_rate_loads():
+    assert load_audio(np.zeros(76_800, dtype=np.float32), sample_rate=768_000).shape == (1600,)

@@ -79,6 +79,11 @@ def test_bad_rates(rate):
 
 
 
+def test_rates_too_far_apart_are_refused_not_allocated():
+    with pytest.raises(ValueError, match="resampling 1000003 Hz to 16000 Hz needs 16000 filter phases"):
+        resample(torch.zeros(100), 1_000_003, 16000)
+
+
 @pytest.mark.parametrize("rate_in", [44056, 22254])
 def test_odd_rates_need_little_memory(rate_in):
     import tracemalloc

@@ -62,6 +62,15 @@ def test_quantised_weights_are_dequantised(tmp_path, bits):
     assert torch.allclose(model.variables["l/weight"].double(), weight, atol=0.51 * step, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [torch.ones(7), torch.ones(3, 3)])
+def test_a_scale_that_fits_no_row_is_a_value_error(tmp_path, scale):
+    write_ctranslate2(tmp_path / "model.bin", "Q", 1,
+                      {"l/weight": torch.ones(5, 8, dtype=torch.int8), "l/weight_scale": scale})
+    with pytest.raises(ValueError, match=r"'l/weight_scale' has shape .*one scale, or one per row"):
+        read_ctranslate2(tmp_path / "model.bin")
+    assert read_ctranslate2(tmp_path / "model.bin", dtype=None).variables["l/weight_scale"].shape == scale.shape
+
+
 @pytest.mark.parametrize("quantization, stored", [("int8", "int8"), ("int8_float16", "int8"), ("int16", "int16"),
                                                   ("float16", "float16"), ("bfloat16", "bfloat16")])
 def test_against_ctranslate2_serializer(tmp_path, quantization, stored):

@@ -79,6 +79,34 @@ def _as_dim(dim: object) -> int:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
 
 
+def _overlaps_itself(x: torch.Tensor) -> bool:
+    """Whether two elements of the strided ``x`` share memory (an expanded, ``unfold`` or ``as_strided`` view).
+
+    Dimensions sorted by stride, each stride passing the reach of the smaller ones proves there is no overlap
+    (every ordinary view: slices, transposes, steps); only layouts that test cannot clear compare offsets.
+    """
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride <= reach:
+            break
+        reach += stride * (size - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(x.shape, x.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    return offsets.unique().numel() != x.numel()
+
+
+def _refuse_flags(**flags: object) -> None:
+    """Raise TypeError naming the first flag that is not a bool (a truthy string would otherwise pass)."""
+    for name, value in flags.items():
+        kind = type(value)
+        if kind is not bool:
+            kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+            raise TypeError(f"{name} must be a bool, got {kind_name} {value!r:.40}")
+
+
 def _check_input(x: torch.Tensor, dim: int) -> int:
     """Validate ``x`` and ``dim``; return the length of the transformed dimension."""
     if not isinstance(x, torch.Tensor):
@@ -141,6 +169,8 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
 
     Same contract as :func:`fwht` (without ``inplace``); float16/bfloat16 are computed in float32.
     """
+    if type(normalized) is not bool:
+        _refuse_flags(normalized=normalized)
     dim = _as_dim(dim)
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
@@ -475,6 +505,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         TypeError: integer, bool or complex ``x``.
         ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
     """
+    if type(normalized) is not bool or type(inplace) is not bool:
+        _refuse_flags(normalized=normalized, inplace=inplace)
     direct = _direct_kernel_args(x, dim)
     if direct is not None:  # the common case, with as little Python as possible before the kernel
         rows, n, constants, address = direct
@@ -501,13 +533,20 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
                 "fwht(inplace=True) cannot be differentiated: x requires grad. "
                 "Use inplace=False, or run under torch.no_grad()."
             )
-        if not _is_compiling() and x.is_inference():
-            _check_inference_update(x)
-        if (x.dtype in _LOW_PRECISION or in_functorch_transform()
+        if not _is_compiling():
+            if x.is_inference():
+                _check_inference_update(x)
+            if not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x):
+                raise RuntimeError(
+                    "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided "
+                    "view), so its result cannot be written into it. Use inplace=False, or clone x first."
+                )
+        if (x.dtype in _LOW_PRECISION or in_functorch_transform() or _forward_ad._current_level >= 0
                 or (not _is_compiling() and (moved.is_neg() or _is_legacy_batched(moved)))):
-            # Computed out of place, then written through the view (copy_ applies the lazy negation and works
-            # on torch.func's wrapper tensors).
-            moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized))
+            # Computed out of place, then written through the view: copy_ applies the lazy negation, works on
+            # torch.func's wrapper tensors and carries a forward-mode tangent. (The result is cast first:
+            # torch 2.13's float32 -> float16 copy_ into a negated view drops the negation.)
+            moved.copy_(fwht(moved.to(_compute_dtype(x.dtype)), normalized=normalized).to(x.dtype))
         elif runs_native_eager(moved) and _kernel_can_take(moved):
             fwht_into(moved, moved, normalized)
             _increment_versions((moved,))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -37,7 +38,13 @@ MAX_POW2_LOG2 = 30
 
 def hadamard_factor(n: int) -> tuple[int, int] | None:
     """Return ``(m, 2^k)`` with ``n = m * 2^k`` for a supported length, else ``None``."""
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool):
+        return None
+    try:
+        n = operator.index(n)  # any integer type (NumPy's, a 0-d integer tensor)
+    except TypeError:
+        return None
+    if n < 1:
         return None
     for m in HADAMARD_FACTORS:
         if n % m == 0:
@@ -147,6 +154,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
     Entries are ±1, ``H`` is symmetric and ``H² = n I``. Meant for tests and small layers: it costs ``n²`` memory.
     """
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
     factor = hadamard_factor(n)
     if factor is None:
         raise ValueError(f"n={n} is not a supported Hadamard length (m * 2^k, m in {HADAMARD_FACTORS})")

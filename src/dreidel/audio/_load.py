@@ -41,6 +41,11 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     return samples.T, int(rate)  # (channels, frames)
 
 
+# The fastest rate of studio audio (DXD and 768 kHz PCM are the highest in use). A file's header can claim
+# any rate up to 2^32 - 1, and the anti-aliasing filter for a rate far above 16 kHz is as long as the ratio.
+MAX_SAMPLE_RATE = 768_000
+
+
 def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     """Load audio as mono float32 at 16 kHz.
 
@@ -56,7 +61,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, bad rate.
+        ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
+            not a positive integer up to ``MAX_SAMPLE_RATE`` (768 kHz).
     """
     if isinstance(path_or_array, (str, os.PathLike)):
         if sample_rate is not None:
@@ -78,8 +84,10 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
                              f"shape {tuple(waveform.shape)}; transpose a (samples, channels) array")
     else:
         raise TypeError(f"path_or_array must be a path, numpy array or torch tensor, got {type(path_or_array).__name__}")
-    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer number of Hz, got {rate!r}")
+    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not 0 < rate <= MAX_SAMPLE_RATE:
+        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
+        raise ValueError(f"{where}sample rate must be a positive integer number of Hz up to {MAX_SAMPLE_RATE} "
+                         f"(the highest rate audio is recorded at), got {rate!r}")
     if waveform.dim() == 2:
         waveform = waveform.mean(dim=0)
     if not torch.isfinite(waveform).all():

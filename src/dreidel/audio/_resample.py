@@ -64,6 +64,8 @@ def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float,
 
 _MAX_POLYPHASE_TABLE = 1 << 20  # kernel entries (new x taps); beyond it the direct path is cheaper and small
 _DIRECT_CHUNK = 1 << 15  # output samples per step of the direct path
+_MAX_DIRECT_TABLE = 1 << 25  # kernel entries of the direct path (256 MB of float64): 768 kHz -> 16 kHz needs 1 x
+# 2440; the coprime 192001 -> 16000 Hz, 16000 x 612
 
 
 @lru_cache(maxsize=16)
@@ -121,6 +123,10 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
         return audio.new_zeros(*leading, 0)
     compute_dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
     half_width = _filter_size(orig, new, zero_crossings, rolloff)[1]
+    if new * (2 * half_width + 2) > _MAX_DIRECT_TABLE:
+        raise ValueError(f"resampling {orig_rate} Hz to {new_rate} Hz needs {new} filter phases of "
+                         f"{2 * half_width + 2} taps each (more than {_MAX_DIRECT_TABLE} kernel values); "
+                         f"rates this far apart, sharing so few factors, are not supported")
     if new * (2 * half_width + orig) > _MAX_POLYPHASE_TABLE:
         kernels = torch.from_numpy(_direct_kernels(orig, new, zero_crossings, rolloff, kaiser_beta))
         signal = audio.reshape(-1, n_in).to(compute_dtype)

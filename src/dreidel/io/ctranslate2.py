@@ -220,7 +220,7 @@ def _read_variable(cursor: _Cursor, binary_version: int, index: int):
     return name, dtype, tensor
 
 
-def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype: torch.dtype | None):
+def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype: torch.dtype | None, source: str):
     """Apply the int8/int16 scales and cast floating tensors; ``dtype=None`` returns the stored tensors."""
     if dtype is None:
         return dict(raw)
@@ -230,6 +230,9 @@ def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype:
         scale_name = f"{name}_scale"
         if raw_dtypes[name] in ("int8", "int16") and scale_name in raw and raw[scale_name].is_floating_point():
             scale = raw[scale_name].to(torch.float32)
+            if scale.numel() != 1 and not (tensor.dim() >= 1 and scale.shape == tensor.shape[:1]):
+                raise ValueError(f"{source}: {scale_name!r} has shape {tuple(scale.shape)}, but {name!r} of shape "
+                                 f"{tuple(tensor.shape)} takes one scale, or one per row")
             if tensor.dim() >= 1 and scale.dim() == 1:
                 scale = scale.reshape(-1, *([1] * (tensor.dim() - 1)))  # one scale per output row
             out[name] = (tensor.to(torch.float32) / scale).to(dtype)
@@ -295,7 +298,7 @@ def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTra
         if target not in raw and target not in aliases:
             raise ValueError(f"{source}: alias {alias!r} points to unknown variable {target!r}")
     return CTranslate2Model(spec=spec, revision=revision, binary_version=binary_version,
-                            variables=_dequantise(raw, raw_dtypes, dtype), aliases=aliases,
+                            variables=_dequantise(raw, raw_dtypes, dtype, source), aliases=aliases,
                             raw_dtypes=raw_dtypes, source=source)
 
 

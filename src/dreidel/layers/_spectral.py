@@ -132,6 +132,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             raise ValueError(f"init must be one of {SPECTRAL_INITS}, got {init!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a real floating torch.dtype or None, got {dtype!r}")
         self._activation_fn = resolve_activation(activation)
         self.activation = activation
         self.in_features = in_features

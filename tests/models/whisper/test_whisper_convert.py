@@ -163,13 +163,18 @@ def _ct2_dir(model: Whisper, directory) -> None:
     ("config-not-utf8", "config.json", "cannot read"),
     ("config-nested-too-deep", "config.json", "cannot read .*RecursionError"),
     ("suppress-not-ids", "config.json", "'suppress_ids' must be a list of token ids"),
+    ("suppress-negative-id", "config.json", r"'suppress_ids' must be a list of token ids \(ints in \[0, "),
+    ("suppress-id-past-vocabulary", "config.json", "'suppress_ids_begin' must be a list of token ids"),
     ("tokenizer-malformed", "tokenizer.json", "not a tokenizers tokenizer.json"),
 ])
 def test_load_bad_ct2_side_files_are_value_errors_naming_the_file(random_whisper, tmp_path, defect, file, message):
     _ct2_dir(random_whisper, tmp_path)
     content = {"config-not-object": b"[1, 2]", "config-not-utf8": b"\xff\xfe{", "tokenizer-malformed": b"{not json",
                "config-nested-too-deep": b"[" * 100_000 + b"]" * 100_000,
-               "suppress-not-ids": json.dumps({"suppress_ids": "1, 2"}).encode()}[defect]
+               "suppress-not-ids": json.dumps({"suppress_ids": "1, 2"}).encode(),
+               "suppress-negative-id": json.dumps({"suppress_ids": [-1]}).encode(),
+               "suppress-id-past-vocabulary": json.dumps({"suppress_ids_begin": [TINY_DIMS.n_vocab]}).encode(),
+               }[defect]
     (tmp_path / file).write_bytes(content)
     with pytest.raises(ValueError, match=message) as raised:
         load(tmp_path)
@@ -209,3 +214,51 @@ def test_load_warns_when_the_suppress_token_list_is_missing(random_whisper, tmp_
     with caplog.at_level("WARNING", logger="dreidel.models.whisper"):
         load(tmp_path)
     assert not caplog.text
+
+
+def _tiny_file_huge_dims(layers: int) -> dict[str, torch.Tensor]:
+    """A CTranslate2 checkpoint of a few kilobytes whose shapes claim a model of terabytes: the data dimensions
+    are empty, the ones the dimensions are read from are huge."""
+    variables = {
+        "encoder/conv1/weight": torch.zeros(16384, 80, 0),
+        "encoder/position_encodings/encodings": torch.zeros(1500, 0),
+        "decoder/embeddings/weight": torch.zeros(51864, 1),
+        "decoder/position_encodings/encodings": torch.zeros(448, 0),
+        "encoder/num_heads": torch.tensor(1, dtype=torch.int16),
+        "decoder/num_heads": torch.tensor(1, dtype=torch.int16),
+    }
+    for layer in range(layers):
+        variables[f"encoder/layer_{layer}/x"] = variables[f"decoder/layer_{layer}/x"] = torch.zeros(0)
+    return variables
+
+
+def test_load_refuses_dimensions_its_tensors_do_not_hold_before_allocating(tmp_path):
+    write_ctranslate2(tmp_path / "model.bin", "WhisperSpec", 3, _tiny_file_huge_dims(2000), aliases={})
+    _tokenizer_dir(tmp_path)
+    with pytest.raises(ValueError, match=r"its tensors hold 51866 values, but the dimensions it gives need \d{13}"):
+        load(tmp_path)
+
+
+def test_load_hf_refuses_a_config_its_tensors_do_not_hold(random_whisper, tmp_path):
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
+    _tokenizer_dir(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["encoder_layers"] = 100_000  # would build a model of 100,000 layers
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its tensors hold .* values, but the dimensions it gives need"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("encoder/conv1/weight", torch.zeros(384), "'encoder/conv1/weight' must have 3 dimensions"),
+    ("decoder/embeddings/weight", torch.zeros(7), "'decoder/embeddings/weight' must have 2 dimensions"),
+    ("encoder/num_heads", torch.zeros(0, dtype=torch.int16), "'encoder/num_heads' must hold one value"),
+    ("decoder/pre_norm", torch.ones(2, dtype=torch.int8), "'decoder/pre_norm' must hold one value"),
+])
+def test_dims_from_malformed_ct2_variables_are_value_errors(random_whisper, name, value, message):
+    variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
+    variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
+    variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
+    variables[name] = value
+    with pytest.raises(ValueError, match=message):
+        dims_from_ct2(variables, "model.bin")

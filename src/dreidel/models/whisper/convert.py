@@ -201,7 +201,17 @@ def _count_layers(names, prefix: str) -> int:
 def _scalar(variables: dict[str, Tensor], name: str, source: str) -> int:
     if name not in variables:
         raise ValueError(f"{source}: missing tensor {name!r}")
-    return int(variables[name].reshape(-1)[0])
+    value = variables[name]
+    if value.numel() != 1:
+        raise ValueError(f"{source}: {name!r} must hold one value, got shape {tuple(value.shape)}")
+    return int(value.reshape(()))
+
+
+def _shape(variables: dict[str, Tensor], name: str, rank: int, source: str) -> torch.Size:
+    shape = variables[name].shape
+    if len(shape) != rank:
+        raise ValueError(f"{source}: tensor {name!r} must have {rank} dimensions, got shape {tuple(shape)}")
+    return shape
 
 
 def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> WhisperDimensions:
@@ -210,19 +220,19 @@ def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> Wh
                  "decoder/position_encodings/encodings"):
         if name not in variables:
             raise ValueError(f"{source}: missing tensor {name!r}")
-    if "decoder/pre_norm" in variables and not bool(variables["decoder/pre_norm"]):
+    if "decoder/pre_norm" in variables and not _scalar(variables, "decoder/pre_norm", source):
         raise ValueError(f"{source}: decoder/pre_norm is false; Whisper is pre-norm")
-    conv1 = variables["encoder/conv1/weight"]
-    embedding = variables["decoder/embeddings/weight"]
+    conv1 = _shape(variables, "encoder/conv1/weight", 3, source)
+    embedding = _shape(variables, "decoder/embeddings/weight", 2, source)
     return WhisperDimensions(
-        n_mels=conv1.shape[1],
-        n_audio_ctx=variables["encoder/position_encodings/encodings"].shape[0],
-        n_audio_state=conv1.shape[0],
+        n_mels=conv1[1],
+        n_audio_ctx=_shape(variables, "encoder/position_encodings/encodings", 2, source)[0],
+        n_audio_state=conv1[0],
         n_audio_head=_scalar(variables, "encoder/num_heads", source),
         n_audio_layer=_count_layers(variables, "encoder/layer_"),
-        n_vocab=embedding.shape[0],
-        n_text_ctx=variables["decoder/position_encodings/encodings"].shape[0],
-        n_text_state=embedding.shape[1],
+        n_vocab=embedding[0],
+        n_text_ctx=_shape(variables, "decoder/position_encodings/encodings", 2, source)[0],
+        n_text_state=embedding[1],
         n_text_head=_scalar(variables, "decoder/num_heads", source),
         n_text_layer=_count_layers(variables, "decoder/layer_"),
     )

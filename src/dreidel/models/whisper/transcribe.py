@@ -9,6 +9,7 @@ joins each input's window texts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -92,6 +93,33 @@ def load_state_dict_strict(model: Whisper, state_dict: dict[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=True)
 
 
+def _values_in_state_dict(dims: WhisperDimensions) -> int:
+    """How many values the model of ``dims`` stores, from meta-device copies with one or two layers (the count
+    is linear in the layer counts, so no copy with the file's layer counts is built)."""
+    def count(audio_layers: int, text_layers: int) -> int:
+        with torch.device("meta"):
+            small = Whisper(dataclasses.replace(dims, n_audio_layer=audio_layers, n_text_layer=text_layers))
+        return sum(t.numel() for t in small.state_dict().values())
+
+    base = count(1, 1)
+    return (base + (dims.n_audio_layer - 1) * (count(2, 1) - base)
+            + (dims.n_text_layer - 1) * (count(1, 2) - base))
+
+
+def _expected_shapes(dims: WhisperDimensions, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Size]:
+    """The model's tensor shapes, once ``tensors`` (a checkpoint's) hold at least as many values as it needs.
+
+    A file's dimensions are checked against the data it holds before anything is allocated for them: a few
+    bytes of config could otherwise ask for terabytes, or build a model of a million layers.
+    """
+    need, have = _values_in_state_dict(dims), sum(t.numel() for t in tensors.values())
+    if have < need:
+        raise ValueError(f"{source}: its tensors hold {have} values, but the dimensions it gives need {need} "
+                         f"({dims})")
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Whisper(dims).state_dict().items()}
+
+
 def _model_from(dims: WhisperDimensions, state_dict: dict, dtype: torch.dtype, source: str) -> Whisper:
     model = Whisper(dims, linear="dense")
     load_state_dict_strict(model, state_dict, source)
@@ -109,15 +137,15 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
             raise ValueError(f"{checkpoint.source}: unexpected alias {alias!r} -> {target!r} (only the tied output "
                              f"projection is supported)")
     dims = dims_from_ct2(checkpoint.variables, checkpoint.source)
-    model = Whisper(dims)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = _expected_shapes(dims, checkpoint.variables, checkpoint.source)
     state_dict = checkpoint_to_ours(ct2_rules(dims), checkpoint.variables, expected, checkpoint.source,
                                     ignore=CT2_CONFIG_VARIABLES)
     config_path = directory / "config.json"
     config = _optional_json(config_path, "suppress_ids")
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
-    suppress = _token_ids(config, "suppress_ids", (), config_path)
-    begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path)
+    suppress = _token_ids(config, "suppress_ids", (), config_path, dims.n_vocab)
+    begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path,
+                       dims.n_vocab)
     return WhisperRecognizer(_model_from(dims, state_dict, dtype, checkpoint.source), tokenizer,
                              suppress, begin, name)
 
@@ -140,15 +168,15 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
             raise ValueError(f"{directory}: {tied!r} differs from {embedding!r}; untied output projections are "
                              f"not supported")
         del tensors[tied]
-    expected = {k: v.shape for k, v in Whisper(dims).state_dict().items()}
+    expected = _expected_shapes(dims, tensors, str(directory))
     state_dict = checkpoint_to_ours(hf_rules(dims), {k: v.float() for k, v in tensors.items()}, expected,
                                     str(directory))
     generation_path = directory / "generation_config.json"
     generation = _optional_json(generation_path, "suppress_tokens")
     tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
-    suppress = _token_ids(generation, "suppress_tokens", (), generation_path)
+    suppress = _token_ids(generation, "suppress_tokens", (), generation_path, dims.n_vocab)
     begin = _token_ids(generation, "begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,),
-                       generation_path)
+                       generation_path, dims.n_vocab)
     return WhisperRecognizer(_model_from(dims, state_dict, dtype, str(directory)), tokenizer, suppress,
                              begin, directory.name)
 
@@ -172,13 +200,15 @@ def _optional_json(path: Path, suppress_key: str) -> dict:
     return {}
 
 
-def _token_ids(config: dict, key: str, default: tuple[int, ...], path: Path) -> tuple[int, ...]:
-    """``config[key]`` as token ids (``default`` when absent); anything but a list of ints is a ValueError."""
+def _token_ids(config: dict, key: str, default: tuple[int, ...], path: Path, n_vocab: int) -> tuple[int, ...]:
+    """``config[key]`` as token ids (``default`` when absent); anything but a list of ids in the vocabulary is a
+    ValueError."""
     value = config.get(key)
     if value is None:
         return default
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise ValueError(f"{path}: {key!r} must be a list of token ids (ints), got {value!r:.80}")
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
+                                              for t in value):
+        raise ValueError(f"{path}: {key!r} must be a list of token ids (ints in [0, {n_vocab})), got {value!r:.80}")
     return tuple(value)
 
 
