@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -221,6 +222,15 @@ NB_MODULE(_C, m) {
         "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
         "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
+  m.def("bytes_equal",
+        [](uintptr_t a, uintptr_t b, size_t bytes) {
+          return bytes == 0 || std::memcmp(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), bytes) == 0;
+        },
+        nb::arg("a"), nb::arg("b"), nb::arg("bytes"),
+        "bytes_equal(a, b, bytes) -> bool\n\n"
+        "Whether the bytes at the two addresses are the same (memcmp). Internal: for a layer to notice, in about\n"
+        "a microsecond, that a buffer it derived indices from was rewritten where its version counter does not\n"
+        "see (through .data or a NumPy view).");
   m.def("cache_geometry",
         [] {
           const dreidel::CacheGeometry cache = dreidel::host_cache_geometry();

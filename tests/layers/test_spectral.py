@@ -186,6 +186,25 @@ def test_the_permutation_in_use_is_the_one_in_the_state(depth):
     torch.testing.assert_close(a.dense_matrix(), b.dense_matrix())
 
 
+@pytest.mark.parametrize("route", ["data", "numpy", "data-assigned"])
+def test_a_permutation_rewritten_where_no_version_counter_sees_is_followed(route):
+    # .data and NumPy views write the buffer's memory without bumping its version counter.
+    a, b = (make_layer(24, 40, 2, seed=seed, dtype=torch.float64) for seed in (1, 2))
+    x = torch.randn(3, 24, dtype=torch.float64)
+    a(x)  # indices built from a's own permutation
+    if route == "data":
+        a.permutation.data.copy_(b.permutation)
+    elif route == "numpy":
+        a.permutation.numpy()[...] = b.permutation.numpy()
+    else:
+        a.permutation.data = b.permutation.clone()
+    with torch.no_grad():
+        for name in ("in_scale", "inner_scale", "out_scale", "bias"):
+            getattr(a, name).copy_(getattr(b, name))
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.dense_matrix(), b.dense_matrix())
+
+
 def test_inputs_of_another_dtype_or_device_are_refused_like_nn_linear():
     layer = LinearWHT(16, 8)
     with pytest.raises(TypeError, match="input dtype torch.uint8 does not match the layer's torch.float32"):

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
+from dreidel._native import native
 from dreidel.algo import nearest_hadamard_lengths
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._spectral_grads import (
@@ -62,6 +63,15 @@ _is_compiling = torch.compiler.is_compiling  # bound once: layout() runs on ever
 _is_autocast_enabled = torch.is_autocast_enabled
 
 SPECTRAL_INITS = ("variance_preserving", "random_sign")
+
+
+def _same_values(current: torch.Tensor, built_from: torch.Tensor) -> bool:
+    """Whether the permutation still holds the values its indices were built from (``built_from``: a copy)."""
+    if current.is_meta:  # shapes only: no values to differ
+        return True
+    if current.is_cpu and current.is_contiguous():
+        return native.bytes_equal(current.data_ptr(), built_from.data_ptr(), current.nbytes)
+    return torch.equal(current, built_from)
 
 
 class _UninitializedIndexBuffer(UninitializedBuffer):
@@ -254,9 +264,9 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # int32 halves the index memory (index_select takes int32 or int64 indices)
             self.register_buffer(name, value.to(torch.int32).contiguous(), persistent=False)
         # What the indices were built from (see layout): the permutation tensor, its version (inference tensors
-        # have none), and our index.
+        # have none), our index, and the permutation's values.
         version = None if perm.is_inference() else perm._version
-        self._index_source = (perm, version, self._buffers["_flat_perm"])
+        self._index_source = (perm, version, self._buffers["_flat_perm"], perm.detach().clone())
 
     # -------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -283,14 +293,17 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         """The index tensors and sizes that the functional forward/backward need.
 
         They are derived from ``permutation`` and rebuilt when it was replaced (``functional_call`` with
-        another layer's state dict) or edited in place since they were built; indices supplied together
-        with it (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given.
+        another layer's state dict) or its values changed since they were built: in place (its version
+        counter), or through ``.data`` or a NumPy view, which no counter sees (a comparison with the values
+        built from, a memcmp on CPU: about a microsecond for 4096 features). Indices supplied together with it
+        (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given.
         """
         buffers = self._buffers  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
         source = self._index_source
         if buffers["_flat_perm"] is source[2] and not _is_compiling():
             permutation = buffers["permutation"]
-            if permutation is not source[0] or (source[1] is not None and permutation._version != source[1]):
+            if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
+                    or not _same_values(permutation, source[3])):
                 self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],
                               buffers["_flat_inverse"], buffers["_input_scatter"], self._transform_length,
