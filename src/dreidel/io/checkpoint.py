@@ -5,18 +5,25 @@ Nothing here unpickles or executes code from a file: the config is parsed as JSO
 is loaded into, and fails with a ``ValueError`` naming the key (the ``from_pretrained`` habit of nanoGPT).
 
 Writes are atomic: the directory is assembled beside the target under a temporary name and renamed into
-place, so a reader never sees a half-written checkpoint and a crash leaves any previous checkpoint intact.
+place, so a reader never sees a half-written checkpoint and a crash leaves any previous checkpoint intact. On
+Linux a checkpoint that already exists is exchanged with the new one in one step (``renameat2`` with
+``RENAME_EXCHANGE``), and a reader opens both files of one directory before reading either
+(``open_checkpoint``): a process loading while another saves gets the old checkpoint or the new one, whole,
+never the config of one with the tensors of the other.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,8 +35,10 @@ from dreidel._files import give_usual_file_mode, staging_dir
 __all__ = [
     "CONFIG_FILE",
     "TENSORS_FILE",
+    "CheckpointFiles",
     "TensorHeader",
     "load_state_strict",
+    "open_checkpoint",
     "read_checkpoint",
     "read_config",
     "read_json_object",
@@ -53,6 +62,8 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         the checkpoint directory as a ``Path``.
     """
     target = Path(path)
+    if target.is_symlink() and not target.exists():  # dangling, or a loop: renaming onto it would fail late
+        raise ValueError(f"path {str(target)!r} is a symbolic link to nothing; refusing to replace it")
     if target.exists() and not _is_checkpoint_dir(target):
         raise ValueError(
             f"path {str(target)!r} exists and is not a dreidel checkpoint directory "
@@ -87,66 +98,146 @@ class TensorHeader:
         return self.dtype.startswith(("F", "BF"))
 
 
+class CheckpointFiles:
+    """The two files of one checkpoint, open (from ``open_checkpoint``): what they hold cannot change under
+    the reader, even if another process replaces the checkpoint at the path meanwhile.
+
+    Messages name the files by their paths in the checkpoint directory.
+    """
+
+    def __init__(self, directory: Path, config_fd: int, tensors_fd: int) -> None:
+        self.config_path, self.tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
+        self._config_fd, self._tensors_fd = config_fd, tensors_fd
+
+    def config(self) -> dict[str, Any]:
+        """The parsed ``config.json`` (see ``read_json_object``)."""
+        return _parse_json_object(_read_fd(self._config_fd), self.config_path)
+
+    def tensor_header(self) -> dict[str, TensorHeader]:
+        """Names, shapes and dtypes of the tensors, from the safetensors header alone (no data read)."""
+        try:
+            with safe_open(_reopenable(self._tensors_fd, self.tensors_path), framework="pt") as handle:
+                slices = {name: handle.get_slice(name) for name in handle.keys()}
+                return {name: TensorHeader(tuple(part.get_shape()), part.get_dtype())
+                        for name, part in slices.items()}
+        except SafetensorError as error:
+            raise ValueError(f"{self.tensors_path} is corrupted or truncated: {error}") from error
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors, as CPU tensors of the dtypes they were saved in."""
+        try:
+            return load_file(_reopenable(self._tensors_fd, self.tensors_path), device="cpu")
+        except SafetensorError as error:
+            raise ValueError(f"{self.tensors_path} is corrupted or truncated: {error}") from error
+
+
+# A writer may exchange the directory and delete the old one between a reader's opening of the directory and
+# of its files; the reader then opens the new one (each try takes microseconds; a writer swaps once per save).
+_OPEN_TRIES = 8
+
+
+@contextmanager
+def open_checkpoint(path: str | os.PathLike) -> Iterator[CheckpointFiles]:
+    """Open both files of the checkpoint directory ``path`` together; they are closed on leaving the block.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or lacks ``config.json`` or ``model.safetensors``.
+    """
+    directory = Path(path)
+    for attempt in range(_OPEN_TRIES):
+        try:
+            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}") from None
+        opened: list[int] = []
+        try:
+            for name in (CONFIG_FILE, TENSORS_FILE):
+                opened.append(os.open(name, os.O_RDONLY, dir_fd=directory_fd))
+        except (FileNotFoundError, IsADirectoryError) as error:
+            for fd in opened:
+                os.close(fd)
+            if isinstance(error, FileNotFoundError) and attempt + 1 < _OPEN_TRIES and _renamed_since(
+                    directory, directory_fd):
+                continue  # a writer put another checkpoint there meanwhile
+            missing = CONFIG_FILE if not opened else TENSORS_FILE
+            raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {missing}") from None
+        finally:
+            os.close(directory_fd)
+        try:
+            yield CheckpointFiles(directory, *opened)
+        finally:
+            for fd in opened:
+                os.close(fd)
+        return
+
+
+def _renamed_since(directory: Path, directory_fd: int) -> bool:
+    """Whether the directory now at ``directory`` is another one than the open ``directory_fd``."""
+    try:
+        now, then = os.stat(directory), os.fstat(directory_fd)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
+
+
+def _read_fd(fd: int) -> bytes:
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        return handle.read()
+
+
+def _reopenable(fd: int, shown: Path) -> str:
+    """A path that opens the file behind ``fd`` (``/proc/self/fd``: the same file even once it is renamed or
+    deleted), for readers that take a path (safetensors); where there is no ``/proc``, the shown path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(shown)
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a checkpoint directory written by ``write_checkpoint``.
 
     Returns:
-        ``(config, tensors)``: the parsed JSON object and a dict of CPU tensors.
+        ``(config, tensors)``: the parsed JSON object and a dict of CPU tensors, from one checkpoint.
 
     Raises:
         FileNotFoundError: ``path`` or one of its two files is missing.
         ValueError: the config is not a JSON object, or the tensor file is corrupted or truncated.
     """
-    return read_config(path), read_tensors(path)
+    with open_checkpoint(path) as files:
+        return files.config(), files.tensors()
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of the checkpoint directory ``path`` (whose tensor file must exist too)."""
-    config_path, _ = _checkpoint_files(path)
-    return read_json_object(config_path)
+    with open_checkpoint(path) as files:
+        return files.config()
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (not UTF-8, not
     JSON, nested too deeply or with integers too long to parse, not an object). ``OSError`` passes through."""
+    return _parse_json_object(path.read_bytes(), path)
+
+
+def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        parsed = json.loads(content.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, long integers
         raise ValueError(f"cannot read {path}: not valid JSON: {type(error).__name__}: {error}") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
 def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
     """Names, shapes and dtypes of the checkpoint's tensors, from the safetensors header alone (no data read)."""
-    _, tensors_path = _checkpoint_files(path)
-    try:
-        with safe_open(str(tensors_path), framework="pt") as handle:
-            slices = {name: handle.get_slice(name) for name in handle.keys()}
-            return {name: TensorHeader(tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
-    except SafetensorError as error:
-        raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
+    with open_checkpoint(path) as files:
+        return files.tensor_header()
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, as CPU tensors of the dtypes they were saved in."""
-    _, tensors_path = _checkpoint_files(path)
-    try:
-        return load_file(str(tensors_path), device="cpu")
-    except SafetensorError as error:
-        raise ValueError(f"{tensors_path} is corrupted or truncated: {error}") from error
-
-
-def _checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}")
-    config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
-    for required in (config_path, tensors_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {required.name}")
-    return config_path, tensors_path
+    with open_checkpoint(path) as files:
+        return files.tensors()
 
 
 def require_config_keys(config: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
@@ -208,10 +299,35 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library or the file system cannot."""
+    renameat2 = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # not supported here: rename in two steps
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # no C library to load by that name: the two-step rename
+    _LIBC = None
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    """Rename ``staging`` to ``target``; an existing ``target`` is exchanged with it in one step where Linux
+    can (then removed), or else moved aside first and removed after."""
     if not target.exists():
         os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old checkpoint
         return
     # rename() cannot replace a non-empty directory, so the old one steps aside under a temporary name
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

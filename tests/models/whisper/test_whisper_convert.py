@@ -254,6 +254,10 @@ def test_load_hf_refuses_a_config_its_tensors_do_not_hold(random_whisper, tmp_pa
     ("decoder/embeddings/weight", torch.zeros(7), "'decoder/embeddings/weight' must have 2 dimensions"),
     ("encoder/num_heads", torch.zeros(0, dtype=torch.int16), "'encoder/num_heads' must hold one value"),
     ("decoder/pre_norm", torch.ones(2, dtype=torch.int8), "'decoder/pre_norm' must hold one value"),
+    ("decoder/pre_norm", torch.tensor(0, dtype=torch.int8), "decoder/pre_norm is 0, but Whisper has 1 .pre-norm"),
+    ("decoder/activation", torch.tensor(0, dtype=torch.int8), "decoder/activation is 0, but Whisper has 3 .GELU"),
+    ("decoder/alibi", torch.tensor(1, dtype=torch.int8), "decoder/alibi is 1, but Whisper has 0"),
+    ("decoder/scale_embeddings", torch.tensor(1, dtype=torch.int8), "decoder/scale_embeddings is 1"),
 ])
 def test_dims_from_malformed_ct2_variables_are_value_errors(random_whisper, name, value, message):
     variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())

@@ -196,6 +196,14 @@ def test_no_speech_threshold_is_validated(tiny_en, threshold):
         transcribe(tiny_en, torch.zeros(1600), no_speech_threshold=threshold)
 
 
+def test_no_speech_threshold_takes_any_real_number_type(tiny_en):
+    import numpy as np
+
+    silence = torch.zeros(1600)
+    as_numpy = transcribe(tiny_en, silence, no_speech_threshold=np.float32(0.6))
+    assert as_numpy.text == transcribe(tiny_en, silence, no_speech_threshold=0.6).text
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quantize_int8_of_a_half_precision_model(tiny_en, dtype):
     """Used to fail at transcription with "expected scalar type Float but found Half"."""

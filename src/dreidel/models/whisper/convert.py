@@ -73,12 +73,22 @@ _CT2_GLOBAL = {
     "decoder/layer_norm/gamma": ("decoder.ln.weight",),
     "decoder/layer_norm/beta": ("decoder.ln.bias",),
 }
-#: Scalars that describe the architecture rather than hold weights; checked by :func:`dims_from_ct2`, not mapped.
+#: Scalars that describe the architecture rather than hold weights; not mapped. The heads give the dimensions,
+#: the flags in _CT2_WHISPER_FLAGS must hold Whisper's values (:func:`dims_from_ct2`), the alignment ones
+#: (word timestamps) are not used.
 CT2_CONFIG_VARIABLES = frozenset({
     "encoder/num_heads", "decoder/num_heads", "decoder/activation", "decoder/alibi", "decoder/alignment_heads",
     "decoder/alignment_layer", "decoder/pre_norm", "decoder/scale_embeddings", "decoder/start_from_zero_embedding",
     "encoder/activation", "encoder/pre_norm", "encoder/scale_embeddings",
 })
+# CTranslate2's value for each flag in a Whisper model.bin, and what it means (ActivationType 3 is GELU).
+_CT2_WHISPER_FLAGS = {
+    "encoder/pre_norm": (1, "pre-norm"), "decoder/pre_norm": (1, "pre-norm"),
+    "encoder/activation": (3, "GELU"), "decoder/activation": (3, "GELU"),
+    "decoder/alibi": (0, "no ALiBi"), "encoder/scale_embeddings": (0, "unscaled embeddings"),
+    "decoder/scale_embeddings": (0, "unscaled embeddings"),
+    "decoder/start_from_zero_embedding": (0, "no zero start embedding"),
+}
 _CT2_TIED_OUTPUT = "decoder/projection/weight"  # an alias of the token embedding in every Whisper model.bin
 
 
@@ -220,8 +230,10 @@ def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> Wh
                  "decoder/position_encodings/encodings"):
         if name not in variables:
             raise ValueError(f"{source}: missing tensor {name!r}")
-    if "decoder/pre_norm" in variables and not _scalar(variables, "decoder/pre_norm", source):
-        raise ValueError(f"{source}: decoder/pre_norm is false; Whisper is pre-norm")
+    for name, (required, meaning) in _CT2_WHISPER_FLAGS.items():
+        if name in variables and _scalar(variables, name, source) != required:
+            raise ValueError(f"{source}: {name} is {_scalar(variables, name, source)}, but Whisper has {required} "
+                             f"({meaning}); this model is not a Whisper dreidel can run")
     conv1 = _shape(variables, "encoder/conv1/weight", 3, source)
     embedding = _shape(variables, "decoder/embeddings/weight", 2, source)
     return WhisperDimensions(

@@ -8,6 +8,7 @@ one static cache.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ class DecodingOptions:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         threshold = self.no_speech_threshold
         if threshold is not None:
-            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
+            if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
                 raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got {threshold!r}")
             if self.no_speech is None:
                 raise ValueError("no_speech_threshold needs the no-speech token id (no_speech); this vocabulary "
