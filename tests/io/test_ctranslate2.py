@@ -193,6 +193,26 @@ def test_missing_file(tmp_path):
         read_ctranslate2(tmp_path)
 
 
+@pytest.mark.parametrize("change", [-8, 8])
+def test_a_file_that_changes_size_while_read_is_a_value_error(small_file, monkeypatch, change):
+    import os
+    from pathlib import Path
+
+    real_stat = Path.stat
+
+    def stat_as_before_the_change(self, *args, **kwargs):  # the size seen before another process changed it
+        result = real_stat(self, *args, **kwargs)
+        if self == small_file:
+            fields = list(result)
+            fields[6] += change  # st_size
+            return os.stat_result(fields)
+        return result
+
+    monkeypatch.setattr(Path, "stat", stat_as_before_the_change)
+    with pytest.raises(ValueError, match="changed size while it was being read"):
+        read_ctranslate2(small_file)
+
+
 def test_every_truncation_is_a_value_error(small_file):
     data = small_file.read_bytes()
     for cut in range(len(data)):

@@ -26,7 +26,6 @@ Quantised weights carry a companion ``<name>_scale`` (int8: one float per output
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 import struct
@@ -155,21 +154,22 @@ class _Cursor:
             raise self.fail(f"{what} is not valid UTF-8 ({error})") from None
 
 
-def _open_buffer(paths: Sequence[Path]):
-    """One file -> a read-only mmap; several parts -> their bytes concatenated in order."""
+def _open_buffer(paths: Sequence[Path]) -> bytearray:
+    """The bytes of the parts concatenated in order, read into memory (every variable is copied out of them
+    anyway). Not a memory map: a file truncated by another process while mapped would kill this one with
+    SIGBUS where a read gives a clear error."""
     for path in paths:
         if not path.is_file():
             raise ValueError(f"CTranslate2 model file not found: {path}")
-    if len(paths) == 1:
-        with open(paths[0], "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                return b""
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    buffer = bytearray(sum(path.stat().st_size for path in paths))
+    sizes = [path.stat().st_size for path in paths]
+    buffer = bytearray(sum(sizes))
     view, offset = memoryview(buffer), 0
-    for path in paths:
+    for path, size in zip(paths, sizes):
         with open(path, "rb") as handle:
-            offset += handle.readinto(view[offset:])
+            got = handle.readinto(view[offset:offset + size])
+            if got != size or handle.read(1):
+                raise ValueError(f"{path} changed size while it was being read ({size} bytes, then {got})")
+        offset += size
     return buffer
 
 
@@ -265,35 +265,31 @@ def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTra
     paths = _resolve_paths(path)
     source = str(paths[0]) if len(paths) == 1 else " + ".join(str(p) for p in paths)
     buffer = _open_buffer(paths)
-    try:
-        cursor = _Cursor(buffer, source)
-        binary_version = cursor.u32("binary version")
-        if binary_version not in SUPPORTED_BINARY_VERSIONS:
-            raise ValueError(f"{source}: not a CTranslate2 model.bin or an unsupported binary version "
-                             f"{binary_version} (supported: 1 to {SUPPORTED_BINARY_VERSIONS[-1]})")
-        spec, revision = "", 1
-        if binary_version >= 2:
-            spec = cursor.string("spec name")
-            revision = cursor.u32("spec revision")
-        n_variables = cursor.u32("variable count")
-        raw: dict[str, torch.Tensor] = {}
-        raw_dtypes: dict[str, str] = {}
-        for index in range(n_variables):
-            name, stored_dtype, tensor = _read_variable(cursor, binary_version, index)
-            if name in raw:
-                raise cursor.fail(f"variable {name!r} appears twice")
-            raw[name], raw_dtypes[name] = tensor, stored_dtype
-        aliases: dict[str, str] = {}
-        if binary_version >= 3:
-            n_aliases = cursor.u32("alias count")
-            for index in range(n_aliases):
-                alias = cursor.string(f"alias #{index}")
-                aliases[alias] = cursor.string(f"target of alias {alias!r}")
-        if cursor.offset != cursor.size:
-            raise cursor.fail(f"{cursor.size - cursor.offset} unexpected trailing bytes")
-    finally:
-        if isinstance(buffer, mmap.mmap):
-            buffer.close()
+    cursor = _Cursor(buffer, source)
+    binary_version = cursor.u32("binary version")
+    if binary_version not in SUPPORTED_BINARY_VERSIONS:
+        raise ValueError(f"{source}: not a CTranslate2 model.bin or an unsupported binary version "
+                         f"{binary_version} (supported: 1 to {SUPPORTED_BINARY_VERSIONS[-1]})")
+    spec, revision = "", 1
+    if binary_version >= 2:
+        spec = cursor.string("spec name")
+        revision = cursor.u32("spec revision")
+    n_variables = cursor.u32("variable count")
+    raw: dict[str, torch.Tensor] = {}
+    raw_dtypes: dict[str, str] = {}
+    for index in range(n_variables):
+        name, stored_dtype, tensor = _read_variable(cursor, binary_version, index)
+        if name in raw:
+            raise cursor.fail(f"variable {name!r} appears twice")
+        raw[name], raw_dtypes[name] = tensor, stored_dtype
+    aliases: dict[str, str] = {}
+    if binary_version >= 3:
+        n_aliases = cursor.u32("alias count")
+        for index in range(n_aliases):
+            alias = cursor.string(f"alias #{index}")
+            aliases[alias] = cursor.string(f"target of alias {alias!r}")
+    if cursor.offset != cursor.size:
+        raise cursor.fail(f"{cursor.size - cursor.offset} unexpected trailing bytes")
     for alias, target in aliases.items():
         if target not in raw and target not in aliases:
             raise ValueError(f"{source}: alias {alias!r} points to unknown variable {target!r}")
