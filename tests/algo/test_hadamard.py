@@ -56,10 +56,10 @@ def test_nearest_lengths():
 def test_hadamard_matrix_rejects_bad_length():
     with pytest.raises(ValueError, match="n=100"):
         hadamard_matrix(100)
-    for bad in (True, 4.0, "4"):
+    for bad in (True, 4.0, "4", torch.tensor(4.0), torch.tensor(True)):
         with pytest.raises(TypeError, match="n must be an int"):
             hadamard_matrix(bad)
-    assert not is_hadamard_length(True)
+        assert not is_hadamard_length(bad)
 
 
 @pytest.mark.parametrize("n", [np.int64(12), np.int32(4), torch.tensor(40)])

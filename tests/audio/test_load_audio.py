@@ -120,3 +120,11 @@ def test_a_header_claiming_an_absurd_rate_is_refused_before_resampling(tmp_path)
 
 def test_the_highest_rate_loads():
     assert load_audio(np.zeros(76_800, dtype=np.float32), sample_rate=768_000).shape == (1600,)
+
+
+def test_a_rate_needing_a_huge_filter_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "odd.wav"
+    soundfile.write(path, np.zeros(767_999 // 10, dtype=np.int16), 767_999)
+    with pytest.raises(ValueError, match="needs 16000 filter phases") as raised:
+        load_audio(path)
+    assert str(raised.value).startswith(str(path))

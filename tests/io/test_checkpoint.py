@@ -94,34 +94,38 @@ def test_existing_checkpoint_is_replaced_in_either_way(tmp_path, tensors, monkey
 
 
 _WRITER = """
-import sys, time, torch
+import sys, torch
 from dreidel.io.checkpoint import write_checkpoint
-path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
-while time.monotonic() < until:
-    for version in (1, 2):
-        write_checkpoint(path, {"version": version}, {"v": torch.full((64,), float(version))})
+path, saves = sys.argv[1], int(sys.argv[2])
+write_checkpoint(path, {"version": 2}, {"v": torch.full((64,), 2.0)})
+print("started", flush=True)
+for save in range(saves):
+    version = 1 + save % 2
+    write_checkpoint(path, {"version": version}, {"v": torch.full((64,), float(version))})
 """
 
 
-@pytest.mark.skipif(checkpoint_module._LIBC is None
-                    or not hasattr(checkpoint_module._LIBC, "renameat2"), reason="needs Linux renameat2")
+@pytest.mark.skipif(checkpoint_module._LIBC is None or not hasattr(checkpoint_module._LIBC, "renameat2"),
+                    reason="needs Linux renameat2")
 def test_a_reader_never_mixes_two_checkpoints_while_another_process_saves(tmp_path):
     import subprocess
     import sys
-    import time
 
     path = tmp_path / "m"
     write_checkpoint(path, {"version": 1}, {"v": torch.full((64,), 1.0)})
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "3"])
-    loads, until = 0, time.monotonic() + 2.5
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "400"], stdout=subprocess.PIPE, text=True)
     try:
-        while time.monotonic() < until:
+        assert writer.stdout.readline().strip() == "started"  # the reading overlaps the saves from here
+        changes, last = 0, None
+        while writer.poll() is None:
             config, loaded = read_checkpoint(path)  # raises if a file is missing
             assert torch.equal(loaded["v"], torch.full((64,), float(config["version"])))  # one checkpoint's pair
-            loads += 1
+            changes += config["version"] != last
+            last = config["version"]
     finally:
-        writer.wait(timeout=30)
-    assert writer.returncode == 0 and loads > 10
+        writer.wait(timeout=60)
+    assert writer.returncode == 0
+    assert changes >= 10, f"the reader saw the checkpoint change only {changes} times: the test did not overlap"
 
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
@@ -197,6 +201,49 @@ def test_missing_file_names_it(tmp_path, tensors, missing):
         read_checkpoint(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         read_checkpoint(tmp_path / "absent")
+
+
+def _open_descriptors() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("name", [CONFIG_FILE, TENSORS_FILE])
+@pytest.mark.parametrize("damage, error, message", [
+    ("directory", FileNotFoundError, "not a regular file"),
+    ("fifo", FileNotFoundError, "not a regular file"),  # would block an open without O_NONBLOCK
+    ("link-loop", OSError, ""),
+])
+def test_damaged_files_are_refused_without_leaking_descriptors(tmp_path, tensors, name, damage, error, message):
+    import os
+
+    write_checkpoint(tmp_path / "m", {}, tensors)
+    target = tmp_path / "m" / name
+    target.unlink()
+    if damage == "directory":
+        target.mkdir()
+    elif damage == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(target.name)
+    before = _open_descriptors()
+    for _ in range(20):
+        with pytest.raises(error, match=message):
+            read_checkpoint(tmp_path / "m")
+    assert _open_descriptors() == before
+
+
+def test_open_checkpoint_files_read_again_and_refuse_after_the_block(tmp_path, tensors):
+    from dreidel.io import open_checkpoint
+
+    write_checkpoint(tmp_path / "m", {"version": 7}, tensors)
+    with open_checkpoint(tmp_path / "m") as files:
+        assert files.config() == files.config() == {"version": 7}
+        assert set(files.tensor_header()) == set(files.tensors()) == set(tensors)
+    with pytest.raises(ValueError, match="closed"):
+        files.config()
 
 
 def test_require_config_keys_names_the_key():

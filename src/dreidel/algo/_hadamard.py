@@ -36,13 +36,20 @@ HADAMARD_FACTORS = (1, 12, 20, 28)
 MAX_POW2_LOG2 = 30
 
 
-def hadamard_factor(n: int) -> tuple[int, int] | None:
-    """Return ``(m, 2^k)`` with ``n = m * 2^k`` for a supported length, else ``None``."""
-    if isinstance(n, bool):
+def _integer(n: object) -> int | None:
+    """``n`` as an int when it is an integer of any type (NumPy's, a 0-d integer tensor), not a bool; else None."""
+    if isinstance(n, bool) or (isinstance(n, torch.Tensor) and n.dtype == torch.bool):
         return None
     try:
-        n = operator.index(n)  # any integer type (NumPy's, a 0-d integer tensor)
+        return operator.index(n)
     except TypeError:
+        return None
+
+
+def hadamard_factor(n: int) -> tuple[int, int] | None:
+    """Return ``(m, 2^k)`` with ``n = m * 2^k`` for a supported length, else ``None``."""
+    n = _integer(n)
+    if n is None:
         return None
     if n < 1:
         return None
@@ -154,8 +161,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
     Entries are ±1, ``H`` is symmetric and ``H² = n I``. Meant for tests and small layers: it costs ``n²`` memory.
     """
-    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if _integer(n) is None:
+        raise TypeError(f"n must be an int, got {type(n).__name__} {n!r:.40}")
     factor = hadamard_factor(n)
     if factor is None:
         raise ValueError(f"n={n} is not a supported Hadamard length (m * 2^k, m in {HADAMARD_FACTORS})")

@@ -62,7 +62,9 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
 
     Raises:
         ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
-            not a positive integer up to ``MAX_SAMPLE_RATE`` (768 kHz).
+            not a positive integer up to ``MAX_SAMPLE_RATE`` (768 kHz), or one above about 660 kHz sharing so
+            few factors with 16 kHz that its filter table would take hundreds of MB (see ``resample``; every
+            rate audio is recorded at, 768 kHz included, shares many).
     """
     if isinstance(path_or_array, (str, os.PathLike)):
         if sample_rate is not None:
@@ -93,4 +95,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     if not torch.isfinite(waveform).all():
         where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
         raise ValueError(f"{where}audio contains NaN or infinite samples")
-    return resample(waveform.to(torch.float32), int(rate), SAMPLE_RATE).contiguous()
+    try:
+        return resample(waveform.to(torch.float32), int(rate), SAMPLE_RATE).contiguous()
+    except ValueError as error:  # a rate sharing too few factors with 16 kHz (see resample)
+        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
+        raise ValueError(f"{where}{error}") from None

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,24 +100,30 @@ class TensorHeader:
 
 
 class CheckpointFiles:
-    """The two files of one checkpoint, open (from ``open_checkpoint``): what they hold cannot change under
-    the reader, even if another process replaces the checkpoint at the path meanwhile.
+    """The two files of one checkpoint, open (from ``open_checkpoint``, usable inside its ``with`` block): what
+    they hold cannot change under the reader, even if another process replaces the checkpoint at the path.
 
     Messages name the files by their paths in the checkpoint directory.
     """
 
     def __init__(self, directory: Path, config_fd: int, tensors_fd: int) -> None:
         self.config_path, self.tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
-        self._config_fd, self._tensors_fd = config_fd, tensors_fd
+        self._fds: tuple[int, int] | None = (config_fd, tensors_fd)
+
+    def _fd(self, index: int) -> int:
+        if self._fds is None:
+            raise ValueError(f"the files of checkpoint {str(self.config_path.parent)!r} are closed: use them inside "
+                             f"the with block of open_checkpoint")
+        return self._fds[index]
 
     def config(self) -> dict[str, Any]:
         """The parsed ``config.json`` (see ``read_json_object``)."""
-        return _parse_json_object(_read_fd(self._config_fd), self.config_path)
+        return _parse_json_object(_read_whole(self._fd(0)), self.config_path)
 
     def tensor_header(self) -> dict[str, TensorHeader]:
         """Names, shapes and dtypes of the tensors, from the safetensors header alone (no data read)."""
         try:
-            with safe_open(_reopenable(self._tensors_fd, self.tensors_path), framework="pt") as handle:
+            with safe_open(_reopenable(self._fd(1), self.tensors_path), framework="pt") as handle:
                 slices = {name: handle.get_slice(name) for name in handle.keys()}
                 return {name: TensorHeader(tuple(part.get_shape()), part.get_dtype())
                         for name, part in slices.items()}
@@ -126,9 +133,15 @@ class CheckpointFiles:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, as CPU tensors of the dtypes they were saved in."""
         try:
-            return load_file(_reopenable(self._tensors_fd, self.tensors_path), device="cpu")
+            return load_file(_reopenable(self._fd(1), self.tensors_path), device="cpu")
         except SafetensorError as error:
             raise ValueError(f"{self.tensors_path} is corrupted or truncated: {error}") from error
+
+    def _close(self) -> None:
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
 
 
 # A writer may exchange the directory and delete the old one between a reader's opening of the directory and
@@ -141,34 +154,51 @@ def open_checkpoint(path: str | os.PathLike) -> Iterator[CheckpointFiles]:
     """Open both files of the checkpoint directory ``path`` together; they are closed on leaving the block.
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory, or lacks ``config.json`` or ``model.safetensors``.
+        FileNotFoundError: ``path`` is not a directory, or lacks ``config.json`` or ``model.safetensors`` as
+            regular files.
     """
     directory = Path(path)
     for attempt in range(_OPEN_TRIES):
+        opened = _open_files(directory)
+        if opened is None:
+            continue  # a writer put another checkpoint there meanwhile
+        files = CheckpointFiles(directory, *opened)
         try:
-            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}") from None
-        opened: list[int] = []
-        try:
-            for name in (CONFIG_FILE, TENSORS_FILE):
-                opened.append(os.open(name, os.O_RDONLY, dir_fd=directory_fd))
-        except (FileNotFoundError, IsADirectoryError) as error:
-            for fd in opened:
-                os.close(fd)
-            if isinstance(error, FileNotFoundError) and attempt + 1 < _OPEN_TRIES and _renamed_since(
-                    directory, directory_fd):
-                continue  # a writer put another checkpoint there meanwhile
-            missing = CONFIG_FILE if not opened else TENSORS_FILE
-            raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {missing}") from None
+            yield files
         finally:
-            os.close(directory_fd)
-        try:
-            yield CheckpointFiles(directory, *opened)
-        finally:
-            for fd in opened:
-                os.close(fd)
+            files._close()
         return
+    raise FileNotFoundError(f"checkpoint {str(directory)!r} kept being replaced while it was opened")
+
+
+def _open_files(directory: Path) -> tuple[int, int] | None:
+    """The two files' descriptors, or None when the directory was replaced between its opening and theirs."""
+    try:
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}") from None
+    opened: list[int] = []
+    try:
+        for name in (CONFIG_FILE, TENSORS_FILE):
+            try:
+                # O_NONBLOCK: a FIFO put there must not block the open (it is refused just below)
+                fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory_fd)
+            except FileNotFoundError:
+                if _renamed_since(directory, directory_fd):
+                    for fd in opened:
+                        os.close(fd)
+                    return None
+                raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}") from None
+            opened.append(fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name} (not a regular file)")
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    finally:
+        os.close(directory_fd)
+    return opened[0], opened[1]
 
 
 def _renamed_since(directory: Path, directory_fd: int) -> bool:
@@ -180,9 +210,13 @@ def _renamed_since(directory: Path, directory_fd: int) -> bool:
     return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
 
 
-def _read_fd(fd: int) -> bytes:
-    with os.fdopen(os.dup(fd), "rb") as handle:
-        return handle.read()
+def _read_whole(fd: int) -> bytes:
+    """All of the open file ``fd``, from its start whatever its offset (pread: the offset is left alone)."""
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _reopenable(fd: int, shown: Path) -> str:
