@@ -49,11 +49,22 @@ def test_early_stopping_restores_best_weights(digits):
     assert not torch.equal(snapshots[0]["0.weight"], snapshots[1]["0.weight"])
 
 
-def test_monitoring_an_unlogged_key_is_an_error(digits):
+def test_monitoring_an_unlogged_key_is_an_error_before_training(digits):
     x, y, *_ = digits
     model = _model().compile("sgd", lr=0.01)
-    with pytest.raises(ValueError, match="monitor 'val_loss' is not logged"):
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="EarlyStopping: monitor is 'val_loss', which fit will not log"):
         model.fit(x, y, epochs=2, callbacks=[api.EarlyStopping()], verbose=0)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # stopped before the first step
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(min_delta=float("nan")), "min_delta must be a finite number"),
+                                             (dict(min_delta="0.1"), "min_delta must be a finite number"),
+                                             (dict(patience=True), "patience must be a non-negative int"),
+                                             (dict(patience=-1), "patience must be a non-negative int")])
+def test_early_stopping_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        api.EarlyStopping(**kwargs)
 
 
 def test_model_checkpoint_writes_loadable_models(tmp_path, digits):
@@ -92,7 +103,9 @@ def test_model_checkpoint_names_a_missing_metric_before_training(tmp_path, digit
 
 @pytest.mark.parametrize("path, message", [("ck/{}", "placeholders must name a logged key"),
                                            ("ck/{0}", "placeholders must name a logged key"),
-                                           ("ck/{loss", "not a valid format string")])
+                                           ("ck/{loss", "not a valid format string"),
+                                           ("ck/{epoch:zz}", "not a valid format string for the logged numbers"),
+                                           ("ck/{loss.real.x}", "not a valid format string for the logged numbers")])
 def test_model_checkpoint_rejects_malformed_paths(path, message):
     with pytest.raises(ValueError, match=message):
         api.ModelCheckpoint(path)

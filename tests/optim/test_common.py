@@ -424,3 +424,105 @@ def test_old_factored_state_loads_into_exact_mode_with_fresh_inverses():
     kron = torch.kron(factors["G"], factors["A"]) + opt.damping * torch.eye(gamma.numel())
     expected = torch.linalg.solve(kron, gamma.reshape(-1)).reshape(gamma.shape)
     torch.testing.assert_close(before - layer.weight.detach(), expected[:, :4])
+
+
+def _forward_hooks(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hooks_go_with_the_optimizer(name):
+    import gc
+
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    assert _forward_hooks(model) > 0
+    optimizer.remove_hooks()
+    assert _forward_hooks(model) == 0
+    for _ in range(5):
+        CONFIGS[name](model)  # dropped at once
+    gc.collect()
+    assert _forward_hooks(model) == 0
+
+
+def test_forward_passes_without_steps_keep_a_bounded_record():
+    model = make_model()
+    optimizer = KFAC(model)  # armed for its first step
+    x, y = batches(1)[0]
+    with pytest.warns(UserWarning, match="more than 64 forward passes"):
+        for _ in range(80):
+            F.cross_entropy(model(x), y).backward()
+    assert max(len(records) for records in optimizer.capture.records.values()) == 64
+
+
+def test_recompiling_a_sequential_detaches_the_old_optimizers_hooks():
+    import dreidel as dr
+
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model = dr.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model.compile("kfac")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    old = model.optimizer
+    model.compile("diagonal_newton")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert not old.capture.records and not old.capture._handles
+    assert _forward_hooks(model) == len(model.optimizer.capture._handles)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "kfac_sampled", "dn_hutchinson", "dn_gauss_newton_sampled"])
+@pytest.mark.parametrize("bad", ["vector", "float"])
+def test_a_closure_not_returning_a_scalar_loss_is_refused_before_any_update(name, bad):
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    before = copy.deepcopy(model.state_dict())
+
+    def closure():
+        if bad == "float":
+            return float(F.cross_entropy(model(x), y))
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if not optimizer.closure_required(0):
+        pytest.skip("this configuration calls no closure on its first step")
+    with pytest.raises(ValueError, match="closure\\(\\) must return the loss as a one-element tensor"):
+        optimizer.step(closure)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_diagonal_newton_takes_a_one_element_tensor_lr():
+    results = []
+    for lr in (0.1, torch.tensor([0.1])):
+        model = make_model()
+        optimizer = DiagonalNewton(model, lr=lr)
+        for x, y in batches(3):
+            train_step(model, optimizer, F.cross_entropy, x, y)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_diagonal_newton_keeps_a_float16_models_curvature_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 200)).half()
+    optimizer = DiagonalNewton(model, damping=1e-9, curvature_every=1)
+    x, y = torch.randn(16, 100).half() * 0.05, torch.randn(16, 200).half() * 0.05
+    optimizer.zero_grad()
+    F.mse_loss(model(x).float(), y.float()).backward()
+    optimizer.step()
+    curvature = optimizer.state[model[0].weight]["curvature"]
+    assert curvature.dtype == torch.float32 and curvature.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_zero_grad_between_forward_and_backward_warns_that_curvature_is_lost(name):
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()  # drops the inputs the forward pass just recorded
+    loss.backward()
+    with pytest.warns(UserWarning, match="no layer inputs were recorded .* Call optimizer.zero_grad\\(\\) before"):
+        optimizer.step(lambda: F.cross_entropy(model(x), y))

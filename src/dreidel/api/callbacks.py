@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import math
+import numbers
 import os
 import re
 import string
@@ -69,9 +70,11 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
                  restore_best_weights: bool = False) -> None:
-        if not isinstance(patience, int) or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be a non-negative int, got {patience!r}")
-        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta):
+            raise ValueError(f"min_delta must be a finite number, got {min_delta!r}")
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
         self.restore_best_weights = restore_best_weights
         self._improves = _improves(mode, monitor)
         self.best: float | None = None
@@ -79,6 +82,12 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
         self._wait = 0
         self._best_state: dict[str, torch.Tensor] | None = None
+
+    def check_log_keys(self, keys: list[str]) -> None:
+        if self.monitor not in keys:
+            hint = " (val_* keys need validation_data or validation_split)" if self.monitor.startswith("val_") else ""
+            raise ValueError(f"EarlyStopping: monitor is {self.monitor!r}, which fit will not log{hint}; logged keys: "
+                             f"{keys}")
 
     def on_train_begin(self, model) -> None:
         self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = None, None, None, 0, None
@@ -122,6 +131,11 @@ class ModelCheckpoint(Callback):
         if "" in fields or any(field[0].isdigit() for field in fields if field):
             raise ValueError(f"path {self.path!r}: placeholders must name a logged key, e.g. {{epoch}} or {{val_loss}}")
         self._path_keys = list(dict.fromkeys(re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields))
+        try:  # a bad format spec ({epoch:zz}) would otherwise fail only after the first epoch's training
+            self.path.format(**{key: 1 if key == "epoch" else 0.5 for key in self._path_keys})
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as error:
+            raise ValueError(f"path {self.path!r} is not a valid format string for the logged numbers: "
+                             f"{type(error).__name__}: {error}") from None
 
     def check_log_keys(self, keys: list[str]) -> None:
         needed = [key for key in self._path_keys if key != "epoch"]

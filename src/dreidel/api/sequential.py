@@ -84,6 +84,8 @@ class Sequential(nn.Sequential):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
         self.append(layer)
         if self._compiled is not None and not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
+            if hasattr(self._compiled.optimizer, "remove_hooks"):
+                self._compiled.optimizer.remove_hooks()
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
         return self
 
@@ -152,6 +154,9 @@ class Sequential(nn.Sequential):
             raise ValueError(f"optimizer_kwargs: an optimizer instance takes no extra arguments, got {sorted(optimizer_kwargs)}")
         if not isinstance(optimizer, (str, torch.optim.Optimizer)) and not callable(optimizer):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
+        replaced = self.optimizer
+        if replaced is not None and replaced is not optimizer and hasattr(replaced, "remove_hooks"):
+            replaced.remove_hooks()  # a curvature optimizer's hooks would keep recording every forward pass
         self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss),
                                    [resolve_metric(m) for m in metrics])
         if self.is_built and len(self):

@@ -40,6 +40,10 @@ class RecordingClosure:
         grads = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
         try:
             loss = self.closure()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"closure() must return the loss as a one-element tensor (the graph's root, "
+                                 f"e.g. loss_fn(model(x), y) with its default mean reduction), got {got}")
         except RuntimeError as error:
             # Evaluations that need no graph (the damping checks) run without grad, where a closure's own
             # backward() fails inside torch before the check below could name the cause.
@@ -76,7 +80,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     got none raises ``ValueError``; so does a step with a closure but no gradient at all (torch's
     LBFGS convention of calling ``backward`` inside the closure). ``step`` returns the loss of its
     first closure evaluation, or None when it made none. The optimizer's own closure calls leave
-    the model's running statistics (BatchNorm) as the training step's forward left them.
+    the model's running statistics (BatchNorm) as the training step's forward left them, where the
+    optimizer was given the model (``DiagonalNewton(model)``): from a list of parameters it cannot
+    find them, and a closure call updates them as any forward pass in train mode does.
     ``zero_grad()`` also drops the layer inputs recorded by forward
     passes since the previous step (e.g. a validation pass run with grad enabled).
 
@@ -112,6 +118,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if capture is not None:
             capture.clear()
         super().zero_grad(set_to_none)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks that record layer inputs for the curvature, and drop what they recorded. Call it
+        when training with this optimizer is over; it cannot step its curvature afterwards. (Hooks of an
+        optimizer that is no longer referenced go away with it.)"""
+        capture = self._capture_or_none()
+        if capture is not None:
+            capture.remove()
 
     def _capture_or_none(self):
         """The subclass's activation capture, if it has one."""

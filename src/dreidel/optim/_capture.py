@@ -7,6 +7,8 @@ gradients are outer products ``g_i a_i^T``) and ``nn.LayerNorm`` (``g_i * x_hat_
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +62,13 @@ class ActivationCapture:
     1 for a 0-d one), which scales the empirical Fisher whatever the model returns (a tuple, a dict);
     1 when a watched layer saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or (C, H, W)
     Conv2d input), which is a batch of one. Call ``clear()`` after using the records and ``remove()``
-    to detach the hooks.
+    to detach the hooks. The hooks hold the capture only weakly: once nothing else refers to it (its
+    optimizer was dropped), they are removed. At most ``MAX_RECORDS`` calls per module are kept between two
+    ``clear()``s (forward passes with gradients but no optimizer step, e.g. after training, would otherwise
+    pile up copies of their inputs); beyond that the oldest are dropped, with one warning.
     """
+
+    MAX_RECORDS = 64
 
     root: nn.Module | None
     modules: list[nn.Module]
@@ -71,12 +78,26 @@ class ActivationCapture:
     batch_size: int | None = None
     unbatched: bool = False
     _handles: list = field(default_factory=list)
+    _warned_full: bool = False
 
     def __post_init__(self) -> None:
+        this = weakref.ref(self)
+
+        def on_forward(module: nn.Module, inputs: tuple, output: object) -> None:
+            capture = this()
+            if capture is not None:
+                capture._on_forward(module, inputs, output)
+
+        def on_root_forward(module: nn.Module, inputs: tuple, output: object) -> None:
+            capture = this()
+            if capture is not None:
+                capture._on_root_forward(module, inputs, output)
+
         for module in self.modules:
-            self._handles.append(module.register_forward_hook(self._on_forward))
+            self._handles.append(module.register_forward_hook(on_forward))
         if self.root is not None:
-            self._handles.append(self.root.register_forward_hook(self._on_root_forward))
+            self._handles.append(self.root.register_forward_hook(on_root_forward))
+        weakref.finalize(self, _remove_handles, self._handles)
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -88,7 +109,16 @@ class ActivationCapture:
         if not output.requires_grad:
             return
         record = LayerRecord(tuple(working_precision(x.detach()) if isinstance(x, torch.Tensor) else x for x in inputs))
-        self.records.setdefault(module, []).append(record)
+        kept = self.records.setdefault(module, [])
+        if len(kept) >= self.MAX_RECORDS:
+            del kept[0]
+            if not self._warned_full:
+                self._warned_full = True
+                warnings.warn(f"curvature capture: more than {self.MAX_RECORDS} forward passes of a layer since the "
+                              "optimizer's last step or zero_grad(); the oldest records are dropped. Forward passes "
+                              "with gradients outside training keep recording: call optimizer.zero_grad() first, "
+                              "or optimizer.remove_hooks() once training is over", stacklevel=3)
+        kept.append(record)
 
         def keep_grad(grad: torch.Tensor) -> None:
             record.grad_output = working_precision(grad.detach())
@@ -115,9 +145,21 @@ class ActivationCapture:
         self.unbatched = False
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        _remove_handles(self._handles)
+        self.clear()
+
+
+def warn_no_records(optimizer: str, step: int) -> None:
+    """Warn that a step meant to use recorded layer inputs found none (once per call site and step kind)."""
+    warnings.warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
+                  "or skips the update: zero_grad() between the forward pass and backward() drops them. Call "
+                  "optimizer.zero_grad() before the forward pass", stacklevel=4)
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _is_per_sample_module(module: nn.Module) -> bool:

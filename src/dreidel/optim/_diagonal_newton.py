@@ -23,10 +23,12 @@ from torch import nn
 from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
 from dreidel.optim._capture import (
     ActivationCapture,
+    curvature_dtype,
     parameter_owners,
     per_sample_modules,
     squared_grad_sums,
     summed_per_sample_grads,
+    warn_no_records,
     working_precision,
 )
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -242,6 +244,8 @@ class DiagonalNewton(CurvatureOptimizer):
         if self.likelihood == "empirical":
             batch = capture.batch_size or 1
             fallback = {p: batch * working_precision(p.grad) ** 2 for p in params}
+            if capture.modules and not any(capture.complete_records(m) for m in capture.modules):
+                warn_no_records("DiagonalNewton", self.steps_taken)
         else:
             capture.clear()
             capture.enabled = True
@@ -303,7 +307,9 @@ class DiagonalNewton(CurvatureOptimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(exp_avg=torch.zeros_like(p), curvature=torch.zeros_like(p), step=0,
+                    # The curvature in float32 for low-precision parameters: squared gradients underflow float16.
+                    state.update(exp_avg=torch.zeros_like(p), step=0,
+                                 curvature=torch.zeros_like(p, dtype=curvature_dtype(p.dtype)),
                                  curvature_updates=0)
                 # Counts are per parameter: one that first gets a gradient mid-run is bias-corrected by
                 # its own updates, and until a refresh estimates it, its curvature is B g^2 of this gradient.
@@ -320,7 +326,8 @@ class DiagonalNewton(CurvatureOptimizer):
                 h = state["curvature"] / max(1 - beta2 ** state["curvature_updates"], 1e-12)
                 newton = m / (h + group["damping"]).clamp_min(group["eps"])
                 newton = torch.nan_to_num(newton.clamp_(-group["clip"], group["clip"]), nan=0.0)
+                lr = float(group["lr"])  # a one-element tensor lr too (add_ takes only a number as alpha)
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(newton, alpha=-group["lr"])
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(newton.to(p.dtype), alpha=-lr)
         self._arm_capture()

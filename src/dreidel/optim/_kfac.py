@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
-from dreidel.optim._capture import ActivationCapture, curvature_dtype
+from dreidel.optim._capture import ActivationCapture, curvature_dtype, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
@@ -319,6 +319,9 @@ class KFAC(CurvatureOptimizer):
         else:
             loss0 = self._sampled_backward(closure, params)
             grad_scale = 1.0
+        if self.likelihood == "empirical" and self.blocks and not any(
+                self.capture.complete_records(block.module) for block in self.blocks):
+            warn_no_records("K-FAC", self.progress["step"])
         failed = []
         for block in self.blocks:
             records = self.capture.complete_records(block.module)
