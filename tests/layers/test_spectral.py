@@ -232,6 +232,21 @@ def test_lazy_layers_can_be_copied_and_pickled_before_their_first_forward(depth)
         torch.testing.assert_close(y, x @ spectral_matrix(clone).T.float() + clone.bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_per_sample_grads_of_a_low_precision_layer_from_float32_records(dtype, depth):
+    # Curvature optimizers record float32 copies of a low-precision layer's input and output gradient.
+    torch.manual_seed(0)
+    layer = DeepSpectralLinear(8, 16, depth=depth, activation="tanh").to(dtype)
+    exact = DeepSpectralLinear(8, 16, depth=depth, activation="tanh")
+    exact.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+    x, grad = torch.randn(5, 8).to(dtype).float(), torch.randn(5, 16)
+    got, expected = layer.per_sample_grads((x,), grad), exact.per_sample_grads((x,), grad)
+    for (name, p), q in zip(layer.named_parameters(), exact.parameters()):
+        assert got[p].dtype == torch.float32, name
+        torch.testing.assert_close(got[p], expected[q], msg=name)
+
+
 def test_per_sample_grads_rejects_mismatched_shapes():
     layer = make_layer(10, 6, 1)
     with pytest.raises(ValueError, match="grad_output must have shape"):

@@ -526,3 +526,17 @@ def test_zero_grad_between_forward_and_backward_warns_that_curvature_is_lost(nam
     loss.backward()
     with pytest.warns(UserWarning, match="no layer inputs were recorded .* Call optimizer.zero_grad\\(\\) before"):
         optimizer.step(lambda: F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("name", ["dn_empirical", "kfac_empirical", "dn_gauss_newton_sampled", "kfac_sampled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_with_spectral_layers_train(name, dtype):
+    from dreidel.layers import LinearWHT
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearWHT(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    optimizer = CONFIGS[name](model)
+    for x, y in batches(4):
+        train_step(model, optimizer, lambda out, target: F.cross_entropy(out.float(), target), x.to(dtype), y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(optimizer.state[p] for p in model[0].parameters())  # the spectral layer's curvature was kept

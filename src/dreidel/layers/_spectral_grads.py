@@ -275,7 +275,12 @@ def spectral_per_sample_grads(
         grad_output: ``(batch, ..., out_features)``, the loss gradient at the layer output (after the activation).
     """
     x = inputs[0]
-    layer._check_input(x)
+    weight_dtype = layer.in_scale.dtype
+    # Curvature code hands over float32 copies of a low-precision layer's input and output gradient: the
+    # per-sample gradients are then computed in float32 too (with float32 copies of the parameters).
+    compute_dtype = x.dtype if (isinstance(x, torch.Tensor) and x.dtype == torch.float32
+                                and weight_dtype in (torch.float16, torch.bfloat16)) else weight_dtype
+    layer._check_input(x if compute_dtype == weight_dtype else x.to(weight_dtype))
     if x.dim() < 2:
         raise ValueError(f"inputs[0] needs a batch dimension: expected (batch, ..., in_features), got {tuple(x.shape)}")
     if grad_output.shape[:-1] != x.shape[:-1] or grad_output.shape[-1] != layer.out_features:
@@ -285,10 +290,10 @@ def spectral_per_sample_grads(
     batch, n, out = x.shape[0], layer.in_features, layer.out_features
     layout = layer.layout()
     x2 = x.detach().reshape(-1, n)  # (batch·M, n): M positions per sample, consecutive
-    grad2 = grad_output.detach().reshape(-1, out)
-    in_scale, out_scale = layer.in_scale.detach(), layer.out_scale.detach()
-    inner_scale = None if layer.inner_scale is None else layer.inner_scale.detach()
-    bias = None if layer.bias is None else layer.bias.detach()
+    grad2 = grad_output.detach().reshape(-1, out).to(compute_dtype)
+    in_scale, out_scale = layer.in_scale.detach().to(compute_dtype), layer.out_scale.detach().to(compute_dtype)
+    inner_scale = None if layer.inner_scale is None else layer.inner_scale.detach().to(compute_dtype)
+    bias = None if layer.bias is None else layer.bias.detach().to(compute_dtype)
     if layer._activation_fn is not None:  # chain through the activation at the recomputed pre-activation
         with torch.enable_grad():
             pre = spectral_forward(x2, in_scale, inner_scale, out_scale, bias, layout).requires_grad_(True)
