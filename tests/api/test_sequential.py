@@ -623,3 +623,35 @@ def test_lazy_model_from_a_shuffling_dataloader_trains_like_a_built_one(digits):
         results.append(model.state_dict())
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_a_model_of_index_inputs_builds_trains_summarises_and_round_trips(tmp_path):
+    import json
+
+    import dreidel as dr
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 10, (40, 3)), torch.randint(0, 3, (40,))
+    model = dr.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).compile("adam", lr=0.01)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert model.input_dtype == torch.int64 and model.predict(x[:2]).shape == (2, 3)
+    assert "Embedding" in model.summary()
+    model.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["input_dtype"] == "int64"
+    loaded = dr.load(tmp_path / "m")
+    assert loaded.input_dtype == torch.int64 and torch.equal(loaded.predict(x), model.predict(x))
+
+
+def test_a_bad_input_dtype_in_a_config_is_refused(tmp_path):
+    import json
+
+    import dreidel as dr
+
+    model = dr.Sequential(nn.Linear(4, 3))
+    model.build((4,))
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["input_dtype"] = "float128"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'input_dtype' must be null or one of"):
+        dr.load(tmp_path / "m")

@@ -22,6 +22,10 @@ from dreidel.io.checkpoint import TensorHeader, require_config_keys
 __all__ = ["LayerPlan", "check_config", "check_input_shape", "check_tensor_header", "meta_layers"]
 
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
+OPTIONAL_CONFIG_KEYS = ("input_dtype",)  # absent: floating inputs
+# Integer inputs a model can be built for (token or class indices, e.g. an nn.Embedding first).
+INPUT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
+                "uint8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,17 @@ class LayerPlan:
 
 
 def check_config(config: dict[str, Any], where: str, format_name: str, version: int
-                 ) -> tuple[list[LayerPlan], tuple[int, ...] | None]:
-    """Validate a Sequential ``config.json`` (``where`` names the file); returns the layer plans and input shape."""
+                 ) -> tuple[list[LayerPlan], tuple[int, ...] | None, torch.dtype | None]:
+    """Validate a Sequential ``config.json`` (``where`` names the file); returns the layer plans, the input shape
+    and the input dtype (None: floating)."""
     require_config_keys(config, CONFIG_KEYS, where)
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(OPTIONAL_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"{where} has unknown key {unknown[0]!r} (expected keys: {list(CONFIG_KEYS)})")
+        raise ValueError(f"{where} has unknown key {unknown[0]!r} (expected keys: "
+                         f"{list(CONFIG_KEYS + OPTIONAL_CONFIG_KEYS)})")
+    input_dtype = config.get("input_dtype")
+    if input_dtype is not None and input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"{where}: 'input_dtype' must be null or one of {list(INPUT_DTYPES)}, got {input_dtype!r:.40}")
     if config["format"] != format_name:
         raise ValueError(f"{where}: 'format' is {config['format']!r}, expected {format_name!r}")
     if type(config["format_version"]) is not int or config["format_version"] != version:  # not true, not 1.0
@@ -59,7 +68,7 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
         layer_where = f"{where} layers[{index}] named {name!r}"
         cls, args = check_layer_spec(spec, layer_where)
         plans.append(LayerPlan(name, cls, args, f"{layer_where} ({spec['type']})"))
-    return plans, None if input_shape is None else tuple(input_shape)
+    return plans, None if input_shape is None else tuple(input_shape), INPUT_DTYPES.get(input_dtype)
 
 
 def _layer_names(specs: list, where: str) -> list[str]:
@@ -127,12 +136,13 @@ def check_tensor_header(plans: list[LayerPlan], layers: list[nn.Module | None], 
 
 
 def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_shape: tuple[int, ...],
-                      where: str) -> None:
-    """Run a meta batch ``(2, *input_shape)`` through the meta ``layers``; a failure names the file."""
+                      where: str, input_dtype: torch.dtype | None = None) -> None:
+    """Run a meta batch ``(2, *input_shape)`` (of ``input_dtype``, else floating) through the meta ``layers``; a
+    failure names the file."""
     model = nn.Sequential(OrderedDict((plan.name, layer) for plan, layer in zip(plans, layers))).eval()
     try:
         with torch.no_grad():
-            model(torch.zeros((2, *input_shape), device="meta"))
+            model(torch.zeros((2, *input_shape), dtype=input_dtype, device="meta"))
     except NotImplementedError:
         return  # a layer without meta kernels: the shapes were checked against the tensor file already
     except (RuntimeError, ValueError, TypeError) as error:

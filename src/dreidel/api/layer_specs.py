@@ -44,6 +44,12 @@ def _batch_norm_args(module: nn.BatchNorm1d) -> dict[str, Any]:
             "affine": module.affine, "track_running_stats": module.track_running_stats}
 
 
+def _embedding_args(module: nn.Embedding) -> dict[str, Any]:
+    return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+            "padding_idx": module.padding_idx, "max_norm": module.max_norm, "norm_type": module.norm_type,
+            "scale_grad_by_freq": module.scale_grad_by_freq, "sparse": module.sparse}
+
+
 # type name -> (class, function giving the constructor arguments of an instance as JSON data)
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ArgsOf]] = {
     "Linear": (nn.Linear, _linear_args),
@@ -64,6 +70,7 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], ArgsOf]] = {
     "LogSoftmax": (nn.LogSoftmax, lambda m: {"dim": m.dim}),
     "LayerNorm": (nn.LayerNorm, _layer_norm_args),
     "BatchNorm1d": (nn.BatchNorm1d, _batch_norm_args),
+    "Embedding": (nn.Embedding, _embedding_args),
 }
 
 

@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = "dreidel.Sequential"
 CHECKPOINT_VERSION = 1
 # What a Sequential keeps besides its children (set in __init__): a child of one of these names, of a method's
 # or of one of nn.Module's own attributes would be replaced by it, or refused with a KeyError.
-_MODEL_ATTRIBUTES = ("input_shape", "stop_training", "history", "_compiled")
+_MODEL_ATTRIBUTES = ("input_shape", "input_dtype", "stop_training", "history", "_compiled")
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 
 
@@ -73,6 +73,7 @@ class Sequential(nn.Sequential):
                                      "(a method, or what the model keeps); name the layer otherwise")
         super().__init__(*layers)
         self.input_shape: tuple[int, ...] | None = None
+        self.input_dtype: torch.dtype | None = None  # an integer dtype for index inputs; None: floating
         self.stop_training = False
         self.history: History | None = None
         self._compiled: _Compiled | None = None
@@ -95,25 +96,32 @@ class Sequential(nn.Sequential):
         return not any(nn.parameter.is_lazy(t) for t in (*self.parameters(), *self.buffers()))
 
     def build(self, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> "Sequential":
-        """Fix ``input_shape`` (per sample, without the batch dimension) and materialise lazy layers."""
+        """Fix ``input_shape`` (per sample, without the batch dimension) and materialise lazy layers.
+
+        ``dtype``: an integer dtype for models whose input is indices (an ``nn.Embedding`` first; ``fit`` and
+        ``predict`` pass the data's), kept as ``input_dtype``; None or a floating dtype: floating inputs.
+        """
         input_shape = tuple(int(d) for d in input_shape)
+        if dtype is not None and dtype.is_floating_point:
+            dtype = None
+        elif dtype is not None and dtype not in _loading.INPUT_DTYPES.values():
+            raise ValueError(f"dtype: expected a floating dtype or one of {list(_loading.INPUT_DTYPES)}, got {dtype}")
         if self.input_shape is not None and input_shape != self.input_shape:
             raise ValueError(f"input_shape: the model was built for samples of shape {self.input_shape}, "
                              f"got {input_shape}")
         if len(self) == 0:
             raise ValueError("the model has no layers: add some before building it")
         device, model_dtype = self._device_and_dtype()
-        dtype = model_dtype if dtype is None else dtype
         was_training = self.training
         self.eval()  # the dry run (which also materialises lazy layers) must not move BatchNorm statistics
         try:
             with torch.no_grad():
-                self(torch.zeros((2, *input_shape), dtype=dtype, device=device))
+                self(torch.zeros((2, *input_shape), dtype=model_dtype if dtype is None else dtype, device=device))
         except (RuntimeError, ValueError) as error:
             raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
         finally:
             self.train(was_training)
-        self.input_shape = input_shape
+        self.input_shape, self.input_dtype = input_shape, dtype
         return self
 
     def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -130,7 +138,7 @@ class Sequential(nn.Sequential):
 
     def _check_input(self, x: torch.Tensor, where: str) -> None:
         if self.input_shape is None:
-            self.build(tuple(x.shape[1:]))
+            self.build(tuple(x.shape[1:]), dtype=None if x.is_floating_point() else x.dtype)
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
@@ -301,7 +309,7 @@ class Sequential(nn.Sequential):
         if self.input_shape is None:
             raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
         device, dtype = self._device_and_dtype()
-        rows = summarize(self, self.input_shape, dtype, device)
+        rows = summarize(self, self.input_shape, self.input_dtype or dtype, device)
         total_params = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         known_flops = sum(r.flops for r in rows if r.flops is not None)
@@ -328,6 +336,7 @@ class Sequential(nn.Sequential):
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
+                  **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
                   "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
         return write_checkpoint(path, config, self.state_dict())
 
@@ -352,14 +361,15 @@ def load(path: str | os.PathLike) -> Sequential:
 def _load_from(files: CheckpointFiles) -> Sequential:
     config_file, tensors_file = files.config_path, str(files.tensors_path)
     config, header = files.config(), files.tensor_header()
-    plans, input_shape = _loading.check_config(config, str(config_file), CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    plans, input_shape, input_dtype = _loading.check_config(config, str(config_file), CHECKPOINT_FORMAT,
+                                                            CHECKPOINT_VERSION)
     for plan in plans:
         if reserved_layer_name(plan.name):
             raise ValueError(f"{plan.where}: the name {plan.name!r} is taken by an attribute of Sequential")
     meta = _loading.meta_layers(plans)
     _loading.check_tensor_header(plans, meta, header, tensors_file)
     if input_shape is not None and all(layer is not None for layer in meta):
-        _loading.check_input_shape(plans, meta, input_shape, str(config_file))
+        _loading.check_input_shape(plans, meta, input_shape, str(config_file), input_dtype)
     tensors = files.tensors()
     # The meta layers take the file's tensors as they are (no second allocation, each tensor's dtype kept)
     model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where) if layer is None
@@ -375,8 +385,8 @@ def _load_from(files: CheckpointFiles) -> Sequential:
             setattr(model, plan.name, layer)
     if input_shape is not None and any(layer is None for layer in meta):  # not checked on meta: check it now
         try:
-            model.build(input_shape)
+            model.build(input_shape, input_dtype)
         except ValueError as error:
             raise ValueError(f"{config_file}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
-    model.input_shape = input_shape
+    model.input_shape, model.input_dtype = input_shape, input_dtype
     return model
