@@ -247,6 +247,24 @@ def test_per_sample_grads_of_a_low_precision_layer_from_float32_records(dtype, d
         torch.testing.assert_close(got[p], expected[q], msg=name)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_low_precision_layers_have_second_derivatives(dtype, tolerance, depth):
+    # Hessian-vector products through the registered op's reference path, against the float32 layer
+    torch.manual_seed(0)
+    low = DeepSpectralLinear(8, 16, depth=depth, activation="tanh").to(dtype)
+    exact = DeepSpectralLinear(8, 16, depth=depth, activation="tanh")
+    exact.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in low.state_dict().items()})
+    x = torch.randn(4, 8).to(dtype)
+    products = []
+    for layer, inputs in ((low, x), (exact, x.float())):
+        params = list(layer.parameters())
+        grads = torch.autograd.grad(layer(inputs).float().pow(2).sum(), params, create_graph=True)
+        products.append(torch.autograd.grad(sum(g.sum() for g in grads), params))
+    for got, expected in zip(*products):
+        assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
 def test_per_sample_grads_rejects_mismatched_shapes():
     layer = make_layer(10, 6, 1)
     with pytest.raises(ValueError, match="grad_output must have shape"):

@@ -528,7 +528,8 @@ def test_zero_grad_between_forward_and_backward_warns_that_curvature_is_lost(nam
         optimizer.step(lambda: F.cross_entropy(model(x), y))
 
 
-@pytest.mark.parametrize("name", ["dn_empirical", "kfac_empirical", "dn_gauss_newton_sampled", "kfac_sampled"])
+@pytest.mark.parametrize("name", ["dn_empirical", "kfac_empirical", "dn_gauss_newton_sampled", "kfac_sampled",
+                                  "dn_hutchinson"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_with_spectral_layers_train(name, dtype):
     from dreidel.layers import LinearWHT

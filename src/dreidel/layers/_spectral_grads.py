@@ -205,6 +205,9 @@ def _spectral_linear_setup_context(ctx, inputs, output) -> None:
 
 def _spectral_linear_backward(ctx, grad):
     x, in_scale, inner_scale, out_scale, *indices = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the composed form, whose ops have derivatives
+        return (*_composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices), [None] * len(indices),
+                None, None, None)
     grads = dict(zip(_GRAD_NAMES, _spectral_linear_backward_op(
         x, grad.contiguous(), in_scale, inner_scale if ctx.has_inner else None, out_scale, indices, *ctx.sizes,
         ctx.has_bias, ctx.needs_input_grad[0])))
@@ -217,6 +220,19 @@ def _spectral_linear_backward(ctx, grad):
         [None] * len(indices),
         None, None, None,
     )
+
+
+def _composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices) -> list[torch.Tensor | None]:
+    """The op's input gradients as a differentiable graph (second derivatives, Hessian-vector products)."""
+    layout = SpectralLayout(*indices, *ctx.sizes)
+    # The bias enters additively: its value does not change any gradient, a zero stands in for it.
+    bias = out_scale.new_zeros(out_scale.shape).requires_grad_() if ctx.has_bias else None
+    inputs = (x, in_scale, inner_scale if ctx.has_inner else None, out_scale, bias)
+    needed = ctx.needs_input_grad[:5]
+    wanted = [t for t, need in zip(inputs, needed) if t is not None and need]
+    y = spectral_linear_composed(x, *inputs[1:], layout)
+    computed = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(computed) if t is not None and need else None for t, need in zip(inputs, needed)]
 
 
 _spectral_linear_op.register_autograd(_spectral_linear_backward, setup_context=_spectral_linear_setup_context)
