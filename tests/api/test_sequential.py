@@ -640,6 +640,8 @@ def test_a_model_of_index_inputs_builds_trains_summarises_and_round_trips(tmp_pa
     assert json.loads((tmp_path / "m" / "config.json").read_text())["input_dtype"] == "int64"
     loaded = dr.load(tmp_path / "m")
     assert loaded.input_dtype == torch.int64 and torch.equal(loaded.predict(x), model.predict(x))
+    with pytest.raises(TypeError, match="the model takes indices"):
+        loaded.predict(x.float())
 
 
 def test_a_bad_input_dtype_in_a_config_is_refused(tmp_path):

@@ -445,11 +445,14 @@ def test_hooks_go_with_the_optimizer(name):
     assert _forward_hooks(model) == 0
 
 
-def test_forward_passes_without_steps_keep_a_bounded_record():
+def test_forward_passes_without_steps_keep_a_bounded_record(monkeypatch):
+    from dreidel.optim._capture import ActivationCapture
+
+    monkeypatch.setattr(ActivationCapture, "MAX_RECORDS", 64)  # 1024 by default; the same rule, quicker
     model = make_model()
     optimizer = KFAC(model)  # armed for its first step
     x, y = batches(1)[0]
-    with pytest.warns(UserWarning, match="more than 64 forward passes"):
+    with pytest.warns(UserWarning, match="more than 64 calls of a layer recorded"):
         for _ in range(80):
             F.cross_entropy(model(x), y).backward()
     assert max(len(records) for records in optimizer.capture.records.values()) == 64
@@ -541,3 +544,31 @@ def test_low_precision_models_with_spectral_layers_train(name, dtype):
         train_step(model, optimizer, lambda out, target: F.cross_entropy(out.float(), target), x.to(dtype), y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(optimizer.state[p] for p in model[0].parameters())  # the spectral layer's curvature was kept
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_copies_and_pickles_of_the_model_do_not_feed_the_optimizer(name):
+    import io
+
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    torch.save(model, io.BytesIO())  # the hooks pickle (as inert ones)
+    copy_of_model = copy.deepcopy(model)
+    x, y = batches(1)[0]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    records = {m: len(r) for m, r in optimizer.capture.records.items()}
+    F.cross_entropy(copy_of_model(x[:3]), y[:3]).backward()  # an evaluation or EMA copy
+    assert optimizer.capture.batch_size == 8
+    assert {m: len(r) for m, r in optimizer.capture.records.items()} == records
+
+
+def test_diagonal_newton_curvature_stays_float32_through_a_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).bfloat16()
+    optimizer = DiagonalNewton(model)
+    x, y = batches(1)[0]
+    train_step(model, optimizer, lambda out, target: F.cross_entropy(out.float(), target), x.bfloat16(), y)
+    resumed = DiagonalNewton(model)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.state[model[0].weight]["curvature"].dtype == torch.float32

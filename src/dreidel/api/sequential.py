@@ -139,6 +139,9 @@ class Sequential(nn.Sequential):
     def _check_input(self, x: torch.Tensor, where: str) -> None:
         if self.input_shape is None:
             self.build(tuple(x.shape[1:]), dtype=None if x.is_floating_point() else x.dtype)
+        elif self.input_dtype is not None and x.is_floating_point():
+            raise TypeError(f"x: the model takes indices ({self.input_dtype}, the dtype it was built for), got "
+                            f"{x.dtype} in {where}")
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
@@ -241,7 +244,7 @@ class Sequential(nn.Sequential):
                 if validation is not None:
                     logs.update(_training.evaluate_pass(self, validation, compiled.loss, compiled.metrics,
                                                         self._check_input, prefix="val_"))
-                logs["lr"] = optimizer.param_groups[0]["lr"]
+                logs["lr"] = float(optimizer.param_groups[0]["lr"])  # a one-element tensor lr too
                 history.append(epoch, logs)
                 for callback in callbacks:
                     callback.on_epoch_end(self, epoch, logs)

@@ -68,7 +68,7 @@ class ActivationCapture:
     pile up copies of their inputs); beyond that the oldest are dropped, with one warning.
     """
 
-    MAX_RECORDS = 64
+    MAX_RECORDS = 1024
 
     root: nn.Module | None
     modules: list[nn.Module]
@@ -81,22 +81,10 @@ class ActivationCapture:
     _warned_full: bool = False
 
     def __post_init__(self) -> None:
-        this = weakref.ref(self)
-
-        def on_forward(module: nn.Module, inputs: tuple, output: object) -> None:
-            capture = this()
-            if capture is not None:
-                capture._on_forward(module, inputs, output)
-
-        def on_root_forward(module: nn.Module, inputs: tuple, output: object) -> None:
-            capture = this()
-            if capture is not None:
-                capture._on_root_forward(module, inputs, output)
-
         for module in self.modules:
-            self._handles.append(module.register_forward_hook(on_forward))
+            self._handles.append(module.register_forward_hook(_CaptureHook(self, root=False)))
         if self.root is not None:
-            self._handles.append(self.root.register_forward_hook(on_root_forward))
+            self._handles.append(self.root.register_forward_hook(_CaptureHook(self, root=True)))
         weakref.finalize(self, _remove_handles, self._handles)
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -114,10 +102,11 @@ class ActivationCapture:
             del kept[0]
             if not self._warned_full:
                 self._warned_full = True
-                warnings.warn(f"curvature capture: more than {self.MAX_RECORDS} forward passes of a layer since the "
-                              "optimizer's last step or zero_grad(); the oldest records are dropped. Forward passes "
-                              "with gradients outside training keep recording: call optimizer.zero_grad() first, "
-                              "or optimizer.remove_hooks() once training is over", stacklevel=3)
+                warnings.warn(f"curvature capture: more than {self.MAX_RECORDS} calls of a layer recorded since the "
+                              "optimizer's last step or zero_grad(); the oldest are dropped, so the next curvature "
+                              "update sees only the latest. Forward passes with gradients outside training keep "
+                              "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
+                              "training is over", stacklevel=3)
         kept.append(record)
 
         def keep_grad(grad: torch.Tensor) -> None:
@@ -147,6 +136,30 @@ class ActivationCapture:
     def remove(self) -> None:
         _remove_handles(self._handles)
         self.clear()
+
+
+class _CaptureHook:
+    """A forward hook that feeds its capture while the capture lives (it holds it weakly).
+
+    A copy or a pickle of the model gets an inert hook: the copy must not feed this capture (an evaluation
+    or EMA copy would change the batch size and the records of the next step), and a capture is no state
+    of the model.
+    """
+
+    def __init__(self, capture: "ActivationCapture | None", root: bool) -> None:
+        self._capture = None if capture is None else weakref.ref(capture)
+        self._root = root
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        capture = None if self._capture is None else self._capture()
+        if capture is not None:
+            (capture._on_root_forward if self._root else capture._on_forward)(module, inputs, output)
+
+    def __reduce__(self):
+        return _CaptureHook, (None, self._root)
+
+    def __deepcopy__(self, memo: dict) -> "_CaptureHook":
+        return _CaptureHook(None, self._root)
 
 
 def warn_no_records(optimizer: str, step: int) -> None:

@@ -201,6 +201,8 @@ class DiagonalNewton(CurvatureOptimizer):
                 state = self.state.get(p)
                 if state and "curvature_updates" not in state:
                     state.update(step=group.get("step", 0), curvature_updates=group.get("curvature_updates", 0))
+                if state and "curvature" in state:  # torch casts state to the parameter's dtype; it stays float32
+                    state["curvature"] = state["curvature"].to(curvature_dtype(p.dtype))
         self._arm_capture()
 
     # -- curvature estimates ----------------------------------------------------------------------
