@@ -46,6 +46,12 @@ class Callback:
         a ``ValueError`` here for a key the callback needs that fit will not log."""
 
 
+def _not_logged(owner: str, use: str, key: str, logged: list[str]) -> ValueError:
+    """The error for a key a callback needs that fit will not log (before training: ``check_log_keys``)."""
+    hint = " (val_* keys need validation_data or validation_split)" if key.startswith("val_") else ""
+    return ValueError(f"{owner}: {use} {key!r}, which fit will not log{hint}; logged keys: {logged}")
+
+
 def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
     if monitor not in logs:
         raise ValueError(f"{owner}: monitor {monitor!r} is not logged; available: {sorted(logs)}")
@@ -85,9 +91,7 @@ class EarlyStopping(Callback):
 
     def check_log_keys(self, keys: list[str]) -> None:
         if self.monitor not in keys:
-            hint = " (val_* keys need validation_data or validation_split)" if self.monitor.startswith("val_") else ""
-            raise ValueError(f"EarlyStopping: monitor is {self.monitor!r}, which fit will not log{hint}; logged keys: "
-                             f"{keys}")
+            raise _not_logged("EarlyStopping", "monitor is", self.monitor, keys)
 
     def on_train_begin(self, model) -> None:
         self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = None, None, None, 0, None
@@ -143,10 +147,8 @@ class ModelCheckpoint(Callback):
             needed.append(self.monitor)
         missing = [key for key in needed if key not in keys]
         if missing:
-            hint = " (val_* keys need validation_data or validation_split)" if missing[0].startswith("val_") else ""
             use = f"path {self.path!r} uses" if missing[0] in self._path_keys else "monitor is"
-            raise ValueError(f"ModelCheckpoint: {use} {missing[0]!r}, which fit will not log{hint}; "
-                             f"logged keys: {['epoch', *keys]}")
+            raise _not_logged("ModelCheckpoint", use, missing[0], ["epoch", *keys])
 
     def on_train_begin(self, model) -> None:
         self.best = None

@@ -25,7 +25,7 @@ from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
 from dreidel.io.checkpoint import CheckpointFiles, load_state_strict, open_checkpoint, write_checkpoint
-from dreidel.optim import build_optimizer
+from dreidel.optim import CurvatureOptimizer, build_optimizer
 
 __all__ = ["Sequential", "load"]
 
@@ -85,8 +85,7 @@ class Sequential(nn.Sequential):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
         self.append(layer)
         if self._compiled is not None and not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
-            if hasattr(self._compiled.optimizer, "remove_hooks"):
-                self._compiled.optimizer.remove_hooks()
+            _release(self._compiled.optimizer)
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
         return self
 
@@ -165,9 +164,8 @@ class Sequential(nn.Sequential):
             raise ValueError(f"optimizer_kwargs: an optimizer instance takes no extra arguments, got {sorted(optimizer_kwargs)}")
         if not isinstance(optimizer, (str, torch.optim.Optimizer)) and not callable(optimizer):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
-        replaced = self.optimizer
-        if replaced is not None and replaced is not optimizer and hasattr(replaced, "remove_hooks"):
-            replaced.remove_hooks()  # a curvature optimizer's hooks would keep recording every forward pass
+        if self.optimizer is not optimizer:
+            _release(self.optimizer)
         self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss),
                                    [resolve_metric(m) for m in metrics])
         if self.is_built and len(self):
@@ -342,6 +340,13 @@ class Sequential(nn.Sequential):
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
                   "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
         return write_checkpoint(path, config, self.state_dict())
+
+
+def _release(optimizer: torch.optim.Optimizer | None) -> None:
+    """Detach the hooks of an optimizer the model no longer steps (a curvature optimizer's would keep
+    recording every forward pass)."""
+    if isinstance(optimizer, CurvatureOptimizer):
+        optimizer.remove_hooks()
 
 
 def load(path: str | os.PathLike) -> Sequential:

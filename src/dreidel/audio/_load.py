@@ -66,6 +66,7 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
             few factors with 16 kHz that its filter table would take hundreds of MB (see ``resample``; every
             rate audio is recorded at, 768 kHz included, shares many).
     """
+    where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""  # names a file in errors
     if isinstance(path_or_array, (str, os.PathLike)):
         if sample_rate is not None:
             raise ValueError(f"sample_rate must be None for a file (its rate is read from {path_or_array})")
@@ -87,16 +88,13 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     else:
         raise TypeError(f"path_or_array must be a path, numpy array or torch tensor, got {type(path_or_array).__name__}")
     if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not 0 < rate <= MAX_SAMPLE_RATE:
-        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
         raise ValueError(f"{where}sample rate must be a positive integer number of Hz up to {MAX_SAMPLE_RATE} "
                          f"(the highest rate audio is recorded at), got {rate!r}")
     if waveform.dim() == 2:
         waveform = waveform.mean(dim=0)
     if not torch.isfinite(waveform).all():
-        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
         raise ValueError(f"{where}audio contains NaN or infinite samples")
     try:
         return resample(waveform.to(torch.float32), int(rate), SAMPLE_RATE).contiguous()
     except ValueError as error:  # a rate sharing too few factors with 16 kHz (see resample)
-        where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""
         raise ValueError(f"{where}{error}") from None

@@ -102,9 +102,10 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     """Resample ``audio`` of shape ``(..., samples)`` from ``orig_rate`` to ``new_rate`` Hz.
 
     Returns ``(..., ceil(samples * new_rate / orig_rate))`` in the input's floating dtype (float32 when given
-    an integer tensor). Raises ``ValueError`` where the reduced ratio would need a filter table of more than
-    2^25 values (about 256 MB), e.g. a rate above about 660 kHz coprime with the other. Frequencies above ``rolloff`` times the lower Nyquist frequency are removed (stop band
-    about -85 dB with the default Kaiser beta); the signal is taken as zero outside its ends.
+    an integer tensor). Frequencies above ``rolloff`` times the lower Nyquist frequency are removed (stop band
+    about -85 dB with the default Kaiser beta); the signal is taken as zero outside its ends. Raises
+    ``ValueError`` where the reduced ratio would need a filter table of more than 2^25 values (about 256 MB),
+    e.g. a rate above about 660 kHz coprime with the other.
     """
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor, got {type(audio).__name__}")

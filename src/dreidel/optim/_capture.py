@@ -163,7 +163,7 @@ class _CaptureHook:
 
 
 def warn_no_records(optimizer: str, step: int) -> None:
-    """Warn that a step meant to use recorded layer inputs found none (once per call site and step kind)."""
+    """Warn that a step meant to use recorded layer inputs found none."""
     warnings.warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
                   "or skips the update: zero_grad() between the forward pass and backward() drops them. Call "
                   "optimizer.zero_grad() before the forward pass", stacklevel=4)

@@ -231,9 +231,9 @@ def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> Wh
         if name not in variables:
             raise ValueError(f"{source}: missing tensor {name!r}")
     for name, (required, meaning) in _CT2_WHISPER_FLAGS.items():
-        if name in variables and _scalar(variables, name, source) != required:
-            raise ValueError(f"{source}: {name} is {_scalar(variables, name, source)}, but Whisper has {required} "
-                             f"({meaning}); this model is not a Whisper dreidel can run")
+        if name in variables and (value := _scalar(variables, name, source)) != required:
+            raise ValueError(f"{source}: {name} is {value}, but Whisper has {required} ({meaning}); this model is "
+                             f"not a Whisper dreidel can run")
     conv1 = _shape(variables, "encoder/conv1/weight", 3, source)
     embedding = _shape(variables, "decoder/embeddings/weight", 2, source)
     return WhisperDimensions(
