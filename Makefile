@@ -42,5 +42,7 @@ $(BENCH_INSTALLED): $(INSTALLED)
 bench: $(BENCH_INSTALLED)
 	$(PY) benchmarks/run_all.py
 
+# Everything the build, the tests and the demo leave (all of it listed in .gitignore).
 clean:
-	rm -rf build $(VENV) src/dreidel/*.so
+	rm -rf build dist $(VENV) .pytest_cache .hypothesis .cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -222,31 +222,33 @@ struct CrossScratch {
 // only where a scratch strip is used (the passes across up to 8 rows, most of them, need none).
 template <class T>
 __attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride,
-                                                     int64_t span, int64_t width) {
+                                                     int64_t span, int64_t width, T scale) {
   CrossScratch<T> scratch;
   for (int64_t s = 0; s < span / width; ++s)
-    k.columns_pow2(x + s * width, x + s * width, count, stride, width, scratch.values);
+    k.columns_pow2(x + s * width, x + s * width, count, stride, width, scratch.values, scale);
 }
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
-// x, in strips of `width` (for more than 8 rows, a cross_width for `cache`: the strip must fit CrossScratch).
+// x, in strips of `width` (for more than 8 rows, a cross_width for `cache`: the strip must fit CrossScratch);
+// the sums times `scale` (1 unless these are the transform's last stages).
 template <class T>
 void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width,
-                const CacheGeometry& cache) {
-  if (count > 8 && crosses_in_scratch(cache)) return cross_rows_in_scratch(k, x, count, stride, span, width);
+                const CacheGeometry& cache, T scale) {
+  if (count > 8 && crosses_in_scratch(cache)) return cross_rows_in_scratch(k, x, count, stride, span, width, scale);
   if (count > 8) {
     // In place, 8 rows at a time: H_count = H_(count / 8) kron H_8, the smaller strides first.
     for (int64_t inner = 1; inner < count;) {
       const int64_t radix = std::min<int64_t>(8, count / inner);
+      const T level_scale = inner * radix < count ? T(1) : scale;
       for (int64_t first = 0; first < count; first += radix * inner)
         for (int64_t i = 0; i < inner; ++i)
-          cross_rows(k, x + (first + i) * stride, radix, inner * stride, span, width, cache);
+          cross_rows(k, x + (first + i) * stride, radix, inner * stride, span, width, cache, level_scale);
       inner *= radix;
     }
     return;
   }
   for (int64_t s = 0; s < span / width; ++s)
-    k.columns_pow2(x + s * width, x + s * width, count, stride, width, nullptr);
+    k.columns_pow2(x + s * width, x + s * width, count, stride, width, nullptr, scale);
 }
 
 template <class T>
@@ -266,7 +268,7 @@ int64_t group_of(const Split& sp, const CacheGeometry& cache) {
 }
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
-// across them while they are still in an inner cache. `after` is the input this thread transforms next
+// across them while they are still in an inner cache, which scale the sums. `after` is the input this thread transforms next
 // (nullptr if none): the last leaf prefetches its start, which then arrives while the stages across the
 // group run in L2 (a 2^24 row, 1 thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's
 // input: prefetched for writing, its lines would be taken from the core working on them (rows of 2^16 to
@@ -276,15 +278,15 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
                 T scale, const T* after, bool from_memory, const CacheGeometry& cache) {
   const int64_t offset = first * sp.block;
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
-    k.rows_pow2(src + offset, dst + offset, group, sp.block, scale, after);
+    k.rows_pow2(src + offset, dst + offset, group, sp.block, T(1), after);
   } else {
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
-      long_pow2(k, block, dst + offset + b * sp.block, sp.block, scale, b + 1 < group ? block + sp.block : after,
+      long_pow2(k, block, dst + offset + b * sp.block, sp.block, T(1), b + 1 < group ? block + sp.block : after,
                 from_memory, cache);
     }
   }
-  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block, cache), cache);
+  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block, cache), cache, scale);
 }
 
 // Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
@@ -341,7 +343,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
   CrossScratch<T> scratch;
   const auto gather = [&](int64_t b, int64_t strip) {
     const int64_t at = b * block + strip * width;
-    k.columns_pow2(src + at, dst + at, leaves, leaf, width, scratch.values);
+    k.columns_pow2(src + at, dst + at, leaves, leaf, width, scratch.values, T(1));
   };
   for (int64_t strip = 0; strip < strips; ++strip) gather(first, strip);
   for (int64_t b = first; b < last; ++b) {
@@ -357,7 +359,7 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
       }
       // The same strips in dst, where the gather writes them (out of place, they are in no cache yet).
       T* next_strips_out = next_strips == nullptr ? nullptr : dst + (next_strips - src);
-      // In place: the leaf is in dst now (and in L2).
+      // In place: the leaf is in dst now (and in L2). The leaves are the block's last stages: they scale.
       k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips, next_strips_out, leaves, leaf,
                                strips / leaves * width);
     }
@@ -380,20 +382,22 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp, cache);
   // group_of: 1 for blocks of kMinBlockBytes where rows are crossed in scratch, as pipelined() requires
+  const int64_t groups = sp.count / group;
+  // The last stages scale: those of the group if there is one, otherwise those across the groups.
+  const T group_scale = groups == 1 ? scale : T(1);
   if (group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache)) {
-    blocks_pipelined(k, src, dst, sp.block, 0, sp.count, scale);
+    blocks_pipelined(k, src, dst, sp.block, 0, sp.count, group_scale);
   } else {
     for (int64_t g = 0; g < sp.count; g += group)
-      group_pow2(k, src, dst, sp, g, group, scale, g + group < sp.count ? src + (g + group) * sp.block : after,
-                 from_memory, cache);
+      group_pow2(k, src, dst, sp, g, group, group_scale,
+                 g + group < sp.count ? src + (g + group) * sp.block : after, from_memory, cache);
   }
-  const int64_t groups = sp.count / group;
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
   cross_rows(k, dst, groups, span, span,
-             leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span, cache), cache);
+             leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span, cache), cache, scale);
 }
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
@@ -417,21 +421,23 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache);
   const int64_t run = pipelined_run(sp.count, threads);
   const int64_t runs = (sp.count + run - 1) / run;
+  // The stages across the groups are the last (a single group's are crossed as one row of H_1, a copy in
+  // place, which then scales).
 #pragma omp parallel num_threads(threads)
   {
     if (pipeline) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t r = 0; r < runs; ++r)
-        blocks_pipelined(k, src, dst, sp.block, r * run, std::min(sp.count, (r + 1) * run), scale);
+        blocks_pipelined(k, src, dst, sp.block, r * run, std::min(sp.count, (r + 1) * run), T(1));
     } else {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < groups; ++g)
-        group_pow2(k, src, dst, sp, g * group, group, scale, static_cast<const T*>(nullptr), from_memory, cache);
+        group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), from_memory, cache);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
-      cross_rows(k, dst + s * width, groups, span, grain_span, width, cache);
+      cross_rows(k, dst + s * width, groups, span, grain_span, width, cache, scale);
     }
   }
 }
@@ -488,9 +494,9 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, scale_, after, from_memory_, cache_);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, from_memory_, cache_);
     }
-    if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_);
+    if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_, scale_);  // the last stage: it scales
   }
 }
 
@@ -537,13 +543,14 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
     for (int a = 0; a < p.m; ++a)
-      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.scale, threads, from_memory, cache);
+      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads,
+                         from_memory, cache);
     if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;
 #pragma omp parallel for num_threads(threads) schedule(static)
       for (int64_t s = 0; s < strips; ++s)
-        k.mix_chunks(dst, chunk, plan, s * width, std::min(chunk, (s + 1) * width));
+        k.mix_chunks(dst, chunk, plan, s * width, std::min(chunk, (s + 1) * width), p.scale);
     }
   }
 }

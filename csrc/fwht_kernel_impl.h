@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "fwht_kernels.h"
@@ -125,33 +126,43 @@ struct Kernel {
     }
   }
 
-  // G consecutive registers (G * W values): scale, log2(G) cross-register stages, then the in-lane stages
-  // at strides below LaneLimit, one stride at a time across all G registers. (That order measured 8% faster
-  // on Zen 3 than in-lane stages register by register first: 26.5 against 28.9 cycles for 8 registers.)
+  // Each of the G registers in r times scale, if Scaled. Every transform scales its sums, after its last
+  // stage, as fwht_reference does: scaling the inputs instead shrank subnormal values before they were
+  // summed, which cost them bits (float32 inputs of 1e-40: up to 150x the reference's error at n = 4096).
+  template <bool Scaled, int G>
+  DREIDEL_REGISTER_HELPER void scale_all(V* r, V scale) {
+    if constexpr (Scaled) {
+      DREIDEL_UNROLL
+      for (int g = 0; g < G; ++g) r[g] = r[g] * scale;
+    }
+  }
+
+  // G consecutive registers (G * W values): log2(G) cross-register stages, then the in-lane stages at
+  // strides below LaneLimit, one stride at a time across all G registers (that order measured 8% faster on
+  // Zen 3 than in-lane stages register by register first: 26.5 against 28.9 cycles for 8 registers), then
+  // the scale.
   template <int G, bool Scaled, int LaneLimit = W>
   static inline void block(const T* src, T* dst, V scale) {
     V r[G];
     DREIDEL_UNROLL
-    for (int g = 0; g < G; ++g) {
-      r[g] = load(src + g * W);
-      if constexpr (Scaled) r[g] = r[g] * scale;
-    }
+    for (int g = 0; g < G; ++g) r[g] = load(src + g * W);
     butterflies<G, false>(r);
     if constexpr (LaneLimit > 1) lane_stage_all<1, G>(r);
     if constexpr (LaneLimit > 2) lane_stage_all<2, G>(r);
     if constexpr (LaneLimit > 4) lane_stage_all<4, G>(r);
     if constexpr (LaneLimit > 8) lane_stage_all<8, G>(r);
+    scale_all<Scaled, G>(r, scale);
     DREIDEL_UNROLL
     for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place, and the lane stage
-  // at stride Lane (none if 0). `slot()` is called before each group of R registers: a prefetch spread over
-  // the pass issues its next share there. (Slots are taken by value, their state in registers: a slot taken
-  // by reference kept its pointer in memory, loaded and stored at every group, where radix_pass is not
-  // inlined.)
-  template <int R, class Slot, int Lane = 0>
-  static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot) {
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place, the lane stage at
+  // stride Lane (none if 0), then the scale if Scaled (the row's last pass). `slot()` is called before each
+  // group of R registers: a prefetch spread over the pass issues its next share there. (Slots are taken by
+  // value, their state in registers: a slot taken by reference kept its pointer in memory, loaded and
+  // stored at every group, where radix_pass is not inlined.)
+  template <int R, class Slot, int Lane = 0, bool Scaled = false>
+  static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot, V scale = V{}) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
         slot();
@@ -160,35 +171,37 @@ struct Kernel {
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
         butterflies<R, R == 8>(r);
         if constexpr (Lane > 0) lane_stage_all<Lane, R>(r);
+        scale_all<Scaled, R>(r, scale);
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) store(x + (j + i * s) * W, r[i]);
       }
   }
 
-  // A radix pass (with the lane stage at stride Lane) that prefetches a line per group from `prefetch` on
-  // (advanced past them), up to `end`.
-  template <int R, int Lane>
-  static void radix_pass_prefetching(T* x, int64_t nvec, int64_t s, const char*& prefetch, const char* end) {
+  // A radix pass (with the lane stage at stride Lane, and the scale if Scaled) that prefetches a line per
+  // group from `prefetch` on (advanced past them), up to `end`.
+  template <int R, int Lane, bool Scaled>
+  static void radix_pass_prefetching(T* x, int64_t nvec, int64_t s, const char*& prefetch, const char* end,
+                                     V scale) {
     auto none = [] {};
     if (prefetch < end) {
       auto line_per_group = [line = prefetch]() mutable {
         __builtin_prefetch(line, 1, 3);
         line += 64;
       };
-      radix_pass<R, decltype(line_per_group), Lane>(x, nvec, s, line_per_group);
+      radix_pass<R, decltype(line_per_group), Lane, Scaled>(x, nvec, s, line_per_group, scale);
       prefetch += 64 * (nvec / R);
     } else {
-      radix_pass<R, decltype(none), Lane>(x, nvec, s, none);
+      radix_pass<R, decltype(none), Lane, Scaled>(x, nvec, s, none, scale);
     }
   }
 
-  template <int Lane>
+  template <int Lane, bool Scaled = false>
   static void radix_pass_prefetching(int radix, T* x, int64_t nvec, int64_t s, const char*& prefetch,
-                                     const char* end) {
+                                     const char* end, V scale = V{}) {
     switch (radix) {
-      case 8: return radix_pass_prefetching<8, Lane>(x, nvec, s, prefetch, end);
-      case 4: return radix_pass_prefetching<4, Lane>(x, nvec, s, prefetch, end);
-      default: return radix_pass_prefetching<2, Lane>(x, nvec, s, prefetch, end);
+      case 8: return radix_pass_prefetching<8, Lane, Scaled>(x, nvec, s, prefetch, end, scale);
+      case 4: return radix_pass_prefetching<4, Lane, Scaled>(x, nvec, s, prefetch, end, scale);
+      default: return radix_pass_prefetching<2, Lane, Scaled>(x, nvec, s, prefetch, end, scale);
     }
   }
 
@@ -233,8 +246,8 @@ struct Kernel {
         for (int64_t l = 0; l < lines_per_block; ++l) __builtin_prefetch(prefetch + 64 * l, 1, 3);
         prefetch += 64 * lines_per_block;
       }
-      if (lanes_spread) block<8, Scaled, W / 4>(src + v0 * W, dst + v0 * W, scale);
-      else block<8, Scaled>(src + v0 * W, dst + v0 * W, scale);
+      if (lanes_spread) block<8, false, W / 4>(src + v0 * W, dst + v0 * W, scale);
+      else block<8, false>(src + v0 * W, dst + v0 * W, scale);
     }
     int64_t s = 8;
     for (int p = 0; p < passes; ++p) {
@@ -243,10 +256,13 @@ struct Kernel {
         for (const char* line = prefetch + 64 * (nvec / radices[p]); line < prefetch_end; line += 64)
           __builtin_prefetch(line, 1, 3);
       }
+      // The last pass scales (see scale_all).
       if (lanes_spread && p == passes - 1)
-        radix_pass_prefetching<W / 2>(radices[p], dst, nvec, s, prefetch, prefetch_end);
+        radix_pass_prefetching<W / 2, Scaled>(radices[p], dst, nvec, s, prefetch, prefetch_end, scale);
       else if (lanes_spread && p == passes - 2)
         radix_pass_prefetching<W / 4>(radices[p], dst, nvec, s, prefetch, prefetch_end);
+      else if (p == passes - 1)
+        radix_pass_prefetching<0, Scaled>(radices[p], dst, nvec, s, prefetch, prefetch_end, scale);
       else
         radix_pass_prefetching<0>(radices[p], dst, nvec, s, prefetch, prefetch_end);
       s *= radices[p];
@@ -286,9 +302,9 @@ struct Kernel {
   static void row_of_256(const T* src, T* dst, V scale, Slot slot) {
     for (int64_t v0 = 0; v0 < kLeafRegisters; v0 += kLeafBlock) {
       slot();
-      block<kLeafBlock, Scaled>(src + v0 * W, dst + v0 * W, scale);
+      block<kLeafBlock, false>(src + v0 * W, dst + v0 * W, scale);
     }
-    radix_pass<kLeafBlock>(dst, kLeafRegisters, kLeafBlock, slot);
+    radix_pass<kLeafBlock, Slot, 0, Scaled>(dst, kLeafRegisters, kLeafBlock, slot, scale);
   }
 
   template <bool Scaled>
@@ -355,7 +371,7 @@ struct Kernel {
 
   static void scalar_rows(const T* src, T* dst, int64_t rows, int64_t len, T scale) {
     for (int64_t r = 0; r < rows; ++r, src += len, dst += len) {
-      for (int64_t i = 0; i < len; ++i) dst[i] = src[i] * scale;
+      for (int64_t i = 0; i < len; ++i) dst[i] = src[i];
       for (int64_t h = 1; h < len; h <<= 1)
         for (int64_t i = 0; i < len; i += 2 * h)
           for (int64_t j = i; j < i + h; ++j) {
@@ -363,6 +379,8 @@ struct Kernel {
             dst[j] = a + b;
             dst[j + h] = a - b;
           }
+      if (scale != T(1))
+        for (int64_t i = 0; i < len; ++i) dst[i] *= scale;
     }
   }
 
@@ -382,9 +400,9 @@ struct Kernel {
     for (int64_t v = 0; v < full; ++v) {
       if (v % registers_per_line == 0)
         __builtin_prefetch(reinterpret_cast<const char*>(src + v * W) + kPrefetchBytes, 1, 3);
-      V x = load(src + v * W);
+      V x = lane_stages(load(src + v * W), static_cast<int>(len));
       if constexpr (Scaled) x = x * scale;
-      store(dst + v * W, lane_stages(x, static_cast<int>(len)));
+      store(dst + v * W, x);
     }
     const int64_t done = full * W / len;
     scalar_rows(src + done * len, dst + done * len, rows - done, len, scale[0]);
@@ -446,9 +464,11 @@ struct Kernel {
 
   // Paley II form: for pairs (u_b, v_b) = (chunk 2b, chunk 2b+1), s_b = u_b + v_b, d_b = u_b - v_b, and
   // out_{2a} = s_a + sum_b C_ab d_b, out_{2a+1} = d_a - sum_b C_ab s_b (C has a zero diagonal), for the
-  // columns [begin, end). add_term(a, b, s_b, d_b, even, odd) adds the term of C_ab (b != a) to both.
-  template <int P, class AddTerm>
-  static inline void mix_paley_columns(T* x, int64_t chunk, int64_t begin, int64_t end, AddTerm add_term) {
+  // columns [begin, end), times scale if Scaled. add_term(a, b, s_b, d_b, even, odd) adds the term of C_ab
+  // (b != a) to both.
+  template <int P, bool Scaled, class AddTerm>
+  static inline void mix_paley_columns(T* x, int64_t chunk, int64_t begin, int64_t end, V scale,
+                                       AddTerm add_term) {
     for (int64_t c = begin; c < end; c += W) {
       V s[P], d[P];
       DREIDEL_UNROLL
@@ -463,6 +483,10 @@ struct Kernel {
         DREIDEL_UNROLL
         for (int b = 0; b < P; ++b)
           if (b != a) add_term(a, b, s[b], d[b], even, odd);
+        if constexpr (Scaled) {
+          even = even * scale;
+          odd = odd * scale;
+        }
         store(x + (2 * a) * chunk + c, even);
         store(x + (2 * a + 1) * chunk + c, odd);
       }
@@ -470,9 +494,9 @@ struct Kernel {
   }
 
   // C from the caller's matrix: every term a multiply-add by C_ab.
-  template <int P>
-  static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end) {
-    mix_paley_columns<P>(x, chunk, begin, end, [conference](int a, int b, V s, V d, V& even, V& odd) {
+  template <int P, bool Scaled>
+  static void mix_paley(T* x, int64_t chunk, const T* conference, int64_t begin, int64_t end, V scale) {
+    mix_paley_columns<P, Scaled>(x, chunk, begin, end, scale, [conference](int a, int b, V s, V d, V& even, V& odd) {
       const V cab = splat(conference[a * P + b]);
       even += d * cab;
       odd -= s * cab;
@@ -485,12 +509,12 @@ struct Kernel {
   // puts every term on the FMA ports. Measured on Zen 3, cycles per register of the mix (chunks of 32):
   // m = 12: 3.85 generic, 2.86 here; m = 28: 12.9 generic, 9.0 here (1, 2 or 3 add terms of 5 at m = 12
   // measured alike).
-  template <int P>
-  static void mix_paley_quadratic_residue(T* x, int64_t chunk, int64_t begin, int64_t end) {
+  template <int P, bool Scaled>
+  static void mix_paley_quadratic_residue(T* x, int64_t chunk, int64_t begin, int64_t end, V scale) {
     V plus = splat(T(1)), minus = splat(T(-1));
     hide_from_optimiser(plus);
     hide_from_optimiser(minus);
-    mix_paley_columns<P>(x, chunk, begin, end, [plus, minus](int a, int b, V s, V d, V& even, V& odd) {
+    mix_paley_columns<P, Scaled>(x, chunk, begin, end, scale, [plus, minus](int a, int b, V s, V d, V& even, V& odd) {
       const bool positive = paley_conference_sign(P - 1, a, b) > 0;
       const int term = b < a ? b : b - 1;  // b's place among the P - 1 terms of output a
       if (term < (P - 2) / 2) {
@@ -503,8 +527,8 @@ struct Kernel {
     });
   }
 
-  template <int M>
-  static void mix_dense(T* x, int64_t chunk, const T* h, int64_t begin, int64_t end) {
+  template <int M, bool Scaled>
+  static void mix_dense(T* x, int64_t chunk, const T* h, int64_t begin, int64_t end, V scale) {
     for (int64_t c = begin; c < end; c += W) {
       V in[M];
       DREIDEL_UNROLL
@@ -514,20 +538,25 @@ struct Kernel {
         V acc = in[0] * h[a * M];
         DREIDEL_UNROLL
         for (int b = 1; b < M; ++b) acc += in[b] * h[a * M + b];
+        if constexpr (Scaled) acc = acc * scale;
         store(x + a * chunk + c, acc);
       }
     }
   }
 
-  // The dense mix one value at a time, each output then scaled by `scale` (by 1: exact, the sum unchanged).
-  static void mix_scalar(T* x, int m, int64_t chunk, const T* h, int64_t begin, int64_t end, T scale = T(1)) {
+  // The dense mix one value at a time, each output then scaled by `scale`. float32 sums are accumulated in
+  // double and rounded once: this mix runs with at most 3 stages before it (chunks shorter than a register),
+  // so its own roundings dominate the error, and with m - 1 of them in float32 a row of 20 alternating
+  // values measured 3x the reference's error.
+  static void mix_scalar(T* x, int m, int64_t chunk, const T* h, int64_t begin, int64_t end, T scale) {
+    using Sum = std::conditional_t<std::is_same_v<T, float>, double, T>;
     T in[32];
     for (int64_t c = begin; c < end; ++c) {
       for (int a = 0; a < m; ++a) in[a] = x[a * chunk + c];
       for (int a = 0; a < m; ++a) {
-        T acc = in[0] * h[a * m];
-        for (int b = 1; b < m; ++b) acc += in[b] * h[a * m + b];
-        x[a * chunk + c] = acc * scale;
+        Sum acc = Sum(in[0]) * Sum(h[a * m]);
+        for (int b = 1; b < m; ++b) acc += Sum(in[b]) * Sum(h[a * m + b]);
+        x[a * chunk + c] = static_cast<T>(acc * Sum(scale));
       }
     }
   }
@@ -537,48 +566,55 @@ struct Kernel {
     return chunk % W != 0 || begin % W != 0 || (end - begin) % W != 0;
   }
 
-  static void mix_chunks(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end) {
+  template <bool Scaled>
+  static void mix_chunks_impl(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end, T scale) {
     const int m = plan.m;
-    if (mixes_scalar(chunk, begin, end)) return mix_scalar(x, m, chunk, plan.dense, begin, end);
+    const V sv = splat(scale);
     if (plan.paley && plan.quadratic_residue) {
       switch (plan.pairs) {
-        case 6: return mix_paley_quadratic_residue<6>(x, chunk, begin, end);
-        case 14: return mix_paley_quadratic_residue<14>(x, chunk, begin, end);
+        case 6: return mix_paley_quadratic_residue<6, Scaled>(x, chunk, begin, end, sv);
+        case 14: return mix_paley_quadratic_residue<14, Scaled>(x, chunk, begin, end, sv);
         default: break;
       }
     }
     if (plan.paley) {
       switch (plan.pairs) {
-        case 6: return mix_paley<6>(x, chunk, plan.conference, begin, end);
-        case 10: return mix_paley<10>(x, chunk, plan.conference, begin, end);
-        case 14: return mix_paley<14>(x, chunk, plan.conference, begin, end);
+        case 6: return mix_paley<6, Scaled>(x, chunk, plan.conference, begin, end, sv);
+        case 10: return mix_paley<10, Scaled>(x, chunk, plan.conference, begin, end, sv);
+        case 14: return mix_paley<14, Scaled>(x, chunk, plan.conference, begin, end, sv);
         default: break;
       }
     }
     switch (m) {
-      case 12: return mix_dense<12>(x, chunk, plan.dense, begin, end);
-      case 20: return mix_dense<20>(x, chunk, plan.dense, begin, end);
-      case 28: return mix_dense<28>(x, chunk, plan.dense, begin, end);
-      default: return mix_scalar(x, m, chunk, plan.dense, begin, end);
+      case 12: return mix_dense<12, Scaled>(x, chunk, plan.dense, begin, end, sv);
+      case 20: return mix_dense<20, Scaled>(x, chunk, plan.dense, begin, end, sv);
+      case 28: return mix_dense<28, Scaled>(x, chunk, plan.dense, begin, end, sv);
+      default: return mix_scalar(x, m, chunk, plan.dense, begin, end, scale);
     }
+  }
+
+  // The mix as the last step of a transform: its sums are scaled (see scale_all).
+  static void mix_chunks(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end, T scale) {
+    if (mixes_scalar(chunk, begin, end)) return mix_scalar(x, plan.m, chunk, plan.dense, begin, end, scale);
+    if (scale == T(1)) return mix_chunks_impl<false>(x, chunk, plan, begin, end, scale);
+    mix_chunks_impl<true>(x, chunk, plan, begin, end, scale);
   }
 
   static void rows_hadamard(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan,
                             T scale, const T* after) {
     const int64_t n = plan.m * chunk;
-    // Chunks shorter than a register take the scalar mix, which scales its sums, as the reference does:
-    // scaled first, each input's rounding went into the sums of m terms, and with only k <= 3 stages before
-    // them (float32, n = 20 or 28, k = 0) the error then exceeded 2x the reference's in about 1 in 200
-    // batches of 32 rows. Longer chunks scale their first pass (their own stages dominate the error).
-    const bool scale_sums = plan.m > 1 && mixes_scalar(chunk, 0, chunk);
     for (int64_t r = 0; r < rows; ++r) {
       // The m chunks of one row are m contiguous rows of the power-of-two transform; then H_m mixes them
-      // while the row is still in L1. The last chunks prefetch the next row (chunks of up to 4 KB: the
-      // next row's first chunks; without that, 1.1-1.2x slower at m = 12 on AVX2 and portable builds).
-      rows_pow2(src + r * n, dst + r * n, plan.m, chunk, scale_sums ? T(1) : scale,
-                r + 1 < rows ? src + (r + 1) * n : after);
-      if (scale_sums) mix_scalar(dst + r * n, plan.m, chunk, plan.dense, 0, chunk, scale);
-      else if (plan.m > 1) mix_chunks(dst + r * n, chunk, plan, 0, chunk);
+      // while the row is still in L1, and scales the sums. The last chunks prefetch the next row (chunks of
+      // up to 4 KB: the next row's first chunks; without that, 1.1-1.2x slower at m = 12 on AVX2 and
+      // portable builds).
+      const T* next = r + 1 < rows ? src + (r + 1) * n : after;
+      if (plan.m == 1) {
+        rows_pow2(src + r * n, dst + r * n, 1, chunk, scale, next);
+        continue;
+      }
+      rows_pow2(src + r * n, dst + r * n, plan.m, chunk, T(1), next);
+      mix_chunks(dst + r * n, chunk, plan, 0, chunk, scale);
     }
   }
 
@@ -588,26 +624,29 @@ struct Kernel {
   // addressed as base + i * step (not through an array of row pointers: with 2R pointers live, GCC kept some
   // on the stack and reloaded them in the inner loop, and on Zen 3 a radix-8 pass over 8 MB in the L3 then
   // took 2.2 ms per 64 MB against 1.2 ms written this way; 0.45 against 0.39 ns per register in L1).
-  template <int R>
-  DREIDEL_REGISTER_HELPER void columns(const T* in, int64_t in_step, T* out, int64_t out_step, int64_t width) {
+  template <int R, bool Scaled>
+  DREIDEL_REGISTER_HELPER void columns(const T* in, int64_t in_step, T* out, int64_t out_step, int64_t width,
+                                       V scale) {
     for (int64_t c = 0; c < width; c += W) {
       V r[R];
       DREIDEL_UNROLL
       for (int i = 0; i < R; ++i) r[i] = load(in + i * in_step + c);
       butterflies<R, R == 8>(r);
+      scale_all<Scaled, R>(r, scale);
       DREIDEL_UNROLL
       for (int i = 0; i < R; ++i) store(out + i * out_step + c, r[i]);
     }
   }
 
   // Stages at row strides s, ..., (R/2)s of `count` rows, `width` columns each, read from `in` and
-  // written to `out` (which may be `in`); every group reads all its rows before writing them. No software
+  // written to `out` (which may be `in`), times scale if Scaled; every group reads all its rows before
+  // writing them. No software
   // prefetch: each row is walked front to back, R sequential streams the hardware prefetcher follows (on
   // Zen 3, prefetching the next strip line for line made a radix-8 pass over a 64 MB row 1.3x slower, and
   // whole 2^22..2^24 rows 1.16-1.20x slower).
-  template <int R>
+  template <int R, bool Scaled>
   static void column_pass(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t count,
-                          int64_t width, int64_t s) {
+                          int64_t width, int64_t s, V scale) {
     const int64_t in_step = s * in_stride, out_step = s * out_stride;
     for (int64_t base = 0; base < count; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
@@ -615,25 +654,36 @@ struct Kernel {
         T* rows_out = out + j * out_stride;
         // In place (every pass but the gathers and scatters of a scratch strip), one base and one step
         // serve both sides, in half the registers.
-        if (rows_in == rows_out && in_step == out_step) columns<R>(rows_out, out_step, rows_out, out_step, width);
-        else columns<R>(rows_in, in_step, rows_out, out_step, width);
+        if (rows_in == rows_out && in_step == out_step)
+          columns<R, Scaled>(rows_out, out_step, rows_out, out_step, width, scale);
+        else
+          columns<R, Scaled>(rows_in, in_step, rows_out, out_step, width, scale);
       }
   }
 
+  template <bool Scaled>
   static void column_pass_any(int radix, const T* in, int64_t in_stride, T* out, int64_t out_stride,
-                              int64_t count, int64_t width, int64_t s) {
+                              int64_t count, int64_t width, int64_t s, V scale) {
     switch (radix) {
-      case 8: return column_pass<8>(in, in_stride, out, out_stride, count, width, s);
-      case 4: return column_pass<4>(in, in_stride, out, out_stride, count, width, s);
-      default: return column_pass<2>(in, in_stride, out, out_stride, count, width, s);
+      case 8: return column_pass<8, Scaled>(in, in_stride, out, out_stride, count, width, s, scale);
+      case 4: return column_pass<4, Scaled>(in, in_stride, out, out_stride, count, width, s, scale);
+      default: return column_pass<2, Scaled>(in, in_stride, out, out_stride, count, width, s, scale);
     }
+  }
+
+  // A column pass that scales if it is the transform's last (scale != 1 only there).
+  static void column_pass_scaled(int radix, const T* in, int64_t in_stride, T* out, int64_t out_stride,
+                                 int64_t count, int64_t width, int64_t s, T scale) {
+    if (scale == T(1)) return column_pass_any<false>(radix, in, in_stride, out, out_stride, count, width, s, V{});
+    column_pass_any<true>(radix, in, in_stride, out, out_stride, count, width, s, splat(scale));
   }
 
   static constexpr int64_t scratch_stride(int64_t width) { return width + 64 / int64_t(sizeof(T)); }
 
   // The strip is gathered into `scratch` by the first radix pass (so the middle passes run on a compact,
-  // alias-free copy in L2) and scattered back by the last one.
-  static void columns_pow2(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch) {
+  // alias-free copy in L2) and scattered back by the last one, which also scales.
+  static void columns_pow2(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch,
+                           T scale) {
     int radices[32];
     int passes = 0;
     int log2_count = 0;
@@ -641,12 +691,16 @@ struct Kernel {
     if (log2_count % 3 == 1) radices[passes++] = 2;
     if (log2_count % 3 == 2) radices[passes++] = 4;
     for (int i = 0; i < log2_count / 3; ++i) radices[passes++] = 8;
-    if (passes == 0) {  // H_1: a copy
-      if (in != out) std::memcpy(out, in, size_t(width) * sizeof(T));
+    if (passes == 0) {  // H_1: a copy, scaled
+      if (scale != T(1)) {
+        for (int64_t c = 0; c < width; ++c) out[c] = in[c] * scale;
+      } else if (in != out) {
+        std::memcpy(out, in, size_t(width) * sizeof(T));
+      }
       return;
     }
     if (passes == 1) {
-      column_pass_any(radices[0], in, stride, out, stride, count, width, 1);
+      column_pass_scaled(radices[0], in, stride, out, stride, count, width, 1, scale);
       return;
     }
     // Scratch rows are one cache line longer than the strip, so rows a power of two apart do not all fall
@@ -655,8 +709,8 @@ struct Kernel {
     int64_t s = 1;
     for (int p = 0; p < passes; ++p) {
       const bool first = p == 0, last = p == passes - 1;
-      column_pass_any(radices[p], first ? in : scratch, first ? stride : ws, last ? out : scratch,
-                      last ? stride : ws, count, width, s);
+      column_pass_scaled(radices[p], first ? in : scratch, first ? stride : ws, last ? out : scratch,
+                         last ? stride : ws, count, width, s, last ? scale : T(1));
       s *= radices[p];
     }
   }

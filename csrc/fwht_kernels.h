@@ -39,6 +39,9 @@ constexpr int paley_conference_sign(int q, int a, int b) {
 template <class T>
 struct FwhtKernels {
   int lanes;  // SIMD width in elements of T
+  // Every entry that takes a scale multiplies the sums of its last stage by it, as fwht_reference does (a
+  // transform split over several calls passes its scale to the last one only, 1 to the others).
+  //
   // dst = scale * H_len src for `rows` contiguous rows of power-of-two length `len`, each small enough to
   // stay in cache. src may equal dst. Rows of more than 16 registers prefetch the rows after them; the last
   // ones prefetch the input the caller transforms next, from `after` on (or nothing, if null): input of the
@@ -49,12 +52,13 @@ struct FwhtKernels {
   void (*rows_hadamard)(const T* src, T* dst, int64_t rows, int64_t chunk, const MixPlan<T>& plan, T scale,
                         const T* after);
   // Across `count` (a power of two) rows spaced `stride` apart, for the `width` contiguous columns at `in`
-  // (width % lanes == 0), written to the same places at `out` (which may be `in`): the outer factor H_count
-  // of a two-level transform of one long row. `scratch` holds count * (width + 64 / sizeof(T)) values
-  // (unused, and may be null, when count <= 8).
-  void (*columns_pow2)(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch);
-  // In place: chunk a of x (length `chunk`, a < m) <- sum_a' H_m[a][a'] chunk a', for columns [begin, end).
-  void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end);
+  // (width % lanes == 0), times scale, written to the same places at `out` (which may be `in`): the outer
+  // factor H_count of a two-level transform of one long row. `scratch` holds count * (width + 64 /
+  // sizeof(T)) values (unused, and may be null, when count <= 8).
+  void (*columns_pow2)(const T* in, T* out, int64_t count, int64_t stride, int64_t width, T* scratch, T scale);
+  // In place: chunk a of x (length `chunk`, a < m) <- scale * sum_a' H_m[a][a'] chunk a', for columns
+  // [begin, end).
+  void (*mix_chunks)(T* x, int64_t chunk, const MixPlan<T>& plan, int64_t begin, int64_t end, T scale);
   // x = scale * H x for one 16 KB row (a leaf of a long row) while the strip of `count` rows of `width`
   // values spaced `stride` apart at `strip` (or nothing, if null) is prefetched into L2 for reading, and the
   // same strip at `strip_out` (unless null: an out-of-place pass writes there) for writing, spread over the

@@ -17,14 +17,17 @@ import argparse
 
 import torch
 
+from dreidel.cli._args import MAX_THREADS, int_in_range, seed
 from dreidel.cli.demo_mnist import EPOCHS, compare_linear_kinds, format_results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, shuffling and initialisation")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # Bad values are argparse's one-line errors (exit 2), as in the dreidel CLI.
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the data split, shuffling and initialisation")
+    parser.add_argument("--epochs", type=int_in_range(1), default=EPOCHS)
+    parser.add_argument("--threads", type=int_in_range(1, MAX_THREADS), default=None,
+                        help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""dreidel: fast deep learning on CPUs through structured (Walsh-Hadamard) and hashed layers."""
+"""dreidel: fast deep learning on CPUs through structured (Walsh-Hadamard) layers and structure-aware optimizers."""
 
 from dreidel import algo, api, data, io, layers, models, optim
 from dreidel._native import available_isas, best_isa

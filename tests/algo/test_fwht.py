@@ -304,6 +304,13 @@ def test_inplace_refuses_a_view_whose_elements_share_memory(make_view, generator
     dr.fwht(view.clone(), inplace=True)  # a copy is fine
 
 
+def test_inplace_refuses_a_huge_expanded_view_without_enumerating_it():
+    # 2^40 elements over one value: a table of their offsets (8 TB) used to be built before the refusal.
+    view = torch.ones(1).expand(1 << 20, 1 << 20)
+    with pytest.raises(RuntimeError, match="share memory"):
+        dr.fwht(view, inplace=True)
+
+
 def test_inplace_takes_views_with_interleaved_strides(generator):
     # Offsets {0, 2, 4} + {0, 3}: no two elements meet, though no stride passes the reach of the other.
     base = torch.randn(16, dtype=torch.float64, generator=generator)
@@ -352,7 +359,7 @@ def test_flags_must_be_bools(flags):
 
 def test_inplace_refuses_autograd():
     x = torch.randn(4, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="inplace"):
+    with pytest.raises(RuntimeError, match="inplace"):
         dr.fwht(x, inplace=True)
     with torch.no_grad():
         dr.fwht(x, inplace=True)
@@ -446,6 +453,67 @@ def test_rejects_unsupported_length_with_nearest_lengths():
     message = str(info.value)
     for fragment in ("dimension 1", "length 100", "96", "112", "pad_to_hadamard"):
         assert fragment in message
+
+
+SUBNORMAL_LENGTHS = [2, 4, 8, 64, 128, 1024, 4096, 12, 20, 28, 96, 384, 1536, 12 << 10, 1 << 14, 1 << 17, 20 << 12]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", SUBNORMAL_LENGTHS)
+def test_subnormal_inputs_are_summed_before_they_are_scaled(n, dtype, num_threads, generator):
+    """Small multiples of the smallest subnormal: every +-1 sum is exact, so the normalized transform is one
+    rounding of each scaled sum, as the reference computes it. Scaling the inputs first rounded them on the
+    subnormal grid before summing (float32, n = 4096: 150x the reference's error)."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    units = torch.randint(-255, 256, (3, n), generator=generator, dtype=torch.int64)
+    x = units.to(dtype) * tiny
+    assert (x.abs() < torch.finfo(dtype).smallest_normal).all()
+    exact = dr.fwht_reference(units.double(), normalized=False)  # the integer sums, exactly
+    expected = (exact.to(dtype) * tiny) * dr.algo._fwht._scale(n, True)
+    torch.testing.assert_close(dr.fwht_reference(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dr.fwht(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dr.fwht(x.clone(), inplace=True), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("geometry", [(512 << 10, 8), (2 << 20, 12)], ids=["l1_8way", "l1_12way"])
+@pytest.mark.parametrize(("rows", "n"), [(2, 1 << 20), (1, 12 << 16), (3, 1 << 15)])
+def test_subnormal_inputs_of_long_rows_on_every_isa_and_cache_geometry(isa, geometry, rows, n, generator):
+    # The passes of a long row split its stages over several calls of the kernels: only the last may scale.
+    tiny = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+    x = torch.randint(-255, 256, (rows, n), generator=generator).float() * tiny
+    h = small_hadamard(dr.algo.hadamard_factor(n)[0], torch.float32)
+    expected = dr.fwht_reference(x)
+    for threads in (1, 2, 3):
+        out = torch.empty_like(x)
+        native.fwht(x, out, n, h, dr.algo._fwht._scale(n, True), threads, isa, *geometry)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1 << 12, 1 << 17, 384])
+def test_float32_error_rule_holds_on_subnormal_gaussian_inputs(n, num_threads, generator):
+    # Gaussian values of 1e-40: sums that leave the subnormal range for normal floats as n grows.
+    x64 = torch.randn(8, n, dtype=torch.float64, generator=generator) * 1e-40
+    x = x64.float()
+    truth = dr.fwht_reference(x.double())
+    native_err = (dr.fwht(x).double() - truth).abs().max().item()
+    reference_err = (dr.fwht_reference(x).double() - truth).abs().max().item()
+    assert native_err <= 2 * reference_err
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("n", [12, 20, 28, 32, 128, 160, 384, 640, 2048, 2560, 4096, 6144, 1 << 14])
+def test_float32_error_rule_holds_on_constant_and_alternating_rows(n, normalized):
+    """Structured rows, where roundings do not cancel: scaling the inputs first put each input's rounding into
+    every sum (a constant row of 32: 10x the reference's error), and float32 sums in the scalar H_m mix gave
+    3x at n = 20."""
+    value = torch.tensor(1.2345678)
+    rows = torch.stack([value.expand(n), value * torch.tensor([1.0, -1.0]).repeat(n // 2),
+                        value * torch.tensor([1.0, 1.0, -1.0, 1.0]).repeat(n // 4 + 1)[:n]])
+    truth = dr.fwht_reference(rows.double(), normalized=normalized)
+    native_err = (dr.fwht(rows, normalized=normalized).double() - truth).abs().max().item()
+    reference_err = (dr.fwht_reference(rows, normalized=normalized).double() - truth).abs().max().item()
+    assert native_err <= 2 * reference_err
 
 
 @pytest.mark.parametrize("n", [12, 20, 28, 24, 40, 56])
@@ -569,6 +637,12 @@ def test_pad_to_hadamard_edges(powers_of_two_only):
     too_long = torch.empty(longest + 1, device="meta")  # no memory: only the length matters
     with pytest.raises(ValueError, match="longer than the longest supported length"):
         dr.pad_to_hadamard(too_long, powers_of_two_only=powers_of_two_only)
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None])
+def test_pad_to_hadamard_flag_must_be_a_bool(flag):
+    with pytest.raises(TypeError, match="powers_of_two_only must be a bool"):
+        dr.pad_to_hadamard(torch.randn(2, 5), powers_of_two_only=flag)  # "no" used to mean True
 
 
 @pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "nested"])

@@ -74,8 +74,9 @@ def test_non_audio_file(tmp_path):
     (np.zeros((2, 3, 4), dtype=np.float32), {}, ValueError, "shape"),
     (np.zeros((16000, 2), dtype=np.float32), {}, ValueError, "transpose"),
     (np.array([0.0, np.nan], dtype=np.float32), {}, ValueError, "NaN"),
-    (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample rate must be a positive integer"),
-    (np.zeros(10, dtype=np.float32), {"sample_rate": 768_001}, ValueError, "up to 768000"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample rate must be an integer .* from 4000"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 3999}, ValueError, "from 4000 .* got 3999"),
+    (np.zeros(10, dtype=np.float32), {"sample_rate": 768_001}, ValueError, "to 768000"),
     (np.zeros(10, dtype=bool), {}, TypeError, "dtype"),
     ([0.0, 1.0], {}, TypeError, "path_or_array"),
 ])
@@ -113,12 +114,22 @@ def test_a_header_claiming_an_absurd_rate_is_refused_before_resampling(tmp_path)
     header = bytearray(path.read_bytes())
     header[24:28] = (2**31 - 1).to_bytes(4, "little")  # the fmt chunk's sample rate
     path.write_bytes(bytes(header))
-    with pytest.raises(ValueError, match="sample rate must be .* up to 768000.*got 2147483647") as raised:
+    with pytest.raises(ValueError, match="sample rate must be .* to 768000.*got 2147483647") as raised:
         load_audio(path)
     assert str(path) in str(raised.value)
 
 
-def test_the_highest_rate_loads():
+def test_a_header_claiming_a_rate_of_one_hertz_is_refused_before_resampling(tmp_path):
+    # 4000 samples at "1 Hz" would have become 64 million at 16 kHz (1.1 hours, 256 MB) from an 8 KB file.
+    path = tmp_path / "slow.wav"
+    soundfile.write(path, np.zeros(4000, dtype=np.int16), 1, subtype="PCM_16")
+    with pytest.raises(ValueError, match="from 4000 .*got 1$") as raised:
+        load_audio(path)
+    assert str(path) in str(raised.value)
+
+
+def test_the_lowest_and_highest_rates_load():
+    assert load_audio(np.zeros(400, dtype=np.float32), sample_rate=4_000).shape == (1600,)
     assert load_audio(np.zeros(76_800, dtype=np.float32), sample_rate=768_000).shape == (1600,)
 
 

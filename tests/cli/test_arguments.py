@@ -30,6 +30,11 @@ def wav(tmp_path):
     ("--beam", "two", "argument --beam: invalid int value: 'two'"),
     ("--threads", "0", "argument --threads: expected an int in [1, 256], got 0"),
     ("--threads", "100000", "argument --threads: expected an int in [1, 256], got 100000"),  # was a segfault
+    # these used to pass argparse and fail later naming the Python parameter, with exit 1
+    ("--no-speech-threshold", "-1", "argument --no-speech-threshold: expected a probability in (0, 1), got -1"),
+    ("--no-speech-threshold", "nan", "argument --no-speech-threshold: expected a probability in (0, 1), got nan"),
+    ("--no-speech-threshold", "1", "argument --no-speech-threshold: expected a probability in (0, 1), got 1"),
+    ("--no-speech-threshold", "high", "argument --no-speech-threshold: expected a probability in (0, 1), got 'high'"),
 ])
 def test_transcribe_option_errors_name_the_option(option, value, expected, wav, capsys):
     assert _usage_error(["transcribe", wav, option, value], capsys) == f"dreidel transcribe: error: {expected}"
@@ -47,3 +52,31 @@ def test_transcribe_missing_file_and_directory(tmp_path, capsys):
 ])
 def test_demo_seed_errors_name_the_option(value, expected, capsys):
     assert _usage_error(["demo", "--seed", value], capsys) == f"dreidel demo: error: argument --seed: {expected}"
+
+
+def test_missing_extras_are_one_line_errors_before_any_work(monkeypatch, wav, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlxtend", "tokenizers")
+                        else real_find_spec(name, *a))
+    for argv, expected in ((["demo"], "dreidel demo: error: dreidel demo needs pip install 'dreidel[data,whisper]' "
+                                      "(not installed: mlxtend, tokenizers)"),
+                           (["transcribe", wav], "dreidel transcribe: error: dreidel transcribe needs pip install "
+                                                 "'dreidel[whisper]' (not installed: tokenizers)")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == expected
+    assert capsys.readouterr().out == ""  # the demo's first step did not start
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`dreidel info | true`: the reader is gone before the first write, which used to end in a traceback."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from dreidel.cli.main import main; sys.exit(main(['info']))"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # long before the child has imported torch
+    assert child.wait(timeout=120) == 141
+    assert child.stderr.read() == b""

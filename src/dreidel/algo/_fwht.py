@@ -83,7 +83,9 @@ def _overlaps_itself(x: torch.Tensor) -> bool:
     """Whether two elements of the strided ``x`` share memory (an expanded, ``unfold`` or ``as_strided`` view).
 
     Dimensions sorted by stride, each stride passing the reach of the smaller ones proves there is no overlap
-    (every ordinary view: slices, transposes, steps); only layouts that test cannot clear compare offsets.
+    (every ordinary view: slices, transposes, steps). More elements than addresses in the view's span prove
+    one (an expanded view: 2^28 elements over 256 KB used to build a 2 GB table of offsets first); only the
+    layouts neither test settles compare offsets, a table no larger than the span.
     """
     reach = 0
     for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
@@ -92,6 +94,8 @@ def _overlaps_itself(x: torch.Tensor) -> bool:
         reach += stride * (size - 1)
     else:
         return False
+    if x.numel() > sum(stride * (size - 1) for size, stride in zip(x.shape, x.stride())) + 1:
+        return True
     offsets = torch.zeros((), dtype=torch.long)
     for size, stride in zip(x.shape, x.stride()):
         offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
@@ -529,7 +533,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     moved = x if dim in (-1, x.dim() - 1) else x.movedim(dim, -1)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
+            raise RuntimeError(  # torch's error type for in-place updates autograd cannot take
                 "fwht(inplace=True) cannot be differentiated: x requires grad. "
                 "Use inplace=False, or run under torch.no_grad()."
             )
@@ -575,6 +579,8 @@ def pad_to_hadamard(x: torch.Tensor, dim: int = -1, powers_of_two_only: bool = F
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if type(powers_of_two_only) is not bool:
+        _refuse_flags(powers_of_two_only=powers_of_two_only)
     dim = _as_dim(dim)
     if x.dim() == 0:  # a vector of length 1, as fwht treats it: nothing to pad
         if dim not in (0, -1):

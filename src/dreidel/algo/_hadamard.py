@@ -68,8 +68,9 @@ def is_hadamard_length(n: int) -> bool:
 
 def nearest_hadamard_lengths(n: int) -> tuple[int | None, int | None]:
     """The largest supported length ``<= n`` and the smallest ``>= n`` (``None`` where there is none)."""
-    # Plain loops over ints (no max(default=)): torch.compile traces them, so a bad length reaches the user
-    # as fwht's ValueError even under fullgraph=True.
+    # Plain loops over ints (no max(default=)): torch.compile traces them without a graph break, so a bad
+    # length reaches the user as fwht's ValueError (under fullgraph=True, Dynamo reports that ValueError,
+    # message and all, as an "Observed exception").
     below = above = None
     for m in HADAMARD_FACTORS:
         for k in range(MAX_POW2_LOG2 + 1):

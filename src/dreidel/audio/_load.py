@@ -44,6 +44,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
 # The fastest rate of studio audio (DXD and 768 kHz PCM are the highest in use). A file's header can claim
 # any rate up to 2^32 - 1, and the anti-aliasing filter for a rate far above 16 kHz is as long as the ratio.
 MAX_SAMPLE_RATE = 768_000
+# Half the slowest rate speech is stored at (8 kHz telephony). Below it the 16 kHz output would be many
+# times the input: an 8 KB file whose header claims 1 Hz became 64 million samples (1.1 hours of audio).
+MIN_SAMPLE_RATE = 4_000
 
 
 def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
@@ -62,7 +65,7 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
 
     Raises:
         ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
-            not a positive integer up to ``MAX_SAMPLE_RATE`` (768 kHz), or one above about 660 kHz sharing so
+            not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE`` (768 kHz), or one above about 660 kHz sharing so
             few factors with 16 kHz that its filter table would take hundreds of MB (see ``resample``; every
             rate audio is recorded at, 768 kHz included, shares many).
     """
@@ -87,9 +90,9 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
                              f"shape {tuple(waveform.shape)}; transpose a (samples, channels) array")
     else:
         raise TypeError(f"path_or_array must be a path, numpy array or torch tensor, got {type(path_or_array).__name__}")
-    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not 0 < rate <= MAX_SAMPLE_RATE:
-        raise ValueError(f"{where}sample rate must be a positive integer number of Hz up to {MAX_SAMPLE_RATE} "
-                         f"(the highest rate audio is recorded at), got {rate!r}")
+    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{where}sample rate must be an integer number of Hz from {MIN_SAMPLE_RATE} (half the "
+                         f"telephone rate) to {MAX_SAMPLE_RATE} (the highest rate audio is recorded at), got {rate!r}")
     if waveform.dim() == 2:
         waveform = waveform.mean(dim=0)
     if not torch.isfinite(waveform).all():

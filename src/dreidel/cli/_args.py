@@ -34,6 +34,17 @@ def int_in_range(low: int, high: int | None = None):
 seed = int_in_range(0, 2**63 - 1)
 
 
+def probability(text: str) -> float:
+    """A ``type=`` for a probability strictly between 0 and 1 (NaN is not one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
+    return value
+
+
 def file_problem(text: str) -> str | None:
     """Why ``text`` is not a readable regular file's path, or None when it is one."""
     path = Path(text)

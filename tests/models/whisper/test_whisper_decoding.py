@@ -145,6 +145,23 @@ def test_empty_audio_is_empty_text_and_leaves_other_inputs_alone(tiny_en, tmp_pa
     assert transcribe(tiny_en, torch.zeros(0), beam_size=2).text == ""
 
 
+def test_a_tail_shorter_than_one_mel_frame_is_not_decoded(tiny_en):
+    """Less than 10 ms past a 30 s window (or less than 10 ms in all) holds no frame: it used to be decoded as
+    a silent window, which tiny.en reads as "you". A whole frame past the window is a window of its own."""
+    from dreidel.audio import HOP_LENGTH, N_SAMPLES
+
+    (_, clip), = speech_clips(1, seed=6)
+    window = torch.nn.functional.pad(clip, (0, N_SAMPLES - clip.numel()))
+    alone = transcribe(tiny_en, window)
+    assert len(alone.tokens) == 1
+    for tail in (1, HOP_LENGTH - 1):
+        result = transcribe(tiny_en, torch.cat([window, torch.full((tail,), 0.01)]))
+        assert result.tokens == alone.tokens and result.text == alone.text, tail
+    assert len(transcribe(tiny_en, torch.cat([window, torch.zeros(HOP_LENGTH)])).tokens) == 2
+    short = transcribe(tiny_en, torch.full((HOP_LENGTH - 1,), 0.1))
+    assert short.text == "" and short.tokens == () and short.seconds_audio == pytest.approx((HOP_LENGTH - 1) / 16000)
+
+
 @pytest.mark.parametrize("argument, value", [("beam_size", True), ("max_new_tokens", True), ("batch_size", True),
                                              ("beam_size", 2.0)])
 def test_transcribe_rejects_bools_and_floats_as_counts(tiny_en, argument, value):

@@ -271,10 +271,13 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
 
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
-    """Consecutive 30 s windows; none for empty audio (a silent window would make the model hallucinate)."""
-    from dreidel.audio import N_SAMPLES
+    """Consecutive 30 s windows, leaving out any shorter than one mel frame (10 ms): the last one, or all of
+    too short an input. Such a window holds no frame of audio, and tiny.en transcribes the silence it is
+    padded with as "you" (30 s + 1 sample of speech used to end in " you"). openai-whisper and faster-whisper
+    likewise decode only the whole frames, ``samples // HOP_LENGTH``."""
+    from dreidel.audio import HOP_LENGTH, N_SAMPLES
 
-    return list(audio.split(N_SAMPLES)) if audio.numel() else []
+    return [window for window in audio.split(N_SAMPLES) if window.numel() >= HOP_LENGTH]
 
 
 @torch.inference_mode()
@@ -284,7 +287,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
     into consecutive 30 s windows (no timestamps, so a word on a boundary may be split); up to ``batch_size``
-    windows are decoded together. Empty audio is not decoded: its text is "" and it has no windows.
+    windows are decoded together. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and
+    it has no windows; nor is a last window that short. Each window is zero-padded to 30 s before its log-mel
+    (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe`` and faster-whisper
+    pad the log-mel instead (clamped against the whole input's maximum), so their text can differ by a word.
     ``no_speech_threshold`` (e.g. 0.6): windows the model judges to hold no speech give no text (without it,
     tiny.en transcribes a silent window, such as the silent end of a long recording, as "you"); see
     :class:`DecodingOptions`.
