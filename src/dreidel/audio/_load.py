@@ -65,7 +65,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
 
     Raises:
         ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
-            not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE`` (768 kHz), or one above about 660 kHz sharing so
+            not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE`` (768 kHz), or one above
+            about 660 kHz sharing so
             few factors with 16 kHz that its filter table would take hundreds of MB (see ``resample``; every
             rate audio is recorded at, 768 kHz included, shares many).
     """
@@ -90,7 +91,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
                              f"shape {tuple(waveform.shape)}; transpose a (samples, channels) array")
     else:
         raise TypeError(f"path_or_array must be a path, numpy array or torch tensor, got {type(path_or_array).__name__}")
-    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+    integer = isinstance(rate, (int, np.integer)) and not isinstance(rate, bool)
+    if not integer or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise ValueError(f"{where}sample rate must be an integer number of Hz from {MIN_SAMPLE_RATE} (half the "
                          f"telephone rate) to {MAX_SAMPLE_RATE} (the highest rate audio is recorded at), got {rate!r}")
     if waveform.dim() == 2:

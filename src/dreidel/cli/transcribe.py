@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     # A bad model directory, language, threshold or audio file, or a missing extra, is the user's input, not a
     # bug: one line, no traceback.
     try:
-        require_extras("dreidel transcribe", "whisper")
+        # What any Whisper weights need; the shipped tiny.en's package is checked where it is looked up.
+        require_extras("dreidel transcribe", "whisper", modules=("tokenizers", "soundfile"))
         waveforms = [load_audio(path) for path in args.files]  # a bad file fails before the model loads
         recognizer = whisper.load(args.model)
         if args.int8:
