@@ -600,6 +600,16 @@ def test_empty_tensors_return_empty(shape, dim):
     y = dr.fwht(x, dim=dim)
     assert y.shape == x.shape and y is not x
     assert dr.fwht(x, dim=dim, inplace=True) is x
+    for op in (torch.ops.dreidel.fwht, torch.ops.dreidel.fwht_):  # the registered ops, called directly
+        op(x.movedim(dim, -1), True)
+
+
+def test_an_unsupported_length_is_refused_even_when_there_is_nothing_to_transform():
+    # dreidel.fwht checked the length first, but the registered ops returned the empty tensor.
+    for transform in (lambda t: dr.fwht(t), lambda t: torch.ops.dreidel.fwht(t, True),
+                      lambda t: torch.ops.dreidel.fwht_(t, True)):
+        with pytest.raises(ValueError, match="length 3"):
+            transform(torch.empty(0, 3))
 
 
 def test_native_binding_validates_buffers():

@@ -313,11 +313,12 @@ def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 
 def _op_input_needs_care(x: torch.Tensor) -> bool:
     """True when the ops' CPU kernels cannot hand ``x`` straight to the native kernel: an empty or 0-d tensor,
-    float16/bfloat16, or a length or dtype the kernel refuses (then ``_check_input`` says why)."""
-    if x.dim() == 0 or x.numel() == 0 or x.dtype in _LOW_PRECISION:
+    or float16/bfloat16. A length or dtype the kernel refuses raises (``_check_input`` says why), empty or
+    not, as ``dreidel.fwht`` does."""
+    if x.dim() == 0:
         return True
     _check_input(x, -1)
-    return False
+    return x.numel() == 0 or x.dtype in _LOW_PRECISION
 
 
 @_fwht_op.register_kernel("cpu")
