@@ -66,9 +66,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     Raises:
         ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
             not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE`` (768 kHz), or one above
-            about 660 kHz sharing so
-            few factors with 16 kHz that its filter table would take hundreds of MB (see ``resample``; every
-            rate audio is recorded at, 768 kHz included, shares many).
+            about 660 kHz sharing so few factors with 16 kHz that its filter table would take hundreds of MB
+            (see ``resample``; every rate audio is recorded at, 768 kHz included, shares many).
     """
     where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""  # names a file in errors
     if isinstance(path_or_array, (str, os.PathLike)):
