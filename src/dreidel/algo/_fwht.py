@@ -502,13 +502,15 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     Rounding: for a given input, thread count and CPU the result is always the same, but a row's last bits
     may change with the number of threads, and with the size of the whole call (calls of 16 MB and more
     order the stages differently on AVX-512 CPUs, in place and out of place differently again); the error
-    stays within the accuracy rule of the tests. Normalized, most paths scale the inputs before summing them
-    (so values near the largest float do not overflow), and values near the smallest ones may then flush to
-    zero where the dense product would not.
+    stays within the accuracy rule of the tests. Normalized, the sums are scaled after the last stage, as
+    ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
+    sums pass the largest float (``|x|`` above about ``finfo.max / n``) overflows, as in the reference.
 
     Raises:
         TypeError: integer, bool or complex ``x``.
         ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
+        RuntimeError: ``inplace`` on a tensor that requires grad (in grad mode), or whose elements share
+            memory (an expanded or ``unfold`` view), as torch's in-place ops refuse them.
     """
     if type(normalized) is not bool or type(inplace) is not bool:
         _refuse_flags(normalized=normalized, inplace=inplace)
