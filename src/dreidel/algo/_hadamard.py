@@ -49,9 +49,7 @@ def _integer(n: object) -> int | None:
 def hadamard_factor(n: int) -> tuple[int, int] | None:
     """Return ``(m, 2^k)`` with ``n = m * 2^k`` for a supported length, else ``None``."""
     n = _integer(n)
-    if n is None:
-        return None
-    if n < 1:
+    if n is None or n < 1:
         return None
     for m in HADAMARD_FACTORS:
         if n % m == 0:

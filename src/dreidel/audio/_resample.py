@@ -64,8 +64,9 @@ def _polyphase_kernels(orig: int, new: int, zero_crossings: int, rolloff: float,
 
 _MAX_POLYPHASE_TABLE = 1 << 20  # kernel entries (new x taps); beyond it the direct path is cheaper and small
 _DIRECT_CHUNK = 1 << 15  # output samples per step of the direct path
-_MAX_DIRECT_TABLE = 1 << 25  # kernel entries of the direct path (256 MB of float64): 768 kHz -> 16 kHz needs 1 x
-# 2440; the coprime 192001 -> 16000 Hz, 16000 x 612
+# Kernel entries of the direct path (256 MB of float64): 768 kHz -> 16 kHz needs 1 x 2440; the coprime
+# 192001 -> 16000 Hz, 16000 x 612.
+_MAX_DIRECT_TABLE = 1 << 25
 
 
 @lru_cache(maxsize=16)

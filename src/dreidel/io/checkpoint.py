@@ -158,7 +158,7 @@ def open_checkpoint(path: str | os.PathLike) -> Iterator[CheckpointFiles]:
             regular files.
     """
     directory = Path(path)
-    for attempt in range(_OPEN_TRIES):
+    for _ in range(_OPEN_TRIES):
         opened = _open_files(directory)
         if opened is None:
             continue  # a writer put another checkpoint there meanwhile
@@ -333,10 +333,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # no C library to load by that name: the two-step rename
+    _LIBC = None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap the directories ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     C library or the file system cannot."""
-    renameat2 = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    renameat2 = getattr(_LIBC, "renameat2", None)  # None too where there is no C library
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
@@ -346,12 +352,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # not supported here: rename in two steps
         return False
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # no C library to load by that name: the two-step rename
-    _LIBC = None
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -296,7 +296,10 @@ def spectral_per_sample_grads(
     # per-sample gradients are then computed in float32 too (with float32 copies of the parameters).
     compute_dtype = x.dtype if (isinstance(x, torch.Tensor) and x.dtype == torch.float32
                                 and weight_dtype in (torch.float16, torch.bfloat16)) else weight_dtype
-    layer._check_input(x if compute_dtype == weight_dtype else x.to(weight_dtype))
+    # Checked as the layer's own input would be; for a float32 copy, a stand-in of the parameters' dtype with
+    # x's shape and device (an expanded scalar: converting x would copy all of it just for the check).
+    layer._check_input(x if compute_dtype == weight_dtype
+                       else torch.empty((), dtype=weight_dtype, device=x.device).expand(x.shape))
     if x.dim() < 2:
         raise ValueError(f"inputs[0] needs a batch dimension: expected (batch, ..., in_features), got {tuple(x.shape)}")
     if grad_output.shape[:-1] != x.shape[:-1] or grad_output.shape[-1] != layer.out_features:
