@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -33,3 +34,14 @@ def brute_force_per_sample_grads(model, loss_fn, x, y, params) -> list[torch.Ten
         loss_i = loss_fn(model(x[i : i + 1]), y[i : i + 1]) / batch
         rows.append(torch.autograd.grad(loss_i, params))
     return [torch.stack([r[k] for r in rows]) for k in range(len(params))]
+
+
+def resumed_copy(make_model: Callable, make_optimizer: Callable, model, optimizer):
+    """A fresh model and optimizer loaded from ``model``'s and ``optimizer``'s state dicts (deep copies, as if
+    read from disk): ``(model, optimizer)``."""
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    resumed = make_model()
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = make_optimizer(resumed)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    return resumed, resumed_optimizer

@@ -559,7 +559,7 @@ def test_copies_and_pickles_of_the_model_do_not_feed_the_optimizer(name):
     F.cross_entropy(model(x), y).backward()
     records = {m: len(r) for m, r in optimizer.capture.records.items()}
     F.cross_entropy(copy_of_model(x[:3]), y[:3]).backward()  # an evaluation or EMA copy
-    assert optimizer.capture.batch_size == 8
+    assert optimizer.capture.output_rows == 8
     assert {m: len(r) for m, r in optimizer.capture.records.items()} == records
 
 
@@ -572,3 +572,51 @@ def test_diagonal_newton_curvature_stays_float32_through_a_state_dict(tmp_path):
     resumed = DiagonalNewton(model)
     resumed.load_state_dict(optimizer.state_dict())
     assert resumed.state[model[0].weight]["curvature"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_accumulated_micro_batches_give_the_full_batch_curvature(name):
+    """Two micro-batches of 4 (each loss halved) have the gradient of one batch of 8: the curvature is the
+    same too (their samples are different samples, not one sample seen twice)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    full_model = make_model()
+    accumulated_model = copy.deepcopy(full_model)
+    full, accumulated = CONFIGS[name](full_model), CONFIGS[name](accumulated_model)
+    full.zero_grad()
+    F.cross_entropy(full_model(x), y).backward()
+    full.step(lambda: F.cross_entropy(full_model(x), y))
+    accumulated.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(accumulated_model(x[part]), y[part]) / 2).backward()
+    assert accumulated.capture.output_rows == 8
+    accumulated.step(lambda: F.cross_entropy(accumulated_model(x), y))
+    for p, q in zip(full_model.parameters(), accumulated_model.parameters()):
+        for key, value in full.state[p].items():
+            if key in ("curvature", "A", "G", "diag0", "diag1"):
+                torch.testing.assert_close(accumulated.state[q][key], value)
+        torch.testing.assert_close(q, p)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_a_layer_applied_to_one_vector_does_not_make_the_batch_one_sample(name):
+    """A learned query projected by a Linear (a 1-D input) inside a batched model: the batch is still B."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.query, self.project = nn.Linear(4, 6), nn.Parameter(torch.randn(6)), nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):  # (B, T, 4) -> (B, 3)
+            h = self.embed(x)
+            weights = torch.softmax(h @ self.project(self.query), dim=1)
+            return self.head((weights.unsqueeze(-1) * h).sum(1))
+
+    torch.manual_seed(0)
+    model = Pooled()
+    optimizer = CONFIGS[name](model)
+    x, y = torch.randn(5, 7, 4), torch.randint(0, 3, (5,))
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert optimizer.capture.output_rows == 5

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _optim_helpers import brute_force_per_sample_grads, train_step
+from _optim_helpers import brute_force_per_sample_grads, resumed_copy, train_step
 from dreidel.layers import LinearWHT
 from dreidel.optim import DiagonalNewton
 
@@ -81,7 +81,8 @@ def cross_entropy(out, y):
 
 @pytest.mark.parametrize("kind", ["linear2d", "linear_sequence", "layernorm", "linear_wht"])
 def test_empirical_gauss_newton_diagonal_equals_per_sample_loop(kind):
-    """h_hat = B * sum_i (per-sample grad of the mean loss)^2, checked against a loop over samples."""
+    """h_hat = N * sum_i (per-sample grad of the mean loss)^2, checked against a loop over samples; N is the
+    number of terms of the mean loss: B, or B * T for a (B, T, C) output."""
     torch.manual_seed(0)
     if kind == "linear_wht":
         layer = LinearWHT(8, 8, dtype=torch.float64)
@@ -104,8 +105,9 @@ def test_empirical_gauss_newton_diagonal_equals_per_sample_loop(kind):
     per_sample = brute_force_per_sample_grads(model, loss_fn, x, y, params)
     opt = DiagonalNewton(model, betas=(0.0, 0.0), likelihood="empirical")
     train_step(model, opt, loss_fn, x, y)
+    terms = batch * 3 if kind == "linear_sequence" else batch
     for p, grads in zip(params, per_sample):
-        torch.testing.assert_close(opt.state[p]["curvature"], batch * (grads**2).sum(0))
+        torch.testing.assert_close(opt.state[p]["curvature"], terms * (grads**2).sum(0))
 
 
 def test_sampled_gauss_newton_is_unbiased_for_gaussian_likelihood():
@@ -311,3 +313,64 @@ def test_unbatched_input_is_a_batch_of_one():
         curvatures.append([opt.state[p]["curvature"] for p in model.parameters()])
     for a, b in zip(*curvatures):
         torch.testing.assert_close(a, b)
+
+
+def test_hutchinson_parameters_without_curvature_survive_a_state_dict():
+    """A loss linear in the output (a critic's score) leaves the output bias without a Hessian-vector
+    product; a loaded optimizer knows it, and training continues bit for bit."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def score(model, real, fake):
+        return model(fake).mean() - 0.5 * model(real).mean()
+
+    def run(model, opt, steps):
+        for s in steps:
+            gen = torch.Generator().manual_seed(s)
+            real, fake = torch.randn(16, 4, generator=gen) + 1, torch.randn(16, 4, generator=gen)
+            opt.zero_grad()
+            score(model, real, fake).backward()
+            opt.step(lambda: score(model, real, fake))
+
+    options = dict(curvature="hutchinson", lr=0.01, curvature_every=5)
+    model = make()
+    opt = DiagonalNewton(model, **options)
+    run(model, opt, range(2))
+    resumed, resumed_opt = resumed_copy(make, lambda m: DiagonalNewton(m, **options), model, opt)
+    run(model, opt, range(2, 5))
+    run(resumed, resumed_opt, range(2, 5))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("curvature,likelihood,message", [
+    ("hutchinson", "empirical", "no autograd graph"),
+    ("gauss_newton", "categorical", "no model output"),
+])
+def test_a_closure_run_without_gradients_is_named(curvature, likelihood, message):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = DiagonalNewton(model, curvature=curvature, likelihood=likelihood)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def closure():
+        with torch.no_grad():
+            return F.cross_entropy(model(x), y)
+
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=message):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("group,name", [({"lr": -1.0}, "lr"), ({"betas": (1.5, 0.9)}, r"betas\[0\]"),
+                                        ({"damping": -5.0}, "damping")])
+def test_param_group_options_are_checked(group, name):
+    first, second = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = DiagonalNewton(list(first.parameters()), curvature="hutchinson")
+    with pytest.raises(ValueError, match=f"param group {name}"):
+        opt.add_param_group({"params": list(second.parameters()), **group})
+    with pytest.raises(ValueError, match=f"param group {name}"):
+        DiagonalNewton([{"params": list(second.parameters()), **group}], curvature="hutchinson")

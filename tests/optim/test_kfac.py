@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _optim_helpers import train_step
+from _optim_helpers import resumed_copy, train_step
 from dreidel.layers import LinearWHT
 from dreidel.optim import KFAC
 from dreidel.optim._kfac_blocks import robust_eigh
@@ -61,7 +61,7 @@ def test_linear_factors_equal_definitions(input_shape):
     a = torch.cat([x.reshape(-1, 5), torch.ones(g.shape[0], 1)], dim=1)
     state = opt.state[model[0].weight]
     torch.testing.assert_close(state["A"], a.t() @ a / a.shape[0])
-    torch.testing.assert_close(state["G"], input_shape[0] * g.t() @ g)
+    torch.testing.assert_close(state["G"], g.shape[0] * g.t() @ g)  # scaled by the mean loss's B or B * T terms
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
@@ -586,3 +586,92 @@ def test_unbatched_conv_input_is_a_batch_of_one(kind):
         factors.append({k: opt.state[model[0].weight][k] for k in ("A", "G")})
     for key in ("A", "G"):
         torch.testing.assert_close(factors[0][key], factors[1][key])
+
+
+def test_embedding_state_round_trip_continues_identically():
+    """The factored mode keeps an Embedding's eigenbasis of G (both modes use it): a state saved between
+    two inverse refreshes continues bit for bit."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 3))
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 10, (8, 3), generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(8)]
+    model = make()
+    options = dict(inverse_every=3, factor_every=1)
+    opt = KFAC(model, **options)
+    for x, y in data[:5]:  # the last inverse refresh at step 3; the factors moved at step 4
+        train_step(model, opt, F.cross_entropy, x, y)
+    resumed, resumed_opt = resumed_copy(make, lambda m: KFAC(m, **options), model, opt)
+    for x, y in data[5:]:
+        train_step(model, opt, F.cross_entropy, x, y)
+        train_step(resumed, resumed_opt, F.cross_entropy, x, y)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_kl_clip_takes_each_group_s_learning_rate():
+    """Per-group learning rates: the clip bounds sum_p lr_p^2 g_p . u_p (a body at 1e-4, a head at 1)."""
+    torch.manual_seed(3)
+    x, y = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 4, (32,))
+    rates, steps = (1e-4, 1.0), {}
+    for clip in (None, 1e-3):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4)).double()
+        params = list(model.parameters())
+        opt = KFAC(model, base=lambda ps: torch.optim.SGD([{"params": ps[:2], "lr": rates[0]},
+                                                           {"params": ps[2:], "lr": rates[1]}]),
+                   kl_clip=clip, adapt_damping=False)
+        before = [p.detach().clone() for p in params]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)  # the same in both runs
+        train_step(model, opt, F.cross_entropy, x, y)
+        lrs = [rates[0]] * 2 + [rates[1]] * 2
+        steps[clip] = [(b - p.detach()) / lr for b, p, lr in zip(before, params, lrs)]  # the preconditioned grads
+    predicted = sum(lr * lr * float((g * u).sum()) for lr, g, u in zip(lrs, grads, steps[None]))
+    assert predicted > 1e-3
+    nu = float(steps[1e-3][3].norm() / steps[None][3].norm())
+    assert nu * nu * predicted == pytest.approx(1e-3, rel=1e-5)
+    for clipped, unclipped in zip(steps[1e-3], steps[None]):
+        torch.testing.assert_close(clipped, nu * unclipped)
+
+
+def test_a_base_given_some_parameters_leaves_the_others_alone():
+    """Fine-tuning the head only: the body's layer is not preconditioned (its gradient is left as it is),
+    and the state saves and loads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = KFAC(model, base=lambda ps: torch.optim.SGD(ps[2:], lr=0.1))
+    assert [b.module for b in opt.blocks] == [model[2]]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    body = copy.deepcopy(model[0])
+    for _ in range(2):
+        train_step(model, opt, F.cross_entropy, x, y)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    raw = model[0].weight.grad.clone()
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert torch.equal(model[0].weight.grad, raw)
+    assert torch.equal(model[0].weight, body.weight)
+    again = KFAC(model, base=lambda ps: torch.optim.SGD(ps[2:], lr=0.1))
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(again.state[model[2].weight]["A"], opt.state[model[2].weight]["A"])
+
+
+def test_a_bias_frozen_after_construction_leaves_the_weight_preconditioned():
+    """The weight's step is its part of the factored solve with the bias gradient taken as 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, adapt_damping=False)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    train_step(model, opt, mse, x, y)  # factors and inverses of weight and bias
+    model[0].bias.requires_grad_(False)
+    opt.hyper["inverse_every"] = 1000  # keep the inverses of the first step
+    state = opt.state[model[0].weight]
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    model.zero_grad()
+    grad = torch.autograd.grad(mse(model(x), y), model[0].weight)[0]
+    train_step(model, opt, mse, x, y)
+    solve = state["inv_G"] @ torch.cat([grad, torch.zeros(3, 1)], dim=1) @ state["inv_A"]
+    torch.testing.assert_close(weight - model[0].weight.detach(), solve[:, :4])
+    assert torch.equal(model[0].bias, bias)

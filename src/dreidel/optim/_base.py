@@ -86,8 +86,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ``zero_grad()`` also drops the layer inputs recorded by forward
     passes since the previous step (e.g. a validation pass run with grad enabled).
 
-    The loss is assumed to be a mean over the batch (``reduction="mean"``), which fixes the scale
-    of the curvature estimates.
+    The loss is assumed to be a mean (``reduction="mean"``) over the model output's leading positions
+    (the batch, or batch × positions for a ``(B, T, C)`` output), which fixes the scale of the curvature
+    estimates; a gradient accumulated over micro-batches is assumed to sum their losses divided by their
+    number, so that it is the mean over all their samples. With a loss summed over the T positions of
+    each sample instead, the estimates are off by a factor of T.
 
     ``state_dict()`` also records every parameter's name and shape; ``load_state_dict`` compares
     them and raises ``ValueError`` naming the first parameter that does not match.

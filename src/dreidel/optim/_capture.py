@@ -7,6 +7,7 @@ gradients are outer products ``g_i a_i^T``) and ``nn.LayerNorm`` (``g_i * x_hat_
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ def working_precision(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``x`` is one sample without a batch dimension for ``module`` (torch's unbatched forms)."""
+def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool | None:
+    """Whether ``x`` is one sample without a batch dimension for ``module`` (torch's unbatched forms); None
+    for a module whose unbatched form is not known."""
     if isinstance(module, nn.Linear):
         return x.dim() == 1
     if isinstance(module, nn.LayerNorm):
@@ -41,7 +43,16 @@ def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool:
         return x.dim() == 2
     if isinstance(module, nn.Conv2d):
         return x.dim() == 3
-    return False
+    return None
+
+
+def _output_rows(output: torch.Tensor) -> int:
+    """The leading positions of a model output: B for ``(B, C)`` or ``(B,)``, B·T for ``(B, T, C)``, 1 for a
+    0-d one. A mean loss over the output (cross-entropy over the last axis, mean over these positions) has
+    one term per position."""
+    if output.dim() <= 1:
+        return int(output.shape[0]) if output.dim() == 1 else 1
+    return math.prod(int(d) for d in output.shape[:-1])
 
 
 @dataclass
@@ -50,6 +61,7 @@ class LayerRecord:
 
     inputs: tuple[torch.Tensor, ...]
     grad_output: torch.Tensor | None = None
+    forward_pass: int = 0  # which forward pass of the root model since the capture's last clear()
 
 
 @dataclass
@@ -57,15 +69,20 @@ class ActivationCapture:
     """Records ``LayerRecord``s for ``modules`` while ``enabled`` and grad mode is on.
 
     Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
-    start from it, and the batch size B of the last call with grad enabled (``batch_size``, kept even
-    while disabled: the leading dimension of the first tensor positional argument, else of the output;
-    1 for a 0-d one), which scales the empirical Fisher whatever the model returns (a tuple, a dict);
-    1 when a watched layer saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or (C, H, W)
-    Conv2d input), which is a batch of one. Call ``clear()`` after using the records and ``remove()``
-    to detach the hooks. The hooks hold the capture only weakly: once nothing else refers to it (its
-    optimizer was dropped), they are removed. At most ``MAX_RECORDS`` calls per module are kept between two
-    ``clear()``s (forward passes with gradients but no optimizer step, e.g. after training, would otherwise
-    pile up copies of their inputs); beyond that the oldest are dropped, with one warning.
+    start from it, and ``output_rows``: the number of terms of the mean loss the empirical Fisher is scaled
+    by, counted over the forward passes of the root model with grad enabled since the last ``clear()``
+    (kept even while disabled; several passes are the micro-batches of an accumulated gradient, each loss
+    divided by their number). A pass counts its output's leading positions (B for a ``(B, C)`` output,
+    B·T for ``(B, T, C)``, the convention of the sampled likelihoods, ``_sampling``); one whose output is
+    no tensor (a tuple, a dict) counts the leading dimension of its first tensor argument. A pass in which
+    every watched layer whose unbatched form torch defines saw an unbatched input (a 1-D Linear input, a
+    (C, L) Conv1d or (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector
+    inside a batched model, such as a learned query, does not make its pass unbatched). Call ``clear()``
+    after using the records and ``remove()`` to detach the hooks. The hooks hold the capture only weakly:
+    once nothing else refers to it (its optimizer was dropped), they are removed. At most ``MAX_RECORDS``
+    calls per module are kept between two ``clear()``s (forward passes with gradients but no optimizer
+    step, e.g. after training, would otherwise pile up copies of their inputs); beyond that the oldest are
+    dropped, with one warning.
     """
 
     MAX_RECORDS = 1024
@@ -75,8 +92,10 @@ class ActivationCapture:
     enabled: bool = False
     records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
     root_output: torch.Tensor | None = None
-    batch_size: int | None = None
-    unbatched: bool = False
+    output_rows: int | None = None
+    passes: int = 0
+    _pass_saw_batched: bool = False
+    _pass_saw_unbatched: bool = False
     _handles: list = field(default_factory=list)
     _warned_full: bool = False
 
@@ -90,13 +109,16 @@ class ActivationCapture:
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
             return
-        if inputs and isinstance(inputs[0], torch.Tensor) and _is_unbatched(module, inputs[0]):
-            self.unbatched = True
+        unbatched = _is_unbatched(module, inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if unbatched is not None:
+            self._pass_saw_unbatched |= unbatched
+            self._pass_saw_batched |= not unbatched
         if not (self.enabled and isinstance(output, torch.Tensor)):
             return
         if not output.requires_grad:
             return
-        record = LayerRecord(tuple(working_precision(x.detach()) if isinstance(x, torch.Tensor) else x for x in inputs))
+        record = LayerRecord(tuple(working_precision(x.detach()) if isinstance(x, torch.Tensor) else x for x in inputs),
+                             forward_pass=self.passes)
         kept = self.records.setdefault(module, [])
         if len(kept) >= self.MAX_RECORDS:
             del kept[0]
@@ -117,9 +139,16 @@ class ActivationCapture:
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not torch.is_grad_enabled():
             return
-        first = next((x for x in inputs if isinstance(x, torch.Tensor)), output)
-        batched = isinstance(first, torch.Tensor) and first.dim() > 0 and not self.unbatched
-        self.batch_size = first.shape[0] if batched else 1
+        if self._pass_saw_unbatched and not self._pass_saw_batched:
+            rows = 1
+        elif isinstance(output, torch.Tensor):
+            rows = _output_rows(output)
+        else:
+            first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+            rows = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+        self.output_rows = (self.output_rows or 0) + rows
+        self.passes += 1
+        self._pass_saw_batched = self._pass_saw_unbatched = False
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 
@@ -130,8 +159,9 @@ class ActivationCapture:
     def clear(self) -> None:
         self.records = {}
         self.root_output = None
-        self.batch_size = None
-        self.unbatched = False
+        self.output_rows = None
+        self.passes = 0
+        self._pass_saw_batched = self._pass_saw_unbatched = False
 
     def remove(self) -> None:
         _remove_handles(self._handles)
@@ -257,8 +287,9 @@ def parameter_owners(model: nn.Module, units: list[nn.Module]) -> dict[nn.Parame
 
 
 def summed_per_sample_grads(calls: list[tuple[nn.Module, LayerRecord]]) -> dict[nn.Parameter, torch.Tensor] | None:
-    """Per-sample gradients ``(B, *p.shape)`` summed over several calls (a module applied twice per
-    forward, or modules sharing a weight); None when the calls do not see the same batch size."""
+    """Per-sample gradients ``(B, *p.shape)`` summed over several calls of one forward pass (a module
+    applied twice per forward, or modules sharing a weight); None when the calls do not see the same batch
+    size."""
     sums: dict[nn.Parameter, torch.Tensor] = {}
     for module, record in calls:
         for p, psg in per_sample_grads(module, record).items():
@@ -268,27 +299,42 @@ def summed_per_sample_grads(calls: list[tuple[nn.Module, LayerRecord]]) -> dict[
     return sums
 
 
-def squared_grad_sums(module: nn.Module, records: list[LayerRecord]) -> dict[nn.Parameter, torch.Tensor]:
-    """``sum_i (per-sample grad_i)^2`` per parameter, the per-sample gradient of sample i summed over
-    all recorded calls of ``module`` before squaring (exact for a module applied several times).
+def _squared_grad_sums_of_call(module: nn.Module, record: LayerRecord) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_i (per-sample grad_i)^2`` of one call; for a 2-D ``nn.Linear`` input as ``(g^2)^T (a^2)``, without
+    forming per-sample tensors."""
+    if isinstance(module, nn.Linear) and record.inputs[0].dim() == 2:
+        x, g = record.inputs[0], record.grad_output
+        parts = {module.weight: (g * g).t() @ (x * x)}
+        if module.bias is not None:
+            parts[module.bias] = (g * g).sum(0)
+        return parts
+    return {p: (psg * psg).sum(0) for p, psg in per_sample_grads(module, record).items()}
 
-    For one call with a 2-D ``nn.Linear`` input this uses ``(g^2)^T (a^2)`` and never forms per-sample
-    tensors. Calls with different batch sizes cannot be matched sample by sample: their squares are
-    summed per call instead.
+
+def squared_grad_sums(
+    calls: list[tuple[nn.Module, LayerRecord]], per_call_fallback: bool = True
+) -> dict[nn.Parameter, torch.Tensor] | None:
+    """``sum_i (per-sample grad_i)^2`` per parameter over recorded calls.
+
+    Within one forward pass, the per-sample gradient of sample i is summed over the pass's calls before
+    squaring (exact for a module applied several times, or a weight shared by several modules). Different
+    passes are different samples (the micro-batches of an accumulated gradient): their squares add. Calls
+    of one pass with different batch sizes cannot be matched sample by sample: their squares are summed
+    per call, or, without ``per_call_fallback``, the result is None.
     """
-    if len(records) > 1:
-        summed = summed_per_sample_grads([(module, record) for record in records])
-        if summed is not None:
-            return {p: (psg * psg).sum(0) for p, psg in summed.items()}
+    by_pass: dict[int, list[tuple[nn.Module, LayerRecord]]] = {}
+    for module, record in calls:
+        by_pass.setdefault(record.forward_pass, []).append((module, record))
     sums: dict[nn.Parameter, torch.Tensor] = {}
-    for record in records:
-        if isinstance(module, nn.Linear) and record.inputs[0].dim() == 2:
-            x, g = record.inputs[0], record.grad_output
-            parts = {module.weight: (g * g).t() @ (x * x)}
-            if module.bias is not None:
-                parts[module.bias] = (g * g).sum(0)
+    for pass_calls in by_pass.values():
+        summed = summed_per_sample_grads(pass_calls) if len(pass_calls) > 1 else None
+        if summed is not None:
+            parts = [{p: (psg * psg).sum(0) for p, psg in summed.items()}]
+        elif len(pass_calls) > 1 and not per_call_fallback:
+            return None
         else:
-            parts = {p: (psg * psg).sum(0) for p, psg in per_sample_grads(module, record).items()}
-        for p, value in parts.items():
-            sums[p] = sums[p] + value if p in sums else value
+            parts = [_squared_grad_sums_of_call(module, record) for module, record in pass_calls]
+        for part in parts:
+            for p, value in part.items():
+                sums[p] = sums[p] + value if p in sums else value
     return sums

@@ -27,7 +27,6 @@ from dreidel.optim._capture import (
     parameter_owners,
     per_sample_modules,
     squared_grad_sums,
-    summed_per_sample_grads,
     warn_no_records,
     working_precision,
 )
@@ -35,6 +34,21 @@ from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 CURVATURES = ("gauss_newton", "gnb", "hutchinson")
 logger = logging.getLogger("dreidel.optim")
+
+
+def _check_options(options: dict, where: str = "") -> None:
+    """``ValueError`` (or ``TypeError``) naming the first of DiagonalNewton's step options in ``options`` out
+    of its range; options not given are not checked."""
+    for name, low, low_open in (("lr", 0, True), ("damping", 0, False), ("eps", 0, True), ("clip", 0, True),
+                                ("weight_decay", 0, False)):
+        if name in options:
+            check_number(f"{where}{name}", options[name], low=low, low_open=low_open)
+    if "betas" in options:
+        betas = options["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_number(f"{where}betas[{i}]", beta, low=0, high=1, high_open=True)
 
 
 class DiagonalNewton(CurvatureOptimizer):
@@ -80,9 +94,11 @@ class DiagonalNewton(CurvatureOptimizer):
             the closure's forward every ``curvature_every`` steps); ``"empirical"`` reuses the
             true-label backward of the training step (free, but the empirical Fisher: biased, and it
             vanishes as residuals shrink; Kunstner et al. 2019, arXiv:1905.12558). With
-            ``"empirical"`` the estimate is scaled by the batch size B so that it has the same units
-            as the Gauss-Newton diagonal of the mean loss; the fallback ``B * g^2`` is then an
-            Adam-like second moment.
+            ``"empirical"`` the estimate is scaled by the number B of terms of the mean loss (the
+            output's leading positions: the batch size for a ``(B, C)`` output, B·T for a ``(B, T, C)``
+            one, summed over the micro-batches of an accumulated gradient; ``ActivationCapture``) so
+            that it has the same units as the Gauss-Newton diagonal of the mean loss, as the sampled
+            likelihoods have; the fallback ``B * g^2`` is then an Adam-like second moment.
         curvature_every: refresh ``h`` every k steps (Sophia's k = 10).
         seed: seed of the generator used for Rademacher vectors and sampled labels.
 
@@ -115,15 +131,7 @@ class DiagonalNewton(CurvatureOptimizer):
         curvature_every: int = 10,
         seed: int = 0,
     ) -> None:
-        check_number("lr", lr, low=0, low_open=True)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        for i, beta in enumerate(betas):
-            check_number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
-        check_number("damping", damping, low=0)
-        check_number("eps", eps, low=0, low_open=True)
-        check_number("clip", clip, low=0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0)
+        _check_options(dict(lr=lr, betas=betas, damping=damping, eps=eps, clip=clip, weight_decay=weight_decay))
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
         check_likelihood(likelihood)
@@ -154,6 +162,13 @@ class DiagonalNewton(CurvatureOptimizer):
             self._shared = self._shared_parameters(modules)
             self._arm_capture()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the group's own options are checked as the
+        constructor's are (``ValueError`` naming the option)."""
+        if isinstance(param_group, dict):
+            _check_options(param_group, where="param group ")
+        super().add_param_group(param_group)
+
     def _shared_parameters(self, modules: list[nn.Module]) -> dict[nn.Parameter, list[nn.Module] | None]:
         """Parameters owned by several modules: -> their per-sample owners (their per-sample gradients are
         summed before squaring), or None when an owner has no per-sample gradients (``B * g^2`` then)."""
@@ -182,9 +197,14 @@ class DiagonalNewton(CurvatureOptimizer):
             refresh = self.steps_taken % self.curvature_every == 0
             self.capture.enabled = refresh and self.likelihood == "empirical"
 
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["generator_state"] = self.generator.get_state()
+        # Hutchinson: the positions of the parameters found to have no Hessian-vector product
+        state["flat_parameters"] = [i for i, p in enumerate(self._all_params()) if p in self._flat]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -193,9 +213,13 @@ class DiagonalNewton(CurvatureOptimizer):
         if "kfac" in state_dict or "base" in state_dict:
             raise ValueError("state_dict: saved by KFAC (it has 'kfac'/'base' entries), not by DiagonalNewton")
         generator_state = state_dict.pop("generator_state", None)
+        flat, params = state_dict.pop("flat_parameters", []), self._all_params()
+        if not all(type(i) is int and 0 <= i < len(params) for i in flat):
+            raise ValueError(f"state_dict: 'flat_parameters' must be positions of the {len(params)} parameters, got {flat!r:.80}")
         super().load_state_dict(state_dict)
         if generator_state is not None:
             self.generator.set_state(generator_state)
+        self._flat = {params[i] for i in flat}
         for group in self.param_groups:  # saved before per-parameter counts: each takes its group's
             for p in group["params"]:
                 state = self.state.get(p)
@@ -207,7 +231,7 @@ class DiagonalNewton(CurvatureOptimizer):
 
     # -- curvature estimates ----------------------------------------------------------------------
     def _params_with_grad(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [p for p in self._all_params() if p.grad is not None]
 
     def _hutchinson(self, closure: Closure, params: list[torch.Tensor]) -> dict:
         try:
@@ -224,6 +248,10 @@ class DiagonalNewton(CurvatureOptimizer):
         """``z * (H z)`` per parameter for one Rademacher draw ``z`` (AdaHessian / Sophia-H)."""
         with torch.enable_grad():
             loss = closure()
+            if not loss.requires_grad:
+                raise ValueError("closure: curvature='hutchinson' differentiates the loss closure() returns twice, but "
+                                 "it has no autograd graph: run the forward pass with gradients enabled (not under "
+                                 "torch.no_grad()) and return the loss undetached")
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
         flat = [self._param_names[p] for p, g in zip(params, grads) if g is not None and not g.requires_grad]
@@ -244,7 +272,7 @@ class DiagonalNewton(CurvatureOptimizer):
     def _fisher(self, closure: Closure | None, params: list[torch.Tensor]) -> dict:
         capture = self.capture
         if self.likelihood == "empirical":
-            batch = capture.batch_size or 1
+            batch = capture.output_rows or 1
             fallback = {p: batch * working_precision(p.grad) ** 2 for p in params}
             if capture.modules and not any(capture.complete_records(m) for m in capture.modules):
                 warn_no_records("DiagonalNewton", self.steps_taken)
@@ -256,7 +284,8 @@ class DiagonalNewton(CurvatureOptimizer):
                     closure()
                     output = capture.root_output
                     if output is None:
-                        raise ValueError("model: the forward pass must return a tensor for sampled curvature")
+                        raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
+                                         "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                     v = sample_output_vector(output, self.likelihood, self.generator)
                     grads = torch.autograd.grad(output, params, v, allow_unused=True)
             finally:
@@ -265,15 +294,15 @@ class DiagonalNewton(CurvatureOptimizer):
             fallback = {p: working_precision(g) ** 2 for p, g in zip(params, grads) if g is not None}
         estimates = dict(fallback)
         for module in capture.modules:
-            for p, value in squared_grad_sums(module, capture.complete_records(module)).items():
+            for p, value in squared_grad_sums([(module, r) for r in capture.complete_records(module)]).items():
                 if p in estimates and p not in self._shared:
                     estimates[p] = batch * value
         for p, owners in self._shared.items():
             if owners is None or p not in estimates:
                 continue
-            summed = summed_per_sample_grads([(m, r) for m in owners for r in capture.complete_records(m)])
-            if summed is not None and p in summed:
-                estimates[p] = batch * (summed[p] * summed[p]).sum(0)
+            sums = squared_grad_sums([(m, r) for m in owners for r in capture.complete_records(m)], per_call_fallback=False)
+            if sums is not None and p in sums:
+                estimates[p] = batch * sums[p]
         return estimates
 
     # -- the step ---------------------------------------------------------------------------------
@@ -292,7 +321,7 @@ class DiagonalNewton(CurvatureOptimizer):
             if self.capture is not None:
                 self.capture.clear()
             return
-        batch = (self.capture.batch_size or 1) if self.capture is not None else 1
+        batch = (self.capture.output_rows or 1) if self.capture is not None else 1
         estimates: dict = {}
         if refresh and params:
             if self.curvature == "hutchinson":

@@ -44,7 +44,8 @@ class KFAC(CurvatureOptimizer):
     2. every ``inverse_every`` steps (and at steps 1, 4, 16, ... before that) eigendecompose them;
     3. replace ``p.grad`` by ``(F_block + damping I)^{-1} grad`` for every supported layer (other
        parameters keep their gradient);
-    4. scale all preconditioned gradients by ``min(1, sqrt(kl_clip / (lr^2 sum grad . precond)))``;
+    4. scale all preconditioned gradients by ``min(1, sqrt(kl_clip / sum lr^2 grad . precond))`` (each
+       parameter with its group's ``lr``);
     5. ``base.step()``;
     6. every ``damping_every`` steps compare the loss change with the quadratic model and adapt
        ``damping`` (Levenberg-Marquardt, M&G 2015 Sec. 6.5: rho > 3/4 -> damping * omega,
@@ -64,6 +65,9 @@ class KFAC(CurvatureOptimizer):
             Embeddings and the projections inside ``nn.MultiheadAttention`` (it uses their weights
             without calling them) are left to the base optimizer (listed once at INFO level).
             Unbatched inputs (a 1-D Linear input, (C, L) / (C, H, W) convolution inputs) are a batch of one.
+            A layer whose parameters the base optimizer does not all update (a ``base`` factory given only
+            some of them) is not preconditioned. A parameter frozen after construction (no gradient) is
+            left out of its layer's update, which takes its gradient as 0.
         lr, momentum, weight_decay: of the default base optimizer, SGD with momentum (0.1, 0.9 and 0
             when not given); refused together with ``base`` (give them to its factory).
         damping: initial Tikhonov damping lambda in ``(G ⊗ A + lambda I)^{-1}``, absolute, in units of
@@ -192,10 +196,11 @@ class KFAC(CurvatureOptimizer):
         self.param_groups = self.base.param_groups  # one set of groups: schedulers see the base's lr
         self.defaults = self.base.defaults  # add_param_group and schedulers (OneCycleLR's momentum) see them
         self.model = model
-        self.blocks, unsupported = find_blocks(model)
+        self._model_blocks, unsupported = find_blocks(model)
         if unsupported:
             logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(unsupported))
-        self.capture = ActivationCapture(model, [b.module for b in self.blocks])
+        self._select_blocks()
+        self.capture = ActivationCapture(model, [b.module for b in self._model_blocks])
         self.hyper = dict(
             factor_decay=factor_decay, factor_every=factor_every, inverse_every=inverse_every,
             factor_warmup=inverse_every if factor_warmup is None else factor_warmup,
@@ -216,6 +221,17 @@ class KFAC(CurvatureOptimizer):
         self.base.add_param_group(param_group)
         self.param_groups = self.base.param_groups
         self._name_new_parameters()
+        self._select_blocks()
+
+    def _select_blocks(self) -> None:
+        """The model's blocks whose parameters the base optimizer all updates. A base given only some of the
+        parameters (fine-tuning a head, say) leaves the others' gradients alone, and keeps no state for them."""
+        updated = {p for group in self.param_groups for p in group["params"]}
+        self.blocks = [b for b in self._model_blocks if all(p in updated for p in b.params)]
+        left = [b.name for b in self._model_blocks if b not in self.blocks]
+        if left:
+            logger.info("K-FAC: the base optimizer does not update all parameters of %s; not preconditioned",
+                        ", ".join(left))
 
     @property
     def damping(self) -> float:
@@ -286,9 +302,12 @@ class KFAC(CurvatureOptimizer):
 
     def _drop_other_mode_inverses(self) -> None:
         """A state saved before the record (so unchecked) in the other damping mode: its inverses would be
-        used stale (factored ``inv_*`` win over ``eig_*``), so they are dropped and rebuilt from the factors."""
-        stale = ("inv_A", "inv_G") if self.hyper["damping_mode"] == "exact" else ("eig_A", "eig_G")
+        used stale (factored ``inv_*`` win over ``eig_*``), so they are dropped and rebuilt from the factors.
+        Entries both modes use (an Embedding's ``eig_G``) are kept as saved."""
+        mode = self.hyper["damping_mode"]
+        other = "factored" if mode == "exact" else "exact"
         for block in self.blocks:
+            stale = set(block.inverse_keys(other)) - set(block.inverse_keys(mode))
             state = self._block_state(block)
             if any(key in state for key in stale):
                 for key in stale:
@@ -305,7 +324,8 @@ class KFAC(CurvatureOptimizer):
                 loss = closure()
                 output = self.capture.root_output
                 if output is None:
-                    raise ValueError("model: the forward pass must return a tensor for a sampled Fisher")
+                    raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
+                                         "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                 v = sample_output_vector(output, self.likelihood, self.generator)
                 torch.autograd.grad(output, params, v, allow_unused=True)
         finally:
@@ -315,7 +335,7 @@ class KFAC(CurvatureOptimizer):
     def _update_factors(self, closure: Closure | None, params: list) -> torch.Tensor | None:
         loss0 = None
         if self.likelihood == "empirical":
-            grad_scale = float(self.capture.batch_size or 1)
+            grad_scale = float(self.capture.output_rows or 1)
         else:
             loss0 = self._sampled_backward(closure, params)
             grad_scale = 1.0
@@ -335,7 +355,7 @@ class KFAC(CurvatureOptimizer):
     def _preconditioned(self) -> dict:
         precond: dict = {}
         for block in self.blocks:
-            if any(p.grad is None for p in block.params):
+            if all(p.grad is None for p in block.params):
                 continue
             update = block.precondition(self._block_state(block), self.block_damping(block))
             if update and not torch.isfinite(torch.stack([u.sum() for u in update.values()])).all():
@@ -375,9 +395,10 @@ class KFAC(CurvatureOptimizer):
                 block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"],
                                       self.hyper["factor_rank"], self.generator)
         precond = self._preconditioned()
-        kl_clip, lr = self.hyper["kl_clip"], self.param_groups[0]["lr"]
+        kl_clip = self.hyper["kl_clip"]
         if kl_clip is not None and precond:
-            predicted = sum(float((u * p.grad).sum()) for p, u in precond.items()) * lr * lr
+            lr = {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
+            predicted = sum(float((u * p.grad).sum()) * lr[p] ** 2 for p, u in precond.items())
             if not math.isfinite(predicted):
                 logger.warning("K-FAC: non-finite predicted KL change at step %d; step skipped, damping x10", step)
                 self._set_damping(self.damping * 10)
@@ -411,8 +432,8 @@ class KFAC(CurvatureOptimizer):
         linear = sum(float((raw_grads[p] * d).sum()) for p, d in delta.items())
         curvature = 0.0
         for block in self.blocks:
-            if all(p in delta for p in block.params):
-                block_delta = sum(float((delta[p] ** 2).sum()) for p in block.params)
+            if any(p in delta for p in block.params):
+                block_delta = sum(float((delta[p] ** 2).sum()) for p in block.params if p in delta)
                 curvature += float(block.quadratic(self._block_state(block), delta))
                 curvature += self.block_damping(block) * block_delta
         model_change = linear + 0.5 * curvature

@@ -8,7 +8,9 @@ arXiv:1503.05671) with
     A = mean over rows of a a^T            (rows = batch x positions; conv rows are unfolded patches,
                                             Grosse & Martens 2016, arXiv:1602.01407)
     G = scale * sum over rows of g g^T     (g: gradient at the layer output; scale = 1 for sampled
-                                            output vectors, batch size B for the empirical Fisher)
+                                            output vectors; for the empirical Fisher, the number
+                                            of terms of the mean loss: B, or B·T for a (B, T, C)
+                                            output, as the sampled vectors assume)
 
 Two damping modes for the Kronecker blocks:
 
@@ -170,6 +172,10 @@ class Block:
         """Recompute the eigendecompositions / inverses (nothing to do for diagonal blocks); ``rank``: the
         factored mode's low-rank inverse of factors wider than ``2 * rank`` (None: always dense)."""
 
+    def inverse_keys(self, mode: str) -> tuple[str, ...]:
+        """The state entries ``refresh_inverse`` writes in damping mode ``mode``."""
+        return ()
+
     def precondition(self, state: dict, damping: float) -> dict[nn.Parameter, torch.Tensor]:
         """``(F_block + damping I)^{-1} grad`` for this block's parameters (absolute ``damping``)."""
         raise NotImplementedError
@@ -241,11 +247,18 @@ class KroneckerBlock(Block):
             state[f"inv_{key}"] = (low_rank_damped_inverse(factor, shift, rank, name, generator) if low_rank
                                    else damped_inverse(factor, shift, name))
 
+    def inverse_keys(self, mode: str) -> tuple[str, ...]:
+        return ("eig_A", "eig_G") if mode == "exact" else ("inv_A", "inv_G")
+
     def grad_matrix(self, tensors: dict) -> torch.Tensor:
-        """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype."""
+        """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype; a bias
+        without a tensor (frozen after the block was made) is a column of zeros."""
         dtype = curvature_dtype(self.weight.dtype)
         w = tensors[self.weight].reshape(self.weight.shape[0], -1).to(dtype)
-        return torch.cat([w, tensors[self.bias].to(dtype).unsqueeze(1)], dim=1) if self.bias is not None else w
+        if self.bias is None:
+            return w
+        bias = tensors.get(self.bias)
+        return torch.cat([w, w.new_zeros(w.shape[0], 1) if bias is None else bias.to(dtype).unsqueeze(1)], dim=1)
 
     def split(self, matrix: torch.Tensor) -> dict:
         out = {self.weight: matrix[:, : matrix.shape[1] - (self.bias is not None)].reshape(self.weight.shape)}
@@ -254,14 +267,18 @@ class KroneckerBlock(Block):
         return out
 
     def precondition(self, state, damping):
-        grad = self.grad_matrix({p: p.grad for p in self.params})
-        if "inv_A" in state:
-            return self.split(times_inverse(inverse_times(state["inv_G"], grad), state["inv_A"]))
-        if "eig_A" not in state:
+        if self.weight.grad is None:
             return {}
-        (l_a, q_a), (l_g, q_g) = state["eig_A"], state["eig_G"]
-        rotated = q_g.t() @ grad @ q_a
-        return self.split(q_g @ (rotated / (l_g[:, None] * l_a[None, :] + damping)) @ q_a.t())
+        grad = self.grad_matrix({p: p.grad for p in self.params if p.grad is not None})
+        if "inv_A" in state:
+            update = self.split(times_inverse(inverse_times(state["inv_G"], grad), state["inv_A"]))
+        elif "eig_A" in state:
+            (l_a, q_a), (l_g, q_g) = state["eig_A"], state["eig_G"]
+            rotated = q_g.t() @ grad @ q_a
+            update = self.split(q_g @ (rotated / (l_g[:, None] * l_a[None, :] + damping)) @ q_a.t())
+        else:
+            return {}
+        return {p: u for p, u in update.items() if p.grad is not None}
 
     def quadratic(self, state, delta):
         if "A" not in state:
@@ -291,6 +308,9 @@ class EmbeddingBlock(Block):
         if "G" in state:
             state["eig_G"] = robust_eigh(state["G"], f"{self.name} G")
 
+    def inverse_keys(self, mode: str) -> tuple[str, ...]:
+        return ("eig_G",)  # the same in both modes
+
     def precondition(self, state, damping):
         if "eig_G" not in state:
             return {}
@@ -313,7 +333,7 @@ class DiagonalBlock(Block):
     def update_factors(self, state, records, grad_scale, decay):
         if not records:
             return True
-        sums = squared_grad_sums(self.module, records)
+        sums = squared_grad_sums([(self.module, record) for record in records])
         return self._store(state, {f"diag{i}": sums[p] * grad_scale for i, p in enumerate(self.params) if p in sums}, decay)
 
     def precondition(self, state, damping):
