@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dreidel.cli.main import main
@@ -100,3 +102,16 @@ def test_a_closed_pipe_ends_quietly():
     child.stdout.close()  # long before the child has imported torch
     assert child.wait(timeout=120) == 141
     assert child.stderr.read() == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_an_unwritable_output_is_one_line_and_exit_1():
+    """`dreidel info > /dev/full`: the write fails with ENOSPC, which used to end in a traceback."""
+    import subprocess
+    import sys
+
+    program = "import sys; from dreidel.cli.main import main; sys.exit(main(['info']))"
+    with open("/dev/full", "wb") as full:
+        child = subprocess.run([sys.executable, "-c", program], stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert child.returncode == 1
+    assert child.stderr.decode().strip() == "dreidel info: [Errno 28] No space left on device"

@@ -32,9 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         status = int(args.func(args) or 0)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (`dreidel info | head -1`): stop quietly, as cat and grep do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail too
+        _discard_stdout()
         return 128 + 13  # killed by SIGPIPE, in the shell's convention
+    except OSError as error:  # an output that cannot be written (`dreidel info > /dev/full`): one line, no traceback
+        _discard_stdout()
+        print(f"dreidel {args.command}: {error}", file=sys.stderr)
+        return 1
     return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that the flush at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
