@@ -11,18 +11,39 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["give_usual_file_mode", "staging_dir", "staging_file"]
+__all__ = ["give_usual_file_mode", "staging_dir", "staging_file", "staging_prefix"]
+
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
+_RANDOM_PART = 8  # the characters tempfile adds between prefix and suffix
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``); elsewhere
+    by setting it and restoring it at once (a window in which another thread's new files get 0o022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+def staging_prefix(target: Path, after_name: str, suffix: str = "") -> str:
+    """``"." + target.name + after_name``, the target's name cut (at a character boundary) so that the
+    temporary name, with tempfile's random part and ``suffix``, fits in ``NAME_MAX`` bytes: any name the file
+    system takes can be written to. The random part keeps cut names unique; the leading dot keeps them hidden."""
+    room = NAME_MAX - len(os.fsencode(f".{after_name}{suffix}")) - _RANDOM_PART
+    name = os.fsencode(target.name)[:room].decode("utf-8", errors="ignore")  # errors: a cut multi-byte character
+    return f".{name}{after_name}"
+
+
 def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
     """``(fd, name)`` of a new temporary file beside ``target``, mode ``0666 & ~umask`` (open()'s)."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    handle, name = tempfile.mkstemp(prefix=staging_prefix(target, ".", suffix), suffix=suffix, dir=target.parent)
     os.chmod(name, 0o666 & ~_umask())
     return handle, name
 
@@ -34,6 +55,6 @@ def give_usual_file_mode(path: Path) -> None:
 
 def staging_dir(target: Path, infix: str = "tmp") -> Path:
     """A new temporary directory beside ``target``, mode ``0777 & ~umask`` (mkdir()'s)."""
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{infix}-", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=staging_prefix(target, f".{infix}-"), dir=target.parent))
     os.chmod(path, 0o777 & ~_umask())
     return path

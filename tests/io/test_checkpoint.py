@@ -302,3 +302,11 @@ def test_load_state_strict_can_keep_the_tensors_dtypes():
     assert isinstance(target[0].weight, nn.Parameter) and target[0].weight.requires_grad
     for key, value in tensors.items():
         assert torch.equal(state[key], value.to(state[key].dtype)), key
+
+
+def test_a_checkpoint_with_the_longest_legal_name_is_written_and_replaced(tmp_path, tensors):
+    path = tmp_path / ("run-" + "x" * 251)  # 255 bytes: the staging names must be cut to fit beside it
+    for version in (1, 2):
+        write_checkpoint(path, {"format": "dreidel.test", "version": version}, tensors)
+    assert read_checkpoint(path)[0]["version"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

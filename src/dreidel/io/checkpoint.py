@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreidel._files import give_usual_file_mode, staging_dir
+from dreidel._files import give_usual_file_mode, staging_dir, staging_prefix
 
 __all__ = [
     "CONFIG_FILE",
@@ -364,7 +364,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # now the old checkpoint
         return
     # rename() cannot replace a non-empty directory, so the old one steps aside under a temporary name
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    retired = Path(tempfile.mkdtemp(prefix=staging_prefix(target, ".old-"), dir=target.parent))
     os.rmdir(retired)
     os.replace(target, retired)
     try:
