@@ -75,10 +75,10 @@ def test_shared_and_strided_tensors_are_saved(tmp_path):
 
 
 def test_existing_checkpoint_is_replaced_without_leftovers(tmp_path, tensors):
-    write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
-    write_checkpoint(tmp_path / "m", {"version": 2}, {"only": torch.ones(2)})
+    write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 1}, tensors)
+    write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 2}, {"only": torch.ones(2)})
     config, loaded = read_checkpoint(tmp_path / "m")
-    assert config == {"version": 2} and list(loaded) == ["only"]
+    assert config == {"format": "dreidel.test", "version": 2} and list(loaded) == ["only"]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging or retired directories remain
 
 
@@ -87,9 +87,9 @@ def test_existing_checkpoint_is_replaced_in_either_way(tmp_path, tensors, monkey
     if not exchange:  # as where renameat2 is missing: aside, then into place
         monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
     for version in (1, 2, 3):
-        write_checkpoint(tmp_path / "m", {"version": version}, {"v": torch.full((2,), float(version))})
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": version}, {"v": torch.full((2,), float(version))})
     config, loaded = read_checkpoint(tmp_path / "m")
-    assert config == {"version": 3} and torch.equal(loaded["v"], torch.full((2,), 3.0))
+    assert config == {"format": "dreidel.test", "version": 3} and torch.equal(loaded["v"], torch.full((2,), 3.0))
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
@@ -97,11 +97,11 @@ _WRITER = """
 import sys, torch
 from dreidel.io.checkpoint import write_checkpoint
 path, saves = sys.argv[1], int(sys.argv[2])
-write_checkpoint(path, {"version": 2}, {"v": torch.full((64,), 2.0)})
+write_checkpoint(path, {"format": "dreidel.test", "version": 2}, {"v": torch.full((64,), 2.0)})
 print("started", flush=True)
 for save in range(saves):
     version = 1 + save % 2
-    write_checkpoint(path, {"version": version}, {"v": torch.full((64,), float(version))})
+    write_checkpoint(path, {"format": "dreidel.test", "version": version}, {"v": torch.full((64,), float(version))})
 """
 
 
@@ -112,7 +112,7 @@ def test_a_reader_never_mixes_two_checkpoints_while_another_process_saves(tmp_pa
     import sys
 
     path = tmp_path / "m"
-    write_checkpoint(path, {"version": 1}, {"v": torch.full((64,), 1.0)})
+    write_checkpoint(path, {"format": "dreidel.test", "version": 1}, {"v": torch.full((64,), 1.0)})
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "400"], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "started"  # the reading overlaps the saves from here
@@ -129,15 +129,15 @@ def test_a_reader_never_mixes_two_checkpoints_while_another_process_saves(tmp_pa
 
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
-    write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
+    write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 1}, tensors)
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        write_checkpoint(tmp_path / "m", {"version": 2}, tensors)
-    assert read_checkpoint(tmp_path / "m")[0] == {"version": 1}
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 2}, tensors)
+    assert read_checkpoint(tmp_path / "m")[0] == {"format": "dreidel.test", "version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
@@ -145,7 +145,7 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, tensors, monkeypatch):
 def test_refuses_a_dangling_or_looping_link(tmp_path, tensors, link_to):
     (tmp_path / "m").symlink_to(tmp_path / ("m" if link_to == "loop" else "nowhere"))
     with pytest.raises(ValueError, match="symbolic link to nothing"):
-        write_checkpoint(tmp_path / "m", {"version": 1}, tensors)
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 1}, tensors)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
@@ -238,9 +238,9 @@ def test_damaged_files_are_refused_without_leaking_descriptors(tmp_path, tensors
 def test_open_checkpoint_files_read_again_and_refuse_after_the_block(tmp_path, tensors):
     from dreidel.io import open_checkpoint
 
-    write_checkpoint(tmp_path / "m", {"version": 7}, tensors)
+    write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "version": 7}, tensors)
     with open_checkpoint(tmp_path / "m") as files:
-        assert files.config() == files.config() == {"version": 7}
+        assert files.config() == files.config() == {"format": "dreidel.test", "version": 7}
         assert set(files.tensor_header()) == set(files.tensors()) == set(tensors)
     with pytest.raises(ValueError, match="closed"):
         files.config()
@@ -302,6 +302,27 @@ def test_load_state_strict_can_keep_the_tensors_dtypes():
     assert isinstance(target[0].weight, nn.Parameter) and target[0].weight.requires_grad
     for key, value in tensors.items():
         assert torch.equal(state[key], value.to(state[key].dtype)), key
+
+
+@pytest.mark.parametrize("files", [
+    {CONFIG_FILE: '{"api_key_path": "/home/me/.key"}'},  # another tool's settings
+    {CONFIG_FILE: '{"format": "keras"}', TENSORS_FILE: ""},
+    {CONFIG_FILE: "not json"},
+    {TENSORS_FILE: ""},
+])
+def test_a_directory_is_replaced_only_when_its_config_is_dreidels(tmp_path, tensors, files):
+    for name, text in files.items():
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / name).write_text(text)
+    with pytest.raises(ValueError, match="not a dreidel checkpoint"):
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.test"}, tensors)
+    assert {p.name: p.read_text() for p in (tmp_path / "m").iterdir()} == files
+
+
+def test_an_empty_directory_is_replaced(tmp_path, tensors):
+    (tmp_path / "m").mkdir()
+    write_checkpoint(tmp_path / "m", {"format": "dreidel.test"}, tensors)
+    assert read_checkpoint(tmp_path / "m")[0] == {"format": "dreidel.test"}
 
 
 def test_a_checkpoint_with_the_longest_legal_name_is_written_and_replaced(tmp_path, tensors):

@@ -35,6 +35,7 @@ from dreidel._files import give_usual_file_mode, staging_dir, staging_prefix
 
 __all__ = [
     "CONFIG_FILE",
+    "FORMAT_PREFIX",
     "TENSORS_FILE",
     "CheckpointFiles",
     "TensorHeader",
@@ -51,13 +52,17 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
+FORMAT_PREFIX = "dreidel."  # how every dreidel config.json's "format" begins: what marks a directory as ours
 
 
 def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write ``config`` (JSON-serialisable) and ``tensors`` as a checkpoint directory at ``path``, atomically.
 
-    An existing checkpoint directory at ``path`` is replaced; any other existing file or directory there is
-    left alone and a ``ValueError`` is raised (so a typo cannot delete unrelated data).
+    An existing dreidel checkpoint directory at ``path`` is replaced, and so is an empty directory; any other
+    existing file or directory there is left alone and a ``ValueError`` is raised (so a typo cannot delete
+    unrelated data). A checkpoint is recognised by its ``config.json``, whose ``"format"`` must be a string
+    starting with ``"dreidel."`` (``Sequential.save`` writes ``"dreidel.Sequential"``): write such a config to be
+    able to replace the checkpoint later.
 
     Returns:
         the checkpoint directory as a ``Path``.
@@ -67,8 +72,8 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         raise ValueError(f"path {str(target)!r} is a symbolic link to nothing; refusing to replace it")
     if target.exists() and not _is_checkpoint_dir(target):
         raise ValueError(
-            f"path {str(target)!r} exists and is not a dreidel checkpoint directory "
-            f"(holding only {CONFIG_FILE} and {TENSORS_FILE}); refusing to replace it"
+            f"path {str(target)!r} exists and is not a dreidel checkpoint directory (holding only {CONFIG_FILE}, "
+            f"with a 'format' starting with {FORMAT_PREFIX!r}, and {TENSORS_FILE}); refusing to replace it"
         )
     config_text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON values
     # safetensors refuses views that share storage; give it one contiguous copy of each tensor
@@ -316,9 +321,27 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` may be replaced: an empty directory, or one holding nothing but the two files whose
+    ``config.json`` is a dreidel config (another tool's directory of a ``config.json`` must stay)."""
     if not path.is_dir() or path.is_symlink():
         return False
-    return {entry.name for entry in path.iterdir()} <= {CONFIG_FILE, TENSORS_FILE}
+    names = {entry.name for entry in path.iterdir()}
+    if not names:
+        return True
+    if not names <= {CONFIG_FILE, TENSORS_FILE} or CONFIG_FILE not in names:
+        return False
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file() or config_path.stat().st_size > _MAX_RECOGNISED_CONFIG_BYTES:
+        return False
+    try:
+        config = read_json_object(config_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config.get("format"), str) and config["format"].startswith(FORMAT_PREFIX)
+
+
+# A config.json larger than this is not read to recognise it (a dreidel config lists layer specs: kilobytes).
+_MAX_RECOGNISED_CONFIG_BYTES = 64 << 20
 
 
 def _write_text(path: Path, text: str) -> None:
