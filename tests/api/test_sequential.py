@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dreidel.api as api
 from dreidel.data import as_dataloader, load_digits
-from dreidel.layers import DeepSpectralLinear, LinearWHT
+from dreidel.layers import Conv2dSpectral, DeepSpectralLinear, LinearWHT
 from dreidel.optim import CurvatureOptimizer
 
 
@@ -284,6 +284,31 @@ def test_layers_that_cannot_be_built_on_meta_are_checked_after_building(tmp_path
         api.load(path)
     _edit_config(path, lambda c: c.update(input_shape=[3]) or c["layers"][1]["args"].update(width=6))
     with pytest.raises(ValueError, match=r"model.safetensors tensor '1.weight' has shape \(4,\)"):
+        api.load(path)
+
+
+@pytest.mark.parametrize("linear_kwargs, message", [
+    ({"device": "cpu"}, "'linear_kwargs': 'device' is not allowed"),
+    ({"dtype": "float16"}, "'linear_kwargs': 'dtype' is not allowed"),
+    ({"generator": 0}, "'linear_kwargs': 'generator' is not allowed"),
+    ([1], "'linear_kwargs' must be a JSON object \\(or null\\), got list"),
+])
+def test_nested_layer_arguments_are_checked_like_top_level_ones(tmp_path, linear_kwargs, message):
+    """A nested device built the inner layer for real on load: 7.5 GiB for a config declaring 2^26 channels."""
+    path = api.Sequential(Conv2dSpectral(4, 12)).build((8, 8, 4)).save(tmp_path / "m")
+    _edit_config(path, lambda c: c["layers"][0]["args"].update(in_channels=2**12, out_channels=2**12,
+                                                               linear_kwargs=linear_kwargs))
+    with pytest.raises(ValueError, match=r"layers\[0\] named '0': Conv2dSpectral argument " + message):
+        api.load(path)
+
+
+def test_a_layer_built_for_real_cannot_take_more_than_its_tensor_file_holds(tmp_path, monkeypatch):
+    """A layer that cannot be built on meta is built for real; a huge declared size fails before allocating."""
+    monkeypatch.setitem(api.LAYER_TYPES, "_NeedsRealTensors", (_NeedsRealTensors, lambda m: {"width": len(m.weight)}))
+    path = api.Sequential(nn.Linear(3, 4), _NeedsRealTensors(4)).build((3,)).save(tmp_path / "m")
+    _edit_config(path, lambda c: c["layers"][1]["args"].update(width=2**40))  # 4 TiB of float32
+    with pytest.raises(ValueError, match=r"layers\[1\] named '1' \(_NeedsRealTensors\): the tensor file holds 16 "
+                                         r"bytes for this layer, but building it would create at least 4398046511104"):
         api.load(path)
 
 
@@ -657,3 +682,4 @@ def test_a_bad_input_dtype_in_a_config_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'input_dtype' must be null or one of"):
         dr.load(tmp_path / "m")
+

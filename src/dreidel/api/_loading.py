@@ -9,17 +9,22 @@ layer fails before anything is allocated. Every error names the file and the lay
 
 from __future__ import annotations
 
+import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dreidel.api.layer_specs import check_layer_spec
+from dreidel.api.layer_specs import check_layer_spec, construct_layer
 from dreidel.io.checkpoint import TensorHeader, require_config_keys
 
-__all__ = ["LayerPlan", "check_config", "check_input_shape", "check_tensor_header", "meta_layers"]
+__all__ = ["LayerPlan", "build_within_tensor_file", "check_config", "check_input_shape", "check_tensor_header",
+           "meta_layers"]
 
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
 OPTIONAL_CONFIG_KEYS = ("input_dtype",)  # absent: floating inputs
@@ -99,8 +104,8 @@ def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:
                 layer = plan.cls(**plan.args)
         except (TypeError, ValueError) as error:  # the constructor refused the arguments
             raise ValueError(f"{plan.where}: cannot build {plan.cls.__name__} from args {plan.args}: {error}") from error
-        except RuntimeError:  # e.g. .item() or an operator without a meta kernel: checked after the real build
-            layers.append(None)
+        except RuntimeError:  # e.g. .item() or an operator without a meta kernel: built for real within the
+            layers.append(None)  # tensor file's size (build_within_tensor_file) and checked after that
             continue
         if any(nn.parameter.is_lazy(t) for t in (*layer.parameters(), *layer.buffers())):
             raise ValueError(f"{plan.where}: args {plan.args} leave a size to be learnt from data (a lazy layer); "
@@ -147,3 +152,52 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
         return  # a layer without meta kernels: the shapes were checked against the tensor file already
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"{where}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
+
+
+# What a layer built for real may create beyond twice the bytes the tensor file holds for it (temporaries).
+_BUILD_ALLOWANCE_BYTES = 16 << 20
+
+
+def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -> nn.Module:
+    """Build a layer that could not be built on meta for real, refusing before it is allocated any new tensor
+    that takes the layer's creations past twice the bytes the tensor file holds for it plus 16 MiB: a config
+    declaring a huge layer beside a small tensor file fails before the memory is taken.
+
+    Raises:
+        ValueError: naming ``plan.where`` (the constructor's own refusals too, as ``construct_layer``).
+    """
+    prefix = f"{plan.name}."
+    held = sum(math.prod(found.shape) * _itemsize(found.dtype) for key, found in header.items()
+               if key.startswith(prefix))
+    with _CreationLimit(2 * held + _BUILD_ALLOWANCE_BYTES, f"{plan.where}: the tensor file holds {held} bytes "
+                                                           "for this layer, but building it"):
+        return construct_layer(plan.cls, plan.args, plan.where)
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name ("F32": 4, "BF16": 2, "F8_E4M3": 1, "BOOL": 1)."""
+    bits = re.search(r"\d+", safetensors_dtype)
+    return 1 if bits is None else max(1, int(bits.group()) // 8)
+
+
+class _CreationLimit(TorchDispatchMode):
+    """Counts the bytes of tensors made from nothing (``empty``, ``zeros``, ``randn``, ... : the operators without
+    tensor inputs) and raises a ValueError, before running the operator, at the one that passes ``limit``. Its
+    size comes from running it on the meta device first."""
+
+    def __init__(self, limit: int, message: str) -> None:
+        super().__init__()
+        self.limit, self.message, self.created = limit, message, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves((args, kwargs))):
+            try:
+                planned = func(*args, **{**kwargs, "device": torch.device("meta")})
+            except (RuntimeError, TypeError):  # an operator without a meta kernel or a device argument
+                planned = None
+            self.created += sum(t.nbytes for t in tree_leaves(planned) if isinstance(t, torch.Tensor))
+            if self.created > self.limit:
+                raise ValueError(f"{self.message} would create at least {self.created} bytes of tensors (more than "
+                                 f"{self.limit}): the config declares a larger layer than the file holds")
+        return func(*args, **kwargs)

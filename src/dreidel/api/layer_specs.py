@@ -104,7 +104,9 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
 
     Every argument must be a parameter of the constructor (not ``device`` / ``dtype`` / ``generator``), and where
     the constructor's default is a bool, an int (or tuple of ints), a float or a string the value must be of that
-    type (or null); the constructor itself (run on the meta device by ``dreidel.load``) judges the rest.
+    type (or null). An argument named ``*_kwargs`` (``linear_kwargs``) must be a JSON object or null without
+    ``device`` / ``dtype`` / ``generator`` keys. The constructor itself (run on the meta device by
+    ``dreidel.load``) judges the rest.
 
     Returns:
         ``(cls, args)``.
@@ -135,12 +137,28 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
                              "the CPU with the dtypes their tensors were saved in; move them with .to() afterwards)")
         if key not in parameters:
             raise ValueError(f"{where}: cannot build {type_name}: unknown argument {key!r} (allowed: {allowed})")
+        if key.endswith("_kwargs"):
+            _check_nested_kwargs(value, f"{where}: {type_name} argument {key!r}")
+            continue
         expected = _expected_json_type(parameters[key].default)
         if value is not None and expected is not None and not _is_json_type(value, expected):
             allowed_types = "int or a list of ints" if expected is int else expected.__name__
             raise ValueError(f"{where}: {type_name} argument {key!r} must be {allowed_types} (or null), "
                              f"got {value!r}")
     return cls, args
+
+
+def _check_nested_kwargs(value: Any, where: str) -> None:
+    """Arguments passed on to an inner constructor (``linear_kwargs``): a JSON object or null, whose keys may not
+    be ``REFUSED_ARGS`` either (a nested ``device`` would build the inner layer for real even on meta)."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a JSON object (or null), got {type(value).__name__}")
+    for key in value:
+        if key in REFUSED_ARGS:
+            raise ValueError(f"{where}: {key!r} is not allowed in a checkpoint (models load on the CPU with the "
+                             "dtypes their tensors were saved in; move them with .to() afterwards)")
 
 
 def _expected_json_type(default: Any) -> type | None:

@@ -380,7 +380,7 @@ def _load_from(files: CheckpointFiles) -> Sequential:
         _loading.check_input_shape(plans, meta, input_shape, str(config_file), input_dtype)
     tensors = files.tensors()
     # The meta layers take the file's tensors as they are (no second allocation, each tensor's dtype kept)
-    model = Sequential(OrderedDict((plan.name, construct_layer(plan.cls, plan.args, plan.where) if layer is None
+    model = Sequential(OrderedDict((plan.name, _loading.build_within_tensor_file(plan, header) if layer is None
                                     else layer) for plan, layer in zip(plans, meta)))
     load_state_strict(model, tensors, source=tensors_file, keep_dtypes=True)
     for plan in plans:
