@@ -683,3 +683,31 @@ def test_a_bad_input_dtype_in_a_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'input_dtype' must be null or one of"):
         dr.load(tmp_path / "m")
 
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d(4, bias=False), nn.BatchNorm1d(4, affine=False),
+                                  nn.BatchNorm1d(4, track_running_stats=False), nn.LayerNorm(4, bias=False),
+                                  nn.LayerNorm(4, elementwise_affine=False)], ids=repr)
+def test_norm_layers_without_bias_or_affine_round_trip(tmp_path, norm):
+    model = api.Sequential(nn.Linear(3, 4), norm).build((3,))
+    loaded = api.load(model.save(tmp_path / "m"))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+# Constructor arguments a layer spec need not record: where it is built, and in-place execution (same values).
+_UNRECORDED_ARGS = {"device", "dtype", "inplace", "_weight", "_freeze", "args", "kwargs"}
+
+
+@pytest.mark.parametrize("name", [name for name, (cls, _) in api.LAYER_TYPES.items() if cls.__module__.startswith("torch")])
+def test_torch_layer_specs_record_every_constructor_argument(name):
+    """A recorder that leaves an argument out loses it on save (BatchNorm1d's bias, torch 2.13)."""
+    import inspect
+
+    cls, args_of = api.LAYER_TYPES[name]
+    parameters = set(inspect.signature(cls).parameters) - _UNRECORDED_ARGS
+    required = {"in_features": 3, "out_features": 2, "num_features": 3, "normalized_shape": 3,
+                "num_embeddings": 5, "embedding_dim": 2, "dim": 1}
+    instance = cls(**{key: value for key, value in required.items() if key in parameters})
+    recorded = set(args_of(instance))
+    if cls is nn.BatchNorm1d:  # bias is recorded where it is False (a default layer loads with torches without it)
+        recorded |= set(args_of(nn.BatchNorm1d(3, bias=False)))
+    assert parameters <= recorded, f"{name} does not record {sorted(parameters - recorded)}"

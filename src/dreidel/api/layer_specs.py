@@ -40,8 +40,11 @@ def _layer_norm_args(module: nn.LayerNorm) -> dict[str, Any]:
 
 
 def _batch_norm_args(module: nn.BatchNorm1d) -> dict[str, Any]:
-    return {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+    args = {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
             "affine": module.affine, "track_running_stats": module.track_running_stats}
+    if module.affine and module.bias is None:  # bias=False (torch >= 2.13); left out otherwise, so that a
+        args["bias"] = False                   # default layer still loads with a torch that lacks the keyword
+    return args
 
 
 def _embedding_args(module: nn.Embedding) -> dict[str, Any]:
