@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -154,3 +155,34 @@ def test_history_plot_writes_a_png(tmp_path, digits):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="history is empty"):
         api.History().plot(tmp_path / "empty.png")
+
+
+class _Saves:
+    """Stands in for a model: records where ModelCheckpoint saves it."""
+
+    stop_training = False
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+
+    def save(self, path) -> None:
+        self.saved.append(str(path))
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("mode, values, best", [("min", [math.nan, 3.0, 2.0, math.nan], 2.0),
+                                                ("max", [math.nan, 0.5, 0.7, math.nan], 0.7)])
+def test_a_nan_monitored_value_never_counts_as_an_improvement(tmp_path, mode, values, best):
+    """A first NaN used to become ``best``, and nothing compares better than NaN: no save or improvement again."""
+    model = _Saves()
+    checkpoint = api.ModelCheckpoint(tmp_path / "e{epoch}", monitor="m", save_best_only=True, mode=mode)
+    stopper = api.EarlyStopping(monitor="m", patience=2, mode=mode)
+    for callback in (checkpoint, stopper):
+        callback.on_train_begin(model)
+    for epoch, value in enumerate(values):
+        for callback in (checkpoint, stopper):
+            callback.on_epoch_end(model, epoch, {"m": value})
+    assert model.saved == [str(tmp_path / "e2"), str(tmp_path / "e3")]
+    assert checkpoint.best == stopper.best == best and stopper.best_epoch == 2 and stopper.stopped_epoch is None

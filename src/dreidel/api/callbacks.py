@@ -58,20 +58,26 @@ def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
     return logs[monitor]
 
 
-def _improves(mode: str, monitor: str) -> Callable[[float, float, float], bool]:
-    """``improves(current, best, min_delta)`` for ``mode`` in min/max/auto (auto: max for accuracies)."""
+def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], bool], float]:
+    """``(improves(current, best, min_delta), worst)`` for ``mode`` in min/max/auto (auto: max for accuracies).
+
+    ``best`` starts at ``worst`` (+inf, or -inf for max), as in Keras, so that the first value improves on it
+    unless it is NaN: a NaN compares false, so it never counts as an improvement (nor becomes ``best``).
+    """
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
     if mode == "max" or (mode == "auto" and "accuracy" in monitor):
-        return lambda current, best, delta: current > best + delta
-    return lambda current, best, delta: current < best - delta
+        return (lambda current, best, delta: current > best + delta), -math.inf
+    return (lambda current, best, delta: current < best - delta), math.inf
 
 
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
     With ``restore_best_weights`` the model gets back the weights of its best epoch when training stops.
-    ``stopped_epoch`` is the epoch after which training stopped (None if it ran to the end).
+    ``best`` is the best value so far (+inf, or -inf in max mode, until one improves on it: a NaN never does)
+    and ``best_epoch`` its epoch; ``stopped_epoch`` is the epoch after which training stopped (None if it ran to
+    the end).
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -82,8 +88,8 @@ class EarlyStopping(Callback):
             raise ValueError(f"min_delta must be a finite number, got {min_delta!r}")
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
         self.restore_best_weights = restore_best_weights
-        self._improves = _improves(mode, monitor)
-        self.best: float | None = None
+        self._improves, self._worst = _improves(mode, monitor)
+        self.best = self._worst
         self.best_epoch: int | None = None
         self.stopped_epoch: int | None = None
         self._wait = 0
@@ -94,11 +100,11 @@ class EarlyStopping(Callback):
             raise _not_logged("EarlyStopping", "monitor is", self.monitor, keys)
 
     def on_train_begin(self, model) -> None:
-        self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = None, None, None, 0, None
+        self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = self._worst, None, None, 0, None
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         current = _monitored_value(logs, self.monitor, "EarlyStopping")
-        if self.best is None or self._improves(current, self.best, self.min_delta):
+        if self._improves(current, self.best, self.min_delta):
             self.best, self.best_epoch, self._wait = current, epoch, 0
             if self.restore_best_weights:
                 self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -119,14 +125,16 @@ class ModelCheckpoint(Callback):
     """Save the model (``model.save``) at the end of every epoch, or only when ``monitor`` improves.
 
     ``path`` may contain ``{epoch}`` (1-based) and any logged key, e.g. ``"ckpt/e{epoch:02d}-{val_loss:.3f}"``.
+    With ``save_best_only``, ``best`` is the best value saved so far (+inf, or -inf in max mode, before the first
+    save); a NaN never counts as an improvement.
     """
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto") -> None:
         self.path = str(path)
         self.monitor, self.save_best_only = monitor, save_best_only
-        self._improves = _improves(mode, monitor)
-        self.best: float | None = None
+        self._improves, self._worst = _improves(mode, monitor)
+        self.best = self._worst
         self.saved_paths: list[Path] = []
         try:
             fields = [field for _, field, _, _ in string.Formatter().parse(self.path) if field is not None]
@@ -151,12 +159,12 @@ class ModelCheckpoint(Callback):
             raise _not_logged("ModelCheckpoint", use, missing[0], ["epoch", *keys])
 
     def on_train_begin(self, model) -> None:
-        self.best = None
+        self.best = self._worst
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         if self.save_best_only:
             current = _monitored_value(logs, self.monitor, "ModelCheckpoint")
-            if self.best is not None and not self._improves(current, self.best, 0.0):
+            if not self._improves(current, self.best, 0.0):
                 return
             self.best = current
         target = Path(self.path.format(epoch=epoch + 1, **logs))
