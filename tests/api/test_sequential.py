@@ -711,3 +711,21 @@ def test_torch_layer_specs_record_every_constructor_argument(name):
     if cls is nn.BatchNorm1d:  # bias is recorded where it is False (a default layer loads with torches without it)
         recorded |= set(args_of(nn.BatchNorm1d(3, bias=False)))
     assert parameters <= recorded, f"{name} does not record {sorted(parameters - recorded)}"
+
+
+def _loss_named_metric(output, target):
+    return 0.0
+
+
+_loss_named_metric.__name__ = "loss"
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ([_loss_named_metric], "logged as 'loss' would collide"),
+    ([lambda o, t: 0.1, lambda o, t: 0.9], "two metrics are logged as '<lambda>'"),
+    (["accuracy", "top_1"], "two metrics are logged as 'accuracy'"),
+], ids=["loss", "two-lambdas", "accuracy-top_1"])
+def test_metrics_whose_log_keys_collide_are_refused_at_compile(metrics, message):
+    """They used to overwrite one another (or the training loss) in the logs and History, silently."""
+    with pytest.raises(ValueError, match=message):
+        api.Sequential(nn.Linear(4, 3)).compile("adam", metrics=metrics)

@@ -155,7 +155,8 @@ class Sequential(nn.Sequential):
                 ``dreidel.optim.build_optimizer`` once the model is built.
             loss: ``"cross_entropy"``, ``"mse"``, ``"kl_divergence"``, an instance from ``dreidel.api.losses``
                 (e.g. ``CrossEntropy(label_smoothing=0.1)``) or any callable ``(output, target) -> scalar``.
-            metrics: names (``"accuracy"``, ``"top_5"``) or callables ``(output, target) -> float``.
+            metrics: names (``"accuracy"``, ``"top_5"``) or callables ``(output, target) -> float``, logged
+                under distinct names (``metric_name``), none of them ``loss``, ``lr``, ``epoch`` or ``val_*``.
             optimizer_kwargs: hyper-parameters of a named optimizer (``lr=...``).
         """
         if isinstance(metrics, str):
@@ -166,8 +167,9 @@ class Sequential(nn.Sequential):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
         if self.optimizer is not optimizer:
             _release(self.optimizer)
-        self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss),
-                                   [resolve_metric(m) for m in metrics])
+        resolved = [resolve_metric(m) for m in metrics]
+        _check_metric_names(resolved)
+        self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved)
         if self.is_built and len(self):
             self._ensure_optimizer()
         return self
@@ -340,6 +342,24 @@ class Sequential(nn.Sequential):
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
                   "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
         return write_checkpoint(path, config, self.state_dict())
+
+
+# Log keys fit writes besides the metrics' (and CSVLogger / ModelCheckpoint paths use "epoch").
+_RESERVED_LOG_KEYS = ("loss", "lr", "epoch")
+
+
+def _check_metric_names(metrics: list) -> None:
+    """Refuse metrics whose log keys would overwrite one another or fit's own keys in the logs and History."""
+    seen: set[str] = set()
+    for metric in metrics:
+        name = metric_name(metric)
+        if name in _RESERVED_LOG_KEYS or name.startswith("val_"):
+            raise ValueError(f"metrics: a metric logged as {name!r} would collide with fit's own log keys "
+                             f"{list(_RESERVED_LOG_KEYS)} or their val_ copies; give the function another name")
+        if name in seen:
+            raise ValueError(f"metrics: two metrics are logged as {name!r} (a callable is logged under its "
+                             "function name, 'accuracy' and 'top_1' alike as 'accuracy'); give each a distinct name")
+        seen.add(name)
 
 
 def _release(optimizer: torch.optim.Optimizer | None) -> None:
