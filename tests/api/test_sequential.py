@@ -729,3 +729,24 @@ def test_metrics_whose_log_keys_collide_are_refused_at_compile(metrics, message)
     """They used to overwrite one another (or the training loss) in the logs and History, silently."""
     with pytest.raises(ValueError, match=message):
         api.Sequential(nn.Linear(4, 3)).compile("adam", metrics=metrics)
+
+
+def _tied_weights() -> api.Sequential:
+    first, last = nn.Linear(4, 4), nn.Linear(4, 4)
+    last.weight = first.weight
+    return api.Sequential(first, nn.ReLU(), last)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: api.Sequential(*(lambda shared: (shared, nn.ReLU(), shared))(nn.Linear(4, 4))),
+     "layers '0' and '2' share the same layer object"),
+    (lambda: api.Sequential(*(lambda relu: (relu, nn.Linear(4, 4), relu))(nn.ReLU())),
+     "layers '0' and '2' share the same layer object"),
+    (_tied_weights, "layers '0' and '2' share a parameter or buffer"),
+], ids=["shared-linear", "shared-relu", "tied-weight"])
+def test_layers_that_share_state_are_refused_at_save(tmp_path, make, message):
+    """Such a checkpoint used to be written with a spec per distinct child and tensors per position: unloadable."""
+    model = make().build((4,))
+    with pytest.raises(ValueError, match=message):
+        model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -331,17 +331,32 @@ class Sequential(nn.Sequential):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` (layer specs, input shape) and ``path/model.safetensors``, atomically.
 
-        The optimizer state is not saved. Returns the checkpoint directory.
+        The optimizer state is not saved. Returns the checkpoint directory. A model whose layers share a layer
+        object or a tensor (weight tying) is refused with a ``ValueError``: the format keeps layers apart.
         """
         if len(self) == 0:
             raise ValueError("the model has no layers: add some before save() (load() refuses a model without any)")
         if not self.is_built:
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
+        _refuse_shared_layers(self)
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
                   "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
         return write_checkpoint(path, config, self.state_dict())
+
+
+def _refuse_shared_layers(model: Sequential) -> None:
+    """A checkpoint holds one spec and its own tensors per layer: a layer object used twice (or a parameter or
+    buffer shared by two layers) would be saved as independent copies or, for a repeated child, left out of
+    the config, so ``save`` refuses it rather than write a checkpoint that loads as another model or not at all."""
+    owners: dict[int, str] = {}
+    for name, layer in model._modules.items():
+        for item in (layer, *layer.parameters(), *layer.buffers()):
+            if owners.setdefault(id(item), name) != name:
+                what = "the same layer object" if item is layer else "a parameter or buffer of one layer"
+                raise ValueError(f"cannot save a model whose layers {owners[id(item)]!r} and {name!r} share "
+                                 f"{what} (weight tying): a checkpoint holds each layer separately")
 
 
 # Log keys fit writes besides the metrics' (and CSVLogger / ModelCheckpoint paths use "epoch").
