@@ -750,3 +750,31 @@ def test_layers_that_share_state_are_refused_at_save(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         model.save(tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+class _RecordsHooks(api.Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_train_begin(self, model) -> None:
+        self.calls.append("train_begin")
+
+
+@pytest.mark.parametrize("x, y, validation, message", [
+    (torch.randn(8, 4), torch.randint(0, 3, (8,)), (torch.randn(4, 4), torch.tensor([0, 1, 9, 2])),
+     r"labels must lie in \[0, 2\] .* in validation_data"),
+    (torch.randn(8, 4), torch.randint(0, 3, (8,)), (torch.randn(4, 4), torch.rand(4)), "in validation_data"),
+    (torch.randn(8, 4), torch.randint(0, 3, (8,)), (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)),
+     r"expected samples of shape \(4,\) .* in validation_data"),
+    (torch.randn(0, 4), torch.zeros(0, dtype=torch.long), None, "x has no samples"),
+], ids=["label-range", "float-labels", "sample-shape", "empty-x"])
+def test_fit_checks_the_data_before_training_starts(x, y, validation, message):
+    """Bad validation labels used to fail after a whole epoch had changed the weights; an empty x after the
+    callbacks had started."""
+    model = api.Sequential(nn.Linear(4, 3)).compile("sgd", lr=0.5)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    hooks = _RecordsHooks()
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, validation_data=validation, callbacks=[hooks], verbose=0)
+    assert hooks.calls == [] and model.history is None
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dreidel.api import _training
-from dreidel.api._batches import BatchSource, make_source
+from dreidel.api._batches import BatchSource, check_targets, make_source, targets_like
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
 from dreidel.api import _loading
@@ -228,7 +228,11 @@ class Sequential(nn.Sequential):
         log_keys += [f"val_{key}" for key in log_keys] if validation is not None else []
         for callback in callbacks:
             callback.check_log_keys([*log_keys, "lr"])
+        if train.x is not None and train.x.shape[0] == 0:  # an empty DataLoader: first_input() says so
+            raise ValueError("x has no samples: nothing to train on")
         self._check_input(train.x if train.x is not None else train.first_input(), "x")
+        if validation is not None and validation.x is not None:  # a DataLoader's batches are checked as they come
+            self._check_targets_up_front(validation, compiled.loss, "validation_data")
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.history = history = History()
         self.stop_training = False
@@ -280,6 +284,20 @@ class Sequential(nn.Sequential):
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be an (x_val, y_val) pair or a DataLoader")
         return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype)
+
+    def _check_targets_up_front(self, source: BatchSource, loss, where: str) -> None:
+        """Check the inputs' shape and every target of the in-memory ``source`` against the output of one sample
+        (in eval mode, without gradients), so that bad labels fail before training changes any weight."""
+        self._check_input(source.x[:1], where)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                output = self(next(source.batches(False, None))[0][:1])  # (1, *output_shape)
+        finally:
+            self.train(was_training)
+        output = output.expand(source.num_samples, *output.shape[1:])
+        check_targets(loss, output, targets_like(source.y, output), where)
 
     def evaluate(self, x, y=None, batch_size: int = 256) -> dict[str, float]:
         """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
