@@ -327,3 +327,12 @@ def test_older_binary_versions(tmp_path, version):
     assert model.spec == ("OldSpec" if version >= 2 else "") and model.revision == (2 if version >= 2 else 1)
     assert np.array_equal(model.variables["w"].numpy(), values)
     assert model.aliases == ({"v": "w"} if version >= 3 else {})
+
+
+@pytest.mark.parametrize("shape", [(2**32,), (2**30 + 1,)], ids=["dimension", "bytes"])
+def test_a_variable_beyond_the_format_s_32_bit_fields_is_refused(tmp_path, shape):
+    """A dimension or a byte count of 2**32 or more used to end in struct.error (an expanded view: no memory)."""
+    huge = torch.zeros(1).expand(shape)
+    with pytest.raises(ValueError, match="'w' of shape .* does not fit the CTranslate2 format"):
+        write_ctranslate2(tmp_path, "TestSpec", 1, {"w": huge})
+    assert not (tmp_path / "model.bin").exists()

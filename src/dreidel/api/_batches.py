@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass
 from collections.abc import Sized
 from typing import Iterator
@@ -101,11 +103,22 @@ class BatchSource:
             yield self._cast(self.x[index]), (None if self.y is None else self.y[index])
 
 
+def positive_int(value, name: str) -> int:
+    """``value`` as an int if it is a positive integer of any integral type (a NumPy integer too), else
+    ``ValueError`` naming ``name`` (a bool is refused)."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
+
+
 def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | None = None) -> BatchSource:
     """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them (floating ``x``
     batches cast to ``dtype``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     if isinstance(x, DataLoader):
         if y is not None:
             raise ValueError("y must be None when x is a DataLoader (the loader yields (x, y) pairs)")

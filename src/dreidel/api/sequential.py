@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dreidel.api import _training
-from dreidel.api._batches import BatchSource, check_targets, make_source, targets_like
+from dreidel.api._batches import BatchSource, check_targets, make_source, positive_int, targets_like
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
 from dreidel.api import _loading
@@ -213,8 +213,7 @@ class Sequential(nn.Sequential):
             the ``History`` (also kept as ``model.history``).
         """
         compiled = self._require_compiled("fit")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        epochs = positive_int(epochs, "epochs")
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
         if seed is not None:
@@ -349,8 +348,10 @@ class Sequential(nn.Sequential):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` (layer specs, input shape) and ``path/model.safetensors``, atomically.
 
-        The optimizer state is not saved. Returns the checkpoint directory. A model whose layers share a layer
-        object or a tensor (weight tying) is refused with a ``ValueError``: the format keeps layers apart.
+        The optimizer state is not saved. Returns the checkpoint directory. A layer object used at several
+        positions is saved once per position, which is the same model where it holds no tensors (one
+        ``nn.ReLU()`` used twice); a model whose layers share a tensor (weight tying, or a repeated layer with
+        parameters or buffers) is refused with a ``ValueError``: the format keeps layers' tensors apart.
         """
         if len(self) == 0:
             raise ValueError("the model has no layers: add some before save() (load() refuses a model without any)")
@@ -360,21 +361,22 @@ class Sequential(nn.Sequential):
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
-                  "layers": [{"name": name, **layer_spec(layer)} for name, layer in self.named_children()]}
+                  "layers": [{"name": name, **layer_spec(layer)} for name, layer in self._modules.items()]}
         return write_checkpoint(path, config, self.state_dict())
 
 
 def _refuse_shared_layers(model: Sequential) -> None:
-    """A checkpoint holds one spec and its own tensors per layer: a layer object used twice (or a parameter or
-    buffer shared by two layers) would be saved as independent copies or, for a repeated child, left out of
-    the config, so ``save`` refuses it rather than write a checkpoint that loads as another model or not at all."""
+    """A checkpoint holds one spec and its own tensors per position: a parameter or buffer shared by two
+    positions (weight tying, or one layer with tensors used twice) would load as independent copies, so
+    ``save`` refuses it rather than write a checkpoint that loads as another model. A layer without tensors
+    used twice loads as two equal layers, the same model."""
     owners: dict[int, str] = {}
     for name, layer in model._modules.items():
-        for item in (layer, *layer.parameters(), *layer.buffers()):
-            if owners.setdefault(id(item), name) != name:
-                what = "the same layer object" if item is layer else "a parameter or buffer of one layer"
-                raise ValueError(f"cannot save a model whose layers {owners[id(item)]!r} and {name!r} share "
-                                 f"{what} (weight tying): a checkpoint holds each layer separately")
+        for tensor in (*layer.parameters(), *layer.buffers()):
+            if owners.setdefault(id(tensor), name) != name:
+                raise ValueError(f"cannot save a model whose layers {owners[id(tensor)]!r} and {name!r} share a "
+                                 "parameter or buffer (weight tying, or one layer object used twice): a checkpoint "
+                                 "holds each layer's tensors separately")
 
 
 # Log keys fit writes besides the metrics' (and CSVLogger / ModelCheckpoint paths use "epoch").

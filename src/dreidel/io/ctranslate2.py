@@ -341,6 +341,9 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
                              f"{', '.join(str(d) for d in _TORCH_TO_CT2)}")
         if tensor.dim() > _MAX_RANK:
             raise ValueError(f"variable {name!r} has rank {tensor.dim()} (at most {_MAX_RANK})")
+        if any(size >= 2**32 for size in tensor.shape) or tensor.nbytes >= 2**32:  # the format's 32-bit fields
+            raise ValueError(f"variable {name!r} of shape {tuple(tensor.shape)} ({tensor.nbytes} bytes) does not fit "
+                             "the CTranslate2 format: each dimension and the byte count must be below 2**32")
         tensor = tensor.detach().cpu().contiguous()
         dtype_id = _DTYPE_IDS[_TORCH_TO_CT2[tensor.dtype]]
         if tensor.dtype == torch.bfloat16:
