@@ -116,6 +116,12 @@ def test_sequential_checkpoint_round_trip_is_bit_identical(tmp_path, linear, lin
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_an_empty_low_precision_batch_gives_an_empty_output():
+    layer = MultiHeadAttentionSpectral(8, 2, generator=torch.Generator().manual_seed(0)).bfloat16()
+    y = layer(torch.zeros(0, 3, 8, dtype=torch.bfloat16))
+    assert y.shape == (0, 3, 8) and y.dtype == torch.bfloat16
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttentionSpectral(50, 4)

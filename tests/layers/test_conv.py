@@ -81,6 +81,13 @@ def test_sequential_checkpoint_round_trip_is_bit_identical(tmp_path, case):
         assert loaded.state_dict()[key].dtype == value.dtype and torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_an_empty_batch_of_low_precision_images_gives_an_empty_output(dims):
+    layer = (Conv2dSpectral if dims == 2 else Conv3dSpectral)(4, 6, padding=1).bfloat16()
+    y = layer(torch.zeros(0, *(5,) * dims, 4, dtype=torch.bfloat16))
+    assert y.shape == (0, *(5,) * dims, 6) and y.dtype == torch.bfloat16
+
+
 def test_config_rebuilds_the_layer_and_leaves_out_init_only_arguments():
     layer = Conv2dSpectral(8, 16, kernel_size=(3, 1), padding=(1, 0), linear="deep_wht",
                            linear_kwargs={"depth": 3, "dtype": torch.float64}, generator=torch.Generator())

@@ -59,6 +59,20 @@ def test_low_precision_dtypes_follow_the_float64_matrix(dtype, depth):
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(dtype, depth, path):
+    """As nn.Linear: float16/bfloat16 (and the reference path) used to fail reshaping zero rows."""
+    layer = make_layer(12, 30, depth, dtype=dtype)
+    x = torch.zeros(0, 12, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 30) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == (0, 12)
+    for p in layer.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
 def test_transform_length_uses_native_factors_without_padding():
     assert transform_length(384) == 384 and transform_length(640) == 640 and transform_length(1000) == 1024
     layer = LinearWHT(784, 1024)

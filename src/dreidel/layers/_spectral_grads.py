@@ -62,7 +62,7 @@ def _transform_(z: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
     if runs_native_eager(z):  # the kernel directly, without the custom op's dispatch; traced code keeps the op
         fwht_into(z.view(-1, layout.length), z.view(-1, layout.length), True)
         return z
-    return fwht(z.view(rows, layout.blocks, layout.length), inplace=True).view(rows, -1)
+    return fwht(z.view(rows, layout.blocks, layout.length), inplace=True).view(z.shape)  # -1: ambiguous at 0 rows
 
 
 def spectral_stages(
@@ -145,10 +145,11 @@ def spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.Tensor, 
         return native_spectral_grads(x, grad, in_scale, inner_scale, out_scale, has_bias, layout.flat_perm,
                                      layout.length, groups, want_input_grad)
     rows, n = x.shape
+    per_group = rows // groups  # the widths below are spelled out: -1 is ambiguous when there are no rows
     with torch.no_grad():
-        stages = [h.view(groups, rows // groups, -1) for h in spectral_stages(x, in_scale, inner_scale, layout)]
-    grads = _spectral_vjp(x.view(groups, rows // groups, n), grad.view(groups, rows // groups, -1), stages, in_scale,
-                          inner_scale, out_scale, layout, want_input_grad)
+        stages = [h.view(groups, per_group, h.shape[-1]) for h in spectral_stages(x, in_scale, inner_scale, layout)]
+    grads = _spectral_vjp(x.view(groups, per_group, n), grad.view(groups, per_group, grad.shape[-1]), stages,
+                          in_scale, inner_scale, out_scale, layout, want_input_grad)
     if not has_bias:
         del grads["bias"]
     if want_input_grad:
