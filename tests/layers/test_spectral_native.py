@@ -106,6 +106,29 @@ def test_per_sample_grads_with_mixed_parameter_dtypes_use_the_reference_path():
         torch.testing.assert_close(g.sum(0).to(p.grad.dtype), p.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lazily_negated_tensors_are_read_with_their_sign(depth):
+    """A contiguous torch._neg_view holds -x only as a flag: the kernels, reading raw memory, used to see x."""
+    layer = make_layer(30, 40, depth, torch.float64)
+    x, grad = torch.randn(4, 30, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64)
+    negated_x, negated_grad = torch._neg_view(-x), torch._neg_view(-grad)
+    assert negated_x.is_contiguous() and negated_x.is_neg()
+    torch.testing.assert_close(layer(negated_x), layer(x), rtol=0, atol=0)
+    inputs = []
+    for xs, grads in ((x, grad), (negated_x, negated_grad)):
+        layer.zero_grad(set_to_none=True)
+        xr = xs.clone().requires_grad_(True)  # a clone keeps the flag
+        layer(xr).backward(grads)
+        inputs.append((xr.grad, [p.grad for p in layer.parameters()], layer.per_sample_grads((xs,), grads)))
+    (dx, dparams, per_sample), (negated_dx, negated_dparams, negated_per_sample) = inputs
+    torch.testing.assert_close(negated_dx, dx, rtol=0, atol=0)
+    for p, expected, got in zip(layer.parameters(), dparams, negated_dparams):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(negated_per_sample[p], per_sample[p], rtol=0, atol=0)
+    negated_scale = {"in_scale": torch._neg_view(-layer.in_scale.detach())}
+    torch.testing.assert_close(torch.func.functional_call(layer, negated_scale, (x,)), layer(x), rtol=0, atol=0)
+
+
 def test_native_grouped_gradients_are_per_group_sums(num_threads):
     layer = make_layer(1000, 1300, 2, torch.float64)  # big enough for two threads to share the groups
     x, grad = torch.randn(40, 1000, dtype=torch.float64), torch.randn(40, 1300, dtype=torch.float64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dreidel._native import native
-from dreidel.algo._fwht import kernel_constants
+from dreidel.algo._fwht import _kernel_copy, kernel_constants
 
 __all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads"]
 
@@ -60,17 +60,19 @@ def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor
             0 if bias is None else bias.data_ptr(), flat_perm.data_ptr(), constants.hadamard_m_address)
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+def _kernel_copy_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _kernel_copy(t)
 
 
 def native_spectral_forward(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                             out_scale: torch.Tensor, bias: torch.Tensor | None, flat_perm: torch.Tensor,
                             length: int) -> torch.Tensor:
     """``y`` ``(rows, out)`` for ``x`` ``(rows, n)``; arguments as in ``SpectralLayout`` (no autograd)."""
-    # The contiguous tensors stay bound here until the kernel has returned (it holds only their addresses).
-    x, in_scale, inner_scale, out_scale, bias = (x.contiguous(), in_scale.contiguous(), _contiguous(inner_scale),
-                                                 out_scale.contiguous(), _contiguous(bias))
+    # The kernels read raw memory: a lazily negated tensor (contiguous all the same) is resolved first, as fwht
+    # does. The copies stay bound here until the kernel has returned (it holds only their addresses).
+    x, in_scale, inner_scale, out_scale, bias = (_kernel_copy(x), _kernel_copy(in_scale),
+                                                 _kernel_copy_or_none(inner_scale), _kernel_copy(out_scale),
+                                                 _kernel_copy_or_none(bias))
     layer = _layer_at(x, in_scale, inner_scale, out_scale, bias, flat_perm, length)
     rows = x.shape[0]
     y = torch.empty((rows, layer[1]), dtype=x.dtype)
@@ -89,8 +91,8 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
     ``has_bias`` and "input" ``(rows, n)`` when ``want_input_grad`` — the keys and shapes of
     ``_spectral_grads._spectral_vjp`` with ``G = groups``.
     """
-    x, grad, in_scale, inner_scale, out_scale = (x.contiguous(), grad.contiguous(), in_scale.contiguous(),
-                                                 _contiguous(inner_scale), out_scale.contiguous())
+    x, grad, in_scale, inner_scale, out_scale = (_kernel_copy(x), _kernel_copy(grad), _kernel_copy(in_scale),
+                                                 _kernel_copy_or_none(inner_scale), _kernel_copy(out_scale))
     layer = _layer_at(x, in_scale, inner_scale, out_scale, None, flat_perm, length)
     rows = x.shape[0]
     if grad.shape != (rows, layer[1]):
