@@ -279,6 +279,16 @@ def test_low_precision_layers_have_second_derivatives(dtype, tolerance, depth):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 12), (0, 3, 12), (2, 0, 12)], ids=str)
+def test_per_sample_grads_of_no_rows_are_zeros(shape, dtype, path):
+    layer = make_layer(12, 7, 2, dtype=dtype)
+    per_sample = layer.per_sample_grads((torch.zeros(shape, dtype=dtype),), torch.zeros((*shape[:-1], 7), dtype=dtype))
+    assert set(per_sample) == set(layer.parameters())
+    for p, g in per_sample.items():
+        assert torch.equal(g, torch.zeros((shape[0], *p.shape), dtype=dtype))
+
+
 def test_per_sample_grads_rejects_mismatched_shapes():
     layer = make_layer(10, 6, 1)
     with pytest.raises(ValueError, match="grad_output must have shape"):

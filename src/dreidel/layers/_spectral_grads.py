@@ -308,6 +308,11 @@ def spectral_per_sample_grads(
             f"grad_output must have shape {(*x.shape[:-1], layer.out_features)}, got {tuple(grad_output.shape)}"
         )
     batch, n, out = x.shape[0], layer.in_features, layer.out_features
+    named = {"in_scale": layer.in_scale, "inner_scale": layer.inner_scale, "out_scale": layer.out_scale,
+             "bias": layer.bias}
+    if x.numel() == 0:  # no rows (an empty batch, or samples of no positions): every sum below is empty
+        return {p: torch.zeros((batch, *p.shape), dtype=compute_dtype, device=p.device)
+                for p in named.values() if p is not None}
     layout = layer.layout()
     x2 = x.detach().reshape(-1, n)  # (batch·M, n): M positions per sample, consecutive
     grad2 = grad_output.detach().reshape(-1, out).to(compute_dtype)
@@ -320,6 +325,4 @@ def spectral_per_sample_grads(
             (grad2,) = torch.autograd.grad(layer._activation_fn(pre), pre, grad2)
     grads = spectral_grads(x2, grad2, in_scale, inner_scale, out_scale, bias is not None, layout, groups=batch,
                            want_input_grad=False)
-    named = {"in_scale": layer.in_scale, "inner_scale": layer.inner_scale, "out_scale": layer.out_scale,
-             "bias": layer.bias}
     return {named[name]: value for name, value in grads.items() if named[name] is not None}
