@@ -161,6 +161,46 @@ def test_torch_func_transforms_match_eager_autograd(widths, depth):
 
 
 @pytest.mark.parametrize("depth", [1, 3])
+def test_batched_gradients_give_the_dense_jacobian(depth, path):
+    """jacobian(vectorize=True), is_grads_batched and hessian(vectorize=True) send legacy-vmap batched tensors
+    through the backward, which neither the kernels (no memory) nor the registered op (no batching rule) take."""
+    layer = make_layer(12, 9, depth, dtype=torch.float64)
+    randomize_bias(layer)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    matrix = spectral_matrix(layer)
+    expected = torch.einsum("ik,jl->ijkl", torch.eye(2, dtype=torch.float64), matrix)  # (2, 9, 2, 12)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(layer, x, vectorize=True), expected)
+    xr = x.clone().requires_grad_(True)
+    seeds = torch.eye(18, dtype=torch.float64).view(18, 2, 9)
+    (rows,) = torch.autograd.grad(layer(xr), xr, seeds, is_grads_batched=True)
+    torch.testing.assert_close(rows, expected.reshape(18, 2, 12))
+
+    def loss(in_scale):
+        return torch.func.functional_call(layer, {"in_scale": in_scale}, (x,)).square().sum()
+
+    in_scale = layer.in_scale.detach()
+    torch.testing.assert_close(torch.autograd.functional.hessian(loss, in_scale, vectorize=True),
+                               torch.autograd.functional.hessian(loss, in_scale))
+    # both jacobians vectorized: the outer one batches the inner one's graph-building backward
+    hessian = torch.autograd.functional.hessian(lambda t: layer(t).square().sum(), x, vectorize=True,
+                                                outer_jacobian_strategy="reverse-mode")
+    torch.testing.assert_close(hessian, 2 * torch.einsum("ik,jl->ijkl", torch.eye(2, dtype=torch.float64),
+                                                         matrix.T @ matrix))
+
+
+@pytest.mark.parametrize("out_features", [9, 16])  # a slice of the transform's output, or all of it
+def test_batched_gradients_of_a_low_precision_layer(out_features):
+    layer = make_layer(12, out_features, 2, dtype=torch.bfloat16)
+    x = torch.randn(2, 12).bfloat16()
+    jacobian = torch.autograd.functional.jacobian(layer, x, vectorize=True)
+    expected = torch.einsum("ik,jl->ijkl", torch.eye(2, dtype=torch.float64), spectral_matrix(layer))
+    torch.testing.assert_close(jacobian.double(), expected, rtol=5e-2, atol=5e-2)
+    # the legacy vmap behind batched gradients, on the forward pass itself
+    batch = torch.randn(3, 2, 12).bfloat16()
+    torch.testing.assert_close(torch._vmap_internals._vmap(layer)(batch), layer(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
 def test_forward_mode_ad_gives_the_jacobian_vector_product(depth):
     import torch.autograd.forward_ad as fwAD
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dreidel.algo import fwht, fwht_into, in_functorch_transform, runs_native_eager
+from dreidel.algo._fwht import _is_legacy_batched
 from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectral_forward, native_spectral_grads
 
 if TYPE_CHECKING:
@@ -206,7 +207,9 @@ def _spectral_linear_setup_context(ctx, inputs, output) -> None:
 
 def _spectral_linear_backward(ctx, grad):
     x, in_scale, inner_scale, out_scale, *indices = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the composed form, whose ops have derivatives
+    # create_graph=True, or batched gradients (a legacy-vmap tensor, for which the op has no batching rule):
+    # differentiate the composed form, whose ops have derivatives and batching rules
+    if torch.is_grad_enabled() or _is_legacy_batched(grad):
         return (*_composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices), [None] * len(indices),
                 None, None, None)
     grads = dict(zip(_GRAD_NAMES, _spectral_linear_backward_op(
@@ -231,7 +234,8 @@ def _composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices) -> li
     inputs = (x, in_scale, inner_scale if ctx.has_inner else None, out_scale, bias)
     needed = ctx.needs_input_grad[:5]
     wanted = [t for t, need in zip(inputs, needed) if t is not None and need]
-    y = spectral_linear_composed(x, *inputs[1:], layout)
+    with torch.enable_grad():  # off in a backward that builds no graph (batched gradients)
+        y = spectral_linear_composed(x, *inputs[1:], layout)
     computed = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
     return [next(computed) if t is not None and need else None for t, need in zip(inputs, needed)]
 
@@ -248,13 +252,15 @@ def spectral_linear_composed(rows: torch.Tensor, in_scale: torch.Tensor, inner_s
         scale = in_scale.reshape(-1).index_select(0, layout.scale_gather)
     else:  # one zero slot per block stands for the padded entries
         scale = F.pad(in_scale, (0, 1)).reshape(-1).index_select(0, layout.scale_gather)
-    blocks = (-1, layout.blocks, layout.length)
-    h = fwht(rows.index_select(1, layout.input_gather).mul(scale).reshape(blocks)).flatten(1)
+    blocks, stacked = (-1, layout.blocks, layout.length), (rows.shape[0], layout.blocks * layout.length)
+    # reshape, not flatten: legacy vmap (batched gradients) has no batching rule for flatten
+    h = fwht(rows.index_select(1, layout.input_gather).mul(scale).reshape(blocks)).reshape(stacked)
     for k in range(1, layout.flat_perm.shape[0]):
         perm = layout.flat_perm[k]
         scale = inner_scale[k - 1].reshape(-1).index_select(0, perm)
-        h = fwht(h.index_select(1, perm).mul(scale).reshape(blocks)).flatten(1)
-    spectral = h[:, : layout.out_features]
+        h = fwht(h.index_select(1, perm).mul(scale).reshape(blocks)).reshape(stacked)
+    # a slice of all of h is an alias, which legacy vmap cannot batch either
+    spectral = h if layout.out_features == stacked[1] else h[:, : layout.out_features]
     return spectral * out_scale if bias is None else torch.addcmul(bias, spectral, out_scale)
 
 
@@ -269,7 +275,8 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     """
     flat = x.dim() == 2  # the common case: no reshape and no view back (each costs microseconds a call)
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    if in_functorch_transform() or _forward_ad._current_level >= 0:  # torch.func, or forward-mode AD
+    # torch.func, forward-mode AD, or legacy vmap (batched gradients through a graph built with create_graph)
+    if in_functorch_transform() or _forward_ad._current_level >= 0 or _is_legacy_batched(rows):
         y = spectral_linear_composed(rows, in_scale, inner_scale, out_scale, bias, layout)
     elif not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
         y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])

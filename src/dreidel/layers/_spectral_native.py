@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dreidel._native import native
-from dreidel.algo._fwht import _kernel_copy, kernel_constants
+from dreidel.algo._fwht import _is_legacy_batched, _kernel_copy, kernel_constants
 
 __all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads"]
 
@@ -119,7 +119,9 @@ class NativeSpectralLinear(torch.autograd.Function):
     ``layout`` is the layer's ``SpectralLayout``; ``differentiable_forward(x, in_scale, inner_scale,
     out_scale, bias, layout)`` computes the same map as differentiable torch ops. The kernel's gradients are
     not themselves differentiable, so a backward that builds a graph (``create_graph=True``: gradient
-    penalties, Hessian-vector products) differentiates ``differentiable_forward`` instead.
+    penalties, Hessian-vector products) differentiates ``differentiable_forward`` instead; so does one whose
+    incoming gradient is a legacy-vmap batched tensor (``is_grads_batched``, ``jacobian(vectorize=True)``),
+    which has no memory for the kernel to read, as ``fwht`` routes such tensors to its reference.
     """
 
     @staticmethod
@@ -134,7 +136,7 @@ class NativeSpectralLinear(torch.autograd.Function):
         x, in_scale, inner_scale, out_scale, bias = ctx.saved_tensors
         inner_scale = inner_scale if ctx.has_inner else None
         bias = bias if ctx.has_bias else None
-        if torch.is_grad_enabled():  # create_graph=True
+        if torch.is_grad_enabled() or _is_legacy_batched(grad_y):  # create_graph=True, or batched gradients
             inputs = (x, in_scale, inner_scale, out_scale, bias)
             wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if t is not None and needed]
             with torch.enable_grad():
