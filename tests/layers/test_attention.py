@@ -122,6 +122,15 @@ def test_an_empty_low_precision_batch_gives_an_empty_output():
     assert y.shape == (0, 3, 8) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("linear", ["wht", "dense"])
+def test_device_and_dtype_in_linear_kwargs_place_the_whole_layer(linear):
+    layer = MultiHeadAttentionSpectral(8, 2, linear=linear, linear_kwargs={"dtype": torch.float64})
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert layer(torch.randn(2, 3, 8, dtype=torch.float64)).dtype == torch.float64
+    meta = MultiHeadAttentionSpectral(8, 2, linear=linear, linear_kwargs={"device": "meta"})
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttentionSpectral(50, 4)

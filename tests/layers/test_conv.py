@@ -88,6 +88,21 @@ def test_an_empty_batch_of_low_precision_images_gives_an_empty_output(dims):
     assert y.shape == (0, *(5,) * dims, 6) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("linear", ["wht", "dense"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_device_and_dtype_in_linear_kwargs_place_the_whole_layer(dims, linear):
+    """They used to reach the channel mix only, leaving a float32 depthwise weight that no input could pass."""
+    cls = Conv2dSpectral if dims == 2 else Conv3dSpectral
+    layer = cls(4, 6, linear=linear, linear_kwargs={"dtype": torch.float64}, generator=torch.Generator().manual_seed(0))
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    default = cls(4, 6, linear=linear, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer.depthwise_weight, default.depthwise_weight.double())  # the same draws
+    assert layer(torch.randn(1, *(5,) * dims, 4, dtype=torch.float64)).dtype == torch.float64
+    meta = cls(4, 6, linear=linear, linear_kwargs={"device": "meta"})
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert meta(torch.empty(1, *(5,) * dims, 4, device="meta")).shape == (1, *(3,) * dims, 6)
+
+
 def test_config_rebuilds_the_layer_and_leaves_out_init_only_arguments():
     layer = Conv2dSpectral(8, 16, kernel_size=(3, 1), padding=(1, 0), linear="deep_wht",
                            linear_kwargs={"depth": 3, "dtype": torch.float64}, generator=torch.Generator())

@@ -58,11 +58,13 @@ class _SpectralConvNd(nn.Module):
         self.linear = linear
         self._bias = bias
         self._linear_kwargs = config_kwargs(linear_kwargs)
+        kwargs = dict(linear_kwargs or {})
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
+        # Drawn as before whatever the dtype, so a generator gives the same values; then placed as the channel mix.
         fan_in = math.prod(self.kernel_size)
         weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
+        weight = weight.to(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
         self.depthwise_weight = nn.Parameter(weight)  # (C_in, 1, *kernel)
-        kwargs = dict(linear_kwargs or {})
         if generator is not None:
             kwargs.setdefault("generator", generator)
         self.channel_mix = build_linear(linear, in_channels, out_channels, bias, **kwargs)
@@ -109,7 +111,8 @@ class Conv2dSpectral(_SpectralConvNd):
         kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair; a list is taken as a tuple),
             for the depthwise part.
         bias: bias of the channel mix. activation: ``None`` or a name ("relu", "gelu", ...), applied last.
-        linear: registry kind of the channel mix ("wht", "deep_wht", "dense", ...); ``linear_kwargs`` go to it.
+        linear: registry kind of the channel mix ("wht", "deep_wht", "dense", ...); ``linear_kwargs`` go to it,
+            and their ``device`` and ``dtype``, if given, place the depthwise weights too (the whole layer).
         generator: source of the depthwise weights and of the spectral mix's permutations and scales.
 
     Shapes: input ``(N, H, W, C_in)`` → output ``(N, H_out, W_out, C_out)`` (``H_out`` as for ``nn.Conv2d``).
