@@ -136,6 +136,12 @@ def test_bad_arguments():
         MultiHeadAttentionSpectral(50, 4)
     with pytest.raises(ValueError, match="unknown linear kind"):
         MultiHeadAttentionSpectral(48, 4, linear="nope")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        MultiHeadAttentionSpectral(48, 4, causal="no")  # truthy: it used to switch masking on
+    with pytest.raises(TypeError, match="dropout"):
+        MultiHeadAttentionSpectral(48, 4, dropout="0.1")
+    with pytest.raises(ValueError, match="dropout"):
+        MultiHeadAttentionSpectral(48, 4, dropout=1.0)
     layer = MultiHeadAttentionSpectral(48, 4, causal=True)
     with pytest.raises(ValueError, match=r"\(batch, positions, 48\)"):
         layer(torch.randn(2, 5, 40))

@@ -125,3 +125,5 @@ def test_rejects_channels_first_and_bad_arguments():
         Conv2dSpectral(8, 8, stride=0)
     with pytest.raises(ValueError, match="activation"):
         Conv2dSpectral(8, 8, activation="bogus")
+    with pytest.raises(TypeError, match=r"Conv2dSpectral: input dtype torch.float64 .* torch.float32"):
+        layer(torch.randn(2, 5, 5, 8, dtype=torch.float64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -399,11 +400,27 @@ def test_wrong_feature_count_after_materialisation_names_expected_and_got():
         ({"in_features": 4, "out_features": 4, "activation": "swishy"}, ValueError),
         ({"in_features": 4, "out_features": 4, "init": "xavier"}, ValueError),
         ({"in_features": 4, "out_features": 4, "depth": 0}, ValueError),
+        ({"in_features": 4, "out_features": 4, "depth": 2.0}, TypeError),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error):
     with pytest.raises(error):
         DeepSpectralLinear(**kwargs)
+
+
+def test_widths_of_any_integer_type_are_taken_like_nn_linear():
+    layer = DeepSpectralLinear(np.int64(12), np.int32(30), depth=np.int64(2))
+    assert (layer.in_features, layer.out_features, layer.depth) == (12, 30, 2)
+    assert all(type(v) is int for v in (layer.in_features, layer.out_features, layer.depth))
+    assert layer(torch.randn(3, 12)).shape == (3, 30)
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError),
+                                          ("8", TypeError)])
+def test_transform_length_refuses_what_is_not_a_positive_int(value, error):
+    with pytest.raises(error, match="in_features"):
+        transform_length(value)
+    assert transform_length(np.int64(1000)) == 1024
 
 
 @pytest.mark.parametrize("lazy_target", [False, True])

@@ -7,12 +7,14 @@ updates in place, so the forward pass returns a plain tensor and stays usable in
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dreidel.algo._fwht import _refuse_flags
 from dreidel.layers._registry import build_linear, config_kwargs
 
 __all__ = ["KVCache", "MultiHeadAttentionSpectral"]
@@ -60,6 +62,10 @@ class MultiHeadAttentionSpectral(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        _refuse_flags(causal=causal)  # a truthy string ("no") would otherwise switch masking on
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+        dropout = float(dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

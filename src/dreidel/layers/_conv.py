@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._registry import build_linear, config_kwargs
+from dreidel.layers._spectral import check_input_dtype_and_device
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 
@@ -78,6 +79,7 @@ class _SpectralConvNd(nn.Module):
                 f"{type(self).__name__}: expected a channels-last tensor {_LAYOUT_NAMES[self.spatial_dims]} with "
                 f"C={self.in_channels}, got shape {tuple(x.shape)}"
             )
+        check_input_dtype_and_device(self, x, self.depthwise_weight)
         channels_first = x.movedim(-1, 1)  # a view: channels-last strides, which the CPU conv kernels accept
         spatial = _CONV_FUNCTIONS[self.spatial_dims](
             channels_first, self.depthwise_weight, None, self.stride, self.padding, self.dilation,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 from torch import nn
@@ -93,22 +94,52 @@ class _UninitializedIndexBuffer(UninitializedBuffer):
         return type(self), (False, self.data.device, self.data.dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def transform_length(in_features: int) -> int:
-    """The Hadamard length a spectral layer uses for ``in_features`` inputs: the smallest supported ``>= it``."""
+    """The Hadamard length a spectral layer uses for ``in_features`` inputs: the smallest supported ``>= it``.
+
+    Raises:
+        TypeError: ``in_features`` is not an integer (any integer type is taken; bools are refused).
+        ValueError: ``in_features < 1``, or longer than the longest supported Hadamard length.
+    """
+    return _cached_transform_length(_as_width("in_features", in_features, allow_none=False))
+
+
+@functools.lru_cache(maxsize=None)  # behind the check: the cache takes True for 1 and 2.0 for 2
+def _cached_transform_length(in_features: int) -> int:
     length = nearest_hadamard_lengths(in_features)[1]
     if length is None:
         raise ValueError(f"in_features={in_features} exceeds the longest supported Hadamard length")
     return length
 
 
-def _check_width(name: str, value: object, allow_none: bool) -> None:
+def _as_width(name: str, value: object, allow_none: bool) -> int | None:
+    """``value`` as a Python int >= 1 (any integer type, as ``nn.Linear`` takes NumPy's), or None if allowed."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        width = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}") from None
+    if width < 1:
+        raise ValueError(f"{name} must be a positive int, got {width}")
+    return width
+
+
+def check_input_dtype_and_device(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Refuse, as ``nn.Linear`` does, an input whose dtype or device is not that of ``layer``'s ``weight``.
+
+    No silent promotion (a float64 input would give a float64 output) and no integer input; under autocast a
+    floating input of another dtype is left to autocast.
+    """
+    if x.dtype != weight.dtype and not (x.is_floating_point() and _is_autocast_enabled(x.device.type)):
+        raise TypeError(
+            f"{type(layer).__name__}: input dtype {x.dtype} does not match the layer's {weight.dtype} "
+            f"parameters; convert one of them (x.to({weight.dtype}) or layer.to(...))"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{type(layer).__name__}: input on {x.device}, the layer's parameters on {weight.device}")
 
 
 class _SpectralLinearBase(LazyModuleMixin, nn.Module):
@@ -139,10 +170,9 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         super().__init__()
         if out_features is None:  # Keras-like: one width is the output width; the input width is lazy.
             in_features, out_features = None, in_features
-        _check_width("in_features", in_features, allow_none=True)
-        _check_width("out_features", out_features, allow_none=False)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        in_features = _as_width("in_features", in_features, allow_none=True)
+        out_features = _as_width("out_features", out_features, allow_none=False)
+        depth = _as_width("depth", depth, allow_none=False)
         if init not in SPECTRAL_INITS:
             raise ValueError(f"init must be one of {SPECTRAL_INITS}, got {init!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -212,7 +242,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             self._materialize(x.shape[-1])
 
     def _materialize(self, in_features: int) -> None:
-        _check_width("in_features", in_features, allow_none=False)
+        in_features = _as_width("in_features", in_features, allow_none=False)
         self._set_in_features(in_features)
         with torch.no_grad():
             for name, shape in self._expected_shapes(in_features).items():
@@ -282,17 +312,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: expected {self.in_features} input features in the last dimension, got {got}"
             )
-        weight = self.in_scale
-        if x.dtype != weight.dtype and not (x.is_floating_point() and _is_autocast_enabled(x.device.type)):
-            # As nn.Linear: no silent promotion (a float64 input would give a float64 output) or integer input.
-            raise TypeError(
-                f"{type(self).__name__}: input dtype {x.dtype} does not match the layer's {weight.dtype} "
-                f"parameters; convert one of them (x.to({weight.dtype}) or layer.to(...))"
-            )
-        if x.device != weight.device:
-            raise ValueError(
-                f"{type(self).__name__}: input on {x.device}, the layer's parameters on {weight.device}"
-            )
+        check_input_dtype_and_device(self, x, self.in_scale)
 
     def layout(self) -> SpectralLayout:
         """The index tensors and sizes that the functional forward/backward need.
