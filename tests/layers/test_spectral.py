@@ -355,6 +355,18 @@ def test_initialisation_preserves_variance(widths, depth, init):
         assert (per_output - 1).abs().max().item() < 0.2
 
 
+@pytest.mark.parametrize("init", SPECTRAL_INITS)
+def test_output_variance_is_exact_at_depth_one_and_exact_on_average_deeper(init):
+    """What the module docstring states: Var(y_j) = σ² ‖W_j‖², with ‖W_j‖² = 1 for every draw at depth 1 and
+    only on average over draws at depth > 1 (where single outputs spread widely)."""
+    shallow = make_layer(13, 40, 1, init=init, dtype=torch.float64).dense_matrix().square().sum(1)
+    torch.testing.assert_close(shallow, torch.ones(40, dtype=torch.float64))
+    deep = torch.stack([make_layer(13, 40, 4, seed=seed, init=init, dtype=torch.float64).dense_matrix().square().sum(1)
+                        for seed in range(200)])
+    assert abs(deep.mean().item() - 1) < 0.05
+    assert (deep - 1).abs().max().item() > 0.5
+
+
 def test_random_sign_scales_are_signs():
     layer = make_layer(50, 60, 2, init="random_sign")
     assert set(layer.in_scale.unique().tolist()) == {-1.0, 1.0}
