@@ -28,6 +28,14 @@ def test_compile_deep_spectral_linear():
     check_compiled_matches_eager(layer, torch.randn(4, 300))
 
 
+def test_a_spectral_layer_compiles_to_one_graph():
+    """No graph break: the eager-only routing tests (batched tensors, permutation checks) stay out of the trace."""
+    torch._dynamo.reset()
+    layer = DeepSpectralLinear(20, 30, depth=2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_compile_conv2d_spectral():
     layer = Conv2dSpectral(12, 24, padding=1, activation="gelu", generator=torch.Generator().manual_seed(0))

@@ -42,6 +42,7 @@ __all__ = ["SpectralLayout", "spectral_forward", "spectral_grads", "spectral_lin
            "spectral_per_sample_grads", "spectral_stages"]
 
 _forward_ad = torch.autograd.forward_ad
+_is_compiling = torch.compiler.is_compiling
 
 
 class SpectralLayout(NamedTuple):
@@ -275,8 +276,10 @@ def spectral_linear(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.
     """
     flat = x.dim() == 2  # the common case: no reshape and no view back (each costs microseconds a call)
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    # torch.func, forward-mode AD, or legacy vmap (batched gradients through a graph built with create_graph)
-    if in_functorch_transform() or _forward_ad._current_level >= 0 or _is_legacy_batched(rows):
+    # torch.func, forward-mode AD, or legacy vmap (batched gradients), which torch.compile cannot trace a test
+    # for (a graph break) and never carries
+    if (in_functorch_transform() or _forward_ad._current_level >= 0
+            or (not _is_compiling() and _is_legacy_batched(rows))):
         y = spectral_linear_composed(rows, in_scale, inner_scale, out_scale, bias, layout)
     elif not runs_native_eager(rows, in_scale, inner_scale, out_scale, bias):
         y = _spectral_linear_op(rows, in_scale, inner_scale, out_scale, bias, list(layout[:5]), *layout[5:])
