@@ -36,6 +36,22 @@ def test_a_spectral_layer_compiles_to_one_graph():
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_compiled_layer_follows_its_permutation_changed_in_place(depth):
+    """The eager layer rebuilds its indices after an in-place change of its permutation; a compiled one used to
+    keep the indices it was traced with."""
+    torch._dynamo.reset()
+    layer = DeepSpectralLinear(12, 20, depth=depth, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 12)
+    before = compiled(x)
+    with torch.no_grad():
+        layer.permutation.copy_(layer.permutation.flip(-1))
+    after = compiled(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, layer(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_compile_conv2d_spectral():
     layer = Conv2dSpectral(12, 24, padding=1, activation="gelu", generator=torch.Generator().manual_seed(0))

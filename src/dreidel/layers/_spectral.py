@@ -147,6 +147,32 @@ def check_input_dtype_and_device(layer: nn.Module, x: torch.Tensor, weight: torc
         raise ValueError(f"{type(layer).__name__}: input on {x.device}, the layer's parameters on {weight.device}")
 
 
+_INDEX_NAMES = ("_input_gather", "_scale_gather", "_flat_perm", "_flat_inverse", "_input_scatter")  # SpectralLayout's
+
+
+def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor, ...]:
+    """The flat int32 indices of ``SpectralLayout`` (``_INDEX_NAMES`` order) for ``perm`` ``(depth, B, L)`` and
+    ``n`` inputs: plain torch ops, so that ``torch.compile`` can derive them inside its graph."""
+    depth, blocks = perm.shape[0], perm.shape[1]
+    offsets = torch.arange(blocks, device=perm.device).view(1, blocks, 1) * length
+    flat_perm = (perm + offsets).view(depth, blocks * length)
+    flat_inverse = torch.empty_like(flat_perm)
+    flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
+    first = perm[0]  # (B, L): source position in the padded input of each block
+    padded = first >= n
+    # Stage 1 reads x directly: padded positions read x[0] and are zeroed by a zero scale.
+    input_gather = torch.where(padded, torch.zeros_like(first), first).reshape(-1)
+    if n == length:  # nothing padded: index s_in (B, L) directly
+        scale_gather = flat_perm[0]
+    else:  # index pad(s_in, one zero slot per block) (B, n + 1): padded entries read the zero
+        block_rows = torch.arange(blocks, device=perm.device).view(blocks, 1) * (n + 1)
+        scale_gather = (torch.where(padded, torch.full_like(first, n), first) + block_rows).reshape(-1)
+    input_scatter = flat_inverse[0].view(blocks, length)[:, :n].reshape(-1)
+    # int32 halves the index memory (index_select takes int32 or int64 indices)
+    return tuple(t.to(torch.int32).contiguous() for t in (input_gather, scale_gather, flat_perm, flat_inverse,
+                                                            input_scatter))
+
+
 class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     """Shared machinery of ``LinearWHT`` (depth 1) and ``DeepSpectralLinear`` (depth K).
 
@@ -282,27 +308,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
 
     def _build_indices(self) -> None:
         """Derived (non-persistent) flat indices over the ``B·L`` stacked layout, rebuilt from ``permutation``."""
-        n, length, blocks = self.in_features, self.transform_length, self.num_blocks
         perm = self.permutation
-        offsets = torch.arange(blocks, device=perm.device).view(1, blocks, 1) * length
-        flat_perm = (perm + offsets).view(self.depth, blocks * length)
-        flat_inverse = torch.empty_like(flat_perm)
-        flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
-        first = perm[0]  # (B, L): source position in the padded input of each block
-        padded = first >= n
-        # Stage 1 reads x directly: padded positions read x[0] and are zeroed by a zero scale.
-        input_gather = torch.where(padded, torch.zeros_like(first), first).reshape(-1)
-        if n == length:  # nothing padded: index s_in (B, L) directly
-            scale_gather = flat_perm[0]
-        else:  # index pad(s_in, one zero slot per block) (B, n + 1): padded entries read the zero
-            block_rows = torch.arange(blocks, device=perm.device).view(blocks, 1) * (n + 1)
-            scale_gather = (torch.where(padded, torch.full_like(first, n), first) + block_rows).reshape(-1)
-        input_scatter = flat_inverse[0].view(blocks, length)[:, :n].reshape(-1)
-        for name, value in (("_flat_perm", flat_perm), ("_flat_inverse", flat_inverse),
-                            ("_input_gather", input_gather), ("_scale_gather", scale_gather),
-                            ("_input_scatter", input_scatter)):
-            # int32 halves the index memory (index_select takes int32 or int64 indices)
-            self.register_buffer(name, value.to(torch.int32).contiguous(), persistent=False)
+        indices = _indices_from(perm, self.in_features, self.transform_length)
+        for name, value in zip(_INDEX_NAMES, indices):
+            self.register_buffer(name, value, persistent=False)
         # What the indices were built from (see layout): the permutation tensor, its version (inference tensors
         # have none), our index, and the permutation's values.
         version = None if perm.is_inference() else perm._version
@@ -326,12 +335,18 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         another layer's state dict) or its values changed since they were built: in place (its version
         counter), or, on the CPU, through ``.data`` or a NumPy view, which no counter sees (a memcmp with the
         values built from: 1-3 microseconds for 4096 features). Indices supplied together with it
-        (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given.
+        (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given. Under
+        ``torch.compile`` none of those checks can be traced (a compiled module would keep the indices of the
+        permutation it was traced with), so the graph derives the indices from ``permutation`` on every call:
+        ``O(depth · B·L)`` small ops, against the transforms' ``O(rows · depth · B·L log L)``.
         """
         buffers = self._buffers  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
         source = self._index_source
-        if buffers["_flat_perm"] is source[2] and not _is_compiling():
+        if buffers["_flat_perm"] is source[2]:
             permutation = buffers["permutation"]
+            if _is_compiling():
+                indices = _indices_from(permutation, self.in_features, self._transform_length)
+                return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
             if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
                     or not _same_values(permutation, source[3])):
                 self._build_indices()
