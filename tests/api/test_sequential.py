@@ -308,9 +308,34 @@ def test_a_layer_built_for_real_cannot_take_more_than_its_tensor_file_holds(tmp_
     monkeypatch.setitem(api.LAYER_TYPES, "_NeedsRealTensors", (_NeedsRealTensors, lambda m: {"width": len(m.weight)}))
     path = api.Sequential(nn.Linear(3, 4), _NeedsRealTensors(4)).build((3,)).save(tmp_path / "m")
     _edit_config(path, lambda c: c["layers"][1]["args"].update(width=2**40))  # 4 TiB of float32
-    with pytest.raises(ValueError, match=r"layers\[1\] named '1' \(_NeedsRealTensors\): the tensor file holds 16 "
-                                         r"bytes for this layer, but building it would create at least 4398046511104"):
+    with pytest.raises(ValueError, match=r"layers\[1\] named '1' \(_NeedsRealTensors\): _NeedsRealTensors cannot be "
+                                         r"built on the meta device, and building it for real would create at least "
+                                         r"4398046511104 bytes .* beside the 16 bytes the tensor file holds"):
         api.load(path)
+
+
+class _SeededProjection(nn.Module):
+    """State rebuilt from a seed rather than saved (a non-persistent buffer), by a constructor that cannot run
+    on meta (a Python number taken from a tensor)."""
+
+    def __init__(self, width: int, seed: int = 0) -> None:
+        super().__init__()
+        self.width, self.seed = width, seed
+        projection = torch.randn(width, width, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("projection", projection / float(projection.std()), persistent=False)
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x @ self.projection * self.scale
+
+
+def test_a_layer_that_rebuilds_unsaved_state_loads(tmp_path, monkeypatch):
+    """64 MiB rebuilt from a seed beside 16 KB in the file: within the build's allowance, as before the guard."""
+    monkeypatch.setitem(api.LAYER_TYPES, "_SeededProjection",
+                        (_SeededProjection, lambda m: {"width": m.width, "seed": m.seed}))
+    model = api.Sequential(_SeededProjection(4096, seed=1)).build((4096,))
+    x = torch.randn(2, 4096)
+    torch.testing.assert_close(api.load(model.save(tmp_path / "m"))(x), model(x), rtol=0, atol=0)
 
 
 def test_declared_shapes_are_checked_against_the_tensor_header_before_any_layer_is_built(tmp_path, monkeypatch):

@@ -620,3 +620,52 @@ def test_a_layer_applied_to_one_vector_does_not_make_the_batch_one_sample(name):
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     assert optimizer.capture.output_rows == 5
+
+
+class _Siamese(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, a, b):
+        return self.encoder(a) - self.encoder(b)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_a_model_called_twice_for_one_backward_is_one_batch(name):
+    """A shared encoder applied to both halves of a pair by the training loop (two root forward passes, one
+    backward) has the curvature of the same calls inside one module's forward."""
+    curvatures = []
+    for wrapped in (True, False):
+        encoder = make_model()
+        root = _Siamese(encoder) if wrapped else encoder
+        optimizer = CONFIGS[name](root)
+        gen = torch.Generator().manual_seed(1)
+        a, b, y = torch.randn(16, 4, generator=gen), torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,))
+        optimizer.zero_grad()
+        F.cross_entropy(root(a, b) if wrapped else encoder(a) - encoder(b), y).backward()
+        assert optimizer.capture.output_rows == 16
+        optimizer.step(lambda: F.cross_entropy(encoder(a) - encoder(b), y))
+        curvatures.append([optimizer.state[p][key] for p in encoder.parameters() for key in ("curvature", "G")
+                           if key in optimizer.state[p]])
+    for one, other in zip(*curvatures):
+        torch.testing.assert_close(one, other)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_a_forward_with_grad_between_backward_and_step_changes_nothing(name):
+    """A validation or logging forward run with grad enabled after backward(): its rows are not counted."""
+    states = []
+    x, y = batches(1)[0]
+    for extra_forward in (False, True):
+        model = make_model()
+        optimizer = CONFIGS[name](model)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if extra_forward:
+            model(torch.randn(32, 4))
+        optimizer.step(lambda: F.cross_entropy(model(x), y))
+        states.append([value for p in model.parameters() for value in optimizer.state[p].values()
+                       if isinstance(value, torch.Tensor)])
+    for one, other in zip(*states):
+        torch.testing.assert_close(one, other)

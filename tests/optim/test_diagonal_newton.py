@@ -374,3 +374,10 @@ def test_param_group_options_are_checked(group, name):
         opt.add_param_group({"params": list(second.parameters()), **group})
     with pytest.raises(ValueError, match=f"param group {name}"):
         DiagonalNewton([{"params": list(second.parameters()), **group}], curvature="hutchinson")
+
+
+def test_a_param_group_may_be_frozen_with_lr_zero():
+    first, second = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = DiagonalNewton(list(first.parameters()), curvature="hutchinson")
+    opt.add_param_group({"params": list(second.parameters()), "lr": 0.0})
+    assert opt.param_groups[1]["lr"] == 0.0

@@ -675,3 +675,16 @@ def test_a_bias_frozen_after_construction_leaves_the_weight_preconditioned():
     solve = state["inv_G"] @ torch.cat([grad, torch.zeros(3, 1)], dim=1) @ state["inv_A"]
     torch.testing.assert_close(weight - model[0].weight.detach(), solve[:, :4])
     assert torch.equal(model[0].bias, bias)
+
+
+def test_a_weight_frozen_after_construction_with_damping_adaptation():
+    """The bias still trains; the damping's quadratic model takes the weight's step as 0 (it raised KeyError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = KFAC(model, damping_every=1)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    train_step(model, opt, mse, x, y)
+    model[0].weight.requires_grad_(False)
+    weight = model[0].weight.detach().clone()
+    train_step(model, opt, mse, x, y)
+    assert torch.equal(model[0].weight, weight)

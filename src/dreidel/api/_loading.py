@@ -154,14 +154,20 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
         raise ValueError(f"{where}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
 
 
-# What a layer built for real may create beyond twice the bytes the tensor file holds for it (temporaries).
-_BUILD_ALLOWANCE_BYTES = 16 << 20
+# What a layer built for real may create beyond twice the bytes the tensor file holds for it: temporaries, and
+# state rebuilt rather than saved (a non-persistent buffer drawn from a seed argument).
+_BUILD_ALLOWANCE_BYTES = 1 << 30
 
 
 def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -> nn.Module:
-    """Build a layer that could not be built on meta for real, refusing before it is allocated any new tensor
-    that takes the layer's creations past twice the bytes the tensor file holds for it plus 16 MiB: a config
-    declaring a huge layer beside a small tensor file fails before the memory is taken.
+    """Build a layer that could not be built on meta for real, within a bound on what it creates.
+
+    The bound is twice the bytes the tensor file holds for the layer plus 1 GiB, counted over the tensors the
+    constructor makes from nothing (``empty``, ``zeros``, ``randn``, ...: operators without tensor inputs),
+    each sized on the meta device before it runs: a config that declares a huge layer beside a small tensor
+    file fails before that memory is taken (it used to be allocated in full). Tensors derived from others
+    (``repeat``, ``new_zeros``, ``clone``) are not counted; the comparison with the file's shapes after the
+    build refuses what they make.
 
     Raises:
         ValueError: naming ``plan.where`` (the constructor's own refusals too, as ``construct_layer``).
@@ -169,9 +175,17 @@ def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -
     prefix = f"{plan.name}."
     held = sum(math.prod(found.shape) * _itemsize(found.dtype) for key, found in header.items()
                if key.startswith(prefix))
-    with _CreationLimit(2 * held + _BUILD_ALLOWANCE_BYTES, f"{plan.where}: the tensor file holds {held} bytes "
-                                                           "for this layer, but building it"):
-        return construct_layer(plan.cls, plan.args, plan.where)
+    limit = 2 * held + _BUILD_ALLOWANCE_BYTES
+    try:
+        with _CreationLimit(limit, f"{plan.where}: {plan.cls.__name__} cannot be built on the meta device, and "
+                                   f"building it for real would create at least {{created}} bytes of tensors, more "
+                                   f"than the {limit} allowed beside the {held} bytes the tensor file holds for it "
+                                   "(twice those plus 1 GiB): the config declares a larger layer than the file holds"):
+            return construct_layer(plan.cls, plan.args, plan.where)
+    except ValueError as error:
+        if isinstance(error.__cause__, _OverLimit):  # construct_layer wrapped the guard's own error
+            raise error.__cause__ from None
+        raise
 
 
 def _itemsize(safetensors_dtype: str) -> int:
@@ -180,10 +194,14 @@ def _itemsize(safetensors_dtype: str) -> int:
     return 1 if bits is None else max(1, int(bits.group()) // 8)
 
 
+class _OverLimit(ValueError):
+    """A layer's build went past ``_CreationLimit``."""
+
+
 class _CreationLimit(TorchDispatchMode):
     """Counts the bytes of tensors made from nothing (``empty``, ``zeros``, ``randn``, ... : the operators without
-    tensor inputs) and raises a ValueError, before running the operator, at the one that passes ``limit``. Its
-    size comes from running it on the meta device first."""
+    tensor inputs) and raises ``_OverLimit`` (``message``, its ``{created}`` filled in), before running the
+    operator, at the one that passes ``limit``. Its size comes from running it on the meta device first."""
 
     def __init__(self, limit: int, message: str) -> None:
         super().__init__()
@@ -198,6 +216,5 @@ class _CreationLimit(TorchDispatchMode):
                 planned = None
             self.created += sum(t.nbytes for t in tree_leaves(planned) if isinstance(t, torch.Tensor))
             if self.created > self.limit:
-                raise ValueError(f"{self.message} would create at least {self.created} bytes of tensors (more than "
-                                 f"{self.limit}): the config declares a larger layer than the file holds")
+                raise _OverLimit(self.message.format(created=self.created))
         return func(*args, **kwargs)

@@ -61,28 +61,36 @@ class LayerRecord:
 
     inputs: tuple[torch.Tensor, ...]
     grad_output: torch.Tensor | None = None
-    forward_pass: int = 0  # which forward pass of the root model since the capture's last clear()
+    group: int = 0  # which group of forward passes (those between two backward passes) made it; see ActivationCapture
 
 
 @dataclass
 class ActivationCapture:
     """Records ``LayerRecord``s for ``modules`` while ``enabled`` and grad mode is on.
 
-    Also keeps the root model's last output (``root_output``) so that a sampled-label backward can
-    start from it, and ``output_rows``: the number of terms of the mean loss the empirical Fisher is scaled
-    by, counted over the forward passes of the root model with grad enabled since the last ``clear()``
-    (kept even while disabled; several passes are the micro-batches of an accumulated gradient, each loss
-    divided by their number). A pass counts its output's leading positions (B for a ``(B, C)`` output,
-    B·T for ``(B, T, C)``, the convention of the sampled likelihoods, ``_sampling``); one whose output is
-    no tensor (a tuple, a dict) counts the leading dimension of its first tensor argument. A pass in which
-    every watched layer whose unbatched form torch defines saw an unbatched input (a 1-D Linear input, a
-    (C, L) Conv1d or (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector
-    inside a batched model, such as a learned query, does not make its pass unbatched). Call ``clear()``
-    after using the records and ``remove()`` to detach the hooks. The hooks hold the capture only weakly:
-    once nothing else refers to it (its optimizer was dropped), they are removed. At most ``MAX_RECORDS``
-    calls per module are kept between two ``clear()``s (forward passes with gradients but no optimizer
-    step, e.g. after training, would otherwise pile up copies of their inputs); beyond that the oldest are
-    dropped, with one warning.
+    Also keeps the root model's last output (``root_output``) so that a sampled-label backward can start from
+    it, and ``output_rows``: the number of terms of the mean loss the empirical Fisher is scaled by.
+
+    Forward passes are grouped: a group is the passes between two backward passes that reached recorded
+    layers. The passes of one group feed one backward (a siamese encoder applied twice, a cell unrolled by
+    the training loop): a layer's calls in them are summed per sample before squaring, and the group counts
+    the output rows of its last pass. Groups are the micro-batches of an accumulated gradient (each loss
+    divided by their number): their samples are different samples, and their rows add. A group none of whose
+    records received a gradient (a validation forward with grad enabled between ``backward()`` and the
+    step) counts nothing. While nothing is recorded (``enabled`` off), the last group's rows are reported.
+
+    A pass counts its output's leading positions (B for a ``(B, C)`` output, B·T for ``(B, T, C)``, the
+    convention of the categorical sampled likelihood, ``_sampling``); one whose output is no tensor (a tuple,
+    a dict) counts the leading dimension of its first tensor argument. A pass in which every watched layer
+    whose unbatched form torch defines saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or
+    (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector inside a batched model,
+    such as a learned query, does not make its pass unbatched).
+
+    Call ``clear()`` after using the records and ``remove()`` to detach the hooks. The hooks hold the capture
+    only weakly: once nothing else refers to it (its optimizer was dropped), they are removed. At most
+    ``MAX_RECORDS`` calls per module are kept between two ``clear()``s (forward passes with gradients but no
+    optimizer step, e.g. after training, would otherwise pile up copies of their inputs); beyond that the
+    oldest are dropped, with one warning.
     """
 
     MAX_RECORDS = 1024
@@ -92,8 +100,10 @@ class ActivationCapture:
     enabled: bool = False
     records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
     root_output: torch.Tensor | None = None
-    output_rows: int | None = None
-    passes: int = 0
+    _group: int = 0
+    _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
+    _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
+    _groups_with_gradients: set[int] = field(default_factory=set)
     _pass_saw_batched: bool = False
     _pass_saw_unbatched: bool = False
     _handles: list = field(default_factory=list)
@@ -106,9 +116,27 @@ class ActivationCapture:
             self._handles.append(self.root.register_forward_hook(_CaptureHook(self, root=True)))
         weakref.finalize(self, _remove_handles, self._handles)
 
+    @property
+    def output_rows(self) -> int | None:
+        """The output rows of the groups whose records received gradients, summed (see the class docstring)."""
+        counted = [rows for group, rows in self._group_rows.items() if group in self._groups_with_gradients]
+        return sum(counted) if counted else self._group_rows.get(self._group)
+
+    def _start_pass(self) -> None:
+        """A forward call after a backward pass: the first of a new group."""
+        if self._backward_since_forward:
+            self._group += 1
+            self._backward_since_forward = False
+
+    def _gradient_arrived(self, record: LayerRecord, grad: torch.Tensor) -> None:
+        record.grad_output = working_precision(grad.detach())
+        self._groups_with_gradients.add(record.group)
+        self._backward_since_forward = True
+
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
             return
+        self._start_pass()
         unbatched = _is_unbatched(module, inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else None
         if unbatched is not None:
             self._pass_saw_unbatched |= unbatched
@@ -118,7 +146,7 @@ class ActivationCapture:
         if not output.requires_grad:
             return
         record = LayerRecord(tuple(working_precision(x.detach()) if isinstance(x, torch.Tensor) else x for x in inputs),
-                             forward_pass=self.passes)
+                             group=self._group)
         kept = self.records.setdefault(module, [])
         if len(kept) >= self.MAX_RECORDS:
             del kept[0]
@@ -130,15 +158,19 @@ class ActivationCapture:
                               "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
                               "training is over", stacklevel=3)
         kept.append(record)
+        capture = weakref.ref(self)  # the graph may outlive the optimizer; it must not keep the capture alive
 
         def keep_grad(grad: torch.Tensor) -> None:
-            record.grad_output = working_precision(grad.detach())
+            live = capture()
+            if live is not None:
+                live._gradient_arrived(record, grad)
 
         output.register_hook(keep_grad)
 
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not torch.is_grad_enabled():
             return
+        self._start_pass()  # a model without watched layers starts its groups here
         if self._pass_saw_unbatched and not self._pass_saw_batched:
             rows = 1
         elif isinstance(output, torch.Tensor):
@@ -146,8 +178,7 @@ class ActivationCapture:
         else:
             first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
             rows = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
-        self.output_rows = (self.output_rows or 0) + rows
-        self.passes += 1
+        self._group_rows[self._group] = rows
         self._pass_saw_batched = self._pass_saw_unbatched = False
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
@@ -159,8 +190,8 @@ class ActivationCapture:
     def clear(self) -> None:
         self.records = {}
         self.root_output = None
-        self.output_rows = None
-        self.passes = 0
+        self._group, self._backward_since_forward = 0, False
+        self._group_rows, self._groups_with_gradients = {}, set()
         self._pass_saw_batched = self._pass_saw_unbatched = False
 
     def remove(self) -> None:
@@ -287,9 +318,8 @@ def parameter_owners(model: nn.Module, units: list[nn.Module]) -> dict[nn.Parame
 
 
 def summed_per_sample_grads(calls: list[tuple[nn.Module, LayerRecord]]) -> dict[nn.Parameter, torch.Tensor] | None:
-    """Per-sample gradients ``(B, *p.shape)`` summed over several calls of one forward pass (a module
-    applied twice per forward, or modules sharing a weight); None when the calls do not see the same batch
-    size."""
+    """Per-sample gradients ``(B, *p.shape)`` summed over several calls of one group of forward passes (a
+    module applied twice, or modules sharing a weight); None when the calls do not see the same batch size."""
     sums: dict[nn.Parameter, torch.Tensor] = {}
     for module, record in calls:
         for p, psg in per_sample_grads(module, record).items():
@@ -316,24 +346,24 @@ def squared_grad_sums(
 ) -> dict[nn.Parameter, torch.Tensor] | None:
     """``sum_i (per-sample grad_i)^2`` per parameter over recorded calls.
 
-    Within one forward pass, the per-sample gradient of sample i is summed over the pass's calls before
-    squaring (exact for a module applied several times, or a weight shared by several modules). Different
-    passes are different samples (the micro-batches of an accumulated gradient): their squares add. Calls
-    of one pass with different batch sizes cannot be matched sample by sample: their squares are summed
-    per call, or, without ``per_call_fallback``, the result is None.
+    Within one group of forward passes (``ActivationCapture``), the per-sample gradient of sample i is summed
+    over the group's calls before squaring (exact for a module applied several times, or a weight shared by
+    several modules). Different groups are different samples (the micro-batches of an accumulated gradient):
+    their squares add. Calls of one group with different batch sizes cannot be matched sample by sample:
+    their squares are summed per call, or, without ``per_call_fallback``, the result is None.
     """
-    by_pass: dict[int, list[tuple[nn.Module, LayerRecord]]] = {}
+    by_group: dict[int, list[tuple[nn.Module, LayerRecord]]] = {}
     for module, record in calls:
-        by_pass.setdefault(record.forward_pass, []).append((module, record))
+        by_group.setdefault(record.group, []).append((module, record))
     sums: dict[nn.Parameter, torch.Tensor] = {}
-    for pass_calls in by_pass.values():
-        summed = summed_per_sample_grads(pass_calls) if len(pass_calls) > 1 else None
+    for group_calls in by_group.values():
+        summed = summed_per_sample_grads(group_calls) if len(group_calls) > 1 else None
         if summed is not None:
             parts = [{p: (psg * psg).sum(0) for p, psg in summed.items()}]
-        elif len(pass_calls) > 1 and not per_call_fallback:
+        elif len(group_calls) > 1 and not per_call_fallback:
             return None
         else:
-            parts = [_squared_grad_sums_of_call(module, record) for module, record in pass_calls]
+            parts = [_squared_grad_sums_of_call(module, record) for module, record in group_calls]
         for part in parts:
             for p, value in part.items():
                 sums[p] = sums[p] + value if p in sums else value

@@ -36,10 +36,11 @@ CURVATURES = ("gauss_newton", "gnb", "hutchinson")
 logger = logging.getLogger("dreidel.optim")
 
 
-def _check_options(options: dict, where: str = "") -> None:
+def _check_options(options: dict, where: str = "", zero_lr: bool = False) -> None:
     """``ValueError`` (or ``TypeError``) naming the first of DiagonalNewton's step options in ``options`` out
-    of its range; options not given are not checked."""
-    for name, low, low_open in (("lr", 0, True), ("damping", 0, False), ("eps", 0, True), ("clip", 0, True),
+    of its range (``lr`` may be 0 where ``zero_lr``: a param group frozen that way); options not given are not
+    checked."""
+    for name, low, low_open in (("lr", 0, not zero_lr), ("damping", 0, False), ("eps", 0, True), ("clip", 0, True),
                                 ("weight_decay", 0, False)):
         if name in options:
             check_number(f"{where}{name}", options[name], low=low, low_open=low_open)
@@ -164,9 +165,9 @@ class DiagonalNewton(CurvatureOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the group's own options are checked as the
-        constructor's are (``ValueError`` naming the option)."""
+        constructor's are (``ValueError`` naming the option), except that ``lr`` may be 0 (a frozen group)."""
         if isinstance(param_group, dict):
-            _check_options(param_group, where="param group ")
+            _check_options(param_group, where="param group ", zero_lr=True)
         super().add_param_group(param_group)
 
     def _shared_parameters(self, modules: list[nn.Module]) -> dict[nn.Parameter, list[nn.Module] | None]:

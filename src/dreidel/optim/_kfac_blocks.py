@@ -251,10 +251,12 @@ class KroneckerBlock(Block):
         return ("eig_A", "eig_G") if mode == "exact" else ("inv_A", "inv_G")
 
     def grad_matrix(self, tensors: dict) -> torch.Tensor:
-        """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype; a bias
-        without a tensor (frozen after the block was made) is a column of zeros."""
+        """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype; a parameter
+        without a tensor (frozen after the block was made) contributes zeros."""
         dtype = curvature_dtype(self.weight.dtype)
-        w = tensors[self.weight].reshape(self.weight.shape[0], -1).to(dtype)
+        weight = tensors.get(self.weight)
+        w = (torch.zeros(self.weight.shape[0], self.weight[0].numel(), dtype=dtype) if weight is None
+             else weight.reshape(self.weight.shape[0], -1).to(dtype))
         if self.bias is None:
             return w
         bias = tensors.get(self.bias)
