@@ -68,3 +68,12 @@ def test_silence_and_short_input():
         log_mel_spectrogram(torch.zeros(200))
     with pytest.raises(TypeError, match="float"):
         log_mel_spectrogram(torch.zeros(1000, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_sample_is_refused(bad):
+    """One NaN or Inf sample used to make the whole spectrogram NaN, silently."""
+    audio = torch.zeros(1600)
+    audio[100] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        log_mel_spectrogram(audio)

@@ -173,3 +173,9 @@ def test_faster_whisper_understands_the_speech():
         references.append(" ".join(_words(sentence)))
         hypotheses.append(" ".join(_words(" ".join(segment.text for segment in segments))))
     assert jiwer.wer(references, hypotheses) < 0.15, list(zip(references, hypotheses))
+
+
+def test_text_with_nothing_to_say_is_refused():
+    """"..." used to give 7 ms of silence, which transcribes as "you"."""
+    with pytest.raises(ValueError, match="nothing to say"):
+        speech.synthesize("...")

@@ -90,7 +90,8 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
         uses each example's own maximum.
 
     Raises:
-        ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them).
+        ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), or a NaN or
+            infinite sample.
     """
     if not isinstance(audio, torch.Tensor):
         audio = torch.as_tensor(np.asarray(audio))
@@ -99,6 +100,8 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     if audio.dim() == 0:
         raise ValueError("audio must have a samples axis, got a scalar")
     audio = audio.to(torch.float32)
+    if not bool(torch.isfinite(audio).all()):  # one NaN or Inf sample would make every value NaN
+        raise ValueError("audio has NaN or infinite samples")
     if padding:
         audio = torch.nn.functional.pad(audio, (0, padding))
     if audio.shape[-1] <= N_FFT // 2:

@@ -61,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
         total_compute += result.seconds_compute
     if len(results) > 1 and total_audio:
         print(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, RTF {total_compute / total_audio:.3f}"
-              f" ({torch.get_num_threads()} threads, beam {args.beam})")
+              f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, beam {args.beam})")
     return 0

@@ -132,7 +132,8 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     Use :func:`cached_speech` to fix the audio of a test set once.
 
     Raises:
-        ValueError: empty text, unknown voice or variant, rate or pitch out of range.
+        ValueError: empty text or text with nothing to say (punctuation alone), unknown voice or variant, rate
+            or pitch out of range.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
@@ -164,9 +165,9 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
         native_rate = engine.native_rate
     if status != _EE_OK:
         raise RuntimeError(f"espeak_Synth failed with status {status} for text {text[:40]!r}")
-    if not chunks:
-        raise ValueError(f"eSpeak produced no audio for text {text[:40]!r}")
-    pcm = np.concatenate(chunks).astype(np.float32) / 32768.0
+    pcm = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
+    if not pcm.any():  # nothing, or the few milliseconds of silence eSpeak makes of text it does not say ("...")
+        raise ValueError(f"eSpeak produced no audio for text {text[:40]!r}: it has nothing to say")
     audio = resample(torch.from_numpy(pcm), native_rate, SAMPLE_RATE)
     return audio.clamp_(-1.0, 1.0).numpy()
 

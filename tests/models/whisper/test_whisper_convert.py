@@ -149,10 +149,21 @@ def test_load_rejects_bad_names(bad):
         load(bad)
 
 
-def _ct2_dir(model: Whisper, directory) -> None:
+def test_load_ct2_directory_with_the_alibi_options_of_newer_converters(random_whisper, tmp_path):
+    """CTranslate2 4.x's converter writes decoder/alibi_use_positive_positions and decoder/scale_alibi (0): such a
+    model.bin used to be refused as holding unknown tensors."""
+    _ct2_dir(random_whisper, tmp_path, {"decoder/alibi_use_positive_positions": torch.tensor(0, dtype=torch.int8),
+                                        "decoder/scale_alibi": torch.tensor(0, dtype=torch.int8)})
+    recognizer = load(tmp_path)
+    for name, tensor in random_whisper.state_dict().items():
+        assert torch.equal(recognizer.model.state_dict()[name], tensor), name
+
+
+def _ct2_dir(model: Whisper, directory, extra: dict | None = None) -> None:
     variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), model.state_dict())
     variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
     variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
+    variables.update(extra or {})
     write_ctranslate2(directory / "model.bin", "WhisperSpec", 3, variables,
                       aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
     _tokenizer_dir(directory)

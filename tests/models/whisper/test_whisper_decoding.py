@@ -235,3 +235,26 @@ def test_quantize_int8_of_a_half_precision_model(tiny_en, dtype):
                                 tiny_en.begin_suppress_tokens, "rounded")
     assert transcribe(quantize_int8(half), clip).tokens == transcribe(quantize_int8(rounded), clip).tokens
     assert half.model.decoder.positional_embedding.dtype == dtype  # the original is left as it was
+
+
+def test_an_int8_transcript_does_not_depend_on_the_other_inputs(tiny_en):
+    """Activations scaled over the whole batch made a clip's int8 tokens change with its batch mates."""
+    from dreidel.models.whisper import quantize_int8
+
+    (_, clip), (_, other) = speech_clips(2, seed=6)
+    int8 = quantize_int8(tiny_en)
+    alone = transcribe(int8, clip).tokens
+    assert transcribe(int8, [clip, other * 8.0])[0].tokens == alone
+
+
+def test_a_model_of_128_mel_bins_transcribes(tiny_en):
+    """The large-v3 layout: transcribe used to compute 80 bins whatever the model took."""
+    import dataclasses
+
+    from dreidel.models.whisper import Whisper, WhisperRecognizer
+
+    dims = dataclasses.replace(tiny_en.model.dims, n_mels=128, n_audio_layer=1, n_text_layer=1)
+    torch.manual_seed(0)
+    recognizer = WhisperRecognizer(Whisper(dims).eval(), tiny_en.tokenizer, (), (), "random-128")
+    result = transcribe(recognizer, torch.zeros(16000), max_new_tokens=2)
+    assert len(result.tokens[0]) <= 2

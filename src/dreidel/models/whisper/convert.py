@@ -80,6 +80,8 @@ CT2_CONFIG_VARIABLES = frozenset({
     "encoder/num_heads", "decoder/num_heads", "decoder/activation", "decoder/alibi", "decoder/alignment_heads",
     "decoder/alignment_layer", "decoder/pre_norm", "decoder/scale_embeddings", "decoder/start_from_zero_embedding",
     "encoder/activation", "encoder/pre_norm", "encoder/scale_embeddings",
+    # ALiBi's options, written (as 0) by CTranslate2's converters since 4.x; moot, since decoder/alibi must be 0
+    "decoder/alibi_use_positive_positions", "decoder/scale_alibi",
 })
 # CTranslate2's value for each flag in a Whisper model.bin, and what it means (ActivationType 3 is GELU).
 _CT2_WHISPER_FLAGS = {

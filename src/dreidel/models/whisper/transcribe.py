@@ -251,8 +251,15 @@ def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = t
 def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
     """A copy whose ``nn.Linear`` layers (and the tied output projection) run int8 dynamic quantisation.
 
-    Uses ``torch.ao.quantization.quantize_dynamic`` (weights int8 per tensor, activations quantised per batch);
-    tokens can differ from the float model. The copy runs in float32 whatever dtype ``recognizer`` was loaded in.
+    Uses ``torch.ao.quantization.quantize_dynamic`` (weights int8 per tensor, each call's activations scaled by
+    their largest magnitude). Each quantised linear is applied to one window (or one hypothesis) at a time, so
+    a transcript does not depend on the other inputs decoded with it (activations scaled over the whole batch
+    made "Stella" come out as "Steller" alone and "Stellum" beside a long file). Tokens can differ from the
+    float model, and not only in a word: on tiny.en, dense 30 s windows whose first token has end-of-text as
+    a close second choice can end right after it (2 of the 5 windows of a 2-minute eSpeak clip came out as
+    " The"; quantising the encoder alone, or in chunks of 16 rows, did the same). faster-whisper's int8,
+    which scales activations per row, transcribed them. Prefer the float model where that matters. The copy
+    runs in float32 whatever dtype ``recognizer`` was loaded in.
     """
     import copy
 
@@ -266,8 +273,25 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    for name, child in list(model.named_modules()):
+        if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, _EachSample(child))
     return WhisperRecognizer(model, recognizer.tokenizer, recognizer.suppress_tokens,
                              recognizer.begin_suppress_tokens, recognizer.name + "-int8")
+
+
+class _EachSample(nn.Module):
+    """``layer`` applied to each slice of the input's leading dimension on its own (a window, a hypothesis)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] == 1:
+            return self.layer(x)
+        return torch.cat([self.layer(sample) for sample in x.split(1)])
 
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
@@ -315,8 +339,9 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
             windows.append(window)
     start = time.perf_counter()
     tokens: list[list[int]] = []
+    n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
     for first in range(0, len(windows), batch_size):
-        mel = torch.stack([log_mel_spectrogram(pad_or_trim(w)) for w in windows[first:first + batch_size]])
+        mel = torch.stack([log_mel_spectrogram(pad_or_trim(w), n_mels) for w in windows[first:first + batch_size]])
         tokens += decode(recognizer.model, mel, options)
     elapsed = time.perf_counter() - start
     results = []
