@@ -98,8 +98,8 @@ class DiagonalNewton(CurvatureOptimizer):
             ``"empirical"`` the estimate is scaled by the number B of terms of the mean loss (the
             output's leading positions: the batch size for a ``(B, C)`` output, B·T for a ``(B, T, C)``
             one, summed over the micro-batches of an accumulated gradient; ``ActivationCapture``) so
-            that it has the same units as the Gauss-Newton diagonal of the mean loss, as the sampled
-            likelihoods have; the fallback ``B * g^2`` is then an Adam-like second moment.
+            that it has the same units as the Gauss-Newton diagonal of the mean loss, as the categorical
+            sampled likelihood has; the fallback ``B * g^2`` is then an Adam-like second moment.
         curvature_every: refresh ``h`` every k steps (Sophia's k = 10).
         seed: seed of the generator used for Rademacher vectors and sampled labels.
 
