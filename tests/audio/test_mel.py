@@ -77,3 +77,8 @@ def test_a_non_finite_sample_is_refused(bad):
     audio[100] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
         log_mel_spectrogram(audio)
+
+
+def test_float64_audio_beyond_float32_is_named_as_such():
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        log_mel_spectrogram(torch.full((1600,), 1e39, dtype=torch.float64))

@@ -152,3 +152,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="kv_cache holds a batch of 2, x has a batch of 3"):
         layer(torch.randn(3, 1, 48), kv_cache=cache)
     assert cache.length == 5  # left as it was
+
+
+def test_a_cache_serves_one_kind_of_attention():
+    """A self-attention cache given to a cross-attention call (or the reverse) used to be used silently."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttentionSpectral(16, 2)
+    x, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    self_cache, cross_cache = KVCache(), KVCache()
+    attention(x, kv_cache=self_cache)
+    attention(x, context=context, kv_cache=cross_cache)
+    with pytest.raises(ValueError, match="holds self-attention keys, but this is a cross-attention call"):
+        attention(x, context=context, kv_cache=self_cache)
+    with pytest.raises(ValueError, match="holds cross-attention keys, but this is a self-attention call"):
+        attention(x[:, :1], kv_cache=cross_cache)

@@ -127,3 +127,14 @@ def test_rejects_channels_first_and_bad_arguments():
         Conv2dSpectral(8, 8, activation="bogus")
     with pytest.raises(TypeError, match=r"Conv2dSpectral: input dtype torch.float64 .* torch.float32"):
         layer(torch.randn(2, 5, 5, 8, dtype=torch.float64))
+
+
+def test_a_generator_given_only_in_linear_kwargs_seeds_the_depthwise_weights_too():
+    def make():
+        return Conv2dSpectral(4, 8, 3, linear_kwargs={"generator": torch.Generator().manual_seed(3)})
+
+    torch.manual_seed(0)
+    first = make()
+    torch.manual_seed(1)
+    second = make()
+    assert torch.equal(first.depthwise_weight, second.depthwise_weight)

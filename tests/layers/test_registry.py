@@ -77,3 +77,10 @@ def test_num_parameters_counts_spectral_as_linear_in_width():
     dense, wht = build_linear("dense", 1024, 1024), build_linear("wht", 1024, 1024)
     assert num_parameters(dense) == 1024 * 1024 + 1024
     assert num_parameters(wht) == 3 * 1024 == wht.num_parameters()
+
+
+@pytest.mark.parametrize("kind", ["dense", "wht", "deep_wht"])
+def test_a_non_bool_bias_is_refused(kind):
+    """bias="no" used to add a bias; bias=0 was saved into a config that load then refused."""
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        build_linear(kind, 8, 8, bias="no")

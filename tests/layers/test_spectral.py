@@ -413,6 +413,8 @@ def test_wrong_feature_count_after_materialisation_names_expected_and_got():
         ({"in_features": 4, "out_features": 4, "init": "xavier"}, ValueError),
         ({"in_features": 4, "out_features": 4, "depth": 0}, ValueError),
         ({"in_features": 4, "out_features": 4, "depth": 2.0}, TypeError),
+        ({"in_features": 4, "out_features": 4, "bias": "no"}, TypeError),
+        ({"in_features": 4, "out_features": 4, "bias": 0}, TypeError),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error):

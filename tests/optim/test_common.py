@@ -456,6 +456,7 @@ def test_forward_passes_without_steps_keep_a_bounded_record(monkeypatch):
         for _ in range(80):
             F.cross_entropy(model(x), y).backward()
     assert max(len(records) for records in optimizer.capture.records.values()) == 64
+    assert len(optimizer.capture._group_rows) <= 64  # nor does the count of rows per backward grow without bound
 
 
 def test_recompiling_a_sequential_detaches_the_old_optimizers_hooks():
@@ -664,6 +665,50 @@ def test_a_forward_with_grad_between_backward_and_step_changes_nothing(name):
         F.cross_entropy(model(x), y).backward()
         if extra_forward:
             model(torch.randn(32, 4))
+        optimizer.step(lambda: F.cross_entropy(model(x), y))
+        states.append([value for p in model.parameters() for value in optimizer.state[p].values()
+                       if isinstance(value, torch.Tensor)])
+    for one, other in zip(*states):
+        torch.testing.assert_close(one, other)
+
+
+@pytest.mark.parametrize("curvature", ["gnb", "gauss_newton"])
+def test_accumulated_micro_batches_count_all_rows_without_recorded_layers(curvature):
+    """gnb records no layer, and a model of bare parameters has none to record: the backward reaching the
+    model's output still separates the micro-batches (only the last one's rows used to count)."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = Scaled() if curvature == "gauss_newton" else make_model()
+    optimizer = DiagonalNewton(model, curvature=curvature)
+    optimizer.zero_grad()
+    for rows in (3, 5):
+        out = model(torch.randn(rows, 4))
+        (out.square().mean() / 2).backward()
+    assert optimizer.capture.output_rows == 8
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_two_backward_passes_through_one_graph_add_their_gradients(name):
+    """retain_graph: the curvature is that of the summed loss, as p.grad is (the second used to replace the first)."""
+    x, y = batches(1)[0]
+    states = []
+    for split in (False, True):
+        model = make_model()
+        optimizer = CONFIGS[name](model)
+        optimizer.zero_grad()
+        out = model(x)
+        if split:
+            (F.cross_entropy(out, y) / 2).backward(retain_graph=True)
+            (F.cross_entropy(out, y) / 2).backward()
+        else:
+            F.cross_entropy(out, y).backward()
         optimizer.step(lambda: F.cross_entropy(model(x), y))
         states.append([value for p in model.parameters() for value in optimizer.state[p].values()
                        if isinstance(value, torch.Tensor)])

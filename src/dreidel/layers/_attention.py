@@ -26,10 +26,12 @@ class KVCache:
 
     Empty (``None``) until the first call. For self-attention each call appends its new positions; for
     cross-attention (``context=`` given) the first call stores the projected context and later calls reuse it.
+    A cache serves one kind: ``cross`` records which (None while empty), and a call of the other kind is refused.
     """
 
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
+    cross: bool | None = None
 
     @property
     def length(self) -> int:
@@ -113,6 +115,10 @@ class MultiHeadAttentionSpectral(nn.Module):
                 raise ValueError("causal=True applies to self-attention; do not pass context")
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
+        if kv_cache is not None and kv_cache.cross is not None and kv_cache.cross != (context is not None):
+            held, call = ("cross", "self") if kv_cache.cross else ("self", "cross")
+            raise ValueError(f"kv_cache holds {held}-attention keys, but this is a {call}-attention call "
+                             f"(context {'not ' if context is None else ''}given): use one cache per attention")
         past = 0 if kv_cache is None else kv_cache.length
         if past and kv_cache.key.shape[0] != x.shape[0]:
             raise ValueError(
@@ -129,7 +135,7 @@ class MultiHeadAttentionSpectral(nn.Module):
                 if context is None and past > 0:
                     key = torch.cat((kv_cache.key, key), dim=-2)
                     value = torch.cat((kv_cache.value, value), dim=-2)
-                kv_cache.key, kv_cache.value = key, value
+                kv_cache.key, kv_cache.value, kv_cache.cross = key, value, context is not None
         mask, is_causal = self._mask(attn_mask, x.shape[1], key.shape[-2], past, x.device)
         attended = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal

@@ -63,6 +63,8 @@ class _SpectralConvNd(nn.Module):
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
         # Drawn as before whatever the dtype, so a generator gives the same values; then placed as the channel mix.
         fan_in = math.prod(self.kernel_size)
+        if generator is None:  # one given only in linear_kwargs seeds the depthwise weights too
+            generator = kwargs.get("generator")
         weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
         weight = weight.to(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
         self.depthwise_weight = nn.Parameter(weight)  # (C_in, 1, *kernel)
@@ -111,11 +113,13 @@ class Conv2dSpectral(_SpectralConvNd):
     Args:
         in_channels, out_channels: channel counts (``out_channels`` defaults to ``in_channels``).
         kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair; a list is taken as a tuple),
-            for the depthwise part.
+            for the depthwise part; ``padding`` is a number of zeros per side (no string modes: for "same"
+            with stride 1 and an odd kernel, pass ``(kernel_size - 1) // 2 * dilation``).
         bias: bias of the channel mix. activation: ``None`` or a name ("relu", "gelu", ...), applied last.
         linear: registry kind of the channel mix ("wht", "deep_wht", "dense", ...); ``linear_kwargs`` go to it,
             and their ``device`` and ``dtype``, if given, place the depthwise weights too (the whole layer).
-        generator: source of the depthwise weights and of the spectral mix's permutations and scales.
+        generator: source of the depthwise weights and of the spectral mix's permutations and scales (one given
+            only in ``linear_kwargs`` seeds both too).
 
     Shapes: input ``(N, H, W, C_in)`` → output ``(N, H_out, W_out, C_out)`` (``H_out`` as for ``nn.Conv2d``).
     """

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from dreidel.algo._fwht import _refuse_flags
 from dreidel.layers._spectral import DeepSpectralLinear, LinearWHT
 
 __all__ = ["INIT_ONLY_ARGS", "LinearFactory", "build_linear", "config_kwargs", "linear_kinds", "register_linear"]
@@ -63,7 +64,10 @@ def build_linear(kind: str, in_features: int | None, out_features: int, bias: bo
 
     Raises:
         ValueError: unknown ``kind`` (the message lists the known kinds).
+        TypeError: ``bias`` is not a bool (a truthy ``"no"`` would add one; a saved config could not be loaded).
     """
+    if type(bias) is not bool:
+        _refuse_flags(bias=bias)
     if kind not in _LINEAR_KINDS:
         raise ValueError(f"unknown linear kind {kind!r}; known kinds: {', '.join(linear_kinds())}")
     return _LINEAR_KINDS[kind](in_features, out_features, bias, **kwargs)

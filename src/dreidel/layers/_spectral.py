@@ -55,6 +55,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from dreidel._native import native
 from dreidel.algo import nearest_hadamard_lengths
+from dreidel.algo._fwht import _refuse_flags
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._spectral_grads import (
     SpectralLayout,
@@ -204,6 +205,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         in_features = _as_width("in_features", in_features, allow_none=True)
         out_features = _as_width("out_features", out_features, allow_none=False)
         depth = _as_width("depth", depth, allow_none=False)
+        if type(bias) is not bool:
+            _refuse_flags(bias=bias)  # a truthy "no" would add a bias
         if init not in SPECTRAL_INITS:
             raise ValueError(f"init must be one of {SPECTRAL_INITS}, got {init!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -46,6 +46,10 @@ def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool | None:
     return None
 
 
+# The id of the backward pass running on this thread, -1 outside one.
+_current_graph_task = torch._C._current_graph_task_id
+
+
 def _output_rows(output: torch.Tensor) -> int:
     """The leading positions of a model output: B for ``(B, C)`` or ``(B,)``, B·T for ``(B, T, C)``, 1 for a
     0-d one. A mean loss over the output (cross-entropy over the last axis, mean over these positions) has
@@ -123,15 +127,25 @@ class ActivationCapture:
         return sum(counted) if counted else self._group_rows.get(self._group)
 
     def _start_pass(self) -> None:
-        """A forward call after a backward pass: the first of a new group."""
-        if self._backward_since_forward:
+        """A forward call after a backward pass: the first of a new group. (Not a call made by the backward
+        itself: a reentrant activation checkpoint recomputes its part of the pass being differentiated.)"""
+        if self._backward_since_forward and _current_graph_task() == -1:
             self._group += 1
             self._backward_since_forward = False
+            if len(self._group_rows) >= self.MAX_RECORDS:  # forward/backward passes without steps: forget the oldest
+                oldest = min(self._group_rows)
+                del self._group_rows[oldest]
+                self._groups_with_gradients.discard(oldest)
+
+    def _gradient_reached(self, group: int) -> None:
+        self._groups_with_gradients.add(group)
+        self._backward_since_forward = True
 
     def _gradient_arrived(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        record.grad_output = working_precision(grad.detach())
-        self._groups_with_gradients.add(record.group)
-        self._backward_since_forward = True
+        grad = working_precision(grad.detach())
+        # a second backward through a retained graph adds to the gradient, as it adds to p.grad
+        record.grad_output = grad if record.grad_output is None else record.grad_output + grad
+        self._gradient_reached(record.group)
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -180,6 +194,16 @@ class ActivationCapture:
             rows = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
         self._group_rows[self._group] = rows
         self._pass_saw_batched = self._pass_saw_unbatched = False
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # the backward reaching the output marks the group, recorded layers or not (curvature="gnb")
+            capture, group = weakref.ref(self), self._group
+
+            def reached(grad: torch.Tensor) -> None:
+                live = capture()
+                if live is not None:
+                    live._gradient_reached(group)
+
+            output.register_hook(reached)
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 
