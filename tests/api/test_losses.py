@@ -89,3 +89,11 @@ def test_resolve_loss():
         CrossEntropy(label_smoothing=1.0)
     with pytest.raises(ValueError, match="temperature"):
         KLDivergence(temperature=0)
+
+
+def test_kl_divergence_of_sequence_outputs_averages_over_positions():
+    """(B, T, C) logits: the mean over the B·T rows (it was summed over T), as for (B·T, C)."""
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 50, 7, generator=generator), torch.randn(3, 50, 7, generator=generator)
+    loss = KLDivergence(temperature=2.0)
+    torch.testing.assert_close(loss(student, teacher), loss(student.reshape(-1, 7), teacher.reshape(-1, 7)))

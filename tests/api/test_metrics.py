@@ -45,3 +45,15 @@ def test_resolve_metric_names():
         resolve_metric("f1")
     with pytest.raises(ValueError, match="k=5 exceeds"):
         TopKAccuracy(5)(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_accuracy_refuses_a_single_output():
+    """The arg-max of one output is always 0: every sample counted as right (1.0 for all-wrong predictions)."""
+    with pytest.raises(ValueError, match="C >= 2"):
+        Accuracy()(torch.tensor([[0.9], [0.1]]), torch.tensor([[0.0], [1.0]]))
+
+
+def test_accuracy_is_an_exact_fraction():
+    output = torch.zeros(1000, 2)
+    output[:931, 1] = 1.0
+    assert Accuracy()(output, torch.ones(1000, dtype=torch.long)) == 0.931  # a float32 mean gave 0.93099999...

@@ -383,6 +383,21 @@ def test_summary_counts(trained_spectral):
     assert fwht_flops(64) == 64 * 6 + 64 and fwht_flops(48) == 48 * 2 + 48 * 11 + 48
 
 
+def test_summary_of_a_padded_spectral_layer_and_a_layer_used_twice():
+    """The first scaling covers the real inputs (in_scale (B, n)); a layer at two positions is two rows, each
+    with its own shapes (the second call used to overwrite the first's, and the row was missing)."""
+    from dreidel.api.summary import fwht_flops, summarize
+
+    relu = nn.ReLU()
+    model = api.Sequential(LinearWHT(10, 40, bias=False), relu, nn.Linear(40, 4), relu).build((10,))
+    rows = summarize(model, (10,), torch.float32)
+    assert [r.output_shape for r in rows] == [(40,), (40,), (4,), (4,)]
+    layer = model[0]  # L = 12, 4 blocks
+    assert rows[0].flops == layer.num_blocks * (fwht_flops(12) + 10) + 40
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert api.Sequential(LinearWHT(32)).num_parameters() == 0  # lazy: nothing yet
+
+
 def test_summary_of_an_unbuilt_model_needs_an_input_shape():
     model = api.Sequential(LinearWHT(16), nn.ReLU())
     with pytest.raises(ValueError, match="input_shape"):

@@ -40,9 +40,10 @@ class MeanSquaredError:
 
 
 class KLDivergence:
-    """Distillation loss: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch.
+    """Distillation loss: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the rows.
 
-    ``output`` are the student's logits ``(B, C)``, ``target`` the teacher's logits ``(B, C)``. The T² factor
+    ``output`` are the student's logits ``(B, C)`` (or ``(B, T, C)``: every position is a row), ``target`` the
+    teacher's logits of the same shape. The T² factor
     keeps gradient magnitudes comparable across temperatures (Hinton, Vinyals & Dean 2015,
     "Distilling the Knowledge in a Neural Network", arXiv:1503.02531).
     """
@@ -57,8 +58,9 @@ class KLDivergence:
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        student_log_probs = F.log_softmax(student_logits / t, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher_logits / t, dim=-1)
+        classes = student_logits.shape[-1]  # every leading position is a row: (B, T, C) averages over B·T
+        student_log_probs = F.log_softmax(student_logits.reshape(-1, classes) / t, dim=-1)
+        teacher_log_probs = F.log_softmax(teacher_logits.reshape(-1, classes) / t, dim=-1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
         return kl * (t * t)
 

@@ -341,8 +341,10 @@ class Sequential(nn.Sequential):
         return "\n".join(lines)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of parameter elements (only those with ``requires_grad`` when ``trainable_only``)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Number of parameter elements (only those with ``requires_grad`` when ``trainable_only``); a lazy
+        layer's parameters count 0 until it has seen data."""
+        return sum(p.numel() for p in self.parameters()
+                   if not nn.parameter.is_lazy(p) and (p.requires_grad or not trainable_only))
 
     # --------------------------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike) -> Path:

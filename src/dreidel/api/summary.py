@@ -35,8 +35,10 @@ def fwht_flops(length: int) -> int:
 
 def _spectral_flops(layer: LinearWHT | DeepSpectralLinear) -> int:
     length, blocks = layer.transform_length, layer.num_blocks
-    per_stage = fwht_flops(length) + length  # one diagonal scaling before each transform
-    ops = blocks * layer.depth * per_stage + layer.out_features  # + s_out
+    # a diagonal scaling before each transform: the first over the in_features real entries of each block (the
+    # padded ones are zeros), the inner ones over all L
+    scalings = blocks * (layer.in_features + (layer.depth - 1) * length)
+    ops = blocks * layer.depth * fwht_flops(length) + scalings + layer.out_features  # + s_out
     if layer.bias is not None:
         ops += layer.out_features
     if layer.activation is not None:
@@ -85,12 +87,12 @@ class LayerRow:
 def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype,
               device: torch.device | str = "cpu") -> list[LayerRow]:
     """Run one zero sample ``(1, *input_shape)`` of ``dtype`` on ``device`` through ``model``'s children and
-    record each layer."""
-    records: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    record each layer (a layer object at several positions once per position, in call order)."""
+    calls: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     handles = []
-    for name, child in model.named_children():
-        def hook(module, inputs, output, name=name):
-            records[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+    for child in {id(child): child for child in model._modules.values()}.values():
+        def hook(module, inputs, output):
+            calls.setdefault(id(module), []).append((tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
         handles.append(child.register_forward_hook(hook))
     was_training = model.training
     try:
@@ -102,8 +104,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
         for handle in handles:
             handle.remove()
     rows = []
-    for name, child in model.named_children():
-        layer_in, layer_out = records[name]
+    for name, child in model._modules.items():
+        layer_in, layer_out = calls[id(child)].pop(0)
         parameters = sum(p.numel() for p in child.parameters())
         rows.append(LayerRow(name, type(child).__name__, layer_out, parameters, layer_flops(child, layer_in, layer_out)))
     return rows
