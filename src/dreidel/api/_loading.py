@@ -9,8 +9,6 @@ layer fails before anything is allocated. Every error names the file and the lay
 
 from __future__ import annotations
 
-import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -173,8 +171,7 @@ def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -
         ValueError: naming ``plan.where`` (the constructor's own refusals too, as ``construct_layer``).
     """
     prefix = f"{plan.name}."
-    held = sum(math.prod(found.shape) * _itemsize(found.dtype) for key, found in header.items()
-               if key.startswith(prefix))
+    held = sum(found.nbytes for key, found in header.items() if key.startswith(prefix))
     limit = 2 * held + _BUILD_ALLOWANCE_BYTES
     try:
         with _CreationLimit(limit, f"{plan.where}: {plan.cls.__name__} cannot be built on the meta device, and "
@@ -186,12 +183,6 @@ def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -
         if isinstance(error.__cause__, _OverLimit):  # construct_layer wrapped the guard's own error
             raise error.__cause__ from None
         raise
-
-
-def _itemsize(safetensors_dtype: str) -> int:
-    """Bytes per element of a safetensors dtype name ("F32": 4, "BF16": 2, "F8_E4M3": 1, "BOOL": 1)."""
-    bits = re.search(r"\d+", safetensors_dtype)
-    return 1 if bits is None else max(1, int(bits.group()) // 8)
 
 
 class _OverLimit(ValueError):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -102,6 +104,13 @@ class TensorHeader:
     @property
     def is_floating_point(self) -> bool:
         return self.dtype.startswith(("F", "BF"))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data: its elements times the bits its dtype name states ("F32": 4 bytes,
+        "F8_E4M3": 1; "BOOL": 1)."""
+        bits = re.search(r"\d+", self.dtype)
+        return math.prod(self.shape) * (1 if bits is None else max(1, int(bits.group()) // 8))
 
 
 class CheckpointFiles:

@@ -11,6 +11,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -172,14 +173,19 @@ class ActivationCapture:
                               "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
                               "training is over", stacklevel=3)
         kept.append(record)
-        capture = weakref.ref(self)  # the graph may outlive the optimizer; it must not keep the capture alive
+        output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_arrived(record, grad)))
 
-        def keep_grad(grad: torch.Tensor) -> None:
+    def _weak_gradient_hook(self, arrived: Callable[[ActivationCapture, torch.Tensor], None]):
+        """A tensor hook calling ``arrived(capture, grad)`` while this capture lives: it holds the capture
+        weakly, since the graph may outlive the optimizer and must not keep its capture alive."""
+        capture = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
             live = capture()
             if live is not None:
-                live._gradient_arrived(record, grad)
+                arrived(live, grad)
 
-        output.register_hook(keep_grad)
+        return hook
 
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not torch.is_grad_enabled():
@@ -196,14 +202,8 @@ class ActivationCapture:
         self._pass_saw_batched = self._pass_saw_unbatched = False
         if isinstance(output, torch.Tensor) and output.requires_grad:
             # the backward reaching the output marks the group, recorded layers or not (curvature="gnb")
-            capture, group = weakref.ref(self), self._group
-
-            def reached(grad: torch.Tensor) -> None:
-                live = capture()
-                if live is not None:
-                    live._gradient_reached(group)
-
-            output.register_hook(reached)
+            group = self._group
+            output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_reached(group)))
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 

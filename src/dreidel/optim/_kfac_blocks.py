@@ -255,7 +255,7 @@ class KroneckerBlock(Block):
         without a tensor (frozen after the block was made) contributes zeros."""
         dtype = curvature_dtype(self.weight.dtype)
         weight = tensors.get(self.weight)
-        w = (torch.zeros(self.weight.shape[0], self.weight[0].numel(), dtype=dtype) if weight is None
+        w = (torch.zeros(self.weight.shape[0], math.prod(self.weight.shape[1:]), dtype=dtype) if weight is None
              else weight.reshape(self.weight.shape[0], -1).to(dtype))
         if self.bias is None:
             return w
