@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIN := -c constraints.txt
+# Where pip would otherwise fetch torch's CUDA build (plain PyPI on Linux), point it at the CPU wheels:
+# make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 INSTALLED := $(VENV)/.dreidel-installed
 BENCH_INSTALLED := $(VENV)/.dreidel-bench-installed
 
@@ -13,7 +16,7 @@ BENCH_INSTALLED := $(VENV)/.dreidel-bench-installed
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 $(INSTALLED): $(PY) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install $(PIN) scikit-build-core nanobind

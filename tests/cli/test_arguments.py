@@ -92,6 +92,24 @@ def test_transcribe_with_a_model_directory_needs_no_shipped_weights_or_speech_sy
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'a.wav'}: ")
 
 
+def test_an_empty_model_name_is_a_usage_error(wav, capsys):
+    """`--model ""` used to load the working directory and fail with ". holds neither model.bin ..."."""
+    assert _usage_error(["transcribe", "--model", " ", wav], capsys) == (
+        "dreidel transcribe: error: argument --model: expected tiny.en, base or a model directory, got an empty name")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """An interrupt used to end in the traceback of whatever was running."""
+    from dreidel.cli import info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "dreidel info: interrupted"
+
+
 def test_a_closed_pipe_ends_quietly():
     """`dreidel info | true`: the reader is gone before the first write, which used to end in a traceback."""
     import subprocess
@@ -114,4 +132,4 @@ def test_an_unwritable_output_is_one_line_and_exit_1():
     with open("/dev/full", "wb") as full:
         child = subprocess.run([sys.executable, "-c", program], stdout=full, stderr=subprocess.PIPE, timeout=120)
     assert child.returncode == 1
-    assert child.stderr.decode().strip() == "dreidel info: [Errno 28] No space left on device"
+    assert child.stderr.decode().strip() == "dreidel info: error: [Errno 28] No space left on device"

@@ -17,3 +17,14 @@ def test_empty_audio_file_prints_no_nan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nan" not in out  # the real-time factor of no audio used to print as 'RTF nan'
     assert out.splitlines()[1].strip().startswith("0.00 s audio") and out.splitlines()[1].endswith("RTF -")
+
+
+def test_audio_too_short_to_decode_has_no_real_time_factor_and_no_total(tmp_path, capsys):
+    """50 samples (3 ms, under one 10 ms mel frame) are not decoded: they used to print 'RTF 0.000', and a
+    'total' line over nothing decoded."""
+    short, empty = tmp_path / "short.wav", tmp_path / "empty.wav"
+    soundfile.write(short, np.full(50, 0.01, np.float32), 16000)
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)
+    assert main(["transcribe", str(short), str(empty)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0] == f"{short}: " and lines[1].endswith("RTF -") and lines[3].endswith("RTF -")

@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 13  # killed by SIGPIPE, in the shell's convention
     except OSError as error:  # an output that cannot be written (`dreidel info > /dev/full`): one line, no traceback
         _discard_stdout()
-        print(f"dreidel {args.command}: {error}", file=sys.stderr)
+        print(f"dreidel {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+        print(f"\ndreidel {args.command}: interrupted", file=sys.stderr)
+        return 128 + 2
     return status
 
 

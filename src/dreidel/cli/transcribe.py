@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from dreidel._extras import require_extras
 from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --beam: expected an int in [1, {MAX_BEAM}], got {args.beam}")
     for problem in filter(None, map(file_problem, args.files)):
         args.parser.error(f"argument FILE: {problem}")
+    if not args.model.strip():
+        args.parser.error("argument --model: expected tiny.en, base or a model directory, got an empty name")
 
     import torch
 
@@ -39,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    from dreidel._native import best_isa
+
+    logging.getLogger("dreidel.cli").info("torch %s, %d thread%s, native core dispatched to %s", torch.__version__,
+                                          torch.get_num_threads(), "s" if torch.get_num_threads() != 1 else "",
+                                          best_isa())
     # A bad model directory, language, threshold or audio file, or a missing extra, is the user's input, not a
     # bug: one line, no traceback.
     try:
@@ -53,13 +61,17 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
+    decoded = 0
     for path, result in zip(args.files, results):
         print(f"{path}: {result.text}")
-        rtf = f"{result.rtf:.3f}" if result.seconds_audio else "-"  # an empty file has no real-time factor (nan)
+        # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
+        rtf = f"{result.rtf:.3f}" if result.tokens else "-"
         print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
-        total_audio += result.seconds_audio
-        total_compute += result.seconds_compute
-    if len(results) > 1 and total_audio:
+        if result.tokens:
+            decoded += 1
+            total_audio += result.seconds_audio
+            total_compute += result.seconds_compute
+    if decoded > 1:
         print(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, RTF {total_compute / total_audio:.3f}"
               f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, beam {args.beam})")
     return 0

@@ -123,6 +123,9 @@ def _expected_shapes(dims: WhisperDimensions, tensors: dict[str, torch.Tensor], 
 def _model_from(dims: WhisperDimensions, state_dict: dict, dtype: torch.dtype, source: str) -> Whisper:
     model = Whisper(dims, linear="dense")
     load_state_dict_strict(model, state_dict, source)
+    logger.info("loaded %s: %d encoder and %d decoder layers of width %d, %d mel bins, %.1f M parameters, %s",
+                source, dims.n_audio_layer, dims.n_text_layer, dims.n_audio_state, dims.n_mels,
+                sum(p.numel() for p in model.parameters()) / 1e6, str(dtype).removeprefix("torch."))
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -232,15 +235,18 @@ def load(name_or_path: str | Path, linear: str = "dense", dtype: torch.dtype = t
         return _load_ct2(name_or_path, list(files.model_parts), files.directory, dtype)
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be str or Path, got {type(name_or_path).__name__}")
+    if not str(name_or_path).strip():  # Path("") is the working directory
+        raise ValueError(f"the model must be one of {SHIPPED_NAMES} or a model directory, got an empty name")
     directory = Path(name_or_path)
     if not directory.exists():
-        raise ValueError(f"no such model directory: {directory} (name_or_path must be one of {SHIPPED_NAMES} or a "
+        raise ValueError(f"no such model directory: {directory} (a model is one of {SHIPPED_NAMES} or a "
                          f"CTranslate2 / Hugging Face Whisper directory)")
     if directory.is_file() and directory.name == "model.bin":
-        raise ValueError(f"name_or_path must be a model directory, got the file {directory}; pass its directory "
+        raise ValueError(f"the model must be a directory, got the file {directory}; pass its directory "
                          f"{directory.parent}")
     if not directory.is_dir():
-        raise ValueError(f"name_or_path must be one of {SHIPPED_NAMES} or a model directory, got {name_or_path!r}")
+        raise ValueError(f"the model must be one of {SHIPPED_NAMES} or a model directory, got the file "
+                         f"{name_or_path!r}")
     if (directory / "model.bin").is_file():
         return _load_ct2(directory.name, directory / "model.bin", directory, dtype)
     if any(directory.glob("*.safetensors")):
@@ -343,6 +349,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     for first in range(0, len(windows), batch_size):
         mel = torch.stack([log_mel_spectrogram(pad_or_trim(w), n_mels) for w in windows[first:first + batch_size]])
         tokens += decode(recognizer.model, mel, options)
+        logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, len(tokens), len(windows),
+                    time.perf_counter() - start)
     elapsed = time.perf_counter() - start
     results = []
     for index, waveform in enumerate(waveforms):
