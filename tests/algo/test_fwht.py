@@ -415,6 +415,48 @@ def test_torch_compile_in_place(generator):
     torch.testing.assert_close(x, expected)
 
 
+@pytest.mark.parametrize("make_view", [lambda b: b.unfold(0, 8, 4), lambda b: b[:8].expand(3, 8)])
+def test_torch_compile_in_place_refuses_a_view_whose_elements_share_memory(make_view, generator):
+    """Compiled, an unfold view used to be accepted and written wrong (eager refuses it)."""
+    base = torch.randn(40, generator=generator)
+    before = base.clone()
+    compiled = torch.compile(lambda t: dr.fwht(t, inplace=True), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception) as raised:  # dynamo wraps the RuntimeError raised while tracing
+        compiled(make_view(base))
+    chain, error = [], raised.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    assert any("share memory" in text for text in chain), chain
+    assert torch.equal(base, before)
+
+
+def test_torch_compile_in_place_on_an_ordinary_view(generator):
+    base = torch.randn(16, 32, dtype=torch.float64, generator=generator)
+    expected = base.clone()
+    expected[:, 1::2] = dense_fwht(base[:, 1::2], dim=0)
+    compiled = torch.compile(lambda t: dr.fwht(t, dim=0, inplace=True), backend="aot_eager", fullgraph=True)
+    compiled(base[:, 1::2])
+    torch.testing.assert_close(base, expected)
+
+
+@pytest.mark.parametrize("shape, normalized", [((3, 1), False), ((3, 1), True), ((), False), ((), True),
+                                               ((0, 4), False)])
+def test_reference_and_the_ops_default_kernel_return_new_memory(shape, normalized, generator):
+    """With no stage to run (a length of 1, unnormalized) the reference returned a view of x, and the op's
+    default kernel (what other devices run), which torch.library forbids to alias its input, raised; on a 0-d
+    tensor it raised IndexError."""
+    x = torch.randn(shape, generator=generator)
+    expected = dense_fwht(x.reshape(-1, x.shape[-1] if x.dim() else 1), normalized=normalized).reshape(shape).float()
+    y = dr.fwht_reference(x, normalized=normalized)
+    torch.testing.assert_close(y, expected)
+    if x.numel():
+        assert y.data_ptr() != x.data_ptr()
+    default_kernel = torch.ops.dreidel.fwht.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, normalized)
+    torch.testing.assert_close(default_kernel, expected)
+
+
 def test_torch_compile(generator):
     x = torch.randn(8, 256, generator=generator, requires_grad=True)
     compiled = torch.compile(lambda t: torch.relu(dr.fwht(t * 2.0)).sum(), fullgraph=True)

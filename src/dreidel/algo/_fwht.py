@@ -79,16 +79,25 @@ def _as_dim(dim: object) -> int:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
 
 
-def _overlaps_itself(x: torch.Tensor) -> bool:
-    """Whether two elements of the strided ``x`` share memory (an expanded, ``unfold`` or ``as_strided`` view).
+def _overlap_from_strides(x: torch.Tensor) -> bool | None:
+    """Whether two elements of the strided ``x`` share memory, where its sizes and strides alone settle it
+    (``None`` where they do not).
 
     Dimensions sorted by stride, each stride passing the reach of the smaller ones proves there is no overlap
     (every ordinary view: slices, transposes, steps). More elements than addresses in the view's span prove
-    one (an expanded view: 2^28 elements over 256 KB used to build a 2 GB table of offsets first); only the
-    layouts neither test settles compare offsets, a table no larger than the span.
+    one (an expanded view: 2^28 elements over 256 KB used to build a 2 GB table of offsets first).
     """
+    # Sorted by insertion, not sorted(): under torch.compile a size or stride may be symbolic, which dynamo
+    # compares (adding a guard) but will not sort.
+    by_stride: list[tuple[int, int]] = []
+    for size, stride in zip(x.shape, x.stride()):
+        if size > 1:
+            at = len(by_stride)
+            while at > 0 and by_stride[at - 1][0] > stride:
+                at -= 1
+            by_stride.insert(at, (stride, size))
     reach = 0
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+    for stride, size in by_stride:
         if stride <= reach:
             break
         reach += stride * (size - 1)
@@ -96,6 +105,16 @@ def _overlaps_itself(x: torch.Tensor) -> bool:
         return False
     if x.numel() > sum(stride * (size - 1) for size, stride in zip(x.shape, x.stride())) + 1:
         return True
+    return None
+
+
+def _overlaps_itself(x: torch.Tensor) -> bool:
+    """Whether two elements of the strided ``x`` share memory (an expanded, ``unfold`` or ``as_strided`` view):
+    ``_overlap_from_strides``, and for the layouts it does not settle, a table of offsets no larger than the
+    view's span."""
+    settled = _overlap_from_strides(x)
+    if settled is not None:
+        return settled
     offsets = torch.zeros((), dtype=torch.long)
     for size, stride in zip(x.shape, x.stride()):
         offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
@@ -149,7 +168,13 @@ def _scale(n: int, normalized: bool) -> float:
 
 
 def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """The transform along the last dimension, always in new memory (the op's default kernel, whose result
+    torch.library forbids to alias its input)."""
+    if x.dim() == 0:
+        return _reference_last_dim(x.reshape(1), normalized).reshape(())
     n = x.shape[-1]
+    if x.numel() == 0 or (n == 1 and not normalized):  # nothing to compute
+        return x.clone()
     m, chunk = hadamard_factor(n)
     rows = x.numel() // n
     y = x.reshape(rows, m, chunk)
@@ -540,14 +565,20 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
                 "fwht(inplace=True) cannot be differentiated: x requires grad. "
                 "Use inplace=False, or run under torch.no_grad()."
             )
-        if not _is_compiling():
+        # Under torch.compile the check sees the traced strides, but cannot build a table of offsets: a layout
+        # the strides do not settle is refused there (it used to be written silently, wrong, where rows overlap).
+        if _is_compiling():
+            shares_memory = not in_functorch_transform() and _overlap_from_strides(x) is not False
+        else:
             if x.is_inference():
                 _check_inference_update(x)
-            if not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x):
-                raise RuntimeError(
-                    "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided "
-                    "view), so its result cannot be written into it. Use inplace=False, or clone x first."
-                )
+            shares_memory = not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x)
+        if shares_memory:
+            raise RuntimeError(
+                "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided view), "
+                "or, under torch.compile, a layout whose strides do not show it has none, so its result cannot "
+                "be written into it. Use inplace=False, or clone x first."
+            )
         if (x.dtype in _LOW_PRECISION or in_functorch_transform() or _forward_ad._current_level >= 0
                 or (not _is_compiling() and (moved.is_neg() or _is_legacy_batched(moved)))):
             # Computed out of place, then written through the view: copy_ applies the lazy negation, works on
