@@ -527,7 +527,11 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     Rounding: for a given input, thread count and CPU the result is always the same, but a row's last bits
     may change with the number of threads, and with the size of the whole call (calls of 16 MB and more
     order the stages differently on AVX-512 CPUs, in place and out of place differently again); the error
-    stays within the accuracy rule of the tests. Normalized, the sums are scaled after the last stage, as
+    stays within the accuracy rule of the tests (the largest error at most twice ``fwht_reference``'s, over
+    batches of rows). The kernel orders its stages differently from ``fwht_reference``, so the two round
+    differently: on a single row of 16 to 64 float32 values, the largest error came out above twice the
+    reference's for 0.5-4 % of random inputs, and the reference's above twice the kernel's about as often
+    (AVX2, 200 seeds each); on a row of 256 values, for none. Normalized, the sums are scaled after the last stage, as
     ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
     sums pass the largest float (``|x|`` above about ``finfo.max / n``) overflows, as in the reference.
 
