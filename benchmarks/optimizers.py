@@ -6,12 +6,17 @@
 3. Fitting a DeepSpectralLinear (depth 2) to a fixed dense 256->256 teacher on real activations
    (tanh of a fixed random projection of MNIST pixels): held-out MSE vs steps / seconds.
 
-Same models, data, batches and seeds for every optimizer; one torch thread; evaluation time excluded
-from the clock. `--tune` runs a grid per (problem, optimizer) on a validation split with the
-comparison's budget rule (see `tune`) and stores the best in results/optimizers_tuned.json; the
-default run reads that file. `--quick` is a smoke run (few steps, no plots, no section).
+Same models, data, batches and seeds for every optimizer; one torch thread. The clock is the training
+thread's CPU time (evaluation excluded): with one thread it is the time the run takes on a core of its own,
+and time the OS gives other jobs on a shared machine does not count. A seed fixes the initial weights, the
+order of the batches, the curvature optimizers' sampling and, for problem 3, the teacher and the
+projection (each from its own stream); the MNIST train/test split is the same for every seed. `--tune` runs a grid
+per (problem, optimizer) on a validation split of the training rows, on the tuning seeds, with the
+comparison's budget rule (see `tune`), and stores the best in results/optimizers_tuned.json; the
+default run reads that file and reports on other seeds and the test rows. `--quick` is a smoke run
+(few steps, no plots, no section).
 
-Run: .venv/bin/python benchmarks/optimizers.py [--tune | --quick]
+Run: .venv/bin/python benchmarks/optimizers.py [--tune] [--seeds 0 1 2] [--repeats N] [--problems ...] [--quick]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -56,22 +62,26 @@ GRID: dict[str, list[dict]] = {
     "adam": [{"lr": v, "beta1": b} for b in (0.5, 0.9) for v in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)],
     "sgd": [{"lr": v, "momentum": m} for m in (0.5, 0.9) for v in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)],
     "diagonal_newton": [{"lr": v, "damping": d, "beta1": b} for b in (0.5, 0.9) for d in (1e-6, 1e-4)
-                        for v in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)],
+                        for v in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)],
     "kfac": [{"lr": 1.0, "kl_clip": k, "damping": d, "momentum": 0.5, "factor_rank": r, "inverse_every": t,
               **KFAC_CADENCE}
-             for t in KFAC_INVERSE_EVERY for r in KFAC_RANKS for d in (1e-4, 1e-3, 1e-2, 1e-1)
+             for t in KFAC_INVERSE_EVERY for r in KFAC_RANKS for d in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
              for k in (1e-5, 1e-4, 1e-3, 1e-2)],
 }
 DEFAULT = {"adam": {"lr": 1e-3}, "sgd": {"lr": 0.03, "momentum": 0.9}, "diagonal_newton": {"lr": 0.1}, "kfac": {"lr": 0.1}}
 TUNED_PATH = HERE / "results" / "optimizers_tuned.json"
 PLOTS = HERE / "plots"
-SEED = 0
+DATA_SEED = 0  # the MNIST shuffle and 4,000 / 1,000 split, fixed so the test rows are never tuned on
+TUNING_SEEDS = (100, 101)
+REPORT_SEEDS = (0, 1, 2)
+PROBLEMS = ("mlp_dense", "mlp_spectral", "autoencoder", "distill")  # as problems() builds them
 
 
 @dataclass
 class Problem:
     name: str
     title: str
+    seed: int
     make_model: Callable[[], nn.Module]
     loss_fn: Callable
     likelihood: str  # for the curvature optimizers' sampled Fisher
@@ -92,10 +102,19 @@ class Trace:
     accuracy: list[float] = field(default_factory=list)
 
 
-def mlp(kind: str) -> Callable[[], nn.Module]:
+def stream(seed: int, purpose: int) -> int:
+    """The generator seed for one use of a problem's ``seed``: each seed has its own streams (seed 1's initial
+    weights are not seed 0's projection)."""
+    return seed * 1000 + purpose
+
+
+INIT, DATA, OPTIMIZER, BATCHES = 0, 1, 3, 7  # the purposes
+
+
+def mlp(kind: str, seed: int) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        torch.manual_seed(SEED)
-        gen = torch.Generator().manual_seed(SEED)
+        torch.manual_seed(stream(seed, INIT))
+        gen = torch.Generator().manual_seed(stream(seed, INIT))
         if kind == "dense":
             hidden = [nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()]
         else:
@@ -106,8 +125,8 @@ def mlp(kind: str) -> Callable[[], nn.Module]:
     return make
 
 
-def autoencoder() -> nn.Module:
-    torch.manual_seed(SEED)
+def autoencoder(seed: int) -> nn.Module:
+    torch.manual_seed(stream(seed, INIT))
     widths = [784, 256, 128, 30, 128, 256, 784]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
@@ -117,56 +136,61 @@ def autoencoder() -> nn.Module:
     return nn.Sequential(*layers, nn.Sigmoid())
 
 
-def distillation_student() -> nn.Module:
-    gen = torch.Generator().manual_seed(SEED)
+def distillation_student(seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(stream(seed, INIT))
     return nn.Sequential(DeepSpectralLinear(256, 256, depth=2, generator=gen))
 
 
-def distillation_data() -> tuple[tuple, tuple]:
-    """Real activations: tanh of a fixed random projection of MNIST pixels; targets from a dense teacher."""
-    gen = torch.Generator().manual_seed(SEED + 1)
+def distillation_data(seed: int) -> tuple[tuple, tuple]:
+    """Real activations: tanh of a random projection of MNIST pixels; targets from a random dense teacher
+    (both drawn from ``seed``); the pixels centred on the training rows' mean."""
+    gen = torch.Generator().manual_seed(stream(seed, DATA))
     projection = torch.randn(784, 256, generator=gen) / math.sqrt(784 * 0.1)
     teacher = nn.Linear(256, 256)
     with torch.no_grad():
         teacher.weight.copy_(torch.randn(256, 256, generator=gen) / math.sqrt(256))
         teacher.bias.copy_(0.1 * torch.randn(256, generator=gen))
     out = []
+    mean = load_mnist("train", seed=DATA_SEED)[0].mean()
     for split in ("train", "test"):
-        pixels, _ = load_mnist(split, seed=SEED)
-        features = torch.tanh((pixels - pixels.mean()) @ projection)
+        pixels, _ = load_mnist(split, seed=DATA_SEED)
+        features = torch.tanh((pixels - mean) @ projection)
         with torch.no_grad():
             out.append((features, teacher(features)))
     return out[0], out[1]
 
 
-def problems(quick: bool) -> list[Problem]:
-    train, test = load_mnist("train", seed=SEED), load_mnist("test", seed=SEED)
+def problems(quick: bool, seed: int) -> list[Problem]:
+    train, test = load_mnist("train", seed=DATA_SEED), load_mnist("test", seed=DATA_SEED)
     scale = 0.1 if quick else 1.0
-    distill_train, distill_test = distillation_data()
+    distill_train, distill_test = distillation_data(seed)
     ae = (train[0], train[0]), (test[0], test[0])
     return [
-        Problem("mlp_dense", "MNIST-5k MLP 784-256-256-10, dense", mlp("dense"), F.cross_entropy, "categorical",
-                train, test, int(300 * scale), 128, 10, True, 0.92),
-        Problem("mlp_spectral", "MNIST-5k MLP 784-256-256-10, LinearWHT hidden", mlp("spectral"), F.cross_entropy,
-                "categorical", train, test, int(300 * scale), 128, 10, True, 0.90),
-        Problem("autoencoder", "MNIST-5k autoencoder 784-256-128-30-128-256-784 (tanh, sigmoid out)", autoencoder,
-                F.mse_loss, "gaussian", ae[0], ae[1], int(250 * scale), 500, 5),
-        Problem("distill", "DeepSpectralLinear(256, depth 2) fit to a dense 256x256 teacher", distillation_student,
-                F.mse_loss, "gaussian", distill_train, distill_test, int(400 * scale), 250, 5),
+        Problem("mlp_dense", "MNIST-5k MLP 784-256-256-10, dense", seed, mlp("dense", seed), F.cross_entropy,
+                "categorical", train, test, int(300 * scale), 128, 10, True, 0.92),
+        Problem("mlp_spectral", "MNIST-5k MLP 784-256-256-10, LinearWHT hidden", seed, mlp("spectral", seed),
+                F.cross_entropy, "categorical", train, test, int(300 * scale), 128, 10, True, 0.90),
+        Problem("autoencoder", "MNIST-5k autoencoder 784-256-128-30-128-256-784 (tanh, sigmoid out)", seed,
+                lambda: autoencoder(seed), F.mse_loss, "gaussian", ae[0], ae[1], int(250 * scale), 500, 5),
+        Problem("distill", "DeepSpectralLinear(256, depth 2) fit to a dense 256x256 teacher", seed,
+                lambda: distillation_student(seed), F.mse_loss, "gaussian", distill_train, distill_test,
+                int(400 * scale), 250, 5),
     ]
 
 
-def build(name: str, model: nn.Module, hyper: dict, likelihood: str) -> torch.optim.Optimizer:
+def build(name: str, model: nn.Module, hyper: dict, likelihood: str, seed: int) -> torch.optim.Optimizer:
     """The optimizer ``name`` with ``hyper``; ``beta1`` is the first beta of Adam / DiagonalNewton (the
-    second keeps its default: Adam 0.999, DiagonalNewton 0.99)."""
+    second keeps its default: Adam 0.999, DiagonalNewton 0.99); ``seed`` seeds the curvature optimizers'
+    sampled labels and random vectors."""
     hyper = dict(hyper)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), betas=(hyper.pop("beta1", 0.9), 0.999), **hyper)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), **hyper)
     if name == "diagonal_newton":
-        return DiagonalNewton(model, likelihood=likelihood, betas=(hyper.pop("beta1", 0.9), 0.99), **hyper)
-    return KFAC(model, likelihood=likelihood, **hyper)
+        return DiagonalNewton(model, likelihood=likelihood, betas=(hyper.pop("beta1", 0.9), 0.99), seed=seed,
+                              **hyper)
+    return KFAC(model, likelihood=likelihood, seed=seed, **hyper)
 
 
 def describe(hyper: dict) -> str:
@@ -185,9 +209,9 @@ def evaluate(problem: Problem, model: nn.Module) -> tuple[float, float]:
 def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float = math.inf) -> Trace:
     """Train for ``steps`` steps or until the clock passes ``seconds``; held-out loss every eval_every steps."""
     model = problem.make_model()
-    optimizer = build(opt_name, model, hyper, problem.likelihood)
+    optimizer = build(opt_name, model, hyper, problem.likelihood, stream(problem.seed, OPTIMIZER))
     x_all, y_all = problem.train
-    gen = torch.Generator().manual_seed(SEED + 7)
+    gen = torch.Generator().manual_seed(stream(problem.seed, BATCHES))
     order = torch.randperm(x_all.shape[0], generator=gen)
     cursor, clock = 0, 0.0
     trace = Trace()
@@ -208,7 +232,7 @@ def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float
         idx = order[cursor : cursor + problem.batch_size]
         cursor += problem.batch_size
         x, y = x_all[idx], y_all[idx]
-        start = time.perf_counter()
+        start = time.thread_time()
 
         def closure() -> torch.Tensor:
             return problem.loss_fn(model(x), y)
@@ -219,7 +243,7 @@ def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float
             optimizer.step(closure)
         else:
             optimizer.step()
-        clock += time.perf_counter() - start
+        clock += time.thread_time() - start
     return trace
 
 
@@ -245,42 +269,64 @@ def target_reached(problem: Problem, target_loss: float) -> Callable[[float, flo
     return lambda loss, accuracy: loss <= target_loss
 
 
-def tune(quick: bool) -> None:
-    """Same budget rule as the comparison, on a validation split of the training set.
+def seconds_to_target(problem: Problem, adam: Trace, trace: Trace) -> float | None:
+    """When ``trace`` first reaches the target: the fixed accuracy for classification, else ``adam``'s final
+    held-out loss (None: never, within its budget)."""
+    return first_reach(trace, target_reached(problem, adam.loss[-1]))[1]
 
-    Adam: every grid point runs the full step budget; the lowest final validation loss wins. Every
-    other optimizer: every grid point runs the same steps, stopped at the tuned Adam's wall-clock; the
-    setting that reaches the target first in seconds wins (classification: the fixed accuracy; else
-    the tuned Adam's final validation loss), ties and never-reached settings ranked by final loss.
+
+def time_ratio(problem: Problem, adam: Trace, trace: Trace) -> float | None:
+    """Seconds ``trace`` needs to reach the target, over Adam's whole wall-clock (the bar's measure)."""
+    seconds = seconds_to_target(problem, adam, trace)
+    return None if seconds is None else seconds / adam.seconds[-1]
+
+
+def tune(quick: bool, seeds: tuple[int, ...], names: tuple[str, ...]) -> None:
+    """Same budget rule as the comparison, on a validation split of the training set, on every seed in
+    ``seeds`` (kept apart from the seeds the comparison reports).
+
+    Adam: every grid point runs the full step budget; the lowest final validation loss, averaged over the
+    seeds, wins. Every other optimizer: every grid point runs the same steps, stopped at the tuned Adam's
+    wall-clock on the same seed; the setting whose slowest seed reaches the target soonest, as a fraction of
+    Adam's wall-clock, wins (classification: the fixed accuracy; else the tuned Adam's final validation
+    loss), ties and never-reached settings ranked by mean final loss. Only the problems in ``names`` are
+    tuned; the stored settings of the others are kept.
     """
-    tuned: dict = {}
-    for problem in problems(quick):
-        problem = validation_split(problem)
-        tuned[problem.name] = {}
-        adam_best: Trace | None = None
+    for instances in zip(*(map(validation_split, problems(quick, seed)) for seed in seeds)):
+        name = instances[0].name
+        if name not in names:
+            continue
+        tuned: dict = {}
+        adam: list[Trace] = []
         for opt_name in OPTIMIZERS:
-            budget = adam_best.seconds[-1] if adam_best is not None else math.inf
-            traces = [(hyper, run(problem, opt_name, hyper, problem.steps, budget)) for hyper in GRID[opt_name]]
+            results = []
+            for hyper in GRID[opt_name]:
+                budgets = [a.seconds[-1] for a in adam] or [math.inf] * len(instances)
+                results.append((hyper, [run(p, opt_name, hyper, p.steps, b) for p, b in zip(instances, budgets)]))
+
+            def ratios(traces: list[Trace]) -> list[float | None]:
+                return [time_ratio(p, a, t) for p, a, t in zip(instances, adam, traces)]
+
+            def mean_loss(item: tuple[dict, list[Trace]]) -> float:
+                return statistics.fmean(t.loss[-1] for t in item[1])
+
+            def slowest_seed(item: tuple[dict, list[Trace]]) -> tuple[float, float]:
+                return max(math.inf if r is None else r for r in ratios(item[1])), mean_loss(item)
+
+            best_hyper, best_traces = min(results, key=mean_loss if opt_name == "adam" else slowest_seed)
             if opt_name == "adam":
-                def key(item: tuple[dict, Trace]) -> float:
-                    return item[1].loss[-1]
-            else:
-                good = target_reached(problem, adam_best.loss[-1])
-                def key(item: tuple[dict, Trace]) -> tuple[float, float]:
-                    seconds = first_reach(item[1], good)[1]
-                    return (math.inf if seconds is None else seconds), item[1].loss[-1]
-            best_hyper, best_trace = min(traces, key=key)
-            if opt_name == "adam":
-                adam_best = best_trace
-            grid = [[h, t.loss[-1], first_reach(t, target_reached(problem, adam_best.loss[-1]))[1]]
-                    for h, t in traces]
-            tuned[problem.name][opt_name] = {"hyper": best_hyper, "grid": grid}
-            print(problem.name, opt_name, [(describe(h), f"{v:.4g}", s) for h, v, s in grid], "->", best_hyper, flush=True)
-    if not quick:
-        tmp = TUNED_PATH.with_suffix(".json.tmp")
-        TUNED_PATH.parent.mkdir(exist_ok=True)
-        tmp.write_text(json.dumps(tuned, indent=1), encoding="utf-8")
-        os.replace(tmp, TUNED_PATH)
+                adam = best_traces
+            grid = [[h, [t.loss[-1] for t in traces], ratios(traces)] for h, traces in results]
+            tuned[opt_name] = {"hyper": best_hyper, "seeds": list(seeds), "grid": grid}
+            print(name, opt_name, [(describe(h), [f"{v:.4g}" for v in losses], [fmt(r, ".2f") for r in rs])
+                                   for h, losses, rs in grid], "->", best_hyper, flush=True)
+        if not quick:  # each problem as it is done, merged into what the file holds then
+            stored = json.loads(TUNED_PATH.read_text(encoding="utf-8")) if TUNED_PATH.exists() else {}
+            stored[name] = tuned
+            tmp = TUNED_PATH.with_suffix(".json.tmp")
+            TUNED_PATH.parent.mkdir(exist_ok=True)
+            tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8")
+            os.replace(tmp, TUNED_PATH)
 
 
 def plot(problem: Problem, traces: dict[str, Trace]) -> Path:
@@ -328,87 +374,139 @@ def run_every_optimizer(problem: Problem, hypers: dict[str, dict]) -> dict[str, 
     return traces
 
 
-def time_ratio(traces: dict[str, Trace], opt_name: str) -> float | None:
-    """Seconds ``opt_name`` needs to reach Adam's final held-out loss, over Adam's total seconds."""
+def problem_section(problem: Problem, hypers: dict[str, dict], untuned: set[str], traces: dict[str, Trace],
+                    with_plot: bool, repeats: int) -> str:
+    """One problem's table (and plot) from one timed run of every optimizer; ``untuned`` ran the defaults."""
+    rows = []
     adam = traces["adam"]
-    seconds = first_reach(traces[opt_name], lambda loss, acc: loss <= adam.loss[-1])[1]
-    return None if seconds is None else seconds / adam.seconds[-1]
+
+    def setting(opt_name: str) -> str:
+        return ("not tuned: library default " if opt_name in untuned else "") + describe(hypers[opt_name])
+
+    if problem.classification:
+        headers = ["optimizer", "tuned", f"steps to {problem.target_accuracy:.0%}", f"seconds to {problem.target_accuracy:.0%}",
+                   "final test acc", "steps run", "total s", "ms/step"]
+        for opt_name, trace in traces.items():
+            step, seconds = first_reach(trace, lambda loss, acc: acc >= problem.target_accuracy)
+            rows.append([opt_name, setting(opt_name), fmt(step, "d"), fmt(seconds), f"{trace.accuracy[-1]:.4f}",
+                         trace.steps[-1], f"{trace.seconds[-1]:.1f}",
+                         f"{trace.seconds[-1] / max(trace.steps[-1], 1) * 1e3:.1f}"])
+    else:
+        headers = ["optimizer", "tuned", "final test MSE", "steps run", "total s", "ms/step", "steps to Adam's final",
+                   "s to Adam's final", "time vs Adam"]
+        for opt_name, trace in traces.items():
+            step, seconds = first_reach(trace, target_reached(problem, adam.loss[-1]))
+            rows.append([opt_name, setting(opt_name), f"{trace.loss[-1]:.4g}", trace.steps[-1],
+                         f"{trace.seconds[-1]:.1f}", f"{trace.seconds[-1] / max(trace.steps[-1], 1) * 1e3:.1f}",
+                         fmt(step, "d"), fmt(seconds), fmt(time_ratio(problem, adam, trace), ".2f")])
+    table = markdown_table(headers, rows)
+    print(table, flush=True)
+    image = f"\n\n![{problem.name}](benchmarks/plots/{plot(problem, traces).name})" if with_plot else ""
+    return (f"### {problem.title}\n\nSeed {problem.seed}. Adam: {problem.steps} steps, batch {problem.batch_size}; "
+            "every other optimizer runs the same steps but stops at Adam's wall-clock"
+            + ("." if problem.classification else f"; table from the first of {repeats} timed repeats.")
+            + f"\n\n{table}{image}")
 
 
-def compare(quick: bool, repeats: int) -> None:
-    """Tables and plots from the first repeat; the verdict's time ratios are medians over ``repeats``
-    (the batches and hence the losses are identical across repeats; only the clock differs)."""
-    tuned = json.loads(TUNED_PATH.read_text(encoding="utf-8")) if TUNED_PATH.exists() else {}
-    sections, verdicts = [], []
-    for problem in problems(quick):
-        rows = []
-        hypers = {name: tuned.get(problem.name, {}).get(name, {}).get("hyper", DEFAULT[name]) for name in OPTIMIZERS}
-        traces = run_every_optimizer(problem, hypers)
-        extra = [] if problem.classification else [run_every_optimizer(problem, hypers) for _ in range(repeats - 1)]
-        adam = traces["adam"]
-        if problem.classification:
-            headers = ["optimizer", "tuned", f"steps to {problem.target_accuracy:.0%}", f"seconds to {problem.target_accuracy:.0%}",
-                       "final test acc", "steps run", "total s", "ms/step"]
-            for opt_name, trace in traces.items():
-                step, seconds = first_reach(trace, lambda loss, acc: acc >= problem.target_accuracy)
-                rows.append([opt_name, describe(hypers[opt_name]), fmt(step, "d"), fmt(seconds), f"{trace.accuracy[-1]:.4f}",
-                             trace.steps[-1], f"{trace.seconds[-1]:.1f}",
-                             f"{trace.seconds[-1] / max(trace.steps[-1], 1) * 1e3:.1f}"])
-        else:
-            target = adam.loss[-1]
-            headers = ["optimizer", "tuned", "final test MSE", "steps run", "total s", "ms/step", "steps to Adam's final",
-                       "s to Adam's final", "time vs Adam"]
-            for opt_name, trace in traces.items():
-                step, seconds = first_reach(trace, lambda loss, acc: loss <= target)
-                ratio = None if seconds is None else seconds / adam.seconds[-1]
-                rows.append([opt_name, describe(hypers[opt_name]), f"{trace.loss[-1]:.4g}", trace.steps[-1],
-                             f"{trace.seconds[-1]:.1f}", f"{trace.seconds[-1] / max(trace.steps[-1], 1) * 1e3:.1f}",
-                             fmt(step, "d"),
-                             fmt(seconds), fmt(ratio, ".2f")])
-                if opt_name in ("diagonal_newton", "kfac"):
-                    verdicts.append((problem.name, opt_name, [time_ratio(t, opt_name) for t in [traces, *extra]]))
-        table = markdown_table(headers, rows)
-        print(table, flush=True)
-        image = "" if quick else f"\n\n![{problem.name}](benchmarks/plots/{plot(problem, traces).name})"
-        sections.append(f"### {problem.title}\n\nAdam: {problem.steps} steps, batch {problem.batch_size}; every other "
-                        f"optimizer runs the same steps but stops at Adam's wall-clock"
-                        + ("." if problem.classification else f"; table from the first of {repeats} timed repeats.")
-                        + f"\n\n{table}{image}")
-    if quick:
+def tuning_seeds_text(tuned: dict) -> str:
+    """The seeds each problem's settings were tuned on, as the stored file records them."""
+    by_seeds: dict[str, list[str]] = {}
+    for problem in PROBLEMS:
+        entries = [tuned.get(problem, {}).get(opt, {}) for opt in OPTIMIZERS]
+        recorded = {tuple(entry["seeds"]) for entry in entries if "seeds" in entry}
+        text = ("none recorded" if not recorded else " / ".join(", ".join(map(str, seeds)) for seeds in sorted(recorded)))
+        if any("seeds" not in entry for entry in entries) and recorded:
+            text += ", some settings with none recorded"
+        by_seeds.setdefault(text, []).append(problem)
+    return "; ".join(f"{text} ({', '.join(problems)})" for text, problems in by_seeds.items())
+
+
+def grid_note(tuned: dict) -> str:
+    """Which problems were tuned on a smaller grid than GRID's (the stored grids say)."""
+    smaller = []
+    for problem, by_opt in tuned.items():
+        short = [f"{opt} {len(entry.get('grid', ()))} of {len(GRID[opt])}" for opt, entry in by_opt.items()
+                 if len(entry.get("grid", ())) < len(GRID[opt])]
+        if short:
+            smaller.append(f"{problem} ({', '.join(short)} points)")
+    if not smaller:
+        return ""
+    return ("Tuned on an earlier, smaller grid (without DiagonalNewton's lr 3 and K-FAC's damping 1e-5): "
+            + "; ".join(smaller) + ".")
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median, counting None (never reached) as larger than any number."""
+    ordered = sorted(math.inf if v is None else v for v in values)
+    middle = ordered[len(ordered) // 2]
+    return None if math.isinf(middle) else middle
+
+
+def compare(quick: bool, repeats: int, seeds: tuple[int, ...], tuned: dict, names: tuple[str, ...]) -> None:
+    """Every problem on every seed with the ``tuned`` settings; the MSE problems timed ``repeats`` times
+    (the batches and hence the losses are identical across repeats; only the clock differs). Tables and
+    plots from the first seed's first repeat; the per-seed table and the verdict from all seeds, each the
+    median of its repeats. Only the problems in ``names``; the section is written only when all of them ran."""
+    write = not quick and set(names) == set(PROBLEMS)
+    sections: list[str] = []
+    titles: dict[str, str] = {}
+    # problem -> optimizer -> one median time ratio per seed
+    ratios: dict[str, dict[str, list[float | None]]] = {}
+    for seed in seeds:
+        for problem in (p for p in problems(quick, seed) if p.name in names):
+            stored = tuned.get(problem.name, {})
+            hypers = {name: stored.get(name, {}).get("hyper", DEFAULT[name]) for name in OPTIMIZERS}
+            untuned = {name for name in OPTIMIZERS if "hyper" not in stored.get(name, {})}
+            timed = [run_every_optimizer(problem, hypers) for _ in range(1 if problem.classification else repeats)]
+            for opt_name in OPTIMIZERS:
+                ratios.setdefault(problem.name, {}).setdefault(opt_name, []).append(
+                    median([time_ratio(problem, t["adam"], t[opt_name]) for t in timed]))
+            titles[problem.name] = problem.title
+            if seed == seeds[0]:
+                sections.append(problem_section(problem, hypers, untuned, timed[0], write, repeats))
+    if not write:
         return
-    def median(ratios: list[float | None]) -> float | None:
-        ordered = sorted(math.inf if r is None else r for r in ratios)
-        middle = ordered[len(ordered) // 2]
-        return None if math.isinf(middle) else middle
+    per_seed = markdown_table(
+        ["problem", "optimizer", *(f"seed {s}" for s in seeds)],
+        [[titles[p], o, *(fmt(r, ".2f") for r in rs)] for p, by_opt in ratios.items() for o, rs in by_opt.items()])
 
-    met = {p: any(median(r) is not None and median(r) <= 0.5 for q, _, r in verdicts if q == p)
+    def meets(rs: list[float | None]) -> int:
+        return sum(r is not None and r <= 0.5 for r in rs)
+
+    verdict_lines = [f"- {p}: {o} at or under 0.5x on {meets(rs)} of {len(rs)} seeds ("
+                     + ", ".join(fmt(r, ".3f") for r in rs) + ")"
+                     for p in ("autoencoder", "distill") for o, rs in ratios[p].items()
+                     if o in ("diagonal_newton", "kfac")]
+    met = {p: any(meets(rs) == len(seeds) for o, rs in ratios[p].items() if o in ("diagonal_newton", "kfac"))
            for p in ("autoencoder", "distill")}
-    verdict_lines = [
-        f"- {p}: {o} " + (f"reaches Adam's final loss at {median(r):.2f}x Adam's wall-clock" if median(r) is not None
-                          else "does not reach Adam's final loss within Adam's wall-clock")
-        + f" (median of {len(r)} timed repeats: " + ", ".join(fmt(x, ".2f") for x in r) + ")"
-        for p, o, r in verdicts
-    ]
-    bar = "MET" if all(met.values()) else "NOT MET"
+    tuned_on = {seed for by_opt in tuned.values() for entry in by_opt.values() for seed in entry.get("seeds", ())}
+    also_tuned = sorted(tuned_on & set(seeds))
+    bar = (f"MET on all {len(seeds)} seeds" if all(met.values()) else f"NOT MET on all {len(seeds)} seeds for "
+           + " and ".join(p for p, ok in met.items() if not ok))
+    if also_tuned:
+        bar += f" (also tuned on: seed {', '.join(map(str, also_tuned))})"
     write_section("optimizers", "\n".join([
         "## Second-order optimizers (benchmarks/optimizers.py)",
         "",
-        f"CPU: {cpu_model()}, torch threads = 1 (evaluation excluded from the clock; the machine was shared "
-        f"with other jobs, so wall-clock figures carry noise), seed {SEED}, same batches for every "
-        "optimizer. Curvature optimizers use the sampled (true) Fisher: `likelihood='categorical'` for "
+        f"CPU: {cpu_model()}, torch threads = 1; seconds are the training thread's CPU time (evaluation "
+        f"excluded): with one thread, the time a run takes on a core of its own, whatever else the machine ran; seeds {', '.join(map(str, seeds))} (a seed fixes the "
+        "initial weights, the batch order, the curvature optimizers' sampling and problem 3's teacher and "
+        "projection; the MNIST split is the same for all), same batches for every optimizer. Curvature optimizers use the sampled (true) Fisher: `likelihood='categorical'` for "
         "classification, `'gaussian'` for MSE; settings not tuned are the library defaults "
         "(DiagonalNewton: gauss_newton curvature refreshed every 10 steps, beta2 0.99, clip 1; "
         "K-FAC: factored (pi-split) damping with Levenberg-Marquardt adaptation, factor decay 0.95, SGD base).",
         "",
         "Tuning (`benchmarks/optimizers.py --tune`, stored in `benchmarks/results/optimizers_tuned.json`): "
-        "on a validation split (the last fifth of the training rows; the test set is not used), every grid "
-        "point runs the full step budget of the comparison below. Adam: lr in 1e-3..0.3 (factors of ~3) x "
-        "beta1 in {0.5, 0.9}, lowest final validation loss wins. Every other optimizer runs the same steps but "
-        "stops at the tuned Adam's wall-clock (the same budget rule as the comparison) and is ranked by the "
-        "seconds it needs to reach the target (the fixed accuracy for the MLPs; the tuned Adam's final "
-        "validation loss otherwise), then by final loss: SGD lr in 0.01..3 x momentum in {0.5, 0.9}; "
-        "DiagonalNewton lr in 0.003..1 x damping in {1e-6, 1e-4} x beta1 in {0.5, 0.9}; K-FAC lr 1 (so the "
-        "KL clip sets the step length) x kl_clip in {1e-5..1e-2} x initial damping in {1e-4..0.1} x "
+        f"on a validation split (the last fifth of the training rows; the test rows are not used), on seeds "
+        f"{tuning_seeds_text(tuned)}, every grid point runs the full step budget "
+        "of the comparison below. Adam: lr in 1e-3..0.3 (factors of ~3) x beta1 in {0.5, 0.9}, lowest final "
+        "validation loss (mean over the tuning seeds) wins. Every other optimizer runs the same steps but stops "
+        "at the tuned Adam's wall-clock on the same seed (the same budget rule as the comparison) and is ranked "
+        "by the time its slowest tuning seed needs to reach the target, as a fraction of Adam's wall-clock "
+        "(the target: the fixed accuracy for the MLPs; the tuned Adam's final validation loss otherwise), then "
+        "by mean final loss: SGD lr in 0.01..3 x momentum in {0.5, 0.9}; "
+        "DiagonalNewton lr in 0.003..3 x damping in {1e-6, 1e-4} x beta1 in {0.5, 0.9}; K-FAC lr 1 (so the "
+        "KL clip sets the step length) x kl_clip in {1e-5..1e-2} x initial damping in {1e-5..0.1} x "
         "factor_rank in {dense inverses, rank 32} x inverse_every in {20, 10}, factors and damping "
         "adaptation every 10 steps, SGD "
         "momentum 0.5 (earlier tuning passes: kl_clip 1e-6..1e-3 and momentum in {0.5, 0.9} picked 0.5 on all "
@@ -417,9 +515,17 @@ def compare(quick: bool, repeats: int) -> None:
         "which differs by orders of magnitude between problems (a mean MSE over 784 outputs has Fisher "
         "eigenvalues of ~1e-7..1e-3; the old fixed damping 0.1 turned K-FAC into plain SGD on the autoencoder), "
         "hence it is tuned. A previous version tuned on a third of the steps, where every optimizer was still "
-        "on the autoencoder's plateau.",
+        "on the autoencoder's plateau. " + grid_note(tuned),
         "",
         *sections,
+        "",
+        "### Every seed: time to the target / Adam's wall-clock",
+        "",
+        "The target: the fixed accuracy for the MLPs, Adam's final test loss on the same seed otherwise; the "
+        f"MSE problems' figures are medians of {repeats} timed repeats (the upper middle one for an even count). Adam's own row says when it first "
+        "reached its final loss (or the accuracy).",
+        "",
+        per_seed,
         "",
         f"### Verdict: bar (K-FAC or DiagonalNewton reaches Adam's final loss in <= 0.5x Adam's wall-clock on "
         f"problems 2 and 3): **{bar}**",
@@ -432,15 +538,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 10%% of the steps, no plots or section")
     parser.add_argument("--tune", action="store_true", help="run the learning-rate grid and store the best")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the MSE problems (median ratio)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the MSE problems (median ratio)")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds to report (default {REPORT_SEEDS}; "
+                        f"with --tune, seeds to tune on, default {TUNING_SEEDS})")
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=PROBLEMS,
+                        help="only these problems (--tune keeps the stored settings of the others; a comparison of "
+                             "some writes no section)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats: expected >= 1")
     torch.set_num_threads(1)
     if args.tune:
-        tune(args.quick)
-    else:
-        compare(args.quick, args.repeats)
+        tune(args.quick, tuple(dict.fromkeys(args.seeds or TUNING_SEEDS)), tuple(args.problems))
+        return
+    tuned = json.loads(TUNED_PATH.read_text(encoding="utf-8")) if TUNED_PATH.exists() else {}
+    seeds = tuple(dict.fromkeys(args.seeds or REPORT_SEEDS))  # each once
+    compare(args.quick, args.repeats, seeds, tuned, tuple(args.problems))
 
 
 if __name__ == "__main__":
