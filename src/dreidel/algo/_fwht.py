@@ -531,8 +531,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     batches of rows). The kernel orders its stages differently from ``fwht_reference``, so the two round
     differently: on a single row of 16 to 64 float32 values, the largest error came out above twice the
     reference's for 0.5-4 % of random inputs, and the reference's above twice the kernel's about as often
-    (AVX2, 200 seeds each); on a row of 256 values, for none. Normalized, the sums are scaled after the last stage, as
-    ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
+    (AVX2, 200 seeds each); on a row of 256 values, for none. Normalized, the sums are scaled after the last
+    stage, as ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
     sums pass the largest float (``|x|`` above about ``finfo.max / n``) overflows, as in the reference.
 
     Raises:
