@@ -99,11 +99,12 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
         raise TypeError(f"audio must hold float samples in [-1, 1], got dtype {audio.dtype} (use load_audio)")
     if audio.dim() == 0:
         raise ValueError("audio must have a samples axis, got a scalar")
-    if not bool(torch.isfinite(audio).all()):  # one NaN or Inf sample would make every value NaN
-        raise ValueError("audio has NaN or infinite samples")
-    audio = audio.to(torch.float32)
-    if not bool(torch.isfinite(audio).all()):
-        raise ValueError("audio has samples beyond float32's range")
+    samples = audio.to(torch.float32)
+    if not bool(torch.isfinite(samples).all()):  # one NaN or Inf sample would make every value NaN
+        # which one, looked up only on failure: a float64 sample past float32's range is finite until the cast
+        raise ValueError("audio has NaN or infinite samples" if not bool(torch.isfinite(audio).all())
+                         else "audio has samples beyond float32's range")
+    audio = samples
     if padding:
         audio = torch.nn.functional.pad(audio, (0, padding))
     if audio.shape[-1] <= N_FFT // 2:
