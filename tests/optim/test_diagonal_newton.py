@@ -276,6 +276,15 @@ def test_parameter_first_used_mid_run_gets_its_own_counts_and_batch_estimate(fir
     assert opt.state[model.b.weight]["step"] == 1 and opt.state[model.a.weight]["step"] == first_use + 1
 
 
+def assert_continues_alike(original, resumed, x, y, steps: int) -> None:
+    """Both (model, optimizer) pairs trained ``steps`` more steps on (x, y) end with equal parameters, bit for bit."""
+    for _ in range(steps):
+        for model, optimizer in (original, resumed):
+            train_step(model, optimizer, F.mse_loss, x, y)
+    for a, b in zip(original[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_state_saved_without_per_parameter_counts_still_loads():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -293,11 +302,7 @@ def test_state_saved_without_per_parameter_counts_still_loads():
     resumed_model.load_state_dict(model.state_dict())
     resumed = DiagonalNewton(resumed_model, curvature_every=2)
     resumed.load_state_dict(old_style)
-    for _ in range(3):
-        train_step(model, opt, F.mse_loss, x, y)
-        train_step(resumed_model, resumed, F.mse_loss, x, y)
-    for a, b in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    assert_continues_alike((model, opt), (resumed_model, resumed), x, y, steps=3)
 
 
 def test_unbatched_input_is_a_batch_of_one():
@@ -381,3 +386,126 @@ def test_a_param_group_may_be_frozen_with_lr_zero():
     opt = DiagonalNewton(list(first.parameters()), curvature="hutchinson")
     opt.add_param_group({"params": list(second.parameters()), "lr": 0.0})
     assert opt.param_groups[1]["lr"] == 0.0
+
+
+def documented_update(params, grads, state, options, batch, refresh):
+    """The update in DiagonalNewton's module docstring, parameter by parameter, in float64 (the oracle); with
+    curvature='gnb' and the empirical likelihood every curvature estimate is ``B g^2``."""
+    beta1, beta2 = options["betas"]
+    for p, g in zip(params, grads):
+        s = state.setdefault(p, dict(m=torch.zeros_like(g), h=torch.zeros_like(g), step=0, updates=0))
+        if refresh or s["updates"] == 0:
+            s["h"] = beta2 * s["h"] + (1 - beta2) * batch * g**2
+            s["updates"] += 1
+        s["step"] += 1
+        s["m"] = beta1 * s["m"] + (1 - beta1) * g
+        m = s["m"] / (1 - beta1 ** s["step"])
+        h = s["h"] / (1 - beta2 ** s["updates"])
+        newton = (m / (h + options["damping"])).clamp(-options["clip"], options["clip"])
+        p.mul_(1 - options["lr"] * options["weight_decay"]).sub_(options["lr"] * newton)
+
+
+@pytest.mark.parametrize("widths", [[6] * 6 + [3], [6, 130, 130, 3]], ids=["small", "small_and_large"])
+def test_steps_of_a_many_tensor_model_follow_the_documented_update(widths):
+    """Every parameter with a gradient, one dtype: the state of a group's small parameters is updated in two
+    flat buffers (the packed path), that of a weight of 130 x 130 (over 16384 values) on its own; several steps,
+    refreshes every third, two param groups with their own options, weight decay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.Tanh())][:-1])
+    x, y = torch.randn(12, widths[0]), torch.randn(12, widths[-1])
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    first = [p for m in layers[:len(layers) // 2] for p in m.parameters()]
+    second = [p for m in layers[len(layers) // 2:] for p in m.parameters()]
+    options = [dict(lr=0.05, betas=(0.9, 0.99), damping=1e-3, clip=1.0, weight_decay=0.0),
+               dict(lr=0.02, betas=(0.5, 0.9), damping=1e-2, clip=0.5, weight_decay=0.1)]
+    opt = DiagonalNewton(model, curvature="gnb", curvature_every=3, eps=1e-30, **options[0])
+    opt.param_groups[0]["params"] = first
+    opt.add_param_group(dict(params=second, **options[1]))
+    oracle = [p.detach().double().clone() for p in first + second]
+    state: dict = {}
+    for step in range(8):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        grads = [p.grad.double() for p in first + second]
+        opt.step(lambda: F.mse_loss(model(x), y))
+        for group_oracle, group_grads, group_options in ((oracle[:len(first)], grads[:len(first)], options[0]),
+                                                        (oracle[len(first):], grads[len(first):], options[1])):
+            documented_update(group_oracle, group_grads, state, group_options, batch=12, refresh=step % 3 == 0)
+        for p, expected in zip(first + second, oracle):
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+            expected.copy_(p.detach().double())  # each step from the same point: errors do not compound
+    assert len(opt._packed) == 2  # both groups took the packed path
+
+
+def test_packed_state_saves_loads_and_resumes_exactly(tmp_path):
+    """The packed state is saved as per-parameter tensors (torch.load(weights_only=True) reads it); a resumed
+    optimizer packs its loaded state again and follows the original bit for bit."""
+    def make_model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    model = make_model()
+    x, y = torch.randn(10, 5), torch.randn(10, 2)
+    opt = DiagonalNewton(model, curvature_every=2)
+    for _ in range(3):
+        train_step(model, opt, F.mse_loss, x, y)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert all(s["exp_avg"].shape == p.shape for s, p in zip(saved["state"].values(), model.parameters()))
+    resumed_model = make_model()
+    resumed_model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    resumed = DiagonalNewton(resumed_model, curvature_every=2)
+    resumed.load_state_dict(saved)
+    assert_continues_alike((model, opt), (resumed_model, resumed), x, y, steps=4)
+
+
+def test_a_parameter_without_gradient_keeps_its_state_in_a_packed_group():
+    """A step where one parameter has no gradient goes tensor by tensor: that parameter stays where it was, the
+    others move; afterwards its count differs from theirs, and each is still bias-corrected by its own."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    options = dict(lr=0.1, betas=(0.9, 0.99), damping=1e-3, clip=1.0, weight_decay=0.0)
+    opt = DiagonalNewton(model, curvature="gnb", eps=1e-30, **options)
+    params = list(model.parameters())
+    frozen = model[2].bias
+    oracle = {p: p.detach().double().clone() for p in params}
+    state: dict = {}
+    for step in range(4):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if step == 1:
+            frozen.grad = None
+        moving = [p for p in params if p.grad is not None]
+        grads = [p.grad.double() for p in moving]
+        opt.step(lambda: F.mse_loss(model(x), y))
+        keys = [oracle[p] for p in moving]
+        documented_update(keys, grads, state, options, batch=6, refresh=step == 0)
+        for p in params:
+            torch.testing.assert_close(p.detach().double(), oracle[p], rtol=1e-5, atol=1e-6)
+            oracle[p].copy_(p.detach().double())
+    assert opt.state[frozen]["step"] == 3 and opt.state[params[0]]["step"] == 4
+
+
+@pytest.mark.parametrize("rows", [10, 20000], ids=["small", "large"])
+def test_a_sparse_embedding_gradient_is_updated_densely(rows):
+    """nn.Embedding(sparse=True): the sparse gradient enters the update as the dense one would, packed
+    (10 x 4 values) or on its own (20000 x 4)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(rows, 4, sparse=True), nn.Linear(4, 2))
+    tokens, y = torch.tensor([1, 2, 2, 7]), torch.randn(4, 2)
+    options = dict(lr=0.1, betas=(0.9, 0.99), damping=1e-3, clip=1.0, weight_decay=0.0)
+    opt = DiagonalNewton(model, curvature="gnb", eps=1e-30, **options)
+    params = list(model.parameters())
+    oracle, state = [p.detach().double().clone() for p in params], {}
+    for step in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(tokens), y).backward()
+        assert params[0].grad.is_sparse
+        grads = [p.grad.to_dense().double() for p in params]
+        opt.step(lambda: F.mse_loss(model(tokens), y))
+        documented_update(oracle, grads, state, options, batch=4, refresh=step == 0)
+        for p, expected in zip(params, oracle):
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+            expected.copy_(p.detach().double())

@@ -116,6 +116,13 @@ class DiagonalNewton(CurvatureOptimizer):
     gradients) is off by the loss scale squared, which the optimizer cannot see. Use bfloat16
     autocast without a scaler, or a ``GradScaler(init_scale=1.0, growth_interval=2**31 - 1)`` that
     only skips non-finite steps.
+
+    Cost: a step is about a dozen elementwise operations per parameter, each with a few microseconds of
+    dispatch on CPU whatever the tensor's size. The parameters of up to 16384 values (biases, norms, small
+    layers) of a param group are updated together, from two packed buffers that hold their state; larger ones
+    one at a time, every operation of one in a row while it is in cache. Measured on an AMD EPYC (Zen 3),
+    1 thread, against the loop over parameters it replaced: steps 1.7-1.8x faster on an MLP of 30 layers of
+    64 (60 tensors), unchanged (0.96-1.04x) on 4 layers of 256 and 12 of 384.
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class DiagonalNewton(CurvatureOptimizer):
         self.generator = torch.Generator().manual_seed(seed)
         self._warned_flat = False
         self._flat: set[torch.Tensor] = set()  # Hutchinson: parameters whose curvature stays 0
+        self._packed: dict[int, _PackedState] = {}  # param group index -> its packed state
         self.capture: ActivationCapture | None = None
         if self.model is not None:
             modules = per_sample_modules(self.model) if curvature == "gauss_newton" else []
@@ -317,7 +325,9 @@ class DiagonalNewton(CurvatureOptimizer):
         refresh = step % self.curvature_every == 0
         if self.closure_required(step):
             self._check_closure(closure, f"curvature={self.curvature!r}, likelihood={self.likelihood!r}")
-        if params and not torch.isfinite(torch.stack([p.grad.sum() for p in params])).all():
+        # The small parameters' gradients of each group, concatenated (the packed update reads them so).
+        small = [_flat_gradients([p for p in group["params"] if _is_small(p)]) for group in self.param_groups]
+        if not _finite([flat for flats in small for flat in flats] + [p.grad for p in params if not _is_small(p)]):
             logger.warning("DiagonalNewton: non-finite gradient at step %d; step skipped", step)
             if self.capture is not None:
                 self.capture.clear()
@@ -331,35 +341,156 @@ class DiagonalNewton(CurvatureOptimizer):
                 estimates = self._fisher(closure, params)
         if self.capture is not None:
             self.capture.clear()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+        for index, (group, small_gradients) in enumerate(zip(self.param_groups, small)):
             group["step"] = step + 1
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    # The curvature in float32 for low-precision parameters: squared gradients underflow float16.
-                    state.update(exp_avg=torch.zeros_like(p), step=0,
-                                 curvature=torch.zeros_like(p, dtype=curvature_dtype(p.dtype)),
-                                 curvature_updates=0)
-                # Counts are per parameter: one that first gets a gradient mid-run is bias-corrected by
-                # its own updates, and until a refresh estimates it, its curvature is B g^2 of this gradient.
-                h_hat = estimates.get(p)
-                if h_hat is None and state["curvature_updates"] == 0 and p not in self._flat:
-                    h_hat = batch * working_precision(p.grad) ** 2
-                if h_hat is not None:
-                    h_hat = torch.nan_to_num(h_hat, nan=0.0, posinf=0.0, neginf=0.0)
-                    state["curvature"].mul_(beta2).add_(h_hat, alpha=1 - beta2)
-                    state["curvature_updates"] += 1
-                state["step"] += 1
-                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                m = state["exp_avg"] / (1 - beta1 ** state["step"])
-                h = state["curvature"] / max(1 - beta2 ** state["curvature_updates"], 1e-12)
-                newton = m / (h + group["damping"]).clamp_min(group["eps"])
-                newton = torch.nan_to_num(newton.clamp_(-group["clip"], group["clip"]), nan=0.0)
-                lr = float(group["lr"])  # a one-element tensor lr too (add_ takes only a number as alpha)
+            self._update_group(index, group, small_gradients, estimates, batch)
+        self._arm_capture()
+
+    def _update_group(self, index: int, group: dict, small_gradients: list[torch.Tensor], estimates: dict,
+                      batch: int) -> None:
+        """The update of the parameters of ``self.param_groups[index]`` that have a gradient
+        (``small_gradients``: those of its small ones, as ``_flat_gradients`` gives them)."""
+        beta2 = group["betas"][1]
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                # The curvature in float32 for low-precision parameters: squared gradients underflow float16.
+                state.update(exp_avg=torch.zeros_like(p), step=0,
+                             curvature=torch.zeros_like(p, dtype=curvature_dtype(p.dtype)), curvature_updates=0)
+            # Counts are per parameter: one that first gets a gradient mid-run is bias-corrected by its own
+            # updates, and until a refresh estimates it, its curvature is B g^2 of this gradient.
+            h_hat = estimates.get(p)
+            if h_hat is None and state["curvature_updates"] == 0 and p not in self._flat:
+                h_hat = batch * working_precision(p.grad) ** 2
+            if h_hat is not None:
+                h_hat = torch.nan_to_num(h_hat, nan=0.0, posinf=0.0, neginf=0.0)
+                state["curvature"].mul_(beta2).add_(h_hat, alpha=1 - beta2)
+                state["curvature_updates"] += 1
+            state["step"] += 1
+            params.append(p)
+        lr = float(group["lr"])  # a one-element tensor lr too (add_ takes only a number as alpha)
+        small = [p for p in params if _is_small(p)]
+        packed = self._packed_state(index, group, small) if small and len(small_gradients) == 1 else None
+        if packed is not None:
+            newton = self._packed_newton(group, small, small_gradients[0], packed)  # one dtype and device
+            if group["weight_decay"]:
+                torch._foreach_mul_(small, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(small, newton, alpha=-lr)
+        for p in params:
+            if packed is None or not _is_small(p):
                 if group["weight_decay"]:
                     p.mul_(1 - lr * group["weight_decay"])
-                p.add_(newton.to(p.dtype), alpha=-lr)
-        self._arm_capture()
+                p.add_(self._newton(group, p), alpha=-lr)
+
+    def _newton(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """The clipped Newton step of ``p``, in ``p``'s dtype (its momentum updated). Every operation of one
+        parameter in a row, while it is in cache."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        state["exp_avg"].mul_(beta1).add_(_dense_grad(p), alpha=1 - beta1)
+        m = state["exp_avg"] / (1 - beta1 ** state["step"])
+        h = state["curvature"] / max(1 - beta2 ** state["curvature_updates"], 1e-12)
+        newton = m / (h + group["damping"]).clamp_min(group["eps"])
+        return torch.nan_to_num(newton.clamp_(-group["clip"], group["clip"]), nan=0.0).to(p.dtype)
+
+    def _packed_state(self, index: int, group: dict, small: list[torch.Tensor]) -> _PackedState | None:
+        """The state of the group's small parameters (``small``: those with a gradient) packed in two flat
+        buffers, packed now if it can be: every small parameter of the group has a gradient, all share one
+        dtype (float32 or float64) and device, and their counts agree. ``None`` where it cannot be: they are
+        then updated one by one, like the large ones."""
+        states = [self.state[p] for p in small]
+        packed = self._packed.get(index)
+        if packed is not None and packed.holds(small, states):
+            return packed if _counts_agree(states) else None
+        first = small[0]
+        if (len(small) != sum(1 for p in group["params"] if _is_small(p)) or not _counts_agree(states)
+                or curvature_dtype(first.dtype) != first.dtype
+                or any(p.dtype != first.dtype or p.device != first.device for p in small)):
+            return None
+        packed = _PackedState(small, states)
+        self._packed[index] = packed
+        return packed
+
+    def _packed_newton(self, group: dict, params: list[torch.Tensor], gradient: torch.Tensor,
+                       packed: _PackedState) -> list[torch.Tensor]:
+        """``_newton`` of every parameter of a packed state (``gradient``: theirs, concatenated), over the
+        buffers a slice at a time (each slice's operations in a row, while it is in L2); the steps come back
+        as views, shaped as ``params``."""
+        beta1, beta2 = group["betas"]
+        state = self.state[params[0]]  # the counts agree
+        momentum_correction = 1 - beta1 ** state["step"]
+        curvature_correction = max(1 - beta2 ** state["curvature_updates"], 1e-12)
+        newton = torch.empty_like(packed.exp_avg)
+        denominator = torch.empty(min(_PACKED_SLICE, newton.numel()), dtype=newton.dtype, device=newton.device)
+        for start in range(0, newton.numel(), _PACKED_SLICE):
+            end = start + _PACKED_SLICE
+            exp_avg, step = packed.exp_avg[start:end], newton[start:end]
+            h = denominator[:step.numel()]
+            exp_avg.mul_(beta1).add_(gradient[start:end], alpha=1 - beta1)
+            torch.div(packed.curvature[start:end], curvature_correction, out=h).add_(group["damping"])
+            h.clamp_min_(group["eps"])
+            torch.div(exp_avg, momentum_correction, out=step).div_(h)  # the operations of _newton, in its order
+            step.clamp_(-group["clip"], group["clip"]).nan_to_num_(nan=0.0)
+        return [n.view_as(p) for n, p in zip(newton.split(packed.sizes), params)]
+
+
+# Parameters of up to this many values are updated from packed buffers (one operation for all of them, not one
+# per parameter: a dozen per step, each costing several microseconds of dispatch however small the tensor);
+# larger ones one by one, every operation of a parameter in a row while it is in cache (all parameters packed,
+# one operation at a time over the whole buffers, made steps 1.7x slower on 4 layers of 256 and 2.1x on 12 of
+# 384, on Zen 3).
+_SMALL_NUMEL = 16384
+_PACKED_SLICE = 16384  # values per slice of the packed update: its five buffers' slices fit in a 512 KB L2
+
+
+def _is_small(p: torch.Tensor) -> bool:
+    return p.numel() <= _SMALL_NUMEL
+
+
+class _PackedState:
+    """A param group's ``exp_avg`` and ``curvature`` as two flat buffers, each parameter's state a view of
+    them (so ``state_dict`` and ``load_state_dict`` see per-parameter tensors, as before)."""
+
+    def __init__(self, params: list[torch.Tensor], states: list[dict]) -> None:
+        self.params = tuple(params)
+        self.sizes = [p.numel() for p in params]
+        self.exp_avg = torch.cat([s["exp_avg"].reshape(-1) for s in states])
+        self.curvature = torch.cat([s["curvature"].reshape(-1) for s in states])
+        for s, p, exp_avg, curvature in zip(states, params, self.exp_avg.split(self.sizes),
+                                            self.curvature.split(self.sizes)):
+            s["exp_avg"], s["curvature"] = exp_avg.view_as(p), curvature.view_as(p)
+
+    def holds(self, params: list[torch.Tensor], states: list[dict]) -> bool:
+        """Whether these are its parameters, in order, and their state still its views (``load_state_dict``
+        puts new tensors there)."""
+        return (len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+                and all(s["exp_avg"]._base is self.exp_avg and s["curvature"]._base is self.curvature
+                        for s in states))
+
+
+def _counts_agree(states: list[dict]) -> bool:
+    return (len({s["step"] for s in states}) == 1 and len({s["curvature_updates"] for s in states}) == 1)
+
+
+def _dense_grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, made dense if sparse (an ``nn.Embedding(sparse=True)``): the update is dense anyway."""
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
+
+
+def _flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The (dense) gradients of ``params`` that have one, concatenated per device and dtype, in the order the
+    parameters come: a single tensor where they share both."""
+    flat: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            flat.setdefault((p.grad.device, p.grad.dtype), []).append(_dense_grad(p).reshape(-1))
+    return [torch.cat(parts) for parts in flat.values()]
+
+
+def _finite(gradients: list[torch.Tensor]) -> bool:
+    """Whether the sum of each of ``gradients`` is finite: NaN or Inf, or values so large that a sum overflows,
+    make the step be skipped (much faster on CPU than ``isfinite(gradient).all()``)."""
+    return not gradients or bool(torch.stack([torch.isfinite(g.sum()) for g in gradients]).all())
