@@ -405,13 +405,16 @@ def documented_update(params, grads, state, options, batch, refresh):
         p.mul_(1 - options["lr"] * options["weight_decay"]).sub_(options["lr"] * newton)
 
 
-@pytest.mark.parametrize("widths", [[6] * 6 + [3], [6, 130, 130, 3]], ids=["small", "small_and_large"])
-def test_steps_of_a_many_tensor_model_follow_the_documented_update(widths):
-    """Every parameter with a gradient, one dtype: the state of a group's small parameters is updated in two
-    flat buffers (the packed path), that of a weight of 130 x 130 (over 16384 values) on its own; several steps,
-    refreshes every third, two param groups with their own options, weight decay."""
+@pytest.mark.parametrize("widths, frozen", [([6] * 6 + [3], False), ([6, 130, 130, 3], False), ([6] * 6 + [3], True)],
+                         ids=["small", "small_and_large", "a_frozen_bias"])
+def test_steps_of_a_many_tensor_model_follow_the_documented_update(widths, frozen):
+    """The state of a group's small parameters is updated in two flat buffers (the packed path), that of a
+    weight of 130 x 130 (over 16384 values) on its own; a frozen bias in the group (no gradient, no state)
+    leaves the others packed. Several steps, refreshes every third, two param groups with their own options,
+    weight decay."""
     torch.manual_seed(0)
     model = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.Tanh())][:-1])
+    model[0].bias.requires_grad_(not frozen)
     x, y = torch.randn(12, widths[0]), torch.randn(12, widths[-1])
     layers = [m for m in model if isinstance(m, nn.Linear)]
     first = [p for m in layers[:len(layers) // 2] for p in m.parameters()]
@@ -426,11 +429,14 @@ def test_steps_of_a_many_tensor_model_follow_the_documented_update(widths):
     for step in range(8):
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
-        grads = [p.grad.double() for p in first + second]
+        grads = [torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.double() for p in first + second]
         opt.step(lambda: F.mse_loss(model(x), y))
-        for group_oracle, group_grads, group_options in ((oracle[:len(first)], grads[:len(first)], options[0]),
-                                                        (oracle[len(first):], grads[len(first):], options[1])):
-            documented_update(group_oracle, group_grads, state, group_options, batch=12, refresh=step % 3 == 0)
+        for group_params, group_oracle, group_grads, group_options in (
+                (first, oracle[:len(first)], grads[:len(first)], options[0]),
+                (second, oracle[len(first):], grads[len(first):], options[1])):
+            moving = [(o, g) for o, g, p in zip(group_oracle, group_grads, group_params) if p.requires_grad]
+            documented_update([o for o, _ in moving], [g for _, g in moving], state, group_options, batch=12,
+                              refresh=step % 3 == 0)
         for p, expected in zip(first + second, oracle):
             torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
             expected.copy_(p.detach().double())  # each step from the same point: errors do not compound
@@ -509,3 +515,52 @@ def test_a_sparse_embedding_gradient_is_updated_densely(rows):
         for p, expected in zip(params, oracle):
             torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
             expected.copy_(p.detach().double())
+
+
+def test_a_float16_gradient_whose_sum_overflows_but_whose_values_are_finite_is_stepped(caplog):
+    """Only NaN or Inf values skip a step: a float16 gradient of 100 x 100 values of 10 (sum 1e5, beyond float16's
+    65504) is finite; the check by sums used to skip it."""
+    model = nn.Sequential(nn.Linear(100, 100)).half()
+    opt = DiagonalNewton(model, curvature="gnb", lr=0.1)
+    before = model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    opt.step()
+    assert not torch.equal(model[0].weight, before)
+    assert not any("non-finite" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_in_a_packed_gradient_skips_the_step(bad, caplog):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = DiagonalNewton(model, curvature="gnb")
+    for _ in range(2):
+        train_step(model, opt, F.mse_loss, x, y)
+    values = [p.detach().clone() for p in model.parameters()]
+    states = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    model[2].bias.grad[1] = bad
+    opt.step(lambda: F.mse_loss(model(x), y))
+    assert all(torch.equal(a, p) for a, p in zip(values, model.parameters()))
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(states, model.parameters()))
+    assert any("non-finite gradient" in r.getMessage() for r in caplog.records)
+
+
+def test_state_tensors_taken_after_load_state_dict_stay_the_optimizers():
+    """load_state_dict packs the loaded state at once: a reference taken afterwards is the state the steps
+    update, not a copy left behind at the first step."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = DiagonalNewton(model, curvature="gnb")
+    train_step(model, opt, F.mse_loss, x, y)
+    resumed = DiagonalNewton(model, curvature="gnb")
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    weight = model[0].weight
+    reference = resumed.state[weight]["exp_avg"]
+    before = reference.clone()
+    train_step(model, resumed, F.mse_loss, x, y)
+    assert resumed.state[weight]["exp_avg"] is reference and not torch.equal(reference, before)
