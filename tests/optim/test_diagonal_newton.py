@@ -466,9 +466,11 @@ def test_packed_state_saves_loads_and_resumes_exactly(tmp_path):
     assert_continues_alike((model, opt), (resumed_model, resumed), x, y, steps=4)
 
 
-def test_a_parameter_without_gradient_keeps_its_state_in_a_packed_group():
-    """A step where one parameter has no gradient goes tensor by tensor: that parameter stays where it was, the
-    others move; afterwards its count differs from theirs, and each is still bias-corrected by its own."""
+@pytest.mark.parametrize("frozen_steps", [(1,), (1, 2, 3, 4)], ids=["missed_once", "frozen_after_a_step"])
+def test_a_parameter_without_gradient_keeps_its_state_in_a_packed_group(frozen_steps):
+    """Steps where one parameter has no gradient: it stays where it was, the others move, packed again from the
+    next step on (without it while it has none); afterwards its count differs from theirs, and each is still
+    bias-corrected by its own."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
     x, y = torch.randn(6, 3), torch.randn(6, 2)
@@ -478,10 +480,10 @@ def test_a_parameter_without_gradient_keeps_its_state_in_a_packed_group():
     frozen = model[2].bias
     oracle = {p: p.detach().double().clone() for p in params}
     state: dict = {}
-    for step in range(4):
+    for step in range(5):
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
-        if step == 1:
+        if step in frozen_steps:
             frozen.grad = None
         moving = [p for p in params if p.grad is not None]
         grads = [p.grad.double() for p in moving]
@@ -491,7 +493,33 @@ def test_a_parameter_without_gradient_keeps_its_state_in_a_packed_group():
         for p in params:
             torch.testing.assert_close(p.detach().double(), oracle[p], rtol=1e-5, atol=1e-6)
             oracle[p].copy_(p.detach().double())
-    assert opt.state[frozen]["step"] == 3 and opt.state[params[0]]["step"] == 4
+        assert (frozen in opt._packed[0].members) == (step not in frozen_steps)  # the pack follows the gradients
+    assert opt.state[frozen]["step"] == 5 - len(frozen_steps) and opt.state[params[0]]["step"] == 5
+
+
+def test_a_parameter_twice_in_a_group_is_updated_once_per_occurrence():
+    """A param list with a parameter twice (put there by hand; torch.optim warns against it at construction):
+    as before packing, each occurrence is a full update (counts, curvature, momentum, step) in turn."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    options = dict(lr=0.1, betas=(0.9, 0.99), damping=1e-3, clip=1.0, weight_decay=0.0)
+    opt = DiagonalNewton(model, curvature="gnb", eps=1e-30, **options)
+    twice, once = model[0].weight, model[0].bias
+    opt.param_groups[0]["params"] = [twice, once, twice]
+    oracle = {p: p.detach().double().clone() for p in (twice, once)}
+    state: dict = {}
+    for step in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        grads = [p.grad.double() for p in (twice, once, twice)]
+        opt.step(lambda: F.mse_loss(model(x), y))
+        documented_update([oracle[twice], oracle[once], oracle[twice]], grads, state, options, batch=6,
+                          refresh=step == 0)
+        for p in (twice, once):
+            torch.testing.assert_close(p.detach().double(), oracle[p], rtol=1e-5, atol=1e-6)
+            oracle[p].copy_(p.detach().double())
+    assert opt.state[twice]["step"] == 6
 
 
 @pytest.mark.parametrize("rows", [10, 20000], ids=["small", "large"])
