@@ -318,14 +318,15 @@ struct Kernel {
     });
   }
 
-  // A row of exactly 128 registers where the ISA has 16 of them (1024 float32 with AVX2, 512 float32 or
-  // float64 otherwise): blocks of 16 registers (four register stages, spilling a few values, then the lane
-  // stages), then one radix-8 pass: two passes over L1 instead of long_row's three (8, 4, 4). The next row
-  // is prefetched whole during the first pass, as long_row does for rows of up to kBurstPrefetchBytes.
-  // Measured on Zen 3, A/B against long_row in one process, 1 thread: AVX2 float32 1024-point rows 1.08-1.09x
-  // from memory (16 MB), 1.07x in L2; AVX2 float64 512-point rows 1.09x from memory, 1.02x in L2; the portable
-  // build's 512-point float32 rows 1.12x from memory, 1.02x in L2. (A 4096-point AVX2 row with 16-register
-  // blocks keeps three passes, 16 + 8 + 4, and measured 1.01x: it keeps long_row.)
+  // A row of exactly 128 registers where the ISA has 16 of them (AVX2: 1024 float32 or 512 float64; the
+  // 16-byte portable build: 512 float32 or 256 float64): blocks of 16 registers (four register stages,
+  // spilling a few values, then the lane stages), then one radix-8 pass: two passes over L1 instead of
+  // long_row's three (8, 4, 4). The next row is prefetched whole during the first pass, as long_row does for
+  // rows of up to kBurstPrefetchBytes. Measured on Zen 3, A/B against long_row in one process, 1 thread:
+  // AVX2 float32 1024-point rows 1.08-1.09x from memory (16 MB), 1.07x in L2; AVX2 float64 512-point rows
+  // 1.09x from memory, 1.02x in L2; the portable build's 512-point float32 rows 1.12x from memory, 1.02x in
+  // L2. (A 4096-point AVX2 row with 16-register blocks keeps three passes, 16 + 8 + 4, and measured 1.01x: it
+  // keeps long_row.)
   static constexpr int64_t kRowOf128Block = 16;
 
   template <bool Scaled>

@@ -50,7 +50,7 @@ def test_float32_error_at_most_twice_reference_error(n, num_threads, generator):
 
 @pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 512, 1024, 8192, 12, 24, 48, 96, 192, 384, 12 << 10, 20, 160, 28, 224])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 256, 512, 1024, 8192, 12, 24, 48, 96, 192, 384, 12 << 10, 20, 160, 28, 224])
 def test_every_isa_matches_reference(isa, dtype, n, generator):
     x = torch.randn(3, n, dtype=torch.float64, generator=generator).to(dtype)
     m, _ = dr.algo.hadamard_factor(n)
