@@ -241,6 +241,25 @@ def test_the_permutation_in_use_is_the_one_in_the_state(depth):
     torch.testing.assert_close(a.dense_matrix(), b.dense_matrix())
 
 
+@pytest.mark.parametrize("move", ["apply", "to_empty"])
+def test_the_permutation_is_followed_after_the_buffers_are_replaced(move):
+    """nn.Module._apply puts new tensors in every buffer (a device move: simulated by cloning, on a CPU-only
+    machine; to_empty from meta): state copied in place afterwards is followed, as without the move."""
+    b = make_layer(24, 40, 2, seed=2, dtype=torch.float64)
+    randomize_bias(b)
+    if move == "apply":
+        a = make_layer(24, 40, 2, seed=1, dtype=torch.float64)
+        a._apply(lambda t: t.clone())
+    else:
+        a = DeepSpectralLinear(24, 40, depth=2, device="meta", dtype=torch.float64).to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in b.state_dict().items():
+            getattr(a, name).copy_(tensor)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.dense_matrix(), b.dense_matrix())
+
+
 @pytest.mark.parametrize("route", ["data", "numpy", "data-assigned"])
 def test_a_permutation_rewritten_where_no_version_counter_sees_is_followed(route):
     # .data and NumPy views write the buffer's memory without bumping its version counter.

@@ -320,6 +320,18 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         version = None if perm.is_inference() else perm._version
         self._index_source = (perm, version, self._buffers["_flat_perm"], perm.detach().clone())
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to(device)``, ``.cuda()``, ``to_empty()``, ...), which puts new tensors in
+        every buffer: indices this layer built are then rebuilt from ``permutation`` at their next use. (They
+        used to pass for indices supplied with the permutation, so in-place changes to ``permutation`` after a
+        device move were ignored, and ``to_empty``'s uninitialised indices reached the kernels.)"""
+        source = getattr(self, "_index_source", None)
+        built_here = source is not None and self._buffers.get("_flat_perm") is source[2]
+        module = super()._apply(fn, recurse)
+        if built_here:
+            self._index_source = (None, None, self._buffers["_flat_perm"], None)
+        return module
+
     # -------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
