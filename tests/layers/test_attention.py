@@ -166,3 +166,17 @@ def test_a_cache_serves_one_kind_of_attention():
         attention(x, context=context, kv_cache=self_cache)
     with pytest.raises(ValueError, match="holds cross-attention keys, but this is a self-attention call"):
         attention(x[:, :1], kv_cache=cross_cache)
+
+
+def test_a_call_that_fails_leaves_the_cache_as_it_was():
+    """A bad mask raises only in the attention itself: the new keys must not have entered the cache by then,
+    or a retry attends to that position twice."""
+    layer = make(causal=True)
+    x = torch.randn(2, 6, 48, dtype=torch.float64)
+    cache = KVCache()
+    layer(x[:, :4], kv_cache=cache)
+    with pytest.raises(RuntimeError):
+        layer(x[:, 4:5], kv_cache=cache, attn_mask=torch.ones(1, 1, 1, 3, dtype=torch.bool))  # 3 keys, not 5
+    assert cache.length == 4
+    step = layer(x[:, 4:5], kv_cache=cache)
+    torch.testing.assert_close(step, layer(x[:, :5])[:, 4:5], rtol=1e-10, atol=1e-10)

@@ -131,16 +131,17 @@ class MultiHeadAttentionSpectral(nn.Module):
         else:
             source = x if context is None else context
             key, value = self._split_heads(self.key(source)), self._split_heads(self.value(source))
-            if kv_cache is not None:
-                if context is None and past > 0:
-                    key = torch.cat((kv_cache.key, key), dim=-2)
-                    value = torch.cat((kv_cache.value, value), dim=-2)
-                kv_cache.key, kv_cache.value, kv_cache.cross = key, value, context is not None
+            if kv_cache is not None and context is None and past > 0:
+                key = torch.cat((kv_cache.key, key), dim=-2)
+                value = torch.cat((kv_cache.value, value), dim=-2)
         mask, is_causal = self._mask(attn_mask, x.shape[1], key.shape[-2], past, x.device)
         attended = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, heads, T, head_dim)
-        return self.out(attended.transpose(1, 2).reshape(x.shape))
+        out = self.out(attended.transpose(1, 2).reshape(x.shape))
+        if kv_cache is not None:  # only once the call has succeeded: a failed one (a bad mask) leaves the cache
+            kv_cache.key, kv_cache.value, kv_cache.cross = key, value, context is not None
+        return out
 
     def _mask(self, attn_mask: torch.Tensor | None, queries: int, keys: int, past: int,
               device: torch.device) -> tuple[torch.Tensor | None, bool]:
