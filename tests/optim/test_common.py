@@ -564,15 +564,39 @@ def test_copies_and_pickles_of_the_model_do_not_feed_the_optimizer(name):
     assert {m: len(r) for m, r in optimizer.capture.records.items()} == records
 
 
-def test_diagonal_newton_curvature_stays_float32_through_a_state_dict(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3)).bfloat16()
-    optimizer = DiagonalNewton(model)
-    x, y = batches(1)[0]
-    train_step(model, optimizer, lambda out, target: F.cross_entropy(out.float(), target), x.bfloat16(), y)
-    resumed = DiagonalNewton(model)
-    resumed.load_state_dict(optimizer.state_dict())
-    assert resumed.state[model[0].weight]["curvature"].dtype == torch.float32
+@pytest.mark.parametrize("name", ["dn_empirical", "kfac_empirical"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_curvature_comes_back_from_a_state_dict_as_saved(name, dtype, tmp_path):
+    """torch.optim casts loaded state to the parameter's dtype: the float32 curvature of a bfloat16 or float16
+    model came back rounded (a resumed run diverged), underflowed or, for float16, overflowed to inf. It is
+    now taken as saved, and the resumed run follows the original bit for bit."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 3)).to(dtype)
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out.float(), target)
+
+    model = make()
+    optimizer = CONFIGS[name](model)
+    data = [(x.to(dtype) * 300, y) for x, y in batches(6)]  # float16 factors beyond 65504
+    for x, y in data[:3]:
+        train_step(model, optimizer, loss_fn, x, y)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    resumed_model = make()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = CONFIGS[name](resumed_model)
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    ours = optimizer.state[model[0].weight]
+    theirs = resumed.state[resumed_model[0].weight]
+    for key, value in ours.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert theirs[key].dtype == value.dtype and torch.equal(theirs[key], value), key
+    for x, y in data[3:]:
+        train_step(model, optimizer, loss_fn, x, y)
+        train_step(resumed_model, resumed, loss_fn, x, y)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])

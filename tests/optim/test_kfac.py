@@ -688,3 +688,176 @@ def test_a_weight_frozen_after_construction_with_damping_adaptation():
     weight = model[0].weight.detach().clone()
     train_step(model, opt, mse, x, y)
     assert torch.equal(model[0].weight, weight)
+
+
+def test_a_step_reverted_for_a_non_finite_loss_does_not_replay_through_the_momentum(caplog):
+    """A log barrier makes the loss NaN once |bias| > 1, and the optimum lies against it. A step that crosses it
+    is reverted; the base optimizer's momentum, which carried it, is reset, and the raised damping acts at once
+    (the inverses are refreshed): training goes on. It used to replay the step from the momentum and stay
+    stuck at the loss of step 6, every later step reverted, the damping at its maximum."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.full((16, 1), 5.0)
+    model = nn.Sequential(nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+
+    def loss_fn(out, target):
+        return F.mse_loss(out, target) - 1e-3 * torch.log(1 - model[0].bias.abs()).sum()
+
+    opt = KFAC(model, lr=0.5, momentum=0.9, kl_clip=None, damping=1e-3, damping_every=1, factor_every=1)
+    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
+        losses = [train_step(model, opt, loss_fn, x, y) for _ in range(40)]
+    reverted = sum("step reverted" in r.getMessage() for r in caplog.records)
+    assert 1 <= reverted <= 17  # of the 34 steps after the first
+    assert abs(float(model[0].bias)) < 1 and losses[-1] < losses[7] - 0.5
+
+
+def _one_step(model, optimizer, x, y, loss_fn=F.mse_loss):
+    train_step(model, optimizer, loss_fn, x, y)
+    return optimizer
+
+
+def test_a_layer_registered_under_two_parents_is_one_block():
+    """``self.shared = layer`` and ``self.enc = Sequential(layer)``: one layer, one block, one hook. It used to
+    get two blocks, so each call was recorded twice (G doubled, a LayerNorm's diagonal quadrupled)."""
+    class TwoPlaces(nn.Module):
+        def __init__(self, shared: nn.Module) -> None:
+            super().__init__()
+            self.shared = shared
+            self.enc = nn.Sequential(shared, nn.Tanh())
+
+        def forward(self, x):
+            return self.shared(self.enc(x))
+
+    class OnePlace(nn.Module):
+        def __init__(self, shared: nn.Module) -> None:
+            super().__init__()
+            self.shared = shared
+
+        def forward(self, x):
+            return self.shared(torch.tanh(self.shared(x)))
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    states = []
+    for cls in (OnePlace, TwoPlaces):
+        torch.manual_seed(1)
+        model = cls(nn.Linear(4, 4)).double()
+        optimizer = _one_step(model, KFAC(model, factor_every=1, damping_mode="exact"), x, y)
+        assert [b.name for b in optimizer.blocks] == ["shared"] and len(model.shared._forward_hooks) == 1
+        states.append(optimizer.state[model.shared.weight])
+    torch.testing.assert_close(states[1]["A"], states[0]["A"])
+    torch.testing.assert_close(states[1]["G"], states[0]["G"])
+
+
+def test_a_layer_called_by_keyword_gets_its_factors():
+    """``layer(input=x)`` gives a forward hook no positional argument: the factor update used to fail with an
+    IndexError. The factors now equal those of the positional call."""
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x, keyword=True):
+            return self.linear(input=x) if keyword else self.linear(x)
+
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    factors = []
+    for keyword in (True, False):
+        torch.manual_seed(2)
+        model = ByKeyword()
+        optimizer = KFAC(model, factor_every=1)
+        optimizer.zero_grad()
+        F.mse_loss(model(x, keyword=keyword), y).backward()
+        optimizer.step(lambda: F.mse_loss(model(x, keyword=keyword), y))
+        factors.append((optimizer.state[model.linear.weight]["A"], optimizer.state[model.linear.weight]["G"]))
+    for ours, reference in zip(*factors):
+        torch.testing.assert_close(ours, reference)
+
+
+def _empirical_G(model, run, loss_fn, target):
+    optimizer = KFAC(model, factor_every=1)
+    optimizer.zero_grad()
+    loss_fn(run(), target).backward()
+    optimizer.step(lambda: loss_fn(run(), target))
+    return optimizer.state[model.linear.weight]["G"]
+
+
+def test_the_empirical_scale_of_a_dict_output_counts_its_logits_positions():
+    """The empirical factors are scaled by the number of terms of the mean loss: for ``{"logits": (B, T, V)}``,
+    B·T, as for the tensor itself (it counted B, the first input's rows)."""
+    class LanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(6, 7)
+
+        def forward(self, x, wrap=False):
+            out = self.linear(x)
+            return {"loss_terms": out.new_zeros(()), "logits": out} if wrap else out
+
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 7, (4, 5))
+
+    def loss_fn(out, target):
+        logits = out["logits"] if isinstance(out, dict) else out
+        return F.cross_entropy(logits.reshape(-1, 7), target.reshape(-1))
+
+    G = []
+    for wrap in (False, True):
+        torch.manual_seed(3)
+        model = LanguageModel()
+        G.append(_empirical_G(model, lambda: model(x, wrap=wrap), loss_fn, y))
+    torch.testing.assert_close(G[1], G[0])
+
+
+def test_the_empirical_scale_of_a_model_called_by_keyword_counts_its_batch():
+    """A tuple output without a matrix in it falls back on the input's rows; a call by keyword (``model(x=x)``)
+    had no positional input, and counted 1 instead of B."""
+    class Regression(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(6, 1)
+
+        def forward(self, x, wrap=False):
+            prediction = self.linear(x).squeeze(-1)  # (B,)
+            return (prediction,) if wrap else prediction
+
+    x, y = torch.randn(8, 6), torch.randn(8)
+
+    def loss_fn(out, target):
+        return F.mse_loss(out[0] if isinstance(out, tuple) else out, target)
+
+    G = []
+    for keyword in (False, True):
+        torch.manual_seed(3)
+        model = Regression()
+        G.append(_empirical_G(model, (lambda: model(x=x, wrap=True)) if keyword else (lambda: model(x)), loss_fn, y))
+    torch.testing.assert_close(G[1], G[0])
+
+
+def test_a_frozen_parameter_keeping_a_gradient_tensor_is_left_alone_by_the_sampled_fisher():
+    """zero_grad(set_to_none=False) leaves a frozen parameter's gradient tensor in place; the sampled Fisher's
+    backward used to differentiate it and fail ('does not require grad')."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    optimizer = KFAC(model, likelihood="categorical", factor_every=1)
+    train_step(model, optimizer, F.cross_entropy, x, y)
+    model[0].weight.requires_grad_(False)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_float16_gradient_whose_sum_overflows_but_whose_values_are_finite_is_stepped(caplog):
+    """Only NaN or Inf values skip a step: the check by sums skipped finite float16 gradients for good."""
+    model = nn.Sequential(nn.Linear(100, 100)).half()
+    optimizer = KFAC(model, likelihood="empirical", adapt_damping=False)
+    before = model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    with caplog.at_level(logging.WARNING, logger="dreidel.optim"):
+        optimizer.step()
+    assert not torch.equal(model[0].weight, before)
+    assert not any("non-finite gradient" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from dreidel.optim._capture import curvature_dtype
+
 Closure = Callable[[], torch.Tensor]
 
 
@@ -230,7 +232,35 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict: {len(theirs)} saved parameters but {len(ours)} here; first unmatched: {first!r}"
             )
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        # torch.optim casts every floating state tensor to its parameter's dtype, so a bfloat16 or float16
+        # model's curvature, kept in float32, would come back rounded, underflowed to 0 or overflowed to inf:
+        # it is taken again from the saved tensors, in its own dtype.
+        keys = self._curvature_state_keys()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved, state = saved_state.get(saved_id), self.state.get(p)
+            if saved and state:
+                for key, value in saved.items():
+                    if key != "step" and key in state and (keys is None or key in keys):
+                        state[key] = floating_to(value, curvature_dtype(p.dtype), p.device)
+
+    def _curvature_state_keys(self) -> set[str] | None:
+        """The per-parameter state entries kept in the curvature dtype (float32 for low-precision
+        parameters); ``None``: every entry but ``step``."""
+        return None
+
+
+def floating_to(value, dtype: torch.dtype, device: torch.device):
+    """``value`` (a tensor, or a tuple of them and numbers) with its floating tensors in ``dtype`` on ``device``,
+    copied (other tensors only moved)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
+    if isinstance(value, tuple):
+        return tuple(floating_to(v, dtype, device) for v in value)
+    return value
 
 
 def named_model_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
@@ -255,6 +285,15 @@ def running_statistics(model: nn.Module) -> list[torch.Tensor]:
         for name, buffer in model.named_buffers()
         if name.rsplit(".", 1)[-1].startswith("running_") or name.endswith("num_batches_tracked")
     ]
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite, from the extremes of each (a NaN or an infinity becomes
+    one; finite values cannot overflow there, as a sum can: a float16 gradient of 10^4 values of 10 is finite);
+    a sparse tensor's stored values. One pass each, much faster on CPU than ``isfinite(t).all()``."""
+    values = [t._values() if t.is_sparse else t for t in tensors]
+    extremes = [x for v in values if v.numel() for x in torch.aminmax(v.reshape(-1))]
+    return not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
 
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None,

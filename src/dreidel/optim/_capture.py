@@ -60,6 +60,12 @@ def _output_rows(output: torch.Tensor) -> int:
     return math.prod(int(d) for d in output.shape[:-1])
 
 
+def _first_tensor(values: object, min_dim: int = 0) -> torch.Tensor | None:
+    """The first tensor of at least ``min_dim`` dimensions in a tuple, list or dict (its values), if any."""
+    items = values.values() if isinstance(values, dict) else values if isinstance(values, (tuple, list)) else ()
+    return next((x for x in items if isinstance(x, torch.Tensor) and x.dim() >= min_dim), None)
+
+
 @dataclass
 class LayerRecord:
     """One forward call of a watched module: its inputs and (after backward) the output gradient."""
@@ -116,9 +122,9 @@ class ActivationCapture:
 
     def __post_init__(self) -> None:
         for module in self.modules:
-            self._handles.append(module.register_forward_hook(_CaptureHook(self, root=False)))
+            self._handles.append(module.register_forward_hook(_CaptureHook(self, root=False), with_kwargs=True))
         if self.root is not None:
-            self._handles.append(self.root.register_forward_hook(_CaptureHook(self, root=True)))
+            self._handles.append(self.root.register_forward_hook(_CaptureHook(self, root=True), with_kwargs=True))
         weakref.finalize(self, _remove_handles, self._handles)
 
     @property
@@ -195,8 +201,10 @@ class ActivationCapture:
             rows = 1
         elif isinstance(output, torch.Tensor):
             rows = _output_rows(output)
+        elif (inner := _first_tensor(output, min_dim=2)) is not None:  # a tuple or dict: logits (B, T, V) first
+            rows = _output_rows(inner)
         else:
-            first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+            first = _first_tensor(inputs)
             rows = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
         self._group_rows[self._group] = rows
         self._pass_saw_batched = self._pass_saw_unbatched = False
@@ -235,9 +243,13 @@ class _CaptureHook:
         self._capture = None if capture is None else weakref.ref(capture)
         self._root = root
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
+    def __call__(self, module: nn.Module, args: tuple, *kwargs_and_output) -> None:
+        # Registered with its keyword arguments (module(input=x) has no positional one): (kwargs, output); a
+        # hook pickled by an earlier version comes without: (output,).
+        kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
         capture = None if self._capture is None else self._capture()
         if capture is not None:
+            inputs = args if args or not kwargs else (*kwargs.values(),)
             (capture._on_root_forward if self._root else capture._on_forward)(module, inputs, output)
 
     def __reduce__(self):

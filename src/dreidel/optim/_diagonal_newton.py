@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
+from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_count, check_number, named_model_parameters
 from dreidel.optim._capture import (
     ActivationCapture,
     curvature_dtype,
@@ -209,6 +209,9 @@ class DiagonalNewton(CurvatureOptimizer):
         refresh = step % self.curvature_every == 0
         return refresh and (self.curvature == "hutchinson" or self.likelihood != "empirical")
 
+    def _curvature_state_keys(self) -> set[str]:
+        return {"curvature"}  # exp_avg is kept in the parameter's dtype
+
     def _arm_capture(self) -> None:
         """Record the training step's own backward only when it feeds an empirical refresh."""
         if self.capture is not None:
@@ -243,8 +246,6 @@ class DiagonalNewton(CurvatureOptimizer):
                 state = self.state.get(p)
                 if state and "curvature_updates" not in state:
                     state.update(step=group.get("step", 0), curvature_updates=group.get("curvature_updates", 0))
-                if state and "curvature" in state:  # torch casts state to the parameter's dtype; it stays float32
-                    state["curvature"] = state["curvature"].to(curvature_dtype(p.dtype))
         self._packed.clear()
         for index, group in enumerate(self.param_groups):  # now, so state tensors taken from here on stay live
             self._pack(index, group, with_gradient=False)
@@ -347,7 +348,7 @@ class DiagonalNewton(CurvatureOptimizer):
         for index, (group, group_small, group_flats) in enumerate(zip(self.param_groups, small, flats)):
             pack = self._valid_pack(index, group)
             packs.append(pack if pack is not None and len(group_flats) == 1 and _same(pack.params, group_small) else None)
-        if not _all_finite([f for group_flats in flats for f in group_flats]
+        if not all_finite([f for group_flats in flats for f in group_flats]
                            + [p.grad for p in params if not _is_small(p)]):
             logger.warning("DiagonalNewton: non-finite gradient at step %d; step skipped", step)
             if self.capture is not None:
@@ -534,11 +535,3 @@ def _concatenated_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         parts.setdefault((p.grad.device, p.grad.dtype), []).append(_dense_grad(p).reshape(-1))
     return [torch.cat(group) for group in parts.values()]
-
-
-def _all_finite(gradients: list[torch.Tensor]) -> bool:
-    """Whether every value of ``gradients`` is finite (the extremes of each, which a NaN or an infinity
-    becomes: one pass, much faster on CPU than ``isfinite(g).all()``; a sparse one's stored values)."""
-    values = [g._values() if g.is_sparse else g for g in gradients]
-    extremes = [x for v in values if v.numel() for x in torch.aminmax(v.reshape(-1))]
-    return not extremes or bool(torch.isfinite(torch.stack(extremes)).all())

@@ -15,23 +15,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, check_count, check_number, named_model_parameters
-from dreidel.optim._capture import ActivationCapture, curvature_dtype, warn_no_records
+from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_count, check_number, named_model_parameters
+from dreidel.optim._capture import ActivationCapture, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 logger = logging.getLogger("dreidel.optim")
 
 BaseFactory = Callable[[list], torch.optim.Optimizer]
-
-
-def _cast_floating(value, dtype: torch.dtype):
-    """A factor state value (a tensor or a tuple of tensors) with its floating tensors in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast_floating(v, dtype) for v in value)
-    return value
 
 
 class KFAC(CurvatureOptimizer):
@@ -52,11 +43,13 @@ class KFAC(CurvatureOptimizer):
        rho < 1/4 -> damping / omega, omega = (19/20)^damping_every; the model uses the blocks'
        approximations and damping; parameters without a block contribute their linear term only).
 
-    A non-finite gradient skips the step; a non-finite loss after the step reverts it and multiplies
-    the damping by 10; a non-finite preconditioned gradient falls back to the raw gradient and raises
-    the damping; non-finite new factors (overflowing activations or gradients) are not folded in; a
+    A non-finite value in a gradient skips the step; a non-finite loss after the step reverts it, resets
+    the base optimizer's state (its momentum carried the step, and would replay it) and multiplies the
+    damping by 10; a non-finite preconditioned gradient falls back to the raw gradient and raises the
+    damping; non-finite new factors (overflowing activations or gradients) are not folded in; a
     non-finite predicted KL change skips the step and multiplies the damping by 10; a failed
-    eigendecomposition retries with jitter. All are logged as warnings.
+    eigendecomposition retries with jitter. After each raise of the damping the inverses are refreshed at
+    the next step, so the factored damping acts at once. All are logged as warnings.
 
     Args:
         model: the module; its Linear/Conv1d/Conv2d (Kronecker factors), Embedding (diagonal A),
@@ -210,6 +203,7 @@ class KFAC(CurvatureOptimizer):
         )
         self.likelihood = likelihood
         self.progress = {"step": 0, "damping": float(damping)}
+        self._refresh_inverses = False  # set by _raise_damping
         self.generator = torch.Generator().manual_seed(seed)
         self._arm_capture()
 
@@ -287,12 +281,7 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"state_dict: missing {missing} (not saved by KFAC)")
         base, progress = state_dict.pop("base"), state_dict.pop("kfac")
         generator_state = state_dict.pop("generator_state")
-        super().load_state_dict(state_dict)
-        for block in self.blocks:  # torch casts loaded state to the parameter's dtype (bfloat16, say)
-            state, dtype = self._block_state(block), curvature_dtype(block.params[0].dtype)
-            for key, value in state.items():
-                if key != "step":
-                    state[key] = _cast_floating(value, dtype)
+        super().load_state_dict(state_dict)  # every block's state in its curvature dtype (_curvature_state_keys)
         self.base.load_state_dict(base)
         self.param_groups = self.base.param_groups
         self.progress.update(progress)
@@ -358,9 +347,9 @@ class KFAC(CurvatureOptimizer):
             if all(p.grad is None for p in block.params):
                 continue
             update = block.precondition(self._block_state(block), self.block_damping(block))
-            if update and not torch.isfinite(torch.stack([u.sum() for u in update.values()])).all():
+            if update and not all_finite(list(update.values())):
                 logger.warning("K-FAC: non-finite preconditioned gradient in %s; raw gradient used, damping x10", block.name)
-                self._set_damping(self.damping * 10)
+                self._raise_damping()
                 continue
             precond.update(update)
         return precond
@@ -368,6 +357,12 @@ class KFAC(CurvatureOptimizer):
     def block_damping(self, block: Block) -> float:
         """Tikhonov term of ``block`` (the same absolute ``damping`` for every block)."""
         return self.damping
+
+    def _raise_damping(self) -> None:
+        """Damping x10 after a failure (a non-finite update, predicted change or loss); the inverses are
+        refreshed at the next step, so that the factored damping, which is built into them, acts at once."""
+        self._set_damping(self.damping * 10)
+        self._refresh_inverses = True
 
     def _set_damping(self, value: float) -> None:
         self.progress["damping"] = min(max(value, self.hyper["min_damping"]), self.hyper["max_damping"])
@@ -377,11 +372,12 @@ class KFAC(CurvatureOptimizer):
 
     def _step(self, closure: Closure | None) -> None:
         step = self.progress["step"]
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # A frozen parameter keeps a gradient tensor after zero_grad(set_to_none=False): not differentiable.
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None and p.requires_grad]
         self._check_gradients(params, self.param_groups, closure)
         if self.closure_required(step):
             self._check_closure(closure, f"likelihood={self.likelihood!r}, adapt_damping every {self.hyper['damping_every']}")
-        if params and not torch.isfinite(torch.stack([p.grad.sum() for p in params])).all():
+        if not all_finite([p.grad for p in params]):
             logger.warning("K-FAC: non-finite gradient at step %d; step skipped", step)
             self.capture.clear()
             return
@@ -389,7 +385,8 @@ class KFAC(CurvatureOptimizer):
         if params and self._is_factor_step(step):
             loss0 = self._update_factors(closure, params)
         self.capture.clear()
-        if self._is_inverse_step(step):
+        if self._is_inverse_step(step) or self._refresh_inverses:
+            self._refresh_inverses = False
             for block in self.blocks:
                 state = self._block_state(block)
                 block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"],
@@ -401,7 +398,7 @@ class KFAC(CurvatureOptimizer):
             predicted = sum(float((u * p.grad).sum()) * lr[p] ** 2 for p, u in precond.items())
             if not math.isfinite(predicted):
                 logger.warning("K-FAC: non-finite predicted KL change at step %d; step skipped, damping x10", step)
-                self._set_damping(self.damping * 10)
+                self._raise_damping()
                 return
             if predicted > kl_clip:
                 scale = math.sqrt(kl_clip / predicted)
@@ -425,8 +422,11 @@ class KFAC(CurvatureOptimizer):
         if not torch.isfinite(loss1):
             for p, value in old.items():
                 p.copy_(value)
+            # The base optimizer's momentum carries the rejected step: kept, it would replay it at every later
+            # step whatever the damping (a reviewer's run stayed stuck at the damping's maximum for 30 steps).
+            self.base.state.clear()
             logger.warning("K-FAC: non-finite loss after step %d; step reverted, damping x10", self.progress["step"])
-            self._set_damping(self.damping * 10)
+            self._raise_damping()
             return
         delta = {p: p.detach() - value for p, value in old.items()}
         linear = sum(float((raw_grads[p] * d).sum()) for p, d in delta.items())

@@ -376,8 +376,14 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
     modules that own trainable parameters but have no block."""
     blocks: list[Block] = []
     unsupported: list[str] = []
+    visited: set[int] = set()
 
     def visit(module: nn.Module, name: str) -> None:
+        # A module registered under two parents (``self.shared = layer`` and ``self.enc = Sequential(layer)``)
+        # is one layer: a second block would put a second hook on it and count its factors twice.
+        if id(module) in visited:
+            return
+        visited.add(id(module))
         block = block_for(module, name or type(module).__name__)
         if block is not None:
             blocks.append(block)
