@@ -180,3 +180,11 @@ def test_a_call_that_fails_leaves_the_cache_as_it_was():
     assert cache.length == 4
     step = layer(x[:, 4:5], kv_cache=cache)
     torch.testing.assert_close(step, layer(x[:, :5])[:, 4:5], rtol=1e-10, atol=1e-10)
+
+
+def test_numpy_integer_sizes_are_taken_as_nn_multihead_attention_takes_them():
+    import numpy as np
+
+    layer = MultiHeadAttentionSpectral(np.int64(16), np.int64(2))
+    assert type(layer.embed_dim) is int and type(layer.num_heads) is int
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)

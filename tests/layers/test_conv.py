@@ -138,3 +138,14 @@ def test_a_generator_given_only_in_linear_kwargs_seeds_the_depthwise_weights_too
     torch.manual_seed(1)
     second = make()
     assert torch.equal(first.depthwise_weight, second.depthwise_weight)
+
+
+def test_numpy_integer_sizes_are_taken_as_nn_conv2d_takes_them():
+    """np.int64 channels and kernel sizes (a config read through NumPy, say) were refused as 'not a positive
+    int'; they are kept as Python ints (a checkpoint's JSON config cannot hold NumPy's)."""
+    import numpy as np
+
+    layer = Conv2dSpectral(np.int64(8), np.int64(12), kernel_size=np.int64(3), padding=(np.int64(1), 1))
+    assert type(layer.in_channels) is int and type(layer.out_channels) is int
+    assert all(type(k) is int for k in layer.kernel_size + layer.padding)
+    assert layer(torch.randn(2, 5, 5, 8)).shape == (2, 5, 5, 12)

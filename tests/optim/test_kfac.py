@@ -434,11 +434,29 @@ def test_low_rank_state_loads_with_weights_only(tmp_path):
     assert isinstance(resumed.state[model[0].weight]["inv_A"], tuple)
 
 
-@pytest.mark.parametrize("kwargs", [{"factor_rank": 0}, {"factor_rank": 2.5}, {"factor_rank": True},
-                                    {"factor_rank": 4, "damping_mode": "exact"}])
-def test_bad_factor_rank_names_the_argument(kwargs):
-    with pytest.raises(ValueError, match="factor_rank"):
+@pytest.mark.parametrize("kwargs, error", [({"factor_rank": 0}, ValueError), ({"factor_rank": 2.5}, TypeError),
+                                           ({"factor_rank": True}, TypeError),
+                                           ({"factor_rank": 4, "damping_mode": "exact"}, ValueError)])
+def test_bad_factor_rank_names_the_argument(kwargs, error):
+    with pytest.raises(error, match="factor_rank"):
         KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error", [({"seed": 2**64}, ValueError), ({"seed": -(2**63) - 1}, ValueError),
+                                           ({"momentum": 5.0}, ValueError), ({"momentum": 1.0}, ValueError),
+                                           ({"min_damping": 0.0, "damping": 1e-3}, ValueError)])
+def test_out_of_range_arguments_name_the_argument(kwargs, error):
+    """A seed beyond torch.Generator's range used to fail inside it ("Overflow when unpacking long long"); a
+    momentum of 1 or more diverges; a damping floor of 0 lets the damping reach 0, which "x10" never raises."""
+    with pytest.raises(error, match=next(iter(kwargs))):
+        KFAC(nn.Sequential(nn.Linear(3, 2)), **kwargs)
+
+
+def test_numpy_integers_are_taken_where_ints_are():
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(8, 6))
+    KFAC(model, seed=np.int64(3), factor_rank=np.int64(2), factor_warmup=np.int64(1))
 
 
 class TiedLM(nn.Module):

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from dreidel.algo._fwht import _refuse_flags
 from dreidel.layers._registry import build_linear, config_kwargs
+from dreidel.layers._spectral import _as_width
 
 __all__ = ["KVCache", "MultiHeadAttentionSpectral"]
 
@@ -59,9 +60,8 @@ class MultiHeadAttentionSpectral(nn.Module):
                  causal: bool = False, dropout: float = 0.0, generator: torch.Generator | None = None,
                  linear_kwargs: dict[str, object] | None = None) -> None:
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        embed_dim = _as_width("embed_dim", embed_dim, allow_none=False)  # NumPy ints too, as nn.MultiheadAttention
+        num_heads = _as_width("num_heads", num_heads, allow_none=False)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         _refuse_flags(causal=causal)  # a truthy string ("no") would otherwise switch masking on

@@ -10,6 +10,7 @@ This is the depthwise-separable factorisation (Chollet 2017, "Xception", arXiv:1
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._registry import build_linear, config_kwargs
-from dreidel.layers._spectral import check_input_dtype_and_device
+from dreidel.layers._spectral import _as_width, check_input_dtype_and_device
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 
@@ -27,12 +28,16 @@ _LAYOUT_NAMES = {2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 
 
 def _as_tuple(name: str, value: int | tuple[int, ...], spatial_dims: int, minimum: int) -> tuple[int, ...]:
-    values = (value,) * spatial_dims if isinstance(value, int) and not isinstance(value, bool) else value
+    """``value`` (an int, NumPy's too, or a tuple or list of ``spatial_dims`` of them) as a tuple of Python ints."""
+    def integer(v: object) -> int | None:
+        return None if isinstance(v, bool) or not isinstance(v, numbers.Integral) else int(v)
+
+    values = (value,) * spatial_dims if integer(value) is not None else value
     values = tuple(values) if isinstance(values, list) else values  # lists come back from a JSON config
     if (not isinstance(values, tuple) or len(values) != spatial_dims
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)):
+            or not all(integer(v) is not None and v >= minimum for v in values)):
         raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {spatial_dims} such ints, got {value!r}")
-    return values
+    return tuple(int(v) for v in values)
 
 
 class _SpectralConvNd(nn.Module):
@@ -43,11 +48,8 @@ class _SpectralConvNd(nn.Module):
                  dilation: int | tuple[int, ...], bias: bool, activation: str | None, linear: str,
                  generator: torch.Generator | None, linear_kwargs: dict[str, object] | None) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        out_channels = in_channels if out_channels is None else out_channels
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+        in_channels = _as_width("in_channels", in_channels, allow_none=False)  # NumPy ints too, as nn.Conv2d
+        out_channels = in_channels if out_channels is None else _as_width("out_channels", out_channels, allow_none=False)
         self.spatial_dims = spatial_dims
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _as_tuple("kernel_size", kernel_size, spatial_dims, 1)

@@ -315,9 +315,17 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
         raise ValueError(f"{name}: expected a number in {span}, got {number}")
 
 
-def check_count(name: str, value, minimum: int = 1) -> None:
-    """``value`` is an int (not a bool or a float) ``>= minimum``."""
+def check_count(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """``value`` is an int (not a bool or a float; NumPy integers too) in ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected an int <= {maximum}, got {value}")
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int ``torch.Generator.manual_seed`` takes (``-2**63 .. 2**64 - 1``), or an error naming it."""
+    check_count("seed", seed, minimum=-(2**63), maximum=2**64 - 1)
+    return int(seed)

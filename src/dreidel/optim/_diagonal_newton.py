@@ -20,7 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_count, check_number, named_model_parameters
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_count, check_number, check_seed,
+                                 named_model_parameters)
 from dreidel.optim._capture import (
     ActivationCapture,
     curvature_dtype,
@@ -153,7 +154,7 @@ class DiagonalNewton(CurvatureOptimizer):
             raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
         check_likelihood(likelihood)
         check_count("curvature_every", curvature_every)
-        check_count("seed", seed, minimum=-(2**63))
+        seed = check_seed(seed)
         if isinstance(model_or_params, torch.Tensor):
             raise TypeError("model_or_params: expected an nn.Module or an iterable of parameters / param groups, "
                             f"got a {type(model_or_params).__name__}")

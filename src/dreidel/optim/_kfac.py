@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_count, check_number, named_model_parameters
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_count, check_number, check_seed,
+                                 named_model_parameters)
 from dreidel.optim._capture import ActivationCapture, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -150,7 +151,7 @@ class KFAC(CurvatureOptimizer):
         lr, momentum, weight_decay = (0.1 if lr is None else lr, 0.9 if momentum is None else momentum,
                                       0.0 if weight_decay is None else weight_decay)
         check_number("lr", lr, low=0, low_open=True)
-        check_number("momentum", momentum, low=0)
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
         check_number("weight_decay", weight_decay, low=0)
         check_number("damping", damping, low=0, low_open=True)
         check_number("factor_decay", factor_decay, low=0, high=1, high_open=True)
@@ -163,18 +164,19 @@ class KFAC(CurvatureOptimizer):
             check_number("kl_clip", kl_clip, low=0, low_open=True)
         if not isinstance(adapt_damping, bool):
             raise TypeError(f"adapt_damping: expected a bool, got {type(adapt_damping).__name__}")
-        check_number("min_damping", min_damping, low=0)
+        check_number("min_damping", min_damping, low=0, low_open=True)  # 0 would stay 0 under "x10"
         check_number("max_damping", max_damping, low=0, low_open=True)
         if min_damping > max_damping:
             raise ValueError(f"min_damping/max_damping: expected min_damping <= max_damping, got {min_damping} > {max_damping}")
         if not min_damping <= damping <= max_damping:
             raise ValueError(f"damping: expected in [min_damping, max_damping] = [{min_damping}, {max_damping}], got {damping}")
-        check_count("seed", seed, minimum=-(2**63))
+        seed = check_seed(seed)
         check_likelihood(likelihood)
         if damping_mode not in ("exact", "factored"):
             raise ValueError(f"damping_mode: expected 'exact' or 'factored', got {damping_mode!r}")
-        if factor_rank is not None and (isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1):
-            raise ValueError(f"factor_rank: expected a positive int or None, got {factor_rank!r}")
+        if factor_rank is not None:
+            check_count("factor_rank", factor_rank)
+            factor_rank = int(factor_rank)
         if factor_rank is not None and damping_mode != "factored":
             raise ValueError("factor_rank: low-rank inverses need damping_mode='factored'")
         names, params = named_model_parameters(model)
