@@ -879,3 +879,16 @@ def test_a_float16_gradient_whose_sum_overflows_but_whose_values_are_finite_is_s
         optimizer.step()
     assert not torch.equal(model[0].weight, before)
     assert not any("non-finite gradient" in r.getMessage() for r in caplog.records)
+
+
+def test_layers_frozen_when_the_optimizer_is_built_are_named_once(caplog):
+    """A layer frozen at construction gets no block; unfrozen later it would train without curvature. That used
+    to happen silently (gradual unfreezing); the log now names it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2))
+    for p in (*model[0].parameters(), *model[2].parameters()):
+        p.requires_grad_(False)
+    with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+        optimizer = KFAC(model)
+    messages = [r.getMessage() for r in caplog.records if "frozen when the optimizer was built" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("K-FAC: 0, 2 frozen")
+    assert [b.name for b in optimizer.blocks] == ["3"]

@@ -191,9 +191,12 @@ class KFAC(CurvatureOptimizer):
         self.param_groups = self.base.param_groups  # one set of groups: schedulers see the base's lr
         self.defaults = self.base.defaults  # add_param_group and schedulers (OneCycleLR's momentum) see them
         self.model = model
-        self._model_blocks, unsupported = find_blocks(model)
+        self._model_blocks, unsupported, frozen = find_blocks(model)
         if unsupported:
             logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(unsupported))
+        if frozen:
+            logger.info("K-FAC: %s frozen when the optimizer was built: no curvature factors (unfrozen later, the base "
+                        "optimizer alone would train them; build KFAC after unfreezing)", ", ".join(frozen))
         self._select_blocks()
         self.capture = ActivationCapture(model, [b.module for b in self._model_blocks])
         self.hyper = dict(

@@ -371,11 +371,16 @@ def block_for(module: nn.Module, name: str) -> Block | None:
     return None
 
 
-def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
-    """K-FAC blocks of ``model`` (a matched module's children are not visited) and the names of the
-    modules that own trainable parameters but have no block."""
+_FACTORED_KINDS = (PerSampleGradients, nn.LayerNorm, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
+    """K-FAC blocks of ``model`` (a matched module's children are not visited), the names of the modules that
+    own trainable parameters but have no block, and those of layers of a kind K-FAC factors whose parameters
+    are all frozen (no block either: were they unfrozen later, the base optimizer alone would train them)."""
     blocks: list[Block] = []
     unsupported: list[str] = []
+    frozen: list[str] = []
     visited: set[int] = set()
 
     def visit(module: nn.Module, name: str) -> None:
@@ -388,6 +393,9 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
         if block is not None:
             blocks.append(block)
             return
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, _FACTORED_KINDS) and own and not any(p.requires_grad for p in own):
+            frozen.append(name or type(module).__name__)
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
         if isinstance(module, nn.MultiheadAttention):
@@ -406,4 +414,4 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str]]:
     shared = [b for b in blocks if any(len(owners[p]) > 1 for p in b.params)]
     for block in shared:
         unsupported.append(f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)")
-    return [b for b in blocks if b not in shared], unsupported
+    return [b for b in blocks if b not in shared], unsupported, frozen
