@@ -81,6 +81,20 @@ def test_model_checkpoint_writes_loadable_models(tmp_path, digits):
     assert reloaded.evaluate(x_val, y_val)["accuracy"] == pytest.approx(best_accuracy)
 
 
+def test_a_best_checkpoint_is_not_overwritten_by_a_worse_later_fit(tmp_path, digits):
+    """save_best_only keeps its best over every fit it is given to: a second fit at a ruinous learning rate used
+    to start from +inf again and overwrite the best model with its first, worse, epoch."""
+    x, y, x_val, y_val = digits
+    model = _model().compile("adam", "cross_entropy", ["accuracy"], lr=1e-2)
+    best = api.ModelCheckpoint(tmp_path / "best", save_best_only=True)
+    first = model.fit(x, y, epochs=2, validation_data=(x_val, y_val), callbacks=[best], verbose=0, seed=0)
+    model.compile("sgd", "cross_entropy", ["accuracy"], lr=50.0)
+    second = model.fit(x, y, epochs=1, validation_data=(x_val, y_val), callbacks=[best], verbose=0, seed=0)
+    assert second.history["val_loss"][0] > min(first.history["val_loss"])  # the later fit is worse
+    reloaded = api.load(tmp_path / "best").compile(loss="cross_entropy")
+    assert reloaded.evaluate(x_val, y_val)["loss"] == pytest.approx(min(first.history["val_loss"]), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "checkpoint, message",
     [

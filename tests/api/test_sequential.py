@@ -837,3 +837,43 @@ def test_fit_takes_numpy_integer_epochs_and_batch_size():
     assert len(history.history["loss"]) == 2
     with pytest.raises(ValueError, match="epochs must be a positive int, got True"):
         model.fit(torch.randn(8, 4), torch.randint(0, 3, (8,)), epochs=True, verbose=0)
+
+
+def test_add_never_replaces_a_layer_whose_name_it_would_take():
+    """nn.Sequential.append names the new layer str(len(self)); in a model built from named layers that name
+    may be taken ("2" of two layers), and the layer holding it was silently replaced."""
+    first = nn.Linear(4, 8)
+    model = api.Sequential(OrderedDict([("2", first), ("act", nn.ReLU())]))
+    model.add(nn.Linear(8, 3))
+    assert len(model) == 3 and model[0] is first
+    assert model(torch.randn(5, 4)).shape == (5, 3)
+
+
+def test_fit_refuses_a_seed_it_could_not_apply_to_a_dataloader(digits):
+    """A DataLoader shuffles with its own sampler: a seed or generator given to fit used to be ignored."""
+    x, y, *_ = digits
+    model = api.Sequential(nn.Linear(64, 10)).compile("sgd", "cross_entropy")
+    loader = as_dataloader(x[:64], y[:64], 16, shuffle=True)
+    with pytest.raises(ValueError, match="seed: a DataLoader x is shuffled by its own sampler"):
+        model.fit(loader, seed=3, verbose=0)
+    with pytest.raises(ValueError, match="generator: a DataLoader"):
+        model.fit(loader, generator=torch.Generator(), verbose=0)
+
+
+def test_batches_go_to_the_models_device():
+    """Data on the CPU for a model elsewhere (meta here: the dry-run device of the tests) is moved to the model's
+    device; it used to fail inside torch ('Tensor on device meta is not on the expected device cpu')."""
+    model = api.Sequential(nn.Linear(16, 2)).to("meta")
+    out = model.predict(torch.zeros(3, 16))
+    assert out.shape == (3, 2) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_integer_features_for_a_floating_model_get_a_clear_error(built):
+    model = api.Sequential(nn.Linear(4, 2))
+    if built:
+        model.build((4,))
+    with pytest.raises(TypeError, match="x: .*uint8.*x.float"):
+        model.predict(torch.randint(0, 255, (5, 4), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="x: expected floating-point features or integer indices .* got torch.bool"):
+        model.predict(torch.zeros(5, 4, dtype=torch.bool))

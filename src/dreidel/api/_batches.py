@@ -59,9 +59,12 @@ class BatchSource:
     loader: DataLoader | None = None
     batch_size: int = 32
     dtype: torch.dtype | None = None
+    device: torch.device | None = None
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype) if self.dtype is not None and x.is_floating_point() else x
+        """A batch of inputs on the model's device, floating ones in its dtype."""
+        dtype = self.dtype if self.dtype is not None and x.is_floating_point() else x.dtype
+        return x.to(device=self.device if self.device is not None else x.device, dtype=dtype)
 
     @property
     def num_samples(self) -> int | None:
@@ -115,30 +118,33 @@ def positive_int(value, name: str) -> int:
     return number
 
 
-def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | None = None) -> BatchSource:
-    """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them (floating ``x``
-    batches cast to ``dtype``)."""
+def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> BatchSource:
+    """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them (``x`` batches
+    moved to ``device``, floating ones cast to ``dtype``)."""
     batch_size = positive_int(batch_size, "batch_size")
     if isinstance(x, DataLoader):
         if y is not None:
             raise ValueError("y must be None when x is a DataLoader (the loader yields (x, y) pairs)")
-        return BatchSource(loader=x, dtype=dtype)
+        return BatchSource(loader=x, dtype=dtype, device=device)
     x = as_tensor(x, "x")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, features...), got shape {tuple(x.shape)}")
     if y is None:
         if need_targets:
             raise ValueError("y is required when x is a tensor or array")
-        return BatchSource(x=x, batch_size=batch_size, dtype=dtype)
+        return BatchSource(x=x, batch_size=batch_size, dtype=dtype, device=device)
     y = as_tensor(y, "y")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype)
+    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype, device=device)
 
 
 def targets_like(target: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | None:
-    """Floating-point targets in the output's dtype (class indices and missing targets as they are)."""
-    return target.to(output.dtype) if target is not None and target.is_floating_point() else target
+    """Targets on the output's device, floating-point ones in its dtype (missing targets as they are)."""
+    if target is None:
+        return None
+    return target.to(device=output.device, dtype=output.dtype if target.is_floating_point() else target.dtype)
 
 
 def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where: str) -> None:

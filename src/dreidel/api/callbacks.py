@@ -125,8 +125,9 @@ class ModelCheckpoint(Callback):
     """Save the model (``model.save``) at the end of every epoch, or only when ``monitor`` improves.
 
     ``path`` may contain ``{epoch}`` (1-based) and any logged key, e.g. ``"ckpt/e{epoch:02d}-{val_loss:.3f}"``.
-    With ``save_best_only``, ``best`` is the best value saved so far (+inf, or -inf in max mode, before the first
-    save); a NaN never counts as an improvement.
+    With ``save_best_only``, ``best`` is the best value saved so far, over every ``fit`` the callback is given to
+    (+inf, or -inf in max mode, before the first save; as Keras keeps it), so a later fit never overwrites a
+    better checkpoint; a NaN never counts as an improvement.
     """
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False,
@@ -157,9 +158,6 @@ class ModelCheckpoint(Callback):
         if missing:
             use = f"path {self.path!r} uses" if missing[0] in self._path_keys else "monitor is"
             raise _not_logged("ModelCheckpoint", use, missing[0], ["epoch", *keys])
-
-    def on_train_begin(self, model) -> None:
-        self.best = self._worst
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         if self.save_best_only:

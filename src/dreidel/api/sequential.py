@@ -83,7 +83,12 @@ class Sequential(nn.Sequential):
         """Append ``layer`` (any ``nn.Module``); returns the model so calls can be chained."""
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
-        self.append(layer)
+        # nn.Sequential.append names it str(len(self)), which a model built from named layers may hold already
+        # (OrderedDict([("2", ...), ("act", ...)])): that layer was replaced. The first free index instead.
+        index = len(self)
+        while str(index) in self._modules:
+            index += 1
+        self.add_module(str(index), layer)
         if self._compiled is not None and not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
             _release(self._compiled.optimizer)
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
@@ -117,6 +122,10 @@ class Sequential(nn.Sequential):
             with torch.no_grad():
                 self(torch.zeros((2, *input_shape), dtype=model_dtype if dtype is None else dtype, device=device))
         except (RuntimeError, ValueError) as error:
+            if dtype is not None:  # integer samples, taken as indices: a model whose first layer takes features?
+                raise TypeError(f"x: {dtype} samples of shape {input_shape} do not fit the model's layers: {error} "
+                                "(integer x is taken as indices, for a model whose first layer is an embedding; "
+                                "features must be floating point: x.float())") from error
             raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
         finally:
             self.train(was_training)
@@ -136,11 +145,17 @@ class Sequential(nn.Sequential):
         return device, dtype
 
     def _check_input(self, x: torch.Tensor, where: str) -> None:
+        if not x.is_floating_point() and x.dtype not in _loading.INPUT_DTYPES.values():
+            raise TypeError(f"x: expected floating-point features or integer indices ({', '.join(_loading.INPUT_DTYPES)}),"
+                            f" got {x.dtype} in {where}")
         if self.input_shape is None:
             self.build(tuple(x.shape[1:]), dtype=None if x.is_floating_point() else x.dtype)
         elif self.input_dtype is not None and x.is_floating_point():
             raise TypeError(f"x: the model takes indices ({self.input_dtype}, the dtype it was built for), got "
                             f"{x.dtype} in {where}")
+        elif self.input_dtype is None and not x.is_floating_point():
+            raise TypeError(f"x: the model takes floating-point features (it was built for them), got {x.dtype} in "
+                            f"{where}: convert them (x.float(); image bytes: x.float() / 255)")
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
@@ -202,7 +217,8 @@ class Sequential(nn.Sequential):
             callbacks: ``dreidel.api.callbacks`` objects.
             verbose: 0 silences the progress bar (it is also off when stderr is not a terminal).
             shuffle: reshuffle in-memory data every epoch (a DataLoader shuffles as configured).
-            seed / generator: the source of the shuffling order (give at most one).
+            seed / generator: the source of the shuffling order of in-memory data (give at most one; a
+                DataLoader ``x`` shuffles with its own generator, and refuses these).
 
         Dtypes: floating-point ``x`` (tensor or numpy array, in memory or from a DataLoader) is cast to the
         model's dtype (that of its parameters), so a float64 array and a float64 tensor train a float32 model
@@ -216,6 +232,10 @@ class Sequential(nn.Sequential):
         epochs = positive_int(epochs, "epochs")
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
+        if isinstance(x, DataLoader) and (seed is not None or generator is not None):
+            raise ValueError(f"{'seed' if seed is not None else 'generator'}: a DataLoader x is shuffled by its own "
+                             "sampler, not by fit: give it the generator (DataLoader(..., shuffle=True, "
+                             "generator=torch.Generator().manual_seed(seed)))")
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
@@ -263,8 +283,8 @@ class Sequential(nn.Sequential):
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         if validation_split and validation_data is not None:
             raise ValueError("give validation_data or validation_split, not both")
-        dtype = self._device_and_dtype()[1]
-        train = make_source(x, y, batch_size, need_targets=True, dtype=dtype)
+        device, dtype = self._device_and_dtype()
+        train = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device)
         if validation_split:
             if train.loader is not None:
                 raise ValueError("validation_split needs in-memory x and y, not a DataLoader; pass validation_data")
@@ -279,10 +299,11 @@ class Sequential(nn.Sequential):
         if validation_data is None:
             return train, None
         if isinstance(validation_data, DataLoader):
-            return train, make_source(validation_data, None, batch_size, need_targets=True, dtype=dtype)
+            return train, make_source(validation_data, None, batch_size, need_targets=True, dtype=dtype, device=device)
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be an (x_val, y_val) pair or a DataLoader")
-        return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype)
+        return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype,
+                                  device=device)
 
     def _check_targets_up_front(self, source: BatchSource, loss, where: str) -> None:
         """Check the inputs' shape and every target of the in-memory ``source`` against the output of one sample
@@ -301,12 +322,14 @@ class Sequential(nn.Sequential):
     def evaluate(self, x, y=None, batch_size: int = 256) -> dict[str, float]:
         """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
         compiled = self._require_compiled("evaluate")
-        source = make_source(x, y, batch_size, need_targets=True, dtype=self._device_and_dtype()[1])
+        device, dtype = self._device_and_dtype()
+        source = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device)
         return _training.evaluate_pass(self, source, compiled.loss, compiled.metrics, self._check_input)
 
     def predict(self, x, batch_size: int = 256) -> torch.Tensor:
         """Outputs ``(N, *output_shape)`` for ``x`` ``(N, *input_shape)`` (or a DataLoader), in eval mode."""
-        source = make_source(x, None, batch_size, need_targets=False, dtype=self._device_and_dtype()[1])
+        device, dtype = self._device_and_dtype()
+        source = make_source(x, None, batch_size, need_targets=False, dtype=dtype, device=device)
         was_training = self.training
         self.eval()
         outputs = []
