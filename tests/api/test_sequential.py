@@ -338,6 +338,36 @@ def test_a_layer_that_rebuilds_unsaved_state_loads(tmp_path, monkeypatch):
     torch.testing.assert_close(api.load(model.save(tmp_path / "m"))(x), model(x), rtol=0, atol=0)
 
 
+def test_layers_built_for_real_share_one_allowance(tmp_path, monkeypatch):
+    """The allowance for what layers without meta kernels create beside the tensor file is for the whole load:
+    it was per layer, so a config of k such layers could take k times it."""
+    from dreidel.api import _loading
+
+    monkeypatch.setitem(api.LAYER_TYPES, "_SeededProjection",
+                        (_SeededProjection, lambda m: {"width": m.width, "seed": m.seed}))
+    model = api.Sequential(_SeededProjection(4096, seed=1), _SeededProjection(4096, seed=2)).build((4096,))
+    path = model.save(tmp_path / "m")
+    monkeypatch.setattr(_loading, "BUILD_ALLOWANCE_BYTES", 100 << 20)  # each rebuilds 64 MiB: one fits, not two
+    with pytest.raises(ValueError, match=r"layers\[1\].*what is left of 1 GiB for all such layers"):
+        api.load(path)
+
+
+@pytest.mark.parametrize("layer, args, message", [
+    (nn.Embedding(10, 4), {"padding_idx": 50}, "cannot build Embedding .* Padding_idx must be within num_embeddings"),
+    (nn.Flatten(), {"start_dim": 7}, r"'input_shape' \[4\] does not fit the layers: Dimension out of range"),
+])
+def test_arguments_torch_refuses_with_other_errors_are_named_with_the_file(tmp_path, layer, args, message):
+    """torch refuses some doctored arguments with an AssertionError or an IndexError; load let them through bare."""
+    if isinstance(layer, nn.Embedding):
+        model = api.Sequential(layer).build((3,), dtype=torch.int64)
+    else:
+        model = api.Sequential(nn.Linear(4, 4), layer).build((4,))
+    path = model.save(tmp_path / "m")
+    _edit_config(path, lambda c: c["layers"][-1]["args"].update(args))
+    with pytest.raises(ValueError, match=f"config.json.*{message}"):
+        api.load(path)
+
+
 def test_declared_shapes_are_checked_against_the_tensor_header_before_any_layer_is_built(tmp_path, monkeypatch):
     """A tiny tensor file whose config declares Linear(4096, 4096) fails before 64 MB are allocated."""
     path = _small_model("dense").build((64,)).save(tmp_path / "m")

@@ -9,6 +9,8 @@ layer fails before anything is allocated. Every error names the file and the lay
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dreidel.api.layer_specs import check_layer_spec, construct_layer
 from dreidel.io.checkpoint import TensorHeader, require_config_keys
 
-__all__ = ["LayerPlan", "build_within_tensor_file", "check_config", "check_input_shape", "check_tensor_header",
-           "meta_layers"]
+__all__ = ["BuildBudget", "LayerPlan", "build_within_tensor_file", "check_config", "check_dry_run_size",
+           "check_input_shape", "check_tensor_header", "meta_layers"]
 
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
 OPTIONAL_CONFIG_KEYS = ("input_dtype",)  # absent: floating inputs
@@ -100,7 +102,8 @@ def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:
         try:
             with torch.device("meta"):
                 layer = plan.cls(**plan.args)
-        except (TypeError, ValueError) as error:  # the constructor refused the arguments
+        # the constructor refused the arguments (torch asserts some: Embedding's padding_idx in range)
+        except (TypeError, ValueError, IndexError, AssertionError) as error:
             raise ValueError(f"{plan.where}: cannot build {plan.cls.__name__} from args {plan.args}: {error}") from error
         except RuntimeError:  # e.g. .item() or an operator without a meta kernel: built for real within the
             layers.append(None)  # tensor file's size (build_within_tensor_file) and checked after that
@@ -148,41 +151,62 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
             model(torch.zeros((2, *input_shape), dtype=input_dtype, device="meta"))
     except NotImplementedError:
         return  # a layer without meta kernels: the shapes were checked against the tensor file already
-    except (RuntimeError, ValueError, TypeError) as error:
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:  # IndexError: a dim argument out of range
         raise ValueError(f"{where}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
 
 
-# What a layer built for real may create beyond twice the bytes the tensor file holds for it: temporaries, and
-# state rebuilt rather than saved (a non-persistent buffer drawn from a seed argument).
-_BUILD_ALLOWANCE_BYTES = 1 << 30
+# What the layers built for real may create, all together, beyond twice the bytes the tensor file holds for each:
+# temporaries, and state rebuilt rather than saved (a non-persistent buffer drawn from a seed argument).
+BUILD_ALLOWANCE_BYTES = 1 << 30
 
 
-def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader]) -> nn.Module:
+class BuildBudget:
+    """The part of ``BUILD_ALLOWANCE_BYTES`` one load has not spent yet: shared by its layers built for real (it
+    was 1 GiB per layer, so a config of k such layers could take k GiB) and its real dry run."""
+
+    def __init__(self) -> None:
+        self.spare = BUILD_ALLOWANCE_BYTES
+
+
+def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader], budget: BuildBudget) -> nn.Module:
     """Build a layer that could not be built on meta for real, within a bound on what it creates.
 
-    The bound is twice the bytes the tensor file holds for the layer plus 1 GiB, counted over the tensors the
-    constructor makes from nothing (``empty``, ``zeros``, ``randn``, ...: operators without tensor inputs),
-    each sized on the meta device before it runs: a config that declares a huge layer beside a small tensor
-    file fails before that memory is taken (it used to be allocated in full). Tensors derived from others
-    (``repeat``, ``new_zeros``, ``clone``) are not counted; the comparison with the file's shapes after the
-    build refuses what they make.
+    The bound is twice the bytes the tensor file holds for the layer plus what is left of the load's ``budget``
+    (1 GiB for all its layers), counted over the tensors the constructor makes from nothing (``empty``,
+    ``zeros``, ``randn``, ...: operators without tensor inputs), each sized on the meta device before it runs: a
+    config that declares a huge layer beside a small tensor file fails before that memory is taken (it used to
+    be allocated in full). Tensors derived from others (``repeat``, ``new_zeros``, ``clone``) are not counted;
+    the comparison with the file's shapes after the build refuses what they make.
 
     Raises:
         ValueError: naming ``plan.where`` (the constructor's own refusals too, as ``construct_layer``).
     """
     prefix = f"{plan.name}."
     held = sum(found.nbytes for key, found in header.items() if key.startswith(prefix))
-    limit = 2 * held + _BUILD_ALLOWANCE_BYTES
+    limit = 2 * held + budget.spare
+    guard = _CreationLimit(limit, f"{plan.where}: {plan.cls.__name__} cannot be built on the meta device, and "
+                                  f"building it for real would create at least {{created}} bytes of tensors, more "
+                                  f"than the {limit} allowed beside the {held} bytes the tensor file holds for it "
+                                  "(twice those, plus what is left of 1 GiB for all such layers): the config declares "
+                                  "a larger layer than the file holds")
     try:
-        with _CreationLimit(limit, f"{plan.where}: {plan.cls.__name__} cannot be built on the meta device, and "
-                                   f"building it for real would create at least {{created}} bytes of tensors, more "
-                                   f"than the {limit} allowed beside the {held} bytes the tensor file holds for it "
-                                   "(twice those plus 1 GiB): the config declares a larger layer than the file holds"):
-            return construct_layer(plan.cls, plan.args, plan.where)
+        with guard:
+            layer = construct_layer(plan.cls, plan.args, plan.where)
     except ValueError as error:
         if isinstance(error.__cause__, _OverLimit):  # construct_layer wrapped the guard's own error
             raise error.__cause__ from None
         raise
+    budget.spare -= max(0, guard.created - 2 * held)
+    return layer
+
+
+def check_dry_run_size(input_shape: tuple[int, ...], dtype: torch.dtype, budget: BuildBudget, where: str) -> None:
+    """A dry run on real memory (a model with layers that have no meta kernels) starts from a batch of two
+    samples: refused, naming ``where``, if that batch alone passes what is left of the load's ``budget``."""
+    nbytes = 2 * math.prod(input_shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > budget.spare:
+        raise ValueError(f"{where}: 'input_shape' {list(input_shape)} makes a dry-run batch of {nbytes} bytes, more "
+                         f"than the {budget.spare} left of the 1 GiB a load may create beside the tensor file")
 
 
 class _OverLimit(ValueError):

@@ -194,5 +194,5 @@ def construct_layer(cls: type[nn.Module], args: dict[str, Any], where: str) -> n
         return cls(**args)
     except NotImplementedError:  # an operator missing on this device (e.g. meta), not a bad argument
         raise
-    except (TypeError, ValueError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:  # torch asserts some
         raise ValueError(f"{where}: cannot build {cls.__name__} from args {args}: {error}") from error

@@ -460,8 +460,9 @@ def _load_from(files: CheckpointFiles) -> Sequential:
         _loading.check_input_shape(plans, meta, input_shape, str(config_file), input_dtype)
     tensors = files.tensors()
     # The meta layers take the file's tensors as they are (no second allocation, each tensor's dtype kept)
-    model = Sequential(OrderedDict((plan.name, _loading.build_within_tensor_file(plan, header) if layer is None
-                                    else layer) for plan, layer in zip(plans, meta)))
+    budget = _loading.BuildBudget()
+    model = Sequential(OrderedDict((plan.name, _loading.build_within_tensor_file(plan, header, budget)
+                                    if layer is None else layer) for plan, layer in zip(plans, meta)))
     load_state_strict(model, tensors, source=tensors_file, keep_dtypes=True)
     for plan in plans:
         layer = getattr(model, plan.name)
@@ -472,6 +473,7 @@ def _load_from(files: CheckpointFiles) -> Sequential:
                               source=tensors_file, keep_dtypes=True)
             setattr(model, plan.name, layer)
     if input_shape is not None and any(layer is None for layer in meta):  # not checked on meta: check it now
+        _loading.check_dry_run_size(input_shape, input_dtype or model._device_and_dtype()[1], budget, str(config_file))
         try:
             model.build(input_shape, input_dtype)
         except ValueError as error:
