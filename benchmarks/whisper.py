@@ -81,7 +81,7 @@ class Dreidel:
     def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
         from dreidel.models.whisper import transcribe
 
-        result = transcribe(self.recognizer, audio)
+        result = transcribe(self.recognizer, audio, fallback=False)
         return result.text, list(result.tokens[0])
 
 
@@ -166,7 +166,7 @@ def batched(system: Dreidel, clips) -> dict:
     from dreidel.models.whisper import transcribe
 
     start = time.perf_counter()
-    transcriptions = transcribe(system.recognizer, [audio for _, audio in clips], batch_size=8)
+    transcriptions = transcribe(system.recognizer, [audio for _, audio in clips], batch_size=8, fallback=False)
     seconds = time.perf_counter() - start
     outputs = [(t.text, list(t.tokens[0])) for t in transcriptions]
     return dict(label=system.label + ", 8 files per batch", seconds=seconds, outputs=outputs)

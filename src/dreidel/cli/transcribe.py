@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-speech-threshold", type=probability, default=None, metavar="P",
                         help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
                              "decode every window; silence then often reads as 'you')")
+    parser.add_argument("--no-fallback", dest="fallback", action="store_false",
+                        help="plain greedy decoding: do not decode again, by a beam search of 5, the windows whose "
+                             "text is unsure (average log-probability below -1) or loops (gzip ratio above 2.4)")
     parser.set_defaults(func=run, parser=parser)
 
 
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
         results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
-                                     no_speech_threshold=args.no_speech_threshold)
+                                     no_speech_threshold=args.no_speech_threshold,
+                                     fallback=getattr(args, "fallback", True))
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0

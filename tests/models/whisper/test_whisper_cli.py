@@ -73,3 +73,21 @@ def test_transcribe_command_no_speech_threshold(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # not a probability: argparse's usage error
         parse(["transcribe", str(path), "--no-speech-threshold", "2"])
     assert exit_info.value.code == 2
+
+
+def test_no_fallback_reaches_transcribe(tmp_path, monkeypatch):
+    """--no-fallback gives plain greedy decoding (the fallback is on by default)."""
+    import numpy as np
+    import soundfile
+
+    from dreidel.models import whisper
+
+    path = tmp_path / "quiet.wav"
+    soundfile.write(path, np.zeros(16000, dtype=np.float32), 16000)
+    seen = []
+    original = whisper.transcribe
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (seen.append(k["fallback"]), original(*a, **k))[-1])
+    for argv in (["transcribe", str(path)], ["transcribe", str(path), "--no-fallback"]):
+        args = parse(argv)
+        assert args.func(args) == 0
+    assert seen == [True, False]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dreidel.models.whisper.model import Whisper
 
-__all__ = ["DecodingOptions", "decode"]
+__all__ = ["DecodingOptions", "decode", "decode_scored"]
 
 
 MAX_BEAM_SIZE = 64  # openai's default is 5
@@ -76,6 +76,14 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[i
 
     mel: (B, n_mels, 3000) float log-mel of B 30-second windows.
     """
+    return [tokens for tokens, _ in decode_scored(model, mel, options)]
+
+
+@torch.inference_mode()
+def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[tuple[list[int], float]]:
+    """``decode``'s tokens of each window with their average log-probability: the sum over the sampled tokens
+    and the <|endoftext|> that ended them, divided by their count (openai/whisper's ``avg_logprob``); 0.0 for a
+    window left empty by ``no_speech_threshold``."""
     if mel.dim() != 3:
         raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
@@ -87,12 +95,13 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[i
         speech = (_no_speech_probability(model, features, options) <= options.no_speech_threshold).tolist()
         if not all(speech):
             kept = [i for i, keep in enumerate(speech) if keep]
-            tokens = iter(_decode_features(model, features[kept], options, max_new) if kept else [])
-            return [next(tokens) if keep else [] for keep in speech]
+            scored = iter(_decode_features(model, features[kept], options, max_new) if kept else [])
+            return [next(scored) if keep else ([], 0.0) for keep in speech]
     return _decode_features(model, features, options, max_new)
 
 
-def _decode_features(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
+def _decode_features(model: Whisper, features: Tensor, options: DecodingOptions,
+                     max_new: int) -> list[tuple[list[int], float]]:
     if options.beam_size == 1:
         return _greedy(model, features, options, max_new)
     return _beam_search(model, features, options, max_new)
@@ -108,7 +117,7 @@ def _no_speech_probability(model: Whisper, features: Tensor, options: DecodingOp
     return logits.softmax(dim=-1)[:, options.no_speech]
 
 
-def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
+def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[tuple[list[int], float]]:
     decoder = model.decoder
     batch = features.shape[0]
     n_vocab = model.dims.n_vocab
@@ -120,23 +129,32 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens, n_vocab, hidden)
     sampled = torch.full((batch, max_new), options.eot, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    sum_logprobs = torch.zeros(batch, dtype=torch.float64, device=device)
+    counted = torch.zeros(batch, dtype=torch.long, device=device)  # tokens scored: sampled ones and the eot
     offset = len(options.prompt)
     for step in range(max_new):
-        next_tokens = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).argmax(-1)  # (B,)
+        logits = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).float()  # (B, V)
+        next_tokens = logits.argmax(-1)  # (B,)
+        chosen = logits.gather(-1, next_tokens[:, None])[:, 0] - logits.logsumexp(-1)  # its log-probability
+        live = ~finished
+        sum_logprobs += torch.where(live, chosen.double(), 0.0)
+        counted += live.long()
         next_tokens.masked_fill_(finished, options.eot)
         sampled[:, step] = next_tokens
         finished |= next_tokens == options.eot
         if bool(finished.all()) or step + 1 == max_new:
             break
         hidden = decoder.hidden(next_tokens[:, None], offset + step, cache)[:, -1]
-    return [_until_eot(row, options.eot) for row in sampled.tolist()]
+    averages = (sum_logprobs / counted.clamp_min(1)).tolist()
+    return [(_until_eot(row, options.eot), average) for row, average in zip(sampled.tolist(), averages)]
 
 
 def _until_eot(tokens: list[int], eot: int) -> list[int]:
     return tokens[: tokens.index(eot)] if eot in tokens else tokens
 
 
-def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[list[int]]:
+def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions,
+                 max_new: int) -> list[tuple[list[int], float]]:
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
     cache = decoder.new_cache(features, rows_per_window=beams)  # rows: window-major, beam-minor
@@ -200,5 +218,7 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
                 break
             pool.setdefault(tuple(hypotheses[row]), sum_logprobs[row])
         best = max(pool.items(), key=lambda item: item[1] / max(len(item[0]), 1))
-        results.append(_until_eot(list(best[0]), options.eot))
+        tokens = _until_eot(list(best[0]), options.eot)
+        ended = best[0] in finished[window]  # its score then includes the <|endoftext|>'s log-probability
+        results.append((tokens, best[1] / max(len(tokens) + ended, 1)))
     return results

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from dreidel.models.whisper.convert import (
     dims_from_hf_config,
     hf_rules,
 )
-from dreidel.models.whisper.decoding import DecodingOptions, decode
+from dreidel.models.whisper.decoding import DecodingOptions, decode_scored
 from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
@@ -263,9 +264,10 @@ def quantize_int8(recognizer: WhisperRecognizer) -> WhisperRecognizer:
     made "Stella" come out as "Steller" alone and "Stellum" beside a long file). Tokens can differ from the
     float model, and not only in a word: on tiny.en, dense 30 s windows whose first token has end-of-text as
     a close second choice can end right after it (2 of the 5 windows of a 2-minute eSpeak clip came out as
-    " The"; quantising the encoder alone, or in chunks of 16 rows, did the same). faster-whisper's int8,
-    which scales activations per row, transcribed them. Prefer the float model where that matters. The copy
-    runs in float32 whatever dtype ``recognizer`` was loaded in.
+    " The"; quantising the encoder alone, or in chunks of 16 rows, did the same). The float model does that
+    too (a review found a 30 s window of 8 sentences decoded greedily as " The", by CTranslate2 as well):
+    ``transcribe``'s ``fallback``, on by default, decodes such windows again by beam search. The copy runs in
+    float32 whatever dtype ``recognizer`` was loaded in.
     """
     import copy
 
@@ -310,20 +312,64 @@ def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
     return [window for window in audio.split(N_SAMPLES) if window.numel() >= HOP_LENGTH]
 
 
+# A greedy window whose text fails either test is decoded again by beam search (openai/whisper's thresholds;
+# Radford et al. 2022, §4.5, fall back to higher temperatures, faster-whisper too, with beam search at the first).
+FALLBACK_LOGPROB = -1.0  # average log-probability below: the model was unsure of the text
+FALLBACK_COMPRESSION = 2.4  # gzip compression ratio above: the text repeats itself (a decoding loop)
+FALLBACK_BEAM_SIZE = 5
+
+
+def compression_ratio(text: str) -> float:
+    """``len(text) / len(zlib(text))`` over its UTF-8 bytes (openai/whisper's test for repetition loops)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _passes(text: str, average_logprob: float) -> bool:
+    return average_logprob >= FALLBACK_LOGPROB and compression_ratio(text) <= FALLBACK_COMPRESSION
+
+
+def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: DecodingOptions,
+                   scored: list[tuple[list[int], float]]) -> list[tuple[list[int], float]]:
+    """``scored`` (greedy results for the windows of ``mel``) with each window that fails the tests decoded again
+    by a beam search of ``FALLBACK_BEAM_SIZE``, whose result replaces the greedy one if it passes, or fails
+    with a higher average log-probability."""
+    texts = [recognizer.tokenizer.decode(tokens) for tokens, _ in scored]
+    retry = [i for i, ((_, average), text) in enumerate(zip(scored, texts)) if not _passes(text, average)]
+    if not retry:
+        return scored
+    logger.info("%d of %d windows fail the log-probability or repetition test: decoded again with beam search",
+                len(retry), len(scored))
+    again = decode_scored(recognizer.model, mel[retry], dataclasses.replace(options, beam_size=FALLBACK_BEAM_SIZE))
+    result = list(scored)
+    for i, (tokens, average) in zip(retry, again):
+        rank = (_passes(recognizer.tokenizer.decode(tokens), average), average)
+        if rank > (False, scored[i][1]):
+            result[i] = (tokens, average)
+    return result
+
+
 @torch.inference_mode()
 def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
-               max_new_tokens: int = 224, batch_size: int = 8, no_speech_threshold: float | None = None):
+               max_new_tokens: int = 224, batch_size: int = 8, no_speech_threshold: float | None = None,
+               fallback: bool = True):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
     Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
-    into consecutive 30 s windows (no timestamps, so a word on a boundary may be split); up to ``batch_size``
+    into consecutive 30 s windows, hard cuts (no timestamps, no seeking back to the last whole sentence as
+    openai-whisper and faster-whisper do): speech across a cut can lose words, in a review up to the 2-3 s of
+    a sentence that fell before the cut; up to ``batch_size``
     windows are decoded together. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and
     it has no windows; nor is a last window that short. Each window is zero-padded to 30 s before its log-mel
     (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe`` and faster-whisper
     pad the log-mel instead (clamped against the whole input's maximum), so their text can differ by a word.
     ``no_speech_threshold`` (e.g. 0.6): windows the model judges to hold no speech give no text (without it,
     tiny.en transcribes a silent window, such as the silent end of a long recording, as "you"); see
-    :class:`DecodingOptions`.
+    :class:`DecodingOptions`. ``fallback`` (greedy decoding only): a window whose text has an average
+    log-probability below -1 or a gzip compression ratio above 2.4 (openai/whisper's tests: an unsure text, or
+    a repetition loop) is decoded again by a beam search of 5, kept if it passes, or fails with a higher
+    average log-probability. Greedy decoding alone can drop most of a window (8 spoken sentences came out as
+    "The") or loop on a phrase; ``fallback=False`` gives plain greedy tokens (as transformers' ``generate``).
     """
     from dreidel.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 
@@ -331,6 +377,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
         raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(fallback, bool):
+        raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
     single = not isinstance(audio, (list, tuple))
     inputs = [audio] if single else list(audio)
     if not inputs:
@@ -348,7 +396,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
     for first in range(0, len(windows), batch_size):
         mel = torch.stack([log_mel_spectrogram(pad_or_trim(w), n_mels) for w in windows[first:first + batch_size]])
-        tokens += decode(recognizer.model, mel, options)
+        scored = decode_scored(recognizer.model, mel, options)
+        if fallback and options.beam_size == 1:
+            scored = _with_fallback(recognizer, mel, options, scored)
+        tokens += [window_tokens for window_tokens, _ in scored]
         logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, len(tokens), len(windows),
                     time.perf_counter() - start)
     elapsed = time.perf_counter() - start
