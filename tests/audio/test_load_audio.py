@@ -1,6 +1,7 @@
 """load_audio: files through soundfile, PCM scaling, channel mixing, resampling, clear errors."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -139,3 +140,19 @@ def test_a_rate_needing_a_huge_filter_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="needs 16000 filter phases") as raised:
         load_audio(path)
     assert str(raised.value).startswith(str(path))
+
+
+def test_int64_samples_are_refused_with_the_fix():
+    """torch.tensor of Python ints is int64, no PCM format: scaled by 2**63, int16 values became 1e-15 (a
+    transcript of "you")."""
+    with pytest.raises(TypeError, match="int64 is no PCM format.*int16"):
+        load_audio(torch.tensor([0, 1200, -3400, 25000] * 400))
+
+
+def test_float_samples_at_integer_scale_warn():
+    """int16 values given as floats read as loud noise; they warn (audio in [-1, 1] does not)."""
+    with pytest.warns(UserWarning, match=r"float samples reach 25901, expected \[-1, 1\].*divide by 32768"):
+        load_audio(np.array([0.0, 25901.0, -1200.0] * 1000, dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_audio(np.array([0.0, 0.9, -1.0] * 1000, dtype=np.float32))

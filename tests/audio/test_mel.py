@@ -82,3 +82,10 @@ def test_a_non_finite_sample_is_refused(bad):
 def test_float64_audio_beyond_float32_is_named_as_such():
     with pytest.raises(ValueError, match="beyond float32's range"):
         log_mel_spectrogram(torch.full((1600,), 1e39, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("padding", [-1600, 1.5, True])
+def test_a_bad_padding_is_refused(padding):
+    """A negative padding used to trim the audio silently (90 frames of 100 for -1600)."""
+    with pytest.raises(ValueError, match="padding must be an int >= 0"):
+        log_mel_spectrogram(torch.zeros(16000), padding=padding)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,35 @@ __all__ = ["load_audio", "pcm_to_float"]
 _MAX_CHANNELS = 16
 
 
+# Float samples beyond this magnitude are not audio in [-1, 1]: most likely integer PCM values given as floats.
+_FLOAT_PEAK_WARNING = 1.5
+
+
 def pcm_to_float(samples: np.ndarray) -> np.ndarray:
-    """Integer PCM to float32 in [-1, 1): int16 / 2**15, int32 / 2**31, uint8 centred at 128; floats cast."""
+    """Integer PCM to float32 in [-1, 1): int8 / 2**7, int16 / 2**15, int32 / 2**31, uint8 centred at 128; floats
+    cast (with a warning if they pass 1.5 in magnitude: int16 values as floats, say, which read as noise).
+
+    Raises:
+        TypeError: int64 (no PCM format; what ``torch.tensor`` makes of Python ints, whose 2**63 scale left int16
+            values at 1e-15) or another non-audio dtype.
+    """
     samples = np.asarray(samples)
     if samples.dtype == np.uint8:
         return (samples.astype(np.float32) - 128.0) / 128.0
-    if np.issubdtype(samples.dtype, np.signedinteger):
+    if samples.dtype in (np.int8, np.int16, np.int32):
         return (samples.astype(np.float64) / float(2 ** (8 * samples.dtype.itemsize - 1))).astype(np.float32)
     if np.issubdtype(samples.dtype, np.floating):
-        return samples.astype(np.float32, copy=False)
-    raise TypeError(f"audio samples must be integer PCM or floating point, got dtype {samples.dtype}")
+        samples = samples.astype(np.float32, copy=False)
+        peak = float(np.abs(samples).max()) if samples.size else 0.0
+        if peak > _FLOAT_PEAK_WARNING:
+            warnings.warn(f"audio: float samples reach {peak:g}, expected [-1, 1]: integer PCM values given as "
+                          "floats? (int16: divide by 32768)", stacklevel=3)
+        return samples
+    if samples.dtype == np.int64:
+        raise TypeError("audio samples: int64 is no PCM format (int16, int32, uint8 are; torch.tensor of Python "
+                        "ints makes int64): give x.astype(np.int16) / x.to(torch.int16), or floats in [-1, 1]")
+    raise TypeError(f"audio samples must be integer PCM (int8, int16, int32, uint8) or floating point, got dtype "
+                    f"{samples.dtype}")
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, int]:

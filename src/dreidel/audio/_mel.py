@@ -7,6 +7,8 @@ linear below 1 kHz (3 mels per 200 Hz) and logarithmic above; each triangle is s
 
 from __future__ import annotations
 
+import numbers
+
 from functools import lru_cache
 
 import numpy as np
@@ -93,6 +95,8 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
         ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), or a NaN or
             infinite sample.
     """
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0 (zeros appended), got {padding!r}")  # -k trimmed silently
     if not isinstance(audio, torch.Tensor):
         audio = torch.as_tensor(np.asarray(audio))
     if not audio.is_floating_point():
