@@ -249,7 +249,7 @@ class _CaptureHook:
         kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
         capture = None if self._capture is None else self._capture()
         if capture is not None:
-            inputs = args if args or not kwargs else (*kwargs.values(),)
+            inputs = args if args or not kwargs else tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             (capture._on_root_forward if self._root else capture._on_forward)(module, inputs, output)
 
     def __reduce__(self):
