@@ -250,7 +250,11 @@ class Sequential(nn.Sequential):
         if train.x is not None and train.x.shape[0] == 0:  # an empty DataLoader: first_input() says so
             raise ValueError("x has no samples: nothing to train on")
         self._check_input(train.x if train.x is not None else train.first_input(), "x")
-        if validation is not None and validation.x is not None:  # a DataLoader's batches are checked as they come
+        # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after four
+        # steps had changed the weights); a DataLoader's batches are checked as they come.
+        if train.x is not None:
+            self._check_targets_up_front(train, compiled.loss, "y")
+        if validation is not None and validation.x is not None:
             self._check_targets_up_front(validation, compiled.loss, "validation_data")
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.history = history = History()
