@@ -117,6 +117,11 @@ def test_written_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
     ({"n": 2, "voices": ()}, ValueError, "voices and rates"),  # used to be an IndexError from random.choice
     ({"n": 2, "rates": []}, ValueError, "voices and rates"),
     ({"n": 2, "sentences": "one sentence"}, TypeError, "sentences must be a list"),
+    # a string of voices was split into the voices "e", "n", "-", ..., a bad rate met only inside synthesize,
+    # and seed=None drew a different set at every call
+    ({"n": 2, "voices": "en-us"}, TypeError, "voices must be a list of voice names"),
+    ({"n": 2, "rates": [160, 10000]}, ValueError, r"rates must be ints in \[80, 450\].*10000"),
+    ({"n": 2, "seed": None}, ValueError, "seed must be an int"),
 ])
 def test_speech_test_set_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -23,6 +23,7 @@ import torch
 
 from dreidel._files import staging_file
 from dreidel.audio import SAMPLE_RATE, resample
+from dreidel.data._split import check_seed
 
 __all__ = [
     "synthesize", "synthesize_to_file", "cached_speech", "available_voices", "available_variants",
@@ -244,9 +245,15 @@ def speech_test_set(n: int | None = None, seed: int = 0, *, sentences: list[str]
     sentences = test_sentences() if sentences is None else list(sentences)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(sentences)):
         raise ValueError(f"n must be None or an int in [0, {len(sentences)}], got {n!r}")
+    if isinstance(voices, str):  # as for sentences: tuple("en-us") would be the voices "e", "n", "-", ...
+        raise TypeError(f"voices must be a list of voice names, got one string {voices!r} (use [{voices!r}])")
     voices, rates = tuple(voices), tuple(rates)
     if not voices or not rates:
         raise ValueError(f"voices and rates must each hold at least one choice, got {voices!r} and {rates!r}")
+    bad_rates = [r for r in rates if isinstance(r, bool) or not isinstance(r, int) or not 80 <= r <= 450]
+    if bad_rates:  # checked here, not at the first synthesize() that draws one
+        raise ValueError(f"rates must be ints in [80, 450] words per minute, got {bad_rates[0]!r}")
+    check_seed(seed)  # None would draw a different set at every call
     generator = random.Random(seed)
     order = list(range(len(sentences)))
     generator.shuffle(order)
