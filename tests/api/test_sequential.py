@@ -921,3 +921,15 @@ def test_a_dataloaders_labels_are_checked_batch_by_batch(digits):
     model = _small_model("dense").compile("sgd", lr=0.01)
     with pytest.raises(ValueError, match=r"y: labels must lie in \[0, 9\].*epoch 1, batch 3"):
         model.fit(as_dataloader(x_train, labels, 32, shuffle=False), verbose=0)
+
+
+def test_a_metric_that_cannot_apply_fails_before_the_first_step(digits):
+    """top_5 of a 3-class model failed after the first optimizer step had changed the weights."""
+    x_train, y_train, *_ = digits
+    keep = y_train < 3
+    model = api.Sequential(nn.Linear(64, 3)).compile("sgd", "cross_entropy", ["top_5"], lr=0.1)
+    model.build((64,))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="k=5 exceeds the number of classes 3"):
+        model.fit(x_train[keep], y_train[keep], verbose=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

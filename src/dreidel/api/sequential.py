@@ -253,7 +253,7 @@ class Sequential(nn.Sequential):
         # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after four
         # steps had changed the weights); a DataLoader's batches are checked as they come.
         if train.x is not None:
-            self._check_targets_up_front(train, compiled.loss, "y")
+            self._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
         if validation is not None and validation.x is not None:
             self._check_targets_up_front(validation, compiled.loss, "validation_data")
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
@@ -309,9 +309,10 @@ class Sequential(nn.Sequential):
         return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype,
                                   device=device)
 
-    def _check_targets_up_front(self, source: BatchSource, loss, where: str) -> None:
+    def _check_targets_up_front(self, source: BatchSource, loss, where: str, metrics=()) -> None:
         """Check the inputs' shape and every target of the in-memory ``source`` against the output of one sample
-        (in eval mode, without gradients), so that bad labels fail before training changes any weight."""
+        (in eval mode, without gradients), and ``metrics`` on that sample, so that bad labels or a metric that
+        cannot apply (top_5 of 3 classes) fail before training changes any weight."""
         self._check_input(source.x[:1], where)
         was_training = self.training
         self.eval()
@@ -320,8 +321,11 @@ class Sequential(nn.Sequential):
                 output = self(next(source.batches(False, None))[0][:1])  # (1, *output_shape)
         finally:
             self.train(was_training)
+        one = output
         output = output.expand(source.num_samples, *output.shape[1:])
         check_targets(loss, output, targets_like(source.y, output), where)
+        for metric in metrics:
+            metric(one, targets_like(source.y[:1], one))
 
     def evaluate(self, x, y=None, batch_size: int = 256) -> dict[str, float]:
         """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
