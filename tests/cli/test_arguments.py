@@ -133,3 +133,11 @@ def test_an_unwritable_output_is_one_line_and_exit_1():
         child = subprocess.run([sys.executable, "-c", program], stdout=full, stderr=subprocess.PIPE, timeout=120)
     assert child.returncode == 1
     assert child.stderr.decode().strip() == "dreidel info: error: [Errno 28] No space left on device"
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"dreidel {version('dreidel')}"

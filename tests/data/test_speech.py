@@ -184,3 +184,10 @@ def test_text_with_nothing_to_say_is_refused():
     """"..." used to give 7 ms of silence, which transcribes as "you"."""
     with pytest.raises(ValueError, match="nothing to say"):
         speech.synthesize("...")
+
+
+def test_synthesize_takes_numpy_integers_and_refuses_a_bool_pitch():
+    audio = speech.synthesize("Stop.", rate=np.int64(175), pitch=np.int32(50))
+    assert audio.size > 0
+    with pytest.raises(ValueError, match="pitch must be an int"):
+        speech.synthesize("Stop.", pitch=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -43,3 +45,21 @@ def test_stratified_split_partitions_every_index_once():
     train, test = stratified_split(labels, 0.2, seed=1)
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(30))
     assert np.bincount(labels[test]).tolist() == [2, 2, 2]
+
+
+def test_numpy_numbers_and_read_only_arrays_are_taken():
+    """np.float32 fractions were refused while np.float64 ones passed; a read-only array (a memory map) made
+    torch warn that it is not writable."""
+    labels = np.repeat(np.arange(4), 10)
+    train, test = stratified_split(labels, np.float32(0.2), seed=0)
+    assert len(test) == 8 and len(train) == 32
+    x = np.zeros((8, 3), dtype=np.float32)
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(as_dataloader(x, np.arange(8), batch_size=4)) == 2
+
+
+def test_as_dataloader_refuses_scalars_by_name():
+    with pytest.raises(ValueError, match="x must have a samples axis"):
+        as_dataloader(np.float32(1.0), np.arange(1), batch_size=1)

@@ -13,12 +13,22 @@ from dreidel.cli import demo, info, transcribe
 COMMANDS = (info, demo, transcribe)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dreidel")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dreidel",
         description="Fast deep learning on CPUs: spectral (Walsh-Hadamard) layers and structure-aware optimizers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    parser.add_argument("--version", action="version", version=f"dreidel {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,7 +27,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     Returns:
         ``(train_indices, test_indices)``, int64 arrays that together hold every index once.
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     check_seed(seed)
     rng = np.random.default_rng(seed)
@@ -96,8 +98,11 @@ def as_dataloader(
 
     Shuffling draws from ``generator`` (pass a seeded one for reproducible epochs).
     """
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
+    # A read-only array (np.load(mmap_mode="r"), say) is copied: torch.as_tensor would warn it is not writable.
+    x, y = (torch.as_tensor(np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a) for a in (x, y))
+    for name, t in (("x", x), ("y", y)):
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have a samples axis (N, ...), got a scalar")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     _check_batch_size(batch_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import numbers
 import os
 import random
 import threading
@@ -146,10 +147,11 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     if "+" in voice and variant not in available_variants():  # eSpeak would silently use the plain voice
         raise ValueError(f"unknown voice variant {variant!r} in voice {voice!r}; expected one of available_variants(), "
                          f"e.g. 'en-us+f2'")
-    if not isinstance(rate, int) or not 80 <= rate <= 450:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or not 80 <= rate <= 450:  # NumPy ints too
         raise ValueError(f"rate must be an int in [80, 450] words per minute, got {rate!r}")
-    if not isinstance(pitch, int) or not 0 <= pitch <= 100:
+    if isinstance(pitch, bool) or not isinstance(pitch, numbers.Integral) or not 0 <= pitch <= 100:
         raise ValueError(f"pitch must be an int in [0, 100], got {pitch!r}")
+    rate, pitch = int(rate), int(pitch)
     encoded = text.encode("utf-8") + b"\0"
     with _LOCK:
         engine = _engine()
@@ -250,7 +252,7 @@ def speech_test_set(n: int | None = None, seed: int = 0, *, sentences: list[str]
     voices, rates = tuple(voices), tuple(rates)
     if not voices or not rates:
         raise ValueError(f"voices and rates must each hold at least one choice, got {voices!r} and {rates!r}")
-    bad_rates = [r for r in rates if isinstance(r, bool) or not isinstance(r, int) or not 80 <= r <= 450]
+    bad_rates = [r for r in rates if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 80 <= r <= 450]
     if bad_rates:  # checked here, not at the first synthesize() that draws one
         raise ValueError(f"rates must be ints in [80, 450] words per minute, got {bad_rates[0]!r}")
     check_seed(seed)  # None would draw a different set at every call
