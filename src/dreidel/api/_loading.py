@@ -203,7 +203,7 @@ def build_within_tensor_file(plan: LayerPlan, header: dict[str, TensorHeader], b
 def check_dry_run_size(input_shape: tuple[int, ...], dtype: torch.dtype, budget: BuildBudget, where: str) -> None:
     """A dry run on real memory (a model with layers that have no meta kernels) starts from a batch of two
     samples: refused, naming ``where``, if that batch alone passes what is left of the load's ``budget``."""
-    nbytes = 2 * math.prod(input_shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = 2 * math.prod(input_shape) * dtype.itemsize
     if nbytes > budget.spare:
         raise ValueError(f"{where}: 'input_shape' {list(input_shape)} makes a dry-run batch of {nbytes} bytes, more "
                          f"than the {budget.spare} left of the 1 GiB a load may create beside the tensor file")

@@ -7,19 +7,11 @@ import logging
 import os
 import sys
 
+from dreidel import __version__
 from dreidel.cli import demo, info, transcribe
 
 # Each module exposes `register(subparsers)`, which adds its parser and sets `func`.
 COMMANDS = (info, demo, transcribe)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dreidel")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast deep learning on CPUs: spectral (Walsh-Hadamard) layers and structure-aware optimizers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
-    parser.add_argument("--version", action="version", version=f"dreidel {_version()}")
+    parser.add_argument("--version", action="version", version=f"dreidel {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)

@@ -412,13 +412,10 @@ class DiagonalNewton(CurvatureOptimizer):
     def _newton(self, group: dict, p: torch.Tensor) -> torch.Tensor:
         """The clipped Newton step of ``p``, in ``p``'s dtype (its momentum updated). Every operation of one
         parameter in a row, while it is in cache."""
-        beta1, beta2 = group["betas"]
         state = self.state[p]
-        state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-        m = state["exp_avg"] / (1 - beta1 ** state["step"])
-        h = state["curvature"] / max(1 - beta2 ** state["curvature_updates"], 1e-12)
-        newton = m / (h + group["damping"]).clamp_min(group["eps"])
-        return torch.nan_to_num(newton.clamp_(-group["clip"], group["clip"]), nan=0.0).to(p.dtype)
+        momentum_correction, curvature_correction = _corrections(group, state)
+        return _clipped_newton(group, state["exp_avg"], p.grad, state["curvature"], momentum_correction,
+                               curvature_correction).to(p.dtype)
 
     def _valid_pack(self, index: int, group: dict) -> _PackedState | None:
         """The packed state of ``self.param_groups[index]``, if its parameters are still in the group and their
@@ -453,21 +450,15 @@ class DiagonalNewton(CurvatureOptimizer):
         slice at a time (each slice's operations in a row, while it is in L2); the steps come back as views,
         shaped as the parameters. Parameters whose counts differ (one that missed a step) are bias-corrected
         each by its own, through a buffer of corrections."""
-        beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in pack.params]
-        momentum_corrections = pack.per_value([1 - beta1 ** s["step"] for s in states])
-        curvature_corrections = pack.per_value([max(1 - beta2 ** s["curvature_updates"], 1e-12) for s in states])
+        momentum_corrections, curvature_corrections = (
+            pack.per_value(list(c)) for c in zip(*(_corrections(group, self.state[p]) for p in pack.params)))
         newton = torch.empty_like(pack.exp_avg)
         denominator = torch.empty(min(_PACKED_SLICE, newton.numel()), dtype=newton.dtype, device=newton.device)
         for start in range(0, newton.numel(), _PACKED_SLICE):
             part = slice(start, start + _PACKED_SLICE)
-            exp_avg, step = pack.exp_avg[part], newton[part]
-            h = denominator[:step.numel()]
-            exp_avg.mul_(beta1).add_(gradient[part], alpha=1 - beta1)
-            torch.div(pack.curvature[part], _part(curvature_corrections, part), out=h).add_(group["damping"])
-            h.clamp_min_(group["eps"])
-            torch.div(exp_avg, _part(momentum_corrections, part), out=step).div_(h)  # _newton's operations, in order
-            step.clamp_(-group["clip"], group["clip"]).nan_to_num_(nan=0.0)
+            _clipped_newton(group, pack.exp_avg[part], gradient[part], pack.curvature[part],
+                            _part(momentum_corrections, part), _part(curvature_corrections, part),
+                            out=newton[part], scratch=denominator[:newton[part].numel()])
         return [n.view_as(p) for n, p in zip(newton.split(pack.sizes), pack.params)]
 
 
@@ -478,6 +469,27 @@ class DiagonalNewton(CurvatureOptimizer):
 # 384, on Zen 3).
 _SMALL_NUMEL = 16384
 _PACKED_SLICE = 16384  # values per slice of the packed update: its five buffers' slices (float32) fill 320 KB of L2
+
+
+def _corrections(group: dict, state: dict) -> tuple[float, float]:
+    """The bias corrections of a parameter's momentum and curvature averages, by its own counts."""
+    beta1, beta2 = group["betas"]
+    return 1 - beta1 ** state["step"], max(1 - beta2 ** state["curvature_updates"], 1e-12)
+
+
+def _clipped_newton(group: dict, exp_avg: torch.Tensor, gradient: torch.Tensor, curvature: torch.Tensor,
+                    momentum_correction, curvature_correction, out: torch.Tensor | None = None,
+                    scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """The update's step before ``lr`` (the module docstring), every operation in a row: the momentum ``exp_avg``
+    updated with ``gradient`` in place, then ``clip(m_c / max(h_c + damping, eps))``, a NaN made 0. Into ``out``
+    (``scratch`` holding the denominator) where given, which must then share the state's dtype; else a new
+    tensor, in the wider of the two averages' dtypes (float32 for a low-precision parameter)."""
+    beta1 = group["betas"][0]
+    exp_avg.mul_(beta1).add_(gradient, alpha=1 - beta1)
+    denominator = torch.div(curvature, curvature_correction, out=scratch).add_(group["damping"]).clamp_min_(group["eps"])
+    m = torch.div(exp_avg, momentum_correction, out=out)
+    newton = m / denominator if out is None else m.div_(denominator)
+    return newton.clamp_(-group["clip"], group["clip"]).nan_to_num_(nan=0.0)
 
 
 def _is_small(p: torch.Tensor) -> bool:
