@@ -1,8 +1,9 @@
 """Whisper tiny.en on eSpeak NG speech: WER and real-time factor of dreidel, transformers and faster-whisper.
 
 Claim: dreidel's float32 greedy decode gives the same tokens (so the same WER) as transformers'
-``WhisperForConditionalGeneration.generate`` on the same weights, and dreidel runs faster than faster-whisper
-(CTranslate2) int8 on the same clips and threads.
+``WhisperForConditionalGeneration.generate`` on the same weights, and dreidel's int8 runs faster than
+faster-whisper (CTranslate2) int8 on the same short clips and threads. (On long inputs, the second table,
+faster-whisper int8 was the faster of the two in the run of December 2026.)
 
 Protocol (one process):
 - clips: the first ``--clips`` items of ``dreidel.data.speech.speech_test_set(seed=0)`` (sentences from
@@ -21,6 +22,12 @@ Protocol (one process):
 - WER (jiwer) after :func:`normalise`: lowercase; digits spelled out as words (``7:15`` -> "seven fifteen",
   ``%`` -> "percent"); hyphens to spaces; every other punctuation mark removed except apostrophes inside words;
   whitespace collapsed.
+
+Long-form (a second table, 1 thread): ``--long`` inputs of 14 consecutive sentences each (about 45 s,
+``speech_test_set(14, seed=100 + i)``, 0.25 s of silence after each sentence), greedy, no previous-text
+conditioning: dreidel with timestamps (windows that seek to the last whole segment, ``transcribe``'s default),
+dreidel without (consecutive 30 s cuts), dreidel int8 with timestamps, faster-whisper with its own timestamp
+seeking (its default), and dreidel's default ``transcribe`` (timestamps and the beam-search fallback).
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ class Dreidel:
     def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
         from dreidel.models.whisper import transcribe
 
-        result = transcribe(self.recognizer, audio, fallback=False)
+        result = transcribe(self.recognizer, audio, fallback=False, timestamps=False)
         return result.text, list(result.tokens[0])
 
 
@@ -166,10 +173,76 @@ def batched(system: Dreidel, clips) -> dict:
     from dreidel.models.whisper import transcribe
 
     start = time.perf_counter()
-    transcriptions = transcribe(system.recognizer, [audio for _, audio in clips], batch_size=8, fallback=False)
+    transcriptions = transcribe(system.recognizer, [audio for _, audio in clips], batch_size=8, fallback=False,
+                                timestamps=False)
     seconds = time.perf_counter() - start
     outputs = [(t.text, list(t.tokens[0])) for t in transcriptions]
     return dict(label=system.label + ", 8 files per batch", seconds=seconds, outputs=outputs)
+
+
+def load_long_inputs(n: int) -> list[tuple[str, torch.Tensor]]:
+    """``n`` inputs of 14 consecutive sentences each, 0.25 s of silence after each sentence."""
+    from dreidel.audio import load_audio
+    from dreidel.data.speech import cached_speech, speech_test_set
+
+    cache = ROOT / ".cache" / "speech"
+    inputs = []
+    for i in range(n):
+        items = speech_test_set(14, seed=100 + i)
+        parts = [torch.cat([load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=cache)),
+                            torch.zeros(4000)]) for item in items]
+        inputs.append((" ".join(item.text for item in items), torch.cat(parts)))
+    return inputs
+
+
+def long_form(recognizer, int8_recognizer, n: int) -> tuple[list[list], float]:
+    """WER and RTF of each long-form system at 1 thread, systems interleaved input by input."""
+    import jiwer
+    from faster_whisper import WhisperModel
+
+    from dreidel.io import shipped_whisper_files
+    from dreidel.models.whisper import transcribe
+
+    torch.set_num_threads(1)
+    inputs = load_long_inputs(n)
+    directory = str(shipped_whisper_files("tiny.en").directory)
+    faster = {kind: WhisperModel(directory, device="cpu", compute_type=kind, cpu_threads=1)
+              for kind in ("int8", "float32")}
+
+    def faster_whisper(kind):
+        def run(audio):
+            segments, _ = faster[kind].transcribe(
+                audio.numpy(), language="en", beam_size=1, best_of=1, temperature=0.0, vad_filter=False,
+                condition_on_previous_text=False, compression_ratio_threshold=None, log_prob_threshold=None,
+                no_speech_threshold=None)
+            return " ".join(s.text.strip() for s in segments)
+        return run
+
+    systems = {
+        "dreidel fp32, timestamps (seeking)": lambda a: transcribe(recognizer, a, fallback=False).text,
+        "dreidel fp32, no timestamps (30 s cuts)": lambda a: transcribe(recognizer, a, fallback=False,
+                                                                       timestamps=False).text,
+        "dreidel int8 (dynamic), timestamps (seeking)": lambda a: transcribe(int8_recognizer, a, fallback=False).text,
+        "faster-whisper int8, timestamps (seeking)": faster_whisper("int8"),
+        "faster-whisper float32, timestamps (seeking)": faster_whisper("float32"),
+        "dreidel fp32, transcribe's defaults (timestamps, fallback)": lambda a: transcribe(recognizer, a).text,
+    }
+    for run in systems.values():  # warm-up
+        run(inputs[0][1][:16000 * 5])
+    seconds = {label: 0.0 for label in systems}
+    texts = {label: [] for label in systems}
+    for _, audio in inputs:
+        for label, run in systems.items():
+            start = time.perf_counter()
+            texts[label].append(run(audio))
+            seconds[label] += time.perf_counter() - start
+    audio_seconds = sum(audio.numel() for _, audio in inputs) / 16000
+    references = [normalise(text) for text, _ in inputs]
+    rows = [[label, round(100 * jiwer.wer(references, [normalise(t) for t in texts[label]]), 2),
+             seconds[label] / audio_seconds] for label in systems]
+    for row in rows:
+        print(row, flush=True)
+    return rows, audio_seconds
 
 
 def main() -> int:
@@ -182,6 +255,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--systems", nargs="+",
                         default=["dreidel", "dreidel-int8", "transformers", "fw-int8", "fw-float32"])
+    parser.add_argument("--long", type=int, default=8, help="long-form inputs (0: none)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -207,6 +281,7 @@ def main() -> int:
             same = sum(a[1] == b[1] for a, b in zip(by_label["dreidel fp32"]["outputs"],
                                                       by_label["transformers fp32"]["outputs"]))
             token_rows.append([threads, f"{same} / {len(clips)}"])
+    long_rows, long_seconds = long_form(recognizer, int8_recognizer, args.long) if args.long > 0 else ([], 0.0)
     total = time.perf_counter() - started
 
     from dreidel._system import system_info
@@ -223,6 +298,12 @@ def main() -> int:
         f"(see the script). CPU: {info.cpu}, {info.cores} cores; torch {info.torch}. Run time {total:.0f} s.\n\n"
         f"{table}\n\n{same_table}\n"
     )
+    if long_rows:
+        section += (
+            f"\nLong-form: {args.long} inputs of 14 consecutive sentences ({long_seconds:.0f} s of audio in all), "
+            "1 thread, greedy unless named, no previous-text conditioning, systems interleaved input by input.\n\n"
+            + markdown_table(["system", "WER %", "RTF (compute s / audio s)"], long_rows) + "\n"
+        )
     write_section("whisper", section)
     return 0
 

