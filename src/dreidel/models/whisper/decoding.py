@@ -138,6 +138,9 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list
     window left empty by ``no_speech_threshold``."""
     if mel.dim() != 3:
         raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
+    if options.timestamp_begin is not None and options.timestamp_begin >= model.dims.n_vocab:
+        raise ValueError(f"timestamp_begin {options.timestamp_begin} is past the model's vocabulary of "
+                         f"{model.dims.n_vocab} tokens: it has no timestamp tokens there")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
     max_new = min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
