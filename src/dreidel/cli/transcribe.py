@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "text is unsure (average log-probability below -1) or loops (gzip ratio above 2.4)")
     parser.add_argument("--no-timestamps", dest="timestamps", action="store_false",
                         help="decode text only, long audio in consecutive 30 s windows (faster; speech across a "
-                             "cut can lose words), instead of timed segments, each window starting where the last "
-                             "whole segment ended")
+                             "cut can lose words), instead of timed segments, each window resuming the previous "
+                             "one's unfinished segment")
     parser.add_argument("--segments", action="store_true",
                         help="also print each segment with its start and end in seconds")
     parser.set_defaults(func=run, parser=parser)

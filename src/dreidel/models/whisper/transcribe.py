@@ -474,8 +474,10 @@ def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress]
                 offset = p.seek / SAMPLE_RATE
                 segments, seconds = _timed_segments(window_tokens, tokenizer.timestamp_begin,
                                                     window.numel() / SAMPLE_RATE, ended=len(window_tokens) < limit)
-                p.segments += [Segment(offset + begin, offset + end, tokenizer.decode(text).strip())
-                               for begin, end, text in segments if tokenizer.decode(text).strip()]
+                for begin, end, text_tokens in segments:
+                    text = tokenizer.decode(text_tokens).strip()
+                    if text:
+                        p.segments.append(Segment(offset + begin, offset + end, text))
                 p.tokens.append(window_tokens)
                 p.seek += max(1, round(seconds * SAMPLE_RATE))
                 p.seconds_compute += share
