@@ -155,17 +155,24 @@ def test_timed_segments(tokens, window, ended, segments, accounted):
     assert seconds == pytest.approx(accounted)
 
 
-def test_a_window_at_the_token_limit_is_resumed_after_its_last_closed_segment(tiny_en):
-    """With max_new_tokens small, each window stops at the limit: the next must start after its last closed
-    segment, not 30 s on (the review's case: 28 s of speech left out of a 64 s input)."""
-    clips = speech_clips(12, seed=12)
-    speech = torch.cat([torch.cat([audio, torch.zeros(3200)]) for _, audio in clips])
-    assert speech.numel() > 16000 * 35
-    limited = transcribe(tiny_en, speech, max_new_tokens=12)
-    assert len(limited.tokens) > 3  # far more windows than 30 s apart
-    assert all(len(tokens) == 12 for tokens in limited.tokens[:-1])
-    for before, after in zip(limited.segments, limited.segments[1:]):
-        assert after.start - before.end < 3.0  # no stretch of speech skipped
+@pytest.mark.parametrize("at_limit", [True, False])
+def test_a_window_at_the_token_limit_is_resumed_after_its_last_closed_segment(tiny_en, monkeypatch, at_limit):
+    """Each window's tokens close a segment at 1.00 s: with <|endoftext|> after them the window is done (the
+    input ends after one window); at the token limit (no <|endoftext|>) the rest of the window is decoded again
+    from 1.00 s on, window after window (a review's 64 s input with max_new_tokens=8 lost 28 s of speech)."""
+    import importlib
+
+    module = importlib.import_module("dreidel.models.whisper.transcribe")  # the package exports a function too
+    begin = tiny_en.tokenizer.timestamp_begin
+    tokens = [begin, *tiny_en.tokenizer.encode(" Stop the music."), begin + 50]
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [(tokens, -0.1)] * mel.shape[0])
+    max_new_tokens = len(tokens) if at_limit else len(tokens) + 1
+    result = transcribe(tiny_en, torch.zeros(16000 * 4), max_new_tokens=max_new_tokens)
+    if at_limit:
+        assert len(result.tokens) == 4 and [s.start for s in result.segments] == [0.0, 1.0, 2.0, 3.0]
+    else:
+        assert len(result.tokens) == 1 and [(s.start, s.end) for s in result.segments] == [(0.0, 1.0)]
+    assert result.text == " ".join(["Stop the music."] * len(result.tokens))
 
 
 def test_a_sentence_across_30_s_is_transcribed_whole_by_seeking(tiny_en):
