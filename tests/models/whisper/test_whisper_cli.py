@@ -111,3 +111,54 @@ def test_segments_are_printed_with_their_times(tmp_path, capsys):
     assert segments and all(segments), lines
     assert " ".join(m.group(3) for m in segments) == text
     assert float(segments[0].group(1)) <= 1.0 and float(segments[-1].group(2)) <= len(audio) / 16000 + 0.01
+
+
+def test_output_formats_write_the_transcript_and_its_subtitles(tmp_path, capsys):
+    import soundfile
+
+    (_, audio), = speech_clips(1, seed=6)
+    path = tmp_path / "talk.wav"
+    soundfile.write(path, audio.numpy(), 16000)
+    out = tmp_path / "out" / "nested"  # created
+    args = parse(["transcribe", str(path), "--output-format", "all", "--output-dir", str(out), "--threads", "1"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out.splitlines()[0].removeprefix(f"{path}: ")
+    assert (out / "talk.txt").read_text(encoding="utf-8") == text + "\n"
+    srt = (out / "talk.srt").read_text(encoding="utf-8").splitlines()
+    vtt = (out / "talk.vtt").read_text(encoding="utf-8").splitlines()
+    assert srt[0] == "1" and srt[1].startswith("00:00:0") and " --> 00:00:0" in srt[1] and srt[2] == text
+    assert vtt[0] == "WEBVTT" and vtt[2] == srt[1].replace(",", ".") and vtt[3] == text
+    assert sorted(p.name for p in out.iterdir()) == ["talk.srt", "talk.txt", "talk.vtt"]
+
+
+def test_output_problems_are_one_line_errors_before_or_after_decoding(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import soundfile
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        soundfile.write(tmp_path / folder / "same.wav", np.zeros(1600, dtype=np.float32), 16000)
+    same = [str(tmp_path / "a" / "same.wav"), str(tmp_path / "b" / "same.wav")]
+    from dreidel.io import subtitles
+    from dreidel.models import whisper
+
+    decoded = []
+    original = whisper.transcribe
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (decoded.append(1), original(*a, **k))[-1])
+    args = parse(["transcribe", *same, "--output-format", "srt", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):  # two inputs would write one file: refused before any decoding
+        args.func(args)
+    assert "would both be written to" in capsys.readouterr().err and not decoded
+    args = parse(["transcribe", same[0], "--output-format", "txt", "--output-dir", same[1]])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    assert "is a file, not a directory" in capsys.readouterr().err and not decoded
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(subtitles, "write_text_file", full_disk)
+    args = parse(["transcribe", same[0], "--output-format", "txt", "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"dreidel transcribe: error: cannot write .*same.txt: No space left"):
+        args.func(args)
+    assert decoded
