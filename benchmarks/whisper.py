@@ -43,6 +43,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+SPEECH_CACHE = ROOT / ".cache" / "speech"  # synthesised clips, reused by later runs
 sys.path.insert(0, str(HERE))
 
 from _report import markdown_table, write_section  # noqa: E402
@@ -76,8 +77,7 @@ def load_clips(n: int) -> list[tuple[str, torch.Tensor]]:
     from dreidel.audio import load_audio
     from dreidel.data.speech import cached_speech, speech_test_set
 
-    cache = ROOT / ".cache" / "speech"
-    return [(item.text, load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=cache)))
+    return [(item.text, load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=SPEECH_CACHE)))
             for item in speech_test_set(n, seed=0)]
 
 
@@ -185,11 +185,10 @@ def load_long_inputs(n: int) -> list[tuple[str, torch.Tensor]]:
     from dreidel.audio import load_audio
     from dreidel.data.speech import cached_speech, speech_test_set
 
-    cache = ROOT / ".cache" / "speech"
     inputs = []
     for i in range(n):
         items = speech_test_set(14, seed=100 + i)
-        parts = [torch.cat([load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=cache)),
+        parts = [torch.cat([load_audio(cached_speech(item.text, item.voice, item.rate, cache_dir=SPEECH_CACHE)),
                             torch.zeros(4000)]) for item in items]
         inputs.append((" ".join(item.text for item in items), torch.cat(parts)))
     return inputs

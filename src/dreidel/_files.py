@@ -7,11 +7,13 @@ carry over to checkpoints, models and logs; these helpers give them the process'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["give_usual_file_mode", "staging_dir", "staging_file", "staging_prefix"]
+__all__ = ["give_usual_file_mode", "replaced_atomically", "staging_dir", "staging_file", "staging_prefix"]
 
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 _RANDOM_PART = 8  # the characters tempfile adds between prefix and suffix
@@ -46,6 +48,21 @@ def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
     handle, name = tempfile.mkstemp(prefix=staging_prefix(target, ".", suffix), suffix=suffix, dir=target.parent)
     os.chmod(name, 0o666 & ~_umask())
     return handle, name
+
+
+@contextlib.contextmanager
+def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[int, str]]:
+    """``(fd, name)`` of a staging file beside ``target`` (``staging_file``) for the block to write; when the
+    block ends without an error the file is renamed onto ``target``, and on an error it is removed, so
+    ``target`` is always the old file or the whole new one. The block owns ``fd`` (wraps it with
+    ``os.fdopen`` or closes it)."""
+    handle, name = staging_file(target, suffix)
+    try:
+        yield handle, name
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def give_usual_file_mode(path: Path) -> None:

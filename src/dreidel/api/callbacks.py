@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 
 __all__ = ["CSVLogger", "Callback", "EarlyStopping", "LearningRateScheduler", "ModelCheckpoint"]
 
@@ -188,14 +188,9 @@ class CSVLogger(Callback):
         writer.writeheader()
         writer.writerows(self._rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = staging_file(self.path)
-        try:
+        with replaced_atomically(self.path) as (handle, _):
             with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
                 file.write(buffer.getvalue())
-            os.replace(staging, self.path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
 
 
 class LearningRateScheduler(Callback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 
 __all__ = ["History"]
 
@@ -58,12 +58,7 @@ class History:
         figure.tight_layout()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = staging_file(target, suffix=".png")
-        os.close(handle)
-        try:
+        with replaced_atomically(target, suffix=".png") as (handle, staging):
+            os.close(handle)
             figure.savefig(staging, format="png", dpi=100)
-            os.replace(staging, target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
         return target

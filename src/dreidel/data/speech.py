@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 from dreidel.audio import SAMPLE_RATE, resample
 from dreidel.data._split import check_seed
 
@@ -182,14 +182,9 @@ def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, p
     path = Path(path)
     audio = synthesize(text, voice=voice, rate=rate, pitch=pitch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = staging_file(path, suffix=".wav")
-    os.close(handle)
-    try:
+    with replaced_atomically(path, suffix=".wav") as (handle, temp_name):
+        os.close(handle)
         soundfile.write(temp_name, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 
 __all__ = [
     "CTranslate2Model",
@@ -355,13 +355,7 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
     chunks.append(struct.pack("<I", len(aliases)))
     for alias in sorted(aliases):
         chunks += [_pack_string(alias), _pack_string(aliases[alias])]
-    handle, temp_name = staging_file(path)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as (handle, _), os.fdopen(handle, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
     return path

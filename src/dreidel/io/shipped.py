@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 
 __all__ = ["ShippedModelFiles", "shipped_whisper_files", "shipped_whisper_directory"]
 
@@ -81,13 +81,7 @@ def shipped_whisper_directory(name: str, cache_dir) -> Path:
 
 
 def _atomic_copy(sources: Sequence[Path], destination: Path) -> None:
-    handle, temp_name = staging_file(destination)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for source in sources:
-                with open(source, "rb") as part:
-                    shutil.copyfileobj(part, out, length=1 << 22)
-        os.replace(temp_name, destination)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(destination) as (handle, _), os.fdopen(handle, "wb") as out:
+        for source in sources:
+            with open(source, "rb") as part:
+                shutil.copyfileobj(part, out, length=1 << 22)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from dreidel._files import staging_file
+from dreidel._files import replaced_atomically
 
 __all__ = ["TimedText", "format_srt", "format_vtt", "write_text_file"]
 
@@ -61,14 +61,8 @@ def write_text_file(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: under a temporary name beside it, synced, then renamed
     into place, so a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
-    handle, staging = staging_file(path)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as (handle, _), os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     return path

@@ -122,6 +122,12 @@ def _apply_timestamp_rules(logits: Tensor, history: list[list[int]], options: De
     logits[timestamps_likelier, :begin] = float("-inf")
 
 
+def sampling_limit(model: Whisper, options: DecodingOptions) -> int:
+    """How many tokens a window may sample: ``max_new_tokens``, within what the text context leaves after the
+    prompt. A window that sampled this many without <|endoftext|> stopped at the limit."""
+    return min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
+
+
 @torch.inference_mode()
 def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[int]]:
     """Sampled tokens (prompt excluded, up to and without <|endoftext|>) for each window of ``mel``.
@@ -143,7 +149,7 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list
                          f"{model.dims.n_vocab} tokens: it has no timestamp tokens there")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
-    max_new = min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
+    max_new = sampling_limit(model, options)
     if max_new < 1:
         raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
     if options.no_speech_threshold is not None:

@@ -31,7 +31,7 @@ from dreidel.models.whisper.convert import (
     dims_from_hf_config,
     hf_rules,
 )
-from dreidel.models.whisper.decoding import DecodingOptions, decode_scored
+from dreidel.models.whisper.decoding import DecodingOptions, decode_scored, sampling_limit
 from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
@@ -423,16 +423,18 @@ def _timed_segments(tokens: list[int], begin: int, window_seconds: float,
 
 
 def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], options: DecodingOptions,
-                  fallback: bool) -> list[list[int]]:
-    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked."""
+                  fallback: bool) -> tuple[list[list[int]], float]:
+    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked, and
+    each window's share of the seconds that took (the batch's time shared equally)."""
     from dreidel.audio import log_mel_spectrogram, pad_or_trim
 
+    start = time.perf_counter()
     n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
     mel = torch.stack([log_mel_spectrogram(pad_or_trim(window), n_mels) for window in windows])
     scored = decode_scored(recognizer.model, mel, options)
     if fallback and options.beam_size == 1:
         scored = _with_fallback(recognizer, mel, options, scored)
-    return [tokens for tokens, _ in scored]
+    return [tokens for tokens, _ in scored], (time.perf_counter() - start) / len(windows)
 
 
 @dataclass
@@ -460,16 +462,14 @@ def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress]
     from dreidel.audio import SAMPLE_RATE
 
     tokenizer = recognizer.tokenizer
-    limit = min(options.max_new_tokens, recognizer.model.dims.n_text_ctx - len(options.prompt))  # as decode's
+    limit = sampling_limit(recognizer.model, options)
     start, decoded = time.perf_counter(), 0
     pending = [p for p in progress if p.next_window() is not None]
     while pending:
         for first in range(0, len(pending), batch_size):
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
-            before = time.perf_counter()
-            tokens = _decode_batch(recognizer, windows, options, fallback)
-            share = (time.perf_counter() - before) / len(batch)
+            tokens, share = _decode_batch(recognizer, windows, options, fallback)
             for p, window, window_tokens in zip(batch, windows, tokens):
                 offset = p.seek / SAMPLE_RATE
                 segments, seconds = _timed_segments(window_tokens, tokenizer.timestamp_begin,
@@ -495,9 +495,7 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
     start = time.perf_counter()
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
-        before = time.perf_counter()
-        tokens = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback)
-        share = (time.perf_counter() - before) / len(batch)
+        tokens, share = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback)
         for (p, index, window), window_tokens in zip(batch, tokens):
             text = recognizer.tokenizer.decode(window_tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
