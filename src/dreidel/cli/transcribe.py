@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from dreidel._extras import require_extras
-from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability
+from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability_or_none
 
 
 OUTPUT_FORMATS = ("txt", "srt", "vtt")
@@ -25,9 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"torch CPU threads, 1 to {MAX_THREADS} (default: torch's choice)")
     parser.add_argument("--language", default="en", help="language code for multilingual models (default: en)")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the linear layers")
-    parser.add_argument("--no-speech-threshold", type=probability, default=None, metavar="P",
-                        help="leave out 30 s windows whose no-speech probability exceeds P, e.g. 0.6 (default: "
-                             "decode every window; silence then often reads as 'you')")
+    # Left out unless given, so that transcribe's own default applies (its module is imported only to run).
+    parser.add_argument("--no-speech-threshold", type=probability_or_none, default=argparse.SUPPRESS, metavar="P",
+                        help="a window whose no-speech probability exceeds P and whose text is unsure (average "
+                             "log-probability below -1) gives no text, as in openai-whisper; 'none' keeps every "
+                             "window's text (default: transcribe's, 0.6)")
     parser.add_argument("--no-fallback", dest="fallback", action="store_false",
                         help="plain greedy decoding: do not decode again, by a beam search of 5, the windows whose "
                              "text is unsure (average log-probability below -1) or loops (gzip ratio above 2.4)")
@@ -109,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
         recognizer = whisper.load(args.model)
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
+        given = {"no_speech_threshold": args.no_speech_threshold} if hasattr(args, "no_speech_threshold") else {}
         results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
-                                     no_speech_threshold=args.no_speech_threshold,
                                      fallback=getattr(args, "fallback", True),
-                                     timestamps=getattr(args, "timestamps", True))
+                                     timestamps=getattr(args, "timestamps", True), **given)
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0

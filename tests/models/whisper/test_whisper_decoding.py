@@ -10,7 +10,7 @@ import torch
 from _whisper_helpers import mel_of, speech_clips
 
 from dreidel.models.whisper import DecodingOptions, decode, transcribe
-from dreidel.models.whisper.decoding import _beam_search, _greedy
+from dreidel.models.whisper.decoding import ScoredWindow, _beam_search, _greedy, decode_scored
 
 
 def hf_greedy(recognizer, hf, mel: torch.Tensor, max_new_tokens: int = 224) -> list[list[int]]:
@@ -58,10 +58,30 @@ def test_beam_search_with_one_beam_is_greedy_random_model(random_whisper):
     features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(3))
     greedy = _greedy(random_whisper, features, RANDOM_OPTIONS, 12)
     beam = _beam_search(random_whisper, features, RANDOM_OPTIONS, 12)
-    assert [tokens for tokens, _ in beam] == [tokens for tokens, _ in greedy]
-    for (_, ours), (_, theirs) in zip(greedy, beam):
-        assert ours == pytest.approx(theirs, rel=1e-6)
-    assert any(tokens for tokens, _ in greedy)
+    assert [window.tokens for window in beam] == [window.tokens for window in greedy]
+    for ours, theirs in zip(greedy, beam):
+        assert ours.average_logprob == pytest.approx(theirs.average_logprob, rel=1e-6)
+    assert any(window.tokens for window in greedy)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_speech_probability_is_that_after_the_first_prompt_token(random_whisper, beam_size):
+    """openai/whisper's no_speech_prob: the softmax, unfiltered, of the decoder's logits right after
+    <|startoftranscript|>, recomputed here from the decoder run on that token alone; None without the token."""
+    features = torch.randn(3, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(6))
+    no_speech = 50361
+    options = DecodingOptions(**{**RANDOM_OPTIONS.__dict__, "beam_size": beam_size, "no_speech": no_speech})
+    decoded = (_greedy if beam_size == 1 else _beam_search)(random_whisper, features, options, 12)
+    decoder = random_whisper.decoder
+    for window, result in zip(features, decoded):
+        logits = decoder(torch.tensor([[options.prompt[0]]]), 0, decoder.new_cache(window[None]))[0, 0].float()
+        assert result.no_speech_prob == pytest.approx(float(logits.softmax(-1)[no_speech]), rel=1e-5, abs=1e-9)
+    without = decode_scored(random_whisper, torch.zeros(1, 80, 3000), RANDOM_OPTIONS)
+    assert without[0].no_speech_prob is None
+    with pytest.raises(ValueError, match="no_speech 60000 is not a token"):
+        decode_scored(random_whisper, torch.zeros(1, 80, 3000),
+                      DecodingOptions(**{**options.__dict__, "no_speech": 60000}))
 
 
 @torch.inference_mode()
@@ -70,7 +90,7 @@ def test_the_average_log_probability_is_that_of_the_tokens_under_teacher_forcing
     the filtered distribution, averaged; recomputed here by running the decoder once over the whole sequence."""
     features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(5))
     options = RANDOM_OPTIONS
-    for window, (tokens, average) in enumerate(_greedy(random_whisper, features, options, 12)):
+    for window, (tokens, average, _) in enumerate(_greedy(random_whisper, features, options, 12)):
         ended = len(tokens) < 12
         sequence = list(options.prompt) + tokens + ([options.eot] if ended else [])
         decoder = random_whisper.decoder
@@ -101,10 +121,11 @@ def test_beam_search_with_one_beam_is_greedy(tiny_en):
     options = tiny_en.options()
     beam = _beam_search(tiny_en.model, features, options, 224)
     greedy = _greedy(tiny_en.model, features, options, 224)
-    assert [tokens for tokens, _ in beam] == [tokens for tokens, _ in greedy]
+    assert [window.tokens for window in beam] == [window.tokens for window in greedy]
     # The averages: float32 log-probabilities of logits in the tens, taken by log_softmax (beam) or by
     # gather - logsumexp (greedy): a few 1e-5 apart.
-    assert [average for _, average in beam] == pytest.approx([average for _, average in greedy], abs=1e-4)
+    assert [w.average_logprob for w in beam] == pytest.approx([w.average_logprob for w in greedy], abs=1e-4)
+    assert [w.no_speech_prob for w in beam] == pytest.approx([w.no_speech_prob for w in greedy], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -219,25 +240,70 @@ def test_decode_on_cuda_equals_cpu(random_whisper, beam_size):
     assert decode(on_cuda, mel, options) == decode(on_cpu, mel, options)
 
 
+def noise(seconds: float, dbfs: float, seed: int = 0) -> torch.Tensor:
+    return torch.randn(int(seconds * 16000), generator=torch.Generator().manual_seed(seed)) * 10 ** (dbfs / 20)
+
+
 @pytest.mark.parametrize("timestamps", [False, True])
 @pytest.mark.parametrize("beam_size", [1, 2])
-def test_no_speech_threshold_drops_silent_windows_only(tiny_en, beam_size, timestamps):
-    """tiny.en hears "you" in silence, e.g. the silent end of a recording longer than 30 s; the threshold
-    leaves such windows empty and every window with speech exactly as decoded without it. (With timestamps the
-    first window of speech_then_silence is the first clip and its padding, sample for sample, and ends with a
-    closed segment: the second window starts 30 s in, as without.)"""
-    from dreidel.audio import N_SAMPLES
+def test_windows_without_speech_and_unsure_text_give_none(tiny_en, beam_size, timestamps):
+    """By default (openai-whisper's rule) a window the model scores as holding no speech, and whose text it is
+    unsure of, gives no text: here noise that tiny.en otherwise writes up as words. Every other window keeps
+    its tokens: a sentence, a single word, and silence, whose "you" tiny.en is sure of (as openai-whisper
+    keeps it)."""
+    from dreidel.audio import load_audio
+    from dreidel.data.speech import cached_speech
 
-    (_, first), (_, second) = speech_clips(2, seed=5)
-    speech_then_silence = torch.cat([first, torch.zeros(N_SAMPLES)])  # window 2 is silent
-    inputs = [first, torch.zeros(16000), speech_then_silence, second]
-    plain = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps)
-    gated = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=0.6, timestamps=timestamps)
-    assert plain[1].text.lower() == "you" and plain[2].text.lower().endswith(" you")  # the problem
-    assert gated[1].text == "" and gated[1].tokens == ((),)
-    assert gated[2].tokens == (plain[0].tokens[0], ()) and gated[2].text == plain[0].text
-    for index in (0, 3):
+    (_, sentence), = speech_clips(1, seed=5)
+    word = load_audio(cached_speech("No.", "en-us+m3", 160))  # a high no-speech probability for speech (0.42)
+    inputs = [noise(10, -30), sentence, word, torch.zeros(16000)]
+    plain = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=None, timestamps=timestamps)
+    gated = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps)
+    assert plain[0].text.strip()  # the problem: text out of noise
+    assert gated[0].text == "" and gated[0].tokens == ((),) and gated[0].segments == ()
+    for index in (1, 2, 3):
         assert gated[index].tokens == plain[index].tokens and gated[index].text == plain[index].text
+    assert gated[2].text.strip(" .!").lower() == "no" and gated[3].text.strip(" .").lower() == "you"
+
+
+def test_dense_speech_is_kept_despite_a_high_no_speech_probability(tiny_en):
+    """tiny.en gives the first 30 s of this input (14 eSpeak sentences, 41 s) a no-speech probability above 0.6,
+    but decodes it surely: the window keeps its text (a threshold on the probability alone lost it)."""
+    from _whisper_helpers import mel_of
+
+    sentences = speech_clips(14, seed=103)
+    audio = torch.cat([torch.cat([clip, torch.zeros(4000)]) for _, clip in sentences])
+    window, = decode_scored(tiny_en.model, mel_of(audio)[None], tiny_en.options(timestamps=True))
+    assert window.no_speech_prob > 0.6 and window.average_logprob > -1
+    plain = transcribe(tiny_en, audio, no_speech_threshold=None)
+    gated = transcribe(tiny_en, audio)
+    assert gated.tokens == plain.tokens and gated.segments[0].start == 0.0 and gated.segments[-1].end > 38
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_no_speech_rule_and_fallback(tiny_en, monkeypatch, fallback):
+    """openai-whisper's order: a window with a no-speech probability above the threshold and an unsure greedy
+    text is left empty and not decoded again; an unsure text with a low no-speech probability (or none known) is
+    decoded again; a sure text stays, whatever the probability."""
+    module = importlib.import_module("dreidel.models.whisper.transcribe")  # the package exports a function of that name
+
+    encode = tiny_en.tokenizer.encode
+    unsure, sure, fixed = encode(" The wall."), encode(" Stop the music."), encode(" The garden.")
+    greedy = [ScoredWindow(unsure, -1.5, 0.9), ScoredWindow(sure, -0.4, 0.9), ScoredWindow(unsure, -1.5, 0.3),
+              ScoredWindow(unsure, -1.5, None)]
+    calls = []
+
+    def fake_decode_scored(model, mel, options):
+        calls.append((options.beam_size, mel.shape[0]))
+        return greedy if options.beam_size == 1 else [ScoredWindow(fixed, -0.5, 0.3)] * mel.shape[0]
+
+    monkeypatch.setattr(module, "decode_scored", fake_decode_scored)
+    results = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=fallback, timestamps=False)
+    assert calls == ([(1, 4), (5, 2)] if fallback else [(1, 4)])
+    after = tuple(fixed) if fallback else tuple(unsure)
+    assert [r.tokens[0] for r in results] == [(), tuple(sure), after, after]
+    kept = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=False, timestamps=False, no_speech_threshold=None)
+    assert kept[0].tokens[0] == tuple(unsure)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5, True, "0.6"])
@@ -320,8 +386,8 @@ def test_windows_that_fail_the_tests_are_decoded_again_by_beam_search(tiny_en, m
     def fake_decode_scored(model, mel, options):
         calls.append((options.beam_size, mel.shape[0]))
         if options.beam_size == 1:
-            return [(loop, -0.1), (unsure, -1.9), (good, -0.2)][: mel.shape[0]]
-        return [(fixed_loop, -0.3), (fixed_unsure, -1.5)]
+            return [ScoredWindow(loop, -0.1, 0.01), ScoredWindow(unsure, -1.9, 0.01), ScoredWindow(good, -0.2, 0.01)]
+        return [ScoredWindow(fixed_loop, -0.3, 0.01), ScoredWindow(fixed_unsure, -1.5, 0.01)]
 
     monkeypatch.setattr(module, "decode_scored", fake_decode_scored)
     audio = [torch.zeros(16000) for _ in range(3)]
@@ -339,6 +405,6 @@ def test_a_beam_result_that_fails_with_a_lower_average_does_not_replace_greedy(t
 
     unsure = tiny_en.tokenizer.encode(" The")
     worse = tiny_en.tokenizer.encode(" Uh")
-    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [(unsure, -1.5)] if options.beam_size == 1
-                        else [(worse, -2.5)])
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [ScoredWindow(unsure, -1.5, 0.01)]
+                        if options.beam_size == 1 else [ScoredWindow(worse, -2.5, 0.01)])
     assert transcribe(tiny_en, torch.zeros(16000)).tokens[0] == tuple(unsure)

@@ -10,7 +10,7 @@ import torch
 from _whisper_helpers import speech_clips
 
 from dreidel.models.whisper import DecodingOptions, Segment, transcribe
-from dreidel.models.whisper.decoding import _apply_timestamp_rules, _beam_search, _greedy
+from dreidel.models.whisper.decoding import ScoredWindow, _apply_timestamp_rules, _beam_search, _greedy
 from dreidel.models.whisper.transcribe import _timed_segments
 
 # A small vocabulary for the rules: text 0..19, <|endoftext|> 20, <|notimestamps|> 25, timestamps 26..39.
@@ -85,7 +85,7 @@ def test_greedy_and_beam_search_keep_the_timestamp_rules(random_whisper):
     options = RANDOM_TIMESTAMP_OPTIONS
     greedy = _greedy(random_whisper, features, options, 12)
     begin = options.timestamp_begin
-    for tokens, _ in greedy:
+    for tokens, _, _ in greedy:
         assert tokens and tokens[0] >= begin and tokens[0] - begin <= options.max_initial_timestamp
         assert begin - 1 not in tokens
         times = [t for t in tokens if t >= begin]
@@ -93,7 +93,7 @@ def test_greedy_and_beam_search_keep_the_timestamp_rules(random_whisper):
         for i in range(2, len(tokens)):  # never three timestamps in a row
             assert not all(t >= begin for t in tokens[i - 2:i + 1])
     beam = _beam_search(random_whisper, features, options, 12)
-    assert [tokens for tokens, _ in beam] == [tokens for tokens, _ in greedy]
+    assert [window.tokens for window in beam] == [window.tokens for window in greedy]
 
 
 def test_options_for_timestamps_are_validated():
@@ -165,7 +165,8 @@ def test_a_window_at_the_token_limit_is_resumed_after_its_last_closed_segment(ti
     module = importlib.import_module("dreidel.models.whisper.transcribe")  # the package exports a function too
     begin = tiny_en.tokenizer.timestamp_begin
     tokens = [begin, *tiny_en.tokenizer.encode(" Stop the music."), begin + 50]
-    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [(tokens, -0.1)] * mel.shape[0])
+    scored = ScoredWindow(tokens, -0.1, 0.01)
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [scored] * mel.shape[0])
     max_new_tokens = len(tokens) if at_limit else len(tokens) + 1
     result = transcribe(tiny_en, torch.zeros(16000 * 4), max_new_tokens=max_new_tokens)
     if at_limit:

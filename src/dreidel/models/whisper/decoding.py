@@ -9,15 +9,15 @@ step; with timestamps, the timestamp rules of ``_apply_timestamp_rules``. Sequen
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from dreidel.models.whisper.model import Whisper
 
-__all__ = ["DecodingOptions", "decode", "decode_scored"]
+__all__ = ["DecodingOptions", "ScoredWindow", "decode", "decode_scored"]
 
 
 MAX_BEAM_SIZE = 64  # openai's default is 5
@@ -31,10 +31,9 @@ class DecodingOptions:
     beam_size: 1 is greedy; k > 1 keeps k hypotheses per window and stops when k of them ended
     (openai's beam search with patience 1), ranked by sum of log-probabilities / length.
     max_new_tokens: cap on sampled tokens per window (openai uses n_text_ctx // 2 = 224).
-    no_speech_threshold: ``None`` decodes every window; a probability p in (0, 1) leaves a window empty when the
-    model's probability of ``no_speech`` (<|nocaptions|>) right after <|startoftranscript|> exceeds p: openai's
-    no-speech probability, here used alone (openai also requires a low average log-probability, which does not
-    stop tiny.en from hearing "you" in silence). 0.6 is openai's default threshold.
+    no_speech: the id of <|nocaptions|> (<|nospeech|> in newer vocabularies), or ``None``: each decoded window
+    then also reports the model's probability of it right after <|startoftranscript|> (openai's no-speech
+    probability; ``transcribe`` leaves out windows that score high on it and whose text is unsure).
     timestamp_begin: ``None`` decodes text only (the prompt then ends in <|notimestamps|>); else the id of
     <|0.00|>, the first of the timestamp tokens (one per 0.02 s of the window), and the decoding predicts them
     as Whisper was trained to: each segment of text opens and closes with one, under the rules of
@@ -48,7 +47,6 @@ class DecodingOptions:
     beam_size: int = 1
     max_new_tokens: int = 224
     no_speech: int | None = None
-    no_speech_threshold: float | None = None
     timestamp_begin: int | None = None
     max_initial_timestamp: int = 50
 
@@ -62,13 +60,6 @@ class DecodingOptions:
         if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        threshold = self.no_speech_threshold
-        if threshold is not None:
-            if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
-                raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got {threshold!r}")
-            if self.no_speech is None:
-                raise ValueError("no_speech_threshold needs the no-speech token id (no_speech); this vocabulary "
-                                 "has no <|nocaptions|> / <|nospeech|> token")
         if self.timestamp_begin is not None:
             if (not isinstance(self.timestamp_begin, int) or isinstance(self.timestamp_begin, bool)
                     or self.timestamp_begin <= self.eot):
@@ -134,58 +125,61 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[i
 
     mel: (B, n_mels, 3000) float log-mel of B 30-second windows.
     """
-    return [tokens for tokens, _ in decode_scored(model, mel, options)]
+    return [window.tokens for window in decode_scored(model, mel, options)]
+
+
+class ScoredWindow(NamedTuple):
+    """One decoded window: its sampled tokens (prompt excluded, up to and without <|endoftext|>), their average
+    log-probability (the sum over the sampled tokens and the <|endoftext|> that ended them, divided by their
+    count: openai/whisper's ``avg_logprob``) and the no-speech probability (see ``DecodingOptions.no_speech``;
+    ``None`` without that token)."""
+
+    tokens: list[int]
+    average_logprob: float
+    no_speech_prob: float | None
 
 
 @torch.inference_mode()
-def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[tuple[list[int], float]]:
-    """``decode``'s tokens of each window with their average log-probability: the sum over the sampled tokens
-    and the <|endoftext|> that ended them, divided by their count (openai/whisper's ``avg_logprob``); 0.0 for a
-    window left empty by ``no_speech_threshold``."""
+def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[ScoredWindow]:
+    """``decode``'s tokens of each window with their scores (mel as for ``decode``)."""
     if mel.dim() != 3:
         raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
     if options.timestamp_begin is not None and options.timestamp_begin >= model.dims.n_vocab:
         raise ValueError(f"timestamp_begin {options.timestamp_begin} is past the model's vocabulary of "
                          f"{model.dims.n_vocab} tokens: it has no timestamp tokens there")
+    if options.no_speech is not None and not 0 <= options.no_speech < model.dims.n_vocab:
+        raise ValueError(f"no_speech {options.no_speech} is not a token of the model's vocabulary of "
+                         f"{model.dims.n_vocab}")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
     max_new = sampling_limit(model, options)
     if max_new < 1:
         raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
-    if options.no_speech_threshold is not None:
-        speech = (_no_speech_probability(model, features, options) <= options.no_speech_threshold).tolist()
-        if not all(speech):
-            kept = [i for i, keep in enumerate(speech) if keep]
-            scored = iter(_decode_features(model, features[kept], options, max_new) if kept else [])
-            return [next(scored) if keep else ([], 0.0) for keep in speech]
-    return _decode_features(model, features, options, max_new)
-
-
-def _decode_features(model: Whisper, features: Tensor, options: DecodingOptions,
-                     max_new: int) -> list[tuple[list[int], float]]:
     if options.beam_size == 1:
         return _greedy(model, features, options, max_new)
     return _beam_search(model, features, options, max_new)
 
 
-def _no_speech_probability(model: Whisper, features: Tensor, options: DecodingOptions) -> Tensor:
-    """(B,) probability of ``no_speech`` after the first prompt token; causal attention makes that position
-    independent of the rest of the prompt, so one token is enough."""
-    decoder = model.decoder
-    cache = decoder.new_cache(features)
-    first = torch.full((features.shape[0], 1), options.prompt[0], dtype=torch.long, device=features.device)
-    logits = decoder(first, 0, cache)[:, 0].float()  # (B, V)
-    return logits.softmax(dim=-1)[:, options.no_speech]
+def _no_speech_probabilities(model: Whisper, first_states: Tensor, options: DecodingOptions) -> list[float | None]:
+    """Each window's probability of ``no_speech`` from the decoder's states (B, C) at the prompt's first
+    position (<|startoftranscript|>: causal attention makes it independent of the rest of the prompt), before
+    any suppression, as openai/whisper takes it."""
+    if options.no_speech is None:
+        return [None] * first_states.shape[0]
+    logits = model.decoder.project(first_states).float()  # (B, V)
+    return logits.softmax(dim=-1)[:, options.no_speech].tolist()
 
 
-def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[tuple[list[int], float]]:
+def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[ScoredWindow]:
     decoder = model.decoder
     batch = features.shape[0]
     n_vocab = model.dims.n_vocab
     cache = decoder.new_cache(features)
     device = features.device
     prompt = torch.tensor([options.prompt] * batch, device=device)  # (B, P)
-    hidden = decoder.hidden(prompt, 0, cache, last_only=True)[:, -1]  # (B, C)
+    states = decoder.hidden(prompt, 0, cache)  # (B, P, C)
+    no_speech = _no_speech_probabilities(model, states[:, 0], options)
+    hidden = states[:, -1]  # (B, C)
     suppress = _suppression_bias(options.suppress_tokens, n_vocab, hidden)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens, n_vocab, hidden)
     sampled = torch.full((batch, max_new), options.eot, dtype=torch.long, device=device)
@@ -213,21 +207,23 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
             break
         hidden = decoder.hidden(next_tokens[:, None], offset + step, cache)[:, -1]
     averages = (sum_logprobs / counted.clamp_min(1)).tolist()
-    return [(_until_eot(row, options.eot), average) for row, average in zip(sampled.tolist(), averages)]
+    return [ScoredWindow(_until_eot(row, options.eot), average, p)
+            for row, average, p in zip(sampled.tolist(), averages, no_speech)]
 
 
 def _until_eot(tokens: list[int], eot: int) -> list[int]:
     return tokens[: tokens.index(eot)] if eot in tokens else tokens
 
 
-def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions,
-                 max_new: int) -> list[tuple[list[int], float]]:
+def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[ScoredWindow]:
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
     cache = decoder.new_cache(features, rows_per_window=beams)  # rows: window-major, beam-minor
     device = features.device
     prompt = torch.tensor([options.prompt] * (batch * beams), device=device)
-    logits = decoder(prompt, 0, cache, last_only=True)[:, -1]  # (B*K, V)
+    states = decoder.hidden(prompt, 0, cache)  # (B*K, P, C)
+    no_speech = _no_speech_probabilities(model, states[::beams, 0], options)
+    logits = decoder.project(states[:, -1])  # (B*K, V)
     suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens,
                                        logits.shape[-1], logits)
@@ -290,5 +286,5 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions,
         best = max(pool.items(), key=lambda item: item[1] / max(len(item[0]), 1))
         tokens = _until_eot(list(best[0]), options.eot)
         ended = best[0] in finished[window]  # its score then includes the <|endoftext|>'s log-probability
-        results.append((tokens, best[1] / max(len(tokens) + ended, 1)))
+        results.append(ScoredWindow(tokens, best[1] / max(len(tokens) + ended, 1), no_speech[window]))
     return results

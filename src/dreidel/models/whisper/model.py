@@ -285,8 +285,8 @@ class TextDecoder(nn.Module):
         return all(type(block.cross_attn.key) is nn.Linear and block.cross_attn.key.bias is None
                    and type(block.cross_attn.value) is nn.Linear for block in self.blocks)
 
-    def hidden(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
-        """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T or 1, C).
+    def hidden(self, tokens: Tensor, offset: int, cache: DecoderCache) -> Tensor:
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T, C).
 
         B must be the cache's number of rows and offset+T at most n_text_ctx; otherwise ``ValueError`` (a
         mismatched batch would broadcast silently against the buffers).
@@ -302,8 +302,6 @@ class TextDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, layer, offset, cache)
-        if last_only:
-            x = x[:, -1:]
         return self.ln(x)
 
     def project(self, hidden: Tensor) -> Tensor:
@@ -332,9 +330,9 @@ class TextDecoder(nn.Module):
             self._embedding_columns_key = key
         return self._embedding_columns
 
-    def forward(self, tokens: Tensor, offset: int, cache: DecoderCache, last_only: bool = False) -> Tensor:
-        """tokens (B, T) int64 at positions offset..offset+T-1 -> logits (B, T or 1, n_vocab) float."""
-        return self.project(self.hidden(tokens, offset, cache, last_only))
+    def forward(self, tokens: Tensor, offset: int, cache: DecoderCache) -> Tensor:
+        """tokens (B, T) int64 at positions offset..offset+T-1 -> logits (B, T, n_vocab) float."""
+        return self.project(self.hidden(tokens, offset, cache))
 
 
 class Whisper(nn.Module):

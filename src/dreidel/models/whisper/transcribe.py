@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 import warnings
 import zlib
@@ -31,7 +32,7 @@ from dreidel.models.whisper.convert import (
     dims_from_hf_config,
     hf_rules,
 )
-from dreidel.models.whisper.decoding import DecodingOptions, decode_scored, sampling_limit
+from dreidel.models.whisper.decoding import DecodingOptions, ScoredWindow, decode_scored, sampling_limit
 from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
@@ -55,7 +56,7 @@ class WhisperRecognizer:
     name: str = ""
 
     def options(self, beam_size: int = 1, language: str | None = "en", max_new_tokens: int = 224,
-                no_speech_threshold: float | None = None, timestamps: bool = False) -> DecodingOptions:
+                timestamps: bool = False) -> DecodingOptions:
         if timestamps and self.model.dims.n_vocab <= self.tokenizer.timestamp_begin:
             raise ValueError(f"this model's vocabulary ({self.model.dims.n_vocab} tokens) has no timestamp tokens "
                              f"(from id {self.tokenizer.timestamp_begin}); use timestamps=False (dreidel "
@@ -63,7 +64,7 @@ class WhisperRecognizer:
         return DecodingOptions(prompt=tuple(self.tokenizer.prompt(language, timestamps)), eot=self.tokenizer.eot,
                                suppress_tokens=self.suppress_tokens, begin_suppress_tokens=self.begin_suppress_tokens,
                                beam_size=beam_size, max_new_tokens=max_new_tokens,
-                               no_speech=self.tokenizer.no_speech, no_speech_threshold=no_speech_threshold,
+                               no_speech=self.tokenizer.no_speech,
                                timestamp_begin=self.tokenizer.timestamp_begin if timestamps else None)
 
 
@@ -335,9 +336,12 @@ def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
 
 # A greedy window whose text fails either test is decoded again by beam search (openai/whisper's thresholds;
 # Radford et al. 2022, §4.5, fall back to higher temperatures, faster-whisper too, with beam search at the first).
-FALLBACK_LOGPROB = -1.0  # average log-probability below: the model was unsure of the text
+UNSURE_LOGPROB = -1.0  # average log-probability below: the model was unsure of the text
 FALLBACK_COMPRESSION = 2.4  # gzip compression ratio above: the text repeats itself (a decoding loop)
 FALLBACK_BEAM_SIZE = 5
+# transcribe's default no_speech_threshold: a window whose no-speech probability is above it and whose text is
+# unsure (UNSURE_LOGPROB) holds no speech (openai-whisper's rule and value, faster-whisper's too; see transcribe).
+NO_SPEECH_THRESHOLD = 0.6
 
 
 def compression_ratio(text: str) -> float:
@@ -347,26 +351,35 @@ def compression_ratio(text: str) -> float:
 
 
 def _passes(text: str, average_logprob: float) -> bool:
-    return average_logprob >= FALLBACK_LOGPROB and compression_ratio(text) <= FALLBACK_COMPRESSION
+    return average_logprob >= UNSURE_LOGPROB and compression_ratio(text) <= FALLBACK_COMPRESSION
+
+
+def _holds_no_speech(window: ScoredWindow, no_speech_threshold: float | None) -> bool:
+    """openai/whisper's test: the model gives <|nocaptions|> a probability above the threshold and is unsure
+    of the text it decoded (an average log-probability below ``UNSURE_LOGPROB``)."""
+    return (no_speech_threshold is not None and window.no_speech_prob is not None
+            and window.no_speech_prob > no_speech_threshold and window.average_logprob < UNSURE_LOGPROB)
 
 
 def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: DecodingOptions,
-                   scored: list[tuple[list[int], float]]) -> list[tuple[list[int], float]]:
+                   scored: list[ScoredWindow], no_speech_threshold: float | None) -> list[ScoredWindow]:
     """``scored`` (greedy results for the windows of ``mel``) with each window that fails the tests decoded again
     by a beam search of ``FALLBACK_BEAM_SIZE``, whose result replaces the greedy one if it passes, or fails
-    with a higher average log-probability."""
-    texts = [recognizer.tokenizer.decode(tokens) for tokens, _ in scored]
-    retry = [i for i, ((_, average), text) in enumerate(zip(scored, texts)) if not _passes(text, average)]
+    with a higher average log-probability. Windows that hold no speech (``_holds_no_speech``) are not decoded
+    again, as in openai/whisper."""
+    retry = [i for i, window in enumerate(scored)
+             if not _holds_no_speech(window, no_speech_threshold)
+             and not _passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob)]
     if not retry:
         return scored
     logger.info("%d of %d windows fail the log-probability or repetition test: decoded again with beam search",
                 len(retry), len(scored))
     again = decode_scored(recognizer.model, mel[retry], dataclasses.replace(options, beam_size=FALLBACK_BEAM_SIZE))
     result = list(scored)
-    for i, (tokens, average) in zip(retry, again):
-        rank = (_passes(recognizer.tokenizer.decode(tokens), average), average)
-        if rank > (False, scored[i][1]):
-            result[i] = (tokens, average)
+    for i, window in zip(retry, again):
+        rank = (_passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob), window.average_logprob)
+        if rank > (False, scored[i].average_logprob):
+            result[i] = window
     return result
 
 
@@ -423,9 +436,10 @@ def _timed_segments(tokens: list[int], begin: int, window_seconds: float,
 
 
 def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], options: DecodingOptions,
-                  fallback: bool) -> tuple[list[list[int]], float]:
-    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked, and
-    each window's share of the seconds that took (the batch's time shared equally)."""
+                  fallback: bool, no_speech_threshold: float | None) -> tuple[list[list[int]], float]:
+    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked, none
+    for a window that holds no speech (``_holds_no_speech``), and each window's share of the seconds that took
+    (the batch's time shared equally)."""
     from dreidel.audio import log_mel_spectrogram, pad_or_trim
 
     start = time.perf_counter()
@@ -433,8 +447,9 @@ def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], op
     mel = torch.stack([log_mel_spectrogram(pad_or_trim(window), n_mels) for window in windows])
     scored = decode_scored(recognizer.model, mel, options)
     if fallback and options.beam_size == 1:
-        scored = _with_fallback(recognizer, mel, options, scored)
-    return [tokens for tokens, _ in scored], (time.perf_counter() - start) / len(windows)
+        scored = _with_fallback(recognizer, mel, options, scored, no_speech_threshold)
+    tokens = [[] if _holds_no_speech(window, no_speech_threshold) else window.tokens for window in scored]
+    return tokens, (time.perf_counter() - start) / len(windows)
 
 
 @dataclass
@@ -456,7 +471,7 @@ class _Progress:
 
 
 def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
-                        batch_size: int, fallback: bool) -> None:
+                        batch_size: int, fallback: bool, no_speech_threshold: float | None) -> None:
     """Decode every input window by window with timestamps, each window starting where ``_timed_segments`` says
     the previous one's text ended; the next windows of up to ``batch_size`` inputs are decoded together."""
     from dreidel.audio import SAMPLE_RATE
@@ -469,7 +484,7 @@ def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress]
         for first in range(0, len(pending), batch_size):
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
-            tokens, share = _decode_batch(recognizer, windows, options, fallback)
+            tokens, share = _decode_batch(recognizer, windows, options, fallback, no_speech_threshold)
             for p, window, window_tokens in zip(batch, windows, tokens):
                 offset = p.seek / SAMPLE_RATE
                 segments, seconds = _timed_segments(window_tokens, tokenizer.timestamp_begin,
@@ -487,7 +502,7 @@ def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress]
 
 
 def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
-                        batch_size: int, fallback: bool) -> None:
+                        batch_size: int, fallback: bool, no_speech_threshold: float | None) -> None:
     """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time."""
     from dreidel.audio import N_SAMPLES, SAMPLE_RATE
 
@@ -495,7 +510,8 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
     start = time.perf_counter()
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
-        tokens, share = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback)
+        tokens, share = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback,
+                                      no_speech_threshold)
         for (p, index, window), window_tokens in zip(batch, tokens):
             text = recognizer.tokenizer.decode(window_tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
@@ -509,7 +525,8 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
 
 @torch.inference_mode()
 def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
-               max_new_tokens: int = 224, batch_size: int = 8, no_speech_threshold: float | None = None,
+               max_new_tokens: int = 224, batch_size: int = 8,
+               no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
                fallback: bool = True, timestamps: bool = True):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
@@ -531,13 +548,21 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     first sentence: on 8 inputs of 14 eSpeak sentences (about 45 s each), greedy WER 14.2 % with timestamps
     and 37.3 % without (``benchmarks/whisper.py``).
 
-    ``no_speech_threshold`` (e.g. 0.6): windows the model judges to hold no speech give no text (without it,
-    tiny.en transcribes a silent window, such as the silent end of a long recording, as "you"); see
-    :class:`DecodingOptions`. ``fallback`` (greedy decoding only): a window whose text has an average
-    log-probability below -1 or a gzip compression ratio above 2.4 (openai/whisper's tests: an unsure text, or
-    a repetition loop) is decoded again by a beam search of 5, kept if it passes, or fails with a higher
-    average log-probability. Greedy decoding alone can drop most of a window (8 spoken sentences came out as
-    "The") or loop on a phrase; ``fallback=False`` gives plain greedy tokens (as transformers' ``generate``).
+    ``no_speech_threshold`` (0.6): a window holds no speech, and gives no text, when the model's no-speech
+    probability (of <|nocaptions|> right after <|startoftranscript|>) is above it and the text it decoded is
+    unsure (average log-probability below -1): openai-whisper's rule and default, faster-whisper's too. Such a
+    window is not decoded again by the fallback. ``None`` keeps every window's text, as transformers' ``generate``
+    does. The probability alone would not do: with tiny.en, windows of dense speech scored up to 0.70 (a threshold
+    of 0.6 alone left out the first 30 s of 3 of 8 inputs of 14 eSpeak sentences), single spoken words 0.05-0.42,
+    silence and white noise 0.93-0.97. Nor does the rule catch every window without speech: tiny.en writes digital
+    silence as "you" and faint noise as ". . . .", and is sure of both (average log-probabilities -0.26 to -0.70),
+    so they stay, as in openai-whisper; the sentence it invents for louder noise (-1.7) is left out.
+
+    ``fallback`` (greedy decoding only): a window whose text has an average log-probability below -1 or a gzip
+    compression ratio above 2.4 (openai/whisper's tests: an unsure text, or a repetition loop) is decoded again by
+    a beam search of 5, kept if it passes, or fails with a higher average log-probability. Greedy decoding alone
+    can drop most of a window (8 spoken sentences came out as "The") or loop on a phrase; ``fallback=False`` gives
+    plain greedy tokens (as transformers' ``generate``).
     """
     from dreidel.audio import SAMPLE_RATE, load_audio
 
@@ -552,11 +577,19 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     inputs = [audio] if single else list(audio)
     if not inputs:
         raise ValueError("audio must be a path, an array or a non-empty list of them")
+    if no_speech_threshold is not None:
+        if (not isinstance(no_speech_threshold, numbers.Real) or isinstance(no_speech_threshold, bool)
+                or not 0.0 < no_speech_threshold < 1.0):
+            raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got "
+                             f"{no_speech_threshold!r}")
+        if recognizer.tokenizer.no_speech is None:
+            raise ValueError("no_speech_threshold needs a no-speech token, and this vocabulary has no "
+                             "<|nocaptions|> / <|nospeech|>: pass no_speech_threshold=None")
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
-                                 no_speech_threshold=no_speech_threshold, timestamps=timestamps)
+                                 timestamps=timestamps)
     progress = [_Progress(load_audio(item)) for item in inputs]
     run = _transcribe_seeking if timestamps else _transcribe_windows
-    run(recognizer, progress, options, batch_size, fallback)
+    run(recognizer, progress, options, batch_size, fallback, no_speech_threshold)
     results = [Transcription(text=" ".join(segment.text for segment in p.segments),
                              seconds_audio=p.waveform.numel() / SAMPLE_RATE, seconds_compute=p.seconds_compute,
                              tokens=tuple(tuple(t) for t in p.tokens), segments=tuple(p.segments))
