@@ -266,6 +266,19 @@ def test_windows_without_speech_and_unsure_text_give_none(tiny_en, beam_size, ti
     assert gated[2].text.strip(" .!").lower() == "no" and gated[3].text.strip(" .").lower() == "you"
 
 
+def test_a_vocabulary_without_the_no_speech_token_keeps_every_window(tiny_en):
+    """The default rule needs <|nocaptions|>; a tokenizer without it transcribes as with the rule off, no error."""
+    import copy
+    import dataclasses
+
+    tokenizer = copy.copy(tiny_en.tokenizer)
+    tokenizer.no_speech = None
+    recognizer = dataclasses.replace(tiny_en, tokenizer=tokenizer)
+    words = transcribe(tiny_en, noise(10, -30), no_speech_threshold=None)
+    assert words.text.strip() and transcribe(recognizer, noise(10, -30)).tokens == words.tokens
+    assert transcribe(tiny_en, noise(10, -30)).text == ""
+
+
 def test_dense_speech_is_kept_despite_a_high_no_speech_probability(tiny_en):
     """tiny.en gives the first 30 s of this input (14 eSpeak sentences, 41 s) a no-speech probability above 0.6,
     but decodes it surely: the window keeps its text (a threshold on the probability alone lost it)."""

@@ -552,11 +552,12 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     probability (of <|nocaptions|> right after <|startoftranscript|>) is above it and the text it decoded is
     unsure (average log-probability below -1): openai-whisper's rule and default, faster-whisper's too. Such a
     window is not decoded again by the fallback. ``None`` keeps every window's text, as transformers' ``generate``
-    does. The probability alone would not do: with tiny.en, windows of dense speech scored up to 0.70 (a threshold
-    of 0.6 alone left out the first 30 s of 3 of 8 inputs of 14 eSpeak sentences), single spoken words 0.05-0.42,
-    silence and white noise 0.93-0.97. Nor does the rule catch every window without speech: tiny.en writes digital
-    silence as "you" and faint noise as ". . . .", and is sure of both (average log-probabilities -0.26 to -0.70),
-    so they stay, as in openai-whisper; the sentence it invents for louder noise (-1.7) is left out.
+    does, and so does a vocabulary without that token (a model's own tokenizer.json may lack it). The probability
+    alone would not do: with tiny.en, windows of dense speech scored up to 0.70 (a threshold of 0.6 alone left out
+    the first 30 s of 3 of 8 inputs of 14 eSpeak sentences), single spoken words 0.05-0.42, silence and white
+    noise 0.93-0.97. Nor does the rule catch every window without speech: tiny.en writes digital silence as "you"
+    and faint noise as ". . . .", and is sure of both (average log-probabilities -0.26 to -0.70), so they stay, as
+    in openai-whisper; the sentence it invents for louder noise (-1.7) is left out.
 
     ``fallback`` (greedy decoding only): a window whose text has an average log-probability below -1 or a gzip
     compression ratio above 2.4 (openai/whisper's tests: an unsure text, or a repetition loop) is decoded again by
@@ -582,9 +583,6 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
                 or not 0.0 < no_speech_threshold < 1.0):
             raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got "
                              f"{no_speech_threshold!r}")
-        if recognizer.tokenizer.no_speech is None:
-            raise ValueError("no_speech_threshold needs a no-speech token, and this vocabulary has no "
-                             "<|nocaptions|> / <|nospeech|>: pass no_speech_threshold=None")
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
                                  timestamps=timestamps)
     progress = [_Progress(load_audio(item)) for item in inputs]
