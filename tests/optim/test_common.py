@@ -696,6 +696,30 @@ def test_a_forward_with_grad_between_backward_and_step_changes_nothing(name):
         torch.testing.assert_close(one, other)
 
 
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+@pytest.mark.parametrize("rows", [17, 64])
+def test_a_forward_with_grad_between_forward_and_backward_changes_nothing(name, rows):
+    """A monitoring forward with grad enabled between the training forward and backward(), whose output no loss
+    uses: the batch's rows still scale the curvature (a review found them replaced by the monitoring pass's:
+    the curvature scaled by 17/8 or 64/8 with this batch of 8)."""
+    states = []
+    x, y = batches(1)[0]
+    for extra_forward in (False, True):
+        model = make_model()
+        optimizer = CONFIGS[name](model)
+        optimizer.zero_grad()
+        out = model(x)
+        if extra_forward:
+            model(torch.randn(rows, 4))
+        F.cross_entropy(out, y).backward()
+        assert optimizer.capture.output_rows == x.shape[0]
+        optimizer.step(lambda: F.cross_entropy(model(x), y))
+        states.append([value for p in model.parameters() for value in optimizer.state[p].values()
+                       if isinstance(value, torch.Tensor)])
+    for one, other in zip(*states):
+        torch.testing.assert_close(one, other)
+
+
 @pytest.mark.parametrize("curvature", ["gnb", "gauss_newton"])
 def test_accumulated_micro_batches_count_all_rows_without_recorded_layers(curvature):
     """gnb records no layer, and a model of bare parameters has none to record: the backward reaching the

@@ -85,7 +85,9 @@ class ActivationCapture:
     Forward passes are grouped: a group is the passes between two backward passes that reached recorded
     layers. The passes of one group feed one backward (a siamese encoder applied twice, a cell unrolled by
     the training loop): a layer's calls in them are summed per sample before squaring, and the group counts
-    the output rows of its last pass. Groups are the micro-batches of an accumulated gradient (each loss
+    the output rows of its last pass that the backward reached (a pass whose output no loss used, such as a
+    monitoring forward with grad enabled before ``backward()``, counts nothing), or of its last pass if the
+    backward reached none of their outputs. Groups are the micro-batches of an accumulated gradient (each loss
     divided by their number): their samples are different samples, and their rows add. A group none of whose
     records received a gradient (a validation forward with grad enabled between ``backward()`` and the
     step) counts nothing. While nothing is recorded (``enabled`` off), the last group's rows are reported.
@@ -114,6 +116,7 @@ class ActivationCapture:
     _group: int = 0
     _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
     _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
+    _reached_rows: dict[int, int] = field(default_factory=dict)  # ... of its last pass whose output the backward reached
     _groups_with_gradients: set[int] = field(default_factory=set)
     _pass_saw_batched: bool = False
     _pass_saw_unbatched: bool = False
@@ -130,7 +133,8 @@ class ActivationCapture:
     @property
     def output_rows(self) -> int | None:
         """The output rows of the groups whose records received gradients, summed (see the class docstring)."""
-        counted = [rows for group, rows in self._group_rows.items() if group in self._groups_with_gradients]
+        counted = [self._reached_rows.get(group, rows) for group, rows in self._group_rows.items()
+                   if group in self._groups_with_gradients]
         return sum(counted) if counted else self._group_rows.get(self._group)
 
     def _start_pass(self) -> None:
@@ -142,11 +146,17 @@ class ActivationCapture:
             if len(self._group_rows) >= self.MAX_RECORDS:  # forward/backward passes without steps: forget the oldest
                 oldest = min(self._group_rows)
                 del self._group_rows[oldest]
+                self._reached_rows.pop(oldest, None)
                 self._groups_with_gradients.discard(oldest)
 
     def _gradient_reached(self, group: int) -> None:
         self._groups_with_gradients.add(group)
         self._backward_since_forward = True
+
+    def _output_reached(self, group: int, rows: int) -> None:
+        """The backward reached the output of a root pass of ``group`` that had ``rows`` output rows."""
+        self._reached_rows[group] = rows
+        self._gradient_reached(group)
 
     def _gradient_arrived(self, record: LayerRecord, grad: torch.Tensor) -> None:
         grad = working_precision(grad.detach())
@@ -209,9 +219,10 @@ class ActivationCapture:
         self._group_rows[self._group] = rows
         self._pass_saw_batched = self._pass_saw_unbatched = False
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            # the backward reaching the output marks the group, recorded layers or not (curvature="gnb")
+            # the backward reaching the output marks the group, recorded layers or not (curvature="gnb"), and
+            # says which pass's rows count
             group = self._group
-            output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_reached(group)))
+            output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._output_reached(group, rows)))
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 
@@ -223,7 +234,7 @@ class ActivationCapture:
         self.records = {}
         self.root_output = None
         self._group, self._backward_since_forward = 0, False
-        self._group_rows, self._groups_with_gradients = {}, set()
+        self._group_rows, self._reached_rows, self._groups_with_gradients = {}, {}, set()
         self._pass_saw_batched = self._pass_saw_unbatched = False
 
     def remove(self) -> None:
