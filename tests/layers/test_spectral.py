@@ -483,11 +483,44 @@ def test_loading_a_mismatched_state_dict_names_the_key():
 def test_a_partial_state_dict_cannot_half_build_a_lazy_layer():
     # strict=False with in_scale alone used to end in torch's "uninitialized parameter" error from the hook
     state = make_layer(300, 700, 1).state_dict()
-    with pytest.raises(ValueError, match=r"gave 'in_scale' but not \['out_scale', 'permutation', 'bias'\]"):
+    with pytest.raises(ValueError, match=r"gives \['in_scale'\] but not \['bias', 'out_scale', 'permutation'\]"):
         LinearWHT(700).load_state_dict({"in_scale": state["in_scale"]}, strict=False)
+    with pytest.raises(ValueError, match="learns its width from the state dict's 'in_scale'"):
+        LinearWHT(700).load_state_dict({"out_scale": state["out_scale"]}, strict=False)
     empty = LinearWHT(700)
     empty.load_state_dict({}, strict=False)  # nothing given: the layer stays lazy
     assert empty.in_features is None
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("lazy, fault", [(lazy, fault) for lazy in (False, True)
+                                         for fault in ("other output width", "repeated index", "float permutation")]
+                         + [(True, "partial")])  # a built layer takes a partial state dict (strict=False)
+def test_a_refused_state_dict_leaves_the_layer_as_it_was(depth, lazy, fault):
+    """A review found a refused load half done: a lazy layer materialised at the wrong width (no later load or
+    forward could mend it), a bad permutation copied in over the weights. Now the layer is untouched: a lazy one
+    stays lazy and then takes a good state dict; a built one keeps its tensors and its outputs."""
+    good = make_layer(300, 700, depth, seed=1).state_dict()
+    bad = {"other output width": lambda: make_layer(300, 500, depth, seed=1).state_dict(),
+           "repeated index": lambda: {**good, "permutation": torch.zeros_like(good["permutation"])},
+           "float permutation": lambda: {**good, "permutation": good["permutation"].double()},
+           "partial": lambda: {"in_scale": good["in_scale"]}}[fault]()
+    if lazy:
+        layer = LinearWHT(700) if depth == 1 else DeepSpectralLinear(700, depth=2)
+    else:
+        layer = make_layer(300, 700, depth, seed=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()} if not lazy else None
+    x = torch.randn(4, 300)
+    out_before = None if lazy else layer(x)
+    with pytest.raises(ValueError):
+        layer.load_state_dict(bad, strict=fault != "partial")
+    if lazy:
+        assert layer.in_features is None and layer.has_uninitialized_params()
+        layer.load_state_dict(good)
+        assert torch.equal(layer(x), make_layer(300, 700, depth, seed=1)(x))
+    else:
+        assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+        assert torch.equal(layer(x), out_before)
 
 
 def test_num_parameters_is_linear_in_width():

@@ -51,7 +51,7 @@ import operator
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from dreidel._native import native
 from dreidel.algo import nearest_hadamard_lengths
@@ -267,6 +267,51 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             shapes["bias"] = (self.out_features,)
         return shapes
 
+    # ------------------------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Checks this layer's tensors in ``state_dict`` before anything is loaded (or a lazy layer materialised),
+        so that a refused state dict leaves the layer as it was; ``_after_load`` then rebuilds the indices."""
+        self._check_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_state_dict(self, state_dict, prefix: str) -> None:
+        name = type(self).__name__
+        keys = ("in_scale", "inner_scale", "out_scale", "bias", "permutation")
+        given = {key: state_dict[prefix + key] for key in keys
+                 if prefix + key in state_dict and getattr(self, key) is not None}
+        if not given:
+            return
+        for key, value in given.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: state dict entry {prefix + key!r} must be a tensor, got "
+                                f"{type(value).__name__}")
+        lazy = self.in_features is None
+        if lazy:
+            in_scale = given.get("in_scale")
+            if in_scale is None or in_scale.dim() != 2:
+                got = "none" if in_scale is None else f"shape {tuple(in_scale.shape)}"
+                raise ValueError(f"{name}: a lazy layer learns its width from the state dict's 'in_scale' of shape "
+                                 f"(blocks, in_features); got {got}")
+            in_features = int(in_scale.shape[-1])
+        else:
+            in_features = self.in_features
+        expected = self._expected_shapes(in_features)
+        if lazy and set(expected) - set(given):
+            missing = sorted(set(expected) - set(given))
+            raise ValueError(f"{name}: the state dict gives {sorted(given)} but not {missing}; a lazy layer learns its "
+                             "width from a state dict with all of its tensors")
+        for key, value in given.items():
+            if tuple(value.shape) != expected[key]:
+                raise ValueError(f"{name}: loaded {key!r} has shape {tuple(value.shape)}, expected {expected[key]}")
+        perm = given.get("permutation")
+        if perm is not None and not perm.is_meta:
+            if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool or not torch.equal(
+                    perm.sort(dim=-1).values, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)):
+                raise ValueError(f"{name}: loaded 'permutation' is not a permutation of 0..{perm.shape[-1] - 1} in "
+                                 "every (stage, block)")
+
     # ---------------------------------------------------------------------------------- materialise
     def initialize_parameters(self, x: torch.Tensor, *args: object, **kwargs: object) -> None:
         """LazyModuleMixin hook: infer ``in_features`` from the last dimension of the first input."""
@@ -413,24 +458,11 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
 
 
 def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
-    """After ``load_state_dict``: learn a lazy ``in_features`` from the loaded shapes and rebuild indices."""
+    """After ``load_state_dict`` (whose tensors ``_check_state_dict`` checked): learn a lazy ``in_features`` from
+    the loaded shapes and rebuild indices."""
     if isinstance(module.in_scale, UninitializedParameter):
         return  # nothing was loaded for this module (e.g. strict=False with missing keys)
-    n = module.in_scale.shape[-1]
-    expected = module._expected_shapes(n)
-    left_lazy = [name for name in expected if is_lazy(getattr(module, name))]
-    if left_lazy:  # a partial state dict (strict=False) materialised in_scale only
-        raise ValueError(f"{type(module).__name__}: the state dict gave 'in_scale' but not {left_lazy}; a lazy "
-                         "layer learns its width from a state dict with all of its tensors")
-    for name, shape in expected.items():
-        got = tuple(getattr(module, name).shape)
-        if got != shape:
-            raise ValueError(f"{type(module).__name__}: loaded {name!r} has shape {got}, expected {shape}")
-    perm = module.permutation
-    if not torch.equal(perm.sort(dim=-1).values, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)):
-        raise ValueError(f"{type(module).__name__}: loaded 'permutation' is not a permutation of "
-                         f"0..{perm.shape[-1] - 1} in every (stage, block)")
-    module._set_in_features(n)
+    module._set_in_features(module.in_scale.shape[-1])
     module._generator = None
     module._build_indices()
 
