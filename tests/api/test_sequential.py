@@ -558,6 +558,20 @@ def test_labels_out_of_range(digits, bad_label):
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+def test_cross_entropy_needs_one_row_of_logits_per_sample(targets):
+    """A (B, 1, C) output: torch's cross_entropy would take dimension 1 as the classes (an internal error against
+    (B,) labels, a silently wrong loss against probabilities shaped like the output); fit refuses it up front."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 5, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen) if targets == "indices" else torch.rand(16, 1, 3, generator=gen)
+    model = api.Sequential(nn.Linear(5, 3)).compile("sgd")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"logits \(B, C\).*gives \(1, 3\) per sample"):
+        model.fit(x, y, verbose=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_wrong_target_kind(digits):
     x_train, y_train, *_ = digits
     with pytest.raises(ValueError, match="int64 class indices"):

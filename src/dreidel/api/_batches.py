@@ -156,6 +156,10 @@ def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where
                          f"got {tuple(target.shape)} in {where}")
     if not isinstance(loss, CrossEntropy):
         return
+    if output.dim() != 2:  # torch would take dimension 1 as the classes: (B, 1, C) against (B,) labels failed deep
+        raise ValueError(f"cross_entropy takes the model's output as logits (B, C), one row per sample; the model "
+                         f"gives {tuple(output.shape[1:])} per sample: end it with a layer that gives (C,), e.g. "
+                         f"nn.Flatten() before the last Linear")
     if target.is_floating_point():
         if target.shape != output.shape:
             raise ValueError(
