@@ -232,6 +232,19 @@ def test_mixed_precision_checkpoint_keeps_each_tensors_dtype(tmp_path):
     assert loaded.num_parameters() == model.num_parameters()
 
 
+@pytest.mark.parametrize("layer, key", [(nn.Linear(4, 3), "0.weight"), (LinearWHT(4, 3), "0.out_scale")])
+def test_a_layer_whose_tensors_differ_in_dtype_is_refused_at_load(tmp_path, layer, key):
+    """One layer's floating tensors in different dtypes (a hand-edited file) used to load and then fail at
+    predict with torch's dtype error, or, in LinearWHT, silently promote its output."""
+    path = api.Sequential(layer).build((4,)).save(tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[key] = tensors[key].double()
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model.safetensors: the floating-point tensors of .* must share one dtype, "
+                                         rf"got .*{key} F64"):
+        api.load(path)
+
+
 def test_values_that_a_layer_refuses_name_the_tensor_file(tmp_path):
     path = _small_model("wht").build((64,)).save(tmp_path / "m")
     tensors = load_file(str(path / "model.safetensors"))

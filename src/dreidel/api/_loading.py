@@ -123,6 +123,7 @@ def check_tensor_header(plans: list[LayerPlan], layers: list[nn.Module | None], 
     for plan, layer in zip(plans, layers):
         if layer is None:
             continue
+        floating: dict[str, str] = {}  # a layer's floating tensors share one dtype, as a built layer's do
         for key, tensor in layer.state_dict().items():
             full_key = f"{plan.name}.{key}"
             declared.add(full_key)
@@ -135,6 +136,11 @@ def check_tensor_header(plans: list[LayerPlan], layers: list[nn.Module | None], 
             if found.is_floating_point != tensor.is_floating_point():
                 raise ValueError(f"{tensors_file} tensor {full_key!r} has dtype {found.dtype}, but {plan.where} "
                                  f"expects a {'floating-point' if tensor.is_floating_point() else 'integer'} tensor")
+            if found.is_floating_point:
+                floating[full_key] = found.dtype
+        if len(set(floating.values())) > 1:
+            raise ValueError(f"{tensors_file}: the floating-point tensors of {plan.where} must share one dtype, got "
+                             + ", ".join(f"{key} {dtype}" for key, dtype in floating.items()))
     unexpected = sorted(key for key in header if key not in declared and key.split(".", 1)[0] not in unchecked)
     if unexpected:
         raise ValueError(f"{tensors_file} has tensor {unexpected[0]!r} that no layer of the config declares "
