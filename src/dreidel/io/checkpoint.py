@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         os.replace(staging, target)
         return
     if _exchange(staging, target):
-        shutil.rmtree(staging, ignore_errors=True)  # now the old checkpoint
+        _remove_old_checkpoint(staging)  # now the old checkpoint
         return
     # rename() cannot replace a non-empty directory, so the old one steps aside under a temporary name
     retired = Path(tempfile.mkdtemp(prefix=staging_prefix(target, ".old-"), dir=target.parent))
@@ -404,4 +405,19 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     except BaseException:
         os.replace(retired, target)
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    _remove_old_checkpoint(retired)
+
+
+def _remove_old_checkpoint(path: Path) -> None:
+    """Remove the replaced checkpoint at ``path``. Its directories become writable first (one made read-only
+    kept its files: rmtree failed silently and left it behind under its hidden temporary name); whatever still
+    cannot be removed is named in a warning."""
+    for root, _, _ in os.walk(path):
+        try:
+            os.chmod(root, stat.S_IRWXU)
+        except OSError:
+            pass  # not ours to change: rmtree reports what stays
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        warnings.warn(f"saved the new checkpoint, but could not remove the one it replaced: it is left at {path}",
+                      RuntimeWarning, stacklevel=4)
