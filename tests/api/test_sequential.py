@@ -649,6 +649,22 @@ def test_bad_compile_arguments():
         model.add("relu")
 
 
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_named_optimizers_name_and_options_are_checked_at_compile(lazy):
+    """On a lazy model these used to be reported at fit, and lr=nan was taken (torch's SGD lets NaN through):
+    the first step made the weights NaN."""
+    model = api.Sequential(LinearWHT(8) if lazy else LinearWHT(4, 8))
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
+        model.compile("adamw")
+    for options, name in (({"lr": float("nan")}, "lr"), ({"lr": -1.0}, "lr"), ({"momentum": 1.0}, "momentum"),
+                          ({"weight_decay": float("inf")}, "weight_decay")):
+        with pytest.raises(ValueError, match=f"^{name}: expected a"):
+            model.compile("sgd", **options)
+    with pytest.raises(ValueError, match="^eps: expected a"):
+        model.compile("adam", eps=0.0)
+    model.compile("sgd", lr=0.0)  # a frozen model is allowed
+
+
 # ------------------------------------------------------------------------------ optimizer contract
 class _RecordingCurvature(CurvatureOptimizer):
     """Plain SGD that evaluates the closure every step, so the test can see what the closure computes."""

@@ -892,3 +892,16 @@ def test_layers_frozen_when_the_optimizer_is_built_are_named_once(caplog):
     messages = [r.getMessage() for r in caplog.records if "frozen when the optimizer was built" in r.getMessage()]
     assert len(messages) == 1 and messages[0].startswith("K-FAC: 0, 2 frozen")
     assert [b.name for b in optimizer.blocks] == ["3"]
+
+
+@pytest.mark.parametrize("group, name", [({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
+                                         ({"momentum": 1.5}, "momentum"), ({"weight_decay": -0.1}, "weight_decay")])
+def test_param_group_options_are_checked(group, name):
+    """torch's SGD checks its options only when built: a group added later with lr=-1 used to train backwards."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = KFAC(model)
+    with pytest.raises(ValueError, match=f"param group {name}"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], **group})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "lr": 0.0})  # frozen: allowed
+    assert opt.param_groups[1]["lr"] == 0.0

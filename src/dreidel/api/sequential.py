@@ -26,6 +26,7 @@ from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
 from dreidel.io.checkpoint import CheckpointFiles, load_state_strict, open_checkpoint, write_checkpoint
 from dreidel.optim import CurvatureOptimizer, build_optimizer
+from dreidel.optim._factory import check_named_optimizer
 
 __all__ = ["Sequential", "load"]
 
@@ -180,6 +181,8 @@ class Sequential(nn.Sequential):
             raise ValueError(f"optimizer_kwargs: an optimizer instance takes no extra arguments, got {sorted(optimizer_kwargs)}")
         if not isinstance(optimizer, (str, torch.optim.Optimizer)) and not callable(optimizer):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
+        if isinstance(optimizer, str):  # now, not only once a lazy model is built (at fit)
+            check_named_optimizer(optimizer, optimizer_kwargs)
         if self.optimizer is not optimizer:
             _release(self.optimizer)
         resolved = [resolve_metric(m) for m in metrics]

@@ -7,12 +7,26 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from dreidel.optim._base import named_model_parameters
+from dreidel.optim._base import check_number, named_model_parameters
 from dreidel.optim._diagonal_newton import DiagonalNewton
 from dreidel.optim._kfac import KFAC
 
 OptimizerSpec = Union[str, torch.optim.Optimizer, Callable[[nn.Module], torch.optim.Optimizer]]
 OPTIMIZER_NAMES = ("adam", "sgd", "diagonal_newton", "kfac")
+# What torch's Adam and SGD let through (NaN passes their "< 0" tests) and dreidel refuses: name -> bounds.
+_TORCH_OPTION_BOUNDS = {"lr": dict(low=0), "weight_decay": dict(low=0), "eps": dict(low=0, low_open=True),
+                        "momentum": dict(low=0, high=1, high_open=True), "dampening": dict(low=0, high=1)}
+
+
+def check_named_optimizer(name: str, kwargs: dict) -> None:
+    """What can be checked of a named optimizer before the model is built: the name, and the options of torch's
+    Adam and SGD (NaN passes their own "< 0" tests). DiagonalNewton and KFAC check theirs when built."""
+    if name.lower() not in OPTIMIZER_NAMES:
+        raise ValueError(f"spec: unknown optimizer {name!r}; expected one of {OPTIMIZER_NAMES}")
+    if name.lower() in ("adam", "sgd"):
+        for option, bounds in _TORCH_OPTION_BOUNDS.items():
+            if option in kwargs:
+                check_number(option, kwargs[option], **bounds)
 
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
@@ -33,6 +47,7 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.op
         return spec
     if isinstance(spec, str):
         name = spec.lower()
+        check_named_optimizer(name, kwargs)
         if name == "adam":
             return torch.optim.Adam(named_model_parameters(model)[1], **{"lr": 1e-3, **kwargs})
         if name == "sgd":
@@ -42,7 +57,7 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.op
             return DiagonalNewton(model, **kwargs)
         if name == "kfac":
             return KFAC(model, **kwargs)
-        raise ValueError(f"spec: unknown optimizer {spec!r}; expected one of {OPTIMIZER_NAMES}")
+        raise AssertionError(name)  # check_named_optimizer knows the names
     if callable(spec):
         optimizer = spec(model, **kwargs)
         if not isinstance(optimizer, torch.optim.Optimizer):

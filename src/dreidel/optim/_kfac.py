@@ -213,10 +213,17 @@ class KFAC(CurvatureOptimizer):
         self._arm_capture()
 
     def add_param_group(self, param_group: dict) -> None:
-        """Adds the group to the base optimizer (whose groups these are), with the base's defaults."""
+        """Adds the group to the base optimizer (whose groups these are), with the base's defaults. The group's
+        ``lr`` (0 freezes it), ``momentum`` and ``weight_decay``, where given, are checked first (``ValueError``
+        naming the option): torch's optimizers check them only when built."""
         if self.base is None:
             super().add_param_group(param_group)
             return
+        if isinstance(param_group, dict):
+            for name, bounds in (("lr", dict(low=0)), ("momentum", dict(low=0, high=1, high_open=True)),
+                                 ("weight_decay", dict(low=0))):
+                if name in param_group:
+                    check_number(f"param group {name}", param_group[name], **bounds)
         self.base.add_param_group(param_group)
         self.param_groups = self.base.param_groups
         self._name_new_parameters()
