@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["give_usual_file_mode", "replaced_atomically", "staging_dir", "staging_file", "staging_prefix"]
+__all__ = ["check_parents", "check_file_target", "give_usual_file_mode", "replaced_atomically", "staging_dir",
+           "staging_file", "staging_prefix"]
 
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 _RANDOM_PART = 8  # the characters tempfile adds between prefix and suffix
@@ -50,12 +51,31 @@ def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
     return handle, name
 
 
+def check_parents(target: Path) -> None:
+    """``ValueError`` where something other than a directory stands where a parent directory of ``target``
+    should be (a file, say): nothing could be written at ``target`` (the nearest existing parent decides)."""
+    for parent in target.parents:
+        if parent.is_dir():
+            return
+        if os.path.lexists(parent):
+            raise ValueError(f"{str(parent)!r} is not a directory, so nothing can be written at {str(target)!r}")
+
+
+def check_file_target(target: Path) -> None:
+    """``ValueError`` where a file cannot be written at ``target``: a directory is there, or see ``check_parents``
+    (otherwise the error would come late, from the rename of a hidden temporary name)."""
+    if target.is_dir():
+        raise ValueError(f"{str(target)!r} is a directory; expected the path of a file")
+    check_parents(target)
+
+
 @contextlib.contextmanager
 def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[int, str]]:
     """``(fd, name)`` of a staging file beside ``target`` (``staging_file``) for the block to write; when the
     block ends without an error the file is renamed onto ``target``, and on an error it is removed, so
     ``target`` is always the old file or the whole new one. The block owns ``fd`` (wraps it with
-    ``os.fdopen`` or closes it)."""
+    ``os.fdopen`` or closes it). A target no file can be written to is refused first (``check_file_target``)."""
+    check_file_target(target)
     handle, name = staging_file(target, suffix)
     try:
         yield handle, name

@@ -148,6 +148,36 @@ def test_csv_logger_rows_match_history(tmp_path, digits):
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["train.csv"]  # no temporary files left
 
 
+@pytest.mark.parametrize("make, where, message", [
+    (lambda d: api.CSVLogger(d / "afile" / "log.csv"), "afile", r"CSVLogger: '.*afile' is not a directory"),
+    (lambda d: api.CSVLogger(d / "adir"), "adir", r"CSVLogger: '.*adir' is a directory; expected the path of a file"),
+    (lambda d: api.ModelCheckpoint(d / "afile"), "afile", r"ModelCheckpoint: path '.*afile' exists and is not a dreidel"),
+    (lambda d: api.ModelCheckpoint(d / "afile" / "e{epoch}"), "afile", r"ModelCheckpoint: '.*afile' is not a directory"),
+    (lambda d: api.ModelCheckpoint(d / "adir"), "adir", r"ModelCheckpoint: path '.*adir' exists and is not a dreidel"),
+])
+def test_callbacks_refuse_a_path_they_cannot_write_before_training(tmp_path, digits, make, where, message):
+    """Such paths used to fail after the first epoch had trained, some naming a hidden temporary file."""
+    (tmp_path / "afile").write_text("not a directory")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "notes.txt").write_text("someone's data")
+    x, y, x_val, y_val = digits
+    model = _model().compile("sgd", lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, epochs=1, validation_data=(x_val, y_val), callbacks=[make(tmp_path)], verbose=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+    assert (tmp_path / "afile").read_text() == "not a directory" and (tmp_path / "adir" / "notes.txt").exists()
+
+
+def test_history_plot_onto_a_directory_names_it(tmp_path, digits):
+    x, y, *_ = digits
+    history = _model().compile("sgd", lr=0.1).fit(x, y, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"'.*plots' is a directory; expected the path of a file"):
+        history.plot((tmp_path / "plots").mkdir() or tmp_path / "plots")
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == []
+
+
 def test_learning_rate_scheduler_sets_every_group(digits):
     x, y, *_ = digits
     model = _model()

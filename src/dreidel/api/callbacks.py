@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from dreidel._files import replaced_atomically
+from dreidel._files import check_file_target, check_parents, replaced_atomically
+from dreidel.io.checkpoint import check_checkpoint_target
 
 __all__ = ["CSVLogger", "Callback", "EarlyStopping", "LearningRateScheduler", "ModelCheckpoint"]
 
@@ -159,6 +160,18 @@ class ModelCheckpoint(Callback):
             use = f"path {self.path!r} uses" if missing[0] in self._path_keys else "monitor is"
             raise _not_logged("ModelCheckpoint", use, missing[0], ["epoch", *keys])
 
+    def on_train_begin(self, model) -> None:
+        """Checks the path before the first epoch trains (it used to fail only after it): the checkpoint itself
+        where the path has no placeholders, else the directories above the first one it would write."""
+        sample = Path(self.path.format(**{key: 1 if key == "epoch" else 0.5 for key in self._path_keys}))
+        try:
+            if self._path_keys:
+                check_parents(sample)
+            else:
+                check_checkpoint_target(sample)
+        except ValueError as error:
+            raise ValueError(f"ModelCheckpoint: {error}") from None
+
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         if self.save_best_only:
             current = _monitored_value(logs, self.monitor, "ModelCheckpoint")
@@ -179,6 +192,10 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, model) -> None:
         self._rows = []
+        try:  # before the first epoch trains, not after it
+            check_file_target(self.path)
+        except ValueError as error:
+            raise ValueError(f"CSVLogger: {error}") from None
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         self._rows.append({"epoch": epoch, **logs})

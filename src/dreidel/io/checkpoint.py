@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreidel._files import give_usual_file_mode, staging_dir, staging_prefix
+from dreidel._files import check_parents, give_usual_file_mode, staging_dir, staging_prefix
 
 __all__ = [
     "CONFIG_FILE",
@@ -71,13 +71,7 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         the checkpoint directory as a ``Path``.
     """
     target = Path(path)
-    if target.is_symlink() and not target.exists():  # dangling, or a loop: renaming onto it would fail late
-        raise ValueError(f"path {str(target)!r} is a symbolic link to nothing; refusing to replace it")
-    if target.exists() and not _is_checkpoint_dir(target):
-        raise ValueError(
-            f"path {str(target)!r} exists and is not a dreidel checkpoint directory (holding only {CONFIG_FILE}, "
-            f"with a 'format' starting with {FORMAT_PREFIX!r}, and {TENSORS_FILE}); refusing to replace it"
-        )
+    check_checkpoint_target(target)
     config_text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON values
     # safetensors refuses views that share storage; give it one contiguous copy of each tensor
     plain = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
@@ -328,6 +322,19 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
             module.load_state_dict(state, strict=True, assign=keep_dtypes)
     except (ValueError, RuntimeError) as error:  # a module's own check of the values (e.g. a permutation)
         raise ValueError(f"{source}: {error}") from error
+
+
+def check_checkpoint_target(target: Path) -> None:
+    """``ValueError`` unless a checkpoint can be written at ``target``: nothing there, an empty directory or a
+    dreidel checkpoint (see ``write_checkpoint``), under parents that are directories or can be made."""
+    if target.is_symlink() and not target.exists():  # dangling, or a loop: renaming onto it would fail late
+        raise ValueError(f"path {str(target)!r} is a symbolic link to nothing; refusing to replace it")
+    if target.exists() and not _is_checkpoint_dir(target):
+        raise ValueError(
+            f"path {str(target)!r} exists and is not a dreidel checkpoint directory (holding only {CONFIG_FILE}, "
+            f"with a 'format' starting with {FORMAT_PREFIX!r}, and {TENSORS_FILE}); refusing to replace it"
+        )
+    check_parents(target)
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
