@@ -250,15 +250,17 @@ def test_windows_without_speech_and_unsure_text_give_none(tiny_en, beam_size, ti
     """By default (openai-whisper's rule) a window the model scores as holding no speech, and whose text it is
     unsure of, gives no text: here noise that tiny.en otherwise writes up as words. Every other window keeps
     its tokens: a sentence, a single word, and silence, whose "you" tiny.en is sure of (as openai-whisper
-    keeps it)."""
+    keeps it). Without the fallback, whose beam search may hear the noise as a sure ". . . . ." (kept: see
+    test_no_speech_rule_and_fallback)."""
     from dreidel.audio import load_audio
     from dreidel.data.speech import cached_speech
 
     (_, sentence), = speech_clips(1, seed=5)
     word = load_audio(cached_speech("No.", "en-us+m3", 160))  # a high no-speech probability for speech (0.42)
     inputs = [noise(10, -30), sentence, word, torch.zeros(16000)]
-    plain = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=None, timestamps=timestamps)
-    gated = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps)
+    plain = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=None, timestamps=timestamps,
+                       fallback=False)
+    gated = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps, fallback=False)
     assert plain[0].text.strip()  # the problem: text out of noise
     assert gated[0].text == "" and gated[0].tokens == ((),) and gated[0].segments == ()
     for index in (1, 2, 3):
@@ -274,9 +276,9 @@ def test_a_vocabulary_without_the_no_speech_token_keeps_every_window(tiny_en):
     tokenizer = copy.copy(tiny_en.tokenizer)
     tokenizer.no_speech = None
     recognizer = dataclasses.replace(tiny_en, tokenizer=tokenizer)
-    words = transcribe(tiny_en, noise(10, -30), no_speech_threshold=None)
-    assert words.text.strip() and transcribe(recognizer, noise(10, -30)).tokens == words.tokens
-    assert transcribe(tiny_en, noise(10, -30)).text == ""
+    words = transcribe(tiny_en, noise(10, -30), no_speech_threshold=None, fallback=False)
+    assert words.text.strip() and transcribe(recognizer, noise(10, -30), fallback=False).tokens == words.tokens
+    assert transcribe(tiny_en, noise(10, -30), fallback=False).text == ""
 
 
 def test_dense_speech_is_kept_despite_a_high_no_speech_probability(tiny_en):
@@ -294,29 +296,36 @@ def test_dense_speech_is_kept_despite_a_high_no_speech_probability(tiny_en):
 
 
 @pytest.mark.parametrize("fallback", [True, False])
-def test_no_speech_rule_and_fallback(tiny_en, monkeypatch, fallback):
-    """openai-whisper's order: a window with a no-speech probability above the threshold and an unsure greedy
-    text is left empty and not decoded again; an unsure text with a low no-speech probability (or none known) is
-    decoded again; a sure text stays, whatever the probability."""
+@pytest.mark.parametrize("threshold", [0.6, None])
+def test_no_speech_rule_and_fallback(tiny_en, monkeypatch, fallback, threshold):
+    """Greedy results stand in for: a sure loop of dots whose beam retry is unsure (left out, as openai/whisper
+    stops its fallback at a retry that holds no speech; a review found the loop kept), a sure text, a window of
+    dense speech given as an unsure " The" with a no-speech probability above the threshold (decoded again, and
+    the beam's sure text kept), and an unsure text the beam does no better on (greedy kept)."""
     module = importlib.import_module("dreidel.models.whisper.transcribe")  # the package exports a function of that name
 
     encode = tiny_en.tokenizer.encode
-    unsure, sure, fixed = encode(" The wall."), encode(" Stop the music."), encode(" The garden.")
-    greedy = [ScoredWindow(unsure, -1.5, 0.9), ScoredWindow(sure, -0.4, 0.9), ScoredWindow(unsure, -1.5, 0.3),
-              ScoredWindow(unsure, -1.5, None)]
+    loop, sure, the, unsure = encode(" ." * 200), encode(" Stop the music."), encode(" The"), encode(" The wall.")
+    dots, full, worse = encode(" . ."), encode(" The birch canoe slid on the smooth planks."), encode(" Uh")
+    greedy = [ScoredWindow(loop, -0.05, 0.96), ScoredWindow(sure, -0.4, 0.9), ScoredWindow(the, -2.5, 0.64),
+              ScoredWindow(unsure, -1.5, 0.3)]
+    beam = [ScoredWindow(dots, -1.25, 0.96), ScoredWindow(full, -0.3, 0.64), ScoredWindow(worse, -1.8, 0.3)]
     calls = []
 
     def fake_decode_scored(model, mel, options):
         calls.append((options.beam_size, mel.shape[0]))
-        return greedy if options.beam_size == 1 else [ScoredWindow(fixed, -0.5, 0.3)] * mel.shape[0]
+        return greedy if options.beam_size == 1 else beam
 
     monkeypatch.setattr(module, "decode_scored", fake_decode_scored)
-    results = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=fallback, timestamps=False)
-    assert calls == ([(1, 4), (5, 2)] if fallback else [(1, 4)])
-    after = tuple(fixed) if fallback else tuple(unsure)
-    assert [r.tokens[0] for r in results] == [(), tuple(sure), after, after]
-    kept = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=False, timestamps=False, no_speech_threshold=None)
-    assert kept[0].tokens[0] == tuple(unsure)
+    results = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=fallback, timestamps=False,
+                         no_speech_threshold=threshold)
+    assert calls == ([(1, 4), (5, 3)] if fallback else [(1, 4)])
+    if fallback:
+        expected = [() if threshold else loop, sure, full, unsure]
+    else:
+        expected = [loop, sure, () if threshold else the, unsure]
+    assert [r.tokens[0] for r in results] == [tuple(t) for t in expected]
+    assert (results[0].text == "") == (fallback and threshold is not None)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5, True, "0.6"])

@@ -81,11 +81,11 @@ class Segment:
 class Transcription:
     """Text of one input, and its segments.
 
-    tokens: the sampled ids of each window decoded, in order (prompt and <|endoftext|> excluded; with
-    timestamps, the timestamp tokens too, and a window's unfinished last segment, which the next window
-    decodes again). segments: with timestamps, the model's timed segments; without, one per 30 s window with
-    text. seconds_compute covers front end, encoder and decoder (model load excluded); windows decoded in one
-    batch share the batch's time equally.
+    tokens: the sampled ids of each window decoded, in order (prompt and <|endoftext|> excluded; with timestamps,
+    the timestamp tokens too, and a window's unfinished last segment, which the next window decodes again); none
+    for a window left out as holding no speech (``no_speech_threshold``). segments: with timestamps, the model's
+    timed segments; without, one per 30 s window with text. seconds_compute covers front end, encoder and decoder
+    (model load excluded); windows decoded in one batch share the batch's time equally.
     """
 
     text: str
@@ -356,20 +356,22 @@ def _passes(text: str, average_logprob: float) -> bool:
 
 def _holds_no_speech(window: ScoredWindow, no_speech_threshold: float | None) -> bool:
     """openai/whisper's test: the model gives <|nocaptions|> a probability above the threshold and is unsure
-    of the text it decoded (an average log-probability below ``UNSURE_LOGPROB``)."""
+    of the text it decoded (an average log-probability not above ``UNSURE_LOGPROB``)."""
     return (no_speech_threshold is not None and window.no_speech_prob is not None
-            and window.no_speech_prob > no_speech_threshold and window.average_logprob < UNSURE_LOGPROB)
+            and window.no_speech_prob > no_speech_threshold and window.average_logprob <= UNSURE_LOGPROB)
 
 
 def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: DecodingOptions,
                    scored: list[ScoredWindow], no_speech_threshold: float | None) -> list[ScoredWindow]:
     """``scored`` (greedy results for the windows of ``mel``) with each window that fails the tests decoded again
-    by a beam search of ``FALLBACK_BEAM_SIZE``, whose result replaces the greedy one if it passes, or fails
-    with a higher average log-probability. Windows that hold no speech (``_holds_no_speech``) are not decoded
-    again, as in openai/whisper."""
+    by a beam search of ``FALLBACK_BEAM_SIZE``, whose result replaces the greedy one if it passes, holds no
+    speech (``_holds_no_speech``: the window is then left out, as openai/whisper stops its fallback there), or
+    fails with a higher average log-probability. A greedy text that holds no speech is decoded again too
+    (openai/whisper leaves such a window out at once): tiny.en's greedy decoding can miss most of a window of
+    dense speech, unsure of the one word it gives (" The": an average log-probability of -2.5 with a no-speech
+    probability of 0.64), and the beam search then hears it whole."""
     retry = [i for i, window in enumerate(scored)
-             if not _holds_no_speech(window, no_speech_threshold)
-             and not _passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob)]
+             if not _passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob)]
     if not retry:
         return scored
     logger.info("%d of %d windows fail the log-probability or repetition test: decoded again with beam search",
@@ -378,7 +380,7 @@ def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: De
     result = list(scored)
     for i, window in zip(retry, again):
         rank = (_passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob), window.average_logprob)
-        if rank > (False, scored[i].average_logprob):
+        if rank > (False, scored[i].average_logprob) or _holds_no_speech(window, no_speech_threshold):
             result[i] = window
     return result
 
@@ -550,14 +552,18 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     ``no_speech_threshold`` (0.6): a window holds no speech, and gives no text, when the model's no-speech
     probability (of <|nocaptions|> right after <|startoftranscript|>) is above it and the text it decoded is
-    unsure (average log-probability below -1): openai-whisper's rule and default, faster-whisper's too. Such a
-    window is not decoded again by the fallback. ``None`` keeps every window's text, as transformers' ``generate``
-    does, and so does a vocabulary without that token (a model's own tokenizer.json may lack it). The probability
-    alone would not do: with tiny.en, windows of dense speech scored up to 0.70 (a threshold of 0.6 alone left out
-    the first 30 s of 3 of 8 inputs of 14 eSpeak sentences), single spoken words 0.05-0.42, silence and white
-    noise 0.93-0.97. Nor does the rule catch every window without speech: tiny.en writes digital silence as "you"
-    and faint noise as ". . . .", and is sure of both (average log-probabilities -0.26 to -0.70), so they stay, as
-    in openai-whisper; the sentence it invents for louder noise (-1.7) is left out.
+    unsure (average log-probability not above -1): openai-whisper's rule and default, faster-whisper's too. Unlike
+    them, a greedy text the rule would leave out is first decoded again by the fallback (see ``fallback``), and
+    the window is left out only if the beam search is unsure too: without timestamps, greedy tiny.en can give a 30
+    s window of dense speech as " The" (no-speech probability 0.64, average -2.5), and the beam search hears it
+    whole. ``None`` keeps every window's text, as transformers' ``generate`` does, and so does a vocabulary
+    without that token (a model's own tokenizer.json may lack it). The probability alone would not do: with
+    tiny.en, windows of dense speech scored up to 0.70 (a threshold of 0.6 alone left out the first 30 s of 3 of 8
+    inputs of 14 eSpeak sentences), single spoken words up to about 0.45, 30 s of silence or of white noise
+    0.93-0.97 (10 s of noise, padded, about 0.8). Nor does the rule catch every window without speech: tiny.en
+    writes digital silence as "you" and faint noise as ". . . ." and is sure of both (average log-probabilities
+    -0.26 to -0.70), and louder noise can make it repeat an invented sentence surely; those stay. An invented
+    sentence it is unsure of (-1.7, 10 s of noise at -30 dBFS) is left out.
 
     ``fallback`` (greedy decoding only): a window whose text has an average log-probability below -1 or a gzip
     compression ratio above 2.4 (openai/whisper's tests: an unsure text, or a repetition loop) is decoded again by
