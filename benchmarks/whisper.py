@@ -27,8 +27,8 @@ Long-form (a second table, 1 thread): ``--long`` inputs of 14 consecutive senten
 ``speech_test_set(14, seed=100 + i)``, 0.25 s of silence after each sentence), greedy, no previous-text
 conditioning: dreidel with timestamps (windows that seek to the last whole segment, ``transcribe``'s default),
 dreidel without (consecutive 30 s cuts), dreidel int8 with timestamps, faster-whisper with its own timestamp
-seeking (its default), none of them with a no-speech gate, and dreidel's default ``transcribe`` (timestamps, the
-beam-search fallback and the no-speech gate).
+seeking (its default), none of them with a no-speech rule, and dreidel's default ``transcribe`` (timestamps, the
+beam-search fallback and the no-speech rule), also without timestamps.
 """
 
 from __future__ import annotations
@@ -226,8 +226,10 @@ def long_form(recognizer, int8_recognizer, n: int) -> tuple[list[list], float]:
         "dreidel int8 (dynamic), timestamps (seeking)": lambda a: transcribe(int8_recognizer, a, **plain).text,
         "faster-whisper int8, timestamps (seeking)": faster_whisper("int8"),
         "faster-whisper float32, timestamps (seeking)": faster_whisper("float32"),
-        "dreidel fp32, transcribe's defaults (timestamps, fallback, no-speech gate)":
+        "dreidel fp32, transcribe's defaults (timestamps, fallback, no-speech rule)":
             lambda a: transcribe(recognizer, a).text,
+        "dreidel fp32, 30 s cuts, fallback and no-speech rule":
+            lambda a: transcribe(recognizer, a, timestamps=False).text,
     }
     for run in systems.values():  # warm-up
         run(inputs[0][1][:16000 * 5])
