@@ -782,6 +782,14 @@ def test_fwht_into_rejects_what_the_kernel_cannot_take(src, dst):
         dr.algo.fwht_into(src, dst)
 
 
+def test_fwht_into_refuses_what_is_not_a_tensor_or_a_bool():
+    with pytest.raises(TypeError, match="fwht_into: src and dst must be tensors, got list and list"):
+        dr.algo.fwht_into([1.0, 2.0], [0.0, 0.0])
+    x = torch.zeros(3, 8)
+    with pytest.raises(TypeError, match="normalized must be a bool, got str 'no'"):  # as fwht refuses it
+        dr.algo.fwht_into(x, x, normalized="no")
+
+
 def test_fwht_into_follows_the_rules_of_in_place_ops():
     buffer = torch.randn(24)
     with pytest.raises(ValueError, match="overlap"):

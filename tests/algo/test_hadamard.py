@@ -60,6 +60,8 @@ def test_hadamard_matrix_rejects_bad_length():
         with pytest.raises(TypeError, match="n must be an int"):
             hadamard_matrix(bad)
         assert not is_hadamard_length(bad)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):  # was torch's "Invalid device string"
+        hadamard_matrix(4, "float32")
 
 
 @pytest.mark.parametrize("n", [np.int64(12), np.int32(4), torch.tensor(40)])

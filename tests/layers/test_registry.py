@@ -84,3 +84,15 @@ def test_a_non_bool_bias_is_refused(kind):
     """bias="no" used to add a bias; bias=0 was saved into a config that load then refused."""
     with pytest.raises(TypeError, match="bias must be a bool"):
         build_linear(kind, 8, 8, bias="no")
+
+
+@pytest.mark.parametrize("kind", linear_kinds())
+@pytest.mark.parametrize("widths, error, message", [
+    ((-3, 4), ValueError, "in_features must be a positive int, got -3"),
+    ((4, 0), ValueError, "out_features must be a positive int, got 0"),
+    ((4.0, 4), TypeError, "in_features must be a positive int or None, got 4.0"),
+])
+def test_a_bad_width_is_refused_for_every_kind(kind, widths, error, message):
+    """nn.Linear's own error for -3 was torch's "negative dimension"."""
+    with pytest.raises(error, match=message):
+        build_linear(kind, *widths)

@@ -298,6 +298,10 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
     a backward pass) and refuses (``RuntimeError``) an inference tensor outside inference mode and a leaf
     that requires grad while grad mode is on.
     """
+    if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
+        raise TypeError(f"fwht_into: src and dst must be tensors, got {type(src).__name__} and {type(dst).__name__}")
+    if type(normalized) is not bool:
+        _refuse_flags(normalized=normalized)
     n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
     constants = kernel_constants(n, src.dtype)
     if constants is None or not (

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dreidel.algo._fwht import _refuse_flags
-from dreidel.layers._spectral import DeepSpectralLinear, LinearWHT
+from dreidel.layers._spectral import DeepSpectralLinear, LinearWHT, _as_width
 
 __all__ = ["INIT_ONLY_ARGS", "LinearFactory", "build_linear", "config_kwargs", "linear_kinds", "register_linear"]
 
@@ -63,13 +63,15 @@ def build_linear(kind: str, in_features: int | None, out_features: int, bias: bo
     ``kwargs`` go to the kind's constructor (e.g. ``depth=`` for "deep_wht", ``generator=``, ``dtype=``).
 
     Raises:
-        ValueError: unknown ``kind`` (the message lists the known kinds).
+        ValueError: unknown ``kind`` (the message lists the known kinds), or a width that is not a positive int.
         TypeError: ``bias`` is not a bool (a truthy ``"no"`` would add one; a saved config could not be loaded).
     """
     if type(bias) is not bool:
         _refuse_flags(bias=bias)
     if kind not in _LINEAR_KINDS:
         raise ValueError(f"unknown linear kind {kind!r}; known kinds: {', '.join(linear_kinds())}")
+    in_features = _as_width("in_features", in_features, allow_none=True)  # every kind, before torch's own errors
+    out_features = _as_width("out_features", out_features, allow_none=False)
     return _LINEAR_KINDS[kind](in_features, out_features, bias, **kwargs)
 
 
