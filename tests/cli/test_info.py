@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,9 @@ def test_info_reports_dispatch_and_threads(capsys):
     assert info["torch"] == torch.__version__
     assert info["torch_threads"] == torch.get_num_threads()
     assert info["openmp_max_threads"] >= 1
+    assert info["available_isas"] == list(available_isas())  # a list in JSON (was one comma-joined string)
+    assert main(["info"]) == 0
+    assert re.search(rf"^available_isas +{re.escape(', '.join(available_isas()))}$", capsys.readouterr().out, re.M)
 
 
 def _cache_from_sysfs(level: str, kinds: tuple[str, ...], field: str) -> str | None:

@@ -17,11 +17,11 @@ def run(args: argparse.Namespace) -> int:
     from dreidel._system import system_info
 
     info = system_info().as_dict()
-    info["available_isas"] = ", ".join(available_isas())
+    info["available_isas"] = list(available_isas())  # a JSON list; one line of text below
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            print(f"{key.ljust(width)}  {value}")
+            print(f"{key.ljust(width)}  {', '.join(value) if isinstance(value, list) else value}")
     return 0
