@@ -116,7 +116,7 @@ class ActivationCapture:
     _group: int = 0
     _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
     _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
-    _reached_rows: dict[int, int] = field(default_factory=dict)  # ... of its last pass whose output the backward reached
+    _reached_rows: dict[int, int] = field(default_factory=dict)  # ... of its last pass the backward reached
     _groups_with_gradients: set[int] = field(default_factory=set)
     _pass_saw_batched: bool = False
     _pass_saw_unbatched: bool = False

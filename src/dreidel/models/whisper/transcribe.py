@@ -563,7 +563,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     0.93-0.97 (10 s of noise, padded, about 0.8). Nor does the rule catch every window without speech: tiny.en
     writes digital silence as "you" and faint noise as ". . . ." and is sure of both (average log-probabilities
     -0.26 to -0.70), and louder noise can make it repeat an invented sentence surely; those stay. An invented
-    sentence it is unsure of (-1.7, 10 s of noise at -30 dBFS) is left out.
+    sentence it is unsure of (-1.7, 10 s of noise at -30 dBFS) is left out, unless the fallback's beam search is
+    sure of something else (with timestamps it heard that noise as ". . . . .").
 
     ``fallback`` (greedy decoding only): a window whose text has an average log-probability below -1 or a gzip
     compression ratio above 2.4 (openai/whisper's tests: an unsure text, or a repetition loop) is decoded again by
