@@ -179,22 +179,28 @@ def test_a_window_at_the_token_limit_is_resumed_after_its_last_closed_segment(ti
 def test_a_sentence_across_30_s_is_transcribed_whole_by_seeking(tiny_en):
     """Speech from 28 s to 32 s: consecutive 30 s windows cut it (tiny.en then misheard most of it), while with
     timestamps the first window leaves that sentence's segment unfinished and the second resumes it."""
-    (_, first), (_, across), (_, last) = speech_clips(3, seed=11)
+    (first_text, first), (across_text, across), (last_text, last) = speech_clips(3, seed=11)
     start = 28 * 16000
     audio = torch.cat([first, torch.zeros(start - first.numel()), across, torch.zeros(16000), last])
     def words_of(text: str) -> set[str]:
         return set("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
-    alone = transcribe(tiny_en, across)
-    words = words_of(alone.text) - words_of(transcribe(tiny_en, first).text) - words_of(transcribe(tiny_en, last).text)
-    assert len(words) >= 4, alone.text  # the words only the sentence across the cut has
+    # The words only the sentence across the cut has, from the texts spoken, less the spelled-out numbers (the
+    # model writes digits). Not from a transcript of the sentence alone: eSpeak's audio differs a little from
+    # one process to the next, and one clean checkout's sentence alone came out as "two asked to not walk".
+    numbers = words_of("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                       "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty "
+                       "ninety hundred thousand")
+    words = words_of(across_text) - words_of(first_text) - words_of(last_text) - numbers
+    assert len(words) >= 4, across_text
 
     def heard(text: str) -> float:
         return len(words & words_of(text)) / len(words)
 
     seeking = transcribe(tiny_en, audio)
     cut = transcribe(tiny_en, audio, timestamps=False)
-    assert heard(seeking.text) >= 0.8 > 0.5 > heard(cut.text), (seeking.text, cut.text, alone.text)
+    assert heard(seeking.text) >= 0.75 and heard(cut.text) <= 0.5, (words, seeking.text, cut.text)
+    assert heard(seeking.text) - heard(cut.text) >= 0.25
     assert len(seeking.tokens) == 2  # the second window starts 1 s before the cut sentence
     spanning = [s for s in seeking.segments if heard(s.text) >= 0.5]
     # It starts at most SEEK_LEAD_IN early: the model's first timestamp in a window is often <|0.00|>.
