@@ -583,6 +583,10 @@ def test_cross_entropy_needs_one_row_of_logits_per_sample(targets):
     with pytest.raises(ValueError, match=r"logits \(B, C\).*gives \(1, 3\) per sample"):
         model.fit(x, y, verbose=0)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # the refused fit did not fix the input shape to its data's (1, 5): the corrected data trains
+    assert model.input_shape is None
+    model.fit(x[:, 0], y[:, 0] if targets == "probabilities" else y, verbose=0)
+    assert model.input_shape == (5,)
 
 
 def test_wrong_target_kind(digits):

@@ -252,13 +252,19 @@ class Sequential(nn.Sequential):
             callback.check_log_keys([*log_keys, "lr"])
         if train.x is not None and train.x.shape[0] == 0:  # an empty DataLoader: first_input() says so
             raise ValueError("x has no samples: nothing to train on")
-        self._check_input(train.x if train.x is not None else train.first_input(), "x")
-        # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after four
-        # steps had changed the weights); a DataLoader's batches are checked as they come.
-        if train.x is not None:
-            self._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
-        if validation is not None and validation.x is not None:
-            self._check_targets_up_front(validation, compiled.loss, "validation_data")
+        shape_unset = self.input_shape is None
+        try:
+            self._check_input(train.x if train.x is not None else train.first_input(), "x")
+            # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after four
+            # steps had changed the weights); a DataLoader's batches are checked as they come.
+            if train.x is not None:
+                self._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
+            if validation is not None and validation.x is not None:
+                self._check_targets_up_front(validation, compiled.loss, "validation_data")
+        except (TypeError, ValueError):
+            if shape_unset:  # the data may be what was wrong: the next fit's data sets the input shape
+                self.input_shape = self.input_dtype = None
+            raise
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.history = history = History()
         self.stop_training = False
