@@ -305,6 +305,23 @@ def test_state_saved_without_per_parameter_counts_still_loads():
     assert_continues_alike((model, opt), (resumed_model, resumed), x, y, steps=3)
 
 
+@pytest.mark.parametrize("key", ["exp_avg", "curvature"])
+def test_a_saved_state_of_the_wrong_shape_is_refused_before_anything_loads(key):
+    """A truncated entry used to load and fail at the next step inside torch ("split_with_sizes expects ...")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = DiagonalNewton(model)
+    train_step(model, opt, F.mse_loss, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][2][key] = saved["state"][2][key][:, :-1]
+    fresh = DiagonalNewton(model)
+    with pytest.raises(ValueError, match=rf"saved state of '2.weight': '{key}' is shape \(2, 2\), expected a tensor "
+                                         r"of the parameter's shape \(2, 3\)"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
 def test_unbatched_input_is_a_batch_of_one():
     """A 1-D input to Linear/LayerNorm layers: the same curvature as that input as a batch of one."""
     torch.manual_seed(0)

@@ -234,6 +234,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         saved_state = state_dict["state"]
+        for saved_id, p in zip(saved_ids, [p for group in self.param_groups for p in group["params"]]):
+            problem = self._saved_state_problem(p, saved_state.get(saved_id) or {})
+            if problem is not None:  # before anything is loaded: a truncated entry used to fail at the next step
+                raise ValueError(f"state_dict: the saved state of {self._param_names.get(p, 'a parameter')!r}: "
+                                 f"{problem}")
         super().load_state_dict(state_dict)
         # torch.optim casts every floating state tensor to its parameter's dtype, so a bfloat16 or float16
         # model's curvature, kept in float32, would come back rounded, underflowed to 0 or overflowed to inf:
@@ -246,6 +251,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 for key, value in saved.items():
                     if key != "step" and key in state and (keys is None or key in keys):
                         state[key] = floating_to(value, curvature_dtype(p.dtype), p.device)
+
+    def _saved_state_problem(self, p: torch.Tensor, saved: dict) -> str | None:
+        """What is wrong with the saved per-parameter state ``saved`` of ``p`` (None: nothing this class checks)."""
+        return None
 
     def _curvature_state_keys(self) -> set[str] | None:
         """The per-parameter state entries kept in the curvature dtype (float32 for low-precision

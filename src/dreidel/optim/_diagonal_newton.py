@@ -213,6 +213,17 @@ class DiagonalNewton(CurvatureOptimizer):
     def _curvature_state_keys(self) -> set[str]:
         return {"curvature"}  # exp_avg is kept in the parameter's dtype
 
+    def _saved_state_problem(self, p: torch.Tensor, saved: dict) -> str | None:
+        """``exp_avg`` and ``curvature`` are tensors of the parameter's shape."""
+        for key in ("exp_avg", "curvature"):
+            value = saved.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                return f"{key!r} is {got}, expected a tensor of the parameter's shape {tuple(p.shape)}"
+        return None
+
     def _arm_capture(self) -> None:
         """Record the training step's own backward only when it feeds an empirical refresh."""
         if self.capture is not None:
