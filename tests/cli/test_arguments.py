@@ -145,3 +145,13 @@ def test_version_prints_the_installed_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"dreidel {version('dreidel')}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--bogus"], "dreidel: error: unrecognized arguments: --bogus"),  # was "arguments are required: COMMAND"
+    (["info", "--bogus"], "dreidel: error: unrecognized arguments: --bogus"),
+    ([], "dreidel: error: the following arguments are required: COMMAND"),
+    (["-v"], "dreidel: error: the following arguments are required: COMMAND"),
+])
+def test_an_unknown_option_is_named_before_a_missing_command(argv, expected, capsys):
+    assert _usage_error(argv, capsys) == expected
