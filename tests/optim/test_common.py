@@ -677,23 +677,34 @@ def test_a_model_called_twice_for_one_backward_is_one_batch(name):
         torch.testing.assert_close(one, other)
 
 
-@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
-def test_a_forward_with_grad_between_backward_and_step_changes_nothing(name):
-    """A validation or logging forward run with grad enabled after backward(): its rows are not counted."""
+def assert_an_extra_forward_changes_nothing(name: str, rows: int, before_backward: bool) -> None:
+    """One step with and one without a forward of ``rows`` rows, with grad enabled, whose output no loss uses,
+    run between the training forward and backward() or between backward() and the step: the same rows scale
+    the curvature, and the optimizer ends in the same state."""
     states = []
     x, y = batches(1)[0]
     for extra_forward in (False, True):
         model = make_model()
         optimizer = CONFIGS[name](model)
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if extra_forward:
-            model(torch.randn(32, 4))
+        out = model(x)
+        if extra_forward and before_backward:
+            model(torch.randn(rows, 4))
+        F.cross_entropy(out, y).backward()
+        if extra_forward and not before_backward:
+            model(torch.randn(rows, 4))
+        assert optimizer.capture.output_rows == x.shape[0]
         optimizer.step(lambda: F.cross_entropy(model(x), y))
         states.append([value for p in model.parameters() for value in optimizer.state[p].values()
                        if isinstance(value, torch.Tensor)])
     for one, other in zip(*states):
         torch.testing.assert_close(one, other)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+def test_a_forward_with_grad_between_backward_and_step_changes_nothing(name):
+    """A validation or logging forward run with grad enabled after backward(): its rows are not counted."""
+    assert_an_extra_forward_changes_nothing(name, rows=32, before_backward=False)
 
 
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
@@ -702,22 +713,7 @@ def test_a_forward_with_grad_between_forward_and_backward_changes_nothing(name, 
     """A monitoring forward with grad enabled between the training forward and backward(), whose output no loss
     uses: the batch's rows still scale the curvature (a review found them replaced by the monitoring pass's:
     the curvature scaled by 17/8 or 64/8 with this batch of 8)."""
-    states = []
-    x, y = batches(1)[0]
-    for extra_forward in (False, True):
-        model = make_model()
-        optimizer = CONFIGS[name](model)
-        optimizer.zero_grad()
-        out = model(x)
-        if extra_forward:
-            model(torch.randn(rows, 4))
-        F.cross_entropy(out, y).backward()
-        assert optimizer.capture.output_rows == x.shape[0]
-        optimizer.step(lambda: F.cross_entropy(model(x), y))
-        states.append([value for p in model.parameters() for value in optimizer.state[p].values()
-                       if isinstance(value, torch.Tensor)])
-    for one, other in zip(*states):
-        torch.testing.assert_close(one, other)
+    assert_an_extra_forward_changes_nothing(name, rows=rows, before_backward=True)
 
 
 @pytest.mark.parametrize("curvature", ["gnb", "gauss_newton"])

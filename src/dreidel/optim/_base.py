@@ -324,6 +324,19 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
         raise ValueError(f"{name}: expected a number in {span}, got {number}")
 
 
+# Bounds of torch.optim's usual options, which torch checks only when an optimizer is built and whose "< 0" tests
+# let NaN through (build_optimizer's adam and sgd, KFAC's param groups).
+TORCH_OPTION_BOUNDS = {"lr": dict(low=0), "weight_decay": dict(low=0), "eps": dict(low=0, low_open=True),
+                       "momentum": dict(low=0, high=1, high_open=True), "dampening": dict(low=0, high=1)}
+
+
+def check_torch_options(options, names=tuple(TORCH_OPTION_BOUNDS), prefix: str = "") -> None:
+    """``check_number`` on each of ``names`` that ``options`` (a dict) holds, within ``TORCH_OPTION_BOUNDS``."""
+    for name in names:
+        if name in options:
+            check_number(f"{prefix}{name}", options[name], **TORCH_OPTION_BOUNDS[name])
+
+
 def check_count(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
     """``value`` is an int (not a bool or a float; NumPy integers too) in ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

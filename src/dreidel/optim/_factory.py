@@ -7,15 +7,12 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from dreidel.optim._base import check_number, named_model_parameters
+from dreidel.optim._base import check_torch_options, named_model_parameters
 from dreidel.optim._diagonal_newton import DiagonalNewton
 from dreidel.optim._kfac import KFAC
 
 OptimizerSpec = Union[str, torch.optim.Optimizer, Callable[[nn.Module], torch.optim.Optimizer]]
 OPTIMIZER_NAMES = ("adam", "sgd", "diagonal_newton", "kfac")
-# What torch's Adam and SGD let through (NaN passes their "< 0" tests) and dreidel refuses: name -> bounds.
-_TORCH_OPTION_BOUNDS = {"lr": dict(low=0), "weight_decay": dict(low=0), "eps": dict(low=0, low_open=True),
-                        "momentum": dict(low=0, high=1, high_open=True), "dampening": dict(low=0, high=1)}
 
 
 def check_named_optimizer(name: str, kwargs: dict) -> None:
@@ -24,9 +21,7 @@ def check_named_optimizer(name: str, kwargs: dict) -> None:
     if name.lower() not in OPTIMIZER_NAMES:
         raise ValueError(f"spec: unknown optimizer {name!r}; expected one of {OPTIMIZER_NAMES}")
     if name.lower() in ("adam", "sgd"):
-        for option, bounds in _TORCH_OPTION_BOUNDS.items():
-            if option in kwargs:
-                check_number(option, kwargs[option], **bounds)
+        check_torch_options(kwargs)
 
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.optim.Optimizer:

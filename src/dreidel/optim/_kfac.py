@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_count, check_number, check_seed,
-                                 named_model_parameters)
+                                 check_torch_options, named_model_parameters)
 from dreidel.optim._capture import ActivationCapture, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -220,10 +220,7 @@ class KFAC(CurvatureOptimizer):
             super().add_param_group(param_group)
             return
         if isinstance(param_group, dict):
-            for name, bounds in (("lr", dict(low=0)), ("momentum", dict(low=0, high=1, high_open=True)),
-                                 ("weight_decay", dict(low=0))):
-                if name in param_group:
-                    check_number(f"param group {name}", param_group[name], **bounds)
+            check_torch_options(param_group, ("lr", "momentum", "weight_decay"), prefix="param group ")
         self.base.add_param_group(param_group)
         self.param_groups = self.base.param_groups
         self._name_new_parameters()
