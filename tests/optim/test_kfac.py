@@ -905,3 +905,40 @@ def test_param_group_options_are_checked(group, name):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "lr": 0.0})  # frozen: allowed
     assert opt.param_groups[1]["lr"] == 0.0
+
+
+def _truncated(value):
+    return value[:-1, :-1] if value.dim() == 2 else value[:-1]
+
+
+@pytest.mark.parametrize("options, slot, key, damage, message", [
+    ({}, 1, "A", _truncated, r"'A' is shape \(18, 18\), expected a tensor of shape \(19, 19\)"),
+    ({}, 1, "inv_G", _truncated, r"'inv_G' does not have the shapes of an inverse of its \(3, 3\) factor"),
+    ({"factor_rank": 2}, 1, "inv_A", lambda inv: (inv[0][:-1], *inv[1:]), r"'inv_A' .* low-rank"),
+    ({}, 0, "A_diag", _truncated, r"'A_diag' is shape \(9,\), expected a tensor of shape \(10,\)"),
+    ({}, 0, "eig_G", lambda eig: eig[0], r"'eig_G' is not the eigenbasis of its \(6, 6\) factor"),
+    ({"damping_mode": "exact"}, 1, "eig_A", lambda eig: (eig[0], eig[1][:, :-1]), r"'eig_A' is not the eigenbasis"),
+    ({}, 3, "diag1", lambda d: "x", r"'diag1' is str, expected a tensor of shape \(3,\)"),
+], ids=["factor", "dense_inverse", "low_rank_inverse", "embedding_diagonal", "eigenbasis", "exact_eigenbasis",
+        "layer_norm"])
+def test_a_saved_factor_of_the_wrong_shape_is_refused_before_anything_loads(options, slot, key, damage, message):
+    """A damaged factor used to load and fail at the next step inside torch ("The size of tensor a (18) must
+    match ..."); every factor, inverse and eigenbasis is checked against the layer's shapes first."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 3), nn.LayerNorm(3))
+
+    options = dict(inverse_every=1, factor_every=1, adapt_damping=False, **options)
+    model = make()
+    opt = KFAC(model, **options)
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    train_step(model, opt, F.cross_entropy, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][slot][key] = damage(saved["state"][slot][key])
+    fresh = KFAC(make(), **options)
+    with pytest.raises(ValueError, match="state_dict: the saved state of '.*': " + message):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+    intact = copy.deepcopy(opt.state_dict())  # the same state undamaged loads
+    KFAC(make(), **options).load_state_dict(intact)

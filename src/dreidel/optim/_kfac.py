@@ -282,6 +282,12 @@ class KFAC(CurvatureOptimizer):
         return {**super()._state_record(), "damping_mode": self.hyper["damping_mode"],
                 "factor_rank": self.hyper["factor_rank"]}
 
+    def _saved_state_problem(self, p: torch.Tensor, saved: dict) -> str | None:
+        """A block's state is kept under its first parameter; its factors, inverses and eigenbases must have
+        this layer's shapes (a state saved with a bias that is frozen here, or a damaged file)."""
+        block = next((b for b in self.blocks if b.params[0] is p), None)
+        return None if block is None else block.saved_state_problem(saved)
+
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         self._check_state_record(state_dict)
@@ -378,6 +384,10 @@ class KFAC(CurvatureOptimizer):
 
     def _model_or_none(self) -> nn.Module | None:
         return self.model
+
+    def _check_group_options(self) -> None:
+        for index, group in enumerate(self.param_groups):  # the base optimizer's groups
+            check_torch_options(group, ("lr", "momentum", "weight_decay"), prefix=f"param_groups[{index}].")
 
     def _step(self, closure: Closure | None) -> None:
         step = self.progress["step"]

@@ -145,6 +145,13 @@ def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, u
     return old.mul(rate).add_(new, alpha=1.0 - rate)
 
 
+def _tensor_problem(value, shape: tuple[int, ...]) -> str | None:
+    """How ``value`` (absent: None) differs from a tensor of ``shape``, or None."""
+    if value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(shape)):
+        return None
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 class Block:
     """A layer K-FAC preconditions: its parameters, running factors (in ``state``) and the solve."""
 
@@ -156,6 +163,34 @@ class Block:
         """Fold the records' factors into the running ones; False (nothing stored) when a new factor is
         not finite (overflowing activations or gradients), which the optimizer reports."""
         raise NotImplementedError
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each running factor this layer keeps in its state."""
+        raise NotImplementedError
+
+    def saved_state_problem(self, saved: dict) -> str | None:
+        """What is wrong with a saved state of this block (None: nothing found). Each factor must have its
+        shape here; an inverse formed from a square ``(n, n)`` factor must be ``(n, n)`` or a low-rank
+        ``(U (n, k), d (k,), c)``, an eigenbasis ``(values (n,), vectors (n, n))``."""
+        for key, shape in self.factor_shapes().items():
+            problem = _tensor_problem(saved.get(key), shape)
+            if problem is not None:
+                return f"{key!r} is {problem}, expected a tensor of shape {shape}"
+            if len(shape) != 2:
+                continue
+            n = shape[0]
+            inverse, eigen = saved.get(f"inv_{key}"), saved.get(f"eig_{key}")
+            low_rank = isinstance(inverse, tuple) and len(inverse) == 3
+            k = inverse[0].shape[1] if low_rank and isinstance(inverse[0], torch.Tensor) and inverse[0].dim() == 2 else -1
+            expected = ((n, n),) if not low_rank else ((n, k), (k,), ())
+            if inverse is not None and any(_tensor_problem(part, want) for part, want in
+                                           zip(inverse if low_rank else (inverse,), expected)):
+                return (f"'inv_{key}' does not have the shapes of an inverse of its ({n}, {n}) factor: a tensor "
+                        f"({n}, {n}) or a low-rank (U ({n}, k), d (k,), c ())")
+            if eigen is not None and (not isinstance(eigen, tuple) or len(eigen) != 2 or any(
+                    _tensor_problem(part, want) for part, want in zip(eigen, ((n,), (n, n))))):
+                return f"'eig_{key}' is not the eigenbasis of its ({n}, {n}) factor: (values ({n},), vectors ({n}, {n}))"
+        return None
 
     @staticmethod
     def _store(state: dict, factors: dict[str, torch.Tensor], decay: float) -> bool:
@@ -250,6 +285,11 @@ class KroneckerBlock(Block):
     def inverse_keys(self, mode: str) -> tuple[str, ...]:
         return ("eig_A", "eig_G") if mode == "exact" else ("inv_A", "inv_G")
 
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        d_in = math.prod(self.weight.shape[1:]) + (self.bias is not None)
+        d_out = self.weight.shape[0]
+        return {"A": (d_in, d_in), "G": (d_out, d_out)}
+
     def grad_matrix(self, tensors: dict) -> torch.Tensor:
         """``(d_out, d_in [+1])`` matrix of per-parameter tensors, in the factors' (curvature) dtype; a parameter
         without a tensor (frozen after the block was made) contributes zeros."""
@@ -313,6 +353,10 @@ class EmbeddingBlock(Block):
     def inverse_keys(self, mode: str) -> tuple[str, ...]:
         return ("eig_G",)  # the same in both modes
 
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        m: nn.Embedding = self.module
+        return {"A_diag": (m.num_embeddings,), "G": (m.embedding_dim, m.embedding_dim)}
+
     def precondition(self, state, damping):
         if "eig_G" not in state:
             return {}
@@ -337,6 +381,9 @@ class DiagonalBlock(Block):
             return True
         sums = squared_grad_sums([(self.module, record) for record in records])
         return self._store(state, {f"diag{i}": sums[p] * grad_scale for i, p in enumerate(self.params) if p in sums}, decay)
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"diag{i}": tuple(p.shape) for i, p in enumerate(self.params)}
 
     def precondition(self, state, damping):
         return {
