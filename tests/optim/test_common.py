@@ -758,3 +758,24 @@ def test_two_backward_passes_through_one_graph_add_their_gradients(name):
                        if isinstance(value, torch.Tensor)])
     for one, other in zip(*states):
         torch.testing.assert_close(one, other)
+
+
+@pytest.mark.parametrize("make, option, value, message", [
+    (CONFIGS["dn_empirical"], "lr", float("nan"), r"param_groups\[0\].lr: expected a finite number, got nan"),
+    (CONFIGS["dn_empirical"], "betas", (0.9, 1.5), r"param_groups\[0\].betas\[1\]: expected a number in \[0, 1\)"),
+    (CONFIGS["dn_hutchinson"], "damping", -1.0, r"param_groups\[0\].damping: expected a number in \[0, inf\), got -1.0"),
+    (CONFIGS["kfac_empirical"], "lr", torch.tensor(float("inf")), r"param_groups\[0\].lr: expected a finite number"),
+    (CONFIGS["kfac_sampled"], "momentum", 1.0, r"param_groups\[0\].momentum: expected a number in \[0, 1\)"),
+], ids=["dn_lr_nan", "dn_beta2", "dn_damping", "kfac_lr_tensor_inf", "kfac_momentum"])
+def test_a_param_group_option_set_out_of_range_after_construction_stops_the_step(make, option, value, message):
+    """A scheduler or a hand edit of param_groups is checked at the step, before anything changes: lr = NaN
+    used to turn every parameter into NaN without a word."""
+    model = make_model()
+    opt = make(model)
+    x, y = batches(1)[0]
+    train_step(model, opt, F.cross_entropy, x, y)
+    opt.param_groups[0][option] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        train_step(model, opt, F.cross_entropy, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

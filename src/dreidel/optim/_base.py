@@ -161,6 +161,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
         """One optimization step; returns the loss of the first closure evaluation it made, else None."""
+        self._check_group_options()
         params = [p for group in self.param_groups for p in group["params"]]
         recorder = RecordingClosure(closure, self._model_or_none(), params) if closure is not None else None
         try:
@@ -169,6 +170,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if recorder is not None:
                 recorder.restore()
         return recorder.losses[0] if recorder is not None and recorder.losses else None
+
+    def _check_group_options(self) -> None:
+        """``ValueError`` naming the first param group option out of range. Checked at every step, before
+        anything changes: a scheduler or a hand edit of ``param_groups`` (``lr = nan``) would otherwise
+        write NaN into every parameter and the state."""
 
     def _step(self, closure: Closure | None) -> None:
         """The subclass's update, run under ``torch.no_grad``; ``closure`` (None when none was given)

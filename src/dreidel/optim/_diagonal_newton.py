@@ -343,6 +343,10 @@ class DiagonalNewton(CurvatureOptimizer):
     def _model_or_none(self) -> nn.Module | None:
         return self.model
 
+    def _check_group_options(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            _check_options(group, where=f"param_groups[{index}].", zero_lr=True)
+
     def _step(self, closure: Closure | None) -> None:
         step = self.steps_taken
         params = self._params_with_grad()
