@@ -980,3 +980,37 @@ def test_a_metric_that_cannot_apply_fails_before_the_first_step(digits):
     with pytest.raises(ValueError, match="k=5 exceeds the number of classes 3"):
         model.fit(x_train[keep], y_train[keep], verbose=0)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_a_refused_fit_leaves_a_lazy_model_unbuilt():
+    """The labels were wrong, and so may be the data: the next fit's data sets the widths. The lazy layers used
+    to keep the refused data's width (10), so data of 12 features was then refused as not fitting the layers."""
+    model = api.Sequential(LinearWHT(16), nn.ReLU(), nn.LazyLinear(3)).compile("sgd")
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        model.fit(torch.randn(20, 10, generator=gen), torch.full((20,), 7), verbose=0)
+    assert not model.is_built and model.input_shape is None
+    model.fit(torch.randn(20, 12, generator=gen), torch.randint(0, 3, (20,), generator=gen), verbose=0)
+    assert model.input_shape == (12,) and model[0].in_features == 12
+
+
+def test_a_failed_build_materialises_no_lazy_layer():
+    model = api.Sequential(nn.LazyLinear(4), nn.Linear(5, 3))  # the first layer fits any width, the second never
+    with pytest.raises(ValueError, match=r"samples of shape \(10,\) do not fit the model's layers"):
+        model.build((10,))
+    assert not model.is_built and isinstance(model[0], nn.LazyLinear)
+
+
+def test_a_lazy_model_starts_alike_built_first_or_by_fit():
+    """Checks run on a copy of a lazy model, whose layers draw initial weights too: torch's random state is
+    restored after them, so build() then fit() and fit() alone start from the same weights."""
+
+    def weights(build_first: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = api.Sequential(nn.LazyLinear(4), nn.ReLU(), LinearWHT(3)).compile("sgd", lr=0.0)
+        if build_first:
+            model.build((5,))
+        model.fit(torch.ones(8, 5), torch.zeros(8, dtype=torch.long), verbose=0, seed=0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False), strict=True))

@@ -6,6 +6,8 @@ hand-written loop — the high-level methods only add a training loop and a chec
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -116,9 +118,18 @@ class Sequential(nn.Sequential):
                              f"got {input_shape}")
         if len(self) == 0:
             raise ValueError("the model has no layers: add some before building it")
+        if not self.is_built:  # a dry run that fails may have materialised some lazy layers: try a copy first
+            with self._random_state_kept():
+                self._probe()._dry_run(input_shape, dtype)
+        self._dry_run(input_shape, dtype)
+        self.input_shape, self.input_dtype = input_shape, dtype
+        return self
+
+    def _dry_run(self, input_shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
+        """Two zero samples through the layers (materialising lazy ones), or an error naming the input."""
         device, model_dtype = self._device_and_dtype()
         was_training = self.training
-        self.eval()  # the dry run (which also materialises lazy layers) must not move BatchNorm statistics
+        self.eval()  # the dry run must not move BatchNorm statistics
         try:
             with torch.no_grad():
                 self(torch.zeros((2, *input_shape), dtype=model_dtype if dtype is None else dtype, device=device))
@@ -130,8 +141,18 @@ class Sequential(nn.Sequential):
             raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
         finally:
             self.train(was_training)
-        self.input_shape, self.input_dtype = input_shape, dtype
-        return self
+
+    def _probe(self) -> "Sequential":
+        """A copy of the model for checks that may materialise lazy layers and then fail (lazy parameters cost
+        nothing to copy; built ones are copied); it shares what ``compile`` chose and the history."""
+        return copy.deepcopy(self, memo={id(self._compiled): self._compiled, id(self.history): self.history})
+
+    def _random_state_kept(self):
+        """A context that restores torch's random state on the model's device afterwards: the layers a probe
+        materialises draw their initial weights from it, and the model's own weights must not depend on
+        whether it was probed (``build`` then ``fit`` and ``fit`` alone start alike)."""
+        device = self._device_and_dtype()[0]
+        return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
     def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the parameters live and their floating dtype (a materialised parameter's first), for dry runs.
@@ -253,18 +274,24 @@ class Sequential(nn.Sequential):
         if train.x is not None and train.x.shape[0] == 0:  # an empty DataLoader: first_input() says so
             raise ValueError("x has no samples: nothing to train on")
         shape_unset = self.input_shape is None
+        # A refused fit leaves the model as it was: the data may be what was wrong, and the next fit's data sets
+        # the input shape. A lazy model is checked on a copy (its layers would keep the refused data's widths).
+        checked = self._probe() if shape_unset and not self.is_built else self
         try:
-            self._check_input(train.x if train.x is not None else train.first_input(), "x")
-            # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after four
-            # steps had changed the weights); a DataLoader's batches are checked as they come.
-            if train.x is not None:
-                self._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
-            if validation is not None and validation.x is not None:
-                self._check_targets_up_front(validation, compiled.loss, "validation_data")
+            with self._random_state_kept() if checked is not self else contextlib.nullcontext():
+                checked._check_input(train.x if train.x is not None else train.first_input(), "x")
+                # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after
+                # four steps had changed the weights); a DataLoader's batches are checked as they come.
+                if train.x is not None:
+                    checked._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
+                if validation is not None and validation.x is not None:
+                    checked._check_targets_up_front(validation, compiled.loss, "validation_data")
         except (TypeError, ValueError):
-            if shape_unset:  # the data may be what was wrong: the next fit's data sets the input shape
+            if shape_unset:
                 self.input_shape = self.input_dtype = None
             raise
+        if checked is not self:
+            self.build(checked.input_shape, checked.input_dtype)
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.history = history = History()
         self.stop_training = False
