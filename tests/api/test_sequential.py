@@ -1014,3 +1014,21 @@ def test_a_lazy_model_starts_alike_built_first_or_by_fit():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False), strict=True))
+
+
+@pytest.mark.parametrize("refused", [
+    dict(metrics=["acuracy"]), dict(loss="no_such_loss"), dict(optimizer=lambda model: "not an optimizer")],
+    ids=["metric", "loss", "factory"])
+def test_a_refused_compile_keeps_the_previous_optimizer_working(refused):
+    """The K-FAC optimizer's recording hooks used to be removed before the new choice was checked, so after a
+    refused compile fit stepped on as plain SGD (and warned that zero_grad() had dropped the records)."""
+    torch.manual_seed(0)
+    model = api.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).build((4,))
+    model.compile("kfac", "cross_entropy", ["accuracy"], factor_every=1, inverse_every=1)
+    kfac = model.optimizer
+    with pytest.raises((ValueError, TypeError)):
+        model.compile(**{"optimizer": "kfac", "loss": "cross_entropy", "metrics": ["accuracy"], **refused})
+    assert model.optimizer is kfac
+    gen = torch.Generator().manual_seed(1)
+    model.fit(torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen), batch_size=16, verbose=0)
+    assert {"A", "G", "inv_A", "inv_G"} <= set(kfac.state[model[0].weight])

@@ -204,13 +204,16 @@ class Sequential(nn.Sequential):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
         if isinstance(optimizer, str):  # now, not only once a lazy model is built (at fit)
             check_named_optimizer(optimizer, optimizer_kwargs)
-        if self.optimizer is not optimizer:
-            _release(self.optimizer)
         resolved = [resolve_metric(m) for m in metrics]
         _check_metric_names(resolved)
-        self._compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved)
+        compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved)
         if self.is_built and len(self):
-            self._ensure_optimizer()
+            compiled.optimizer = build_optimizer(optimizer, self, **optimizer_kwargs)
+        # Only now, everything accepted: a refused compile keeps the previous choice whole (a curvature
+        # optimizer released first would have stepped on as plain SGD, its recording hooks gone).
+        if self.optimizer is not compiled.optimizer:
+            _release(self.optimizer)
+        self._compiled = compiled
         return self
 
     @property
