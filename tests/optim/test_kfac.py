@@ -942,3 +942,18 @@ def test_a_saved_factor_of_the_wrong_shape_is_refused_before_anything_loads(opti
     assert not fresh.state
     intact = copy.deepcopy(opt.state_dict())  # the same state undamaged loads
     KFAC(make(), **options).load_state_dict(intact)
+
+
+def test_a_state_saved_over_another_base_optimizer_is_refused():
+    """Adam's groups used to replace SGD's, and the next step failed inside torch (KeyError 'momentum')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    saved = KFAC(model, base=lambda params: torch.optim.Adam(params, lr=1e-3))
+    train_step(model, saved, F.cross_entropy, x, y)
+    state = copy.deepcopy(saved.state_dict())
+    with pytest.raises(ValueError, match="saved by KFAC with base='Adam', but this KFAC has base='SGD'"):
+        KFAC(model).load_state_dict(state)
+    older = copy.deepcopy(KFAC(model).state_dict())  # recorded before the base's type was: loads as before
+    del older["optimizer"]["base"]
+    KFAC(model).load_state_dict(older)

@@ -280,7 +280,7 @@ class KFAC(CurvatureOptimizer):
 
     def _state_record(self) -> dict:
         return {**super()._state_record(), "damping_mode": self.hyper["damping_mode"],
-                "factor_rank": self.hyper["factor_rank"]}
+                "factor_rank": self.hyper["factor_rank"], "base": type(self.base).__name__}
 
     def _saved_state_problem(self, p: torch.Tensor, saved: dict) -> str | None:
         """A block's state is kept under its first parameter; its factors, inverses and eigenbases must have
@@ -290,6 +290,9 @@ class KFAC(CurvatureOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        record = state_dict.get("optimizer")
+        if record is not None and "base" not in record:  # recorded before the base optimizer's type was
+            state_dict["optimizer"] = {**record, "base": type(self.base).__name__}
         self._check_state_record(state_dict)
         missing = [key for key in ("base", "kfac", "generator_state") if key not in state_dict]
         if missing:
