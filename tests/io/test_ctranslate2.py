@@ -71,6 +71,14 @@ def test_a_scale_that_fits_no_row_is_a_value_error(tmp_path, scale):
     assert read_ctranslate2(tmp_path / "model.bin", dtype=None).variables["l/weight_scale"].shape == scale.shape
 
 
+def test_an_integer_scale_is_a_value_error(tmp_path):
+    write_ctranslate2(tmp_path / "model.bin", "Q", 1, {"l/weight": torch.ones(5, 8, dtype=torch.int8),
+                                                      "l/weight_scale": torch.ones(5, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="'l/weight_scale' is int32; the scale of the quantised 'l/weight' must be "
+                                         "floating-point"):
+        read_ctranslate2(tmp_path / "model.bin")
+
+
 @pytest.mark.parametrize("quantization, stored", [("int8", "int8"), ("int8_float16", "int8"), ("int16", "int16"),
                                                   ("float16", "float16"), ("bfloat16", "bfloat16")])
 def test_against_ctranslate2_serializer(tmp_path, quantization, stored):

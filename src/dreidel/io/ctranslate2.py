@@ -228,7 +228,10 @@ def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype:
     consumed_scales = set()
     for name, tensor in raw.items():
         scale_name = f"{name}_scale"
-        if raw_dtypes[name] in ("int8", "int16") and scale_name in raw and raw[scale_name].is_floating_point():
+        if raw_dtypes[name] in ("int8", "int16") and scale_name in raw:
+            if not raw[scale_name].is_floating_point():
+                raise ValueError(f"{source}: {scale_name!r} is {raw_dtypes[scale_name]}; the scale of the quantised "
+                                 f"{name!r} must be floating-point")
             scale = raw[scale_name].to(torch.float32)
             if scale.numel() != 1 and not (tensor.dim() >= 1 and scale.shape == tensor.shape[:1]):
                 raise ValueError(f"{source}: {scale_name!r} has shape {tuple(scale.shape)}, but {name!r} of shape "
@@ -258,7 +261,8 @@ def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTra
 
     Raises:
         ValueError: missing file; unsupported binary version; truncated data; unknown dtype id; sizes that do
-            not match the shape; trailing bytes. The message names the path and the byte offset or variable.
+            not match the shape; trailing bytes; a quantised weight's ``_scale`` that is not floating-point. The
+            message names the path and the byte offset or variable.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")

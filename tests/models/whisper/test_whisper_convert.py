@@ -159,6 +159,19 @@ def test_load_ct2_directory_with_the_alibi_options_of_newer_converters(random_wh
         assert torch.equal(recognizer.model.state_dict()[name], tensor), name
 
 
+_FFN_WEIGHT = "decoder/layer_0/ffn/linear_0/weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_load_refuses_an_integer_weight_without_a_scale(random_whisper, tmp_path, dtype):
+    """An int8/int16 weight whose _scale is absent, or an int32 weight, used to load as raw integers."""
+    weight = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())[_FFN_WEIGHT]
+    _ct2_dir(random_whisper, tmp_path, {_FFN_WEIGHT: torch.round(weight * 100).to(dtype)})
+    with pytest.raises(ValueError, match=f"tensor '{_FFN_WEIGHT}' holds {str(dtype)[6:]} values, expected "
+                                         f"floating-point weights .*'{_FFN_WEIGHT}_scale'"):
+        load(tmp_path)
+
+
 def _ct2_dir(model: Whisper, directory, extra: dict | None = None) -> None:
     variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), model.state_dict())
     variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)

@@ -160,7 +160,8 @@ def checkpoint_to_ours(rules: list[Rule], tensors: dict[str, Tensor], expected: 
     """Map checkpoint ``tensors`` to our names by ``rules``; ``expected`` is our name -> shape.
 
     Raises ``ValueError`` naming the first unknown checkpoint tensor (not in ``rules`` nor ``ignore``), the
-    first checkpoint tensor a rule needs but that is absent, and any shape that does not fit.
+    first checkpoint tensor a rule needs but that is absent or not floating-point (an integer weight is a
+    quantised one that lost its scale, or no weight at all), and any shape that does not fit.
     """
     known = {name for name, _ in rules}
     unknown = sorted(set(tensors) - known - set(ignore))
@@ -171,6 +172,10 @@ def checkpoint_to_ours(rules: list[Rule], tensors: dict[str, Tensor], expected: 
         if name not in tensors:
             raise ValueError(f"{source}: missing tensor {name!r}")
         tensor = tensors[name]
+        if not tensor.is_floating_point():
+            raise ValueError(f"{source}: tensor {name!r} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                             f"expected floating-point weights (a quantised int8/int16 weight needs a "
+                             f"floating-point {name + '_scale'!r})")
         if tensor.dim() == 0 or tensor.shape[0] % len(targets):
             raise ValueError(f"{source}: tensor {name!r} of shape {tuple(tensor.shape)} cannot be split into "
                              f"{len(targets)} equal parts along dim 0")
