@@ -156,3 +156,29 @@ def test_float_samples_at_integer_scale_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_audio(np.array([0.0, 0.9, -1.0] * 1000, dtype=np.float32))
+
+
+def _wav_bytes(tmp_path, samples: int, **kwargs) -> bytes:
+    soundfile.write(tmp_path / "whole.wav", np.zeros(samples, dtype=np.int16), SAMPLE_RATE, **kwargs)
+    return (tmp_path / "whole.wav").read_bytes()
+
+
+@pytest.mark.parametrize("kept", [0.1, 0.999])
+def test_a_truncated_wav_file_is_refused_naming_it(tmp_path, kept):
+    """libsndfile read a WAV file cut short (a broken download) up to its end, without a word."""
+    whole = _wav_bytes(tmp_path, 16000)
+    path = tmp_path / "cut.wav"
+    path.write_bytes(whole[:int(len(whole) * kept)])
+    with pytest.raises(ValueError, match=r"truncated WAV file: its data chunk declares 32000 bytes of audio, the "
+                                         r"file holds \d+") as raised:
+        load_audio(path)
+    assert str(raised.value).startswith(str(path))
+
+
+def test_a_wav_file_with_a_streaming_size_placeholder_loads(tmp_path):
+    """Writers that cannot seek back (pipes) leave 0xFFFFFFFF as the data size: complete files, not cut ones."""
+    whole = bytearray(_wav_bytes(tmp_path, 1600))
+    assert whole[36:40] == b"data"
+    whole[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    (tmp_path / "piped.wav").write_bytes(bytes(whole))
+    assert load_audio(tmp_path / "piped.wav").shape == (1600,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -48,11 +49,37 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
                     f"{samples.dtype}")
 
 
+# Data-chunk sizes that writers unable to seek back (a pipe, a stream) leave in the header: not a truncation.
+_STREAMING_WAV_SIZES = (0, 0xFFFFFFFF)
+
+
+def _check_wav_complete(path: Path) -> None:
+    """``ValueError`` where a RIFF/WAVE file's data chunk declares more bytes than the file holds: libsndfile
+    reads such a file (a download or copy cut short) up to its end without a word, as if the audio were short."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
+            return
+        offset = 12
+        while offset + 8 <= size:
+            handle.seek(offset)
+            chunk_id, chunk_size = struct.unpack("<4sI", handle.read(8))
+            if chunk_id == b"data":
+                held = size - offset - 8
+                if chunk_size > held and chunk_size not in _STREAMING_WAV_SIZES:
+                    raise ValueError(f"{path}: truncated WAV file: its data chunk declares {chunk_size} bytes of "
+                                     f"audio, the file holds {held}")
+                return
+            offset += 8 + chunk_size + chunk_size % 2  # chunks are padded to an even size
+
+
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
     import soundfile
 
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
+    _check_wav_complete(path)
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
     except RuntimeError as error:  # soundfile.LibsndfileError derives from it
@@ -84,10 +111,11 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing or unreadable file (naming the path), bad shape, non-finite samples, a rate that is
-            not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE`` (768 kHz), or one above
-            about 660 kHz sharing so few factors with 16 kHz that its filter table would take hundreds of MB
-            (see ``resample``; every rate audio is recorded at, 768 kHz included, shares many).
+        ValueError: missing, unreadable or truncated (WAV) file (naming the path), bad shape, non-finite
+            samples, a rate that is not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE``
+            (768 kHz), or one above about 660 kHz sharing so few factors with 16 kHz that its filter table
+            would take hundreds of MB (see ``resample``; every rate audio is recorded at, 768 kHz included,
+            shares many).
     """
     where = f"{path_or_array}: " if isinstance(path_or_array, (str, os.PathLike)) else ""  # names a file in errors
     if isinstance(path_or_array, (str, os.PathLike)):
