@@ -898,10 +898,18 @@ class _RecordsHooks(api.Callback):
     (torch.randn(8, 4), torch.randint(0, 3, (8,)), (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)),
      r"expected samples of shape \(4,\) .* in validation_data"),
     (torch.randn(0, 4), torch.zeros(0, dtype=torch.long), None, "x has no samples"),
-], ids=["label-range", "float-labels", "sample-shape", "empty-x"])
+    (torch.randn(8, 4), torch.randint(0, 3, (8,)), (torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+     "validation_data has no samples"),
+    (torch.randn(8, 4), torch.randint(0, 3, (8,)), DataLoader(TensorDataset(torch.randn(0, 4), torch.zeros(0))),
+     "validation_data: the DataLoader's dataset is empty"),
+    (DataLoader(TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long)), batch_size=32, drop_last=True),
+     None, None, "x: the DataLoader gives no batches: its 10 samples are fewer than batch_size=32 and it has drop_last"),
+], ids=["label-range", "float-labels", "sample-shape", "empty-x", "empty-validation", "empty-validation-loader",
+        "all-dropped"])
 def test_fit_checks_the_data_before_training_starts(x, y, validation, message):
     """Bad validation labels used to fail after a whole epoch had changed the weights; an empty x after the
-    callbacks had started."""
+    callbacks had started; empty validation data with a bare StopIteration (in memory) or after an epoch (a
+    DataLoader); a DataLoader whose every sample drop_last drops as 'the data is empty'."""
     model = api.Sequential(nn.Linear(4, 3)).compile("sgd", lr=0.5)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     hooks = _RecordsHooks()
@@ -1032,3 +1040,13 @@ def test_a_refused_compile_keeps_the_previous_optimizer_working(refused):
     gen = torch.Generator().manual_seed(1)
     model.fit(torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen), batch_size=16, verbose=0)
     assert {"A", "G", "inv_A", "inv_G"} <= set(kfac.state[model[0].weight])
+
+
+def test_a_fit_refused_by_a_callback_keeps_the_last_history(tmp_path):
+    model = api.Sequential(nn.Linear(4, 3)).compile("sgd", lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    history = model.fit(x, y, epochs=2, verbose=0)
+    with pytest.raises(ValueError, match="is a directory"):
+        model.fit(x, y, callbacks=[api.callbacks.CSVLogger(tmp_path)], verbose=0)
+    assert model.history is history and len(history.history["loss"]) == 2

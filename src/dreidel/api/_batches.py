@@ -72,6 +72,23 @@ class BatchSource:
             return self.x.shape[0]
         return len(self.loader.dataset) if isinstance(self.loader.dataset, Sized) else None
 
+    def check_not_empty(self, where: str) -> None:
+        """``ValueError`` naming ``where`` (``"x"``, ``"validation_data"``) when this source would give no batch,
+        so that ``fit`` refuses it before training starts. An iterable dataset is known only by iterating it."""
+        if self.loader is None:
+            if self.x.shape[0] == 0:
+                raise ValueError(f"{where} has no samples")
+            return
+        dataset = self.loader.dataset
+        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+            return
+        if len(dataset) == 0:
+            raise ValueError(f"{where}: the DataLoader's dataset is empty")
+        if len(self.loader) == 0:
+            dropped = (f": its {len(dataset)} samples are fewer than batch_size={self.loader.batch_size} and it has "
+                       "drop_last=True" if self.loader.drop_last else "")
+            raise ValueError(f"{where}: the DataLoader gives no batches{dropped}")
+
     def first_input(self) -> torch.Tensor:
         """The first input batch ``(b, ...)`` as the model will see it (through the loader's ``collate_fn``),
         to build lazy layers from, without advancing a loader's shuffling RNG."""

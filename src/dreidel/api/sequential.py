@@ -274,8 +274,9 @@ class Sequential(nn.Sequential):
         log_keys += [f"val_{key}" for key in log_keys] if validation is not None else []
         for callback in callbacks:
             callback.check_log_keys([*log_keys, "lr"])
-        if train.x is not None and train.x.shape[0] == 0:  # an empty DataLoader: first_input() says so
-            raise ValueError("x has no samples: nothing to train on")
+        train.check_not_empty("x")
+        if validation is not None:
+            validation.check_not_empty("validation_data")
         shape_unset = self.input_shape is None
         # A refused fit leaves the model as it was: the data may be what was wrong, and the next fit's data sets
         # the input shape. A lazy model is checked on a copy (its layers would keep the refused data's widths).
@@ -296,10 +297,10 @@ class Sequential(nn.Sequential):
         if checked is not self:
             self.build(checked.input_shape, checked.input_dtype)
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
-        self.history = history = History()
         self.stop_training = False
         for callback in callbacks:
             callback.on_train_begin(self)
+        self.history = history = History()  # after the callbacks' checks: a refused fit keeps the last history
         try:
             for epoch in range(epochs):
                 for callback in callbacks:
