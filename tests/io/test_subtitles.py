@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from dreidel.io.subtitles import format_srt, format_vtt, write_text_file
@@ -31,9 +32,30 @@ def test_vtt_has_its_header_dot_milliseconds_and_no_arrow_in_text():
     assert format_vtt(CUES) == (
         "WEBVTT\n\n"
         "00:00:00.000 --> 00:00:02.560\nWhere did you put the keys?\n\n"
-        "00:01:01.000 --> 01:02:05.500\nAn hour\nlater ->\n\n"
+        "00:01:01.000 --> 01:02:05.500\nAn hour\nlater --&gt;\n\n"
     )
     assert format_vtt([]) == "WEBVTT\n\n" and format_srt([]) == ""
+
+
+def test_vtt_escapes_markup_and_every_arrow():
+    """"--->" used to become "-->" (ending the cue), and "<" / "&" were read as tags and references."""
+    text = format_vtt([Cue(0.0, 1.0, "He said ---> go"), Cue(1.0, 2.0, "x < y & z <b>bold</b> &amp;")])
+    assert text.split("\n\n")[1:3] == ["00:00:00.000 --> 00:00:01.000\nHe said ---&gt; go",
+                                        "00:00:01.000 --> 00:00:02.000\nx &lt; y &amp; z &lt;b&gt;bold&lt;/b&gt; "
+                                        "&amp;amp;"]
+
+
+def test_numpy_times_are_seconds():
+    expected = format_srt([Cue(1.0, 2.5, "x")])
+    for start in (np.float32(1.0), np.float64(1.0), np.int64(1)):
+        assert format_srt([Cue(start, np.float32(2.5), "x")]) == expected
+
+
+def test_segments_out_of_order_are_refused_naming_the_segment():
+    for render in (format_srt, format_vtt):
+        with pytest.raises(ValueError, match=r"segment 2 starts at 1\.0, before segment 1 \(5\.0\): segments must "
+                                             "be in time order"):
+            render([Cue(0.0, 1.0, "a"), Cue(5.0, 6.0, "b"), Cue(1.0, 2.0, "c")])
 
 
 def test_milliseconds_round_and_carry_into_seconds_minutes_and_hours():
@@ -46,6 +68,14 @@ def test_milliseconds_round_and_carry_into_seconds_minutes_and_hours():
 def test_bad_times_are_refused(start, end, message):
     for render in (format_srt, format_vtt):
         with pytest.raises(ValueError, match=message):
+            render([Cue(start, end, "x")])
+
+
+@pytest.mark.parametrize("start, end, message", [(True, 1.0, "segment 0 start must be a number of seconds, got bool"),
+                                                 (0.0, "1.0", "segment 0 end must be a number of seconds, got str")])
+def test_times_that_are_not_numbers_are_type_errors(start, end, message):
+    for render in (format_srt, format_vtt):
+        with pytest.raises(TypeError, match=message):
             render([Cue(start, end, "x")])
 
 

@@ -3,12 +3,15 @@
 A segment is anything with ``start`` and ``end`` (seconds) and ``text``, such as the segments of a Whisper
 ``Transcription``. SubRip numbers its cues from 1 and writes times as ``HH:MM:SS,mmm``; WebVTT starts with a
 ``WEBVTT`` line and writes ``HH:MM:SS.mmm`` (W3C WebVTT, section 4). Cue text keeps no blank line (one would end
-the cue) and, in WebVTT, no "-->".
+the cue); in WebVTT its ``&``, ``<`` and ``>`` are written as ``&amp;``, ``&lt;`` and ``&gt;`` (markup otherwise),
+so it holds no "-->" either. Times are real numbers of seconds (Python or numpy), finite, >= 0, no segment ending
+before it starts and no segment starting before the one before it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,9 +28,17 @@ class TimedText(Protocol):
     text: str
 
 
+def _seconds(value, what: str) -> float:
+    """``value`` as float seconds: a real number (Python or numpy), finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__} {value!r}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{what}: segment times must be finite seconds >= 0, got {value!r}")
+    return seconds
+
+
 def _clock(seconds: float, separator: str) -> str:
-    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"segment times must be finite seconds >= 0, got {seconds!r}")
     milliseconds = round(seconds * 1000)
     hours, rest = divmod(milliseconds, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
@@ -35,14 +46,21 @@ def _clock(seconds: float, separator: str) -> str:
 
 
 def _cues(segments: Iterable[TimedText], separator: str) -> list[tuple[str, str]]:
-    """(time line, text) of each segment with text, checked: times in order, end not before start."""
+    """(time line, text) of each segment with text, checked: starts in order, end not before start."""
     cues = []
-    for segment in segments:
-        if segment.end < segment.start:
-            raise ValueError(f"a segment ends before it starts: {segment.start!r} -> {segment.end!r}")
+    previous_start = 0.0
+    for index, segment in enumerate(segments):
+        start = _seconds(segment.start, f"segment {index} start")
+        end = _seconds(segment.end, f"segment {index} end")
+        if end < start:
+            raise ValueError(f"segment {index} ends before it starts: {segment.start!r} -> {segment.end!r}")
+        if start < previous_start:
+            raise ValueError(f"segment {index} starts at {segment.start!r}, before segment {index - 1} "
+                             f"({previous_start!r}): segments must be in time order")
+        previous_start = start
         text = "\n".join(line for line in str(segment.text).strip().splitlines() if line.strip())
         if text:
-            cues.append((f"{_clock(segment.start, separator)} --> {_clock(segment.end, separator)}", text))
+            cues.append((f"{_clock(start, separator)} --> {_clock(end, separator)}", text))
     return cues
 
 
@@ -54,7 +72,13 @@ def format_srt(segments: Iterable[TimedText]) -> str:
 def format_vtt(segments: Iterable[TimedText]) -> str:
     """WebVTT text: ``WEBVTT``, then cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` and their text."""
     cues = _cues(segments, ".")
-    return "WEBVTT\n\n" + "".join(f"{times}\n{text.replace('-->', '->')}\n\n" for times, text in cues)
+    return "WEBVTT\n\n" + "".join(f"{times}\n{_escape_vtt(text)}\n\n" for times, text in cues)
+
+
+def _escape_vtt(text: str) -> str:
+    """Cue text as WebVTT reads it literally: ``&``, ``<`` and ``>`` as character references (``<`` would open a
+    tag, ``&`` a reference), which also leaves no "-->" to end the cue."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def write_text_file(path: str | os.PathLike, text: str) -> Path:
