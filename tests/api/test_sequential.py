@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -1050,3 +1051,33 @@ def test_a_fit_refused_by_a_callback_keeps_the_last_history(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         model.fit(x, y, callbacks=[api.callbacks.CSVLogger(tmp_path)], verbose=0)
     assert model.history is history and len(history.history["loss"]) == 2
+
+
+def test_summary_builds_a_model_of_indices_with_their_dtype():
+    """summary(input_shape=...) used to dry-run float zeros through the Embedding, even on a model built for
+    indices, and had no dtype to give instead."""
+    built = api.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    built.predict(torch.randint(0, 10, (5, 3)))
+    assert "input shape: (3,)" in built.summary(input_shape=(3,))
+    assert built.input_dtype == torch.int64
+    fresh = api.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match=r"the first layer is an nn.Embedding.*build\(input_shape, torch.int64\)"):
+        fresh.summary(input_shape=(3,))
+    assert "parameters: 66" in fresh.summary(input_shape=(3,), dtype=torch.int64)
+
+
+def test_adding_a_layer_after_compiling_an_optimizer_instance_warns():
+    """A named optimizer is rebuilt over the new parameters; an instance cannot be, and the new layer used to
+    stay untrained without a word."""
+    model = api.Sequential(nn.Linear(4, 3))
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match=r"does not update the new layer's parameters \(Linear\)"):
+        model.add(nn.Linear(3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.add(nn.ReLU())  # nothing to train: no warning
+    named = api.Sequential(nn.Linear(4, 3)).compile("sgd")
+    named.add(nn.Linear(3, 3))
+    gen = torch.Generator().manual_seed(0)
+    named.fit(torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen), verbose=0)
+    assert sum(len(group["params"]) for group in named.optimizer.param_groups) == 4

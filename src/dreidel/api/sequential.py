@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,16 @@ class Sequential(nn.Sequential):
         while str(index) in self._modules:
             index += 1
         self.add_module(str(index), layer)
-        if self._compiled is not None and not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
+        if self._compiled is None:
+            return self
+        if not isinstance(self._compiled.optimizer_spec, torch.optim.Optimizer):
             _release(self._compiled.optimizer)
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
+        elif any(p.requires_grad for p in layer.parameters()):
+            warnings.warn(f"add: the optimizer instance given to compile does not update the new layer's "
+                          f"parameters ({type(layer).__name__}); fit will not train them. Compile again with "
+                          "an optimizer over model.parameters(), or a name or factory, which cover new layers",
+                          stacklevel=2)
         return self
 
     @property
@@ -109,6 +117,8 @@ class Sequential(nn.Sequential):
         ``predict`` pass the data's), kept as ``input_dtype``; None or a floating dtype: floating inputs.
         """
         input_shape = tuple(int(d) for d in input_shape)
+        if dtype is None and self.input_shape is not None:  # built already: the dtype it was built for
+            dtype = self.input_dtype
         if dtype is not None and dtype.is_floating_point:
             dtype = None
         elif dtype is not None and dtype not in _loading.INPUT_DTYPES.values():
@@ -138,7 +148,10 @@ class Sequential(nn.Sequential):
                 raise TypeError(f"x: {dtype} samples of shape {input_shape} do not fit the model's layers: {error} "
                                 "(integer x is taken as indices, for a model whose first layer is an embedding; "
                                 "features must be floating point: x.float())") from error
-            raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}") from error
+            first = next((m for m in self.modules() if not list(m.children())), None)
+            hint = (" (the first layer is an nn.Embedding, which takes integer indices: give an integer dtype, "
+                    "e.g. build(input_shape, torch.int64))" if isinstance(first, nn.Embedding) else "")
+            raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}{hint}") from error
         finally:
             self.train(was_training)
 
@@ -393,10 +406,13 @@ class Sequential(nn.Sequential):
         return torch.cat(outputs)
 
     # ----------------------------------------------------------------------------------- reporting
-    def summary(self, input_shape: tuple[int, ...] | None = None) -> str:
-        """A table of layers, output shapes, parameters and FLOPs per sample (returned as text, not printed)."""
+    def summary(self, input_shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> str:
+        """A table of layers, output shapes, parameters and FLOPs per sample (returned as text, not printed).
+
+        ``input_shape`` / ``dtype``: build the model first (``build``'s arguments; an integer ``dtype`` for a
+        model whose input is indices), where it has not seen data yet."""
         if input_shape is not None:
-            self.build(input_shape)
+            self.build(input_shape, dtype)
         if self.input_shape is None:
             raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
         device, dtype = self._device_and_dtype()
