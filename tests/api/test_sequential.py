@@ -1081,3 +1081,26 @@ def test_adding_a_layer_after_compiling_an_optimizer_instance_warns():
     gen = torch.Generator().manual_seed(0)
     named.fit(torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen), verbose=0)
     assert sum(len(group["params"]) for group in named.optimizer.param_groups) == 4
+
+
+def test_frozen_parameters_stay_frozen_through_save_and_load(tmp_path):
+    """requires_grad=False used to be lost: a fine-tuning model with a frozen body trained every layer once
+    reloaded."""
+    model = api.Sequential(nn.Linear(4, 6), nn.ReLU(), LinearWHT(6, 3)).build((4,))
+    model[0].weight.requires_grad_(False)
+    model[2].in_scale.requires_grad_(False)
+    loaded = api.load(model.save(tmp_path / "ckpt"))
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+    assert [p.requires_grad for p in api.load(api.Sequential(nn.Linear(4, 2)).build((4,)).save(tmp_path / "b")).parameters()] == [True, True]
+
+
+@pytest.mark.parametrize("frozen, message", [
+    (["0.nope"], r"'frozen' names '0.nope', which is not a parameter of the model"),
+    ("0.weight", r"'frozen' must be a list of distinct parameter names"),
+    (["0.weight", "0.weight"], r"'frozen' must be a list of distinct parameter names")])
+def test_a_bad_frozen_list_is_refused_at_load(tmp_path, frozen, message):
+    path = api.Sequential(nn.Linear(4, 2)).build((4,)).save(tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "frozen": frozen}))
+    with pytest.raises(ValueError, match=message):
+        api.load(path)

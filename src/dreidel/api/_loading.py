@@ -27,7 +27,7 @@ __all__ = ["BuildBudget", "LayerPlan", "build_within_tensor_file", "check_config
            "check_input_shape", "check_tensor_header", "meta_layers"]
 
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
-OPTIONAL_CONFIG_KEYS = ("input_dtype",)  # absent: floating inputs
+OPTIONAL_CONFIG_KEYS = ("input_dtype", "frozen")  # absent: floating inputs; every parameter trainable
 # Integer inputs a model can be built for (token or class indices, e.g. an nn.Embedding first).
 INPUT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
                 "uint8": torch.uint8}
@@ -73,6 +73,9 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
         layer_where = f"{where} layers[{index}] named {name!r}"
         cls, args = check_layer_spec(spec, layer_where)
         plans.append(LayerPlan(name, cls, args, f"{layer_where} ({spec['type']})"))
+    frozen = config.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(n, str) for n in frozen) or len(set(frozen)) != len(frozen):
+        raise ValueError(f"{where}: 'frozen' must be a list of distinct parameter names, got {frozen!r:.80}")
     return plans, None if input_shape is None else tuple(input_shape), INPUT_DTYPES.get(input_dtype)
 
 

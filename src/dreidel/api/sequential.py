@@ -437,7 +437,8 @@ class Sequential(nn.Sequential):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` (layer specs, input shape) and ``path/model.safetensors``, atomically.
 
-        The optimizer state is not saved. Returns the checkpoint directory. A layer object used at several
+        The optimizer state is not saved; which parameters are frozen (``requires_grad=False``) is. Returns the
+        checkpoint directory. A layer object used at several
         positions is saved once per position, which is the same model where it holds no tensors (one
         ``nn.ReLU()`` used twice); a model whose layers share a tensor (weight tying, or a repeated layer with
         parameters or buffers) is refused with a ``ValueError``: the format keeps layers' tensors apart.
@@ -451,6 +452,9 @@ class Sequential(nn.Sequential):
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
                   "layers": [{"name": name, **layer_spec(layer)} for name, layer in self._modules.items()]}
+        frozen = [name for name, p in self.named_parameters() if not p.requires_grad]
+        if frozen:
+            config["frozen"] = frozen
         return write_checkpoint(path, config, self.state_dict())
 
 
@@ -543,4 +547,9 @@ def _load_from(files: CheckpointFiles) -> Sequential:
         except ValueError as error:
             raise ValueError(f"{config_file}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
     model.input_shape, model.input_dtype = input_shape, input_dtype
+    parameters = dict(model.named_parameters())
+    for name in config.get("frozen", []):
+        if name not in parameters:
+            raise ValueError(f"{config_file}: 'frozen' names {name!r:.80}, which is not a parameter of the model")
+        parameters[name].requires_grad_(False)
     return model
