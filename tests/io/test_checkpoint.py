@@ -365,3 +365,14 @@ def test_a_checkpoint_with_the_longest_legal_name_is_written_and_replaced(tmp_pa
         write_checkpoint(path, {"format": "dreidel.test", "version": version}, tensors)
     assert read_checkpoint(path)[0]["version"] == 2
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("name", [".", "", "..", "sub/.."])
+def test_a_target_ending_in_a_dot_is_refused(tmp_path, monkeypatch, tensors, name):
+    """save('.') in an empty working directory used to pass as an empty directory to replace, and failed late
+    with 'cannot exchange ..tmp-... and .: Device or resource busy'."""
+    (tmp_path / "cwd" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd" / "sub")
+    with pytest.raises(ValueError, match=r"ends in '\.' or '\.\.'; give the checkpoint directory's own name"):
+        write_checkpoint(name, {}, tensors)
+    assert not any((tmp_path / "cwd" / "sub").iterdir())

@@ -327,6 +327,8 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
 def check_checkpoint_target(target: Path) -> None:
     """``ValueError`` unless a checkpoint can be written at ``target``: nothing there, an empty directory or a
     dreidel checkpoint (see ``write_checkpoint``), under parents that are directories or can be made."""
+    if target.name in ("", ".", ".."):  # the directory would be swapped with a staging folder inside it or above
+        raise ValueError(f"path {str(target)!r} ends in '.' or '..'; give the checkpoint directory's own name")
     if target.is_symlink() and not target.exists():  # dangling, or a loop: renaming onto it would fail late
         raise ValueError(f"path {str(target)!r} is a symbolic link to nothing; refusing to replace it")
     if target.exists() and not _is_checkpoint_dir(target):
