@@ -20,6 +20,23 @@ def test_mel_filters_match_transformers_slaney(n_mels):
     np.testing.assert_allclose(ours, reference.T, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"sample_rate": 0}, ValueError, "sample_rate: expected an int >= 1, got 0"),  # used to give NaN filters
+    ({"sample_rate": -16000}, ValueError, "sample_rate: expected an int >= 1, got -16000"),
+    ({"sample_rate": 16000.0}, TypeError, "sample_rate: expected an int, got float"),
+    ({"n_fft": 0}, ValueError, "n_fft: expected an int >= 2, got 0"),
+    ({"n_mels": 0}, ValueError, "n_mels: expected an int >= 1, got 0"),
+    ({"dtype": torch.int32}, TypeError, "dtype must be a floating torch.dtype"),
+])
+def test_mel_filters_refuses_bad_arguments_naming_them(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        mel_filters(**kwargs)
+
+
+def test_mel_filters_takes_numpy_ints():
+    assert torch.equal(mel_filters(np.int64(80), sample_rate=np.int32(16000)), mel_filters(80))
+
+
 def _speech():
     speech = pytest.importorskip("dreidel.data.speech")
     try:

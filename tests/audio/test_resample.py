@@ -77,6 +77,24 @@ def test_bad_rates(rate):
     with pytest.raises(ValueError, match="orig_rate"):
         resample(torch.zeros(10), rate, 16000)
 
+@pytest.mark.parametrize("option, value, error, message", [
+    ("zero_crossings", 0, ValueError, "zero_crossings: expected an int >= 1, got 0"),  # used to give NaN
+    ("zero_crossings", 2.5, TypeError, "zero_crossings: expected an int"),
+    ("rolloff", 0.0, ValueError, r"rolloff: expected a number in \(0, 1\], got 0.0"),  # used to give zeros
+    ("rolloff", -0.5, ValueError, r"rolloff: expected a number in \(0, 1\], got -0.5"),
+    ("rolloff", 1.5, ValueError, r"rolloff: expected a number in \(0, 1\], got 1.5"),  # used to alias
+    ("rolloff", float("nan"), ValueError, "rolloff: expected a finite number"),
+    ("kaiser_beta", -1.0, ValueError, r"kaiser_beta: expected a number in \[0, inf\)"),
+    ("kaiser_beta", float("nan"), ValueError, "kaiser_beta: expected a finite number"),
+])
+def test_bad_filter_options_are_refused_naming_them(option, value, error, message):
+    with pytest.raises(error, match=message):
+        resample(torch.zeros(1000), 44100, 16000, **{option: value})
+
+
+def test_scalar_audio_is_refused():
+    with pytest.raises(ValueError, match="audio must have a samples axis"):
+        resample(torch.tensor(1.0), 44100, 16000)
 
 
 def test_rates_too_far_apart_are_refused_not_allocated():

@@ -8,11 +8,12 @@ linear below 1 kHz (3 mels per 200 Hz) and logarithmic above; each triangle is s
 from __future__ import annotations
 
 import numbers
-
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+from dreidel.optim._base import check_count
 
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",
@@ -62,10 +63,17 @@ def _mel_filters_float64(n_mels: int, sample_rate: int, n_fft: int) -> np.ndarra
 
 def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist."""
-    if not isinstance(n_mels, int) or n_mels <= 0:
-        raise ValueError(f"n_mels must be a positive int, got {n_mels!r}")
-    return torch.from_numpy(_mel_filters_float64(n_mels, sample_rate, n_fft)).to(dtype)
+    """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` and ``sample_rate`` are ints
+    >= 1, ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype.
+    """
+    check_count("n_mels", n_mels)
+    check_count("sample_rate", sample_rate)
+    check_count("n_fft", n_fft, minimum=2)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return torch.from_numpy(_mel_filters_float64(int(n_mels), int(sample_rate), int(n_fft))).to(dtype)
 
 
 def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:

@@ -20,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from dreidel.optim._base import check_count, check_number
+
 __all__ = ["resample"]
 
 
@@ -106,10 +108,18 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     an integer tensor). Frequencies above ``rolloff`` times the lower Nyquist frequency are removed (stop band
     about -85 dB with the default Kaiser beta); the signal is taken as zero outside its ends. Raises
     ``ValueError`` where the reduced ratio would need a filter table of more than 2^25 values (about 256 MB),
-    e.g. a rate above about 660 kHz coprime with the other.
+    e.g. a rate above about 660 kHz coprime with the other; ``TypeError`` / ``ValueError`` naming the argument
+    unless ``zero_crossings`` is an int >= 1, ``rolloff`` a number in (0, 1] (above 1 the filter would let
+    aliases through) and ``kaiser_beta`` a finite number >= 0.
     """
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor, got {type(audio).__name__}")
+    if audio.dim() == 0:
+        raise ValueError("audio must have a samples axis (..., samples), got a scalar")
+    check_count("zero_crossings", zero_crossings)
+    check_number("rolloff", rolloff, low=0, high=1, low_open=True)
+    check_number("kaiser_beta", kaiser_beta, low=0)
+    zero_crossings, rolloff, kaiser_beta = int(zero_crossings), float(rolloff), float(kaiser_beta)  # cache keys
     for name, rate in (("orig_rate", orig_rate), ("new_rate", new_rate)):
         if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or rate <= 0:
             raise ValueError(f"{name} must be a positive integer number of Hz, got {rate!r}")
