@@ -147,6 +147,7 @@ def test_sentence_file_and_test_set():
     assert items == speech.speech_test_set(seed=3)
     assert items[:5] == speech.speech_test_set(5, seed=3)
     assert items != speech.speech_test_set(seed=4)
+    assert items == speech.speech_test_set(seed=np.int64(3))  # passed the check, then random.Random refused it
     assert len({item.voice for item in items}) == len(speech.TEST_VOICES)
     assert len({item.rate for item in items}) == len(speech.TEST_RATES)
     with pytest.raises(ValueError, match="n must be"):

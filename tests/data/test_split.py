@@ -23,6 +23,10 @@ def test_numpy_int_seed_and_batch_size_are_accepted():
     assert torch.equal(x, load_digits("test", seed=4)[0])
     loader = load_digits("test", seed=4, batch_size=np.int64(100))
     assert [len(y) for _, y in loader] == [100, 100, 100, 59]
+    # a numpy seed passed the check, then manual_seed refused it
+    numpy_seeded = [y for _, y in load_digits("train", seed=np.int64(4), batch_size=100)]
+    int_seeded = [y for _, y in load_digits("train", seed=4, batch_size=100)]
+    assert all(torch.equal(a, b) for a, b in zip(numpy_seeded, int_seeded, strict=True))
 
 
 @pytest.mark.parametrize("batch_size", [0, True, 2.0])

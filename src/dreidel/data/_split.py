@@ -29,8 +29,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    check_seed(seed)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     train_parts, test_parts = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -42,10 +41,12 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return train, test
 
 
-def check_seed(seed: object) -> None:
-    """A seed is a non-negative int: ``None`` would silently draw a fresh, unreproducible split."""
+def check_seed(seed: object) -> int:
+    """``seed`` as a Python int, checked to be a non-negative int (numpy's too): ``None`` would silently draw a
+    fresh, unreproducible split, and ``random.Random`` and ``manual_seed`` refuse numpy integers."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def _check_batch_size(batch_size: object) -> None:
@@ -71,7 +72,8 @@ def select_split(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if batch_size is not None:
         _check_batch_size(batch_size)
-    train, test = stratified_split(labels, test_fraction, seed)  # checks test_fraction and seed
+    seed = check_seed(seed)
+    train, test = stratified_split(labels, test_fraction, seed)  # checks test_fraction
     if split == "train":
         index = train
     elif split == "test":

@@ -250,8 +250,7 @@ def speech_test_set(n: int | None = None, seed: int = 0, *, sentences: list[str]
     bad_rates = [r for r in rates if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 80 <= r <= 450]
     if bad_rates:  # checked here, not at the first synthesize() that draws one
         raise ValueError(f"rates must be ints in [80, 450] words per minute, got {bad_rates[0]!r}")
-    check_seed(seed)  # None would draw a different set at every call
-    generator = random.Random(seed)
+    generator = random.Random(check_seed(seed))  # None would draw a different set at every call
     order = list(range(len(sentences)))
     generator.shuffle(order)
     items = [SpeechItem(index, sentences[index], generator.choice(voices), generator.choice(rates))
