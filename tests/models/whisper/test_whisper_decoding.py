@@ -53,6 +53,38 @@ RANDOM_OPTIONS = DecodingOptions(prompt=(50257, 50362), eot=50256, suppress_toke
                                  begin_suppress_tokens=(220, 50256), max_new_tokens=12)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    # -1 silently suppressed the last id (<|30.00|>) by negative indexing
+    ("suppress_tokens", (-1,), r"suppress_tokens: expected token ids \(ints >= 0\), got -1 \(openai-whisper's "
+                               r"shorthand"),
+    ("begin_suppress_tokens", (220, -1), "begin_suppress_tokens: expected token ids .*got -1 .openai-whisper's"),
+    ("eot", -5, r"eot: expected token ids \(ints >= 0\), got -5"),  # used to decode
+    ("prompt", (50257, 2.0), r"prompt: expected token ids \(ints >= 0\), got 2.0"),
+    ("no_speech", True, r"no_speech: expected token ids \(ints >= 0\), got True"),
+])
+def test_options_with_ids_that_are_no_token_are_refused_naming_them(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**{**RANDOM_OPTIONS.__dict__, option: value})
+
+
+@pytest.mark.parametrize("option, value, past", [("prompt", (60000,), 60000), ("eot", 51864, 51864),
+                                                 ("suppress_tokens", (1, 51864), 51864),
+                                                 ("begin_suppress_tokens", (99999,), 99999)])
+def test_ids_past_the_vocabulary_are_refused_naming_the_option(random_whisper, option, value, past):
+    """A prompt id past the vocabulary was a bare IndexError; suppressed ones were dropped silently."""
+    options = DecodingOptions(**{**RANDOM_OPTIONS.__dict__, option: value})
+    with pytest.raises(ValueError, match=rf"{option} {past} is not a token of the model's vocabulary of 51864 "
+                                         r"\(ids 0 to 51863\)"):
+        decode_scored(random_whisper, torch.zeros(1, 80, 3000), options)
+
+
+def test_an_empty_batch_is_refused(random_whisper):
+    """It failed inside the decoder with 'tokens must be (batch, length) int64, got shape (0,)'."""
+    with pytest.raises(ValueError, match=r"mel must be \(batch, n_mels, frames\) with batch >= 1, got shape "
+                                         r"\(0, 80, 3000\)"):
+        decode_scored(random_whisper, torch.zeros(0, 80, 3000), RANDOM_OPTIONS)
+
+
 @torch.inference_mode()
 def test_beam_search_with_one_beam_is_greedy_random_model(random_whisper):
     features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(3))

@@ -9,6 +9,8 @@ step; with timestamps, the timestamp rules of ``_apply_timestamp_rules``. Sequen
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +40,8 @@ class DecodingOptions:
     <|0.00|>, the first of the timestamp tokens (one per 0.02 s of the window), and the decoding predicts them
     as Whisper was trained to: each segment of text opens and closes with one, under the rules of
     ``_apply_timestamp_rules``. The first may be at most ``max_initial_timestamp`` of them in (50: 1.0 s).
+    Token ids are ints >= 0 (``decode`` checks them against the model's vocabulary); openai-whisper's -1 for its
+    default suppressed symbols is refused.
     """
 
     prompt: tuple[int, ...]
@@ -51,6 +55,8 @@ class DecodingOptions:
     max_initial_timestamp: int = 50
 
     def __post_init__(self) -> None:
+        for name, ids in self._token_ids():
+            _check_token_ids(name, ids)
         if not self.prompt:
             raise ValueError("prompt must hold at least <|startoftranscript|>")
         if (not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool)
@@ -71,10 +77,26 @@ class DecodingOptions:
                 or self.max_initial_timestamp < 0):
             raise ValueError(f"max_initial_timestamp must be an int >= 0, got {self.max_initial_timestamp!r}")
 
+    def _token_ids(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(argument name, the token ids it holds) for every argument that holds ids."""
+        return [("prompt", self.prompt), ("eot", (self.eot,)), ("suppress_tokens", self.suppress_tokens),
+                ("begin_suppress_tokens", self.begin_suppress_tokens),
+                ("no_speech", () if self.no_speech is None else (self.no_speech,))]
+
+
+def _check_token_ids(name: str, ids) -> None:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{name} must be a tuple of token ids, got {type(ids).__name__} {ids!r}")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            shorthand = (" (openai-whisper's shorthand for its default set of symbol tokens, which dreidel does not "
+                         "expand: give the ids; load() reads them from the model's config.json)") if token == -1 else ""
+            raise ValueError(f"{name}: expected token ids (ints >= 0), got {token!r}{shorthand}")
+
 
 def _suppression_bias(tokens: tuple[int, ...], n_vocab: int, like: Tensor) -> Tensor:
     bias = torch.zeros(n_vocab, dtype=like.dtype, device=like.device)
-    bias[[t for t in tokens if t < n_vocab]] = float("-inf")
+    bias[list(tokens)] = float("-inf")
     return bias  # (V,)
 
 
@@ -141,15 +163,22 @@ class ScoredWindow(NamedTuple):
 
 @torch.inference_mode()
 def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[ScoredWindow]:
-    """``decode``'s tokens of each window with their scores (mel as for ``decode``)."""
-    if mel.dim() != 3:
-        raise ValueError(f"mel must be (batch, n_mels, frames), got shape {tuple(mel.shape)}")
-    if options.timestamp_begin is not None and options.timestamp_begin >= model.dims.n_vocab:
+    """``decode``'s tokens of each window with their scores (mel as for ``decode``).
+
+    Raises ``ValueError`` for a mel that is not (batch, n_mels, frames) with at least one window, and for a
+    token id of ``options`` past the model's vocabulary (naming the option).
+    """
+    if mel.dim() != 3 or mel.shape[0] == 0:
+        raise ValueError(f"mel must be (batch, n_mels, frames) with batch >= 1, got shape {tuple(mel.shape)}")
+    n_vocab = model.dims.n_vocab
+    if options.timestamp_begin is not None and options.timestamp_begin >= n_vocab:
         raise ValueError(f"timestamp_begin {options.timestamp_begin} is past the model's vocabulary of "
-                         f"{model.dims.n_vocab} tokens: it has no timestamp tokens there")
-    if options.no_speech is not None and not 0 <= options.no_speech < model.dims.n_vocab:
-        raise ValueError(f"no_speech {options.no_speech} is not a token of the model's vocabulary of "
-                         f"{model.dims.n_vocab}")
+                         f"{n_vocab} tokens: it has no timestamp tokens there")
+    for name, ids in options._token_ids():
+        past = [token for token in ids if token >= n_vocab]
+        if past:
+            raise ValueError(f"{name} {past[0]} is not a token of the model's vocabulary of {n_vocab} "
+                             f"(ids 0 to {n_vocab - 1})")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
     max_new = sampling_limit(model, options)
