@@ -114,6 +114,15 @@ def test_load_state_dict_strict_names_the_tensor(random_whisper, defect):
         load_state_dict_strict(Whisper(TINY_DIMS), state)
 
 
+@pytest.mark.parametrize("kind", ["hf", "ct2"])
+def test_ours_to_checkpoint_names_a_missing_tensor(random_whisper, kind):
+    """A missing tensor used to raise a KeyError before the check meant to name it."""
+    state = dict(random_whisper.state_dict())
+    del state["decoder.blocks.1.attn.value.weight"]
+    with pytest.raises(ValueError, match=r"state dict lacks 'decoder\.blocks\.1\.attn\.value\.weight' \(needed for"):
+        ours_to_checkpoint(RULES[kind](TINY_DIMS), state)
+
+
 def test_hf_config_dims_round_trip():
     assert dims_from_hf_config(dims_to_hf_config(TINY_DIMS)) == TINY_DIMS
     with pytest.raises(ValueError, match="d_model"):

@@ -199,11 +199,10 @@ def ours_to_checkpoint(rules: list[Rule], state_dict: dict[str, Tensor]) -> dict
     """Inverse of :func:`checkpoint_to_ours`: fused tensors are concatenated, dropped parts written as zeros."""
     out: dict[str, Tensor] = {}
     for name, targets in rules:
-        present = [state_dict[t] for t in targets if t is not None]
         missing = [t for t in targets if t is not None and t not in state_dict]
         if missing:
             raise ValueError(f"state dict lacks {missing[0]!r} (needed for {name!r})")
-        template = present[0]
+        template = next(state_dict[t] for t in targets if t is not None)
         parts = [torch.zeros_like(template) if t is None else state_dict[t] for t in targets]
         out[name] = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=0)
     return out
