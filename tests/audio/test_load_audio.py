@@ -1,6 +1,7 @@
 """load_audio: files through soundfile, PCM scaling, channel mixing, resampling, clear errors."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -69,12 +70,22 @@ def test_non_audio_file(tmp_path):
         load_audio(path)
     with pytest.raises(ValueError, match="not found"):
         load_audio(tmp_path / "missing.wav")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))} is a directory; expected an audio file$"):  # was "not found"
+        load_audio(tmp_path)
+
+
+def test_big_endian_pcm_is_pcm():
+    """'>i2' was refused as 'must be integer PCM (int8, int16, ...)'."""
+    pcm = np.array([1000, -1000, 32767, -32768] * 100, dtype=np.int16)
+    assert torch.equal(load_audio(pcm.astype(">i2")), load_audio(pcm))
 
 
 @pytest.mark.parametrize("bad, kwargs, error, message", [
     (np.zeros((2, 3, 4), dtype=np.float32), {}, ValueError, "shape"),
     (np.zeros((16000, 2), dtype=np.float32), {}, ValueError, "transpose"),
     (np.array([0.0, np.nan], dtype=np.float32), {}, ValueError, "NaN"),
+    (np.zeros((0, 100), dtype=np.float32), {}, ValueError, r"no channels: shape \(0, 100\)"),  # was "NaN"
+    (torch.zeros(0, 100), {}, ValueError, r"no channels: shape \(0, 100\)"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample rate must be an integer .* from 4000"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 3999}, ValueError, "from 4000 .* got 3999"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 768_001}, ValueError, "to 768000"),
@@ -151,8 +162,10 @@ def test_int64_samples_are_refused_with_the_fix():
 
 def test_float_samples_at_integer_scale_warn():
     """int16 values given as floats read as loud noise; they warn (audio in [-1, 1] does not)."""
-    with pytest.warns(UserWarning, match=r"float samples reach 25901, expected \[-1, 1\].*divide by 32768"):
-        load_audio(np.array([0.0, 25901.0, -1200.0] * 1000, dtype=np.float32))
+    loud = np.array([0.0, 25901.0, -1200.0] * 1000, dtype=np.float32)
+    for samples in (loud, torch.from_numpy(loud), torch.from_numpy(loud).double()):  # a tensor skipped the check
+        with pytest.warns(UserWarning, match=r"float samples reach 25901, expected \[-1, 1\].*divide by 32768"):
+            load_audio(samples)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_audio(np.array([0.0, 0.9, -1.0] * 1000, dtype=np.float32))

@@ -31,6 +31,7 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
             values at 1e-15) or another non-audio dtype.
     """
     samples = np.asarray(samples)
+    samples = samples.astype(samples.dtype.newbyteorder("="), copy=False)  # big-endian int16 is int16 too
     if samples.dtype == np.uint8:
         return (samples.astype(np.float32) - 128.0) / 128.0
     if samples.dtype in (np.int8, np.int16, np.int32):
@@ -77,6 +78,8 @@ def _check_wav_complete(path: Path) -> None:
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
     import soundfile
 
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected an audio file")
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
     _check_wav_complete(path)
@@ -101,8 +104,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
 
     Args:
         path_or_array: an audio file path (any format libsndfile reads; the file's rate is used), or samples as
-            a numpy array / torch tensor of shape ``(samples,)`` or ``(channels, samples)``; integer PCM is
-            scaled to [-1, 1).
+            a numpy array / torch tensor of shape ``(samples,)`` or ``(channels, samples)``; integer PCM (of
+            either byte order) is scaled to [-1, 1), and floats beyond 1.5 warn (see ``pcm_to_float``).
         sample_rate: rate of the given array in Hz (``None``: already 16 kHz). Must be ``None`` for a file.
 
     Returns:
@@ -111,7 +114,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing, unreadable or truncated (WAV) file (naming the path), bad shape, non-finite
+        ValueError: missing, unreadable or truncated (WAV) file or a directory (naming the path), bad shape
+            or no channels, non-finite
             samples, a rate that is not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE``
             (768 kHz), or one above about 660 kHz sharing so few factors with 16 kHz that its filter table
             would take hundreds of MB (see ``resample``; every rate audio is recorded at, 768 kHz included,
@@ -125,14 +129,16 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         waveform = torch.from_numpy(np.ascontiguousarray(samples))
     elif isinstance(path_or_array, (np.ndarray, torch.Tensor)):
         rate = SAMPLE_RATE if sample_rate is None else sample_rate
-        if isinstance(path_or_array, torch.Tensor):
-            tensor = path_or_array.detach().cpu()
-            waveform = tensor.to(torch.float32) if tensor.is_floating_point() else \
-                torch.from_numpy(pcm_to_float(tensor.numpy()))
-        else:
-            waveform = torch.from_numpy(np.ascontiguousarray(pcm_to_float(path_or_array)))
+        samples = path_or_array
+        if isinstance(samples, torch.Tensor):  # as numpy, to get the same scaling and peak warning
+            tensor = samples.detach().cpu()
+            samples = tensor.to(torch.float32).numpy() if tensor.is_floating_point() else tensor.numpy()
+        waveform = torch.from_numpy(np.ascontiguousarray(pcm_to_float(samples)))
         if waveform.dim() not in (1, 2):
             raise ValueError(f"audio array must be (samples,) or (channels, samples), got shape {tuple(waveform.shape)}")
+        if waveform.dim() == 2 and waveform.shape[0] == 0:
+            raise ValueError(f"audio array has no channels: shape {tuple(waveform.shape)}, expected (channels, "
+                             f"samples) with at least one channel")
         if waveform.dim() == 2 and waveform.shape[0] > _MAX_CHANNELS:
             raise ValueError(f"audio array must be (channels, samples) with at most {_MAX_CHANNELS} channels, got "
                              f"shape {tuple(waveform.shape)}; transpose a (samples, channels) array")
