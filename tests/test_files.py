@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
-from dreidel._files import staging_dir, staging_file
+from dreidel._files import replaced_atomically, staging_dir, staging_file
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -42,3 +44,47 @@ def test_staging_names_fit_beside_a_target_with_the_longest_name(tmp_path, name)
         assert staging.startswith(".") and len(os.fsencode(staging)) <= 255
     assert staged.endswith(".png")
     assert os.path.basename(staging_file(tmp_path / name)[1]) != os.path.basename(staged)  # still unique
+
+
+needs_pread = pytest.mark.skipif(not hasattr(os, "pread"), reason="reads the synced file with os.pread (POSIX)")
+
+
+def _record_fsyncs(monkeypatch, target) -> list[tuple[bytes, bool]]:
+    """Patch os.fsync to record, at each call, the synced file's content and whether ``target`` exists yet."""
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(handle):
+        synced.append((os.pread(handle, 1 << 20, 0), os.path.exists(target)))
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+@needs_pread
+@pytest.mark.parametrize("by_name", [False, True], ids=["through-fd", "by-name"])
+def test_the_staged_file_is_synced_whole_before_the_rename(tmp_path, monkeypatch, by_name):
+    """write_ctranslate2, shipped files and synthesize_to_file renamed their staged file unsynced: a crash soon
+    after could leave an empty or partial target."""
+    target = tmp_path / "out.bin"
+    synced = _record_fsyncs(monkeypatch, target)
+    with replaced_atomically(target) as (handle, name):
+        if by_name:  # as soundfile and matplotlib write: they get the name
+            os.close(handle)
+            Path(name).write_bytes(b"whole content")
+        else:
+            with os.fdopen(handle, "wb") as out:
+                out.write(b"whole content")
+    assert synced == [(b"whole content", False)]
+    assert target.read_bytes() == b"whole content"
+
+
+@needs_pread
+def test_writers_sync_once(tmp_path, monkeypatch):
+    from dreidel.io import shipped, write_ctranslate2, write_text_file
+
+    synced = _record_fsyncs(monkeypatch, tmp_path / "none")
+    write_text_file(tmp_path / "a.srt", "text")
+    write_ctranslate2(tmp_path / "model.bin", "S", 1, {"w": torch.ones(3)})
+    shipped._atomic_copy([tmp_path / "a.srt"], tmp_path / "copy.srt")
+    assert [content for content, _ in synced] == [b"text", (tmp_path / "model.bin").read_bytes(), b"text"]

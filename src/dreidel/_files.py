@@ -72,17 +72,22 @@ def check_file_target(target: Path) -> None:
 @contextlib.contextmanager
 def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[int, str]]:
     """``(fd, name)`` of a staging file beside ``target`` (``staging_file``) for the block to write; when the
-    block ends without an error the file is renamed onto ``target``, and on an error it is removed, so
-    ``target`` is always the old file or the whole new one. The block owns ``fd`` (wraps it with
-    ``os.fdopen`` or closes it). A target no file can be written to is refused first (``check_file_target``)."""
+    block ends without an error the file is synced to disk (``os.fsync``) and renamed onto ``target``, and on
+    an error it is removed, so ``target`` is always the old file or the whole new one, after a crash too. The
+    block owns ``fd`` (wraps it with ``os.fdopen`` or closes it, flushing what it wrote; it may also write the
+    file by ``name``). A target no file can be written to is refused first (``check_file_target``)."""
     check_file_target(target)
     handle, name = staging_file(target, suffix)
+    sync_handle = os.dup(handle)  # the block closes its fd; this one stays open to sync what it wrote
     try:
         yield handle, name
+        os.fsync(sync_handle)  # else a crash soon after the rename can leave an empty or partial target
         os.replace(name, target)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(sync_handle)
 
 
 def give_usual_file_mode(path: Path) -> None:

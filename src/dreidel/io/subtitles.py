@@ -87,6 +87,4 @@ def write_text_file(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     with replaced_atomically(path) as (handle, _), os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
     return path
