@@ -304,12 +304,25 @@ def test_directory_of_numbered_parts(small_file, tmp_path):
     data = small_file.read_bytes()
     parts_dir = tmp_path / "parts"
     parts_dir.mkdir()
-    cut = len(data) // 3
-    for number, chunk in ((2, data[cut:2 * cut]), (10, data[2 * cut:]), (1, data[:cut])):  # 10 sorts after 2
-        (parts_dir / f"model.bin.part{number}").write_bytes(chunk)
+    cut = len(data) // 10
+    chunks = [data[i * cut:(i + 1) * cut] for i in range(9)] + [data[9 * cut:]]
+    for number in (2, 10, 1, 3, 4, 5, 6, 7, 8, 9):  # 10 sorts after 2 and 9
+        (parts_dir / f"model.bin.part{number}").write_bytes(chunks[number - 1])
     model = read_ctranslate2(parts_dir, dtype=None)
     assert torch.equal(model.variables["a/weight"], torch.ones(3, 2))
     assert model.aliases == {"c": "b"}
+
+
+@pytest.mark.parametrize("numbers, missing", [((1, 3), 2), ((2,), 1), ((1, 2, 4, 5), 3)])
+def test_a_directory_missing_a_numbered_part_names_it(small_file, tmp_path, numbers, missing):
+    """The parts present were concatenated anyway and failed as a corrupt file."""
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    for number in numbers:
+        (parts_dir / f"model.bin.part{number}").write_bytes(small_file.read_bytes())
+    with pytest.raises(ValueError, match=rf"holds model.bin parts \[{', '.join(map(str, numbers))}\] but no "
+                                         rf"model\.bin\.part{missing}: the parts must be numbered 1 to n"):
+        read_ctranslate2(parts_dir)
 
 
 def _old_format_file(version):

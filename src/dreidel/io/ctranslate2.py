@@ -180,11 +180,14 @@ def _resolve_paths(path) -> list[Path]:
             if (path / "model.bin").is_file():
                 return [path / "model.bin"]
             numbered = {int(match.group(1)): p for p in path.iterdir()
-                        if (match := re.fullmatch(r"model\.bin\.part(\d+)", p.name))}
-            parts = [numbered[number] for number in sorted(numbered)]
-            if parts:
-                return parts
-            raise ValueError(f"directory {path} holds no model.bin (nor model.bin.part1, part2, ...)")
+                        if (match := re.fullmatch(r"model\.bin\.part([1-9]\d*)", p.name))}
+            if not numbered:
+                raise ValueError(f"directory {path} holds no model.bin (nor model.bin.part1, part2, ...)")
+            missing = [number for number in range(1, max(numbered) + 1) if number not in numbered]
+            if missing:  # concatenated anyway, the parts would fail later as a corrupt file
+                raise ValueError(f"directory {path} holds model.bin parts {sorted(numbered)} but no "
+                                 f"model.bin.part{missing[0]}: the parts must be numbered 1 to n")
+            return [numbered[number] for number in sorted(numbered)]
         return [path]
     if isinstance(path, Sequence) and path and all(isinstance(p, (str, os.PathLike)) for p in path):
         return [Path(p) for p in path]
@@ -253,14 +256,15 @@ def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTra
     """Read a CTranslate2 ``model.bin``.
 
     Args:
-        path: the ``model.bin`` file, a directory holding it (or ``model.bin.part1``, ``.part2``, ...), or a
-            sequence of part files whose bytes concatenated in order form the file.
+        path: the ``model.bin`` file, a directory holding it (or ``model.bin.part1``, ``.part2``, ... to
+            ``.partN``, none missing), or a sequence of part files whose bytes concatenated in order form the
+            file.
         dtype: floating dtype of the returned weights (``torch.float32`` default, ``torch.float16`` to keep
             half precision); int8/int16 weights are dequantised with their scales. ``None`` returns every
             variable exactly as stored (no dequantisation, scales kept).
 
     Raises:
-        ValueError: missing file; unsupported binary version; truncated data; unknown dtype id; sizes that do
+        ValueError: missing file or part; unsupported binary version; truncated data; unknown dtype id; sizes that do
             not match the shape; trailing bytes; a quantised weight's ``_scale`` that is not floating-point. The
             message names the path and the byte offset or variable.
     """
