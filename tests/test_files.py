@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,16 @@ def test_writers_sync_once(tmp_path, monkeypatch):
     write_ctranslate2(tmp_path / "model.bin", "S", 1, {"w": torch.ones(3)})
     shipped._atomic_copy([tmp_path / "a.srt"], tmp_path / "copy.srt")
     assert [content for content, _ in synced] == [b"text", (tmp_path / "model.bin").read_bytes(), b"text"]
+
+
+def test_a_missing_folder_is_named_not_the_staging_file(tmp_path):
+    """It was FileNotFoundError naming the hidden '.out.srt.xxxx.tmp'."""
+    from dreidel.io import write_ctranslate2, write_text_file
+
+    target = tmp_path / "no_such_folder" / "out.srt"
+    message = f"folder {str(target.parent)!r} does not exist, so {str(target)!r} cannot be written"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_text_file(target, "text")
+    with pytest.raises(ValueError, match=re.escape(message.replace("out.srt", "model.bin"))):
+        write_ctranslate2(target.parent / "model.bin", "S", 1, {"w": torch.ones(1)})
+    assert list(tmp_path.iterdir()) == []

@@ -75,8 +75,11 @@ def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[in
     block ends without an error the file is synced to disk (``os.fsync``) and renamed onto ``target``, and on
     an error it is removed, so ``target`` is always the old file or the whole new one, after a crash too. The
     block owns ``fd`` (wraps it with ``os.fdopen`` or closes it, flushing what it wrote; it may also write the
-    file by ``name``). A target no file can be written to is refused first (``check_file_target``)."""
+    file by ``name``). A target no file can be written to (``check_file_target``) or whose folder does not exist
+    is refused first, with a ``ValueError`` naming it rather than the staging name."""
     check_file_target(target)
+    if not target.parent.is_dir():
+        raise ValueError(f"folder {str(target.parent)!r} does not exist, so {str(target)!r} cannot be written")
     handle, name = staging_file(target, suffix)
     sync_handle = os.dup(handle)  # the block closes its fd; this one stays open to sync what it wrote
     try:

@@ -283,6 +283,26 @@ def test_bad_arguments(small_file):
         write_ctranslate2(small_file, "S", 1, {"a": torch.ones(2, dtype=torch.float64)})
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"revision": True}, ValueError, r"revision must be an int in \[0, 2\*\*32\), got True"),  # was written as 1
+    ({"revision": 2.0}, ValueError, r"revision must be an int in \[0, 2\*\*32\), got 2.0"),
+    ({"spec": None}, TypeError, "spec must be the specification name, a str such as 'WhisperSpec', got NoneType"),
+    ({"aliases": {1: "a"}}, TypeError, "alias names must be non-empty strings"),
+])
+def test_write_refuses_bad_header_arguments_naming_them(tmp_path, kwargs, error, message):
+    """spec=None and an int alias name were AttributeErrors from deep in the packing."""
+    arguments = {"spec": "S", "revision": 1, "aliases": None, **kwargs}
+    with pytest.raises(error, match=message):
+        write_ctranslate2(tmp_path / "model.bin", arguments["spec"], arguments["revision"], {"a": torch.ones(2)},
+                          arguments["aliases"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_takes_a_numpy_revision(tmp_path):
+    path = write_ctranslate2(tmp_path / "model.bin", "S", np.int64(3), {"a": torch.ones(2)})
+    assert read_ctranslate2(path).revision == 3
+
+
 @pytest.mark.slow
 def test_assembled_base_directory_loads_in_ctranslate2(tmp_path):
     """The concatenated base model is a valid CTranslate2 model for CTranslate2 itself."""

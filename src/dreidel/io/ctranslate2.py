@@ -26,6 +26,7 @@ Quantised weights carry a companion ``<name>_scale`` (int8: one float per output
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import struct
@@ -319,25 +320,31 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
 
     Args:
         path: output file, or an existing directory (``model.bin`` is written inside).
-        spec: specification name (e.g. ``"WhisperSpec"``); revision: its revision.
+        spec: specification name (e.g. ``"WhisperSpec"``); revision: its revision, an int in [0, 2**32).
         variables: name -> tensor/array of dtype float32, float16, bfloat16, int8, int16 or int32. Quantised
             weights are written as given: pass the int8 tensor and its float32 ``<name>_scale`` yourself.
             Variables are written in sorted name order, as CTranslate2 does.
         aliases: alias name -> existing variable name.
-    Returns the path written.
+    Returns the path written. Raises ``TypeError`` / ``ValueError`` naming the argument or variable that does
+    not fit these, and ``ValueError`` where ``path``'s folder does not exist.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.bin"
-    if not isinstance(revision, int) or not 0 <= revision < 2**32:
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be the specification name, a str such as 'WhisperSpec', got "
+                        f"{type(spec).__name__} {spec!r}")
+    if isinstance(revision, bool) or not isinstance(revision, numbers.Integral) or not 0 <= revision < 2**32:
         raise ValueError(f"revision must be an int in [0, 2**32), got {revision!r}")
     if not all(isinstance(name, str) and name for name in variables):
         raise TypeError("variable names must be non-empty strings")
     aliases = dict(aliases or {})
+    if not all(isinstance(alias, str) and alias for alias in aliases):
+        raise TypeError("alias names must be non-empty strings")
     for alias, target in aliases.items():
         if target not in variables:
             raise ValueError(f"alias {alias!r} points to {target!r}, which is not among the variables")
-    chunks = [struct.pack("<I", WRITTEN_BINARY_VERSION), _pack_string(spec), struct.pack("<I", revision),
+    chunks = [struct.pack("<I", WRITTEN_BINARY_VERSION), _pack_string(spec), struct.pack("<I", int(revision)),
               struct.pack("<I", len(variables))]
     for name in sorted(variables):
         value = variables[name]

@@ -83,7 +83,8 @@ def _escape_vtt(text: str) -> str:
 
 def write_text_file(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: under a temporary name beside it, synced, then renamed
-    into place, so a reader sees the old file or the whole new one, never a part."""
+    into place, so a reader sees the old file or the whole new one, never a part. ``ValueError`` where
+    ``path``'s folder does not exist (or is a file)."""
     path = Path(path)
     with replaced_atomically(path) as (handle, _), os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)
