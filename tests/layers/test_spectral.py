@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -289,7 +291,8 @@ def test_inputs_of_another_dtype_or_device_are_refused_like_nn_linear():
         layer(torch.ones(2, 16, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose
         y = layer(torch.ones(2, 16, dtype=torch.bfloat16))
-    torch.testing.assert_close(y, layer(torch.ones(2, 16)), rtol=2e-2, atol=2e-2)  # partly in bfloat16
+    assert y.dtype == torch.bfloat16  # computed in autocast's dtype, as nn.Linear is
+    torch.testing.assert_close(y.float(), layer(torch.ones(2, 16)), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -536,3 +539,67 @@ def test_config_rebuilds_the_layer(cls, kwargs):
     rebuilt = type(layer)(**layer.config())
     assert rebuilt.config() == layer.config()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
+
+
+def test_indices_rebuilt_under_inference_mode_still_train():
+    """A checkpoint loaded inside torch.inference_mode() used to leave inference-tensor indices, which autograd
+    cannot save: a double backward (a gradient penalty) then failed. The same for a bfloat16 copy's first
+    forward there."""
+    torch.manual_seed(0)
+    source, layer = LinearWHT(24, 40), LinearWHT(24, 40)
+    with torch.inference_mode():
+        layer.load_state_dict(source.state_dict())
+    assert not layer._flat_perm.is_inference()
+    x = torch.randn(4, 24, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    expected = torch.autograd.grad(source(x).square().sum(), x)[0]
+    torch.testing.assert_close(grad, expected)
+    half = DeepSpectralLinear(24, 40, depth=2).to(torch.bfloat16)
+    with torch.inference_mode():
+        half(torch.randn(2, 24, dtype=torch.bfloat16))
+    half(torch.randn(4, 24, dtype=torch.bfloat16)).float().sum().backward()
+    assert half.in_scale.grad is not None
+
+
+@pytest.mark.parametrize("make", [lambda: LinearWHT(24, 40), lambda: DeepSpectralLinear(24, 40, depth=2)],
+                         ids=["wht", "deep"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_autocast_computes_in_its_dtype_as_nn_linear_does(make, x_dtype):
+    """Under autocast(bfloat16) the layer used to return float32 (nn.Linear: bfloat16), and a float64 input ran
+    in float64 from float32 parameters, the promotion the layer refuses outside autocast."""
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(8, 24).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+            layer(x.double())
+    assert y.dtype == torch.bfloat16
+    oracle = copy.deepcopy(layer).to(torch.bfloat16)  # the parameters cast as autocast casts them
+    assert torch.equal(y, oracle(x.to(torch.bfloat16)))
+    y.float().sum().backward()
+    assert layer.in_scale.grad.dtype == torch.float32 and torch.isfinite(layer.in_scale.grad).all()
+
+
+def test_a_lazy_layer_loads_the_state_of_a_lazy_layer():
+    """The state dict of a model that has not seen data holds uninitialised parameters: LazyLinear loads it,
+    LinearWHT used to raise ('Attempted to use an uninitialized parameter')."""
+    source, target = torch.nn.Sequential(LinearWHT(40), torch.nn.ReLU()), torch.nn.Sequential(LinearWHT(40))
+    target.load_state_dict(source.state_dict())
+    assert target[0].in_features is None
+    assert target(torch.randn(3, 24)).shape == (3, 40)
+
+
+def test_per_sample_grads_of_a_parametrized_layer_are_refused():
+    """They used to come back keyed by the parametrization's computed tensor, which no optimizer looks up."""
+    layer = DeepSpectralLinear(12, 13, depth=2)
+    torch.nn.utils.parametrize.register_parametrization(layer, "in_scale", _Doubled())
+    x = torch.randn(3, 12)
+    with pytest.raises(NotImplementedError, match="has a parametrization"):
+        layer.per_sample_grads((x,), torch.randn(3, 13))
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return 2 * value

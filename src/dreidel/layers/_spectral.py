@@ -137,15 +137,25 @@ def check_input_dtype_and_device(layer: nn.Module, x: torch.Tensor, weight: torc
     """Refuse, as ``nn.Linear`` does, an input whose dtype or device is not that of ``layer``'s ``weight``.
 
     No silent promotion (a float64 input would give a float64 output) and no integer input; under autocast a
-    floating input of another dtype is left to autocast.
+    floating input of another dtype is left to autocast, except float64, which autocast does not cast.
     """
-    if x.dtype != weight.dtype and not (x.is_floating_point() and _is_autocast_enabled(x.device.type)):
+    if x.dtype != weight.dtype and not _autocast_applies(x):
         raise TypeError(
             f"{type(layer).__name__}: input dtype {x.dtype} does not match the layer's {weight.dtype} "
             f"parameters; convert one of them (x.to({weight.dtype}) or layer.to(...))"
         )
     if x.device != weight.device:
         raise ValueError(f"{type(layer).__name__}: input on {x.device}, the layer's parameters on {weight.device}")
+
+
+def _autocast_applies(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device and casts ``x`` (floating, not float64, as torch's rule is)."""
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return False
+    try:
+        return _is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
 
 
 _INDEX_NAMES = ("_input_gather", "_scale_gather", "_flat_perm", "_flat_inverse", "_input_scatter")  # SpectralLayout's
@@ -281,6 +291,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         keys = ("in_scale", "inner_scale", "out_scale", "bias", "permutation")
         given = {key: state_dict[prefix + key] for key in keys
                  if prefix + key in state_dict and getattr(self, key) is not None}
+        if any(nn.parameter.is_lazy(value) for value in given.values()):
+            return  # the state of a layer that has not seen data yet: LazyModuleMixin loads it as such
         if not given:
             return
         for key, value in given.items():
@@ -357,13 +369,17 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     def _build_indices(self) -> None:
         """Derived (non-persistent) flat indices over the ``B·L`` stacked layout, rebuilt from ``permutation``."""
         perm = self.permutation
-        indices = _indices_from(perm, self.in_features, self.transform_length)
+        # Never inference tensors, even when rebuilt under torch.inference_mode (the first forward after .to(),
+        # a load_state_dict there): autograd saves them, so a later training step or double backward would fail.
+        with torch.inference_mode(False):
+            indices = _indices_from(perm, self.in_features, self.transform_length)
+            values = perm.detach().clone()
         for name, value in zip(_INDEX_NAMES, indices):
             self.register_buffer(name, value, persistent=False)
         # What the indices were built from (see layout): the permutation tensor, its version (inference tensors
         # have none), our index, and the permutation's values.
         version = None if perm.is_inference() else perm._version
-        self._index_source = (perm, version, self._buffers["_flat_perm"], perm.detach().clone())
+        self._index_source = (perm, version, self._buffers["_flat_perm"], values)
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to(device)``, ``.cuda()``, ``to_empty()``, ...), which puts new tensors in
@@ -423,6 +439,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                                                       params["bias"])
         except KeyError:  # a parametrization (torch.nn.utils.parametrize) turns a parameter into a property
             in_scale, inner_scale, out_scale, bias = self.in_scale, self.inner_scale, self.out_scale, self.bias
+        if _autocast_applies(x):  # computed in autocast's dtype, as nn.Linear is (the op has no autocast rule)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, in_scale, inner_scale, out_scale, bias = (
+                None if t is None else t.to(dtype) for t in (x, in_scale, inner_scale, out_scale, bias))
         y = spectral_linear(x, in_scale, inner_scale, out_scale, bias, self.layout())
         return y if self._activation_fn is None else self._activation_fn(y)
 

@@ -301,6 +301,10 @@ def spectral_per_sample_grads(
         inputs: the forward call's positional inputs; ``inputs[0]`` is ``(batch, ..., in_features)``.
         grad_output: ``(batch, ..., out_features)``, the loss gradient at the layer output (after the activation).
     """
+    if torch.nn.utils.parametrize.is_parametrized(layer):  # its parameters are not the tensors the forward uses
+        raise NotImplementedError(f"per_sample_grads: {type(layer).__name__} has a parametrization "
+                                  "(torch.nn.utils.parametrize); per-sample gradients of its original parameters "
+                                  "are not computed")
     x = inputs[0]
     weight_dtype = layer.in_scale.dtype
     # Curvature code hands over float32 copies of a low-precision layer's input and output gradient: the
