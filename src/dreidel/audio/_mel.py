@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from dreidel.optim._base import check_count
+from dreidel._checks import check_count
 
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from dreidel.optim._base import check_count, check_number
+from dreidel._checks import check_count, check_number
 
 __all__ = ["resample"]
 

@@ -20,8 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_count, check_number, check_seed,
-                                 named_model_parameters)
+from dreidel._checks import check_count, check_number
+from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_seed, named_model_parameters
 from dreidel.optim._capture import (
     ActivationCapture,
     curvature_dtype,

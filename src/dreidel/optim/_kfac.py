@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_count, check_number, check_seed,
-                                 check_torch_options, named_model_parameters)
+from dreidel._checks import check_count, check_number
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_torch_options,
+                                 named_model_parameters)
 from dreidel.optim._capture import ActivationCapture, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
