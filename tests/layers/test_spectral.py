@@ -603,3 +603,20 @@ def test_per_sample_grads_of_a_parametrized_layer_are_refused():
 class _Doubled(torch.nn.Module):
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         return 2 * value
+
+
+def test_a_vmapped_ensemble_leaves_the_base_layer_as_it_was():
+    """functional_call over vmap with stacked state dicts used to register the batched indices derived from the
+    stacked permutation as the base layer's buffers: deepcopy and .double() of it then failed ('Cannot access
+    storage of BatchedTensorImpl')."""
+    torch.manual_seed(0)
+    members, base = [LinearWHT(13, 40), LinearWHT(13, 40)], LinearWHT(13, 40)
+    x = torch.randn(3, 13)
+    before = base(x)
+    stacked = {key: torch.stack([m.state_dict()[key] for m in members]) for key in members[0].state_dict()}
+    ensemble = torch.func.vmap(lambda state: torch.func.functional_call(base, state, (x,)))(stacked)
+    for output, member in zip(ensemble, members):
+        torch.testing.assert_close(output, member(x))
+    assert torch.equal(copy.deepcopy(base)(x), before)
+    assert torch.equal(base(x), before)
+    torch.testing.assert_close(copy.deepcopy(base).double()(x.double()), before.double(), rtol=1e-5, atol=1e-5)

@@ -407,10 +407,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     def layout(self) -> SpectralLayout:
         """The index tensors and sizes that the functional forward/backward need.
 
-        They are derived from ``permutation`` and rebuilt when it was replaced (``functional_call`` with
-        another layer's state dict) or its values changed since they were built: in place (its version
-        counter), or, on the CPU, through ``.data`` or a NumPy view, which no counter sees (a memcmp with the
-        values built from: 1-3 microseconds for 4096 features). Indices supplied together with it
+        They are derived from ``permutation``: for the call only where it was replaced (``functional_call`` with
+        another layer's state dict, under ``vmap`` too), and rebuilt and kept where its values changed since
+        they were built: in place (its version counter), or, on the CPU, through ``.data`` or a NumPy view,
+        which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features). Indices supplied together with it
         (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given. Under
         ``torch.compile`` none of those checks can be traced (a compiled module would keep the indices of the
         permutation it was traced with), so the graph derives the indices from ``permutation`` on every call:
@@ -421,6 +421,11 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         if buffers["_flat_perm"] is source[2]:
             permutation = buffers["permutation"]
             if _is_compiling():
+                indices = _indices_from(permutation, self.in_features, self._transform_length)
+                return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
+            if source[0] is not None and permutation is not source[0]:
+                # Replaced for a call (functional_call with another layer's state, over vmap too, whose batched
+                # wrappers must not outlive it as buffers): derived for this call only.
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
             if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
