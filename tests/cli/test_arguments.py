@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 
+import numpy as np
 import pytest
 
 from dreidel.cli.main import main
@@ -152,6 +154,31 @@ def test_version_prints_the_installed_version(capsys):
     (["info", "--bogus"], "dreidel: error: unrecognized arguments: --bogus"),
     ([], "dreidel: error: the following arguments are required: COMMAND"),
     (["-v"], "dreidel: error: the following arguments are required: COMMAND"),
+    (["transcribe", "--bogus"], "dreidel transcribe: error: unrecognized arguments: --bogus"),  # was: FILE missing
+    (["transcribe"], "dreidel transcribe: error: the following arguments are required: FILE"),
 ])
 def test_an_unknown_option_is_named_before_a_missing_command(argv, expected, capsys):
     assert _usage_error(argv, capsys) == expected
+
+
+@pytest.mark.parametrize("make_problem, argv_tail, expected", [
+    (lambda tmp: (tmp / "out" / "clip.txt").mkdir(parents=True), ["--output-format", "txt", "--output-dir", "out"],
+     r"argument --output-dir: 'out/clip.txt' is a directory; expected the path of a file"),
+    (lambda tmp: (tmp / "afile").write_text("x"), ["--output-format", "srt", "--output-dir", "afile/sub"],
+     r"argument --output-dir: 'afile' is not a directory, so nothing can be written at 'afile/sub/clip.srt'"),
+    (lambda tmp: None, ["--output-dir", "out"], r"argument --output-dir: writes nothing without --output-format"),
+    (lambda tmp: None, ["--language", " "], r"argument --language: expected a language code such as en"),
+], ids=["target-is-a-directory", "parent-is-a-file", "dir-without-format", "blank-language"])
+def test_output_and_language_problems_are_usage_errors_before_decoding(make_problem, argv_tail, expected, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A directory where the transcript goes, or a file where its folder goes, were found after every file had
+    been decoded (the first as a traceback); --output-dir alone wrote nothing, silently."""
+    soundfile = pytest.importorskip("soundfile")
+    from dreidel.models import whisper
+
+    monkeypatch.chdir(tmp_path)
+    soundfile.write(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
+    make_problem(tmp_path)
+    monkeypatch.setattr(whisper, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert re.fullmatch(f"dreidel transcribe: error: {expected}.*", _usage_error(["transcribe", "clip.wav", *argv_tail],
+                                                                                 capsys))

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `dreidel --bogus` used to answer that COMMAND is required: the unknown option is named first.
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # with the command's usage where it has a parser of its own
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.error("the following arguments are required: COMMAND")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

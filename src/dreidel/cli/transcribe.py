@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 from dreidel._extras import require_extras
+from dreidel._files import check_file_target
 from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability_or_none
+from dreidel.cli._table import counted
 
 
 OUTPUT_FORMATS = ("txt", "srt", "vtt")
@@ -16,7 +18,9 @@ OUTPUT_FORMATS = ("txt", "srt", "vtt")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("transcribe", help="transcribe audio files with Whisper (tiny.en by default)")
-    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format libsndfile reads)")
+    # nargs="*", checked in run: argparse would report a missing FILE before an unknown option (main names those).
+    parser.add_argument("files", nargs="*", metavar="FILE",
+                        help="audio files (any format libsndfile reads; a name starting with '-' after '--')")
     parser.add_argument("--model", default="tiny.en",
                         help="tiny.en, base, or a CTranslate2 / Hugging Face Whisper directory (default: tiny.en)")
     parser.add_argument("--beam", type=int, default=1,
@@ -42,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-format", choices=(*OUTPUT_FORMATS, "all"), default=None,
                         help="also write each transcript to OUTPUT_DIR/<file name>.<format>: txt (the text), srt or "
                              "vtt (subtitles of the segments), or all three (default: none)")
-    parser.add_argument("--output-dir", default=".", metavar="DIR",
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
                         help="where --output-format writes, created if missing (default: the current directory)")
     parser.set_defaults(func=run, parser=parser)
 
@@ -50,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     """For each input file, the file each asked-for format is written to; two inputs that would write the same
     file (same name, other directories) are a usage error, raised before anything is decoded."""
-    chosen = getattr(args, "output_format", None)
+    chosen, given_directory = getattr(args, "output_format", None), getattr(args, "output_dir", None)
+    if chosen is None and given_directory is not None:
+        args.parser.error("argument --output-dir: writes nothing without --output-format txt|srt|vtt|all")
     formats = () if chosen is None else OUTPUT_FORMATS if chosen == "all" else (chosen,)
-    directory = Path(getattr(args, "output_dir", "."))
+    directory = Path("." if given_directory is None else given_directory)
     if formats and directory.exists() and not directory.is_dir():
         args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
     paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]
@@ -62,6 +68,10 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
             if target in writers:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
+            try:  # a directory where the file goes, or a file where a folder goes: before anything is decoded
+                check_file_target(target)
+            except ValueError as error:
+                args.parser.error(f"argument --output-dir: {error}")
     return paths
 
 
@@ -75,13 +85,19 @@ def write_outputs(result, targets: dict[str, Path]) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_file(path, render[kind](result))
-        except OSError as error:  # a read-only or full disk is the user's setup: one line, no traceback
-            raise SystemExit(f"dreidel transcribe: error: cannot write {path}: {error.strerror or error}") from None
+        except (OSError, ValueError) as error:  # a read-only or full disk, or a folder made since the check: the
+            # user's setup, one line, no traceback
+            reason = error.strerror or error if isinstance(error, OSError) else error
+            raise SystemExit(f"dreidel transcribe: error: cannot write {path}: {reason}") from None
         print(f"  wrote {path}")
 
 
 def run(args: argparse.Namespace) -> int:
     # Checked here rather than by argparse types so that `func` alone (as the tests call it) rejects them too.
+    if not args.files:
+        args.parser.error("the following arguments are required: FILE")
+    if not args.language.strip():
+        args.parser.error("argument --language: expected a language code such as en, got an empty one")
     if not 1 <= args.beam <= MAX_BEAM:
         args.parser.error(f"argument --beam: expected an int in [1, {MAX_BEAM}], got {args.beam}")
     for problem in filter(None, map(file_problem, args.files)):
@@ -99,9 +115,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from dreidel._native import best_isa
 
-    logging.getLogger("dreidel.cli").info("torch %s, %d thread%s, native core dispatched to %s", torch.__version__,
-                                          torch.get_num_threads(), "s" if torch.get_num_threads() != 1 else "",
-                                          best_isa())
+    logging.getLogger("dreidel.cli").info("torch %s, %s, native core dispatched to %s", torch.__version__,
+                                          counted(torch.get_num_threads(), "thread"), best_isa())
     # A bad model directory, language, threshold or audio file, or a missing extra, is the user's input, not a
     # bug: one line, no traceback.
     try:
@@ -134,5 +149,5 @@ def run(args: argparse.Namespace) -> int:
             total_compute += result.seconds_compute
     if decoded > 1:
         print(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, RTF {total_compute / total_audio:.3f}"
-              f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, beam {args.beam})")
+              f" ({counted(torch.get_num_threads(), 'thread')}, beam {args.beam})")
     return 0

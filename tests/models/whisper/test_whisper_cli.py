@@ -172,3 +172,10 @@ def test_output_problems_are_one_line_errors_before_or_after_decoding(tmp_path, 
     with pytest.raises(SystemExit, match=r"dreidel transcribe: error: cannot write .*same.txt: No space left"):
         args.func(args)
     assert decoded
+
+    def folder_made_since(path, text):  # a directory made where the file goes while decoding ran
+        raise ValueError(f"{str(path)!r} is a directory; expected the path of a file")
+
+    monkeypatch.setattr(subtitles, "write_text_file", folder_made_since)
+    with pytest.raises(SystemExit, match=r"dreidel transcribe: error: cannot write .*same.txt: '.*' is a directory"):
+        args.func(args)  # was a traceback, and the later files' texts were never printed
