@@ -20,6 +20,7 @@ import random
 import torch
 
 from dreidel.cli._args import MAX_THREADS, int_in_range, seed
+from dreidel.cli._table import counted
 
 
 def speech_with_pauses(sentences: int, seed: int) -> tuple[torch.Tensor, list[tuple[float, str]]]:
@@ -58,7 +59,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     audio, starts = speech_with_pauses(args.sentences, args.seed)
     recognizer = whisper.load("tiny.en")
-    print(f"{audio.numel() / 16000:.1f} s of speech, {len(starts)} sentences, {torch.get_num_threads()} threads\n")
+    print(f"{audio.numel() / 16000:.1f} s of speech, {len(starts)} sentences, {counted(torch.get_num_threads(), 'thread')}\n")
     print("spoken:")
     for start, text in starts:
         print(f"  {start:7.2f}  {text}")

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from dreidel.cli._args import MAX_THREADS, int_in_range, seed
+from dreidel.cli._table import counted
 from dreidel.cli.demo_mnist import EPOCHS, compare_linear_kinds, format_results
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"MNIST-5k, 784-1024-1024-10 MLP, {args.epochs} epochs, {torch.get_num_threads()} threads")
+    print(f"MNIST-5k, 784-1024-1024-10 MLP, {counted(args.epochs, 'epoch')}, {counted(torch.get_num_threads(), 'thread')}")
     print(format_results(compare_linear_kinds(seed=args.seed, epochs=args.epochs)))
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def counted(count: int, noun: str) -> str:
+    """``"1 thread"``, ``"2 threads"``: a count and its noun, plural unless the count is one."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-align text, right-align numbers; one header rule."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]

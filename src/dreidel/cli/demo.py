@@ -13,7 +13,7 @@ import torch
 
 from dreidel._extras import require_extras
 from dreidel.cli._args import seed
-from dreidel.cli._table import format_table
+from dreidel.cli._table import counted, format_table
 from dreidel.cli.demo_mnist import mnist_step
 from dreidel.cli.demo_whisper import whisper_step
 
@@ -32,7 +32,7 @@ def transform_step(seed: int) -> None:
     from dreidel._timing import median_seconds
 
     generator = torch.Generator().manual_seed(seed)
-    print(f"The Walsh-Hadamard transform (native core: {dr.best_isa()}, {torch.get_num_threads()} threads)")
+    print(f"The Walsh-Hadamard transform (native core: {dr.best_isa()}, {counted(torch.get_num_threads(), 'thread')})")
     rows = []
     for length in (8, 384, 1024, 1536, 4096):
         x = torch.randn(16, length, dtype=torch.float64, generator=generator)
@@ -47,7 +47,8 @@ def transform_step(seed: int) -> None:
         x = torch.randn(batch, length, generator=generator)
         t_native = median_seconds(lambda: dr.fwht(x), repeats=5)
         t_torch = median_seconds(lambda: dr.fwht_reference(x), repeats=3)
-        t_dense = median_seconds(lambda: x @ dr.hadamard_matrix(length, torch.float32), repeats=3)
+        hadamard = dr.hadamard_matrix(length, torch.float32)  # built once: only the product is timed
+        t_dense = median_seconds(lambda: x @ hadamard, repeats=3)
         rows.append((f"{batch} x {length}", t_native * 1e3, t_torch / t_native, t_dense / t_native))
     print(format_table(["rows x length", "dreidel ms", "x vs PyTorch butterfly", "x vs dense matmul"], rows))
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dreidel.cli._table import counted, format_table
+
 __all__ = ["MnistResult", "build_mnist_mlp", "compare_linear_kinds", "format_results", "mnist_step"]
 
 HIDDEN_WIDTH = 1024
@@ -74,8 +76,6 @@ def compare_linear_kinds(seed: int = 0, epochs: int = EPOCHS) -> list[MnistResul
 
 
 def format_results(results: list[MnistResult]) -> str:
-    from dreidel.cli._table import format_table
-
     dense_hidden = results[0].hidden_parameters
     rows = [(r.name, 100 * r.test_accuracy, r.hidden_parameters, f"{dense_hidden / r.hidden_parameters:.0f}x",
              r.total_parameters, r.train_seconds) for r in results]
@@ -85,5 +85,5 @@ def format_results(results: list[MnistResult]) -> str:
 def mnist_step(seed: int) -> None:
     """Print the comparison table (the ``dreidel demo`` step)."""
     print(f"Spectral MLP on MNIST-5k (784-1024-1024-10, {EPOCHS} epochs of Adam, "
-          f"4,000 train / 1,000 test digits, {torch.get_num_threads()} threads)")
+          f"4,000 train / 1,000 test digits, {counted(torch.get_num_threads(), 'thread')})")
     print(format_results(compare_linear_kinds(seed)))
