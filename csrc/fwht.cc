@@ -511,7 +511,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
   if (p.rows <= 0 || p.n <= 0) return;
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
   const FwhtKernels<T>& k = kernels_for(isa, T());
-  threads = std::max(1, threads);
+  threads = usable_threads(threads);
   if (p.rows * p.n < kMinParallelElements) threads = 1;
   const int64_t chunk = p.n / p.m;  // the power-of-two part
   const bool from_memory = p.rows * p.n * int64_t(sizeof(T)) >= kPipelineMinBytes;
@@ -538,7 +538,8 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
   }
 
   const MixPlan<T> plan = make_plan(p.m, p.hadamard_m);
-  // Fewer long rows than threads: all threads work inside one row at a time.
+  // Fewer long rows than threads: all threads work inside one row at a time, a leaf each at least.
+  threads = static_cast<int>(std::min<int64_t>(threads, chunk * int64_t(sizeof(T)) / kLeafBytes));
   for (int64_t r = 0; r < p.rows; ++r) {
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;

@@ -25,6 +25,15 @@ struct FwhtProblem {
   T scale;             // applied to every output (1/sqrt(n) for the orthonormal transform)
 };
 
+// The most threads one call starts: more than any CPU dreidel runs on has hardware threads. A larger count
+// (torch.set_num_threads(10**6), say) is taken as this many; libgomp would abort the process creating them.
+constexpr int kMaxThreads = 1024;
+
+// `requested` within [1, kMaxThreads].
+constexpr int usable_threads(int requested) {
+  return requested < 1 ? 1 : requested > kMaxThreads ? kMaxThreads : requested;
+}
+
 // Returns an error message for a malformed problem, or nullptr when it is valid.
 const char* fwht_check(int64_t n, int m);
 

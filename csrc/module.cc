@@ -50,6 +50,13 @@ template <class T>
 void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T> hadamard_m, double scale,
                   int threads, const std::string& isa, int64_t l2_bytes, int l1d_ways) {
   if (src.size() != dst.size()) throw std::invalid_argument("src and dst must have the same number of elements");
+  for (const void* address : {static_cast<const void*>(src.data()), static_cast<const void*>(dst.data()),
+                              static_cast<const void*>(hadamard_m.data())})
+    if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0)
+      throw std::invalid_argument("src, dst and hadamard_m must be aligned to the element size");
+  const T* src_end = src.data() + src.size();
+  if (src.data() != dst.data() && src.data() < dst.data() + dst.size() && dst.data() < src_end)
+    throw std::invalid_argument("src and dst overlap without being the same buffer");
   if (n <= 0 || src.size() % static_cast<size_t>(n) != 0)
     throw std::invalid_argument("the buffer size must be a multiple of n");
   const int64_t m = hadamard_m.ndim() == 2 ? static_cast<int64_t>(hadamard_m.shape(0)) : -1;
@@ -190,7 +197,8 @@ NB_MODULE(_C, m) {
   const char* fwht_doc =
       "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto', l2_bytes=-1, l1d_ways=-1)\n\n"
       "dst = scale * (H_m kron H_{n/m}) src for every contiguous row of length n. src and dst are\n"
-      "C-contiguous CPU buffers of equal size (they may be the same buffer); hadamard_m is m x m.\n"
+      "C-contiguous CPU buffers of equal size (the same buffer, or apart); hadamard_m is m x m. Their memory is\n"
+      "read as it is: a torch tensor's lazy negation or conjugation bit is not seen (dreidel.fwht resolves it).\n"
       "l2_bytes and l1d_ways (-1: this CPU's) choose the passes another CPU would take, for tests.";
   m.def("fwht", &fwht_binding<float>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", nb::arg("l2_bytes") = -1,

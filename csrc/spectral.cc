@@ -39,7 +39,7 @@ using Acc = double;  // parameter gradients are sums over rows: accumulate them 
 
 int threads_for(int64_t rows, int64_t units, int threads) {
   if (rows * units < kMinParallelValues) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(usable_threads(threads), rows)));
 }
 
 // Tables built once per call and shared by every thread: where each entry of a stage reads from, and the

@@ -205,6 +205,34 @@ def test_long_rows_give_the_same_transform_on_every_cache_geometry(geometry, isa
         torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=2e-5)
 
 
+def test_the_binding_refuses_partly_overlapping_or_misaligned_buffers():
+    """Only the sizes used to be compared: a dst 4 elements past src transformed wrong without a word, and a
+    float32 buffer at an odd address reached the kernels' typed loads."""
+    import numpy as np
+
+    h = np.ones((1, 1))
+    memory = np.random.default_rng(0).standard_normal(20)
+    with pytest.raises(ValueError, match="src and dst overlap without being the same buffer"):
+        native.fwht(memory[:16], memory[4:], 16, h, 1.0, 1)
+    native.fwht(memory[:16], memory[:16], 16, h, 1.0, 1)  # in place is fine
+    odd = np.frombuffer(bytearray(8 * 4 + 1), dtype=np.float32, offset=1)
+    with pytest.raises(ValueError, match="aligned to the element size"):
+        native.fwht(odd, odd, 8, np.ones((1, 1), np.float32), 1.0, 1)
+
+
+def test_a_huge_thread_count_is_capped():
+    """Threads sharing one long row used to be started as asked: 2**31 - 1 made libgomp abort the process
+    ('Out of memory allocating 463856469096 bytes'), 100000 crashed it (run in a child, which would die)."""
+    import subprocess
+
+    program = ("import math, torch; from dreidel._native import native; import dreidel as dr\n"
+               "x = torch.randn(1, 1 << 15); out = x.clone()\n"
+               "native.fwht(out, out, 1 << 15, torch.ones(1, 1), 1.0, 2**31 - 1)\n"
+               "assert torch.allclose(out, dr.fwht_reference(x, normalized=False), rtol=1e-4, atol=1e-3)\n")
+    child = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+
+
 def test_cache_geometry_override_is_checked():
     h = small_hadamard(1, torch.float32)
     with pytest.raises(ValueError, match="l2_bytes"):
