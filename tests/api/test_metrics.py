@@ -57,3 +57,19 @@ def test_accuracy_is_an_exact_fraction():
     output = torch.zeros(1000, 2)
     output[:931, 1] = 1.0
     assert Accuracy()(output, torch.ones(1000, dtype=torch.long)) == 0.931  # a float32 mean gave 0.93099999...
+
+
+def test_labels_as_a_column_and_ties_count_like_sklearn():
+    """(N, 1) integer labels used to be arg-maxed over their one column (always class 0: accuracy 0.705 for a
+    true 0.32); equal outputs were ranked as topk ranks them (index 8 of 10 first), so a model with a constant
+    head scored 0.0 where argmax and scikit-learn give 1.0."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(100, 4, generator=generator)
+    labels = torch.randint(0, 4, (100,), generator=generator)
+    expected = _numpy_top_k(scores.numpy(), labels.numpy(), 1)
+    assert Accuracy()(scores, labels.unsqueeze(1)) == pytest.approx(expected)
+    tied = torch.zeros(6, 10)
+    assert Accuracy()(tied, torch.zeros(6, dtype=torch.long)) == 1.0
+    assert TopKAccuracy(3)(tied, torch.full((6,), 2)) == 1.0 and TopKAccuracy(3)(tied, torch.full((6,), 3)) == 0.0
+    with pytest.raises(ValueError, match=r"targets of shape \(100, 3\) are neither labels nor scores"):
+        Accuracy()(scores, torch.rand(100, 3, generator=generator))

@@ -44,6 +44,26 @@ def test_stratified_split_rejects_fractions_outside_the_open_unit_interval(test_
         stratified_split(np.array([0, 1, 0, 1]), test_fraction, seed=0)
 
 
+@pytest.mark.parametrize("test_fraction, expected", [(0.1, 5), (0.5, 25), (0.3, 15)])
+def test_stratified_split_takes_the_fraction_asked_of_many_small_classes(test_fraction, expected):
+    """5 samples in each of 10 classes: rounding each class alone gave no test sample at 0.1 and 20 at 0.5."""
+    labels = np.repeat(np.arange(10), 5)
+    train, test = stratified_split(labels, test_fraction, seed=0)
+    assert len(test) == expected and len(train) == 50 - expected
+    assert np.bincount(labels[test], minlength=10).max() <= np.ceil(test_fraction * 5)
+
+
+@pytest.mark.parametrize("labels, test_fraction, message", [
+    (np.array([[0, 1], [1, 0]]), 0.5, r"labels: expected an array of shape \(N,\), got shape \(2, 2\)"),
+    (np.array([0, 1, 2]), 0.1, "leaves no test samples"),
+    (np.array([0, 1, 2]), 0.9, "leaves no training samples"),
+])
+def test_stratified_split_refuses_labels_of_another_rank_and_empty_parts(labels, test_fraction, message):
+    """2-D labels gave indices past the samples; a fraction too small for the data an empty test part."""
+    with pytest.raises(ValueError, match=message):
+        stratified_split(labels, test_fraction, seed=0)
+
+
 def test_stratified_split_partitions_every_index_once():
     labels = np.repeat(np.arange(3), 10)
     train, test = stratified_split(labels, 0.2, seed=1)

@@ -96,3 +96,10 @@ def test_a_bad_width_is_refused_for_every_kind(kind, widths, error, message):
     """nn.Linear's own error for -3 was torch's "negative dimension"."""
     with pytest.raises(error, match=message):
         build_linear(kind, *widths)
+
+
+@pytest.mark.parametrize("kind", [["wht"], None, 3])
+def test_a_kind_that_is_not_a_name_lists_the_known_kinds(kind):
+    """A list used to fail with 'unhashable type: list'."""
+    with pytest.raises(ValueError, match=r"unknown linear kind .*known kinds: .*dense"):
+        build_linear(kind, 4, 3)

@@ -16,11 +16,12 @@ SPLITS = ("train", "test", "all")
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a stratified train/test split, each shuffled.
 
-    Every class contributes ``round(test_fraction * class_count)`` samples to the test part, so class
-    proportions match in both parts. The same ``seed`` always gives the same split.
+    The test part holds ``round(test_fraction * N)`` samples, shared among the classes by largest remainder
+    (each class gives ``test_fraction * class_count`` rounded down or up), so class proportions match in both
+    parts. The same ``seed`` always gives the same split. A split that leaves either part empty is refused.
 
     Args:
-        labels: int array of shape ``(N,)``.
+        labels: int array of shape ``(N,)`` (``ValueError`` for another rank).
         test_fraction: in (0, 1).
         seed: seed of the numpy ``Generator`` that draws the permutations.
 
@@ -29,11 +30,23 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels: expected an array of shape (N,), got shape {labels.shape}")
     rng = np.random.default_rng(check_seed(seed))
+    classes, counts = np.unique(labels, return_counts=True)
+    # Each class's share of round(test_fraction * N) by largest remainder, so that the test part has that many
+    # samples (rounding each class alone gave 20 of 50 at 0.5 with 5 per class, or none at 0.1).
+    exact = test_fraction * counts
+    n_tests = np.floor(exact).astype(np.int64)
+    short = int(round(test_fraction * len(labels))) - int(n_tests.sum())
+    n_tests[np.argsort(-(exact - n_tests), kind="stable")[:max(short, 0)]] += 1
+    if n_tests.sum() == 0 or n_tests.sum() == len(labels):
+        raise ValueError(f"test_fraction={test_fraction} of {len(labels)} samples leaves "
+                         f"{'no test' if n_tests.sum() == 0 else 'no training'} samples")
     train_parts, test_parts = [], []
-    for label in np.unique(labels):
+    for label, n_test in zip(classes, n_tests):
         members = rng.permutation(np.flatnonzero(labels == label))
-        n_test = int(round(test_fraction * len(members)))
         test_parts.append(members[:n_test])
         train_parts.append(members[n_test:])
     train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)

@@ -68,7 +68,7 @@ def build_linear(kind: str, in_features: int | None, out_features: int, bias: bo
     """
     if type(bias) is not bool:
         _refuse_flags(bias=bias)
-    if kind not in _LINEAR_KINDS:
+    if not isinstance(kind, str) or kind not in _LINEAR_KINDS:
         raise ValueError(f"unknown linear kind {kind!r}; known kinds: {', '.join(linear_kinds())}")
     in_features = _as_width("in_features", in_features, allow_none=True)  # every kind, before torch's own errors
     out_features = _as_width("out_features", out_features, allow_none=False)
