@@ -196,16 +196,23 @@ CONFIG, TENSORS = "config.json", "model.safetensors"
         (_set_arg(2, "dtype", "float16"), r"layers\[2\] named '2': Linear argument 'dtype' is not allowed", CONFIG),
         (_set_arg(0, "generator", 0), "argument 'generator' is not allowed", CONFIG),
         (_set_arg(0, "in_features", None), r"layers\[0\] named '0' \(LinearWHT\).*lazy layer", CONFIG),
-        (_set_arg(2, "in_features", None), r"layers\[2\] named '2' \(Linear\): cannot build Linear", CONFIG),
-        (_set_arg(2, "bias", "yes"), r"Linear argument 'bias' must be bool \(or null\), got 'yes'", CONFIG),
-        (_set_arg(2, "in_features", 32.5), r"layers\[2\] named '2' \(Linear\): cannot build Linear", CONFIG),
-        (lambda c: c.__setitem__("input_shape", [65]), r"'input_shape' \[65\] does not fit the layers", CONFIG),
+        (_set_arg(2, "in_features", None), r"layers\[2\] named '2': Linear argument 'in_features' must be int, got None",
+         CONFIG),
+        (_set_arg(2, "bias", "yes"), r"Linear argument 'bias' must be bool, got 'yes'", CONFIG),
+        (_set_arg(2, "in_features", 32.5), r"layers\[2\] named '2': Linear argument 'in_features' must be int, got 32.5",
+         CONFIG),
+        (_set_arg(0, "out_features", [10, 2]), r"LinearWHT argument 'out_features' must be int or null, got \[10, 2\]",
+         CONFIG),
+        (_set_arg(0, "_generator", 1), r"cannot build LinearWHT: unknown argument '_generator'", CONFIG),
+        (lambda c: c.__setitem__("input_shape", [1] * 40), "'input_shape' has 40 dimensions; at most 32", CONFIG),
+        (lambda c: c.__setitem__("input_shape", [65]), r"the layers do not run on 'input_shape' \[65\]", CONFIG),
         (lambda c: c.__setitem__("input_shape", "64"), "'input_shape' must be null or a list of positive ints", CONFIG),
         (lambda c: c.__setitem__("input_shape", [0]), "'input_shape' must be null or a list of positive ints", CONFIG),
     ],
     ids=["unknown-type", "no-layers", "no-args", "mis-shaped", "missing-tensor", "unexpected-tensor", "unknown-arg",
          "format", "version-bool", "version-float", "unknown-config-key", "unknown-spec-key", "bad-activation", "device", "dtype", "generator",
-         "lazy", "null-width", "bool-type", "float-width", "input-shape-misfit", "input-shape-type", "input-shape-zero"],
+         "lazy", "null-width", "bool-type", "float-width", "list-width", "private-arg", "input-shape-rank",
+         "input-shape-misfit", "input-shape-type", "input-shape-zero"],
 )
 def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message, file):
     model = _small_model("wht").build((64,))
@@ -295,7 +302,7 @@ def test_layers_that_cannot_be_built_on_meta_are_checked_after_building(tmp_path
     x = torch.randn(2, 3)
     assert torch.equal(api.load(path).predict(x), model.predict(x))
     _edit_config(path, lambda c: c.__setitem__("input_shape", [5]))
-    with pytest.raises(ValueError, match=r"config.json: 'input_shape' \[5\] does not fit the layers"):
+    with pytest.raises(ValueError, match=r"config.json: the layers do not run on 'input_shape' \[5\]"):
         api.load(path)
     _edit_config(path, lambda c: c.update(input_shape=[3]) or c["layers"][1]["args"].update(width=6))
     with pytest.raises(ValueError, match=r"model.safetensors tensor '1.weight' has shape \(4,\)"):
@@ -368,7 +375,7 @@ def test_layers_built_for_real_share_one_allowance(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("layer, args, message", [
     (nn.Embedding(10, 4), {"padding_idx": 50}, "cannot build Embedding .* Padding_idx must be within num_embeddings"),
-    (nn.Flatten(), {"start_dim": 7}, r"'input_shape' \[4\] does not fit the layers: Dimension out of range"),
+    (nn.Flatten(), {"start_dim": 7}, r"the layers do not run on 'input_shape' \[4\]: Dimension out of range"),
 ])
 def test_arguments_torch_refuses_with_other_errors_are_named_with_the_file(tmp_path, layer, args, message):
     """torch refuses some doctored arguments with an AssertionError or an IndexError; load let them through bare."""
@@ -1102,5 +1109,26 @@ def test_a_bad_frozen_list_is_refused_at_load(tmp_path, frozen, message):
     path = api.Sequential(nn.Linear(4, 2)).build((4,)).save(tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "frozen": frozen}))
+    with pytest.raises(ValueError, match=message):
+        api.load(path)
+
+
+@pytest.mark.parametrize("layer, args, message", [
+    (nn.Embedding(10, 4), {"_weight": "abc"}, r"cannot build Embedding: unknown argument '_weight'"),
+    (nn.Embedding(10, 4), {"_freeze": True}, r"cannot build Embedding: unknown argument '_freeze'"),
+    (nn.Embedding(10, 4), {"max_norm": "abc"}, r"Embedding argument 'max_norm' must be float or null, got 'abc'"),
+    (nn.Flatten(), {"start_dim": [1, 2]}, r"Flatten argument 'start_dim' must be int, got \[1, 2\]"),
+    (nn.Softmax(dim=-1), {"dim": {"a": 1}}, r"Softmax argument 'dim' must be int or null, got \{'a': 1\}"),
+    (Conv2dSpectral(3, 4), {"kernel_size": [3, 3, 3]},
+     r"Conv2dSpectral argument 'kernel_size' must be int or a list of 2 int, got \[3, 3, 3\]"),
+], ids=["private-weight", "private-freeze", "max-norm", "flatten-list", "softmax-dict", "kernel-rank"])
+def test_arguments_are_checked_against_the_constructors_annotations(tmp_path, layer, args, message):
+    """Arguments whose default is None went unchecked, and an int accepted any list: such a model loaded and
+    failed at its first forward; Embedding's private _weight failed with an AttributeError, and _freeze froze it."""
+    path = api.Sequential(layer).save(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["layers"][0]["args"].update(args)
+    config["input_shape"] = None
+    (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         api.load(path)

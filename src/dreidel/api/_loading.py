@@ -28,6 +28,7 @@ __all__ = ["BuildBudget", "LayerPlan", "build_within_tensor_file", "check_config
 
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
 OPTIONAL_CONFIG_KEYS = ("input_dtype", "frozen")  # absent: floating inputs; every parameter trainable
+MAX_INPUT_DIMS = 32  # dimensions of one sample in a config's input_shape (a hand-made file could list 200,000)
 # Integer inputs a model can be built for (token or class indices, e.g. an nn.Embedding first).
 INPUT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
                 "uint8": torch.uint8}
@@ -67,7 +68,10 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
     if input_shape is not None and (
             not isinstance(input_shape, list)
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)):
-        raise ValueError(f"{where}: 'input_shape' must be null or a list of positive ints, got {input_shape!r}")
+        raise ValueError(f"{where}: 'input_shape' must be null or a list of positive ints, got {input_shape!r:.80}")
+    if input_shape is not None and len(input_shape) > MAX_INPUT_DIMS:
+        raise ValueError(f"{where}: 'input_shape' has {len(input_shape)} dimensions; at most {MAX_INPUT_DIMS} are "
+                         "supported")
     plans = []
     for index, (name, spec) in enumerate(zip(_layer_names(specs, where), specs)):
         layer_where = f"{where} layers[{index}] named {name!r}"
@@ -106,7 +110,7 @@ def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:
             with torch.device("meta"):
                 layer = plan.cls(**plan.args)
         # the constructor refused the arguments (torch asserts some: Embedding's padding_idx in range)
-        except (TypeError, ValueError, IndexError, AssertionError) as error:
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError) as error:
             raise ValueError(f"{plan.where}: cannot build {plan.cls.__name__} from args {plan.args}: {error}") from error
         except RuntimeError:  # e.g. .item() or an operator without a meta kernel: built for real within the
             layers.append(None)  # tensor file's size (build_within_tensor_file) and checked after that
@@ -161,7 +165,7 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
     except NotImplementedError:
         return  # a layer without meta kernels: the shapes were checked against the tensor file already
     except (RuntimeError, ValueError, TypeError, IndexError) as error:  # IndexError: a dim argument out of range
-        raise ValueError(f"{where}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
+        raise ValueError(f"{where}: the layers do not run on 'input_shape' {list(input_shape)}: {error}") from error
 
 
 # What the layers built for real may create, all together, beyond twice the bytes the tensor file holds for each:

@@ -8,8 +8,11 @@ registry of classes (never imports or evaluates anything named in the file) and 
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
@@ -105,9 +108,10 @@ SPEC_KEYS = ("name", "type", "args")
 def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Module], dict[str, Any]]:
     """Check a spec before anything is built: its keys, a registered ``type``, and ``args`` against the constructor.
 
-    Every argument must be a parameter of the constructor (not ``device`` / ``dtype`` / ``generator``), and where
-    the constructor's default is a bool, an int (or tuple of ints), a float or a string the value must be of that
-    type (or null). An argument named ``*_kwargs`` (``linear_kwargs``) must be a JSON object or null without
+    Every argument must be a public parameter of the constructor (not ``device`` / ``dtype`` / ``generator``, nor
+    one named with a leading underscore, such as Embedding's ``_weight``), and its value must fit the
+    constructor's annotation (``int | None``, ``tuple[int, int]`` as a JSON list of two ints, ...); where there is
+    none, the default's type decides (a bool, an int or list of ints, a float or a string, or null). An argument named ``*_kwargs`` (``linear_kwargs``) must be a JSON object or null without
     ``device`` / ``dtype`` / ``generator`` keys. The constructor itself (run on the meta device by
     ``dreidel.load``) judges the rest.
 
@@ -134,21 +138,87 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
     parameters = {name: parameter for name, parameter in inspect.signature(cls).parameters.items()
                   if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
     allowed = sorted(set(parameters) - set(REFUSED_ARGS))
+    annotations = _annotations_of(cls)
     for key, value in args.items():
         if key in REFUSED_ARGS:
             raise ValueError(f"{where}: {type_name} argument {key!r} is not allowed in a checkpoint (models load on "
                              "the CPU with the dtypes their tensors were saved in; move them with .to() afterwards)")
-        if key not in parameters:
-            raise ValueError(f"{where}: cannot build {type_name}: unknown argument {key!r} (allowed: {allowed})")
+        if key not in parameters or key.startswith("_"):  # private ones (Embedding's _weight, _freeze) too
+            raise ValueError(f"{where}: cannot build {type_name}: unknown argument {key!r:.80} (allowed: "
+                             f"{[name for name in allowed if not name.startswith('_')]})")
         if key.endswith("_kwargs"):
             _check_nested_kwargs(value, f"{where}: {type_name} argument {key!r}")
             continue
-        expected = _expected_json_type(parameters[key].default)
-        if value is not None and expected is not None and not _is_json_type(value, expected):
-            allowed_types = "int or a list of ints" if expected is int else expected.__name__
-            raise ValueError(f"{where}: {type_name} argument {key!r} must be {allowed_types} (or null), "
-                             f"got {value!r}")
+        accepted = _annotation_accepts(value, annotations.get(key, inspect.Parameter.empty))
+        if accepted is False:
+            raise ValueError(f"{where}: {type_name} argument {key!r} must be {_describe(annotations[key])}, "
+                             f"got {value!r:.80}")
+        if accepted is None:  # no usable annotation: judged by the default's type
+            expected = _expected_json_type(parameters[key].default)
+            if value is not None and expected is not None and not _is_json_type(value, expected):
+                allowed_types = "int or a list of ints" if expected is int else expected.__name__
+                raise ValueError(f"{where}: {type_name} argument {key!r} must be {allowed_types} (or null), "
+                                 f"got {value!r:.80}")
     return cls, args
+
+
+def _annotations_of(cls: type[nn.Module]) -> dict[str, Any]:
+    """The constructor's parameter annotations, evaluated (``{}`` where they cannot be)."""
+    try:
+        return {name: p.annotation for name, p in inspect.signature(cls, eval_str=True).parameters.items()}
+    except (NameError, TypeError, SyntaxError, AttributeError):
+        return {}
+
+
+def _annotation_accepts(value: Any, annotation: Any) -> bool | None:
+    """Whether the JSON ``value`` fits the constructor's ``annotation`` (``int | None``, ``tuple[int, int]``,
+    ``list[int]``, ``torch.Size``, ...): True, False, or None where the annotation says nothing usable."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return None
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if members:
+        verdicts = [_annotation_accepts(value, member) for member in members]
+        return True if True in verdicts else None if None in verdicts else False
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return (isinstance(value, int) or (annotation is float and isinstance(value, float))) and \
+            not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is torch.Size:
+        return isinstance(value, list) and all(_annotation_accepts(v, int) for v in value)
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple):  # JSON has lists only
+        if not isinstance(value, list):
+            return False
+        if origin is tuple and items and items[-1] is not Ellipsis and len(items) != len(value):
+            return False
+        item = items[0] if items else Any
+        return all(_annotation_accepts(v, item) is not False for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):  # a tensor, a generator, a device: nothing JSON holds
+        return False
+    return None
+
+
+def _describe(annotation: Any) -> str:
+    """``int | None`` as "int or null", ``tuple[int, int]`` as "a list of 2 int", for messages."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if members:
+        return " or ".join(_describe(member) for member in members)
+    if annotation is type(None):
+        return "null"
+    if annotation is torch.Size:
+        return "a list of int"
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple):
+        fixed = origin is tuple and items and items[-1] is not Ellipsis
+        return f"a list of {len(items) if fixed else ''}{' ' if fixed else ''}{_describe(items[0]) if items else 'values'}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _check_nested_kwargs(value: Any, where: str) -> None:
@@ -194,5 +264,6 @@ def construct_layer(cls: type[nn.Module], args: dict[str, Any], where: str) -> n
         return cls(**args)
     except NotImplementedError:  # an operator missing on this device (e.g. meta), not a bad argument
         raise
-    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:  # torch asserts some
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, AssertionError) as error:
+        # torch asserts some; a value of an unexpected type fails as the constructor first uses it
         raise ValueError(f"{where}: cannot build {cls.__name__} from args {args}: {error}") from error

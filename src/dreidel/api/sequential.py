@@ -545,7 +545,7 @@ def _load_from(files: CheckpointFiles) -> Sequential:
         try:
             model.build(input_shape, input_dtype)
         except ValueError as error:
-            raise ValueError(f"{config_file}: 'input_shape' {list(input_shape)} does not fit the layers: {error}") from error
+            raise ValueError(f"{config_file}: the layers do not run on 'input_shape' {list(input_shape)}: {error}") from error
     model.input_shape, model.input_dtype = input_shape, input_dtype
     parameters = dict(model.named_parameters())
     for name in config.get("frozen", []):
