@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from _whisper_helpers import mel_of, speech_clips
@@ -203,6 +204,10 @@ def test_options_are_validated(tiny_en):
     with pytest.raises(ValueError, match=r"beam_size must be an int in \[1, 64\], got 100000"):
         DecodingOptions(prompt=(1,), eot=2, beam_size=100_000)  # a KV cache of 100,000 beams: out of memory
     assert DecodingOptions(prompt=(1,), eot=2, beam_size=64).beam_size == 64
+    numpy_ints = DecodingOptions(prompt=(1,), eot=2, beam_size=np.int64(2), max_new_tokens=np.int32(50))
+    assert (numpy_ints.beam_size, numpy_ints.max_new_tokens) == (2, 50)  # refused, as 'must be an int', before
+    assert type(numpy_ints.beam_size) is int and type(numpy_ints.max_new_tokens) is int
+    assert transcribe(tiny_en, torch.zeros(8000), batch_size=np.int64(2)).text == transcribe(tiny_en, torch.zeros(8000)).text
     with pytest.raises(ValueError, match="English-only"):
         tiny_en.tokenizer.prompt("de")
     assert tiny_en.tokenizer.prompt(" EN ") == tiny_en.tokenizer.prompt("en")  # codes in any case

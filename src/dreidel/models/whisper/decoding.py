@@ -59,13 +59,15 @@ class DecodingOptions:
             _check_token_ids(name, ids)
         if not self.prompt:
             raise ValueError("prompt must hold at least <|startoftranscript|>")
-        if (not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool)
+        if (not isinstance(self.beam_size, numbers.Integral) or isinstance(self.beam_size, bool)
                 or not 1 <= self.beam_size <= MAX_BEAM_SIZE):
             # the cap: the decoder's KV cache grows with batch x beams, and a huge beam is an out-of-memory crash
             raise ValueError(f"beam_size must be an int in [1, {MAX_BEAM_SIZE}], got {self.beam_size!r}")
-        if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
+        if (not isinstance(self.max_new_tokens, numbers.Integral) or isinstance(self.max_new_tokens, bool)
                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name in ("beam_size", "max_new_tokens"):  # numpy's ints too, kept as Python ints (frozen: by hand)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.timestamp_begin is not None:
             if (not isinstance(self.timestamp_begin, int) or isinstance(self.timestamp_begin, bool)
                     or self.timestamp_begin <= self.eot):

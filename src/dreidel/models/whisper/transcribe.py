@@ -576,8 +576,9 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     if not isinstance(recognizer, WhisperRecognizer):
         raise TypeError(f"recognizer must be a WhisperRecognizer (from load), got {type(recognizer).__name__}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     for name, flag in (("fallback", fallback), ("timestamps", timestamps)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
