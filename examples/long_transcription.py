@@ -59,7 +59,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     audio, starts = speech_with_pauses(args.sentences, args.seed)
     recognizer = whisper.load("tiny.en")
-    print(f"{audio.numel() / 16000:.1f} s of speech, {len(starts)} sentences, {counted(torch.get_num_threads(), 'thread')}\n")
+    threads = counted(torch.get_num_threads(), "thread")
+    print(f"{audio.numel() / 16000:.1f} s of speech, {len(starts)} sentences, {threads}\n")
     print("spoken:")
     for start, text in starts:
         print(f"  {start:7.2f}  {text}")

@@ -32,7 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"MNIST-5k, 784-1024-1024-10 MLP, {counted(args.epochs, 'epoch')}, {counted(torch.get_num_threads(), 'thread')}")
+    threads = counted(torch.get_num_threads(), "thread")
+    print(f"MNIST-5k, 784-1024-1024-10 MLP, {counted(args.epochs, 'epoch')}, {threads}")
     print(format_results(compare_linear_kinds(seed=args.seed, epochs=args.epochs)))
 
 

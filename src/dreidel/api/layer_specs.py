@@ -111,9 +111,9 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
     Every argument must be a public parameter of the constructor (not ``device`` / ``dtype`` / ``generator``, nor
     one named with a leading underscore, such as Embedding's ``_weight``), and its value must fit the
     constructor's annotation (``int | None``, ``tuple[int, int]`` as a JSON list of two ints, ...); where there is
-    none, the default's type decides (a bool, an int or list of ints, a float or a string, or null). An argument named ``*_kwargs`` (``linear_kwargs``) must be a JSON object or null without
-    ``device`` / ``dtype`` / ``generator`` keys. The constructor itself (run on the meta device by
-    ``dreidel.load``) judges the rest.
+    none, the default's type decides (a bool, an int or list of ints, a float or a string, or null). An argument
+    named ``*_kwargs`` (``linear_kwargs``) must be a JSON object or null without ``device`` / ``dtype`` /
+    ``generator`` keys. The constructor itself (run on the meta device by ``dreidel.load``) judges the rest.
 
     Returns:
         ``(cls, args)``.
@@ -217,7 +217,8 @@ def _describe(annotation: Any) -> str:
     origin, items = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (list, tuple):
         fixed = origin is tuple and items and items[-1] is not Ellipsis
-        return f"a list of {len(items) if fixed else ''}{' ' if fixed else ''}{_describe(items[0]) if items else 'values'}"
+        count = f"{len(items)} " if fixed else ""
+        return f"a list of {count}{_describe(items[0]) if items else 'values'}"
     return getattr(annotation, "__name__", str(annotation))
 
 

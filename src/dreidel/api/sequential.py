@@ -151,7 +151,8 @@ class Sequential(nn.Sequential):
             first = next((m for m in self.modules() if not list(m.children())), None)
             hint = (" (the first layer is an nn.Embedding, which takes integer indices: give an integer dtype, "
                     "e.g. build(input_shape, torch.int64))" if isinstance(first, nn.Embedding) else "")
-            raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}{hint}") from error
+            raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}{hint}"
+                             ) from error
         finally:
             self.train(was_training)
 
@@ -545,7 +546,8 @@ def _load_from(files: CheckpointFiles) -> Sequential:
         try:
             model.build(input_shape, input_dtype)
         except ValueError as error:
-            raise ValueError(f"{config_file}: the layers do not run on 'input_shape' {list(input_shape)}: {error}") from error
+            raise ValueError(f"{config_file}: the layers do not run on 'input_shape' {list(input_shape)}: "
+                             f"{error}") from error
     model.input_shape, model.input_dtype = input_shape, input_dtype
     parameters = dict(model.named_parameters())
     for name in config.get("frozen", []):

@@ -410,7 +410,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         They are derived from ``permutation``: for the call only where it was replaced (``functional_call`` with
         another layer's state dict, under ``vmap`` too), and rebuilt and kept where its values changed since
         they were built: in place (its version counter), or, on the CPU, through ``.data`` or a NumPy view,
-        which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features). Indices supplied together with it
+        which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features).
+        Indices supplied together with it
         (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given. Under
         ``torch.compile`` none of those checks can be traced (a compiled module would keep the indices of the
         permutation it was traced with), so the graph derives the indices from ``permutation`` on every call:

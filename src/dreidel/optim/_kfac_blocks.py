@@ -181,7 +181,8 @@ class Block:
             n = shape[0]
             inverse, eigen = saved.get(f"inv_{key}"), saved.get(f"eig_{key}")
             low_rank = isinstance(inverse, tuple) and len(inverse) == 3
-            k = inverse[0].shape[1] if low_rank and isinstance(inverse[0], torch.Tensor) and inverse[0].dim() == 2 else -1
+            basis = inverse[0] if low_rank else None
+            k = basis.shape[1] if isinstance(basis, torch.Tensor) and basis.dim() == 2 else -1
             expected = ((n, n),) if not low_rank else ((n, k), (k,), ())
             if inverse is not None and any(_tensor_problem(part, want) for part, want in
                                            zip(inverse if low_rank else (inverse,), expected)):
@@ -189,7 +190,8 @@ class Block:
                         f"({n}, {n}) or a low-rank (U ({n}, k), d (k,), c ())")
             if eigen is not None and (not isinstance(eigen, tuple) or len(eigen) != 2 or any(
                     _tensor_problem(part, want) for part, want in zip(eigen, ((n,), (n, n))))):
-                return f"'eig_{key}' is not the eigenbasis of its ({n}, {n}) factor: (values ({n},), vectors ({n}, {n}))"
+                return (f"'eig_{key}' is not the eigenbasis of its ({n}, {n}) factor: (values ({n},), "
+                        f"vectors ({n}, {n}))")
         return None
 
     @staticmethod

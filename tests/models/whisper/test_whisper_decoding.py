@@ -207,7 +207,8 @@ def test_options_are_validated(tiny_en):
     numpy_ints = DecodingOptions(prompt=(1,), eot=2, beam_size=np.int64(2), max_new_tokens=np.int32(50))
     assert (numpy_ints.beam_size, numpy_ints.max_new_tokens) == (2, 50)  # refused, as 'must be an int', before
     assert type(numpy_ints.beam_size) is int and type(numpy_ints.max_new_tokens) is int
-    assert transcribe(tiny_en, torch.zeros(8000), batch_size=np.int64(2)).text == transcribe(tiny_en, torch.zeros(8000)).text
+    silence = torch.zeros(8000)
+    assert transcribe(tiny_en, silence, batch_size=np.int64(2)).text == transcribe(tiny_en, silence).text
     with pytest.raises(ValueError, match="English-only"):
         tiny_en.tokenizer.prompt("de")
     assert tiny_en.tokenizer.prompt(" EN ") == tiny_en.tokenizer.prompt("en")  # codes in any case
