@@ -199,7 +199,7 @@ def test_lbfgs_style_closure_without_backward_raises(name):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"dn_empirical"}))  # it never evaluates a closure
 def test_closure_that_calls_backward_after_a_normal_backward_raises(name):
     """The same LBFGS-style closure after a proper backward: it would rewrite the gradients mid-step."""
     model = make_model()
@@ -214,7 +214,7 @@ def test_closure_that_calls_backward_after_a_normal_backward_raises(name):
         with pytest.raises(ValueError, match="closure: it changed the parameters' gradients"):
             opt.step(closure)
         return
-    pytest.skip(f"{name} evaluates no closure within 12 steps")
+    pytest.fail(f"{name} evaluated no closure within 12 steps")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -325,6 +325,31 @@ def test_adaptive_damping_moves_and_stays_in_bounds():
     assert opt.damping != 1e-2 and 1e-4 <= opt.damping <= 1.0
 
 
+@pytest.mark.parametrize("worse_after", [1.0, 10.0], ids=["good-steps", "bad-steps"])
+def test_adaptive_damping_follows_the_reduction_ratio(worse_after):
+    """Levenberg-Marquardt (Martens & Grosse 2015, Sec. 6.5) on an exactly quadratic loss (linear least squares):
+    small steps reduce it as the model predicts (rho near 1), so the damping falls; a closure that reports the
+    loss after each step ten times worse (rho < 0) must make it rise. Only 'moved and stayed in bounds' used to be
+    checked: the rule inverted passed (a review's mutation)."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    opt = KFAC(model, lr=0.05, momentum=0.0, damping=1e-2, damping_every=1, kl_clip=None, min_damping=1e-8,
+               max_damping=1e4)
+    for _ in range(5):
+        evaluations = []
+
+        def closure():  # before the step (loss0), then after it (loss1)
+            evaluations.append(None)
+            return mse(model(x), y) * (worse_after if len(evaluations) == 2 else 1.0)
+
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step(closure)
+        assert len(evaluations) == 2
+    assert opt.damping < 1e-2 if worse_after == 1.0 else opt.damping > 1e-2
+
+
 def test_damped_inverse_matches_explicit_inverse_and_survives_non_pd(caplog):
     from dreidel.optim._kfac_blocks import damped_inverse
 
