@@ -267,6 +267,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return None
 
 
+def tensor_shape_problem(value, shape: tuple[int, ...]) -> str | None:
+    """How a saved state entry ``value`` (absent: None) differs from a tensor of ``shape``, or None."""
+    if value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(shape)):
+        return None
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def floating_to(value, dtype: torch.dtype, device: torch.device):
     """``value`` (a tensor, or a tuple of them and numbers) with its floating tensors in ``dtype`` on ``device``,
     copied (other tensors only moved)."""

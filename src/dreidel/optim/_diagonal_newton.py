@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from dreidel._checks import check_count, check_number
-from dreidel.optim._base import Closure, CurvatureOptimizer, all_finite, check_seed, named_model_parameters
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, named_model_parameters,
+                                 tensor_shape_problem)
 from dreidel.optim._capture import (
     ActivationCapture,
     curvature_dtype,
@@ -216,12 +217,9 @@ class DiagonalNewton(CurvatureOptimizer):
     def _saved_state_problem(self, p: torch.Tensor, saved: dict) -> str | None:
         """``exp_avg`` and ``curvature`` are tensors of the parameter's shape."""
         for key in ("exp_avg", "curvature"):
-            value = saved.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
-                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-                return f"{key!r} is {got}, expected a tensor of the parameter's shape {tuple(p.shape)}"
+            problem = tensor_shape_problem(saved.get(key), tuple(p.shape))
+            if problem is not None:
+                return f"{key!r} is {problem}, expected a tensor of the parameter's shape {tuple(p.shape)}"
         return None
 
     def _arm_capture(self) -> None:

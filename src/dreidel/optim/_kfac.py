@@ -23,6 +23,8 @@ from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
 logger = logging.getLogger("dreidel.optim")
+# The options of the default SGD base that K-FAC checks in its groups (add_param_group, and at every step)
+_GROUP_OPTIONS = ("lr", "momentum", "weight_decay")
 
 BaseFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -221,7 +223,7 @@ class KFAC(CurvatureOptimizer):
             super().add_param_group(param_group)
             return
         if isinstance(param_group, dict):
-            check_torch_options(param_group, ("lr", "momentum", "weight_decay"), prefix="param group ")
+            check_torch_options(param_group, _GROUP_OPTIONS, prefix="param group ")
         self.base.add_param_group(param_group)
         self.param_groups = self.base.param_groups
         self._name_new_parameters()
@@ -391,7 +393,7 @@ class KFAC(CurvatureOptimizer):
 
     def _check_group_options(self) -> None:
         for index, group in enumerate(self.param_groups):  # the base optimizer's groups
-            check_torch_options(group, ("lr", "momentum", "weight_decay"), prefix=f"param_groups[{index}].")
+            check_torch_options(group, _GROUP_OPTIONS, prefix=f"param_groups[{index}].")
 
     def _step(self, closure: Closure | None) -> None:
         step = self.progress["step"]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreidel.layers._curvature import PerSampleGradients
+from dreidel.optim._base import tensor_shape_problem
 from dreidel.optim._capture import LayerRecord, curvature_dtype, parameter_owners, squared_grad_sums
 
 logger = logging.getLogger("dreidel.optim")
@@ -145,13 +146,6 @@ def running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float, u
     return old.mul(rate).add_(new, alpha=1.0 - rate)
 
 
-def _tensor_problem(value, shape: tuple[int, ...]) -> str | None:
-    """How ``value`` (absent: None) differs from a tensor of ``shape``, or None."""
-    if value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(shape)):
-        return None
-    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
 class Block:
     """A layer K-FAC preconditions: its parameters, running factors (in ``state``) and the solve."""
 
@@ -173,7 +167,7 @@ class Block:
         shape here; an inverse formed from a square ``(n, n)`` factor must be ``(n, n)`` or a low-rank
         ``(U (n, k), d (k,), c)``, an eigenbasis ``(values (n,), vectors (n, n))``."""
         for key, shape in self.factor_shapes().items():
-            problem = _tensor_problem(saved.get(key), shape)
+            problem = tensor_shape_problem(saved.get(key), shape)
             if problem is not None:
                 return f"{key!r} is {problem}, expected a tensor of shape {shape}"
             if len(shape) != 2:
@@ -184,12 +178,12 @@ class Block:
             basis = inverse[0] if low_rank else None
             k = basis.shape[1] if isinstance(basis, torch.Tensor) and basis.dim() == 2 else -1
             expected = ((n, n),) if not low_rank else ((n, k), (k,), ())
-            if inverse is not None and any(_tensor_problem(part, want) for part, want in
+            if inverse is not None and any(tensor_shape_problem(part, want) for part, want in
                                            zip(inverse if low_rank else (inverse,), expected)):
                 return (f"'inv_{key}' does not have the shapes of an inverse of its ({n}, {n}) factor: a tensor "
                         f"({n}, {n}) or a low-rank (U ({n}, k), d (k,), c ())")
             if eigen is not None and (not isinstance(eigen, tuple) or len(eigen) != 2 or any(
-                    _tensor_problem(part, want) for part, want in zip(eigen, ((n,), (n, n))))):
+                    tensor_shape_problem(part, want) for part, want in zip(eigen, ((n,), (n, n))))):
                 return (f"'eig_{key}' is not the eigenbasis of its ({n}, {n}) factor: (values ({n},), "
                         f"vectors ({n}, {n}))")
         return None
