@@ -194,7 +194,8 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 
 
 def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> torch.Tensor:
-    """Pure-PyTorch FWHT: ``log2(2^k)`` butterfly stages, then ``H_m`` by a matrix product. Any device, any float dtype.
+    """Pure-PyTorch FWHT: ``log2(2^k)`` butterfly stages, then ``H_m`` by a matrix product. Any device, any float
+    dtype.
 
     Same contract as :func:`fwht` (without ``inplace``); float16/bfloat16 are computed in float32.
     """

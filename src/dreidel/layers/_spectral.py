@@ -421,12 +421,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         source = self._index_source
         if buffers["_flat_perm"] is source[2]:
             permutation = buffers["permutation"]
-            if _is_compiling():
-                indices = _indices_from(permutation, self.in_features, self._transform_length)
-                return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
-            if source[0] is not None and permutation is not source[0]:
-                # Replaced for a call (functional_call with another layer's state, over vmap too, whose batched
-                # wrappers must not outlive it as buffers): derived for this call only.
+            # Derived for this call only under torch.compile, and for a permutation replaced for a call
+            # (functional_call with another layer's state, over vmap too, whose batched wrappers must not outlive
+            # it as buffers).
+            if _is_compiling() or (source[0] is not None and permutation is not source[0]):
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
             if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
