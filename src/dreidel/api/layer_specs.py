@@ -135,10 +135,9 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
     if not isinstance(args, dict):
         raise ValueError(f"{where} 'args' must be a JSON object, got {type(args).__name__}")
     cls = LAYER_TYPES[type_name][0]
-    parameters = {name: parameter for name, parameter in inspect.signature(cls).parameters.items()
+    parameters = {name: parameter for name, parameter in _signature(cls).parameters.items()
                   if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
     allowed = sorted(set(parameters) - set(REFUSED_ARGS))
-    annotations = _annotations_of(cls)
     for key, value in args.items():
         if key in REFUSED_ARGS:
             raise ValueError(f"{where}: {type_name} argument {key!r} is not allowed in a checkpoint (models load on "
@@ -149,9 +148,10 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
         if key.endswith("_kwargs"):
             _check_nested_kwargs(value, f"{where}: {type_name} argument {key!r}")
             continue
-        accepted = _annotation_accepts(value, annotations.get(key, inspect.Parameter.empty))
+        annotation = parameters[key].annotation
+        accepted = _annotation_accepts(value, annotation)
         if accepted is False:
-            raise ValueError(f"{where}: {type_name} argument {key!r} must be {_describe(annotations[key])}, "
+            raise ValueError(f"{where}: {type_name} argument {key!r} must be {_describe(annotation)}, "
                              f"got {value!r:.80}")
         if accepted is None:  # no usable annotation: judged by the default's type
             expected = _expected_json_type(parameters[key].default)
@@ -162,12 +162,18 @@ def check_layer_spec(spec: Any, where: str = "layer spec") -> tuple[type[nn.Modu
     return cls, args
 
 
-def _annotations_of(cls: type[nn.Module]) -> dict[str, Any]:
-    """The constructor's parameter annotations, evaluated (``{}`` where they cannot be)."""
+def _signature(cls: type[nn.Module]) -> inspect.Signature:
+    """The constructor's signature, its annotations evaluated where they can be (else left as strings, which
+    ``_annotation_accepts`` does not judge)."""
     try:
-        return {name: p.annotation for name, p in inspect.signature(cls, eval_str=True).parameters.items()}
+        return inspect.signature(cls, eval_str=True)
     except (NameError, TypeError, SyntaxError, AttributeError):
-        return {}
+        return inspect.signature(cls)
+
+
+def _union_members(annotation: Any) -> tuple:
+    """The members of ``X | Y`` / ``Union[X, Y]``; ``()`` for any other annotation."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
 
 
 def _annotation_accepts(value: Any, annotation: Any) -> bool | None:
@@ -175,7 +181,7 @@ def _annotation_accepts(value: Any, annotation: Any) -> bool | None:
     ``list[int]``, ``torch.Size``, ...): True, False, or None where the annotation says nothing usable."""
     if annotation is inspect.Parameter.empty or annotation is Any:
         return None
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    members = _union_members(annotation)
     if members:
         verdicts = [_annotation_accepts(value, member) for member in members]
         return True if True in verdicts else None if None in verdicts else False
@@ -207,7 +213,7 @@ def _annotation_accepts(value: Any, annotation: Any) -> bool | None:
 
 def _describe(annotation: Any) -> str:
     """``int | None`` as "int or null", ``tuple[int, int]`` as "a list of 2 int", for messages."""
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    members = _union_members(annotation)
     if members:
         return " or ".join(_describe(member) for member in members)
     if annotation is type(None):
