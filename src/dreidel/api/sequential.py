@@ -308,8 +308,9 @@ class Sequential(nn.Sequential):
             if shape_unset:
                 self.input_shape = self.input_dtype = None
             raise
-        if checked is not self:
-            self.build(checked.input_shape, checked.input_dtype)
+        if checked is not self:  # the probe has shown that the dry run succeeds: the model itself takes it now
+            self._dry_run(checked.input_shape, checked.input_dtype)
+            self.input_shape, self.input_dtype = checked.input_shape, checked.input_dtype
         optimizer = self._ensure_optimizer()  # after the lazy layers have their parameters
         self.stop_training = False
         for callback in callbacks:
