@@ -52,6 +52,13 @@ from _report import markdown_table, write_section  # noqa: E402
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen".split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_IRREGULAR_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                       "nine": "ninth", "twelve": "twelfth"}
+_NUMBER_WORD = r"(?:" + "|".join(_ONES[1:] + _TENS[2:] + ["hundred", "thousand"]) + r")"
+# A number as recognisers write it: "$" for dollars, thousands separators, then an ordinal suffix ("23rd"),
+# minutes ("7:15"), or decimals ("4.5", "$3.50").
+_NUMBER = re.compile(r"(?P<dollar>\$)?(?P<integer>\d{1,3}(?:,\d{3})+|\d+)"
+                     r"(?:(?P<ordinal>st|nd|rd|th)\b|:(?P<minutes>[0-5]\d)\b|\.(?P<decimals>\d+))?")
 
 
 def spell_number(n: int) -> str:
@@ -65,10 +72,77 @@ def spell_number(n: int) -> str:
     return spell_number(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + spell_number(n % 1000))
 
 
+def spell_ordinal(n: int) -> str:
+    """0 <= n < 1e6 as an ordinal: 1 -> "first", 15 -> "fifteenth", 23 -> "twenty third", 40 -> "fortieth"."""
+    *head, last = spell_number(n).split()
+    if last in _IRREGULAR_ORDINALS:
+        last = _IRREGULAR_ORDINALS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return " ".join(head + [last])
+
+
+def spell_pair(high: int, low: int, zero: str) -> str:
+    """Two two-digit halves read as a year or a clock time: (18, 90) -> "eighteen ninety", (7, 5) ->
+    "seven oh five", (19, 0) -> "nineteen " + ``zero``."""
+    return spell_number(high) + " " + (zero if low == 0 else ("oh " if low < 10 else "") + spell_number(low))
+
+
+def spell_decimal(n: int, decimals: str) -> str:
+    """4, "5" -> "four point five": the digits after the point one by one, as they are read out."""
+    return f"{spell_number(n)} point {' '.join(_ONES[int(d)] for d in decimals)}"
+
+
+def spell_dollars(n: int, cents: int) -> str:
+    """(20, 0) -> "twenty dollars", (3, 50) -> "three dollars and fifty cents", (0, 99) -> "ninety nine cents"."""
+    dollars = f"{spell_number(n)} dollar{'' if n == 1 else 's'}"
+    if cents == 0:
+        return dollars
+    cents_words = f"{spell_number(cents)} cent{'' if cents == 1 else 's'}"
+    return cents_words if n == 0 else f"{dollars} and {cents_words}"
+
+
+def _spell_match(match: re.Match) -> str:
+    integer, decimals = match["integer"].replace(",", ""), match["decimals"]
+    if len(integer) >= 7:
+        return match.group()
+    n = int(integer)
+    if match["dollar"] and (decimals is None or len(decimals) == 2):  # "$2.5" is read as a decimal alone
+        words = spell_dollars(n, int(decimals or 0))
+    elif match["ordinal"]:
+        words = spell_ordinal(n)
+    elif match["minutes"]:
+        words = spell_pair(n, int(match["minutes"]), zero="o'clock")
+    elif decimals is not None:
+        words = spell_decimal(n, decimals)
+    elif 1100 <= n < 2000 and "," not in match["integer"]:  # a year, read as eSpeak reads "1890": in pairs
+        words = spell_pair(n // 100, n % 100, zero="hundred")
+    else:
+        words = spell_number(n)
+    return f" {words} "
+
+
 def normalise(text: str) -> str:
+    """Text for WER: lowercase, numbers in words, punctuation out, so that a recogniser's "4.5", "15th" or "$20"
+    count the same as the references' "four and a half", "fifteenth" or "twenty dollars".
+
+    Numbers are spelled the way the references (src/dreidel/data/sentences.txt, all in words) say them:
+    cardinals without "and" ("one hundred and twelve" and "112" both become "one hundred twelve"), decimals digit
+    by digit ("4.5" -> "four point five", and "four and a half" becomes the same), ordinals ("23rd" -> "twenty
+    third"), 1100-1999 without a thousands separator as years ("1890" -> "eighteen ninety"; "1,500" stays "one
+    thousand five hundred"), clock times ("7:15" and "at 715" -> "seven fifteen", "7:05" -> "seven oh five",
+    "8:00" -> "eight o'clock"), dollars ("$3.50" -> "three dollars and fifty cents"),
+    "%" -> "percent". Numbers of 7 or more digits are left as digits. Hyphens become spaces; every other
+    punctuation mark is removed except apostrophes inside words.
+    """
     text = text.lower().replace("%", " percent ").replace("-", " ").replace("—", " ")
-    text = re.sub(r"(\d),(\d{3})", r"\1\2", text)  # 1,500 -> 1500
-    text = re.sub(r"\d+", lambda m: f" {spell_number(int(m.group()))} " if len(m.group()) < 7 else m.group(), text)
+    # "at 715": tiny.en's transcript of "at seven fifteen"; read as 7:15 (hours 1-12, minutes 01-59 only)
+    text = re.sub(r"\bat ([1-9]|1[0-2])((?!00)[0-5]\d)\b(?![.,]\d)", r"at \1:\2", text)
+    text = _NUMBER.sub(_spell_match, text)
+    text = re.sub(rf"\b(hundred|thousand)\s+and\s+(?={_NUMBER_WORD}\b)", r"\1 ", text)
+    text = re.sub(rf"\b({_NUMBER_WORD})\s+and\s+a\s+half\b", r"\1 point five", text)
     text = re.sub(r"[^\w\s']", " ", text)
     text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
     return " ".join(text.split())
