@@ -2,7 +2,7 @@
 
 Claim (issue 4): LinearWHT at width 4096, batch 64, forward+backward is at least 20x faster than nn.Linear;
 the crossover width (smallest width where LinearWHT is faster) is at most 256; memory per layer is O(N).
-Square layers, float32, CPU, median of repeats (fewer repeats for the big dense cases). nn.Linear at width 16384
+Square layers, float32, CPU, median of at least 5 repeats in every case. nn.Linear at width 16384
 is skipped: its weight and gradient alone take 2 GiB and one forward+backward at batch 256 is ~400 GFLOP.
 """
 
@@ -30,6 +30,12 @@ THREADS = [1, 2]
 DENSE_MAX_WIDTH = 8192
 CROSSOVER_WIDTHS = [32, 64, 128, 256, 512, 1024]
 BAR_WIDTH, BAR_BATCH = 4096, 64
+# (repeats, warm-up calls, least seconds a repeat) per case. Every case is a median of at least 5 repeats, so
+# that no ratio rests on one timing (the widest cases had one); cases above BIG_DENSE_FLOPS get fewer, since
+# nn.Linear's forward+backward there takes up to 0.7 s a call (width 8192, batch 256; 2.3 s on a busy EPYC).
+SMALL_CASE = (7, 2, 0.005)
+BIG_CASE = (5, 1, 0.0)
+BIG_DENSE_FLOPS = 2e9
 
 
 def build(kind: str, width: int) -> nn.Module:
@@ -65,9 +71,8 @@ def make_step(layer: nn.Module, batch: int, width: int, backward: bool) -> Calla
 def time_kinds(layers: dict[str, nn.Module], batch: int, width: int, backward: bool,
                dense_flops: float) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per call for each layer. Repeats are interleaved across the layers so that load
-    from other processes on a shared machine hits all of them alike; repeats shrink for the big dense cases."""
-    repeats, warmup, min_seconds = (7, 2, 0.005) if dense_flops <= 2e9 else ((3, 1, 0.0) if dense_flops <= 2e10
-                                                                             else (1, 1, 0.0))
+    from other processes on a shared machine hits all of them alike; fewer repeats for the big cases."""
+    repeats, warmup, min_seconds = SMALL_CASE if dense_flops <= BIG_DENSE_FLOPS else BIG_CASE
     steps = {kind: make_step(layer, batch, width, backward) for kind, layer in layers.items()}
     samples: dict[str, list[float]] = {kind: [] for kind in layers}
     for _ in range(warmup):
@@ -142,8 +147,9 @@ def main() -> None:
     markdown = "\n\n".join([
         "## Spectral linear layers vs nn.Linear (`benchmarks/spectral_linear.py`)",
         f"CPU: {info.cpu}, {info.cores} cores visible; torch {info.torch}; float32; square layers; "
-        f"threads = torch.set_num_threads. Times in ms: median of repeats interleaved across the layers (7 "
-        f"repeats; 3 for dense cases above 2 GFLOP, 1 above 20 GFLOP); gradients are reset to None before each "
+        f"threads = torch.set_num_threads. Times in ms: median of repeats interleaved across the layers "
+        f"({SMALL_CASE[0]} repeats; {BIG_CASE[0]} for every layer of a case where nn.Linear's forward is above "
+        f"{BIG_DENSE_FLOPS / 1e9:g} GFLOP); gradients are reset to None before each "
         f"forward+backward, as in a training step. wht = LinearWHT, deepK = DeepSpectralLinear(depth=K). "
         f"nn.Linear at 16384 skipped (2 GiB for weight + gradient, ~400 GFLOP per forward+backward at batch 256). "
         f"The machine ({info.cores} cores) was shared with other jobs while this ran, so absolute times are noisy "
