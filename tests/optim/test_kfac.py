@@ -350,6 +350,63 @@ def test_adaptive_damping_follows_the_reduction_ratio(worse_after):
     assert opt.damping < 1e-2 if worse_after == 1.0 else opt.damping > 1e-2
 
 
+def least_squares(seed: int):
+    """A Linear(4, 2) and 64 random rows: an exactly quadratic loss under ``mse``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 2)), torch.randn(64, 4), torch.randn(64, 2)
+
+
+@pytest.mark.parametrize("after", ["rose", "fell"])
+def test_a_step_the_damped_model_predicts_no_decrease_for_raises_the_damping_if_the_loss_rose(after):
+    """lr 3 in exact mode, factors and inverses fresh at every step: the step is -3 (F + l I)^{-1} g, for which the
+    damped model predicts 3 (3/2 - 1) g^T (F + l I)^{-1} g > 0 whatever the damping, so rho's sign is inverted. A
+    loss reported higher after the step must raise the damping by 1/omega at each step, as rho < 1/4 does
+    (Martens & Grosse 2015, Sec. 6.5); it used to stay where it was, and an overshooting lr diverged. A loss
+    reported lower is no evidence either way: the damping stays."""
+    model, x, y = least_squares(seed=10)
+    opt = KFAC(model, lr=3.0, momentum=0.0, damping=1e-2, damping_every=1, kl_clip=None, damping_mode="exact",
+               factor_every=1, inverse_every=1)
+    for _ in range(5):
+        evaluations = []
+
+        def closure():  # before the step (loss0), then after it: 10 loss0 or loss0 / 2
+            if not evaluations:
+                evaluations.append(mse(model(x), y))
+            else:
+                evaluations.append(evaluations[0] * (10.0 if after == "rose" else 0.5))
+            return evaluations[-1]
+
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step(closure)
+        assert len(evaluations) == 2
+    assert opt.damping == pytest.approx(1e-2 * (20 / 19) ** 5 if after == "rose" else 1e-2, rel=1e-12)
+
+
+def test_an_overshooting_lr_raises_the_damping_until_least_squares_converges():
+    """Least squares with lr 3, past the damped model's minimum: the loss rises at first (to ~280), the rises raise
+    the damping, which shortens the step, and training reaches the least-squares optimum. With the damping left
+    alone on such steps it stayed at 1e-2 and the loss was 256 after these 150 steps."""
+    model, x, y = least_squares(seed=0)
+    inputs = torch.cat([x, torch.ones(64, 1)], dim=1)
+    optimum = float(mse(inputs @ torch.linalg.lstsq(inputs, y).solution, y))
+    opt = KFAC(model, lr=3.0, momentum=0.0, damping=1e-2, damping_every=1, kl_clip=None)
+    losses = [train_step(model, opt, mse, x, y) for _ in range(150)]
+    assert max(losses) > 100 * losses[0]  # it did overshoot
+    assert losses[-1] == pytest.approx(optimum, rel=1e-4)
+    assert 1e-2 < opt.damping < 1.0
+
+
+def test_a_well_tuned_lr_lowers_the_damping_at_every_step():
+    """lr 0.5 on least squares: every step is one the damped model predicts a decrease for and the loss falls about
+    as predicted (rho > 3/4), so the damping falls by omega at each step, whatever the rule for the other steps."""
+    model, x, y = least_squares(seed=0)
+    opt = KFAC(model, lr=0.5, momentum=0.0, damping=1e-2, damping_every=1, kl_clip=None)
+    for step in range(1, 11):
+        train_step(model, opt, mse, x, y)
+        assert opt.damping == pytest.approx(1e-2 * 0.95**step, rel=1e-12)
+
+
 def test_damped_inverse_matches_explicit_inverse_and_survives_non_pd(caplog):
     from dreidel.optim._kfac_blocks import damped_inverse
 

@@ -45,7 +45,9 @@ class KFAC(CurvatureOptimizer):
     6. every ``damping_every`` steps compare the loss change with the quadratic model and adapt
        ``damping`` (Levenberg-Marquardt, M&G 2015 Sec. 6.5: rho > 3/4 -> damping * omega,
        rho < 1/4 -> damping / omega, omega = (19/20)^damping_every; the model uses the blocks'
-       approximations and damping; parameters without a block contribute their linear term only).
+       approximations and damping; parameters without a block contribute their linear term only). A step
+       the model predicts no decrease for (an lr past the model's minimum, or momentum) counts as rho < 1/4
+       when the loss rose, and leaves the damping alone when it fell.
 
     A non-finite value in a gradient skips the step; a non-finite loss after the step reverts it, resets
     the base optimizer's state (its momentum carried the step, and would replay it) and multiplies the
@@ -462,10 +464,17 @@ class KFAC(CurvatureOptimizer):
                 curvature += float(block.quadratic(self._block_state(block), delta))
                 curvature += self.block_damping(block) * block_delta
         model_change = linear + 0.5 * curvature
+        omega = (19.0 / 20.0) ** self.hyper["damping_every"]
         if model_change >= 0:
+            # The damped model predicts no decrease for this step (an lr past the model's minimum, or momentum), so
+            # rho's sign is inverted: a loss that rose would give rho > 0, even > 3/4, and lower the damping. A rise
+            # means a step too long for this damping: raise it as for rho < 1/4 (M&G 2015 Sec. 6.5), which shortens
+            # the step. It used to be left alone, and an overshooting lr diverged at a fixed damping. A loss that
+            # fell is no evidence either way: the damping stays.
+            if loss1 > loss0:
+                self._set_damping(self.damping / omega)
             return
         rho = float(loss1 - loss0) / model_change
-        omega = (19.0 / 20.0) ** self.hyper["damping_every"]
         if rho > 0.75:
             self._set_damping(self.damping * omega)
         elif rho < 0.25:
