@@ -19,16 +19,17 @@ Protocol (one process):
   on all of them alike. RTF = sum of compute seconds / sum of audio seconds. The rows "8 files per batch" are
   dreidel's batched decoding (``transcribe(model, [clips], batch_size=8)``), an extra, not part of the
   like-for-like comparison.
-- WER (jiwer) after :func:`normalise`: lowercase; digits spelled out as words (``7:15`` -> "seven fifteen",
-  ``%`` -> "percent"); hyphens to spaces; every other punctuation mark removed except apostrophes inside words;
-  whitespace collapsed.
+- WER (jiwer) after :func:`normalise`: lowercase; numbers in words as the references say them (decimals digit
+  by digit, ordinals, years, clock times, dollars; its docstring lists the rules), ``%`` -> "percent"; hyphens
+  to spaces; every other punctuation mark removed except apostrophes inside words; whitespace collapsed.
 
 Long-form (a second table, 1 thread): ``--long`` inputs of 14 consecutive sentences each (about 45 s,
 ``speech_test_set(14, seed=100 + i)``, 0.25 s of silence after each sentence), greedy, no previous-text
-conditioning: dreidel with timestamps (windows that seek to the last whole segment, ``transcribe``'s default),
+conditioning unless said: dreidel with timestamps (windows that seek to the last whole segment, ``transcribe``'s default),
 dreidel without (consecutive 30 s cuts), dreidel int8 with timestamps, faster-whisper with its own timestamp
 seeking (its default), none of them with a no-speech rule, and dreidel's default ``transcribe`` (timestamps, the
-beam-search fallback and the no-speech rule), also without timestamps.
+beam-search fallback and the no-speech rule), also without timestamps; and dreidel and faster-whisper float32
+with previous-text conditioning (``condition_on_previous_text``, openai-whisper's default), otherwise as above.
 """
 
 from __future__ import annotations
@@ -283,12 +284,12 @@ def long_form(recognizer, int8_recognizer, n: int) -> tuple[list[list], float]:
     faster = {kind: WhisperModel(directory, device="cpu", compute_type=kind, cpu_threads=1)
               for kind in ("int8", "float32")}
 
-    def faster_whisper(kind):
+    def faster_whisper(kind, condition_on_previous_text=False):
         def run(audio):
             segments, _ = faster[kind].transcribe(
                 audio.numpy(), language="en", beam_size=1, best_of=1, temperature=0.0, vad_filter=False,
-                condition_on_previous_text=False, compression_ratio_threshold=None, log_prob_threshold=None,
-                no_speech_threshold=None)
+                condition_on_previous_text=condition_on_previous_text, compression_ratio_threshold=None,
+                log_prob_threshold=None, no_speech_threshold=None)
             return " ".join(s.text.strip() for s in segments)
         return run
 
@@ -300,6 +301,9 @@ def long_form(recognizer, int8_recognizer, n: int) -> tuple[list[list], float]:
         "dreidel int8 (dynamic), timestamps (seeking)": lambda a: transcribe(int8_recognizer, a, **plain).text,
         "faster-whisper int8, timestamps (seeking)": faster_whisper("int8"),
         "faster-whisper float32, timestamps (seeking)": faster_whisper("float32"),
+        "dreidel fp32, timestamps (seeking), condition_on_previous_text":
+            lambda a: transcribe(recognizer, a, condition_on_previous_text=True, **plain).text,
+        "faster-whisper float32, timestamps (seeking), condition_on_previous_text": faster_whisper("float32", True),
         "dreidel fp32, transcribe's defaults (timestamps, fallback, no-speech rule)":
             lambda a: transcribe(recognizer, a).text,
         "dreidel fp32, 30 s cuts, fallback and no-speech rule":

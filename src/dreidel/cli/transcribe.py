@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="decode text only, long audio in consecutive 30 s windows (faster; speech across a "
                              "cut can lose words), instead of timed segments, each window resuming the previous "
                              "one's unfinished segment")
+    parser.add_argument("--initial-prompt", default=None, metavar="TEXT",
+                        help="text the first window follows, as if spoken before it: spellings, names, style "
+                             "(default: none)")
+    parser.add_argument("--condition-on-previous-text", action="store_true",
+                        help="give each window the text decoded before it (after the initial prompt), as "
+                             "openai-whisper does by default: more consistent spelling and style, but a misheard "
+                             "or looping text can carry on (default: off)")
     parser.add_argument("--segments", action="store_true",
                         help="also print each segment with its start and end in seconds")
     parser.add_argument("--output-format", choices=(*OUTPUT_FORMATS, "all"), default=None,
@@ -129,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
         given = {"no_speech_threshold": args.no_speech_threshold} if hasattr(args, "no_speech_threshold") else {}
         results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
                                      fallback=getattr(args, "fallback", True),
-                                     timestamps=getattr(args, "timestamps", True), **given)
+                                     timestamps=getattr(args, "timestamps", True),
+                                     initial_prompt=getattr(args, "initial_prompt", None),
+                                     condition_on_previous_text=getattr(args, "condition_on_previous_text", False),
+                                     **given)
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0

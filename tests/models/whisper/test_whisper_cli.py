@@ -105,6 +105,31 @@ def test_no_flags_reach_transcribe(tmp_path, monkeypatch, flag, keyword):
     assert seen == [True, False]
 
 
+def test_prompt_flags_reach_transcribe(tmp_path, monkeypatch, capsys):
+    """--initial-prompt gives its text, --condition-on-previous-text turns conditioning on (off by default); a
+    blank prompt is a one-line error."""
+    import numpy as np
+    import soundfile
+
+    from dreidel.models import whisper
+
+    path = tmp_path / "quiet.wav"
+    soundfile.write(path, np.zeros(16000, dtype=np.float32), 16000)
+    seen = []
+    original = whisper.transcribe
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (
+        seen.append((k["initial_prompt"], k["condition_on_previous_text"])), original(*a, **k))[-1])
+    for extra in ([], ["--initial-prompt", "Names: Kenobi.", "--condition-on-previous-text"]):
+        args = parse(["transcribe", str(path), *extra])
+        assert args.func(args) == 0
+    assert seen == [(None, False), ("Names: Kenobi.", True)]
+    args = parse(["transcribe", str(path), "--initial-prompt", " "])
+    with pytest.raises(SystemExit) as raised:
+        args.func(args)
+    assert str(raised.value.code) == ("dreidel transcribe: error: initial_prompt must hold some text, got a blank "
+                                      "string (leave it out for no prompt)")
+
+
 def test_segments_are_printed_with_their_times(tmp_path, capsys):
     import re
 

@@ -124,7 +124,7 @@ def test_the_average_log_probability_is_that_of_the_tokens_under_teacher_forcing
     the filtered distribution, averaged; recomputed here by running the decoder once over the whole sequence."""
     features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(5))
     options = RANDOM_OPTIONS
-    for window, (tokens, average, _) in enumerate(_greedy(random_whisper, features, options, 12)):
+    for window, (tokens, average, _, _) in enumerate(_greedy(random_whisper, features, options, 12)):
         ended = len(tokens) < 12
         sequence = list(options.prompt) + tokens + ([options.eot] if ended else [])
         decoder = random_whisper.decoder
@@ -351,7 +351,7 @@ def test_no_speech_rule_and_fallback(tiny_en, monkeypatch, fallback, threshold):
     beam = [ScoredWindow(dots, -1.25, 0.96), ScoredWindow(full, -0.3, 0.64), ScoredWindow(worse, -1.8, 0.3)]
     calls = []
 
-    def fake_decode_scored(model, mel, options):
+    def fake_decode_scored(model, mel, options, previous):
         calls.append((options.beam_size, mel.shape[0]))
         return greedy if options.beam_size == 1 else beam
 
@@ -444,7 +444,7 @@ def test_windows_that_fail_the_tests_are_decoded_again_by_beam_search(tiny_en, m
     fixed_loop, fixed_unsure = encode(" Six spoons of fresh snow peas."), encode(" The garden.")
     calls = []
 
-    def fake_decode_scored(model, mel, options):
+    def fake_decode_scored(model, mel, options, previous):
         calls.append((options.beam_size, mel.shape[0]))
         if options.beam_size == 1:
             return [ScoredWindow(loop, -0.1, 0.01), ScoredWindow(unsure, -1.9, 0.01), ScoredWindow(good, -0.2, 0.01)]
@@ -466,8 +466,8 @@ def test_a_beam_result_that_fails_with_a_lower_average_does_not_replace_greedy(t
 
     unsure = tiny_en.tokenizer.encode(" The")
     worse = tiny_en.tokenizer.encode(" Uh")
-    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [ScoredWindow(unsure, -1.5, 0.01)]
-                        if options.beam_size == 1 else [ScoredWindow(worse, -2.5, 0.01)])
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options, previous: (
+        [ScoredWindow(unsure, -1.5, 0.01)] if options.beam_size == 1 else [ScoredWindow(worse, -2.5, 0.01)]))
     assert transcribe(tiny_en, torch.zeros(16000)).tokens[0] == tuple(unsure)
 
 

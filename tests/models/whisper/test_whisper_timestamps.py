@@ -85,7 +85,7 @@ def test_greedy_and_beam_search_keep_the_timestamp_rules(random_whisper):
     options = RANDOM_TIMESTAMP_OPTIONS
     greedy = _greedy(random_whisper, features, options, 12)
     begin = options.timestamp_begin
-    for tokens, _, _ in greedy:
+    for tokens, *_ in greedy:
         assert tokens and tokens[0] >= begin and tokens[0] - begin <= options.max_initial_timestamp
         assert begin - 1 not in tokens
         times = [t for t in tokens if t >= begin]
@@ -150,9 +150,9 @@ B = 100  # <|0.00|> in the cases below; <|1.00|> is 150
     ([B, 1, B + 400], 5.0, True, [(0.0, 5.0, [1])], 5.0),
 ])
 def test_timed_segments(tokens, window, ended, segments, accounted):
-    got, seconds = _timed_segments(tokens, B, window, ended)
-    assert [(pytest.approx(s), pytest.approx(e), t) for s, e, t in segments] == got
-    assert seconds == pytest.approx(accounted)
+    got = _timed_segments(tokens, B, window, ended)
+    assert [(pytest.approx(s), pytest.approx(e), t) for s, e, t in segments] == got.segments
+    assert got.seconds == pytest.approx(accounted)
 
 
 @pytest.mark.parametrize("at_limit", [True, False])
@@ -165,10 +165,9 @@ def test_a_window_at_the_token_limit_is_resumed_after_its_last_closed_segment(ti
     module = importlib.import_module("dreidel.models.whisper.transcribe")  # the package exports a function too
     begin = tiny_en.tokenizer.timestamp_begin
     tokens = [begin, *tiny_en.tokenizer.encode(" Stop the music."), begin + 50]
-    scored = ScoredWindow(tokens, -0.1, 0.01)
-    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options: [scored] * mel.shape[0])
-    max_new_tokens = len(tokens) if at_limit else len(tokens) + 1
-    result = transcribe(tiny_en, torch.zeros(16000 * 4), max_new_tokens=max_new_tokens)
+    scored = ScoredWindow(tokens, -0.1, 0.01, ended=not at_limit)
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options, previous: [scored] * mel.shape[0])
+    result = transcribe(tiny_en, torch.zeros(16000 * 4))
     if at_limit:
         assert len(result.tokens) == 4 and [s.start for s in result.segments] == [0.0, 1.0, 2.0, 3.0]
     else:

@@ -137,42 +137,53 @@ def _apply_timestamp_rules(logits: Tensor, history: list[list[int]], options: De
     logits[timestamps_likelier, :begin] = float("-inf")
 
 
-def sampling_limit(model: Whisper, options: DecodingOptions) -> int:
+def sampling_limit(model: Whisper, options: DecodingOptions, prompt_length: int | None = None) -> int:
     """How many tokens a window may sample: ``max_new_tokens``, within what the text context leaves after the
-    prompt. A window that sampled this many without <|endoftext|> stopped at the limit."""
-    return min(options.max_new_tokens, model.dims.n_text_ctx - len(options.prompt))
+    prompt (``options.prompt``, or ``prompt_length`` tokens with the previous text in front of it)."""
+    return min(options.max_new_tokens, model.dims.n_text_ctx - (prompt_length or len(options.prompt)))
 
 
 @torch.inference_mode()
-def decode(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[list[int]]:
+def decode(model: Whisper, mel: Tensor, options: DecodingOptions,
+           previous: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """Sampled tokens (prompt excluded, up to and without <|endoftext|>) for each window of ``mel``.
 
-    mel: (B, n_mels, 3000) float log-mel of B 30-second windows.
+    mel: (B, n_mels, 3000) float log-mel of B 30-second windows. previous: see ``decode_scored``.
     """
-    return [window.tokens for window in decode_scored(model, mel, options)]
+    return [window.tokens for window in decode_scored(model, mel, options, previous)]
 
 
 class ScoredWindow(NamedTuple):
     """One decoded window: its sampled tokens (prompt excluded, up to and without <|endoftext|>), their average
     log-probability (the sum over the sampled tokens and the <|endoftext|> that ended them, divided by their
-    count: openai/whisper's ``avg_logprob``) and the no-speech probability (see ``DecodingOptions.no_speech``;
-    ``None`` without that token)."""
+    count: openai/whisper's ``avg_logprob``), the no-speech probability (see ``DecodingOptions.no_speech``;
+    ``None`` without that token), and whether the tokens ended with <|endoftext|> (False: they stopped at the
+    sampling limit)."""
 
     tokens: list[int]
     average_logprob: float
     no_speech_prob: float | None
+    ended: bool = True
 
 
 @torch.inference_mode()
-def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[ScoredWindow]:
+def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions,
+                  previous: Sequence[Sequence[int]] | None = None) -> list[ScoredWindow]:
     """``decode``'s tokens of each window with their scores (mel as for ``decode``).
 
-    Raises ``ValueError`` for a mel that is not (batch, n_mels, frames) with at least one window, and for a
-    token id of ``options`` past the model's vocabulary (naming the option).
+    previous: ``None``, or for each window the tokens that go before its prompt: <|startofprev|> and the text
+    before the window (openai-whisper's ``prompt``: an initial prompt or the previous windows' tokens; Radford
+    et al. 2022, §2.3), or nothing (an empty sequence). Windows whose prompts then differ in length decode
+    together, left-padded (see ``DecoderCache``); a window's tokens equal those it decodes alone.
+
+    Raises ``ValueError`` for a mel that is not (batch, n_mels, frames) with at least one window, for a
+    token id of ``options`` or ``previous`` past the model's vocabulary (naming the argument), and for
+    ``previous`` of another length than the batch or too long for the text context.
     """
     if mel.dim() != 3 or mel.shape[0] == 0:
         raise ValueError(f"mel must be (batch, n_mels, frames) with batch >= 1, got shape {tuple(mel.shape)}")
     n_vocab = model.dims.n_vocab
+    prompts = _prompts(options, previous, mel.shape[0], n_vocab)
     if options.timestamp_begin is not None and options.timestamp_begin >= n_vocab:
         raise ValueError(f"timestamp_begin {options.timestamp_begin} is past the model's vocabulary of "
                          f"{n_vocab} tokens: it has no timestamp tokens there")
@@ -181,35 +192,77 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions) -> list
         if past:
             raise ValueError(f"{name} {past[0]} is not a token of the model's vocabulary of {n_vocab} "
                              f"(ids 0 to {n_vocab - 1})")
+    max_new = sampling_limit(model, options, prompts.length)
+    if max_new < 1:
+        raise ValueError(f"prompt of {prompts.length} tokens leaves no room in the text context of "
+                         f"{model.dims.n_text_ctx}")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
-    max_new = sampling_limit(model, options)
-    if max_new < 1:
-        raise ValueError(f"prompt of {len(options.prompt)} tokens leaves no room in n_text_ctx")
     if options.beam_size == 1:
-        return _greedy(model, features, options, max_new)
-    return _beam_search(model, features, options, max_new)
+        return _greedy(model, features, options, max_new, prompts)
+    return _beam_search(model, features, options, max_new, prompts)
 
 
-def _no_speech_probabilities(model: Whisper, first_states: Tensor, options: DecodingOptions) -> list[float | None]:
-    """Each window's probability of ``no_speech`` from the decoder's states (B, C) at the prompt's first
-    position (<|startoftranscript|>: causal attention makes it independent of the rest of the prompt), before
-    any suppression, as openai/whisper takes it."""
+class _Prompts(NamedTuple):
+    """Each window's full prompt (previous text, then ``DecodingOptions.prompt``), left-padded to one length,
+    and the padding of each window (``None`` where no window is padded)."""
+
+    tokens: list[list[int]]
+    padding: list[int] | None
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens[0])
+
+
+def _prompts(options: DecodingOptions, previous: Sequence[Sequence[int]] | None, batch: int,
+             n_vocab: int) -> _Prompts:
+    """The prompts of ``batch`` windows, padded with <|endoftext|>; ``previous`` checked as ``decode_scored``
+    says."""
+    if previous is None:
+        return _Prompts([list(options.prompt)] * batch, None)
+    if isinstance(previous, (str, bytes)) or not isinstance(previous, Sequence) or len(previous) != batch:
+        raise ValueError(f"previous must be a sequence of one token sequence per window ({batch}), got "
+                         f"{type(previous).__name__}" + (f" of length {len(previous)}"
+                                                         if isinstance(previous, Sequence) else ""))
+    for window, ids in enumerate(previous):
+        _check_token_ids(f"previous[{window}]", ids)
+        past = [token for token in ids if token >= n_vocab]
+        if past:
+            raise ValueError(f"previous[{window}]: {past[0]} is not a token of the model's vocabulary of {n_vocab}")
+    longest = max(len(ids) for ids in previous)
+    padding = [longest - len(ids) for ids in previous]
+    tokens = [[options.eot] * pad + list(ids) + list(options.prompt) for pad, ids in zip(padding, previous)]
+    return _Prompts(tokens, padding if any(padding) else None)
+
+
+def _no_speech_probabilities(model: Whisper, prompt_states: Tensor, options: DecodingOptions) -> list[float | None]:
+    """Each window's probability of ``no_speech`` from the decoder's states (B, P, C) over its prompt, at
+    <|startoftranscript|> (``options.prompt``'s first token, after any previous text: causal attention makes
+    it independent of the rest of the prompt), before any suppression, as openai/whisper takes it."""
     if options.no_speech is None:
-        return [None] * first_states.shape[0]
-    logits = model.decoder.project(first_states).float()  # (B, V)
+        return [None] * prompt_states.shape[0]
+    start = prompt_states.shape[1] - len(options.prompt)
+    logits = model.decoder.project(prompt_states[:, start]).float()  # (B, V)
     return logits.softmax(dim=-1)[:, options.no_speech].tolist()
 
 
-def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[ScoredWindow]:
+def _new_cache(model: Whisper, features: Tensor, prompts: _Prompts, rows_per_window: int = 1):
+    padding = None if prompts.padding is None else torch.tensor(prompts.padding, dtype=torch.int64)
+    return model.decoder.new_cache(features, rows_per_window=rows_per_window, padding=padding)
+
+
+def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int,
+            prompts: _Prompts | None = None) -> list[ScoredWindow]:
+    """Greedy decoding of each window of ``features`` (B, S, C) after its prompt (``options.prompt`` if none)."""
     decoder = model.decoder
     batch = features.shape[0]
+    prompts = prompts or _Prompts([list(options.prompt)] * batch, None)
     n_vocab = model.dims.n_vocab
-    cache = decoder.new_cache(features)
+    cache = _new_cache(model, features, prompts)
     device = features.device
-    prompt = torch.tensor([options.prompt] * batch, device=device)  # (B, P)
-    states = decoder.hidden(prompt, 0, cache)  # (B, P, C)
-    no_speech = _no_speech_probabilities(model, states[:, 0], options)
+    states = decoder.hidden(torch.tensor(prompts.tokens, device=device), 0, cache)  # (B, P, C)
+    no_speech = _no_speech_probabilities(model, states, options)
     hidden = states[:, -1]  # (B, C)
     suppress = _suppression_bias(options.suppress_tokens, n_vocab, hidden)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens, n_vocab, hidden)
@@ -217,7 +270,7 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sum_logprobs = torch.zeros(batch, dtype=torch.float64, device=device)
     counted = torch.zeros(batch, dtype=torch.long, device=device)  # tokens scored: sampled ones and the eot
-    offset = len(options.prompt)
+    offset = prompts.length
     history: list[list[int]] = [[] for _ in range(batch)]  # what each window sampled (for the timestamp rules)
     for step in range(max_new):
         logits = (decoder.project(hidden) + (first_suppress if step == 0 else suppress)).float()  # (B, V)
@@ -238,7 +291,7 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
             break
         hidden = decoder.hidden(next_tokens[:, None], offset + step, cache)[:, -1]
     averages = (sum_logprobs / counted.clamp_min(1)).tolist()
-    return [ScoredWindow(_until_eot(row, options.eot), average, p)
+    return [ScoredWindow(_until_eot(row, options.eot), average, p, options.eot in row)
             for row, average, p in zip(sampled.tolist(), averages, no_speech)]
 
 
@@ -246,14 +299,18 @@ def _until_eot(tokens: list[int], eot: int) -> list[int]:
     return tokens[: tokens.index(eot)] if eot in tokens else tokens
 
 
-def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int) -> list[ScoredWindow]:
+def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max_new: int,
+                 prompts: _Prompts | None = None) -> list[ScoredWindow]:
+    """Beam search (``options.beam_size``) on each window of ``features`` (B, S, C) after its prompt (as
+    ``_greedy``)."""
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
-    cache = decoder.new_cache(features, rows_per_window=beams)  # rows: window-major, beam-minor
+    prompts = prompts or _Prompts([list(options.prompt)] * batch, None)
+    cache = _new_cache(model, features, prompts, rows_per_window=beams)  # rows: window-major, beam-minor
     device = features.device
-    prompt = torch.tensor([options.prompt] * (batch * beams), device=device)
+    prompt = torch.tensor(prompts.tokens, device=device).repeat_interleave(beams, dim=0)  # (B*K, P)
     states = decoder.hidden(prompt, 0, cache)  # (B*K, P, C)
-    no_speech = _no_speech_probabilities(model, states[::beams, 0], options)
+    no_speech = _no_speech_probabilities(model, states[::beams], options)
     logits = decoder.project(states[:, -1])  # (B*K, V)
     suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)
     first_suppress = _suppression_bias(options.suppress_tokens + options.begin_suppress_tokens,
@@ -262,7 +319,7 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
     sum_logprobs = [0.0] * (batch * beams)
     finished: list[dict[tuple[int, ...], float]] = [{} for _ in range(batch)]
     done = [False] * batch
-    offset = len(options.prompt)
+    offset = prompts.length
     for step in range(max_new):
         logits = logits.float() + (first_suppress if step == 0 else suppress)
         if options.timestamp_begin is not None:
@@ -317,5 +374,5 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
         best = max(pool.items(), key=lambda item: item[1] / max(len(item[0]), 1))
         tokens = _until_eot(list(best[0]), options.eot)
         ended = best[0] in finished[window]  # its score then includes the <|endoftext|>'s log-probability
-        results.append(ScoredWindow(tokens, best[1] / max(len(tokens) + ended, 1), no_speech[window]))
+        results.append(ScoredWindow(tokens, best[1] / max(len(tokens) + ended, 1), no_speech[window], ended))
     return results

@@ -120,8 +120,10 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.attn_ln(x))
         return x + self.mlp(x)
 
-    def forward_cached(self, x: Tensor, layer: int, offset: int, cache: "DecoderCache") -> Tensor:
-        """Decoder block on new tokens x (B, T, C) at positions offset..offset+T-1, reading/writing ``cache``."""
+    def forward_cached(self, x: Tensor, layer: int, offset: int, cache: "DecoderCache",
+                       mask: Tensor | None = None) -> Tensor:
+        """Decoder block on new tokens x (B, T, C) at positions offset..offset+T-1, reading/writing ``cache``;
+        ``mask`` from ``cache.attention_mask``."""
         attn = self.attn
         h = self.attn_ln(x)
         end = offset + x.shape[1]
@@ -129,7 +131,6 @@ class ResidualAttentionBlock(nn.Module):
         k_buf[:, :, :, offset:end] = attn.split_heads(attn.key(h)).transpose(2, 3)
         v_buf[:, :, offset:end] = attn.split_heads(attn.value(h))
         q = attn.split_heads(attn.query(h))
-        mask = cache.causal_mask(offset, x.shape[1], x.device) if x.shape[1] > 1 else None
         x = x + attn.out(attn.merge_heads(_attention(q, k_buf[:, :, :, :end], v_buf[:, :, :end], mask)))
         cross = self.cross_attn
         q = cross.split_heads(cross.query(self.cross_attn_ln(x)))
@@ -145,8 +146,8 @@ class ResidualAttentionBlock(nn.Module):
 def _attention(q: Tensor, k_transposed: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Softmax attention for the few queries of a decoding step, on pre-transposed keys.
 
-    q (B, H, T, Dh), k_transposed (B, H, Dh, S), v (B, H, S, Dh), mask (T, S) bool (True = attend)
-    -> (B, H, T, Dh). Two batched matmuls beat the fused SDPA kernel for T = 1 on CPU.
+    q (B, H, T, Dh), k_transposed (B, H, Dh, S), v (B, H, S, Dh), mask (T, S) or (B, 1, T, S) bool (True =
+    attend) -> (B, H, T, Dh). Two batched matmuls beat the fused SDPA kernel for T = 1 on CPU.
     """
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k_transposed)  # (B, H, T, S)
     if mask is not None:
@@ -214,12 +215,16 @@ class DecoderCache:
     written in place, R = windows x hypotheses per window. Cross-attention reads either ``audio_features``
     (W, n_audio_ctx, C) directly (dense projections, see ``_absorbed_cross_attention``) or per-layer
     cross_k (R, H, Dh, n_audio_ctx) and cross_v (R, H, n_audio_ctx, Dh) computed once per window.
+    padding: ``None``, or (R,) int64, how many positions at the start of each row are padding, so that rows
+    whose prompts differ in length decode together (left-padded, as transformers batches prompts): no token
+    attends to a row's padding, and each row's first real token sits at position 0 of the positional embedding.
     """
 
     def __init__(self, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor],
-                 audio_features: Tensor | None = None):
+                 audio_features: Tensor | None = None, padding: Tensor | None = None):
         self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
         self.audio_features = audio_features
+        self.padding = padding
 
     @property
     def rows(self) -> int:
@@ -235,6 +240,26 @@ class DecoderCache:
         """Boolean (length, offset+length) mask: new token i sees positions <= offset+i."""
         rows = torch.arange(length, device=device).unsqueeze(1) + offset
         return torch.arange(offset + length, device=device).unsqueeze(0) <= rows
+
+    def attention_mask(self, offset: int, length: int, device: torch.device | None = None) -> Tensor | None:
+        """What ``length`` new tokens at positions offset.. may attend to: ``None`` (everything so far: one token,
+        no padding), the causal (length, offset+length) mask, or with padding (R, 1, length, offset+length),
+        which also hides each row's padding from its real tokens (a padding position sees the padding before
+        it, so that no softmax is over nothing)."""
+        if self.padding is None:
+            return self.causal_mask(offset, length, device) if length > 1 else None
+        queries = torch.arange(offset, offset + length, device=device).view(1, length, 1)
+        keys = torch.arange(offset + length, device=device).view(1, 1, -1)
+        starts = self.padding.to(device).view(-1, 1, 1)
+        return ((keys <= queries) & ((keys >= starts) | (queries < starts))).unsqueeze(1)
+
+    def positions(self, offset: int, length: int, device: torch.device | None = None) -> slice | Tensor:
+        """Positional-embedding index of ``length`` new tokens at offset..: a slice, or with padding (R, length)
+        counted from each row's first real token (padding positions take index 0)."""
+        if self.padding is None:
+            return slice(offset, offset + length)
+        steps = torch.arange(offset, offset + length, device=device)
+        return (steps.unsqueeze(0) - self.padding.to(device).unsqueeze(1)).clamp_min(0)
 
     def reorder(self, index: Tensor, length: int) -> None:
         """Beam search: row b of the first ``length`` positions becomes row ``index[b]`` of before."""
@@ -262,23 +287,30 @@ class TextDecoder(nn.Module):
         self._embedding_columns: Tensor | None = None  # (C, n_vocab) copy for one-row steps, see project()
         self._embedding_columns_key: tuple | None = None
 
-    def new_cache(self, audio_features: Tensor, rows_per_window: int = 1) -> DecoderCache:
-        """Buffers for decoding ``rows_per_window`` hypotheses against each of audio_features (W, S, C)."""
+    def new_cache(self, audio_features: Tensor, rows_per_window: int = 1,
+                  padding: Tensor | None = None) -> DecoderCache:
+        """Buffers for decoding ``rows_per_window`` hypotheses against each of audio_features (W, S, C);
+        ``padding`` (W,) int64: padding positions at the start of each window's rows (see ``DecoderCache``)."""
         rows = audio_features.shape[0] * rows_per_window
         n_ctx, n_state = self.positional_embedding.shape
         head_dim = n_state // self.n_head
         like = dict(dtype=audio_features.dtype, device=audio_features.device)
         self_k = [torch.zeros(rows, self.n_head, head_dim, n_ctx, **like) for _ in self.blocks]
         self_v = [torch.zeros(rows, self.n_head, n_ctx, head_dim, **like) for _ in self.blocks]
+        if padding is not None:
+            if padding.shape != (audio_features.shape[0],) or padding.dtype != torch.int64 or bool((padding < 0).any()):
+                raise ValueError(f"padding must be (windows,) = ({audio_features.shape[0]},) int64 counts >= 0, got "
+                                 f"shape {tuple(padding.shape)} {padding.dtype}")
+            padding = padding.to(audio_features.device).repeat_interleave(rows_per_window)
         if self.dense_cross_attention():
-            return DecoderCache(self_k, self_v, [], [], audio_features=audio_features)
+            return DecoderCache(self_k, self_v, [], [], audio_features=audio_features, padding=padding)
         cross_k, cross_v = [], []
         for block in self.blocks:
             keys = block.cross_attn.split_heads(block.cross_attn.key(audio_features)).transpose(2, 3)
             values = block.cross_attn.split_heads(block.cross_attn.value(audio_features))
             cross_k.append(keys.repeat_interleave(rows_per_window, dim=0).contiguous())
             cross_v.append(values.repeat_interleave(rows_per_window, dim=0).contiguous())
-        return DecoderCache(self_k, self_v, cross_k, cross_v)
+        return DecoderCache(self_k, self_v, cross_k, cross_v, padding=padding)
 
     def dense_cross_attention(self) -> bool:
         """Whether every cross-attention key/value projection is a plain ``nn.Linear`` (bias-free keys)."""
@@ -299,9 +331,11 @@ class TextDecoder(nn.Module):
         if not 0 <= offset <= cache.n_ctx - tokens.shape[1]:
             raise ValueError(f"tokens at positions {offset}..{offset + tokens.shape[1] - 1} do not fit the "
                              f"{cache.n_ctx} positions of the text context")
-        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[cache.positions(offset, length, tokens.device)]
+        mask = cache.attention_mask(offset, length, tokens.device)
         for layer, block in enumerate(self.blocks):
-            x = block.forward_cached(x, layer, offset, cache)
+            x = block.forward_cached(x, layer, offset, cache, mask)
         return self.ln(x)
 
     def project(self, hidden: Tensor) -> Tensor:

@@ -39,6 +39,8 @@ class WhisperTokenizer:
         # is openai's no-speech probability.
         names = [t for t in ("<|nospeech|>", "<|nocaptions|>") if self._tokenizer.token_to_id(t) is not None]
         self.no_speech = self._special(names[0]) if names else None
+        # <|startofprev|> opens the text a window is given before its prompt (an initial prompt, previous text).
+        self.start_of_previous = self._tokenizer.token_to_id("<|startofprev|>")
 
     def _special(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

@@ -19,6 +19,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from dreidel.models.whisper.convert import (
     dims_from_hf_config,
     hf_rules,
 )
-from dreidel.models.whisper.decoding import DecodingOptions, ScoredWindow, decode_scored, sampling_limit
+from dreidel.models.whisper.decoding import DecodingOptions, ScoredWindow, decode_scored
 from dreidel.models.whisper.model import Whisper, WhisperDimensions
 from dreidel.models.whisper.tokenizer import WhisperTokenizer
 
@@ -362,7 +363,8 @@ def _holds_no_speech(window: ScoredWindow, no_speech_threshold: float | None) ->
 
 
 def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: DecodingOptions,
-                   scored: list[ScoredWindow], no_speech_threshold: float | None) -> list[ScoredWindow]:
+                   previous: list[list[int]] | None, scored: list[ScoredWindow],
+                   no_speech_threshold: float | None) -> list[ScoredWindow]:
     """``scored`` (greedy results for the windows of ``mel``) with each window that fails the tests decoded again
     by a beam search of ``FALLBACK_BEAM_SIZE``, whose result replaces the greedy one if it passes, holds no
     speech (``_holds_no_speech``: the window is then left out, as openai/whisper stops its fallback there), or
@@ -376,7 +378,8 @@ def _with_fallback(recognizer: WhisperRecognizer, mel: torch.Tensor, options: De
         return scored
     logger.info("%d of %d windows fail the log-probability or repetition test: decoded again with beam search",
                 len(retry), len(scored))
-    again = decode_scored(recognizer.model, mel[retry], dataclasses.replace(options, beam_size=FALLBACK_BEAM_SIZE))
+    again = decode_scored(recognizer.model, mel[retry], dataclasses.replace(options, beam_size=FALLBACK_BEAM_SIZE),
+                          None if previous is None else [previous[i] for i in retry])
     result = list(scored)
     for i, window in zip(retry, again):
         rank = (_passes(recognizer.tokenizer.decode(window.tokens), window.average_logprob), window.average_logprob)
@@ -399,10 +402,19 @@ TIME_PRECISION = 0.02  # seconds per timestamp token
 SEEK_LEAD_IN = 1.0
 
 
-def _timed_segments(tokens: list[int], begin: int, window_seconds: float,
-                    ended: bool = True) -> tuple[list[tuple[float, float, list[int]]], float]:
-    """The segments of one window decoded with timestamps, as (start, end, text tokens) in seconds from the
-    window's start, and the seconds of the window they account for: where the next window starts.
+class _WindowText(NamedTuple):
+    """What one window's tokens give: segments (start, end, text tokens) in seconds from the window's start,
+    the seconds of the window they account for (where the next window starts), and how many of the tokens
+    (from the first) those seconds hold: the next window's previous text, with ``condition_on_previous_text``."""
+
+    segments: list[tuple[float, float, list[int]]]
+    seconds: float
+    consumed: int
+
+
+def _timed_segments(tokens: list[int], begin: int, window_seconds: float, ended: bool = True) -> _WindowText:
+    """The segments of one window decoded with timestamps, and the part of the window they account for
+    (``_WindowText``).
 
     A segment is the text between an opening and a closing timestamp. If the tokens stop inside a segment
     that opened after a closed one (with or without text after it: the speech runs past the window), or
@@ -416,7 +428,8 @@ def _timed_segments(tokens: list[int], begin: int, window_seconds: float,
     segments: list[tuple[float, float, list[int]]] = []
     opened: float | None = None
     text: list[int] = []
-    for token in tokens:
+    closed_after = 0  # tokens up to the last closing timestamp
+    for index, token in enumerate(tokens):
         if token < begin:
             text.append(token)
             continue
@@ -426,39 +439,45 @@ def _timed_segments(tokens: list[int], begin: int, window_seconds: float,
             continue
         start = opened if opened is not None else (segments[-1][1] if segments else 0.0)
         segments.append((start, max(time, start), text))
-        opened, text = None, []
+        opened, text, closed_after = None, [], index + 1
     unfinished = opened is not None or not ended
     if unfinished and segments and segments[-1][1] > 0.0:
         last_end = segments[-1][1]
-        return segments, last_end if opened is None else max(last_end, opened - SEEK_LEAD_IN)
+        return _WindowText(segments, last_end if opened is None else max(last_end, opened - SEEK_LEAD_IN),
+                           closed_after)
     if text:
         start = opened if opened is not None else (segments[-1][1] if segments else 0.0)
         segments.append((start, window_seconds, text))
-    return segments, window_seconds
+    return _WindowText(segments, window_seconds, len(tokens))
 
 
 def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], options: DecodingOptions,
-                  fallback: bool, no_speech_threshold: float | None) -> tuple[list[list[int]], float]:
-    """Sampled tokens of each window (zero-padded to 30 s before its log-mel), with the fallback if asked, none
-    for a window that holds no speech (``_holds_no_speech``), and each window's share of the seconds that took
-    (the batch's time shared equally)."""
+                  previous: list[list[int]], fallback: bool,
+                  no_speech_threshold: float | None) -> tuple[list[ScoredWindow], float]:
+    """Each window (zero-padded to 30 s before its log-mel) decoded after its previous text (``previous``, token
+    lists, empty for none), with the fallback if asked, its tokens emptied where it holds no speech
+    (``_holds_no_speech``), and each window's share of the seconds that took (the batch's time shared equally)."""
     from dreidel.audio import log_mel_spectrogram, pad_or_trim
 
     start = time.perf_counter()
     n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
     mel = torch.stack([log_mel_spectrogram(pad_or_trim(window), n_mels) for window in windows])
-    scored = decode_scored(recognizer.model, mel, options)
+    given = previous if any(previous) else None
+    scored = decode_scored(recognizer.model, mel, options, given)
     if fallback and options.beam_size == 1:
-        scored = _with_fallback(recognizer, mel, options, scored, no_speech_threshold)
-    tokens = [[] if _holds_no_speech(window, no_speech_threshold) else window.tokens for window in scored]
-    return tokens, (time.perf_counter() - start) / len(windows)
+        scored = _with_fallback(recognizer, mel, options, given, scored, no_speech_threshold)
+    scored = [window._replace(tokens=[]) if _holds_no_speech(window, no_speech_threshold) else window
+              for window in scored]
+    return scored, (time.perf_counter() - start) / len(windows)
 
 
 @dataclass
 class _Progress:
-    """One input's transcription under way: where its next window starts, and what its windows gave."""
+    """One input's transcription under way: where its next window starts, the text the next window is given
+    as its previous text (token ids), and what its windows gave."""
 
     waveform: torch.Tensor
+    context: list[int]
     seek: int = 0  # samples
     tokens: list[list[int]] = dataclasses.field(default_factory=list)
     segments: list[Segment] = dataclasses.field(default_factory=list)
@@ -472,32 +491,56 @@ class _Progress:
         return window if window.numel() >= HOP_LENGTH else None
 
 
-def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
-                        batch_size: int, fallback: bool, no_speech_threshold: float | None) -> None:
-    """Decode every input window by window with timestamps, each window starting where ``_timed_segments`` says
-    the previous one's text ended; the next windows of up to ``batch_size`` inputs are decoded together."""
+def _previous_text(recognizer: WhisperRecognizer, context: list[int]) -> list[int]:
+    """The tokens before a window's prompt: <|startofprev|> and the last ``n_text_ctx // 2 - 1`` tokens of
+    ``context`` (openai-whisper's cut, which leaves half the text context to the window's own tokens), or none
+    for an empty context."""
+    if not context:
+        return []
+    return [recognizer.tokenizer.start_of_previous, *context[-(recognizer.model.dims.n_text_ctx // 2 - 1):]]
+
+
+def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
+                         batch_size: int, fallback: bool, no_speech_threshold: float | None,
+                         condition_on_previous_text: bool) -> None:
+    """Decode every input window by window, each given the text before it (``_Progress.context``) and, with
+    timestamps, starting where ``_timed_segments`` says the previous one's text ended (without, 30 s on); the
+    next windows of up to ``batch_size`` inputs are decoded together."""
     from dreidel.audio import SAMPLE_RATE
 
     tokenizer = recognizer.tokenizer
-    limit = sampling_limit(recognizer.model, options)
+    timestamps = options.timestamp_begin is not None
     start, decoded = time.perf_counter(), 0
     pending = [p for p in progress if p.next_window() is not None]
     while pending:
         for first in range(0, len(pending), batch_size):
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
-            tokens, share = _decode_batch(recognizer, windows, options, fallback, no_speech_threshold)
-            for p, window, window_tokens in zip(batch, windows, tokens):
-                offset = p.seek / SAMPLE_RATE
-                segments, seconds = _timed_segments(window_tokens, tokenizer.timestamp_begin,
-                                                    window.numel() / SAMPLE_RATE, ended=len(window_tokens) < limit)
-                for begin, end, text_tokens in segments:
+            previous = [_previous_text(recognizer, p.context) for p in batch]
+            scored, share = _decode_batch(recognizer, windows, options, previous, fallback, no_speech_threshold)
+            for p, window, result in zip(batch, windows, scored):
+                offset, seconds = p.seek / SAMPLE_RATE, window.numel() / SAMPLE_RATE
+                if timestamps:
+                    read = _timed_segments(result.tokens, tokenizer.timestamp_begin, seconds, result.ended)
+                else:
+                    read = _WindowText([(0.0, seconds, result.tokens)], seconds, len(result.tokens))
+                for begin, end, text_tokens in read.segments:
                     text = tokenizer.decode(text_tokens).strip()
                     if text:
                         p.segments.append(Segment(offset + begin, offset + end, text))
-                p.tokens.append(window_tokens)
-                p.seek += max(1, round(seconds * SAMPLE_RATE))
+                p.tokens.append(result.tokens)
+                p.seek += max(1, round(read.seconds * SAMPLE_RATE))
                 p.seconds_compute += share
+                # openai-whisper's rule: the text goes on as the next window's prompt, unless it was decoded at
+                # a high temperature; here, unless it fails the fallback's tests (unsure, or a repetition loop
+                # that the prompt would carry into the next window).
+                # A window left out as holding no speech leaves the context as it was.
+                if not condition_on_previous_text:
+                    p.context = []
+                elif result.tokens and not _passes(tokenizer.decode(result.tokens), result.average_logprob):
+                    p.context = []
+                else:
+                    p.context += result.tokens[:read.consumed]
             decoded += len(batch)
             logger.info("decoded %d windows: %.2f s so far", decoded, time.perf_counter() - start)
         pending = [p for p in pending if p.next_window() is not None]
@@ -505,31 +548,52 @@ def _transcribe_seeking(recognizer: WhisperRecognizer, progress: list[_Progress]
 
 def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
                         batch_size: int, fallback: bool, no_speech_threshold: float | None) -> None:
-    """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time."""
+    """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time, the
+    first of each input after its ``context`` (an initial prompt), the others after nothing."""
     from dreidel.audio import N_SAMPLES, SAMPLE_RATE
 
     owned = [(p, index, window) for p in progress for index, window in enumerate(_windows(p.waveform))]
     start = time.perf_counter()
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
-        tokens, share = _decode_batch(recognizer, [window for _, _, window in batch], options, fallback,
+        previous = [_previous_text(recognizer, p.context) if index == 0 else [] for p, index, _ in batch]
+        scored, share = _decode_batch(recognizer, [window for _, _, window in batch], options, previous, fallback,
                                       no_speech_threshold)
-        for (p, index, window), window_tokens in zip(batch, tokens):
-            text = recognizer.tokenizer.decode(window_tokens).strip()
+        for (p, index, window), result in zip(batch, scored):
+            text = recognizer.tokenizer.decode(result.tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
             if text:
                 p.segments.append(Segment(offset, offset + window.numel() / SAMPLE_RATE, text))
-            p.tokens.append(window_tokens)
+            p.tokens.append(result.tokens)
             p.seconds_compute += share
         logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, first + len(batch), len(owned),
                     time.perf_counter() - start)
+
+
+def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | None) -> list[int]:
+    """``initial_prompt`` as tokens, as openai-whisper encodes it (" " + the stripped text); checked."""
+    if initial_prompt is None:
+        return []
+    if not isinstance(initial_prompt, str):
+        raise TypeError(f"initial_prompt must be a str or None, got {type(initial_prompt).__name__}")
+    if not initial_prompt.strip():
+        raise ValueError("initial_prompt must hold some text, got a blank string (leave it out for no prompt)")
+    if recognizer.tokenizer.start_of_previous is None:
+        raise ValueError(f"{recognizer.tokenizer.path} has no <|startofprev|> token: this model cannot take a prompt")
+    tokens = recognizer.tokenizer.encode(" " + initial_prompt.strip())
+    room = recognizer.model.dims.n_text_ctx // 2 - 1
+    if len(tokens) > room:
+        logger.warning("initial_prompt is %d tokens long; only its last %d are given to the model", len(tokens),
+                       room)
+    return tokens
 
 
 @torch.inference_mode()
 def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, language: str | None = "en",
                max_new_tokens: int = 224, batch_size: int = 8,
                no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
-               fallback: bool = True, timestamps: bool = True):
+               fallback: bool = True, timestamps: bool = True, initial_prompt: str | None = None,
+               condition_on_previous_text: bool = False):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
     Returns a :class:`Transcription` for one input, a list of them for a list, each with its text and timed
@@ -542,8 +606,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     ``timestamps`` (the default): the model predicts a timestamp at each end of every segment of text (Radford
     et al. 2022, §2.3; §4.5 for long-form transcription), and an input longer than 30 s is transcribed window
     by window, each starting just before the previous window's unfinished last segment (30 s on if it had
-    none; see ``_timed_segments``), so no sentence is cut (as openai-whisper seeks; unlike it, the previous
-    window's text is not given as a prompt, and the fallback is a beam search, not sampling). Windows of
+    none; see ``_timed_segments``), so no sentence is cut (as openai-whisper seeks; unlike it, the fallback is a
+    beam search, not sampling, and the previous window's text is a prompt only when asked). Windows of
     different inputs are batched. Without timestamps, long inputs are cut into consecutive 30 s windows, all
     decoded in batches: the fastest way, and tokens equal to transformers' ``generate`` without timestamps,
     but speech across a cut can lose words, and tiny.en sometimes ends a window of dense speech after its
@@ -571,6 +635,20 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     a beam search of 5, kept if it passes, or fails with a higher average log-probability. Greedy decoding alone
     can drop most of a window (8 spoken sentences came out as "The") or loop on a phrase; ``fallback=False`` gives
     plain greedy tokens (as transformers' ``generate``).
+
+    ``initial_prompt``: text the first window of each input follows, as if spoken before it (openai-whisper's
+    option: <|startofprev|>, then " " + the stripped text, before the prompt; at most its last
+    ``n_text_ctx // 2 - 1`` tokens, 223). It steers spelling, names and style, not what is heard.
+
+    ``condition_on_previous_text`` (off): each window also follows the text decoded before it in the same input
+    (after the initial prompt, up to those 223 tokens, timestamps included), as openai-whisper and faster-whisper
+    do by default, except after a window whose text fails the fallback's tests (unsure or looping), which is not
+    carried on (openai-whisper drops it after a high-temperature decode). Windows decoded together whose texts
+    differ in length are left-padded, each decoding as it would alone. Off by default because it did not help
+    here: greedy tiny.en with timestamps, WER on the 8 long-form inputs of ``benchmarks/whisper.py`` (14 eSpeak
+    sentences each) 12.4 % without and 14.6 % with (faster-whisper's own: 12.6 % and 14.3 %), on 8 others
+    (seeds 300-307) 11.1 % and 11.3 % (faster-whisper: 11.6 % and 10.9 %): a misheard phrase can carry into the
+    next window. Without timestamps it decodes each input's 30 s cuts in order rather than all at once.
     """
     from dreidel.audio import SAMPLE_RATE, load_audio
 
@@ -579,7 +657,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     batch_size = int(batch_size)
-    for name, flag in (("fallback", fallback), ("timestamps", timestamps)):
+    for name, flag in (("fallback", fallback), ("timestamps", timestamps),
+                       ("condition_on_previous_text", condition_on_previous_text)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     single = not isinstance(audio, (list, tuple))
@@ -593,9 +672,13 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
                              f"{no_speech_threshold!r}")
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
                                  timestamps=timestamps)
-    progress = [_Progress(load_audio(item)) for item in inputs]
-    run = _transcribe_seeking if timestamps else _transcribe_windows
-    run(recognizer, progress, options, batch_size, fallback, no_speech_threshold)
+    prompt = _initial_prompt_tokens(recognizer, initial_prompt)
+    progress = [_Progress(load_audio(item), list(prompt)) for item in inputs]
+    if timestamps or condition_on_previous_text:
+        _transcribe_in_order(recognizer, progress, options, batch_size, fallback, no_speech_threshold,
+                             condition_on_previous_text)
+    else:
+        _transcribe_windows(recognizer, progress, options, batch_size, fallback, no_speech_threshold)
     results = [Transcription(text=" ".join(segment.text for segment in p.segments),
                              seconds_audio=p.waveform.numel() / SAMPLE_RATE, seconds_compute=p.seconds_compute,
                              tokens=tuple(tuple(t) for t in p.tokens), segments=tuple(p.segments))
