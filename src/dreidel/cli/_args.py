@@ -34,17 +34,28 @@ def int_in_range(low: int, high: int | None = None):
 seed = int_in_range(0, 2**63 - 1)
 
 
-def probability_or_none(text: str) -> float | None:
-    """A ``type=`` for a probability strictly between 0 and 1 (NaN is not one), or ``none`` (any case): no value."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1) or 'none', got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1) or 'none', got {text}")
-    return value
+def real_or_none(what: str, low: float, high: float, open_interval: bool = False):
+    """A ``type=`` for ``what``, a float in ``[low, high]`` (``(low, high)`` with ``open_interval``; NaN is in
+    neither), or ``none`` (any case): no value."""
+    bounds = f"({low:g}, {high:g})" if open_interval else f"[{low:g}, {high:g}]"
+    expected = f"expected {what} in {bounds} or 'none'"
+
+    def parse(text: str) -> float | None:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if not (low < value < high if open_interval else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in its fallback message
+    return parse
+
+
+probability_or_none = real_or_none("a probability", 0, 1, open_interval=True)
 
 
 def file_problem(text: str) -> str | None:

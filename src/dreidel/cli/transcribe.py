@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dreidel._extras import require_extras
 from dreidel._files import check_file_target
-from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability_or_none
+from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability_or_none, real_or_none
 from dreidel.cli._table import counted
 
 
@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a window whose no-speech probability exceeds P and whose text is unsure (average "
                              "log-probability below -1) gives no text, as in openai-whisper; 'none' keeps every "
                              "window's text (default: transcribe's, 0.6)")
+    parser.add_argument("--silence-threshold-dbfs", type=real_or_none("a level in dB", -200, 0),
+                        default=argparse.SUPPRESS, metavar="DB",
+                        help="a 30 s window whose every sample is below DB (dB relative to full scale) is silence "
+                             "and gives no text, undecoded (tiny.en writes silence as 'you'); 'none' decodes "
+                             "every window (default: transcribe's, -80)")
     parser.add_argument("--no-fallback", dest="fallback", action="store_false",
                         help="plain greedy decoding: do not decode again, by a beam search of 5, the windows whose "
                              "text is unsure (average log-probability below -1) or loops (gzip ratio above 2.4)")
@@ -133,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         recognizer = whisper.load(args.model)
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
-        given = {"no_speech_threshold": args.no_speech_threshold} if hasattr(args, "no_speech_threshold") else {}
+        given = {name: getattr(args, name) for name in ("no_speech_threshold", "silence_threshold_dbfs")
+                 if hasattr(args, name)}
         results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
                                      fallback=getattr(args, "fallback", True),
                                      timestamps=getattr(args, "timestamps", True),

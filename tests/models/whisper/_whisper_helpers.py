@@ -37,3 +37,9 @@ def mel_of(audio: torch.Tensor) -> torch.Tensor:
     from dreidel.audio import log_mel_spectrogram, pad_or_trim
 
     return log_mel_spectrogram(pad_or_trim(audio))  # (80, 3000)
+
+
+def faint(samples: int) -> torch.Tensor:
+    """``samples`` of a constant at -40 dBFS: no speech, but not silence either (transcribe decodes it; see
+    ``silence_threshold_dbfs``), for tests whose decoder is replaced."""
+    return torch.full((samples,), 0.01)

@@ -130,6 +130,29 @@ def test_prompt_flags_reach_transcribe(tmp_path, monkeypatch, capsys):
                                       "string (leave it out for no prompt)")
 
 
+def test_silence_threshold_flag_reaches_transcribe(tmp_path, monkeypatch):
+    """--silence-threshold-dbfs DB|none reaches transcribe as a float or None (left out: transcribe's default);
+    a level above 0 dB is argparse's usage error."""
+    import numpy as np
+    import soundfile
+
+    from dreidel.models import whisper
+
+    path = tmp_path / "quiet.wav"
+    soundfile.write(path, np.zeros(16000, dtype=np.float32), 16000)
+    seen = []
+    original = whisper.transcribe
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: (
+        seen.append(k.get("silence_threshold_dbfs", "default")), original(*a, **k))[-1])
+    for extra in ([], ["--silence-threshold-dbfs", "-60"], ["--silence-threshold-dbfs", "None"]):
+        args = parse(["transcribe", str(path), *extra])
+        assert args.func(args) == 0
+    assert seen == ["default", -60.0, None]
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["transcribe", str(path), "--silence-threshold-dbfs", "5"])
+    assert exit_info.value.code == 2
+
+
 def test_segments_are_printed_with_their_times(tmp_path, capsys):
     import re
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _whisper_helpers import mel_of, speech_clips
+from _whisper_helpers import faint, mel_of, speech_clips
 
 from dreidel.models.whisper import DecodingOptions, decode, transcribe
 from dreidel.models.whisper.decoding import ScoredWindow, _beam_search, _greedy, decode_scored
@@ -289,7 +289,8 @@ def test_windows_without_speech_and_unsure_text_give_none(tiny_en, beam_size, ti
     """By default (openai-whisper's rule) a window the model scores as holding no speech, and whose text it is
     unsure of, gives no text: here noise that tiny.en otherwise writes up as words. Every other window keeps
     its tokens: a sentence, a single word, and silence, whose "you" tiny.en is sure of (as openai-whisper
-    keeps it). Without the fallback, whose beam search may hear the noise as a sure ". . . . ." (kept: see
+    keeps it; the silence gate, off here, leaves it out: see test_silent_windows_are_not_decoded). Without the
+    fallback, whose beam search may hear the noise as a sure ". . . . ." (kept: see
     test_no_speech_rule_and_fallback)."""
     from dreidel.audio import load_audio
     from dreidel.data.speech import cached_speech
@@ -298,13 +299,49 @@ def test_windows_without_speech_and_unsure_text_give_none(tiny_en, beam_size, ti
     word = load_audio(cached_speech("No.", "en-us+m3", 160))  # a high no-speech probability for speech (0.42)
     inputs = [noise(10, -30), sentence, word, torch.zeros(16000)]
     plain = transcribe(tiny_en, inputs, beam_size=beam_size, no_speech_threshold=None, timestamps=timestamps,
-                       fallback=False)
-    gated = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps, fallback=False)
+                       fallback=False, silence_threshold_dbfs=None)
+    gated = transcribe(tiny_en, inputs, beam_size=beam_size, timestamps=timestamps, fallback=False,
+                       silence_threshold_dbfs=None)
     assert plain[0].text.strip()  # the problem: text out of noise
     assert gated[0].text == "" and gated[0].tokens == ((),) and gated[0].segments == ()
     for index in (1, 2, 3):
         assert gated[index].tokens == plain[index].tokens and gated[index].text == plain[index].text
     assert gated[2].text.strip(" .!").lower() == "no" and gated[3].text.strip(" .").lower() == "you"
+
+
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_silent_windows_are_not_decoded(tiny_en, timestamps):
+    """Digital silence, which tiny.en writes as a sure "you" (the no-speech rule keeps it), gives no text by
+    default: 20 s of it alone, and the 30 s window of it after a sentence (which ended the text in " you")."""
+    (_, sentence), = speech_clips(1, seed=2)
+    inputs = [torch.zeros(16000 * 20), torch.cat([sentence, torch.zeros(16000 * 40)])]
+    plain = transcribe(tiny_en, inputs, timestamps=timestamps, silence_threshold_dbfs=None)
+    gated = transcribe(tiny_en, inputs, timestamps=timestamps)
+    assert plain[0].text.strip(" .").lower() == "you" and plain[1].text.lower().endswith("you")  # the problem
+    assert gated[0].text == "" and gated[0].tokens == ((),) and gated[0].segments == ()
+    assert len(gated[1].tokens) == len(plain[1].tokens) == 2 and gated[1].tokens[1] == ()
+    assert gated[1].tokens[0] == plain[1].tokens[0] and plain[1].text.startswith(gated[1].text)
+
+
+def test_the_silence_threshold_is_the_loudest_sample(tiny_en, monkeypatch):
+    """A window is silent when every sample is below the threshold: one sample at -79 dBFS is sound at the
+    default -80 and silence at -70; only the windows with sound reach the decoder."""
+    module = importlib.import_module("dreidel.models.whisper.transcribe")
+    decoded = []
+    monkeypatch.setattr(module, "decode_scored", lambda model, mel, options, previous: (
+        decoded.append(mel.shape[0]), [ScoredWindow([], -0.1, 0.01)] * mel.shape[0])[-1])
+    quiet = torch.zeros(16000 * 60)
+    quiet[16000 * 45] = 10 ** (-79 / 20)  # in the second 30 s window
+    for threshold, windows in ((-80.0, [1]), (-70.0, []), (None, [2])):
+        decoded.clear()
+        result = transcribe(tiny_en, quiet, timestamps=False, silence_threshold_dbfs=threshold)
+        assert decoded == windows and result.tokens == ((), ())
+
+
+@pytest.mark.parametrize("threshold", [5.0, -201, float("nan"), "quiet", True])
+def test_the_silence_threshold_is_validated(tiny_en, threshold):
+    with pytest.raises(ValueError, match="silence_threshold_dbfs must be None or a level in dB"):
+        transcribe(tiny_en, torch.zeros(16000), silence_threshold_dbfs=threshold)
 
 
 def test_a_vocabulary_without_the_no_speech_token_keeps_every_window(tiny_en):
@@ -356,7 +393,7 @@ def test_no_speech_rule_and_fallback(tiny_en, monkeypatch, fallback, threshold):
         return greedy if options.beam_size == 1 else beam
 
     monkeypatch.setattr(module, "decode_scored", fake_decode_scored)
-    results = transcribe(tiny_en, [torch.zeros(16000)] * 4, fallback=fallback, timestamps=False,
+    results = transcribe(tiny_en, [faint(16000)] * 4, fallback=fallback, timestamps=False,
                          no_speech_threshold=threshold)
     assert calls == ([(1, 4), (5, 3)] if fallback else [(1, 4)])
     if fallback:
@@ -451,7 +488,7 @@ def test_windows_that_fail_the_tests_are_decoded_again_by_beam_search(tiny_en, m
         return [ScoredWindow(fixed_loop, -0.3, 0.01), ScoredWindow(fixed_unsure, -1.5, 0.01)]
 
     monkeypatch.setattr(module, "decode_scored", fake_decode_scored)
-    audio = [torch.zeros(16000) for _ in range(3)]
+    audio = [faint(16000) for _ in range(3)]
     results = transcribe(tiny_en, audio, fallback=fallback)
     if fallback:
         assert calls == [(1, 3), (5, 2)]
@@ -468,7 +505,7 @@ def test_a_beam_result_that_fails_with_a_lower_average_does_not_replace_greedy(t
     worse = tiny_en.tokenizer.encode(" Uh")
     monkeypatch.setattr(module, "decode_scored", lambda model, mel, options, previous: (
         [ScoredWindow(unsure, -1.5, 0.01)] if options.beam_size == 1 else [ScoredWindow(worse, -2.5, 0.01)]))
-    assert transcribe(tiny_en, torch.zeros(16000)).tokens[0] == tuple(unsure)
+    assert transcribe(tiny_en, faint(16000)).tokens[0] == tuple(unsure)
 
 
 def _reference_beam(model, features: torch.Tensor, options: DecodingOptions, beams: int, max_new: int = 224):

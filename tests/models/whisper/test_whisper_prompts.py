@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _whisper_helpers import mel_of, speech_clips
+from _whisper_helpers import faint, mel_of, speech_clips
 
 from dreidel.models.whisper import DecodingOptions, decode, transcribe
 from dreidel.models.whisper.decoding import ScoredWindow, decode_scored
@@ -147,7 +147,7 @@ def test_the_initial_prompt_and_the_previous_text_reach_the_windows(tiny_en, mon
     included), without it nothing."""
     tokenizer = tiny_en.tokenizer
     seen = _recording_decoder(monkeypatch, tiny_en, [" One.", " Two.", " Three."])
-    result = transcribe(tiny_en, torch.zeros(16000 * 70), initial_prompt="  Glossary: dreidel. ",
+    result = transcribe(tiny_en, faint(16000 * 70), initial_prompt="  Glossary: dreidel. ",
                         condition_on_previous_text=condition, timestamps=timestamps, fallback=False)
     assert result.text == "One. Two. Three."
     prompt = [tokenizer.start_of_previous, *tokenizer.encode(" Glossary: dreidel.")]
@@ -164,7 +164,7 @@ def test_a_window_that_fails_the_tests_is_not_carried_on(tiny_en, monkeypatch):
     after a window it decoded at a high temperature."""
     loop = " Stop it." * 30
     seen = _recording_decoder(monkeypatch, tiny_en, [" One.", loop, " Three.", " Four."])
-    transcribe(tiny_en, torch.zeros(16000 * 100), condition_on_previous_text=True, fallback=False)
+    transcribe(tiny_en, faint(16000 * 100), condition_on_previous_text=True, fallback=False)
     assert seen[1] and seen[2] == [] and seen[3] != []
 
 
@@ -174,7 +174,7 @@ def test_the_previous_text_is_cut_to_half_the_context(tiny_en, monkeypatch):
 
     text = " " + " ".join(item.text for item in speech_test_set(12, seed=3))  # not a loop: it passes the tests
     seen = _recording_decoder(monkeypatch, tiny_en, [text])
-    result = transcribe(tiny_en, torch.zeros(16000 * 100), condition_on_previous_text=True, fallback=False)
+    result = transcribe(tiny_en, faint(16000 * 100), condition_on_previous_text=True, fallback=False)
     window = len(result.tokens[0])
     assert 100 < window < 200
     assert [len(previous) for previous in seen] == [0, 1 + window, 1 + 223, 1 + 223]

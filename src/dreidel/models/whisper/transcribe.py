@@ -84,9 +84,10 @@ class Transcription:
 
     tokens: the sampled ids of each window decoded, in order (prompt and <|endoftext|> excluded; with timestamps,
     the timestamp tokens too, and a window's unfinished last segment, which the next window decodes again); none
-    for a window left out as holding no speech (``no_speech_threshold``). segments: with timestamps, the model's
-    timed segments; without, one per 30 s window with text. seconds_compute covers front end, encoder and decoder
-    (model load excluded); windows decoded in one batch share the batch's time equally.
+    for a window left out as holding no speech (``no_speech_threshold``) or as silence
+    (``silence_threshold_dbfs``). segments: with timestamps, the model's timed segments; without, one per 30 s
+    window with text. seconds_compute covers front end, encoder and decoder (model load excluded); windows
+    decoded in one batch share the batch's time equally.
     """
 
     text: str
@@ -343,6 +344,10 @@ FALLBACK_BEAM_SIZE = 5
 # transcribe's default no_speech_threshold: a window whose no-speech probability is above it and whose text is
 # unsure (UNSURE_LOGPROB) holds no speech (openai-whisper's rule and value, faster-whisper's too; see transcribe).
 NO_SPEECH_THRESHOLD = 0.6
+# transcribe's default silence_threshold_dbfs: a window whose every sample is below -80 dBFS (1e-4 of full scale,
+# a few steps of 16-bit audio) is silence and is not decoded. tiny.en writes digital silence as a sure "you",
+# which the no-speech rule keeps; speech peaking at -70 dBFS was still half heard, at -80 not at all.
+SILENCE_THRESHOLD_DBFS = -80.0
 
 
 def compression_ratio(text: str) -> float:
@@ -451,23 +456,41 @@ def _timed_segments(tokens: list[int], begin: int, window_seconds: float, ended:
     return _WindowText(segments, window_seconds, len(tokens))
 
 
+@dataclass(frozen=True)
+class _WindowRules:
+    """What ``transcribe`` does around each window's decoding (see its arguments of these names)."""
+
+    fallback: bool
+    no_speech_threshold: float | None
+    silence_threshold_dbfs: float | None
+
+    def is_silent(self, window: torch.Tensor) -> bool:
+        """Whether every sample of ``window`` is below the silence threshold (relative to full scale, 1.0)."""
+        if self.silence_threshold_dbfs is None:
+            return False
+        return float(window.abs().max()) < 10.0 ** (self.silence_threshold_dbfs / 20.0)
+
+
 def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], options: DecodingOptions,
-                  previous: list[list[int]], fallback: bool,
-                  no_speech_threshold: float | None) -> tuple[list[ScoredWindow], float]:
+                  previous: list[list[int]], rules: _WindowRules) -> tuple[list[ScoredWindow], float]:
     """Each window (zero-padded to 30 s before its log-mel) decoded after its previous text (``previous``, token
     lists, empty for none), with the fallback if asked, its tokens emptied where it holds no speech
-    (``_holds_no_speech``), and each window's share of the seconds that took (the batch's time shared equally)."""
+    (``_holds_no_speech``) or left undecoded, with none, where it is silent; and each window's share of the
+    seconds that took (the batch's time shared equally)."""
     from dreidel.audio import log_mel_spectrogram, pad_or_trim
 
     start = time.perf_counter()
-    n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
-    mel = torch.stack([log_mel_spectrogram(pad_or_trim(window), n_mels) for window in windows])
-    given = previous if any(previous) else None
-    scored = decode_scored(recognizer.model, mel, options, given)
-    if fallback and options.beam_size == 1:
-        scored = _with_fallback(recognizer, mel, options, given, scored, no_speech_threshold)
-    scored = [window._replace(tokens=[]) if _holds_no_speech(window, no_speech_threshold) else window
-              for window in scored]
+    scored = [ScoredWindow([], 0.0, None)] * len(windows)
+    sound = [i for i, window in enumerate(windows) if not rules.is_silent(window)]
+    if sound:
+        n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
+        mel = torch.stack([log_mel_spectrogram(pad_or_trim(windows[i]), n_mels) for i in sound])
+        given = [previous[i] for i in sound] if any(previous[i] for i in sound) else None
+        decoded = decode_scored(recognizer.model, mel, options, given)
+        if rules.fallback and options.beam_size == 1:
+            decoded = _with_fallback(recognizer, mel, options, given, decoded, rules.no_speech_threshold)
+        for i, window in zip(sound, decoded):
+            scored[i] = window._replace(tokens=[]) if _holds_no_speech(window, rules.no_speech_threshold) else window
     return scored, (time.perf_counter() - start) / len(windows)
 
 
@@ -501,8 +524,7 @@ def _previous_text(recognizer: WhisperRecognizer, context: list[int]) -> list[in
 
 
 def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
-                         batch_size: int, fallback: bool, no_speech_threshold: float | None,
-                         condition_on_previous_text: bool) -> None:
+                         batch_size: int, rules: _WindowRules, condition_on_previous_text: bool) -> None:
     """Decode every input window by window, each given the text before it (``_Progress.context``) and, with
     timestamps, starting where ``_timed_segments`` says the previous one's text ended (without, 30 s on); the
     next windows of up to ``batch_size`` inputs are decoded together."""
@@ -517,7 +539,7 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
             previous = [_previous_text(recognizer, p.context) for p in batch]
-            scored, share = _decode_batch(recognizer, windows, options, previous, fallback, no_speech_threshold)
+            scored, share = _decode_batch(recognizer, windows, options, previous, rules)
             for p, window, result in zip(batch, windows, scored):
                 offset, seconds = p.seek / SAMPLE_RATE, window.numel() / SAMPLE_RATE
                 if timestamps:
@@ -547,7 +569,7 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
 
 
 def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
-                        batch_size: int, fallback: bool, no_speech_threshold: float | None) -> None:
+                        batch_size: int, rules: _WindowRules) -> None:
     """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time, the
     first of each input after its ``context`` (an initial prompt), the others after nothing."""
     from dreidel.audio import N_SAMPLES, SAMPLE_RATE
@@ -557,8 +579,7 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
         previous = [_previous_text(recognizer, p.context) if index == 0 else [] for p, index, _ in batch]
-        scored, share = _decode_batch(recognizer, [window for _, _, window in batch], options, previous, fallback,
-                                      no_speech_threshold)
+        scored, share = _decode_batch(recognizer, [window for _, _, window in batch], options, previous, rules)
         for (p, index, window), result in zip(batch, scored):
             text = recognizer.tokenizer.decode(result.tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
@@ -593,7 +614,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
                max_new_tokens: int = 224, batch_size: int = 8,
                no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
                fallback: bool = True, timestamps: bool = True, initial_prompt: str | None = None,
-               condition_on_previous_text: bool = False):
+               condition_on_previous_text: bool = False,
+               silence_threshold_dbfs: float | None = SILENCE_THRESHOLD_DBFS):
     """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
 
     Returns a :class:`Transcription` for one input, a list of them for a list, each with its text and timed
@@ -626,7 +648,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     inputs of 14 eSpeak sentences), single spoken words up to about 0.45, 30 s of silence or of white noise
     0.93-0.97 (10 s of noise, padded, about 0.8). Nor does the rule catch every window without speech: tiny.en
     writes digital silence as "you" and faint noise as ". . . ." and is sure of both (average log-probabilities
-    -0.26 to -0.70), and louder noise can make it repeat an invented sentence surely; those stay. An invented
+    -0.26 to -0.70), and louder noise can make it repeat an invented sentence surely; silence is left out by
+    ``silence_threshold_dbfs``, the others stay. An invented
     sentence it is unsure of (-1.7, 10 s of noise at -30 dBFS) is left out, unless the fallback's beam search is
     sure of something else (with timestamps it heard that noise as ". . . . .").
 
@@ -635,6 +658,12 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     a beam search of 5, kept if it passes, or fails with a higher average log-probability. Greedy decoding alone
     can drop most of a window (8 spoken sentences came out as "The") or loop on a phrase; ``fallback=False`` gives
     plain greedy tokens (as transformers' ``generate``).
+
+    ``silence_threshold_dbfs`` (-80): a window whose every sample is below this level (dB relative to full scale,
+    1.0) is silence: it is not decoded and gives no text (tiny.en writes 30 s of digital silence as a sure "you",
+    which ended every input followed by 30 s of silence). The default catches digital silence and a few steps of
+    16-bit audio; speech peaking at -70 dBFS was still half heard, at -80 not at all. ``None`` decodes every
+    window. Only whole windows count: silence inside a window is the model's to time.
 
     ``initial_prompt``: text the first window of each input follows, as if spoken before it (openai-whisper's
     option: <|startofprev|>, then " " + the stripped text, before the prompt; at most its last
@@ -670,15 +699,21 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
                 or not 0.0 < no_speech_threshold < 1.0):
             raise ValueError(f"no_speech_threshold must be None or a probability in (0, 1), got "
                              f"{no_speech_threshold!r}")
+    if silence_threshold_dbfs is not None:
+        if (not isinstance(silence_threshold_dbfs, numbers.Real) or isinstance(silence_threshold_dbfs, bool)
+                or not -200.0 <= silence_threshold_dbfs <= 0.0):
+            raise ValueError(f"silence_threshold_dbfs must be None or a level in dB relative to full scale, in "
+                             f"[-200, 0], got {silence_threshold_dbfs!r}")
+        silence_threshold_dbfs = float(silence_threshold_dbfs)
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
                                  timestamps=timestamps)
     prompt = _initial_prompt_tokens(recognizer, initial_prompt)
     progress = [_Progress(load_audio(item), list(prompt)) for item in inputs]
+    rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
     if timestamps or condition_on_previous_text:
-        _transcribe_in_order(recognizer, progress, options, batch_size, fallback, no_speech_threshold,
-                             condition_on_previous_text)
+        _transcribe_in_order(recognizer, progress, options, batch_size, rules, condition_on_previous_text)
     else:
-        _transcribe_windows(recognizer, progress, options, batch_size, fallback, no_speech_threshold)
+        _transcribe_windows(recognizer, progress, options, batch_size, rules)
     results = [Transcription(text=" ".join(segment.text for segment in p.segments),
                              seconds_audio=p.waveform.numel() / SAMPLE_RATE, seconds_compute=p.seconds_compute,
                              tokens=tuple(tuple(t) for t in p.tokens), segments=tuple(p.segments))
