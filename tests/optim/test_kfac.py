@@ -407,6 +407,58 @@ def test_a_well_tuned_lr_lowers_the_damping_at_every_step():
         assert opt.damping == pytest.approx(1e-2 * 0.95**step, rel=1e-12)
 
 
+@pytest.mark.parametrize("after", ["as-predicted", "worse"])
+def test_a_step_the_kl_clip_shortened_does_not_lower_the_damping(after):
+    """lr 0.5 on least squares lowers the damping by omega at every step when the KL clip leaves the step whole
+    (the test above). A clip of 1e-9 shortens every step, whose quadratic term is then negligible: rho is ~1
+    whatever the damping and is no evidence for a lower one, so the damping stays (Nocedal & Wright 2006,
+    Alg. 4.1: a trust region grows only after a step that reached it). A loss reported ten times higher after the
+    step (rho < 1/4) still raises it by 1/omega each step."""
+    model, x, y = least_squares(seed=0)
+    opt = KFAC(model, lr=0.5, momentum=0.0, damping=1e-2, damping_every=1, kl_clip=1e-9)
+    for _ in range(5):
+        evaluations = []
+
+        def closure():  # before the step (loss0), then after it
+            evaluations.append(None)
+            return mse(model(x), y) * (10.0 if after == "worse" and len(evaluations) == 2 else 1.0)
+
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step(closure)
+        assert len(evaluations) == 2
+    assert opt.damping == pytest.approx(1e-2 if after == "as-predicted" else 1e-2 * (20 / 19) ** 5, rel=1e-12)
+
+
+def rare_feature_classes(generator: torch.Generator, rows: int = 1024, common: int = 32, rare: int = 32):
+    """``(rows, common + rare)`` nonnegative inputs and 10 classes from a linear teacher on the common features; each
+    rare feature is nonzero in ~0.5% of the rows (like MNIST's border pixels)."""
+    x = torch.relu(torch.randn(rows, common + rare, generator=generator))
+    x[:, common:] *= 3.0 * (torch.rand(rows, rare, generator=generator) < 0.005)
+    teacher = torch.randn(common, 10, generator=generator)
+    return x, (x[:, :common] @ teacher).argmax(1)
+
+
+def test_a_spectral_mlp_with_rare_inputs_trains_without_blowing_up_under_a_binding_kl_clip():
+    """benchmarks/optimizers.py's tuned K-FAC for the LinearWHT MLP (lr 1, KL clip 1e-4, damping 1e-2, cadence 10)
+    on inputs with rare features. The clip binds at every step; when clipped steps lowered the damping it reached
+    min_damping (1e-8) by step ~270, the input scales of the rare features (Fisher diagonal ~0) took steps of
+    several units, and the batch loss went back above its start after step 100: to 88 here, to 13-316 on each of
+    seeds 0-11. The damping now stays at 1e-2 and no batch loss after step 100 exceeds 1.9 on those seeds."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = rare_feature_classes(gen)
+    torch.manual_seed(0)  # nn.Linear's initialisation
+    model = nn.Sequential(LinearWHT(64, 64, activation="relu", generator=gen),
+                          LinearWHT(64, 64, activation="relu", generator=gen), nn.Linear(64, 10))
+    opt = KFAC(model, lr=1.0, momentum=0.5, kl_clip=1e-4, damping=1e-2, factor_every=10, damping_every=10,
+               factor_warmup=0, likelihood="categorical")
+    order = torch.randperm(x.shape[0], generator=gen)
+    losses = [train_step(model, opt, F.cross_entropy, x[rows], y[rows]) for rows in order.repeat(38).split(64)[:600]]
+    assert max(losses[100:]) < losses[0]
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x), y)) < losses[0] / 2
+
+
 def test_damped_inverse_matches_explicit_inverse_and_survives_non_pd(caplog):
     from dreidel.optim._kfac_blocks import damped_inverse
 
