@@ -667,7 +667,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
 
     ``initial_prompt``: text the first window of each input follows, as if spoken before it (openai-whisper's
     option: <|startofprev|>, then " " + the stripped text, before the prompt; at most its last
-    ``n_text_ctx // 2 - 1`` tokens, 223). It steers spelling, names and style, not what is heard.
+    ``n_text_ctx // 2 - 1`` tokens, 223). Meant to steer spelling, names and style, it conditions the whole
+    decoding: greedy tiny.en wrote eSpeak's "The bridge over the river was built in eighteen ninety." as "The
+    bridge over at 1 field in 1890." alone and "The bridge over at 1.1v1890." after " Numbers like 4.5 and
+    fifteenth."
 
     ``condition_on_previous_text`` (off): each window also follows the text decoded before it in the same input
     (after the initial prompt, up to those 223 tokens, timestamps included), as openai-whisper and faster-whisper
