@@ -383,7 +383,7 @@ def main() -> int:
     if long_rows:
         section += (
             f"\nLong-form: {args.long} inputs of 14 consecutive sentences ({long_seconds:.0f} s of audio in all), "
-            "1 thread, greedy unless named, no previous-text conditioning, systems interleaved input by input.\n\n"
+            "1 thread, greedy and without previous-text conditioning unless the row names them, systems interleaved input by input.\n\n"
             + markdown_table(["system", "WER %", "RTF (compute s / audio s)"], long_rows) + "\n"
         )
     write_section("whisper", section)

@@ -633,8 +633,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     different inputs are batched. Without timestamps, long inputs are cut into consecutive 30 s windows, all
     decoded in batches: the fastest way, and tokens equal to transformers' ``generate`` without timestamps,
     but speech across a cut can lose words, and tiny.en sometimes ends a window of dense speech after its
-    first sentence: on 8 inputs of 14 eSpeak sentences (about 45 s each), greedy WER 14.2 % with timestamps
-    and 37.3 % without (``benchmarks/whisper.py``).
+    first sentence: on 8 inputs of 14 eSpeak sentences (about 45 s each), greedy WER 12.4 % with timestamps
+    and 36 % without (``benchmarks/whisper.py``, December 2026).
 
     ``no_speech_threshold`` (0.6): a window holds no speech, and gives no text, when the model's no-speech
     probability (of <|nocaptions|> right after <|startoftranscript|>) is above it and the text it decoded is
