@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --beam: expected an int in [1, {MAX_BEAM}], got {args.beam}")
     for problem in filter(None, map(file_problem, args.files)):
         args.parser.error(f"argument FILE: {problem}")
+    initial_prompt = getattr(args, "initial_prompt", None)
+    if initial_prompt is not None and not initial_prompt.strip():
+        args.parser.error("argument --initial-prompt: expected some text, got a blank one (leave it out for no prompt)")
     if not args.model.strip():
         args.parser.error("argument --model: expected tiny.en, base or a model directory, got an empty name")
     outputs = output_paths(args)

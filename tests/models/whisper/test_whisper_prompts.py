@@ -58,14 +58,18 @@ def test_windows_after_previous_texts_of_different_lengths_equal_transformers(ti
 @torch.inference_mode()
 def test_padding_does_not_change_a_window(random_whisper, beam_size, timestamps):
     """A random model (whose tokens depend on every position): each window decoded in a batch of previous texts
-    of 0, 3 and 7 tokens scores as it does alone, unpadded."""
+    of 0, 3, 7 and 55 tokens scores as it does alone, unpadded, and samples up to its own limit (the 55 leave
+    room for 7 of the 10 tokens asked in the 64 positions: the others still sample 10)."""
     options = dataclasses.replace(RANDOM_OPTIONS, beam_size=beam_size,
                                   prompt=(50257,) if timestamps else RANDOM_OPTIONS.prompt,
                                   timestamp_begin=50363 if timestamps else None)
-    mel = torch.randn(3, 80, 3000, generator=torch.Generator().manual_seed(5))
-    previous = [[], [START_OF_PREVIOUS, 11, 12], [START_OF_PREVIOUS, 21, 22, 23, 24, 25, 26]]
+    mel = torch.randn(4, 80, 3000, generator=torch.Generator().manual_seed(5))
+    previous = [[], [START_OF_PREVIOUS, 11, 12], [START_OF_PREVIOUS, 21, 22, 23, 24, 25, 26],
+                [START_OF_PREVIOUS, *range(100, 154)]]
     together = decode_scored(random_whisper, mel, options, previous)
-    for window in range(3):
+    assert not together[3].ended and len(together[3].tokens) == 64 - len(options.prompt) - 55
+    assert together[0].ended or len(together[0].tokens) == options.max_new_tokens
+    for window in range(4):
         alone, = decode_scored(random_whisper, mel[window:window + 1], options, [previous[window]])
         assert together[window].tokens == alone.tokens
         assert together[window].average_logprob == pytest.approx(alone.average_logprob, abs=1e-5)
@@ -74,6 +78,25 @@ def test_padding_does_not_change_a_window(random_whisper, beam_size, timestamps)
     # and the previous text matters: the same windows without it score otherwise
     plain = decode_scored(random_whisper, mel, options)
     assert [w.no_speech_prob for w in plain][1:] != pytest.approx([w.no_speech_prob for w in together][1:])
+
+
+def test_an_int8_window_does_not_depend_on_the_padding_of_its_batch(tiny_en):
+    """quantize_int8 scales each window's activations by their own largest value: a window with no previous text
+    decoded beside one with a long previous text (so left-padded) gives the tokens and score it gives alone (a
+    review found "Let me make your wake up at 4am" alone and "Let's make our wake up" padded, when the
+    prompt pass ran over the padding)."""
+    from dreidel.models.whisper import quantize_int8
+
+    recognizer = quantize_int8(tiny_en)
+    tokenizer = recognizer.tokenizer
+    mel = torch.stack([mel_of(audio) for _, audio in speech_clips(2, seed=2)])
+    previous = [[], [tokenizer.start_of_previous,
+                     *tokenizer.encode(" The river, the bridge and the 1890s: a story of Mr. Smith's town.")]]
+    options = recognizer.options(timestamps=True, max_new_tokens=60)
+    alone, = decode_scored(recognizer.model, mel[:1], options)
+    together = decode_scored(recognizer.model, mel, options, previous)[0]
+    assert together.tokens == alone.tokens and together.average_logprob == pytest.approx(alone.average_logprob,
+                                                                                         abs=1e-6)
 
 
 @torch.inference_mode()
@@ -107,6 +130,7 @@ def test_greedy_after_previous_text_equals_teacher_forcing(random_whisper):
     ([[START_OF_PREVIOUS], [-1]], ValueError, r"previous\[1\]: expected token ids \(ints >= 0\), got -1"),
     ([[START_OF_PREVIOUS], [60000]], ValueError, r"previous\[1\]: 60000 is not a token of the model's vocabulary"),
     ([[START_OF_PREVIOUS] * 70, []], ValueError, r"prompt of 72 tokens leaves no room in the text context of 64"),
+    ([[START_OF_PREVIOUS] * 62, []], ValueError, r"prompt of 64 tokens leaves no room in the text context of 64"),
 ])
 def test_previous_text_is_checked(random_whisper, previous, error, message):
     with pytest.raises(error, match=message):
@@ -159,6 +183,18 @@ def test_the_initial_prompt_and_the_previous_text_reach_the_windows(tiny_en, mon
         assert seen[1:] == [[], []]
 
 
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_the_initial_prompt_waits_for_the_first_window_with_sound(tiny_en, monkeypatch, timestamps):
+    """30 s of digital silence (not decoded), then sound: the first window decoded follows the initial prompt,
+    as in openai-whisper (a window left out does not use it up)."""
+    tokenizer = tiny_en.tokenizer
+    seen = _recording_decoder(monkeypatch, tiny_en, [" One.", " Two."])
+    audio = torch.cat([torch.zeros(16000 * 30), faint(16000 * 40)])
+    transcribe(tiny_en, audio, initial_prompt="Glossary: dreidel.", timestamps=timestamps, fallback=False)
+    assert seen[0] == [tokenizer.start_of_previous, *tokenizer.encode(" Glossary: dreidel.")]
+    assert seen[1] == []
+
+
 def test_a_window_that_fails_the_tests_is_not_carried_on(tiny_en, monkeypatch):
     """A looping text (gzip ratio above 2.4) is not given to the next window, as openai-whisper drops the prompt
     after a window it decoded at a high temperature."""
@@ -186,10 +222,28 @@ def test_the_previous_text_is_cut_to_half_the_context(tiny_en, monkeypatch):
     ("initial_prompt", 5, TypeError, "initial_prompt must be a str or None, got int"),
     ("initial_prompt", " \n", ValueError, "initial_prompt must hold some text"),
     ("condition_on_previous_text", "yes", TypeError, "condition_on_previous_text must be a bool, got str"),
+    # the tokenizer reads special-token text as the token itself; openai-whisper and transformers refuse it
+    ("initial_prompt", "Notes <|endoftext|> more", ValueError,
+     r"initial_prompt must be plain text, but it holds the special token <\|endoftext\|>"),
+    ("initial_prompt", "<|notimestamps|> hello", ValueError, r"holds the special token <\|notimestamps\|>"),
 ])
 def test_prompt_arguments_are_checked(tiny_en, keyword, value, error, message):
     with pytest.raises(error, match=message):
         transcribe(tiny_en, torch.zeros(16000), **{keyword: value})
+
+
+def test_a_model_without_startofprev_refuses_previous_text_before_decoding(tiny_en, monkeypatch):
+    import copy
+    import dataclasses
+
+    tokenizer = copy.copy(tiny_en.tokenizer)
+    tokenizer.start_of_previous = None
+    recognizer = dataclasses.replace(tiny_en, tokenizer=tokenizer)
+    seen = _recording_decoder(monkeypatch, tiny_en, [" One."])
+    for keyword, value in (("condition_on_previous_text", True), ("initial_prompt", "Hello.")):
+        with pytest.raises(ValueError, match=f"{keyword}: .* has no <\\|startofprev\\|> token"):
+            transcribe(recognizer, faint(16000), **{keyword: value})
+    assert seen == []
 
 
 def test_a_long_input_conditioned_on_its_previous_text(tiny_en):

@@ -9,6 +9,7 @@ step; with timestamps, the timestamp rules of ``_apply_timestamp_rules``. Sequen
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,7 +175,9 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions,
     previous: ``None``, or for each window the tokens that go before its prompt: <|startofprev|> and the text
     before the window (openai-whisper's ``prompt``: an initial prompt or the previous windows' tokens; Radford
     et al. 2022, §2.3), or nothing (an empty sequence). Windows whose prompts then differ in length decode
-    together, left-padded (see ``DecoderCache``); a window's tokens equal those it decodes alone.
+    together, left-padded (see ``DecoderCache``; the prompts themselves go through the decoder in groups of one
+    length, so that no layer sees padding), each up to its own sampling limit (``sampling_limit`` of its
+    prompt): a window's tokens equal those it decodes alone, and its scores to rounding.
 
     Raises ``ValueError`` for a mel that is not (batch, n_mels, frames) with at least one window, for a
     token id of ``options`` or ``previous`` past the model's vocabulary (naming the argument), and for
@@ -183,7 +186,7 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions,
     if mel.dim() != 3 or mel.shape[0] == 0:
         raise ValueError(f"mel must be (batch, n_mels, frames) with batch >= 1, got shape {tuple(mel.shape)}")
     n_vocab = model.dims.n_vocab
-    prompts = _prompts(options, previous, mel.shape[0], n_vocab)
+    previous = _checked_previous(previous, mel.shape[0], n_vocab)
     if options.timestamp_begin is not None and options.timestamp_begin >= n_vocab:
         raise ValueError(f"timestamp_begin {options.timestamp_begin} is past the model's vocabulary of "
                          f"{n_vocab} tokens: it has no timestamp tokens there")
@@ -192,15 +195,23 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions,
         if past:
             raise ValueError(f"{name} {past[0]} is not a token of the model's vocabulary of {n_vocab} "
                              f"(ids 0 to {n_vocab - 1})")
-    max_new = sampling_limit(model, options, prompts.length)
-    if max_new < 1:
-        raise ValueError(f"prompt of {prompts.length} tokens leaves no room in the text context of "
-                         f"{model.dims.n_text_ctx}")
+    # Each window samples up to its own limit: windows are decoded in groups of one limit (one group unless a
+    # prompt is long enough to shorten it), each group left-padded to its longest prompt, longest first.
+    limits = [sampling_limit(model, options, len(ids) + len(options.prompt)) for ids in previous]
+    if min(limits) < 1:
+        longest = max(len(ids) for ids in previous) + len(options.prompt)
+        raise ValueError(f"prompt of {longest} tokens leaves no room in the text context of {model.dims.n_text_ctx}")
     weights = model.decoder.positional_embedding  # mel moves to the model's device and dtype
     features = model.embed_audio(mel.to(device=weights.device, dtype=weights.dtype))  # (B, 1500, C)
-    if options.beam_size == 1:
-        return _greedy(model, features, options, max_new, prompts)
-    return _beam_search(model, features, options, max_new, prompts)
+    decode_group = _greedy if options.beam_size == 1 else _beam_search
+    results: list[ScoredWindow | None] = [None] * mel.shape[0]
+    for limit in sorted(set(limits)):
+        group = sorted((i for i, own in enumerate(limits) if own == limit), key=lambda i: -len(previous[i]))
+        chosen = features if len(group) == mel.shape[0] and group == sorted(group) else features[group]
+        for i, window in zip(group, decode_group(model, chosen, options, limit,
+                                                 _prompts(options, [previous[i] for i in group]))):
+            results[i] = window
+    return results
 
 
 class _Prompts(NamedTuple):
@@ -215,12 +226,10 @@ class _Prompts(NamedTuple):
         return len(self.tokens[0])
 
 
-def _prompts(options: DecodingOptions, previous: Sequence[Sequence[int]] | None, batch: int,
-             n_vocab: int) -> _Prompts:
-    """The prompts of ``batch`` windows, padded with <|endoftext|>; ``previous`` checked as ``decode_scored``
-    says."""
+def _checked_previous(previous: Sequence[Sequence[int]] | None, batch: int, n_vocab: int) -> list[list[int]]:
+    """``previous`` (see ``decode_scored``) as lists of ids, one per window (empty where ``None``), checked."""
     if previous is None:
-        return _Prompts([list(options.prompt)] * batch, None)
+        return [[] for _ in range(batch)]
     if isinstance(previous, (str, bytes)) or not isinstance(previous, Sequence) or len(previous) != batch:
         raise ValueError(f"previous must be a sequence of one token sequence per window ({batch}), got "
                          f"{type(previous).__name__}" + (f" of length {len(previous)}"
@@ -230,10 +239,36 @@ def _prompts(options: DecodingOptions, previous: Sequence[Sequence[int]] | None,
         past = [token for token in ids if token >= n_vocab]
         if past:
             raise ValueError(f"previous[{window}]: {past[0]} is not a token of the model's vocabulary of {n_vocab}")
+    return [list(ids) for ids in previous]
+
+
+def _prompts(options: DecodingOptions, previous: list[list[int]]) -> _Prompts:
+    """The full prompts of windows after ``previous`` (longest first), left-padded with <|endoftext|>."""
     longest = max(len(ids) for ids in previous)
     padding = [longest - len(ids) for ids in previous]
-    tokens = [[options.eot] * pad + list(ids) + list(options.prompt) for pad, ids in zip(padding, previous)]
+    tokens = [[options.eot] * pad + ids + list(options.prompt) for pad, ids in zip(padding, previous)]
     return _Prompts(tokens, padding if any(padding) else None)
+
+
+def _prompt_states(model: Whisper, prompts: _Prompts, cache, rows_per_window: int, device) -> Tensor:
+    """The decoder's states (R, P, C) over each row's prompt, its key/values written to ``cache``. Windows of
+    one padding (consecutive: longest prompt first) go through the decoder together, from their first real
+    token: no layer sees a row's padding, whose states stay zero (a layer that scales each window by its own
+    activations, as ``quantize_int8``'s do, would otherwise see the padding too)."""
+    tokens = torch.tensor(prompts.tokens, device=device).repeat_interleave(rows_per_window, dim=0)  # (R, P)
+    if prompts.padding is None:
+        return model.decoder.hidden(tokens, 0, cache)
+    states = None
+    first = 0
+    for pad, run in itertools.groupby(prompts.padding):
+        last = first + len(list(run))
+        rows = slice(first * rows_per_window, last * rows_per_window)
+        part = model.decoder.hidden(tokens[rows, pad:], pad, cache.windows(first, last, rows_per_window))
+        if states is None:
+            states = part.new_zeros(tokens.shape[0], tokens.shape[1], part.shape[-1])
+        states[rows, pad:] = part
+        first = last
+    return states
 
 
 def _no_speech_probabilities(model: Whisper, prompt_states: Tensor, options: DecodingOptions) -> list[float | None]:
@@ -261,7 +296,7 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     n_vocab = model.dims.n_vocab
     cache = _new_cache(model, features, prompts)
     device = features.device
-    states = decoder.hidden(torch.tensor(prompts.tokens, device=device), 0, cache)  # (B, P, C)
+    states = _prompt_states(model, prompts, cache, 1, device)  # (B, P, C)
     no_speech = _no_speech_probabilities(model, states, options)
     hidden = states[:, -1]  # (B, C)
     suppress = _suppression_bias(options.suppress_tokens, n_vocab, hidden)
@@ -308,8 +343,7 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
     prompts = prompts or _Prompts([list(options.prompt)] * batch, None)
     cache = _new_cache(model, features, prompts, rows_per_window=beams)  # rows: window-major, beam-minor
     device = features.device
-    prompt = torch.tensor(prompts.tokens, device=device).repeat_interleave(beams, dim=0)  # (B*K, P)
-    states = decoder.hidden(prompt, 0, cache)  # (B*K, P, C)
+    states = _prompt_states(model, prompts, cache, beams, device)  # (B*K, P, C)
     no_speech = _no_speech_probabilities(model, states[::beams], options)
     logits = decoder.project(states[:, -1])  # (B*K, V)
     suppress = _suppression_bias(options.suppress_tokens, logits.shape[-1], logits)

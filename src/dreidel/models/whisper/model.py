@@ -261,6 +261,15 @@ class DecoderCache:
         steps = torch.arange(offset, offset + length, device=device)
         return (steps.unsqueeze(0) - self.padding.to(device).unsqueeze(1)).clamp_min(0)
 
+    def windows(self, first: int, last: int, rows_per_window: int) -> "DecoderCache":
+        """The rows of windows ``first .. last - 1`` (``rows_per_window`` each), as views: writes through it
+        land in this cache."""
+        rows = slice(first * rows_per_window, last * rows_per_window)
+        return DecoderCache([b[rows] for b in self.self_k], [b[rows] for b in self.self_v],
+                            [b[rows] for b in self.cross_k], [b[rows] for b in self.cross_v],
+                            None if self.audio_features is None else self.audio_features[first:last],
+                            None if self.padding is None else self.padding[rows])
+
     def reorder(self, index: Tensor, length: int) -> None:
         """Beam search: row b of the first ``length`` positions becomes row ``index[b]`` of before."""
         for buf in self.self_k:

@@ -83,6 +83,10 @@ class WhisperTokenizer:
             raise TypeError(f"text must be str, got {type(text).__name__}")
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def token(self, token_id: int) -> str:
+        """The vocabulary's text of one token id (special tokens by name, e.g. "<|endoftext|>")."""
+        return self._tokenizer.id_to_token(token_id)
+
     def decode(self, tokens: list[int]) -> str:
         """Text of ``tokens``; special and timestamp tokens (ids >= <|endoftext|>) are left out."""
         return self._tokenizer.decode([t for t in tokens if t < self.eot])

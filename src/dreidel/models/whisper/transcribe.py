@@ -555,14 +555,15 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
                 p.seconds_compute += share
                 # openai-whisper's rule: the text goes on as the next window's prompt, unless it was decoded at
                 # a high temperature; here, unless it fails the fallback's tests (unsure, or a repetition loop
-                # that the prompt would carry into the next window).
-                # A window left out as holding no speech leaves the context as it was.
-                if not condition_on_previous_text:
-                    p.context = []
-                elif result.tokens and not _passes(tokenizer.decode(result.tokens), result.average_logprob):
-                    p.context = []
-                else:
+                # that the prompt would carry into the next window). A window without tokens (left out as silence
+                # or as holding no speech) leaves the context as it was: the initial prompt waits for the first
+                # window that gives text, as openai-whisper's does.
+                if not result.tokens:
+                    continue
+                if condition_on_previous_text and _passes(tokenizer.decode(result.tokens), result.average_logprob):
                     p.context += result.tokens[:read.consumed]
+                else:
+                    p.context = []
             decoded += len(batch)
             logger.info("decoded %d windows: %.2f s so far", decoded, time.perf_counter() - start)
         pending = [p for p in pending if p.next_window() is not None]
@@ -571,16 +572,20 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
 def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress], options: DecodingOptions,
                         batch_size: int, rules: _WindowRules) -> None:
     """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time, the
-    first of each input after its ``context`` (an initial prompt), the others after nothing."""
+    first that is not silent of each input after its ``context`` (an initial prompt), the others after nothing."""
     from dreidel.audio import N_SAMPLES, SAMPLE_RATE
 
-    owned = [(p, index, window) for p in progress for index, window in enumerate(_windows(p.waveform))]
+    owned = []  # (input, window index, window, whether it follows the context)
+    for p in progress:
+        windows = _windows(p.waveform)
+        first_sound = next((i for i, window in enumerate(windows) if not rules.is_silent(window)), None)
+        owned += [(p, index, window, index == first_sound) for index, window in enumerate(windows)]
     start = time.perf_counter()
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
-        previous = [_previous_text(recognizer, p.context) if index == 0 else [] for p, index, _ in batch]
-        scored, share = _decode_batch(recognizer, [window for _, _, window in batch], options, previous, rules)
-        for (p, index, window), result in zip(batch, scored):
+        previous = [_previous_text(recognizer, p.context) if follows else [] for p, _, _, follows in batch]
+        scored, share = _decode_batch(recognizer, [window for _, _, window, _ in batch], options, previous, rules)
+        for (p, index, window, _), result in zip(batch, scored):
             text = recognizer.tokenizer.decode(result.tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
             if text:
@@ -592,7 +597,8 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
 
 
 def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | None) -> list[int]:
-    """``initial_prompt`` as tokens, as openai-whisper encodes it (" " + the stripped text); checked."""
+    """``initial_prompt`` as tokens, as openai-whisper encodes it (" " + the stripped text); checked (plain text:
+    no special tokens)."""
     if initial_prompt is None:
         return []
     if not isinstance(initial_prompt, str):
@@ -600,8 +606,13 @@ def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | 
     if not initial_prompt.strip():
         raise ValueError("initial_prompt must hold some text, got a blank string (leave it out for no prompt)")
     if recognizer.tokenizer.start_of_previous is None:
-        raise ValueError(f"{recognizer.tokenizer.path} has no <|startofprev|> token: this model cannot take a prompt")
+        raise ValueError(f"initial_prompt: {recognizer.tokenizer.path} has no <|startofprev|> token, so this model "
+                         f"cannot take a prompt")
     tokens = recognizer.tokenizer.encode(" " + initial_prompt.strip())
+    special = [token for token in tokens if token >= recognizer.tokenizer.eot]
+    if special:  # the tokenizer reads "<|endoftext|>" in text as that token (openai-whisper and transformers refuse it)
+        raise ValueError(f"initial_prompt must be plain text, but it holds the special token "
+                         f"{recognizer.tokenizer.token(special[0])}")
     room = recognizer.model.dims.n_text_ctx // 2 - 1
     if len(tokens) > room:
         logger.warning("initial_prompt is %d tokens long; only its last %d are given to the model", len(tokens),
@@ -665,8 +676,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     16-bit audio; speech peaking at -70 dBFS was still half heard, at -80 not at all. ``None`` decodes every
     window. Only whole windows count: silence inside a window is the model's to time.
 
-    ``initial_prompt``: text the first window of each input follows, as if spoken before it (openai-whisper's
-    option: <|startofprev|>, then " " + the stripped text, before the prompt; at most its last
+    ``initial_prompt``: text the first window of each input that gives text follows (with timestamps, or with
+    ``condition_on_previous_text``; without either, the first window that is not silent), as if spoken before
+    it (openai-whisper's option: <|startofprev|>, then " " + the stripped text, before the prompt; special-token
+    text such as "<|endoftext|>" refused, as openai-whisper and transformers do; at most its last
     ``n_text_ctx // 2 - 1`` tokens, 223). Meant to steer spelling, names and style, it conditions the whole
     decoding: greedy tiny.en wrote eSpeak's "The bridge over the river was built in eighteen ninety." as "The
     bridge over at 1 field in 1890." alone and "The bridge over at 1.1v1890." after " Numbers like 4.5 and
@@ -676,11 +689,11 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     (after the initial prompt, up to those 223 tokens, timestamps included), as openai-whisper and faster-whisper
     do by default, except after a window whose text fails the fallback's tests (unsure or looping), which is not
     carried on (openai-whisper drops it after a high-temperature decode). Windows decoded together whose texts
-    differ in length are left-padded, each decoding as it would alone. Off by default because it did not help
-    here: greedy tiny.en with timestamps, WER on the 8 long-form inputs of ``benchmarks/whisper.py`` (14 eSpeak
-    sentences each) 12.4 % without and 14.6 % with (faster-whisper's own: 12.6 % and 14.3 %), on 8 others
-    (seeds 300-307) 11.1 % and 11.3 % (faster-whisper: 11.6 % and 10.9 %): a misheard phrase can carry into the
-    next window. Without timestamps it decodes each input's 30 s cuts in order rather than all at once.
+    differ in length are left-padded, each decoding as it would alone (see ``decode_scored``). Off by default
+    because it did not help here: greedy tiny.en with timestamps, WER on the 8 long-form inputs of
+    ``benchmarks/whisper.py`` (14 eSpeak sentences each) 12.4 % without and 14.6 % with (faster-whisper's own:
+    12.6 % and 14.3 %), on 8 others (seeds 300-307) 11.1 % and 11.3 % (faster-whisper: 11.6 % and 10.9 %): a
+    misheard phrase can carry into the next window. Without timestamps it decodes each input's 30 s cuts in order rather than all at once.
     """
     from dreidel.audio import SAMPLE_RATE, load_audio
 
@@ -711,6 +724,9 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
                                  timestamps=timestamps)
     prompt = _initial_prompt_tokens(recognizer, initial_prompt)
+    if condition_on_previous_text and recognizer.tokenizer.start_of_previous is None:
+        raise ValueError(f"condition_on_previous_text: {recognizer.tokenizer.path} has no <|startofprev|> token, so "
+                         f"this model cannot be given the previous text")
     progress = [_Progress(load_audio(item), list(prompt)) for item in inputs]
     rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
     if timestamps or condition_on_previous_text:
