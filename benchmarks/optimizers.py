@@ -13,8 +13,10 @@ order of the batches, the curvature optimizers' sampling and, for problem 3, the
 projection (each from its own stream); the MNIST train/test split is the same for every seed. `--tune` runs a grid
 per (problem, optimizer) on a validation split of the training rows, on the tuning seeds, with the
 comparison's budget rule (see `tune`), and stores the best in results/optimizers_tuned.json; the
-default run reads that file and reports on other seeds and the test rows. `--quick` is a smoke run
-(few steps, no plots, no section).
+default run reads that file and reports on other seeds and the test rows. The time cut hides what a
+setting does after it: tuning passes over a winner that diverges over the full step count, and the report
+continues each run past Adam's wall-clock to the full step count and says which diverged. `--quick` is a
+smoke run (few steps, no plots, no section).
 
 Run: .venv/bin/python benchmarks/optimizers.py [--tune] [--seeds 0 1 2] [--repeats N] [--problems ...] [--quick]
 """
@@ -58,21 +60,34 @@ OPTIMIZERS = ("adam", "sgd", "diagonal_newton", "kfac")
 KFAC_CADENCE = {"factor_every": 10, "damping_every": 10, "factor_warmup": 0}
 KFAC_RANKS = (None, 32)
 KFAC_INVERSE_EVERY = (20, 10)
-GRID: dict[str, list[dict]] = {
-    "adam": [{"lr": v, "beta1": b} for b in (0.5, 0.9) for v in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)],
-    "sgd": [{"lr": v, "momentum": m} for m in (0.5, 0.9) for v in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)],
-    "diagonal_newton": [{"lr": v, "damping": d, "beta1": b} for b in (0.5, 0.9) for d in (1e-6, 1e-4)
-                        for v in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)],
-    "kfac": [{"lr": 1.0, "kl_clip": k, "damping": d, "momentum": 0.5, "factor_rank": r, "inverse_every": t,
-              **KFAC_CADENCE}
-             for t in KFAC_INVERSE_EVERY for r in KFAC_RANKS for d in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-             for k in (1e-5, 1e-4, 1e-3, 1e-2)],
-}
+# K-FAC's initial damping by likelihood. Since the KL clip no longer lowers the damping (770ae2e), the
+# initial damping is what the run keeps while the clip binds; the autoencoder had done best from the old
+# grid's corner (1e-5) drifting down to ~5e-7, hence 1e-6 and 3e-6 for the MSE problems, where 0.1 (plain
+# SGD there) never came near the best.
+KFAC_DAMPINGS = {"categorical": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "gaussian": (1e-6, 3e-6, 1e-5, 1e-4, 1e-3, 1e-2)}
+
+
+def grid(opt_name: str, likelihood: str) -> list[dict]:
+    """The tuning grid of ``opt_name`` for a problem whose curvature optimizers use ``likelihood``."""
+    if opt_name == "adam":
+        return [{"lr": v, "beta1": b} for b in (0.5, 0.9) for v in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)]
+    if opt_name == "sgd":
+        return [{"lr": v, "momentum": m} for m in (0.5, 0.9) for v in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)]
+    if opt_name == "diagonal_newton":
+        return [{"lr": v, "damping": d, "beta1": b} for b in (0.5, 0.9) for d in (1e-6, 1e-4)
+                for v in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)]
+    return [{"lr": 1.0, "kl_clip": k, "damping": d, "momentum": 0.5, "factor_rank": r, "inverse_every": t,
+             **KFAC_CADENCE}
+            for t in KFAC_INVERSE_EVERY for r in KFAC_RANKS for d in KFAC_DAMPINGS[likelihood]
+            for k in (1e-5, 1e-4, 1e-3, 1e-2)]
+
+
 DEFAULT = {"adam": {"lr": 1e-3}, "sgd": {"lr": 0.03, "momentum": 0.9}, "diagonal_newton": {"lr": 0.1}, "kfac": {"lr": 0.1}}
 TUNED_PATH = HERE / "results" / "optimizers_tuned.json"
 PLOTS = HERE / "plots"
 DATA_SEED = 0  # the MNIST shuffle and 4,000 / 1,000 split, fixed so the test rows are never tuned on
 TUNING_SEEDS = (100, 101)
+STABILITY_CHECKS = 10  # how many of a grid's best settings tune() tries over the full step budget
 REPORT_SEEDS = (0, 1, 2)
 PROBLEMS = ("mlp_dense", "mlp_spectral", "autoencoder", "distill")  # as problems() builds them
 
@@ -100,6 +115,14 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    budget_end: int | None = None  # a run continued past its time budget: how many entries lie within it
+
+    def within_budget(self) -> Trace:
+        """The run as it stood when the clock passed its time budget (all of it if it never did)."""
+        if self.budget_end is None:
+            return self
+        end = self.budget_end
+        return Trace(self.steps[:end], self.seconds[:end], self.loss[:end], self.accuracy[:end])
 
 
 def stream(seed: int, purpose: int) -> int:
@@ -206,8 +229,11 @@ def evaluate(problem: Problem, model: nn.Module) -> tuple[float, float]:
     return loss, accuracy
 
 
-def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float = math.inf) -> Trace:
-    """Train for ``steps`` steps or until the clock passes ``seconds``; held-out loss every eval_every steps."""
+def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float = math.inf,
+        past_budget: bool = False) -> Trace:
+    """Train for ``steps`` steps or until the clock passes ``seconds``; held-out loss every eval_every steps and
+    when the clock passes ``seconds``. With ``past_budget`` the run goes on to ``steps`` after that (the time
+    budget's part is ``within_budget()``, identical to the run stopped there: the steps are the same)."""
     model = problem.make_model()
     optimizer = build(opt_name, model, hyper, problem.likelihood, stream(problem.seed, OPTIMIZER))
     x_all, y_all = problem.train
@@ -216,16 +242,18 @@ def run(problem: Problem, opt_name: str, hyper: dict, steps: int, seconds: float
     cursor, clock = 0, 0.0
     trace = Trace()
     for step in range(steps + 1):
-        out_of_time = clock >= seconds
+        out_of_time = trace.budget_end is None and clock >= seconds
         if step % problem.eval_every == 0 or step == steps or out_of_time:
             loss, accuracy = evaluate(problem, model)
             trace.steps.append(step)
             trace.seconds.append(clock)
             trace.loss.append(loss if math.isfinite(loss) else float("inf"))
             trace.accuracy.append(accuracy)
+            if out_of_time and past_budget:
+                trace.budget_end = len(trace.steps)
             if not math.isfinite(loss):
                 break
-        if step == steps or out_of_time:
+        if step == steps or (out_of_time and not past_budget):
             break
         if cursor + problem.batch_size > order.numel():
             order, cursor = torch.randperm(x_all.shape[0], generator=gen), 0
@@ -252,6 +280,27 @@ def first_reach(trace: Trace, good: Callable[[float, float], bool]) -> tuple[int
         if good(loss, accuracy):
             return step, seconds
     return None, None
+
+
+def divergence(problem: Problem, trace: Trace) -> str | None:
+    """Why a run over the full step budget counts as diverged, or None: a non-finite held-out loss; one in the
+    second half of the steps above the starting loss; for classification, a final accuracy more than 5 points
+    below the run's best; otherwise a final loss over twice the run's lowest (not for classification, where
+    the held-out cross-entropy can double while the accuracy holds: DiagonalNewton on mlp_dense's validation
+    rows, 0.31 -> 0.71 at accuracy 0.926 -> 0.918). The budget rule stops most runs before their last steps, so a setting can win the comparison and
+    blow up later (K-FAC on mlp_spectral before 770ae2e, from step ~200 of 300)."""
+    if not math.isfinite(trace.loss[-1]):
+        return f"non-finite loss by step {trace.steps[-1]}"
+    late = [(loss, step) for step, loss in zip(trace.steps, trace.loss) if 2 * step >= problem.steps]
+    worst, at = max(late)
+    if worst > trace.loss[0]:
+        return f"loss {worst:.3g} at step {at}, above the starting {trace.loss[0]:.3g}"
+    if problem.classification:
+        if trace.accuracy[-1] < max(trace.accuracy) - 0.05:
+            return f"final accuracy {trace.accuracy[-1]:.3f} against the best {max(trace.accuracy):.3f}"
+    elif trace.loss[-1] > 2 * min(trace.loss):
+        return f"final loss {trace.loss[-1]:.3g}, over twice the lowest {min(trace.loss):.3g}"
+    return None
 
 
 def validation_split(problem: Problem) -> Problem:
@@ -289,8 +338,10 @@ def tune(quick: bool, seeds: tuple[int, ...], names: tuple[str, ...]) -> None:
     seeds, wins. Every other optimizer: every grid point runs the same steps, stopped at the tuned Adam's
     wall-clock on the same seed; the setting whose slowest seed reaches the target soonest, as a fraction of
     Adam's wall-clock, wins (classification: the fixed accuracy; else the tuned Adam's final validation
-    loss), ties and never-reached settings ranked by mean final loss. Only the problems in ``names`` are
-    tuned; the stored settings of the others are kept.
+    loss), ties and never-reached settings ranked by mean final loss. The winner must then survive the full
+    step budget without the time cut on every seed (see ``divergence``); one that does not is passed over
+    for the next in rank (at most STABILITY_CHECKS settings are checked; if none survives, the first stays,
+    marked). Only the problems in ``names`` are tuned; the stored settings of the others are kept.
     """
     for instances in zip(*(map(validation_split, problems(quick, seed)) for seed in seeds)):
         name = instances[0].name
@@ -300,7 +351,7 @@ def tune(quick: bool, seeds: tuple[int, ...], names: tuple[str, ...]) -> None:
         adam: list[Trace] = []
         for opt_name in OPTIMIZERS:
             results = []
-            for hyper in GRID[opt_name]:
+            for hyper in grid(opt_name, instances[0].likelihood):
                 budgets = [a.seconds[-1] for a in adam] or [math.inf] * len(instances)
                 results.append((hyper, [run(p, opt_name, hyper, p.steps, b) for p, b in zip(instances, budgets)]))
 
@@ -313,13 +364,25 @@ def tune(quick: bool, seeds: tuple[int, ...], names: tuple[str, ...]) -> None:
             def slowest_seed(item: tuple[dict, list[Trace]]) -> tuple[float, float]:
                 return max(math.inf if r is None else r for r in ratios(item[1])), mean_loss(item)
 
-            best_hyper, best_traces = min(results, key=mean_loss if opt_name == "adam" else slowest_seed)
+            ranked = sorted(results, key=mean_loss if opt_name == "adam" else slowest_seed)
+            passed_over = []
+            for hyper, traces in ranked[:STABILITY_CHECKS]:
+                # Adam's grid runs already ran every step; the others' stopped at Adam's wall-clock
+                full = traces if opt_name == "adam" else [run(p, opt_name, hyper, p.steps) for p in instances]
+                reasons = [divergence(p, t) for p, t in zip(instances, full)]
+                if not any(reasons):
+                    break
+                passed_over.append([hyper, reasons])
+            else:
+                (hyper, traces), full = ranked[0], None  # none survived: the first stays, marked below
             if opt_name == "adam":
-                adam = best_traces
-            grid = [[h, [t.loss[-1] for t in traces], ratios(traces)] for h, traces in results]
-            tuned[opt_name] = {"hyper": best_hyper, "seeds": list(seeds), "grid": grid}
+                adam = traces
+            points = [[h, [t.loss[-1] for t in traces], ratios(traces)] for h, traces in results]
+            tuned[opt_name] = {"hyper": hyper, "seeds": list(seeds), "grid": points, "passed_over": passed_over,
+                               "full_budget": None if full is None else [t.loss[-1] for t in full]}
             print(name, opt_name, [(describe(h), [f"{v:.4g}" for v in losses], [fmt(r, ".2f") for r in rs])
-                                   for h, losses, rs in grid], "->", best_hyper, flush=True)
+                                   for h, losses, rs in points], "->", hyper,
+                  f"(passed over as diverged: {passed_over})" if passed_over else "", flush=True)
         if not quick:  # each problem as it is done, merged into what the file holds then
             stored = json.loads(TUNED_PATH.read_text(encoding="utf-8")) if TUNED_PATH.exists() else {}
             stored[name] = tuned
@@ -330,6 +393,8 @@ def tune(quick: bool, seeds: tuple[int, ...], names: tuple[str, ...]) -> None:
 
 
 def plot(problem: Problem, traces: dict[str, Trace]) -> Path:
+    """Held-out accuracy or loss against steps and seconds; a run continued past its time budget is dotted
+    from there on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,8 +403,10 @@ def plot(problem: Problem, traces: dict[str, Trace]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, trace in traces.items():
         values = trace.accuracy if problem.classification else trace.loss
-        axes[0].plot(trace.steps, values, label=name)
-        axes[1].plot(trace.seconds, values, label=name)
+        end = len(trace.steps) if trace.budget_end is None else trace.budget_end
+        for ax, xs in zip(axes, (trace.steps, trace.seconds)):
+            (line,) = ax.plot(xs[:end], values[:end], label=name)
+            ax.plot(xs[end - 1 :], values[end - 1 :], color=line.get_color(), linestyle=":")
     for ax, xlabel in zip(axes, ("steps", "seconds (1 thread, evaluation excluded)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy" if problem.classification else "test loss (MSE)")
@@ -364,20 +431,26 @@ def fmt(value: float | int | None, digits: str = ".3g") -> str:
     return "not reached" if value is None else format(value, digits)
 
 
-def run_every_optimizer(problem: Problem, hypers: dict[str, dict]) -> dict[str, Trace]:
-    """Adam first, then every other optimizer with Adam's step count and at most Adam's wall-clock."""
+def run_every_optimizer(problem: Problem, hypers: dict[str, dict], past_budget: bool) -> dict[str, Trace]:
+    """Adam first, then every other optimizer with Adam's step count and at most Adam's wall-clock (with
+    ``past_budget``, continued to the full step count after that: see ``run``)."""
     traces: dict[str, Trace] = {}
     for opt_name in OPTIMIZERS:
         budget = traces["adam"].seconds[-1] if "adam" in traces else math.inf
-        traces[opt_name] = trace = run(problem, opt_name, hypers[opt_name], problem.steps, budget)
-        print(problem.name, opt_name, describe(hypers[opt_name]), f"loss {trace.loss[-1]:.4g}", f"{trace.seconds[-1]:.1f}s", flush=True)
+        traces[opt_name] = trace = run(problem, opt_name, hypers[opt_name], problem.steps, budget, past_budget)
+        timed = trace.within_budget()
+        continued = f"(step {trace.steps[-1]}: {trace.loss[-1]:.4g})" if trace is not timed else ""
+        print(problem.name, opt_name, describe(hypers[opt_name]), f"loss {timed.loss[-1]:.4g}",
+              f"{timed.seconds[-1]:.1f}s", continued, flush=True)
     return traces
 
 
 def problem_section(problem: Problem, hypers: dict[str, dict], untuned: set[str], traces: dict[str, Trace],
                     with_plot: bool, repeats: int) -> str:
-    """One problem's table (and plot) from one timed run of every optimizer; ``untuned`` ran the defaults."""
+    """One problem's table (and plot) from one timed run of every optimizer (the table from the part within
+    Adam's wall-clock, the plot from all of it); ``untuned`` ran the defaults."""
     rows = []
+    full, traces = traces, {name: trace.within_budget() for name, trace in traces.items()}
     adam = traces["adam"]
 
     def setting(opt_name: str) -> str:
@@ -401,9 +474,10 @@ def problem_section(problem: Problem, hypers: dict[str, dict], untuned: set[str]
                          fmt(step, "d"), fmt(seconds), fmt(time_ratio(problem, adam, trace), ".2f")])
     table = markdown_table(headers, rows)
     print(table, flush=True)
-    image = f"\n\n![{problem.name}](benchmarks/plots/{plot(problem, traces).name})" if with_plot else ""
+    image = f"\n\n![{problem.name}](benchmarks/plots/{plot(problem, full).name})" if with_plot else ""
     return (f"### {problem.title}\n\nSeed {problem.seed}. Adam: {problem.steps} steps, batch {problem.batch_size}; "
-            "every other optimizer runs the same steps but stops at Adam's wall-clock"
+            "every other optimizer runs the same steps but stops at Adam's wall-clock (the plot's dotted lines: "
+            "the same runs continued to the full step count)"
             + ("." if problem.classification else f"; table from the first of {repeats} timed repeats.")
             + f"\n\n{table}{image}")
 
@@ -421,18 +495,25 @@ def tuning_seeds_text(tuned: dict) -> str:
     return "; ".join(f"{text} ({', '.join(problems)})" for text, problems in by_seeds.items())
 
 
-def grid_note(tuned: dict) -> str:
-    """Which problems were tuned on a smaller grid than GRID's (the stored grids say)."""
-    smaller = []
+def grid_note(tuned: dict, likelihoods: dict[str, str]) -> str:
+    """Which problems were tuned on a grid lacking points of ``grid``'s (the stored grids say), or without
+    the full-step stability check; ``likelihoods`` maps each problem to its likelihood."""
+    notes = []
     for problem, by_opt in tuned.items():
-        short = [f"{opt} {len(entry.get('grid', ()))} of {len(GRID[opt])}" for opt, entry in by_opt.items()
-                 if len(entry.get("grid", ())) < len(GRID[opt])]
-        if short:
-            smaller.append(f"{problem} ({', '.join(short)} points)")
-    if not smaller:
+        lacking, unchecked = [], [opt for opt, entry in by_opt.items() if "passed_over" not in entry]
+        for opt, entry in by_opt.items():
+            current = grid(opt, likelihoods[problem])
+            stored = [point[0] for point in entry.get("grid", ())]
+            missing = sum(point not in stored for point in current)
+            if missing:
+                lacking.append(f"{opt} {missing} of {len(current)} grid points")
+        if unchecked:
+            lacking.append(f"the full-step check of {', '.join(unchecked)}")
+        if lacking:
+            notes.append(f"{problem} ({'; '.join(lacking)})")
+    if not notes:
         return ""
-    return ("Tuned on an earlier, smaller grid (without DiagonalNewton's lr 3 and K-FAC's damping 1e-5): "
-            + "; ".join(smaller) + ".")
+    return "Tuned by an earlier version of the rule above, lacking: " + "; ".join(notes) + "."
 
 
 def median(values: list[float | None]) -> float | None:
@@ -446,39 +527,58 @@ def compare(quick: bool, repeats: int, seeds: tuple[int, ...], tuned: dict, name
     """Every problem on every seed with the ``tuned`` settings; the MSE problems timed ``repeats`` times
     (the batches and hence the losses are identical across repeats; only the clock differs). Tables and
     plots from the first seed's first repeat; the per-seed table and the verdict from all seeds, each the
-    median of its repeats. Only the problems in ``names``; the section is written only when all of them ran."""
+    median of its repeats. The first repeat of every run goes on past Adam's wall-clock to the full step count,
+    for the stability column (``divergence``). Only the problems in ``names``; the section is written only
+    when all of them ran."""
     write = not quick and set(names) == set(PROBLEMS)
     sections: list[str] = []
     titles: dict[str, str] = {}
-    # problem -> optimizer -> one median time ratio per seed
+    likelihoods: dict[str, str] = {}
+    # problem -> optimizer -> per seed: the median time ratio; the full run's final metric and divergence
     ratios: dict[str, dict[str, list[float | None]]] = {}
+    finals: dict[str, dict[str, list[float]]] = {}
+    diverged: dict[str, dict[str, list[str | None]]] = {}
     for seed in seeds:
         for problem in (p for p in problems(quick, seed) if p.name in names):
             stored = tuned.get(problem.name, {})
             hypers = {name: stored.get(name, {}).get("hyper", DEFAULT[name]) for name in OPTIMIZERS}
             untuned = {name for name in OPTIMIZERS if "hyper" not in stored.get(name, {})}
-            timed = [run_every_optimizer(problem, hypers) for _ in range(1 if problem.classification else repeats)]
+            full = [run_every_optimizer(problem, hypers, past_budget=repeat == 0)
+                    for repeat in range(1 if problem.classification else repeats)]
+            timed = [{name: trace.within_budget() for name, trace in traces.items()} for traces in full]
             for opt_name in OPTIMIZERS:
                 ratios.setdefault(problem.name, {}).setdefault(opt_name, []).append(
                     median([time_ratio(problem, t["adam"], t[opt_name]) for t in timed]))
-            titles[problem.name] = problem.title
+                last = full[0][opt_name]
+                finals.setdefault(problem.name, {}).setdefault(opt_name, []).append(
+                    last.accuracy[-1] if problem.classification else last.loss[-1])
+                diverged.setdefault(problem.name, {}).setdefault(opt_name, []).append(divergence(problem, last))
+            titles[problem.name], likelihoods[problem.name] = problem.title, problem.likelihood
             if seed == seeds[0]:
-                sections.append(problem_section(problem, hypers, untuned, timed[0], write, repeats))
+                sections.append(problem_section(problem, hypers, untuned, full[0], write, repeats))
     if not write:
         return
+
+    def divergences(p: str, o: str) -> str:
+        return "; ".join(f"seed {s}: {why}" for s, why in zip(seeds, diverged[p][o]) if why) or "no"
+
     per_seed = markdown_table(
-        ["problem", "optimizer", *(f"seed {s}" for s in seeds)],
-        [[titles[p], o, *(fmt(r, ".2f") for r in rs)] for p, by_opt in ratios.items() for o, rs in by_opt.items()])
+        ["problem", "optimizer", *(f"seed {s}" for s in seeds), "full steps, no time cut: final test acc / MSE",
+         "diverged"],
+        [[titles[p], o, *(fmt(r, ".2f") for r in rs), ", ".join(f"{v:.4g}" for v in finals[p][o]), divergences(p, o)]
+         for p, by_opt in ratios.items() for o, rs in by_opt.items()])
 
-    def meets(rs: list[float | None]) -> int:
-        return sum(r is not None and r <= 0.5 for r in rs)
+    def meets(p: str, o: str) -> int:
+        return sum(r is not None and r <= 0.5 and not why for r, why in zip(ratios[p][o], diverged[p][o]))
 
-    verdict_lines = [f"- {p}: {o} at or under 0.5x on {meets(rs)} of {len(rs)} seeds ("
+    verdict_lines = [f"- {p}: {o} at or under 0.5x on {meets(p, o)} of {len(rs)} seeds ("
                      + ", ".join(fmt(r, ".3f") for r in rs) + ")"
+                     + ("" if divergences(p, o) == "no" else f"; diverged over the full steps: {divergences(p, o)}")
                      for p in ("autoencoder", "distill") for o, rs in ratios[p].items()
                      if o in ("diagonal_newton", "kfac")]
-    met = {p: any(meets(rs) == len(seeds) for o, rs in ratios[p].items() if o in ("diagonal_newton", "kfac"))
+    met = {p: any(meets(p, o) == len(seeds) for o in ratios[p] if o in ("diagonal_newton", "kfac"))
            for p in ("autoencoder", "distill")}
+    unstable = [f"{titles[p]}: {o} ({divergences(p, o)})" for p in ratios for o in ratios[p] if divergences(p, o) != "no"]
     tuned_on = {seed for by_opt in tuned.values() for entry in by_opt.values() for seed in entry.get("seeds", ())}
     also_tuned = sorted(tuned_on & set(seeds))
     bar = (f"MET on all {len(seeds)} seeds" if all(met.values()) else f"NOT MET on all {len(seeds)} seeds for "
@@ -506,7 +606,8 @@ def compare(quick: bool, repeats: int, seeds: tuple[int, ...], tuned: dict, name
         "(the target: the fixed accuracy for the MLPs; the tuned Adam's final validation loss otherwise), then "
         "by mean final loss: SGD lr in 0.01..3 x momentum in {0.5, 0.9}; "
         "DiagonalNewton lr in 0.003..3 x damping in {1e-6, 1e-4} x beta1 in {0.5, 0.9}; K-FAC lr 1 (so the "
-        "KL clip sets the step length) x kl_clip in {1e-5..1e-2} x initial damping in {1e-5..0.1} x "
+        "KL clip sets the step length) x kl_clip in {1e-5..1e-2} x initial damping in {1e-5..0.1} (MLPs) or "
+        "{1e-6, 3e-6, 1e-5..1e-2} (MSE problems) x "
         "factor_rank in {dense inverses, rank 32} x inverse_every in {20, 10}, factors and damping "
         "adaptation every 10 steps, SGD "
         "momentum 0.5 (earlier tuning passes: kl_clip 1e-6..1e-3 and momentum in {0.5, 0.9} picked 0.5 on all "
@@ -515,7 +616,9 @@ def compare(quick: bool, repeats: int, seeds: tuple[int, ...], tuned: dict, name
         "which differs by orders of magnitude between problems (a mean MSE over 784 outputs has Fisher "
         "eigenvalues of ~1e-7..1e-3; the old fixed damping 0.1 turned K-FAC into plain SGD on the autoencoder), "
         "hence it is tuned. A previous version tuned on a third of the steps, where every optimizer was still "
-        "on the autoencoder's plateau. " + grid_note(tuned),
+        "on the autoencoder's plateau. The winner must also survive the full step count without the time cut on "
+        "every tuning seed (no divergence as defined below); one that does not is passed over for the next in "
+        "rank (the stored file lists them). " + grid_note(tuned, likelihoods),
         "",
         *sections,
         "",
@@ -523,12 +626,18 @@ def compare(quick: bool, repeats: int, seeds: tuple[int, ...], tuned: dict, name
         "",
         "The target: the fixed accuracy for the MLPs, Adam's final test loss on the same seed otherwise; the "
         f"MSE problems' figures are medians of {repeats} timed repeats (the upper middle one for an even count). Adam's own row says when it first "
-        "reached its final loss (or the accuracy).",
+        "reached its final loss (or the accuracy). The last two columns come from the first repeat continued "
+        "past Adam's wall-clock to the full step count: a run counts as diverged if its held-out loss turns "
+        "non-finite or exceeds the starting loss in the second half of the steps, or if its final accuracy ends "
+        "more than 5 points below its best (MLPs) or its final loss over twice its lowest (MSE problems).",
         "",
         per_seed,
         "",
+        "Over the full step count: " + ("no setting diverged on any seed." if not unstable else
+                                        "diverged: " + "; ".join(unstable) + "."),
+        "",
         f"### Verdict: bar (K-FAC or DiagonalNewton reaches Adam's final loss in <= 0.5x Adam's wall-clock on "
-        f"problems 2 and 3): **{bar}**",
+        f"problems 2 and 3, on a seed where it does not diverge over the full step count): **{bar}**",
         "",
         *verdict_lines,
     ]))
