@@ -287,8 +287,9 @@ def divergence(problem: Problem, trace: Trace) -> str | None:
     second half of the steps above the starting loss; for classification, a final accuracy more than 5 points
     below the run's best; otherwise a final loss over twice the run's lowest (not for classification, where
     the held-out cross-entropy can double while the accuracy holds: DiagonalNewton on mlp_dense's validation
-    rows, 0.31 -> 0.71 at accuracy 0.926 -> 0.918). The budget rule stops most runs before their last steps, so a setting can win the comparison and
-    blow up later (K-FAC on mlp_spectral before 770ae2e, from step ~200 of 300)."""
+    rows, 0.31 -> 0.71 at accuracy 0.926 -> 0.918). The budget rule stops most runs before their last steps,
+    so a setting can win the comparison and blow up later (K-FAC on mlp_spectral before 770ae2e, from step
+    ~200 of 300)."""
     if not math.isfinite(trace.loss[-1]):
         return f"non-finite loss by step {trace.steps[-1]}"
     late = [(loss, step) for step, loss in zip(trace.steps, trace.loss) if 2 * step >= problem.steps]
