@@ -292,7 +292,7 @@ def _greedy(model: Whisper, features: Tensor, options: DecodingOptions, max_new:
     """Greedy decoding of each window of ``features`` (B, S, C) after its prompt (``options.prompt`` if none)."""
     decoder = model.decoder
     batch = features.shape[0]
-    prompts = prompts or _Prompts([list(options.prompt)] * batch, None)
+    prompts = prompts or _prompts(options, [[]] * batch)
     n_vocab = model.dims.n_vocab
     cache = _new_cache(model, features, prompts)
     device = features.device
@@ -340,7 +340,7 @@ def _beam_search(model: Whisper, features: Tensor, options: DecodingOptions, max
     ``_greedy``)."""
     decoder = model.decoder
     batch, beams = features.shape[0], options.beam_size
-    prompts = prompts or _Prompts([list(options.prompt)] * batch, None)
+    prompts = prompts or _prompts(options, [[]] * batch)
     cache = _new_cache(model, features, prompts, rows_per_window=beams)  # rows: window-major, beam-minor
     device = features.device
     states = _prompt_states(model, prompts, cache, beams, device)  # (B*K, P, C)

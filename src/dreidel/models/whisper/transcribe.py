@@ -596,6 +596,14 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
                     time.perf_counter() - start)
 
 
+def _require_start_of_previous(recognizer: WhisperRecognizer, argument: str) -> None:
+    """A ``ValueError`` naming ``argument`` where the vocabulary has no <|startofprev|> to open text before a
+    window's prompt."""
+    if recognizer.tokenizer.start_of_previous is None:
+        raise ValueError(f"{argument}: {recognizer.tokenizer.path} has no <|startofprev|> token, so this model cannot "
+                         f"be given text before a window")
+
+
 def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | None) -> list[int]:
     """``initial_prompt`` as tokens, as openai-whisper encodes it (" " + the stripped text); checked (plain text:
     no special tokens)."""
@@ -605,9 +613,7 @@ def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | 
         raise TypeError(f"initial_prompt must be a str or None, got {type(initial_prompt).__name__}")
     if not initial_prompt.strip():
         raise ValueError("initial_prompt must hold some text, got a blank string (leave it out for no prompt)")
-    if recognizer.tokenizer.start_of_previous is None:
-        raise ValueError(f"initial_prompt: {recognizer.tokenizer.path} has no <|startofprev|> token, so this model "
-                         f"cannot take a prompt")
+    _require_start_of_previous(recognizer, "initial_prompt")
     tokens = recognizer.tokenizer.encode(" " + initial_prompt.strip())
     special = [token for token in tokens if token >= recognizer.tokenizer.eot]
     if special:  # the tokenizer reads "<|endoftext|>" in text as that token (openai-whisper and transformers refuse it)
@@ -724,9 +730,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     options = recognizer.options(beam_size=beam_size, language=language, max_new_tokens=max_new_tokens,
                                  timestamps=timestamps)
     prompt = _initial_prompt_tokens(recognizer, initial_prompt)
-    if condition_on_previous_text and recognizer.tokenizer.start_of_previous is None:
-        raise ValueError(f"condition_on_previous_text: {recognizer.tokenizer.path} has no <|startofprev|> token, so "
-                         f"this model cannot be given the previous text")
+    if condition_on_previous_text:
+        _require_start_of_previous(recognizer, "condition_on_previous_text")
     progress = [_Progress(load_audio(item), list(prompt)) for item in inputs]
     rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
     if timestamps or condition_on_previous_text:
