@@ -898,6 +898,27 @@ def test_per_sample_gradients_by_vmap_of_grad(generator):
     torch.testing.assert_close(per_sample, torch.stack(expected))
 
 
+def test_a_tensor_that_escaped_a_torch_func_transform_is_transformed_with_its_gradient(generator):
+    # A wrapper kept past its transform is "dead": it goes through the eager path like a plain tensor of its
+    # values (that path's apply, which skips torch's argument binding, unwraps it as torch's does).
+    escaped = []
+
+    def loss(t):
+        escaped.append(t)
+        return (t * t).sum()
+
+    torch.func.grad(loss)(torch.randn(16, dtype=torch.float64, generator=generator))
+    wrapper = escaped[0]
+    expected = dense_fwht(wrapper.detach().clone())
+    torch.testing.assert_close(dr.fwht(wrapper), expected)
+    leaf = torch.randn(16, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = dr.fwht(wrapper + leaf)
+    torch.testing.assert_close(y, expected + dense_fwht(leaf.detach()))
+    w = torch.randn(16, dtype=torch.float64, generator=generator)
+    (y * w).sum().backward()
+    torch.testing.assert_close(leaf.grad, dense_fwht(w))
+
+
 def test_in_place_under_vmap_writes_each_slice(generator):
     x = torch.randn(3, 8, generator=generator)
     expected = dense_fwht(x).float()

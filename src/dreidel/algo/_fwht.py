@@ -49,6 +49,7 @@ in_functorch_transform = torch._C._are_functorch_transforms_active
 _dispatch_modes_active = torch._C._len_torch_dispatch_stack
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd.grad(is_grads_batched=True), ...
 _is_functional = torch._is_functional_tensor  # torch.func.functionalize's wrappers
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead  # a torch.func wrapper whose transform has returned
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
@@ -411,6 +412,16 @@ class _EagerFwht(torch.autograd.Function):
     gradients work too. It also carries ``torch.func`` transforms (``setup_context`` style, a vmap rule),
     which the custom op's generated autograd does not.
     """
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, normalized: bool) -> torch.Tensor:
+        # torch's Function.apply fills in forward's default arguments through inspect.signature on every call of
+        # a setup_context-style Function (about 20 of a small call's 45 µs on Zen 3); forward has none and is
+        # always given both. Outside torch.func transforms the call therefore goes straight to torch's C apply,
+        # after the one other thing Function.apply does there (a dead torch.func wrapper is unwrapped).
+        if in_functorch_transform():
+            return super().apply(x, normalized)
+        return super(torch.autograd.Function, cls).apply(_unwrap_if_dead(x), normalized)
 
     @staticmethod
     def forward(x: torch.Tensor, normalized: bool) -> torch.Tensor:
