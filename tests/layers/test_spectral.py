@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from dreidel.layers import _spectral_grads
@@ -486,9 +487,9 @@ def test_loading_a_mismatched_state_dict_names_the_key():
 def test_a_partial_state_dict_cannot_half_build_a_lazy_layer():
     # strict=False with in_scale alone used to end in torch's "uninitialized parameter" error from the hook
     state = make_layer(300, 700, 1).state_dict()
-    with pytest.raises(ValueError, match=r"gives \['in_scale'\] but not \['bias', 'out_scale', 'permutation'\]"):
+    with pytest.raises(RuntimeError, match=r"gives \['in_scale'\] but not \['bias', 'out_scale', 'permutation'\]"):
         LinearWHT(700).load_state_dict({"in_scale": state["in_scale"]}, strict=False)
-    with pytest.raises(ValueError, match="learns its width from the state dict's 'in_scale'"):
+    with pytest.raises(RuntimeError, match="learns its width from the state dict's 'in_scale'"):
         LinearWHT(700).load_state_dict({"out_scale": state["out_scale"]}, strict=False)
     empty = LinearWHT(700)
     empty.load_state_dict({}, strict=False)  # nothing given: the layer stays lazy
@@ -515,7 +516,7 @@ def test_a_refused_state_dict_leaves_the_layer_as_it_was(depth, lazy, fault):
     before = {k: v.clone() for k, v in layer.state_dict().items()} if not lazy else None
     x = torch.randn(4, 300)
     out_before = None if lazy else layer(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="Error\(s\) in loading state_dict for"):
         layer.load_state_dict(bad, strict=fault != "partial")
     if lazy:
         assert layer.in_features is None and layer.has_uninitialized_params()
@@ -524,6 +525,31 @@ def test_a_refused_state_dict_leaves_the_layer_as_it_was(depth, lazy, fault):
     else:
         assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
         assert torch.equal(layer(x), out_before)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_refused_state_dict_raises_as_torch_does_naming_the_entry_with_its_prefix(strict):
+    # As nn.Linear's size mismatches: a RuntimeError from load_state_dict (strict or not) that names the entry by
+    # its full key; it used to be a ValueError naming 'in_scale' without the module's prefix.
+    source = nn.Sequential(nn.Linear(4, 13), LinearWHT(13, 24))
+    target = nn.Sequential(nn.Linear(4, 13), LinearWHT(14, 24))
+    with pytest.raises(RuntimeError, match=r"loaded '1\.in_scale' has shape \(2, 13\), expected \(2, 14\)"):
+        target.load_state_dict(source.state_dict(), strict=strict)
+    state = source.state_dict()
+    state["1.permutation"] = torch.zeros_like(state["1.permutation"])
+    with pytest.raises(RuntimeError, match=r"loaded '1\.permutation' is not a permutation"):
+        nn.Sequential(nn.Linear(4, 13), LinearWHT(13, 24)).load_state_dict(state, strict=strict)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_module_type_casts_the_scales_and_keeps_the_permutation_integer(depth):
+    # nn.Module.type casts every tensor; a float64 permutation made the next call fail inside scatter (review)
+    layer = make_layer(13, 24, depth)
+    x = torch.randn(3, 13, dtype=torch.float64)
+    expected = copy.deepcopy(layer).double()(x)
+    model = nn.Sequential(layer).type(torch.float64)
+    assert layer.permutation.dtype == torch.int64 and layer.in_scale.dtype == torch.float64
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
 def test_num_parameters_is_linear_in_width():

@@ -175,7 +175,7 @@ def test_loading_a_state_dict_with_a_non_permutation_raises():
     layer = make_layer(20, 30, 2, torch.float32)
     state = layer.state_dict()
     state["permutation"][1, 0, 3] = state["permutation"][1, 0, 4]
-    with pytest.raises(ValueError, match="'permutation' is not a permutation"):
+    with pytest.raises(RuntimeError, match="'permutation' is not a permutation"):
         make_layer(20, 30, 2, torch.float32).load_state_dict(state)
 
 

@@ -280,49 +280,55 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     # ------------------------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Checks this layer's tensors in ``state_dict`` before anything is loaded (or a lazy layer materialised),
-        so that a refused state dict leaves the layer as it was; ``_after_load`` then rebuilds the indices."""
-        self._check_state_dict(state_dict, prefix)
+        """Checks this layer's tensors in ``state_dict`` before anything is loaded (or a lazy layer materialised):
+        a refused state dict leaves the layer as it was, and ``load_state_dict`` raises the ``RuntimeError`` it
+        raises for any module's bad entries (naming them with their prefix, as ``nn.Linear``'s size mismatches
+        are), with ``strict=False`` too; ``_after_load`` then rebuilds the indices."""
+        error = self._state_dict_error(state_dict, prefix)
+        if error is not None:
+            error_msgs.append(error)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _check_state_dict(self, state_dict, prefix: str) -> None:
+    def _state_dict_error(self, state_dict, prefix: str) -> str | None:
+        """Why this layer's entries in ``state_dict`` cannot be loaded, or ``None``."""
         name = type(self).__name__
         keys = ("in_scale", "inner_scale", "out_scale", "bias", "permutation")
         given = {key: state_dict[prefix + key] for key in keys
                  if prefix + key in state_dict and getattr(self, key) is not None}
         if any(nn.parameter.is_lazy(value) for value in given.values()):
-            return  # the state of a layer that has not seen data yet: LazyModuleMixin loads it as such
+            return None  # the state of a layer that has not seen data yet: LazyModuleMixin loads it as such
         if not given:
-            return
+            return None
         for key, value in given.items():
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{name}: state dict entry {prefix + key!r} must be a tensor, got "
-                                f"{type(value).__name__}")
+                return f"{name}: state dict entry {prefix + key!r} must be a tensor, got {type(value).__name__}"
         lazy = self.in_features is None
         if lazy:
             in_scale = given.get("in_scale")
             if in_scale is None or in_scale.dim() != 2:
                 got = "none" if in_scale is None else f"shape {tuple(in_scale.shape)}"
-                raise ValueError(f"{name}: a lazy layer learns its width from the state dict's 'in_scale' of shape "
-                                 f"(blocks, in_features); got {got}")
+                return (f"{name}: a lazy layer learns its width from the state dict's {prefix + 'in_scale'!r} of "
+                        f"shape (blocks, in_features); got {got}")
             in_features = int(in_scale.shape[-1])
         else:
             in_features = self.in_features
         expected = self._expected_shapes(in_features)
         if lazy and set(expected) - set(given):
-            missing = sorted(set(expected) - set(given))
-            raise ValueError(f"{name}: the state dict gives {sorted(given)} but not {missing}; a lazy layer learns its "
-                             "width from a state dict with all of its tensors")
+            missing = sorted(prefix + key for key in set(expected) - set(given))
+            return (f"{name}: the state dict gives {sorted(prefix + key for key in given)} but not {missing}; a lazy "
+                    "layer learns its width from a state dict with all of its tensors")
         for key, value in given.items():
             if tuple(value.shape) != expected[key]:
-                raise ValueError(f"{name}: loaded {key!r} has shape {tuple(value.shape)}, expected {expected[key]}")
+                return f"{name}: loaded {prefix + key!r} has shape {tuple(value.shape)}, expected {expected[key]}"
         perm = given.get("permutation")
         if perm is not None and not perm.is_meta:
             if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool or not torch.equal(
                     perm.sort(dim=-1).values, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)):
-                raise ValueError(f"{name}: loaded 'permutation' is not a permutation of 0..{perm.shape[-1] - 1} in "
-                                 "every (stage, block)")
+                return (f"{name}: loaded {prefix + 'permutation'!r} is not a permutation of 0..{perm.shape[-1] - 1} "
+                        "in every (stage, block)")
+        return None
 
     # ---------------------------------------------------------------------------------- materialise
     def initialize_parameters(self, x: torch.Tensor, *args: object, **kwargs: object) -> None:
@@ -385,10 +391,20 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         """``nn.Module._apply`` (``.to(device)``, ``.cuda()``, ``to_empty()``, ...), which puts new tensors in
         every buffer: indices this layer built are then rebuilt from ``permutation`` at their next use. (They
         used to pass for indices supplied with the permutation, so in-place changes to ``permutation`` after a
-        device move were ignored, and ``to_empty``'s uninitialised indices reached the kernels.)"""
+        device move were ignored, and ``to_empty``'s uninitialised indices reached the kernels.) Integer buffers
+        (``permutation`` and the indices) stay integer where ``fn`` would make them floating: ``Module.type(
+        torch.float64)`` casts every tensor, and a floating permutation indexes nothing (the next call failed in
+        ``scatter``); ``.to(dtype)``, ``.double()`` and ``.half()`` leave integer tensors alone anyway."""
         source = getattr(self, "_index_source", None)
         built_here = source is not None and self._buffers.get("_flat_perm") is source[2]
-        module = super()._apply(fn, recurse)
+
+        def keeping_integers(t: torch.Tensor) -> torch.Tensor:
+            result = fn(t)
+            if t.is_floating_point() or t.is_complex() or not (result.is_floating_point() or result.is_complex()):
+                return result
+            return t.to(device=result.device)
+
+        module = super()._apply(keeping_integers, recurse)
         if built_here:
             self._index_source = (None, None, self._buffers["_flat_perm"], None)
         return module
@@ -482,7 +498,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
 
 
 def _after_load(module: _SpectralLinearBase, incompatible_keys: object) -> None:
-    """After ``load_state_dict`` (whose tensors ``_check_state_dict`` checked): learn a lazy ``in_features`` from
+    """After ``load_state_dict`` (whose tensors ``_state_dict_error`` checked): learn a lazy ``in_features`` from
     the loaded shapes and rebuild indices."""
     if isinstance(module.in_scale, UninitializedParameter):
         return  # nothing was loaded for this module (e.g. strict=False with missing keys)
