@@ -159,6 +159,8 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
     """Run a meta batch ``(2, *input_shape)`` (of ``input_dtype``, else floating) through the meta ``layers``; a
     failure names the file."""
     model = nn.Sequential(OrderedDict((plan.name, layer) for plan, layer in zip(plans, layers))).eval()
+    hooks = [module.register_forward_pre_hook(_check_softmax_dim) for module in model.modules()
+             if isinstance(module, (nn.Softmax, nn.Softmin))]
     try:
         with torch.no_grad():
             model(torch.zeros((2, *input_shape), dtype=input_dtype, device="meta"))
@@ -166,6 +168,20 @@ def check_input_shape(plans: list[LayerPlan], layers: list[nn.Module], input_sha
         return  # a layer without meta kernels: the shapes were checked against the tensor file already
     except (RuntimeError, ValueError, TypeError, IndexError) as error:  # IndexError: a dim argument out of range
         raise ValueError(f"{where}: the layers do not run on 'input_shape' {list(input_shape)}: {error}") from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _check_softmax_dim(module: nn.Softmax | nn.Softmin, args: tuple) -> None:
+    """The range check of ``dim`` that softmax and softmin make on real tensors and skip on meta ones (torch 2.13;
+    log_softmax's meta kernel makes it)."""
+    if module.dim is None or not args or not isinstance(args[0], torch.Tensor):
+        return
+    rank = max(args[0].dim(), 1)
+    if not -rank <= module.dim < rank:
+        raise IndexError(f"{type(module).__name__}: dim {module.dim} is out of range for an input of "
+                         f"{args[0].dim()} dimensions (expected in [{-rank}, {rank - 1}])")
 
 
 # What the layers built for real may create, all together, beyond twice the bytes the tensor file holds for each:
