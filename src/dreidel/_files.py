@@ -8,6 +8,7 @@ carry over to checkpoints, models and logs; these helpers give them the process'
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -52,10 +53,15 @@ def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
 
 
 def check_parents(target: Path) -> None:
-    """``ValueError`` where something other than a directory stands where a parent directory of ``target``
-    should be (a file, say): nothing could be written at ``target`` (the nearest existing parent decides)."""
+    """Whether something could be written at ``target``, as the nearest existing parent decides: a
+    ``ValueError`` where something other than a directory stands where a parent directory should be (a file,
+    say), a ``PermissionError`` where that directory may not be written in (the write would stage a hidden
+    temporary name there, which the error would name, after an epoch of training for a callback)."""
     for parent in target.parents:
         if parent.is_dir():
+            if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+                raise PermissionError(errno.EACCES, f"no permission to write in folder {str(parent)!r}, so "
+                                                    f"nothing can be written at {str(target)!r}")
             return
         if os.path.lexists(parent):
             raise ValueError(f"{str(parent)!r} is not a directory, so nothing can be written at {str(target)!r}")

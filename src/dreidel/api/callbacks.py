@@ -169,8 +169,8 @@ class ModelCheckpoint(Callback):
                 check_parents(sample)
             else:
                 check_checkpoint_target(sample)
-        except ValueError as error:
-            raise ValueError(f"ModelCheckpoint: {error}") from None
+        except (ValueError, PermissionError) as error:
+            raise _naming_callback(error, "ModelCheckpoint") from None
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         if self.save_best_only:
@@ -181,6 +181,13 @@ class ModelCheckpoint(Callback):
         target = Path(self.path.format(epoch=epoch + 1, **logs))
         model.save(target)
         self.saved_paths.append(target)
+
+
+def _naming_callback(error: ValueError | PermissionError, callback: str) -> ValueError | PermissionError:
+    """The same refusal of a path, its message starting with the callback's name."""
+    if isinstance(error, PermissionError):
+        return PermissionError(error.errno, f"{callback}: {error.strerror}")
+    return ValueError(f"{callback}: {error}")
 
 
 class CSVLogger(Callback):
@@ -194,8 +201,8 @@ class CSVLogger(Callback):
         self._rows = []
         try:  # before the first epoch trains, not after it
             check_file_target(self.path)
-        except ValueError as error:
-            raise ValueError(f"CSVLogger: {error}") from None
+        except (ValueError, PermissionError) as error:
+            raise _naming_callback(error, "CSVLogger") from None
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
         self._rows.append({"epoch": epoch, **logs})

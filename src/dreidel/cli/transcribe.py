@@ -80,10 +80,12 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
             if target in writers:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
-            try:  # a directory where the file goes, or a file where a folder goes: before anything is decoded
-                check_file_target(target)
+            try:  # a directory where the file goes, a file where a folder goes, or a folder that may not be
+                check_file_target(target)  # written in: before anything is decoded
             except ValueError as error:
                 args.parser.error(f"argument --output-dir: {error}")
+            except PermissionError as error:
+                args.parser.error(f"argument --output-dir: {error.strerror}")
     return paths
 
 

@@ -326,7 +326,8 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
 
 def check_checkpoint_target(target: Path) -> None:
     """``ValueError`` unless a checkpoint can be written at ``target``: nothing there, an empty directory or a
-    dreidel checkpoint (see ``write_checkpoint``), under parents that are directories or can be made."""
+    dreidel checkpoint (see ``write_checkpoint``), under parents that are directories or can be made (and a
+    ``PermissionError`` where the nearest of them may not be written in: ``check_parents``)."""
     if target.name in ("", ".", ".."):  # the directory would be swapped with a staging folder inside it or above
         raise ValueError(f"path {str(target)!r} ends in '.' or '..'; give the checkpoint directory's own name")
     if target.is_symlink() and not target.exists():  # dangling, or a loop: renaming onto it would fail late
