@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +21,18 @@ def num_threads(request):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def locked_folder(tmp_path, monkeypatch):
+    """An empty folder ``tmp_path / "locked"`` that may not be written in: mode 0555, and where the tests run as
+    root (who may write anywhere) ``os.access`` also denies writing there, as it would for anyone else."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+            False if Path(path).resolve() == locked and mode & os.W_OK else real_access(path, mode, **kwargs)))
+    yield locked
+    locked.chmod(0o755)

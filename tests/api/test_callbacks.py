@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -175,29 +173,19 @@ def test_callbacks_refuse_a_path_they_cannot_write_before_training(tmp_path, dig
 @pytest.mark.parametrize("make", [lambda d: api.CSVLogger(d / "log.csv"), lambda d: api.ModelCheckpoint(d / "best"),
                                   lambda d: api.ModelCheckpoint(d / "runs" / "e{epoch}")],
                          ids=["CSVLogger", "ModelCheckpoint", "ModelCheckpoint-pattern"])
-def test_callbacks_refuse_a_folder_they_may_not_write_in_before_training(tmp_path, digits, monkeypatch, make):
+def test_callbacks_refuse_a_folder_they_may_not_write_in_before_training(locked_folder, digits, make):
     """A review: these trained an epoch, then failed with a PermissionError naming a hidden staging name."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.access(locked, os.W_OK):  # root may write anywhere: deny it here through what the check reads
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
-            False if Path(path) == locked and mode & os.W_OK else real_access(path, mode, **kwargs)))
     x, y, x_val, y_val = digits
     model = _model().compile("sgd", lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    try:
-        with pytest.raises(PermissionError, match=r"(CSVLogger|ModelCheckpoint): no permission to write in folder "
-                                                  r"'.*locked', so nothing can be written at '.*locked/"):
-            model.fit(x, y, epochs=1, validation_data=(x_val, y_val), callbacks=[make(locked)], verbose=0)
-        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        with pytest.raises(PermissionError, match=r"no permission to write in folder '.*locked', so nothing can be "
-                                                  r"written at '.*locked/m'"):
-            model.save(locked / "m")
-        assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o755)
+    with pytest.raises(PermissionError, match=r"(CSVLogger|ModelCheckpoint): no permission to write in folder "
+                                              r"'.*locked', so nothing can be written at '.*locked/"):
+        model.fit(x, y, epochs=1, validation_data=(x_val, y_val), callbacks=[make(locked_folder)], verbose=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(PermissionError, match=r"no permission to write in folder '.*locked', so nothing can be "
+                                              r"written at '.*locked/m'"):
+        model.save(locked_folder / "m")
+    assert list(locked_folder.iterdir()) == []
 
 
 def test_history_plot_onto_a_directory_names_it(tmp_path, digits):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,26 +161,17 @@ def test_an_unknown_option_is_named_before_a_missing_command(argv, expected, cap
     assert _usage_error(argv, capsys) == expected
 
 
-def test_an_output_folder_that_may_not_be_written_in_is_a_usage_error_before_decoding(tmp_path, monkeypatch, capsys):
+def test_an_output_folder_that_may_not_be_written_in_is_a_usage_error_before_decoding(locked_folder, monkeypatch,
+                                                                                      capsys):
     soundfile = pytest.importorskip("soundfile")
     from dreidel.models import whisper
 
-    monkeypatch.chdir(tmp_path)
-    soundfile.write(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.access(locked, os.W_OK):  # root may write anywhere: deny it here through what the check reads
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
-            False if Path(path).resolve() == locked and mode & os.W_OK else real_access(path, mode, **kwargs)))
+    monkeypatch.chdir(locked_folder.parent)
+    soundfile.write(locked_folder.parent / "clip.wav", np.zeros(1600, np.float32), 16000)
     monkeypatch.setattr(whisper, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    try:
-        assert _usage_error(["transcribe", "clip.wav", "--output-format", "txt", "--output-dir", "locked"], capsys) == (
-            "dreidel transcribe: error: argument --output-dir: no permission to write in folder 'locked', so nothing "
-            "can be written at 'locked/clip.txt'")
-    finally:
-        locked.chmod(0o755)
+    assert _usage_error(["transcribe", "clip.wav", "--output-format", "txt", "--output-dir", "locked"], capsys) == (
+        "dreidel transcribe: error: argument --output-dir: no permission to write in folder 'locked', so nothing "
+        "can be written at 'locked/clip.txt'")
 
 
 @pytest.mark.parametrize("make_problem, argv_tail, expected", [
