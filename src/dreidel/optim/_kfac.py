@@ -215,8 +215,9 @@ class KFAC(CurvatureOptimizer):
             factor_rank=factor_rank,
         )
         self.likelihood = likelihood
-        self.progress = {"step": 0, "damping": float(damping)}
-        self._refresh_inverses = False  # set by _raise_damping
+        # Saved with the state: the step count, the adapted damping, and whether the next step must rebuild the
+        # inverses (set by _raise_damping; a checkpoint taken between the two resumed with stale ones).
+        self.progress = {"step": 0, "damping": float(damping), "refresh_inverses": False}
         self.generator = torch.Generator().manual_seed(seed)
         self._arm_capture()
 
@@ -388,7 +389,7 @@ class KFAC(CurvatureOptimizer):
         """Damping x10 after a failure (a non-finite update, predicted change or loss); the inverses are
         refreshed at the next step, so that the factored damping, which is built into them, acts at once."""
         self._set_damping(self.damping * 10)
-        self._refresh_inverses = True
+        self.progress["refresh_inverses"] = True
 
     def _set_damping(self, value: float) -> None:
         self.progress["damping"] = min(max(value, self.hyper["min_damping"]), self.hyper["max_damping"])
@@ -415,8 +416,8 @@ class KFAC(CurvatureOptimizer):
         if params and self._is_factor_step(step):
             loss0 = self._update_factors(closure, params)
         self.capture.clear()
-        if self._is_inverse_step(step) or self._refresh_inverses:
-            self._refresh_inverses = False
+        if self._is_inverse_step(step) or self.progress["refresh_inverses"]:
+            self.progress["refresh_inverses"] = False
             for block in self.blocks:
                 state = self._block_state(block)
                 block.refresh_inverse(state, self.block_damping(block), self.hyper["damping_mode"],
