@@ -623,3 +623,24 @@ def test_state_tensors_taken_after_load_state_dict_stay_the_optimizers():
     before = reference.clone()
     train_step(model, resumed, F.mse_loss, x, y)
     assert resumed.state[weight]["exp_avg"] is reference and not torch.equal(reference, before)
+
+
+@pytest.mark.parametrize("settings", [{"likelihood": "categorical"}, {"likelihood": "categorical", "curvature": "gnb"},
+                                      {"curvature": "hutchinson"}, {}], ids=["sampled", "gnb", "hutchinson", "empirical"])
+def test_a_parameter_frozen_mid_training_that_keeps_its_gradient_tensor_is_not_differentiated(settings):
+    """After zero_grad(set_to_none=False) a frozen parameter keeps a (zero) gradient tensor; the sampled Fisher
+    and Hutchinson's products differentiated it and failed ('does not require grad', or a message blaming the
+    closure). As torch's optimizers do, it is still updated from that gradient (here: momentum alone)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    optimizer = DiagonalNewton(model, curvature_every=1, **settings)
+    train_step(model, optimizer, F.cross_entropy, x, y)
+    model[0].weight.requires_grad_(False)
+    frozen, trained = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step(lambda: F.cross_entropy(model(x), y))
+    assert not torch.equal(model[2].weight, trained) and not torch.equal(model[0].weight, frozen)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

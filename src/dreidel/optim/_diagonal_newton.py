@@ -370,11 +370,14 @@ class DiagonalNewton(CurvatureOptimizer):
             return
         batch = (self.capture.output_rows or 1) if self.capture is not None else 1
         estimates: dict = {}
-        if refresh and params:
+        # A parameter frozen after a zero_grad(set_to_none=False) keeps a gradient tensor (and is updated from
+        # it, as torch's optimizers do) but cannot be differentiated: its curvature is not re-estimated.
+        differentiable = [p for p in params if p.requires_grad]
+        if refresh and differentiable:
             if self.curvature == "hutchinson":
-                estimates = self._hutchinson(closure, params)
+                estimates = self._hutchinson(closure, differentiable)
             else:
-                estimates = self._fisher(closure, params)
+                estimates = self._fisher(closure, differentiable)
         if self.capture is not None:
             self.capture.clear()
         for index, (group, pack, group_flats) in enumerate(zip(self.param_groups, packs, flats)):
