@@ -445,6 +445,21 @@ def test_hooks_go_with_the_optimizer(name):
     assert _forward_hooks(model) == 0
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_step_after_remove_hooks_says_so(name):
+    """It warned at every step that zero_grad() between the forward pass and backward() had dropped the records,
+    and K-FAC went on as plain SGD (review)."""
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    x, y = batches(1)[0]
+    train_step(model, optimizer, F.cross_entropy, x, y)
+    optimizer.remove_hooks()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"remove_hooks\(\) was called, so no layer inputs are recorded"):
+        train_step(model, optimizer, F.cross_entropy, x, y)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_forward_passes_without_steps_keep_a_bounded_record(monkeypatch):
     from dreidel.optim._capture import ActivationCapture
 
@@ -779,3 +794,29 @@ def test_a_param_group_option_set_out_of_range_after_construction_stops_the_step
     with pytest.raises(ValueError, match=message):
         train_step(model, opt, F.cross_entropy, x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_torch_func_transform_running_the_model_before_the_step_is_not_recorded(name):
+    """Per-sample gradients by vmap(grad(functional_call(model, ...))) between backward() and step(): the hooks
+    recorded the transform's wrapped tensors, and the step failed on them (review). Now the transform's calls
+    are ignored: the step equals one taken without them."""
+    data = batches(2)
+    results = []
+    for with_transform in (False, True):
+        model = make_model()
+        opt = CONFIGS[name](model)
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if with_transform:
+                params = {k: v.detach() for k, v in model.named_parameters()}
+
+                def sample_loss(p, xi, yi):
+                    return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+                torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -125,8 +125,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the hooks that record layer inputs for the curvature, and drop what they recorded. Call it
-        when training with this optimizer is over; it cannot step its curvature afterwards. (Hooks of an
-        optimizer that is no longer referenced go away with it.)"""
+        when training with this optimizer is over: where it records layer inputs, ``step()`` raises afterwards.
+        (Hooks of an optimizer that is no longer referenced go away with it.)"""
         capture = self._capture_or_none()
         if capture is not None:
             capture.remove()
@@ -160,6 +160,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
         """One optimization step; returns the loss of the first closure evaluation it made, else None."""
+        capture = self._capture_or_none()
+        if capture is not None and capture.removed:  # every step would then warn of missing records
+            raise RuntimeError(f"{type(self).__name__}: remove_hooks() was called, so no layer inputs are recorded "
+                               "for the curvature any more and this optimizer cannot step; create a new one to go on "
+                               "training")
         self._check_group_options()
         params = [p for group in self.param_groups for p in group["params"]]
         recorder = RecordingClosure(closure, self._model_or_none(), params) if closure is not None else None

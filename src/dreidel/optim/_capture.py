@@ -49,6 +49,9 @@ def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool | None:
 
 # The id of the backward pass running on this thread, -1 outside one.
 _current_graph_task = torch._C._current_graph_task_id
+# Inside torch.func transforms (vmap, grad, ...: per-sample gradients by functional_call, say) nothing is recorded:
+# their wrapped tensors would be dead by the step that used them.
+_in_functorch_transform = torch._C._are_functorch_transforms_active
 
 
 def _output_rows(output: torch.Tensor) -> int:
@@ -122,6 +125,7 @@ class ActivationCapture:
     _pass_saw_unbatched: bool = False
     _handles: list = field(default_factory=list)
     _warned_full: bool = False
+    removed: bool = False  # remove() was called: nothing is recorded any more
 
     def __post_init__(self) -> None:
         for module in self.modules:
@@ -165,7 +169,7 @@ class ActivationCapture:
         self._gradient_reached(record.group)
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _in_functorch_transform():
             return
         self._start_pass()
         unbatched = _is_unbatched(module, inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else None
@@ -204,7 +208,7 @@ class ActivationCapture:
         return hook
 
     def _on_root_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _in_functorch_transform():
             return
         self._start_pass()  # a model without watched layers starts its groups here
         if self._pass_saw_unbatched and not self._pass_saw_batched:
@@ -240,6 +244,7 @@ class ActivationCapture:
     def remove(self) -> None:
         _remove_handles(self._handles)
         self.clear()
+        self.removed = True
 
 
 class _CaptureHook:
