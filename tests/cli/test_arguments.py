@@ -151,11 +151,13 @@ def test_version_prints_the_installed_version(capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--bogus"], "dreidel: error: unrecognized arguments: --bogus"),  # was "arguments are required: COMMAND"
-    (["info", "--bogus"], "dreidel: error: unrecognized arguments: --bogus"),
+    (["info", "--bogus"], "dreidel info: error: unrecognized arguments: --bogus"),
     ([], "dreidel: error: the following arguments are required: COMMAND"),
     (["-v"], "dreidel: error: the following arguments are required: COMMAND"),
     (["transcribe", "--bogus"], "dreidel transcribe: error: unrecognized arguments: --bogus"),  # was: FILE missing
     (["transcribe"], "dreidel transcribe: error: the following arguments are required: FILE"),
+    (["info", "extra"], "dreidel info: error: unrecognized arguments: extra"),  # were the top-level usage (review)
+    (["demo", "--bogus"], "dreidel demo: error: unrecognized arguments: --bogus"),
 ])
 def test_an_unknown_option_is_named_before_a_missing_command(argv, expected, capsys):
     assert _usage_error(argv, capsys) == expected

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    help="run the tour: FWHT, spectral MNIST MLP, Whisper (about 10 s on 2 cores)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the random inputs, the MNIST split and training, and the sentences (default: 0)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def transform_step(seed: int) -> None:

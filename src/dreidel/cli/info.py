@@ -9,7 +9,7 @@ import json
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="show versions, SIMD dispatch and threads")
     parser.add_argument("--json", action="store_true", help="print as JSON")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
