@@ -1,8 +1,10 @@
 """load_audio: files through soundfile, PCM scaling, channel mixing, resampling, clear errors."""
 
 import math
+import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,10 +190,41 @@ def test_a_truncated_wav_file_is_refused_naming_it(tmp_path, kept):
     assert str(raised.value).startswith(str(path))
 
 
-def test_a_wav_file_with_a_streaming_size_placeholder_loads(tmp_path):
-    """Writers that cannot seek back (pipes) leave 0xFFFFFFFF as the data size: complete files, not cut ones."""
-    whole = bytearray(_wav_bytes(tmp_path, 1600))
+@pytest.mark.parametrize("placeholder", [0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+def test_a_wav_file_with_a_streaming_size_placeholder_loads_whole(tmp_path, placeholder):
+    """Writers that cannot seek back (pipes) leave a placeholder as the data size: complete files, not cut ones.
+    arecord's 0x80000000 was refused as truncated, and with 0 libsndfile read no audio at all (review)."""
+    samples = (np.sin(np.arange(1600) * 0.05) * 8000).astype(np.int16)
+    soundfile.write(tmp_path / "whole.wav", samples, SAMPLE_RATE)
+    whole = bytearray((tmp_path / "whole.wav").read_bytes())
     assert whole[36:40] == b"data"
-    whole[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    whole[40:44] = placeholder.to_bytes(4, "little")
+    whole[4:8] = min(placeholder + 36, 0xFFFFFFFF).to_bytes(4, "little")
     (tmp_path / "piped.wav").write_bytes(bytes(whole))
-    assert load_audio(tmp_path / "piped.wav").shape == (1600,)
+    assert torch.equal(load_audio(tmp_path / "piped.wav"), load_audio(tmp_path / "whole.wav"))
+
+
+def test_an_empty_data_chunk_followed_by_other_chunks_is_empty_audio(tmp_path):
+    # a declared size of 0 is a placeholder only where no chunk follows it
+    empty = bytearray(_wav_bytes(tmp_path, 0))
+    assert empty[36:40] == b"data" and empty[40:44] == bytes(4)
+    listed = empty + b"LIST" + (8).to_bytes(4, "little") + b"INFOabcd"
+    listed[4:8] = (len(listed) - 8).to_bytes(4, "little")
+    (tmp_path / "listed.wav").write_bytes(bytes(listed))
+    assert load_audio(tmp_path / "listed.wav").shape == (0,)
+
+
+def test_a_file_name_that_is_not_utf8_loads(tmp_path):
+    # Linux file names are bytes; soundfile encoded the name as UTF-8 and failed on it (review)
+    samples = (np.sin(np.arange(1600) * 0.05) * 8000).astype(np.int16)
+    soundfile.write(tmp_path / "plain.wav", samples, SAMPLE_RATE)
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/\xff.wav"))
+    odd.write_bytes((tmp_path / "plain.wav").read_bytes())
+    assert torch.equal(load_audio(odd), load_audio(tmp_path / "plain.wav"))
+
+
+def test_a_float_file_beyond_full_scale_warns_naming_it(tmp_path):
+    soundfile.write(tmp_path / "loud.wav", np.array([0.0, 20000.0, -3.0] * 600, np.float32), SAMPLE_RATE,
+                    subtype="FLOAT")
+    with pytest.warns(UserWarning, match=r"loud.wav: samples reach 20000, expected \[-1, 1\]: a float file"):
+        load_audio(tmp_path / "loud.wav")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -22,6 +23,13 @@ _MAX_CHANNELS = 16
 _FLOAT_PEAK_WARNING = 1.5
 
 
+def _warn_beyond_full_scale(samples: np.ndarray, what: str, guess: str, stacklevel: int) -> None:
+    """Warn where float ``samples`` pass ``_FLOAT_PEAK_WARNING`` in magnitude (``what`` reach ..., ``guess``)."""
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > _FLOAT_PEAK_WARNING:
+        warnings.warn(f"{what} reach {peak:g}, expected [-1, 1]: {guess}", stacklevel=stacklevel)
+
+
 def pcm_to_float(samples: np.ndarray) -> np.ndarray:
     """Integer PCM to float32 in [-1, 1): int8 / 2**7, int16 / 2**15, int32 / 2**31, uint8 centred at 128; floats
     cast (with a warning if they pass 1.5 in magnitude: int16 values as floats, say, which read as noise).
@@ -38,10 +46,8 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
         return (samples.astype(np.float64) / float(2 ** (8 * samples.dtype.itemsize - 1))).astype(np.float32)
     if np.issubdtype(samples.dtype, np.floating):
         samples = samples.astype(np.float32, copy=False)
-        peak = float(np.abs(samples).max()) if samples.size else 0.0
-        if peak > _FLOAT_PEAK_WARNING:
-            warnings.warn(f"audio: float samples reach {peak:g}, expected [-1, 1]: integer PCM values given as "
-                          "floats? (int16: divide by 32768)", stacklevel=3)
+        _warn_beyond_full_scale(samples, "audio: float samples", "integer PCM values given as floats? (int16: "
+                                "divide by 32768)", stacklevel=4)
         return samples
     if samples.dtype == np.int64:
         raise TypeError("audio samples: int64 is no PCM format (int16, int32, uint8 are; torch.tensor of Python "
@@ -50,29 +56,62 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
                     f"{samples.dtype}")
 
 
-# Data-chunk sizes that writers unable to seek back (a pipe, a stream) leave in the header: not a truncation.
-_STREAMING_WAV_SIZES = (0, 0xFFFFFFFF)
+# Data-chunk sizes that writers unable to seek back (a pipe, a stream) leave in the header: 0, 0x7FFFFFFF,
+# 0x80000000 (arecord) or 0xFFFFFFFF. Not a truncation: the audio is whatever the file holds.
+_STREAMING_WAV_SIZES = (0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
 
 
-def _check_wav_complete(path: Path) -> None:
-    """``ValueError`` where a RIFF/WAVE file's data chunk declares more bytes than the file holds: libsndfile
-    reads such a file (a download or copy cut short) up to its end without a word, as if the audio were short."""
+def _wav_data_chunk(path: Path) -> tuple[int, int, int] | None:
+    """``(offset, declared, held)`` of a RIFF/WAVE file's data chunk: where its header starts, the size it
+    declares, and the bytes the file holds after that header; ``None`` for another format or no data chunk."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         header = handle.read(12)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
-            return
+            return None
         offset = 12
         while offset + 8 <= size:
             handle.seek(offset)
             chunk_id, chunk_size = struct.unpack("<4sI", handle.read(8))
             if chunk_id == b"data":
-                held = size - offset - 8
-                if chunk_size > held and chunk_size not in _STREAMING_WAV_SIZES:
-                    raise ValueError(f"{path}: truncated WAV file: its data chunk declares {chunk_size} bytes of "
-                                     f"audio, the file holds {held}")
-                return
+                return offset, chunk_size, size - offset - 8
             offset += 8 + chunk_size + chunk_size % 2  # chunks are padded to an even size
+    return None
+
+
+def _looks_like_chunks(data: bytes, offset: int) -> bool:
+    """Whether a RIFF chunk header (four printable ASCII characters, a size that fits) starts at ``offset``."""
+    if offset + 8 > len(data):
+        return False
+    chunk_id, chunk_size = struct.unpack_from("<4sI", data, offset)
+    return all(0x20 <= byte <= 0x7E for byte in chunk_id) and offset + 8 + chunk_size <= len(data)
+
+
+def _readable_source(path: Path):
+    """What libsndfile is to read for ``path``: its name as bytes (a Linux file name need not be UTF-8, which
+    soundfile would encode it as), or, for a WAV file whose data size is a streaming placeholder
+    (``_STREAMING_WAV_SIZES``), an in-memory copy with its sizes filled in: libsndfile read no audio at all
+    where the placeholder was 0.
+
+    Raises:
+        ValueError: a WAV file whose data chunk declares more bytes than the file holds: libsndfile reads such
+            a file (a download or copy cut short) up to its end without a word, as if the audio were short.
+    """
+    chunk = _wav_data_chunk(path)
+    if chunk is None or chunk[1] == chunk[2]:
+        return os.fsencode(path)
+    offset, declared, held = chunk
+    if declared not in _STREAMING_WAV_SIZES:
+        if declared > held:
+            raise ValueError(f"{path}: truncated WAV file: its data chunk declares {declared} bytes of audio, the "
+                             f"file holds {held}")
+        return os.fsencode(path)  # more chunks after the audio
+    data = bytearray(path.read_bytes())
+    if held == 0 or (declared == 0 and _looks_like_chunks(data, offset + 8)):
+        return os.fsencode(path)  # no audio: an empty data chunk (perhaps with chunks after it)
+    struct.pack_into("<I", data, 4, min(len(data) - 8, 0xFFFFFFFF))
+    struct.pack_into("<I", data, offset + 4, min(held, 0xFFFFFFFF))
+    return io.BytesIO(data)
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
@@ -82,9 +121,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path} is a directory; expected an audio file")
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
-    _check_wav_complete(path)
+    source = _readable_source(path)
     try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (frames, channels)
     except RuntimeError as error:  # soundfile.LibsndfileError derives from it
         raise ValueError(f"{path}: not a readable audio file (expected WAV, FLAC, OGG/Vorbis, MP3 or another "
                          f"format libsndfile reads): {error}") from None
@@ -126,6 +165,9 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         if sample_rate is not None:
             raise ValueError(f"sample_rate must be None for a file (its rate is read from {path_or_array})")
         samples, rate = _read_file(Path(path_or_array))
+        # libsndfile scales integer PCM into [-1, 1): only a float file's samples can pass it
+        _warn_beyond_full_scale(samples, f"{path_or_array}: samples", "a float file of unscaled values?",
+                                stacklevel=3)
         waveform = torch.from_numpy(np.ascontiguousarray(samples))
     elif isinstance(path_or_array, (np.ndarray, torch.Tensor)):
         rate = SAMPLE_RATE if sample_rate is None else sample_rate
