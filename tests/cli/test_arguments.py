@@ -197,3 +197,14 @@ def test_output_and_language_problems_are_usage_errors_before_decoding(make_prob
     monkeypatch.setattr(whisper, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert re.fullmatch(f"dreidel transcribe: error: {expected}.*", _usage_error(["transcribe", "clip.wav", *argv_tail],
                                                                                  capsys))
+
+
+def test_a_warning_is_one_line_naming_the_command(monkeypatch, capsys):
+    """A library warning printed its source file and line, then the quoted source line (review)."""
+    import warnings
+
+    from dreidel.cli import info
+
+    monkeypatch.setattr(info, "run", lambda args: warnings.warn("clip.wav: samples reach 20000, expected [-1, 1]"))
+    assert main(["info"]) == 0
+    assert capsys.readouterr().err == "dreidel info: warning: clip.wav: samples reach 20000, expected [-1, 1]\n"

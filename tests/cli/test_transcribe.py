@@ -28,3 +28,12 @@ def test_audio_too_short_to_decode_has_no_real_time_factor_and_no_total(tmp_path
     assert main(["transcribe", str(short), str(empty)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[0] == f"{short}: " and lines[1].endswith("RTF -") and lines[3].endswith("RTF -")
+
+
+def test_a_float_file_beyond_full_scale_warns_once_naming_it(tmp_path, capsys):
+    """It warned from inside the library, as if an array of integer values had been given (review)."""
+    path = tmp_path / "loud.wav"
+    soundfile.write(path, np.full(50, 20000.0, np.float32), 16000, subtype="FLOAT")
+    assert main(["transcribe", str(path)]) == 0
+    assert capsys.readouterr().err == (f"dreidel transcribe: warning: {path}: samples reach 20000, expected [-1, 1]: "
+                                       "a float file of unscaled values?\n")

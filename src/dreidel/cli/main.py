@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from dreidel import __version__
 from dreidel.cli import demo, info, transcribe
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: COMMAND")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        status = int(args.func(args) or 0)
+        with warnings.catch_warnings():  # a warning is one line naming the command, not a library source line
+            warnings.showwarning = _one_line_warning(args.command)
+            status = int(args.func(args) or 0)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (`dreidel info | head -1`): stop quietly, as cat and grep do
         _discard_stdout()
@@ -51,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndreidel {args.command}: interrupted", file=sys.stderr)
         return 128 + 2
     return status
+
+
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints ``dreidel COMMAND: warning: message`` to stderr."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"dreidel {command}: warning: {message}", file=sys.stderr if file is None else file)
+    return show
 
 
 def _discard_stdout() -> None:

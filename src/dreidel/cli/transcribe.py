@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from pathlib import Path
 
 from dreidel._extras import require_extras
@@ -145,12 +146,15 @@ def run(args: argparse.Namespace) -> int:
             recognizer = whisper.quantize_int8(recognizer)
         given = {name: getattr(args, name) for name in ("no_speech_threshold", "silence_threshold_dbfs")
                  if hasattr(args, name)}
-        results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
-                                     fallback=getattr(args, "fallback", True),
-                                     timestamps=getattr(args, "timestamps", True),
-                                     initial_prompt=getattr(args, "initial_prompt", None),
-                                     condition_on_previous_text=getattr(args, "condition_on_previous_text", False),
-                                     **given)
+        with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
+            warnings.filterwarnings("ignore", message="audio: float samples reach", category=UserWarning)
+            results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
+                                         fallback=getattr(args, "fallback", True),
+                                         timestamps=getattr(args, "timestamps", True),
+                                         initial_prompt=getattr(args, "initial_prompt", None),
+                                         condition_on_previous_text=getattr(args, "condition_on_previous_text",
+                                                                            False),
+                                         **given)
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
     total_audio = total_compute = 0.0
