@@ -84,7 +84,9 @@ def test_an_int8_window_does_not_depend_on_the_padding_of_its_batch(tiny_en):
     """quantize_int8 scales each window's activations by their own largest value: a window with no previous text
     decoded beside one with a long previous text (so left-padded) gives the tokens and score it gives alone (a
     review found "Let me make your wake up at 4am" alone and "Let's make our wake up" padded, when the
-    prompt pass ran over the padding)."""
+    prompt pass ran over the padding). The score is compared to 5e-3, not to float rounding: the padded window's
+    attention sums run over longer rows, and on AVX-512 (Zen 4) that rounding can flip an activation's int8
+    rounding (measured 1.4e-3 apart, same tokens)."""
     from dreidel.models.whisper import quantize_int8
 
     recognizer = quantize_int8(tiny_en)
@@ -95,8 +97,8 @@ def test_an_int8_window_does_not_depend_on_the_padding_of_its_batch(tiny_en):
     options = recognizer.options(timestamps=True, max_new_tokens=60)
     alone, = decode_scored(recognizer.model, mel[:1], options)
     together = decode_scored(recognizer.model, mel, options, previous)[0]
-    assert together.tokens == alone.tokens and together.average_logprob == pytest.approx(alone.average_logprob,
-                                                                                         abs=1e-6)
+    assert together.tokens == alone.tokens
+    assert together.average_logprob == pytest.approx(alone.average_logprob, abs=5e-3)
 
 
 @torch.inference_mode()
