@@ -59,7 +59,7 @@ struct Kernel {
   // subtract (which would move it off the multiply-add ports).
   static inline void hide_from_optimiser(V& v) {
 #if DREIDEL_FMA_DIFFERENCE
-    asm("" : "+x"(v));
+    asm("" : "+v"(v));  // "v": any vector register (with AVX-512, zmm16-31 too)
 #else
     (void)v;
 #endif
@@ -156,12 +156,13 @@ struct Kernel {
     for (int g = 0; g < G; ++g) store(dst + g * W, r[g]);
   }
 
-  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place, the lane stage at
-  // stride Lane (none if 0), then the scale if Scaled (the row's last pass). `slot()` is called before each
+  // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place (the last stage's
+  // differences on the multiply-add ports if FmaLast), the lane stage at stride Lane (none if 0; with
+  // LaneStages 2 those at Lane and 2 Lane), then the scale if Scaled (the row's last pass). `slot()` is called before each
   // group of R registers: a prefetch spread over the pass issues its next share there. (Slots are taken by
   // value, their state in registers: a slot taken by reference kept its pointer in memory, loaded and
   // stored at every group, where radix_pass is not inlined.)
-  template <int R, class Slot, int Lane = 0, bool Scaled = false>
+  template <int R, class Slot, int Lane = 0, bool Scaled = false, int LaneStages = 1, bool FmaLast = R == 8>
   static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot, V scale = V{}) {
     for (int64_t base = 0; base < nvec; base += R * s)
       for (int64_t j = base; j < base + s; ++j) {
@@ -169,8 +170,9 @@ struct Kernel {
         V r[R];
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) r[i] = load(x + (j + i * s) * W);
-        butterflies<R, R == 8>(r);
+        butterflies<R, FmaLast>(r);
         if constexpr (Lane > 0) lane_stage_all<Lane, R>(r);
+        if constexpr (Lane > 0 && LaneStages > 1) lane_stage_all<2 * Lane, R>(r);
         scale_all<Scaled, R>(r, scale);
         DREIDEL_UNROLL
         for (int i = 0; i < R; ++i) store(x + (j + i * s) * W, r[i]);
@@ -295,6 +297,13 @@ struct Kernel {
   // 1.06x at 1 and at 2 threads, 64 rows of 2^16 (leaves) 1.04-1.05x, a 2^24 row 1.00-1.01x; float64,
   // 2048-point rows 1.01-1.11x, rows of 2^16 and 2^23 1.02-1.05x. 16-register first blocks measured slower
   // at the other lengths (float32 2^9: 0.92-0.97x, 2^11: 0.88-0.90x), which keep long_row.
+  // The lane stages at the two largest strides (W / 4, W / 2) go to the radix-16 pass, and that pass's last
+  // differences to the multiply-add ports: on Zen 4, which runs a 512-bit op as two 256-bit halves, a pass
+  // over L1 costs about 4 cycles per register in loads and stores alone, and the first pass, with all four
+  // lane stages (a shuffle and a multiply-add each), took about twice that. A/B in one process on an AMD
+  // EPYC (Zen 4, AVX-512), float32, 1 thread: 16 rows of 4096 in L2 1.05x, 1024 rows from memory
+  // 1.02-1.12x, 16 rows of 2^16 1.05-1.11x, the 2^24 row 0.96-1.06x (noise of a shared machine); a
+  // standalone loop over one 16 KB row in L1 about 2700 against 3000 cycles. Not measured on a Xeon.
   static constexpr int64_t kLeafRegisters = 256, kLeafBlock = 16;
   static constexpr int64_t kLeafSlots = 2 * kLeafRegisters / kLeafBlock;
 
@@ -302,9 +311,9 @@ struct Kernel {
   static void row_of_256(const T* src, T* dst, V scale, Slot slot) {
     for (int64_t v0 = 0; v0 < kLeafRegisters; v0 += kLeafBlock) {
       slot();
-      block<kLeafBlock, false>(src + v0 * W, dst + v0 * W, scale);
+      block<kLeafBlock, false, W / 4>(src + v0 * W, dst + v0 * W, scale);
     }
-    radix_pass<kLeafBlock, Slot, 0, Scaled>(dst, kLeafRegisters, kLeafBlock, slot, scale);
+    radix_pass<kLeafBlock, Slot, W / 4, Scaled, 2, true>(dst, kLeafRegisters, kLeafBlock, slot, scale);
   }
 
   template <bool Scaled>
