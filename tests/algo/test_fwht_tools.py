@@ -84,3 +84,57 @@ def test_the_registered_op_takes_low_precision_and_checks_lengths(dtype, generat
     with pytest.raises(ValueError, match="length 5,.*pad_to_hadamard"):
         torch.ops.dreidel.fwht(torch.randn(2, 5), True)
     torch.library.opcheck(torch.ops.dreidel.fwht.default, (x.float(), True))
+
+
+def test_the_in_place_op_refuses_what_it_cannot_differentiate():
+    """dreidel::fwht_ has no gradient: called on a tensor that requires grad it used to transform it (a leaf
+    overwritten, a computed tensor's gradient silently the identity)."""
+    leaf = torch.randn(2, 8, requires_grad=True)
+    for x in (leaf, leaf * 1):
+        with pytest.raises(RuntimeError, match="dreidel::fwht_: x requires grad"):
+            torch.ops.dreidel.fwht_(x, True)
+    before = leaf.detach().clone()
+    with torch.no_grad():
+        torch.ops.dreidel.fwht_(leaf, True)
+    torch.testing.assert_close(leaf.detach(), dr.fwht_reference(before))
+
+
+def test_forward_mode_tangents_are_carried_or_refused_never_dropped(generator):
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(2, 8, generator=generator), torch.randn(2, 8, generator=generator)
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="dreidel::fwht: x carries a forward-mode tangent"):
+            torch.ops.dreidel.fwht(fwAD.make_dual(x, t), True)
+        with pytest.raises(RuntimeError, match="dreidel::fwht_: x carries a forward-mode tangent"):
+            torch.ops.dreidel.fwht_(fwAD.make_dual(x.clone(), t), True)
+        dual, dual_inplace = fwAD.make_dual(x, t.clone()), fwAD.make_dual(x.clone(), t.clone())  # copy_ writes tangents
+        with RecordOps():  # under a dispatch mode dreidel.fwht took the op, whose tangent came back None
+            result = dr.fwht(dual)
+            dr.fwht(dual_inplace, inplace=True)
+        out, inplace = fwAD.unpack_dual(result), fwAD.unpack_dual(dual_inplace)
+    for result in (out, inplace):
+        torch.testing.assert_close(result.primal, dr.fwht_reference(x))
+        torch.testing.assert_close(result.tangent, dr.fwht_reference(t))
+
+
+@pytest.mark.parametrize("x, error", [(torch.tensor(3), TypeError), (torch.zeros((), dtype=torch.complex64), TypeError),
+                                      (torch.empty(3, 6, device="meta"), ValueError),
+                                      (torch.empty(3, 8, dtype=torch.int64, device="meta"), TypeError)])
+def test_the_registered_ops_check_their_input_as_fwht_does(x, error):
+    # a 0-d integer tensor came back as it was; meta (and fake) tensors of any length or dtype were accepted
+    with pytest.raises(error):
+        torch.ops.dreidel.fwht(x, True)
+    with pytest.raises(error):
+        torch.ops.dreidel.fwht_(x.clone(), True)
+
+
+def test_a_default_device_does_not_move_the_hadamard_factors(generator):
+    # torch.device("meta") as a context made the cached factors' builder run on meta (and fail)
+    x = torch.randn(3, 24, generator=generator)
+    with torch.device("meta"):
+        y, reference = dr.fwht(x), dr.fwht_reference(x)
+        h = dr.hadamard_matrix(24)
+    assert h.device.type == "meta" and h.shape == (24, 24)
+    torch.testing.assert_close(y, reference)
+    torch.testing.assert_close(y.double(), x.double() @ dr.hadamard_matrix(24).T / 24 ** 0.5)

@@ -297,8 +297,9 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
     aligned to their element size (they may be the same tensor, but must not otherwise overlap) whose last
     dimension is a supported length; anything else raises ``ValueError`` before the kernel runs. Like an
     in-place torch op, it bumps ``dst``'s version counter (autograd then refuses ``dst`` if it was saved for
-    a backward pass) and refuses (``RuntimeError``) an inference tensor outside inference mode and a leaf
-    that requires grad while grad mode is on.
+    a backward pass) and refuses (``RuntimeError``) an inference tensor outside inference mode and, while
+    grad mode is on, a ``dst`` that requires grad (a leaf, a view of one, or a computed tensor, whose graph
+    would not know of the change).
     """
     if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
         raise TypeError(f"fwht_into: src and dst must be tensors, got {type(src).__name__} and {type(dst).__name__}")
@@ -330,8 +331,10 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         raise ValueError("fwht_into: src and dst overlap without being the same memory")
     if dst.is_inference():
         _check_inference_update(dst, "fwht_into: dst")
-    if dst.requires_grad and dst.is_leaf and _is_grad_enabled():
-        raise RuntimeError("fwht_into: dst is a leaf that requires grad; torch refuses in-place updates to it too")
+    if dst.requires_grad and _is_grad_enabled():
+        raise RuntimeError("fwht_into: dst requires grad, and fwht_into records nothing for autograd (a leaf, or a "
+                           "view of one, would change behind its back; a computed tensor would get a wrong "
+                           "gradient); call it under torch.no_grad(), or use dreidel.fwht")
     _increment_versions((dst,))
     _run_kernel(src_address, dst_address, int(src.numel()) // n, n, constants, normalized)
 
@@ -339,17 +342,35 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
 @torch.library.custom_op("dreidel::fwht", mutates_args=())
 def _fwht_op(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     """Transform along the last dimension; the default implementation (non-CPU devices) is the reference."""
+    _check_input(x, -1)
+    _refuse_a_tangent(x, "dreidel::fwht")
     return _reference_last_dim(x, normalized).contiguous()
 
 
 def _op_input_needs_care(x: torch.Tensor) -> bool:
     """True when the ops' CPU kernels cannot hand ``x`` straight to the native kernel: an empty or 0-d tensor,
-    or float16/bfloat16. A length or dtype the kernel refuses raises (``_check_input`` says why), empty or
-    not, as ``dreidel.fwht`` does."""
-    if x.dim() == 0:
-        return True
+    or float16/bfloat16. A length or dtype the kernel refuses raises (``_check_input`` says why), empty, 0-d
+    or not, as ``dreidel.fwht`` does."""
     _check_input(x, -1)
-    return x.numel() == 0 or x.dtype in _LOW_PRECISION
+    return x.dim() == 0 or x.numel() == 0 or x.dtype in _LOW_PRECISION
+
+
+def _refuse_a_tangent(x: torch.Tensor, op: str) -> None:
+    """The registered ops have no forward-mode formula (``torch.library`` takes none): a tangent on ``x`` would
+    be dropped without a word, so it is refused. (``dreidel.fwht`` carries tangents by other paths.)"""
+    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
+        raise RuntimeError(f"{op}: x carries a forward-mode tangent, which this op cannot propagate; use "
+                           "dreidel.fwht, which does")
+
+
+def _check_op_input_shape(x: torch.Tensor) -> None:
+    """The ops' fake implementations (torch.compile, meta tensors) refuse what their kernels refuse: a dtype, or a
+    length known at trace time, that is not supported (a symbolic length is left to the kernel)."""
+    if x.dim() > 0 and not isinstance(x.shape[-1], int):
+        if x.dtype not in _NATIVE_DTYPES and x.dtype not in _LOW_PRECISION:
+            _check_input(x, -1)  # raises the dtype error
+        return
+    _check_input(x, -1)
 
 
 @_fwht_op.register_kernel("cpu")
@@ -359,6 +380,7 @@ def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
         if x.dim() == 0 or x.numel() == 0:
             return x.clone(memory_format=torch.contiguous_format)  # length 1 (0-d) or nothing to transform
         return _fwht_op_cpu(x.to(torch.float32), normalized).to(x.dtype)
+    _refuse_a_tangent(x, "dreidel::fwht")
     src = _kernel_copy(x)  # a lazily negated view is materialised, not read as raw memory
     out = _empty_result(src)
     fwht_into(src, out, normalized)
@@ -367,6 +389,7 @@ def _fwht_op_cpu(x: torch.Tensor, normalized: bool) -> torch.Tensor:
 
 @_fwht_op.register_fake
 def _fwht_op_fake(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    _check_op_input_shape(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -384,11 +407,30 @@ _fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
 
 @torch.library.custom_op("dreidel::fwht_", mutates_args=("x",))
 def _fwht_inplace_op(x: torch.Tensor, normalized: bool) -> None:
+    _check_input(x, -1)
+    _refuse_a_tangent(x, "dreidel::fwht_")
     x.copy_(_reference_last_dim(x, normalized))
+
+
+def _fwht_inplace_op_autograd(x: torch.Tensor, normalized: bool) -> None:
+    """``dreidel::fwht_`` at the Autograd key: the op has no gradient (``torch.library`` takes no formula for an
+    op that mutates its input), so with grad mode on a tensor that requires grad is refused, as torch's in-place
+    ops refuse what they cannot differentiate; it used to be transformed, a leaf overwritten and a computed
+    tensor's gradient silently the identity. Otherwise the op runs below autograd (its version bump included)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("dreidel::fwht_: x requires grad, and the in-place op has no gradient; use "
+                           "dreidel::fwht (out of place), or run under torch.no_grad()")
+    with torch._C._AutoDispatchBelowAutograd():
+        return _fwht_inplace_op(x, normalized)
+
+
+_OP_OVERRIDES = torch.library.Library("dreidel", "FRAGMENT")
+_OP_OVERRIDES.impl("fwht_", _fwht_inplace_op_autograd, "Autograd", allow_override=True)
 
 
 @_fwht_inplace_op.register_kernel("cpu")
 def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
+    _refuse_a_tangent(x, "dreidel::fwht_")
     if _op_input_needs_care(x):
         if x.dim() > 0 and x.numel() > 0:
             x.copy_(_fwht_op_cpu(x.to(torch.float32), normalized))
@@ -401,6 +443,7 @@ def _fwht_inplace_op_cpu(x: torch.Tensor, normalized: bool) -> None:
 
 @_fwht_inplace_op.register_fake
 def _fwht_inplace_op_fake(x: torch.Tensor, normalized: bool) -> None:
+    _check_op_input_shape(x)
     return None
 
 
@@ -453,7 +496,8 @@ class _EagerFwht(torch.autograd.Function):
 def _last_dim(work: torch.Tensor, normalized: bool) -> torch.Tensor:
     """The out-of-place transform of ``work`` (float32/float64, or any dtype off CPU) along its last dim, by
     the path that can carry it: eager CPU through ``_EagerFwht`` (``torch.func`` transforms included);
-    batched gradients and ``torch.func`` transforms off CPU through the reference's torch ops; everything
+    batched gradients, ``torch.func`` transforms off CPU and forward-mode AD elsewhere (under a dispatch
+    mode, say) through the reference's torch ops; everything
     else (other devices, ``torch.compile``, ``make_fx``, fake tensors, functionalization) through the
     registered op, which those tools see and rewrite.
     """
@@ -461,7 +505,8 @@ def _last_dim(work: torch.Tensor, normalized: bool) -> torch.Tensor:
         return _reference_last_dim(work, normalized) if in_functorch_transform() else _fwht_op(work, normalized)
     if work.is_cpu and work.dtype in _NATIVE_DTYPES and _dispatches_plainly(work):
         return _EagerFwht.apply(work, normalized)
-    if _is_legacy_batched(work) or (in_functorch_transform() and not _is_functional(work)):
+    if (_is_legacy_batched(work) or (in_functorch_transform() and not _is_functional(work))
+            or _forward_ad._current_level >= 0):  # the registered op drops tangents; torch's ops carry them
         return _reference_last_dim(work, normalized)
     return _fwht_op(work, normalized)
 
@@ -547,7 +592,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     batches of rows). The kernel orders its stages differently from ``fwht_reference``, so the two round
     differently: on a single row of 16 to 64 float32 values, the largest error came out above twice the
     reference's for 0.5-4 % of random inputs, and the reference's above twice the kernel's about as often
-    (AVX2, 200 seeds each); on a row of 256 values, for none. Normalized, the sums are scaled after the last
+    (AVX2, 200 seeds each); on a row of 256 values, for none; on batches, rarely (a review found 1 float32
+    batch of 64 rows of 128 in 400 seeds at 2.19x the reference's error, on AVX-512). Normalized, the sums are scaled after the last
     stage, as ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
     sums pass the largest float (``|x|`` above about ``finfo.max / n``) overflows, as in the reference.
 
@@ -651,7 +697,8 @@ def pad_to_hadamard(x: torch.Tensor, dim: int = -1, powers_of_two_only: bool = F
     else:
         _, target = nearest_hadamard_lengths(n)
     if target is None:
-        raise ValueError(f"dimension {dim} has length {n}, longer than the longest supported length")
+        longest = f"power of two (2^{MAX_POW2_LOG2})" if powers_of_two_only else "supported length"
+        raise ValueError(f"dimension {dim} has length {n}, longer than the longest {longest}")
     if target == n:
         return x
     pad_shape = list(x.shape)

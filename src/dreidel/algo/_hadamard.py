@@ -122,9 +122,10 @@ def _paley_two(q: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _small_hadamard_f64(m: int) -> torch.Tensor:
-    # A cached constant: built with real tensors even when first asked for under a TorchDispatchMode
-    # (make_fx, FakeTensorMode), which would otherwise trace it, or refuse its data-dependent check.
-    with _disable_current_modes():
+    # A cached constant: built with real CPU tensors even when first asked for under a TorchDispatchMode
+    # (make_fx, FakeTensorMode), which would otherwise trace it, or refuse its data-dependent check, and under a
+    # default device (torch.device("meta") or set_default_device), which would build it there.
+    with _disable_current_modes(), torch.device("cpu"):
         return _build_small_hadamard_f64(m)
 
 
@@ -143,7 +144,7 @@ def _build_small_hadamard_f64(m: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def small_hadamard(m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The symmetric ``m x m`` factor ``H_m`` (entries ±1, ``H_m² = m I``) as a contiguous CPU tensor."""
-    with _disable_current_modes():  # a cached constant, as _small_hadamard_f64
+    with _disable_current_modes(), torch.device("cpu"):  # a cached constant, as _small_hadamard_f64
         return _small_hadamard_f64(m).to(dtype).contiguous()
 
 
@@ -159,6 +160,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The dense ``n x n`` matrix that ``fwht(x, normalized=False)`` applies along a dimension of length n.
 
     Entries are ±1, ``H`` is symmetric and ``H² = n I``. Meant for tests and small layers: it costs ``n²`` memory.
+    On torch's default device, as ``torch.eye`` is.
     """
     if _integer(n) is None:
         raise TypeError(f"n must be an int, got {type(n).__name__} {n!r:.40}")
@@ -168,8 +170,10 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if factor is None:
         raise ValueError(f"n={n} is not a supported Hadamard length (m * 2^k, m in {HADAMARD_FACTORS})")
     m, chunk = factor
-    h = torch.ones(1, 1, dtype=torch.float64)
-    sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    for _ in range(int(math.log2(chunk))):
-        h = torch.kron(sylvester, h)
-    return torch.kron(_small_hadamard_f64(m), h).to(dtype)
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        h = torch.ones(1, 1, dtype=torch.float64)
+        sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        for _ in range(int(math.log2(chunk))):
+            h = torch.kron(sylvester, h)
+        return torch.kron(_small_hadamard_f64(m), h).to(device=device, dtype=dtype)
