@@ -459,7 +459,7 @@ class _EagerFwht(torch.autograd.Function):
     @classmethod
     def apply(cls, x: torch.Tensor, normalized: bool) -> torch.Tensor:
         # torch's Function.apply fills in forward's default arguments through inspect.signature on every call of
-        # a setup_context-style Function (about 20 of a small call's 45 µs on Zen 3); forward has none and is
+        # a setup_context-style Function (about 20 of a small call's 45 µs on Zen 4); forward has none and is
         # always given both. Outside torch.func transforms the call therefore goes straight to torch's C apply,
         # after the one other thing Function.apply does there (a dead torch.func wrapper is unwrapped).
         if in_functorch_transform():
