@@ -97,3 +97,13 @@ def test_kl_divergence_of_sequence_outputs_averages_over_positions():
     student, teacher = torch.randn(3, 50, 7, generator=generator), torch.randn(3, 50, 7, generator=generator)
     loss = KLDivergence(temperature=2.0)
     torch.testing.assert_close(loss(student, teacher), loss(student.reshape(-1, 7), teacher.reshape(-1, 7)))
+
+
+def test_kl_divergence_refuses_logits_of_two_shapes_and_an_infinite_temperature():
+    # both were reshaped with the student's class count: a (6, 4) teacher for a (4, 6) student gave a number
+    for student, teacher in ((torch.randn(4, 6), torch.randn(6, 4)), (torch.randn(2, 3, 4), torch.randn(3, 2, 4)),
+                             (torch.randn(4, 6), torch.randn(4, 5))):
+        with pytest.raises(ValueError, match=r"student and teacher logits must have one shape"):
+            KLDivergence()(student, teacher)
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        KLDivergence(float("inf"))  # every call returned nan

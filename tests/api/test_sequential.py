@@ -454,7 +454,9 @@ def test_summary_of_a_padded_spectral_layer_and_a_layer_used_twice():
 
 def test_summary_of_an_unbuilt_model_needs_an_input_shape():
     model = api.Sequential(LinearWHT(16), nn.ReLU())
-    with pytest.raises(ValueError, match="input_shape"):
+    model(torch.randn(2, 20))  # a direct call does not set it (the message said the model had seen no data)
+    with pytest.raises(ValueError, match=r"input shape is not set \(fit, evaluate, predict or build set it; calling "
+                                         r"the model does not\)"):
         model.summary()
     assert "(16,)" in model.summary(input_shape=(20,))
 

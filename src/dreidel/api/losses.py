@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -52,11 +53,14 @@ class KLDivergence:
     takes_class_indices = False
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
         self.temperature = float(temperature)
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if student_logits.shape != teacher_logits.shape:  # reshaped alike below, any mismatch would pair wrong rows
+            raise ValueError(f"KLDivergence: student and teacher logits must have one shape, got "
+                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
         t = self.temperature
         classes = student_logits.shape[-1]  # every leading position is a row: (B, T, C) averages over B·T
         student_log_probs = F.log_softmax(student_logits.reshape(-1, classes) / t, dim=-1)

@@ -25,7 +25,8 @@ def _class_indices(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 class TopKAccuracy:
     """Fraction of samples whose true class is among the ``k`` largest of the ``(B, C)`` outputs (``C >= 2``;
-    equal outputs are ranked lowest index first, as ``argmax`` and scikit-learn rank them)."""
+    equal outputs are ranked lowest index first, as ``argmax`` ranks them: scikit-learn's
+    ``top_k_accuracy_score`` ranks ties highest index first, so on tied outputs the two differ)."""
 
     def __init__(self, k: int = 5) -> None:
         if not isinstance(k, int) or k < 1:

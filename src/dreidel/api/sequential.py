@@ -416,7 +416,8 @@ class Sequential(nn.Sequential):
         if input_shape is not None:
             self.build(input_shape, dtype)
         if self.input_shape is None:
-            raise ValueError("input_shape: the model has not seen data yet; pass summary(input_shape=(features,))")
+            raise ValueError("input_shape: the model's input shape is not set (fit, evaluate, predict or build set it; "
+                             "calling the model does not); pass summary(input_shape=(features,))")
         device, dtype = self._device_and_dtype()
         rows = summarize(self, self.input_shape, self.input_dtype or dtype, device)
         total_params = sum(p.numel() for p in self.parameters())
