@@ -255,10 +255,22 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         return files.config()
 
 
+# The largest JSON file read_json_object reads (configs; a Whisper tokenizer.json is about 2 MB).
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (not UTF-8, not
-    JSON, nested too deeply or with integers too long to parse, not an object). ``OSError`` passes through."""
-    return _parse_json_object(path.read_bytes(), path)
+    """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (not a regular
+    file, larger than ``MAX_JSON_BYTES``, not UTF-8, not JSON, nested too deeply or with integers too long to
+    parse, not an object). A FIFO would block the read and a link to ``/dev/zero`` fill memory: neither is
+    opened. ``OSError`` passes through."""
+    if not path.is_file():
+        raise ValueError(f"{path}: expected a regular file holding a JSON object")
+    with open(path, "rb") as handle:
+        content = handle.read(MAX_JSON_BYTES + 1)
+    if len(content) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
+    return _parse_json_object(content, path)
 
 
 def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:

@@ -253,6 +253,23 @@ def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype:
     return out
 
 
+def _check_binary_version(path: Path, source: str) -> None:
+    """``ValueError`` unless ``path`` starts with a supported binary version, from its first 4 bytes (a shorter
+    file is left to the reader)."""
+    if not path.is_file():
+        raise ValueError(f"CTranslate2 model file not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    version = struct.unpack("<I", head)[0] if len(head) == 4 else None
+    if version is not None and version not in SUPPORTED_BINARY_VERSIONS:
+        raise _unsupported_version(source, version)
+
+
+def _unsupported_version(source: str, version: int) -> ValueError:
+    return ValueError(f"{source}: not a CTranslate2 model.bin or an unsupported binary version {version} "
+                      f"(supported: 1 to {SUPPORTED_BINARY_VERSIONS[-1]})")
+
+
 def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTranslate2Model:
     """Read a CTranslate2 ``model.bin``.
 
@@ -273,12 +290,12 @@ def read_ctranslate2(path, *, dtype: torch.dtype | None = torch.float32) -> CTra
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     paths = _resolve_paths(path)
     source = str(paths[0]) if len(paths) == 1 else " + ".join(str(p) for p in paths)
+    _check_binary_version(paths[0], source)  # before the whole file is read: any large file may be named model.bin
     buffer = _open_buffer(paths)
     cursor = _Cursor(buffer, source)
     binary_version = cursor.u32("binary version")
-    if binary_version not in SUPPORTED_BINARY_VERSIONS:
-        raise ValueError(f"{source}: not a CTranslate2 model.bin or an unsupported binary version "
-                         f"{binary_version} (supported: 1 to {SUPPORTED_BINARY_VERSIONS[-1]})")
+    if binary_version not in SUPPORTED_BINARY_VERSIONS:  # a first part of under 4 bytes was not checked above
+        raise _unsupported_version(source, binary_version)
     spec, revision = "", 1
     if binary_version >= 2:
         spec = cursor.string("spec name")

@@ -299,3 +299,77 @@ def test_dims_from_malformed_ct2_variables_are_value_errors(random_whisper, name
     variables[name] = value
     with pytest.raises(ValueError, match=message):
         dims_from_ct2(variables, "model.bin")
+
+
+@pytest.mark.parametrize("special", ["fifo-config", "zero-config", "fifo-safetensors"])
+def test_load_hf_refuses_a_file_that_is_not_regular_at_once(random_whisper, tmp_path, special):
+    """A FIFO blocked the load for ever and a link to /dev/zero filled memory (review)."""
+    import os
+
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
+    _tokenizer_dir(tmp_path)
+    target = tmp_path / ("model.safetensors" if special == "fifo-safetensors" else "config.json")
+    target.unlink()
+    if special == "zero-config":
+        target.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(target)
+    with pytest.raises(ValueError, match=r"expected a regular (file holding a JSON object|safetensors file)") as raised:
+        load(tmp_path)
+    assert str(target) in str(raised.value)
+
+
+def test_a_model_bin_of_another_format_is_refused_on_its_first_bytes(tmp_path, monkeypatch):
+    # it was read whole first: a 3 GiB file cost 3 GiB of memory before its magic was looked at (review)
+    from dreidel.io import ctranslate2
+
+    with open(tmp_path / "model.bin", "wb") as handle:
+        handle.write(b"GGML")
+        handle.truncate(1 << 30)  # sparse: no disk space taken
+    monkeypatch.setattr(ctranslate2, "_open_buffer", lambda paths: pytest.fail("the whole file was read"))
+    with pytest.raises(ValueError, match="not a CTranslate2 model.bin or an unsupported binary version 1280132935"):
+        read_ctranslate2(tmp_path / "model.bin")
+
+
+def test_a_tokenizer_of_another_model_is_refused(random_whisper, tmp_path):
+    """base's tokenizer.json beside tiny.en's model.bin loaded without a word and decoded garbage (review): the
+    timestamp tokens, which follow <|notimestamps|>, must end the model's vocabulary."""
+    from dataclasses import replace
+
+    from dreidel.models.whisper.transcribe import _tokenizer_for
+
+    _tokenizer_dir(tmp_path)  # tiny.en's: <|notimestamps|> is 50362, so the vocabulary ends at 50363 + 1501
+    assert _tokenizer_for(tmp_path / "tokenizer.json", TINY_DIMS).timestamp_begin == 50363
+    multilingual = replace(TINY_DIMS, n_vocab=51865)
+    with pytest.raises(ValueError, match=r"not this model's tokenizer: its timestamp tokens start at 50363, so "
+                                         r"1501 of them end at 51864, but the model's vocabulary has 51865 tokens"):
+        _tokenizer_for(tmp_path / "tokenizer.json", multilingual)
+
+
+def test_a_model_bin_missing_a_large_weight_names_it(random_whisper, tmp_path):
+    # the count of values came first and read as wrong dimensions (review)
+    variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
+    variables["encoder/num_heads"] = torch.tensor(TINY_DIMS.n_audio_head, dtype=torch.int16)
+    variables["decoder/num_heads"] = torch.tensor(TINY_DIMS.n_text_head, dtype=torch.int16)
+    del variables[_FFN_WEIGHT]
+    write_ctranslate2(tmp_path / "model.bin", "WhisperSpec", 3, variables,
+                      aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
+    _tokenizer_dir(tmp_path)
+    with pytest.raises(ValueError, match=f"missing tensor '{_FFN_WEIGHT}'"):
+        load(tmp_path)
+
+
+def test_a_blank_language_is_not_taken_as_english(tmp_path, monkeypatch):
+    """On a multilingual model language="" (or blanks) used to mean English, where tiny.en refuses it (review)."""
+    from dreidel.models.whisper.tokenizer import WhisperTokenizer
+
+    _tokenizer_dir(tmp_path)
+    tokenizer = WhisperTokenizer(tmp_path / "tokenizer.json", multilingual=True)
+    asked = []
+    monkeypatch.setattr(tokenizer, "language_token", lambda language: asked.append(language) or 0)
+    tokenizer.prompt(language=" ")
+    tokenizer.prompt(language=None)
+    assert asked == ["", "en"]  # the blank code goes to the vocabulary look-up, which has no <||>
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="language must be a Whisper language code such as 'en', got ''"):
+        tokenizer.prompt(language="")

@@ -74,7 +74,7 @@ class WhisperTokenizer:
                 raise ValueError(f"this model is English-only; language must be 'en' or None, got {language!r}")
             start = [self.sot]
         else:
-            start = [self.sot, self.language_token(language or "en"), self.transcribe]
+            start = [self.sot, self.language_token("en" if language is None else language), self.transcribe]
         return start if timestamps else start + [self.no_timestamps]
 
     def encode(self, text: str) -> list[int]:

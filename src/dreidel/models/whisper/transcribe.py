@@ -138,7 +138,10 @@ def _expected_shapes(dims: WhisperDimensions, tensors: dict[str, torch.Tensor], 
     bytes of config could otherwise ask for terabytes, or build a model of a million layers.
     """
     need, have = _values_in_state_dict(dims), sum(t.numel() for t in tensors.values())
-    if have < need:
+    # Dimensions asking for a little more than the file holds are built (on meta): checkpoint_to_ours then
+    # names the tensor that is missing or misshapen, which a count would hide (a missing FFN weight read as
+    # wrong dimensions).
+    if need > 2 * have + (1 << 20):
         raise ValueError(f"{source}: its tensors hold {have} values, but the dimensions it gives need {need} "
                          f"({dims})")
     with torch.device("meta"):
@@ -170,7 +173,7 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
                                     ignore=CT2_CONFIG_VARIABLES)
     config_path = directory / "config.json"
     config = _optional_json(config_path, "suppress_ids")
-    tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
+    tokenizer = _tokenizer_for(directory / "tokenizer.json", dims)
     suppress = _token_ids(config, "suppress_ids", (), config_path, dims.n_vocab)
     begin = _token_ids(config, "suppress_ids_begin", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,), config_path,
                        dims.n_vocab)
@@ -184,6 +187,8 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     dims = dims_from_hf_config(_read_json(directory / "config.json"))
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
+        if not file.is_file():  # a FIFO would block the read, a link to /dev/zero fill memory
+            raise ValueError(f"{file}: expected a regular safetensors file")
         try:
             tensors.update(load_file(str(file)))
         except Exception as error:  # safetensors raises its own SafetensorError (an Exception) or OSError
@@ -201,12 +206,29 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
                                     str(directory))
     generation_path = directory / "generation_config.json"
     generation = _optional_json(generation_path, "suppress_tokens")
-    tokenizer = WhisperTokenizer(directory / "tokenizer.json", multilingual=dims.is_multilingual)
+    tokenizer = _tokenizer_for(directory / "tokenizer.json", dims)
     suppress = _token_ids(generation, "suppress_tokens", (), generation_path, dims.n_vocab)
     begin = _token_ids(generation, "begin_suppress_tokens", _DEFAULT_BEGIN_SUPPRESS + (tokenizer.eot,),
                        generation_path, dims.n_vocab)
     return WhisperRecognizer(_model_from(dims, state_dict, dtype, str(directory)), tokenizer, suppress,
                              begin, directory.name)
+
+
+# Timestamp tokens <|0.00|> to <|30.00|>, one per 0.02 s: they end every Whisper vocabulary.
+_TIMESTAMP_TOKENS = 1501
+
+
+def _tokenizer_for(path: Path, dims: WhisperDimensions) -> WhisperTokenizer:
+    """The tokenizer at ``path``, if it is the model's: its timestamp tokens, which follow <|notimestamps|>, must
+    end the model's vocabulary (as in every Whisper model, English-only or multilingual). Another model's
+    tokenizer.json loaded without a word and decoded garbage (a review: base's with tiny.en)."""
+    tokenizer = WhisperTokenizer(path, multilingual=dims.is_multilingual)
+    if tokenizer.timestamp_begin + _TIMESTAMP_TOKENS != dims.n_vocab:
+        raise ValueError(f"{path}: not this model's tokenizer: its timestamp tokens start at "
+                         f"{tokenizer.timestamp_begin}, so {_TIMESTAMP_TOKENS} of them end at "
+                         f"{tokenizer.timestamp_begin + _TIMESTAMP_TOKENS}, but the model's vocabulary has "
+                         f"{dims.n_vocab} tokens")
+    return tokenizer
 
 
 def _read_json(path: Path) -> dict:
