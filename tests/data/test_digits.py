@@ -50,6 +50,12 @@ def test_stratified_split_partitions_indices(test_fraction):
     assert np.all((per_class == np.floor(exact)) | (per_class == np.ceil(exact)))  # each class rounded down or up
 
 
+def test_stratified_split_refuses_nan_labels():
+    # NaN equals no label: its samples went to neither part (review)
+    with pytest.raises(ValueError, match="2 NaN labels"):
+        stratified_split(np.array([0.0, 0, 1, 1, np.nan, np.nan, 2, 2, 3, 3]), 0.5, seed=0)
+
+
 def test_as_dataloader_reproducible_shuffle():
     x, y = torch.arange(20.0).reshape(10, 2), torch.arange(10)
     first = [b[1].tolist() for b in as_dataloader(x, y, 4, generator=torch.Generator().manual_seed(0))]

@@ -33,6 +33,8 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels: expected an array of shape (N,), got shape {labels.shape}")
+    if labels.dtype.kind in "fc" and np.isnan(labels).any():  # NaN equals no label: those samples would vanish
+        raise ValueError(f"labels: {int(np.isnan(labels).sum())} NaN labels; expected class labels")
     rng = np.random.default_rng(check_seed(seed))
     classes, counts = np.unique(labels, return_counts=True)
     # Each class's share of round(test_fraction * N) by largest remainder, so that the test part has that many

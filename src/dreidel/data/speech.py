@@ -141,8 +141,8 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     if "\0" in text:  # the C API reads up to the first NUL and would silently drop the rest
         raise ValueError(f"text must not contain NUL characters, got {text[:40]!r}")
-    if not isinstance(voice, str) or not voice:
-        raise ValueError(f"voice must be a non-empty string such as 'en-us' or 'en-us+f2', got {voice!r}")
+    if not isinstance(voice, str) or not voice or "\0" in voice:  # the C API would cut the name at a NUL
+        raise ValueError(f"voice must be a non-empty string such as 'en-us' or 'en-us+f2' (no NUL), got {voice!r}")
     variant = voice.partition("+")[2]
     if "+" in voice and variant not in available_variants():  # eSpeak would silently use the plain voice
         raise ValueError(f"unknown voice variant {variant!r} in voice {voice!r}; expected one of available_variants(), "
