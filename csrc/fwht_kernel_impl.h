@@ -158,10 +158,10 @@ struct Kernel {
 
   // Stages at register strides s, 2s, ..., (R/2)s over a row of nvec registers, in place (the last stage's
   // differences on the multiply-add ports if FmaLast), the lane stage at stride Lane (none if 0; with
-  // LaneStages 2 those at Lane and 2 Lane), then the scale if Scaled (the row's last pass). `slot()` is called before each
-  // group of R registers: a prefetch spread over the pass issues its next share there. (Slots are taken by
-  // value, their state in registers: a slot taken by reference kept its pointer in memory, loaded and
-  // stored at every group, where radix_pass is not inlined.)
+  // LaneStages 2 those at Lane and 2 Lane), then the scale if Scaled (the row's last pass). `slot()` is
+  // called before each group of R registers: a prefetch spread over the pass issues its next share there.
+  // (Slots are taken by value, their state in registers: a slot taken by reference kept its pointer in
+  // memory, loaded and stored at every group, where radix_pass is not inlined.)
   template <int R, class Slot, int Lane = 0, bool Scaled = false, int LaneStages = 1, bool FmaLast = R == 8>
   static void radix_pass(T* x, int64_t nvec, int64_t s, Slot slot, V scale = V{}) {
     for (int64_t base = 0; base < nvec; base += R * s)

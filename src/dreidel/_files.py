@@ -82,7 +82,8 @@ def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[in
     an error it is removed, so ``target`` is always the old file or the whole new one, after a crash too. The
     block owns ``fd`` (wraps it with ``os.fdopen`` or closes it, flushing what it wrote; it may also write the
     file by ``name``). A target no file can be written to (``check_file_target``) or whose folder does not exist
-    is refused first, with a ``ValueError`` naming it rather than the staging name."""
+    is refused first, with a ``ValueError`` (a ``PermissionError`` for a folder that may not be written in)
+    naming it rather than the staging name."""
     check_file_target(target)
     if not target.parent.is_dir():
         raise ValueError(f"folder {str(target.parent)!r} does not exist, so {str(target)!r} cannot be written")

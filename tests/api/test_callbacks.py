@@ -248,3 +248,11 @@ def test_a_nan_monitored_value_never_counts_as_an_improvement(tmp_path, mode, va
             callback.on_epoch_end(model, epoch, {"m": value})
     assert model.saved == [str(tmp_path / "e2"), str(tmp_path / "e3")]
     assert checkpoint.best == stopper.best == best and stopper.best_epoch == 2 and stopper.stopped_epoch is None
+
+
+def test_a_permission_error_the_os_raises_keeps_its_path_when_a_callback_names_itself():
+    from dreidel.api.callbacks import _naming_callback
+
+    named = _naming_callback(PermissionError(13, "Permission denied", "/data/secret/sub/log.csv"), "CSVLogger")
+    assert isinstance(named, PermissionError) and named.errno == 13
+    assert str(named) == "[Errno 13] CSVLogger: Permission denied: '/data/secret/sub/log.csv'"

@@ -376,3 +376,23 @@ def test_a_target_ending_in_a_dot_is_refused(tmp_path, monkeypatch, tensors, nam
     with pytest.raises(ValueError, match=r"ends in '\.' or '\.\.'; give the checkpoint directory's own name"):
         write_checkpoint(name, {}, tensors)
     assert not any((tmp_path / "cwd" / "sub").iterdir())
+
+
+def test_read_json_object_refuses_special_files_and_passes_os_errors_through(tmp_path, monkeypatch):
+    from dreidel.io import read_json_object
+
+    os.mkfifo(tmp_path / "fifo.json")  # reading it blocked for ever
+    (tmp_path / "zero.json").symlink_to("/dev/zero")  # reading it filled memory
+    for name in ("fifo.json", "zero.json"):
+        with pytest.raises(ValueError, match="expected a regular file holding a JSON object"):
+            read_json_object(tmp_path / name)
+    with pytest.raises(FileNotFoundError):  # as before the check: OSError passes through
+        read_json_object(tmp_path / "missing.json")
+    with pytest.raises(IsADirectoryError):
+        read_json_object(tmp_path)
+    monkeypatch.setattr(checkpoint_module, "MAX_JSON_BYTES", 16)
+    (tmp_path / "at_limit.json").write_text('{"a": 1234567890}')  # 17 bytes
+    with pytest.raises(ValueError, match="larger than the 16 bytes"):
+        read_json_object(tmp_path / "at_limit.json")
+    (tmp_path / "at_limit.json").write_text('{"a": 123456789}')  # 16 bytes
+    assert read_json_object(tmp_path / "at_limit.json") == {"a": 123456789}

@@ -626,7 +626,8 @@ def test_state_tensors_taken_after_load_state_dict_stay_the_optimizers():
 
 
 @pytest.mark.parametrize("settings", [{"likelihood": "categorical"}, {"likelihood": "categorical", "curvature": "gnb"},
-                                      {"curvature": "hutchinson"}, {}], ids=["sampled", "gnb", "hutchinson", "empirical"])
+                                      {"curvature": "hutchinson"}, {}],
+                         ids=["sampled", "gnb", "hutchinson", "empirical"])
 def test_a_parameter_frozen_mid_training_that_keeps_its_gradient_tensor_is_not_differentiated(settings):
     """After zero_grad(set_to_none=False) a frozen parameter keeps a (zero) gradient tensor; the sampled Fisher
     and Hutchinson's products differentiated it and failed ('does not require grad', or a message blaming the

@@ -593,9 +593,10 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     differently: on a single row of 16 to 64 float32 values, the largest error came out above twice the
     reference's for 0.5-4 % of random inputs, and the reference's above twice the kernel's about as often
     (AVX2, 200 seeds each); on a row of 256 values, for none; on batches, rarely (a review found 1 float32
-    batch of 64 rows of 128 in 400 seeds at 2.19x the reference's error, on AVX-512). Normalized, the sums are scaled after the last
-    stage, as ``fwht_reference`` does: subnormal inputs lose no bits (their sums are exact), and a row whose unscaled
-    sums pass the largest float (``|x|`` above about ``finfo.max / n``) overflows, as in the reference.
+    batch of 64 rows of 128 in 400 seeds at 2.19x the reference's error, on AVX-512). Normalized, the sums are
+    scaled after the last stage, as ``fwht_reference`` does: subnormal inputs lose no bits (their sums are
+    exact), and a row whose unscaled sums pass the largest float (``|x|`` above about ``finfo.max / n``)
+    overflows, as in the reference.
 
     Raises:
         TypeError: integer, bool or complex ``x``.

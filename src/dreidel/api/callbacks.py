@@ -184,9 +184,10 @@ class ModelCheckpoint(Callback):
 
 
 def _naming_callback(error: ValueError | PermissionError, callback: str) -> ValueError | PermissionError:
-    """The same refusal of a path, its message starting with the callback's name."""
+    """The same refusal of a path, its message starting with the callback's name (the path kept, where the OS
+    gave it apart from the message)."""
     if isinstance(error, PermissionError):
-        return PermissionError(error.errno, f"{callback}: {error.strerror}")
+        return PermissionError(error.errno, f"{callback}: {error.strerror}", error.filename)
     return ValueError(f"{callback}: {error}")
 
 

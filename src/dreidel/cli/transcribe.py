@@ -85,8 +85,9 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
                 check_file_target(target)  # written in: before anything is decoded
             except ValueError as error:
                 args.parser.error(f"argument --output-dir: {error}")
-            except PermissionError as error:
-                args.parser.error(f"argument --output-dir: {error.strerror}")
+            except PermissionError as error:  # ours name the path in the message, the OS's apart from it
+                where = f": {error.filename}" if error.filename else ""
+                args.parser.error(f"argument --output-dir: {error.strerror}{where}")
     return paths
 
 

@@ -260,11 +260,11 @@ MAX_JSON_BYTES = 64 << 20
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (not a regular
+    """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (a special
     file, larger than ``MAX_JSON_BYTES``, not UTF-8, not JSON, nested too deeply or with integers too long to
     parse, not an object). A FIFO would block the read and a link to ``/dev/zero`` fill memory: neither is
-    opened. ``OSError`` passes through."""
-    if not path.is_file():
+    opened. ``OSError`` passes through (a missing file, a directory)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
         raise ValueError(f"{path}: expected a regular file holding a JSON object")
     with open(path, "rb") as handle:
         content = handle.read(MAX_JSON_BYTES + 1)

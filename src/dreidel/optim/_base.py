@@ -161,7 +161,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
         """One optimization step; returns the loss of the first closure evaluation it made, else None."""
         capture = self._capture_or_none()
-        if capture is not None and capture.removed:  # every step would then warn of missing records
+        if capture is not None and capture.removed and capture.modules:  # each step would warn of missing records
             raise RuntimeError(f"{type(self).__name__}: remove_hooks() was called, so no layer inputs are recorded "
                                "for the curvature any more and this optimizer cannot step; create a new one to go on "
                                "training")

@@ -132,10 +132,12 @@ def _values_in_state_dict(dims: WhisperDimensions) -> int:
 
 
 def _expected_shapes(dims: WhisperDimensions, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Size]:
-    """The model's tensor shapes, once ``tensors`` (a checkpoint's) hold at least as many values as it needs.
+    """The model's tensor shapes (of a model built on the meta device), unless its dimensions need more than
+    twice the values ``tensors`` (a checkpoint's) hold, plus a million.
 
     A file's dimensions are checked against the data it holds before anything is allocated for them: a few
-    bytes of config could otherwise ask for terabytes, or build a model of a million layers.
+    bytes of config could otherwise ask for terabytes, or build a model of a million layers. Short of that
+    bound, ``checkpoint_to_ours`` names what is missing or misshapen.
     """
     need, have = _values_in_state_dict(dims), sum(t.numel() for t in tensors.values())
     # Dimensions asking for a little more than the file holds are built (on meta): checkpoint_to_ours then
@@ -214,20 +216,25 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
                              begin, directory.name)
 
 
-# Timestamp tokens <|0.00|> to <|30.00|>, one per 0.02 s: they end every Whisper vocabulary.
+# Timestamp tokens <|0.00|> to <|30.00|>, one per 0.02 s: in every Whisper vocabulary they follow
+# <|notimestamps|> (and end it, unless a fine-tuned model added tokens after them).
 _TIMESTAMP_TOKENS = 1501
+# <|endoftext|> of the English-only models' byte-pair vocabulary (GPT-2's); the multilingual one has one token more.
+_ENGLISH_ONLY_EOT = 50256
 
 
 def _tokenizer_for(path: Path, dims: WhisperDimensions) -> WhisperTokenizer:
-    """The tokenizer at ``path``, if it is the model's: its timestamp tokens, which follow <|notimestamps|>, must
-    end the model's vocabulary (as in every Whisper model, English-only or multilingual). Another model's
-    tokenizer.json loaded without a word and decoded garbage (a review: base's with tiny.en)."""
+    """The tokenizer at ``path``, if it can be the model's: its timestamp tokens must fit in the model's
+    vocabulary, and its byte-pair vocabulary must be English-only exactly when the model is. Another model's
+    tokenizer.json loaded without a word and decoded garbage (a review: base's with tiny.en, and the reverse)."""
     tokenizer = WhisperTokenizer(path, multilingual=dims.is_multilingual)
-    if tokenizer.timestamp_begin + _TIMESTAMP_TOKENS != dims.n_vocab:
-        raise ValueError(f"{path}: not this model's tokenizer: its timestamp tokens start at "
-                         f"{tokenizer.timestamp_begin}, so {_TIMESTAMP_TOKENS} of them end at "
-                         f"{tokenizer.timestamp_begin + _TIMESTAMP_TOKENS}, but the model's vocabulary has "
-                         f"{dims.n_vocab} tokens")
+    english_only = tokenizer.eot == _ENGLISH_ONLY_EOT
+    if tokenizer.timestamp_begin + _TIMESTAMP_TOKENS > dims.n_vocab or english_only == dims.is_multilingual:
+        model = "multilingual" if dims.is_multilingual else "English-only"
+        vocabulary = "English-only" if english_only else "multilingual"
+        raise ValueError(f"{path}: not this model's tokenizer: its vocabulary is {vocabulary} (<|endoftext|> is "
+                         f"{tokenizer.eot}) with timestamp tokens up to {tokenizer.timestamp_begin + _TIMESTAMP_TOKENS}"
+                         f", but the model is {model} with {dims.n_vocab} tokens")
     return tokenizer
 
 
