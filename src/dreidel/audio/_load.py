@@ -21,6 +21,8 @@ _MAX_CHANNELS = 16
 
 # Float samples beyond this magnitude are not audio in [-1, 1]: most likely integer PCM values given as floats.
 _FLOAT_PEAK_WARNING = 1.5
+# How the warning about an array's (or tensor's) samples beyond it starts (a file's names the file instead).
+ARRAY_PEAK_WARNING = "audio: float samples"
 
 
 def _warn_beyond_full_scale(samples: np.ndarray, what: str, guess: str, stacklevel: int) -> None:
@@ -46,8 +48,8 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
         return (samples.astype(np.float64) / float(2 ** (8 * samples.dtype.itemsize - 1))).astype(np.float32)
     if np.issubdtype(samples.dtype, np.floating):
         samples = samples.astype(np.float32, copy=False)
-        _warn_beyond_full_scale(samples, "audio: float samples", "integer PCM values given as floats? (int16: "
-                                "divide by 32768)", stacklevel=4)
+        _warn_beyond_full_scale(samples, ARRAY_PEAK_WARNING, "integer PCM values given as floats? (int16: divide "
+                                "by 32768)", stacklevel=4)
         return samples
     if samples.dtype == np.int64:
         raise TypeError("audio samples: int64 is no PCM format (int16, int32, uint8 are; torch.tensor of Python "
@@ -106,9 +108,11 @@ def _readable_source(path: Path):
             raise ValueError(f"{path}: truncated WAV file: its data chunk declares {declared} bytes of audio, the "
                              f"file holds {held}")
         return os.fsencode(path)  # more chunks after the audio
+    if held == 0:
+        return os.fsencode(path)  # no audio: an empty data chunk
     data = bytearray(path.read_bytes())
-    if held == 0 or (declared == 0 and _looks_like_chunks(data, offset + 8)):
-        return os.fsencode(path)  # no audio: an empty data chunk (perhaps with chunks after it)
+    if declared == 0 and _looks_like_chunks(data, offset + 8):
+        return os.fsencode(path)  # an empty data chunk with chunks after it
     struct.pack_into("<I", data, 4, min(len(data) - 8, 0xFFFFFFFF))
     struct.pack_into("<I", data, offset + 4, min(held, 0xFFFFFFFF))
     return io.BytesIO(data)

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dreidel.audio import load_audio
+    from dreidel.audio._load import ARRAY_PEAK_WARNING
     from dreidel.models import whisper
 
     if args.threads is not None:
@@ -148,11 +149,11 @@ def run(args: argparse.Namespace) -> int:
         given = {name: getattr(args, name) for name in ("no_speech_threshold", "silence_threshold_dbfs")
                  if hasattr(args, name)}
         with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
-            warnings.filterwarnings("ignore", message="audio: float samples reach", category=UserWarning)
+            warnings.filterwarnings("ignore", message=ARRAY_PEAK_WARNING, category=UserWarning)
             results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
                                          fallback=getattr(args, "fallback", True),
                                          timestamps=getattr(args, "timestamps", True),
-                                         initial_prompt=getattr(args, "initial_prompt", None),
+                                         initial_prompt=initial_prompt,
                                          condition_on_previous_text=getattr(args, "condition_on_previous_text",
                                                                             False),
                                          **given)

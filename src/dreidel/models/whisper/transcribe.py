@@ -229,12 +229,13 @@ def _tokenizer_for(path: Path, dims: WhisperDimensions) -> WhisperTokenizer:
     tokenizer.json loaded without a word and decoded garbage (a review: base's with tiny.en, and the reverse)."""
     tokenizer = WhisperTokenizer(path, multilingual=dims.is_multilingual)
     english_only = tokenizer.eot == _ENGLISH_ONLY_EOT
-    if tokenizer.timestamp_begin + _TIMESTAMP_TOKENS > dims.n_vocab or english_only == dims.is_multilingual:
+    timestamps_end = tokenizer.timestamp_begin + _TIMESTAMP_TOKENS
+    if timestamps_end > dims.n_vocab or english_only == dims.is_multilingual:
         model = "multilingual" if dims.is_multilingual else "English-only"
         vocabulary = "English-only" if english_only else "multilingual"
         raise ValueError(f"{path}: not this model's tokenizer: its vocabulary is {vocabulary} (<|endoftext|> is "
-                         f"{tokenizer.eot}) with timestamp tokens up to {tokenizer.timestamp_begin + _TIMESTAMP_TOKENS}"
-                         f", but the model is {model} with {dims.n_vocab} tokens")
+                         f"{tokenizer.eot}) with timestamp tokens up to {timestamps_end}, but the model is {model} "
+                         f"with {dims.n_vocab} tokens")
     return tokenizer
 
 
@@ -728,7 +729,8 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     because it did not help here: greedy tiny.en with timestamps, WER on the 8 long-form inputs of
     ``benchmarks/whisper.py`` (14 eSpeak sentences each) 12.4 % without and 14.6 % with (faster-whisper's own:
     12.6 % and 14.3 %), on 8 others (seeds 300-307) 11.1 % and 11.3 % (faster-whisper: 11.6 % and 10.9 %): a
-    misheard phrase can carry into the next window. Without timestamps it decodes each input's 30 s cuts in order rather than all at once.
+    misheard phrase can carry into the next window. Without timestamps it decodes each input's 30 s cuts in
+    order rather than all at once.
     """
     from dreidel.audio import SAMPLE_RATE, load_audio
 
