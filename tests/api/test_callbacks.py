@@ -50,6 +50,24 @@ def test_early_stopping_restores_best_weights(digits):
     assert not torch.equal(snapshots[0]["0.weight"], snapshots[1]["0.weight"])
 
 
+def test_early_stopping_restores_best_weights_when_training_runs_all_its_epochs(digits):
+    x, y, x_val, y_val = digits
+    model = _model().compile("sgd", "cross_entropy", lr=0.5)
+    snapshots = []
+
+    class Snapshot(api.Callback):
+        def on_epoch_end(self, model, epoch, logs):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    # "lr" never rises in max mode: epoch 0 stays the best, and patience outlasts the 3 epochs
+    stopper = api.EarlyStopping(monitor="lr", patience=10, mode="max", restore_best_weights=True)
+    history = model.fit(x, y, epochs=3, callbacks=[Snapshot(), stopper], verbose=0, seed=0)
+    assert history.epoch == [0, 1, 2] and stopper.stopped_epoch is None and stopper.best_epoch == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[0][key]), key
+    assert not torch.equal(snapshots[0]["0.weight"], snapshots[2]["0.weight"])
+
+
 def test_monitoring_an_unlogged_key_is_an_error_before_training(digits):
     x, y, *_ = digits
     model = _model().compile("sgd", lr=0.01)

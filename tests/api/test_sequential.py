@@ -96,6 +96,18 @@ def test_dataloader_input_and_validation_split(digits):
     assert history.history["val_loss"][0] == pytest.approx(held_out["loss"], rel=1e-5)
 
 
+def test_validation_split_batches_go_to_the_models_device_like_the_others():
+    # CI has no GPU: a model on the meta device stands in for one on cuda:0 fed CPU tensors
+    x, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    model = api.Sequential(LinearWHT(8, 3, device="meta")).compile("sgd", lr=0.1)
+    whole, _ = model._split_sources(x, y, 4, None, 0.0)
+    train, validation = model._split_sources(x, y, 4, None, 0.2)
+    for source in (whole, train, validation):
+        batch_x, _ = next(source.batches(False, None))
+        assert batch_x.device.type == "meta"
+    assert (train.num_samples, validation.num_samples) == (8, 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_save_load_round_trip_is_exact(tmp_path, digits, dtype):
     x_train, y_train, x_test, _ = digits

@@ -378,6 +378,16 @@ def test_a_target_ending_in_a_dot_is_refused(tmp_path, monkeypatch, tensors, nam
     assert not any((tmp_path / "cwd" / "sub").iterdir())
 
 
+def test_reading_a_checkpoint_bounds_its_config_like_read_json_object(tmp_path, tensors, monkeypatch):
+    write_checkpoint(tmp_path / "model", {"note": "x"}, tensors)
+    size = (tmp_path / "model" / CONFIG_FILE).stat().st_size
+    monkeypatch.setattr(checkpoint_module, "MAX_JSON_BYTES", size - 1)  # a sparse 30 GiB config filled memory
+    with pytest.raises(ValueError, match=f"config.json: larger than the {size - 1} bytes a JSON config may take"):
+        read_checkpoint(tmp_path / "model")
+    monkeypatch.setattr(checkpoint_module, "MAX_JSON_BYTES", size)
+    assert read_checkpoint(tmp_path / "model")[0] == {"note": "x"}
+
+
 def test_read_json_object_refuses_special_files_and_passes_os_errors_through(tmp_path, monkeypatch):
     from dreidel.io import read_json_object
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,3 +151,24 @@ def test_numpy_integer_sizes_are_taken_as_nn_conv2d_takes_them():
     assert type(layer.in_channels) is int and type(layer.out_channels) is int
     assert all(type(k) is int for k in layer.kernel_size + layer.padding)
     assert layer(torch.randn(2, 5, 5, 8)).shape == (2, 5, 5, 12)
+
+
+@pytest.mark.parametrize("cls, dims", [(Conv2dSpectral, 2), (Conv3dSpectral, 3)])
+@pytest.mark.parametrize("linear", ["dense", "wht", "deep_wht"])
+def test_reset_parameters_initialises_a_layer_built_on_the_meta_device(cls, dims, linear):
+    with torch.device("meta"):
+        layer = cls(8, 8, linear=linear)
+    layer.to_empty(device="cpu")  # uninitialised memory
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    drawn = {name: value.clone() for name, value in layer.state_dict().items()}
+    with torch.no_grad():  # whatever reset_parameters leaves alone would stay NaN (or -1)
+        for value in layer.state_dict().values():
+            value.fill_(float("nan") if value.is_floating_point() else -1)
+    torch.manual_seed(5)
+    layer.reset_parameters()  # every tensor drawn again, from torch's generator: the same draws
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, drawn[name]), name
+    layer.reset_parameters()
+    assert not torch.equal(layer.depthwise_weight, drawn["depthwise_weight"])
+    assert 0.5 < float(drawn["depthwise_weight"].std() * math.sqrt(3 ** dims)) < 1.5  # variance 1 / prod(kernel)

@@ -75,10 +75,12 @@ def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], 
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
-    With ``restore_best_weights`` the model gets back the weights of its best epoch when training stops.
-    ``best`` is the best value so far (+inf, or -inf in max mode, until one improves on it: a NaN never does)
-    and ``best_epoch`` its epoch; ``stopped_epoch`` is the epoch after which training stopped (None if it ran to
-    the end).
+    With ``restore_best_weights`` the model gets back the weights of its best epoch when training ends: when
+    this callback stops it, and also when it runs all its epochs or another callback stops it (Keras restores
+    only on its own early stop, leaving a run that ends on a worse epoch with that epoch's weights). ``best``
+    is the best value so far (+inf, or -inf in max mode, until one improves on it: a NaN never does) and
+    ``best_epoch`` its epoch; ``stopped_epoch`` is the epoch after which this callback stopped training (None
+    if it did not).
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -95,6 +97,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
         self._wait = 0
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._last_epoch: int | None = None
 
     def check_log_keys(self, keys: list[str]) -> None:
         if self.monitor not in keys:
@@ -102,8 +105,10 @@ class EarlyStopping(Callback):
 
     def on_train_begin(self, model) -> None:
         self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_state = self._worst, None, None, 0, None
+        self._last_epoch = None
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        self._last_epoch = epoch
         current = _monitored_value(logs, self.monitor, "EarlyStopping")
         if self._improves(current, self.best, self.min_delta):
             self.best, self.best_epoch, self._wait = current, epoch, 0
@@ -118,7 +123,7 @@ class EarlyStopping(Callback):
                         self.monitor, self._wait, epoch)
 
     def on_train_end(self, model) -> None:
-        if self.stopped_epoch is not None and self._best_state is not None:
+        if self._best_state is not None and self.best_epoch != self._last_epoch:
             model.load_state_dict(self._best_state)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import warnings
 from collections import OrderedDict
@@ -352,8 +353,8 @@ class Sequential(nn.Sequential):
                 raise ValueError(f"validation_split={validation_split} leaves {held_out} of {train.x.shape[0]} "
                                  "samples for validation; need at least one on each side")
             cut = train.x.shape[0] - held_out
-            validation = BatchSource(x=train.x[cut:], y=train.y[cut:], batch_size=batch_size, dtype=dtype)
-            train = BatchSource(x=train.x[:cut], y=train.y[:cut], batch_size=batch_size, dtype=dtype)
+            validation = dataclasses.replace(train, x=train.x[cut:], y=train.y[cut:])
+            train = dataclasses.replace(train, x=train.x[:cut], y=train.y[:cut])
             return train, validation
         if validation_data is None:
             return train, None

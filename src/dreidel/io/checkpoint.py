@@ -126,8 +126,11 @@ class CheckpointFiles:
         return self._fds[index]
 
     def config(self) -> dict[str, Any]:
-        """The parsed ``config.json`` (see ``read_json_object``)."""
-        return _parse_json_object(_read_whole(self._fd(0)), self.config_path)
+        """The parsed ``config.json`` (see ``read_json_object``: the same errors, the same size limit)."""
+        content = _read_at_most(self._fd(0), MAX_JSON_BYTES + 1)
+        if len(content) > MAX_JSON_BYTES:
+            raise ValueError(f"{self.config_path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
+        return _parse_json_object(content, self.config_path)
 
     def tensor_header(self) -> dict[str, TensorHeader]:
         """Names, shapes and dtypes of the tensors, from the safetensors header alone (no data read)."""
@@ -219,10 +222,11 @@ def _renamed_since(directory: Path, directory_fd: int) -> bool:
     return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
 
 
-def _read_whole(fd: int) -> bytes:
-    """All of the open file ``fd``, from its start whatever its offset (pread: the offset is left alone)."""
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the open file ``fd``, from its start whatever its offset (pread: the offset is
+    left alone)."""
     chunks, offset = [], 0
-    while chunk := os.pread(fd, 1 << 20, offset):
+    while offset < limit and (chunk := os.pread(fd, min(1 << 20, limit - offset), offset)):
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)

@@ -64,15 +64,28 @@ class _SpectralConvNd(nn.Module):
         kwargs = dict(linear_kwargs or {})
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
         # Drawn as before whatever the dtype, so a generator gives the same values; then placed as the channel mix.
-        fan_in = math.prod(self.kernel_size)
         if generator is None:  # one given only in linear_kwargs seeds the depthwise weights too
             generator = kwargs.get("generator")
-        weight = torch.randn((in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
-        weight = weight.to(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
+        weight = self._draw_depthwise_weight(generator).to(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
         self.depthwise_weight = nn.Parameter(weight)  # (C_in, 1, *kernel)
         if generator is not None:
             kwargs.setdefault("generator", generator)
         self.channel_mix = build_linear(linear, in_channels, out_channels, bias, **kwargs)
+
+    def _draw_depthwise_weight(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Fresh depthwise weights ``(C_in, 1, *kernel)``, float32 on the CPU."""
+        fan_in = math.prod(self.kernel_size)
+        return torch.randn((self.in_channels, 1, *self.kernel_size), generator=generator) / math.sqrt(fan_in)
+
+    def reset_parameters(self) -> None:
+        """Draw fresh depthwise weights and channel-mix parameters in place, from the distributions the
+        constructor uses, with torch's global generator (a ``generator`` given to the constructor serves its
+        draws only, as for the linear kinds): after ``to_empty`` on a layer built on the meta device, this
+        initialises it. On the meta device it draws nothing."""
+        if not self.depthwise_weight.is_meta:
+            with torch.no_grad():
+                self.depthwise_weight.copy_(self._draw_depthwise_weight(None))
+        self.channel_mix.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: channels-last ``(N, *spatial, C_in)`` → ``(N, *spatial_out, C_out)``."""
