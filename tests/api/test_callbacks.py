@@ -32,40 +32,30 @@ def test_early_stopping_stops_when_nothing_improves(digits):
     assert history.epoch == [0, 1, 2] and stopper.stopped_epoch == 2 and stopper.best_epoch == 0
 
 
-def test_early_stopping_restores_best_weights(digits):
-    x, y, x_val, y_val = digits
+class _Snapshots(api.Callback):
+    """The model's state dict after every epoch."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.states.append({k: v.clone() for k, v in model.state_dict().items()})
+
+
+# "lr" cannot rise above its first value in max mode: epoch 0 stays the best, and a patience of 1 stops after
+# epoch 1, one of 10 outlasts the 3 epochs
+@pytest.mark.parametrize("patience, epochs_run", [(1, [0, 1]), (10, [0, 1, 2])])
+def test_early_stopping_restores_best_weights_when_it_stops_training_or_training_ends(digits, patience, epochs_run):
+    x, y, *_ = digits
     model = _model().compile("sgd", "cross_entropy", ["accuracy"], lr=0.5)
-    snapshots = []
-
-    class Snapshot(api.Callback):
-        def on_epoch_end(self, model, epoch, logs):
-            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-
-    # max mode on a metric that cannot rise above its first value forces a stop after patience epochs
-    stopper = api.EarlyStopping(monitor="lr", patience=1, mode="max", restore_best_weights=True)
-    history = model.fit(x, y, epochs=5, callbacks=[Snapshot(), stopper], verbose=0, seed=0)
-    assert history.epoch == [0, 1]
+    snapshots = _Snapshots()
+    stopper = api.EarlyStopping(monitor="lr", patience=patience, mode="max", restore_best_weights=True)
+    history = model.fit(x, y, epochs=3, callbacks=[snapshots, stopper], verbose=0, seed=0)
+    assert history.epoch == epochs_run and stopper.best_epoch == 0
+    assert stopper.stopped_epoch == (1 if patience == 1 else None)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, snapshots[0][key]), key
-    assert not torch.equal(snapshots[0]["0.weight"], snapshots[1]["0.weight"])
-
-
-def test_early_stopping_restores_best_weights_when_training_runs_all_its_epochs(digits):
-    x, y, x_val, y_val = digits
-    model = _model().compile("sgd", "cross_entropy", lr=0.5)
-    snapshots = []
-
-    class Snapshot(api.Callback):
-        def on_epoch_end(self, model, epoch, logs):
-            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-
-    # "lr" never rises in max mode: epoch 0 stays the best, and patience outlasts the 3 epochs
-    stopper = api.EarlyStopping(monitor="lr", patience=10, mode="max", restore_best_weights=True)
-    history = model.fit(x, y, epochs=3, callbacks=[Snapshot(), stopper], verbose=0, seed=0)
-    assert history.epoch == [0, 1, 2] and stopper.stopped_epoch is None and stopper.best_epoch == 0
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, snapshots[0][key]), key
-    assert not torch.equal(snapshots[0]["0.weight"], snapshots[2]["0.weight"])
+        assert torch.equal(value, snapshots.states[0][key]), key
+    assert not torch.equal(snapshots.states[0]["0.weight"], snapshots.states[-1]["0.weight"])
 
 
 def test_monitoring_an_unlogged_key_is_an_error_before_training(digits):
