@@ -427,7 +427,7 @@ def test_old_factored_state_loads_into_exact_mode_with_fresh_inverses():
 
 
 def _forward_hooks(model: nn.Module) -> int:
-    return sum(len(module._forward_hooks) for module in model.modules())
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -828,3 +828,89 @@ def test_a_torch_func_transform_running_the_model_before_the_step_is_not_recorde
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+class _LossModel(nn.Module):
+    """A model that returns its loss (a 0-d output), as many training wrappers do."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(x), y)
+
+
+def _three_layer_net() -> list[nn.Module]:
+    torch.manual_seed(1)
+    return [nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)]
+
+
+@pytest.mark.parametrize("optimizer_class", [DiagonalNewton, KFAC])
+def test_curvature_is_the_same_when_the_model_returns_its_loss_or_has_no_forward(optimizer_class):
+    # The batch size scales the empirical Fisher; it was read off the model's output alone, so a model returning
+    # its 0-d loss, or an nn.ModuleList whose layers the loop calls, got curvature 32 times too small.
+    x, y = torch.randn(32, 10, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3
+    curvatures = {}
+    for form in ("sequential", "module list", "returns its loss"):
+        layers = _three_layer_net()
+        model = {"sequential": lambda: nn.Sequential(*layers), "module list": lambda: nn.ModuleList(layers),
+                 "returns its loss": lambda: _LossModel(nn.Sequential(*layers))}[form]()
+        optimizer = optimizer_class(model, lr=0.1, **({"adapt_damping": False} if optimizer_class is KFAC else {}))
+        optimizer.zero_grad()
+        if form == "module list":
+            h = x
+            for layer in model:
+                h = layer(h)
+            loss = F.cross_entropy(h, y)
+        else:
+            loss = model(x, y) if form == "returns its loss" else F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        first = layers[0].weight
+        curvatures[form] = optimizer.state[first]["curvature" if optimizer_class is DiagonalNewton else "G"].clone()
+    torch.testing.assert_close(curvatures["module list"], curvatures["sequential"])
+    torch.testing.assert_close(curvatures["returns its loss"], curvatures["sequential"])
+
+
+@pytest.mark.parametrize("container, likelihood", [("sequential", "empirical"), ("sequential", "categorical"),
+                                                   ("module list", "empirical")])  # sampling needs the root's output
+def test_kfac_damping_compares_losses_with_the_forward_passs_dropout_masks(likelihood, container):
+    # rho = (loss after - loss before) / (change predicted from the gradient); with a fresh dropout mask in each
+    # closure call, and the gradient from yet another, rho was noise and the damping climbed to its maximum on
+    # any model with dropout. The closure's calls now draw what the forward pass drew.
+    masks = []
+
+    class Dropout(nn.Module):  # nn.Dropout's draws, kept
+        def forward(self, x):
+            masks.append(torch.rand(x.shape) >= 0.5)
+            return x * masks[-1] * 2
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(10, 32), nn.ReLU(), Dropout(), nn.Linear(32, 3)]
+    model = nn.Sequential(*layers) if container == "sequential" else nn.ModuleList(layers)
+    x, y = torch.randn(64, 10), torch.arange(64) % 3
+    optimizer = KFAC(model, lr=0.1, damping_every=1, likelihood=likelihood)
+
+    def closure():
+        if container == "sequential":
+            return F.cross_entropy(model(x), y)
+        h = x
+        for layer in layers:
+            h = layer(h)
+        return F.cross_entropy(h, y)
+
+    for _ in range(2):
+        optimizer.zero_grad()
+        masks.clear()
+        start = torch.get_rng_state()
+        closure().backward()
+        after_forward = torch.get_rng_state()
+        optimizer.step(closure)
+        assert len(masks) == 3
+        if container == "sequential":  # the root's pass is seen: every call draws the forward pass's masks
+            assert all(torch.equal(mask, masks[0]) for mask in masks)
+        else:  # no root pass (an nn.ModuleList): the step's calls draw alike, from where the forward left off
+            assert torch.equal(masks[1], masks[2]) and not torch.equal(masks[0], masks[1])
+        assert torch.equal(torch.get_rng_state(), after_forward)  # the step itself leaves the generator alone
+        assert not torch.equal(start, after_forward)

@@ -7,6 +7,7 @@ gradients are outer products ``g_i a_i^T``) and ``nn.LayerNorm`` (``g_i * x_hat_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -69,6 +70,24 @@ def _first_tensor(values: object, min_dim: int = 0) -> torch.Tensor | None:
     return next((x for x in items if isinstance(x, torch.Tensor) and x.dim() >= min_dim), None)
 
 
+class RandomDraws:
+    """The states of torch's default generators (the CPU's, and each CUDA device's once CUDA is initialised),
+    so that later code can draw again what was drawn from them: the same dropout masks, say."""
+
+    def __init__(self) -> None:
+        self._cpu = torch.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replayed(self):
+        """Run the block from these states; afterwards the generators are where they were before it."""
+        with torch.random.fork_rng(devices=range(len(self._cuda)) if self._cuda is not None else []):
+            torch.set_rng_state(self._cpu)
+            if self._cuda is not None:
+                torch.cuda.set_rng_state_all(self._cuda)
+            yield
+
+
 @dataclass
 class LayerRecord:
     """One forward call of a watched module: its inputs and (after backward) the output gradient."""
@@ -97,10 +116,16 @@ class ActivationCapture:
 
     A pass counts its output's leading positions (B for a ``(B, C)`` output, B·T for ``(B, T, C)``, the
     convention of the categorical sampled likelihood, ``_sampling``); one whose output is no tensor (a tuple,
-    a dict) counts the leading dimension of its first tensor argument. A pass in which every watched layer
+    a dict) counts the leading dimension of its first tensor argument. A pass whose output holds no rows (a
+    model that returns its loss, a 0-d tensor) counts those of the last watched layer's output in it, as do
+    the passes of a model whose own forward is never called (an ``nn.ModuleList`` whose layers the training
+    loop calls). A pass in which every watched layer
     whose unbatched form torch defines saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or
     (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector inside a batched model,
     such as a learned query, does not make its pass unbatched).
+
+    With ``keep_random_state``, each root pass with gradients keeps the random generators' states it started
+    from (``random_state``, a ``RandomDraws``): the last pass's, until ``clear()``.
 
     Call ``clear()`` after using the records and ``remove()`` to detach the hooks. The hooks hold the capture
     only weakly: once nothing else refers to it (its optimizer was dropped), they are removed. At most
@@ -116,9 +141,12 @@ class ActivationCapture:
     enabled: bool = False
     records: dict[nn.Module, list[LayerRecord]] = field(default_factory=dict)
     root_output: torch.Tensor | None = None
+    keep_random_state: bool = False
+    random_state: RandomDraws | None = None
     _group: int = 0
     _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
     _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
+    _layer_rows: dict[int, int] = field(default_factory=dict)  # ... of the last watched layer's output in it
     _reached_rows: dict[int, int] = field(default_factory=dict)  # ... of its last pass the backward reached
     _groups_with_gradients: set[int] = field(default_factory=set)
     _pass_saw_batched: bool = False
@@ -132,14 +160,19 @@ class ActivationCapture:
             self._handles.append(module.register_forward_hook(_CaptureHook(self, root=False), with_kwargs=True))
         if self.root is not None:
             self._handles.append(self.root.register_forward_hook(_CaptureHook(self, root=True), with_kwargs=True))
+            self._handles.append(self.root.register_forward_pre_hook(_PassStartHook(self)))
         weakref.finalize(self, _remove_handles, self._handles)
 
     @property
     def output_rows(self) -> int | None:
         """The output rows of the groups whose records received gradients, summed (see the class docstring)."""
-        counted = [self._reached_rows.get(group, rows) for group, rows in self._group_rows.items()
-                   if group in self._groups_with_gradients]
-        return sum(counted) if counted else self._group_rows.get(self._group)
+        counted = [rows for group in self._groups_with_gradients if (rows := self._rows_of(group)) is not None]
+        return sum(counted) if counted else self._rows_of(self._group)
+
+    def _rows_of(self, group: int) -> int | None:
+        if group in self._reached_rows:
+            return self._reached_rows[group]
+        return self._group_rows.get(group, self._layer_rows.get(group))
 
     def _start_pass(self) -> None:
         """A forward call after a backward pass: the first of a new group. (Not a call made by the backward
@@ -151,6 +184,7 @@ class ActivationCapture:
                 oldest = min(self._group_rows)
                 del self._group_rows[oldest]
                 self._reached_rows.pop(oldest, None)
+                self._layer_rows.pop(oldest, None)
                 self._groups_with_gradients.discard(oldest)
 
     def _gradient_reached(self, group: int) -> None:
@@ -176,6 +210,8 @@ class ActivationCapture:
         if unbatched is not None:
             self._pass_saw_unbatched |= unbatched
             self._pass_saw_batched |= not unbatched
+        if isinstance(output, torch.Tensor):
+            self._layer_rows[self._group] = 1 if unbatched else _output_rows(output)
         if not (self.enabled and isinstance(output, torch.Tensor)):
             return
         if not output.requires_grad:
@@ -213,6 +249,8 @@ class ActivationCapture:
         self._start_pass()  # a model without watched layers starts its groups here
         if self._pass_saw_unbatched and not self._pass_saw_batched:
             rows = 1
+        elif isinstance(output, torch.Tensor) and output.dim() == 0:  # the model returns its loss
+            rows = self._layer_rows.get(self._group, 1)
         elif isinstance(output, torch.Tensor):
             rows = _output_rows(output)
         elif (inner := _first_tensor(output, min_dim=2)) is not None:  # a tuple or dict: logits (B, T, V) first
@@ -230,6 +268,10 @@ class ActivationCapture:
         if self.enabled and isinstance(output, torch.Tensor):
             self.root_output = output
 
+    def _on_root_pass_start(self) -> None:
+        if self.keep_random_state and torch.is_grad_enabled() and not _in_functorch_transform():
+            self.random_state = RandomDraws()
+
     def complete_records(self, module: nn.Module) -> list[LayerRecord]:
         """Records of ``module`` whose backward has run."""
         return [r for r in self.records.get(module, []) if r.grad_output is not None]
@@ -237,8 +279,10 @@ class ActivationCapture:
     def clear(self) -> None:
         self.records = {}
         self.root_output = None
+        self.random_state = None
         self._group, self._backward_since_forward = 0, False
         self._group_rows, self._reached_rows, self._groups_with_gradients = {}, {}, set()
+        self._layer_rows = {}
         self._pass_saw_batched = self._pass_saw_unbatched = False
 
     def remove(self) -> None:
@@ -273,6 +317,25 @@ class _CaptureHook:
 
     def __deepcopy__(self, memo: dict) -> "_CaptureHook":
         return _CaptureHook(None, self._root)
+
+
+class _PassStartHook:
+    """A forward pre-hook on the root model that tells its capture a pass starts, while the capture lives;
+    inert in a copy or a pickle of the model (see ``_CaptureHook``)."""
+
+    def __init__(self, capture: "ActivationCapture | None") -> None:
+        self._capture = None if capture is None else weakref.ref(capture)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        capture = None if self._capture is None else self._capture()
+        if capture is not None:
+            capture._on_root_pass_start()
+
+    def __reduce__(self):
+        return _PassStartHook, (None,)
+
+    def __deepcopy__(self, memo: dict) -> "_PassStartHook":
+        return _PassStartHook(None)
 
 
 def warn_no_records(optimizer: str, step: int) -> None:

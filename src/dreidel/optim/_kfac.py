@@ -8,6 +8,7 @@ arXiv:1708.05144). The per-layer algebra is in ``_kfac_blocks``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Callable
@@ -18,7 +19,7 @@ from torch import nn
 from dreidel._checks import check_count, check_number
 from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_torch_options,
                                  named_model_parameters)
-from dreidel.optim._capture import ActivationCapture, warn_no_records
+from dreidel.optim._capture import ActivationCapture, RandomDraws, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
 
@@ -49,6 +50,11 @@ class KFAC(CurvatureOptimizer):
        the model predicts no decrease for (an lr past the model's minimum, or momentum) counts as rho < 1/4
        when the loss rose, and leaves the damping alone when it fell. A step the KL clip shortened never
        lowers the damping (rho < 1/4 still raises it): the clip, not the damping, set its length.
+       The closure's calls in the step (the loss before it and after it, a sampled backward) draw from
+       torch's random generators what the model's last forward pass with gradients drew (its dropout
+       masks), so that they evaluate the function whose gradient is being followed; where the model's own
+       forward is not called (an ``nn.ModuleList``), they draw alike from the generators' states at the
+       step. Either way the step leaves the generators where it found them.
 
     A non-finite value in a gradient skips the step; a non-finite loss after the step reverts it, resets
     the base optimizer's state (its momentum carried the step, and would replay it) and multiplies the
@@ -275,6 +281,7 @@ class KFAC(CurvatureOptimizer):
     def _arm_capture(self) -> None:
         refresh = self._is_factor_step(self.progress["step"])
         self.capture.enabled = refresh and self.likelihood == "empirical"
+        self.capture.keep_random_state = self._is_adapt_step(self.progress["step"])
 
     def _block_state(self, block: Block) -> dict:
         return self.state[block.params[0]]
@@ -332,11 +339,11 @@ class KFAC(CurvatureOptimizer):
                                       self.hyper["factor_rank"], self.generator)
 
     # -- the step ---------------------------------------------------------------------------------
-    def _sampled_backward(self, closure: Closure, params: list) -> torch.Tensor:
+    def _sampled_backward(self, closure: Closure, params: list, draws: RandomDraws | None) -> torch.Tensor:
         self.capture.clear()
         self.capture.enabled = True
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), draws.replayed() if draws is not None else contextlib.nullcontext():
                 loss = closure()
                 output = self.capture.root_output
                 if output is None:
@@ -348,12 +355,13 @@ class KFAC(CurvatureOptimizer):
             self.capture.enabled = False
         return loss.detach()
 
-    def _update_factors(self, closure: Closure | None, params: list) -> torch.Tensor | None:
+    def _update_factors(self, closure: Closure | None, params: list,
+                        draws: RandomDraws | None) -> torch.Tensor | None:
         loss0 = None
         if self.likelihood == "empirical":
             grad_scale = float(self.capture.output_rows or 1)
         else:
-            loss0 = self._sampled_backward(closure, params)
+            loss0 = self._sampled_backward(closure, params, draws)
             grad_scale = 1.0
         if self.likelihood == "empirical" and self.blocks and not any(
                 self.capture.complete_records(block.module) for block in self.blocks):
@@ -413,8 +421,13 @@ class KFAC(CurvatureOptimizer):
             self.capture.clear()
             return
         loss0 = None
+        adapt = self._is_adapt_step(step)
+        # The closure's calls of this step draw what the model's last forward pass drew (its dropout masks), or
+        # what the first of them would have: the damping's reduction ratio (Martens & Grosse 2015, Sec. 6.5)
+        # compares one function before and after the step, and predicts its change from that pass's gradient.
+        draws = (self.capture.random_state or RandomDraws()) if adapt else None
         if params and self._is_factor_step(step):
-            loss0 = self._update_factors(closure, params)
+            loss0 = self._update_factors(closure, params, draws)
         self.capture.clear()
         if self._is_inverse_step(step) or self.progress["refresh_inverses"]:
             self.progress["refresh_inverses"] = False
@@ -436,23 +449,24 @@ class KFAC(CurvatureOptimizer):
                 scale = math.sqrt(kl_clip / predicted)
                 precond = {p: u * scale for p, u in precond.items()}
                 clipped = True
-        adapt = self._is_adapt_step(step)
         raw_grads = {p: p.grad.clone() for p in params} if adapt else {}
         for p, u in precond.items():
             p.grad.copy_(u)
         if adapt:
             if loss0 is None:
-                loss0 = closure().detach()
+                with draws.replayed():
+                    loss0 = closure().detach()
             old = {p: p.detach().clone() for p in params}
         self.base.step()
         if adapt:
-            self._adapt_damping(closure, loss0, old, raw_grads, clipped)
+            self._adapt_damping(closure, loss0, old, raw_grads, clipped, draws)
         self.progress["step"] = step + 1
         self._arm_capture()
 
     def _adapt_damping(self, closure: Closure, loss0: torch.Tensor, old: dict, raw_grads: dict,
-                       clipped: bool) -> None:
-        loss1 = closure().detach()
+                       clipped: bool, draws: RandomDraws) -> None:
+        with draws.replayed():
+            loss1 = closure().detach()
         if not torch.isfinite(loss1):
             for p, value in old.items():
                 p.copy_(value)
@@ -496,3 +510,4 @@ class KFAC(CurvatureOptimizer):
             self._set_damping(self.damping * omega)
         elif rho < 0.25:
             self._set_damping(self.damping / omega)
+
