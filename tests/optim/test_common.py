@@ -914,3 +914,57 @@ def test_kfac_damping_compares_losses_with_the_forward_passs_dropout_masks(likel
             assert torch.equal(masks[1], masks[2]) and not torch.equal(masks[0], masks[1])
         assert torch.equal(torch.get_rng_state(), after_forward)  # the step itself leaves the generator alone
         assert not torch.equal(start, after_forward)
+
+
+@pytest.mark.parametrize("optimizer_class", [DiagonalNewton, KFAC])
+def test_an_unbatched_input_to_a_spectral_layer_is_a_batch_of_one(optimizer_class):
+    from dreidel.layers import LinearWHT
+
+    states = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(LinearWHT(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        optimizer = optimizer_class(model, lr=0.1, **({"adapt_damping": False} if optimizer_class is KFAC else {}))
+        x, y = torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.tensor(1)
+        optimizer.zero_grad()
+        if batched:
+            F.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0)).backward()
+        else:
+            F.cross_entropy(model(x), y).backward()  # refused with "needs a batch dimension" before
+        optimizer.step()
+        states.append((copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()["state"])))
+    for (name, ours), theirs in zip(states[0][0].items(), states[1][0].values()):
+        torch.testing.assert_close(ours, theirs, msg=name)
+    for key, ours in states[0][1].items():
+        for field, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, states[1][1][key][field], msg=f"{key}.{field}")
+
+
+@pytest.mark.parametrize("optimizer_class", [DiagonalNewton, KFAC])
+def test_parametrized_layers_are_left_to_the_fallback(optimizer_class):
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from dreidel.layers import LinearWHT
+
+    class Doubled(nn.Module):
+        def forward(self, scale):
+            return 2 * scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearWHT(8, 8), nn.Tanh(), weight_norm(nn.Linear(8, 6)), nn.Tanh(), nn.Linear(6, 3))
+    parametrize.register_parametrization(model[0], "out_scale", Doubled())  # crashed both optimizers' steps
+    options = {"adapt_damping": False, "momentum": 0.0} if optimizer_class is KFAC else {}
+    optimizer = optimizer_class(model, lr=0.1, **options)
+    x, y = torch.randn(16, 8), torch.arange(16) % 3
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    norm_weights = [p.detach().clone() for p in model[2].parametrizations.weight.parameters()]
+    grads = [p.grad.clone() for p in model[2].parametrizations.weight.parameters()]
+    optimizer.step()
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    if optimizer_class is KFAC:  # no block (weight norm's had factors but preconditioned nothing): plain SGD
+        assert [block.name for block in optimizer.blocks] == ["4"]
+        for before, grad, after in zip(norm_weights, grads, model[2].parametrizations.weight.parameters()):
+            torch.testing.assert_close(after, before - 0.1 * grad)

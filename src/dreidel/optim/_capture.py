@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dreidel.layers._curvature import PerSampleGradients
 
@@ -37,7 +38,7 @@ def working_precision(t: torch.Tensor) -> torch.Tensor:
 def _is_unbatched(module: nn.Module, x: torch.Tensor) -> bool | None:
     """Whether ``x`` is one sample without a batch dimension for ``module`` (torch's unbatched forms); None
     for a module whose unbatched form is not known."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, PerSampleGradients)):  # features last: (*, in_features)
         return x.dim() == 1
     if isinstance(module, nn.LayerNorm):
         return x.dim() == len(module.normalized_shape)
@@ -352,7 +353,9 @@ def _remove_handles(handles: list) -> None:
 
 
 def _is_per_sample_module(module: nn.Module) -> bool:
-    return isinstance(module, (PerSampleGradients, nn.Linear, nn.LayerNorm))
+    # A parametrised weight (torch.nn.utils.parametrize: weight norm, orthogonal, ...) is a function of the
+    # parameters, not one of them: its per-sample gradients are not theirs.
+    return isinstance(module, (PerSampleGradients, nn.Linear, nn.LayerNorm)) and not parametrize.is_parametrized(module)
 
 
 def per_sample_modules(model: nn.Module) -> list[nn.Module]:
@@ -380,7 +383,10 @@ def _as_samples(t: torch.Tensor) -> torch.Tensor:
 def per_sample_grads(module: nn.Module, record: LayerRecord) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients ``(B, *p.shape)`` of ``module``'s parameters for one recorded call."""
     if isinstance(module, PerSampleGradients):
-        return module.per_sample_grads(record.inputs, record.grad_output)
+        inputs, grad_output = record.inputs, record.grad_output
+        if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() == 1:  # unbatched (in,): a batch of one
+            inputs, grad_output = (inputs[0].unsqueeze(0), *inputs[1:]), grad_output.unsqueeze(0)
+        return module.per_sample_grads(inputs, grad_output)
     x, g = record.inputs[0], record.grad_output
     out: dict[nn.Parameter, torch.Tensor] = {}
     if isinstance(module, nn.Linear):

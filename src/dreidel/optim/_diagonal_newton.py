@@ -86,7 +86,10 @@ class DiagonalNewton(CurvatureOptimizer):
               of the Gauss-Newton (= Fisher) diagonal (one sampled label per example and refresh).
               A module applied several times per forward, or a weight shared by several such
               modules, has its per-sample gradients summed over the calls before squaring; a weight
-              shared with a module without per-sample gradients (a tied embedding) gets ``B * g^2``.
+              shared with a module without per-sample gradients (a tied embedding) gets ``B * g^2``, as
+              does a layer with a parametrised weight (``torch.nn.utils.parametrize``). Inputs are
+              batch-first, ``(B, ..., features)`` (a sequence-first ``(T, B, C)`` layout takes each time
+              step for a sample); an unbatched 1-D input is a batch of one.
             - ``"gnb"``: Gauss-Newton-Bartlett (Sophia-G) for every parameter: ``g_hat^2``.
             - ``"hutchinson"``: ``z * (H z)`` with a Rademacher ``z`` (AdaHessian, Yao et al. 2020,
               arXiv:2006.00719; Sophia-H); the true Hessian, which may be negative (hence ``eps``).

@@ -69,8 +69,11 @@ class KFAC(CurvatureOptimizer):
             LayerNorm and ``PerSampleGradients`` layers (exact diagonal Fisher) are preconditioned.
             Other parameters, those shared by two modules (a tied embedding and output head), sparse
             Embeddings and the projections inside ``nn.MultiheadAttention`` (it uses their weights
-            without calling them) are left to the base optimizer (listed once at INFO level).
-            Unbatched inputs (a 1-D Linear input, (C, L) / (C, H, W) convolution inputs) are a batch of one.
+            without calling them) and layers with a parametrised weight (``torch.nn.utils.parametrize``:
+            weight norm, orthogonal) are left to the base optimizer (listed once at INFO level).
+            Inputs are batch-first, ``(B, ..., features)``: a sequence-first ``(T, B, C)`` layout (torch's
+            default for ``nn.Transformer*``) takes each time step for a sample. Unbatched inputs (a 1-D
+            Linear or spectral-layer input, (C, L) / (C, H, W) convolution inputs) are a batch of one.
             A layer whose parameters the base optimizer does not all update (a ``base`` factory given only
             some of them) is not preconditioned. A parameter frozen after construction (no gradient) is
             left out of its layer's update, which takes its gradient as 0.

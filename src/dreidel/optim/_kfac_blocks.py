@@ -41,6 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dreidel.layers._curvature import PerSampleGradients
 from dreidel.optim._base import tensor_shape_problem
@@ -432,6 +433,12 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
         if id(module) in visited:
             return
         visited.add(id(module))
+        if parametrize.is_parametrized(module):
+            # its weight is computed from the parameters (weight norm, orthogonal, ...): a factor of the weight's
+            # gradient preconditions no parameter
+            if any(p.requires_grad for p in module.parameters()):
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__}, parametrized)")
+            return
         block = block_for(module, name or type(module).__name__)
         if block is not None:
             blocks.append(block)
