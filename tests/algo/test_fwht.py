@@ -495,6 +495,38 @@ def test_torch_compile(generator):
     torch.testing.assert_close(x.grad, expected_grad)
 
 
+def test_torch_compile_of_torch_func_transforms(generator):
+    """Under compile and vmap/grad the transform runs the reference's ops; for m > 1 their H_m factor was built on
+    first use behind a mode guard, a graph break that sent the kernel's frames to Dynamo, which failed on the next
+    batch size (symbolic sizes)."""
+    n = 24  # m = 12
+    batched = torch.compile(torch.func.vmap(dr.fwht))
+    whole = torch.compile(torch.func.vmap(dr.fwht), fullgraph=True)
+    for rows in (5, 7):
+        x = torch.randn(rows, n, generator=generator)
+        torch.testing.assert_close(batched(x), dr.fwht_reference(x))
+        torch.testing.assert_close(whole(x), dr.fwht_reference(x))
+    gradient = torch.compile(torch.func.grad(lambda t: dr.fwht(t).pow(3).sum()))
+    for length in (n, 2 * n):
+        x = torch.randn(length, generator=generator)
+        torch.testing.assert_close(gradient(x), 3 * dr.fwht_reference(dr.fwht_reference(x) ** 2))
+
+
+def test_the_hadamard_factors_do_not_take_the_state_of_their_first_caller():
+    """Built on first use, the m x m factor became an inference tensor when that use was under inference mode, and
+    fwht_reference could no longer be differentiated in that process (run in a child: a fresh process)."""
+    import subprocess
+
+    program = ("import torch, dreidel as dr\n"
+               "with torch.inference_mode():\n"
+               "    dr.fwht(torch.randn(2, 384))\n"
+               "x = torch.randn(2, 384, requires_grad=True)\n"
+               "dr.fwht_reference(x).sum().backward()\n"
+               "assert torch.allclose(x.grad, dr.fwht(torch.ones(2, 384)))\n")
+    child = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+
+
 def test_nan_and_inf_propagate_like_the_dense_product():
     x = torch.zeros(4, 16, dtype=torch.float64)
     x[0, 3] = float("nan")
@@ -961,3 +993,11 @@ def test_in_place_on_a_tensor_saved_for_backward_is_refused():
     dr.fwht(x, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_length_errors_name_the_function_and_a_remedy_that_applies():
+    with pytest.raises(ValueError, match=r"^fwht_reference: dimension -1 has length 5,.*pad_to_hadamard"):
+        dr.fwht_reference(torch.zeros(2, 5))
+    too_long = torch.zeros(1).expand(28 * 2**30 + 1)  # no supported length above it: padding cannot help
+    with pytest.raises(ValueError, match=r"^fwht: .*Nearest supported lengths: 30064771072\. It is longer than"):
+        dr.fwht(too_long)

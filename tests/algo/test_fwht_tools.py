@@ -10,7 +10,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dreidel as dr
-from dreidel.algo import _hadamard
 
 
 class RecordOps(TorchDispatchMode):
@@ -26,9 +25,6 @@ class RecordOps(TorchDispatchMode):
 @pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
 @pytest.mark.parametrize(("shape", "dim", "inplace"), [((2, 8), -1, False), ((8, 3), 0, False), ((3, 384), -1, True)])
 def test_make_fx_records_the_op_and_its_graph_computes_the_transform(tracing_mode, shape, dim, inplace, generator):
-    _hadamard._small_hadamard_f64.cache_clear()  # first built under the tracer: it must not be traced
-    _hadamard.small_hadamard.cache_clear()
-
     def f(t):
         return dr.fwht(t.clone(), dim=dim, inplace=True) if inplace else dr.fwht(t, dim=dim)
 

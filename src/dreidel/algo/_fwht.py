@@ -131,8 +131,9 @@ def _refuse_flags(**flags: object) -> None:
             raise TypeError(f"{name} must be a bool, got {kind_name} {value!r:.40}")
 
 
-def _check_input(x: torch.Tensor, dim: int) -> int:
-    """Validate ``x`` and ``dim``; return the length of the transformed dimension."""
+def _check_input(x: torch.Tensor, dim: int, op: str = "fwht") -> int:
+    """Validate ``x`` and ``dim`` (messages about the length name ``op``); return the length of the transformed
+    dimension."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _NATIVE_DTYPES and x.dtype not in _LOW_PRECISION:
@@ -152,10 +153,11 @@ def _check_input(x: torch.Tensor, dim: int) -> int:
     if n != 0 and hadamard_factor(n) is None:
         below, above = nearest_hadamard_lengths(n)
         nearest = ", ".join(str(v) for v in (below, above) if v is not None)
+        remedy = (f"Use dreidel.pad_to_hadamard(x, dim={dim}) to zero-pad." if above is not None
+                  else "It is longer than the longest supported length; split it.")
         raise ValueError(
-            f"fwht: dimension {dim} has length {n}, which is not a supported Hadamard length "
-            f"(m * 2^k with m in {HADAMARD_FACTORS}, 2^k <= 2^30). Nearest supported lengths: {nearest}. "
-            f"Use dreidel.pad_to_hadamard(x, dim={dim}) to zero-pad."
+            f"{op}: dimension {dim} has length {n}, which is not a supported Hadamard length "
+            f"(m * 2^k with m in {HADAMARD_FACTORS}, 2^k <= 2^30). Nearest supported lengths: {nearest}. {remedy}"
         )
     return n
 
@@ -203,7 +205,7 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
     if type(normalized) is not bool:
         _refuse_flags(normalized=normalized)
     dim = _as_dim(dim)
-    n = _check_input(x, dim)
+    n = _check_input(x, dim, "fwht_reference")
     if x.numel() == 0 or n == 0:
         return x.clone()
     if x.dim() == 0:
@@ -592,8 +594,12 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
     batches of rows). The kernel orders its stages differently from ``fwht_reference``, so the two round
     differently: on a single row of 16 to 64 float32 values, the largest error came out above twice the
     reference's for 0.5-4 % of random inputs, and the reference's above twice the kernel's about as often
-    (AVX2, 200 seeds each); on a row of 256 values, for none; on batches, rarely (a review found 1 float32
-    batch of 64 rows of 128 in 400 seeds at 2.19x the reference's error, on AVX-512). Normalized, the sums are
+    (AVX2, 200 seeds each); on a row of 256 values, for none; on batches of zero-mean values, rarely (a review
+    found 1 float32 batch of 64 rows of 128 in 400 seeds at 2.19x the reference's error, on AVX-512). On values
+    with a non-zero mean the largest error is that of the one sum the mean dominates, a single rounding in each
+    order, so the rule holds only on average: uniform [0, 1) or 1000 + N(0, 1) float32 values broke it in
+    5-12 % of calls on one or two rows of 4096 to 28672 values, up to 3.9x, and the reference's error was above
+    twice the kernel's about as often (a review on Zen 3, 150-200 seeds per length). Normalized, the sums are
     scaled after the last stage, as ``fwht_reference`` does: subnormal inputs lose no bits (their sums are
     exact), and a row whose unscaled sums pass the largest float (``|x|`` above about ``finfo.max / n``)
     overflows, as in the reference.

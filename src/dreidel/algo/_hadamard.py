@@ -120,15 +120,6 @@ def _paley_two(q: int) -> torch.Tensor:
     return torch.kron(c, off_diagonal) + torch.kron(torch.eye(q + 1, dtype=torch.float64), diagonal)
 
 
-@functools.lru_cache(maxsize=None)
-def _small_hadamard_f64(m: int) -> torch.Tensor:
-    # A cached constant: built with real CPU tensors even when first asked for under a TorchDispatchMode
-    # (make_fx, FakeTensorMode), which would otherwise trace it, or refuse its data-dependent check, and under a
-    # default device (torch.device("meta") or set_default_device), which would build it there.
-    with _disable_current_modes(), torch.device("cpu"):
-        return _build_small_hadamard_f64(m)
-
-
 def _build_small_hadamard_f64(m: int) -> torch.Tensor:
     if m == 1:
         h = torch.ones(1, 1, dtype=torch.float64)
@@ -141,11 +132,31 @@ def _build_small_hadamard_f64(m: int) -> torch.Tensor:
     return h
 
 
-@functools.lru_cache(maxsize=None)
+def _build_factors() -> dict[tuple[int, torch.dtype], torch.Tensor]:
+    # Constants, built once at import as real CPU tensors of no inference mode: built on first use instead, they
+    # took the state of the first caller (a TorchDispatchMode would trace them, or refuse their data-dependent
+    # check; a default device would put them on the meta device; inference mode would make them inference
+    # tensors, which no later autograd graph may save), and torch.compile would trace into that guarded build.
+    with _disable_current_modes(), torch.device("cpu"), torch.inference_mode(False):
+        factors = {}
+        for m in HADAMARD_FACTORS:
+            h = _build_small_hadamard_f64(m)
+            for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+                factors[m, dtype] = h.to(dtype).contiguous()
+        return factors
+
+
+_FACTORS = _build_factors()
+
+
 def small_hadamard(m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The symmetric ``m x m`` factor ``H_m`` (entries ±1, ``H_m² = m I``) as a contiguous CPU tensor."""
-    with _disable_current_modes(), torch.device("cpu"):  # a cached constant, as _small_hadamard_f64
-        return _small_hadamard_f64(m).to(dtype).contiguous()
+    """The symmetric ``m x m`` factor ``H_m`` (entries ±1, ``H_m² = m I``) as a contiguous CPU tensor of a
+    floating ``dtype``: a shared constant, not to be written to."""
+    if m not in HADAMARD_FACTORS:
+        raise ValueError(f"m must be one of {HADAMARD_FACTORS}, got {m}")
+    if (m, dtype) not in _FACTORS:
+        raise ValueError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
+    return _FACTORS[m, dtype]
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,4 +187,4 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
         for _ in range(int(math.log2(chunk))):
             h = torch.kron(sylvester, h)
-        return torch.kron(_small_hadamard_f64(m), h).to(device=device, dtype=dtype)
+        return torch.kron(small_hadamard(m), h).to(device=device, dtype=dtype)
