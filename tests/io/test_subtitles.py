@@ -63,6 +63,14 @@ def test_milliseconds_round_and_carry_into_seconds_minutes_and_hours():
     assert format_srt([Cue(1.0014, 100 * 3600.0, "x")]).splitlines()[1] == "00:00:01,001 --> 100:00:00,000"
 
 
+def test_a_cue_that_would_last_no_time_lasts_a_millisecond():
+    # a segment heard past the end of the audio, clamped to it, starts where it ends: WebVTT refuses such a cue
+    cues = [Cue(0.0, 2.28, "a"), Cue(2.28, 2.28, "b"), Cue(3.0, 3.0004, "c")]
+    assert [line for line in format_vtt(cues).splitlines() if "-->" in line] == [
+        "00:00:00.000 --> 00:00:02.280", "00:00:02.280 --> 00:00:02.281", "00:00:03.000 --> 00:00:03.001"]
+    assert format_srt(cues).splitlines()[5] == "00:00:02,280 --> 00:00:02,281"
+
+
 @pytest.mark.parametrize("start, end, message", [(-0.5, 1.0, "finite seconds >= 0"), (0.0, float("nan"), "finite"),
                                                  (2.0, 1.0, "ends before it starts"), (0.0, float("inf"), "finite")])
 def test_bad_times_are_refused(start, end, message):

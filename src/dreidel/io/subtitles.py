@@ -5,7 +5,8 @@ A segment is anything with ``start`` and ``end`` (seconds) and ``text``, such as
 ``WEBVTT`` line and writes ``HH:MM:SS.mmm`` (W3C WebVTT, section 4). Cue text keeps no blank line (one would end
 the cue); in WebVTT its ``&``, ``<`` and ``>`` are written as ``&amp;``, ``&lt;`` and ``&gt;`` (markup otherwise),
 so it holds no "-->" either. Times are real numbers of seconds (Python or numpy), finite, >= 0, no segment ending
-before it starts and no segment starting before the one before it.
+before it starts and no segment starting before the one before it; a cue that would last no time once its times
+are rounded to the millisecond (a segment heard past the end of the audio, clamped to it) lasts 1 ms.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def _seconds(value, what: str) -> float:
     return seconds
 
 
-def _clock(seconds: float, separator: str) -> str:
-    milliseconds = round(seconds * 1000)
+def _clock(milliseconds: int, separator: str) -> str:
     hours, rest = divmod(milliseconds, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}{separator}{rest % 1000:03d}"
@@ -60,7 +60,11 @@ def _cues(segments: Iterable[TimedText], separator: str) -> list[tuple[str, str]
         previous_start = start
         text = "\n".join(line for line in str(segment.text).strip().splitlines() if line.strip())
         if text:
-            cues.append((f"{_clock(start, separator)} --> {_clock(end, separator)}", text))
+            # a cue ends after it starts (WebVTT requires it; a player may skip an empty SubRip cue): one that
+            # would not, once rounded to the millisecond, lasts one
+            start_ms = round(start * 1000)
+            end_ms = max(round(end * 1000), start_ms + 1)
+            cues.append((f"{_clock(start_ms, separator)} --> {_clock(end_ms, separator)}", text))
     return cues
 
 

@@ -11,7 +11,7 @@ from _whisper_helpers import faint, speech_clips
 
 from dreidel.models.whisper import DecodingOptions, Segment, transcribe
 from dreidel.models.whisper.decoding import ScoredWindow, _apply_timestamp_rules, _beam_search, _greedy
-from dreidel.models.whisper.transcribe import _timed_segments
+from dreidel.models.whisper.transcribe import _Progress, _timed_segments
 
 # A small vocabulary for the rules: text 0..19, <|endoftext|> 20, <|notimestamps|> 25, timestamps 26..39.
 EOT, BEGIN, VOCAB, MAX_INITIAL = 20, 26, 40, 3
@@ -224,3 +224,15 @@ def test_timestamps_must_be_a_bool_and_in_the_vocabulary(tiny_en):
     with pytest.raises(ValueError, match="has no timestamp tokens"):
         transcribe(no_timestamps, torch.zeros(1600))
     assert len(transcribe(no_timestamps, torch.zeros(1600), timestamps=False, max_new_tokens=2).tokens) == 1
+
+
+def test_the_text_joins_the_segments_as_decoded():
+    """openai-whisper's text is the decoded tokens joined: English segments bring their space, Japanese or Chinese
+    ones none (the segments were joined with spaces, which put one between Japanese sentences)."""
+    for decoded, text in [([" Hello.", " How are you?"], "Hello. How are you?"),
+                          (["こんにちは。", "ありがとうございます。", "  "], "こんにちは。ありがとうございます。")]:
+        progress = _Progress(torch.zeros(1), [])
+        for index, piece in enumerate(decoded):
+            progress.add_segment(float(index), index + 1.0, piece)
+        assert progress.text == text
+        assert [segment.text for segment in progress.segments] == [piece.strip() for piece in decoded if piece.strip()]

@@ -82,6 +82,9 @@ class Segment:
 class Transcription:
     """Text of one input, and its segments.
 
+    text: the segments' texts as decoded, joined as they are (as openai-whisper joins them: English segments
+    start with their space, Chinese or Japanese ones need none), stripped.
+
     tokens: the sampled ids of each window decoded, in order (prompt and <|endoftext|> excluded; with timestamps,
     the timestamp tokens too, and a window's unfinished last segment, which the next window decodes again); none
     for a window left out as holding no speech (``no_speech_threshold``) or as silence
@@ -534,7 +537,20 @@ class _Progress:
     seek: int = 0  # samples
     tokens: list[list[int]] = dataclasses.field(default_factory=list)
     segments: list[Segment] = dataclasses.field(default_factory=list)
+    texts: list[str] = dataclasses.field(default_factory=list)  # each segment's text as decoded, unstripped
     seconds_compute: float = 0.0
+
+    def add_segment(self, start: float, end: float, text: str) -> None:
+        """A segment of decoded ``text`` (kept if it holds more than white space)."""
+        if text.strip():
+            self.segments.append(Segment(start, end, text.strip()))
+            self.texts.append(text)
+
+    @property
+    def text(self) -> str:
+        """The segments' texts as decoded, joined as they are (English ones start with their space; Chinese or
+        Japanese ones take none), as openai-whisper joins them."""
+        return "".join(self.texts).strip()
 
     def next_window(self) -> torch.Tensor | None:
         """The next 30 s window, or None when less than one mel frame (10 ms) is left (see ``_windows``)."""
@@ -577,9 +593,7 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
                 else:
                     read = _WindowText([(0.0, seconds, result.tokens)], seconds, len(result.tokens))
                 for begin, end, text_tokens in read.segments:
-                    text = tokenizer.decode(text_tokens).strip()
-                    if text:
-                        p.segments.append(Segment(offset + begin, offset + end, text))
+                    p.add_segment(offset + begin, offset + end, tokenizer.decode(text_tokens))
                 p.tokens.append(result.tokens)
                 p.seek += max(1, round(read.seconds * SAMPLE_RATE))
                 p.seconds_compute += share
@@ -616,10 +630,8 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
         previous = [_previous_text(recognizer, p.context) if follows else [] for p, _, _, follows in batch]
         scored, share = _decode_batch(recognizer, [window for _, _, window, _ in batch], options, previous, rules)
         for (p, index, window, _), result in zip(batch, scored):
-            text = recognizer.tokenizer.decode(result.tokens).strip()
             offset = index * N_SAMPLES / SAMPLE_RATE
-            if text:
-                p.segments.append(Segment(offset, offset + window.numel() / SAMPLE_RATE, text))
+            p.add_segment(offset, offset + window.numel() / SAMPLE_RATE, recognizer.tokenizer.decode(result.tokens))
             p.tokens.append(result.tokens)
             p.seconds_compute += share
         logger.info("decoded 30 s windows %d-%d of %d: %.2f s so far", first + 1, first + len(batch), len(owned),
@@ -769,7 +781,7 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
         _transcribe_in_order(recognizer, progress, options, batch_size, rules, condition_on_previous_text)
     else:
         _transcribe_windows(recognizer, progress, options, batch_size, rules)
-    results = [Transcription(text=" ".join(segment.text for segment in p.segments),
+    results = [Transcription(text=p.text,
                              seconds_audio=p.waveform.numel() / SAMPLE_RATE, seconds_compute=p.seconds_compute,
                              tokens=tuple(tuple(t) for t in p.tokens), segments=tuple(p.segments))
                for p in progress]
