@@ -190,6 +190,37 @@ def test_a_truncated_wav_file_is_refused_naming_it(tmp_path, kept):
     assert str(raised.value).startswith(str(path))
 
 
+@pytest.mark.parametrize("container, suffix, kind, bytes_per_sample", [
+    ("RF64", "wav", "RF64", 2), ("W64", "w64", "Wave64", 2), ("AIFF", "aiff", "AIFF", 2)])
+def test_truncated_rf64_wave64_and_aiff_files_are_refused_like_wav(tmp_path, container, suffix, kind,
+                                                                   bytes_per_sample):
+    """Only RIFF WAV files were checked: the others loaded cut short without a word (review)."""
+    tone = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    whole_path = tmp_path / f"whole.{suffix}"
+    soundfile.write(whole_path, tone, SAMPLE_RATE, format=container, subtype="PCM_16")
+    np.testing.assert_allclose(load_audio(whole_path).numpy(), tone, atol=1e-4)  # a whole file loads
+    whole = whole_path.read_bytes()
+    for kept, message in [(len(whole) // 2, rf"truncated {kind} file: its header declares "
+                                             rf"{16000 * bytes_per_sample} bytes of audio, the file holds \d+"),
+                          (30, rf"truncated {kind} file: it ends (inside a chunk header, )?before its audio")]:
+        path = tmp_path / f"cut.{suffix}"
+        path.write_bytes(whole[:kept])
+        with pytest.raises(ValueError, match=message):
+            load_audio(path)
+
+
+def test_a_wav_file_cut_inside_a_chunk_header_is_refused(tmp_path):
+    """Cut 2 bytes short of its data chunk's 8-byte header, a WAV file loaded as empty audio (review)."""
+    whole = _wav_bytes(tmp_path, 16000)
+    data = whole.index(b"data")
+    for kept, message in [(data + 6, "it ends inside a chunk header"), (16, "it ends inside a chunk header"),
+                          (data, "it ends before its data chunk")]:
+        path = tmp_path / "cut.wav"
+        path.write_bytes(whole[:kept])
+        with pytest.raises(ValueError, match=f"truncated WAV file: {message}"):
+            load_audio(path)
+
+
 @pytest.mark.parametrize("placeholder", [0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
 def test_a_wav_file_with_a_streaming_size_placeholder_loads_whole(tmp_path, placeholder):
     """Writers that cannot seek back (pipes) leave a placeholder as the data size: complete files, not cut ones.

@@ -65,20 +65,78 @@ _STREAMING_WAV_SIZES = (0, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
 
 def _wav_data_chunk(path: Path) -> tuple[int, int, int] | None:
     """``(offset, declared, held)`` of a RIFF/WAVE file's data chunk: where its header starts, the size it
-    declares, and the bytes the file holds after that header; ``None`` for another format or no data chunk."""
+    declares, and the bytes the file holds after that header; ``None`` for another format.
+
+    Raises:
+        ValueError: the file ends inside a chunk header, or inside a chunk before its data chunk.
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         header = handle.read(12)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
             return None
         offset = 12
-        while offset + 8 <= size:
-            handle.seek(offset)
-            chunk_id, chunk_size = struct.unpack("<4sI", handle.read(8))
+        while offset < size:
+            chunk_id, chunk_size = _chunk_header(handle, offset, size, "<4sI", path, "WAV")
             if chunk_id == b"data":
                 return offset, chunk_size, size - offset - 8
             offset += 8 + chunk_size + chunk_size % 2  # chunks are padded to an even size
-    return None
+    raise ValueError(f"{path}: truncated WAV file: it ends before its data chunk")
+
+
+def _chunk_header(handle, offset: int, size: int, layout: str, path: Path, kind: str) -> tuple:
+    """The header (``struct`` ``layout``) of the chunk at ``offset`` of a file of ``size`` bytes; a
+    ``ValueError`` naming ``path`` where the file ends inside it."""
+    length = struct.calcsize(layout)
+    if offset + length > size:
+        raise ValueError(f"{path}: truncated {kind} file: it ends inside a chunk header, before its audio")
+    handle.seek(offset)
+    return struct.unpack(layout, handle.read(length))
+
+
+# Wave64 (Sony): RIFF's layout with 16-byte GUIDs for chunk ids and 64-bit sizes that count the 24-byte header.
+_W64_RIFF = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+_W64_DATA = b"data\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+
+
+def _other_declared_audio(path: Path) -> tuple[str, int, int] | None:
+    """``(format, declared, held)`` for the data of an RF64/BW64 (EBU Tech 3306), Wave64 or AIFF/AIFC file
+    (Apple, 1989): the bytes of audio its header declares and those the file holds; ``None`` for another format.
+
+    Raises:
+        ValueError: the file ends inside a chunk header, or before its audio chunk.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+        if start[:4] in (b"RF64", b"BW64") and start[8:12] == b"WAVE":
+            kind, offset, declared = "RF64", 12, None
+            while offset < size:
+                chunk_id, chunk_size = _chunk_header(handle, offset, size, "<4sI", path, kind)
+                if chunk_id == b"ds64":  # 64-bit sizes: the file's, then the data chunk's
+                    declared = _chunk_header(handle, offset + 8, size, "<QQ", path, kind)[1]
+                elif chunk_id == b"data":
+                    return kind, declared if chunk_size == 0xFFFFFFFF and declared is not None else chunk_size, \
+                        size - offset - 8
+                offset += 8 + chunk_size + chunk_size % 2
+        elif start == _W64_RIFF:
+            kind, offset = "Wave64", 40
+            while offset < size:
+                guid, chunk_size = _chunk_header(handle, offset, size, "<16sQ", path, kind)
+                if guid == _W64_DATA:
+                    return kind, chunk_size - 24, size - offset - 24
+                offset += max(24, chunk_size + (-chunk_size) % 8)  # chunks are aligned to 8 bytes
+        elif start[:4] == b"FORM" and start[8:12] in (b"AIFF", b"AIFC"):
+            kind, offset = "AIFF", 12
+            while offset < size:
+                chunk_id, chunk_size = _chunk_header(handle, offset, size, ">4sI", path, kind)
+                if chunk_id == b"SSND":  # then a 4-byte offset to the audio and a 4-byte block size
+                    skip = _chunk_header(handle, offset + 8, size, ">I", path, kind)[0]
+                    return kind, chunk_size - 8 - skip, size - offset - 16 - skip
+                offset += 8 + chunk_size + chunk_size % 2
+        else:
+            return None
+    raise ValueError(f"{path}: truncated {kind} file: it ends before its audio chunk")
 
 
 def _looks_like_chunks(data: bytes, offset: int) -> bool:
@@ -96,11 +154,18 @@ def _readable_source(path: Path):
     where the placeholder was 0.
 
     Raises:
-        ValueError: a WAV file whose data chunk declares more bytes than the file holds: libsndfile reads such
-            a file (a download or copy cut short) up to its end without a word, as if the audio were short.
+        ValueError: a WAV, RF64, Wave64 or AIFF file whose header declares more bytes of audio than the file
+            holds, or that ends inside a chunk header: libsndfile reads such a file (a download or copy cut
+            short) up to its end without a word, as if the audio were short.
     """
     chunk = _wav_data_chunk(path)
-    if chunk is None or chunk[1] == chunk[2]:
+    if chunk is None:
+        other = _other_declared_audio(path)
+        if other is not None and other[1] > other[2]:
+            raise ValueError(f"{path}: truncated {other[0]} file: its header declares {other[1]} bytes of audio, "
+                             f"the file holds {other[2]}")
+        return os.fsencode(path)
+    if chunk[1] == chunk[2]:
         return os.fsencode(path)
     offset, declared, held = chunk
     if declared not in _STREAMING_WAV_SIZES:
@@ -157,8 +222,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing, unreadable or truncated (WAV) file or a directory (naming the path), bad shape
-            or no channels, non-finite
+        ValueError: missing, unreadable or truncated (WAV, RF64, Wave64, AIFF) file or a directory (naming the
+            path), bad shape or no channels, non-finite
             samples, a rate that is not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE``
             (768 kHz), or one above about 660 kHz sharing so few factors with 16 kHz that its filter table
             would take hundreds of MB (see ``resample``; every rate audio is recorded at, 768 kHz included,
