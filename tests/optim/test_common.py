@@ -479,7 +479,18 @@ def test_forward_passes_without_steps_keep_a_bounded_record(monkeypatch):
         for _ in range(80):
             F.cross_entropy(model(x), y).backward()
     assert max(len(records) for records in optimizer.capture.records.values()) == 64
-    assert len(optimizer.capture._group_rows) <= 64  # nor does the count of rows per backward grow without bound
+    capture = optimizer.capture  # nor do the rows counted per backward grow without bound
+    assert max(len(capture._group_rows), len(capture._layer_rows), len(capture._groups_with_gradients)) <= 64
+    layers = nn.ModuleList(make_model())  # no root pass: only the layers' rows are counted
+    optimizer = KFAC(layers)
+    with pytest.warns(UserWarning, match="more than 64 calls of a layer recorded"):
+        for _ in range(80):
+            h = x
+            for layer in layers:
+                h = layer(h)
+            F.cross_entropy(h, y).backward()
+    capture = optimizer.capture
+    assert max(len(capture._group_rows), len(capture._layer_rows), len(capture._groups_with_gradients)) <= 64
 
 
 def test_recompiling_a_sequential_detaches_the_old_optimizers_hooks():

@@ -116,14 +116,13 @@ class ActivationCapture:
     step) counts nothing. While nothing is recorded (``enabled`` off), the last group's rows are reported.
 
     A pass counts its output's leading positions (B for a ``(B, C)`` output, B·T for ``(B, T, C)``, the
-    convention of the categorical sampled likelihood, ``_sampling``); one whose output is no tensor (a tuple,
-    a dict) counts the leading dimension of its first tensor argument. A pass whose output holds no rows (a
-    model that returns its loss, a 0-d tensor) counts those of the last watched layer's output in it, as do
-    the passes of a model whose own forward is never called (an ``nn.ModuleList`` whose layers the training
-    loop calls). A pass in which every watched layer
-    whose unbatched form torch defines saw an unbatched input (a 1-D Linear input, a (C, L) Conv1d or
-    (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector inside a batched model,
-    such as a learned query, does not make its pass unbatched).
+    convention of the categorical sampled likelihood, ``_sampling``); one whose output is no tensor (a tuple, a
+    dict) counts the leading dimension of its first tensor argument. A pass whose output holds no rows (a model
+    that returns its loss, a 0-d tensor) counts those of the last watched layer's output in it, as do the passes
+    of a model whose own forward is never called (an ``nn.ModuleList`` whose layers the training loop calls). A
+    pass in which every watched layer whose unbatched form torch defines saw an unbatched input (a 1-D Linear
+    input, a (C, L) Conv1d or (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector
+    inside a batched model, such as a learned query, does not make its pass unbatched).
 
     With ``keep_random_state``, each root pass with gradients keeps the random generators' states it started
     from (``random_state``, a ``RandomDraws``): the last pass's, until ``clear()``.
@@ -181,12 +180,11 @@ class ActivationCapture:
         if self._backward_since_forward and _current_graph_task() == -1:
             self._group += 1
             self._backward_since_forward = False
-            if len(self._group_rows) >= self.MAX_RECORDS:  # forward/backward passes without steps: forget the oldest
-                oldest = min(self._group_rows)
-                del self._group_rows[oldest]
-                self._reached_rows.pop(oldest, None)
-                self._layer_rows.pop(oldest, None)
-                self._groups_with_gradients.discard(oldest)
+            # forward/backward passes without steps: forget the groups before the last MAX_RECORDS
+            stale = self._group - self.MAX_RECORDS
+            for rows in (self._group_rows, self._reached_rows, self._layer_rows):
+                rows.pop(stale, None)
+            self._groups_with_gradients.discard(stale)
 
     def _gradient_reached(self, group: int) -> None:
         self._groups_with_gradients.add(group)
