@@ -115,9 +115,10 @@ def _other_declared_audio(path: Path) -> tuple[str, int, int] | None:
                 chunk_id, chunk_size = _chunk_header(handle, offset, size, "<4sI", path, kind)
                 if chunk_id == b"ds64":  # 64-bit sizes: the file's, then the data chunk's
                     declared = _chunk_header(handle, offset + 8, size, "<QQ", path, kind)[1]
-                elif chunk_id == b"data":
-                    return kind, declared if chunk_size == 0xFFFFFFFF and declared is not None else chunk_size, \
-                        size - offset - 8
+                elif chunk_id == b"data":  # its 32-bit size is 0xFFFFFFFF where ds64 holds the real one
+                    if chunk_size != 0xFFFFFFFF or declared is None:
+                        declared = chunk_size
+                    return kind, declared, size - offset - 8
                 offset += 8 + chunk_size + chunk_size % 2
         elif start == _W64_RIFF:
             kind, offset = "Wave64", 40
