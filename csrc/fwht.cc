@@ -442,19 +442,27 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   }
 }
 
+// m once n and m are checked (and H_m given where m > 1): make_plan reads the m x m matrix, so the constructor
+// checks its arguments before its member initialisers run.
+template <class T>
+int checked_factor(int64_t n, int m, const T* hadamard_m) {
+  if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
+  if (m > 1 && hadamard_m == nullptr) throw std::invalid_argument("missing hadamard_m");
+  return m;
+}
+
 }  // namespace
 
 template <class T>
 SerialFwht<T>::SerialFwht(int64_t n, int m, const T* hadamard_m, T scale, Isa isa, bool from_memory,
                           const CacheGeometry& cache)
     : kernels_(&kernels_for(isa, T())),
-      plan_(make_plan(m, hadamard_m)),
+      plan_(make_plan(checked_factor(n, m, hadamard_m), hadamard_m)),
       n_(n),
       chunk_(0),
       scale_(scale),
       from_memory_(from_memory),
       cache_(cache) {
-  if (const char* err = fwht_check(n, m)) throw std::invalid_argument(err);
   if (!isa_available(isa)) throw std::invalid_argument("requested ISA is not available on this CPU");
   chunk_ = n / m;
 }

@@ -83,7 +83,8 @@ void fwht_at(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t ha
   if (rows < 0) throw std::invalid_argument("rows must be >= 0");
   if (const char* err = dreidel::fwht_check(n, m)) throw std::invalid_argument(err);
   if (rows == 0) return;
-  if (rows > INT64_MAX / n) throw std::invalid_argument("rows * n overflows 64 bits");
+  if (rows > INT64_MAX / n / static_cast<int64_t>(sizeof(T)))
+    throw std::invalid_argument("rows * n elements overflow 64 bits of bytes");
   for (uintptr_t address : {src, dst, hadamard_m})
     if (address == 0 || address % alignof(T) != 0)
       throw std::invalid_argument("src, dst and hadamard_m must be non-null addresses aligned to the element size");

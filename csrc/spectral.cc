@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -314,6 +315,9 @@ const char* spectral_check(const SpectralLayer<T>& l) {
   if (l.in < 1 || l.out < 1 || l.blocks < 1 || l.depth < 1) return "in, out, blocks and depth must be positive";
   if (const char* err = fwht_check(l.length, l.m)) return err;
   if (l.in > l.length) return "in must be at most length";
+  // the flat offsets (k * blocks + b) * length stay below depth * blocks * length: it must fit 64 bits
+  if (l.blocks > INT64_MAX / l.length || l.depth > INT64_MAX / (l.blocks * l.length))
+    return "depth * blocks * length overflows 64 bits";
   if (l.out > l.blocks * l.length) return "out must be at most blocks * length";
   if (l.perm == nullptr || l.in_scale == nullptr || l.out_scale == nullptr) return "missing perm or scales";
   if ((l.inner_scale == nullptr) != (l.depth == 1)) return "inner_scale must be given exactly when depth > 1";

@@ -233,6 +233,14 @@ def test_a_huge_thread_count_is_capped():
     assert child.returncode == 0, child.stderr[-2000:]
 
 
+def test_fwht_at_refuses_a_byte_count_past_64_bits():
+    """rows * n elements fitting 64 bits passed the guard though their bytes did not (signed overflow, UB)."""
+    h = small_hadamard(1, torch.float32)
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="overflow 64 bits of bytes"):
+        native.fwht_at(x.data_ptr(), x.data_ptr(), 2**61, 1, h.data_ptr(), 1, 1.0, 1, False)
+
+
 def test_cache_geometry_override_is_checked():
     h = small_hadamard(1, torch.float32)
     with pytest.raises(ValueError, match="l2_bytes"):

@@ -188,6 +188,8 @@ def test_loading_a_state_dict_with_a_non_permutation_raises():
     ({"depth": 0}, "must be positive"),
     ({"depth": 2}, "inner_scale must be given exactly when depth > 1"),
     ({"blocks": 2**63}, "fit in int64"),
+    ({"blocks": 2**57 + 1}, "depth \\* blocks \\* length overflows"),  # wrapped to 64: passed, then walked off perm
+    ({"depth": 2**62, "inner_scale": 8}, "depth \\* blocks \\* length overflows"),
     ({"in_scale": 0}, "in_scale must be a non-null"),
     ({"perm": 0}, "perm must be a non-null"),
     ({"out_scale": 2}, "out_scale must be a non-null address aligned"),
