@@ -75,13 +75,23 @@ def _wav_data_chunk(path: Path) -> tuple[int, int, int] | None:
         header = handle.read(12)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
             return None
-        offset = 12
-        while offset < size:
-            chunk_id, chunk_size = _chunk_header(handle, offset, size, "<4sI", path, "WAV")
-            if chunk_id == b"data":
-                return offset, chunk_size, size - offset - 8
-            offset += 8 + chunk_size + chunk_size % 2  # chunks are padded to an even size
-    raise ValueError(f"{path}: truncated WAV file: it ends before its data chunk")
+        return next((offset, chunk_size, size - offset - 8)  # _chunks raises where the file ends first
+                    for offset, chunk_id, chunk_size in _chunks(handle, size, 12, "<4sI", path, "WAV", "data")
+                    if chunk_id == b"data")
+
+
+def _chunks(handle, size: int, offset: int, layout: str, path: Path, kind: str, awaited: str):
+    """``(offset, id, size)`` of each chunk of a file of ``size`` bytes from ``offset`` on, its header of
+    ``struct`` ``layout``: RIFF's and AIFF's (a 4-byte id and size, chunks padded to an even size) or Wave64's
+    (a 16-byte GUID and an 8-byte size that counts the 24-byte header, chunks aligned to 8 bytes). The caller
+    stops at the chunk it awaits; a ``ValueError`` naming ``path`` (a truncated ``kind`` file) where the file
+    ends first, or inside a chunk header."""
+    wave64 = layout == "<16sQ"
+    while offset < size:
+        chunk_id, chunk_size = _chunk_header(handle, offset, size, layout, path, kind)
+        yield offset, chunk_id, chunk_size
+        offset += max(24, chunk_size + (-chunk_size) % 8) if wave64 else 8 + chunk_size + chunk_size % 2
+    raise ValueError(f"{path}: truncated {kind} file: it ends before its {awaited} chunk")
 
 
 def _chunk_header(handle, offset: int, size: int, layout: str, path: Path, kind: str) -> tuple:
@@ -110,34 +120,24 @@ def _other_declared_audio(path: Path) -> tuple[str, int, int] | None:
     with open(path, "rb") as handle:
         start = handle.read(16)
         if start[:4] in (b"RF64", b"BW64") and start[8:12] == b"WAVE":
-            kind, offset, declared = "RF64", 12, None
-            while offset < size:
-                chunk_id, chunk_size = _chunk_header(handle, offset, size, "<4sI", path, kind)
+            declared = None
+            for offset, chunk_id, chunk_size in _chunks(handle, size, 12, "<4sI", path, "RF64", "audio"):
                 if chunk_id == b"ds64":  # 64-bit sizes: the file's, then the data chunk's
-                    declared = _chunk_header(handle, offset + 8, size, "<QQ", path, kind)[1]
+                    declared = _chunk_header(handle, offset + 8, size, "<QQ", path, "RF64")[1]
                 elif chunk_id == b"data":  # its 32-bit size is 0xFFFFFFFF where ds64 holds the real one
                     if chunk_size != 0xFFFFFFFF or declared is None:
                         declared = chunk_size
-                    return kind, declared, size - offset - 8
-                offset += 8 + chunk_size + chunk_size % 2
+                    return "RF64", declared, size - offset - 8
         elif start == _W64_RIFF:
-            kind, offset = "Wave64", 40
-            while offset < size:
-                guid, chunk_size = _chunk_header(handle, offset, size, "<16sQ", path, kind)
+            for offset, guid, chunk_size in _chunks(handle, size, 40, "<16sQ", path, "Wave64", "audio"):
                 if guid == _W64_DATA:
-                    return kind, chunk_size - 24, size - offset - 24
-                offset += max(24, chunk_size + (-chunk_size) % 8)  # chunks are aligned to 8 bytes
+                    return "Wave64", chunk_size - 24, size - offset - 24
         elif start[:4] == b"FORM" and start[8:12] in (b"AIFF", b"AIFC"):
-            kind, offset = "AIFF", 12
-            while offset < size:
-                chunk_id, chunk_size = _chunk_header(handle, offset, size, ">4sI", path, kind)
+            for offset, chunk_id, chunk_size in _chunks(handle, size, 12, ">4sI", path, "AIFF", "audio"):
                 if chunk_id == b"SSND":  # then a 4-byte offset to the audio and a 4-byte block size
-                    skip = _chunk_header(handle, offset + 8, size, ">I", path, kind)[0]
-                    return kind, chunk_size - 8 - skip, size - offset - 16 - skip
-                offset += 8 + chunk_size + chunk_size % 2
-        else:
-            return None
-    raise ValueError(f"{path}: truncated {kind} file: it ends before its audio chunk")
+                    skip = _chunk_header(handle, offset + 8, size, ">I", path, "AIFF")[0]
+                    return "AIFF", chunk_size - 8 - skip, size - offset - 16 - skip
+    return None
 
 
 def _looks_like_chunks(data: bytes, offset: int) -> bool:

@@ -127,10 +127,7 @@ class CheckpointFiles:
 
     def config(self) -> dict[str, Any]:
         """The parsed ``config.json`` (see ``read_json_object``: the same errors, the same size limit)."""
-        content = _read_at_most(self._fd(0), MAX_JSON_BYTES + 1)
-        if len(content) > MAX_JSON_BYTES:
-            raise ValueError(f"{self.config_path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
-        return _parse_json_object(content, self.config_path)
+        return _parse_json_object(_read_at_most(self._fd(0), MAX_JSON_BYTES + 1), self.config_path)
 
     def tensor_header(self) -> dict[str, TensorHeader]:
         """Names, shapes and dtypes of the tensors, from the safetensors header alone (no data read)."""
@@ -271,13 +268,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if path.exists() and not path.is_file() and not path.is_dir():
         raise ValueError(f"{path}: expected a regular file holding a JSON object")
     with open(path, "rb") as handle:
-        content = handle.read(MAX_JSON_BYTES + 1)
-    if len(content) > MAX_JSON_BYTES:
-        raise ValueError(f"{path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
-    return _parse_json_object(content, path)
+        return _parse_json_object(handle.read(MAX_JSON_BYTES + 1), path)
 
 
 def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:
+    """The JSON object in ``content`` (read from ``path``, up to ``MAX_JSON_BYTES + 1`` bytes: more is refused)."""
+    if len(content) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
     try:
         parsed = json.loads(content.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, long integers

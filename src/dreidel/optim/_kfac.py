@@ -513,4 +513,3 @@ class KFAC(CurvatureOptimizer):
             self._set_damping(self.damping * omega)
         elif rho < 0.25:
             self._set_damping(self.damping / omega)
-
