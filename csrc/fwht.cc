@@ -43,26 +43,34 @@ constexpr int64_t kLeafBytes = int64_t(1) << 14;
 constexpr int64_t kMaxCount = 64;
 // Bytes of one column strip worked in place (up to 8 rows, one radix pass).
 constexpr int64_t kStripBytes = int64_t(1) << 17;
-// Bytes of each row of a strip crossed in a scratch buffer (64 rows: 16 KB, in L1). Measured on a Xeon
-// with AVX-512, a 2^24 float32 row, 1 thread: 64, 128, 512 B, 1 KB and 2 KB ran 1.20, 1.03, 1.03, 1.20
-// and 1.21x slower than 256 B.
+// Bytes of each row of a strip gathered into a scratch buffer by blocks_pipelined (up to 64 rows: 16 KB, in
+// L1). Measured on a Xeon with AVX-512 when the 64 blocks of a 2^24 float32 row were crossed through the same
+// strip, 1 thread: 64, 128, 512 B, 1 KB and 2 KB ran 1.20, 1.03, 1.03, 1.20 and 1.21x slower than 256 B.
 constexpr int64_t kScratchRowBytes = 256;
-// The passes across more than 8 rows (64 rows 1 MB apart in a 2^24 row) go through that scratch strip only
-// where the L1 data cache has at least this many ways; elsewhere they are in-place radix-8 passes, one per
-// three stages, and blocks of 1 MB go in groups of 8 like the leaves (the stages across a group done while
-// it is in the L3), so a 2^24 row takes blocks of 1 MB, groups of 8 MB and a last radix-8 pass over memory.
-// Rows a power of two apart share L1 sets, and an 8-row strip already fills an 8-way set: on Zen 3 (32 KB,
-// 8 ways; 512 KB L2) an in-place pass over 16 such rows ran 4-5x slower than a pass over 8, from L3 or
-// memory, and every form of the 64-row scratch pass tried there lost to in-place passes (scratch rows of
-// 256 B to 2 KB, 32- and 16-row gathers, in L2, L3 or memory). A/B there, 1 thread, float32 in place:
-// a 2^24 row 1.33x faster (19.4 -> 14.6 ms; 1.34x at 2 threads), 2 rows of 2^23 1.30x, 4 of 2^22 1.13x;
-// 16 rows of 2^20 and 64 of 2^18 (blocks crossed in place either way) 1.01-1.04x. On a Xeon with AVX-512
-// (48 KB, 12 ways; 2 MB L2) the scratch pass had measured 1.06-1.15x faster than the groups of 8 MB. Where
-// the associativity is not reported, the in-place passes are taken: they need only 8 ways, which every
-// x86-64 and most other L1 data caches have.
+// The pipelined pass (blocks_pipelined, whose gathers read many rows a power of two apart at once) is taken
+// only where the L1 data cache has at least this many ways. Rows a power of two apart share L1 sets, and a
+// strip of 8 rows already fills an 8-way set: on Zen 3 (32 KB, 8 ways; 512 KB L2) a pass over 16 such rows
+// ran 4-5x slower than a pass over 8, and every gather of 16 to 64 rows tried there lost to in-place radix-8
+// passes. Where the associativity is not reported, the pass is not taken.
 constexpr int kScratchMinL1Ways = 12;
 
-inline bool crosses_in_scratch(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
+inline bool gathers_many_rows(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
+
+// Blocks of 1 MB and more go in groups of 8 (the stages across a group done while it is in the outer cache,
+// then a pass across the groups), except on a CPU with an L1 of kScratchMinL1Ways or more and an L2 of at
+// least this many bytes, where every block is done on its own and the stages across all of them (up to 64
+// rows) are then one pass over memory, strip by strip: each strip of kStripBytes (2 KB of each of 64 rows)
+// crossed in L2 by two in-place radix-8 levels before the next (cross_rows). That saves a pass over memory
+// for one more over a strip in L2. Measured on a Xeon with AVX-512 (Emerald Rapids, 48 KB 12-way L1, 2 MB
+// L2), 1 thread, float32 in place, A/B in one process: a 2^24 row 1.11-1.15x faster, 2^23 1.11-1.14x, 2^22
+// and 4 rows of 2^22 1.12-1.21x, 2^25 1.01-1.12x; strips of 32 KB to 1 MB 1.08-1.15x on the 2^24 row. Not
+// measured on a CPU with a smaller L2 or a narrower L1 (Zen 3 and Zen 4 keep the groups of 8 they were tuned
+// with; a pass merged per strip over other levels measured slower on Zen 3).
+constexpr int64_t kStripCrossingMinL2Bytes = int64_t(2) << 20;
+
+inline bool crosses_blocks_by_strip(const CacheGeometry& cache) {
+  return gathers_many_rows(cache) && cache.l2_bytes >= kStripCrossingMinL2Bytes;
+}
 
 // Leaves transformed together with the stages across them (see long_pow2).
 constexpr int64_t kGroup = 8;
@@ -74,50 +82,44 @@ constexpr int64_t kGroup = 8;
 constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
-// Calls on at least this many bytes are taken to stream from memory, and rows or blocks of 256 KB up to
-// what the L2 allows (1 MB on the Xeon, see kPipeliningL2Bytes) then go through blocks_pipelined (with
-// AVX-512, on an L1 of kScratchMinL1Ways or more); smaller
-// calls, whose data a last-level cache may well hold, take the in-place passes in L2, faster there. On a
-// Xeon with AVX-512 (1 thread, float32, the harness of benchmarks/fwht.py), blocks_pipelined against those
-// passes: 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB, 1.06-1.20x on 16 to 128 MB.
+// Calls on at least this many bytes are taken to stream from memory, and out of place, rows or blocks of
+// 256 KB up to what the L2 allows (512 KB on the Xeon, see kPipeliningL2Bytes) then go through
+// blocks_pipelined (with AVX-512, on an L1 of kScratchMinL1Ways or more); smaller calls, whose data a
+// last-level cache may well hold, take the in-place passes in L2, faster there (measured in place, on a
+// Xeon with AVX-512: blocks_pipelined 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB).
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
-// At most this many blocks or rows per task when threads share pipelined work (pipelined_run).
-// A 2^24 float32 row at 2 threads on a Xeon with AVX-512: runs of 4 to 32 blocks 1.12-1.16x faster than
-// blocks one at a time through group_pow2, runs of 2 1.09x.
+// At most this many rows per task when threads share pipelined rows (pipelined_run). Chosen on a Xeon with
+// AVX-512 for the 1 MB blocks of a 2^24 float32 row at 2 threads, when those were pipelined in place: runs
+// of 4 to 32 blocks 1.12-1.16x faster than blocks one at a time, runs of 2 1.09x.
 constexpr int64_t kPipelinedRun = 8;
-// The pipelined pass needs room in L2 for a block and the strips of the next block gathered into it as the
-// block's leaves are done: twice the block in place; out of place, where the gather reads src and writes
-// dst, the lines of both, four times. On the Xeon's 2 MB L2 that is blocks of up to 1 MB in place and 512 KB
-// out of place (a long row's 1 MB blocks then take the grouped leaves out of place); measured there out of
-// place, 1 thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16
-// 1.31-1.36x faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20
-// 0.85x and a 2^24 row 0.96x. A smaller L2 with a 12-way L1 (1.25 MB on Ice Lake-SP; none was available to
-// measure) only turns the pass off for the blocks that overflow it, which take the grouped leaves. (The
-// AVX-512 CPUs with a 1 MB L2, Skylake-SP to Cascade Lake and Zen 4, have 8-way L1s: no pipelined pass
-// there, see kScratchMinL1Ways.) A larger L2, or none reported, counts as the 2 MB measured: beyond it the
-// limits are untested (out of place, the next larger blocks measured slower here).
+// Out of place, the pipelined pass needs room in L2 for the src and dst lines of a block and of the strips
+// of the next block gathered as the block's leaves are done: four times the block. On the Xeon's 2 MB L2
+// that is blocks of up to 512 KB (a long row's 1 MB blocks take the grouped leaves); measured there, 1
+// thread, against the grouped leaves (whose reads and writes are sequential): rows of 2^16 1.31-1.36x
+// faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20 0.85x and a
+// 2^24 row 0.96x. A smaller L2 with a 12-way L1 (1.25 MB on Ice Lake-SP; none was available to measure)
+// only turns the pass off for the blocks that overflow it. (The AVX-512 CPUs with a 1 MB L2, Skylake-SP to
+// Cascade Lake and Zen 4, have 8-way L1s: no pipelined pass there, see kScratchMinL1Ways.) A larger L2, or
+// none reported, counts as the 2 MB measured: beyond it the limits are untested (the next larger blocks
+// measured slower here).
 constexpr int64_t kPipeliningL2Bytes = int64_t(2) << 20;
 
 constexpr int64_t pipelining_l2_bytes(int64_t reported) {
   return reported > 0 && reported < kPipeliningL2Bytes ? reported : kPipeliningL2Bytes;
 }
 
-constexpr bool fits_l2(int64_t block_bytes, bool in_place, int64_t l2_bytes) {
-  return block_bytes * (in_place ? 2 : 4) <= l2_bytes;
-}
+constexpr bool fits_l2(int64_t block_bytes, int64_t l2_bytes) { return block_bytes * 4 <= l2_bytes; }
 
 // The limits measured on the Xeon, whatever L2 the build machine has.
-static_assert(fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(int64_t(2) << 20)) &&
-                  !fits_l2(int64_t(2) << 20, true, pipelining_l2_bytes(int64_t(2) << 20)) &&
-                  fits_l2(int64_t(512) << 10, false, pipelining_l2_bytes(int64_t(2) << 20)) &&
-                  !fits_l2(int64_t(1) << 20, false, pipelining_l2_bytes(int64_t(2) << 20)),
-              "on a 2 MB L2: 1 MB blocks pipelined in place, 512 KB out of place");
-static_assert(!fits_l2(int64_t(1) << 20, false, pipelining_l2_bytes(int64_t(32) << 20)) &&
-                  fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(0)),
+static_assert(fits_l2(int64_t(512) << 10, pipelining_l2_bytes(int64_t(2) << 20)) &&
+                  !fits_l2(int64_t(1) << 20, pipelining_l2_bytes(int64_t(2) << 20)),
+              "on a 2 MB L2: blocks of 512 KB pipelined, 1 MB not");
+static_assert(!fits_l2(int64_t(1) << 20, pipelining_l2_bytes(int64_t(32) << 20)) &&
+                  fits_l2(int64_t(512) << 10, pipelining_l2_bytes(0)),
               "a larger L2, or none reported, counts as the 2 MB measured");
-static_assert(!fits_l2(int64_t(1) << 20, true, pipelining_l2_bytes(int64_t(1) << 20)) &&
-                  fits_l2(int64_t(512) << 10, true, pipelining_l2_bytes(int64_t(1) << 20)),
-              "a 1 MB L2: 512 KB blocks pipelined in place, 1 MB not");
+static_assert(!fits_l2(int64_t(512) << 10, pipelining_l2_bytes(int64_t(1) << 20)) &&
+                  fits_l2(int64_t(256) << 10, pipelining_l2_bytes(int64_t(1) << 20)),
+              "a 1 MB L2: blocks of 256 KB pipelined, 512 KB not");
 // Threads take rows in grains of about this many bytes.
 constexpr int64_t kGrainBytes = int64_t(1) << 18;
 // Below this many elements in total, starting threads costs more than it saves.
@@ -195,113 +197,87 @@ Split split_of(int64_t len, int64_t min_count) {
 // which needs no scratch buffer (see columns_pow2).
 static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "the leaf level's column passes must stay single in-place passes");
 
-// Columns per strip of the stages across `count` blocks (rows spaced `span` apart, `span` columns each): a
-// strip of up to 8 rows is one radix pass in place, kStripBytes in all; a strip of more rows is gathered
-// into a scratch buffer with kScratchRowBytes of each, or, on a CPU that crosses them in place, is as wide
-// as a strip of 8 (see kScratchMinL1Ways).
+// Columns per strip of the stages across `count` rows spaced `span` apart (`span` columns each): a strip of
+// kStripBytes in all, one radix pass in place for up to 8 rows, two or more for more.
 template <class T>
-int64_t scratch_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
-  return strip_width(k, count, span, count * kScratchRowBytes);
-}
-
-template <class T>
-int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span, const CacheGeometry& cache) {
-  if (count > 8 && crosses_in_scratch(cache)) return scratch_width(k, count, span);
-  return strip_width(k, std::min<int64_t>(count, 8), span, kStripBytes);
-}
-
-// The scratch buffer columns_pow2 needs for a strip of up to kMaxCount rows of at most kScratchRowBytes
-// each (a cross_width strip), padded as columns_pow2 pads it. It lives on the stack (20 KB): the passes
-// allocate nothing, so nothing can throw inside a parallel region.
-template <class T>
-struct CrossScratch {
-  alignas(64) T values[kMaxCount * (kScratchRowBytes + 64) / sizeof(T)];
-};
-
-// cross_rows for more than 8 rows, through a scratch buffer. Not inlined, so the 20 KB of stack is taken
-// only where a scratch strip is used (the passes across up to 8 rows, most of them, need none).
-template <class T>
-__attribute__((noinline)) void cross_rows_in_scratch(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride,
-                                                     int64_t span, int64_t width, T scale) {
-  CrossScratch<T> scratch;
-  for (int64_t s = 0; s < span / width; ++s)
-    k.columns_pow2(x + s * width, x + s * width, count, stride, width, scratch.values, scale);
+int64_t cross_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
+  return strip_width(k, count, span, kStripBytes);
 }
 
 // The stages across `count` rows spaced `stride` apart (H_count on each column), over the `span` columns at
-// x, in strips of `width` (for more than 8 rows, a cross_width for `cache`: the strip must fit CrossScratch);
-// the sums times `scale` (1 unless these are the transform's last stages).
+// x, in strips of `width`, in place; the sums times `scale` (1 unless these are the transform's last
+// stages). More than 8 rows are crossed 8 at a time, H_count = H_(count / 8) kron H_8 (the smaller strides
+// first), every level of one strip before the next strip: the strip stays in L2 between its levels.
 template <class T>
-void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width,
-                const CacheGeometry& cache, T scale) {
-  if (count > 8 && crosses_in_scratch(cache)) return cross_rows_in_scratch(k, x, count, stride, span, width, scale);
-  if (count > 8) {
-    // In place, 8 rows at a time: H_count = H_(count / 8) kron H_8, the smaller strides first.
-    for (int64_t inner = 1; inner < count;) {
+void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, int64_t span, int64_t width, T scale) {
+  for (T* strip = x; strip < x + span; strip += width) {
+    int64_t inner = 1;
+    do {  // one row is a level of H_1: it only scales
       const int64_t radix = std::min<int64_t>(8, count / inner);
       const T level_scale = inner * radix < count ? T(1) : scale;
       for (int64_t first = 0; first < count; first += radix * inner)
         for (int64_t i = 0; i < inner; ++i)
-          cross_rows(k, x + (first + i) * stride, radix, inner * stride, span, width, cache, level_scale);
+          k.columns_pow2(strip + (first + i) * stride, strip + (first + i) * stride, radix, inner * stride, width,
+                         nullptr, level_scale);
       inner *= radix;
-    }
-    return;
+    } while (inner < count);
   }
-  for (int64_t s = 0; s < span / width; ++s)
-    k.columns_pow2(x + s * width, x + s * width, count, stride, width, nullptr, scale);
 }
 
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               bool from_memory, const CacheGeometry& cache);
+               const CacheGeometry& cache);
 
-// Blocks per group (see long_pow2): as many as fit in kMinBlockBytes, the size of a block done in L2 (8
-// leaves, 4 blocks of 256 KB), but at most kGroup; blocks of 1 MB or more go one at a time, crossed all at
-// once through the scratch strip. Where the CPU crosses rows in place instead (see kScratchMinL1Ways), every
-// level goes in groups of kGroup.
+// Blocks per group (see long_pow2): kGroup, or one for blocks of kMinBlockBytes or more where they are
+// crossed by strip (crosses_blocks_by_strip).
 template <class T>
 int64_t group_of(const Split& sp, const CacheGeometry& cache) {
-  int64_t group = std::min<int64_t>(kGroup, sp.count);
-  if (!crosses_in_scratch(cache)) return group;
-  while (group > 1 && group * sp.block * int64_t(sizeof(T)) > kMinBlockBytes) group /= 2;
-  return group;
+  if (crosses_blocks_by_strip(cache) && sp.block * int64_t(sizeof(T)) >= kMinBlockBytes) return 1;
+  return std::min<int64_t>(kGroup, sp.count);
 }
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
-// across them while they are still in an inner cache, which scale the sums. `after` is the input this thread
-// transforms next (nullptr if none): the last leaf prefetches its start, which then arrives while the stages across the
-// group run in L2 (a 2^24 row, 1 thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's
-// input: prefetched for writing, its lines would be taken from the core working on them (rows of 2^16 to
-// 2^19 at 2 threads ran up to 1.3x slower).
+// across them while they are still in an inner cache, which scale the sums (a group of one block scales its
+// own last stages). `after` is the input this thread transforms next (nullptr if none): the last leaf
+// prefetches its start, which then arrives while the stages across the group run in L2 (a 2^24 row, 1
+// thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's input: prefetched for writing, its
+// lines would be taken from the core working on them (rows of 2^16 to 2^19 at 2 threads ran up to 1.3x
+// slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after, bool from_memory, const CacheGeometry& cache) {
+                T scale, const T* after, const CacheGeometry& cache) {
   const int64_t offset = first * sp.block;
+  const T block_scale = group == 1 ? scale : T(1);
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
-    k.rows_pow2(src + offset, dst + offset, group, sp.block, T(1), after);
+    k.rows_pow2(src + offset, dst + offset, group, sp.block, block_scale, after);
   } else {
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
-      long_pow2(k, block, dst + offset + b * sp.block, sp.block, T(1), b + 1 < group ? block + sp.block : after,
-                from_memory, cache);
+      long_pow2(k, block, dst + offset + b * sp.block, sp.block, block_scale,
+                b + 1 < group ? block + sp.block : after, cache);
     }
   }
-  cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block, cache), cache, scale);
+  if (group > 1) cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block), scale);
 }
 
-// Whether blocks (or rows) of `len` values go through blocks_pipelined: only in a call that streams from
-// memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the scratch buffer,
-// and a leaf_prefetching_strip kernel (AVX-512). With the AVX2 and portable kernels, whose leaves take
-// longer, the pipelined pass (then with its prefetches issued at once before each leaf) measured slower on
-// the Xeon (0.84-0.94x on a 2^24 row, a 2^22 row and 64 rows of 2^17); it has not been measured on a CPU
-// without AVX-512.
-// And only where the L2 holds a block and the strips of the next gathered into it as the block's leaves
-// are done (fits_l2), and the L1 is wide enough for gathers of many rows (kScratchMinL1Ways).
+// Whether rows (or blocks) of `len` values go through blocks_pipelined: only out of place, in a call that
+// streams from memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the
+// scratch buffer, and a leaf_prefetching_strip kernel (AVX-512); and only where the L2 holds the src and dst
+// lines of a row and of the strips of the next gathered as its leaves are done (fits_l2), and the L1 is
+// wide enough for gathers of many rows (kScratchMinL1Ways). In place, the grouped leaves and their in-place
+// passes in L2 are faster: on a Xeon with AVX-512 (Emerald Rapids, 48 KB 12-way L1, 2 MB L2), 1 thread, in
+// place, 16 MB to 64 MB of rows of 2^16 to 2^18 float32 1.03-1.29x, of 2^17 float64 1.30x (December 2026,
+// eighteenth sitting, against the in-place passes as they have been since the sixth; the pipelined pass had
+// been chosen in place against the slower passes before it). Out of place it still wins there: 256 rows of
+// 2^16 1.19-1.37x, 128 rows of 2^17 1.05-1.22x, 64 rows of 2^18 (not pipelined: 1 MB) 0.98-1.01x. With the
+// AVX2 and portable kernels, whose leaves take longer, the pipelined pass measured slower (0.84-0.94x in
+// place, on the Xeon of an earlier sitting); it has not been measured on a CPU without AVX-512.
 template <class T>
 bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place, const CacheGeometry& cache) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
-  return from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup && leaves <= kMaxCount &&
-         crosses_in_scratch(cache) && fits_l2(len * int64_t(sizeof(T)), in_place, pipelining_l2_bytes(cache.l2_bytes));
+  return !in_place && from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup &&
+         leaves <= kMaxCount && gathers_many_rows(cache) &&
+         fits_l2(len * int64_t(sizeof(T)), pipelining_l2_bytes(cache.l2_bytes));
 }
 
 // Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
@@ -310,29 +286,31 @@ inline int64_t pipelined_run(int64_t count, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, count / (2 * int64_t(threads))));
 }
 
-// Blocks first .. last - 1 of `block` values each (kGroup < leaves <= kMaxCount leaves) transformed whole,
-// src to dst, by one thread. A block's stages across its leaves come first, straight from memory: strips of
-// all its leaves gathered into the scratch buffer, crossed there and written to dst (the pattern of the
-// pass across blocks: 64 streams the hardware prefetcher follows); then its leaves, now in L2, one at a
-// time in L1 (the stages commute, so their order is free). The leaves of one block alternate with the
-// gather of the next, a strip of it before each leaf, and each leaf prefetches the strips gathered after it,
-// spread over its work (leaf_prefetching_strip). Against the leaves first and then two in-place
-// radix-8 passes over each block in L2 (group_pow2), measured on a Xeon with AVX-512, 1 thread, in the
-// harness of benchmarks/fwht.py: float32 rows of 2^22 to 2^25 1.06-1.20x faster (2^24: 1.10-1.14x),
-// 64 MB of rows of 2^19 to 2^22 1.04-1.12x, 16 to 64 MB of rows of 2^16 or 2^17 1.14-1.24x, rows of 2^18
-// 0.97-1.00x; float64 1.13-1.21x. Called in a loop on one buffer with nothing in between: 0.93-1.02x on
-// the 2^24 row, 1.22x on 64 rows of 2^18. Without the alternation (a block's whole gather, then its
-// leaves) the 2^24 row gained only 1.03x; and timed alone, the first pass over that row takes what the
-// leaves and the L2 passes take (9.4-9.6 ms, 1.5x `add_`): the gain shows in the whole call, for reasons
-// not pinned down here (the VM exposes no hardware performance counters). Those figures are with the
-// prefetch of the next strip issued all at once before each leaf; with every strip gathered before the
-// next leaf prefetched, spread over the leaf, the same harness measured 1.00-1.05x on the 2^24 row (8.6 ms
-// for this pass alone, 1.3x `add_`), 1.00-1.07x on 16 to 64 MB of rows of 2^16 to 2^22, 1.01-1.04x for
-// float64; but with the data in the L3 (a harness with fewer buffers), 0.94-0.95x on 16 MB of rows of 2^16
-// (docs/ARCHITECTURE.md). The leaves no longer prefetch the next leaf into L1 (no different with it).
-// Out of place (rows that fit the L2 four times, see pipelined), the strips' lines in dst are prefetched
-// too, for writing: without that, 16-64 MB of rows of 2^16 or 2^17 out of place ran 1.24-1.41x slower, each
-// of the gather's stores waiting for its line.
+// Columns per strip of the gather across `count` leaves of blocks_pipelined: kScratchRowBytes of each.
+template <class T>
+int64_t scratch_width(const FwhtKernels<T>& k, int64_t count, int64_t span) {
+  return strip_width(k, count, span, count * kScratchRowBytes);
+}
+
+// The scratch buffer columns_pow2 needs for a strip of up to kMaxCount rows of at most kScratchRowBytes
+// each (a scratch_width strip), padded as columns_pow2 pads it. It lives on the stack (20 KB): the passes
+// allocate nothing, so nothing can throw inside a parallel region.
+template <class T>
+struct CrossScratch {
+  alignas(64) T values[kMaxCount * (kScratchRowBytes + 64) / sizeof(T)];
+};
+
+// Rows first .. last - 1 of `block` values each (kGroup < leaves <= kMaxCount leaves) transformed whole,
+// src to dst, by one thread (see pipelined for when). A row's stages across its leaves come first, straight
+// from memory: strips of all its leaves gathered into the scratch buffer, crossed there and written to dst;
+// then its leaves, now in L2, one at a time in L1 (the stages commute, so their order is free). The leaves
+// of one row alternate with the gather of the next, a strip of it before each leaf, and each leaf prefetches
+// the strips gathered after it, in src for reading and in dst for writing, spread over its work
+// (leaf_prefetching_strip): without the prefetch for writing, 16-64 MB of rows of 2^16 or 2^17 ran
+// 1.24-1.41x slower, each of the gather's stores waiting for its line. Against the grouped leaves (whose
+// reads of src and writes of dst are sequential), out of place, on a Xeon with AVX-512: rows of 2^16
+// 1.19-1.37x faster, of 2^17 1.05-1.22x. Taken in place too until December 2026 (measured then against the
+// slower in-place passes of the time, docs/ARCHITECTURE.md).
 template <class T>
 __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T* src, T* dst, int64_t block,
                                                 int64_t first, int64_t last, T scale) {
@@ -357,9 +335,9 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
         if (gathered < strips) next_strips = src + (b + 1) * block + gathered * width;
         else if (b + 2 < last) next_strips = src + (b + 2) * block;
       }
-      // The same strips in dst, where the gather writes them (out of place, they are in no cache yet).
+      // The same strips in dst, where the gather writes them (they are in no cache yet).
       T* next_strips_out = next_strips == nullptr ? nullptr : dst + (next_strips - src);
-      // In place: the leaf is in dst now (and in L2). The leaves are the block's last stages: they scale.
+      // The leaf is in dst now (and in L2). The leaves are the row's last stages: they scale.
       k.leaf_prefetching_strip(dst + b * block + i * leaf, scale, next_strips, next_strips_out, leaves, leaf,
                                strips / leaves * width);
     }
@@ -367,77 +345,57 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 }
 
 // One thread: dst = scale * H_len src for a power-of-two len > kLeafBytes, as H_count kron H_block: the
-// blocks, then the stages across them; `after` as for group_pow2. Blocks of 1 MB go through blocks_pipelined
-// where pipelined() allows (in place, in a call streaming from memory, AVX-512, an L2 that holds two blocks,
-// an L1 of kScratchMinL1Ways). Otherwise leaves (rows in L1) go in groups of kGroup (group_pow2): 8 leaves,
-// 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the pass across the groups is
-// another. Blocks above the leaves (1 MB, each done in L2) are crossed all at once, in one pass over memory:
-// up to 8 in place, more through the scratch buffer. Against groups of 8 such blocks crossed in place and
-// then a pass across the groups (two passes over memory for a 64 MB row), that measured 1.06-1.15x faster on
-// rows of 2^22..2^24 on a Xeon with AVX-512 (1 thread); where the L1 is too narrow for the scratch strip
-// (kScratchMinL1Ways), the blocks go in those groups of 8.
+// blocks, then the stages across them; `after` as for group_pow2. Leaves (rows in L1) go in groups of kGroup
+// (group_pow2): 8 leaves, 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the
+// pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) likewise go in groups
+// of 8, crossed while the group is in the outer cache, and a last radix-8 pass crosses the groups: a 2^24
+// row takes three passes over memory. Where crosses_blocks_by_strip, the blocks are done one at a time and
+// the stages across all of them are one pass over memory, strip by strip: two.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               bool from_memory, const CacheGeometry& cache) {
+               const CacheGeometry& cache) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp, cache);
-  // group_of: 1 for blocks of kMinBlockBytes where rows are crossed in scratch, as pipelined() requires
   const int64_t groups = sp.count / group;
   // The last stages scale: those across the groups, or, where all blocks form one group, those across them.
   const T group_scale = groups == 1 ? scale : T(1);
-  if (group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache)) {
-    blocks_pipelined(k, src, dst, sp.block, 0, sp.count, group_scale);
-  } else {
-    for (int64_t g = 0; g < sp.count; g += group)
-      group_pow2(k, src, dst, sp, g, group, group_scale,
-                 g + group < sp.count ? src + (g + group) * sp.block : after, from_memory, cache);
-  }
+  for (int64_t g = 0; g < sp.count; g += group)
+    group_pow2(k, src, dst, sp, g, group, group_scale, g + group < sp.count ? src + (g + group) * sp.block : after,
+               cache);
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
-  cross_rows(k, dst, groups, span, span,
-             leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span, cache), cache, scale);
+  cross_rows(k, dst, groups, span, span, leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span),
+             scale);
 }
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
-// the stages across groups. Groups of leaves shrink below kGroup until every thread has at least two; more
-// than 8 groups are crossed in scratch buffers, one per thread, or in place 8 rows at a time (see
-// kScratchMinL1Ways).
+// the stages across groups. Groups shrink below kGroup until every thread has at least two; more than 8
+// groups are crossed in place 8 rows at a time, strip by strip.
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads,
-                        bool from_memory, const CacheGeometry& cache) {
+                        const CacheGeometry& cache) {
   const Split sp = split_of<T>(len, 8 * int64_t(threads));
   int64_t group = group_of<T>(sp, cache);
   while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
   const int64_t groups = sp.count / group;
   const int64_t span = group * sp.block;
-  const int64_t width = cross_width(k, groups, span, cache);
+  const int64_t width = cross_width(k, groups, span);
   const int64_t strips = span / width;
-  // Threads take strips in grains of about kGrainBytes (a strip of 64 rows is only 16 KB), but at least
-  // four grains per thread.
+  // Threads take strips in grains of about kGrainBytes, but at least four grains per thread.
   const int64_t strips_per_grain = std::max<int64_t>(
       1, std::min<int64_t>(kGrainBytes / (groups * width * int64_t(sizeof(T))), strips / (4 * int64_t(threads))));
-  const bool pipeline = group == 1 && pipelined(k, sp.block, from_memory, src == dst, cache);
-  const int64_t run = pipelined_run(sp.count, threads);
-  const int64_t runs = (sp.count + run - 1) / run;
-  // The stages across the groups are the last (a single group's are crossed as one row of H_1, a copy in
-  // place, which then scales).
+  // The stages across the groups (two or more: sp.count >= 2) are the last: they scale.
 #pragma omp parallel num_threads(threads)
   {
-    if (pipeline) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t r = 0; r < runs; ++r)
-        blocks_pipelined(k, src, dst, sp.block, r * run, std::min(sp.count, (r + 1) * run), T(1));
-    } else {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t g = 0; g < groups; ++g)
-        group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), from_memory, cache);
-    }
+    for (int64_t g = 0; g < groups; ++g)
+      group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), cache);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
-      cross_rows(k, dst + s * width, groups, span, grain_span, width, cache, scale);
+      cross_rows(k, dst + s * width, groups, span, grain_span, width, scale);
     }
   }
 }
@@ -490,8 +448,8 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
                       r + batch < rows ? src + (r + batch) * n_ : nullptr);
     return;
   }
-  // Rows of 256 KB up to what the L2 allows, when there are many, follow one another like the blocks of a
-  // long row.
+  // Out of place, rows of 256 KB up to what the L2 allows, when there are many, go through the pipelined
+  // pass, one row's leaves alternating with the next row's gather.
   if (pipelines(src == dst)) {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;
@@ -502,7 +460,7 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, from_memory_, cache_);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, cache_);
     }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_, scale_);  // the last stage: it scales
   }
@@ -552,8 +510,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
     for (int a = 0; a < p.m; ++a)
-      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads,
-                         from_memory, cache);
+      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads, cache);
     if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;

@@ -383,15 +383,15 @@ struct Kernel {
 
   // A row of 256 registers (a 16 KB leaf) in place at x, scaled, while the strip of `count` rows of `width`
   // values spaced `stride` apart at `strip` (nullptr: none) is prefetched into L2 for reading, spread evenly
-  // over the row's slots: a long row's pipelined first pass gathers that strip from memory next (see
-  // blocks_pipelined in fwht.cc, which gives the figures). A burst of prefetches from memory before the row
-  // would fill the core's miss buffers, and the row's own loads would then wait behind them. Out of place,
-  // the same strip at `strip_out` (the gather's destination, in no cache yet) is prefetched for writing as
-  // well: otherwise each of the gather's stores waits for its line to come from memory.
+  // over the row's slots: the pipelined pass gathers that strip from memory next (see blocks_pipelined in
+  // fwht.cc, which gives the figures). A burst of prefetches from memory before the row would fill the core's
+  // miss buffers, and the row's own loads would then wait behind them. The same strip at `strip_out` (the
+  // gather's destination, out of place, in no cache yet; nullptr: none) is prefetched for writing as well:
+  // otherwise each of the gather's stores waits for its line to come from memory.
   static void leaf_prefetching_strip(T* x, T scale, const T* strip, T* strip_out, int64_t count, int64_t stride,
                                      int64_t width) {
     auto read = spread_prefetch<0>(strip, count, stride, width);
-    if (strip_out == nullptr || strip_out == strip) {
+    if (strip_out == nullptr) {
       if (scale == T(1)) return row_of_256<false>(x, x, splat(scale), read);
       return row_of_256<true>(x, x, splat(scale), read);
     }

@@ -22,8 +22,8 @@ class SerialFwht {
              const CacheGeometry& cache = host_cache_geometry());
   // dst = scale * (H_m kron H_{n/m}) src for `rows` contiguous rows; src may equal dst.
   void operator()(const T* src, T* dst, int64_t rows) const;
-  // Whether operator() streams the rows through the pipelined pass (in place or not): a thread loop should
-  // then hand them out in runs (see fwht.cc).
+  // Whether operator() streams the rows through the pipelined pass (only ever out of place: `in_place` false):
+  // a thread loop should then hand them out in runs (see fwht.cc).
   bool pipelines(bool in_place) const;
   int64_t n() const { return n_; }
 

@@ -65,8 +65,8 @@ def test_every_isa_matches_reference(isa, dtype, n, generator):
 @pytest.mark.parametrize("n", [1 << 20, 12 << 16, 1 << 22])
 def test_long_rows_use_blocked_path_correctly(n, num_threads, generator):
     # Rows longer than the in-cache limit are transformed in cache-blocked passes, threads inside the row
-    # (2 rows at 2 threads: a row each). 2^22 float64 values are 32 blocks of 1 MB, crossed through a
-    # scratch buffer (radix 4, then 8).
+    # (2 rows at 2 threads: a row each). 2^22 float64 values are 32 blocks of 1 MB, crossed in two in-place
+    # levels (radix 8, then 4): strip by strip on a CPU with a 2 MB L2 and a 12-way L1, else in groups of 8.
     x = torch.randn(2, n, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(dr.fwht(x), dr.fwht_reference(x), rtol=1e-10, atol=1e-10)
 
@@ -74,12 +74,12 @@ def test_long_rows_use_blocked_path_correctly(n, num_threads, generator):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("rows", "n"), [(67, 1 << 16), (35, 1 << 17), (17, 1 << 18), (9, 1 << 19), (1, 12 << 19)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_calls_of_16_mb_and_more_stream_through_the_pipelined_pass(rows, n, inplace, dtype, num_threads, generator):
-    # At 16 MB and more per call, rows (and blocks of long rows) of 256 KB to 1 MB are crossed while being
-    # gathered from memory and then transformed leaf by leaf, one block's leaves alternating with the next
-    # block's gather (AVX-512 builds). Odd row counts leave runs of unequal length to the threads; 12 * 2^19
-    # is two pipelined blocks per chunk, then H_12; out of place, the gather reads the input and must leave
-    # it untouched.
+def test_calls_of_16_mb_and_more_give_the_transform(rows, n, inplace, dtype, num_threads, generator):
+    # At 16 MB and more per call, out of place, rows of 256 KB and 512 KB are crossed while being gathered
+    # from memory and then transformed leaf by leaf, one row's leaves alternating with the next row's gather
+    # (AVX-512 builds, a 12-way L1); in place, and for longer rows, the leaves go in groups. Odd row counts
+    # leave runs of unequal length to the threads; 12 * 2^19 is two blocks per chunk, then H_12; out of
+    # place, the input must be left untouched.
     x = torch.randn(rows, n, dtype=torch.float64, generator=generator).to(dtype)
     assert x.numel() * x.element_size() >= 16 << 20
     expected = dr.fwht_reference(x.double())
@@ -168,17 +168,19 @@ def test_float32_error_rule_holds_on_the_pipelined_pass(rows, n, generator):
 
 @pytest.mark.parametrize("isa", available_isas())
 def test_every_isa_on_a_call_that_streams_from_memory(isa, generator):
-    # The pipelined pass is taken by the AVX-512 kernels only; every ISA must give the same transform.
-    n = 1 << 22
-    x = torch.randn(1, n, generator=generator)
+    # The pipelined pass (out of place, rows of 256 KB) is taken by the AVX-512 kernels only; every ISA must
+    # give the same transform.
+    n = 1 << 16
+    x = torch.randn(64, n, generator=generator)
     out = torch.empty_like(x)
     native.fwht(x, out, n, small_hadamard(1, torch.float32), 1 / math.sqrt(n), 1, isa)
     torch.testing.assert_close(out.double(), dr.fwht_reference(x.double()), rtol=2e-5, atol=2e-5)
 
 
 # (L2 bytes, L1d ways) of CPUs whose passes over long rows differ: a Xeon with AVX-512 (2 MB, 12 ways: 1 MB
-# blocks crossed through the scratch strip, pipelined with AVX-512), Zen 3 (512 KB, 8 ways: in-place radix-8
-# levels, blocks in groups of 8), a 1 MB L2 with 12 ways (scratch strip, no pipelining), and none reported.
+# blocks crossed strip by strip, rows of 256 and 512 KB pipelined out of place with AVX-512), Zen 3 (512 KB,
+# 8 ways: blocks in groups of 8, no pipelining), a 1 MB L2 with 12 ways (groups of 8, rows of 256 KB
+# pipelined), and none reported (groups of 8, no pipelining).
 CACHE_GEOMETRIES = [(2 << 20, 12), (512 << 10, 8), (1 << 20, 12), (0, 0)]
 
 
@@ -193,10 +195,10 @@ def _long_rows_and_truth(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("isa", available_isas())
 def test_long_rows_give_the_same_transform_on_every_cache_geometry(geometry, isa, rows, n):
     # 16 MB or more of float32: the calls that stream from memory, where the passes depend most on the CPU.
-    # 2^22 points are 16 blocks of 1 MB, crossed in one pass through the scratch strip or in two in-place
-    # levels; 12 * 2^18 mixes twelve rows of 1 MB; rows of 2^16 are pipelined one after another (AVX-512, a
-    # 12-way L1). 1 thread; 3 (threads inside one row, unevenly); 16 (the
-    # 2^22 row's 64 blocks then go in 32 groups of 2, crossed in two levels or through the scratch strip).
+    # 2^22 points are 16 blocks of 1 MB, crossed in two in-place levels, strip by strip or in groups of 8;
+    # 12 * 2^18 mixes twelve rows of 1 MB; rows of 2^16 are pipelined one after another out of place
+    # (AVX-512, a 12-way L1). 1 thread; 3 (threads inside one row, unevenly); 16 (the 2^22 row's 64 blocks
+    # then go in 32 groups of 2, crossed in two levels strip by strip).
     x, truth = _long_rows_and_truth(rows, n)
     h = small_hadamard(dr.algo.hadamard_factor(n)[0], torch.float32)
     for threads, inplace in ((1, False), (3, True), (16, False)):
