@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cache.h"
+#include "memory.h"
 #include "fwht_kernels.h"
 #include "fwht_serial.h"
 
@@ -65,11 +66,24 @@ inline bool gathers_many_rows(const CacheGeometry& cache) { return cache.l1d_way
 // L2), 1 thread, float32 in place, A/B in one process: a 2^24 row 1.11-1.15x faster, 2^23 1.11-1.14x, 2^22
 // and 4 rows of 2^22 1.12-1.21x, 2^25 1.01-1.12x; strips of 32 KB to 1 MB 1.08-1.15x on the 2^24 row. Not
 // measured on a CPU with a smaller L2 or a narrower L1 (Zen 3 and Zen 4 keep the groups of 8 they were tuned
-// with; a pass merged per strip over other levels measured slower on Zen 3).
+// with; a pass merged per strip over other levels measured slower on Zen 3). On huge pages, see
+// kStripCrossingMaxBytesOnHugePages.
 constexpr int64_t kStripCrossingMinL2Bytes = int64_t(2) << 20;
+// On huge pages, rows 1 MB apart lie 1 MB apart physically too, so a column of them falls in one L2 set (16
+// ways on the Xeon) and the strip no longer stays in L2 between its levels: there the strip crossing is
+// taken only for rows of up to this many bytes. Measured on that Xeon, 1 thread, in place on a buffer
+// advised onto huge pages, against groups of 8: 16 blocks of 1 MB 1.12x faster, 32 blocks 1.02x, but 64
+// blocks (a 2^24 row) 0.94x, a 2^25 row 0.93x, the 2^24 row at 2 threads 0.92x.
+constexpr int64_t kStripCrossingMaxBytesOnHugePages = int64_t(32) << 20;
 
-inline bool crosses_blocks_by_strip(const CacheGeometry& cache) {
-  return gathers_many_rows(cache) && cache.l2_bytes >= kStripCrossingMinL2Bytes;
+// Whether the blocks of rows of `len` values (1 MB and more) are crossed strip by strip: on a CPU with an L1
+// of kScratchMinL1Ways or more and an L2 of kStripCrossingMinL2Bytes or more, unless the rows are longer than
+// kStripCrossingMaxBytesOnHugePages and mostly on huge pages (the `bytes` at `x`, which the passes across
+// blocks work on).
+template <class T>
+bool blocks_by_strip(const T* x, int64_t bytes, int64_t len, const CacheGeometry& cache) {
+  if (!gathers_many_rows(cache) || cache.l2_bytes < kStripCrossingMinL2Bytes) return false;
+  return len * int64_t(sizeof(T)) <= kStripCrossingMaxBytesOnHugePages || !mostly_on_huge_pages(x, size_t(bytes));
 }
 
 // Leaves transformed together with the stages across them (see long_pow2).
@@ -225,14 +239,13 @@ void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, in
 }
 
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               const CacheGeometry& cache);
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip);
 
 // Blocks per group (see long_pow2): kGroup, or one for blocks of kMinBlockBytes or more where they are
-// crossed by strip (crosses_blocks_by_strip).
+// crossed by strip (blocks_by_strip).
 template <class T>
-int64_t group_of(const Split& sp, const CacheGeometry& cache) {
-  if (crosses_blocks_by_strip(cache) && sp.block * int64_t(sizeof(T)) >= kMinBlockBytes) return 1;
+int64_t group_of(const Split& sp, bool by_strip) {
+  if (by_strip && sp.block * int64_t(sizeof(T)) >= kMinBlockBytes) return 1;
   return std::min<int64_t>(kGroup, sp.count);
 }
 
@@ -245,7 +258,7 @@ int64_t group_of(const Split& sp, const CacheGeometry& cache) {
 // slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after, const CacheGeometry& cache) {
+                T scale, const T* after, bool by_strip) {
   const int64_t offset = first * sp.block;
   const T block_scale = group == 1 ? scale : T(1);
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
@@ -254,7 +267,7 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
       long_pow2(k, block, dst + offset + b * sp.block, sp.block, block_scale,
-                b + 1 < group ? block + sp.block : after, cache);
+                b + 1 < group ? block + sp.block : after, by_strip);
     }
   }
   if (group > 1) cross_rows(k, dst + offset, group, sp.block, sp.block, cross_width(k, group, sp.block), scale);
@@ -349,19 +362,18 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // (group_pow2): 8 leaves, 128 KB of float32, stay in L2 for an in-place radix-8 pass across them, and the
 // pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) likewise go in groups
 // of 8, crossed while the group is in the outer cache, and a last radix-8 pass crosses the groups: a 2^24
-// row takes three passes over memory. Where crosses_blocks_by_strip, the blocks are done one at a time and
+// row takes three passes over memory. Where blocks_by_strip, the blocks are done one at a time and
 // the stages across all of them are one pass over memory, strip by strip: two.
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after,
-               const CacheGeometry& cache) {
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip) {
   const Split sp = split_of<T>(len, 1);
-  const int64_t group = group_of<T>(sp, cache);
+  const int64_t group = group_of<T>(sp, by_strip);
   const int64_t groups = sp.count / group;
   // The last stages scale: those across the groups, or, where all blocks form one group, those across them.
   const T group_scale = groups == 1 ? scale : T(1);
   for (int64_t g = 0; g < sp.count; g += group)
     group_pow2(k, src, dst, sp, g, group, group_scale, g + group < sp.count ? src + (g + group) * sp.block : after,
-               cache);
+               by_strip);
   if (groups == 1) return;
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
@@ -375,9 +387,9 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
 // groups are crossed in place 8 rows at a time, strip by strip.
 template <class T>
 void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, int threads,
-                        const CacheGeometry& cache) {
+                        bool by_strip) {
   const Split sp = split_of<T>(len, 8 * int64_t(threads));
-  int64_t group = group_of<T>(sp, cache);
+  int64_t group = group_of<T>(sp, by_strip);
   while (group > 1 && sp.count / group < 2 * int64_t(threads)) group /= 2;
   const int64_t groups = sp.count / group;
   const int64_t span = group * sp.block;
@@ -391,7 +403,7 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g)
-      group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), cache);
+      group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), by_strip);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;
@@ -454,13 +466,14 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     blocks_pipelined(k, src, dst, n_, 0, rows, scale_);
     return;
   }
+  const bool by_strip = blocks_by_strip(dst, rows * n_ * int64_t(sizeof(T)), chunk_, cache_);
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * n_;
     T* d = dst + r * n_;
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, cache_);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, by_strip);
     }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_, scale_);  // the last stage: it scales
   }
@@ -506,11 +519,12 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
   const MixPlan<T> plan = make_plan(p.m, p.hadamard_m);
   // Fewer long rows than threads: all threads work inside one row at a time, a leaf each at least.
   threads = static_cast<int>(std::min<int64_t>(threads, chunk * int64_t(sizeof(T)) / kLeafBytes));
+  const bool by_strip = blocks_by_strip(p.dst, p.rows * p.n * int64_t(sizeof(T)), chunk, cache);
   for (int64_t r = 0; r < p.rows; ++r) {
     const T* src = p.src + r * p.n;
     T* dst = p.dst + r * p.n;
     for (int a = 0; a < p.m; ++a)
-      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads, cache);
+      long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads, by_strip);
     if (p.m > 1) {
       const int64_t width = std::max<int64_t>(k.lanes, 1024);
       const int64_t strips = (chunk + width - 1) / width;

@@ -14,4 +14,10 @@ namespace dreidel {
 // range, or no MADV_HUGEPAGE: not Linux, or a kernel built without THP; Linux accepts it in "never" mode too).
 bool advise_huge_pages(void* data, std::size_t bytes);
 
+// Whether more than half of [data, data + bytes) is backed by huge pages (transparent or hugetlb), as Linux
+// reports it through the PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7 and later; one page-table walk,
+// microseconds for tens of megabytes). Pages not yet faulted in count as small. False wherever it cannot tell:
+// an older kernel, a sandbox without /proc, another system.
+bool mostly_on_huge_pages(const void* data, std::size_t bytes);
+
 }  // namespace dreidel

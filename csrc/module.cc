@@ -231,6 +231,14 @@ NB_MODULE(_C, m) {
         "Asks Linux to back the 2 MB-aligned part of the bytes at address with transparent huge pages when\n"
         "first written (madvise MADV_HUGEPAGE): only advice, the contents are unchanged. Internal: for buffers\n"
         "dreidel has just allocated and is about to fill. False where madvise was not called or refused it.");
+  m.def("mostly_on_huge_pages",
+        [](uintptr_t address, size_t bytes) {
+          return dreidel::mostly_on_huge_pages(reinterpret_cast<const void*>(address), bytes);
+        },
+        nb::arg("address"), nb::arg("bytes"),
+        "mostly_on_huge_pages(address, bytes) -> bool\n\n"
+        "Whether more than half of the bytes at address are on huge pages, as Linux 6.7+ reports it (PAGEMAP_SCAN);\n"
+        "False where it cannot tell. Internal: the transform picks its passes over long rows by it.");
   m.def("bytes_equal",
         [](uintptr_t a, uintptr_t b, size_t bytes) {
           return bytes == 0 || std::memcmp(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), bytes) == 0;

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import platform
 import re
 import sys
 from pathlib import Path
@@ -123,6 +124,55 @@ def test_huge_page_advice_changes_no_contents():
     assert not native.advise_huge_pages(x.data_ptr(), 1 << 20), "1 MB holds no whole 2 MB page"
     assert not native.advise_huge_pages(0, 1 << 30)
     assert not native.advise_huge_pages(2**64 - 4096, 4096), "an address range that would wrap around"
+
+
+def anon_huge_bytes(address: int, size: int) -> int:
+    """Bytes on transparent huge pages of the mappings that overlap ``size`` bytes at ``address`` (/proc/self/smaps'
+    AnonHugePages; madvise splits a mapping where the advised range ends, so a buffer may span several)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head.group(1), 16) < address + size and address < int(head.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def kernel_has_pagemap_scan() -> bool:
+    """Linux 6.7 and later answer the PAGEMAP_SCAN ioctl."""
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return sys.platform == "linux" and found is not None and (int(found.group(1)), int(found.group(2))) >= (6, 7)
+
+
+@pytest.mark.skipif(transparent_huge_pages() in (None, "never"), reason="no transparent huge pages here")
+def test_huge_pages_are_told_apart_as_smaps_reports_them():
+    # mostly_on_huge_pages asks Linux through PAGEMAP_SCAN; /proc/self/smaps is the independent report. 64 MB
+    # buffers are mappings of their own; one advised onto huge pages, one left as allocated (in "always" mode
+    # both may be huge, in "madvise" mode only the first).
+    advised = torch.empty(16 << 20)
+    assert native.advise_huge_pages(advised.data_ptr(), advised.nbytes)
+    plain = torch.empty(16 << 20)
+    for buffer in (advised, plain):
+        buffer.fill_(1.0)  # faulted in: pages not yet present count as small
+        on_huge_pages = anon_huge_bytes(buffer.data_ptr(), buffer.nbytes) * 2 > buffer.nbytes
+        expected = on_huge_pages and kernel_has_pagemap_scan()
+        assert native.mostly_on_huge_pages(buffer.data_ptr(), buffer.nbytes) == expected
+    assert not native.mostly_on_huge_pages(0, 1 << 20)
+    assert not native.mostly_on_huge_pages(plain.data_ptr(), 0)
+
+
+def test_a_long_row_on_huge_pages_gives_the_transform():
+    # On a CPU with a 2 MB L2 and a 12-way L1, a row of more than 32 MB crosses its 64 blocks strip by strip
+    # on small pages and in groups of 8 on huge pages (where those rows share L2 sets); either way the
+    # transform. The buffer is advised onto huge pages where Linux has them.
+    n = 1 << 24
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(24))
+    out = torch.empty_like(x)
+    native.advise_huge_pages(out.data_ptr(), out.nbytes)
+    out.copy_(x)
+    native.fwht(out, out, n, small_hadamard(1, torch.float32), 1 / math.sqrt(n), 1, "auto", 2 << 20, 12)
+    torch.testing.assert_close(out.double(), dr.fwht_reference(x.double()), rtol=2e-5, atol=2e-5)
 
 
 class _RecordingNative:
