@@ -42,23 +42,25 @@ constexpr int64_t kLeafBytes = int64_t(1) << 14;
 // At most this many blocks per level, so a column strip spans few rows and each row's part of it is
 // several cache lines long (DRAM- and TLB-friendly).
 constexpr int64_t kMaxCount = 64;
-// Bytes of one column strip worked in place (up to 8 rows, one radix pass).
+// Bytes of one column strip crossed in place (up to 8 rows in one radix-8 pass, more in two or more levels
+// while the strip is in L2).
 constexpr int64_t kStripBytes = int64_t(1) << 17;
 // Bytes of each row of a strip gathered into a scratch buffer by blocks_pipelined (up to 64 rows: 16 KB, in
 // L1). Measured on a Xeon with AVX-512 when the 64 blocks of a 2^24 float32 row were crossed through the same
 // strip, 1 thread: 64, 128, 512 B, 1 KB and 2 KB ran 1.20, 1.03, 1.03, 1.20 and 1.21x slower than 256 B.
 constexpr int64_t kScratchRowBytes = 256;
-// The pipelined pass (blocks_pipelined, whose gathers read many rows a power of two apart at once) is taken
-// only where the L1 data cache has at least this many ways. Rows a power of two apart share L1 sets, and a
-// strip of 8 rows already fills an 8-way set: on Zen 3 (32 KB, 8 ways; 512 KB L2) a pass over 16 such rows
-// ran 4-5x slower than a pass over 8, and every gather of 16 to 64 rows tried there lost to in-place radix-8
-// passes. Where the associativity is not reported, the pass is not taken.
-constexpr int kScratchMinL1Ways = 12;
+// The pipelined pass (blocks_pipelined) and the strip crossing of many blocks (blocks_by_strip) are taken
+// only where the L1 data cache has at least this many ways. The pipelined pass gathers 16 to 64 rows a power
+// of two apart at once, and such rows share L1 sets: on Zen 3 (32 KB, 8 ways; 512 KB L2) a pass over 16 of
+// them ran 4-5x slower than a pass over 8, and every gather of 16 to 64 rows tried there lost to in-place
+// radix-8 passes. The strip crossing (in place, 8 rows at a time) was measured only on a CPU with 12 ways.
+// Where the associativity is not reported, neither is taken.
+constexpr int kWideL1Ways = 12;
 
-inline bool gathers_many_rows(const CacheGeometry& cache) { return cache.l1d_ways >= kScratchMinL1Ways; }
+inline bool has_wide_l1(const CacheGeometry& cache) { return cache.l1d_ways >= kWideL1Ways; }
 
 // Blocks of 1 MB and more go in groups of 8 (the stages across a group done while it is in the outer cache,
-// then a pass across the groups), except on a CPU with an L1 of kScratchMinL1Ways or more and an L2 of at
+// then a pass across the groups), except on a CPU with an L1 of kWideL1Ways or more and an L2 of at
 // least this many bytes, where every block is done on its own and the stages across all of them (up to 64
 // rows) are then one pass over memory, strip by strip: each strip of kStripBytes (2 KB of each of 64 rows)
 // crossed in L2 by two in-place radix-8 levels before the next (cross_rows). That saves a pass over memory
@@ -77,12 +79,12 @@ constexpr int64_t kStripCrossingMinL2Bytes = int64_t(2) << 20;
 constexpr int64_t kStripCrossingMaxBytesOnHugePages = int64_t(32) << 20;
 
 // Whether the blocks of rows of `len` values (1 MB and more) are crossed strip by strip: on a CPU with an L1
-// of kScratchMinL1Ways or more and an L2 of kStripCrossingMinL2Bytes or more, unless the rows are longer than
+// of kWideL1Ways or more and an L2 of kStripCrossingMinL2Bytes or more, unless the rows are longer than
 // kStripCrossingMaxBytesOnHugePages and mostly on huge pages (the `bytes` at `x`, which the passes across
 // blocks work on).
 template <class T>
 bool blocks_by_strip(const T* x, int64_t bytes, int64_t len, const CacheGeometry& cache) {
-  if (!gathers_many_rows(cache) || cache.l2_bytes < kStripCrossingMinL2Bytes) return false;
+  if (!has_wide_l1(cache) || cache.l2_bytes < kStripCrossingMinL2Bytes) return false;
   return len * int64_t(sizeof(T)) <= kStripCrossingMaxBytesOnHugePages || !mostly_on_huge_pages(x, size_t(bytes));
 }
 
@@ -96,9 +98,9 @@ constexpr int64_t kGroup = 8;
 constexpr int64_t kMinBlockBytes = int64_t(1) << 20;
 // Rows are handed to the kernel in batches of about this many bytes (short rows: no per-row call).
 constexpr int64_t kBatchBytes = int64_t(1) << 14;
-// Calls on at least this many bytes are taken to stream from memory, and out of place, rows or blocks of
-// 256 KB up to what the L2 allows (512 KB on the Xeon, see kPipeliningL2Bytes) then go through
-// blocks_pipelined (with AVX-512, on an L1 of kScratchMinL1Ways or more); smaller calls, whose data a
+// Calls on at least this many bytes are taken to stream from memory, and out of place, rows of 256 KB up to
+// what the L2 allows (512 KB on the Xeon, see kPipeliningL2Bytes) then go through
+// blocks_pipelined (with AVX-512, on an L1 of kWideL1Ways or more); smaller calls, whose data a
 // last-level cache may well hold, take the in-place passes in L2, faster there (measured in place, on a
 // Xeon with AVX-512: blocks_pipelined 0.87-0.90x on 4 MB, 0.91-1.04x on 8 MB).
 constexpr int64_t kPipelineMinBytes = int64_t(16) << 20;
@@ -113,7 +115,7 @@ constexpr int64_t kPipelinedRun = 8;
 // faster, 2^17 1.05x, but 64 rows of 2^18 0.85x, and in a long row's blocks, 16 rows of 2^20 0.85x and a
 // 2^24 row 0.96x. A smaller L2 with a 12-way L1 (1.25 MB on Ice Lake-SP; none was available to measure)
 // only turns the pass off for the blocks that overflow it. (The AVX-512 CPUs with a 1 MB L2, Skylake-SP to
-// Cascade Lake and Zen 4, have 8-way L1s: no pipelined pass there, see kScratchMinL1Ways.) A larger L2, or
+// Cascade Lake and Zen 4, have 8-way L1s: no pipelined pass there, see kWideL1Ways.) A larger L2, or
 // none reported, counts as the 2 MB measured: beyond it the limits are untested (the next larger blocks
 // measured slower here).
 constexpr int64_t kPipeliningL2Bytes = int64_t(2) << 20;
@@ -207,10 +209,6 @@ Split split_of(int64_t len, int64_t min_count) {
   return sp;
 }
 
-// The leaf level's column passes span at most kGroup or kMaxCount / kGroup rows: one radix-8 pass in place,
-// which needs no scratch buffer (see columns_pow2).
-static_assert(kGroup <= 8 && kMaxCount / kGroup <= 8, "the leaf level's column passes must stay single in-place passes");
-
 // Columns per strip of the stages across `count` rows spaced `span` apart (`span` columns each): a strip of
 // kStripBytes in all, one radix pass in place for up to 8 rows, two or more for more.
 template <class T>
@@ -241,12 +239,15 @@ void cross_rows(const FwhtKernels<T>& k, T* x, int64_t count, int64_t stride, in
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip);
 
-// Blocks per group (see long_pow2): kGroup, or one for blocks of kMinBlockBytes or more where they are
-// crossed by strip (blocks_by_strip).
+// Blocks per group (see long_pow2): kGroup; where blocks are crossed by strip (blocks_by_strip), as many as
+// fit in kMinBlockBytes, the size of a block done in L2, but at most kGroup: blocks of 1 MB or more then go
+// one at a time.
 template <class T>
 int64_t group_of(const Split& sp, bool by_strip) {
-  if (by_strip && sp.block * int64_t(sizeof(T)) >= kMinBlockBytes) return 1;
-  return std::min<int64_t>(kGroup, sp.count);
+  int64_t group = std::min<int64_t>(kGroup, sp.count);
+  if (!by_strip) return group;
+  while (group > 1 && group * sp.block * int64_t(sizeof(T)) > kMinBlockBytes) group /= 2;
+  return group;
 }
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
@@ -277,7 +278,7 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
 // streams from memory (kPipelineMinBytes), with more than kGroup leaves, few enough for one strip of the
 // scratch buffer, and a leaf_prefetching_strip kernel (AVX-512); and only where the L2 holds the src and dst
 // lines of a row and of the strips of the next gathered as its leaves are done (fits_l2), and the L1 is
-// wide enough for gathers of many rows (kScratchMinL1Ways). In place, the grouped leaves and their in-place
+// wide enough for gathers of many rows (kWideL1Ways). In place, the grouped leaves and their in-place
 // passes in L2 are faster: on a Xeon with AVX-512 (Emerald Rapids, 48 KB 12-way L1, 2 MB L2), 1 thread, in
 // place, 16 MB to 64 MB of rows of 2^16 to 2^18 float32 1.03-1.29x, of 2^17 float64 1.30x (December 2026,
 // eighteenth sitting, against the in-place passes as they have been since the sixth; the pipelined pass had
@@ -289,12 +290,12 @@ template <class T>
 bool pipelined(const FwhtKernels<T>& k, int64_t len, bool from_memory, bool in_place, const CacheGeometry& cache) {
   const int64_t leaves = len / (kLeafBytes / int64_t(sizeof(T)));
   return !in_place && from_memory && k.leaf_prefetching_strip != nullptr && leaves > kGroup &&
-         leaves <= kMaxCount && gathers_many_rows(cache) &&
+         leaves <= kMaxCount && has_wide_l1(cache) &&
          fits_l2(len * int64_t(sizeof(T)), pipelining_l2_bytes(cache.l2_bytes));
 }
 
-// Blocks (or rows) per task when threads share pipelined work: up to kPipelinedRun, but at least two runs
-// per thread (the first block of a run is gathered with no leaves to alternate with).
+// Rows per task when threads share pipelined rows: up to kPipelinedRun, but at least two runs per thread
+// (the first row of a run is gathered with no leaves to alternate with).
 inline int64_t pipelined_run(int64_t count, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(kPipelinedRun, count / (2 * int64_t(threads))));
 }
@@ -498,7 +499,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
   if (chunk * int64_t(sizeof(T)) <= kLeafBytes || p.rows >= threads) {
     // Threads take grains of whole rows (dynamic: the machine may be shared, and a late thread should not
     // hold up the others): short rows by the few hundred kilobytes, long rows one at a time.
-    // Rows that SerialFwht pipelines go in runs, as the blocks of long_pow2_parallel do.
+    // Rows that SerialFwht pipelines go in runs (pipelined_run).
     const bool long_rows = chunk * int64_t(sizeof(T)) > kLeafBytes;
     const SerialFwht<T> transform(p.n, p.m, p.hadamard_m, p.scale, isa, from_memory, cache);  // shared: no mutable state
     const int64_t run = transform.pipelines(p.src == p.dst) ? pipelined_run(p.rows, threads) : 1;

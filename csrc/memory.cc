@@ -50,7 +50,10 @@ constexpr std::uint64_t kPageIsHuge = std::uint64_t(1) << 6;
 bool mostly_on_huge_pages(const void* data, std::size_t bytes) {
 #if defined(__linux__)
   const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(data);
-  if (data == nullptr || bytes == 0 || bytes > UINTPTR_MAX - start) return false;
+  const long page = sysconf(_SC_PAGESIZE);
+  if (data == nullptr || bytes == 0 || page <= 0) return false;
+  const std::uintptr_t page_mask = std::uintptr_t(page) - 1;  // the ioctl takes whole pages
+  if (bytes > UINTPTR_MAX - page_mask - start) return false;
   const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
   // Only the huge regions are reported, merged where adjacent; the walk resumes at walk_end when they
@@ -58,8 +61,8 @@ bool mostly_on_huge_pages(const void* data, std::size_t bytes) {
   PageRegion regions[32];
   PagemapScanArg arg = {};
   arg.size = sizeof(arg);
-  arg.start = start & ~std::uintptr_t(4095);
-  arg.end = start + bytes;
+  arg.start = start & ~page_mask;
+  arg.end = (start + bytes + page_mask) & ~page_mask;
   arg.vec = reinterpret_cast<std::uintptr_t>(regions);
   arg.vec_len = sizeof(regions) / sizeof(regions[0]);
   arg.category_mask = kPageIsHuge;
