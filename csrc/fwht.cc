@@ -5,9 +5,9 @@
 #include <stdexcept>
 
 #include "cache.h"
-#include "memory.h"
 #include "fwht_kernels.h"
 #include "fwht_serial.h"
+#include "memory.h"
 
 namespace dreidel {
 
@@ -379,8 +379,8 @@ void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T sca
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
-  cross_rows(k, dst, groups, span, span, leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span),
-             scale);
+  const int64_t width = leaves ? strip_width(k, groups, span, kLeafBytes) : cross_width(k, groups, span);
+  cross_rows(k, dst, groups, span, span, width, scale);
 }
 
 // The same with all threads inside one row: the groups of blocks split among threads, then the strips of
