@@ -633,28 +633,56 @@ def test_low_precision_curvature_comes_back_from_a_state_dict_as_saved(name, dty
         assert torch.equal(a, b)
 
 
+def assert_backward_passes_give_one_batchs_step(name: str, backward_passes) -> None:
+    """One batch of 8 with a plain backward against a copy of the model whose gradient comes from
+    ``backward_passes(model, x, y)``: the same gradient must give the same counted rows, curvature and step."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    plain_model = make_model()
+    other_model = copy.deepcopy(plain_model)
+    plain, other = CONFIGS[name](plain_model), CONFIGS[name](other_model)
+    plain.zero_grad()
+    F.cross_entropy(plain_model(x), y).backward()
+    plain.step(lambda: F.cross_entropy(plain_model(x), y))
+    other.zero_grad()
+    backward_passes(other_model, x, y)
+    assert other.capture.output_rows == 8
+    other.step(lambda: F.cross_entropy(other_model(x), y))
+    for p, q in zip(plain_model.parameters(), other_model.parameters()):
+        for key, value in plain.state[p].items():
+            if key in ("curvature", "A", "G", "diag0", "diag1"):
+                torch.testing.assert_close(other.state[q][key], value)
+        torch.testing.assert_close(q, p)
+
+
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
 def test_accumulated_micro_batches_give_the_full_batch_curvature(name):
     """Two micro-batches of 4 (each loss halved) have the gradient of one batch of 8: the curvature is the
     same too (their samples are different samples, not one sample seen twice)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    full_model = make_model()
-    accumulated_model = copy.deepcopy(full_model)
-    full, accumulated = CONFIGS[name](full_model), CONFIGS[name](accumulated_model)
-    full.zero_grad()
-    F.cross_entropy(full_model(x), y).backward()
-    full.step(lambda: F.cross_entropy(full_model(x), y))
-    accumulated.zero_grad()
-    for part in (slice(0, 4), slice(4, 8)):
-        (F.cross_entropy(accumulated_model(x[part]), y[part]) / 2).backward()
-    assert accumulated.capture.output_rows == 8
-    accumulated.step(lambda: F.cross_entropy(accumulated_model(x), y))
-    for p, q in zip(full_model.parameters(), accumulated_model.parameters()):
-        for key, value in full.state[p].items():
-            if key in ("curvature", "A", "G", "diag0", "diag1"):
-                torch.testing.assert_close(accumulated.state[q][key], value)
-        torch.testing.assert_close(q, p)
+
+    def accumulated(model, x, y):
+        for part in (slice(0, 4), slice(4, 8)):
+            (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
+
+    assert_backward_passes_give_one_batchs_step(name, accumulated)
+
+
+@pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
+@pytest.mark.parametrize("extra", ["autograd_grad_first", "autograd_grad_of_another_pass"])
+def test_torch_autograd_grad_calls_do_not_feed_the_curvature(name, extra):
+    """Only backward passes that accumulate into .grad feed the step, and so the curvature. A gradient
+    computed with torch.autograd.grad on the same forward pass (a gradient-norm monitor, say) was added to the
+    layers' output gradients (2 g: 4x the curvature); one on another forward pass counted as a micro-batch."""
+
+    def monitored(model, x, y):
+        if extra == "autograd_grad_of_another_pass":
+            torch.autograd.grad(F.cross_entropy(model(x[:3]), y[:3]), list(model.parameters()))
+        loss = F.cross_entropy(model(x), y)
+        if extra == "autograd_grad_first":
+            torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        loss.backward()
+
+    assert_backward_passes_give_one_batchs_step(name, monitored)
 
 
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])

@@ -56,6 +56,23 @@ _current_graph_task = torch._C._current_graph_task_id
 _in_functorch_transform = torch._C._are_functorch_transforms_active
 
 
+def _pass_accumulates_into(params) -> bool | None:
+    """Whether the backward pass running now accumulates into the ``.grad`` of any of ``params`` (those that
+    require grad): False inside ``torch.autograd.grad()``, which returns its gradients instead, and for a
+    ``backward(inputs=...)`` that leaves them all out; None where none requires grad."""
+    found = False
+    for p in params:
+        if not p.requires_grad:
+            continue
+        found = True
+        try:
+            if torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(p).node):
+                return True
+        except RuntimeError:  # torch refuses a leaf's node inside autograd.grad(), which accumulates nothing
+            return False
+    return False if found else None
+
+
 def _output_rows(output: torch.Tensor) -> int:
     """The leading positions of a model output: B for ``(B, C)`` or ``(B,)``, B·T for ``(B, T, C)``, 1 for a
     0-d one. A mean loss over the output (cross-entropy over the last axis, mean over these positions) has
@@ -124,6 +141,11 @@ class ActivationCapture:
     input, a (C, L) Conv1d or (C, H, W) Conv2d input) counts 1: one sample (a layer applied to a single vector
     inside a batched model, such as a learned query, does not make its pass unbatched).
 
+    Only backward passes that accumulate into the watched layers' ``.grad`` (``backward()``) give records
+    their gradients and mark groups, as only they feed the step: a ``torch.autograd.grad()`` call (a gradient
+    penalty, a monitored gradient norm) is left out, unless ``sampling`` is on (the optimizer's own sampled
+    backward, which is such a call).
+
     With ``keep_random_state``, each root pass with gradients keeps the random generators' states it started
     from (``random_state``, a ``RandomDraws``): the last pass's, until ``clear()``.
 
@@ -143,6 +165,7 @@ class ActivationCapture:
     root_output: torch.Tensor | None = None
     keep_random_state: bool = False
     random_state: RandomDraws | None = None
+    sampling: bool = False  # the optimizer's own backward (torch.autograd.grad) is running: its gradients count
     _group: int = 0
     _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
     _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
@@ -190,12 +213,21 @@ class ActivationCapture:
         self._groups_with_gradients.add(group)
         self._backward_since_forward = True
 
+    def _counts_this_pass(self, modules) -> bool:
+        """Whether the backward running now feeds the records: it accumulates into the ``.grad`` of a
+        parameter of ``modules`` (or none of them has one that requires grad), or it is the optimizer's own."""
+        return self.sampling or _pass_accumulates_into(p for m in modules for p in m.parameters()) is not False
+
     def _output_reached(self, group: int, rows: int) -> None:
         """The backward reached the output of a root pass of ``group`` that had ``rows`` output rows."""
+        if not self._counts_this_pass(self.modules):
+            return
         self._reached_rows[group] = rows
         self._gradient_reached(group)
 
-    def _gradient_arrived(self, record: LayerRecord, grad: torch.Tensor) -> None:
+    def _gradient_arrived(self, module: nn.Module, record: LayerRecord, grad: torch.Tensor) -> None:
+        if not self._counts_this_pass((module,)):
+            return
         grad = working_precision(grad.detach())
         # a second backward through a retained graph adds to the gradient, as it adds to p.grad
         record.grad_output = grad if record.grad_output is None else record.grad_output + grad
@@ -228,7 +260,8 @@ class ActivationCapture:
                               "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
                               "training is over", stacklevel=3)
         kept.append(record)
-        output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_arrived(record, grad)))
+        output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_arrived(module, record,
+                                                                                                   grad)))
 
     def _weak_gradient_hook(self, arrived: Callable[[ActivationCapture, torch.Tensor], None]):
         """A tensor hook calling ``arrived(capture, grad)`` while this capture lives: it holds the capture

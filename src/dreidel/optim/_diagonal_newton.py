@@ -313,7 +313,7 @@ class DiagonalNewton(CurvatureOptimizer):
                 warn_no_records("DiagonalNewton", self.steps_taken)
         else:
             capture.clear()
-            capture.enabled = True
+            capture.enabled = capture.sampling = True
             try:
                 with torch.enable_grad():
                     closure()
@@ -324,7 +324,7 @@ class DiagonalNewton(CurvatureOptimizer):
                     v = sample_output_vector(output, self.likelihood, self.generator)
                     grads = torch.autograd.grad(output, params, v, allow_unused=True)
             finally:
-                capture.enabled = False
+                capture.enabled = capture.sampling = False
             batch = 1
             fallback = {p: working_precision(g) ** 2 for p, g in zip(params, grads) if g is not None}
         estimates = dict(fallback)

@@ -344,7 +344,7 @@ class KFAC(CurvatureOptimizer):
     # -- the step ---------------------------------------------------------------------------------
     def _sampled_backward(self, closure: Closure, params: list, draws: RandomDraws | None) -> torch.Tensor:
         self.capture.clear()
-        self.capture.enabled = True
+        self.capture.enabled = self.capture.sampling = True
         try:
             with torch.enable_grad(), draws.replayed() if draws is not None else contextlib.nullcontext():
                 loss = closure()
@@ -355,7 +355,7 @@ class KFAC(CurvatureOptimizer):
                 v = sample_output_vector(output, self.likelihood, self.generator)
                 torch.autograd.grad(output, params, v, allow_unused=True)
         finally:
-            self.capture.enabled = False
+            self.capture.enabled = self.capture.sampling = False
         return loss.detach()
 
     def _update_factors(self, closure: Closure | None, params: list,
