@@ -685,6 +685,63 @@ def test_torch_autograd_grad_calls_do_not_feed_the_curvature(name, extra):
     assert_backward_passes_give_one_batchs_step(name, monitored)
 
 
+class Scaled(nn.Module):
+    """A model of bare parameters: no layer for the curvature hooks to watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("setup", ["gnb", "bare_parameters", "frozen_layer_norm"])
+def test_autograd_grad_calls_count_no_rows_where_no_watched_layer_tells_passes_apart(setup):
+    """Without a trainable watched layer (gnb watches none, a model of bare parameters has none to watch, a
+    frozen LayerNorm has no trainable parameter), the model's own parameters tell a torch.autograd.grad call
+    from a backward: a review found its 3 rows counted with the batch's 8."""
+
+    torch.manual_seed(0)
+    model = Scaled() if setup == "bare_parameters" else make_model()
+    if setup == "frozen_layer_norm":
+        model[2].requires_grad_(False)
+    optimizer = DiagonalNewton(model, curvature="gnb" if setup == "gnb" else "gauss_newton")
+    optimizer.zero_grad()
+    torch.autograd.grad(model(torch.randn(3, 4)).square().mean(), [p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(8, 4)).square().mean().backward()
+    assert optimizer.capture.output_rows == 8
+
+
+@pytest.mark.parametrize("name", ["kfac_sampled", "dn_gauss_newton_sampled"])
+def test_a_closure_that_calls_autograd_grad_leaves_the_sampled_curvature_alone(name):
+    """The optimizer's own sampled backward is a torch.autograd.grad call whose gradients count; one that the
+    closure makes (an input-gradient penalty computed inside the loss) must not be added to them."""
+
+    def penalised_loss(model, x, y):
+        with torch.enable_grad():  # the penalty needs a graph even where the optimizer evaluates without one
+            x = x.clone().requires_grad_(True)
+            out = model(x)
+            (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            return F.cross_entropy(out, y) + 0.0 * grad_x.square().sum()
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    plain_model = make_model()
+    penalised_model = copy.deepcopy(plain_model)
+    plain, penalised = CONFIGS[name](plain_model), CONFIGS[name](penalised_model)
+    for model, optimizer, loss_of in ((plain_model, plain, lambda m: F.cross_entropy(m(x), y)),
+                                      (penalised_model, penalised, lambda m: penalised_loss(m, x, y))):
+        torch.manual_seed(1)  # the same sampled labels for both
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        optimizer.step(lambda: loss_of(model))
+    for p, q in zip(plain_model.parameters(), penalised_model.parameters()):
+        for key, value in plain.state[p].items():
+            if key in ("curvature", "A", "G", "diag0", "diag1"):
+                torch.testing.assert_close(penalised.state[q][key], value)
+
+
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
 def test_a_layer_applied_to_one_vector_does_not_make_the_batch_one_sample(name):
     """A learned query projected by a Linear (a 1-D input) inside a batched model: the batch is still B."""
@@ -782,14 +839,6 @@ def test_a_forward_with_grad_between_forward_and_backward_changes_nothing(name, 
 def test_accumulated_micro_batches_count_all_rows_without_recorded_layers(curvature):
     """gnb records no layer, and a model of bare parameters has none to record: the backward reaching the
     model's output still separates the micro-batches (only the last one's rows used to count)."""
-
-    class Scaled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(4))
-
-        def forward(self, x):
-            return x * self.weight
 
     model = Scaled() if curvature == "gauss_newton" else make_model()
     optimizer = DiagonalNewton(model, curvature=curvature)

@@ -56,21 +56,20 @@ _current_graph_task = torch._C._current_graph_task_id
 _in_functorch_transform = torch._C._are_functorch_transforms_active
 
 
-def _pass_accumulates_into(params) -> bool | None:
-    """Whether the backward pass running now accumulates into the ``.grad`` of any of ``params`` (those that
-    require grad): False inside ``torch.autograd.grad()``, which returns its gradients instead, and for a
-    ``backward(inputs=...)`` that leaves them all out; None where none requires grad."""
-    found = False
-    for p in params:
-        if not p.requires_grad:
-            continue
-        found = True
-        try:
-            if torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(p).node):
-                return True
-        except RuntimeError:  # torch refuses a leaf's node inside autograd.grad(), which accumulates nothing
-            return False
-    return False if found else None
+def _will_execute(node) -> bool | None:
+    """Whether the backward pass running now executes ``node``, an AccumulateGrad node (a leaf); None inside
+    ``torch.autograd.grad()``, which accumulates nothing and where torch refuses to answer for a leaf."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError as error:
+        if "autograd.grad" not in str(error):
+            raise
+        return None
+
+
+def _accumulator(p: torch.Tensor):
+    """The AccumulateGrad node of a leaf tensor that requires grad."""
+    return torch.autograd.graph.get_gradient_edge(p).node
 
 
 def _output_rows(output: torch.Tensor) -> int:
@@ -166,6 +165,7 @@ class ActivationCapture:
     keep_random_state: bool = False
     random_state: RandomDraws | None = None
     sampling: bool = False  # the optimizer's own backward (torch.autograd.grad) is running: its gradients count
+    _accumulators: dict = field(default_factory=dict)  # module (None: the model) -> an AccumulateGrad node
     _group: int = 0
     _backward_since_forward: bool = False  # a recorded layer received its gradient since the last forward call
     _group_rows: dict[int, int] = field(default_factory=dict)  # the rows of each group's last pass
@@ -213,20 +213,38 @@ class ActivationCapture:
         self._groups_with_gradients.add(group)
         self._backward_since_forward = True
 
-    def _counts_this_pass(self, modules) -> bool:
-        """Whether the backward running now feeds the records: it accumulates into the ``.grad`` of a
-        parameter of ``modules`` (or none of them has one that requires grad), or it is the optimizer's own."""
-        return self.sampling or _pass_accumulates_into(p for m in modules for p in m.parameters()) is not False
+    def _counts_this_pass(self, module: nn.Module | None) -> bool:
+        """Whether the backward running now feeds the records: it is the optimizer's own (``sampling``), or it
+        accumulates into the ``.grad`` of a trainable parameter of ``module`` (of the model for None, or where
+        ``module`` has none), or nothing is trainable. The AccumulateGrad node that answered last is kept per
+        module and asked first (as DDP keeps them): a yes from it stands, anything else is asked again of the
+        current parameters (one may have been replaced)."""
+        if self.sampling:
+            return True
+        known = self._accumulators.get(module)
+        if known is not None and (answer := _will_execute(known)) is not False:
+            return bool(answer)  # None: inside torch.autograd.grad(), which accumulates into no .grad
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if not params:
+            whole = [self.root] if self.root is not None else self.modules
+            params = [p for m in whole for p in m.parameters() if p.requires_grad]
+        for p in params:
+            node = _accumulator(p)
+            if (answer := _will_execute(node)) is not False:
+                if answer:
+                    self._accumulators[module] = node
+                return bool(answer)
+        return not params
 
     def _output_reached(self, group: int, rows: int) -> None:
         """The backward reached the output of a root pass of ``group`` that had ``rows`` output rows."""
-        if not self._counts_this_pass(self.modules):
+        if not self._counts_this_pass(None):
             return
         self._reached_rows[group] = rows
         self._gradient_reached(group)
 
     def _gradient_arrived(self, module: nn.Module, record: LayerRecord, grad: torch.Tensor) -> None:
-        if not self._counts_this_pass((module,)):
+        if not self._counts_this_pass(module):
             return
         grad = working_precision(grad.detach())
         # a second backward through a retained graph adds to the gradient, as it adds to p.grad
@@ -319,6 +337,7 @@ class ActivationCapture:
 
     def remove(self) -> None:
         _remove_handles(self._handles)
+        self._accumulators.clear()
         self.clear()
         self.removed = True
 
@@ -373,8 +392,9 @@ class _PassStartHook:
 def warn_no_records(optimizer: str, step: int) -> None:
     """Warn that a step meant to use recorded layer inputs found none."""
     warnings.warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
-                  "or skips the update: zero_grad() between the forward pass and backward() drops them. Call "
-                  "optimizer.zero_grad() before the forward pass", stacklevel=4)
+                  "or skips the update: zero_grad() between the forward pass and backward() drops them, and "
+                  "gradients taken with torch.autograd.grad() give none. Call optimizer.zero_grad() before the "
+                  "forward pass and loss.backward() after it", stacklevel=4)
 
 
 def _remove_handles(handles: list) -> None:

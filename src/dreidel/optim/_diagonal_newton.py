@@ -313,7 +313,7 @@ class DiagonalNewton(CurvatureOptimizer):
                 warn_no_records("DiagonalNewton", self.steps_taken)
         else:
             capture.clear()
-            capture.enabled = capture.sampling = True
+            capture.enabled = True
             try:
                 with torch.enable_grad():
                     closure()
@@ -322,6 +322,7 @@ class DiagonalNewton(CurvatureOptimizer):
                         raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
                                          "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                     v = sample_output_vector(output, self.likelihood, self.generator)
+                    capture.sampling = True  # this pass only: not one the closure itself may run
                     grads = torch.autograd.grad(output, params, v, allow_unused=True)
             finally:
                 capture.enabled = capture.sampling = False

@@ -344,7 +344,7 @@ class KFAC(CurvatureOptimizer):
     # -- the step ---------------------------------------------------------------------------------
     def _sampled_backward(self, closure: Closure, params: list, draws: RandomDraws | None) -> torch.Tensor:
         self.capture.clear()
-        self.capture.enabled = self.capture.sampling = True
+        self.capture.enabled = True
         try:
             with torch.enable_grad(), draws.replayed() if draws is not None else contextlib.nullcontext():
                 loss = closure()
@@ -353,6 +353,7 @@ class KFAC(CurvatureOptimizer):
                     raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
                                          "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                 v = sample_output_vector(output, self.likelihood, self.generator)
+                self.capture.sampling = True  # this pass only: not one the closure itself may run
                 torch.autograd.grad(output, params, v, allow_unused=True)
         finally:
             self.capture.enabled = self.capture.sampling = False
