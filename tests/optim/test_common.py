@@ -701,7 +701,6 @@ def test_autograd_grad_calls_count_no_rows_where_no_watched_layer_tells_passes_a
     """Without a trainable watched layer (gnb watches none, a model of bare parameters has none to watch, a
     frozen LayerNorm has no trainable parameter), the model's own parameters tell a torch.autograd.grad call
     from a backward: a review found its 3 rows counted with the batch's 8."""
-
     torch.manual_seed(0)
     model = Scaled() if setup == "bare_parameters" else make_model()
     if setup == "frozen_layer_norm":
@@ -839,7 +838,6 @@ def test_a_forward_with_grad_between_forward_and_backward_changes_nothing(name, 
 def test_accumulated_micro_batches_count_all_rows_without_recorded_layers(curvature):
     """gnb records no layer, and a model of bare parameters has none to record: the backward reaching the
     model's output still separates the micro-batches (only the last one's rows used to count)."""
-
     model = Scaled() if curvature == "gauss_newton" else make_model()
     optimizer = DiagonalNewton(model, curvature=curvature)
     optimizer.zero_grad()
