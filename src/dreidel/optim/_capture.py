@@ -216,7 +216,7 @@ class ActivationCapture:
     def _counts_this_pass(self, module: nn.Module | None) -> bool:
         """Whether the backward running now feeds the records: it is the optimizer's own (``sampling``), or it
         accumulates into the ``.grad`` of a trainable parameter of ``module`` (of the model for None, or where
-        ``module`` has none), or nothing is trainable. The AccumulateGrad node that answered last is kept per
+        ``module`` has none), or nothing is trainable. The AccumulateGrad node that last said yes is kept per
         module and asked first (as DDP keeps them): a yes from it stands, anything else is asked again of the
         current parameters (one may have been replaced)."""
         if self.sampling:
