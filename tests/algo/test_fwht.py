@@ -102,16 +102,25 @@ def transparent_huge_pages() -> str | None:
     return found.group(1) if found else None
 
 
-def thp_eligible(address: int) -> bool:
-    """Whether the mapping holding ``address`` may take huge pages (/proc/self/smaps' THPeligible)."""
-    inside = False
+def smaps_values(address: int, size: int, field: str) -> list[str]:
+    """The value of ``field`` (``THPeligible``, ``AnonHugePages``, ...) in /proc/self/smaps for each mapping that
+    overlaps ``size`` bytes at ``address`` (madvise splits a mapping where the advised range ends, so a buffer
+    may span several)."""
+    values, inside = [], False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if head:
-            inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
-        elif inside and line.startswith("THPeligible:"):
-            return line.split()[1] == "1"
-    raise AssertionError(f"no mapping holds {address:#x}")
+            inside = int(head.group(1), 16) < address + size and address < int(head.group(2), 16)
+        elif inside and line.startswith(field + ":"):
+            values.append(line.split()[1])
+    return values
+
+
+def thp_eligible(address: int) -> bool:
+    """Whether the mapping holding ``address`` may take huge pages (/proc/self/smaps' THPeligible)."""
+    values = smaps_values(address, 1, "THPeligible")
+    assert values, f"no mapping holds {address:#x}"
+    return values[0] == "1"
 
 
 def test_huge_page_advice_changes_no_contents():
@@ -127,16 +136,8 @@ def test_huge_page_advice_changes_no_contents():
 
 
 def anon_huge_bytes(address: int, size: int) -> int:
-    """Bytes on transparent huge pages of the mappings that overlap ``size`` bytes at ``address`` (/proc/self/smaps'
-    AnonHugePages; madvise splits a mapping where the advised range ends, so a buffer may span several)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
-        if head:
-            inside = int(head.group(1), 16) < address + size and address < int(head.group(2), 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1]) * 1024
-    return total
+    """Bytes on transparent huge pages of the mappings that overlap ``size`` bytes at ``address``."""
+    return sum(int(kb) for kb in smaps_values(address, size, "AnonHugePages")) * 1024
 
 
 def kernel_has_pagemap_scan() -> bool:

@@ -633,6 +633,14 @@ def test_low_precision_curvature_comes_back_from_a_state_dict_as_saved(name, dty
         assert torch.equal(a, b)
 
 
+def assert_same_curvature(expected, expected_model: nn.Module, optimizer, model: nn.Module) -> None:
+    """``optimizer``'s curvature state for ``model``'s parameters equals ``expected``'s for ``expected_model``'s."""
+    for p, q in zip(expected_model.parameters(), model.parameters()):
+        for key, value in expected.state[p].items():
+            if key in ("curvature", "A", "G", "diag0", "diag1"):
+                torch.testing.assert_close(optimizer.state[q][key], value)
+
+
 def assert_backward_passes_give_one_batchs_step(name: str, backward_passes) -> None:
     """One batch of 8 with a plain backward against a copy of the model whose gradient comes from
     ``backward_passes(model, x, y)``: the same gradient must give the same counted rows, curvature and step."""
@@ -648,10 +656,8 @@ def assert_backward_passes_give_one_batchs_step(name: str, backward_passes) -> N
     backward_passes(other_model, x, y)
     assert other.capture.output_rows == 8
     other.step(lambda: F.cross_entropy(other_model(x), y))
+    assert_same_curvature(plain, plain_model, other, other_model)
     for p, q in zip(plain_model.parameters(), other_model.parameters()):
-        for key, value in plain.state[p].items():
-            if key in ("curvature", "A", "G", "diag0", "diag1"):
-                torch.testing.assert_close(other.state[q][key], value)
         torch.testing.assert_close(q, p)
 
 
@@ -735,10 +741,7 @@ def test_a_closure_that_calls_autograd_grad_leaves_the_sampled_curvature_alone(n
         optimizer.zero_grad()
         loss_of(model).backward()
         optimizer.step(lambda: loss_of(model))
-    for p, q in zip(plain_model.parameters(), penalised_model.parameters()):
-        for key, value in plain.state[p].items():
-            if key in ("curvature", "A", "G", "diag0", "diag1"):
-                torch.testing.assert_close(penalised.state[q][key], value)
+    assert_same_curvature(plain, plain_model, penalised, penalised_model)
 
 
 @pytest.mark.parametrize("name", ["kfac_empirical", "dn_empirical"])
