@@ -259,3 +259,40 @@ def test_a_float_file_beyond_full_scale_warns_naming_it(tmp_path):
                     subtype="FLOAT")
     with pytest.warns(UserWarning, match=r"loud.wav: samples reach 20000, expected \[-1, 1\]: a float file"):
         load_audio(tmp_path / "loud.wav")
+
+
+@pytest.mark.parametrize("chunk, field, value, message", [
+    # an SSND audio offset past the end of the file loaded as empty audio (audit)
+    (b"SSND", 8, 0xFFFFFFF0, r"corrupt AIFF file: its SSND chunk's audio offset \(4294967280 bytes\) points past "
+                             r"the end of its 3200 bytes of sample data"),
+    # COMM declaring more sample frames than SSND holds loaded the shorter audio (audit); 1600 frames are there
+    (b"COMM", 10, 2000, r"truncated AIFF file: its COMM chunk declares 2000 sample frames \(4000 bytes of audio\), "
+                        r"its SSND chunk holds 3200"),
+])
+def test_an_aiff_file_whose_chunks_disagree_is_refused_naming_it(tmp_path, chunk, field, value, message):
+    soundfile.write(tmp_path / "whole.aiff", np.zeros(1600, np.float32), SAMPLE_RATE, format="AIFF", subtype="PCM_16")
+    damaged = bytearray((tmp_path / "whole.aiff").read_bytes())
+    at = damaged.index(chunk) + field
+    damaged[at:at + 4] = value.to_bytes(4, "big")
+    path = tmp_path / "damaged.aiff"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=message) as raised:
+        load_audio(path)
+    assert str(raised.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("subtype", ["PCM_S8", "PCM_U8", "PCM_24", "FLOAT", "DOUBLE", "ULAW", "ALAW"])
+def test_whole_aiff_and_aifc_files_load(tmp_path, subtype):
+    # AIFC's compressed samples (ulaw, alaw) are not sized by COMM's bits per sample: no frame check for them
+    soundfile.write(tmp_path / "tone.aiff", 0.3 * _tone(SAMPLE_RATE, 0.1), SAMPLE_RATE, format="AIFF",
+                    subtype=subtype)
+    assert load_audio(tmp_path / "tone.aiff").shape == (1600,)
+
+
+def test_a_fifo_or_a_link_to_a_device_is_named_as_not_a_regular_file(tmp_path):
+    """Both were "audio file not found", though they exist (audit)."""
+    os.mkfifo(tmp_path / "fifo.wav")
+    (tmp_path / "zero.wav").symlink_to("/dev/zero")
+    for name in ("fifo.wav", "zero.wav"):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))} is not a regular file"):
+            load_audio(tmp_path / name)

@@ -106,3 +106,25 @@ def test_a_bad_padding_is_refused(padding):
     """A negative padding used to trim the audio silently (90 frames of 100 for -1600)."""
     with pytest.raises(ValueError, match="padding must be an int >= 0"):
         log_mel_spectrogram(torch.zeros(16000), padding=padding)
+
+
+def test_pad_or_trim_refuses_a_scalar_and_a_bad_length():
+    with pytest.raises(ValueError, match=r"audio must have a samples axis \(\.\.\., samples\), got a scalar"):
+        pad_or_trim(torch.tensor(1.0), 10)  # was IndexError
+    with pytest.raises(ValueError, match="length: expected an int >= 0, got -1"):
+        pad_or_trim(torch.zeros(4), -1)
+    with pytest.raises(TypeError, match="length: expected an int, got float"):
+        pad_or_trim(torch.zeros(4), 2.5)
+
+
+def test_a_path_is_loaded_as_openai_whisper_does(tmp_path):
+    """A str path raised a TypeError from numpy (audit); openai/whisper's log_mel_spectrogram takes one."""
+    soundfile = pytest.importorskip("soundfile")
+    from dreidel.audio import load_audio
+
+    soundfile.write(tmp_path / "noise.wav", _noise()[:8000], SAMPLE_RATE, subtype="FLOAT")
+    expected = log_mel_spectrogram(load_audio(tmp_path / "noise.wav"))
+    for path in (str(tmp_path / "noise.wav"), tmp_path / "noise.wav"):
+        assert torch.equal(log_mel_spectrogram(path), expected)
+    with pytest.raises(ValueError, match="audio file not found"):
+        log_mel_spectrogram(str(tmp_path / "missing.wav"))

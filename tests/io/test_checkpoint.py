@@ -406,3 +406,45 @@ def test_read_json_object_refuses_special_files_and_passes_os_errors_through(tmp
         read_json_object(tmp_path / "at_limit.json")
     (tmp_path / "at_limit.json").write_text('{"a": 123456789}')  # 16 bytes
     assert read_json_object(tmp_path / "at_limit.json") == {"a": 123456789}
+
+
+def test_a_config_the_reader_would_refuse_is_refused_before_writing(tmp_path, tensors, monkeypatch):
+    """A config over MAX_JSON_BYTES was written, then refused by read_config (audit)."""
+    write_checkpoint(tmp_path / "model", {"format": "dreidel.x"}, tensors)
+    size = (tmp_path / "model" / CONFIG_FILE).stat().st_size
+    monkeypatch.setattr(checkpoint_module, "MAX_JSON_BYTES", size - 1)
+    with pytest.raises(ValueError, match=f"config takes {size} bytes as JSON, more than the {size - 1}"):
+        write_checkpoint(tmp_path / "big", {"format": "dreidel.x"}, tensors)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    monkeypatch.setattr(checkpoint_module, "MAX_JSON_BYTES", size)
+    write_checkpoint(tmp_path / "big", {"format": "dreidel.x"}, tensors)
+    assert read_checkpoint(tmp_path / "big")[0] == {"format": "dreidel.x"}
+
+
+@pytest.mark.parametrize("entry, error, message", [
+    (1, TypeError, r"tensors\['bad'\] must be a torch.Tensor, got int"),  # was AttributeError: no 'detach'
+    (torch.zeros(2, device="meta"), ValueError, r"tensors\['bad'\] is on the meta device"),
+    (torch.eye(2).to_sparse(), ValueError, r"tensors\['bad'\] has layout torch.sparse_coo"),
+])
+def test_an_entry_that_is_not_a_dense_tensor_is_named_before_writing(tmp_path, tensors, entry, error, message):
+    with pytest.raises(error, match=message):
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.x"}, {**tensors, "bad": entry})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config, tensors_given, message", [
+    ([1], {}, "config must be a dict, got list"), ({}, [torch.zeros(1)], "tensors must be a dict, got list"),
+    ({}, {1: torch.zeros(1)}, "tensors: names must be strings, got int 1")])
+def test_a_config_or_tensors_that_are_not_dicts_are_type_errors(tmp_path, config, tensors_given, message):
+    with pytest.raises(TypeError, match=message):
+        write_checkpoint(tmp_path / "m", config, tensors_given)
+    assert not any(tmp_path.iterdir())
+
+
+def test_read_json_object_takes_a_str_path_and_refuses_other_types(tmp_path):
+    from dreidel.io import read_json_object
+
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    assert read_json_object(str(tmp_path / "a.json")) == {"a": 1}  # was AttributeError: 'str' has no 'exists'
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        read_json_object(3)

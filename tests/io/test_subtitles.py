@@ -102,3 +102,11 @@ def test_the_write_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     write_text_file(target, "Ünïcode ✓\n")
     assert target.read_bytes() == "Ünïcode ✓\n".encode("utf-8")
+
+
+def test_plain_tuples_are_type_errors_asking_for_segments():
+    """(start, end, text) tuples raised AttributeError: 'tuple' object has no attribute 'start' (audit)."""
+    for render in (format_srt, format_vtt):
+        with pytest.raises(TypeError, match=r"segment 1 must have start, end and text attributes \(a Whisper "
+                                            r"Segment\), got tuple"):
+            render([Cue(0.0, 1.0, "x"), (1.0, 2.0, "y")])

@@ -142,6 +142,8 @@ def test_bad_arguments():
         MultiHeadAttentionSpectral(48, 4, dropout="0.1")
     with pytest.raises(ValueError, match="dropout"):
         MultiHeadAttentionSpectral(48, 4, dropout=1.0)
+    with pytest.raises(TypeError, match=r"linear_kwargs must be a dict of keyword arguments or None, got \[1\]"):
+        MultiHeadAttentionSpectral(48, 4, linear_kwargs=[1])  # was AttributeError
     layer = MultiHeadAttentionSpectral(48, 4, causal=True)
     with pytest.raises(ValueError, match=r"\(batch, positions, 48\)"):
         layer(torch.randn(2, 5, 40))
@@ -169,13 +171,13 @@ def test_a_cache_serves_one_kind_of_attention():
 
 
 def test_a_call_that_fails_leaves_the_cache_as_it_was():
-    """A bad mask raises only in the attention itself: the new keys must not have entered the cache by then,
-    or a retry attends to that position twice."""
+    """A failed call (here a bad mask) must not leave its new keys in the cache, or a retry attends to that
+    position twice."""
     layer = make(causal=True)
     x = torch.randn(2, 6, 48, dtype=torch.float64)
     cache = KVCache()
     layer(x[:, :4], kv_cache=cache)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="attn_mask"):
         layer(x[:, 4:5], kv_cache=cache, attn_mask=torch.ones(1, 1, 1, 3, dtype=torch.bool))  # 3 keys, not 5
     assert cache.length == 4
     step = layer(x[:, 4:5], kv_cache=cache)
@@ -188,3 +190,41 @@ def test_numpy_integer_sizes_are_taken_as_nn_multihead_attention_takes_them():
     layer = MultiHeadAttentionSpectral(np.int64(16), np.int64(2))
     assert type(layer.embed_dim) is int and type(layer.num_heads) is int
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+
+
+@pytest.mark.parametrize("mask, error, message", [
+    (torch.zeros(3, 3), ValueError, r"attn_mask must be broadcastable to \(batch, heads, queries, keys\) = "
+                                    r"\(2, 4, 5, 5\), got shape \(3, 3\)"),  # was a raw broadcasting error
+    (torch.zeros(2, 1, 1, 4, 5), ValueError, r"= \(2, 4, 5, 5\), got shape \(2, 1, 1, 4, 5\)"),
+    (torch.ones(4, dtype=torch.bool), ValueError, r"got shape \(4,\)"),
+    (torch.zeros(5, 5, dtype=torch.int64), TypeError, "attn_mask must be bool .* or floating .*, got torch.int64"),
+    ([[True] * 5] * 5, TypeError, "attn_mask must be a torch.Tensor or None, got list"),
+])
+def test_a_bad_attn_mask_is_refused_naming_the_expected_shape(mask, error, message):
+    """A mask of the wrong shape gave a raw broadcasting error, an int64 mask or a list failed inside SDPA."""
+    layer = MultiHeadAttentionSpectral(16, 4)
+    with pytest.raises(error, match=message):
+        layer(torch.randn(2, 5, 16), attn_mask=mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_one_dimensional_mask_applies_to_every_query(causal):
+    """SDPA refuses masks of fewer than 2 dimensions: one over the keys alone worked only with causal=True."""
+    layer = make(causal=causal)
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, True])
+    torch.testing.assert_close(layer(x, attn_mask=keep), layer(x, attn_mask=keep.expand(5, 5)))
+
+
+def test_the_attn_mask_shape_counts_the_cached_keys_and_a_float64_mask_is_cast():
+    torch.manual_seed(0)
+    layer = MultiHeadAttentionSpectral(16, 4)
+    x = torch.randn(2, 7, 16)
+    cache = KVCache()
+    layer(x[:, :5], kv_cache=cache)
+    with pytest.raises(ValueError, match=r"= \(2, 4, 2, 7\); keys: 5 cached \+ 2 new, got shape \(2, 2\)"):
+        layer(x[:, 5:], kv_cache=cache, attn_mask=torch.ones(2, 2, dtype=torch.bool))
+    additive = torch.zeros(1, 7, dtype=torch.float64)
+    additive[:, 3] = float("-inf")
+    step = layer(x[:, 5:], kv_cache=cache, attn_mask=additive)  # float64 failed inside SDPA for a float32 layer
+    torch.testing.assert_close(step, layer(x, attn_mask=additive.float())[:, 5:])

@@ -131,6 +131,19 @@ def test_rejects_channels_first_and_bad_arguments():
         layer(torch.randn(2, 5, 5, 8, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("cls", [Conv2dSpectral, Conv3dSpectral])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"linear_kwargs": [1]}, r"linear_kwargs must be a dict of keyword arguments or None, got \[1\]"),
+    ({"linear_kwargs": {1: 2}}, r"linear_kwargs must be a dict of keyword arguments or None, got \{1: 2\}"),
+    ({"generator": 5}, "generator must be a torch.Generator or None, got int"),
+    ({"linear_kwargs": {"generator": 5}}, r"linear_kwargs\['generator'\] must be a torch.Generator or None"),
+])
+def test_bad_linear_kwargs_and_generators_are_type_errors_naming_them(cls, kwargs, message):
+    """linear_kwargs=[1] raised AttributeError, generator=5 torch.randn's overload list (audit)."""
+    with pytest.raises(TypeError, match=message):
+        cls(3, 8, **kwargs)
+
+
 def test_a_generator_given_only_in_linear_kwargs_seeds_the_depthwise_weights_too():
     def make():
         return Conv2dSpectral(4, 8, 3, linear_kwargs={"generator": torch.Generator().manual_seed(3)})

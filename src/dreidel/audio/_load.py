@@ -133,11 +133,42 @@ def _other_declared_audio(path: Path) -> tuple[str, int, int] | None:
                 if guid == _W64_DATA:
                     return "Wave64", chunk_size - 24, size - offset - 24
         elif start[:4] == b"FORM" and start[8:12] in (b"AIFF", b"AIFC"):
-            for offset, chunk_id, chunk_size in _chunks(handle, size, 12, ">4sI", path, "AIFF", "audio"):
-                if chunk_id == b"SSND":  # then a 4-byte offset to the audio and a 4-byte block size
-                    skip = _chunk_header(handle, offset + 8, size, ">I", path, "AIFF")[0]
-                    return "AIFF", chunk_size - 8 - skip, size - offset - 16 - skip
+            return _aiff_declared_audio(handle, size, path, compressed=start[8:12] == b"AIFC")
     return None
+
+
+# AIFC compression types whose samples take ceil(sampleSize / 8) bytes each: PCM and floats. In the others (ulaw,
+# ima4, ...) a sample's bytes do not follow from COMM's sampleSize.
+_AIFC_SIZED_SAMPLES = (b"NONE", b"twos", b"sowt", b"raw ", b"fl32", b"FL32", b"fl64", b"FL64")
+
+
+def _aiff_declared_audio(handle, size: int, path: Path, compressed: bool) -> tuple[str, int, int]:
+    """``("AIFF", declared, held)`` for an AIFF or AIFC file (``compressed``) of ``size`` bytes: the bytes of
+    audio its SSND chunk declares and those the file holds from where the audio starts.
+
+    Raises:
+        ValueError: the file ends inside a chunk header or before its SSND chunk; the SSND chunk's audio
+            offset points past the chunk's end (the audio loaded as empty); or a COMM chunk before it declares
+            more sample frames than the SSND chunk holds (libsndfile read the shorter audio without a word).
+    """
+    frames, frame_size = 0, 0  # what COMM declares, where a frame's size follows from it (not checked after SSND)
+    for offset, chunk_id, chunk_size in _chunks(handle, size, 12, ">4sI", path, "AIFF", "audio"):
+        if chunk_id == b"COMM":  # channels, sample frames, bits per sample, rate; AIFC: then a compression type
+            channels, count, sample_bits = _chunk_header(handle, offset + 8, size, ">hIh", path, "AIFF")
+            kind = b"NONE" if not compressed else (
+                _chunk_header(handle, offset + 26, size, ">4s", path, "AIFF")[0] if chunk_size >= 22 else None)
+            if kind in _AIFC_SIZED_SAMPLES and channels > 0 and sample_bits > 0:
+                frames, frame_size = count, channels * -(-sample_bits // 8)
+        elif chunk_id == b"SSND":  # then a 4-byte offset to the audio and a 4-byte block size
+            skip = _chunk_header(handle, offset + 8, size, ">I", path, "AIFF")[0]
+            if skip > chunk_size - 8:
+                raise ValueError(f"{path}: corrupt AIFF file: its SSND chunk's audio offset ({skip} bytes) points "
+                                 f"past the end of its {max(0, chunk_size - 8)} bytes of sample data")
+            declared = chunk_size - 8 - skip
+            if frames * frame_size > declared:
+                raise ValueError(f"{path}: truncated AIFF file: its COMM chunk declares {frames} sample frames "
+                                 f"({frames * frame_size} bytes of audio), its SSND chunk holds {declared}")
+            return "AIFF", declared, max(0, size - offset - 16 - skip)
 
 
 def _looks_like_chunks(data: bytes, offset: int) -> bool:
@@ -157,7 +188,8 @@ def _readable_source(path: Path):
     Raises:
         ValueError: a WAV, RF64, Wave64 or AIFF file whose header declares more bytes of audio than the file
             holds, or that ends inside a chunk header: libsndfile reads such a file (a download or copy cut
-            short) up to its end without a word, as if the audio were short.
+            short) up to its end without a word, as if the audio were short. An AIFF file whose audio offset
+            points past its SSND chunk, or whose COMM chunk declares more sample frames than that chunk holds.
     """
     chunk = _wav_data_chunk(path)
     if chunk is None:
@@ -189,8 +221,10 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
 
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected an audio file")
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"audio file not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, a link to /dev/zero fill memory
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device, a socket); expected an audio file")
     source = _readable_source(path)
     try:
         samples, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (frames, channels)
@@ -223,8 +257,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing, unreadable or truncated (WAV, RF64, Wave64, AIFF) file or a directory (naming the
-            path), bad shape or no channels, non-finite
+        ValueError: missing, unreadable, truncated (WAV, RF64, Wave64, AIFF) or corrupt (AIFF) file, a directory
+            or another file that is not a regular one (naming the path), bad shape or no channels, non-finite
             samples, a rate that is not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE``
             (768 kHz), or one above about 660 kHz sharing so few factors with 16 kHz that its filter table
             would take hundreds of MB (see ``resample``; every rate audio is recorded at, 768 kHz included,

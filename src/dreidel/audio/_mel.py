@@ -8,6 +8,7 @@ linear below 1 kHz (3 mels per 200 Hz) and logarithmic above; each triangle is s
 from __future__ import annotations
 
 import numbers
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -77,11 +78,17 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
 
 
 def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
-    """Zero-pad or cut the last axis of ``audio`` (..., samples) to ``length`` samples."""
+    """Zero-pad or cut the last axis of ``audio`` (..., samples) to ``length`` samples.
+
+    Raises:
+        ValueError: ``audio`` is a scalar (no samples axis), or ``length`` is negative.
+        TypeError: ``length`` is not an int.
+    """
     if not isinstance(audio, torch.Tensor):
         audio = torch.as_tensor(np.asarray(audio))
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+    if audio.dim() == 0:
+        raise ValueError("audio must have a samples axis (..., samples), got a scalar")
+    check_count("length", length, minimum=0)
     if audio.shape[-1] >= length:
         return audio[..., :length]
     return torch.nn.functional.pad(audio, (0, length - audio.shape[-1]))
@@ -91,7 +98,8 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     """Whisper's normalised log-mel spectrogram.
 
     Args:
-        audio: 16 kHz float waveform ``(..., samples)`` (tensor or array; see :func:`dreidel.audio.load_audio`).
+        audio: 16 kHz float waveform ``(..., samples)`` (tensor or array), or the path of an audio file, read with
+            :func:`dreidel.audio.load_audio` (as openai/whisper's ``log_mel_spectrogram`` takes one).
         n_mels: 80 (Whisper up to large-v2) or 128 (large-v3).
         padding: zeros appended before the transform (Whisper's transcribe pads by ``N_SAMPLES``).
 
@@ -101,10 +109,15 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
 
     Raises:
         ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), or a NaN or
-            infinite sample.
+            infinite sample; for a path, what ``load_audio`` raises.
+        TypeError: samples that are not floating point.
     """
     if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"padding must be an int >= 0 (zeros appended), got {padding!r}")  # -k trimmed silently
+    if isinstance(audio, (str, os.PathLike)):
+        from dreidel.audio._load import load_audio  # here: _load imports this module
+
+        audio = load_audio(audio)
     if not isinstance(audio, torch.Tensor):
         audio = torch.as_tensor(np.asarray(audio))
     if not audio.is_floating_point():

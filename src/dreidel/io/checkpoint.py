@@ -69,16 +69,31 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
 
     Returns:
         the checkpoint directory as a ``Path``.
+
+    Raises:
+        ValueError: nothing may be replaced at ``path`` (see above); the config's JSON takes more than the
+            ``MAX_JSON_BYTES`` a reader reads; a tensor is on the meta device (no data) or not dense (sparse).
+        TypeError: ``config`` or ``tensors`` is not a dict; the config holds a value JSON cannot write; a name
+            is not a string or an entry not a tensor.
+        Each before anything is written.
     """
     target = Path(path)
     check_checkpoint_target(target)
-    config_text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON values
+    for name, value in (("config", config), ("tensors", tensors)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON values
+    if len(config_text) > MAX_JSON_BYTES:  # read_config would refuse it (ASCII JSON: a byte per character)
+        raise ValueError(f"config takes {len(config_text)} bytes as JSON, more than the {MAX_JSON_BYTES} a "
+                         f"checkpoint's {CONFIG_FILE} may take")
+    for name, tensor in tensors.items():
+        _check_saved_tensor(name, tensor)
     # safetensors refuses views that share storage; give it one contiguous copy of each tensor
     plain = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)
     try:
-        _write_text(staging / CONFIG_FILE, config_text + "\n")
+        _write_text(staging / CONFIG_FILE, config_text)
         save_file(plain, str(staging / TENSORS_FILE))
         give_usual_file_mode(staging / TENSORS_FILE)
         _fsync_file(staging / TENSORS_FILE)
@@ -87,6 +102,20 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _check_saved_tensor(name: object, tensor: object) -> None:
+    """``TypeError`` / ``ValueError`` naming the entry unless ``tensor`` is a dense tensor with data, ``name`` a
+    string: what safetensors can write."""
+    if not isinstance(name, str):
+        raise TypeError(f"tensors: names must be strings, got {type(name).__name__} {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_meta:
+        raise ValueError(f"tensors[{name!r}] is on the meta device: it has no data to save")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensors[{name!r}] has layout {tensor.layout}; a checkpoint holds dense tensors "
+                         f"(save tensor.to_dense())")
 
 
 @dataclass(frozen=True)
@@ -260,11 +289,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 MAX_JSON_BYTES = 64 << 20
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in the file ``path``; a ``ValueError`` naming the file for anything else (a special
     file, larger than ``MAX_JSON_BYTES``, not UTF-8, not JSON, nested too deeply or with integers too long to
     parse, not an object). A FIFO would block the read and a link to ``/dev/zero`` fill memory: neither is
-    opened. ``OSError`` passes through (a missing file, a directory)."""
+    opened. ``OSError`` passes through (a missing file, a directory); ``TypeError`` where ``path`` is not a
+    ``str`` or ``os.PathLike``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
     if path.exists() and not path.is_file() and not path.is_dir():
         raise ValueError(f"{path}: expected a regular file holding a JSON object")
     with open(path, "rb") as handle:

@@ -50,15 +50,20 @@ def _cues(segments: Iterable[TimedText], separator: str) -> list[tuple[str, str]
     cues = []
     previous_start = 0.0
     for index, segment in enumerate(segments):
-        start = _seconds(segment.start, f"segment {index} start")
-        end = _seconds(segment.end, f"segment {index} end")
+        try:
+            given_start, given_end, given_text = segment.start, segment.end, segment.text
+        except AttributeError:  # a (start, end, text) tuple, say
+            raise TypeError(f"segment {index} must have start, end and text attributes (a Whisper Segment), got "
+                            f"{type(segment).__name__}") from None
+        start = _seconds(given_start, f"segment {index} start")
+        end = _seconds(given_end, f"segment {index} end")
         if end < start:
-            raise ValueError(f"segment {index} ends before it starts: {segment.start!r} -> {segment.end!r}")
+            raise ValueError(f"segment {index} ends before it starts: {given_start!r} -> {given_end!r}")
         if start < previous_start:
-            raise ValueError(f"segment {index} starts at {segment.start!r}, before segment {index - 1} "
+            raise ValueError(f"segment {index} starts at {given_start!r}, before segment {index - 1} "
                              f"({previous_start!r}): segments must be in time order")
         previous_start = start
-        text = "\n".join(line for line in str(segment.text).strip().splitlines() if line.strip())
+        text = "\n".join(line for line in str(given_text).strip().splitlines() if line.strip())
         if text:
             # a cue ends after it starts (WebVTT requires it; a player may skip an empty SubRip cue): one that
             # would not, once rounded to the millisecond, lasts one
@@ -69,12 +74,18 @@ def _cues(segments: Iterable[TimedText], separator: str) -> list[tuple[str, str]
 
 
 def format_srt(segments: Iterable[TimedText]) -> str:
-    """SubRip text: numbered cues ``n``, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, the text, a blank line."""
+    """SubRip text: numbered cues ``n``, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, the text, a blank line.
+
+    Raises:
+        TypeError: a segment without ``start``, ``end`` and ``text`` (a plain tuple), or times that are not
+            numbers. ValueError: times out of order or not finite seconds >= 0 (see the module docstring).
+    """
     return "".join(f"{n}\n{times}\n{text}\n\n" for n, (times, text) in enumerate(_cues(segments, ","), 1))
 
 
 def format_vtt(segments: Iterable[TimedText]) -> str:
-    """WebVTT text: ``WEBVTT``, then cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` and their text."""
+    """WebVTT text: ``WEBVTT``, then cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` and their text; raises as
+    ``format_srt`` does."""
     cues = _cues(segments, ".")
     return "WEBVTT\n\n" + "".join(f"{times}\n{_escape_vtt(text)}\n\n" for times, text in cues)
 

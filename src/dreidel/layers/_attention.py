@@ -106,7 +106,15 @@ class MultiHeadAttentionSpectral(nn.Module):
         Args:
             context: ``(B, S, E)`` for cross-attention; ``None`` for self-attention.
             kv_cache: a ``KVCache`` updated in place (see its docstring); ``None`` for a full pass.
-            attn_mask: optional mask broadcastable to ``(B, heads, T, keys)``: bool (True = attend) or additive float.
+            attn_mask: optional mask broadcastable to ``(B, heads, T, keys)``: bool (True = attend) or additive
+                float (cast to the attention's dtype). ``keys`` counts the cached positions too: ``S`` for
+                cross-attention, ``past + T`` for self-attention with a cache holding ``past``.
+
+        Raises:
+            TypeError: ``x`` or ``context`` is not a tensor, ``kv_cache`` not a ``KVCache``, ``attn_mask`` not a
+                bool or floating tensor.
+            ValueError: a shape that does not fit (naming the expected one), a cache of the other kind of
+                attention or of another batch, ``causal`` with ``context``.
         """
         self._check("x", x, None)
         if context is not None:
@@ -125,7 +133,12 @@ class MultiHeadAttentionSpectral(nn.Module):
                 f"kv_cache holds a batch of {kv_cache.key.shape[0]}, x has a batch of {x.shape[0]}; "
                 "use one KVCache per batch (a new KVCache() to start over)"
             )
+        keys = (past or context.shape[1]) if context is not None else past + x.shape[1]
+        self._check_mask(attn_mask, x, keys, 0 if context is not None else past)
         query = self._split_heads(self.query(x))  # (B, heads, T, head_dim)
+        if attn_mask is not None:  # SDPA takes masks of 2 or more dimensions, floats of float32 or the query's dtype
+            attn_mask = attn_mask.reshape((1,) * (2 - min(attn_mask.dim(), 2)) + attn_mask.shape)
+            attn_mask = attn_mask.to(query.dtype) if attn_mask.is_floating_point() else attn_mask
         if context is not None and kv_cache is not None and past > 0:
             key, value = kv_cache.key, kv_cache.value  # cross-attention: the context was projected before
         else:
@@ -142,6 +155,24 @@ class MultiHeadAttentionSpectral(nn.Module):
         if kv_cache is not None:  # only once the call has succeeded: a failed one (a bad mask) leaves the cache
             kv_cache.key, kv_cache.value, kv_cache.cross = key, value, context is not None
         return out
+
+    def _check_mask(self, attn_mask: object, x: torch.Tensor, keys: int, past: int) -> None:
+        """Refuse an ``attn_mask`` that SDPA would fail on deep inside, or broadcast into another shape."""
+        if attn_mask is None:
+            return
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the scores), got "
+                            f"{attn_mask.dtype}")
+        expected = (x.shape[0], self.num_heads, x.shape[1], keys)
+        if attn_mask.dim() > 4 or any(size not in (1, full) for size, full in
+                                       zip(reversed(attn_mask.shape), reversed(expected))):
+            cached = f"; keys: {past} cached + {x.shape[1]} new" if past else ""
+            raise ValueError(f"attn_mask must be broadcastable to (batch, heads, queries, keys) = {expected}{cached}, "
+                             f"got shape {tuple(attn_mask.shape)}")
+        if attn_mask.device != x.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, x on {x.device}")
 
     def _mask(self, attn_mask: torch.Tensor | None, queries: int, keys: int, past: int,
               device: torch.device) -> tuple[torch.Tensor | None, bool]:

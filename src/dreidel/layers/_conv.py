@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._registry import build_linear, config_kwargs
-from dreidel.layers._spectral import _as_width, check_input_dtype_and_device
+from dreidel.layers._spectral import _as_width, check_generator, check_input_dtype_and_device
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 
@@ -62,6 +62,8 @@ class _SpectralConvNd(nn.Module):
         self._bias = bias
         self._linear_kwargs = config_kwargs(linear_kwargs)
         kwargs = dict(linear_kwargs or {})
+        check_generator("generator", generator)
+        check_generator("linear_kwargs['generator']", kwargs.get("generator"))
         # Variance preserving: each depthwise output sums prod(kernel) inputs with weights of variance 1/prod(kernel).
         # Drawn as before whatever the dtype, so a generator gives the same values; then placed as the channel mix.
         if generator is None:  # one given only in linear_kwargs seeds the depthwise weights too
@@ -135,6 +137,10 @@ class Conv2dSpectral(_SpectralConvNd):
             and their ``device`` and ``dtype``, if given, place the depthwise weights too (the whole layer).
         generator: source of the depthwise weights and of the spectral mix's permutations and scales (one given
             only in ``linear_kwargs`` seeds both too).
+
+    Raises:
+        TypeError: ``generator`` (or one in ``linear_kwargs``) is not a ``torch.Generator`` or None, or
+            ``linear_kwargs`` not a dict of keyword arguments; ``TypeError`` / ``ValueError`` for bad sizes.
 
     Shapes: input ``(N, H, W, C_in)`` → output ``(N, H_out, W_out, C_out)`` (``H_out`` as for ``nn.Conv2d``).
     """

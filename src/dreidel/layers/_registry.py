@@ -9,6 +9,7 @@ reproducible initialisation, so composite layers can pass one without knowing th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable, Protocol
 
 import torch
@@ -24,8 +25,15 @@ __all__ = ["INIT_ONLY_ARGS", "LinearFactory", "build_linear", "config_kwargs", "
 INIT_ONLY_ARGS = ("device", "dtype", "generator")
 
 
-def config_kwargs(linear_kwargs: dict[str, object] | None) -> dict[str, object]:
-    """``linear_kwargs`` as a layer's ``config()`` keeps them: without the ``INIT_ONLY_ARGS``."""
+def config_kwargs(linear_kwargs: Mapping[str, object] | None) -> dict[str, object]:
+    """``linear_kwargs`` as a layer's ``config()`` keeps them: without the ``INIT_ONLY_ARGS``.
+
+    Raises:
+        TypeError: ``linear_kwargs`` is not a dict of keyword arguments (or None).
+    """
+    if linear_kwargs is not None and (not isinstance(linear_kwargs, Mapping)
+                                      or not all(isinstance(key, str) for key in linear_kwargs)):
+        raise TypeError(f"linear_kwargs must be a dict of keyword arguments or None, got {linear_kwargs!r}")
     return {k: v for k, v in (linear_kwargs or {}).items() if k not in INIT_ONLY_ARGS}
 
 

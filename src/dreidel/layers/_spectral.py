@@ -133,6 +133,12 @@ def _as_width(name: str, value: object, allow_none: bool) -> int | None:
     return width
 
 
+def check_generator(name: str, generator: object) -> None:
+    """``TypeError`` naming ``name`` unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def check_input_dtype_and_device(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> None:
     """Refuse, as ``nn.Linear`` does, an input whose dtype or device is not that of ``layer``'s ``weight``.
 
@@ -219,8 +225,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             _refuse_flags(bias=bias)  # a truthy "no" would add a bias
         if init not in SPECTRAL_INITS:
             raise ValueError(f"init must be one of {SPECTRAL_INITS}, got {init!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator("generator", generator)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a real floating torch.dtype or None, got {dtype!r}")
         self._activation_fn = resolve_activation(activation)

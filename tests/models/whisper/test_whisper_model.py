@@ -138,3 +138,49 @@ def test_decoder_cache_misuse_is_a_value_error(random_whisper, misuse, message):
 def test_encoder_rejects_mel_of_the_wrong_shape(random_whisper, shape):
     with pytest.raises(ValueError, match=r"mel must be \(batch, 80, frames\)"):
         random_whisper.embed_audio(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("tokens, error, message", [
+    (torch.tensor([[10**6]]), ValueError, r"tokens must be ids in \[0, 51864\) \(the vocabulary size is 51864\), "
+                                          r"got 1000000"),  # was IndexError: index out of range in self
+    (torch.tensor([[50257, -1]]), ValueError, r"tokens must be ids in \[0, 51864\) .*got -1"),
+    ([[50257]], TypeError, "tokens must be a .* torch.Tensor, got list"),
+])
+@torch.inference_mode()
+def test_tokens_outside_the_vocabulary_are_named(random_whisper, tokens, error, message):
+    with pytest.raises(error, match=message):
+        random_whisper.logits(tokens, torch.zeros(1, 1500, random_whisper.dims.n_audio_state))
+
+
+@pytest.mark.parametrize("features, error, message", [
+    (torch.zeros(1, 1500, 32), ValueError, r"audio_features must be \(windows, frames, 64\) \(the encoder's output\), "
+                                           r"got shape \(1, 1500, 32\)"),  # was a raw reshape error
+    (torch.zeros(1500, 64), ValueError, r"got shape \(1500, 64\)"),
+    (torch.zeros(1, 1500, 64, dtype=torch.float64), TypeError, "audio_features must have the decoder's dtype "
+                                                               "torch.float32, got torch.float64"),
+])
+@torch.inference_mode()
+def test_audio_features_of_another_width_or_dtype_are_refused(random_whisper, features, error, message):
+    with pytest.raises(error, match=message):
+        random_whisper.logits(torch.tensor([[50257]]), features)
+
+
+def test_a_mel_of_another_dtype_is_a_type_error_naming_it(random_whisper):
+    """A float64 mel failed inside the convolution; decode casts it, the module itself does not."""
+    with pytest.raises(TypeError, match=r"mel must have the model's dtype torch.float32, got torch.float64"):
+        random_whisper.embed_audio(torch.zeros(1, 80, 3000, dtype=torch.float64))
+    with pytest.raises(TypeError, match="mel must be a torch.Tensor, got list"):
+        random_whisper.embed_audio([[0.0] * 3000] * 80)
+
+
+def test_the_tokenizer_refuses_negative_and_non_integer_ids():
+    from dreidel.io import shipped_whisper_files
+    from dreidel.models.whisper import WhisperTokenizer
+
+    tokenizer = WhisperTokenizer(shipped_whisper_files("tiny.en").directory / "tokenizer.json", multilingual=False)
+    ids = tokenizer.encode(" hello world")
+    assert tokenizer.decode(ids) == tokenizer.decode(torch.tensor(ids + [tokenizer.eot])) == " hello world"
+    with pytest.raises(ValueError, match="tokens must be token ids >= 0, got -5"):
+        tokenizer.decode([-5])  # was OverflowError
+    with pytest.raises(TypeError, match=r"tokens must be a sequence of integer token ids, got \[1.5\]"):
+        tokenizer.decode([1.5])

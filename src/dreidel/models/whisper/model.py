@@ -194,8 +194,19 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(n_state)
 
     def forward(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, 2·n_audio_ctx) of the model's dtype -> (B, n_audio_ctx, n_audio_state).
+
+        Raises:
+            TypeError: ``mel`` is not a tensor of the weights' dtype (``decode`` casts; this module does not).
+            ValueError: another shape.
+        """
+        if not isinstance(mel, Tensor):
+            raise TypeError(f"mel must be a torch.Tensor, got {type(mel).__name__}")
         if mel.dim() != 3 or mel.shape[1] != self.conv1.in_channels:
             raise ValueError(f"mel must be (batch, {self.conv1.in_channels}, frames), got shape {tuple(mel.shape)}")
+        if mel.dtype != self.conv1.weight.dtype:
+            raise TypeError(f"mel must have the model's dtype {self.conv1.weight.dtype}, got {mel.dtype} (give "
+                            f"mel.to({self.conv1.weight.dtype}))")
         x = F.gelu(self.conv1(mel))  # (B, C, 2T)
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
         if x.shape[1] != self.positional_embedding.shape[0]:
@@ -299,9 +310,22 @@ class TextDecoder(nn.Module):
     def new_cache(self, audio_features: Tensor, rows_per_window: int = 1,
                   padding: Tensor | None = None) -> DecoderCache:
         """Buffers for decoding ``rows_per_window`` hypotheses against each of audio_features (W, S, C);
-        ``padding`` (W,) int64: padding positions at the start of each window's rows (see ``DecoderCache``)."""
-        rows = audio_features.shape[0] * rows_per_window
+        ``padding`` (W,) int64: padding positions at the start of each window's rows (see ``DecoderCache``).
+
+        Raises:
+            TypeError / ValueError: ``audio_features`` is not a tensor of shape (W, S, n_text_state) and the
+                decoder's dtype; ``padding`` is not (W,) int64 counts >= 0.
+        """
         n_ctx, n_state = self.positional_embedding.shape
+        if not isinstance(audio_features, Tensor):
+            raise TypeError(f"audio_features must be a torch.Tensor, got {type(audio_features).__name__}")
+        if audio_features.dim() != 3 or audio_features.shape[-1] != n_state:
+            raise ValueError(f"audio_features must be (windows, frames, {n_state}) (the encoder's output), got shape "
+                             f"{tuple(audio_features.shape)}")
+        if audio_features.dtype != self.positional_embedding.dtype:
+            raise TypeError(f"audio_features must have the decoder's dtype {self.positional_embedding.dtype}, got "
+                            f"{audio_features.dtype}")
+        rows = audio_features.shape[0] * rows_per_window
         head_dim = n_state // self.n_head
         like = dict(dtype=audio_features.dtype, device=audio_features.device)
         self_k = [torch.zeros(rows, self.n_head, head_dim, n_ctx, **like) for _ in self.blocks]
@@ -329,11 +353,20 @@ class TextDecoder(nn.Module):
     def hidden(self, tokens: Tensor, offset: int, cache: DecoderCache) -> Tensor:
         """tokens (B, T) int64 at positions offset..offset+T-1 -> final normalised states (B, T, C).
 
-        B must be the cache's number of rows and offset+T at most n_text_ctx; otherwise ``ValueError`` (a
-        mismatched batch would broadcast silently against the buffers).
+        B must be the cache's number of rows, offset+T at most n_text_ctx and every id in [0, n_vocab); otherwise
+        ``ValueError`` (a mismatched batch would broadcast silently against the buffers). ``TypeError`` where
+        ``tokens`` is not a tensor.
         """
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a (batch, length) int64 torch.Tensor, got {type(tokens).__name__}")
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be (batch, length) int64, got shape {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel():
+            n_vocab = self.token_embedding.num_embeddings
+            low, high = (int(bound) for bound in torch.aminmax(tokens))
+            if low < 0 or high >= n_vocab:
+                raise ValueError(f"tokens must be ids in [0, {n_vocab}) (the vocabulary size is {n_vocab}), got "
+                                 f"{low if low < 0 else high}")
         if tokens.shape[0] != cache.rows:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache holds {cache.rows} rows (build it "
                              f"with new_cache from the same audio features and rows_per_window)")

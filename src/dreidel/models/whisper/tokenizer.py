@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 __all__ = ["WhisperTokenizer"]
@@ -88,5 +89,16 @@ class WhisperTokenizer:
         return self._tokenizer.id_to_token(token_id)
 
     def decode(self, tokens: list[int]) -> str:
-        """Text of ``tokens``; special and timestamp tokens (ids >= <|endoftext|>) are left out."""
-        return self._tokenizer.decode([t for t in tokens if t < self.eot])
+        """Text of ``tokens``; special and timestamp tokens (ids >= <|endoftext|>) are left out.
+
+        Raises:
+            TypeError: ``tokens`` holds something other than integer ids. ValueError: a negative id.
+        """
+        try:
+            ids = [operator.index(t) for t in tokens]  # Python, NumPy and 0-d tensor integers; no floats
+        except TypeError:
+            raise TypeError(f"tokens must be a sequence of integer token ids, got {tokens!r:.80}") from None
+        negative = [t for t in ids if t < 0]
+        if negative:  # the Rust tokenizer raised OverflowError for them
+            raise ValueError(f"tokens must be token ids >= 0, got {negative[0]}")
+        return self._tokenizer.decode([t for t in ids if t < self.eot])
