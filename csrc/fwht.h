@@ -16,13 +16,17 @@ namespace dreidel {
 
 template <class T>
 struct FwhtProblem {
-  const T* src;        // rows * n values, read once
-  T* dst;              // rows * n values; may equal src (in place)
+  const T* src;        // rows * n * interleave values, read once
+  T* dst;              // as many; may equal src (in place)
   int64_t rows;
   int64_t n;           // m * 2^k
   int m;               // 1, 12, 20 or 28
   const T* hadamard_m; // m * m values (row-major); unused when m == 1
   T scale;             // applied to every output (1/sqrt(n) for the orthonormal transform)
+  // Transforms interleaved in each row: with interleave c, each of the `rows` rows holds n * c values and c
+  // transforms, value i of transform j at i * c + j (a dimension of a contiguous tensor other than the last,
+  // transformed where it lies). 1: one transform per row, its values contiguous.
+  int64_t interleave = 1;
 };
 
 // The most threads one call starts: more than any CPU dreidel runs on has hardware threads. A larger count

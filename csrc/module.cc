@@ -48,7 +48,7 @@ dreidel::CacheGeometry cache_for(int64_t l2_bytes, int l1d_ways) {
 
 template <class T>
 void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T> hadamard_m, double scale,
-                  int threads, const std::string& isa, int64_t l2_bytes, int l1d_ways) {
+                  int threads, const std::string& isa, int64_t l2_bytes, int l1d_ways, int64_t interleave) {
   if (src.size() != dst.size()) throw std::invalid_argument("src and dst must have the same number of elements");
   for (const void* address : {static_cast<const void*>(src.data()), static_cast<const void*>(dst.data()),
                               static_cast<const void*>(hadamard_m.data())})
@@ -57,16 +57,20 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
   const T* src_end = src.data() + src.size();
   if (src.data() != dst.data() && src.data() < dst.data() + dst.size() && dst.data() < src_end)
     throw std::invalid_argument("src and dst overlap without being the same buffer");
-  if (n <= 0 || src.size() % static_cast<size_t>(n) != 0)
-    throw std::invalid_argument("the buffer size must be a multiple of n");
+  if (interleave < 1) throw std::invalid_argument("interleave must be at least 1");
+  if (n <= 0 || n > INT64_MAX / interleave || src.size() % static_cast<size_t>(n * interleave) != 0)
+    throw std::invalid_argument("the buffer size must be a multiple of n * interleave");
   const int64_t m = hadamard_m.ndim() == 2 ? static_cast<int64_t>(hadamard_m.shape(0)) : -1;
   if (m < 1 || static_cast<int64_t>(hadamard_m.shape(1)) != m)
     throw std::invalid_argument("hadamard_m must be a square m x m matrix");
   if (const char* err = dreidel::fwht_check(n, static_cast<int>(m))) throw std::invalid_argument(err);
   const dreidel::Isa chosen = parse_isa(isa);
   const dreidel::CacheGeometry cache = cache_for(l2_bytes, l1d_ways);
-  const dreidel::FwhtProblem<T> problem{src.data(), dst.data(), static_cast<int64_t>(src.size()) / n, n,
-                                        static_cast<int>(m), hadamard_m.data(), static_cast<T>(scale)};
+  const dreidel::FwhtProblem<T> problem{src.data(),          dst.data(),
+                                        static_cast<int64_t>(src.size()) / (n * interleave),
+                                        n,
+                                        static_cast<int>(m),   hadamard_m.data(),
+                                        static_cast<T>(scale), interleave};
   nb::gil_scoped_release release;
   dreidel::fwht(problem, threads, chosen, cache);
 }
@@ -79,27 +83,35 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
 // C-contiguous, the dtype (float64 or float32), rows * n elements at src and dst, m * m at hadamard_m.
 template <class T>
 void fwht_at(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t hadamard_m, int m, double scale,
-             int threads) {
+             int threads, int64_t interleave) {
   if (rows < 0) throw std::invalid_argument("rows must be >= 0");
+  if (interleave < 1) throw std::invalid_argument("interleave must be at least 1");
   if (const char* err = dreidel::fwht_check(n, m)) throw std::invalid_argument(err);
   if (rows == 0) return;
-  if (rows > INT64_MAX / n / static_cast<int64_t>(sizeof(T)))
-    throw std::invalid_argument("rows * n elements overflow 64 bits of bytes");
+  if (interleave > INT64_MAX / n / static_cast<int64_t>(sizeof(T)) ||
+      rows > INT64_MAX / (n * interleave) / static_cast<int64_t>(sizeof(T)))
+    throw std::invalid_argument("rows * n * interleave elements overflow 64 bits of bytes");
   for (uintptr_t address : {src, dst, hadamard_m})
     if (address == 0 || address % alignof(T) != 0)
       throw std::invalid_argument("src, dst and hadamard_m must be non-null addresses aligned to the element size");
-  const dreidel::FwhtProblem<T> problem{reinterpret_cast<const T*>(src), reinterpret_cast<T*>(dst), rows, n, m,
-                                        reinterpret_cast<const T*>(hadamard_m), static_cast<T>(scale)};
+  const dreidel::FwhtProblem<T> problem{reinterpret_cast<const T*>(src),
+                                        reinterpret_cast<T*>(dst),
+                                        rows,
+                                        n,
+                                        m,
+                                        reinterpret_cast<const T*>(hadamard_m),
+                                        static_cast<T>(scale),
+                                        interleave};
   nb::gil_scoped_release release;
   dreidel::fwht(problem, threads, dreidel::best_isa());
 }
 
 void fwht_at_binding(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t hadamard_m, int m, double scale,
-                     int threads, bool float64) {
+                     int threads, bool float64, int64_t interleave) {
   if (float64)
-    fwht_at<double>(src, dst, rows, n, hadamard_m, m, scale, threads);
+    fwht_at<double>(src, dst, rows, n, hadamard_m, m, scale, threads, interleave);
   else
-    fwht_at<float>(src, dst, rows, n, hadamard_m, m, scale, threads);
+    fwht_at<float>(src, dst, rows, n, hadamard_m, m, scale, threads, interleave);
 }
 
 // The spectral layer kernels at raw addresses too (the eager path of dreidel.layers), for the reason given at
@@ -196,21 +208,24 @@ std::vector<std::string> available_isas() {
 NB_MODULE(_C, m) {
   m.doc() = "dreidel native core: FWHT and fused spectral-layer kernels (C++17, OpenMP, runtime SIMD dispatch)";
   const char* fwht_doc =
-      "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto', l2_bytes=-1, l1d_ways=-1)\n\n"
-      "dst = scale * (H_m kron H_{n/m}) src for every contiguous row of length n. src and dst are\n"
+      "fwht(src, dst, n, hadamard_m, scale, threads, isa='auto', l2_bytes=-1, l1d_ways=-1, interleave=1)\n\n"
+      "dst = scale * (H_m kron H_{n/m}) src for every contiguous row of length n; with interleave c, for\n"
+      "every column of each block of n rows of c values (a dimension other than the last). src and dst are\n"
       "C-contiguous CPU buffers of equal size (the same buffer, or apart); hadamard_m is m x m. Their memory is\n"
       "read as it is: a torch tensor's lazy negation or conjugation bit is not seen (dreidel.fwht resolves it).\n"
       "l2_bytes and l1d_ways (-1: this CPU's) choose the passes another CPU would take, for tests.";
   m.def("fwht", &fwht_binding<float>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", nb::arg("l2_bytes") = -1,
-        nb::arg("l1d_ways") = -1, fwht_doc);
+        nb::arg("l1d_ways") = -1, nb::arg("interleave") = 1, fwht_doc);
   m.def("fwht", &fwht_binding<double>, nb::arg("src").noconvert(), nb::arg("dst").noconvert(), nb::arg("n"), nb::arg("hadamard_m").noconvert(),
         nb::arg("scale"), nb::arg("threads"), nb::arg("isa") = "auto", nb::arg("l2_bytes") = -1,
-        nb::arg("l1d_ways") = -1);
+        nb::arg("l1d_ways") = -1, nb::arg("interleave") = 1);
   m.def("fwht_at", &fwht_at_binding, nb::arg("src_address"), nb::arg("dst_address"), nb::arg("rows"), nb::arg("n"),
         nb::arg("hadamard_m_address"), nb::arg("m"), nb::arg("scale"), nb::arg("threads"), nb::arg("float64"),
-        "fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, threads, float64)\n\n"
-        "fwht() on rows * n contiguous elements at raw addresses (Tensor.data_ptr()), float64 or float32.\n"
+        nb::arg("interleave") = 1,
+        "fwht_at(src_address, dst_address, rows, n, hadamard_m_address, m, scale, threads, float64, interleave=1)\n\n"
+        "fwht() on rows * n * interleave contiguous elements at raw addresses (Tensor.data_ptr()), float64 or\n"
+        "float32.\n"
         "Internal: the caller must have checked that each address holds that many elements of that dtype.");
   m.def("spectral_forward_at", &spectral_forward_binding, nb::arg("x_address"), nb::arg("y_address"), nb::arg("rows"),
         nb::arg("layer"), nb::arg("threads"), nb::arg("float64"),

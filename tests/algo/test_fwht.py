@@ -363,6 +363,114 @@ def test_any_dim(dim, generator):
     torch.testing.assert_close(y, dense_fwht(x, dim=dim))
 
 
+# (rows, n, columns): one pass, two (a small L2, long columns; the stages across blocks recursively two again
+# for n = 2^14), H_m mixes (12, 20, 28), a rest of columns narrower than a register (17, 40, 5, 3), n of 1 and 2.
+INTERLEAVED_PROBLEMS = [(3, 8, 16), (2, 12, 17), (1, 1024, 48), (2, 4096, 16), (1, 1 << 14, 16), (1, 20 * 64, 40),
+                        (3, 2, 5), (1, 28, 3), (2, 1, 7)]
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", [(-1, -1), (64 << 10, -1)], ids=["this_cpu", "l2_64k"])
+def test_interleaved_transforms_match_the_reference(isa, dtype, geometry):
+    # interleave=c: each of `rows` blocks of n rows of c values transformed along its n, every column where it
+    # lies (a dimension of a contiguous tensor other than the last), in or out of place, at 1 to 3 threads.
+    tolerance = 2e-5 if dtype == torch.float32 else 1e-12
+    for rows, n, columns in INTERLEAVED_PROBLEMS:
+        x = torch.randn(rows, n, columns, dtype=dtype, generator=torch.Generator().manual_seed(n + columns))
+        truth = dr.fwht_reference(x.double(), dim=1)
+        h = small_hadamard(dr.algo.hadamard_factor(n)[0], dtype)
+        for threads, inplace in ((1, False), (2, True), (3, False)):
+            out = x.clone() if inplace else torch.full_like(x, float("nan"))
+            native.fwht((out if inplace else x).view(-1), out.view(-1), n, h, 1 / math.sqrt(n), threads, isa,
+                        *geometry, interleave=columns)
+            torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance,
+                                       msg=lambda m: f"{(rows, n, columns)}, {threads} threads: {m}")
+
+
+def test_interleave_is_checked_by_the_bindings():
+    h = small_hadamard_array(1, torch.float32)
+    x = torch.zeros(4, 8, 6)
+    with pytest.raises(ValueError, match="interleave must be at least 1"):
+        native.fwht(x.view(-1), x.view(-1), 8, h, 1.0, 1, interleave=0)
+    with pytest.raises(ValueError, match="multiple of n \\* interleave"):
+        native.fwht(x.view(-1), x.view(-1), 8, h, 1.0, 1, interleave=5)
+    with pytest.raises(ValueError, match="interleave must be at least 1"):
+        native.fwht_at(x.data_ptr(), x.data_ptr(), 4, 8, h.ctypes.data, 1, 1.0, 1, False, 0)
+    with pytest.raises(ValueError, match="overflow 64 bits"):
+        native.fwht_at(x.data_ptr(), x.data_ptr(), 4, 8, h.ctypes.data, 1, 1.0, 1, False, 1 << 62)
+
+
+class _InterleaveRecorder:
+    """The native module, with the interleave of each fwht_at call recorded."""
+
+    def __init__(self):
+        self.interleaves: list[int] = []
+
+    def fwht_at(self, *args):
+        self.interleaves.append(args[9] if len(args) > 9 else 1)
+        return native.fwht_at(*args)
+
+    def __getattr__(self, name):
+        return getattr(native, name)
+
+
+# (shape, make, dim, interleave): the kernel reads a dense tensor where it lies along any dimension whose stride
+# is a whole number of cache lines (or 1); other layouts go through a contiguous copy (interleave 1).
+DENSE_LAYOUTS = [
+    ((4, 64, 16), lambda t: t, 1, 16),
+    ((128, 32), lambda t: t, 0, 32),
+    ((2, 12, 4, 48), lambda t: t, 1, 192),
+    ((64, 32), lambda t: t.t(), 1, 32),  # a transpose: dense, its last dim 32 apart
+    ((2, 12, 4, 8), lambda t: t.contiguous(memory_format=torch.channels_last), 1, 1),  # channels 1 apart
+    ((2, 12, 4, 8), lambda t: t.contiguous(memory_format=torch.channels_last), 2, 96),
+    ((2, 12, 4, 8), lambda t: t.contiguous(memory_format=torch.channels_last), 3, None),  # 12 apart: copied
+    ((4, 64, 12), lambda t: t, 1, None),  # 12 apart: copied
+    ((4, 64, 32), lambda t: t[:, :, :16], 1, None),  # not dense: copied
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize(("shape", "make", "dim", "interleave"), DENSE_LAYOUTS)
+def test_a_dimension_other_than_the_last_is_transformed_where_it_lies(shape, make, dim, interleave, inplace,
+                                                                      dtype, num_threads, monkeypatch, generator):
+    recorder = _InterleaveRecorder()
+    monkeypatch.setattr(fwht_module, "native", recorder)
+    x = make(torch.randn(shape, dtype=dtype, generator=generator))
+    truth = dense_fwht(x, dim=dim)
+    y = dr.fwht(x, dim=dim, inplace=inplace)
+    torch.testing.assert_close(y.double(), truth, rtol=1e-12 if dtype == torch.float64 else 2e-5, atol=2e-5)
+    if interleave is None:
+        assert all(i == 1 for i in recorder.interleaves)
+        return
+    assert recorder.interleaves == [interleave]
+    assert y.stride() == x.stride()  # out of place too: the result has the input's layout
+    assert (y is x) == inplace
+
+
+@pytest.mark.parametrize("n", [16, 384])
+def test_dimensions_read_in_place_agree_bitwise_on_every_path(n, generator):
+    # The direct kernel call, the autograd path, the custom op (torch.compile's, contiguous) and the backward.
+    x = torch.randn(3, n, 32, generator=generator, requires_grad=True)
+    recorded = dr.fwht(x, dim=1)
+    with torch.no_grad():
+        direct = dr.fwht(x, dim=1)
+    op = _fwht_op(x.movedim(1, -1), True).movedim(-1, 1)
+    assert torch.equal(recorded, direct) and torch.equal(recorded, op)
+    assert recorded.stride() == x.stride()
+    (grad,) = torch.autograd.grad(recorded, x, torch.ones_like(recorded))
+    assert torch.equal(grad, dr.fwht(torch.ones_like(x), dim=1))
+
+
+def test_float32_error_rule_holds_along_a_dimension_read_in_place(generator):
+    x = torch.randn(8, 4096, 64, generator=generator)
+    exact = dr.fwht_reference(x.double(), dim=1)
+    error = (dr.fwht(x, dim=1).double() - exact).abs().max()
+    reference_error = (dr.fwht_reference(x, dim=1).double() - exact).abs().max()
+    assert error <= 2 * reference_error
+
+
 @pytest.mark.parametrize(
     "make_view",
     [
@@ -493,8 +601,9 @@ def test_gradcheck(n, normalized, generator):
     assert torch.autograd.gradgradcheck(lambda t: dr.fwht(t, normalized=normalized), (x,))
 
 
-def test_gradcheck_along_inner_dim(generator):
-    x = torch.randn(4, 12, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+@pytest.mark.parametrize("columns", [3, 8])  # 8 float64 values apart: read in place; 3: through a copy
+def test_gradcheck_along_inner_dim(columns, generator):
+    x = torch.randn(4, 12, columns, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=1), (x,))
 
 
