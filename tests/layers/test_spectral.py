@@ -646,3 +646,29 @@ def test_a_vmapped_ensemble_leaves_the_base_layer_as_it_was():
     assert torch.equal(copy.deepcopy(base)(x), before)
     assert torch.equal(base(x), before)
     torch.testing.assert_close(copy.deepcopy(base).double()(x.double()), before.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["functional_call", "replaced_buffer", "data"])
+@pytest.mark.parametrize("fault", ["out of range", "negative", "shape", "float"])
+def test_a_permutation_put_in_place_of_the_layers_is_checked(route, fault):
+    layer = LinearWHT(10, 7, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 10)
+    layer(x)
+    perm = layer.permutation.clone()
+    if fault == "out of range":
+        perm[0, 0, 0] = 99
+    elif fault == "negative":
+        perm[0, 0, 0] = -1
+    elif fault == "shape":
+        perm = torch.zeros(1, 1, 16, dtype=torch.long)
+    else:
+        perm = perm.double()
+    with pytest.raises(ValueError, match="permutation"):
+        if route == "functional_call":
+            torch.func.functional_call(layer, {"permutation": perm}, (x,))
+        elif route == "replaced_buffer":
+            layer.permutation = perm
+            layer(x)
+        else:
+            layer.permutation.data = perm
+            layer(x)

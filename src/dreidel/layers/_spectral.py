@@ -55,7 +55,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from dreidel._native import native
 from dreidel.algo import nearest_hadamard_lengths
-from dreidel.algo._fwht import _refuse_flags
+from dreidel.algo._fwht import _refuse_flags, in_functorch_transform
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._spectral_grads import (
     SpectralLayout,
@@ -188,6 +188,20 @@ def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor
     # int32 halves the index memory (index_select takes int32 or int64 indices)
     return tuple(t.to(torch.int32).contiguous() for t in (input_gather, scale_gather, flat_perm, flat_inverse,
                                                             input_scatter))
+
+
+def _check_permutation(perm: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """``ValueError`` naming ``permutation`` unless it is an integer tensor of ``shape`` ``(depth, B, L)`` with
+    values in ``[0, L)``: one put in place of the layer's (``functional_call``, a replaced buffer, ``.data``)
+    would otherwise fail inside ``scatter_`` or ``view`` with torch's message. (A repeated index is refused by
+    the kernels' checks.)"""
+    if (tuple(perm.shape) != tuple(shape) or perm.dtype.is_floating_point or perm.dtype.is_complex
+            or perm.dtype == torch.bool):
+        raise ValueError(f"permutation: expected an integer tensor of shape {tuple(shape)} (depth, blocks, "
+                         f"transform length), got {perm.dtype} of shape {tuple(perm.shape)}")
+    if perm.numel() and not perm.is_meta and (int(perm.min()) < 0 or int(perm.max()) >= shape[-1]):
+        raise ValueError(f"permutation: values must lie in [0, {shape[-1]}) (a permutation of each block's "
+                         f"transform), got values from {int(perm.min())} to {int(perm.max())}")
 
 
 class _SpectralLinearBase(LazyModuleMixin, nn.Module):
@@ -380,6 +394,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     def _build_indices(self) -> None:
         """Derived (non-persistent) flat indices over the ``B·L`` stacked layout, rebuilt from ``permutation``."""
         perm = self.permutation
+        _check_permutation(perm, self._expected_shapes(self.in_features)["permutation"])
         # Never inference tensors, even when rebuilt under torch.inference_mode (the first forward after .to(),
         # a load_state_dict there): autograd saves them, so a later training step or double backward would fail.
         with torch.inference_mode(False):
@@ -446,6 +461,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # (functional_call with another layer's state, over vmap too, whose batched wrappers must not outlive
             # it as buffers).
             if _is_compiling() or (source[0] is not None and permutation is not source[0]):
+                if not (_is_compiling() or in_functorch_transform()):  # no data-dependent checks there
+                    _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
             if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
