@@ -672,3 +672,21 @@ def test_a_permutation_put_in_place_of_the_layers_is_checked(route, fault):
         else:
             layer.permutation.data = perm
             layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_low_precision_layer_computes_in_float32_and_rounds_once(dtype, depth):
+    layer = make_layer(24, 40, depth, dtype=dtype)
+    randomize_bias(layer)
+    wide = copy.deepcopy(layer).float()
+    x = torch.randn(5, 24).to(dtype).requires_grad_()
+    x_wide = x.detach().float().requires_grad_()
+    y, y_wide = layer(x), wide(x_wide)
+    assert y.dtype == dtype and torch.equal(y, y_wide.to(dtype))
+    g = torch.randn(5, 40).to(dtype)
+    y.backward(g)
+    y_wide.backward(g.float())
+    assert torch.equal(x.grad, x_wide.grad.to(dtype))
+    for p, p_wide in zip(layer.parameters(), wide.parameters()):
+        assert p.grad.dtype == dtype and torch.equal(p.grad, p_wide.grad.to(dtype))
