@@ -584,11 +584,17 @@ void run_interleaved(const FwhtKernels<T>& k, const MixPlan<T>& plan, const T* s
   if (plan.m == 1) return;
   const int64_t span = count * columns, width = std::max<int64_t>(k.lanes, 1024);
   const int64_t strips = (span + width - 1) / width, tasks = rows * strips;
-#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(threads, tasks))) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) {
+  const auto mix = [&](int64_t task) {
     const int64_t row = task / strips, s = task % strips;
     k.mix_chunks(dst + row * n * columns, span, plan, s * width, std::min(span, (s + 1) * width), scale);
+  };
+  const int mix_threads = static_cast<int>(std::min<int64_t>(threads, tasks));
+  if (mix_threads == 1) {
+    for (int64_t task = 0; task < tasks; ++task) mix(task);
+    return;
   }
+#pragma omp parallel for num_threads(mix_threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) mix(task);
 }
 
 template <class T>

@@ -887,7 +887,7 @@ def test_in_place_on_an_inference_tensor_follows_torch():
     torch.testing.assert_close(x, dense_fwht(torch.ones(2, 8), normalized=False).float())
 
 
-@pytest.mark.parametrize("shape, dim", [((0, 8), -1), ((3, 0), -1), ((0,), 0)])
+@pytest.mark.parametrize("shape, dim", [((0, 8), -1), ((3, 0), -1), ((0,), 0), ((16, 0), 0), ((2, 16, 0, 3), 1)])
 def test_empty_tensors_return_empty(shape, dim):
     x = torch.zeros(shape)
     y = dr.fwht(x, dim=dim)

@@ -274,6 +274,8 @@ def _interleaved_layout(shape: tuple[int, ...], strides: tuple[int, ...], dim: i
     contiguous copy and back, (32, 256, 1024) along dim 1 in 2.2 ms against 26 ms.
     """
     n = shape[dim]
+    if 0 in shape:  # nothing to transform: the general path returns it
+        return None
     if not contiguous:
         expected = 1  # dense: each dimension's stride is the product of the sizes of those with smaller strides
         for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
