@@ -512,6 +512,19 @@ void cross_rows_scalar(const T* src, T* dst, int64_t count, int64_t stride, int6
       for (int64_t c = 0; c < width; ++c) dst[i * stride + c] *= scale;
 }
 
+// task(i) for every i in [0, tasks), on up to `threads` threads taking one at a time (the machine may be
+// shared); no OpenMP region at all for one thread (see run).
+template <class Task>
+void parallel_tasks(int64_t tasks, int threads, const Task& task) {
+  const int used = static_cast<int>(std::min<int64_t>(threads, tasks));
+  if (used <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) task(i);
+    return;
+  }
+#pragma omp parallel for num_threads(used) schedule(dynamic, 1)
+  for (int64_t i = 0; i < tasks; ++i) task(i);
+}
+
 // An interleaved transform's strips take about this fraction of L2 (the values of a strip for all n rows
 // of a column; where no L2 size is reported, of kPipeliningL2Bytes), and each row's part of a strip at
 // least kInterleavedRowBytes (or the whole row, if shorter): DRAM- and TLB-friendly runs. Where n such runs
@@ -552,14 +565,7 @@ void interleaved_pass(const FwhtKernels<T>& k, const MixPlan<T>& plan, const T* 
       for (int64_t i = 0; i < count; ++i)
         k.mix_chunks(out, count * columns, plan, i * columns + begin, i * columns + end, scale);
   };
-  const int64_t tasks = rows * strips;
-  const int strip_threads = static_cast<int>(std::min<int64_t>(threads, tasks));
-  if (strip_threads == 1) {
-    for (int64_t task = 0; task < tasks; ++task) strip(task);
-    return;
-  }
-#pragma omp parallel for num_threads(strip_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) strip(task);
+  parallel_tasks(rows * strips, threads, strip);
 }
 
 // An interleaved transform (FwhtProblem::interleave > 1), `plan` its H_m. One pass (interleaved_pass) where a
@@ -583,18 +589,11 @@ void run_interleaved(const FwhtKernels<T>& k, const MixPlan<T>& plan, const T* s
                   threads, strip_bytes);
   if (plan.m == 1) return;
   const int64_t span = count * columns, width = std::max<int64_t>(k.lanes, 1024);
-  const int64_t strips = (span + width - 1) / width, tasks = rows * strips;
-  const auto mix = [&](int64_t task) {
+  const int64_t strips = (span + width - 1) / width;
+  parallel_tasks(rows * strips, threads, [&](int64_t task) {
     const int64_t row = task / strips, s = task % strips;
     k.mix_chunks(dst + row * n * columns, span, plan, s * width, std::min(span, (s + 1) * width), scale);
-  };
-  const int mix_threads = static_cast<int>(std::min<int64_t>(threads, tasks));
-  if (mix_threads == 1) {
-    for (int64_t task = 0; task < tasks; ++task) mix(task);
-    return;
-  }
-#pragma omp parallel for num_threads(mix_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) mix(task);
+  });
 }
 
 template <class T>
