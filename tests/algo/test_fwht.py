@@ -364,9 +364,10 @@ def test_any_dim(dim, generator):
 
 
 # (rows, n, columns): one pass, two (a small L2, long columns; the stages across blocks recursively two again
-# for n = 2^14), H_m mixes (12, 20, 28), a rest of columns narrower than a register (17, 40, 5, 3), n of 1 and 2.
+# for n = 2^14), H_m mixes (12, 20, 28), a rest of columns narrower than a register (17, 40, 5, 3), n of 1 and 2,
+# rows enough for threads to take whole rows (7).
 INTERLEAVED_PROBLEMS = [(3, 8, 16), (2, 12, 17), (1, 1024, 48), (2, 4096, 16), (1, 1 << 14, 16), (1, 20 * 64, 40),
-                        (3, 2, 5), (1, 28, 3), (2, 1, 7)]
+                        (3, 2, 5), (1, 28, 3), (2, 1, 7), (7, 24, 80)]
 
 
 @pytest.mark.parametrize("isa", available_isas())
