@@ -66,10 +66,8 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
   if (const char* err = dreidel::fwht_check(n, static_cast<int>(m))) throw std::invalid_argument(err);
   const dreidel::Isa chosen = parse_isa(isa);
   const dreidel::CacheGeometry cache = cache_for(l2_bytes, l1d_ways);
-  const dreidel::FwhtProblem<T> problem{src.data(),          dst.data(),
-                                        static_cast<int64_t>(src.size()) / (n * interleave),
-                                        n,
-                                        static_cast<int>(m),   hadamard_m.data(),
+  const int64_t rows = static_cast<int64_t>(src.size()) / (n * interleave);
+  const dreidel::FwhtProblem<T> problem{src.data(), dst.data(), rows, n, static_cast<int>(m), hadamard_m.data(),
                                         static_cast<T>(scale), interleave};
   nb::gil_scoped_release release;
   dreidel::fwht(problem, threads, chosen, cache);
@@ -80,7 +78,8 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
 // 1 us warm, but 40-60 us right after a 16 MB copy has pushed the interpreter's code and objects out of the
 // caches, which made a whole 16 MB in-place transform 7% slower (Zen 3); even the cached m x m matrix cost
 // 7 us cold as an ndarray argument. The caller has checked what the ndarray casts of fwht() check: CPU,
-// C-contiguous, the dtype (float64 or float32), rows * n elements at src and dst, m * m at hadamard_m.
+// C-contiguous, the dtype (float64 or float32), rows * n * interleave elements at src and dst, m * m at
+// hadamard_m.
 template <class T>
 void fwht_at(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t hadamard_m, int m, double scale,
              int threads, int64_t interleave) {
@@ -94,14 +93,8 @@ void fwht_at(uintptr_t src, uintptr_t dst, int64_t rows, int64_t n, uintptr_t ha
   for (uintptr_t address : {src, dst, hadamard_m})
     if (address == 0 || address % alignof(T) != 0)
       throw std::invalid_argument("src, dst and hadamard_m must be non-null addresses aligned to the element size");
-  const dreidel::FwhtProblem<T> problem{reinterpret_cast<const T*>(src),
-                                        reinterpret_cast<T*>(dst),
-                                        rows,
-                                        n,
-                                        m,
-                                        reinterpret_cast<const T*>(hadamard_m),
-                                        static_cast<T>(scale),
-                                        interleave};
+  const dreidel::FwhtProblem<T> problem{reinterpret_cast<const T*>(src), reinterpret_cast<T*>(dst), rows, n, m,
+                                        reinterpret_cast<const T*>(hadamard_m), static_cast<T>(scale), interleave};
   nb::gil_scoped_release release;
   dreidel::fwht(problem, threads, dreidel::best_isa());
 }
