@@ -627,6 +627,17 @@ def test_meta_tensors_give_shapes_without_compute():
     assert y.shape == (4, 7, 384) and y.device.type == "meta"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_compile_in_place_in_low_precision_has_no_graph_break(dtype, generator):
+    def transform(t):
+        dr.fwht(t, dim=0, inplace=True)
+        return t * 1
+
+    x = torch.randn(8, 16, generator=generator).to(dtype)
+    expected = transform(x.clone())
+    torch.testing.assert_close(torch.compile(transform, fullgraph=True)(x.clone()), expected, rtol=0, atol=0)
+
+
 def test_torch_compile_in_place(generator):
     x = torch.randn(5, 16, generator=generator)
     expected = dense_fwht(x).float()

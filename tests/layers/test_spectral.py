@@ -649,7 +649,7 @@ def test_a_vmapped_ensemble_leaves_the_base_layer_as_it_was():
 
 
 @pytest.mark.parametrize("route", ["functional_call", "replaced_buffer", "data"])
-@pytest.mark.parametrize("fault", ["out of range", "negative", "shape", "float"])
+@pytest.mark.parametrize("fault", ["out of range", "negative", "shape", "float", "uint16"])
 def test_a_permutation_put_in_place_of_the_layers_is_checked(route, fault):
     layer = LinearWHT(10, 7, generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 10)
@@ -661,6 +661,8 @@ def test_a_permutation_put_in_place_of_the_layers_is_checked(route, fault):
         perm[0, 0, 0] = -1
     elif fault == "shape":
         perm = torch.zeros(1, 1, 16, dtype=torch.long)
+    elif fault == "uint16":
+        perm = perm.to(torch.uint16)
     else:
         perm = perm.double()
     with pytest.raises(ValueError, match="permutation"):
@@ -690,3 +692,25 @@ def test_a_low_precision_layer_computes_in_float32_and_rounds_once(dtype, depth)
     assert torch.equal(x.grad, x_wide.grad.to(dtype))
     for p, p_wide in zip(layer.parameters(), wide.parameters()):
         assert p.grad.dtype == dtype and torch.equal(p.grad, p_wide.grad.to(dtype))
+
+
+def test_a_strided_permutation_put_in_place_is_followed():
+    layer = make_layer(40, 130, 2)
+    x = torch.randn(3, 40)
+    other = make_layer(40, 130, 2, seed=5)
+    strided = other.permutation.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    expected = torch.func.functional_call(layer, {"permutation": other.permutation}, (x,))
+    torch.testing.assert_close(torch.func.functional_call(layer, {"permutation": strided}, (x,)), expected)
+    layer.permutation = strided
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_make_fx_traces_a_permutation_passed_to_functional_call():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer, other = make_layer(40, 130, 2), make_layer(40, 130, 2, seed=5)
+    x = torch.randn(3, 40)
+    graph = make_fx(lambda perm, t: torch.func.functional_call(layer, {"permutation": perm}, (t,)))(
+        layer.permutation.clone(), x)
+    torch.testing.assert_close(graph(other.permutation, x), torch.func.functional_call(
+        layer, {"permutation": other.permutation}, (x,)))

@@ -733,7 +733,7 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             # torch.func's wrapper tensors and carries a forward-mode tangent. (The result is cast first:
             # torch 2.13's float32 -> float16 copy_ into a negated view drops the negation.)
             result = _low_precision_result(moved, normalized)
-            moved.copy_(result.to(x.dtype) if moved.is_neg() else result)
+            moved.copy_(result.to(x.dtype) if _is_compiling() or moved.is_neg() else result)  # no is_neg to trace
         elif runs_native_eager(moved) and _kernel_can_take(moved):
             fwht_into(moved, moved, normalized)
             _increment_versions((moved,))

@@ -55,7 +55,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from dreidel._native import native
 from dreidel.algo import nearest_hadamard_lengths
-from dreidel.algo._fwht import _refuse_flags, in_functorch_transform
+from dreidel.algo._fwht import _dispatches_plainly, _refuse_flags, in_functorch_transform
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._spectral_grads import (
     SpectralLayout,
@@ -172,7 +172,7 @@ def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor
     ``n`` inputs: plain torch ops, so that ``torch.compile`` can derive them inside its graph."""
     depth, blocks = perm.shape[0], perm.shape[1]
     offsets = torch.arange(blocks, device=perm.device).view(1, blocks, 1) * length
-    flat_perm = (perm + offsets).view(depth, blocks * length)
+    flat_perm = (perm + offsets).reshape(depth, blocks * length)  # a permutation put in place may be strided
     flat_inverse = torch.empty_like(flat_perm)
     flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
     first = perm[0]  # (B, L): source position in the padded input of each block
@@ -190,13 +190,15 @@ def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor
                                                             input_scatter))
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_permutation(perm: torch.Tensor, shape: tuple[int, ...]) -> None:
     """``ValueError`` naming ``permutation`` unless it is an integer tensor of ``shape`` ``(depth, B, L)`` with
     values in ``[0, L)``: one put in place of the layer's (``functional_call``, a replaced buffer, ``.data``)
     would otherwise fail inside ``scatter_`` or ``view`` with torch's message. (A repeated index is refused by
     the kernels' checks.)"""
-    if (tuple(perm.shape) != tuple(shape) or perm.dtype.is_floating_point or perm.dtype.is_complex
-            or perm.dtype == torch.bool):
+    if tuple(perm.shape) != tuple(shape) or perm.dtype not in _INDEX_DTYPES:
         raise ValueError(f"permutation: expected an integer tensor of shape {tuple(shape)} (depth, blocks, "
                          f"transform length), got {perm.dtype} of shape {tuple(perm.shape)}")
     if perm.numel() and not perm.is_meta and (int(perm.min()) < 0 or int(perm.max()) >= shape[-1]):
@@ -394,7 +396,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
     def _build_indices(self) -> None:
         """Derived (non-persistent) flat indices over the ``B·L`` stacked layout, rebuilt from ``permutation``."""
         perm = self.permutation
-        _check_permutation(perm, self._expected_shapes(self.in_features)["permutation"])
+        if _dispatches_plainly(perm):  # not while make_fx or a dispatch mode traces the module
+            _check_permutation(perm, self._expected_shapes(self.in_features)["permutation"])
         # Never inference tensors, even when rebuilt under torch.inference_mode (the first forward after .to(),
         # a load_state_dict there): autograd saves them, so a later training step or double backward would fail.
         with torch.inference_mode(False):
@@ -461,7 +464,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # (functional_call with another layer's state, over vmap too, whose batched wrappers must not outlive
             # it as buffers).
             if _is_compiling() or (source[0] is not None and permutation is not source[0]):
-                if not (_is_compiling() or in_functorch_transform()):  # no data-dependent checks there
+                # no data-dependent checks where ops are traced or rewritten (torch.compile, make_fx, torch.func)
+                if not (_is_compiling() or in_functorch_transform()) and _dispatches_plainly(permutation):
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
