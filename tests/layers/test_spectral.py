@@ -714,3 +714,21 @@ def test_make_fx_traces_a_permutation_passed_to_functional_call():
         layer.permutation.clone(), x)
     torch.testing.assert_close(graph(other.permutation, x), torch.func.functional_call(
         layer, {"permutation": other.permutation}, (x,)))
+
+
+def test_torch_export_follows_a_permutation_passed_to_functional_call():
+    layer, other = make_layer(40, 130, 2), make_layer(40, 130, 2, seed=5)
+    x = torch.randn(3, 40)
+
+    class WithPermutation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, perm, t):
+            return torch.func.functional_call(self.layer, {"permutation": perm}, (t,))
+
+    exported = torch.export.export(WithPermutation(), (layer.permutation.clone(), x)).module()
+    expected = torch.func.functional_call(layer, {"permutation": other.permutation}, (x,))
+    torch.testing.assert_close(exported(other.permutation, x), expected)
+    torch.testing.assert_close(exported(layer.permutation, x), layer(x))

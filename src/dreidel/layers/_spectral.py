@@ -452,20 +452,23 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features).
         Indices supplied together with it
         (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given. Under
-        ``torch.compile`` none of those checks can be traced (a compiled module would keep the indices of the
-        permutation it was traced with), so the graph derives the indices from ``permutation`` on every call:
+        ``torch.compile`` and ``torch.export`` none of those checks can be traced (a compiled module would keep
+        the indices of the permutation it was traced with; an exported one did, for a permutation given through
+        ``functional_call``), so the graph derives the indices from ``permutation`` on every call:
         ``O(depth · B·L)`` small ops, against the transforms' ``O(rows · depth · B·L log L)``.
         """
         buffers = self._buffers  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
         source = self._index_source
+        if _is_compiling():  # torch.export too, whose tracing swaps every buffer for a stand-in
+            indices = _indices_from(buffers["permutation"], self.in_features, self._transform_length)
+            return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
         if buffers["_flat_perm"] is source[2]:
             permutation = buffers["permutation"]
-            # Derived for this call only under torch.compile, and for a permutation replaced for a call
-            # (functional_call with another layer's state, over vmap too, whose batched wrappers must not outlive
-            # it as buffers).
-            if _is_compiling() or (source[0] is not None and permutation is not source[0]):
-                # no data-dependent checks where ops are traced or rewritten (torch.compile, make_fx, torch.func)
-                if not (_is_compiling() or in_functorch_transform()) and _dispatches_plainly(permutation):
+            # Derived for this call only for a permutation replaced for a call (functional_call with another
+            # layer's state, over vmap too, whose batched wrappers must not outlive it as buffers).
+            if source[0] is not None and permutation is not source[0]:
+                # no data-dependent checks where ops are traced or rewritten (make_fx, torch.func)
+                if not in_functorch_transform() and _dispatches_plainly(permutation):
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
