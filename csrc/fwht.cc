@@ -534,6 +534,19 @@ inline int64_t strip_grain(int64_t rows, int64_t strips, int threads) {
   return rows >= 2 * int64_t(threads) ? strips : 1;
 }
 
+// H_m across the m chunks of `chunk` values of each of `rows` rows (m * chunk values each) at x, the sums
+// times `scale` (the transform's last stage), threads taking strips of 1024 columns.
+template <class T>
+void mix_in_strips(const FwhtKernels<T>& k, const MixPlan<T>& plan, T* x, int64_t rows, int64_t chunk, T scale,
+                   int threads) {
+  const int64_t width = std::max<int64_t>(k.lanes, 1024);
+  const int64_t strips = (chunk + width - 1) / width;
+  parallel_tasks(rows * strips, threads, strip_grain(rows, strips, threads), [&](int64_t task) {
+    const int64_t row = task / strips, s = task % strips;
+    k.mix_chunks(x + row * plan.m * chunk, chunk, plan, s * width, std::min(chunk, (s + 1) * width), scale);
+  });
+}
+
 // An interleaved transform's strips take about this fraction of L2 (the values of a strip for all n rows
 // of a column; where no L2 size is reported, of kPipeliningL2Bytes), and each row's part of a strip at
 // least kInterleavedRowBytes (or the whole row, if shorter): DRAM- and TLB-friendly runs. Where n such runs
@@ -596,13 +609,7 @@ void run_interleaved(const FwhtKernels<T>& k, const MixPlan<T>& plan, const T* s
   interleaved_pass(k, no_mix, src, dst, rows * plan.m * (count / block), block, columns, T(1), threads, strip_bytes);
   run_interleaved(k, no_mix, static_cast<const T*>(dst), dst, rows * plan.m, count / block, block * columns, pow2_scale,
                   threads, strip_bytes);
-  if (plan.m == 1) return;
-  const int64_t span = count * columns, width = std::max<int64_t>(k.lanes, 1024);
-  const int64_t strips = (span + width - 1) / width;
-  parallel_tasks(rows * strips, threads, strip_grain(rows, strips, threads), [&](int64_t task) {
-    const int64_t row = task / strips, s = task % strips;
-    k.mix_chunks(dst + row * n * columns, span, plan, s * width, std::min(span, (s + 1) * width), scale);
-  });
+  if (plan.m > 1) mix_in_strips(k, plan, dst, rows, count * columns, scale, threads);
 }
 
 template <class T>
@@ -652,13 +659,7 @@ void run(const FwhtProblem<T>& p, int threads, Isa isa, const CacheGeometry& cac
     T* dst = p.dst + r * p.n;
     for (int a = 0; a < p.m; ++a)
       long_pow2_parallel(k, src + a * chunk, dst + a * chunk, chunk, p.m > 1 ? T(1) : p.scale, threads, by_strip);
-    if (p.m > 1) {
-      const int64_t width = std::max<int64_t>(k.lanes, 1024);
-      const int64_t strips = (chunk + width - 1) / width;
-#pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t s = 0; s < strips; ++s)
-        k.mix_chunks(dst, chunk, plan, s * width, std::min(chunk, (s + 1) * width), p.scale);
-    }
+    if (p.m > 1) mix_in_strips(k, plan, dst, 1, chunk, p.scale, threads);
   }
 }
 

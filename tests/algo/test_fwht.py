@@ -195,14 +195,20 @@ def test_a_long_row_on_huge_pages_gives_the_transform(pages):
 
 
 class _RecordingNative:
-    """The native module, with the addresses and sizes passed to advise_huge_pages recorded."""
+    """The native module, with the addresses and sizes passed to advise_huge_pages, and the interleave of each
+    fwht_at call, recorded."""
 
     def __init__(self):
         self.advised: list[tuple[int, int]] = []
+        self.interleaves: list[int] = []
 
     def advise_huge_pages(self, address: int, size: int) -> bool:
         self.advised.append((address, size))
         return native.advise_huge_pages(address, size)
+
+    def fwht_at(self, *args):
+        self.interleaves.append(args[9] if len(args) > 9 else 1)
+        return native.fwht_at(*args)
 
     def __getattr__(self, name):
         return getattr(native, name)
@@ -402,20 +408,6 @@ def test_interleave_is_checked_by_the_bindings():
         native.fwht_at(x.data_ptr(), x.data_ptr(), 4, 8, h.ctypes.data, 1, 1.0, 1, False, 1 << 62)
 
 
-class _InterleaveRecorder:
-    """The native module, with the interleave of each fwht_at call recorded."""
-
-    def __init__(self):
-        self.interleaves: list[int] = []
-
-    def fwht_at(self, *args):
-        self.interleaves.append(args[9] if len(args) > 9 else 1)
-        return native.fwht_at(*args)
-
-    def __getattr__(self, name):
-        return getattr(native, name)
-
-
 # (shape, make, dim, interleave): the kernel reads a dense tensor where it lies along any dimension whose stride
 # is a whole number of cache lines (or 1); other layouts go through a contiguous copy (interleave 1).
 DENSE_LAYOUTS = [
@@ -436,7 +428,7 @@ DENSE_LAYOUTS = [
 @pytest.mark.parametrize(("shape", "make", "dim", "interleave"), DENSE_LAYOUTS)
 def test_a_dimension_other_than_the_last_is_transformed_where_it_lies(shape, make, dim, interleave, inplace,
                                                                       dtype, num_threads, monkeypatch, generator):
-    recorder = _InterleaveRecorder()
+    recorder = _RecordingNative()
     monkeypatch.setattr(fwht_module, "native", recorder)
     x = make(torch.randn(shape, dtype=dtype, generator=generator))
     truth = dense_fwht(x, dim=dim)

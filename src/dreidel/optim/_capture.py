@@ -143,7 +143,7 @@ class ActivationCapture:
     Only backward passes that accumulate into the watched layers' ``.grad`` (``backward()``) give records
     their gradients and mark groups, as only they feed the step: a ``torch.autograd.grad()`` call (a gradient
     penalty, a monitored gradient norm) is left out, unless ``sampling`` is on (the optimizer's own sampled
-    backward, which is such a call).
+    backward, which is such a call: ``sampled_gradients``).
 
     With ``keep_random_state``, each root pass with gradients keeps the random generators' states it started
     from (``random_state``, a ``RandomDraws``): the last pass's, until ``clear()``.
@@ -212,6 +212,16 @@ class ActivationCapture:
     def _gradient_reached(self, group: int) -> None:
         self._groups_with_gradients.add(group)
         self._backward_since_forward = True
+
+    def sampled_gradients(self, output: torch.Tensor, params: list[torch.Tensor],
+                          output_gradient: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``torch.autograd.grad(output, params, output_gradient)`` as the optimizer's own sampled backward, whose
+        gradients reach the records (``sampling``, for this call only: not one the closure itself may run)."""
+        self.sampling = True
+        try:
+            return torch.autograd.grad(output, params, output_gradient, allow_unused=True)
+        finally:
+            self.sampling = False
 
     def _counts_this_pass(self, module: nn.Module | None) -> bool:
         """Whether the backward running now feeds the records: it is the optimizer's own (``sampling``), or it

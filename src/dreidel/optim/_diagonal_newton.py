@@ -322,10 +322,9 @@ class DiagonalNewton(CurvatureOptimizer):
                         raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
                                          "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                     v = sample_output_vector(output, self.likelihood, self.generator)
-                    capture.sampling = True  # this pass only: not one the closure itself may run
-                    grads = torch.autograd.grad(output, params, v, allow_unused=True)
+                    grads = capture.sampled_gradients(output, params, v)
             finally:
-                capture.enabled = capture.sampling = False
+                capture.enabled = False
             batch = 1
             fallback = {p: working_precision(g) ** 2 for p, g in zip(params, grads) if g is not None}
         estimates = dict(fallback)

@@ -353,10 +353,9 @@ class KFAC(CurvatureOptimizer):
                     raise ValueError("closure: no model output to sample from: the model's forward pass must return a "
                                          "tensor, and closure() must run it with gradients enabled (not under torch.no_grad())")
                 v = sample_output_vector(output, self.likelihood, self.generator)
-                self.capture.sampling = True  # this pass only: not one the closure itself may run
-                torch.autograd.grad(output, params, v, allow_unused=True)
+                self.capture.sampled_gradients(output, params, v)
         finally:
-            self.capture.enabled = self.capture.sampling = False
+            self.capture.enabled = False
         return loss.detach()
 
     def _update_factors(self, closure: Closure | None, params: list,
