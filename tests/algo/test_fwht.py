@@ -369,6 +369,75 @@ def test_any_dim(dim, generator):
     torch.testing.assert_close(y, dense_fwht(x, dim=dim))
 
 
+def dense_fwht_dims(x: torch.Tensor, dims: tuple[int, ...], normalized: bool = True) -> torch.Tensor:
+    """The multidimensional oracle: the Kronecker product of the dims' Hadamard matrices, one dense float64 product
+    over all of them at once (not the transform along each in turn)."""
+    dims = tuple(d % x.dim() for d in dims)
+    rest = [d for d in range(x.dim()) if d not in dims]
+    moved = x.double().permute(*rest, *dims)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for d in dims:
+        h = torch.kron(h, dr.hadamard_matrix(x.shape[d]))
+    y = moved.reshape(*moved.shape[: len(rest)], -1) @ h.T
+    if normalized:
+        y = y / math.sqrt(h.shape[0])
+    return y.reshape(moved.shape).permute(*torch.argsort(torch.tensor(rest + list(dims))).tolist())
+
+
+SEVERAL_DIMS = [((3, 8, 16), (-2, -1)), ((3, 8, 16), (2, 1)), ((12, 5, 4), [0, 2]), ((4, 20, 8, 2), (0, 1, 3)),
+                ((6, 8), torch.Size([1])), ((2, 28, 3, 12), (3, 1))]
+
+
+@pytest.mark.parametrize(("shape", "dims"), SEVERAL_DIMS)
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_several_dims_give_the_multidimensional_transform(shape, dims, normalized, inplace, num_threads, generator):
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    want = dense_fwht_dims(x, tuple(dims), normalized)
+    torch.testing.assert_close(dr.fwht_reference(x, dim=dims, normalized=normalized), want)
+    for view in (x.clone(), x.clone().transpose(0, -1).contiguous().transpose(0, -1)):  # contiguous, transposed
+        out = dr.fwht(view, dim=dims, normalized=normalized, inplace=inplace)
+        assert (out is view) == inplace and out.shape == x.shape
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12 * math.sqrt(x.numel()))
+
+
+def test_several_dims_differentiate_and_keep_low_precision(generator):
+    x = torch.randn(4, 8, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=(1, 2)), (x,))
+    assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=(0, 2), normalized=False), (x,))
+    y = torch.randn(2, 16, 384, generator=generator).to(torch.bfloat16)
+    out = dr.fwht(y, dim=(1, 2))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, dense_fwht_dims(y.float(), (1, 2)).to(torch.bfloat16), rtol=0.02, atol=0.02)
+
+
+def test_no_dims_transform_nothing():
+    x = torch.randn(3, 5)  # 3 and 5 are no Hadamard lengths: nothing is transformed, nothing checked
+    out = dr.fwht(x, dim=())
+    assert torch.equal(out, x) and out is not x
+    assert dr.fwht(x, dim=(), inplace=True) is x
+    assert torch.equal(dr.fwht_reference(x, dim=[]), x) and dr.fwht_reference(x, dim=[]) is not x
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        dr.fwht([1.0], dim=())
+
+
+def test_bad_dim_sequences_are_refused_before_anything_is_transformed():
+    x = torch.randn(8, 3, 16)
+    for fn in (dr.fwht, dr.fwht_reference):
+        with pytest.raises(ValueError, match=r"distinct dimensions, got \(2, -1\)"):
+            fn(x, dim=(2, -1))
+        with pytest.raises(ValueError, match="dimension 1 has length 3"):
+            fn(x, dim=(0, 1))
+        with pytest.raises(ValueError, match="dim=3 is out of range"):
+            fn(x, dim=[0, 3])
+        with pytest.raises(TypeError, match="dim must be an int, got bool"):
+            fn(x, dim=(True, 2))
+    y = x.clone()
+    with pytest.raises(ValueError, match="dimension 1 has length 3"):
+        dr.fwht(y, dim=(2, 0, 1), inplace=True)  # dims 2 and 0 would go first: none may
+    assert torch.equal(y, x)
+
+
 # (rows, n, columns): one pass, two (a small L2, long columns; the stages across blocks recursively two again
 # for n = 2^14), H_m mixes (12, 20, 28), a rest of columns narrower than a register (17, 40, 5, 3), n of 1 and 2,
 # rows enough for threads to take whole rows (7).

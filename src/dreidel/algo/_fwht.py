@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,25 @@ def _as_dim(dim: object) -> int:
     try:
         return operator.index(dim)
     except TypeError:
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
+        raise TypeError(f"dim must be an int or a tuple of ints, got {type(dim).__name__}") from None
+
+
+def _is_dim_sequence(dim: object) -> bool:
+    """Whether ``dim`` names several dimensions: a tuple or list (``torch.Size`` included), as torch.fft.fftn's."""
+    return isinstance(dim, (tuple, list))
+
+
+def _checked_dims(x: torch.Tensor, dims: tuple | list, op: str) -> list[int]:
+    """The dimensions of a ``dim`` sequence as ints, each checked as a single ``dim`` is (type, range, length),
+    and distinct: before anything is transformed, so an in-place call never stops half done."""
+    _check_tensor(x)
+    checked = [_as_dim(d) for d in dims]
+    for d in checked:
+        _check_input(x, d, op)
+    rank = max(x.dim(), 1)  # a 0-d tensor is a vector of length 1
+    if len({d % rank for d in checked}) != len(checked):
+        raise ValueError(f"{op}: dim must name distinct dimensions, got {tuple(checked)}")
+    return checked
 
 
 def _overlap_from_strides(x: torch.Tensor) -> bool | None:
@@ -131,9 +150,8 @@ def _refuse_flags(**flags: object) -> None:
             raise TypeError(f"{name} must be a bool, got {kind_name} {value!r:.40}")
 
 
-def _check_input(x: torch.Tensor, dim: int, op: str = "fwht") -> int:
-    """Validate ``x`` and ``dim`` (messages about the length name ``op``); return the length of the transformed
-    dimension."""
+def _check_tensor(x: torch.Tensor) -> None:
+    """Refuse what is not a dense real floating-point tensor (TypeError)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _NATIVE_DTYPES and x.dtype not in _LOW_PRECISION:
@@ -143,6 +161,12 @@ def _check_input(x: torch.Tensor, dim: int, op: str = "fwht") -> int:
     if x.layout != torch.strided or x.is_nested:
         layout = "nested" if x.is_nested else str(x.layout)
         raise TypeError(f"x must be a dense (strided) tensor, got a {layout} one; convert it with .to_dense()")
+
+
+def _check_input(x: torch.Tensor, dim: int, op: str = "fwht") -> int:
+    """Validate ``x`` and ``dim`` (messages about the length name ``op``); return the length of the transformed
+    dimension."""
+    _check_tensor(x)
     if x.dim() == 0:  # a scalar is a vector of length 1, as torch reductions treat it: dim 0 or -1
         if dim not in (0, -1):
             raise ValueError(f"dim={dim} is out of range for a 0-d tensor (expected 0 or -1)")
@@ -196,7 +220,7 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> torch.Tensor:
+def fwht_reference(x: torch.Tensor, dim: int | Sequence[int] = -1, normalized: bool = True) -> torch.Tensor:
     """Pure-PyTorch FWHT: ``log2(2^k)`` butterfly stages, then ``H_m`` by a matrix product. Any device, any float
     dtype.
 
@@ -204,6 +228,11 @@ def fwht_reference(x: torch.Tensor, dim: int = -1, normalized: bool = True) -> t
     """
     if type(normalized) is not bool:
         _refuse_flags(normalized=normalized)
+    if _is_dim_sequence(dim):
+        out = x
+        for d in _checked_dims(x, dim, "fwht_reference"):
+            out = fwht_reference(out, d, normalized)
+        return x.clone() if out is x else out
     dim = _as_dim(dim)
     n = _check_input(x, dim, "fwht_reference")
     if x.numel() == 0 or n == 0:
@@ -638,7 +667,9 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, int, _Kern
     return rows, n, interleave, constants, address
 
 
-def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool = False) -> torch.Tensor:
+def fwht(
+    x: torch.Tensor, dim: int | Sequence[int] = -1, normalized: bool = True, inplace: bool = False
+) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
 
     Computes ``y = c · H x`` along ``dim``, with ``H = H_m ⊗ H_{2^k}`` for a length ``n = m · 2^k``
@@ -653,8 +684,12 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
             fill their memory (contiguous, a transpose, ``channels_last``) is transformed where it lies when
             its stride is a whole number of 64-byte cache lines (16 float32, 8 float64 values): in 1.2-2.3x
             the time of the same bytes along the last dimension (``benchmarks/fwht.py``, a Xeon); otherwise,
-            and for other layouts, through a contiguous copy.
-        normalized: scale by ``1/sqrt(n)``.
+            and for other layouts, through a contiguous copy. A tuple or list of distinct dimensions, as
+            ``torch.fft.fftn`` takes, transforms along each in turn (the transforms commute): the
+            multidimensional transform ``H ⊗ H ⊗ ...``, e.g. ``dim=(-2, -1)`` for a 2-D Walsh-Hadamard
+            transform of images. Every dimension is checked before any is transformed; ``()`` transforms
+            none (a copy, or ``x`` itself in place).
+        normalized: scale by ``1/sqrt(n)`` (for several dimensions, by ``1/sqrt(n)`` of each: orthonormal).
         inplace: write the result into ``x`` and return ``x`` (no autograd through it).
 
     Returns:
@@ -699,6 +734,8 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         out = _empty_result(x)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized, interleave)
         return out
+    if _is_dim_sequence(dim):
+        return _fwht_dims(x, _checked_dims(x, dim, "fwht"), normalized, inplace)
     dim = _as_dim(dim)
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
@@ -744,6 +781,17 @@ def fwht(x: torch.Tensor, dim: int = -1, normalized: bool = True, inplace: bool 
         return _low_precision_result(moved, normalized).to(x.dtype).movedim(-1, dim)
     out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized)
     return out.to(x.dtype).movedim(-1, dim)
+
+
+def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool) -> torch.Tensor:
+    """``fwht`` along each of the checked, distinct ``dims`` in turn. Out of place, the first transform makes the
+    result and the others run in place on it where nothing records ops (the direct kernel path)."""
+    if not dims:
+        return x if inplace else x.clone()
+    out = fwht(x, dims[0], normalized, inplace)
+    for d in dims[1:]:
+        out = fwht(out, d, normalized, inplace or _direct_kernel_args(out, d) is not None)
+    return out
 
 
 def _low_precision_result(moved: torch.Tensor, normalized: bool) -> torch.Tensor:
