@@ -352,51 +352,52 @@ class ActivationCapture:
         self.removed = True
 
 
-class _CaptureHook:
-    """A forward hook that feeds its capture while the capture lives (it holds it weakly).
+class _WeakCaptureHook:
+    """A hook that feeds its capture while the capture lives (it holds it weakly).
 
     A copy or a pickle of the model gets an inert hook: the copy must not feed this capture (an evaluation
     or EMA copy would change the batch size and the records of the next step), and a capture is no state
-    of the model.
+    of the model. Subclasses pass what else they are built with as ``args``, which a copy keeps.
     """
 
-    def __init__(self, capture: "ActivationCapture | None", root: bool) -> None:
+    def __init__(self, capture: "ActivationCapture | None", *args: object) -> None:
         self._capture = None if capture is None else weakref.ref(capture)
+        self._args = args
+
+    def _live_capture(self) -> "ActivationCapture | None":
+        return None if self._capture is None else self._capture()
+
+    def __reduce__(self):
+        return type(self), (None, *self._args)
+
+    def __deepcopy__(self, memo: dict) -> "_WeakCaptureHook":
+        return type(self)(None, *self._args)
+
+
+class _CaptureHook(_WeakCaptureHook):
+    """A forward hook on a recorded layer (``root=False``) or on the root model (``root=True``)."""
+
+    def __init__(self, capture: "ActivationCapture | None", root: bool) -> None:
+        super().__init__(capture, root)
         self._root = root
 
     def __call__(self, module: nn.Module, args: tuple, *kwargs_and_output) -> None:
         # Registered with its keyword arguments (module(input=x) has no positional one): (kwargs, output); a
         # hook pickled by an earlier version comes without: (output,).
         kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
-        capture = None if self._capture is None else self._capture()
+        capture = self._live_capture()
         if capture is not None:
             inputs = args if args or not kwargs else tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             (capture._on_root_forward if self._root else capture._on_forward)(module, inputs, output)
 
-    def __reduce__(self):
-        return _CaptureHook, (None, self._root)
 
-    def __deepcopy__(self, memo: dict) -> "_CaptureHook":
-        return _CaptureHook(None, self._root)
-
-
-class _PassStartHook:
-    """A forward pre-hook on the root model that tells its capture a pass starts, while the capture lives;
-    inert in a copy or a pickle of the model (see ``_CaptureHook``)."""
-
-    def __init__(self, capture: "ActivationCapture | None") -> None:
-        self._capture = None if capture is None else weakref.ref(capture)
+class _PassStartHook(_WeakCaptureHook):
+    """A forward pre-hook on the root model that tells its capture a pass starts."""
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        capture = None if self._capture is None else self._capture()
+        capture = self._live_capture()
         if capture is not None:
             capture._on_root_pass_start()
-
-    def __reduce__(self):
-        return _PassStartHook, (None,)
-
-    def __deepcopy__(self, memo: dict) -> "_PassStartHook":
-        return _PassStartHook(None)
 
 
 def warn_no_records(optimizer: str, step: int) -> None:
