@@ -164,6 +164,51 @@ def test_torch_func_transforms_match_eager_autograd(widths, depth):
     torch.testing.assert_close(torch.func.jacrev(layer)(x[0]), jacobian, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("first_use", ["fake_mode", "grad", "jvp"])
+@pytest.mark.parametrize("stale", ["moved", "edited"])
+def test_indices_made_stale_then_used_under_a_transform_are_not_kept(first_use, stale):
+    """After .to() (or an in-place change to the permutation) the indices are rebuilt at their next use; where
+    that use ran under a fake mode or a torch.func transform, fake or wrapped tensors were kept as buffers: the
+    next eager forward crashed (fake) or raised (functorch), and so did every later transform."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = make_layer(24, 20, 2, dtype=torch.float64)
+    if stale == "moved":
+        layer = layer.to("cpu").double()
+    else:
+        with torch.no_grad():
+            layer.permutation[0, 0, :2] = layer.permutation[0, 0, [1, 0]].clone()
+    x = torch.randn(3, 24, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(state):
+        return torch.func.functional_call(layer, state, (x,)).pow(2).sum()
+
+    for _ in range(2):
+        if first_use == "fake_mode":
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                assert layer(torch.empty(3, 24, dtype=torch.float64)).shape == (3, 20)
+        elif first_use == "grad":
+            grads = torch.func.grad(loss)(params)
+        else:
+            out, tangent = torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+            torch.testing.assert_close(tangent, torch.ones_like(x) @ spectral_matrix(layer).T, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x), x @ spectral_matrix(layer).T + layer.bias, rtol=1e-10, atol=1e-10)
+    if first_use == "grad":
+        layer.zero_grad()
+        loss(dict(layer.named_parameters())).backward()
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_a_lazy_layer_is_not_materialised_inside_a_transform():
+    layer = LinearWHT(64)
+    with pytest.raises(RuntimeError, match="cannot infer in_features inside a torch.func transform"):
+        torch.func.grad(lambda t: layer(t).sum())(torch.randn(30))
+    assert layer.in_features is None
+    assert layer(torch.randn(2, 30)).shape == (2, 64)
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_batched_gradients_give_the_dense_jacobian(depth, path):
     """jacobian(vectorize=True), is_grads_batched and hessian(vectorize=True) send legacy-vmap batched tensors

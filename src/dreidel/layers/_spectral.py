@@ -86,6 +86,12 @@ def _same_values(current: torch.Tensor, built_from: torch.Tensor) -> bool:
     return torch.equal(current, built_from)
 
 
+def _plain(permutation: torch.Tensor) -> bool:
+    """Whether ``permutation`` is a plain tensor outside anything that traces or rewrites ops (make_fx, a fake or
+    another dispatch mode, torch.func): data-dependent checks and indices kept as buffers are only for it."""
+    return not in_functorch_transform() and _dispatches_plainly(permutation)
+
+
 class _UninitializedIndexBuffer(UninitializedBuffer):
     """A lazy layer's ``permutation`` before its width is known. torch's ``UninitializedBuffer`` cannot be
     deep-copied and comes back from pickle as float32 (``UninitializedParameter`` has both right); this
@@ -357,6 +363,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         if self.has_uninitialized_params():
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
                 raise ValueError(f"{type(self).__name__} expects a tensor of shape (*, in_features)")
+            if in_functorch_transform():  # the draws would write captured buffers (torch then errs or crashes)
+                raise RuntimeError(
+                    f"{type(self).__name__}: a lazy layer cannot infer in_features inside a torch.func transform "
+                    "(grad, vmap, jvp, ...): run one forward outside it first, or give in_features")
             self._materialize(x.shape[-1])
 
     def _materialize(self, in_features: int) -> None:
@@ -467,13 +477,19 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # Derived for this call only for a permutation replaced for a call (functional_call with another
             # layer's state, over vmap too, whose batched wrappers must not outlive it as buffers).
             if source[0] is not None and permutation is not source[0]:
-                # no data-dependent checks where ops are traced or rewritten (make_fx, torch.func)
-                if not in_functorch_transform() and _dispatches_plainly(permutation):
+                if _plain(permutation):  # no data-dependent checks where ops are traced or rewritten
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
             if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
                     or not _same_values(permutation, source[3])):
+                if not _plain(permutation):
+                    # Stale indices (after .to(), an in-place change) met under a torch.func transform, a fake or
+                    # another dispatch mode: built there, they would be its wrapped or fake tensors, kept as
+                    # buffers past it (the next eager forward read a fake tensor's memory and crashed). Derived
+                    # for this call only; the first plain forward rebuilds and keeps them.
+                    indices = _indices_from(permutation, self.in_features, self._transform_length)
+                    return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
                 self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],
                               buffers["_flat_inverse"], buffers["_input_scatter"], self._transform_length,
