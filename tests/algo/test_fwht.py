@@ -401,14 +401,23 @@ def test_several_dims_give_the_multidimensional_transform(shape, dims, normalize
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12 * math.sqrt(x.numel()))
 
 
-def test_several_dims_differentiate_and_keep_low_precision(generator):
+def test_several_dims_differentiate_and_round_low_precision_once(generator):
     x = torch.randn(4, 8, 12, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=(1, 2)), (x,))
     assert torch.autograd.gradcheck(lambda t: dr.fwht(t, dim=(0, 2), normalized=False), (x,))
-    y = torch.randn(2, 16, 384, generator=generator).to(torch.bfloat16)
-    out = dr.fwht(y, dim=(1, 2))
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, dense_fwht_dims(y.float(), (1, 2)).to(torch.bfloat16), rtol=0.02, atol=0.02)
+    for dtype in (torch.bfloat16, torch.float16):  # computed in float32 over both dims, rounded once
+        y = torch.randn(2, 16, 384, generator=generator).to(dtype)
+        once = dr.fwht(y.float(), dim=(1, 2)).to(dtype)
+        assert torch.equal(dr.fwht(y, dim=(1, 2)), once)
+        assert torch.equal(dr.fwht_reference(y, dim=(1, 2)), dr.fwht_reference(y.float(), dim=(1, 2)).to(dtype))
+        torch.testing.assert_close(once, dense_fwht_dims(y.float(), (1, 2)).to(dtype), rtol=0.02, atol=0.02)
+        z = y.clone()
+        assert dr.fwht(z, dim=(1, 2), inplace=True) is z and torch.equal(z, once)
+        with pytest.raises(RuntimeError, match="cannot be differentiated"):
+            dr.fwht(y.clone().requires_grad_(), dim=(1, 2), inplace=True)
+        w = y.clone().requires_grad_()
+        dr.fwht(w, dim=(1, 2)).float().pow(2).sum().backward()
+        assert w.grad.dtype == dtype
 
 
 def test_no_dims_transform_nothing():
@@ -430,8 +439,14 @@ def test_bad_dim_sequences_are_refused_before_anything_is_transformed():
             fn(x, dim=(0, 1))
         with pytest.raises(ValueError, match="dim=3 is out of range"):
             fn(x, dim=[0, 3])
-        with pytest.raises(TypeError, match="dim must be an int, got bool"):
+        with pytest.raises(TypeError, match="each entry of dim must be an int, got bool"):
             fn(x, dim=(True, 2))
+        with pytest.raises(TypeError, match="each entry of dim must be an int, got tuple"):
+            fn(x, dim=((0, 2),))
+        with pytest.raises(TypeError, match="dim must be an int or a tuple of ints, got float"):
+            fn(x, dim=2.0)
+    with pytest.raises(TypeError, match="dim must be an int, got tuple"):  # one dim only: it pads one
+        dr.pad_to_hadamard(x, dim=(0, 1))
     y = x.clone()
     with pytest.raises(ValueError, match="dimension 1 has length 3"):
         dr.fwht(y, dim=(2, 0, 1), inplace=True)  # dims 2 and 0 would go first: none may
@@ -942,7 +957,7 @@ def test_contiguous_tensors_off_their_element_alignment(dtype, generator):
     torch.testing.assert_close(dr.fwht(x), dense_fwht(values).to(dtype))
     assert dr.fwht(x, inplace=True) is x
     torch.testing.assert_close(x, dense_fwht(values).to(dtype))
-    with pytest.raises(ValueError, match="fwht_into.*aligned"):
+    with pytest.raises(ValueError, match="fwht_into: src's address is not aligned to its element size"):
         dr.algo.fwht_into(x, torch.empty(3, 16, dtype=dtype))
 
 
@@ -1092,19 +1107,20 @@ def test_address_binding_validates_its_arguments():
 
 
 @pytest.mark.parametrize(
-    "src, dst",
+    "src, dst, message",
     [
-        (torch.zeros(3, 8), torch.zeros(3, 16)),  # shapes differ
-        (torch.zeros(3, 8), torch.zeros(3, 8, dtype=torch.float64)),  # dtypes differ
-        (torch.zeros(8, 3).t(), torch.zeros(3, 8)),  # not contiguous
-        (torch.zeros(3, 10), torch.zeros(3, 10)),  # unsupported length
-        (torch.zeros(3, 8, dtype=torch.float16), torch.zeros(3, 8, dtype=torch.float16)),  # no native kernel
-        (torch.zeros(()), torch.zeros(())),  # no last dimension
+        (torch.zeros(3, 8), torch.zeros(3, 16), r"dst has shape \(3, 16\), src \(3, 8\)"),
+        (torch.zeros(3, 8), torch.zeros(3, 8, dtype=torch.float64), "dst has dtype torch.float64, src torch.float32"),
+        (torch.zeros(8, 3).t(), torch.zeros(3, 8), r"src is not contiguous \(call .contiguous\(\)\)"),
+        (torch.zeros(3, 8), torch.zeros(8, 3).t(), "dst is not contiguous"),
+        (torch.zeros(3, 10), torch.zeros(3, 10), "last dimension has length 10, which is not a supported"),
+        (torch.zeros(3, 8, dtype=torch.float16), torch.zeros(3, 8, dtype=torch.float16), "src has dtype torch.float16"),
+        (torch.zeros(()), torch.zeros(()), "src is 0-d"),
     ],
-    ids=["shape", "dtype", "contiguity", "length", "float16", "0-d"],
+    ids=["shape", "dtype", "contiguity", "dst_contiguity", "length", "float16", "0-d"],
 )
-def test_fwht_into_rejects_what_the_kernel_cannot_take(src, dst):
-    with pytest.raises(ValueError, match="fwht_into"):
+def test_fwht_into_rejects_what_the_kernel_cannot_take(src, dst, message):
+    with pytest.raises(ValueError, match="fwht_into: .*" + message):
         dr.algo.fwht_into(src, dst)
 
 
@@ -1159,14 +1175,14 @@ def test_negative_views_are_not_read_as_raw_memory(generator):
     negated = torch._neg_view(x)
     assert negated.is_neg() and negated.is_contiguous()
     torch.testing.assert_close(dr.fwht(negated), -dr.fwht(original))
-    with pytest.raises(ValueError, match="fwht_into"):
+    with pytest.raises(ValueError, match=r"fwht_into: src is a lazily negated view \(call .resolve_neg\(\)\)"):
         dr.algo.fwht_into(negated, torch.empty_like(x))
     dr.fwht(negated, inplace=True)  # the view now holds H(-x), so x itself holds H x
     torch.testing.assert_close(x, dr.fwht(original))
 
 
 def test_fwht_into_refuses_a_negated_destination():
-    with pytest.raises(ValueError, match="is_neg"):
+    with pytest.raises(ValueError, match=r"dst is a lazily negated view \(call .resolve_neg\(\)\)"):
         dr.algo.fwht_into(torch.ones(3, 8), torch._neg_view(torch.zeros(3, 8)))
 
 

@@ -71,14 +71,15 @@ def _dispatches_plainly(x: torch.Tensor) -> bool:
     )
 
 
-def _as_dim(dim: object) -> int:
-    """``dim`` as a Python int (any integer type: ``operator.index``); bools and non-integers are refused."""
+def _as_dim(dim: object, expected: str = "an int", name: str = "dim") -> int:
+    """``dim`` as a Python int (any integer type: ``operator.index``); bools and non-integers are refused, the
+    message saying what ``name`` was ``expected`` to be."""
     if isinstance(dim, bool):
-        raise TypeError("dim must be an int, got bool")
+        raise TypeError(f"{name} must be {expected}, got bool")
     try:
         return operator.index(dim)
     except TypeError:
-        raise TypeError(f"dim must be an int or a tuple of ints, got {type(dim).__name__}") from None
+        raise TypeError(f"{name} must be {expected}, got {type(dim).__name__}") from None
 
 
 def _is_dim_sequence(dim: object) -> bool:
@@ -90,7 +91,7 @@ def _checked_dims(x: torch.Tensor, dims: tuple | list, op: str) -> list[int]:
     """The dimensions of a ``dim`` sequence as ints, each checked as a single ``dim`` is (type, range, length),
     and distinct: before anything is transformed, so an in-place call never stops half done."""
     _check_tensor(x)
-    checked = [_as_dim(d) for d in dims]
+    checked = [_as_dim(d, "an int", "each entry of dim") for d in dims]
     for d in checked:
         _check_input(x, d, op)
     rank = max(x.dim(), 1)  # a 0-d tensor is a vector of length 1
@@ -229,11 +230,12 @@ def fwht_reference(x: torch.Tensor, dim: int | Sequence[int] = -1, normalized: b
     if type(normalized) is not bool:
         _refuse_flags(normalized=normalized)
     if _is_dim_sequence(dim):
-        out = x
-        for d in _checked_dims(x, dim, "fwht_reference"):
+        dims = _checked_dims(x, dim, "fwht_reference")
+        out = x.to(_compute_dtype(x.dtype))  # float16/bfloat16: float32 over every dim, rounded once
+        for d in dims:
             out = fwht_reference(out, d, normalized)
-        return x.clone() if out is x else out
-    dim = _as_dim(dim)
+        return x.clone() if out is x else out.to(x.dtype)
+    dim = _as_dim(dim, "an int or a tuple of ints")
     n = _check_input(x, dim, "fwht_reference")
     if x.numel() == 0 or n == 0:
         return x.clone()
@@ -360,6 +362,32 @@ def _empty_result(src: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _fwht_into_problems(src: torch.Tensor, dst: torch.Tensor) -> list[str]:
+    """What keeps the kernel from taking ``src`` and ``dst`` (for fwht_into's error), each naming its tensor."""
+    problems = []
+    if src.dtype not in _NATIVE_DTYPES:
+        problems.append(f"src has dtype {src.dtype} (expected float32 or float64; dreidel.fwht takes the others)")
+    elif dst.dtype != src.dtype:
+        problems.append(f"dst has dtype {dst.dtype}, src {src.dtype} (expected the same)")
+    if dst.shape != src.shape:
+        problems.append(f"dst has shape {tuple(dst.shape)}, src {tuple(src.shape)} (expected the same)")
+    if src.dim() == 0:
+        problems.append("src is 0-d (expected a last dimension to transform)")
+    elif hadamard_factor(int(src.shape[-1])) is None:
+        problems.append(f"src's last dimension has length {int(src.shape[-1])}, which is not a supported Hadamard "
+                        "length (see dreidel.pad_to_hadamard)")
+    for name, t in (("src", src), ("dst", dst)):
+        if not t.is_cpu:
+            problems.append(f"{name} is on {t.device} (expected cpu)")
+        if not t.is_contiguous():
+            problems.append(f"{name} is not contiguous (call .contiguous())")
+        if t.is_neg():
+            problems.append(f"{name} is a lazily negated view (call .resolve_neg())")
+        if t.data_ptr() % t.element_size() != 0:
+            problems.append(f"{name}'s address is not aligned to its element size")
+    return problems
+
+
 def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> None:
     """Raw native transform along the last dim: ``dst = fwht(src)``, no autograd, no op dispatch.
 
@@ -391,11 +419,8 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         and dst.data_ptr() % dst.element_size() == 0
     ):
         raise ValueError(
-            "fwht_into: src and dst must be contiguous CPU float32/float64 tensors of one shape and dtype whose "
-            f"last dimension is a supported Hadamard length; got src {src.dtype} {tuple(src.shape)} on "
-            f"{src.device} (contiguous: {src.is_contiguous()}), dst {dst.dtype} {tuple(dst.shape)} on "
-            f"{dst.device} (contiguous: {dst.is_contiguous()}); lazily negated views (is_neg) and addresses not "
-            f"aligned to the element size are refused too"
+            f"fwht_into: {'; '.join(_fwht_into_problems(src, dst))}. src and dst must be contiguous CPU "
+            "float32/float64 tensors of one shape and dtype whose last dimension is a supported Hadamard length"
         )
     src_address, dst_address, nbytes = src.data_ptr(), dst.data_ptr(), src.nbytes
     if src_address != dst_address and src_address < dst_address + nbytes and dst_address < src_address + nbytes:
@@ -736,7 +761,7 @@ def fwht(
         return out
     if _is_dim_sequence(dim):
         return _fwht_dims(x, _checked_dims(x, dim, "fwht"), normalized, inplace)
-    dim = _as_dim(dim)
+    dim = _as_dim(dim, "an int or a tuple of ints")
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
         return x if inplace else x.clone()
@@ -745,25 +770,7 @@ def fwht(
         return x if inplace else out.squeeze(0)
     moved = x if dim in (-1, x.dim() - 1) else x.movedim(dim, -1)
     if inplace:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(  # torch's error type for in-place updates autograd cannot take
-                "fwht(inplace=True) cannot be differentiated: x requires grad. "
-                "Use inplace=False, or run under torch.no_grad()."
-            )
-        # Under torch.compile the check sees the traced strides, but cannot build a table of offsets: a layout
-        # the strides do not settle is refused there (it used to be written silently, wrong, where rows overlap).
-        if _is_compiling():
-            shares_memory = not in_functorch_transform() and _overlap_from_strides(x) is not False
-        else:
-            if x.is_inference():
-                _check_inference_update(x)
-            shares_memory = not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x)
-        if shares_memory:
-            raise RuntimeError(
-                "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided view), "
-                "or, under torch.compile, a layout whose strides do not show it has none, so its result cannot "
-                "be written into it. Use inplace=False, or clone x first."
-            )
+        _check_inplace_target(x)
         if (x.dtype in _LOW_PRECISION or in_functorch_transform() or _forward_ad._current_level >= 0
                 or (not _is_compiling() and (moved.is_neg() or _is_legacy_batched(moved)))):
             # Computed out of place, then written through the view: copy_ applies the lazy negation, works on
@@ -783,11 +790,41 @@ def fwht(
     return out.to(x.dtype).movedim(-1, dim)
 
 
+def _check_inplace_target(x: torch.Tensor) -> None:
+    """Refuse (RuntimeError) an in-place transform of ``x`` that autograd cannot take or whose result cannot be
+    written into it, as torch's in-place ops refuse them (and an inference tensor outside inference mode)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(  # torch's error type for in-place updates autograd cannot take
+            "fwht(inplace=True) cannot be differentiated: x requires grad. "
+            "Use inplace=False, or run under torch.no_grad()."
+        )
+    # Under torch.compile the check sees the traced strides, but cannot build a table of offsets: a layout
+    # the strides do not settle is refused there (it used to be written silently, wrong, where rows overlap).
+    if _is_compiling():
+        shares_memory = not in_functorch_transform() and _overlap_from_strides(x) is not False
+    else:
+        if x.is_inference():
+            _check_inference_update(x)
+        shares_memory = not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x)
+    if shares_memory:
+        raise RuntimeError(
+            "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided view), "
+            "or, under torch.compile, a layout whose strides do not show it has none, so its result cannot "
+            "be written into it. Use inplace=False, or clone x first."
+        )
+
+
 def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool) -> torch.Tensor:
     """``fwht`` along each of the checked, distinct ``dims`` in turn. Out of place, the first transform makes the
-    result and the others run in place on it where nothing records ops (the direct kernel path)."""
+    result and the others run in place on it where nothing records ops (the direct kernel path). float16 and
+    bfloat16 go through all the dims in float32 and are rounded once, as for one dim."""
     if not dims:
         return x if inplace else x.clone()
+    if x.dtype in _LOW_PRECISION:
+        if inplace:
+            _check_inplace_target(x)
+        result = _fwht_dims(x.to(torch.float32), dims, normalized, False).to(x.dtype)
+        return x.copy_(result) if inplace else result
     out = fwht(x, dims[0], normalized, inplace)
     for d in dims[1:]:
         out = fwht(out, d, normalized, inplace or _direct_kernel_args(out, d) is not None)
