@@ -201,6 +201,42 @@ def test_indices_made_stale_then_used_under_a_transform_are_not_kept(first_use, 
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_a_functional_call_with_the_layers_own_state_leaves_its_indices_right():
+    """An in-place change to the permutation, then a functional_call given the layer's own buffers: the call
+    rebuilds the indices, and functional_call puts the stale ones back when it ends. They were then kept, and
+    every later forward was wrong."""
+    layer = make_layer(16, 16, 2, dtype=torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)
+    with torch.no_grad():
+        layer.permutation[..., [0, 1]] = layer.permutation[..., [1, 0]]
+    want = x @ spectral_matrix(layer).T + layer.bias
+    state = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+    torch.testing.assert_close(torch.func.functional_call(layer, state, (x,)), want, rtol=1e-10, atol=1e-10)
+    for _ in range(2):
+        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_permutation_given_for_one_call_after_a_move_is_not_kept():
+    """After .to(), a functional_call with another layer's permutation rebuilt the indices from it and kept
+    them: the layer's own permutation then counted as replaced, its indices derived again on every forward."""
+    layer, other = make_layer(24, 20, 2, dtype=torch.float64), make_layer(24, 20, 2, seed=5, dtype=torch.float64)
+    layer = layer.to("cpu").double()
+    x = torch.randn(3, 24, dtype=torch.float64)
+    swapped = copy.deepcopy(layer)
+    with torch.no_grad():
+        swapped.permutation.copy_(other.permutation)
+    got = torch.func.functional_call(layer, {"permutation": other.permutation}, (x,))
+    torch.testing.assert_close(got, x @ spectral_matrix(swapped).T + layer.bias, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x), x @ spectral_matrix(layer).T + layer.bias, rtol=1e-10, atol=1e-10)
+    rebuilt = make_layer(24, 20, 2, dtype=torch.float64)
+    rebuilt.load_state_dict(layer.state_dict())  # indices built from the layer's own permutation
+    built = layer._buffers["_flat_perm"]
+    assert torch.equal(built, rebuilt._buffers["_flat_perm"])  # kept for its own permutation, not the other's
+    layer(x)
+    assert layer._buffers["_flat_perm"] is built  # and not built again
+
+
 def test_a_lazy_layer_is_not_materialised_inside_a_transform():
     layer = LinearWHT(64)
     with pytest.raises(RuntimeError, match="cannot infer in_features inside a torch.func transform"):

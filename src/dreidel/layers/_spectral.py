@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -84,6 +85,16 @@ def _same_values(current: torch.Tensor, built_from: torch.Tensor) -> bool:
     if current.is_contiguous():
         return native.bytes_equal(current.data_ptr(), built_from.data_ptr(), current.nbytes)
     return torch.equal(current, built_from)
+
+
+class _IndexSource(NamedTuple):
+    """What a layer's derived indices were built from (see ``_SpectralLinearBase.layout``)."""
+
+    permutation: torch.Tensor  # the permutation tensor itself (after .to(), the moved one)
+    version: int | None  # its version counter then (inference tensors have none)
+    flat_perm: torch.Tensor  # our _flat_perm index, built from it
+    values: torch.Tensor | None  # a copy of its values; None where the indices are stale (after .to())
+    replaced: torch.Tensor | None  # the _flat_perm this build replaced
 
 
 def _plain(permutation: torch.Tensor) -> bool:
@@ -413,12 +424,11 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         with torch.inference_mode(False):
             indices = _indices_from(perm, self.in_features, self.transform_length)
             values = perm.detach().clone()
+        replaced = self._buffers.get("_flat_perm")
         for name, value in zip(_INDEX_NAMES, indices):
             self.register_buffer(name, value, persistent=False)
-        # What the indices were built from (see layout): the permutation tensor, its version (inference tensors
-        # have none), our index, and the permutation's values.
         version = None if perm.is_inference() else perm._version
-        self._index_source = (perm, version, self._buffers["_flat_perm"], values)
+        self._index_source = _IndexSource(perm, version, self._buffers["_flat_perm"], values, replaced)
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to(device)``, ``.cuda()``, ``to_empty()``, ...), which puts new tensors in
@@ -429,7 +439,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         torch.float64)`` casts every tensor, and a floating permutation indexes nothing (the next call failed in
         ``scatter``); ``.to(dtype)``, ``.double()`` and ``.half()`` leave integer tensors alone anyway."""
         source = getattr(self, "_index_source", None)
-        built_here = source is not None and self._buffers.get("_flat_perm") is source[2]
+        built_here = source is not None and self._buffers.get("_flat_perm") is source.flat_perm
 
         def keeping_integers(t: torch.Tensor) -> torch.Tensor:
             result = fn(t)
@@ -438,8 +448,11 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             return t.to(device=result.device)
 
         module = super()._apply(keeping_integers, recurse)
-        if built_here:
-            self._index_source = (None, None, self._buffers["_flat_perm"], None)
+        if built_here:  # the moved permutation, marked stale (no values): a permutation given for one call
+            # (functional_call) still tells itself apart from it, and is not kept (it was, and the layer's own
+            # then counted as replaced: derived on every forward, 4x slower for 64 features)
+            self._index_source = _IndexSource(self._buffers["permutation"], None, self._buffers["_flat_perm"], None,
+                                              None)
         return module
 
     # -------------------------------------------------------------------------------------- forward
@@ -459,7 +472,9 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         They are derived from ``permutation``: for the call only where it was replaced (``functional_call`` with
         another layer's state dict, under ``vmap`` too), and rebuilt and kept where its values changed since
         they were built: in place (its version counter), or, on the CPU, through ``.data`` or a NumPy view,
-        which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features).
+        which no counter sees (a memcmp with the values built from: 1-3 microseconds for 4096 features), and
+        after ``.to()`` (at their next use). Not kept where that use runs under a torch.func transform, a fake or
+        another dispatch mode (derived for the call; the next plain forward rebuilds them).
         Indices supplied together with it
         (``torch.func.stack_module_state`` ensembles carry every buffer) are used as given. Under
         ``torch.compile`` and ``torch.export`` none of those checks can be traced (a compiled module would keep
@@ -472,17 +487,22 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         if _is_compiling():  # torch.export too, whose tracing swaps every buffer for a stand-in
             indices = _indices_from(buffers["permutation"], self.in_features, self._transform_length)
             return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
-        if buffers["_flat_perm"] is source[2]:
+        flat_perm = buffers["_flat_perm"]
+        # Our indices, or the ones they replaced, put back by a functional_call (given this layer's own buffers)
+        # that rebuilt them during the call: those are stale (they were kept, giving wrong results from then on).
+        restored = flat_perm is source.replaced and flat_perm is not None
+        if flat_perm is source.flat_perm or restored:
             permutation = buffers["permutation"]
             # Derived for this call only for a permutation replaced for a call (functional_call with another
             # layer's state, over vmap too, whose batched wrappers must not outlive it as buffers).
-            if source[0] is not None and permutation is not source[0]:
+            if permutation is not source.permutation:
                 if _plain(permutation):  # no data-dependent checks where ops are traced or rewritten
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 indices = _indices_from(permutation, self.in_features, self._transform_length)
                 return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
-            if (permutation is not source[0] or (source[1] is not None and permutation._version != source[1])
-                    or not _same_values(permutation, source[3])):
+            if (restored or source.values is None
+                    or (source.version is not None and permutation._version != source.version)
+                    or not _same_values(permutation, source.values)):
                 if not _plain(permutation):
                     # Stale indices (after .to(), an in-place change) met under a torch.func transform, a fake or
                     # another dispatch mode: built there, they would be its wrapped or fake tensors, kept as
