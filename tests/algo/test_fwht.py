@@ -425,6 +425,8 @@ def test_no_dims_transform_nothing():
     out = dr.fwht(x, dim=())
     assert torch.equal(out, x) and out is not x
     assert dr.fwht(x, dim=(), inplace=True) is x
+    with pytest.raises(RuntimeError, match="cannot be differentiated"):  # refused as torch's leaf.add_(0) is
+        dr.fwht(x.clone().requires_grad_(), dim=(), inplace=True)
     assert torch.equal(dr.fwht_reference(x, dim=[]), x) and dr.fwht_reference(x, dim=[]) is not x
     with pytest.raises(TypeError, match="torch.Tensor"):
         dr.fwht([1.0], dim=())
@@ -1184,6 +1186,13 @@ def test_negative_views_are_not_read_as_raw_memory(generator):
 def test_fwht_into_refuses_a_negated_destination():
     with pytest.raises(ValueError, match=r"dst is a lazily negated view \(call .resolve_neg\(\)\)"):
         dr.algo.fwht_into(torch.ones(3, 8), torch._neg_view(torch.zeros(3, 8)))
+
+
+def test_fwht_into_names_tensors_without_memory_in_its_error():
+    with pytest.raises(ValueError, match="fwht_into: .*src has no memory of its own"):
+        dr.algo.fwht_into(torch.ones(4, 8).to_sparse(), torch.empty(4, 8))
+    with pytest.raises(ValueError, match="fwht_into: .*src has no memory of its own"):
+        torch.func.vmap(lambda t: dr.algo.fwht_into(t, torch.empty(8)))(torch.ones(4, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -93,7 +92,7 @@ def _checked_dims(x: torch.Tensor, dims: tuple | list, op: str) -> list[int]:
     _check_tensor(x)
     checked = [_as_dim(d, "an int", "each entry of dim") for d in dims]
     for d in checked:
-        _check_input(x, d, op)
+        _check_dim(x, d, op)
     rank = max(x.dim(), 1)  # a 0-d tensor is a vector of length 1
     if len({d % rank for d in checked}) != len(checked):
         raise ValueError(f"{op}: dim must name distinct dimensions, got {tuple(checked)}")
@@ -168,6 +167,11 @@ def _check_input(x: torch.Tensor, dim: int, op: str = "fwht") -> int:
     """Validate ``x`` and ``dim`` (messages about the length name ``op``); return the length of the transformed
     dimension."""
     _check_tensor(x)
+    return _check_dim(x, dim, op)
+
+
+def _check_dim(x: torch.Tensor, dim: int, op: str) -> int:
+    """Validate ``dim`` of the checked tensor ``x`` (range, supported length); return the length."""
     if x.dim() == 0:  # a scalar is a vector of length 1, as torch reductions treat it: dim 0 or -1
         if dim not in (0, -1):
             raise ValueError(f"dim={dim} is out of range for a 0-d tensor (expected 0 or -1)")
@@ -221,7 +225,9 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def fwht_reference(x: torch.Tensor, dim: int | Sequence[int] = -1, normalized: bool = True) -> torch.Tensor:
+def fwht_reference(
+    x: torch.Tensor, dim: int | tuple[int, ...] | list[int] = -1, normalized: bool = True
+) -> torch.Tensor:
     """Pure-PyTorch FWHT: ``log2(2^k)`` butterfly stages, then ``H_m`` by a matrix product. Any device, any float
     dtype.
 
@@ -383,8 +389,13 @@ def _fwht_into_problems(src: torch.Tensor, dst: torch.Tensor) -> list[str]:
             problems.append(f"{name} is not contiguous (call .contiguous())")
         if t.is_neg():
             problems.append(f"{name} is a lazily negated view (call .resolve_neg())")
-        if t.data_ptr() % t.element_size() != 0:
-            problems.append(f"{name}'s address is not aligned to its element size")
+        try:
+            misaligned = t.data_ptr() % t.element_size() != 0
+        except RuntimeError:  # no storage (sparse, a torch.func wrapper)
+            problems.append(f"{name} has no memory of its own (a sparse tensor, or one inside a torch.func transform)")
+        else:
+            if misaligned:
+                problems.append(f"{name}'s address is not aligned to its element size")
     return problems
 
 
@@ -406,18 +417,22 @@ def fwht_into(src: torch.Tensor, dst: torch.Tensor, normalized: bool = True) -> 
         _refuse_flags(normalized=normalized)
     n = int(src.size(-1)) if src.ndim > 0 else 0  # int(): sizes are traced values under torch.jit.trace
     constants = kernel_constants(n, src.dtype)
-    if constants is None or not (
-        src.is_cpu
-        and dst.is_cpu
-        and dst.dtype == src.dtype
-        and dst.shape == src.shape
-        and src.is_contiguous()
-        and dst.is_contiguous()
-        and not src.is_neg()
-        and not dst.is_neg()
-        and src.data_ptr() % src.element_size() == 0
-        and dst.data_ptr() % dst.element_size() == 0
-    ):
+    try:
+        kernel_takes = constants is not None and (
+            src.is_cpu
+            and dst.is_cpu
+            and dst.dtype == src.dtype
+            and dst.shape == src.shape
+            and src.is_contiguous()
+            and dst.is_contiguous()
+            and not src.is_neg()
+            and not dst.is_neg()
+            and src.data_ptr() % src.element_size() == 0
+            and dst.data_ptr() % dst.element_size() == 0
+        )
+    except RuntimeError:  # a tensor without storage (sparse, a torch.func wrapper): named below
+        kernel_takes = False
+    if not kernel_takes:
         raise ValueError(
             f"fwht_into: {'; '.join(_fwht_into_problems(src, dst))}. src and dst must be contiguous CPU "
             "float32/float64 tensors of one shape and dtype whose last dimension is a supported Hadamard length"
@@ -693,7 +708,7 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, int, _Kern
 
 
 def fwht(
-    x: torch.Tensor, dim: int | Sequence[int] = -1, normalized: bool = True, inplace: bool = False
+    x: torch.Tensor, dim: int | tuple[int, ...] | list[int] = -1, normalized: bool = True, inplace: bool = False
 ) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
 
@@ -740,8 +755,9 @@ def fwht(
     overflows, as in the reference.
 
     Raises:
-        TypeError: integer, bool or complex ``x``.
-        ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``).
+        TypeError: integer, bool or complex ``x``; a ``dim`` (or an entry of a tuple of dims) that is not an int.
+        ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``); a
+            tuple of dims naming one dimension twice.
         RuntimeError: ``inplace`` on a tensor that requires grad (in grad mode), or whose elements share
             memory (an expanded or ``unfold`` view), as torch's in-place ops refuse them.
     """
@@ -819,7 +835,10 @@ def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool
     result and the others run in place on it where nothing records ops (the direct kernel path). float16 and
     bfloat16 go through all the dims in float32 and are rounded once, as for one dim."""
     if not dims:
-        return x if inplace else x.clone()
+        if inplace:  # refused as any in-place op is, though nothing is written
+            _check_inplace_target(x)
+            return x
+        return x.clone()
     if x.dtype in _LOW_PRECISION:
         if inplace:
             _check_inplace_target(x)
@@ -827,7 +846,12 @@ def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool
         return x.copy_(result) if inplace else result
     out = fwht(x, dims[0], normalized, inplace)
     for d in dims[1:]:
-        out = fwht(out, d, normalized, inplace or _direct_kernel_args(out, d) is not None)
+        direct = None if inplace else _direct_kernel_args(out, d)
+        if direct is None:
+            out = fwht(out, d, normalized, inplace)
+        else:  # the fresh result, which nothing else has seen: in place, where it lies
+            rows, n, interleave, constants, address = direct
+            _run_kernel(address, address, rows, n, constants, normalized, interleave)
     return out
 
 
