@@ -46,6 +46,18 @@ def test_aot_autograd_and_fake_tensors(generator):
         assert fake.shape == (3, 12) and fake.dtype == torch.float32
 
 
+@pytest.mark.parametrize("n", [12, 20 * 4, 28 * 2])
+def test_the_reference_runs_under_fake_tensors_and_make_fx(n, generator):
+    """Its H_m factor is a cached real tensor, which FakeTensorMode refused to mix with its fake ones."""
+    with FakeTensorMode():
+        fake = dr.fwht_reference(torch.randn(3, n))
+        assert fake.shape == (3, n) and fake.dtype == torch.float32
+        assert dr.fwht_reference(torch.randn(2, n, n), dim=(1, 2)).shape == (2, n, n)
+    x = torch.randn(3, n, dtype=torch.float64, generator=generator)
+    graph = make_fx(lambda t: dr.fwht_reference(t), tracing_mode="fake")(x)
+    torch.testing.assert_close(graph(x), x @ dr.hadamard_matrix(n).T / n**0.5)
+
+
 def test_dispatch_modes_see_the_op(generator):
     with RecordOps() as record:
         dr.fwht(torch.randn(2, 8, generator=generator))

@@ -218,7 +218,10 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
         h *= 2
     y = y.reshape(rows, m, chunk)
     if m > 1:
-        hm = small_hadamard(m, y.dtype).to(y.device)
+        hm = small_hadamard(m, y.dtype)
+        if _dispatch_modes_active():  # made under the mode, as a FakeTensorMode's tensors must be (not a real one)
+            hm = torch.tensor(hm.tolist(), dtype=y.dtype)
+        hm = hm.to(y.device)
         y = hm @ y  # (m, m) @ (rows, m, chunk): matmul, unlike einsum, has a legacy-vmap batching rule
     if normalized:
         y = y * _scale(n, True)
