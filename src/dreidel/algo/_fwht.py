@@ -219,7 +219,9 @@ def _reference_last_dim(x: torch.Tensor, normalized: bool) -> torch.Tensor:
     y = y.reshape(rows, m, chunk)
     if m > 1:
         hm = small_hadamard(m, y.dtype)
-        if _dispatch_modes_active():  # made under the mode, as a FakeTensorMode's tensors must be (not a real one)
+        # Made under a dispatch mode, as a FakeTensorMode's tensors must be (not a real one). Not asked under
+        # torch.compile, which lifts the real constant (and breaks its graph on the question).
+        if not _is_compiling() and _dispatch_modes_active():
             hm = torch.tensor(hm.tolist(), dtype=y.dtype)
         hm = hm.to(y.device)
         y = hm @ y  # (m, m) @ (rows, m, chunk): matmul, unlike einsum, has a legacy-vmap batching rule
