@@ -237,6 +237,24 @@ def test_a_permutation_given_for_one_call_after_a_move_is_not_kept():
     assert layer._buffers["_flat_perm"] is built  # and not built again
 
 
+def test_a_width_whose_buffers_cannot_fit_in_memory_is_refused_before_anything_is_allocated(monkeypatch):
+    from dreidel.layers import _spectral
+
+    assert _spectral._physical_memory_bytes() > 2**30  # what the OS reports here
+    monkeypatch.setattr(_spectral, "_physical_memory_bytes", lambda: 2**16)  # a machine with 64 KiB
+    with pytest.raises(MemoryError, match=r"LinearWHT\(in_features=8192, out_features=8192, depth=1\) needs about "
+                                          r"0\.0 GiB .* \(8192 indices\), more than this machine's 0\.0 GiB"):
+        LinearWHT(8192, 8192)
+    with pytest.raises(MemoryError, match=r"DeepSpectralLinear\(in_features=4096, out_features=100, depth=3\)"):
+        DeepSpectralLinear(4096, 100, depth=3)
+    lazy = LinearWHT(8192)  # lazy: refused at its first forward, and left lazy
+    with pytest.raises(MemoryError):
+        lazy(torch.randn(2, 8000))
+    assert lazy.in_features is None and lazy.has_uninitialized_params()
+    assert LinearWHT(8192, device="meta").permutation.is_meta  # shapes only: nothing to refuse
+    assert LinearWHT(64, 32)(torch.randn(2, 64)).shape == (2, 32)  # 64 * 66 bytes fit
+
+
 def test_a_lazy_layer_is_not_materialised_inside_a_transform():
     layer = LinearWHT(64)
     with pytest.raises(RuntimeError, match="cannot infer in_features inside a torch.func transform"):
