@@ -805,7 +805,7 @@ def fwht(
         else:
             _fwht_inplace_op(moved, normalized)
         return x
-    if x.dtype in _LOW_PRECISION and not (x.requires_grad and torch.is_grad_enabled()):
+    if x.dtype in _LOW_PRECISION:
         return _low_precision_result(moved, normalized).to(x.dtype).movedim(-1, dim)
     out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized)
     return out.to(x.dtype).movedim(-1, dim)
@@ -847,7 +847,7 @@ def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool
     if x.dtype in _LOW_PRECISION:
         if inplace:
             _check_inplace_target(x)
-        result = _fwht_dims(x.to(torch.float32), dims, normalized, False).to(x.dtype)
+        result = _low_precision_result(x, normalized, dims).to(x.dtype)
         return x.copy_(result) if inplace else result
     out = fwht(x, dims[0], normalized, inplace)
     for d in dims[1:]:
@@ -860,16 +860,18 @@ def _fwht_dims(x: torch.Tensor, dims: list[int], normalized: bool, inplace: bool
     return out
 
 
-def _low_precision_result(moved: torch.Tensor, normalized: bool) -> torch.Tensor:
-    """The transform of ``moved`` along its last dimension in float32 (``moved``'s own dtype where it is float32 or
-    float64), with no gradient to record: the float32 copy that the computation needs anyway is transformed in place
-    where nothing records ops (float16 (4096, 1024) on a Xeon, 1 thread: out of place 1.19x faster than through a
-    second float32 tensor, in place 1.39x with the copy back uncast), out of place otherwise."""
+def _low_precision_result(moved: torch.Tensor, normalized: bool, dims: list[int] | None = None) -> torch.Tensor:
+    """The transform of ``moved`` along its last dimension (or along each of the checked ``dims``) in float32
+    (``moved``'s own dtype where it is float32 or float64): the float32 copy that the computation needs anyway is
+    transformed in place where nothing records ops (float16 (4096, 1024) on a Xeon, 1 thread: out of place 1.19x
+    faster than through a second float32 tensor, in place 1.39x with the copy back uncast), out of place
+    otherwise (a gradient to record included)."""
     work = moved.to(_compute_dtype(moved.dtype))
-    if (work is moved or _is_compiling() or in_functorch_transform() or _forward_ad._current_level >= 0
-            or not _dispatches_plainly(work)):
-        return fwht(work, normalized=normalized)
-    return fwht(work, normalized=normalized, inplace=True)
+    in_place = not (work is moved or _is_compiling() or in_functorch_transform() or _forward_ad._current_level >= 0
+                    or (work.requires_grad and torch.is_grad_enabled()) or not _dispatches_plainly(work))
+    if dims is None:
+        return fwht(work, normalized=normalized, inplace=in_place)
+    return _fwht_dims(work, dims, normalized, in_place)
 
 
 def _check_inference_update(x: torch.Tensor, name: str = "fwht(inplace=True): x") -> None:
