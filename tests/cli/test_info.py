@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -48,6 +49,32 @@ def test_info_reports_the_caches_the_fwht_passes_are_chosen_by(capsys):
     units = {"K": 1 << 10, "M": 1 << 20}
     assert info["l2_cache_bytes"] == (int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
     assert info["l1d_ways"] == int(ways)
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    """The first CPU's flags in Linux's /proc/cpuinfo: the kernel lists a vector extension only where the
+    CPU has it and the kernel saves its registers, independent of the CPUID and XGETBV reads of the core."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(match.group(1).split()) if match else None
+
+
+def test_the_kernels_dispatch_to_every_vector_extension_the_os_reports():
+    # A Clang build whose compiler runtime left __builtin_cpu_supports unset ran the portable kernels on an
+    # AVX-512 Xeon, silently; every test still passed, only slower.
+    flags = _cpuinfo_flags()
+    if flags is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs Linux's /proc/cpuinfo on x86-64")
+    expected = ["portable"]
+    if {"avx2", "fma"} <= flags:
+        expected.append("avx2")
+        if {"avx512f", "avx512dq"} <= flags:
+            expected.append("avx512")
+    assert available_isas() == expected
+    assert best_isa() == expected[-1]
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
