@@ -1,10 +1,12 @@
-"""What machine and software dreidel is running on: used by `dreidel info` and the benchmarks."""
+"""What machine and software dreidel is running on: used by `dreidel info`, the benchmarks, and the spectral
+layers' check that their buffers fit in memory."""
 
 from __future__ import annotations
 
 import os
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,55 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit value; anything this large is no limit.
+_CGROUP_V1_NO_LIMIT = 1 << 62
+
+
+def _cgroup_memory_limits(proc_cgroup: Path, cgroup_root: Path) -> list[int]:
+    """The memory limits in bytes of this process's cgroups and their ancestors (a parent's limit binds its
+    children too), v2 (``memory.max``) and v1 (``memory/…/memory.limit_in_bytes``), as Linux lists them in
+    ``proc_cgroup``; a path that is not under ``cgroup_root`` (a container sees its own cgroup as the root) is
+    read from the root up. Empty where there is no cgroup or no limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            directory, limit_file = cgroup_root, "memory.max"  # the v2 hierarchy
+        elif "memory" in controllers.split(","):
+            directory, limit_file = cgroup_root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = Path(path).parts[1:]  # without the leading "/"
+        for depth in range(len(parts) + 1):
+            try:
+                text = (directory.joinpath(*parts[:depth]) / limit_file).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < _CGROUP_V1_NO_LIMIT:  # "max" (v2) or the v1 sentinel: none
+                limits.append(int(text))
+    return limits
+
+
+def usable_memory_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory this process may use: the machine's physical memory, or a cgroup's limit where that is
+    lower (a container's ``--memory``, a systemd or Kubernetes limit); ``None`` where the OS says neither.
+
+    The physical memory alone overstates what a process in a container can use: past its cgroup's limit the
+    kernel kills it, as it does past the machine's memory.
+    """
+    known = _cgroup_memory_limits(proc_cgroup, cgroup_root)
+    try:
+        known.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    return min(known) if known else None
+
+
 @dataclass(frozen=True)
 class SystemInfo:
     dreidel: str
@@ -40,6 +91,7 @@ class SystemInfo:
     python: str
     cpu: str
     cores: int
+    memory_bytes: int  # what this process may use (physical memory or a lower cgroup limit); 0: not reported
     isa: str
     l2_cache_bytes: int  # a core's, as the C library reports it; 0: not reported
     l1d_ways: int  # associativity of a core's L1 data cache, likewise
@@ -60,6 +112,7 @@ def system_info() -> SystemInfo:
         python=platform.python_version(),
         cpu=cpu_model(),
         cores=usable_cores(),
+        memory_bytes=usable_memory_bytes() or 0,
         isa=best_isa(),
         l2_cache_bytes=l2_cache_bytes,
         l1d_ways=l1d_ways,

@@ -98,3 +98,41 @@ def test_unknown_command_is_a_usage_error(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _cgroup_tree(root: Path, files: dict[str, str]) -> None:
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text + "\n")
+
+
+def test_usable_memory_is_the_lowest_cgroup_limit_on_the_way_to_the_process(tmp_path):
+    from dreidel._system import usable_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    proc, root = tmp_path / "cgroup", tmp_path / "fs"
+    # cgroup v2: a 3 GiB limit on the parent binds the child, whose own limit is "max"
+    proc.write_text("0::/jobs/train\n")
+    _cgroup_tree(root, {"jobs/memory.max": str(3 << 30), "jobs/train/memory.max": "max"})
+    assert usable_memory_bytes(proc, root) == min(3 << 30, physical)
+    # cgroup v1 (the memory controller's own hierarchy), with the v1 "no limit" value above the child's 1 GiB
+    proc.write_text("12:pids:/docker/abc\n4:cpu,memory:/docker/abc\n1:name=systemd:/docker/abc\n")
+    _cgroup_tree(root, {"memory/docker/memory.limit_in_bytes": "9223372036854771712",
+                        "memory/docker/abc/memory.limit_in_bytes": str(1 << 30)})
+    assert usable_memory_bytes(proc, root) == min(1 << 30, physical)
+    # a container that sees its own cgroup as the root of the mount: the host's path is not there
+    proc.write_text("0::/system.slice/docker-abc.scope\n")
+    _cgroup_tree(root, {"memory.max": str(512 << 20)})
+    assert usable_memory_bytes(proc, root) == 512 << 20
+    # no limit anywhere, or no cgroup file at all: the machine's memory
+    (root / "memory.max").write_text("max\n")
+    assert usable_memory_bytes(proc, root) == physical
+    assert usable_memory_bytes(tmp_path / "missing", root) == physical
+    assert usable_memory_bytes() <= physical  # this machine, whatever its cgroups say
+
+
+def test_info_reports_the_memory_this_process_may_use(capsys):
+    from dreidel._system import usable_memory_bytes
+
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_bytes"] == usable_memory_bytes() > 0

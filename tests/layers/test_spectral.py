@@ -240,10 +240,11 @@ def test_a_permutation_given_for_one_call_after_a_move_is_not_kept():
 def test_a_width_whose_buffers_cannot_fit_in_memory_is_refused_before_anything_is_allocated(monkeypatch):
     from dreidel.layers import _spectral
 
-    assert _spectral._physical_memory_bytes() > 2**30  # what the OS reports here
-    monkeypatch.setattr(_spectral, "_physical_memory_bytes", lambda: 2**16)  # a machine with 64 KiB
+    assert _spectral.usable_memory_bytes() > 2**30  # what the OS reports here
+    monkeypatch.setattr(_spectral, "usable_memory_bytes", lambda: 2**16)  # a machine (or a container) with 64 KiB
     with pytest.raises(MemoryError, match=r"LinearWHT\(in_features=8192, out_features=8192, depth=1\) needs about "
-                                          r"0\.0 GiB .* \(8192 indices\), more than this machine's 0\.0 GiB"):
+                                          r"0\.0 GiB .* \(8192 indices\), more than the 0\.0 GiB of memory this "
+                                          r"process may use"):
         LinearWHT(8192, 8192)
     with pytest.raises(MemoryError, match=r"DeepSpectralLinear\(in_features=4096, out_features=100, depth=3\)"):
         DeepSpectralLinear(4096, 100, depth=3)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import os
 from typing import NamedTuple
 
 import torch
@@ -56,6 +55,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from dreidel._native import native
+from dreidel._system import usable_memory_bytes
 from dreidel.algo import nearest_hadamard_lengths
 from dreidel.algo._fwht import _dispatches_plainly, _refuse_flags, in_functorch_transform
 from dreidel.layers._activation import resolve_activation
@@ -102,14 +102,6 @@ class _IndexSource(NamedTuple):
 # (the permutation, a copy of its values, the derived index buffers and their temporaries): measured 65-66 for
 # LinearWHT of 2^22 and 2^24 features, 51 for DeepSpectralLinear of 2^22 at depth 3.
 _BUILD_BYTES_PER_INDEX = 66
-
-
-def _physical_memory_bytes() -> int | None:
-    """This machine's physical memory in bytes, where the OS says (``None`` otherwise)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _plain(permutation: torch.Tensor) -> bool:
@@ -313,19 +305,21 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         self._num_blocks = math.ceil(self.out_features / self._transform_length)
 
     def _check_fits_in_memory(self, in_features: int) -> None:
-        """Refuse (MemoryError) a width whose index buffers would not fit in this machine's memory while they are
-        built, before anything is allocated: the process was killed for lack of memory instead, after minutes
-        (``LinearWHT(2**31, 3)``: about 23 GB allocated when it was)."""
+        """Refuse (MemoryError) a width whose index buffers would not fit, while they are built, in the memory this
+        process may use (the machine's, or its cgroup's limit where lower), before anything is allocated: the
+        process was killed for lack of memory instead, after minutes (``LinearWHT(2**31, 3)``: about 23 GB
+        allocated when it was)."""
         if self.permutation.is_meta:  # shapes only: nothing is allocated
             return
         length = transform_length(in_features)
         elements = self.depth * math.ceil(self.out_features / length) * length
-        need, have = _BUILD_BYTES_PER_INDEX * elements, _physical_memory_bytes()
+        need, have = _BUILD_BYTES_PER_INDEX * elements, usable_memory_bytes()
         if have is not None and need > have:
             raise MemoryError(
                 f"{type(self).__name__}(in_features={in_features}, out_features={self.out_features}, "
                 f"depth={self.depth}) needs about {need / 2**30:.1f} GiB while it builds its permutation and index "
-                f"buffers ({elements} indices), more than this machine's {have / 2**30:.1f} GiB of memory")
+                f"buffers ({elements} indices), more than the {have / 2**30:.1f} GiB of memory this process may use"
+            )
 
     def _require_in_features(self) -> int:
         if self.in_features is None:
