@@ -9,16 +9,20 @@ PIN := -c constraints.txt
 # Where pip would otherwise fetch torch's CUDA build (plain PyPI on Linux), point it at the CPU wheels:
 # make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
+TORCH_INSTALLED := $(VENV)/.torch-installed
 INSTALLED := $(VENV)/.dreidel-installed
 BENCH_INSTALLED := $(VENV)/.dreidel-bench-installed
 
 .PHONY: demo test test-all test-clang bench install clean
 
-$(PY):
+# A stamp after torch, not the venv's python: a torch install that failed is tried again, instead of leaving
+# the package's install below to pull torch (the CUDA build) from PyPI.
+$(TORCH_INSTALLED):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
 
-$(INSTALLED): $(PY) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
+$(INSTALLED): $(TORCH_INSTALLED) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install $(PIN) scikit-build-core nanobind
 	$(PIP) install $(PIN) --no-build-isolation -e ".[dev]"
 	touch $@
@@ -42,36 +46,40 @@ test-all: $(INSTALLED)
 # `make test` only.
 CLANG_VENV := .venv-clang
 CLANG_PY := $(CLANG_VENV)/bin/python
+CLANG_TORCH := $(CLANG_VENV)/.torch-installed
 CLANG_INSTALLED := $(CLANG_VENV)/.dreidel-installed
-# Zig's C++ compiler. CMake gets a wrapper, .venv-clang/bin/zig-c++, that targets baseline x86-64 (not this
-# CPU: the portable kernels must stay portable) with glibc 2.28 or newer.
-ZIG_CXX = "$(abspath $(CLANG_PY))" -m ziglang c++
-CORE_SOURCES := csrc/fwht.cc csrc/fwht_portable.cc csrc/cpu.cc csrc/memory.cc csrc/spectral.cc
+# The core's sources that build on any CPU (CMakeLists.txt adds the x86 ones on x86-64 only).
+PORTABLE_SOURCES := $(filter-out csrc/module.cc csrc/fwht_avx2.cc csrc/fwht_avx512.cc,$(wildcard csrc/*.cc))
 
-$(CLANG_PY):
+$(CLANG_TORCH):
 	$(PYTHON) -m venv $(CLANG_VENV)
 	$(CLANG_PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
 
-$(CLANG_INSTALLED): $(CLANG_PY) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
+# CMake's compiler is a wrapper around Zig's: baseline x86-64 (not this CPU: the portable kernels must stay
+# portable), glibc 2.28 or newer, and the OpenMP runtime's omp.h. The module keeps the runtime's directory as
+# its RUNPATH, so .venv-clang/bin/dreidel runs outside make too.
+$(CLANG_INSTALLED): $(CLANG_TORCH) pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*)
 	$(CLANG_PY) -m pip install $(PIN) scikit-build-core nanobind ziglang intel-openmp
-	printf '#!/bin/sh\nexec %s -target x86_64-linux-gnu.2.28 "$$@"\n' '$(ZIG_CXX)' > $(CLANG_VENV)/bin/zig-c++
+	printf '#!/bin/sh\nexec "%s" -m ziglang c++ -target x86_64-linux-gnu.2.28 -isystem "%s" "$$@"\n' \
+	  "$$PWD/$(CLANG_PY)" "$$PWD/$(CLANG_VENV)/opt/compiler/include" > $(CLANG_VENV)/bin/zig-c++
 	chmod +x $(CLANG_VENV)/bin/zig-c++
 	$(CLANG_PY) -m pip install $(PIN) --no-build-isolation -C build-dir=build/clang \
-	  -C cmake.define.CMAKE_CXX_COMPILER="$(abspath $(CLANG_VENV))/bin/zig-c++" \
-	  -C cmake.define.OpenMP_CXX_FLAGS="-fopenmp -isystem $(abspath $(CLANG_VENV))/opt/compiler/include" \
-	  -C cmake.define.OpenMP_CXX_LIB_NAMES=iomp5 \
-	  -C cmake.define.OpenMP_iomp5_LIBRARY="$(abspath $(CLANG_VENV))/lib/libiomp5.so" -e ".[dev]"
+	  -C cmake.define.CMAKE_CXX_COMPILER="$$PWD/$(CLANG_VENV)/bin/zig-c++" \
+	  -C cmake.define.OpenMP_CXX_FLAGS=-fopenmp -C cmake.define.OpenMP_CXX_LIB_NAMES=iomp5 \
+	  -C cmake.define.OpenMP_iomp5_LIBRARY="$$PWD/$(CLANG_VENV)/lib/libiomp5.so" \
+	  -C cmake.define.CMAKE_INSTALL_RPATH="$$PWD/$(CLANG_VENV)/lib" -e ".[dev]"
 	touch $@
 
 test-clang: $(CLANG_INSTALLED)
 	mkdir -p build/clang-aarch64
-	for source in $(CORE_SOURCES); do \
-	  $(ZIG_CXX) -target aarch64-linux-gnu -std=c++17 -O3 -fopenmp -Wall -Werror -Icsrc \
+	for source in $(PORTABLE_SOURCES); do \
+	  $(CLANG_PY) -m ziglang c++ -target aarch64-linux-gnu -std=c++17 -O3 -fopenmp -Wall -Werror -Icsrc \
 	    -isystem $(CLANG_VENV)/opt/compiler/include -c $$source -o build/clang-aarch64/$$(basename $$source .cc).o \
 	    || exit 1; \
 	done
-	LD_LIBRARY_PATH=$(abspath $(CLANG_VENV))/lib $(CLANG_VENV)/bin/dreidel info
-	LD_LIBRARY_PATH=$(abspath $(CLANG_VENV))/lib $(CLANG_PY) -m pytest -n 2 -q
+	$(CLANG_VENV)/bin/dreidel info
+	$(CLANG_PY) -m pytest -n 2 -q
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(PIP) install $(PIN) --no-build-isolation -e ".[bench]"

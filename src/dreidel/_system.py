@@ -39,32 +39,53 @@ def usable_cores() -> int:
 _CGROUP_V1_NO_LIMIT = 1 << 62
 
 
+def _read_limit(file: Path, key: str | None = None) -> int | None:
+    """A limit in bytes from a cgroup file: its one number, or the number after ``key`` on one of its lines
+    (``memory.stat``); ``None`` where the file is unreadable, says "max" (v2) or is v1's "no limit" value."""
+    try:
+        text = file.read_text(errors="replace")
+    except OSError:
+        return None
+    if key is not None:
+        text = next((line[len(key):] for line in text.splitlines() if line.startswith(key + " ")), "")
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return int(text) if int(text) < _CGROUP_V1_NO_LIMIT else None
+
+
 def _cgroup_memory_limits(proc_cgroup: Path, cgroup_root: Path) -> list[int]:
     """The memory limits in bytes of this process's cgroups and their ancestors (a parent's limit binds its
-    children too), v2 (``memory.max``) and v1 (``memory/…/memory.limit_in_bytes``), as Linux lists them in
-    ``proc_cgroup``; a path that is not under ``cgroup_root`` (a container sees its own cgroup as the root) is
-    read from the root up. Empty where there is no cgroup or no limit."""
+    children too), v2 (``memory.max``) and v1 (``memory/…/memory.limit_in_bytes``, and v1's own sum over the
+    ancestors, ``hierarchical_memory_limit`` in ``memory.stat``, which sees ancestors a container does not), as
+    Linux lists them in ``proc_cgroup``. A path that is not under ``cgroup_root`` (a container sees its own
+    cgroup as the root) is read from the root up, and never above the root (a path of ``..``). Empty where
+    there is no cgroup or no limit."""
     try:
-        lines = proc_cgroup.read_text().splitlines()
+        lines = proc_cgroup.read_text(errors="surrogateescape").splitlines()
     except OSError:
         return []
     limits = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            directory, limit_file = cgroup_root, "memory.max"  # the v2 hierarchy
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":  # the v2 hierarchy
+            directory, files = cgroup_root, [("memory.max", None)]
         elif "memory" in controllers.split(","):
-            directory, limit_file = cgroup_root / "memory", "memory.limit_in_bytes"
+            directory = cgroup_root / "memory"
+            files = [("memory.limit_in_bytes", None), ("memory.stat", "hierarchical_memory_limit")]
         else:
             continue
         parts = Path(path).parts[1:]  # without the leading "/"
+        if ".." in parts:
+            parts = parts[: parts.index("..")]
         for depth in range(len(parts) + 1):
-            try:
-                text = (directory.joinpath(*parts[:depth]) / limit_file).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < _CGROUP_V1_NO_LIMIT:  # "max" (v2) or the v1 sentinel: none
-                limits.append(int(text))
+            for name, key in files:
+                limit = _read_limit(directory.joinpath(*parts[:depth], name), key)
+                if limit is not None:
+                    limits.append(limit)
     return limits
 
 

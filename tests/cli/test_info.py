@@ -131,6 +131,26 @@ def test_usable_memory_is_the_lowest_cgroup_limit_on_the_way_to_the_process(tmp_
     assert usable_memory_bytes() <= physical  # this machine, whatever its cgroups say
 
 
+def test_usable_memory_survives_odd_cgroup_files(tmp_path):
+    from dreidel._system import usable_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    proc, root = tmp_path / "cgroup", tmp_path / "fs" / "cgroup"
+    # v1 inside a container that does not see its ancestors: their limit is in memory.stat's hierarchical sum
+    proc.write_text("4:memory:/\n")
+    _cgroup_tree(root, {"memory/memory.limit_in_bytes": "9223372036854771712",
+                        "memory/memory.stat": f"cache 0\nhierarchical_memory_limit {2 << 30}\nrss 0"})
+    assert usable_memory_bytes(proc, root) == min(2 << 30, physical)
+    # an empty line, a line that is not "id:controllers:path", a path that is not UTF-8: skipped or read as bytes
+    proc.write_bytes(b"\nnonsense\n0::/caf\xe9\n")
+    _cgroup_tree(root, {"memory/memory.stat": "", f"caf{chr(0xdce9)}/memory.max": str(3 << 30)})
+    assert usable_memory_bytes(proc, root) == min(3 << 30, physical)
+    # a limit file that is not a plain number ("²" is a digit to str.isdigit), and a path above the namespace's root
+    proc.write_text("0::/../elsewhere\n")
+    _cgroup_tree(root, {"memory.max": "\u00b2", "../memory.max": str(1 << 20)})
+    assert usable_memory_bytes(proc, root) == physical
+
+
 def test_info_reports_the_memory_this_process_may_use(capsys):
     from dreidel._system import usable_memory_bytes
 
