@@ -156,15 +156,15 @@ def measure(rows: int, n: int, threads: int) -> Timings:
     return time_interleaved(implementations(rows, n, threads, pristine))
 
 
-def time_interleaved(impls: list[Impl]) -> Timings:
-    """Median seconds per implementation over FAST_REPEATS repeats (SLOW ones fewer), in a fresh random order
+def time_interleaved(impls: list[Impl], repeats: int = FAST_REPEATS) -> Timings:
+    """Median seconds per implementation over `repeats` repeats (SLOW ones fewer), in a fresh random order
     each repeat."""
     for impl in impls:  # warm-up (first-touch page faults, OpenMP pools)
         if impl.name not in SLOW:
             impl.prepare()
             impl.run()
     order = random.Random(0)
-    for rep in range(FAST_REPEATS):
+    for rep in range(repeats):
         # A fresh random order each repeat: what ran just before (and the dirty cache lines it left) changes
         # a streaming kernel's time by up to ~10%. Rotating a fixed order is not enough, since every
         # implementation then always follows the same one (ffht's in-place pass on fht-cpu's own buffer
@@ -252,6 +252,67 @@ def other_dim_section() -> str:
     )
 
 
+# Every power-of-two row length, 1 thread: rows of n values filling SWEEP_BYTES (a row that is longer, one row),
+# SWEEP_REPEATS paired repeats each.
+SWEEP_LENGTHS = [1 << k for k in range(1, 25)]
+SWEEP_BYTES = 16 << 20
+SWEEP_REPEATS = 15
+
+
+def sweep_section() -> str:
+    """dreidel in place against ffht and fht-cpu at every power-of-two row length (1 thread): the issue's
+    seven cases leave most lengths out."""
+    if ffht is None and fht_cpu is None:
+        return ""
+    torch.set_num_threads(1)
+    table, speedups = [], {}
+    for n in SWEEP_LENGTHS:
+        rows = max(1, SWEEP_BYTES // (4 * n))
+        pristine = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
+        work = {name: torch.empty_like(pristine) for name in ("dreidel", "ffht", "fht-cpu", "add_")}
+        arrays = {name: (w.numpy().reshape(-1) if rows == 1 else w.numpy()) for name, w in work.items()}
+
+        def refill(name: str) -> Callable[[], object]:
+            return lambda: work[name].copy_(pristine)
+
+        impls = [
+            Impl("dreidel in place", lambda: dreidel.fwht(work["dreidel"], normalized=False, inplace=True),
+                 refill("dreidel")),
+            Impl("add_ in place", lambda: work["add_"].add_(1.0), refill("add_")),
+        ]
+        if ffht is not None:
+            impls.append(Impl("ffht", lambda: ffht.fht_(arrays["ffht"], 1), refill("ffht")))
+        if fht_cpu is not None:
+            impls.append(Impl("fht-cpu", lambda: fht_cpu.fht(arrays["fht-cpu"], num_threads=1), refill("fht-cpu")))
+        t = time_interleaved(impls, SWEEP_REPEATS)
+        peers = [name for name in ("ffht", "fht-cpu") if name in t]
+        best = min(peers, key=lambda name: t[name])
+        speedups[n] = t.ratio(best, "dreidel in place")
+        print(f"sweep 2^{n.bit_length() - 1}: " + "  ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()), flush=True)
+        table.append([
+            f"2^{n.bit_length() - 1}", f"{rows} × {n}", round(rows * n * 4 / 2**20, 1),
+            f"{t['dreidel in place'] * 1e3:.3g}", f"{t['add_ in place'] * 1e3:.3g}",
+            *(f"{t[name] * 1e3:.3g}" if name in t else "—" for name in ("ffht", "fht-cpu")),
+            best, f"{speedups[n]:.2f}×",
+        ])
+    below = [n for n in SWEEP_LENGTHS if speedups[n] < BAR]
+    lowest = min(SWEEP_LENGTHS, key=lambda n: speedups[n])
+    summary = (
+        f"{len(SWEEP_LENGTHS) - len(below)} of {len(SWEEP_LENGTHS)} lengths at {BAR}× or more; the lowest "
+        f"{speedups[lowest]:.2f}× at 2^{lowest.bit_length() - 1}"
+        + (f"; below {BAR}×: " + ", ".join(f"2^{n.bit_length() - 1}" for n in below) if below else "")
+        + "."
+    )
+    return (
+        "**Every power-of-two row length (1 thread, in place)** Rows filling "
+        f"{SWEEP_BYTES >> 20} MB (one row where a row is longer), {SWEEP_REPEATS} repeats in a fresh random "
+        "order each; \"speedup\" as above, the faster of ffht and fht-cpu ÷ dreidel. Not cases of the bar: "
+        f"what a user with other lengths gets. {summary}\n\n"
+        + markdown_table(["length", "rows × length", "MiB", "dreidel in place ms", "add_ in place ms", "ffht ms",
+                          "fht-cpu ms", "fastest peer", "speedup"], table)
+    )
+
+
 L2_SLICE_BYTES = 1 << 18  # fits in any recent core's L2
 
 
@@ -314,6 +375,7 @@ def main() -> None:
     results: dict[tuple[int, int, int], Timings] = {}
     in_l2 = {(rows, n): kernel_in_l2(rows, n) for rows, n in CASES}
     other_dims = other_dim_section()
+    sweep = sweep_section()
     for rows, n in CASES:
         for threads in THREADS:
             results[(rows, n, threads)] = measure(rows, n, threads)
@@ -419,6 +481,7 @@ def main() -> None:
         + "\n\n**Verdict (bar: ≥ 1.5× the fastest peer at 1 thread)**\n\n"
         + "\n".join(verdicts)
         + "\n\n"
+        + (sweep + "\n\n" if sweep else "")
         + other_dims
         + "\n"
     )
