@@ -243,7 +243,8 @@ void cross_rows(const FwhtKernels<T>& k, const T* src, T* dst, int64_t count, in
 }
 
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip);
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip,
+               bool overlap);
 
 // Blocks per group (see long_pow2): kGroup; where blocks are crossed by strip (blocks_by_strip), as many as
 // fit in kMinBlockBytes, the size of a block done in L2, but at most kGroup: blocks of 1 MB or more then go
@@ -265,7 +266,7 @@ int64_t group_of(const Split& sp, bool by_strip) {
 // slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after, bool by_strip) {
+                T scale, const T* after, bool by_strip, bool overlap = false) {
   const int64_t offset = first * sp.block;
   const T block_scale = group == 1 ? scale : T(1);
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
@@ -274,7 +275,7 @@ void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, 
     for (int64_t b = 0; b < group; ++b) {
       const T* block = src + offset + b * sp.block;
       long_pow2(k, block, dst + offset + b * sp.block, sp.block, block_scale,
-                b + 1 < group ? block + sp.block : after, by_strip);
+                b + 1 < group ? block + sp.block : after, by_strip, overlap);
     }
   }
   if (group > 1)
@@ -373,16 +374,33 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // row takes three passes over memory. Where blocks_by_strip, the blocks are done one at a time and
 // the stages across all of them are one pass over memory, strip by strip: two.
 template <class T>
-void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip) {
+void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip,
+               bool overlap) {
   const Split sp = split_of<T>(len, 1);
   const int64_t group = group_of<T>(sp, by_strip);
   const int64_t groups = sp.count / group;
   // The last stages scale: those across the groups, or, where all blocks form one group, those across them.
   const T group_scale = groups == 1 ? scale : T(1);
-  for (int64_t g = 0; g < sp.count; g += group)
-    group_pow2(k, src, dst, sp, g, group, group_scale, g + group < sp.count ? src + (g + group) * sp.block : after,
-               by_strip);
-  if (groups == 1) return;
+  if (overlap && sp.block * int64_t(sizeof(T)) == kLeafBytes && group == kGroup && groups > 1) {
+    // Each group's leaves beside the stages across the group before it (leaves_crossing); the last group's
+    // are crossed on their own.
+    for (int64_t g = 0; g < sp.count; g += group) {
+      const T* next = g + group < sp.count ? src + (g + group) * sp.block : after;
+      if (g == 0) {
+        k.rows_pow2(src, dst, group, sp.block, T(1), next);
+        continue;
+      }
+      k.leaves_crossing(src + g * sp.block, dst + g * sp.block, group, next, dst + (g - group) * sp.block, sp.block,
+                        sp.block);
+    }
+    T* const last = dst + (sp.count - group) * sp.block;
+    cross_rows(k, last, last, group, sp.block, sp.block, cross_width(k, group, sp.block), T(1));
+  } else {
+    for (int64_t g = 0; g < sp.count; g += group)
+      group_pow2(k, src, dst, sp, g, group, group_scale,
+                 g + group < sp.count ? src + (g + group) * sp.block : after, by_strip, overlap);
+    if (groups == 1) return;
+  }
   // Each group is one contiguous row of group * block values for the stages across groups.
   const int64_t span = group * sp.block;
   const bool leaves = sp.block * int64_t(sizeof(T)) <= kLeafBytes;
@@ -475,13 +493,14 @@ void SerialFwht<T>::operator()(const T* src, T* dst, int64_t rows) const {
     return;
   }
   const bool by_strip = blocks_by_strip(dst, rows * n_ * int64_t(sizeof(T)), chunk_, cache_);
+  const bool overlap = src == dst && k.leaves_crossing != nullptr && has_wide_l1(cache_);
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * n_;
     T* d = dst + r * n_;
     for (int a = 0; a < m; ++a) {
       // What follows this chunk: the next chunk, or the next row of this call.
       const T* after = a + 1 < m || r + 1 < rows ? s + (a + 1) * chunk_ : nullptr;
-      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, by_strip);
+      long_pow2(k, s + a * chunk_, d + a * chunk_, chunk_, m > 1 ? T(1) : scale_, after, by_strip, overlap);
     }
     if (m > 1) k.mix_chunks(d, chunk_, plan_, 0, chunk_, scale_);  // the last stage: it scales
   }

@@ -65,6 +65,13 @@ struct FwhtKernels {
   // work. Null where the ISA has fewer than 32 registers of 64 bytes (only AVX-512 has it).
   void (*leaf_prefetching_strip)(T* x, T scale, const T* strip, T* strip_out, int64_t count, int64_t stride,
                                  int64_t width);
+  // dst = H src (no scale) for `rows` contiguous 16 KB rows (leaves; src may equal dst), the rows after them
+  // prefetched as rows_pow2 does (`after` likewise), while H_8 runs in place across the 8 rows spaced
+  // `stride` apart at `cross` over their first `width` columns (a multiple of lanes), a register of each row
+  // at a time between the leaves' groups of registers. Those rows must not overlap src or dst. Null where
+  // the ISA has fewer than 32 registers of 64 bytes (only AVX-512 has it).
+  void (*leaves_crossing)(const T* src, T* dst, int64_t rows, const T* after, T* cross, int64_t stride,
+                          int64_t width);
 };
 
 const FwhtKernels<float>& fwht_kernels_f32(Isa isa);

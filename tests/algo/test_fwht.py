@@ -275,11 +275,13 @@ def test_long_rows_give_the_same_transform_on_every_cache_geometry(geometry, isa
     # 16 MB or more of float32: the calls that stream from memory, where the passes depend most on the CPU.
     # 2^22 points are 16 blocks of 1 MB, crossed in two in-place levels, strip by strip or in groups of 8;
     # 12 * 2^18 mixes twelve rows of 1 MB; rows of 2^16 are pipelined one after another out of place
-    # (AVX-512, a 12-way L1). 1 thread; 3 (threads inside one row, unevenly); 16 (the 2^22 row's 64 blocks
-    # then go in 32 groups of 2, crossed in two levels strip by strip).
+    # (AVX-512, a 12-way L1). 1 thread, out of place and in place (with AVX-512 and a 12-way L1, in place,
+    # each group of 8 leaves is crossed beside the next group's leaves: leaves_crossing); 3 (threads inside
+    # one row, unevenly); 16 (the 2^22 row's 64 blocks then go in 32 groups of 2, crossed in two levels strip
+    # by strip).
     x, truth = _long_rows_and_truth(rows, n)
     h = small_hadamard(dr.algo.hadamard_factor(n)[0], torch.float32)
-    for threads, inplace in ((1, False), (3, True), (16, False)):
+    for threads, inplace in ((1, False), (1, True), (3, True), (16, False)):
         out = x.clone() if inplace else torch.empty_like(x)
         native.fwht(out if inplace else x, out, n, h, 1 / math.sqrt(n), threads, isa, *geometry)
         torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=2e-5)
