@@ -56,7 +56,7 @@ def _read_limit(file: Path, key: str | None = None) -> int | None:
 
 def _cgroup_memory_limits(proc_cgroup: Path, cgroup_root: Path) -> list[int]:
     """The memory limits in bytes of this process's cgroups and their ancestors (a parent's limit binds its
-    children too), v2 (``memory.max``) and v1 (``memory/…/memory.limit_in_bytes``, and v1's own sum over the
+    children too), v2 (``memory.max``) and v1 (``memory/…/memory.limit_in_bytes``, and v1's own minimum over the
     ancestors, ``hierarchical_memory_limit`` in ``memory.stat``, which sees ancestors a container does not), as
     Linux lists them in ``proc_cgroup``. A path that is not under ``cgroup_root`` (a container sees its own
     cgroup as the root) is read from the root up, and never above the root (a path of ``..``). Empty where
