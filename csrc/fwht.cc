@@ -54,7 +54,8 @@ constexpr int64_t kScratchRowBytes = 256;
 // of two apart at once, and such rows share L1 sets: on Zen 3 (32 KB, 8 ways; 512 KB L2) a pass over 16 of
 // them ran 4-5x slower than a pass over 8, and every gather of 16 to 64 rows tried there lost to in-place
 // radix-8 passes. The strip crossing (in place, 8 rows at a time) was measured only on a CPU with 12 ways.
-// Where the associativity is not reported, neither is taken.
+// So was leaves_crossing (see long_pow2), whose 8 crossed lines, 16 KB apart, share an L1 set with the 4
+// lines of the leaf being worked on. Where the associativity is not reported, none of them is taken.
 constexpr int kWideL1Ways = 12;
 
 inline bool has_wide_l1(const CacheGeometry& cache) { return cache.l1d_ways >= kWideL1Ways; }
@@ -259,14 +260,14 @@ int64_t group_of(const Split& sp, bool by_strip) {
 
 // Blocks first .. first + group - 1 of a split row (recursively; leaves are rows in L1), then the stages
 // across them while they are still in an inner cache, which scale the sums (a group of one block scales its
-// own last stages). `after` is the input this thread transforms next (nullptr if none): the last leaf
+// own last stages); `overlap` as for long_pow2. `after` is the input this thread transforms next (nullptr if none): the last leaf
 // prefetches its start, which then arrives while the stages across the group run in L2 (a 2^24 row, 1
 // thread: 1.02-1.06x, A/B on a Xeon with AVX-512). Never another thread's input: prefetched for writing, its
 // lines would be taken from the core working on them (rows of 2^16 to 2^19 at 2 threads ran up to 1.3x
 // slower).
 template <class T>
 void group_pow2(const FwhtKernels<T>& k, const T* src, T* dst, const Split& sp, int64_t first, int64_t group,
-                T scale, const T* after, bool by_strip, bool overlap = false) {
+                T scale, const T* after, bool by_strip, bool overlap) {
   const int64_t offset = first * sp.block;
   const T block_scale = group == 1 ? scale : T(1);
   if (sp.block * int64_t(sizeof(T)) <= kLeafBytes) {
@@ -372,7 +373,10 @@ __attribute__((noinline)) void blocks_pipelined(const FwhtKernels<T>& k, const T
 // pass across the groups is another. Blocks above the leaves (1 MB, each done in L2) likewise go in groups
 // of 8, crossed while the group is in the outer cache, and a last radix-8 pass crosses the groups: a 2^24
 // row takes three passes over memory. Where blocks_by_strip, the blocks are done one at a time and
-// the stages across all of them are one pass over memory, strip by strip: two.
+// the stages across all of them are one pass over memory, strip by strip: two. With `overlap` (in place, the
+// kernels have leaves_crossing, an L1 of kWideL1Ways), the pass across each group of 8 leaves but the last
+// runs beside the next group's leaves instead of on its own. Threads sharing one row (long_pow2_parallel) do
+// not take it.
 template <class T>
 void long_pow2(const FwhtKernels<T>& k, const T* src, T* dst, int64_t len, T scale, const T* after, bool by_strip,
                bool overlap) {
@@ -429,7 +433,7 @@ void long_pow2_parallel(const FwhtKernels<T>& k, const T* src, T* dst, int64_t l
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g)
-      group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), by_strip);
+      group_pow2(k, src, dst, sp, g * group, group, T(1), static_cast<const T*>(nullptr), by_strip, false);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < strips; s += strips_per_grain) {
       const int64_t grain_span = std::min(strips - s, strips_per_grain) * width;

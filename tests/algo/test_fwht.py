@@ -287,6 +287,19 @@ def test_long_rows_give_the_same_transform_on_every_cache_geometry(geometry, isa
         torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("isa", available_isas())
+def test_long_float64_rows_in_place_give_the_same_transform_on_every_cache_geometry(isa):
+    # float64 leaves are 2048 values: rows of 2^18 take 128 of them, in groups of 8 crossed beside the next
+    # group's leaves where the L1 has 12 ways (leaves_crossing, AVX-512), on their own where it has 8.
+    x = torch.randn(3, 1 << 18, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    truth = dr.fwht_reference(x)
+    h = small_hadamard(1, torch.float64)
+    for geometry in CACHE_GEOMETRIES:
+        out = x.clone()
+        native.fwht(out, out, 1 << 18, h, 1 / 512, 1, isa, *geometry)
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+
+
 def test_the_binding_refuses_partly_overlapping_or_misaligned_buffers():
     """Only the sizes used to be compared: a dst 4 elements past src transformed wrong without a word, and a
     float32 buffer at an odd address reached the kernels' typed loads."""
