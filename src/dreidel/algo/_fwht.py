@@ -713,7 +713,12 @@ def _direct_kernel_args(x: torch.Tensor, dim: int) -> tuple[int, int, int, _Kern
 
 
 def fwht(
-    x: torch.Tensor, dim: int | tuple[int, ...] | list[int] = -1, normalized: bool = True, inplace: bool = False
+    x: torch.Tensor,
+    dim: int | tuple[int, ...] | list[int] = -1,
+    normalized: bool = True,
+    inplace: bool = False,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of ``x`` along ``dim``.
 
@@ -736,6 +741,14 @@ def fwht(
             none (a copy, or ``x`` itself in place).
         normalized: scale by ``1/sqrt(n)`` (for several dimensions, by ``1/sqrt(n)`` of each: orthonormal).
         inplace: write the result into ``x`` and return ``x`` (no autograd through it).
+        out: write the result into this tensor and return it, as torch's ``out=`` arguments do (no autograd
+            through it); ``x`` is left as it was. It must have ``x``'s shape, dtype and device, and may be
+            ``x`` itself but must not otherwise share memory with it. A big transform repeated in a loop
+            then reuses one result instead of allocating a fresh one each call, whose pages the OS must fault
+            in and zero (a 2^24-point float32 row, 1 thread, a Xeon: 20.0-21.6 ms into a fresh result, 13.3-14.1
+            into ``out``, 9.5-10.0 in place). Where ``out``
+            has ``x``'s strides and ``x`` goes straight to the kernel, the kernel reads ``x`` and writes
+            ``out`` in one go; otherwise ``x`` is copied into ``out`` and transformed there.
 
     Returns:
         a tensor of ``x``'s shape and dtype (and, where it was transformed where it lies, of ``x``'s strides).
@@ -764,10 +777,15 @@ def fwht(
         ValueError: ``dim`` out of range, or a length that is not ``m · 2^k`` (see ``pad_to_hadamard``); a
             tuple of dims naming one dimension twice.
         RuntimeError: ``inplace`` on a tensor that requires grad (in grad mode), or whose elements share
-            memory (an expanded or ``unfold`` view), as torch's in-place ops refuse them.
+            memory (an expanded or ``unfold`` view), as torch's in-place ops refuse them; ``out`` where ``x``
+            or ``out`` requires grad (in grad mode), or whose elements share memory.
+        TypeError, ValueError (``out``): not a tensor, another dtype (TypeError), another shape or device, memory
+            shared with ``x`` other than being ``x``, or given with ``inplace=True`` (ValueError).
     """
     if type(normalized) is not bool or type(inplace) is not bool:
         _refuse_flags(normalized=normalized, inplace=inplace)
+    if out is not None:
+        return _fwht_out(x, dim, normalized, inplace, out)
     direct = _direct_kernel_args(x, dim)
     if direct is not None:  # the common case, with as little Python as possible before the kernel
         rows, n, interleave, constants, address = direct
@@ -809,6 +827,86 @@ def fwht(
         return _low_precision_result(moved, normalized).to(x.dtype).movedim(-1, dim)
     out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized)
     return out.to(x.dtype).movedim(-1, dim)
+
+
+def _fwht_out(x: torch.Tensor, dim: object, normalized: bool, inplace: bool, out: torch.Tensor) -> torch.Tensor:
+    """``fwht(x, dim, normalized, out=out)``: everything is checked before ``out`` is written."""
+    if inplace:
+        raise ValueError("fwht: pass inplace=True or out=, not both (out=x is the in-place transform)")
+    if _is_dim_sequence(dim):
+        _checked_dims(x, dim, "fwht")
+    else:
+        _check_input(x, _as_dim(dim, "an int or a tuple of ints"))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fwht: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"fwht: out has dtype {out.dtype}, expected x's dtype {x.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"fwht: out has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"fwht: out is on {out.device}, expected x's device {x.device}")
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        raise RuntimeError(  # as torch's functions with out= arguments refuse it
+            "fwht(out=...) cannot be differentiated: x or out requires grad. "
+            "Call fwht(x) without out, or run under torch.no_grad()."
+        )
+    same = _same_memory(x, out)
+    if same is None:
+        raise ValueError("fwht: out shares memory with x without being x (the same memory and strides)")
+    direct = _direct_kernel_args(x, dim)
+    if direct is not None and _kernel_can_write(out, x.stride()):
+        rows, n, interleave, constants, address = direct
+        if out.is_inference():
+            _check_inference_update(out, "fwht(out=...): out")
+        _run_kernel(address, out.data_ptr(), rows, n, constants, normalized, interleave)
+        _increment_versions((out,))
+        return out
+    if not _is_compiling():
+        if out.is_inference():
+            _check_inference_update(out, "fwht(out=...): out")
+        if not in_functorch_transform() and _dispatches_plainly(out) and _overlaps_itself(out):
+            raise RuntimeError(
+                "fwht(out=...): out has elements that share memory (an expanded, unfold or as_strided view), "
+                "so the result cannot be written into it"
+            )
+    if not same:
+        with torch.no_grad():
+            out.copy_(x)
+    return fwht(out, dim, normalized, inplace=True)
+
+
+def _same_memory(x: torch.Tensor, out: torch.Tensor) -> bool | None:
+    """Whether ``out`` is ``x``'s memory with ``x``'s layout (True), apart from it (False), or overlaps it any
+    other way (None). Tensors without memory of their own (tracing, torch.func wrappers) count as apart."""
+    if out is x:
+        return True
+    if _is_compiling() or not (_dispatches_plainly(x) and _dispatches_plainly(out)):
+        return False
+    try:
+        if x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            return False
+        if x.data_ptr() == out.data_ptr() and x.stride() == out.stride():
+            return True
+        x_start, out_start = x.data_ptr(), out.data_ptr()
+        x_end, out_end = x_start + _span_bytes(x), out_start + _span_bytes(out)
+        return None if x_start < out_end and out_start < x_end else False
+    except RuntimeError:  # a tensor without storage
+        return False
+
+
+def _span_bytes(x: torch.Tensor) -> int:
+    """Bytes from ``x``'s first element to the end of its last (torch's strides are never negative)."""
+    return x.element_size() * (1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())))
+
+
+def _kernel_can_write(out: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether the kernel may write straight into ``out``: a plain CPU tensor with the given strides (those of the
+    input it reads), aligned, without a lazy negation bit."""
+    try:
+        return (out.is_cpu and out.stride() == strides and not out.is_neg() and _dispatches_plainly(out)
+                and out.data_ptr() % out.element_size() == 0)
+    except RuntimeError:
+        return False
 
 
 def _check_inplace_target(x: torch.Tensor) -> None:
