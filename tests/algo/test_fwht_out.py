@@ -40,12 +40,41 @@ def test_out_with_other_strides_than_x_and_out_x_itself():
     torch.testing.assert_close(rows[1], dr.fwht(first))
 
 
+def test_out_in_the_same_storage_as_x_but_on_other_elements():
+    # the byte ranges meet, the elements do not: computed apart first, then written (torch.add takes these too)
+    for x_part, out_part in ((lambda s: s[:, ::2], lambda s: s[:, 1::2]), (lambda s: s[:, :16], lambda s: s[:, 16:])):
+        memory = torch.randn(4, 32)
+        expected = dr.fwht(x_part(memory).clone())
+        dr.fwht(x_part(memory), out=out_part(memory))
+        torch.testing.assert_close(out_part(memory), expected)
+
+
+def test_out_on_meta_and_empty_tensors_and_forward_mode_tangents():
+    assert dr.fwht(torch.empty(4, 8, device="meta"), out=torch.empty(8, 4, device="meta").t()).shape == (4, 8)
+    assert dr.fwht(torch.empty(3, 0), out=torch.empty(3, 0)[..., ::2]).shape == (3, 0)
+    import torch.autograd.forward_ad as forward_ad
+
+    primal, tangent = torch.randn(4, 16), torch.randn(4, 16)
+    with forward_ad.dual_level():
+        out = torch.empty(4, 16)
+        dr.fwht(forward_ad.make_dual(primal, tangent), out=out)
+        got = forward_ad.unpack_dual(out)
+    torch.testing.assert_close(got.primal, dr.fwht(primal))
+    torch.testing.assert_close(got.tangent, dr.fwht(tangent))
+
+
 def test_out_works_under_compile_and_vmap_and_inference_mode():
     x = torch.randn(8, 64)
     out = torch.empty_like(x)
     compiled = torch.compile(lambda a, b: dr.fwht(a, out=b), fullgraph=True)
     assert compiled(x, out) is out
     torch.testing.assert_close(out, dr.fwht(x))
+    # dynamic shapes (the second size recompiles with symbolic sizes); a tuple of dims too
+    dynamic = torch.compile(lambda a, b: dr.fwht(a, dim=(0, 1), out=b))
+    for rows, n in ((16, 8), (32, 16)):
+        a, b = torch.randn(rows, n), torch.empty(rows, n)
+        dynamic(a, b)
+        torch.testing.assert_close(b, dr.fwht(a, dim=(0, 1)))
     batched = torch.empty_like(x)
     torch.func.vmap(lambda a, b: dr.fwht(a, out=b))(x, batched)
     torch.testing.assert_close(batched, dr.fwht(x))
@@ -58,10 +87,13 @@ def test_out_works_under_compile_and_vmap_and_inference_mode():
 @pytest.mark.parametrize(
     ("make_out", "error", "match"),
     [
-        (lambda x: torch.empty(4, 64, 11), ValueError, r"out has shape \(4, 64, 11\), expected x's shape \(4, 64, 12\)"),
+        (lambda x: torch.empty(4, 64, 11), ValueError,
+         r"out has shape \(4, 64, 11\), expected x's shape \(4, 64, 12\)"),
         (lambda x: torch.empty_like(x, dtype=torch.float64), TypeError, "out has dtype torch.float64, expected"),
         (lambda x: torch.empty_like(x, device="meta"), ValueError, "out is on meta, expected x's device cpu"),
         (lambda x: [0.0], TypeError, "out must be a torch.Tensor, got list"),
+        (lambda x: torch.zeros_like(x).to_sparse(), TypeError,
+         "out must be a dense .strided. tensor, got a torch.sparse_coo"),
         (lambda x: torch.empty(1).expand(4, 64, 12), RuntimeError, "out has elements that share memory"),
         (lambda x: torch.empty_like(x).requires_grad_(), RuntimeError, "cannot be differentiated"),
     ],

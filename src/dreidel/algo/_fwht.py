@@ -741,8 +741,9 @@ def fwht(
             none (a copy, or ``x`` itself in place).
         normalized: scale by ``1/sqrt(n)`` (for several dimensions, by ``1/sqrt(n)`` of each: orthonormal).
         inplace: write the result into ``x`` and return ``x`` (no autograd through it).
-        out: write the result into this tensor and return it, as torch's ``out=`` arguments do (no autograd
-            through it); ``x`` is left as it was. It must have ``x``'s shape, dtype and device, and may be
+        out: write the result into this tensor and return it, as torch's ``out=`` arguments do (refused in grad
+            mode where ``x`` or ``out`` requires grad; a forward-mode tangent of ``x`` is carried into ``out``);
+            ``x`` is left as it was. It must have ``x``'s shape, dtype and device, and may be
             ``x`` itself but must not otherwise share memory with it. A big transform repeated in a loop
             then reuses one result instead of allocating a fresh one each call, whose pages the OS must fault
             in and zero (a 2^24-point float32 row, 1 thread, a Xeon: 20.0-21.6 ms into a fresh result, 13.3-14.1
@@ -833,26 +834,20 @@ def _fwht_out(x: torch.Tensor, dim: object, normalized: bool, inplace: bool, out
     """``fwht(x, dim, normalized, out=out)``: everything is checked before ``out`` is written."""
     if inplace:
         raise ValueError("fwht: pass inplace=True or out=, not both (out=x is the in-place transform)")
+    if _is_compiling():  # traced: the result into out (memory and its sharing are not known while tracing)
+        _check_out(x, out)
+        return out.copy_(fwht(x, dim, normalized))
     if _is_dim_sequence(dim):
         _checked_dims(x, dim, "fwht")
     else:
         _check_input(x, _as_dim(dim, "an int or a tuple of ints"))
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"fwht: out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"fwht: out has dtype {out.dtype}, expected x's dtype {x.dtype}")
-    if out.shape != x.shape:
-        raise ValueError(f"fwht: out has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
-    if out.device != x.device:
-        raise ValueError(f"fwht: out is on {out.device}, expected x's device {x.device}")
-    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
-        raise RuntimeError(  # as torch's functions with out= arguments refuse it
-            "fwht(out=...) cannot be differentiated: x or out requires grad. "
-            "Call fwht(x) without out, or run under torch.no_grad()."
-        )
-    same = _same_memory(x, out)
-    if same is None:
+    _check_out(x, out)
+    relation = _memory_relation(x, out)
+    if relation == "overlap":
         raise ValueError("fwht: out shares memory with x without being x (the same memory and strides)")
+    if relation == "maybe":  # computed apart first, so that no element of x is overwritten before it is read
+        _check_out_target(out)
+        return out.copy_(fwht(x, dim, normalized))
     direct = _direct_kernel_args(x, dim)
     if direct is not None and _kernel_can_write(out, x.stride()):
         rows, n, interleave, constants, address = direct
@@ -861,37 +856,69 @@ def _fwht_out(x: torch.Tensor, dim: object, normalized: bool, inplace: bool, out
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized, interleave)
         _increment_versions((out,))
         return out
-    if not _is_compiling():
-        if out.is_inference():
-            _check_inference_update(out, "fwht(out=...): out")
-        if not in_functorch_transform() and _dispatches_plainly(out) and _overlaps_itself(out):
-            raise RuntimeError(
-                "fwht(out=...): out has elements that share memory (an expanded, unfold or as_strided view), "
-                "so the result cannot be written into it"
-            )
-    if not same:
-        with torch.no_grad():
-            out.copy_(x)
+    _check_out_target(out)
+    if relation != "same":
+        out.copy_(x)  # nothing requires grad here (refused above) or grad mode is off
     return fwht(out, dim, normalized, inplace=True)
 
 
-def _same_memory(x: torch.Tensor, out: torch.Tensor) -> bool | None:
-    """Whether ``out`` is ``x``'s memory with ``x``'s layout (True), apart from it (False), or overlaps it any
-    other way (None). Tensors without memory of their own (tracing, torch.func wrappers) count as apart."""
+def _check_out_target(out: torch.Tensor) -> None:
+    """Refuse (RuntimeError) an ``out`` the result cannot be written into: an inference tensor outside inference
+    mode, or one whose elements share memory."""
+    if out.is_inference():
+        _check_inference_update(out, "fwht(out=...): out")
+    if not in_functorch_transform() and _dispatches_plainly(out) and _overlaps_itself(out):
+        raise RuntimeError(
+            "fwht(out=...): out has elements that share memory (an expanded, unfold or as_strided view), "
+            "so the result cannot be written into it"
+        )
+
+
+def _check_out(x: torch.Tensor, out: object) -> None:
+    """Refuse an ``out`` that is not a dense tensor of ``x``'s dtype, shape and device, or a call that would have
+    to record a gradient through it (as torch's functions with ``out=`` arguments refuse one)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fwht: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.layout != torch.strided or out.is_nested:
+        layout = "nested" if out.is_nested else str(out.layout)
+        raise TypeError(f"fwht: out must be a dense (strided) tensor, got a {layout} one")
+    if out.dtype != x.dtype:
+        raise TypeError(f"fwht: out has dtype {out.dtype}, expected x's dtype {x.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"fwht: out has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"fwht: out is on {out.device}, expected x's device {x.device}")
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        raise RuntimeError(
+            "fwht(out=...) cannot be differentiated: x or out requires grad. "
+            "Call fwht(x) without out, or run under torch.no_grad()."
+        )
+
+
+def _memory_relation(x: torch.Tensor, out: torch.Tensor) -> str:
+    """How ``out``'s memory relates to ``x``'s: ``"same"`` (the same memory with the same strides), ``"apart"``
+    (another storage, or byte ranges that do not meet), ``"overlap"`` (ranges that meet, and both tensors fill
+    theirs: some element is in both), or ``"maybe"`` (ranges that meet where one has gaps, such as ``s[:, ::2]``
+    and ``s[:, 1::2]``: too costly to settle, as torch finds it). Tensors without memory of their own (meta,
+    tracing, torch.func wrappers) and empty ones count as apart; so do views of one buffer through two
+    storages (``torch.from_numpy`` of overlapping arrays), which torch does not see either."""
     if out is x:
-        return True
-    if _is_compiling() or not (_dispatches_plainly(x) and _dispatches_plainly(out)):
-        return False
+        return "same"
+    if x.device.type == "meta" or x.numel() == 0 or not (_dispatches_plainly(x) and _dispatches_plainly(out)):
+        return "apart"
     try:
         if x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            return False
+            return "apart"
         if x.data_ptr() == out.data_ptr() and x.stride() == out.stride():
-            return True
-        x_start, out_start = x.data_ptr(), out.data_ptr()
-        x_end, out_end = x_start + _span_bytes(x), out_start + _span_bytes(out)
-        return None if x_start < out_end and out_start < x_end else False
+            return "same"
+        x_span, out_span = _span_bytes(x), _span_bytes(out)
+        if not (x.data_ptr() < out.data_ptr() + out_span and out.data_ptr() < x.data_ptr() + x_span):
+            return "apart"
     except RuntimeError:  # a tensor without storage
-        return False
+        return "apart"
+    fills = (x.nbytes == x_span and out.nbytes == out_span and _overlap_from_strides(x) is False
+             and _overlap_from_strides(out) is False)
+    return "overlap" if fills else "maybe"
 
 
 def _span_bytes(x: torch.Tensor) -> int:
