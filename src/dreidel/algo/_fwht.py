@@ -743,13 +743,14 @@ def fwht(
         inplace: write the result into ``x`` and return ``x`` (no autograd through it).
         out: write the result into this tensor and return it, as torch's ``out=`` arguments do (refused in grad
             mode where ``x`` or ``out`` requires grad; a forward-mode tangent of ``x`` is carried into ``out``);
-            ``x`` is left as it was. It must have ``x``'s shape, dtype and device, and may be
-            ``x`` itself but must not otherwise share memory with it. A big transform repeated in a loop
-            then reuses one result instead of allocating a fresh one each call, whose pages the OS must fault
-            in and zero (a 2^24-point float32 row, 1 thread, a Xeon: 20.0-21.6 ms into a fresh result, 13.3-14.1
-            into ``out``, 9.5-10.0 in place). Where ``out``
-            has ``x``'s strides and ``x`` goes straight to the kernel, the kernel reads ``x`` and writes
-            ``out`` in one go; otherwise ``x`` is copied into ``out`` and transformed there.
+            ``x`` is left as it was. It must have ``x``'s shape, dtype and device, and may be ``x`` itself but
+            must not otherwise share memory with it. A big transform repeated in a loop then reuses one result
+            instead of allocating a fresh one each call, whose pages the OS must fault in and zero (a
+            2^24-point float32 row, 1 thread, a Xeon: 20.0-21.6 ms into a fresh result, 13.3-14.1 into
+            ``out``, 9.5-10.0 in place). Where ``out`` has ``x``'s strides and ``x`` goes straight to the
+            kernel, the kernel reads ``x`` and writes ``out`` in one go; otherwise ``x`` is copied into ``out``
+            and transformed there (or, where ``out`` may share some of ``x``'s memory, transformed apart and
+            copied in).
 
     Returns:
         a tensor of ``x``'s shape and dtype (and, where it was transformed where it lies, of ``x``'s strides).
