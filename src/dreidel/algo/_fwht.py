@@ -847,32 +847,20 @@ def _fwht_out(x: torch.Tensor, dim: object, normalized: bool, inplace: bool, out
     if relation == "overlap":
         raise ValueError("fwht: out shares memory with x without being x (the same memory and strides)")
     if relation == "maybe":  # computed apart first, so that no element of x is overwritten before it is read
-        _check_out_target(out)
+        _check_inplace_target(out, _OUT_TARGET, _OUT_REMEDY)
         return out.copy_(fwht(x, dim, normalized))
     direct = _direct_kernel_args(x, dim)
     if direct is not None and _kernel_can_write(out, x.stride()):
         rows, n, interleave, constants, address = direct
         if out.is_inference():
-            _check_inference_update(out, "fwht(out=...): out")
+            _check_inference_update(out, _OUT_TARGET)
         _run_kernel(address, out.data_ptr(), rows, n, constants, normalized, interleave)
         _increment_versions((out,))
         return out
-    _check_out_target(out)
+    _check_inplace_target(out, _OUT_TARGET, _OUT_REMEDY)
     if relation != "same":
         out.copy_(x)  # nothing requires grad here (refused above) or grad mode is off
     return fwht(out, dim, normalized, inplace=True)
-
-
-def _check_out_target(out: torch.Tensor) -> None:
-    """Refuse (RuntimeError) an ``out`` the result cannot be written into: an inference tensor outside inference
-    mode, or one whose elements share memory."""
-    if out.is_inference():
-        _check_inference_update(out, "fwht(out=...): out")
-    if not in_functorch_transform() and _dispatches_plainly(out) and _overlaps_itself(out):
-        raise RuntimeError(
-            "fwht(out=...): out has elements that share memory (an expanded, unfold or as_strided view), "
-            "so the result cannot be written into it"
-        )
 
 
 def _check_out(x: torch.Tensor, out: object) -> None:
@@ -937,9 +925,17 @@ def _kernel_can_write(out: torch.Tensor, strides: tuple[int, ...]) -> bool:
         return False
 
 
-def _check_inplace_target(x: torch.Tensor) -> None:
+# How the checks of an out= call name its target, and what they suggest instead.
+_OUT_TARGET = "fwht(out=...): out"
+_OUT_REMEDY = "Pass an out whose elements each have memory of their own."
+
+
+def _check_inplace_target(
+    x: torch.Tensor, name: str = "fwht(inplace=True): x", remedy: str = "Use inplace=False, or clone x first."
+) -> None:
     """Refuse (RuntimeError) an in-place transform of ``x`` that autograd cannot take or whose result cannot be
-    written into it, as torch's in-place ops refuse them (and an inference tensor outside inference mode)."""
+    written into it, as torch's in-place ops refuse them (and an inference tensor outside inference mode).
+    ``name`` and ``remedy`` word the messages (``fwht(out=...)`` checks its ``out`` here too)."""
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(  # torch's error type for in-place updates autograd cannot take
             "fwht(inplace=True) cannot be differentiated: x requires grad. "
@@ -951,13 +947,13 @@ def _check_inplace_target(x: torch.Tensor) -> None:
         shares_memory = not in_functorch_transform() and _overlap_from_strides(x) is not False
     else:
         if x.is_inference():
-            _check_inference_update(x)
+            _check_inference_update(x, name)
         shares_memory = not in_functorch_transform() and _dispatches_plainly(x) and _overlaps_itself(x)
     if shares_memory:
         raise RuntimeError(
-            "fwht(inplace=True): x has elements that share memory (an expanded, unfold or as_strided view), "
+            f"{name} has elements that share memory (an expanded, unfold or as_strided view), "
             "or, under torch.compile, a layout whose strides do not show it has none, so its result cannot "
-            "be written into it. Use inplace=False, or clone x first."
+            f"be written into it. {remedy}"
         )
 
 

@@ -491,6 +491,11 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             )
         check_input_dtype_and_device(self, x, self.in_scale)
 
+    def _layout_derived_from(self, permutation: torch.Tensor) -> SpectralLayout:
+        """The layout with indices derived from ``permutation`` for this call only (not kept as buffers)."""
+        indices = _indices_from(permutation, self.in_features, self._transform_length)
+        return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
+
     def layout(self) -> SpectralLayout:
         """The index tensors and sizes that the functional forward/backward need.
 
@@ -510,8 +515,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         buffers = self._buffers  # direct lookups: nn.Module.__getattr__ costs about a microsecond each
         source = self._index_source
         if _is_compiling():  # torch.export too, whose tracing swaps every buffer for a stand-in
-            indices = _indices_from(buffers["permutation"], self.in_features, self._transform_length)
-            return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
+            return self._layout_derived_from(buffers["permutation"])
         flat_perm = buffers["_flat_perm"]
         # Our indices, or the ones they replaced, put back by a functional_call (given this layer's own buffers)
         # that rebuilt them during the call: those are stale (they were kept, giving wrong results from then on).
@@ -523,8 +527,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             if permutation is not source.permutation:
                 if _plain(permutation):  # no data-dependent checks where ops are traced or rewritten
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
-                indices = _indices_from(permutation, self.in_features, self._transform_length)
-                return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
+                return self._layout_derived_from(permutation)
             if (restored or source.values is None
                     or (source.version is not None and permutation._version != source.version)
                     or not _same_values(permutation, source.values)):
@@ -533,8 +536,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                     # another dispatch mode: built there, they would be its wrapped or fake tensors, kept as
                     # buffers past it (the next eager forward read a fake tensor's memory and crashed). Derived
                     # for this call only; the first plain forward rebuilds and keeps them.
-                    indices = _indices_from(permutation, self.in_features, self._transform_length)
-                    return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
+                    return self._layout_derived_from(permutation)
                 self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],
                               buffers["_flat_inverse"], buffers["_input_scatter"], self._transform_length,
