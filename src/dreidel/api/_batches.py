@@ -23,7 +23,10 @@ def as_tensor(value, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        # A read-only array (np.load(mmap_mode="r"), a broadcast view) is copied: torch.from_numpy would share
+        # memory it may not write, and warn on every call.
+        array = np.ascontiguousarray(value) if value.flags.writeable else np.array(value, order="C")
+        tensor = torch.from_numpy(array)
         if tensor.is_floating_point():
             return tensor
         return tensor.long() if tensor.dtype != torch.bool else tensor
@@ -51,7 +54,9 @@ def split_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 class BatchSource:
     """Where batches come from: in-memory ``x`` ``(N, ...)`` / ``y`` ``(N, ...)``, or a DataLoader of pairs.
 
-    Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set.
+    Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set. With
+    ``no_single_last``, in-memory samples that would leave a last batch of one sample go with the batch before
+    it instead (a model with BatchNorm cannot train on one sample: its batch statistics need two).
     """
 
     x: torch.Tensor | None = None
@@ -60,6 +65,7 @@ class BatchSource:
     batch_size: int = 32
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    no_single_last: bool = False
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the model's device, floating ones in its dtype."""
@@ -118,43 +124,51 @@ class BatchSource:
             return
         n = self.x.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
-        for start in range(0, n, self.batch_size):
-            index = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+        starts = list(range(0, n, self.batch_size))
+        if self.no_single_last and len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()  # the last sample joins the batch before it
+        for start, end in zip(starts, [*starts[1:], n]):
+            index = slice(start, end) if order is None else order[start:end]
             yield self._cast(self.x[index]), (None if self.y is None else self.y[index])
 
 
-def positive_int(value, name: str) -> int:
-    """``value`` as an int if it is a positive integer of any integral type (a NumPy integer too), else
-    ``ValueError`` naming ``name`` (a bool is refused)."""
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer of any integral type (a NumPy integer too) of at least ``minimum``
+    (positive by default), else ``ValueError`` naming ``name`` (a bool is refused)."""
     try:
         number = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         number = None
-    if number is None or number < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if number is None or number < minimum:
+        kind = "a positive int" if minimum == 1 else "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return number
 
 
 def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | None = None,
-                device: torch.device | None = None) -> BatchSource:
+                device: torch.device | None = None, names: tuple[str, str] = ("x", "y"),
+                no_single_last: bool = False) -> BatchSource:
     """Validate the ``x``/``y``/``batch_size`` arguments of fit/evaluate/predict and wrap them (``x`` batches
-    moved to ``device``, floating ones cast to ``dtype``)."""
+    moved to ``device``, floating ones cast to ``dtype``; ``no_single_last`` as in ``BatchSource``). ``names``:
+    what errors call ``x`` and ``y`` (``("validation_data[0]", "validation_data[1]")``)."""
+    x_name, y_name = names
     batch_size = positive_int(batch_size, "batch_size")
     if isinstance(x, DataLoader):
         if y is not None:
-            raise ValueError("y must be None when x is a DataLoader (the loader yields (x, y) pairs)")
+            raise ValueError(f"{y_name} must be None when {x_name} is a DataLoader (the loader yields (x, y) pairs)")
         return BatchSource(loader=x, dtype=dtype, device=device)
-    x = as_tensor(x, "x")
+    x = as_tensor(x, x_name)
     if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, features...), got shape {tuple(x.shape)}")
+        raise ValueError(f"{x_name} must have shape (N, features...), got shape {tuple(x.shape)}")
     if y is None:
         if need_targets:
-            raise ValueError("y is required when x is a tensor or array")
-        return BatchSource(x=x, batch_size=batch_size, dtype=dtype, device=device)
-    y = as_tensor(y, "y")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype, device=device)
+            raise ValueError(f"{y_name} is required when {x_name} is a tensor or array")
+        return BatchSource(x=x, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last)
+    y = as_tensor(y, y_name)
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{x_name} and {y_name} must have the same number of samples, got {x.shape[0]} and "
+                         f"{y.shape[0] if y.dim() else 'a scalar'}")
+    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last)
 
 
 def targets_like(target: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | None:

@@ -52,6 +52,15 @@ class RunningMeans:
         return {prefix + name: self.totals[name] / self.samples for name in self.names}
 
 
+def _checked_loss(loss: torch.Tensor, where: str) -> torch.Tensor:
+    """The loss function's value, which must be a scalar tensor (``ValueError`` naming ``where`` otherwise)."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss: the loss function returned {got} at {where}, expected a scalar tensor (reduce it, "
+                         "e.g. with .mean())")
+    return loss
+
+
 def _batch_metrics(loss_value: float, metrics: list, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     values = {"loss": loss_value}
     for metric in metrics:
@@ -87,7 +96,7 @@ def train_epoch(
             output = model(x)
             y = targets_like(y, output)
             check_targets(loss_fn, output, y, where)
-            loss = loss_fn(output, y)
+            loss = _checked_loss(loss_fn(output, y), where)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"the loss became {loss_value} at {where}; stopping before the optimizer step "
@@ -131,7 +140,8 @@ def evaluate_pass(
                 output = model(x)
                 y = targets_like(y, output)
                 check_targets(loss_fn, output, y, where)
-                running.add(_batch_metrics(loss_fn(output, y).item(), metrics, output, y), x.shape[0])
+                running.add(_batch_metrics(_checked_loss(loss_fn(output, y), where).item(), metrics, output, y),
+                            x.shape[0])
     finally:
         model.train(was_training)
     return running.means(prefix)

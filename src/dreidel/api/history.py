@@ -11,7 +11,8 @@ __all__ = ["History"]
 
 
 class History:
-    """Per-epoch logs: ``history.history["loss"][e]`` is the mean training loss of epoch ``e`` (0-based).
+    """Per-epoch logs: ``history.history["loss"][e]`` is the mean training loss of the ``e``-th epoch this ``fit``
+    ran (0-based), whose number is ``history.epoch[e]`` (``e`` itself unless ``fit`` had an ``initial_epoch``).
 
     Keys are ``loss``, one per compiled metric (``accuracy``, ``top_5_accuracy``, ...), the same with a
     ``val_`` prefix when validation data was given, and ``lr`` (the first parameter group's learning rate).

@@ -9,17 +9,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import numbers
+import operator
 import os
+import sys
 import warnings
 from collections import OrderedDict
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from dreidel.api import _training
+from dreidel.api._training import progress_enabled
 from dreidel.api._batches import BatchSource, check_targets, make_source, positive_int, targets_like
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
@@ -49,13 +55,16 @@ def reserved_layer_name(name: str) -> bool:
 
 @dataclass
 class _Compiled:
-    """What ``compile`` chose; the optimizer itself is built once every parameter exists (lazy layers)."""
+    """What ``compile`` chose; the optimizer itself is built once every parameter exists (lazy layers).
+    ``built_over``: the ids of the model's parameters when the optimizer was built from a name or a factory (the
+    layers changed since, it is built again)."""
 
     optimizer_spec: object
     optimizer_kwargs: dict
     loss: object
     metrics: list
     optimizer: torch.optim.Optimizer | None = None
+    built_over: frozenset = frozenset()
 
 
 class Sequential(nn.Sequential):
@@ -117,7 +126,9 @@ class Sequential(nn.Sequential):
         ``dtype``: an integer dtype for models whose input is indices (an ``nn.Embedding`` first; ``fit`` and
         ``predict`` pass the data's), kept as ``input_dtype``; None or a floating dtype: floating inputs.
         """
-        input_shape = tuple(int(d) for d in input_shape)
+        input_shape = _sample_shape(input_shape)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype (e.g. torch.int64 for indices) or None, got {dtype!r}")
         if dtype is None and self.input_shape is not None:  # built already: the dtype it was built for
             dtype = self.input_dtype
         if dtype is not None and dtype.is_floating_point:
@@ -196,6 +207,21 @@ class Sequential(nn.Sequential):
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
+        elif self.input_dtype is not None and x.dtype != self.input_dtype:
+            raise TypeError(f"x: the model takes {self.input_dtype} indices (the dtype it was built for), got "
+                            f"{x.dtype} in {where}: convert them (x.to({self.input_dtype}))")
+        if self.input_dtype is not None:
+            _check_indices(self, x, where)
+
+    def _check_training_batch(self, x: torch.Tensor, where: str) -> None:
+        """``_check_input``, and what training on ``x`` needs besides: finite values (a NaN would reach
+        BatchNorm's running statistics before the loss shows it) and, with BatchNorm, two samples or more."""
+        self._check_input(x, where)
+        _check_finite(x, "x", where)
+        if x.shape[0] < 2 and _has_batch_norm(self):
+            raise ValueError(f"x: {where} holds one sample, and the model's BatchNorm layers cannot train on one "
+                             "(their batch statistics need two or more): give the DataLoader drop_last=True or a "
+                             "batch_size that leaves no batch of one")
 
     # -------------------------------------------------------------------------------- compiling
     def compile(self, optimizer="adam", loss="cross_entropy", metrics=(), **optimizer_kwargs) -> "Sequential":
@@ -211,6 +237,7 @@ class Sequential(nn.Sequential):
                 under distinct names (``metric_name``), none of them ``loss``, ``lr``, ``epoch`` or ``val_*``.
             optimizer_kwargs: hyper-parameters of a named optimizer (``lr=...``).
         """
+        metrics = () if metrics is None else metrics
         if isinstance(metrics, str):
             raise TypeError("metrics must be a list of names or callables, e.g. ['accuracy'], not a string")
         if isinstance(optimizer, torch.optim.Optimizer) and optimizer_kwargs:
@@ -219,11 +246,14 @@ class Sequential(nn.Sequential):
             raise TypeError(f"optimizer must be a name, an Optimizer or a factory, got {type(optimizer).__name__}")
         if isinstance(optimizer, str):  # now, not only once a lazy model is built (at fit)
             check_named_optimizer(optimizer, optimizer_kwargs)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self._check_optimizer_instance(optimizer, "compile")
         resolved = [resolve_metric(m) for m in metrics]
         _check_metric_names(resolved)
         compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved)
         if self.is_built and len(self):
             compiled.optimizer = build_optimizer(optimizer, self, **optimizer_kwargs)
+            compiled.built_over = _parameter_ids(self)
         # Only now, everything accepted: a refused compile keeps the previous choice whole (a curvature
         # optimizer released first would have stepped on as plain SGD, its recording hooks gone).
         if self.optimizer is not compiled.optimizer:
@@ -242,15 +272,44 @@ class Sequential(nn.Sequential):
         return self._compiled
 
     def _ensure_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer for ``fit``: one built from a name or a factory is built again when the model's
+        parameters have changed since (layers added with ``append``, ``insert``, ``extend`` or replaced by
+        index, which ``add`` alone used to catch); an instance given to ``compile`` is checked instead."""
         compiled = self._compiled
+        if isinstance(compiled.optimizer_spec, torch.optim.Optimizer):
+            self._check_optimizer_instance(compiled.optimizer, "fit")
+            return compiled.optimizer
+        if compiled.optimizer is not None and compiled.built_over != _parameter_ids(self):
+            _release(compiled.optimizer)
+            compiled.optimizer = None
         if compiled.optimizer is None:
             compiled.optimizer = build_optimizer(compiled.optimizer_spec, self, **compiled.optimizer_kwargs)
+            compiled.built_over = _parameter_ids(self)
         return compiled.optimizer
+
+    def _check_optimizer_instance(self, optimizer: torch.optim.Optimizer, method: str) -> None:
+        """An optimizer instance must update the model: ``ValueError`` if it holds none of its trainable
+        parameters (built over another module), a warning naming those it leaves out."""
+        if not self.is_built:
+            return  # lazy layers: their parameters do not exist yet, the check waits for fit
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        missing = [name for name, p in trainable if id(p) not in held]
+        if trainable and len(missing) == len(trainable):
+            raise ValueError(f"optimizer: the optimizer instance given to {method} updates none of the model's "
+                             "parameters (was it built over another module?); build it over model.parameters(), "
+                             "or give compile a name or a factory")
+        if missing:
+            warnings.warn(f"{method}: the optimizer instance does not update {len(missing)} trainable parameter(s) of "
+                          f"the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fit will not "
+                          "train them. Compile again with an optimizer over model.parameters(), or a name or factory",
+                          stacklevel=3)
 
     # ---------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
-            validation_split: float = 0.0, callbacks: list[Callback] | tuple = (), verbose: int = 1,
-            shuffle: bool = True, seed: int | None = None, generator: torch.Generator | None = None) -> History:
+            validation_split: float = 0.0, callbacks: list[Callback] | tuple | None = (), verbose: int = 1,
+            shuffle: bool = True, seed: int | None = None, generator: torch.Generator | None = None,
+            initial_epoch: int = 0) -> History:
         """Train for ``epochs`` passes over ``(x, y)`` (tensors/arrays ``(N, ...)``) or a DataLoader ``x``.
 
         Args:
@@ -261,6 +320,14 @@ class Sequential(nn.Sequential):
             shuffle: reshuffle in-memory data every epoch (a DataLoader shuffles as configured).
             seed / generator: the source of the shuffling order of in-memory data (give at most one; a
                 DataLoader ``x`` shuffles with its own generator, and refuses these).
+            initial_epoch: the epoch to start at, as Keras's: a second ``fit(..., epochs=10, initial_epoch=5)``
+                trains epochs 5 to 9, numbered so in the history and for the callbacks (a ``ModelCheckpoint``
+                path with ``{epoch}`` then does not replace the first run's files).
+
+        Training checks its data first: in-memory ``x`` must be finite (every batch of a DataLoader is checked
+        before it reaches the model: a NaN would corrupt BatchNorm's running statistics before the loss showed
+        it), and where the model has BatchNorm, a last in-memory batch of one sample joins the batch before it
+        (a DataLoader's batch of one is refused: give it ``drop_last=True``).
 
         Dtypes: floating-point ``x`` (tensor or numpy array, in memory or from a DataLoader) is cast to the
         model's dtype (that of its parameters), so a float64 array and a float64 tensor train a float32 model
@@ -272,6 +339,16 @@ class Sequential(nn.Sequential):
         """
         compiled = self._require_compiled("fit")
         epochs = positive_int(epochs, "epochs")
+        initial_epoch = positive_int(initial_epoch, "initial_epoch", minimum=0)
+        if initial_epoch >= epochs:
+            raise ValueError(f"initial_epoch must be below epochs (the index of the last epoch plus one, as Keras's), "
+                             f"got initial_epoch={initial_epoch}, epochs={epochs}")
+        if isinstance(verbose, bool) or not isinstance(verbose, numbers.Integral):
+            raise TypeError(f"verbose must be an int (0: silent, 1: progress bars), got {verbose!r}")
+        if seed is not None:
+            seed = positive_int(seed, "seed", minimum=0)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
         if isinstance(x, DataLoader) and (seed is not None or generator is not None):
@@ -281,7 +358,7 @@ class Sequential(nn.Sequential):
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
-        callbacks = list(callbacks)
+        callbacks = [] if callbacks is None else list(callbacks)
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(f"callbacks must hold dreidel.api.callbacks.Callback objects, got {type(callback).__name__}")
@@ -302,10 +379,16 @@ class Sequential(nn.Sequential):
                 # In-memory targets are checked whole before any step (a bad label in batch 5 used to fail after
                 # four steps had changed the weights); a DataLoader's batches are checked as they come.
                 if train.x is not None:
+                    _check_finite(train.x, "x", "the training samples")
                     checked._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
+                    if train.x.shape[0] < 2 and _has_batch_norm(checked):
+                        raise ValueError("x: one sample, and the model's BatchNorm layers cannot train on one "
+                                         "(their batch statistics need two or more)")
+                else:
+                    _check_loader_batches(checked, train.loader)
                 if validation is not None and validation.x is not None:
                     checked._check_targets_up_front(validation, compiled.loss, "validation_data")
-        except (TypeError, ValueError):
+        except Exception:  # whatever refused the data (an IndexError from an embedding, a metric's error)
             if shape_unset:
                 self.input_shape = self.input_dtype = None
             raise
@@ -318,15 +401,19 @@ class Sequential(nn.Sequential):
             callback.on_train_begin(self)
         self.history = history = History()  # after the callbacks' checks: a refused fit keeps the last history
         try:
-            for epoch in range(epochs):
+            for epoch in range(initial_epoch, epochs):
                 for callback in callbacks:
                     callback.on_epoch_begin(self, epoch)
                 logs = _training.train_epoch(self, train, optimizer, compiled.loss, compiled.metrics, epoch,
-                                             self._check_input, shuffle, generator, verbose,
+                                             self._check_training_batch, shuffle, generator, verbose,
                                              f"epoch {epoch + 1}/{epochs}")
                 if validation is not None:
                     logs.update(_training.evaluate_pass(self, validation, compiled.loss, compiled.metrics,
                                                         self._check_input, prefix="val_"))
+                    if progress_enabled(verbose):  # the bar showed the training figures; these come after it
+                        tqdm.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
+                            f"{key} {value:.4f}" for key, value in logs.items() if key.startswith("val_")),
+                                   file=sys.stderr)
                 logs["lr"] = float(optimizer.param_groups[0]["lr"])  # a one-element tensor lr too
                 history.append(epoch, logs)
                 for callback in callbacks:
@@ -339,12 +426,15 @@ class Sequential(nn.Sequential):
         return history
 
     def _split_sources(self, x, y, batch_size, validation_data, validation_split) -> tuple[BatchSource, BatchSource | None]:
+        if isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real):
+            raise TypeError(f"validation_split must be a number in [0, 1), got {validation_split!r}")
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         if validation_split and validation_data is not None:
             raise ValueError("give validation_data or validation_split, not both")
         device, dtype = self._device_and_dtype()
-        train = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device)
+        single = _has_batch_norm(self)
+        train = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device, no_single_last=single)
         if validation_split:
             if train.loader is not None:
                 raise ValueError("validation_split needs in-memory x and y, not a DataLoader; pass validation_data")
@@ -359,11 +449,13 @@ class Sequential(nn.Sequential):
         if validation_data is None:
             return train, None
         if isinstance(validation_data, DataLoader):
-            return train, make_source(validation_data, None, batch_size, need_targets=True, dtype=dtype, device=device)
+            return train, make_source(validation_data, None, batch_size, need_targets=True, dtype=dtype, device=device,
+                                      names=("validation_data", "y"))
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be an (x_val, y_val) pair or a DataLoader")
         return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype,
-                                  device=device)
+                                  device=device, names=("validation_data[0]", "validation_data[1]"),
+                                  no_single_last=single)
 
     def _check_targets_up_front(self, source: BatchSource, loss, where: str, metrics=()) -> None:
         """Check the inputs' shape and every target of the in-memory ``source`` against the output of one sample
@@ -372,9 +464,9 @@ class Sequential(nn.Sequential):
         self._check_input(source.x[:1], where)
         was_training = self.training
         self.eval()
-        try:
+        try:  # two samples where there are: a BatchNorm without running statistics takes no fewer in eval mode
             with torch.no_grad():
-                output = self(next(source.batches(False, None))[0][:1])  # (1, *output_shape)
+                output = self(next(source.batches(False, None))[0][:2])[:1]  # (1, *output_shape)
         finally:
             self.train(was_training)
         one = output
@@ -387,13 +479,15 @@ class Sequential(nn.Sequential):
         """Mean loss and compiled metrics over ``(x, y)`` or a DataLoader, in eval mode, without gradients."""
         compiled = self._require_compiled("evaluate")
         device, dtype = self._device_and_dtype()
-        source = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device)
+        source = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device,
+                             no_single_last=_has_batch_norm(self))
         return _training.evaluate_pass(self, source, compiled.loss, compiled.metrics, self._check_input)
 
     def predict(self, x, batch_size: int = 256) -> torch.Tensor:
         """Outputs ``(N, *output_shape)`` for ``x`` ``(N, *input_shape)`` (or a DataLoader), in eval mode."""
         device, dtype = self._device_and_dtype()
-        source = make_source(x, None, batch_size, need_targets=False, dtype=dtype, device=device)
+        source = make_source(x, None, batch_size, need_targets=False, dtype=dtype, device=device,
+                             no_single_last=_has_batch_norm(self))
         was_training = self.training
         self.eval()
         outputs = []
@@ -494,6 +588,70 @@ def _check_metric_names(metrics: list) -> None:
         seen.add(name)
 
 
+def _sample_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints, or ``TypeError`` / ``ValueError`` naming it."""
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"input_shape must be a tuple of ints, the shape of one sample without the batch dimension "
+                        f"(e.g. (784,)), got {input_shape!r}")
+    try:
+        shape = tuple(None if isinstance(d, bool) else operator.index(d) for d in input_shape)
+    except TypeError:
+        shape = (None,)
+    if any(d is None or d < 1 for d in shape):
+        raise ValueError(f"input_shape must hold positive ints (one sample, without the batch dimension), got "
+                         f"{tuple(input_shape)}")
+    return shape
+
+
+def _parameter_ids(model: nn.Module) -> frozenset:
+    return frozenset(id(p) for p in model.parameters())
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises by batch statistics in training (then it cannot train on one sample)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
+    """``ValueError`` naming ``name`` and ``where`` if floating ``x`` holds a NaN or an infinity (samples
+    ``(N, ...)``: the first bad one is named)."""
+    if not x.is_floating_point() or x.is_meta:  # meta tensors have no values to check
+        return
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
+    raise ValueError(f"{name}: {where} hold NaN or infinite values ({bad.numel()} of {x.shape[0]} samples, the first "
+                     f"at index {int(bad[0])}); training on them would corrupt the model (BatchNorm statistics, "
+                     "weights): drop or clean those samples")
+
+
+def _check_indices(model: nn.Module, x: torch.Tensor, where: str) -> None:
+    """Integer ``x`` for a model whose first layer is an embedding: every index must name one of its rows."""
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if not isinstance(first, (nn.Embedding, nn.EmbeddingBag)) or x.numel() == 0 or x.is_meta:
+        return
+    low, high = int(x.min()), int(x.max())
+    if low < 0 or high >= first.num_embeddings:
+        raise ValueError(f"x: indices must lie in [0, {first.num_embeddings - 1}] (the first layer, "
+                         f"{type(first).__name__}, has {first.num_embeddings} rows), got indices from {low} to {high} "
+                         f"in {where}")
+
+
+def _check_loader_batches(model: nn.Module, loader: DataLoader) -> None:
+    """Before training on a DataLoader, refuse one whose last batch would hold a single sample where the model
+    has BatchNorm (known for a sized dataset batched by the loader's own sampler)."""
+    dataset = loader.dataset
+    if not _has_batch_norm(model) or loader.batch_size is None or loader.drop_last:
+        return
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not isinstance(dataset, Sized):
+        return
+    if len(dataset) % loader.batch_size == 1:
+        raise ValueError(f"x: the DataLoader's last batch holds one sample ({len(dataset)} samples in batches of "
+                         f"{loader.batch_size}), and the model's BatchNorm layers cannot train on one: give it "
+                         "drop_last=True or another batch_size")
+
+
 def _release(optimizer: torch.optim.Optimizer | None) -> None:
     """Detach the hooks of an optimizer the model no longer steps (a curvature optimizer's would keep
     recording every forward pass)."""
@@ -544,11 +702,13 @@ def _load_from(files: CheckpointFiles) -> Sequential:
             load_state_strict(layer, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                               source=tensors_file, keep_dtypes=True)
             setattr(model, plan.name, layer)
-    if input_shape is not None and any(layer is None for layer in meta):  # not checked on meta: check it now
+    # Not checked on meta: layers built for real, or integer input (meta kernels do not compare dtypes, so a
+    # config could give index input to a model that takes features). Checked on two real samples now.
+    if input_shape is not None and (input_dtype is not None or any(layer is None for layer in meta)):
         _loading.check_dry_run_size(input_shape, input_dtype or model._device_and_dtype()[1], budget, str(config_file))
         try:
             model.build(input_shape, input_dtype)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ValueError(f"{config_file}: the layers do not run on 'input_shape' {list(input_shape)}: "
                              f"{error}") from error
     model.input_shape, model.input_dtype = input_shape, input_dtype

@@ -86,8 +86,9 @@ class LayerRow:
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype,
               device: torch.device | str = "cpu") -> list[LayerRow]:
-    """Run one zero sample ``(1, *input_shape)`` of ``dtype`` on ``device`` through ``model``'s children and
-    record each layer (a layer object at several positions once per position, in call order)."""
+    """Run two zero samples ``(2, *input_shape)`` of ``dtype`` on ``device`` through ``model``'s children (two: a
+    BatchNorm without running statistics takes no fewer, even in eval mode) and record each layer (a layer
+    object at several positions once per position, in call order)."""
     calls: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     handles = []
     for child in {id(child): child for child in model._modules.values()}.values():
@@ -98,7 +99,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+            model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
     finally:
         model.train(was_training)
         for handle in handles:

@@ -1,0 +1,257 @@
+"""What ``Sequential.fit`` checks before and while it trains, and how it keeps its optimizer in step with the
+model: BatchNorm and batches of one, non-finite inputs, layers added by ``nn.Sequential``'s own methods,
+optimizer instances over other modules, index inputs, argument types, ``initial_epoch``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import dreidel.api.sequential as sequential
+from dreidel import api
+from dreidel.api.callbacks import ModelCheckpoint
+
+
+def _data(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+def _bn_model(track_running_stats: bool = True) -> api.Sequential:
+    torch.manual_seed(0)
+    return api.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, track_running_stats=track_running_stats),
+                          nn.ReLU(), nn.Linear(16, 3))
+
+
+def _training_batch_sizes(model: nn.Module) -> list[int]:
+    """Records the size of every batch the model's first layer sees in training mode."""
+    sizes: list[int] = []
+    model[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]) if module.training else None)
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------- BatchNorm
+def test_batch_norm_without_running_statistics_fits_and_summarises():
+    x, y = _data()
+    model = _bn_model(track_running_stats=False).compile("adam", lr=1e-2)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert "BatchNorm1d" in model.summary()
+    assert "BatchNorm1d" in _bn_model(track_running_stats=False).summary(input_shape=(8,))
+
+
+def test_a_last_batch_of_one_joins_the_batch_before_it_where_the_model_has_batch_norm():
+    x, y = _data(65)
+    model = _bn_model().compile("sgd", lr=0.01)
+    sizes = _training_batch_sizes(model)
+    model.fit(x, y, batch_size=32, verbose=0)
+    assert sizes == [32, 33]
+    assert model.evaluate(x, y, batch_size=32)["loss"] > 0  # eval batches likewise: 32 and 33
+    plain = api.Sequential(nn.Linear(8, 3)).compile("sgd")
+    plain_sizes = _training_batch_sizes(plain)
+    plain.fit(x, y, batch_size=32, verbose=0)
+    assert plain_sizes == [32, 32, 1]  # nothing merged without BatchNorm
+
+
+def test_batch_norm_refuses_one_sample_and_loaders_whose_last_batch_holds_one():
+    x, y = _data(65)
+    model = _bn_model().compile("sgd")
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(ValueError, match="one sample"):
+        model.fit(x[:1], y[:1], verbose=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        model.fit(loader, verbose=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))  # nothing trained
+    model.fit(DataLoader(TensorDataset(x, y), batch_size=32, drop_last=True), verbose=0)
+
+    class Stream(IterableDataset):  # its length is unknown up front: the batch of one is refused when it comes
+        def __iter__(self):
+            yield from zip(x[:3], y[:3])
+
+    with pytest.raises(ValueError, match="batch 2 holds one sample"):
+        model.fit(DataLoader(Stream(), batch_size=2), verbose=0)
+
+
+# ------------------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_before_any_step(bad):
+    x, y = _data()
+    x[5, 2] = bad
+    model = _bn_model().compile("sgd")
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="1 of 64 samples, the first at index 5"):
+        model.fit(x, y, verbose=0)
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+
+
+def test_a_loader_batch_with_nan_is_refused_before_it_reaches_batch_norm():
+    x, y = _data()
+    x[40, 0] = float("nan")
+    model = _bn_model().compile("sgd")
+    with pytest.raises(ValueError, match="epoch 1, batch 2"):
+        model.fit(DataLoader(TensorDataset(x, y), batch_size=32), verbose=0)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert torch.isfinite(model.predict(x[:2])).all()
+
+
+# ------------------------------------------------------------------------------- optimizer and layers
+@pytest.mark.parametrize("change", ["append", "insert", "extend", "setitem"])
+def test_layers_added_by_nn_sequential_methods_after_compile_are_trained(change):
+    x, y = _data()
+    torch.manual_seed(0)
+    model = api.Sequential(nn.Linear(8, 16), nn.ReLU()).compile("adam", lr=0.05)
+    assert model.optimizer is not None  # built by compile: the model has no lazy layer
+    head = nn.Linear(16, 3)
+    if change == "append":
+        model.append(head)
+    elif change == "insert":
+        model.insert(2, head)
+    elif change == "extend":
+        model.extend([head])
+    else:
+        model.append(nn.Identity())
+        model[2] = head
+    start = head.weight.detach().clone()
+    model.fit(x, y, epochs=2, verbose=0)
+    assert not torch.equal(start, head.weight)
+
+
+def test_the_optimizer_is_kept_while_the_layers_stay_and_rebuilt_when_they_change():
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 3)).compile("adam")
+    model.fit(x, y, verbose=0)
+    first = model.optimizer
+    model.fit(x, y, verbose=0)
+    assert model.optimizer is first and first.state  # its moments carry over
+    model[0] = nn.Linear(8, 3)
+    model.fit(x, y, verbose=0)
+    assert model.optimizer is not first
+    assert {id(p) for p in model.optimizer.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_an_optimizer_instance_over_another_module_is_refused_and_a_partial_one_warned():
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="updates none of the model's parameters"):
+        model.compile(torch.optim.Adam(nn.Linear(8, 3).parameters()))
+    with pytest.warns(UserWarning, match=r"does not update 2 trainable parameter\(s\) of the model \(1.weight, 1.bias"):
+        model.compile(torch.optim.Adam(model[0].parameters()))
+    model[1].requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, verbose=0)  # the frozen layer needs no update: no warning
+    model.append(nn.Linear(3, 3))
+    with pytest.warns(UserWarning, match=r"fit: the optimizer instance does not update 2"):
+        model.fit(x, y, verbose=0)
+
+
+def test_a_fit_refused_by_any_error_leaves_the_input_shape_unset():
+    x, y = _data(8)
+
+    def broken_metric(output, target):
+        raise RuntimeError("metric failed")
+
+    model = api.Sequential(nn.Linear(8, 3)).compile(metrics=[broken_metric])
+    with pytest.raises(RuntimeError, match="metric failed"):
+        model.fit(x, y, verbose=0)
+    assert model.input_shape is None and model.input_dtype is None
+
+
+# ------------------------------------------------------------------------------------------ index inputs
+def test_index_inputs_are_checked_against_the_dtype_and_the_embedding():
+    indices, labels = torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,))
+    model = api.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).compile()
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 9\].*from 20 to 29 in x"):
+        model.fit(indices + 20, labels, verbose=0)
+    assert model.input_shape is None
+    model.fit(indices, labels, verbose=0)
+    with pytest.raises(TypeError, match=r"takes torch.int64 indices .* got torch.uint8"):
+        model.predict(indices.to(torch.uint8))
+    with pytest.raises(ValueError, match="from 50 to 50 in prediction batch 1"):
+        model.predict(torch.full((2, 3), 50))
+    assert model.predict(indices.to(torch.uint8).long()).shape == (8, 2)
+
+
+def test_load_refuses_an_input_dtype_the_layers_cannot_take(tmp_path):
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 3)).compile()
+    model.fit(x, y, verbose=0)
+    path = model.save(tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config["input_dtype"] = "int64"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: the layers do not run on 'input_shape' \[8\]"):
+        api.load(path)
+
+
+# ------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, x, y: m.fit(x, y, verbose="yes"), TypeError, "verbose must be an int"),
+    (lambda m, x, y: m.fit(x, y, validation_split="0.2", verbose=0), TypeError, "validation_split must be a number"),
+    (lambda m, x, y: m.fit(x, y, seed=1.5, verbose=0), ValueError, "seed must be a non-negative int"),
+    (lambda m, x, y: m.fit(x, y, generator=1, verbose=0), TypeError, "generator must be a torch.Generator"),
+    (lambda m, x, y: m.fit(x, y, validation_data=(x[:5], y[:4]), verbose=0), ValueError,
+     r"validation_data\[0\] and validation_data\[1\] must have the same number of samples, got 5 and 4"),
+    (lambda m, x, y: m.fit(x, y, epochs=2, initial_epoch=2, verbose=0), ValueError, "initial_epoch must be below"),
+    (lambda m, x, y: m.fit(x, y, initial_epoch=-1, verbose=0), ValueError, "initial_epoch must be a non-negative"),
+    (lambda m, x, y: m.summary(input_shape=8), TypeError, "input_shape must be a tuple of ints"),
+    (lambda m, x, y: m.build((8, 0)), ValueError, "input_shape must hold positive ints"),
+    (lambda m, x, y: m.build((8,), "int64"), TypeError, "dtype: expected a torch.dtype"),
+])
+def test_bad_arguments_are_named(call, error, message):
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 3)).compile()
+    with pytest.raises(error, match=message):
+        call(model, x, y)
+    assert model.input_shape is None
+
+
+def test_none_means_no_metrics_or_callbacks_and_a_non_scalar_loss_is_named():
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 3)).compile(metrics=None)
+    assert list(model.fit(x, y, callbacks=None, verbose=0).history) == ["loss", "lr"]
+    elementwise = api.Sequential(nn.Linear(8, 3)).compile(loss=lambda output, target: (output - 1) ** 2)
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \(32, 3\) at epoch 1, batch 1, expected a scalar"):
+        elementwise.fit(x, y, verbose=0)
+
+
+def test_read_only_numpy_inputs_train_without_warnings():
+    x, y = (t.numpy() for t in _data())
+    x.flags.writeable = False
+    model = api.Sequential(nn.Linear(8, 3)).compile()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, verbose=0)
+        model.predict(x)
+
+
+# ------------------------------------------------------------------------------------ epochs and logs
+def test_initial_epoch_numbers_the_history_and_checkpoints(tmp_path):
+    x, y = _data()
+    model = api.Sequential(nn.Linear(8, 3)).compile()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[ModelCheckpoint(str(tmp_path / "e{epoch}"))])
+    first = (tmp_path / "e2" / "model.safetensors").read_bytes()
+    history = model.fit(x, y, epochs=4, initial_epoch=2, verbose=0,
+                        callbacks=[ModelCheckpoint(str(tmp_path / "e{epoch}"))])
+    assert history.epoch == [2, 3] and len(history.history["loss"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e1", "e2", "e3", "e4"]
+    assert (tmp_path / "e2" / "model.safetensors").read_bytes() == first  # the first run's files are kept
+
+
+def test_validation_figures_follow_each_epochs_progress_bar(monkeypatch, capsys):
+    x, y = _data()
+    monkeypatch.setattr(sequential, "progress_enabled", lambda verbose: verbose > 0)
+    model = api.Sequential(nn.Linear(8, 3)).compile(metrics=["accuracy"])
+    model.fit(x, y, epochs=2, validation_split=0.25, verbose=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "val_loss" in line]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "val_accuracy" in lines[0]
+    model.fit(x, y, epochs=1, validation_split=0.25, verbose=0)
+    assert "val_loss" not in capsys.readouterr().err
