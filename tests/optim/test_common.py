@@ -23,6 +23,19 @@ CONFIGS = {
 }
 
 
+# Optimizers whose hooks record no layer input, only the model's output.
+REMOVAL_CONFIGS = {
+    "dn_gnb": lambda m: DiagonalNewton(m, curvature="gnb"),
+    "conv_dn_default": lambda m: DiagonalNewton(m),
+}
+
+
+def _conv_model() -> nn.Module:
+    """Takes ``batches``' (8, 4) inputs through a convolution only: no layer DiagonalNewton records."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 3, 4), nn.Flatten())
+
+
 def make_model(seed: int = 0, width: int = 6) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.LayerNorm(width), nn.Linear(width, 3))
@@ -445,27 +458,52 @@ def test_hooks_go_with_the_optimizer(name):
     assert _forward_hooks(model) == 0
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted({**CONFIGS, **REMOVAL_CONFIGS}))
 def test_a_step_after_remove_hooks_says_so(name):
     """It warned at every step that zero_grad() between the forward pass and backward() had dropped the records,
-    and K-FAC went on as plain SGD (review). An optimizer that records no layer inputs (Hutchinson's) steps as
-    it did with its hooks."""
+    and K-FAC went on as plain SGD (review). Optimizers that record no layer input (Hutchinson's, "gnb", a model
+    without a Linear) went on stepping, with the batch counted as one sample once the hook on the output was
+    gone: steps up to B times too long (a user audit); they raise too."""
+    make = {**CONFIGS, **REMOVAL_CONFIGS}[name]
     x, y = batches(1)[0]
-    models, optimizers = [], []
-    for _ in range(2):  # one keeps its hooks, the other removes them
-        models.append(make_model())
-        optimizers.append(CONFIGS[name](models[-1]))
-        train_step(models[-1], optimizers[-1], F.cross_entropy, x, y)
-    optimizers[1].remove_hooks()
-    if name == "dn_hutchinson":
-        for model, optimizer in zip(models, optimizers):
-            train_step(model, optimizer, F.cross_entropy, x, y)
-        assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
-        return
-    before = [p.detach().clone() for p in models[1].parameters()]
+    model = make_model() if not name.startswith("conv") else _conv_model()
+    optimizer = make(model)
+    train_step(model, optimizer, F.cross_entropy, x, y)
+    optimizer.remove_hooks()
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match=r"remove_hooks\(\) was called, so no layer inputs are recorded"):
-        train_step(models[1], optimizers[1], F.cross_entropy, x, y)
-    assert all(torch.equal(a, p) for a, p in zip(before, models[1].parameters()))
+        train_step(model, optimizer, F.cross_entropy, x, y)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_copying_or_pickling_an_optimizer_points_at_its_state_dict(name):
+    """torch.optim.Optimizer pickles defaults, state and param_groups only: a copy lacked the model, its hooks and
+    the parameter names, and failed at its first call (a user audit)."""
+    import copy
+    import pickle
+
+    model = make_model()
+    optimizer = CONFIGS[name](model)
+    for attempt in (lambda: copy.deepcopy(optimizer), lambda: copy.deepcopy((model, optimizer)),
+                    lambda: pickle.dumps(optimizer)):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled .* optimizer.state_dict\(\)"):
+            attempt()
+    copy.deepcopy(model)  # the model alone copies (with inert hooks)
+
+
+def test_a_compiled_model_that_ran_before_the_optimizer_is_named_in_the_warning():
+    """Dynamo reuses code compiled without the optimizer's hooks: K-FAC then never formed its factors, and the
+    warning blamed zero_grad() alone (a user audit)."""
+    x, y = batches(1)[0]
+    model = torch.compile(make_model(), backend="eager")
+    F.cross_entropy(model(x), y).backward()  # compiled before the optimizer existed
+    optimizer = KFAC(model)
+    try:
+        with pytest.warns(UserWarning, match=r"torch.compile .* call torch._dynamo.reset\(\) after building it"):
+            train_step(model, optimizer, F.cross_entropy, x, y)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_forward_passes_without_steps_keep_a_bounded_record(monkeypatch):
@@ -1057,3 +1095,4 @@ def test_parametrized_layers_are_left_to_the_fallback(optimizer_class):
         assert [block.name for block in optimizer.blocks] == ["4"]
         for before, grad, after in zip(norm_weights, grads, model[2].parametrizations.weight.parameters()):
             torch.testing.assert_close(after, before - 0.1 * grad)
+

@@ -645,3 +645,56 @@ def test_a_parameter_frozen_mid_training_that_keeps_its_gradient_tensor_is_not_d
         optimizer.step(lambda: F.cross_entropy(model(x), y))
     assert not torch.equal(model[2].weight, trained) and not torch.equal(model[0].weight, frozen)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _grouped_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+
+
+def _weights_and_rest(model: nn.Module, **rest_options) -> list[dict]:
+    """The usual split: weight matrices in one group, biases and norms (no weight decay) in another."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    return [{"params": weights}, {"params": [p for p in model.parameters() if p.dim() < 2], **rest_options}]
+
+
+def test_param_groups_with_a_model_take_their_own_options():
+    """With a model, its parameters could only form one group (a user audit): no way to leave biases and norms
+    out of weight decay. Groups with the default options step as one group does, bit for bit; a group's own
+    options apply to it alone; the state dict round trip keeps the groups."""
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    plain, grouped = _grouped_model(), _grouped_model()
+    pairs = [(plain, DiagonalNewton(plain, weight_decay=0.1, curvature_every=2)),
+             (grouped, DiagonalNewton(grouped, weight_decay=0.1, curvature_every=2,
+                                      param_groups=_weights_and_rest(grouped)))]
+    for _ in range(3):
+        for model, optimizer in pairs:
+            train_step(model, optimizer, F.mse_loss, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), grouped.parameters()))
+
+    frozen = _grouped_model()
+    optimizer = DiagonalNewton(frozen, param_groups=_weights_and_rest(frozen, lr=0.0))
+    assert optimizer.param_groups[1]["lr"] == 0.0 and optimizer.param_groups[0]["lr"] == 0.1
+    before = [p.detach().clone() for p in frozen.parameters()]
+    train_step(frozen, optimizer, F.mse_loss, x, y)
+    moved = [not torch.equal(a, b) for a, b in zip(before, frozen.parameters())]
+    assert moved == [p.dim() == 2 for p in frozen.parameters()]  # only the weights took a step
+
+    make = lambda model: DiagonalNewton(model, param_groups=_weights_and_rest(model, lr=0.0))  # noqa: E731
+    assert_continues_alike((frozen, optimizer), resumed_copy(_grouped_model, make, frozen, optimizer), x, y, 3)
+
+
+@pytest.mark.parametrize("groups, error, message", [
+    (lambda m: [{"params": [nn.Parameter(torch.zeros(2))]}], ValueError, r"param_groups\[0\]: holds a parameter of "
+                                                                          r"shape \(2,\) that is not one of the model's"),
+    (lambda m: [{"params": [m[0].weight]}, {"params": [m[0].weight]}], ValueError, "'0.weight' is in another group"),
+    (lambda m: {"params": list(m.parameters())}, TypeError, "one dict"),
+    (lambda m: [list(m.parameters())], TypeError, r"param_groups\[0\]: expected a dict"),
+    (lambda m: [{"params": list(m.parameters()), "lr": -1.0}], ValueError, "lr"),
+])
+def test_bad_param_groups_are_named(groups, error, message):
+    model = _grouped_model()
+    with pytest.raises(error, match=message):
+        DiagonalNewton(model, param_groups=groups(model))
+    with pytest.raises(ValueError, match="param_groups: give them with the model"):
+        DiagonalNewton(list(model.parameters()), curvature="hutchinson", param_groups=[])

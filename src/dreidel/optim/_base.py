@@ -124,9 +124,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
 
     def remove_hooks(self) -> None:
-        """Detach the hooks that record layer inputs for the curvature, and drop what they recorded. Call it
-        when training with this optimizer is over: where it records layer inputs, ``step()`` raises afterwards.
-        (Hooks of an optimizer that is no longer referenced go away with it.)"""
+        """Detach the hooks that record layer inputs and the model's output for the curvature, and drop what
+        they recorded. Call it when training with this optimizer is over: ``step()`` raises afterwards (an
+        optimizer built over parameters alone, without hooks, steps on). (Hooks of an optimizer that is no
+        longer referenced go away with it.)"""
         capture = self._capture_or_none()
         if capture is not None:
             capture.remove()
@@ -134,6 +135,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _capture_or_none(self):
         """The subclass's activation capture, if it has one."""
         return None
+
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: a copy would lack the model, its
+        # hooks and the parameter names, and fail at its first call. The state dict is the way to copy one.
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled (it holds hooks on its model): save "
+                        "optimizer.state_dict() and load it into a new optimizer built over the copied model "
+                        "(torch.save(optimizer.state_dict(), path) works)")
 
     def closure_required(self, step: int) -> bool:
         """Whether step number ``step`` (0-based) calls the closure. Subclasses override."""
@@ -161,7 +169,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
         """One optimization step; returns the loss of the first closure evaluation it made, else None."""
         capture = self._capture_or_none()
-        if capture is not None and capture.removed and capture.modules:  # each step would warn of missing records
+        # Without its hooks, a step would warn of missing records, or count the batch as one sample (the hook on
+        # the model's output counts it) and take steps up to B times too long.
+        if capture is not None and capture.removed:
             raise RuntimeError(f"{type(self).__name__}: remove_hooks() was called, so no layer inputs are recorded "
                                "for the curvature any more and this optimizer cannot step; create a new one to go on "
                                "training")

@@ -405,7 +405,10 @@ def warn_no_records(optimizer: str, step: int) -> None:
     warnings.warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
                   "or skips the update: zero_grad() between the forward pass and backward() drops them, and "
                   "gradients taken with torch.autograd.grad() give none. Call optimizer.zero_grad() before the "
-                  "forward pass and loss.backward() after it", stacklevel=4)
+                  "forward pass and loss.backward() after it. A model compiled with torch.compile that ran a "
+                  "forward pass with gradients before this optimizer was built keeps running that compiled code, "
+                  "without the optimizer's hooks: build the optimizer before the first compiled forward pass, or "
+                  "call torch._dynamo.reset() after building it", stacklevel=4)
 
 
 def _remove_handles(handles: list) -> None:

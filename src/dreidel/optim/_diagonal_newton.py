@@ -16,6 +16,7 @@ are neither tiny nor (after ``max``) exploding. With ``lr=1``, ``beta1=0``, ``da
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -107,6 +108,10 @@ class DiagonalNewton(CurvatureOptimizer):
             sampled likelihood has; the fallback ``B * g^2`` is then an Adam-like second moment.
         curvature_every: refresh ``h`` every k steps (Sophia's k = 10).
         seed: seed of the generator used for Rademacher vectors and sampled labels.
+        param_groups: with a model, its parameters in ``torch.optim`` param groups with their own options
+            (``[{"params": weights, "weight_decay": 0.1}, {"params": biases_and_norms}]``); the groups' options
+            default to the arguments above. Every parameter must be the model's; those in no group are not
+            updated. None (the default): one group of all the model's parameters.
 
     Gradient clipping (``torch.nn.utils.clip_grad_norm_`` between ``backward`` and ``step``) scales
     ``p.grad``, which feeds the momentum and the ``B * g^2`` / ``g^2`` estimates, but not the
@@ -152,6 +157,8 @@ class DiagonalNewton(CurvatureOptimizer):
         likelihood: str = "empirical",
         curvature_every: int = 10,
         seed: int = 0,
+        *,
+        param_groups: Iterable[dict] | None = None,
     ) -> None:
         _check_options(dict(lr=lr, betas=betas, damping=damping, eps=eps, clip=clip, weight_decay=weight_decay))
         if curvature not in CURVATURES:
@@ -165,7 +172,12 @@ class DiagonalNewton(CurvatureOptimizer):
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is None and curvature != "hutchinson":
             raise ValueError(f"model_or_params: curvature={curvature!r} needs the nn.Module, not parameters")
-        if self.model is not None:
+        if param_groups is not None and self.model is None:
+            raise ValueError("param_groups: give them with the model (DiagonalNewton(model, param_groups=...)); "
+                             "without one, pass the groups as model_or_params")
+        if param_groups is not None:
+            params, names = _model_groups(self.model, param_groups)
+        elif self.model is not None:
             names, params = named_model_parameters(self.model)
         else:
             params, names = list(model_or_params), None
@@ -298,7 +310,7 @@ class DiagonalNewton(CurvatureOptimizer):
         if not pairs:
             return {}
         zs = [
-            torch.randint(0, 2, p.shape, generator=self.generator, dtype=p.dtype).mul_(2).sub_(1)
+            torch.randint(0, 2, p.shape, generator=self.generator, dtype=p.dtype).to(p.device).mul_(2).sub_(1)
             for p, _ in pairs
         ]
         hz = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], zs, allow_unused=True)
@@ -522,6 +534,29 @@ def _same(a: tuple | list, b: tuple | list) -> bool:
 
 def _part(correction: float | torch.Tensor, part: slice) -> float | torch.Tensor:
     return correction[part] if isinstance(correction, torch.Tensor) else correction
+
+
+def _model_groups(model: nn.Module, param_groups: Iterable[dict]) -> tuple[list[dict], list[str]]:
+    """``param_groups`` as ``torch.optim`` takes them, and the model's names of their parameters in order;
+    ``ValueError`` naming the group of a parameter that is not the model's or that two groups hold."""
+    names = dict((p, name) for name, p in zip(*named_model_parameters(model)))
+    if isinstance(param_groups, dict):
+        raise TypeError("param_groups: expected a list of dicts, got one dict (wrap it in a list)")
+    groups, ordered, seen = [], [], set()
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param_groups[{index}]: expected a dict with 'params', got {type(group).__name__}")
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        for p in params:
+            if p not in names:
+                raise ValueError(f"param_groups[{index}]: holds a parameter of shape {tuple(p.shape)} that is not "
+                                 "one of the model's")
+            if p in seen:
+                raise ValueError(f"param_groups[{index}]: parameter {names[p]!r} is in another group too")
+            seen.add(p)
+            ordered.append(names[p])
+        groups.append({**group, "params": params})
+    return groups, ordered
 
 
 class _PackedState:

@@ -65,7 +65,7 @@ def robust_eigh(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
         work = matrix.to(work_dtype)
         jitter = relative_jitter * scale
         try:
-            values, vectors = torch.linalg.eigh(work + jitter * torch.eye(work.shape[0], dtype=work_dtype))
+            values, vectors = torch.linalg.eigh(work + jitter * torch.eye(work.shape[0], dtype=work_dtype, device=work.device))
             if torch.isfinite(values).all() and torch.isfinite(vectors).all():
                 if number:
                     log = logger.info if number < 3 else logger.warning
@@ -76,13 +76,14 @@ def robust_eigh(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
         if number >= 2:
             logger.warning("K-FAC: eigendecomposition of %s failed (attempt %d); retrying", name, number + 1)
     logger.warning("K-FAC: %s could not be decomposed; using the identity", name)
-    return torch.ones(matrix.shape[0], dtype=dtype), torch.eye(matrix.shape[0], dtype=dtype)
+    return (torch.ones(matrix.shape[0], dtype=dtype, device=matrix.device),
+            torch.eye(matrix.shape[0], dtype=dtype, device=matrix.device))
 
 
 def damped_inverse(matrix: torch.Tensor, shift: float, name: str) -> torch.Tensor:
     """``(matrix + shift I)^{-1}`` of a symmetric PSD factor by Cholesky (~10x cheaper than ``eigh`` on
     CPU); if the factorisation fails (not numerically PD), through ``robust_eigh`` (reported)."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     damped = 0.5 * (matrix + matrix.t()) + shift * eye
     factor, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0 and torch.isfinite(factor).all():
@@ -104,7 +105,8 @@ def low_rank_damped_inverse(
     """
     n = matrix.shape[0]
     symmetric = 0.5 * (matrix + matrix.t())
-    probe = torch.randn(n, min(rank + 8, n), generator=generator, dtype=matrix.dtype)
+    # Drawn where the generator lives (the CPU), then moved: a CPU generator cannot draw on another device.
+    probe = torch.randn(n, min(rank + 8, n), generator=generator, dtype=matrix.dtype).to(matrix.device)
     try:
         basis, _ = torch.linalg.qr(symmetric @ probe)
         for _ in range(2):
@@ -120,7 +122,7 @@ def low_rank_damped_inverse(
     tail_mean = max(float(symmetric.diagonal().sum() - values.sum()), 0.0) / max(n - rank, 1)
     shift = max(shift, 1e-30)
     identity = 1.0 / (tail_mean + shift)
-    return vectors, 1.0 / (values + shift) - identity, torch.tensor(identity, dtype=matrix.dtype)
+    return vectors, 1.0 / (values + shift) - identity, torch.tensor(identity, dtype=matrix.dtype, device=matrix.device)
 
 
 def inverse_times(inverse: torch.Tensor | tuple, m: torch.Tensor) -> torch.Tensor:
@@ -292,7 +294,7 @@ class KroneckerBlock(Block):
         without a tensor (frozen after the block was made) contributes zeros."""
         dtype = curvature_dtype(self.weight.dtype)
         weight = tensors.get(self.weight)
-        w = (torch.zeros(self.weight.shape[0], math.prod(self.weight.shape[1:]), dtype=dtype) if weight is None
+        w = (self.weight.new_zeros(self.weight.shape[0], math.prod(self.weight.shape[1:]), dtype=dtype) if weight is None
              else weight.reshape(self.weight.shape[0], -1).to(dtype))
         if self.bias is None:
             return w
@@ -333,7 +335,7 @@ class EmbeddingBlock(Block):
         if not records:
             return True
         m: nn.Embedding = self.module
-        counts = torch.zeros(m.num_embeddings, dtype=curvature_dtype(m.weight.dtype))
+        counts = m.weight.new_zeros(m.num_embeddings, dtype=curvature_dtype(m.weight.dtype))
         g_sum, n_rows = 0.0, 0
         for record in records:
             idx = record.inputs[0].reshape(-1)

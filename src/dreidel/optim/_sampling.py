@@ -34,11 +34,12 @@ def sample_output_vector(output: torch.Tensor, likelihood: str, generator: torch
     if likelihood == "categorical":
         classes = output.shape[-1]
         probs = torch.softmax(output.reshape(-1, classes).double(), dim=-1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # Drawn where the generator lives (a CPU generator cannot draw on another device), then moved.
+        labels = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
         one_hot = torch.nn.functional.one_hot(labels, classes).to(probs.dtype)
         v = (probs - one_hot) / math.sqrt(probs.shape[0])
         return v.to(output.dtype).reshape(output.shape)
     if likelihood == "gaussian":
-        eps = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+        eps = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=generator.device).to(output.device)
         return eps * math.sqrt(2.0 / output.numel())
     raise ValueError(f"likelihood: {likelihood!r} has no sampling distribution")
