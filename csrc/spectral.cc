@@ -49,6 +49,8 @@ template <class T>
 struct Gathers {
   std::vector<int32_t> first_index;  // width: the position of x that a_1[i] reads (0 for a padded entry)
   std::vector<T> first_scale;        // width: s_in at that position (0 for a padded entry)
+  std::vector<int32_t> padded;       // the entries of a_1 that stand for padding: set to 0 after the gather, since
+                                     // 0 * x[0] is NaN where x[0] is infinite (the dense map gives +-inf there)
   std::vector<T> inner_scale;        // (depth - 1) * width: s_k[perm_{k+1}[i]], the scale a_{k+1}[i] gets
   // For the backward pass, which gathers with the inverse permutations so that its writes are sequential:
   std::vector<int32_t> first_inverse;  // blocks * n: the entry of a_1 (flat) that reads x_i in block b
@@ -64,6 +66,7 @@ struct Gathers {
         const bool padded = i >= l.in;
         first_index[static_cast<size_t>(b * len + j)] = padded ? 0 : static_cast<int32_t>(i);
         first_scale[static_cast<size_t>(b * len + j)] = padded ? T(0) : l.in_scale[b * l.in + i];
+        if (padded) this->padded.push_back(static_cast<int32_t>(b * len + j));
       }
     inner_scale.resize(static_cast<size_t>((l.depth - 1) * width));
     for (int64_t k = 1; k < l.depth; ++k)
@@ -115,6 +118,7 @@ __attribute__((always_inline)) inline T* run_stages(const SpectralLayer<T>& l, c
     const int32_t* __restrict index = g.first_index.data();
     const T* __restrict scale = g.first_scale.data();
     for (int64_t i = 0; i < width; ++i) a[i] = scale[i] * x[index[i]];
+    for (const int32_t i : g.padded) a[i] = T(0);
   }
   ws.transform(a, a, l.blocks);
   for (int64_t k = 1; k < l.depth; ++k) {

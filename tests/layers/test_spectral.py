@@ -616,7 +616,7 @@ def test_a_refused_state_dict_leaves_the_layer_as_it_was(depth, lazy, fault):
     before = {k: v.clone() for k, v in layer.state_dict().items()} if not lazy else None
     x = torch.randn(4, 300)
     out_before = None if lazy else layer(x)
-    with pytest.raises(RuntimeError, match="Error\(s\) in loading state_dict for"):
+    with pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict for"):
         layer.load_state_dict(bad, strict=fault != "partial")
     if lazy:
         assert layer.in_features is None and layer.has_uninitialized_params()

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from dreidel.algo._fwht import _refuse_flags
 from dreidel.layers._registry import build_linear, config_kwargs
-from dreidel.layers._spectral import _as_width
+from dreidel.layers._spectral import _as_width, check_dense_input
 
 __all__ = ["KVCache", "MultiHeadAttentionSpectral"]
 
@@ -91,8 +91,7 @@ class MultiHeadAttentionSpectral(nn.Module):
         return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
 
     def _check(self, name: str, t: torch.Tensor, batch: int | None) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense_input(self, t, name)
         if t.dim() != 3 or t.shape[-1] != self.embed_dim or (batch is not None and t.shape[0] != batch):
             raise ValueError(
                 f"{name} must have shape (batch, positions, {self.embed_dim})"

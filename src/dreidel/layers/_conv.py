@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._registry import build_linear, config_kwargs
-from dreidel.layers._spectral import _as_width, check_generator, check_input_dtype_and_device
+from dreidel.layers._spectral import _as_width, check_dense_input, check_generator, check_input_dtype_and_device
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 
@@ -91,8 +91,7 @@ class _SpectralConvNd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: channels-last ``(N, *spatial, C_in)`` → ``(N, *spatial_out, C_out)``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        check_dense_input(self, x)
         if x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected a channels-last tensor {_LAYOUT_NAMES[self.spatial_dims]} with "

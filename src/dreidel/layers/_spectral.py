@@ -110,6 +110,12 @@ def _plain(permutation: torch.Tensor) -> bool:
     return not in_functorch_transform() and _dispatches_plainly(permutation)
 
 
+def _checkable(permutation: torch.Tensor) -> bool:
+    """Whether ``permutation``'s values can be read: a tensor no torch.func transform has wrapped (a buffer read
+    inside ``vmap`` or ``grad`` is one), outside a dispatch mode."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(permutation) and _dispatches_plainly(permutation)
+
+
 class _UninitializedIndexBuffer(UninitializedBuffer):
     """A lazy layer's ``permutation`` before its width is known. torch's ``UninitializedBuffer`` cannot be
     deep-copied and comes back from pickle as float32 (``UninitializedParameter`` has both right); this
@@ -163,6 +169,20 @@ def check_generator(name: str, generator: object) -> None:
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def check_dense_input(layer: nn.Module, x: object, name: str = "input") -> None:
+    """``TypeError`` naming ``layer`` and ``name`` unless ``x`` is a dense (strided) tensor: sparse, mkldnn and
+    nested tensors failed inside the gathers with torch's internal messages."""
+    where = f"{type(layer).__name__}: {name}"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{where} is a nested tensor; apply the layer to each of its tensors (x.unbind()), or pad "
+                        "them into one dense tensor (x.to_padded_tensor(0.0))")
+    if x.layout != torch.strided:
+        raise TypeError(f"{where} must be a dense (strided) tensor, got layout {x.layout}; convert it with "
+                        "x.to_dense()")
+
+
 def check_input_dtype_and_device(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> None:
     """Refuse, as ``nn.Linear`` does, an input whose dtype or device is not that of ``layer``'s ``weight``.
 
@@ -201,8 +221,9 @@ def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor
     flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
     first = perm[0]  # (B, L): source position in the padded input of each block
     padded = first >= n
-    # Stage 1 reads x directly: padded positions read x[0] and are zeroed by a zero scale.
-    input_gather = torch.where(padded, torch.zeros_like(first), first).reshape(-1)
+    # Stage 1 reads x with one zero column appended where n < L: padded positions read that zero (reading a value
+    # of x there and zeroing it by the zero scale gave NaN for an infinite value: 0 * inf).
+    input_gather = torch.where(padded, torch.full_like(first, n), first).reshape(-1)
     if n == length:  # nothing padded: index s_in (B, L) directly
         scale_gather = flat_perm[0]
     else:  # index pad(s_in, one zero slot per block) (B, n + 1): padded entries read the zero
@@ -221,13 +242,18 @@ def _check_permutation(perm: torch.Tensor, shape: tuple[int, ...]) -> None:
     """``ValueError`` naming ``permutation`` unless it is an integer tensor of ``shape`` ``(depth, B, L)`` with
     values in ``[0, L)``: one put in place of the layer's (``functional_call``, a replaced buffer, ``.data``)
     would otherwise fail inside ``scatter_`` or ``view`` with torch's message. (A repeated index is refused by
-    the kernels' checks.)"""
+    the kernels' checks, and here too.)"""
     if tuple(perm.shape) != tuple(shape) or perm.dtype not in _INDEX_DTYPES:
         raise ValueError(f"permutation: expected an integer tensor of shape {tuple(shape)} (depth, blocks, "
                          f"transform length), got {perm.dtype} of shape {tuple(perm.shape)}")
     if perm.numel() and not perm.is_meta and (int(perm.min()) < 0 or int(perm.max()) >= shape[-1]):
         raise ValueError(f"permutation: values must lie in [0, {shape[-1]}) (a permutation of each block's "
                          f"transform), got values from {int(perm.min())} to {int(perm.max())}")
+    if perm.numel() and not perm.is_meta:  # a repeated index (the native kernels refuse one; the torch path did not)
+        identity = torch.arange(shape[-1], device=perm.device).expand(shape)
+        if not torch.equal(perm.long().sort(dim=-1).values, identity):
+            raise ValueError("permutation: each (stage, block) row must be a permutation of "
+                             f"0..{shape[-1] - 1}; some row repeats an index")
 
 
 class _SpectralLinearBase(LazyModuleMixin, nn.Module):
@@ -402,7 +428,10 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                 raise RuntimeError(
                     f"{type(self).__name__}: a lazy layer cannot infer in_features inside a torch.func transform "
                     "(grad, vmap, jvp, ...): run one forward outside it first, or give in_features")
-            self._materialize(x.shape[-1])
+            # Outside inference mode: parameters and permutation drawn there would be inference tensors, which
+            # no later forward with gradients could save for backward.
+            with torch.inference_mode(False):
+                self._materialize(x.shape[-1])
 
     def _materialize(self, in_features: int) -> None:
         in_features = _as_width("in_features", in_features, allow_none=False)
@@ -482,8 +511,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
 
     # -------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        check_dense_input(self, x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {tuple(x.shape)})"
             raise ValueError(
@@ -525,7 +553,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # Derived for this call only for a permutation replaced for a call (functional_call with another
             # layer's state, over vmap too, whose batched wrappers must not outlive it as buffers).
             if permutation is not source.permutation:
-                if _plain(permutation):  # no data-dependent checks where ops are traced or rewritten
+                if _checkable(permutation):  # no data-dependent checks where ops are traced or rewritten
                     _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                 return self._layout_derived_from(permutation)
             if (restored or source.values is None
@@ -536,6 +564,8 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                     # another dispatch mode: built there, they would be its wrapped or fake tensors, kept as
                     # buffers past it (the next eager forward read a fake tensor's memory and crashed). Derived
                     # for this call only; the first plain forward rebuilds and keeps them.
+                    if _checkable(permutation):  # a plain buffer met under vmap or grad can still be checked
+                        _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
                     return self._layout_derived_from(permutation)
                 self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],

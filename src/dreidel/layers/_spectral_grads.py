@@ -50,7 +50,7 @@ _is_compiling = torch.compiler.is_compiling
 class SpectralLayout(NamedTuple):
     """Index tensors and sizes of one spectral layer (see ``_SpectralLinearBase._build_indices``)."""
 
-    input_gather: torch.Tensor  # (B·L,) int32: position of x read by each entry of a_1 (pads read 0)
+    input_gather: torch.Tensor  # (B·L,) int32: position of x read by each entry of a_1 (pads read n: a zero column)
     scale_gather: torch.Tensor  # (B·L,) int32: position in s_in (padded by 1 zero per block if n < L) per entry of a_1
     flat_perm: torch.Tensor  # (K, B·L) int32: P_k over the stacked layout
     flat_inverse: torch.Tensor  # (K, B·L) int32: P_kᵀ
@@ -69,6 +69,12 @@ def _transform_(z: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
     return fwht(z.view(rows, layout.blocks, layout.length), inplace=True).view(z.shape)  # -1: ambiguous at 0 rows
 
 
+def _gathered_input(x: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
+    """``x`` ``(rows, n)`` gathered into the first stage's order ``(rows, B·L)``; where ``n < L`` the padded
+    entries read a zero column appended to ``x`` (``input_gather``)."""
+    return (x if x.shape[1] == layout.length else F.pad(x, (0, 1))).index_select(1, layout.input_gather)
+
+
 def spectral_stages(
     x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None, layout: SpectralLayout
 ) -> list[torch.Tensor]:
@@ -77,7 +83,7 @@ def spectral_stages(
         scale = in_scale.reshape(-1).index_select(0, layout.scale_gather)
     else:  # one zero slot per block stands for the padded entries
         scale = F.pad(in_scale, (0, 1)).reshape(-1).index_select(0, layout.scale_gather)
-    z = x.index_select(1, layout.input_gather).mul_(scale)
+    z = _gathered_input(x, layout).mul_(scale)
     stages = [_transform_(z, layout)]
     for k in range(1, layout.flat_perm.shape[0]):
         perm = layout.flat_perm[k]
@@ -257,7 +263,7 @@ def spectral_linear_composed(rows: torch.Tensor, in_scale: torch.Tensor, inner_s
         scale = F.pad(in_scale, (0, 1)).reshape(-1).index_select(0, layout.scale_gather)
     blocks, stacked = (-1, layout.blocks, layout.length), (rows.shape[0], layout.blocks * layout.length)
     # reshape, not flatten: legacy vmap (batched gradients) has no batching rule for flatten
-    h = fwht(rows.index_select(1, layout.input_gather).mul(scale).reshape(blocks)).reshape(stacked)
+    h = fwht(_gathered_input(rows, layout).mul(scale).reshape(blocks)).reshape(stacked)
     for k in range(1, layout.flat_perm.shape[0]):
         perm = layout.flat_perm[k]
         scale = inner_scale[k - 1].reshape(-1).index_select(0, perm)

@@ -1,0 +1,70 @@
+"""Inputs at the edges of the spectral layers (a user audit): infinite values beside padding, tensors that are
+not dense, permutations that repeat an index where only the torch path would see them, lazy layers built in
+inference mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import vmap
+
+from dreidel.layers import Conv2dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
+
+
+@pytest.mark.parametrize("out_features", [12, 40])  # one block, and several
+@pytest.mark.parametrize("feature", [0, 3, 9])
+def test_an_infinite_input_gives_what_the_dense_map_gives_beside_padding(out_features, feature):
+    """10 features padded to 16: the padded entries read x[:, 0] and were zeroed by a zero scale, so an infinite
+    first feature made every output NaN (0 * inf), where the dense product gives +-inf (native and torch paths)."""
+    torch.manual_seed(0)
+    layer = LinearWHT(10, out_features, dtype=torch.float64)
+    x = torch.zeros(2, 10, dtype=torch.float64)
+    x[0, feature], x[1, 5] = float("inf"), 1.0
+    dense = x @ layer.dense_matrix().T + layer.bias.detach()
+    with torch.no_grad():
+        for path, y in (("native", layer(x)), ("torch (vmap)", vmap(layer)(x))):
+            assert torch.equal(torch.isnan(y), torch.isnan(dense)), path
+            assert not torch.isnan(y[0]).any(), path
+            assert torch.equal(y[0], dense[0]), path  # the same infinities, signs included
+            torch.testing.assert_close(y[1], dense[1])
+
+
+def _nested(width: int) -> torch.Tensor:
+    return torch.nested.nested_tensor([torch.randn(2, width), torch.randn(3, width)], layout=torch.jagged)
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda x: x.to_sparse(), "dense \\(strided\\) tensor, got layout torch.sparse_coo; convert it with x.to_dense"),
+    (lambda x: x.to_mkldnn(), "dense \\(strided\\) tensor, got layout torch._mkldnn"),
+    (lambda x: _nested(x.shape[-1]), "is a nested tensor"),
+])
+def test_tensors_that_are_not_dense_are_refused_by_name(make_input, message):
+    x = torch.randn(3, 16)
+    for layer in (LinearWHT(16, 30), DeepSpectralLinear(16, 30, depth=2)):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__}: input .*{message}"):
+            layer(make_input(x))
+    with pytest.raises(TypeError, match=f"Conv2dSpectral: input .*{message}"):
+        Conv2dSpectral(16, 16, 3)(make_input(torch.randn(3, 16)))
+    with pytest.raises(TypeError, match=f"MultiHeadAttentionSpectral: x .*{message}"):
+        MultiHeadAttentionSpectral(16, 2)(make_input(x))
+
+
+def test_a_permutation_that_repeats_an_index_is_refused_under_vmap_too():
+    """The native kernels refused it in eager mode; under vmap (the torch path) it was used, giving garbage."""
+    layer = LinearWHT(16, 16)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        layer.permutation.zero_()
+    for call in (lambda: layer(x), lambda: vmap(layer)(x), lambda: layer.half()(x.half())):
+        with pytest.raises(ValueError, match="some row repeats an index"):
+            call()
+
+
+def test_a_lazy_layer_built_in_inference_mode_trains_afterwards():
+    """Its parameters and permutation were inference tensors, which autograd cannot save for backward."""
+    layer = LinearWHT(8)
+    with torch.inference_mode():
+        layer(torch.randn(2, 16))
+    assert not any(t.is_inference() for t in (*layer.parameters(), *layer.buffers()))
+    layer(torch.randn(2, 16)).sum().backward()
+    assert layer.in_scale.grad is not None
