@@ -296,3 +296,24 @@ def test_a_fifo_or_a_link_to_a_device_is_named_as_not_a_regular_file(tmp_path):
     for name in ("fifo.wav", "zero.wav"):
         with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))} is not a regular file"):
             load_audio(tmp_path / name)
+
+
+def test_an_mp3_cut_short_is_refused_where_its_header_states_its_length(tmp_path):
+    """libmpg123 decodes what is left of a cut MP3 without an error; its Xing/LAME header says how long it was (a
+    user audit). Without that header the length is estimated from the file's size: such a file still loads."""
+    soundfile = pytest.importorskip("soundfile")
+    tone = (0.3 * np.sin(np.arange(32000) * 0.05)).astype(np.float32)
+    whole = tmp_path / "whole.mp3"
+    soundfile.write(whole, tone, SAMPLE_RATE, format="MP3")
+    data = whole.read_bytes()
+    assert data.find(b"Xing") >= 0 or data.find(b"Info") >= 0  # the length header libsndfile writes
+    assert abs(load_audio(whole).numel() - tone.size) < 2000
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cut))}: truncated MP3 file: its header declares \d+ frames"):
+        load_audio(cut)
+    headerless = bytearray(data[: len(data) // 2])
+    at = headerless.find(b"Xing") if headerless.find(b"Xing") >= 0 else headerless.find(b"Info")
+    headerless[at:at + 4] = b"XXXX"
+    (tmp_path / "headerless.mp3").write_bytes(headerless)
+    assert load_audio(tmp_path / "headerless.mp3").numel() > 0

@@ -37,3 +37,24 @@ def test_a_float_file_beyond_full_scale_warns_once_naming_it(tmp_path, capsys):
     assert main(["transcribe", str(path)]) == 0
     assert capsys.readouterr().err == (f"dreidel transcribe: warning: {path}: samples reach 20000, expected [-1, 1]: "
                                        "a float file of unscaled values?\n")
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_and_its_outputs_written(tmp_path, monkeypatch):
+    """Python holds a name's non-UTF-8 bytes as lone surrogates, which printing refused: every file was decoded,
+    then the command failed with a traceback at the first such name, before writing its outputs (a user audit).
+    A UTF-8 stream now writes the name's own bytes."""
+    import io
+    import os
+    import sys
+
+    name = os.fsdecode(b"caf\xe9.wav")  # 'caf\udce9.wav'
+    path = tmp_path / name
+    soundfile.write(tmp_path / "plain.wav", np.zeros(800, np.float32), 16000)  # libsndfile takes str names only
+    os.rename(os.fsencode(tmp_path / "plain.wav"), os.fsencode(path))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["transcribe", "--output-format", "txt", "--output-dir", str(tmp_path / "out"), "--", str(path)]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue()
+    assert os.fsencode(str(path)) + b": " in printed
+    assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.txt")).exists()

@@ -227,10 +227,18 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path} is not a regular file (a FIFO, a device, a socket); expected an audio file")
     source = _readable_source(path)
     try:
-        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (frames, channels)
+        with soundfile.SoundFile(source) as audio:
+            samples = audio.read(dtype="float32", always_2d=True)  # (frames, channels)
+            declared, rate, container = audio.frames, audio.samplerate, audio.format
     except RuntimeError as error:  # soundfile.LibsndfileError derives from it
         raise ValueError(f"{path}: not a readable audio file (expected WAV, FLAC, OGG/Vorbis, MP3 or another "
                          f"format libsndfile reads): {error}") from None
+    # An MP3 whose Xing/LAME header states its length but that was cut short decodes what is left without an
+    # error (libmpg123 only prints a warning). Without such a header the length is estimated from the file's
+    # size, and what is decoded matches it.
+    if container in ("MP3", "MPEG") and samples.shape[0] < declared:
+        raise ValueError(f"{path}: truncated MP3 file: its header declares {declared} frames of audio, the file "
+                         f"holds {samples.shape[0]}")
     return samples.T, int(rate)  # (channels, frames)
 
 
@@ -257,7 +265,7 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         it to a silent 30 s window.
 
     Raises:
-        ValueError: missing, unreadable, truncated (WAV, RF64, Wave64, AIFF) or corrupt (AIFF) file, a directory
+        ValueError: missing, unreadable, truncated (WAV, RF64, Wave64, AIFF, an MP3 whose header states its length) or corrupt (AIFF) file, a directory
             or another file that is not a regular one (naming the path), bad shape or no channels, non-finite
             samples, a rate that is not an integer from ``MIN_SAMPLE_RATE`` (4 kHz) to ``MAX_SAMPLE_RATE``
             (768 kHz), or one above about 660 kHz sharing so few factors with 16 kHz that its filter table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import logging
 import os
 import sys
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.error("the following arguments are required: COMMAND")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _tolerate_undecodable_names()
     try:
         with warnings.catch_warnings():  # a warning is one line naming the command, not a library source line
             warnings.showwarning = _one_line_warning(args.command)
@@ -61,6 +64,16 @@ def _one_line_warning(command: str):
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"dreidel {command}: warning: {message}", file=sys.stderr if file is None else file)
     return show
+
+
+def _tolerate_undecodable_names() -> None:
+    """File names need not be valid in the locale's encoding: Python holds their odd bytes as lone surrogates,
+    which printing refused (`dreidel transcribe` decoded every file, then failed at the first such name before
+    writing its outputs). A UTF-8 stream writes them back as the bytes they were; another escapes them."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
 def _discard_stdout() -> None:

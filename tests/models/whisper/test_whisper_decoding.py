@@ -237,8 +237,10 @@ def test_empty_audio_is_empty_text_and_leaves_other_inputs_alone(tiny_en, tmp_pa
 
 def test_a_tail_shorter_than_one_mel_frame_is_not_decoded(tiny_en):
     """Less than 10 ms past a 30 s window (or less than 10 ms in all) holds no frame: it used to be decoded as
-    a silent window, which tiny.en reads as "you". A whole frame past the window is a window of its own."""
-    from dreidel.audio import HOP_LENGTH, N_SAMPLES
+    a silent window, which tiny.en reads as "you". A leftover of LEFTOVER_SECONDS or more past the window is a
+    window of its own (a shorter one, see the next test, is not)."""
+    from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+    from dreidel.models.whisper.transcribe import LEFTOVER_SECONDS
 
     (_, clip), = speech_clips(1, seed=6)
     window = torch.nn.functional.pad(clip, (0, N_SAMPLES - clip.numel()))
@@ -247,9 +249,61 @@ def test_a_tail_shorter_than_one_mel_frame_is_not_decoded(tiny_en):
     for tail in (1, HOP_LENGTH - 1):
         result = transcribe(tiny_en, torch.cat([window, torch.full((tail,), 0.01)]))
         assert result.tokens == alone.tokens and result.text == alone.text, tail
-    assert len(transcribe(tiny_en, torch.cat([window, torch.zeros(HOP_LENGTH)])).tokens) == 2
+    leftover = torch.zeros(round(LEFTOVER_SECONDS * SAMPLE_RATE))
+    assert len(transcribe(tiny_en, torch.cat([window, leftover])).tokens) == 2
     short = transcribe(tiny_en, torch.full((HOP_LENGTH - 1,), 0.1))
     assert short.text == "" and short.tokens == () and short.seconds_audio == pytest.approx((HOP_LENGTH - 1) / 16000)
+
+
+@pytest.mark.parametrize("tail_ms", [10, 50, 300])
+def test_speech_running_past_30_s_ends_without_made_up_words(tiny_en, tail_ms):
+    """A sentence ending just past 30 s (a user audit): the few tenths of a second left after the first window
+    were decoded alone, padded to 30 s, as "You", "All right.", "Thank you for watching!" (with timestamps: the
+    leftover after the window's text) or "you" (without: the last 30 s cut). Now the leftover is not decoded
+    alone, and the last cut shares the audio of the one before it."""
+    from dreidel.audio import N_SAMPLES, SAMPLE_RATE
+    from dreidel.data.speech import cached_speech
+    from dreidel.audio import load_audio
+
+    sentence = "Please call Stella and ask her to bring these things with her from the store."
+    speech = load_audio(cached_speech(sentence, "en-us+f2", 175))
+    audio = torch.zeros(N_SAMPLES + tail_ms * SAMPLE_RATE // 1000)
+    audio[-speech.numel():] = speech
+    for timestamps in (True, False):
+        result = transcribe(tiny_en, audio, timestamps=timestamps)
+        last_words = result.text.lower().rstrip(" .!").split()[-2:]
+        assert "you" not in last_words and "right" not in last_words, (timestamps, result.text)
+        if timestamps:
+            assert len(result.tokens) == 1 and result.segments[-1].end <= N_SAMPLES / SAMPLE_RATE
+
+
+def test_arrays_at_another_rate_are_resampled_where_the_rate_is_given(tiny_en):
+    """transcribe took 16 kHz arrays only: a 44.1 kHz array read with soundfile came out as "Thank you for
+    watching" (a user audit). ``sample_rate`` resamples array inputs as load_audio does; files keep their own."""
+    from dreidel.audio import load_audio, resample
+
+    (text, clip), = speech_clips(1, seed=6)
+    fast = resample(clip, 16000, 44100)
+    given = transcribe(tiny_en, [fast, fast.numpy()], sample_rate=44100)
+    assert [r.tokens for r in given] == [transcribe(tiny_en, load_audio(fast, 44100)).tokens] * 2
+    assert text.split()[0].lower() in given[0].text.lower()
+    with pytest.raises(TypeError, match="sample_rate must be an int"):
+        transcribe(tiny_en, fast, sample_rate=44100.0)
+
+
+def test_the_last_30_s_cut_is_never_a_sliver():
+    from dreidel.audio import N_SAMPLES, SAMPLE_RATE
+    from dreidel.models.whisper.transcribe import SHORT_TAIL_SECONDS, _windows
+
+    short = round(SHORT_TAIL_SECONDS * SAMPLE_RATE)
+    for total, sizes in ((N_SAMPLES + 160, [N_SAMPLES // 2 + 80] * 2),
+                         (2 * N_SAMPLES + short - 1, [N_SAMPLES, (N_SAMPLES + short) // 2, (N_SAMPLES + short - 1) // 2]),
+                         (2 * N_SAMPLES + short, [N_SAMPLES, N_SAMPLES, short]),
+                         (N_SAMPLES, [N_SAMPLES]), (100, []), (160, [160])):
+        windows = _windows(torch.arange(total, dtype=torch.float32))
+        assert [w.numel() for w in windows] == sizes, total
+        if windows:
+            assert torch.equal(torch.cat(windows), torch.arange(total, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("argument, value", [("beam_size", True), ("max_new_tokens", True), ("batch_size", True),

@@ -228,6 +228,9 @@ def test_the_previous_text_is_cut_to_half_the_context(tiny_en, monkeypatch):
     ("initial_prompt", "Notes <|endoftext|> more", ValueError,
      r"initial_prompt must be plain text, but it holds the special token <\|endoftext\|>"),
     ("initial_prompt", "<|notimestamps|> hello", ValueError, r"holds the special token <\|notimestamps\|>"),
+    # bytes of a command line that are not UTF-8 (os.fsdecode(b"caf\xe9")): the tokenizer said only "TextInputSequence
+    # must be str"
+    ("initial_prompt", "caf\udce9", ValueError, r"initial_prompt must be valid text, but character 3 is '\\udce9'"),
 ])
 def test_prompt_arguments_are_checked(tiny_en, keyword, value, error, message):
     with pytest.raises(error, match=message):

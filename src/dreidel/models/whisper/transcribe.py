@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import os
 import time
 import warnings
 import zlib
@@ -359,14 +360,29 @@ class _EachSample(nn.Module):
         return torch.cat([self.layer(sample) for sample in x.split(1)])
 
 
-def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
-    """Consecutive 30 s windows, leaving out any shorter than one mel frame (10 ms): the last one, or all of
-    too short an input. Such a window holds no frame of audio, and tiny.en transcribes the silence it is
-    padded with as "you" (30 s + 1 sample of speech used to end in " you"). openai-whisper and faster-whisper
-    likewise decode only the whole frames, ``samples // HOP_LENGTH``."""
-    from dreidel.audio import HOP_LENGTH, N_SAMPLES
+# Padded to 30 s on its own, a few tenths of a second of audio at the end of an input come out as text that is not
+# there (tiny.en on 10 ms to 500 ms tails of a 30 s sentence: "you", "Thank you.", "All right.", "Sorry."). Without
+# timestamps, a last window shorter than SHORT_TAIL_SECONDS after others shares the audio of the one before it
+# (_windows); with them, what is left after the last window's text, if shorter than LEFTOVER_SECONDS, is not
+# decoded (_Progress.next_window): leftovers of 0.03 to 0.32 s gave such text there, of 0.64 s and more the
+# sentence's real last words.
+SHORT_TAIL_SECONDS = 1.0
+LEFTOVER_SECONDS = 0.5
 
-    return [window for window in audio.split(N_SAMPLES) if window.numel() >= HOP_LENGTH]
+
+def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive 30 s windows; where the last would be shorter than ``SHORT_TAIL_SECONDS``, the last two are
+    two equal halves of their audio instead. An input shorter than one mel frame (10 ms) gives none: it holds no
+    frame of audio, and tiny.en transcribes the silence it is padded with as "you". openai-whisper and
+    faster-whisper likewise decode only the whole frames, ``samples // HOP_LENGTH``."""
+    from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+
+    if audio.numel() < HOP_LENGTH:
+        return []
+    windows = list(audio.split(N_SAMPLES))
+    if len(windows) > 1 and windows[-1].numel() < SHORT_TAIL_SECONDS * SAMPLE_RATE:
+        windows[-2:] = torch.cat(windows[-2:]).tensor_split(2)
+    return windows
 
 
 # A greedy window whose text fails either test is decoded again by beam search (openai/whisper's thresholds;
@@ -553,11 +569,14 @@ class _Progress:
         return "".join(self.texts).strip()
 
     def next_window(self) -> torch.Tensor | None:
-        """The next 30 s window, or None when less than one mel frame (10 ms) is left (see ``_windows``)."""
-        from dreidel.audio import HOP_LENGTH, N_SAMPLES
+        """The next 30 s window, or None when less than one mel frame (10 ms) is left (see ``_windows``), or, after
+        a window, less than ``LEFTOVER_SECONDS``."""
+        from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
         window = self.waveform[self.seek:self.seek + N_SAMPLES]
-        return window if window.numel() >= HOP_LENGTH else None
+        if window.numel() < HOP_LENGTH or (self.seek > 0 and window.numel() < LEFTOVER_SECONDS * SAMPLE_RATE):
+            return None
+        return window
 
 
 def _previous_text(recognizer: WhisperRecognizer, context: list[int]) -> list[int]:
@@ -617,20 +636,22 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
                         batch_size: int, rules: _WindowRules) -> None:
     """Decode every input's consecutive 30 s windows (``_windows``), up to ``batch_size`` windows at a time, the
     first that is not silent of each input after its ``context`` (an initial prompt), the others after nothing."""
-    from dreidel.audio import N_SAMPLES, SAMPLE_RATE
+    from dreidel.audio import SAMPLE_RATE
 
-    owned = []  # (input, window index, window, whether it follows the context)
+    owned = []  # (input, offset in samples, window, whether it follows the context)
     for p in progress:
         windows = _windows(p.waveform)
         first_sound = next((i for i, window in enumerate(windows) if not rules.is_silent(window)), None)
-        owned += [(p, index, window, index == first_sound) for index, window in enumerate(windows)]
+        offsets = [sum(w.numel() for w in windows[:index]) for index in range(len(windows))]
+        owned += [(p, offset, window, index == first_sound)
+                  for index, (offset, window) in enumerate(zip(offsets, windows))]
     start = time.perf_counter()
     for first in range(0, len(owned), batch_size):
         batch = owned[first:first + batch_size]
         previous = [_previous_text(recognizer, p.context) if follows else [] for p, _, _, follows in batch]
         scored, share = _decode_batch(recognizer, [window for _, _, window, _ in batch], options, previous, rules)
-        for (p, index, window, _), result in zip(batch, scored):
-            offset = index * N_SAMPLES / SAMPLE_RATE
+        for (p, start, window, _), result in zip(batch, scored):
+            offset = start / SAMPLE_RATE
             p.add_segment(offset, offset + window.numel() / SAMPLE_RATE, recognizer.tokenizer.decode(result.tokens))
             p.tokens.append(result.tokens)
             p.seconds_compute += share
@@ -655,6 +676,12 @@ def _initial_prompt_tokens(recognizer: WhisperRecognizer, initial_prompt: str | 
         raise TypeError(f"initial_prompt must be a str or None, got {type(initial_prompt).__name__}")
     if not initial_prompt.strip():
         raise ValueError("initial_prompt must hold some text, got a blank string (leave it out for no prompt)")
+    try:
+        initial_prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: bytes a command line held that are not UTF-8
+        raise ValueError(f"initial_prompt must be valid text, but character {error.start} is "
+                         f"{initial_prompt[error.start]!a}, which is not (bytes that are not UTF-8 on a command line "
+                         "come out as such)") from None
     _require_start_of_previous(recognizer, "initial_prompt")
     tokens = recognizer.tokenizer.encode(" " + initial_prompt.strip())
     special = [token for token in tokens if token >= recognizer.tokenizer.eot]
@@ -674,15 +701,20 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
                no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
                fallback: bool = True, timestamps: bool = True, initial_prompt: str | None = None,
                condition_on_previous_text: bool = False,
-               silence_threshold_dbfs: float | None = SILENCE_THRESHOLD_DBFS):
-    """Transcribe one input or a list of inputs (paths, or 16 kHz float arrays/tensors).
+               silence_threshold_dbfs: float | None = SILENCE_THRESHOLD_DBFS, sample_rate: int | None = None):
+    """Transcribe one input or a list of inputs (paths, or float arrays/tensors at 16 kHz, or at
+    ``sample_rate`` Hz where given: the rate of every array input, resampled as ``load_audio`` does; files carry
+    their own).
 
     Returns a :class:`Transcription` for one input, a list of them for a list, each with its text and timed
     segments. Up to ``batch_size`` windows of 30 s are decoded together. Each window is zero-padded to 30 s
     before its log-mel (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe``
     and faster-whisper pad the log-mel instead (clamped against the whole input's maximum), so their text can
     differ by a word. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and it has no
-    windows; nor is a last window that short.
+    windows. After a window, a leftover at the end of the input shorter than ``LEFTOVER_SECONDS`` (0.5 s) is
+    not decoded on its own, and without timestamps a last 30 s cut shorter than ``SHORT_TAIL_SECONDS`` (1 s)
+    shares the audio of the one before it (two equal cuts): padded to 30 s alone, such slivers came out as
+    words that are not there ("you", "Thank you for watching!").
 
     ``timestamps`` (the default): the model predicts a timestamp at each end of every segment of text (Radford
     et al. 2022, §2.3; §4.5 for long-form transcription), and an input longer than 30 s is transcribed window
@@ -775,7 +807,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     prompt = _initial_prompt_tokens(recognizer, initial_prompt)
     if condition_on_previous_text:
         _require_start_of_previous(recognizer, "condition_on_previous_text")
-    progress = [_Progress(load_audio(item), list(prompt)) for item in inputs]
+    if sample_rate is not None and (not isinstance(sample_rate, numbers.Integral) or isinstance(sample_rate, bool)):
+        raise TypeError(f"sample_rate must be an int (Hz) or None, got {sample_rate!r}")
+    progress = [_Progress(load_audio(item, None if isinstance(item, (str, os.PathLike)) else sample_rate),
+                          list(prompt)) for item in inputs]
     rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
     if timestamps or condition_on_previous_text:
         _transcribe_in_order(recognizer, progress, options, batch_size, rules, condition_on_previous_text)
