@@ -13,6 +13,7 @@ strokes, which the PSNR column shows.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -37,6 +38,18 @@ def keep_largest(coefficients: torch.Tensor, fraction: float) -> torch.Tensor:
     k = max(1, round(fraction * flat.shape[1]))
     threshold = flat.abs().topk(k, dim=1).values[:, -1:]
     return torch.where(flat.abs() >= threshold, flat, 0).reshape(coefficients.shape)
+
+
+def median_ms(fn, repeats: int = 9) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after one call to warm up (one call alone swings with the
+    machine's other work)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def psnr(original: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -64,13 +77,11 @@ def main() -> None:
     error = (walsh.double() - h @ padded.double() @ h.T).abs().max()
     print(f"2-D transform against H X H^T in float64: max |difference| {float(error):.2e}")
 
-    start = time.perf_counter()
-    walsh_2d(padded)
-    walsh_ms = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
     dct = torch.from_numpy(scipy.fft.dctn(padded.numpy(), axes=(-2, -1), norm="ortho"))
-    dct_ms = (time.perf_counter() - start) * 1e3
-    print(f"{len(digits)} digits, forward 2-D transform: Walsh-Hadamard {walsh_ms:.2f} ms, DCT (scipy) {dct_ms:.2f} ms")
+    walsh_ms = median_ms(lambda: walsh_2d(padded))
+    dct_ms = median_ms(lambda: scipy.fft.dctn(padded.numpy(), axes=(-2, -1), norm="ortho"))
+    print(f"{len(digits)} digits, forward 2-D transform (median of 9): Walsh-Hadamard {walsh_ms:.2f} ms, "
+          f"DCT (scipy) {dct_ms:.2f} ms")
 
     rows, reconstructions = [], {}
     for fraction in KEEP:

@@ -102,3 +102,51 @@ def test_a_missing_folder_is_named_not_the_staging_file(tmp_path):
     with pytest.raises(ValueError, match=re.escape(message.replace("out.srt", "model.bin"))):
         write_ctranslate2(target.parent / "model.bin", "S", 1, {"w": torch.ones(1)})
     assert list(tmp_path.iterdir()) == []
+
+
+def _write(path: Path, text: str) -> None:
+    from dreidel.io import write_text_file
+
+    write_text_file(path, text)
+
+
+def test_a_rewritten_file_keeps_its_mode_and_a_link_is_written_through(tmp_path):
+    """The atomic rename put a new file with open()'s mode in place: a 0600 file became 0644, and a symbolic link
+    became a regular file while the file it named stayed old (a user audit)."""
+    private = tmp_path / "private.srt"
+    private.write_text("old")
+    private.chmod(0o600)
+    _write(private, "new")
+    assert private.read_text() == "new" and private.stat().st_mode & 0o777 == 0o600
+    real, link = tmp_path / "real.srt", tmp_path / "link.srt"
+    real.write_text("old")
+    link.symlink_to(real)
+    _write(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    dangling = tmp_path / "dangling.srt"
+    dangling.symlink_to(tmp_path / "made.srt")  # as open(link, "w") does, the file it names is made
+    _write(dangling, "made")
+    assert dangling.is_symlink() and (tmp_path / "made.srt").read_text() == "made"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.srt", "link.srt", "made.srt", "private.srt",
+                                                           "real.srt"]
+
+
+def test_a_fifo_is_refused_not_replaced(tmp_path):
+    fifo = tmp_path / "pipe.srt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        _write(fifo, "x")
+    assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["pipe.srt"]
+
+
+def test_a_replaced_checkpoint_keeps_its_folder_mode_and_a_link_to_one_is_written_through(tmp_path):
+    from dreidel.io.checkpoint import read_checkpoint, write_checkpoint
+
+    tensors = {"w": torch.ones(2)}
+    folder = write_checkpoint(tmp_path / "m", {"format": "dreidel.test"}, tensors)
+    folder.chmod(0o700)
+    write_checkpoint(folder, {"format": "dreidel.test", "v": 2}, tensors)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    (tmp_path / "latest").symlink_to(folder)
+    write_checkpoint(tmp_path / "latest", {"format": "dreidel.test", "v": 3}, tensors)
+    assert (tmp_path / "latest").is_symlink() and read_checkpoint(folder)[0]["v"] == 3

@@ -2,7 +2,10 @@
 
 Every file dreidel writes is written under a temporary name beside its target and renamed into place.
 ``tempfile.mkstemp`` / ``mkdtemp`` create those names owner-only (0600 / 0700), which the rename would
-carry over to checkpoints, models and logs; these helpers give them the process's usual mode instead.
+carry over to checkpoints, models and logs; these helpers give them the process's usual mode instead, or the
+mode of the file they replace. A symbolic link is written through (the file it names is replaced; the link
+stays), and a target that is not a regular file (a FIFO, a device) is refused: the rename would have put a
+regular file in its place (``/dev/null`` itself, for root).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,10 +50,25 @@ def staging_prefix(target: Path, after_name: str, suffix: str = "") -> str:
 
 
 def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
-    """``(fd, name)`` of a new temporary file beside ``target``, mode ``0666 & ~umask`` (open()'s)."""
+    """``(fd, name)`` of a new temporary file beside ``target``, with the mode of the file at ``target`` where
+    there is one (a 0600 file stays 0600), else ``0666 & ~umask`` (open()'s)."""
     handle, name = tempfile.mkstemp(prefix=staging_prefix(target, ".", suffix), suffix=suffix, dir=target.parent)
-    os.chmod(name, 0o666 & ~_umask())
+    os.chmod(name, kept_mode(target, 0o666 & ~_umask()))
     return handle, name
+
+
+def kept_mode(target: Path, usual: int) -> int:
+    """The permission bits of what is at ``target`` (not following a link), or ``usual`` where nothing is."""
+    try:
+        return stat.S_IMODE(os.lstat(target).st_mode)
+    except FileNotFoundError:
+        return usual
+
+
+def written_path(target: Path) -> Path:
+    """Where a write to ``target`` lands: the file a symbolic link at ``target`` names (links followed to the
+    end; a dangling one names where its file would be), else ``target`` itself."""
+    return Path(os.path.realpath(target)) if os.path.islink(target) else target
 
 
 def check_parents(target: Path) -> None:
@@ -68,10 +87,16 @@ def check_parents(target: Path) -> None:
 
 
 def check_file_target(target: Path) -> None:
-    """``ValueError`` where a file cannot be written at ``target``: a directory is there, or see ``check_parents``
-    (otherwise the error would come late, from the rename of a hidden temporary name)."""
+    """``ValueError`` where a file cannot be written at ``target``: a directory is there, or something that is
+    not a regular file (a FIFO, a device, a socket: the atomic rename would replace it by a file), or see
+    ``check_parents`` (otherwise the error would come late, from the rename of a hidden temporary name). A
+    symbolic link is judged by what it names."""
+    target = written_path(target)
     if target.is_dir():
         raise ValueError(f"{str(target)!r} is a directory; expected the path of a file")
+    if os.path.lexists(target) and not target.is_file():
+        raise ValueError(f"{str(target)!r} is not a regular file (a FIFO, a device or a socket); expected the path of "
+                         "a file, which is written under a temporary name and renamed into place")
     check_parents(target)
 
 
@@ -83,8 +108,9 @@ def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[in
     block owns ``fd`` (wraps it with ``os.fdopen`` or closes it, flushing what it wrote; it may also write the
     file by ``name``). A target no file can be written to (``check_file_target``) or whose folder does not exist
     is refused first, with a ``ValueError`` (a ``PermissionError`` for a folder that may not be written in)
-    naming it rather than the staging name."""
+    naming it rather than the staging name. Through a symbolic link, the file it names is replaced."""
     check_file_target(target)
+    target = written_path(Path(target))
     if not target.parent.is_dir():
         raise ValueError(f"folder {str(target.parent)!r} does not exist, so {str(target)!r} cannot be written")
     handle, name = staging_file(target, suffix)
@@ -106,7 +132,8 @@ def give_usual_file_mode(path: Path) -> None:
 
 
 def staging_dir(target: Path, infix: str = "tmp") -> Path:
-    """A new temporary directory beside ``target``, mode ``0777 & ~umask`` (mkdir()'s)."""
+    """A new temporary directory beside ``target``, with the mode of the directory at ``target`` where there is
+    one, else ``0777 & ~umask`` (mkdir()'s)."""
     path = Path(tempfile.mkdtemp(prefix=staging_prefix(target, f".{infix}-"), dir=target.parent))
-    os.chmod(path, 0o777 & ~_umask())
+    os.chmod(path, kept_mode(target, 0o777 & ~_umask()))
     return path

@@ -1002,6 +1002,30 @@ def test_empty_tensors_return_empty(shape, dim):
         op(x.movedim(dim, -1), True)
 
 
+@pytest.mark.parametrize("dim", [-1, (0, 1)])
+def test_empty_tensors_are_refused_in_place_where_any_in_place_op_is(dim):
+    """An empty leaf that requires grad, and an empty inference tensor outside inference mode, were accepted in
+    place (torch's own in-place ops refuse both; a user audit)."""
+    leaf = torch.zeros(0, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        leaf.mul_(2.0)
+    with pytest.raises(RuntimeError, match="cannot be differentiated: x requires grad"):
+        dr.fwht(leaf, dim, inplace=True)
+    with torch.inference_mode():
+        frozen = torch.zeros(0, 16)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        dr.fwht(frozen, dim, inplace=True)
+
+
+def test_an_overlapping_view_is_checked_under_a_meta_default_device():
+    """The offset table of the overlap check was built on the default device: on meta it had no values."""
+    view = torch.randn(40).as_strided((2, 4), (3, 2))  # strides alone do not settle whether it overlaps
+    expected = dr.fwht(view.clone(), inplace=True)
+    with torch.device("meta"):
+        dr.fwht(view, inplace=True)
+    torch.testing.assert_close(view, expected)
+
+
 def test_an_unsupported_length_is_refused_even_when_there_is_nothing_to_transform():
     # dreidel.fwht checked the length first, but the registered ops returned the empty tensor.
     for transform in (lambda t: dr.fwht(t), lambda t: torch.ops.dreidel.fwht(t, True),

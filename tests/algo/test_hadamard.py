@@ -68,3 +68,11 @@ def test_hadamard_matrix_rejects_bad_length():
 def test_any_integer_type_is_a_length(n):
     assert is_hadamard_length(n)
     assert torch.equal(hadamard_matrix(n), hadamard_matrix(int(n)))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+def test_dtypes_that_cannot_hold_minus_one_are_refused(dtype):
+    """uint8 gave [[1, 1], [1, 255]] and bool all True (a user audit); signed integers keep their -1."""
+    with pytest.raises(TypeError, match=f"dtype must hold -1 .*got {dtype}"):
+        hadamard_matrix(2, dtype)
+    assert hadamard_matrix(2, torch.int8).tolist() == [[1, 1], [1, -1]]

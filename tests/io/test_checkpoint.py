@@ -425,6 +425,9 @@ def test_a_config_the_reader_would_refuse_is_refused_before_writing(tmp_path, te
     (1, TypeError, r"tensors\['bad'\] must be a torch.Tensor, got int"),  # was AttributeError: no 'detach'
     (torch.zeros(2, device="meta"), ValueError, r"tensors\['bad'\] is on the meta device"),
     (torch.eye(2).to_sparse(), ValueError, r"tensors\['bad'\] has layout torch.sparse_coo"),
+    # safetensors raised KeyError: torch.complex128, and torch's "Internal error" for a nested tensor (a user audit)
+    (torch.zeros(2, dtype=torch.complex128), ValueError, r"tensors\['bad'\] is torch.complex128, which safetensors"),
+    (torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]), ValueError, r"tensors\['bad'\] is a nested"),
 ])
 def test_an_entry_that_is_not_a_dense_tensor_is_named_before_writing(tmp_path, tensors, entry, error, message):
     with pytest.raises(error, match=message):

@@ -62,6 +62,30 @@ def test_quantised_weights_are_dequantised(tmp_path, bits):
     assert torch.allclose(model.variables["l/weight"].double(), weight, atol=0.51 * step, rtol=0)
 
 
+@pytest.mark.parametrize("weight_shape, scale_shape", [((3,), (1, 1)), ((), (1,)), ((2, 3), (1,))])
+def test_a_single_scale_keeps_the_weights_shape(tmp_path, weight_shape, scale_shape):
+    """A one-element scale of another rank broadcast the weight to its own rank: (3,) came back (1, 3) (a user
+    audit)."""
+    weight = torch.arange(1, 1 + int(np.prod(weight_shape)), dtype=torch.int8).reshape(weight_shape)
+    path = write_ctranslate2(tmp_path / "q.bin", "S", 1, {"w": weight, "w_scale": torch.full(scale_shape, 2.0)})
+    restored = read_ctranslate2(path).variables["w"]
+    assert restored.shape == weight_shape and torch.equal(restored, weight.float() / 2)
+
+
+def test_big_endian_negated_and_meta_variables(tmp_path):
+    """A big-endian array failed inside torch without the variable's name, a lazily negated tensor inside
+    .numpy(), a meta tensor with NotImplementedError (a user audit)."""
+    values = np.arange(6, dtype=">f4").reshape(2, 3)
+    negated = torch._neg_view(-torch.arange(4.0))  # holds arange(4) with its negation bit set
+    path = write_ctranslate2(tmp_path / "m.bin", "S", 1, {"big": values, "neg": negated})
+    variables = read_ctranslate2(path).variables
+    assert torch.equal(variables["big"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(variables["neg"], torch.arange(4.0))
+    with pytest.raises(ValueError, match="variable 'm' must be a dense tensor with data, got a meta tensor"):
+        write_ctranslate2(tmp_path / "x.bin", "S", 1, {"m": torch.zeros(2, device="meta")})
+    assert not (tmp_path / "x.bin").exists()
+
+
 @pytest.mark.parametrize("scale", [torch.ones(7), torch.ones(3, 3)])
 def test_a_scale_that_fits_no_row_is_a_value_error(tmp_path, scale):
     write_ctranslate2(tmp_path / "model.bin", "Q", 1,

@@ -135,9 +135,9 @@ def _overlaps_itself(x: torch.Tensor) -> bool:
     settled = _overlap_from_strides(x)
     if settled is not None:
         return settled
-    offsets = torch.zeros((), dtype=torch.long)
+    offsets = torch.zeros((), dtype=torch.long, device="cpu")  # not on a default device set to meta (no values)
     for size, stride in zip(x.shape, x.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, device="cpu") * stride
     return offsets.unique().numel() != x.numel()
 
 
@@ -805,6 +805,8 @@ def fwht(
     dim = _as_dim(dim, "an int or a tuple of ints")
     n = _check_input(x, dim)
     if x.numel() == 0 or n == 0:
+        if inplace:  # refused as a non-empty tensor would be (a leaf that requires grad, an inference tensor)
+            _check_inplace_target(x)
         return x if inplace else x.clone()
     if x.dim() == 0:  # a vector of length 1
         out = fwht(x.unsqueeze(0), -1, normalized, inplace)

@@ -177,6 +177,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         raise TypeError(f"n must be an int, got {type(n).__name__} {n!r:.40}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {type(dtype).__name__} {dtype!r:.40}")
+    if dtype == torch.bool or (not dtype.is_floating_point and not dtype.is_complex and torch.iinfo(dtype).min == 0):
+        raise TypeError(f"dtype must hold -1 (a floating, complex or signed integer dtype), got {dtype}")
     factor = hadamard_factor(n)
     if factor is None:
         raise ValueError(f"n={n} is not a supported Hadamard length (m * 2^k, m in {HADAMARD_FACTORS})")

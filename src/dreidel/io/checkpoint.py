@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreidel._files import check_parents, give_usual_file_mode, staging_dir, staging_prefix
+from dreidel._files import check_parents, give_usual_file_mode, staging_dir, staging_prefix, written_path
 
 __all__ = [
     "CONFIG_FILE",
@@ -78,6 +78,8 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         Each before anything is written.
     """
     target = Path(path)
+    if target.is_symlink() and target.exists():  # through a link, the checkpoint it names is replaced (one to
+        target = written_path(target)  # nothing is refused below, as mkdir() refuses it)
     check_checkpoint_target(target)
     for name, value in (("config", config), ("tensors", tensors)):
         if not isinstance(value, Mapping):
@@ -104,6 +106,13 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     return target
 
 
+# What safetensors (0.4 and later) stores: complex128 and complex32 are not among them.
+_SAVED_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                           torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+                           *(getattr(torch, name) for name in ("uint16", "uint32", "uint64", "float8_e4m3fn",
+                                                               "float8_e5m2") if hasattr(torch, name))})
+
+
 def _check_saved_tensor(name: object, tensor: object) -> None:
     """``TypeError`` / ``ValueError`` naming the entry unless ``tensor`` is a dense tensor with data, ``name`` a
     string: what safetensors can write."""
@@ -113,9 +122,15 @@ def _check_saved_tensor(name: object, tensor: object) -> None:
         raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_meta:
         raise ValueError(f"tensors[{name!r}] is on the meta device: it has no data to save")
+    if tensor.is_nested:
+        raise ValueError(f"tensors[{name!r}] is a nested tensor; a checkpoint holds dense tensors (save its "
+                         "tensors apart, or tensor.to_padded_tensor(0.0))")
     if tensor.layout != torch.strided:
         raise ValueError(f"tensors[{name!r}] has layout {tensor.layout}; a checkpoint holds dense tensors "
                          f"(save tensor.to_dense())")
+    if tensor.dtype not in _SAVED_DTYPES:
+        raise ValueError(f"tensors[{name!r}] is {tensor.dtype}, which safetensors cannot store (it stores "
+                         "floating, integer and bool tensors, and complex64); convert it (torch.view_as_real)")
 
 
 @dataclass(frozen=True)
@@ -354,6 +369,8 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
     if unexpected:
         raise ValueError(f"{source} has tensor {unexpected[0]!r} that the model does not have (unexpected: {unexpected})")
     for key, reference in expected.items():
+        if not isinstance(tensors[key], torch.Tensor):
+            raise TypeError(f"{source} entry {key!r} must be a torch.Tensor, got {type(tensors[key]).__name__}")
         if tuple(tensors[key].shape) != tuple(reference.shape):
             raise ValueError(
                 f"{source} tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {tuple(reference.shape)}"

@@ -240,7 +240,9 @@ def _dequantise(raw: dict[str, torch.Tensor], raw_dtypes: dict[str, str], dtype:
             if scale.numel() != 1 and not (tensor.dim() >= 1 and scale.shape == tensor.shape[:1]):
                 raise ValueError(f"{source}: {scale_name!r} has shape {tuple(scale.shape)}, but {name!r} of shape "
                                  f"{tuple(tensor.shape)} takes one scale, or one per row")
-            if tensor.dim() >= 1 and scale.dim() == 1:
+            if scale.numel() == 1:
+                scale = scale.reshape(())  # one scale for the whole tensor: it must not reshape the weight
+            elif scale.dim() == 1:
                 scale = scale.reshape(-1, *([1] * (tensor.dim() - 1)))  # one scale per output row
             out[name] = (tensor.to(torch.float32) / scale).to(dtype)
             consumed_scales.add(scale_name)
@@ -365,9 +367,14 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
               struct.pack("<I", len(variables))]
     for name in sorted(variables):
         value = variables[name]
-        tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+        if isinstance(value, np.ndarray):  # in the machine's byte order first: torch takes no other
+            value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"variable {name!r} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+        if tensor.is_meta or tensor.layout != torch.strided or tensor.is_nested:
+            raise ValueError(f"variable {name!r} must be a dense tensor with data, got "
+                             f"{'a meta tensor' if tensor.is_meta else 'a nested tensor' if tensor.is_nested else tensor.layout}")
         if tensor.dtype not in _TORCH_TO_CT2:
             raise ValueError(f"variable {name!r} has dtype {tensor.dtype}; supported: "
                              f"{', '.join(str(d) for d in _TORCH_TO_CT2)}")
@@ -376,7 +383,7 @@ def write_ctranslate2(path, spec: str, revision: int, variables: Mapping[str, to
         if any(size >= 2**32 for size in tensor.shape) or tensor.nbytes >= 2**32:  # the format's 32-bit fields
             raise ValueError(f"variable {name!r} of shape {tuple(tensor.shape)} ({tensor.nbytes} bytes) does not fit "
                              "the CTranslate2 format: each dimension and the byte count must be below 2**32")
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().resolve_neg().resolve_conj().contiguous()
         dtype_id = _DTYPE_IDS[_TORCH_TO_CT2[tensor.dtype]]
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.view(torch.int16)  # numpy has no bfloat16; the bytes are what matter

@@ -628,7 +628,8 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
                 else:
                     p.context = []
             decoded += len(batch)
-            logger.info("decoded %d windows: %.2f s so far", decoded, time.perf_counter() - start)
+            logger.info("decoded %d %s: %.2f s so far", decoded, "window" if decoded == 1 else "windows",
+                        time.perf_counter() - start)
         pending = [p for p in pending if p.next_window() is not None]
 
 
