@@ -18,8 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["check_parents", "check_file_target", "give_usual_file_mode", "replaced_atomically", "staging_dir",
-           "staging_file", "staging_prefix"]
+__all__ = ["check_parents", "check_file_target", "give_usual_file_mode", "keep_mode_of", "replaced_atomically",
+           "staging_dir", "staging_file", "staging_prefix", "written_path"]
 
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 _RANDOM_PART = 8  # the characters tempfile adds between prefix and suffix
@@ -50,19 +50,20 @@ def staging_prefix(target: Path, after_name: str, suffix: str = "") -> str:
 
 
 def staging_file(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
-    """``(fd, name)`` of a new temporary file beside ``target``, with the mode of the file at ``target`` where
-    there is one (a 0600 file stays 0600), else ``0666 & ~umask`` (open()'s)."""
+    """``(fd, name)`` of a new temporary file beside ``target``, mode ``0666 & ~umask`` (open()'s)."""
     handle, name = tempfile.mkstemp(prefix=staging_prefix(target, ".", suffix), suffix=suffix, dir=target.parent)
-    os.chmod(name, kept_mode(target, 0o666 & ~_umask()))
+    os.chmod(name, 0o666 & ~_umask())
     return handle, name
 
 
-def kept_mode(target: Path, usual: int) -> int:
-    """The permission bits of what is at ``target`` (not following a link), or ``usual`` where nothing is."""
+def keep_mode_of(target: Path, staged: str | os.PathLike) -> None:
+    """Give ``staged``, written and about to be renamed onto ``target``, the permission bits of what is at
+    ``target`` (a 0600 file stays 0600), where something is; set only now, so that a read-only target's mode
+    does not stop the staging copy being written. Setuid, setgid and sticky bits are not carried over."""
     try:
-        return stat.S_IMODE(os.lstat(target).st_mode)
+        os.chmod(staged, stat.S_IMODE(os.lstat(target).st_mode) & 0o777)
     except FileNotFoundError:
-        return usual
+        pass
 
 
 def written_path(target: Path) -> Path:
@@ -118,6 +119,7 @@ def replaced_atomically(target: Path, suffix: str = ".tmp") -> Iterator[tuple[in
     try:
         yield handle, name
         os.fsync(sync_handle)  # else a crash soon after the rename can leave an empty or partial target
+        keep_mode_of(target, name)
         os.replace(name, target)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -132,8 +134,7 @@ def give_usual_file_mode(path: Path) -> None:
 
 
 def staging_dir(target: Path, infix: str = "tmp") -> Path:
-    """A new temporary directory beside ``target``, with the mode of the directory at ``target`` where there is
-    one, else ``0777 & ~umask`` (mkdir()'s)."""
+    """A new temporary directory beside ``target``, mode ``0777 & ~umask`` (mkdir()'s)."""
     path = Path(tempfile.mkdtemp(prefix=staging_prefix(target, f".{infix}-"), dir=target.parent))
-    os.chmod(path, kept_mode(target, 0o777 & ~_umask()))
+    os.chmod(path, 0o777 & ~_umask())
     return path

@@ -58,3 +58,4 @@ def test_a_file_name_that_is_not_utf8_is_printed_and_its_outputs_written(tmp_pat
     printed = stdout.buffer.getvalue()
     assert os.fsencode(str(path)) + b": " in printed
     assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.txt")).exists()
+    assert stdout.errors == "strict"  # put back: main may run in a process that goes on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 from dataclasses import dataclass
 from collections.abc import Sized
@@ -23,10 +24,10 @@ def as_tensor(value, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        # A read-only array (np.load(mmap_mode="r"), a broadcast view) is copied: torch.from_numpy would share
-        # memory it may not write, and warn on every call.
-        array = np.ascontiguousarray(value) if value.flags.writeable else np.array(value, order="C")
-        tensor = torch.from_numpy(array)
+        with warnings.catch_warnings():  # a read-only array (np.load(mmap_mode="r")) is shared, not copied: fit,
+            # evaluate and predict only read it, so torch's warning that it may not be written does not apply
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
         if tensor.is_floating_point():
             return tensor
         return tensor.long() if tensor.dtype != torch.bool else tensor
@@ -132,7 +133,7 @@ class BatchSource:
             yield self._cast(self.x[index]), (None if self.y is None else self.y[index])
 
 
-def positive_int(value, name: str, minimum: int = 1) -> int:
+def int_at_least(value, name: str, minimum: int = 1) -> int:
     """``value`` as an int if it is an integer of any integral type (a NumPy integer too) of at least ``minimum``
     (positive by default), else ``ValueError`` naming ``name`` (a bool is refused)."""
     try:
@@ -152,7 +153,7 @@ def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | 
     moved to ``device``, floating ones cast to ``dtype``; ``no_single_last`` as in ``BatchSource``). ``names``:
     what errors call ``x`` and ``y`` (``("validation_data[0]", "validation_data[1]")``)."""
     x_name, y_name = names
-    batch_size = positive_int(batch_size, "batch_size")
+    batch_size = int_at_least(batch_size, "batch_size")
     if isinstance(x, DataLoader):
         if y is not None:
             raise ValueError(f"{y_name} must be None when {x_name} is a DataLoader (the loader yields (x, y) pairs)")

@@ -52,6 +52,19 @@ class RunningMeans:
         return {prefix + name: self.totals[name] / self.samples for name in self.names}
 
 
+def _forward(model: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """``model(x)`` in training, torch's refusal to normalise one value per channel (BatchNorm on a batch of one
+    sample, without spatial positions) named with the batch and what to change."""
+    try:
+        return model(x)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        raise ValueError(f"x: {where} holds {x.shape[0]} sample(s), too few for the model's BatchNorm to normalise in "
+                         "training (it needs more than one value per channel): give a DataLoader drop_last=True, or "
+                         f"a batch_size that leaves no batch of one ({error})") from error
+
+
 def _checked_loss(loss: torch.Tensor, where: str) -> torch.Tensor:
     """The loss function's value, which must be a scalar tensor (``ValueError`` naming ``where`` otherwise)."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -93,7 +106,7 @@ def train_epoch(
             where = f"epoch {epoch + 1}, batch {batch_index + 1}"
             check_input(x, where)
             optimizer.zero_grad()
-            output = model(x)
+            output = _forward(model, x, where)
             y = targets_like(y, output)
             check_targets(loss_fn, output, y, where)
             loss = _checked_loss(loss_fn(output, y), where)

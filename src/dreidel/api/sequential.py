@@ -15,7 +15,6 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dreidel.api import _training
 from dreidel.api._training import progress_enabled
-from dreidel.api._batches import BatchSource, check_targets, make_source, positive_int, targets_like
+from dreidel.api._batches import BatchSource, check_targets, int_at_least, make_source, targets_like
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
 from dreidel.api import _loading
@@ -64,7 +63,30 @@ class _Compiled:
     loss: object
     metrics: list
     optimizer: torch.optim.Optimizer | None = None
-    built_over: frozenset = frozenset()
+    built_over: frozenset | None = frozenset()  # None: not known (a copy), taken at the next fit
+
+    def __deepcopy__(self, memo: dict) -> "_Compiled":
+        """A copied model's choice: the optimizer is copied with it (over the copy's parameters, which ``memo``
+        maps), except a curvature optimizer (its hooks stay on the original model), which the copy builds
+        afresh at its next ``fit``; an optimizer instance given to ``compile`` stays with the original."""
+        spec = None if isinstance(self.optimizer_spec, torch.optim.Optimizer) else self.optimizer_spec
+        copied = _Compiled(copy.deepcopy(spec, memo), copy.deepcopy(self.optimizer_kwargs, memo),
+                           copy.deepcopy(self.loss, memo), copy.deepcopy(self.metrics, memo))
+        if spec is not None and not isinstance(self.optimizer, CurvatureOptimizer):
+            copied.optimizer, copied.built_over = copy.deepcopy(self.optimizer, memo), None
+        return copied
+
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save`` of the model) as it is copied: the optimizer, but not a curvature one or an
+        instance given to ``compile``."""
+        state = dict(self.__dict__)
+        if isinstance(self.optimizer_spec, torch.optim.Optimizer):
+            state.update(optimizer_spec=None, optimizer=None, built_over=frozenset())
+        elif isinstance(self.optimizer, CurvatureOptimizer):
+            state.update(optimizer=None, built_over=frozenset())
+        else:
+            state["built_over"] = None
+        return state
 
 
 class Sequential(nn.Sequential):
@@ -207,21 +229,18 @@ class Sequential(nn.Sequential):
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected samples of shape {self.input_shape} (the shape the model was built for), "
                              f"got {tuple(x.shape[1:])} in {where}")
-        elif self.input_dtype is not None and x.dtype != self.input_dtype:
+        elif self.input_dtype is not None and x.dtype != self.input_dtype and not {x.dtype, self.input_dtype} <= {
+                torch.int32, torch.int64}:  # an embedding takes either
             raise TypeError(f"x: the model takes {self.input_dtype} indices (the dtype it was built for), got "
                             f"{x.dtype} in {where}: convert them (x.to({self.input_dtype}))")
         if self.input_dtype is not None:
             _check_indices(self, x, where)
 
     def _check_training_batch(self, x: torch.Tensor, where: str) -> None:
-        """``_check_input``, and what training on ``x`` needs besides: finite values (a NaN would reach
-        BatchNorm's running statistics before the loss shows it) and, with BatchNorm, two samples or more."""
+        """``_check_input``, and finite values besides (a NaN would reach BatchNorm's running statistics before
+        the loss shows it)."""
         self._check_input(x, where)
         _check_finite(x, "x", where)
-        if x.shape[0] < 2 and _has_batch_norm(self):
-            raise ValueError(f"x: {where} holds one sample, and the model's BatchNorm layers cannot train on one "
-                             "(their batch statistics need two or more): give the DataLoader drop_last=True or a "
-                             "batch_size that leaves no batch of one")
 
     # -------------------------------------------------------------------------------- compiling
     def compile(self, optimizer="adam", loss="cross_entropy", metrics=(), **optimizer_kwargs) -> "Sequential":
@@ -276,9 +295,14 @@ class Sequential(nn.Sequential):
         parameters have changed since (layers added with ``append``, ``insert``, ``extend`` or replaced by
         index, which ``add`` alone used to catch); an instance given to ``compile`` is checked instead."""
         compiled = self._compiled
+        if compiled.optimizer_spec is None:
+            raise RuntimeError("this model is a copy of one compiled with an optimizer instance, which stays with the "
+                               "original's parameters: call compile(...) on the copy before fit()")
         if isinstance(compiled.optimizer_spec, torch.optim.Optimizer):
             self._check_optimizer_instance(compiled.optimizer, "fit")
             return compiled.optimizer
+        if compiled.optimizer is not None and compiled.built_over is None:  # a copy's: over the copy's parameters
+            compiled.built_over = _parameter_ids(self)
         if compiled.optimizer is not None and compiled.built_over != _parameter_ids(self):
             _release(compiled.optimizer)
             compiled.optimizer = None
@@ -327,7 +351,7 @@ class Sequential(nn.Sequential):
         Training checks its data first: in-memory ``x`` must be finite (every batch of a DataLoader is checked
         before it reaches the model: a NaN would corrupt BatchNorm's running statistics before the loss showed
         it), and where the model has BatchNorm, a last in-memory batch of one sample joins the batch before it
-        (a DataLoader's batch of one is refused: give it ``drop_last=True``).
+        (torch's refusal to normalise a DataLoader's batch of one names the batch: give it ``drop_last=True``).
 
         Dtypes: floating-point ``x`` (tensor or numpy array, in memory or from a DataLoader) is cast to the
         model's dtype (that of its parameters), so a float64 array and a float64 tensor train a float32 model
@@ -338,15 +362,15 @@ class Sequential(nn.Sequential):
             the ``History`` (also kept as ``model.history``).
         """
         compiled = self._require_compiled("fit")
-        epochs = positive_int(epochs, "epochs")
-        initial_epoch = positive_int(initial_epoch, "initial_epoch", minimum=0)
+        epochs = int_at_least(epochs, "epochs")
+        initial_epoch = int_at_least(initial_epoch, "initial_epoch", minimum=0)
         if initial_epoch >= epochs:
             raise ValueError(f"initial_epoch must be below epochs (the index of the last epoch plus one, as Keras's), "
                              f"got initial_epoch={initial_epoch}, epochs={epochs}")
-        if isinstance(verbose, bool) or not isinstance(verbose, numbers.Integral):
+        if not isinstance(verbose, numbers.Integral):  # a bool too, as Keras takes it
             raise TypeError(f"verbose must be an int (0: silent, 1: progress bars), got {verbose!r}")
-        if seed is not None:
-            seed = positive_int(seed, "seed", minimum=0)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if seed is not None and generator is not None:
@@ -381,11 +405,6 @@ class Sequential(nn.Sequential):
                 if train.x is not None:
                     _check_finite(train.x, "x", "the training samples")
                     checked._check_targets_up_front(train, compiled.loss, "y", compiled.metrics)
-                    if train.x.shape[0] < 2 and _has_batch_norm(checked):
-                        raise ValueError("x: one sample, and the model's BatchNorm layers cannot train on one "
-                                         "(their batch statistics need two or more)")
-                else:
-                    _check_loader_batches(checked, train.loader)
                 if validation is not None and validation.x is not None:
                     checked._check_targets_up_front(validation, compiled.loss, "validation_data")
         except Exception:  # whatever refused the data (an IndexError from an embedding, a metric's error)
@@ -608,22 +627,28 @@ def _parameter_ids(model: nn.Module) -> frozenset:
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` normalises by batch statistics in training (then it cannot train on one sample)."""
+    """Whether ``model`` normalises by batch statistics in training (a ``BatchNorm1d`` over features cannot
+    train on one sample)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+_FINITE_CHECK_VALUES = 1 << 22  # values per chunk of _check_finite (a 4 M-value mask at a time, 4 MB)
 
 
 def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
     """``ValueError`` naming ``name`` and ``where`` if floating ``x`` holds a NaN or an infinity (samples
     ``(N, ...)``: the first bad one is named)."""
-    if not x.is_floating_point() or x.is_meta:  # meta tensors have no values to check
+    if not x.is_floating_point() or x.is_meta or x.numel() == 0:  # meta tensors have no values to check
         return
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return
-    bad = (~finite).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
-    raise ValueError(f"{name}: {where} hold NaN or infinite values ({bad.numel()} of {x.shape[0]} samples, the first "
-                     f"at index {int(bad[0])}); training on them would corrupt the model (BatchNorm statistics, "
-                     "weights): drop or clean those samples")
+    rows = max(1, _FINITE_CHECK_VALUES // max(1, x[0].numel()))  # in chunks: x may be a memory-mapped file
+    bad: list[int] = []
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start:start + rows]
+        bad += ((~torch.isfinite(chunk)).reshape(chunk.shape[0], -1).any(dim=1).nonzero().flatten() + start).tolist()
+    if bad:
+        raise ValueError(f"{name}: {where} hold NaN or infinite values ({len(bad)} of {x.shape[0]} samples, the first "
+                         f"at index {bad[0]}); training on them would corrupt the model (BatchNorm statistics, "
+                         "weights): drop or clean those samples")
 
 
 def _check_indices(model: nn.Module, x: torch.Tensor, where: str) -> None:
@@ -636,20 +661,6 @@ def _check_indices(model: nn.Module, x: torch.Tensor, where: str) -> None:
         raise ValueError(f"x: indices must lie in [0, {first.num_embeddings - 1}] (the first layer, "
                          f"{type(first).__name__}, has {first.num_embeddings} rows), got indices from {low} to {high} "
                          f"in {where}")
-
-
-def _check_loader_batches(model: nn.Module, loader: DataLoader) -> None:
-    """Before training on a DataLoader, refuse one whose last batch would hold a single sample where the model
-    has BatchNorm (known for a sized dataset batched by the loader's own sampler)."""
-    dataset = loader.dataset
-    if not _has_batch_norm(model) or loader.batch_size is None or loader.drop_last:
-        return
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not isinstance(dataset, Sized):
-        return
-    if len(dataset) % loader.batch_size == 1:
-        raise ValueError(f"x: the DataLoader's last batch holds one sample ({len(dataset)} samples in batches of "
-                         f"{loader.batch_size}), and the model's BatchNorm layers cannot train on one: give it "
-                         "drop_last=True or another batch_size")
 
 
 def _release(optimizer: torch.optim.Optimizer | None) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Callable
 
 from dreidel import __version__
 from dreidel.cli import demo, info, transcribe
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.error("the following arguments are required: COMMAND")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    _tolerate_undecodable_names()
+    restore = _tolerate_undecodable_names()
     try:
         with warnings.catch_warnings():  # a warning is one line naming the command, not a library source line
             warnings.showwarning = _one_line_warning(args.command)
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
         print(f"\ndreidel {args.command}: interrupted", file=sys.stderr)
         return 128 + 2
+    finally:
+        restore()
     return status
 
 
@@ -66,14 +69,23 @@ def _one_line_warning(command: str):
     return show
 
 
-def _tolerate_undecodable_names() -> None:
+def _tolerate_undecodable_names() -> Callable[[], None]:
     """File names need not be valid in the locale's encoding: Python holds their odd bytes as lone surrogates,
     which printing refused (`dreidel transcribe` decoded every file, then failed at the first such name before
-    writing its outputs). A UTF-8 stream writes them back as the bytes they were; another escapes them."""
+    writing its outputs). A UTF-8 stream writes them back as the bytes they were; another escapes them. Returns
+    what puts the streams back (``main`` may run in a process that goes on)."""
+    before = []
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
+            before.append((stream, stream.errors))
             utf8 = codecs.lookup(stream.encoding).name == "utf-8"
             stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+
+    def restore() -> None:
+        for stream, errors in before:
+            if not stream.closed:
+                stream.reconfigure(errors=errors)
+    return restore
 
 
 def _discard_stdout() -> None:

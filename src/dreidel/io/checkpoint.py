@@ -31,10 +31,12 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+import safetensors.torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreidel._files import check_parents, give_usual_file_mode, staging_dir, staging_prefix, written_path
+from dreidel._files import (check_parents, give_usual_file_mode, keep_mode_of, staging_dir, staging_prefix,
+                            written_path)
 
 __all__ = [
     "CONFIG_FILE",
@@ -99,6 +101,7 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
         save_file(plain, str(staging / TENSORS_FILE))
         give_usual_file_mode(staging / TENSORS_FILE)
         _fsync_file(staging / TENSORS_FILE)
+        keep_mode_of(target, staging)  # a replaced checkpoint's folder keeps its mode
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -106,11 +109,11 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     return target
 
 
-# What safetensors (0.4 and later) stores: complex128 and complex32 are not among them.
-_SAVED_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                           torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
-                           *(getattr(torch, name) for name in ("uint16", "uint32", "uint64", "float8_e4m3fn",
-                                                               "float8_e5m2") if hasattr(torch, name))})
+# What the installed safetensors stores (its table of dtypes; complex128 and complex32 are not among them), or
+# where it keeps no such table, the dtypes every version since 0.4 stores.
+_SAVED_DTYPES = frozenset(getattr(safetensors.torch, "_TYPES", {}).values()) or frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+     torch.uint8, torch.bool})
 
 
 def _check_saved_tensor(name: object, tensor: object) -> None:
@@ -130,7 +133,7 @@ def _check_saved_tensor(name: object, tensor: object) -> None:
                          f"(save tensor.to_dense())")
     if tensor.dtype not in _SAVED_DTYPES:
         raise ValueError(f"tensors[{name!r}] is {tensor.dtype}, which safetensors cannot store (it stores "
-                         "floating, integer and bool tensors, and complex64); convert it (torch.view_as_real)")
+                         f"{', '.join(sorted(str(d).removeprefix('torch.') for d in _SAVED_DTYPES))}); convert it")
 
 
 @dataclass(frozen=True)

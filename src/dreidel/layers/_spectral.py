@@ -250,8 +250,9 @@ def _check_permutation(perm: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"permutation: values must lie in [0, {shape[-1]}) (a permutation of each block's "
                          f"transform), got values from {int(perm.min())} to {int(perm.max())}")
     if perm.numel() and not perm.is_meta:  # a repeated index (the native kernels refuse one; the torch path did not)
-        identity = torch.arange(shape[-1], device=perm.device).expand(shape)
-        if not torch.equal(perm.long().sort(dim=-1).values, identity):
+        hits = torch.zeros(shape, dtype=torch.int32, device=perm.device)  # O(n): how often each index appears
+        hits.scatter_add_(-1, perm.long(), torch.ones_like(hits))
+        if not bool((hits == 1).all()):
             raise ValueError("permutation: each (stage, block) row must be a permutation of "
                              f"0..{shape[-1] - 1}; some row repeats an index")
 

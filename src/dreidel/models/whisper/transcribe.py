@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import itertools
 import numbers
 import os
 import time
@@ -363,23 +364,34 @@ class _EachSample(nn.Module):
 # Padded to 30 s on its own, a few tenths of a second of audio at the end of an input come out as text that is not
 # there (tiny.en on 10 ms to 500 ms tails of a 30 s sentence: "you", "Thank you.", "All right.", "Sorry."). Without
 # timestamps, a last window shorter than SHORT_TAIL_SECONDS after others shares the audio of the one before it
-# (_windows); with them, what is left after the last window's text, if shorter than LEFTOVER_SECONDS, is not
-# decoded (_Progress.next_window): leftovers of 0.03 to 0.32 s gave such text there, of 0.64 s and more the
-# sentence's real last words.
+# (_windows); with them, what is left after the last window's text, if shorter than LEFTOVER_SECONDS, is decoded
+# in the last 30 s of the input, keeping only the text that starts in it (_Progress.next_window), or not at all
+# where the window before heard it all: leftovers of 0.03 to 0.32 s alone gave such text there, of 0.64 s and
+# more the sentence's real last words.
 SHORT_TAIL_SECONDS = 1.0
 LEFTOVER_SECONDS = 0.5
+# A segment of that last window is kept if it starts at most this long before the leftover (timestamps come in
+# steps of 20 ms, and a word's first sound may be timed a little early).
+LEFTOVER_LEAD_IN = 0.5
+
+
+class _Window(NamedTuple):
+    """A window of an input to decode: its first sample, its audio, and from how many seconds into it its
+    segments are kept (0: all; a leftover's window starts earlier than the leftover, see ``LEFTOVER_SECONDS``)."""
+
+    start: int
+    audio: torch.Tensor
+    keep_from: float
 
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
-    """Consecutive 30 s windows; where the last would be shorter than ``SHORT_TAIL_SECONDS``, the last two are
-    two equal halves of their audio instead. An input shorter than one mel frame (10 ms) gives none: it holds no
-    frame of audio, and tiny.en transcribes the silence it is padded with as "you". openai-whisper and
+    """Consecutive 30 s windows, leaving out one shorter than one mel frame (10 ms: the last, or all of too short
+    an input; it holds no frame of audio, and tiny.en transcribes the silence it is padded with as "you"); where
+    the last would be shorter than ``SHORT_TAIL_SECONDS``, the last two are two equal halves of their audio. openai-whisper and
     faster-whisper likewise decode only the whole frames, ``samples // HOP_LENGTH``."""
     from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
-    if audio.numel() < HOP_LENGTH:
-        return []
-    windows = list(audio.split(N_SAMPLES))
+    windows = [window for window in audio.split(N_SAMPLES) if window.numel() >= HOP_LENGTH]
     if len(windows) > 1 and windows[-1].numel() < SHORT_TAIL_SECONDS * SAMPLE_RATE:
         windows[-2:] = torch.cat(windows[-2:]).tensor_split(2)
     return windows
@@ -550,7 +562,9 @@ class _Progress:
 
     waveform: torch.Tensor
     context: list[int]
+    timestamps: bool = True  # seeking by the text's timestamps; without, the cuts of _windows
     seek: int = 0  # samples
+    heard_until: int = 0  # the end of the last window decoded, in samples
     tokens: list[list[int]] = dataclasses.field(default_factory=list)
     segments: list[Segment] = dataclasses.field(default_factory=list)
     texts: list[str] = dataclasses.field(default_factory=list)  # each segment's text as decoded, unstripped
@@ -568,15 +582,29 @@ class _Progress:
         Japanese ones take none), as openai-whisper joins them."""
         return "".join(self.texts).strip()
 
-    def next_window(self) -> torch.Tensor | None:
-        """The next 30 s window, or None when less than one mel frame (10 ms) is left (see ``_windows``), or, after
-        a window, less than ``LEFTOVER_SECONDS``."""
+    def next_window(self) -> _Window | None:
+        """The next window, or None when the input is done. Without timestamps, the next cut of ``_windows``.
+        With them, the next 30 s from ``seek``, none where less than one mel frame (10 ms) is left; where less
+        than ``LEFTOVER_SECONDS`` is left and the window before heard part of it, none if it heard all of it (the
+        model wrote nothing more), else the last 30 s of the input, its segments kept from ``seek`` on. (A
+        leftover no window has heard, after a window whose text ran to its end, is decoded as it is: a short
+        word after the 30 s, "Yes.", was lost in the last 30 s, merged into the segment before it.)"""
         from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
+        total = self.waveform.numel()
+        if not self.timestamps:
+            ends = itertools.accumulate(w.numel() for w in _windows(self.waveform))
+            end = next((e for e in ends if e > self.seek), None)
+            return None if end is None else _Window(self.seek, self.waveform[self.seek:end], 0.0)
         window = self.waveform[self.seek:self.seek + N_SAMPLES]
-        if window.numel() < HOP_LENGTH or (self.seek > 0 and window.numel() < LEFTOVER_SECONDS * SAMPLE_RATE):
+        if window.numel() < HOP_LENGTH:
             return None
-        return window
+        if self.seek >= self.heard_until or window.numel() >= LEFTOVER_SECONDS * SAMPLE_RATE:
+            return _Window(self.seek, window, 0.0)  # audio no window has heard yet, or enough of it
+        if self.heard_until >= total:
+            return None
+        start = max(0, total - N_SAMPLES)
+        return _Window(start, self.waveform[start:], (self.seek - start) / SAMPLE_RATE)
 
 
 def _previous_text(recognizer: WhisperRecognizer, context: list[int]) -> list[int]:
@@ -604,17 +632,20 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
             previous = [_previous_text(recognizer, p.context) for p in batch]
-            scored, share = _decode_batch(recognizer, windows, options, previous, rules)
+            scored, share = _decode_batch(recognizer, [w.audio for w in windows], options, previous, rules)
             for p, window, result in zip(batch, windows, scored):
-                offset, seconds = p.seek / SAMPLE_RATE, window.numel() / SAMPLE_RATE
+                offset, seconds = window.start / SAMPLE_RATE, window.audio.numel() / SAMPLE_RATE
                 if timestamps:
                     read = _timed_segments(result.tokens, tokenizer.timestamp_begin, seconds, result.ended)
                 else:
                     read = _WindowText([(0.0, seconds, result.tokens)], seconds, len(result.tokens))
                 for begin, end, text_tokens in read.segments:
-                    p.add_segment(offset + begin, offset + end, tokenizer.decode(text_tokens))
+                    if begin >= window.keep_from - (LEFTOVER_LEAD_IN if window.keep_from else 0.0):
+                        p.add_segment(offset + begin, offset + end, tokenizer.decode(text_tokens))
                 p.tokens.append(result.tokens)
-                p.seek += max(1, round(read.seconds * SAMPLE_RATE))
+                p.heard_until = window.start + window.audio.numel()
+                p.seek = (p.waveform.numel() if window.keep_from
+                          else window.start + max(1, round(read.seconds * SAMPLE_RATE)))
                 p.seconds_compute += share
                 # openai-whisper's rule: the text goes on as the next window's prompt, unless it was decoded at
                 # a high temperature; here, unless it fails the fallback's tests (unsure, or a repetition loop
@@ -811,7 +842,7 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     if sample_rate is not None and (not isinstance(sample_rate, numbers.Integral) or isinstance(sample_rate, bool)):
         raise TypeError(f"sample_rate must be an int (Hz) or None, got {sample_rate!r}")
     progress = [_Progress(load_audio(item, None if isinstance(item, (str, os.PathLike)) else sample_rate),
-                          list(prompt)) for item in inputs]
+                          list(prompt), timestamps) for item in inputs]
     rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
     if timestamps or condition_on_previous_text:
         _transcribe_in_order(recognizer, progress, options, batch_size, rules, condition_on_previous_text)
