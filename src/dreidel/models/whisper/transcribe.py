@@ -743,8 +743,9 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     before its log-mel (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe``
     and faster-whisper pad the log-mel instead (clamped against the whole input's maximum), so their text can
     differ by a word. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and it has no
-    windows. After a window, a leftover at the end of the input shorter than ``LEFTOVER_SECONDS`` (0.5 s) is
-    not decoded on its own, and without timestamps a last 30 s cut shorter than ``SHORT_TAIL_SECONDS`` (1 s)
+    windows. A leftover at the end of the input shorter than ``LEFTOVER_SECONDS`` (0.5 s) that the window
+    before heard in part is decoded in the last 30 s of the input, keeping the text that starts in it (see
+    ``_Progress.next_window``), and without timestamps a last 30 s cut shorter than ``SHORT_TAIL_SECONDS`` (1 s)
     shares the audio of the one before it (two equal cuts): padded to 30 s alone, such slivers came out as
     words that are not there ("you", "Thank you for watching!").
 
