@@ -172,6 +172,14 @@ def test_copies_and_pickles_of_a_compiled_model_train_on():
             assert held == {id(p) for p in copied.parameters()}
             if name == "adam":  # its moments came along: one step per batch of both fits
                 assert copied.optimizer.state[copied[0].weight]["step"] == 2 * 2
+    for make_copy in (copy.deepcopy, _pickled):  # a copy whose head is swapped trains the new head
+        model = api.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).compile("adam")
+        model.fit(x, y, verbose=0)
+        tuned = make_copy(model)
+        tuned[2] = nn.Linear(16, 3)
+        head = tuned[2].weight.detach().clone()
+        tuned.fit(x, y, verbose=0)
+        assert not torch.equal(head, tuned[2].weight)
     given = api.Sequential(nn.Linear(8, 3))
     given.compile(torch.optim.SGD(given.parameters(), lr=0.1))
     given.fit(x, y, verbose=0)
@@ -179,6 +187,15 @@ def test_copies_and_pickles_of_a_compiled_model_train_on():
     assert twin.evaluate(x, y)["loss"] == given.evaluate(x, y)["loss"]
     with pytest.raises(RuntimeError, match=r"compile\(...\) on the copy"):
         twin.fit(x, y, verbose=0)
+
+
+def _pickled(model: api.Sequential) -> api.Sequential:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def test_a_fit_refused_by_any_error_leaves_the_input_shape_unset():
@@ -243,10 +260,13 @@ def test_bad_arguments_are_named(call, error, message):
     assert model.input_shape is None
 
 
-def test_verbose_false_and_a_negative_seed_are_taken():
+def test_verbose_false_and_numpy_or_negative_seeds_are_taken():
     x, y = _data()
     model = api.Sequential(nn.Linear(8, 3)).compile()
     model.fit(x, y, verbose=False, seed=-1)
+    model.fit(x, y, verbose=0, seed=np.int64(3))
+    with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+        model.fit(x, y, verbose=0, seed=2**64)
 
 
 def test_none_means_no_metrics_or_callbacks_and_a_non_scalar_loss_is_named():
@@ -258,14 +278,22 @@ def test_none_means_no_metrics_or_callbacks_and_a_non_scalar_loss_is_named():
         elementwise.fit(x, y, verbose=0)
 
 
-def test_read_only_numpy_inputs_train_without_warnings():
+def test_read_only_numpy_inputs_are_shared_but_never_written(tmp_path):
+    """A read-only array (a memory-mapped file) is not copied whole, and no warning comes of it; its batches are
+    copies, so a first layer that works in place writes none of it (sharing the batches crashed on a read-only
+    mapping, a review)."""
     x, y = (t.numpy() for t in _data())
-    x.flags.writeable = False
-    model = api.Sequential(nn.Linear(8, 3)).compile()
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    model = api.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 3)).compile()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.fit(x, y, verbose=0)
-        model.predict(x)
+        for data in (mapped, frozen):
+            model.fit(data, y, shuffle=False, verbose=0)
+            model.predict(data)
+            assert np.array_equal(data, x)
 
 
 # ------------------------------------------------------------------------------------ epochs and logs

@@ -24,8 +24,8 @@ def as_tensor(value, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        with warnings.catch_warnings():  # a read-only array (np.load(mmap_mode="r")) is shared, not copied: fit,
-            # evaluate and predict only read it, so torch's warning that it may not be written does not apply
+        with warnings.catch_warnings():  # a read-only array (np.load(mmap_mode="r")) is shared, not copied whole:
+            # BatchSource copies each batch of it instead (copy_batches), so torch's warning does not apply
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             tensor = torch.from_numpy(np.ascontiguousarray(value))
         if tensor.is_floating_point():
@@ -55,7 +55,8 @@ def split_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 class BatchSource:
     """Where batches come from: in-memory ``x`` ``(N, ...)`` / ``y`` ``(N, ...)``, or a DataLoader of pairs.
 
-    Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set. With
+    Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set, and copied where
+    ``copy_batches`` (``x`` shares a read-only array, which an in-place first layer would write). With
     ``no_single_last``, in-memory samples that would leave a last batch of one sample go with the batch before
     it instead (a model with BatchNorm cannot train on one sample: its batch statistics need two).
     """
@@ -67,11 +68,13 @@ class BatchSource:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     no_single_last: bool = False
+    copy_batches: bool = False
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of inputs on the model's device, floating ones in its dtype."""
+        """A batch of inputs on the model's device, floating ones in its dtype (a copy where ``copy_batches``)."""
         dtype = self.dtype if self.dtype is not None and x.is_floating_point() else x.dtype
-        return x.to(device=self.device if self.device is not None else x.device, dtype=dtype)
+        cast = x.to(device=self.device if self.device is not None else x.device, dtype=dtype)
+        return cast.clone() if self.copy_batches and cast.data_ptr() == x.data_ptr() else cast
 
     @property
     def num_samples(self) -> int | None:
@@ -158,18 +161,21 @@ def make_source(x, y, batch_size: int, need_targets: bool, dtype: torch.dtype | 
         if y is not None:
             raise ValueError(f"{y_name} must be None when {x_name} is a DataLoader (the loader yields (x, y) pairs)")
         return BatchSource(loader=x, dtype=dtype, device=device)
+    read_only = isinstance(x, np.ndarray) and not x.flags.writeable
     x = as_tensor(x, x_name)
     if x.dim() < 2:
         raise ValueError(f"{x_name} must have shape (N, features...), got shape {tuple(x.shape)}")
     if y is None:
         if need_targets:
             raise ValueError(f"{y_name} is required when {x_name} is a tensor or array")
-        return BatchSource(x=x, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last)
+        return BatchSource(x=x, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last,
+                           copy_batches=read_only)
     y = as_tensor(y, y_name)
     if y.dim() == 0 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{x_name} and {y_name} must have the same number of samples, got {x.shape[0]} and "
                          f"{y.shape[0] if y.dim() else 'a scalar'}")
-    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last)
+    return BatchSource(x=x, y=y, batch_size=batch_size, dtype=dtype, device=device, no_single_last=no_single_last,
+                       copy_batches=read_only)
 
 
 def targets_like(target: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | None:

@@ -63,7 +63,7 @@ class _Compiled:
     loss: object
     metrics: list
     optimizer: torch.optim.Optimizer | None = None
-    built_over: frozenset | None = frozenset()  # None: not known (a copy), taken at the next fit
+    built_over: frozenset | None = frozenset()  # None: not known (unpickled), checked at the next fit
 
     def __deepcopy__(self, memo: dict) -> "_Compiled":
         """A copied model's choice: the optimizer is copied with it (over the copy's parameters, which ``memo``
@@ -73,7 +73,10 @@ class _Compiled:
         copied = _Compiled(copy.deepcopy(spec, memo), copy.deepcopy(self.optimizer_kwargs, memo),
                            copy.deepcopy(self.loss, memo), copy.deepcopy(self.metrics, memo))
         if spec is not None and not isinstance(self.optimizer, CurvatureOptimizer):
-            copied.optimizer, copied.built_over = copy.deepcopy(self.optimizer, memo), None
+            copied.optimizer = copy.deepcopy(self.optimizer, memo)
+            # The parameters it was built over, as the copy's (the model's were copied first, into memo)
+            known = self.built_over is not None and all(i in memo for i in self.built_over)
+            copied.built_over = frozenset(id(memo[i]) for i in self.built_over) if known else None
         return copied
 
     def __getstate__(self) -> dict:
@@ -301,8 +304,10 @@ class Sequential(nn.Sequential):
         if isinstance(compiled.optimizer_spec, torch.optim.Optimizer):
             self._check_optimizer_instance(compiled.optimizer, "fit")
             return compiled.optimizer
-        if compiled.optimizer is not None and compiled.built_over is None:  # a copy's: over the copy's parameters
-            compiled.built_over = _parameter_ids(self)
+        if compiled.optimizer is not None and compiled.built_over is None:  # unpickled: what it was built over is
+            # not known; kept if it holds every parameter the model has now (layers may have changed since)
+            held = {id(p) for group in compiled.optimizer.param_groups for p in group["params"]}
+            compiled.built_over = _parameter_ids(self) if _parameter_ids(self) <= held else frozenset()
         if compiled.optimizer is not None and compiled.built_over != _parameter_ids(self):
             _release(compiled.optimizer)
             compiled.optimizer = None
@@ -369,8 +374,12 @@ class Sequential(nn.Sequential):
                              f"got initial_epoch={initial_epoch}, epochs={epochs}")
         if not isinstance(verbose, numbers.Integral):  # a bool too, as Keras takes it
             raise TypeError(f"verbose must be an int (0: silent, 1: progress bars), got {verbose!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise TypeError(f"seed must be an int, got {seed!r}")
+            if not -2**63 <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
+                raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
+            seed = int(seed)  # a NumPy integer too
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if seed is not None and generator is not None:

@@ -362,26 +362,14 @@ class _EachSample(nn.Module):
 
 
 # Padded to 30 s on its own, a few tenths of a second of audio at the end of an input come out as text that is not
-# there (tiny.en on 10 ms to 500 ms tails of a 30 s sentence: "you", "Thank you.", "All right.", "Sorry."). Without
-# timestamps, a last window shorter than SHORT_TAIL_SECONDS after others shares the audio of the one before it
-# (_windows); with them, what is left after the last window's text, if shorter than LEFTOVER_SECONDS, is decoded
-# in the last 30 s of the input, keeping only the text that starts in it (_Progress.next_window), or not at all
-# where the window before heard it all: leftovers of 0.03 to 0.32 s alone gave such text there, of 0.64 s and
-# more the sentence's real last words.
+# there (tiny.en on 10 ms to 500 ms tails of a 30 s sentence: "you", "Thank you.", "All right.", "Sorry."; on the
+# faint noise after a sentence that ended well before 30 s, "you"). Without timestamps, a last window shorter than
+# SHORT_TAIL_SECONDS after others shares the audio of the one before it (_windows); with them, what is left after
+# a window, if shorter than LEFTOVER_SECONDS, is not decoded (_Progress.next_window): leftovers of 0.03 to 0.32 s
+# gave such text, of 0.64 s and more a sentence's real last words. The price: a word shorter than that which
+# starts after the last window's text ("Yes.", 0.4 s, right after 30 s) is lost.
 SHORT_TAIL_SECONDS = 1.0
 LEFTOVER_SECONDS = 0.5
-# A segment of that last window is kept if it starts at most this long before the leftover (timestamps come in
-# steps of 20 ms, and a word's first sound may be timed a little early).
-LEFTOVER_LEAD_IN = 0.5
-
-
-class _Window(NamedTuple):
-    """A window of an input to decode: its first sample, its audio, and from how many seconds into it its
-    segments are kept (0: all; a leftover's window starts earlier than the leftover, see ``LEFTOVER_SECONDS``)."""
-
-    start: int
-    audio: torch.Tensor
-    keep_from: float
 
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
@@ -564,7 +552,6 @@ class _Progress:
     context: list[int]
     timestamps: bool = True  # seeking by the text's timestamps; without, the cuts of _windows
     seek: int = 0  # samples
-    heard_until: int = 0  # the end of the last window decoded, in samples
     tokens: list[list[int]] = dataclasses.field(default_factory=list)
     segments: list[Segment] = dataclasses.field(default_factory=list)
     texts: list[str] = dataclasses.field(default_factory=list)  # each segment's text as decoded, unstripped
@@ -582,29 +569,20 @@ class _Progress:
         Japanese ones take none), as openai-whisper joins them."""
         return "".join(self.texts).strip()
 
-    def next_window(self) -> _Window | None:
-        """The next window, or None when the input is done. Without timestamps, the next cut of ``_windows``.
-        With them, the next 30 s from ``seek``, none where less than one mel frame (10 ms) is left; where less
-        than ``LEFTOVER_SECONDS`` is left and the window before heard part of it, none if it heard all of it (the
-        model wrote nothing more), else the last 30 s of the input, its segments kept from ``seek`` on. (A
-        leftover no window has heard, after a window whose text ran to its end, is decoded as it is: a short
-        word after the 30 s, "Yes.", was lost in the last 30 s, merged into the segment before it.)"""
+    def next_window(self) -> torch.Tensor | None:
+        """The next window, or None when the input is done: without timestamps, the next cut of ``_windows``;
+        with them, the next 30 s from ``seek``, none where less than one mel frame (10 ms) is left, nor, after a
+        window, less than ``LEFTOVER_SECONDS``."""
         from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
-        total = self.waveform.numel()
         if not self.timestamps:
             ends = itertools.accumulate(w.numel() for w in _windows(self.waveform))
             end = next((e for e in ends if e > self.seek), None)
-            return None if end is None else _Window(self.seek, self.waveform[self.seek:end], 0.0)
+            return None if end is None else self.waveform[self.seek:end]
         window = self.waveform[self.seek:self.seek + N_SAMPLES]
-        if window.numel() < HOP_LENGTH:
+        if window.numel() < HOP_LENGTH or (self.seek > 0 and window.numel() < LEFTOVER_SECONDS * SAMPLE_RATE):
             return None
-        if self.seek >= self.heard_until or window.numel() >= LEFTOVER_SECONDS * SAMPLE_RATE:
-            return _Window(self.seek, window, 0.0)  # audio no window has heard yet, or enough of it
-        if self.heard_until >= total:
-            return None
-        start = max(0, total - N_SAMPLES)
-        return _Window(start, self.waveform[start:], (self.seek - start) / SAMPLE_RATE)
+        return window
 
 
 def _previous_text(recognizer: WhisperRecognizer, context: list[int]) -> list[int]:
@@ -632,20 +610,17 @@ def _transcribe_in_order(recognizer: WhisperRecognizer, progress: list[_Progress
             batch = pending[first:first + batch_size]
             windows = [p.next_window() for p in batch]
             previous = [_previous_text(recognizer, p.context) for p in batch]
-            scored, share = _decode_batch(recognizer, [w.audio for w in windows], options, previous, rules)
+            scored, share = _decode_batch(recognizer, windows, options, previous, rules)
             for p, window, result in zip(batch, windows, scored):
-                offset, seconds = window.start / SAMPLE_RATE, window.audio.numel() / SAMPLE_RATE
+                offset, seconds = p.seek / SAMPLE_RATE, window.numel() / SAMPLE_RATE
                 if timestamps:
                     read = _timed_segments(result.tokens, tokenizer.timestamp_begin, seconds, result.ended)
                 else:
                     read = _WindowText([(0.0, seconds, result.tokens)], seconds, len(result.tokens))
                 for begin, end, text_tokens in read.segments:
-                    if begin >= window.keep_from - (LEFTOVER_LEAD_IN if window.keep_from else 0.0):
-                        p.add_segment(offset + begin, offset + end, tokenizer.decode(text_tokens))
+                    p.add_segment(offset + begin, offset + end, tokenizer.decode(text_tokens))
                 p.tokens.append(result.tokens)
-                p.heard_until = window.start + window.audio.numel()
-                p.seek = (p.waveform.numel() if window.keep_from
-                          else window.start + max(1, round(read.seconds * SAMPLE_RATE)))
+                p.seek += max(1, round(read.seconds * SAMPLE_RATE))
                 p.seconds_compute += share
                 # openai-whisper's rule: the text goes on as the next window's prompt, unless it was decoded at
                 # a high temperature; here, unless it fails the fallback's tests (unsure, or a repetition loop
@@ -743,11 +718,10 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
     before its log-mel (as transformers and openai-whisper's ``decode`` do); openai-whisper's ``transcribe``
     and faster-whisper pad the log-mel instead (clamped against the whole input's maximum), so their text can
     differ by a word. Audio shorter than one mel frame (10 ms) is not decoded: its text is "" and it has no
-    windows. A leftover at the end of the input shorter than ``LEFTOVER_SECONDS`` (0.5 s) that the window
-    before heard in part is decoded in the last 30 s of the input, keeping the text that starts in it (see
-    ``_Progress.next_window``), and without timestamps a last 30 s cut shorter than ``SHORT_TAIL_SECONDS`` (1 s)
-    shares the audio of the one before it (two equal cuts): padded to 30 s alone, such slivers came out as
-    words that are not there ("you", "Thank you for watching!").
+    windows. After a window, less than ``LEFTOVER_SECONDS`` (0.5 s) left at the end of the input is not decoded,
+    and without timestamps a last 30 s cut shorter than ``SHORT_TAIL_SECONDS`` (1 s) shares the audio of the one
+    before it (two equal cuts): padded to 30 s alone, such slivers came out as words that are not there ("you",
+    "Thank you for watching!"); a word shorter than 0.5 s that starts after the last window's text is lost.
 
     ``timestamps`` (the default): the model predicts a timestamp at each end of every segment of text (Radford
     et al. 2022, §2.3; §4.5 for long-form transcription), and an input longer than 30 s is transcribed window
