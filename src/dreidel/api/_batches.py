@@ -58,7 +58,7 @@ class BatchSource:
     Floating-point ``x`` batches are yielded cast to ``dtype`` (the model's) when it is set, and copied where
     ``copy_batches`` (``x`` shares a read-only array, which an in-place first layer would write). With
     ``no_single_last``, in-memory samples that would leave a last batch of one sample go with the batch before
-    it instead (a model with BatchNorm cannot train on one sample: its batch statistics need two).
+    it instead (BatchNorm over features cannot train on one sample: its batch statistics need two).
     """
 
     x: torch.Tensor | None = None

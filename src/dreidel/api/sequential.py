@@ -439,9 +439,8 @@ class Sequential(nn.Sequential):
                     logs.update(_training.evaluate_pass(self, validation, compiled.loss, compiled.metrics,
                                                         self._check_input, prefix="val_"))
                     if progress_enabled(verbose):  # the bar showed the training figures; these come after it
-                        tqdm.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
-                            f"{key} {value:.4f}" for key, value in logs.items() if key.startswith("val_")),
-                                   file=sys.stderr)
+                        figures = ", ".join(f"{key} {value:.4f}" for key, value in logs.items() if key.startswith("val_"))
+                        tqdm.write(f"epoch {epoch + 1}/{epochs}: {figures}", file=sys.stderr)
                 logs["lr"] = float(optimizer.param_groups[0]["lr"])  # a one-element tensor lr too
                 history.append(epoch, logs)
                 for callback in callbacks:

@@ -374,9 +374,9 @@ LEFTOVER_SECONDS = 0.5
 
 def _windows(audio: torch.Tensor) -> list[torch.Tensor]:
     """Consecutive 30 s windows, leaving out one shorter than one mel frame (10 ms: the last, or all of too short
-    an input; it holds no frame of audio, and tiny.en transcribes the silence it is padded with as "you"); where
-    the last would be shorter than ``SHORT_TAIL_SECONDS``, the last two are two equal halves of their audio. openai-whisper and
-    faster-whisper likewise decode only the whole frames, ``samples // HOP_LENGTH``."""
+    an input; it holds no frame of audio, and tiny.en transcribes the silence it is padded with as "you";
+    openai-whisper and faster-whisper likewise decode only the whole frames, ``samples // HOP_LENGTH``); where
+    the last would be shorter than ``SHORT_TAIL_SECONDS``, the last two are two equal halves of their audio."""
     from dreidel.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
     windows = [window for window in audio.split(N_SAMPLES) if window.numel() >= HOP_LENGTH]
