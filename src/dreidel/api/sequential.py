@@ -185,7 +185,7 @@ class Sequential(nn.Sequential):
                 raise TypeError(f"x: {dtype} samples of shape {input_shape} do not fit the model's layers: {error} "
                                 "(integer x is taken as indices, for a model whose first layer is an embedding; "
                                 "features must be floating point: x.float())") from error
-            first = next((m for m in self.modules() if not list(m.children())), None)
+            first = _first_layer(self)
             hint = (" (the first layer is an nn.Embedding, which takes integer indices: give an integer dtype, "
                     "e.g. build(input_shape, torch.int64))" if isinstance(first, nn.Embedding) else "")
             raise ValueError(f"x: samples of shape {input_shape} do not fit the model's layers: {error}{hint}"
@@ -659,9 +659,14 @@ def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
                          "weights): drop or clean those samples")
 
 
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    """The first module without children of ``model`` in order: the layer its input reaches first."""
+    return next((m for m in model.modules() if not list(m.children())), None)
+
+
 def _check_indices(model: nn.Module, x: torch.Tensor, where: str) -> None:
     """Integer ``x`` for a model whose first layer is an embedding: every index must name one of its rows."""
-    first = next((m for m in model.modules() if not list(m.children())), None)
+    first = _first_layer(model)
     if not isinstance(first, (nn.Embedding, nn.EmbeddingBag)) or x.numel() == 0 or x.is_meta:
         return
     low, high = int(x.min()), int(x.max())

@@ -525,6 +525,13 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         indices = _indices_from(permutation, self.in_features, self._transform_length)
         return SpectralLayout(*indices, self._transform_length, self._num_blocks, self.out_features)
 
+    def _checked_layout_for_call(self, permutation: torch.Tensor) -> SpectralLayout:
+        """``_layout_derived_from``, ``permutation`` checked first where its values can be read (a plain buffer, also
+        under ``vmap`` or ``grad``; not where ops are traced or rewritten)."""
+        if _checkable(permutation):
+            _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
+        return self._layout_derived_from(permutation)
+
     def layout(self) -> SpectralLayout:
         """The index tensors and sizes that the functional forward/backward need.
 
@@ -554,9 +561,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
             # Derived for this call only for a permutation replaced for a call (functional_call with another
             # layer's state, over vmap too, whose batched wrappers must not outlive it as buffers).
             if permutation is not source.permutation:
-                if _checkable(permutation):  # no data-dependent checks where ops are traced or rewritten
-                    _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
-                return self._layout_derived_from(permutation)
+                return self._checked_layout_for_call(permutation)
             if (restored or source.values is None
                     or (source.version is not None and permutation._version != source.version)
                     or not _same_values(permutation, source.values)):
@@ -565,9 +570,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
                     # another dispatch mode: built there, they would be its wrapped or fake tensors, kept as
                     # buffers past it (the next eager forward read a fake tensor's memory and crashed). Derived
                     # for this call only; the first plain forward rebuilds and keeps them.
-                    if _checkable(permutation):  # a plain buffer met under vmap or grad can still be checked
-                        _check_permutation(permutation, self._expected_shapes(self.in_features)["permutation"])
-                    return self._layout_derived_from(permutation)
+                    return self._checked_layout_for_call(permutation)
                 self._build_indices()
         return SpectralLayout(buffers["_input_gather"], buffers["_scale_gather"], buffers["_flat_perm"],
                               buffers["_flat_inverse"], buffers["_input_scatter"], self._transform_length,
