@@ -248,7 +248,7 @@ def test_load_refuses_an_input_dtype_the_layers_cannot_take(tmp_path):
      r"validation_data\[0\] and validation_data\[1\] must have the same number of samples, got 5 and 4"),
     (lambda m, x, y: m.fit(x, y, epochs=2, initial_epoch=2, verbose=0), ValueError, "initial_epoch must be below"),
     (lambda m, x, y: m.fit(x, y, initial_epoch=-1, verbose=0), ValueError, "initial_epoch must be a non-negative"),
-    (lambda m, x, y: m.summary(input_shape=8), TypeError, "input_shape must be a tuple of ints"),
+    (lambda m, x, y: m.summary(input_shape=8), TypeError, "input_shape must be a tuple \\(or list\\) of ints"),
     (lambda m, x, y: m.build((8, 0)), ValueError, "input_shape must hold positive ints"),
     (lambda m, x, y: m.build((8,), "int64"), TypeError, "dtype: expected a torch.dtype"),
 ])

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -899,6 +900,57 @@ def test_layers_that_share_tensors_are_refused_at_save(tmp_path, make):
     with pytest.raises(ValueError, match="layers '0' and '2' share a parameter or buffer"):
         model.save(tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def _pruned(model: api.Sequential) -> None:
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+
+
+def _weight_normed(model: api.Sequential) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated, still used
+        torch.nn.utils.weight_norm(model[1])
+
+
+def _extra_buffer(model: api.Sequential) -> None:
+    model[0].register_buffer("calibration", torch.zeros(3))
+
+
+def _resized_weight(model: api.Sequential) -> None:
+    model[1].weight = nn.Parameter(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("change, message", [
+    (_pruned, r"layer '1' \(Linear\): its state_dict has \['weight_mask', 'weight_orig'\] and lacks \['weight'\]"),
+    (_weight_normed, r"layer '1' \(Linear\): its state_dict has \['weight_g', 'weight_v'\] and lacks \['weight'\]"),
+    (_extra_buffer, r"layer '0' \(LinearWHT\): its state_dict has \['calibration'\],"),
+    (_resized_weight, r"layer '1' \(Linear\): its tensor 'weight' has shape \(3, 5\), but load\(\) rebuilds it "
+                      r"with \(3, 8\)"),
+], ids=["pruned", "weight-norm-hook", "extra-buffer", "resized"])
+def test_a_layer_whose_tensors_differ_from_its_spec_is_refused_at_save(tmp_path, change, message):
+    """Such a checkpoint used to be written and then refused by load() ("lacks tensor '1.weight'"), perhaps
+    days later; ModelCheckpoint wrote one every epoch. save() now refuses it, without touching torch's random
+    state (it rebuilds each layer on the meta device to compare), and the permanent form saves and loads."""
+    torch.manual_seed(0)
+    model = api.Sequential(LinearWHT(8, 8), nn.Linear(8, 3)).build((8,))
+    change(model)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=message):
+        model.save(tmp_path / "m")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_pruned_layer_saves_once_the_pruning_is_made_permanent(tmp_path):
+    model = api.Sequential(LinearWHT(8, 8), nn.Linear(8, 3)).build((8,))
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    torch.nn.utils.prune.remove(model[1], "weight")
+    state = torch.random.get_rng_state()
+    model.save(tmp_path / "m")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(api.load(tmp_path / "m")(x), model(x), rtol=0, atol=0)
+    assert (api.load(tmp_path / "m")[1].weight == 0).sum() == 12
 
 
 def test_a_layer_without_tensors_used_twice_saves_and_loads(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import numbers
 import operator
 import os
@@ -29,7 +30,7 @@ from dreidel.api._batches import BatchSource, check_targets, int_at_least, make_
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
 from dreidel.api import _loading
-from dreidel.api.layer_specs import construct_layer, layer_spec
+from dreidel.api.layer_specs import check_layer_spec, construct_layer, layer_spec
 from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
@@ -64,6 +65,8 @@ class _Compiled:
     metrics: list
     optimizer: torch.optim.Optimizer | None = None
     built_over: frozenset | None = frozenset()  # None: not known (unpickled), checked at the next fit
+    jit: dict | None = None  # torch.compile's keyword arguments (jit_compile); None: eager
+    runner: nn.Module | None = None  # the model's torch.compile wrapper, made at its first use; never copied
 
     def __deepcopy__(self, memo: dict) -> "_Compiled":
         """A copied model's choice: the optimizer is copied with it (over the copy's parameters, which ``memo``
@@ -71,7 +74,8 @@ class _Compiled:
         afresh at its next ``fit``; an optimizer instance given to ``compile`` stays with the original."""
         spec = None if isinstance(self.optimizer_spec, torch.optim.Optimizer) else self.optimizer_spec
         copied = _Compiled(copy.deepcopy(spec, memo), copy.deepcopy(self.optimizer_kwargs, memo),
-                           copy.deepcopy(self.loss, memo), copy.deepcopy(self.metrics, memo))
+                           copy.deepcopy(self.loss, memo), copy.deepcopy(self.metrics, memo),
+                           jit=copy.deepcopy(self.jit, memo))
         if spec is not None and not isinstance(self.optimizer, CurvatureOptimizer):
             copied.optimizer = copy.deepcopy(self.optimizer, memo)
             # The parameters it was built over, as the copy's (the model's were copied first, into memo)
@@ -82,7 +86,7 @@ class _Compiled:
     def __getstate__(self) -> dict:
         """Pickled (``torch.save`` of the model) as it is copied: the optimizer, but not a curvature one or an
         instance given to ``compile``."""
-        state = dict(self.__dict__)
+        state = dict(self.__dict__, runner=None)
         if isinstance(self.optimizer_spec, torch.optim.Optimizer):
             state.update(optimizer_spec=None, optimizer=None, built_over=frozenset())
         elif isinstance(self.optimizer, CurvatureOptimizer):
@@ -100,8 +104,9 @@ class Sequential(nn.Sequential):
     ``fit`` / ``evaluate`` / ``predict`` / ``build`` (lazy layers such as ``LinearWHT(1024)`` learn their
     input width then), and every later batch must match it.
 
-    Note: ``compile`` here is Keras's (choose optimizer, loss, metrics); for ``torch.compile`` call
-    ``torch.compile(model)``.
+    Note: ``compile`` here is Keras's (choose optimizer, loss, metrics); ``compile(..., jit_compile=True)``
+    runs ``fit`` / ``evaluate`` / ``predict`` through ``torch.compile``. (``torch.compile(model)`` compiles
+    calls of the model, but its ``fit`` is the model's own and trains eagerly.)
     """
 
     def __init__(self, *layers: nn.Module) -> None:
@@ -246,7 +251,8 @@ class Sequential(nn.Sequential):
         _check_finite(x, "x", where)
 
     # -------------------------------------------------------------------------------- compiling
-    def compile(self, optimizer="adam", loss="cross_entropy", metrics=(), **optimizer_kwargs) -> "Sequential":
+    def compile(self, optimizer="adam", loss="cross_entropy", metrics=(), *, jit_compile=False,
+                **optimizer_kwargs) -> "Sequential":
         """Choose how ``fit`` trains.
 
         Args:
@@ -257,8 +263,18 @@ class Sequential(nn.Sequential):
                 (e.g. ``CrossEntropy(label_smoothing=0.1)``) or any callable ``(output, target) -> scalar``.
             metrics: names (``"accuracy"``, ``"top_5"``) or callables ``(output, target) -> float``, logged
                 under distinct names (``metric_name``), none of them ``loss``, ``lr``, ``epoch`` or ``val_*``.
+            jit_compile: run the forward passes of ``fit`` / ``evaluate`` / ``predict`` through ``torch.compile``
+                (Keras's name): ``True`` for its defaults, or a dict of its keyword arguments
+                (``{"mode": "max-autotune"}``). With ``"diagonal_newton"`` or ``"kfac"`` the graph breaks at
+                each layer their hooks record (the steps are the same; ``fullgraph`` refuses them).
             optimizer_kwargs: hyper-parameters of a named optimizer (``lr=...``).
         """
+        given_to_torch = sorted(set(optimizer_kwargs) & set(_TORCH_COMPILE_ARGS))
+        if given_to_torch:
+            raise TypeError(f"compile() chooses the optimizer, loss and metrics (Keras's); torch.compile's "
+                            f"{given_to_torch} go in jit_compile={{...}}, e.g. compile('adam', jit_compile="
+                            f"{{{given_to_torch[0]!r}: ...}})")
+        jit = _jit_arguments(jit_compile)
         metrics = () if metrics is None else metrics
         if isinstance(metrics, str):
             raise TypeError("metrics must be a list of names or callables, e.g. ['accuracy'], not a string")
@@ -272,7 +288,7 @@ class Sequential(nn.Sequential):
             self._check_optimizer_instance(optimizer, "compile")
         resolved = [resolve_metric(m) for m in metrics]
         _check_metric_names(resolved)
-        compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved)
+        compiled = _Compiled(optimizer, dict(optimizer_kwargs), resolve_loss(loss), resolved, jit=jit)
         if self.is_built and len(self):
             compiled.optimizer = build_optimizer(optimizer, self, **optimizer_kwargs)
             compiled.built_over = _parameter_ids(self)
@@ -282,6 +298,16 @@ class Sequential(nn.Sequential):
             _release(self.optimizer)
         self._compiled = compiled
         return self
+
+    def _runner(self) -> nn.Module:
+        """What ``fit`` / ``evaluate`` / ``predict`` call for outputs: the model, or (``jit_compile``) its
+        ``torch.compile`` wrapper, made at the first call and kept with what ``compile`` chose."""
+        compiled = self._compiled
+        if compiled is None or compiled.jit is None:
+            return self
+        if compiled.runner is None:
+            compiled.runner = torch.compile(self, **compiled.jit)
+        return compiled.runner
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -432,11 +458,11 @@ class Sequential(nn.Sequential):
             for epoch in range(initial_epoch, epochs):
                 for callback in callbacks:
                     callback.on_epoch_begin(self, epoch)
-                logs = _training.train_epoch(self, train, optimizer, compiled.loss, compiled.metrics, epoch,
+                logs = _training.train_epoch(self._runner(), train, optimizer, compiled.loss, compiled.metrics, epoch,
                                              self._check_training_batch, shuffle, generator, verbose,
                                              f"epoch {epoch + 1}/{epochs}")
                 if validation is not None:
-                    logs.update(_training.evaluate_pass(self, validation, compiled.loss, compiled.metrics,
+                    logs.update(_training.evaluate_pass(self._runner(), validation, compiled.loss, compiled.metrics,
                                                         self._check_input, prefix="val_"))
                     if progress_enabled(verbose):  # the bar showed the training figures; these come after it
                         figures = ", ".join(f"{key} {value:.4f}" for key, value in logs.items() if key.startswith("val_"))
@@ -508,7 +534,7 @@ class Sequential(nn.Sequential):
         device, dtype = self._device_and_dtype()
         source = make_source(x, y, batch_size, need_targets=True, dtype=dtype, device=device,
                              no_single_last=_has_batch_norm(self))
-        return _training.evaluate_pass(self, source, compiled.loss, compiled.metrics, self._check_input)
+        return _training.evaluate_pass(self._runner(), source, compiled.loss, compiled.metrics, self._check_input)
 
     def predict(self, x, batch_size: int = 256) -> torch.Tensor:
         """Outputs ``(N, *output_shape)`` for ``x`` ``(N, *input_shape)`` (or a DataLoader), in eval mode."""
@@ -518,11 +544,12 @@ class Sequential(nn.Sequential):
         was_training = self.training
         self.eval()
         outputs = []
+        runner = self._runner()
         try:
             with torch.no_grad():
                 for index, (batch, _) in enumerate(source.batches(False, None)):
                     self._check_input(batch, f"prediction batch {index + 1}")
-                    outputs.append(self(batch))
+                    outputs.append(runner(batch))
         finally:
             self.train(was_training)
         if not outputs:
@@ -573,10 +600,14 @@ class Sequential(nn.Sequential):
         if not self.is_built:
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
         _refuse_shared_layers(self)
+        specs = {name: layer_spec(layer) for name, layer in self._modules.items()}
+        with self._random_state_kept():
+            for name, layer in self._modules.items():
+                _refuse_state_beyond_spec(name, layer, specs[name])
         config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                   "input_shape": None if self.input_shape is None else list(self.input_shape),
                   **({} if self.input_dtype is None else {"input_dtype": str(self.input_dtype).removeprefix("torch.")}),
-                  "layers": [{"name": name, **layer_spec(layer)} for name, layer in self._modules.items()]}
+                  "layers": [{"name": name, **spec} for name, spec in specs.items()]}
         frozen = [name for name, p in self.named_parameters() if not p.requires_grad]
         if frozen:
             config["frozen"] = frozen
@@ -595,6 +626,56 @@ def _refuse_shared_layers(model: Sequential) -> None:
                 raise ValueError(f"cannot save a model whose layers {owners[id(tensor)]!r} and {name!r} share a "
                                  "parameter or buffer (weight tying, or one layer object used twice): a checkpoint "
                                  "holds each layer's tensors separately")
+
+
+def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
+    """``load`` rebuilds each layer from its spec and reads exactly the tensors such a layer has: a layer whose
+    ``state_dict`` differs from that (pruned by ``torch.nn.utils.prune``, which keeps ``weight_orig`` and
+    ``weight_mask``; the hook-based ``weight_norm`` / ``spectral_norm``; a buffer registered on it afterwards)
+    would save a checkpoint that cannot load, so ``save`` refuses it, naming the tensors. The layer is rebuilt
+    on the meta device (nothing allocated; the caller keeps torch's random state); one whose constructor needs
+    real tensors is left to ``load``'s own checks."""
+    cls, args = check_layer_spec(spec, f"layer {name!r}")
+    try:
+        with torch.device("meta"):
+            rebuilt = cls(**args)
+    except (RuntimeError, NotImplementedError):
+        return
+    have = {key: tuple(t.shape) for key, t in layer.state_dict().items()}
+    expected = {key: tuple(t.shape) for key, t in rebuilt.state_dict().items()}
+    extra = sorted(set(have) - set(expected))
+    missing = sorted(set(expected) - set(have))
+    if extra or missing:
+        found = " and ".join(part for part in (f"has {extra}" if extra else "", f"lacks {missing}" if missing else "")
+                             if part)
+        raise ValueError(
+            f"cannot save layer {name!r} ({type(layer).__name__}): its state_dict {found}, but load() rebuilds it "
+            f"from its arguments with exactly {sorted(expected)}. Make such a change permanent first (after "
+            "torch.nn.utils.prune: prune.remove(layer, 'weight'); after the hook-based weight_norm / spectral_norm: "
+            "torch.nn.utils.remove_weight_norm / remove_spectral_norm); a buffer registered on a layer after it was built cannot be saved")
+    resized = sorted(key for key in have if have[key] != expected[key])
+    if resized:
+        key = resized[0]
+        raise ValueError(f"cannot save layer {name!r} ({type(layer).__name__}): its tensor {key!r} has shape "
+                         f"{have[key]}, but load() rebuilds it with {expected[key]} from its arguments "
+                         f"{spec['args']}")
+
+
+# torch.compile's keyword arguments: given to compile(...) here, they would be taken for an optimizer's.
+_TORCH_COMPILE_ARGS = tuple(name for name in inspect.signature(torch.compile).parameters if name != "model")
+
+
+def _jit_arguments(jit_compile) -> dict | None:
+    """``compile``'s ``jit_compile`` as torch.compile's keyword arguments (None: eager), or ``TypeError``."""
+    if isinstance(jit_compile, bool):
+        return {} if jit_compile else None
+    if not isinstance(jit_compile, dict):
+        raise TypeError(f"jit_compile must be a bool or a dict of torch.compile's keyword arguments, got "
+                        f"{type(jit_compile).__name__}")
+    unknown = sorted(str(key) for key in jit_compile if key not in _TORCH_COMPILE_ARGS)
+    if unknown:
+        raise TypeError(f"jit_compile: {unknown} are not torch.compile's keyword arguments {list(_TORCH_COMPILE_ARGS)}")
+    return dict(jit_compile)
 
 
 # Log keys fit writes besides the metrics' (and CSVLogger / ModelCheckpoint paths use "epoch").
@@ -618,7 +699,7 @@ def _check_metric_names(metrics: list) -> None:
 def _sample_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints, or ``TypeError`` / ``ValueError`` naming it."""
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (tuple, list, torch.Size)):
-        raise TypeError(f"input_shape must be a tuple of ints, the shape of one sample without the batch dimension "
+        raise TypeError(f"input_shape must be a tuple (or list) of ints, the shape of one sample without the batch dimension "
                         f"(e.g. (784,)), got {input_shape!r}")
     try:
         shape = tuple(None if isinstance(d, bool) else operator.index(d) for d in input_shape)
