@@ -1329,3 +1329,17 @@ def test_length_errors_name_the_function_and_a_remedy_that_applies():
     too_long = torch.zeros(1).expand(28 * 2**30 + 1)  # no supported length above it: padding cannot help
     with pytest.raises(ValueError, match=r"^fwht: .*Nearest supported lengths: 30064771072\. It is longer than"):
         dr.fwht(too_long)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_last_dim_result_that_requires_grad_is_not_a_view(dtype):
+    """It was ``movedim(-1, -1)`` of the result: a view with an extra autograd node, so ``detach_()`` raised
+    "Can't detach views in-place" (a user audit). The gradient is the transform's, as before."""
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    y = dr.fwht(x)
+    assert not y._is_view()
+    grad = torch.randn(4, 8, dtype=dtype)
+    (x_grad,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(x_grad, dr.fwht_reference(grad))
+    y.detach_()
+    assert not y.requires_grad

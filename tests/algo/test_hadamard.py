@@ -51,6 +51,15 @@ def test_nearest_lengths():
     assert nearest_hadamard_lengths(1000) == (896, 1024)  # 896 = 28 * 32
     assert nearest_hadamard_lengths(384) == (384, 384)
     assert nearest_hadamard_lengths(0) == (None, 1)
+    import numpy as np
+    assert nearest_hadamard_lengths(np.int64(100)) == nearest_hadamard_lengths(torch.tensor(100)) == (96, 112)
+
+
+@pytest.mark.parametrize("bad", [10.5, "10", True, torch.tensor(10.0)])
+def test_nearest_lengths_refuse_what_is_not_an_integer(bad):
+    """10.5 gave (8, 12) and "10" a TypeError from comparing an int with a str (a user audit)."""
+    with pytest.raises(TypeError, match="n must be an int"):
+        nearest_hadamard_lengths(bad)
 
 
 def test_hadamard_matrix_rejects_bad_length():

@@ -782,7 +782,15 @@ def fwht(
             memory (an expanded or ``unfold`` view), as torch's in-place ops refuse them; ``out`` where ``x``
             or ``out`` requires grad (in grad mode), or whose elements share memory.
         TypeError, ValueError (``out``): not a tensor, another dtype (TypeError), another shape or device, memory
-            shared with ``x`` other than being ``x``, or given with ``inplace=True`` (ValueError).
+            shared with ``x`` other than being ``x`` where both fill their byte ranges, or given with
+            ``inplace=True`` (ValueError). Where their ranges meet but one has gaps (``s[:, :8]`` and
+            ``s[:, 4:12]``), which the strides do not settle cheaply, the result is computed apart and then
+            copied into ``out``: every element of ``x`` is read before any of ``out`` is written.
+
+    Empty tensors give empty results; the transformed dimension's length is checked all the same (zero rows
+    of 10 values are refused, as one row would be), except a length of 0. Under ``torch.compile`` and
+    ``torch.export`` that length is specialised (it picks ``m`` and the kernel: each length traces its own
+    graph, and torch refuses a dynamic ``Dim`` on it); every other dimension may be dynamic.
     """
     if type(normalized) is not bool or type(inplace) is not bool:
         _refuse_flags(normalized=normalized, inplace=inplace)
@@ -828,9 +836,10 @@ def fwht(
             _fwht_inplace_op(moved, normalized)
         return x
     if x.dtype in _LOW_PRECISION:
-        return _low_precision_result(moved, normalized).to(x.dtype).movedim(-1, dim)
-    out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized)
-    return out.to(x.dtype).movedim(-1, dim)
+        out = _low_precision_result(moved, normalized).to(x.dtype)
+    else:
+        out = _last_dim(moved.to(_compute_dtype(x.dtype)), normalized).to(x.dtype)
+    return out if moved is x else out.movedim(-1, dim)  # no view (and no autograd node) for nothing
 
 
 def _fwht_out(x: torch.Tensor, dim: object, normalized: bool, inplace: bool, out: torch.Tensor) -> torch.Tensor:

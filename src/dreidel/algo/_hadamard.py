@@ -65,7 +65,12 @@ def is_hadamard_length(n: int) -> bool:
 
 
 def nearest_hadamard_lengths(n: int) -> tuple[int | None, int | None]:
-    """The largest supported length ``<= n`` and the smallest ``>= n`` (``None`` where there is none)."""
+    """The largest supported length ``<= n`` and the smallest ``>= n`` (``None`` where there is none); ``TypeError``
+    where ``n`` is not an integer."""
+    value = _integer(n)
+    if value is None:
+        raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+    n = value
     # Plain loops over ints (no max(default=)): torch.compile traces them without a graph break, so a bad
     # length reaches the user as fwht's ValueError (under fullgraph=True, Dynamo reports that ValueError,
     # message and all, as an "Observed exception").
