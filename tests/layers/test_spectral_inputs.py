@@ -60,6 +60,29 @@ def test_a_permutation_that_repeats_an_index_is_refused_under_vmap_too():
             call()
 
 
+def test_an_ema_of_buffers_that_breaks_the_permutation_is_named_and_the_working_recipe_keeps_it():
+    """torch's EMA (AveragedModel(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(d))) averages the integer
+    permutation in float32 and truncates it: the error used to say only that a row repeats an index. With
+    use_buffers=False the average keeps the permutation and follows the scales."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LinearWHT(20, 40), torch.nn.Linear(40, 3))
+    x = torch.randn(4, 20)
+    broken = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    kept = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].in_scale.add_(0.01)
+        broken.update_parameters(model)
+        kept.update_parameters(model)
+    assert not torch.equal(broken.module[0].permutation, model[0].permutation)  # torch's truncation, as found
+    with pytest.raises(ValueError, match="repeats an index .*AveragedModel\\(use_buffers=True\\).*use_buffers=False"):
+        broken(x)
+    assert torch.equal(kept.module[0].permutation, model[0].permutation)
+    torch.testing.assert_close(kept.module[0].in_scale, model[0].in_scale - 0.01 * 0.9)
+    torch.testing.assert_close(kept(x), torch.func.functional_call(model, dict(kept.module.named_parameters()), (x,)))
+
+
 def test_a_lazy_layer_built_in_inference_mode_trains_afterwards():
     """Its parameters and permutation were inference tensors, which autograd cannot save for backward."""
     layer = LinearWHT(8)

@@ -254,7 +254,10 @@ def _check_permutation(perm: torch.Tensor, shape: tuple[int, ...]) -> None:
         hits.scatter_add_(-1, perm.long(), torch.ones_like(hits))
         if not bool((hits == 1).all()):
             raise ValueError("permutation: each (stage, block) row must be a permutation of "
-                             f"0..{shape[-1] - 1}; some row repeats an index")
+                             f"0..{shape[-1] - 1}; some row repeats an index (was the buffer overwritten? "
+                             "torch.optim.swa_utils.AveragedModel(use_buffers=True) with an EMA averages integer "
+                             "buffers in floating point and truncates them: use use_buffers=False, which keeps "
+                             "the permutation, as training never changes it)")
 
 
 class _SpectralLinearBase(LazyModuleMixin, nn.Module):
