@@ -59,3 +59,55 @@ def test_a_file_name_that_is_not_utf8_is_printed_and_its_outputs_written(tmp_pat
     assert os.fsencode(str(path)) + b": " in printed
     assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.txt")).exists()
     assert stdout.errors == "strict"  # put back: main may run in a process that goes on
+
+
+def _quiet_files(folder, count: int) -> list[str]:
+    """Half-second files of silence: each is written out (empty text) without a window to decode."""
+    folder.mkdir()
+    names = []
+    for index in range(count):
+        names.append(str(folder / f"clip{index:02d}.wav"))
+        soundfile.write(names[-1], np.zeros(8000, np.float32), 16000)
+    return names
+
+
+def test_every_asked_for_file_is_written_when_the_reader_leaves_early(tmp_path):
+    """`dreidel transcribe ... --output-format txt | head -1`: each file used to be written after its lines were
+    printed, so the first print into the closed pipe ended the command with most files unwritten, silently (a
+    user audit). Now the rest is printed to the null device, every file is written, and the exit is 141."""
+    import os
+    import subprocess
+    import sys
+
+    files = _quiet_files(tmp_path / "in", 10)  # two groups of files
+    command = [sys.executable, "-c", "import sys; from dreidel.cli.main import main; sys.exit(main())",
+               "transcribe", "--output-format", "txt", "--output-dir", str(tmp_path / "out"), *files]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line written as printed
+    process.stdout.close()  # the reader has gone before the first line
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, error
+    assert "Traceback" not in error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"clip{i:02d}.txt" for i in range(10)]
+
+
+def test_files_of_groups_already_decoded_are_kept_when_interrupted(tmp_path, monkeypatch, capsys):
+    """The outputs were written only once every input was decoded: a Ctrl-C (or a crash) on the last file lost
+    all of them. Files are now decoded in groups of eight and written group by group."""
+    from dreidel.models import whisper
+
+    real = whisper.transcribe
+    calls = []
+
+    def interrupted_at_the_second_group(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(whisper, "transcribe", interrupted_at_the_second_group)
+    files = _quiet_files(tmp_path / "in", 10)
+    assert main(["transcribe", "--output-format", "txt", "--output-dir", str(tmp_path / "out"), *files]) == 130
+    assert calls == [8, 2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"clip{i:02d}.txt" for i in range(8)]
+    assert capsys.readouterr().out.count("  wrote ") == 8

@@ -11,6 +11,7 @@ from pathlib import Path
 from dreidel._extras import require_extras
 from dreidel._files import check_file_target
 from dreidel.cli._args import MAX_BEAM, MAX_THREADS, file_problem, int_in_range, probability_or_none, real_or_none
+from dreidel.cli._streams import discard_stdout
 from dreidel.cli._table import counted
 
 
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Left out unless given, so that transcribe's own default applies (its module is imported only to run).
     parser.add_argument("--no-speech-threshold", type=probability_or_none, default=argparse.SUPPRESS, metavar="P",
                         help="a window whose no-speech probability exceeds P and whose text is unsure (average "
-                             "log-probability below -1) gives no text, as in openai-whisper; 'none' keeps every "
+                             "log-probability at most -1) gives no text, as in openai-whisper; 'none' keeps every "
                              "window's text (default: transcribe's, 0.6)")
     parser.add_argument("--silence-threshold-dbfs", type=real_or_none("a level in dB", -200, 0),
                         default=argparse.SUPPRESS, metavar="DB",
@@ -92,7 +93,7 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
 
 
 def write_outputs(result, targets: dict[str, Path]) -> None:
-    """Each of ``targets`` (format -> path) written atomically from ``result`` (a Transcription)."""
+    """Each of ``targets`` (format -> path) written atomically from ``result`` (a Transcription); prints nothing."""
     from dreidel.io.subtitles import format_srt, format_vtt, write_text_file
 
     render = {"txt": lambda r: r.text + "\n", "srt": lambda r: format_srt(r.segments),
@@ -105,7 +106,31 @@ def write_outputs(result, targets: dict[str, Path]) -> None:
             # user's setup, one line, no traceback
             reason = error.strerror or error if isinstance(error, OSError) else error
             raise SystemExit(f"dreidel transcribe: error: cannot write {path}: {reason}") from None
-        print(f"  wrote {path}")
+
+
+# Files transcribed together, then written before the next group is decoded: a Ctrl-C or a crash keeps what
+# earlier groups wrote. transcribe's default batch size: 8 inputs fill a batch of 8 windows (with timestamps
+# it decodes each input's windows in order, one input per batch slot), and 8 short clips one of 8 windows.
+FILES_PER_GROUP = 8
+
+
+class _Report:
+    """The lines printed to stdout. Where the reader leaves early (``| head -1``) while files are still to be
+    written (``--output-format``), the rest goes to the null device and the work goes on: every asked-for file
+    is written, and the command then exits as a broken pipe would (141). Without such files it stops there."""
+
+    def __init__(self, files_to_write: bool) -> None:
+        self.files_to_write = files_to_write
+        self.reader_left = False
+
+    def line(self, text: str) -> None:
+        try:
+            print(text)
+        except BrokenPipeError:
+            if not self.files_to_write:
+                raise
+            self.reader_left = True
+            discard_stdout()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,35 +171,44 @@ def run(args: argparse.Namespace) -> int:
         recognizer = whisper.load(args.model)
         if args.int8:
             recognizer = whisper.quantize_int8(recognizer)
-        given = {name: getattr(args, name) for name in ("no_speech_threshold", "silence_threshold_dbfs")
-                 if hasattr(args, name)}
-        with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
-            warnings.filterwarnings("ignore", message=ARRAY_PEAK_WARNING, category=UserWarning)
-            results = whisper.transcribe(recognizer, waveforms, beam_size=args.beam, language=args.language,
-                                         fallback=getattr(args, "fallback", True),
-                                         timestamps=getattr(args, "timestamps", True),
-                                         initial_prompt=initial_prompt,
-                                         condition_on_previous_text=getattr(args, "condition_on_previous_text",
-                                                                            False),
-                                         **given)
     except (ValueError, TypeError, ModuleNotFoundError) as error:
         raise SystemExit(f"dreidel transcribe: error: {error}") from None
+    options = {name: getattr(args, name) for name in ("no_speech_threshold", "silence_threshold_dbfs")
+               if hasattr(args, name)}
+    options.update(beam_size=args.beam, language=args.language, fallback=getattr(args, "fallback", True),
+                   timestamps=getattr(args, "timestamps", True), initial_prompt=initial_prompt,
+                   condition_on_previous_text=getattr(args, "condition_on_previous_text", False))
+    report = _Report(files_to_write=any(outputs))
     total_audio = total_compute = 0.0
     decoded = 0
-    for path, result, targets in zip(args.files, results, outputs):
-        print(f"{path}: {result.text}")
-        if getattr(args, "segments", False):
-            for segment in result.segments:
-                print(f"  [{segment.start:7.2f} -> {segment.end:7.2f}] {segment.text}")
-        # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
-        rtf = f"{result.rtf:.3f}" if result.tokens else "-"
-        print(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
-        write_outputs(result, targets)
-        if result.tokens:
-            decoded += 1
-            total_audio += result.seconds_audio
-            total_compute += result.seconds_compute
+    for first in range(0, len(args.files), FILES_PER_GROUP):
+        group = slice(first, first + FILES_PER_GROUP)
+        try:
+            with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
+                warnings.filterwarnings("ignore", message=ARRAY_PEAK_WARNING, category=UserWarning)
+                results = whisper.transcribe(recognizer, waveforms[group], **options)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"dreidel transcribe: error: {error}") from None
+        for targets, result in zip(outputs[group], results):  # before anything of them is printed
+            write_outputs(result, targets)
+        for path, result, targets in zip(args.files[group], results, outputs[group]):
+            report.line(f"{path}: {result.text}")
+            if getattr(args, "segments", False):
+                for segment in result.segments:
+                    report.line(f"  [{segment.start:7.2f} -> {segment.end:7.2f}] {segment.text}")
+            # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
+            rtf = f"{result.rtf:.3f}" if result.tokens else "-"
+            report.line(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
+            for written in targets.values():
+                report.line(f"  wrote {written}")
+            if result.tokens:
+                decoded += 1
+                total_audio += result.seconds_audio
+                total_compute += result.seconds_compute
     if decoded > 1:
-        print(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, RTF {total_compute / total_audio:.3f}"
-              f" ({counted(torch.get_num_threads(), 'thread')}, beam {args.beam})")
+        report.line(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, "
+                    f"RTF {total_compute / total_audio:.3f} ({counted(torch.get_num_threads(), 'thread')}, "
+                    f"beam {args.beam})")
+    if report.reader_left:
+        raise BrokenPipeError  # main's exit for a reader that left: 141, and nothing more printed
     return 0

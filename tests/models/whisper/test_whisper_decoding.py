@@ -644,3 +644,20 @@ def test_beam_search_equals_a_reference_without_cache(tiny_en):
         features = tiny_en.model.embed_audio(mel)
         for window, scored in enumerate(ours):
             assert scored.tokens == _reference_beam(tiny_en.model, features[window : window + 1], options, beams=4)
+
+
+def test_the_verbose_log_without_timestamps_gives_the_seconds_spent(tiny_en, caplog):
+    """The log line's timer was overwritten by each window's first sample, so `-v` printed e.g. "37292.03 s so
+    far" (the clock's reading less a sample offset) for cuts past the first."""
+    import re
+    import time
+
+    (_, clip), = speech_clips(1, seed=3)
+    audio = torch.cat([torch.zeros(16000 * 31), clip])  # two 30 s cuts, the second starting past sample 0
+    began = time.perf_counter()
+    with caplog.at_level("INFO", logger="dreidel.models.whisper"):
+        transcribe(tiny_en, audio, timestamps=False, batch_size=1, max_new_tokens=4)
+    took = time.perf_counter() - began
+    logged = [float(m) for m in re.findall(r"decoded 30 s windows \d+-\d+ of 2: (-?[\d.]+) s so far", caplog.text)]
+    assert len(logged) == 2, caplog.text
+    assert 0 <= logged[0] <= logged[1] <= took + 0.005  # logged to the hundredth, rounded

@@ -657,8 +657,8 @@ def _transcribe_windows(recognizer: WhisperRecognizer, progress: list[_Progress]
         batch = owned[first:first + batch_size]
         previous = [_previous_text(recognizer, p.context) if follows else [] for p, _, _, follows in batch]
         scored, share = _decode_batch(recognizer, [window for _, _, window, _ in batch], options, previous, rules)
-        for (p, start, window, _), result in zip(batch, scored):
-            offset = start / SAMPLE_RATE
+        for (p, first_sample, window, _), result in zip(batch, scored):
+            offset = first_sample / SAMPLE_RATE
             p.add_segment(offset, offset + window.numel() / SAMPLE_RATE, recognizer.tokenizer.decode(result.tokens))
             p.tokens.append(result.tokens)
             p.seconds_compute += share
