@@ -242,7 +242,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict: missing 'param_signature' (not saved by a dreidel optimizer)")
         ours = self._param_signature()
         for (our_name, our_shape), (their_name, their_shape) in zip(ours, theirs):
-            if our_name != their_name or our_shape != list(their_shape):
+            if unwrapped_name(our_name) != unwrapped_name(their_name) or our_shape != list(their_shape):
                 raise ValueError(
                     f"state_dict: parameter mismatch at {our_name!r} (shape {our_shape}): "
                     f"the saved state has {their_name!r} (shape {list(their_shape)})"
@@ -297,6 +297,24 @@ def floating_to(value, dtype: torch.dtype, device: torch.device):
     if isinstance(value, tuple):
         return tuple(floating_to(v, dtype, device) for v in value)
     return value
+
+
+# What wrappers put before their model's parameter names: torch.compile's OptimizedModule, DistributedDataParallel
+# and DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes, so that a state saved by an optimizer built over
+    ``torch.compile(model)`` (or DDP) loads into one built over ``model``, and back, as torch's optimizers,
+    which match parameters by position only, allow."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
 
 
 def named_model_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:

@@ -94,9 +94,9 @@ class KFAC(CurvatureOptimizer):
             each block's mean eigenvalue was tried: it made the steps of near-flat output layers far
             too large on the MNIST autoencoder.)
         factor_decay: EMA decay of the factors (M&G 2015 use 0.95).
-        factor_every: update the factors every T1 steps (M&G: 1; we default to 5, which keeps the
+        factor_every: update the factors every this many steps (M&G: every step; we default to 5, which keeps the
             sampled-Fisher backward and the factor products off most steps).
-        inverse_every: refresh the inverses every T3 steps (M&G: 20). Refreshing them with every factor
+        inverse_every: refresh the inverses every this many steps (M&G's T3 = 20). Refreshing them with every factor
             update (``inverse_every = factor_every``) costs one more inverse per factor step; on the MNIST
             autoencoder (factor_every 10) it reached Adam's final loss in ~20% fewer steps than 20.
         factor_warmup: update the factors on every step before this one (default: ``inverse_every``), so
@@ -106,7 +106,7 @@ class KFAC(CurvatureOptimizer):
         kl_clip: bound on the predicted KL change ``lr^2 g^T F^{-1} g`` (ACKTR: 1e-3); None disables.
         adapt_damping: Levenberg-Marquardt adaptation of ``damping`` (needs the closure every
             ``damping_every`` steps, in phase with the factor steps: a forward pass after the step, plus one
-            before it unless a sampled-likelihood factor step already ran the closure). M&G's T2 = 5.
+            before it unless a sampled-likelihood factor step already ran the closure). M&G adapt it every T1 = 5 steps.
         min_damping, max_damping: bounds of the adapted damping.
         likelihood: ``"empirical"`` builds G from the training step's own (true-label) backward -- free,
             but the empirical Fisher, which is not the curvature (Kunstner et al. 2019,
@@ -272,8 +272,8 @@ class KFAC(CurvatureOptimizer):
         return step % self.hyper["inverse_every"] == 0 or warm_up
 
     def _is_adapt_step(self, step: int) -> bool:
-        """Every ``damping_every`` steps, in phase with the factor steps (step 0, T2, 2 T2, ...): with a
-        sampled likelihood and T2 a multiple of T1, the loss before the step then comes from the sampled
+        """Every ``damping_every`` steps, in phase with the factor steps (step 0, d, 2 d, ...): with a
+        sampled likelihood and d a multiple of ``factor_every``, the loss before the step then comes from the sampled
         backward's forward pass instead of an extra one."""
         return self.hyper["adapt_damping"] and step % self.hyper["damping_every"] == 0
 
