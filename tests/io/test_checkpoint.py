@@ -248,7 +248,7 @@ def _open_descriptors() -> int:
 @pytest.mark.parametrize("damage, error, message", [
     ("directory", FileNotFoundError, "not a regular file"),
     ("fifo", FileNotFoundError, "not a regular file"),  # would block an open without O_NONBLOCK
-    ("link-loop", OSError, ""),
+    ("link-loop", FileNotFoundError, "a loop of symbolic links"),  # was the OS's OSError (a user audit)
 ])
 def test_damaged_files_are_refused_without_leaking_descriptors(tmp_path, tensors, name, damage, error, message):
     import os
@@ -451,3 +451,9 @@ def test_read_json_object_takes_a_str_path_and_refuses_other_types(tmp_path):
     assert read_json_object(str(tmp_path / "a.json")) == {"a": 1}  # was AttributeError: 'str' has no 'exists'
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
         read_json_object(3)
+
+
+def test_a_checkpoint_directory_in_a_loop_of_links_is_not_found(tmp_path):
+    (tmp_path / "m").symlink_to("m")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .* \\(a loop of symbolic links\\)"):
+        read_checkpoint(tmp_path / "m")

@@ -233,6 +233,10 @@ def _open_files(directory: Path) -> tuple[int, int] | None:
         directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r}") from None
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise FileNotFoundError(f"no checkpoint directory at {str(directory)!r} (a loop of symbolic links)") from None
     opened: list[int] = []
     try:
         for name in (CONFIG_FILE, TENSORS_FILE):
@@ -245,6 +249,11 @@ def _open_files(directory: Path) -> tuple[int, int] | None:
                         os.close(fd)
                     return None
                 raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}") from None
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name} (a loop of symbolic "
+                                        "links)") from None
             opened.append(fd)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name} (not a regular file)")
