@@ -98,8 +98,9 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        shown = 6
-        figure, axes = plt.subplots(shown, len(KEEP) + 1, figsize=(1.6 * (len(KEEP) + 1), 1.6 * shown))
+        shown = min(6, len(digits))
+        figure, axes = plt.subplots(shown, len(KEEP) + 1, figsize=(1.6 * (len(KEEP) + 1), 1.6 * shown),
+                                    squeeze=False)
         for row in range(shown):
             images = [digits[row]] + [reconstructions[f][row] for f in KEEP]
             titles = ["original"] + [f"{f:.0%} Walsh" for f in KEEP]

@@ -18,3 +18,11 @@ def test_walsh_image_compression(tmp_path):
     walsh = [float(row[2]) for row in rows]
     assert len(rows) == 5 and walsh == sorted(walsh)  # more coefficients kept, closer to the digits
     assert plot.stat().st_size > 10_000
+
+
+def test_walsh_image_compression_plots_fewer_digits_than_its_six_rows(tmp_path):
+    """--digits 1 to 5 with --plot raised IndexError: the figure always drew six digits."""
+    plot = tmp_path / "one.png"
+    subprocess.run([sys.executable, str(EXAMPLES / "walsh_image_compression.py"), "--digits", "1", "--plot",
+                    str(plot)], capture_output=True, text=True, timeout=300, check=True)
+    assert plot.stat().st_size > 1_000
