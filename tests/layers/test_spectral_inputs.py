@@ -91,3 +91,28 @@ def test_a_lazy_layer_built_in_inference_mode_trains_afterwards():
     assert not any(t.is_inference() for t in (*layer.parameters(), *layer.buffers()))
     layer(torch.randn(2, 16)).sum().backward()
     assert layer.in_scale.grad is not None
+
+
+def test_an_ensemble_over_stacked_permutations_runs_under_compiled_vmap_with_batching_rules():
+    """torch.func's model-ensembling recipe (stack_module_state, functional_call, vmap), compiled: each member
+    keeps its own permutation. The inverse permutation was built with scatter_, which has no batching rule, so
+    functorch warned of a slow per-member loop (a user audit)."""
+    import copy
+    import warnings
+
+    from torch.func import functional_call, stack_module_state
+
+    torch.manual_seed(0)
+    members = [LinearWHT(20, 40) for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(5, 20)
+
+    def member(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule")
+        y = torch.compile(vmap(member, in_dims=(0, 0, None)), backend="aot_eager")(params, buffers, x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, torch.stack([m(x) for m in members]))

@@ -217,8 +217,9 @@ def _indices_from(perm: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor
     depth, blocks = perm.shape[0], perm.shape[1]
     offsets = torch.arange(blocks, device=perm.device).view(1, blocks, 1) * length
     flat_perm = (perm + offsets).reshape(depth, blocks * length)  # a permutation put in place may be strided
-    flat_inverse = torch.empty_like(flat_perm)
-    flat_inverse.scatter_(1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
+    # Out of place: functorch has a batching rule for scatter, not for scatter_ (vmap under torch.compile warned)
+    flat_inverse = torch.zeros_like(flat_perm).scatter(
+        1, flat_perm, torch.arange(blocks * length, device=perm.device).expand_as(flat_perm))
     first = perm[0]  # (B, L): source position in the padded input of each block
     padded = first >= n
     # Stage 1 reads x with one zero column appended where n < L: padded positions read that zero (reading a value
