@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import warnings
 
 import pytest
 import torch
@@ -239,6 +241,24 @@ def test_unsupported_layers_logged_once_and_left_to_base(caplog):
     messages = [r.getMessage() for r in caplog.records if "no curvature factors" in r.getMessage()]
     assert len(messages) == 1 and "PReLU" in messages[0]
     assert not torch.equal(before, model[1].weight.detach())
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten()), "0 (Conv3d)"),
+    (lambda: nn.GRU(4, 4), "<root> (GRU)"),
+    (lambda: nn.MultiheadAttention(8, 2), "out_proj (NonDynamicallyQuantizableLinear inside MultiheadAttention)"),
+])
+def test_weight_matrices_left_to_the_base_optimizer_are_a_warning(make, named, caplog):
+    """They were named only at INFO level, so a user who chose K-FAC for a recurrent or attention model was not
+    told its weights got plain steps (a user audit). Scales and shifts alone (BatchNorm, PReLU) stay in the
+    log: leaving them to the base optimizer is the usual choice."""
+    with pytest.warns(UserWarning, match="no curvature factors for the weights of .*" + re.escape(named)):
+        KFAC(make())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+            KFAC(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.PReLU(), nn.Linear(4, 2)))
+    assert "1 (BatchNorm1d), 2 (PReLU)" in caplog.text
 
 
 def test_failed_decomposition_retries_with_jitter(monkeypatch, caplog):
@@ -616,7 +636,7 @@ class TwoLinearsOneWeight(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["tied_lm", "two_linears"])
-def test_shared_weights_are_left_to_the_base_optimizer(kind, caplog):
+def test_shared_weights_are_left_to_the_base_optimizer(kind):
     """A weight owned by two modules gets no factors (never mixed, never a crash): its step is plain SGD."""
     torch.manual_seed(0)
     if kind == "tied_lm":
@@ -628,10 +648,10 @@ def test_shared_weights_are_left_to_the_base_optimizer(kind, caplog):
         model, owners = TwoLinearsOneWeight(), ("a", "b")
         x, y = torch.randn(6, 4), torch.randn(6, 4)
         loss_fn, shared = mse, model.a.weight
-    with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+    with pytest.warns(UserWarning, match="no curvature factors") as warned:  # weight matrices: a warning
         opt = plain_kfac(model)
     assert not {b.name for b in opt.blocks} & set(owners)
-    message = next(r.getMessage() for r in caplog.records if "no curvature factors" in r.getMessage())
+    message = next(str(w.message) for w in warned if "no curvature factors" in str(w.message))
     assert all(message.count(f"{name} (") == 1 for name in owners)
     before = shared.detach().clone()
     grad = torch.autograd.grad(loss_fn(model(x), y), shared)[0]
@@ -671,7 +691,7 @@ def test_default_sgd_options_and_base_factory():
     assert isinstance(opt.base, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
 
 
-def test_sparse_embedding_and_attention_projections_are_left_to_the_base(caplog):
+def test_sparse_embedding_and_attention_projections_are_left_to_the_base():
     """A sparse Embedding has no dense gradient to precondition; MultiheadAttention uses out_proj's weight
     without calling it (no factors would ever come): both listed once, both stepped by plain SGD."""
 
@@ -689,10 +709,10 @@ def test_sparse_embedding_and_attention_projections_are_left_to_the_base(caplog)
     torch.manual_seed(0)
     model = Model()
     x, y = torch.randint(0, 7, (4, 5)), torch.randn(4, 2)
-    with caplog.at_level(logging.INFO, logger="dreidel.optim"):
+    with pytest.warns(UserWarning, match="no curvature factors") as warned:  # weight matrices: a warning
         opt = plain_kfac(model)
     assert [b.name for b in opt.blocks] == ["head"]
-    message = next(r.getMessage() for r in caplog.records if "no curvature factors" in r.getMessage())
+    message = next(str(w.message) for w in warned if "no curvature factors" in str(w.message))
     assert "emb (Embedding)" in message and "att.out_proj (" in message
     loss = mse(model(x), y)
     grad_emb, grad_out = torch.autograd.grad(loss, [model.emb.weight, model.att.out_proj.weight])

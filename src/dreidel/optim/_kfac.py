@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -209,8 +210,15 @@ class KFAC(CurvatureOptimizer):
         self.defaults = self.base.defaults  # add_param_group and schedulers (OneCycleLR's momentum) see them
         self.model = model
         self._model_blocks, unsupported, frozen = find_blocks(model)
-        if unsupported:
-            logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(unsupported))
+        # Weight matrices and kernels left to the base optimizer are what a user chose K-FAC for: a warning. Scales
+        # and shifts alone (BatchNorm) are usually left to it on purpose: a note in the log.
+        matrices = [description for description, holds_matrix in unsupported if holds_matrix]
+        if matrices:
+            warnings.warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base optimizer "
+                          "takes plain steps on them", UserWarning, stacklevel=2)
+        others = [description for description, holds_matrix in unsupported if not holds_matrix]
+        if others:
+            logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(others))
         if frozen:
             logger.info("K-FAC: %s frozen when the optimizer was built: no curvature factors (unfrozen later, the base "
                         "optimizer alone would train them; build KFAC after unfreezing)", ", ".join(frozen))

@@ -420,12 +420,18 @@ def block_for(module: nn.Module, name: str) -> Block | None:
 _FACTORED_KINDS = (PerSampleGradients, nn.LayerNorm, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
-def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
-    """K-FAC blocks of ``model`` (a matched module's children are not visited), the names of the modules that
-    own trainable parameters but have no block, and those of layers of a kind K-FAC factors whose parameters
-    are all frozen (no block either: were they unfrozen later, the base optimizer alone would train them)."""
+def _holds_matrix(params) -> bool:
+    """Whether any trainable parameter has two or more dimensions (a weight matrix or kernel, not a scale)."""
+    return any(p.requires_grad and p.dim() >= 2 for p in params)
+
+
+def find_blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, bool]], list[str]]:
+    """K-FAC blocks of ``model`` (a matched module's children are not visited); the modules that own trainable
+    parameters but have no block, each as ``(description, whether one of them is a matrix or kernel)``; and
+    the names of layers of a kind K-FAC factors whose parameters are all frozen (no block either: were they
+    unfrozen later, the base optimizer alone would train them)."""
     blocks: list[Block] = []
-    unsupported: list[str] = []
+    unsupported: list[tuple[str, bool]] = []
     frozen: list[str] = []
     visited: set[int] = set()
 
@@ -439,7 +445,8 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
             # its weight is computed from the parameters (weight norm, orthogonal, ...): a factor of the weight's
             # gradient preconditions no parameter
             if any(p.requires_grad for p in module.parameters()):
-                unsupported.append(f"{name or '<root>'} ({type(module).__name__}, parametrized)")
+                unsupported.append((f"{name or '<root>'} ({type(module).__name__}, parametrized)",
+                                    _holds_matrix(module.parameters())))
             return
         block = block_for(module, name or type(module).__name__)
         if block is not None:
@@ -449,12 +456,15 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
         if isinstance(module, _FACTORED_KINDS) and own and not any(p.requires_grad for p in own):
             frozen.append(name or type(module).__name__)
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+            unsupported.append((f"{name or '<root>'} ({type(module).__name__})",
+                                _holds_matrix(module.parameters(recurse=False))))
         if isinstance(module, nn.MultiheadAttention):
             # it uses out_proj's weight functionally, never calling the Linear: no factors would come
             for child_name, child in module.named_children():
                 if any(p.requires_grad for p in child.parameters()):
-                    unsupported.append(f"{name}.{child_name} ({type(child).__name__} inside MultiheadAttention)")
+                    where = f"{name}.{child_name}" if name else child_name
+                    unsupported.append((f"{where} ({type(child).__name__} inside MultiheadAttention)",
+                                        _holds_matrix(child.parameters())))
             return
         for child_name, child in module.named_children():
             visit(child, f"{name}.{child_name}" if name else child_name)
@@ -465,5 +475,6 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[str], list[str]]:
     owners = parameter_owners(model, [b.module for b in blocks])
     shared = [b for b in blocks if any(len(owners[p]) > 1 for p in b.params)]
     for block in shared:
-        unsupported.append(f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)")
+        unsupported.append((f"{block.name} ({type(block.module).__name__}, shares a parameter with another module)",
+                            _holds_matrix(block.params)))
     return [b for b in blocks if b not in shared], unsupported, frozen
