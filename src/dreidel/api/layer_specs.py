@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
 from dreidel.layers._registry import INIT_ONLY_ARGS
@@ -93,6 +94,10 @@ def layer_spec(module: nn.Module) -> dict[str, Any]:
     for name, (cls, args_of) in LAYER_TYPES.items():
         if type(module) is cls:
             return {"type": name, "args": args_of(module)}
+    if parametrize.is_parametrized(module):
+        raise ValueError(f"cannot save a layer of type {type(module).__name__}: a parametrized layer (weight_norm, "
+                         "orthogonal, ...); make it plain first with torch.nn.utils.parametrize."
+                         "remove_parametrizations(layer, 'weight')")
     raise ValueError(
         f"cannot save a layer of type {type(module).__name__}: register it with "
         f"dreidel.api.register_layer_type (registered: {sorted(LAYER_TYPES)})"

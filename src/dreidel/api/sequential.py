@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import json
 import numbers
 import operator
 import os
@@ -269,7 +270,8 @@ class Sequential(nn.Sequential):
                 each layer their hooks record (the steps are the same; ``fullgraph`` refuses them).
             optimizer_kwargs: hyper-parameters of a named optimizer (``lr=...``).
         """
-        given_to_torch = sorted(set(optimizer_kwargs) & set(_TORCH_COMPILE_ARGS))
+        # A factory takes any keyword (its own `mode`, say); a named optimizer's are known not to be these
+        given_to_torch = sorted(set(optimizer_kwargs) & set(_TORCH_COMPILE_ARGS)) if isinstance(optimizer, str) else []
         if given_to_torch:
             raise TypeError(f"compile() chooses the optimizer, loss and metrics (Keras's); torch.compile's "
                             f"{given_to_torch} go in jit_compile={{...}}, e.g. compile('adam', jit_compile="
@@ -600,7 +602,7 @@ class Sequential(nn.Sequential):
         if not self.is_built:
             raise RuntimeError("the model has lazy layers that have not seen data: fit, predict or build it before save()")
         _refuse_shared_layers(self)
-        specs = {name: layer_spec(layer) for name, layer in self._modules.items()}
+        specs = {name: _as_saved(layer_spec(layer), name) for name, layer in self._modules.items()}
         with self._random_state_kept():
             for name, layer in self._modules.items():
                 _refuse_state_beyond_spec(name, layer, specs[name])
@@ -628,6 +630,16 @@ def _refuse_shared_layers(model: Sequential) -> None:
                                  "holds each layer's tensors separately")
 
 
+def _as_saved(spec: dict, name: str) -> dict:
+    """``spec`` as ``config.json`` will hold it and ``load`` will read it (tuples become lists), or a
+    ``ValueError`` naming the layer where it is not JSON data."""
+    try:
+        return json.loads(json.dumps(spec))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot save layer {name!r}: its arguments {spec['args']!r} are not JSON data ({error})") \
+            from None
+
+
 def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
     """``load`` rebuilds each layer from its spec and reads exactly the tensors such a layer has: a layer whose
     ``state_dict`` differs from that (pruned by ``torch.nn.utils.prune``, which keeps ``weight_orig`` and
@@ -639,10 +651,15 @@ def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
     try:
         with torch.device("meta"):
             rebuilt = cls(**args)
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # a constructor that needs real tensors (or numpy) there: load builds it for real
         return
-    have = {key: tuple(t.shape) for key, t in layer.state_dict().items()}
-    expected = {key: tuple(t.shape) for key, t in rebuilt.state_dict().items()}
+    if any(nn.parameter.is_lazy(t) for t in (*rebuilt.parameters(), *rebuilt.buffers())):
+        raise ValueError(f"cannot save layer {name!r} ({type(layer).__name__}): its arguments {spec['args']} leave a "
+                         "size to be learnt from data (a lazy layer), so load() could not rebuild it: its "
+                         "registered args_of must give every size")
+    # Tensors only: extra state (get_extra_state) is refused by name when the tensors are written
+    have = {key: tuple(t.shape) for key, t in layer.state_dict().items() if isinstance(t, torch.Tensor)}
+    expected = {key: tuple(t.shape) for key, t in rebuilt.state_dict().items() if isinstance(t, torch.Tensor)}
     extra = sorted(set(have) - set(expected))
     missing = sorted(set(expected) - set(have))
     if extra or missing:
