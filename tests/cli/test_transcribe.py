@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,34 @@ def test_files_of_groups_already_decoded_are_kept_when_interrupted(tmp_path, mon
     assert calls == [8, 2]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"clip{i:02d}.txt" for i in range(8)]
     assert capsys.readouterr().out.count("  wrote ") == 8
+
+
+def test_a_write_that_fails_leaves_the_files_before_it_reported(tmp_path, capsys, monkeypatch):
+    """Writing a whole group before printing it left the files already written unreported when a later write
+    failed (a review): each file is written, then printed."""
+    from dreidel.cli import transcribe as command
+
+    real = command.write_outputs
+
+    def full_disk_at_the_third(result, targets):
+        if any(path.name == "clip02.txt" for path in targets.values()):
+            raise SystemExit("dreidel transcribe: error: cannot write clip02.txt: No space left on device")
+        real(result, targets)
+
+    monkeypatch.setattr(command, "write_outputs", full_disk_at_the_third)
+    files = _quiet_files(tmp_path / "in", 3)
+    with pytest.raises(SystemExit, match="No space left"):
+        main(["transcribe", "--output-format", "txt", "--output-dir", str(tmp_path / "out"), *files])
+    out = capsys.readouterr().out
+    assert out.count("  wrote ") == 2 and "clip01.txt" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip00.txt", "clip01.txt"]
+
+
+def test_a_long_initial_prompt_is_warned_about_once_for_all_groups(tmp_path, caplog):
+    """Each group's call logged it: three times for 17 files (a review)."""
+    files = _quiet_files(tmp_path / "in", 17)
+    prompt = " ".join(["word"] * 400)
+    with caplog.at_level("WARNING", logger="dreidel.models.whisper"):
+        assert main(["transcribe", "--initial-prompt", prompt, *files]) == 0
+    assert sum("initial_prompt is" in record.getMessage() for record in caplog.records) == 1
+    assert not logging.getLogger("dreidel.models.whisper").filters  # taken off again

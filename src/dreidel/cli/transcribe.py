@@ -108,8 +108,8 @@ def write_outputs(result, targets: dict[str, Path]) -> None:
             raise SystemExit(f"dreidel transcribe: error: cannot write {path}: {reason}") from None
 
 
-# Files transcribed together, then written before the next group is decoded: a Ctrl-C or a crash keeps what
-# earlier groups wrote. transcribe's default batch size: 8 inputs fill a batch of 8 windows (with timestamps
+# Files transcribed together, then written (and printed) before the next group is decoded: a Ctrl-C or a crash
+# keeps what earlier groups wrote. transcribe's default batch size: 8 inputs fill a batch of 8 windows (with timestamps
 # it decodes each input's windows in order, one input per batch slot), and 8 short clips one of 8 windows.
 FILES_PER_GROUP = 8
 
@@ -131,6 +131,38 @@ class _Report:
                 raise
             self.reader_left = True
             discard_stdout()
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each message at ``level`` or above through once (lower levels always)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _print_result(report: _Report, path: str, result, targets: dict[str, Path], segments: bool) -> int:
+    """One file's lines: its text, its segments if asked, its times and the files written; 1 if it was decoded
+    (audio shorter than one 10 ms mel frame, an empty file included, is not: no real-time factor)."""
+    report.line(f"{path}: {result.text}")
+    if segments:
+        for segment in result.segments:
+            report.line(f"  [{segment.start:7.2f} -> {segment.end:7.2f}] {segment.text}")
+    rtf = f"{result.rtf:.3f}" if result.tokens else "-"
+    report.line(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
+    for written in targets.values():
+        report.line(f"  wrote {written}")
+    return 1 if result.tokens else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,30 +213,27 @@ def run(args: argparse.Namespace) -> int:
     report = _Report(files_to_write=any(outputs))
     total_audio = total_compute = 0.0
     decoded = 0
-    for first in range(0, len(args.files), FILES_PER_GROUP):
-        group = slice(first, first + FILES_PER_GROUP)
-        try:
-            with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
-                warnings.filterwarnings("ignore", message=ARRAY_PEAK_WARNING, category=UserWarning)
-                results = whisper.transcribe(recognizer, waveforms[group], **options)
-        except (ValueError, TypeError) as error:
-            raise SystemExit(f"dreidel transcribe: error: {error}") from None
-        for targets, result in zip(outputs[group], results):  # before anything of them is printed
-            write_outputs(result, targets)
-        for path, result, targets in zip(args.files[group], results, outputs[group]):
-            report.line(f"{path}: {result.text}")
-            if getattr(args, "segments", False):
-                for segment in result.segments:
-                    report.line(f"  [{segment.start:7.2f} -> {segment.end:7.2f}] {segment.text}")
-            # Audio shorter than one mel frame (10 ms, an empty file included) is not decoded: no real-time factor.
-            rtf = f"{result.rtf:.3f}" if result.tokens else "-"
-            report.line(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
-            for written in targets.values():
-                report.line(f"  wrote {written}")
-            if result.tokens:
-                decoded += 1
-                total_audio += result.seconds_audio
-                total_compute += result.seconds_compute
+    # A warning about the options (a long initial prompt) is logged by each group's call: shown once.
+    once = _OncePerMessage(logging.WARNING)
+    whisper_log = logging.getLogger("dreidel.models.whisper")
+    whisper_log.addFilter(once)
+    try:
+        for first in range(0, len(args.files), FILES_PER_GROUP):
+            group = slice(first, first + FILES_PER_GROUP)
+            try:
+                with warnings.catch_warnings():  # the files' levels were checked as they were read, naming them
+                    warnings.filterwarnings("ignore", message=ARRAY_PEAK_WARNING, category=UserWarning)
+                    results = whisper.transcribe(recognizer, waveforms[group], **options)
+            except (ValueError, TypeError) as error:
+                raise SystemExit(f"dreidel transcribe: error: {error}") from None
+            for path, result, targets in zip(args.files[group], results, outputs[group]):
+                write_outputs(result, targets)  # then its lines: a write that fails leaves those before it printed
+                decoded += _print_result(report, path, result, targets, getattr(args, "segments", False))
+                if result.tokens:
+                    total_audio += result.seconds_audio
+                    total_compute += result.seconds_compute
+    finally:
+        whisper_log.removeFilter(once)
     if decoded > 1:
         report.line(f"total: {total_audio:.2f} s audio, {total_compute:.2f} s compute, "
                     f"RTF {total_compute / total_audio:.3f} ({counted(torch.get_num_threads(), 'thread')}, "
