@@ -83,11 +83,16 @@ def _compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, backend="eager")  # names its model's parameters '_orig_mod.*'
 
 
+def _with_a_compiled_layer(model: nn.Sequential) -> nn.Module:
+    return nn.Sequential(_compiled(model[0]), *model[1:])  # the same layers, the first compiled
+
+
 @pytest.mark.parametrize("wrap_saved, wrap_loaded", [
     (_compiled, lambda m: m),
     (lambda m: m, _DataParallelLike),
     (lambda m: _DataParallelLike(_compiled(m)), _compiled),
-], ids=["compiled-to-plain", "plain-to-ddp", "ddp-of-compiled-to-compiled"])
+    (_with_a_compiled_layer, lambda m: m),  # '0._orig_mod.weight'
+], ids=["compiled-to-plain", "plain-to-ddp", "ddp-of-compiled-to-compiled", "compiled-layer-to-plain"])
 @pytest.mark.parametrize("name", ["dn_empirical", "kfac_sampled"])
 def test_a_state_saved_over_a_wrapped_model_loads_over_the_model(name, wrap_saved, wrap_loaded):
     """The parameters' names were compared whole, so a state saved by an optimizer over torch.compile(model)

@@ -299,22 +299,21 @@ def floating_to(value, dtype: torch.dtype, device: torch.device):
     return value
 
 
-# What wrappers put before their model's parameter names: torch.compile's OptimizedModule, DistributedDataParallel
-# and DataParallel.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# Name parts that wrappers add to their model's parameter names: torch.compile's OptimizedModule (``_orig_mod``,
+# around the model or a submodule) and activation checkpointing's and FSDP's wrappers, anywhere in a name;
+# DistributedDataParallel and DataParallel (``module``) at its start.
+_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+_LEADING_WRAPPER_PART = "module"
 
 
 def unwrapped_name(name: str) -> str:
-    """A parameter's name without the wrappers' prefixes, so that a state saved by an optimizer built over
-    ``torch.compile(model)`` (or DDP) loads into one built over ``model``, and back, as torch's optimizers,
-    which match parameters by position only, allow."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
+    """A parameter's name without the parts wrappers add, so that a state saved by an optimizer built over
+    ``torch.compile(model)`` (or DDP, or with a compiled submodule) loads into one built over ``model``, and
+    back. (torch's optimizers match parameters by position alone; these compare names and shapes.)"""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_PARTS]
+    while len(parts) > 1 and parts[0] == _LEADING_WRAPPER_PART:
+        parts.pop(0)
+    return ".".join(parts)
 
 
 def named_model_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
