@@ -88,6 +88,8 @@ def test_big_endian_pcm_is_pcm():
     (np.array([0.0, np.nan], dtype=np.float32), {}, ValueError, "NaN"),
     (np.zeros((0, 100), dtype=np.float32), {}, ValueError, r"no channels: shape \(0, 100\)"),  # was "NaN"
     (torch.zeros(0, 100), {}, ValueError, r"no channels: shape \(0, 100\)"),
+    (np.array(0.3, dtype=np.float32), {}, ValueError, "got a 0-d array"),  # was one sample (a user audit)
+    (torch.tensor(0.3), {}, ValueError, "got a 0-d array"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 0}, ValueError, "sample rate must be an integer .* from 4000"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 3999}, ValueError, "from 4000 .* got 3999"),
     (np.zeros(10, dtype=np.float32), {"sample_rate": 768_001}, ValueError, "to 768000"),

@@ -128,3 +128,29 @@ def test_a_path_is_loaded_as_openai_whisper_does(tmp_path):
         assert torch.equal(log_mel_spectrogram(path), expected)
     with pytest.raises(ValueError, match="audio file not found"):
         log_mel_spectrogram(str(tmp_path / "missing.wav"))
+
+
+def test_samples_whose_power_spectrum_overflows_are_refused():
+    """Finite samples of 1e18 gave an all-NaN spectrogram without a word (a user audit)."""
+    audio = torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(log_mel_spectrogram(audio * 1e15)).all()
+    with pytest.raises(ValueError, match=r"audio's samples \(up to .*e\+18\) are too large: .*overflows float32"):
+        log_mel_spectrogram(audio * 1e18)
+
+
+@pytest.mark.parametrize("n_mels", [64, 256, True])
+def test_log_mel_takes_whispers_mel_counts_only(n_mels):
+    with pytest.raises(ValueError, match="n_mels must be 80 or 128"):
+        log_mel_spectrogram(torch.zeros(16000), n_mels=n_mels)
+
+
+def test_mel_filters_warn_of_empty_filters():
+    """256 mels over the 201 bins of n_fft=400 leave 45 filters empty, whose channels would be constant."""
+    with pytest.warns(UserWarning, match="45 of 256 filters are empty"):
+        filters = mel_filters(256)
+    assert int((filters.amax(dim=1) == 0).sum()) == 45
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mel_filters(128)

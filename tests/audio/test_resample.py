@@ -109,7 +109,7 @@ def test_odd_rates_need_little_memory(rate_in):
     from dreidel.audio import _resample
 
     x = torch.randn(rate_in // 4, dtype=torch.float64)
-    _resample._direct_kernels.cache_clear()  # the table is built inside the measurement, whatever ran before
+    _resample._cached_direct_kernel_table.cache_clear()  # the table is built inside the measurement
     tracemalloc.start()  # sees the numpy kernel tables
     try:
         resample(x, rate_in, 16000)
@@ -127,8 +127,30 @@ def test_direct_path_equals_polyphase(rate_in, rate_out, generator, monkeypatch)
     x = torch.randn(2, 3, rate_in // 8 + 5, generator=generator, dtype=torch.float64)
     polyphase = resample(x, rate_in, rate_out)
     monkeypatch.setattr(_resample, "_MAX_POLYPHASE_TABLE", 0)
-    monkeypatch.setattr(_resample, "_DIRECT_CHUNK", 1000)  # several chunks
+    monkeypatch.setattr(_resample, "_DIRECT_STEP_VALUES", 6 * 1000 * 50)  # several steps of at most 1000 outputs
     direct = resample(x, rate_in, rate_out)
     assert direct.shape == polyphase.shape
     torch.testing.assert_close(direct, polyphase, rtol=0, atol=1e-12)
     assert resample(x.float(), rate_in, rate_out).dtype == torch.float32
+
+
+def test_large_direct_tables_are_not_kept_after_the_call(monkeypatch):
+    """An odd rate such as 600001 Hz builds a 244 MB table; the cache kept sixteen such tables (about 4 GB) for
+    the life of the process (a user audit). Tables above _MAX_CACHED_DIRECT_TABLE entries are built per call."""
+    from dreidel.audio import _resample
+
+    x = torch.randn(5000, dtype=torch.float64)
+    _resample._cached_direct_kernel_table.cache_clear()
+    kept = resample(x, 44056, 16000)  # 2000 phases of 142 taps: small, kept
+    assert _resample._cached_direct_kernel_table.cache_info().currsize == 1
+    monkeypatch.setattr(_resample, "_MAX_CACHED_DIRECT_TABLE", 1000)  # now that table counts as large
+    _resample._cached_direct_kernel_table.cache_clear()
+    torch.testing.assert_close(resample(x, 44056, 16000), kept, rtol=0, atol=0)
+    assert _resample._cached_direct_kernel_table.cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool])
+def test_complex_and_bool_audio_are_refused(dtype):
+    """A complex tensor lost its imaginary part with only torch's generic warning."""
+    with pytest.raises(TypeError, match=f"audio must hold real samples .*got {dtype}"):
+        resample(torch.ones(100, dtype=dtype), 44100, 16000)

@@ -101,6 +101,21 @@ def test_cached_speech_writes_once(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".wav", ".wav"]  # no temp files left
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"", lambda data: b"RIFF"])
+def test_a_damaged_cached_file_is_synthesised_again(tmp_path, damage):
+    """Only the file's existence was checked: a cut-short or emptied cache file was returned for good, and
+    loading it then failed with "truncated WAV" (a user audit)."""
+    pytest.importorskip("soundfile")
+    from dreidel.audio import load_audio
+
+    path = speech.cached_speech("Stop the music.", "en-us", 175, cache_dir=tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(damage(whole))
+    assert speech.cached_speech("Stop the music.", "en-us", 175, cache_dir=tmp_path) == path
+    # synthesised again: whole (eSpeak may differ by a few samples from one call to the next in a process)
+    assert load_audio(path).numel() > 0 and abs(path.stat().st_size - len(whole)) < len(whole) // 20
+
+
 def test_written_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
     import os
 

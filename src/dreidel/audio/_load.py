@@ -256,7 +256,10 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
     Args:
         path_or_array: an audio file path (any format libsndfile reads; the file's rate is used), or samples as
             a numpy array / torch tensor of shape ``(samples,)`` or ``(channels, samples)``; integer PCM (of
-            either byte order) is scaled to [-1, 1), and floats beyond 1.5 warn (see ``pcm_to_float``).
+            either byte order) is scaled to [-1, 1), and floats beyond 1.5 warn (see ``pcm_to_float``). A
+            ``(samples, channels)`` array (as ``soundfile.read`` gives) must be transposed first: one of more
+            than 16 rows is refused as such, but a short one (16 samples of 2 channels) is taken as 16
+            channels of 2 samples.
         sample_rate: rate of the given array in Hz (``None``: already 16 kHz). Must be ``None`` for a file.
 
     Returns:
@@ -287,6 +290,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         if isinstance(samples, torch.Tensor):  # as numpy, to get the same scaling and peak warning
             tensor = samples.detach().cpu()
             samples = tensor.to(torch.float32).numpy() if tensor.is_floating_point() else tensor.numpy()
+        if samples.ndim == 0:  # before ascontiguousarray, which makes it one sample
+            raise ValueError("audio array must be (samples,) or (channels, samples), got a 0-d array (a scalar)")
         waveform = torch.from_numpy(np.ascontiguousarray(pcm_to_float(samples)))
         if waveform.dim() not in (1, 2):
             raise ValueError(f"audio array must be (samples,) or (channels, samples), got shape {tuple(waveform.shape)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -67,14 +68,21 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
     """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist.
 
     Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` and ``sample_rate`` are ints
-    >= 1, ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype.
+    >= 1, ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype. Warns where
+    some filters are empty (too many mels for the FFT's bins, e.g. 256 at ``n_fft=400``: their channels would
+    be constant), as librosa does.
     """
     check_count("n_mels", n_mels)
     check_count("sample_rate", sample_rate)
     check_count("n_fft", n_fft, minimum=2)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    return torch.from_numpy(_mel_filters_float64(int(n_mels), int(sample_rate), int(n_fft))).to(dtype)
+    filters = _mel_filters_float64(int(n_mels), int(sample_rate), int(n_fft))
+    empty = int((filters.max(axis=1) == 0).sum())
+    if empty:
+        warnings.warn(f"mel_filters: {empty} of {n_mels} filters are empty (no FFT bin of n_fft={n_fft} falls "
+                      "inside them): fewer mels, or a larger n_fft", UserWarning, stacklevel=2)
+    return torch.from_numpy(filters).to(dtype)
 
 
 def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
@@ -108,12 +116,15 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
         uses each example's own maximum.
 
     Raises:
-        ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), or a NaN or
-            infinite sample; for a path, what ``load_audio`` raises.
+        ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), a NaN or
+            infinite sample, samples so large that their power spectrum overflows float32 (about 1e17 and
+            more), or ``n_mels`` other than 80 and 128; for a path, what ``load_audio`` raises.
         TypeError: samples that are not floating point.
     """
     if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"padding must be an int >= 0 (zeros appended), got {padding!r}")  # -k trimmed silently
+    if isinstance(n_mels, bool) or n_mels not in (80, 128):
+        raise ValueError(f"n_mels must be 80 or 128 (Whisper's), got {n_mels!r}")
     if isinstance(audio, (str, os.PathLike)):
         from dreidel.audio._load import load_audio  # here: _load imports this module
 
@@ -141,6 +152,9 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
                           center=True, pad_mode="reflect", return_complex=True)  # (B, 201, frames + 1)
     power = spectrum[..., :-1].abs() ** 2  # Whisper drops the last frame
     mel = mel_filters(n_mels).to(audio.device) @ power  # (B, n_mels, frames)
+    if not bool(torch.isfinite(mel).all()):  # finite samples whose squares pass float32's range: all NaN below
+        raise ValueError(f"audio's samples (up to {float(audio.abs().max()):.3g}) are too large: their power "
+                         "spectrum overflows float32; scale them to [-1, 1]")
     log_mel = torch.clamp(mel, min=1e-10).log10()
     peak = log_mel.amax(dim=(-2, -1), keepdim=True)
     log_mel = torch.maximum(log_mel, peak - 8.0)

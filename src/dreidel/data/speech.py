@@ -190,15 +190,37 @@ def synthesize_to_file(text: str, path, voice: str = "en-us", rate: int = 175, p
 
 def cached_speech(text: str, voice: str = "en-us", rate: int = 175, cache_dir=".cache/speech",
                   pitch: int = 50) -> Path:
-    """The WAV file of ``text`` spoken with these settings, synthesised once into ``cache_dir``.
+    """The WAV file of ``text`` spoken with these settings, synthesised once into ``cache_dir`` (relative to
+    the current directory unless absolute).
 
-    The file name is a hash of (text, voice, rate, pitch), so a changed sentence gets a new file.
+    The file name is a hash of (text, voice, rate, pitch and the espeakng-loader release, whose eSpeak NG may
+    speak otherwise), so a changed sentence or an upgraded voice gets a new file. A cached file that does not
+    read back as whole audio (cut short or damaged by something else: dreidel writes it atomically) is
+    synthesised again.
     """
-    key = hashlib.sha256(f"{voice}\x1f{rate}\x1f{pitch}\x1f{text}".encode("utf-8")).hexdigest()[:24]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        engine = version("espeakng-loader")
+    except PackageNotFoundError:  # synthesize names the missing package
+        engine = "?"
+    key = hashlib.sha256(f"{voice}\x1f{rate}\x1f{pitch}\x1f{engine}\x1f{text}".encode("utf-8")).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.wav"
-    if not path.is_file():
+    if not _reads_back(path):
         synthesize_to_file(text, path, voice=voice, rate=rate, pitch=pitch)
     return path
+
+
+def _reads_back(path: Path) -> bool:
+    """Whether ``path`` is a WAV file that ``load_audio`` reads whole (its truncation checks included)."""
+    from dreidel.audio import load_audio
+
+    if not path.is_file():
+        return False
+    try:
+        return load_audio(path).numel() > 0
+    except ValueError:
+        return False
 
 
 # ---- the test set -----------------------------------------------------------------------------------------------
