@@ -57,6 +57,10 @@ void fwht_binding(Buffer<const T> src, Buffer<T> dst, int64_t n, Buffer<const T>
   const T* src_end = src.data() + src.size();
   if (src.data() != dst.data() && src.data() < dst.data() + dst.size() && dst.data() < src_end)
     throw std::invalid_argument("src and dst overlap without being the same buffer");
+  // The plan reads H_m while the transform writes dst (mix_dense): a matrix inside dst would be overwritten
+  const T* h_end = hadamard_m.data() + hadamard_m.size();
+  if (hadamard_m.size() > 0 && hadamard_m.data() < dst.data() + dst.size() && dst.data() < h_end)
+    throw std::invalid_argument("hadamard_m overlaps dst");
   if (interleave < 1) throw std::invalid_argument("interleave must be at least 1");
   if (n <= 0 || n > INT64_MAX / interleave || src.size() % static_cast<size_t>(n * interleave) != 0)
     throw std::invalid_argument("the buffer size must be a multiple of n * interleave");

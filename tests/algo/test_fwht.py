@@ -315,6 +315,25 @@ def test_the_binding_refuses_partly_overlapping_or_misaligned_buffers():
         native.fwht(odd, odd, 8, np.ones((1, 1), np.float32), 1.0, 1)
 
 
+def test_the_binding_refuses_a_hadamard_factor_inside_dst():
+    """The plan reads a dense H_m while the transform writes dst: a matrix inside dst was overwritten midway
+    (max error 30.7, a fuzzing helper found)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    h = rng.choice([-1.0, 1.0], size=(12, 12)).astype(np.float32)  # not Paley: used as the dense matrix
+    x = rng.standard_normal(96).astype(np.float32)
+    memory = np.zeros(96 + 144, np.float32)
+    inside = memory[72:216].reshape(12, 12)
+    inside[:] = h
+    with pytest.raises(ValueError, match="hadamard_m overlaps dst"):
+        native.fwht(x, memory[:96], 24, inside, 1.0, 1)
+    apart = np.empty_like(x)
+    native.fwht(x, apart, 24, h, 1.0, 1)  # the same matrix elsewhere
+    dense = np.kron(h, np.array([[1.0, 1.0], [1.0, -1.0]], np.float32))  # H_m kron H_2
+    np.testing.assert_allclose(apart, (dense @ x.reshape(4, 24).T).T.reshape(-1), rtol=1e-5, atol=1e-4)
+
+
 def test_a_huge_thread_count_is_capped():
     """Threads sharing one long row used to be started as asked: 2**31 - 1 made libgomp abort the process
     ('Out of memory allocating 463856469096 bytes'), 100000 crashed it (run in a child, which would die)."""

@@ -116,3 +116,25 @@ def test_an_ensemble_over_stacked_permutations_runs_under_compiled_vmap_with_bat
         y = torch.compile(vmap(member, in_dims=(0, 0, None)), backend="aot_eager")(params, buffers, x)
     with torch.no_grad():
         torch.testing.assert_close(y, torch.stack([m(x) for m in members]))
+
+
+def test_a_strided_permutation_replaced_through_data_is_noticed():
+    """The values the indices were built from were cloned with the permutation's own strides, then compared byte
+    for byte with a contiguous replacement: another permutation with the same bytes in another order passed as
+    unchanged, and the layer kept stale indices (a fuzzing helper found)."""
+    torch.manual_seed(0)
+    layer = DeepSpectralLinear(16, 16, depth=2)
+    evens, odds = list(range(0, 16, 2)), list(range(1, 16, 2))
+    strided = torch.tensor([evens + odds, odds + evens]).view(2, 1, 16).permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    layer.permutation.data = strided
+    with torch.no_grad():
+        layer.permutation[0, 0, 0] = layer.permutation[0, 0, 0].item()  # a version bump: rebuilt from it
+    x = torch.randn(3, 16)
+    layer(x)
+    same_bytes = torch.empty(0, dtype=torch.long).set_(strided.untyped_storage(), 0, (2, 1, 16)).clone()
+    assert not torch.equal(same_bytes, strided)
+    layer.permutation.data = same_bytes
+    fresh = DeepSpectralLinear(16, 16, depth=2)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)

@@ -229,8 +229,28 @@ def test_native_path_refuses_parameters_of_the_wrong_shape(name, bad):
 def test_native_path_refuses_a_wrong_gradient_shape():
     layer = make_layer(64, 128, 1, torch.float32)
     args = (layer.in_scale, None, layer.out_scale, True, layer._flat_perm, layer.transform_length)
-    with pytest.raises(ValueError, match=r"grad must be \(rows, out_features\)"):
+    with pytest.raises(ValueError, match=r"grad must be a CPU tensor \(rows, out_features\)"):
         native_spectral_grads(torch.randn(3, 64), torch.randn(3, 127), *args, groups=1, want_input_grad=True)
+
+
+def test_the_native_helpers_refuse_buffers_of_another_dtype_than_x():
+    """Called directly (they are in the module's __all__), a float32 scale or gradient beside float64 x was read
+    as float64: twice its size, past its end (SIGSEGV at a guard page, a fuzzing helper found)."""
+    layer = make_layer(64, 128, 1, torch.float64)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    args = (layer.in_scale.detach(), None, layer.out_scale.detach(), None, layer._flat_perm, layer.transform_length)
+    native_spectral_forward(x, *args)  # consistent
+    for index in (0, 2):
+        wrong = list(args)
+        wrong[index] = wrong[index].float()
+        with pytest.raises(ValueError, match="CPU tensors of one dtype"):
+            native_spectral_forward(x, *wrong)
+    with pytest.raises(ValueError, match="CPU tensors of one dtype"):
+        native_spectral_forward(x.float(), *args)
+    grad_args = (layer.in_scale.detach(), None, layer.out_scale.detach(), True, layer._flat_perm,
+                 layer.transform_length)
+    with pytest.raises(ValueError, match=r"grad must be a CPU tensor .* of x's dtype torch.float64, got .*float32"):
+        native_spectral_grads(x, torch.randn(3, 128), *grad_args, groups=1, want_input_grad=True)
 
 
 def test_strided_parameters_and_parametrized_layers_match_the_reference_path(monkeypatch):

@@ -897,18 +897,17 @@ def _check_out(x: torch.Tensor, out: object) -> None:
 
 def _memory_relation(x: torch.Tensor, out: torch.Tensor) -> str:
     """How ``out``'s memory relates to ``x``'s: ``"same"`` (the same memory with the same strides), ``"apart"``
-    (another storage, or byte ranges that do not meet), ``"overlap"`` (ranges that meet, and both tensors fill
+    (byte ranges that do not meet), ``"overlap"`` (ranges that meet, and both tensors fill
     theirs: some element is in both), or ``"maybe"`` (ranges that meet where one has gaps, such as ``s[:, ::2]``
     and ``s[:, 1::2]``: too costly to settle, as torch finds it). Tensors without memory of their own (meta,
-    tracing, torch.func wrappers) and empty ones count as apart; so do views of one buffer through two
-    storages (``torch.from_numpy`` of overlapping arrays), which torch does not see either."""
+    tracing, torch.func wrappers) and empty ones count as apart. Byte ranges are compared whatever the
+    storages: two ``torch.from_numpy`` views of overlapping parts of one array have storages of their own
+    (counted apart, such an ``out`` was written while ``x`` was read: a wrong result)."""
     if out is x:
         return "same"
     if x.device.type == "meta" or x.numel() == 0 or not (_dispatches_plainly(x) and _dispatches_plainly(out)):
         return "apart"
     try:
-        if x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            return "apart"
         if x.data_ptr() == out.data_ptr() and x.stride() == out.stride():
             return "same"
         x_span, out_span = _span_bytes(x), _span_bytes(out)

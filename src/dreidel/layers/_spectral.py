@@ -83,7 +83,7 @@ def _same_values(current: torch.Tensor, built_from: torch.Tensor) -> bool:
         return False
     if not current.is_cpu:  # meta (shapes only), or a device
         return True
-    if current.is_contiguous():
+    if current.is_contiguous() and built_from.is_contiguous():  # the same element order in memory
         return native.bytes_equal(current.data_ptr(), built_from.data_ptr(), current.nbytes)
     return torch.equal(current, built_from)
 
@@ -482,7 +482,7 @@ class _SpectralLinearBase(LazyModuleMixin, nn.Module):
         # a load_state_dict there): autograd saves them, so a later training step or double backward would fail.
         with torch.inference_mode(False):
             indices = _indices_from(perm, self.in_features, self.transform_length)
-            values = perm.detach().clone()
+            values = perm.detach().clone(memory_format=torch.contiguous_format)  # compared byte for byte
         replaced = self._buffers.get("_flat_perm")
         for name, value in zip(_INDEX_NAMES, indices):
             self.register_buffer(name, value, persistent=False)

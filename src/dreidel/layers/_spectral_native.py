@@ -27,8 +27,9 @@ def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor
 
     The kernels take raw addresses (``csrc/module.cc``: at batch 1, NumPy views of the eight buffers cost
     several times the kernel), so this checks that every buffer is C-contiguous and has the shape the kernels
-    will read, and raises ``ValueError`` otherwise. The callers have checked that all are CPU tensors of one
-    float dtype (``runs_native_eager``); the kernels check the permutation's entries.
+    will read, and that the float buffers are CPU tensors of ``x``'s dtype, float32 or float64 (the layers'
+    callers have checked that with ``runs_native_eager``; called directly, a float32 scale with float64 ``x``
+    was read past its end), and raises ``ValueError`` otherwise; the kernels check the permutation's entries.
     """
     # Sizes from three shapes; the rest by element counts, which is what bounds the kernels' reads.
     n = x.shape[1] if x.dim() == 2 else 0
@@ -39,7 +40,10 @@ def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor
         n > 0 and n_scale == n and blocks > 0 and depth > 0 and out > 0 and width == blocks * length
         and (inner_scale.numel() == (depth - 1) * width if inner_scale is not None else depth == 1)
         and (bias is None or bias.numel() == out)
-        and flat_perm.dtype == torch.int32
+        and flat_perm.dtype == torch.int32 and flat_perm.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t is None or (t.dtype == x.dtype and t.device.type == "cpu")
+                for t in (x, in_scale, inner_scale, out_scale, bias))
     )
     contiguous = (x.is_contiguous() and in_scale.is_contiguous() and out_scale.is_contiguous()
                   and flat_perm.is_contiguous() and (inner_scale is None or inner_scale.is_contiguous())
@@ -50,8 +54,8 @@ def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor
             for name, t in (("x", x), ("in_scale", in_scale), ("inner_scale", inner_scale), ("out_scale", out_scale),
                             ("bias", bias), ("flat_perm", flat_perm)))
         raise ValueError(
-            f"spectral layer tensors do not fit together (transform length {length}): expected contiguous "
-            f"x (rows, n), in_scale (blocks, n), inner_scale (depth - 1, blocks, length) or None at depth 1, "
+            f"spectral layer tensors do not fit together (transform length {length}): expected contiguous CPU "
+            f"tensors of one dtype (float32 or float64): x (rows, n), in_scale (blocks, n), inner_scale (depth - 1, blocks, length) or None at depth 1, "
             f"out_scale (out,), bias (out,) or None, int32 flat_perm (depth, blocks * length); got {described}"
         )
     constants = kernel_constants(length, x.dtype)
@@ -95,8 +99,9 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
                                                  _kernel_copy_or_none(inner_scale), _kernel_copy(out_scale))
     layer = _layer_at(x, in_scale, inner_scale, out_scale, None, flat_perm, length)
     rows = x.shape[0]
-    if grad.shape != (rows, layer[1]):
-        raise ValueError(f"grad must be (rows, out_features) = {(rows, layer[1])}, got {tuple(grad.shape)}")
+    if grad.shape != (rows, layer[1]) or grad.dtype != x.dtype or grad.device.type != "cpu":
+        raise ValueError(f"grad must be a CPU tensor (rows, out_features) = {(rows, layer[1])} of x's dtype "
+                         f"{x.dtype}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
     empty, dtype = torch.empty, x.dtype
     grads = {"in_scale": empty((groups, *in_scale.shape), dtype=dtype),
              "out_scale": empty((groups, *out_scale.shape), dtype=dtype)}
