@@ -126,6 +126,15 @@ def test_out_sharing_part_of_x_or_with_inplace_or_a_bad_dim_or_grad_is_refused()
     torch.testing.assert_close(out, dr.fwht(x.detach()))
 
 
+def test_a_negated_view_of_outs_memory_is_not_taken_for_x_itself():
+    """fwht(torch._neg_view(t), out=t) has x at out's address with out's strides: it was taken as in place,
+    the negation dropped (a review; complex.conj().imag makes such views)."""
+    t = torch.randn(4, 16)
+    expected = dr.fwht_reference(-t)
+    dr.fwht(torch._neg_view(t), out=t)
+    torch.testing.assert_close(t, expected)
+
+
 def test_memory_shared_through_two_storages_is_seen():
     """Two torch.from_numpy views of one array have storages of their own: an out overlapping x that way was
     taken as apart and written while x was read (max error 4.9, a fuzzing helper found)."""

@@ -991,6 +991,43 @@ def test_a_registered_layer_whose_spec_leaves_a_size_to_data_is_refused_at_save(
         model.save(tmp_path / "m")
 
 
+class _NeedsItsSize(nn.Module):
+    def __init__(self, size: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((size,), scale))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _ReadsAValue(nn.Module):
+    """Its constructor needs a real value (``.item()`` has no meta kernel): load and save's check build it for
+    real."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(int(torch.tensor(size).item())))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_spec_whose_arguments_its_constructor_refuses_is_refused_at_save(tmp_path, monkeypatch):
+    """An args_of that leaves out a required argument saved a checkpoint that load refused (a review)."""
+    from dreidel.api import layer_specs
+
+    monkeypatch.setitem(layer_specs.LAYER_TYPES, "_NeedsItsSize", (_NeedsItsSize, lambda m: {"scale": 1.0}))
+    model = api.Sequential(_NeedsItsSize(4)).build((4,))
+    with pytest.raises(ValueError, match="cannot save layer '0': load\\(\\) could not build _NeedsItsSize from .*size"):
+        model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    monkeypatch.setitem(layer_specs.LAYER_TYPES, "_ReadsAValue", (_ReadsAValue, lambda m: {"size": m.weight.numel()}))
+    fine = api.Sequential(_ReadsAValue(4)).build((4,))
+    fine.save(tmp_path / "n")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(api.load(tmp_path / "n")(x), fine(x))
+
+
 def test_torch_compile_keywords_pass_to_an_optimizer_factory():
     """Only a named optimizer's keywords are known: a factory may take its own `mode` (a review)."""
     def factory(model, mode="adam"):

@@ -149,6 +149,15 @@ def test_large_direct_tables_are_not_kept_after_the_call(monkeypatch):
     assert _resample._cached_direct_kernel_table.cache_info().currsize == 0
 
 
+@pytest.mark.parametrize("rate", [192001, 44100])  # the direct path and the polyphase one
+def test_a_batch_of_no_channels_gives_no_channels(rate):
+    """A (0, n) batch divided by zero in the direct path (the step size per batch row) and failed to reshape in
+    the polyphase one (a review)."""
+    out = resample(torch.zeros(0, rate), rate, 16000)
+    assert out.shape == (0, 16000)
+    assert resample(torch.zeros(2, 0, rate, dtype=torch.float64), rate, 16000).shape == (2, 0, 16000)
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.bool])
 def test_complex_and_bool_audio_are_refused(dtype):
     """A complex tensor lost its imaginary part with only torch's generic warning."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _optim_helpers import resumed_copy, train_step
-from dreidel.layers import LinearWHT
+from dreidel.layers import Conv2dSpectral, LinearWHT
 from dreidel.optim import KFAC
 from dreidel.optim._kfac_blocks import robust_eigh
 
@@ -258,7 +258,9 @@ def test_weight_matrices_left_to_the_base_optimizer_are_a_warning(make, named, c
         warnings.simplefilter("error")
         with caplog.at_level(logging.INFO, logger="dreidel.optim"):
             KFAC(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.PReLU(), nn.Linear(4, 2)))
-    assert "1 (BatchNorm1d), 2 (PReLU)" in caplog.text
+            # dreidel's own layers: Conv2dSpectral's depthwise kernel takes plain steps by design
+            KFAC(nn.Sequential(Conv2dSpectral(3, 8, 3), nn.Flatten()))
+    assert "1 (BatchNorm1d), 2 (PReLU)" in caplog.text and "0 (Conv2dSpectral)" in caplog.text
 
 
 def test_failed_decomposition_retries_with_jitter(monkeypatch, caplog):

@@ -909,7 +909,8 @@ def _memory_relation(x: torch.Tensor, out: torch.Tensor) -> str:
         return "apart"
     try:
         if x.data_ptr() == out.data_ptr() and x.stride() == out.stride():
-            return "same"
+            # a lazily negated view of out's memory (complex.conj().imag) is not x itself: computed apart
+            return "same" if x.is_neg() == out.is_neg() else "maybe"
         x_span, out_span = _span_bytes(x), _span_bytes(out)
         if not (x.data_ptr() < out.data_ptr() + out_span and out.data_ptr() < x.data_ptr() + x_span):
             return "apart"

@@ -645,14 +645,20 @@ def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
     ``state_dict`` differs from that (pruned by ``torch.nn.utils.prune``, which keeps ``weight_orig`` and
     ``weight_mask``; the hook-based ``weight_norm`` / ``spectral_norm``; a buffer registered on it afterwards)
     would save a checkpoint that cannot load, so ``save`` refuses it, naming the tensors. The layer is rebuilt
-    on the meta device (nothing allocated; the caller keeps torch's random state); one whose constructor needs
-    real tensors is left to ``load``'s own checks."""
-    cls, args = check_layer_spec(spec, f"layer {name!r}")
+    on the meta device (nothing allocated; the caller keeps torch's random state) as ``load`` rebuilds it: on
+    the CPU where an operator has no meta kernel there (``.item()``), and what its constructor refuses (an
+    ``args_of`` that leaves an argument out) is a ``ValueError`` naming the layer, as ``load`` would raise."""
+    where = f"layer {name!r}"
+    cls, args = check_layer_spec(spec, where)
     try:
         with torch.device("meta"):
             rebuilt = cls(**args)
-    except Exception:  # a constructor that needs real tensors (or numpy) there: load builds it for real
-        return
+    except RuntimeError:  # no meta kernel (NotImplementedError too): load builds it for real, and so does this
+        with torch.device("cpu"):
+            rebuilt = construct_layer(cls, args, where)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError) as error:
+        raise ValueError(f"cannot save {where}: load() could not build {cls.__name__} from args {args}: {error}") \
+            from error
     if any(nn.parameter.is_lazy(t) for t in (*rebuilt.parameters(), *rebuilt.buffers())):
         raise ValueError(f"cannot save layer {name!r} ({type(layer).__name__}): its arguments {spec['args']} leave a "
                          "size to be learnt from data (a lazy layer), so load() could not rebuild it: its "

@@ -108,7 +108,8 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     Args:
         audio: 16 kHz float waveform ``(..., samples)`` (tensor or array), or the path of an audio file, read with
             :func:`dreidel.audio.load_audio` (as openai/whisper's ``log_mel_spectrogram`` takes one).
-        n_mels: 80 (Whisper up to large-v2) or 128 (large-v3).
+        n_mels: 80 (Whisper up to large-v2) or 128 (large-v3); another count (a converted checkpoint's) is
+            computed the same way, with ``mel_filters``' warning where some filters would be empty.
         padding: zeros appended before the transform (Whisper's transcribe pads by ``N_SAMPLES``).
 
     Returns:
@@ -117,14 +118,12 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
 
     Raises:
         ValueError: fewer than 201 samples after padding (the centred 400-point frame needs them), a NaN or
-            infinite sample, samples so large that their power spectrum overflows float32 (about 1e17 and
-            more), or ``n_mels`` other than 80 and 128; for a path, what ``load_audio`` raises.
+            infinite sample, or samples so large that their power spectrum overflows float32 (about 1e17 and
+            more); for a path, what ``load_audio`` raises. ``n_mels`` as for ``mel_filters``.
         TypeError: samples that are not floating point.
     """
     if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"padding must be an int >= 0 (zeros appended), got {padding!r}")  # -k trimmed silently
-    if isinstance(n_mels, bool) or n_mels not in (80, 128):
-        raise ValueError(f"n_mels must be 80 or 128 (Whisper's), got {n_mels!r}")
     if isinstance(audio, (str, os.PathLike)):
         from dreidel.audio._load import load_audio  # here: _load imports this module
 

@@ -153,8 +153,8 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     n_in = audio.shape[-1]
     n_out = -(-n_in * new // orig)  # ceil
     leading = audio.shape[:-1]
-    if n_in == 0:
-        return audio.new_zeros(*leading, 0)
+    if audio.numel() == 0:  # no samples, or no channels (a (0, n) batch)
+        return audio.new_zeros(*leading, n_out)
     compute_dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
     half_width = _filter_size(orig, new, zero_crossings, rolloff)[1]
     if new * (2 * half_width + 2) > _MAX_DIRECT_TABLE:

@@ -193,18 +193,12 @@ def cached_speech(text: str, voice: str = "en-us", rate: int = 175, cache_dir=".
     """The WAV file of ``text`` spoken with these settings, synthesised once into ``cache_dir`` (relative to
     the current directory unless absolute).
 
-    The file name is a hash of (text, voice, rate, pitch and the espeakng-loader release, whose eSpeak NG may
-    speak otherwise), so a changed sentence or an upgraded voice gets a new file. A cached file that does not
-    read back as whole audio (cut short or damaged by something else: dreidel writes it atomically) is
-    synthesised again.
+    The file name is a hash of (text, voice, rate, pitch), so a changed sentence gets a new file (`make` installs
+    the espeakng-loader release pinned in constraints.txt). A cached file that does not read back
+    as whole audio (cut short or damaged by something else: dreidel writes it atomically) is synthesised
+    again.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        engine = version("espeakng-loader")
-    except PackageNotFoundError:  # synthesize names the missing package
-        engine = "?"
-    key = hashlib.sha256(f"{voice}\x1f{rate}\x1f{pitch}\x1f{engine}\x1f{text}".encode("utf-8")).hexdigest()[:24]
+    key = hashlib.sha256(f"{voice}\x1f{rate}\x1f{pitch}\x1f{text}".encode("utf-8")).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.wav"
     if not _reads_back(path):
         synthesize_to_file(text, path, voice=voice, rate=rate, pitch=pitch)

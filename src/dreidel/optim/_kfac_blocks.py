@@ -425,6 +425,12 @@ def _holds_matrix(params) -> bool:
     return any(p.requires_grad and p.dim() >= 2 for p in params)
 
 
+def _dreidel_layer(module: nn.Module) -> bool:
+    """dreidel's own layers: what they keep outside K-FAC blocks (the depthwise kernel of Conv2dSpectral, whose
+    channel mixing is factored) takes plain steps by design, not worth a warning."""
+    return type(module).__module__.split(".")[0] == "dreidel"
+
+
 def find_blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, bool]], list[str]]:
     """K-FAC blocks of ``model`` (a matched module's children are not visited); the modules that own trainable
     parameters but have no block, each as ``(description, whether one of them is a matrix or kernel)``; and
@@ -457,7 +463,7 @@ def find_blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, bool]], 
             frozen.append(name or type(module).__name__)
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             unsupported.append((f"{name or '<root>'} ({type(module).__name__})",
-                                _holds_matrix(module.parameters(recurse=False))))
+                                _holds_matrix(module.parameters(recurse=False)) and not _dreidel_layer(module)))
         if isinstance(module, nn.MultiheadAttention):
             # it uses out_proj's weight functionally, never calling the Linear: no factors would come
             for child_name, child in module.named_children():
