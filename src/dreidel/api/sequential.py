@@ -456,15 +456,16 @@ class Sequential(nn.Sequential):
         for callback in callbacks:
             callback.on_train_begin(self)
         self.history = history = History()  # after the callbacks' checks: a refused fit keeps the last history
+        runner = self._runner()
         try:
             for epoch in range(initial_epoch, epochs):
                 for callback in callbacks:
                     callback.on_epoch_begin(self, epoch)
-                logs = _training.train_epoch(self._runner(), train, optimizer, compiled.loss, compiled.metrics, epoch,
+                logs = _training.train_epoch(runner, train, optimizer, compiled.loss, compiled.metrics, epoch,
                                              self._check_training_batch, shuffle, generator, verbose,
                                              f"epoch {epoch + 1}/{epochs}")
                 if validation is not None:
-                    logs.update(_training.evaluate_pass(self._runner(), validation, compiled.loss, compiled.metrics,
+                    logs.update(_training.evaluate_pass(runner, validation, compiled.loss, compiled.metrics,
                                                         self._check_input, prefix="val_"))
                     if progress_enabled(verbose):  # the bar showed the training figures; these come after it
                         figures = ", ".join(f"{key} {value:.4f}" for key, value in logs.items() if key.startswith("val_"))
@@ -675,7 +676,8 @@ def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
             f"cannot save layer {name!r} ({type(layer).__name__}): its state_dict {found}, but load() rebuilds it "
             f"from its arguments with exactly {sorted(expected)}. Make such a change permanent first (after "
             "torch.nn.utils.prune: prune.remove(layer, 'weight'); after the hook-based weight_norm / spectral_norm: "
-            "torch.nn.utils.remove_weight_norm / remove_spectral_norm); a buffer registered on a layer after it was built cannot be saved")
+            "torch.nn.utils.remove_weight_norm / remove_spectral_norm); a buffer registered on a layer after it was "
+            "built cannot be saved")
     resized = sorted(key for key in have if have[key] != expected[key])
     if resized:
         key = resized[0]
@@ -722,8 +724,8 @@ def _check_metric_names(metrics: list) -> None:
 def _sample_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints, or ``TypeError`` / ``ValueError`` naming it."""
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (tuple, list, torch.Size)):
-        raise TypeError(f"input_shape must be a tuple (or list) of ints, the shape of one sample without the batch dimension "
-                        f"(e.g. (784,)), got {input_shape!r}")
+        raise TypeError(f"input_shape must be a tuple (or list) of ints, the shape of one sample without the batch "
+                        f"dimension (e.g. (784,)), got {input_shape!r}")
     try:
         shape = tuple(None if isinstance(d, bool) else operator.index(d) for d in input_shape)
     except TypeError:

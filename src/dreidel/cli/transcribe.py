@@ -109,8 +109,8 @@ def write_outputs(result, targets: dict[str, Path]) -> None:
 
 
 # Files transcribed together, then written (and printed) before the next group is decoded: a Ctrl-C or a crash
-# keeps what earlier groups wrote. transcribe's default batch size: 8 inputs fill a batch of 8 windows (with timestamps
-# it decodes each input's windows in order, one input per batch slot), and 8 short clips one of 8 windows.
+# keeps what earlier groups wrote. transcribe's default batch size: 8 inputs fill a batch of 8 windows (with
+# timestamps it decodes each input's windows in order, one input per batch slot), and 8 short clips one.
 FILES_PER_GROUP = 8
 
 
@@ -151,9 +151,9 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
-def _print_result(report: _Report, path: str, result, targets: dict[str, Path], segments: bool) -> int:
-    """One file's lines: its text, its segments if asked, its times and the files written; 1 if it was decoded
-    (audio shorter than one 10 ms mel frame, an empty file included, is not: no real-time factor)."""
+def _print_result(report: _Report, path: str, result, targets: dict[str, Path], segments: bool) -> None:
+    """One file's lines: its text, its segments if asked, its times and the files written. Audio shorter than
+    one 10 ms mel frame (an empty file included) is not decoded: no real-time factor."""
     report.line(f"{path}: {result.text}")
     if segments:
         for segment in result.segments:
@@ -162,7 +162,6 @@ def _print_result(report: _Report, path: str, result, targets: dict[str, Path], 
     report.line(f"  {result.seconds_audio:.2f} s audio, {result.seconds_compute:.2f} s compute, RTF {rtf}")
     for written in targets.values():
         report.line(f"  wrote {written}")
-    return 1 if result.tokens else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"dreidel transcribe: error: {error}") from None
             for path, result, targets in zip(args.files[group], results, outputs[group]):
                 write_outputs(result, targets)  # then its lines: a write that fails leaves those before it printed
-                decoded += _print_result(report, path, result, targets, getattr(args, "segments", False))
+                _print_result(report, path, result, targets, getattr(args, "segments", False))
                 if result.tokens:
+                    decoded += 1
                     total_audio += result.seconds_audio
                     total_compute += result.seconds_compute
     finally:

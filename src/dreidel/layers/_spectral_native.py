@@ -55,8 +55,9 @@ def _layer_at(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor
                             ("bias", bias), ("flat_perm", flat_perm)))
         raise ValueError(
             f"spectral layer tensors do not fit together (transform length {length}): expected contiguous CPU "
-            f"tensors of one dtype (float32 or float64): x (rows, n), in_scale (blocks, n), inner_scale (depth - 1, blocks, length) or None at depth 1, "
-            f"out_scale (out,), bias (out,) or None, int32 flat_perm (depth, blocks * length); got {described}"
+            f"tensors of one dtype (float32 or float64): x (rows, n), in_scale (blocks, n), inner_scale "
+            f"(depth - 1, blocks, length) or None at depth 1, out_scale (out,), bias (out,) or None, int32 "
+            f"flat_perm (depth, blocks * length); got {described}"
         )
     constants = kernel_constants(length, x.dtype)
     return (n, out, length, blocks, depth, constants.m, in_scale.data_ptr(),

@@ -214,8 +214,8 @@ class KFAC(CurvatureOptimizer):
         # and shifts alone (BatchNorm) are usually left to it on purpose: a note in the log.
         matrices = [description for description, holds_matrix in unsupported if holds_matrix]
         if matrices:
-            warnings.warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base optimizer "
-                          "takes plain steps on them", UserWarning, stacklevel=2)
+            warnings.warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base "
+                          "optimizer takes plain steps on them", UserWarning, stacklevel=2)
         others = [description for description, holds_matrix in unsupported if not holds_matrix]
         if others:
             logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(others))
