@@ -264,3 +264,43 @@ def test_a_permission_error_the_os_raises_keeps_its_path_when_a_callback_names_i
     named = _naming_callback(PermissionError(13, "Permission denied", "/data/secret/sub/log.csv"), "CSVLogger")
     assert isinstance(named, PermissionError) and named.errno == 13
     assert str(named) == "[Errno 13] CSVLogger: Permission denied: '/data/secret/sub/log.csv'"
+
+
+def _small_problem():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=generator)
+    return x, (x[:, 0] > 0).long()
+
+
+def test_csv_logger_with_append_keeps_the_rows_of_the_run_it_resumes(tmp_path):
+    """Each fit rewrote the file from its own rows only: resuming with initial_epoch lost the first run's rows
+    (a user audit). append=True (Keras's name) keeps them; an epoch logged again replaces its row."""
+    x, y = _small_problem()
+    path = tmp_path / "log.csv"
+    model = api.Sequential(nn.Linear(6, 2)).compile("sgd", metrics=["accuracy"], lr=0.1)
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[api.CSVLogger(path)])
+    model.fit(x, y, epochs=5, initial_epoch=2, verbose=0, validation_data=(x, y),
+              callbacks=[api.CSVLogger(path, append=True)])
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["epoch"] for row in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[0]["val_loss"] == "" and rows[4]["val_loss"] != ""  # validation came with the second run
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[api.CSVLogger(path)])  # without append: afresh
+    with open(path, newline="") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["0"]
+    path.write_text("not,a,log\n1,2,3\n")
+    with pytest.raises(ValueError, match="is not a CSV log with an 'epoch' column"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[api.CSVLogger(path, append=True)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: api.EarlyStopping(monitor="val_f1"),
+    lambda: api.ModelCheckpoint("ckpt", monitor="auc", save_best_only=True),
+])
+def test_auto_mode_asks_for_the_direction_of_a_key_it_does_not_know(make):
+    """mode='auto' minimised every key without 'accuracy' in its name: a custom f1 or auc stopped early on
+    improvement and kept the worst checkpoint (a user audit). Keras 3 refuses to guess too."""
+    with pytest.raises(ValueError, match="mode='auto' cannot tell whether .* should fall or rise"):
+        make()
+    assert api.EarlyStopping(monitor="val_f1", mode="max")._improves(0.9, 0.8, 0.0)
+    api.ModelCheckpoint("ckpt", monitor="auc")  # not compared without save_best_only

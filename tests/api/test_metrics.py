@@ -73,3 +73,14 @@ def test_labels_as_a_column_and_ties_count_like_sklearn():
     assert TopKAccuracy(3)(tied, torch.full((6,), 2)) == 1.0 and TopKAccuracy(3)(tied, torch.full((6,), 3)) == 0.0
     with pytest.raises(ValueError, match=r"targets of shape \(100, 3\) are neither labels nor scores"):
         Accuracy()(scores, torch.rand(100, 3, generator=generator))
+
+
+@pytest.mark.parametrize("output, target, message", [
+    (torch.randn(16), torch.randint(0, 2, (16,)), r"needs class scores \(B, C\) with C >= 2, got outputs of shape \(16,\)"),
+    (torch.randn(4, 4, 3), torch.randint(0, 3, (4,)), r"labels of shape \(4,\) do not match the outputs \(4, 4, 3\)"),
+])
+def test_accuracy_refuses_outputs_and_labels_that_do_not_pair(output, target, message):
+    """A (B,) output was ranked over the batch (each batch one sample), and (B,) labels broadcast against
+    (B, T, C) outputs where B == T: silent nonsense (a user audit)."""
+    with pytest.raises(ValueError, match=message):
+        resolve_metric("accuracy")(output, target)

@@ -60,13 +60,19 @@ def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
 
 
 def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], bool], float]:
-    """``(improves(current, best, min_delta), worst)`` for ``mode`` in min/max/auto (auto: max for accuracies).
+    """``(improves(current, best, min_delta), worst)`` for ``mode`` in min/max/auto. ``"auto"``: max for a name
+    with ``accuracy`` in it, min for one with ``loss``, and for any other a ``ValueError`` asking for the mode,
+    as Keras 3 does (a custom ``f1`` or ``auc`` was minimised: early stops on improvement, checkpoints of the
+    worst epoch).
 
     ``best`` starts at ``worst`` (+inf, or -inf for max), as in Keras, so that the first value improves on it
     unless it is NaN: a NaN compares false, so it never counts as an improvement (nor becomes ``best``).
     """
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto" and "accuracy" not in monitor and "loss" not in monitor:
+        raise ValueError(f"mode='auto' cannot tell whether {monitor!r} should fall or rise (it knows losses and "
+                         "accuracies): pass mode='min' or mode='max'")
     if mode == "max" or (mode == "auto" and "accuracy" in monitor):
         return (lambda current, best, delta: current > best + delta), -math.inf
     return (lambda current, best, delta: current < best - delta), math.inf
@@ -80,7 +86,8 @@ class EarlyStopping(Callback):
     only on its own early stop, leaving a run that ends on a worse epoch with that epoch's weights). ``best``
     is the best value so far (+inf, or -inf in max mode, until one improves on it: a NaN never does) and
     ``best_epoch`` its epoch; ``stopped_epoch`` is the epoch after which this callback stopped training (None
-    if it did not).
+    if it did not). ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (max for a key with ``accuracy`` in its name,
+    min for one with ``loss``; any other needs ``mode``, a ``ValueError`` says so).
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -133,14 +140,16 @@ class ModelCheckpoint(Callback):
     ``path`` may contain ``{epoch}`` (1-based) and any logged key, e.g. ``"ckpt/e{epoch:02d}-{val_loss:.3f}"``.
     With ``save_best_only``, ``best`` is the best value saved so far, over every ``fit`` the callback is given to
     (+inf, or -inf in max mode, before the first save; as Keras keeps it), so a later fit never overwrites a
-    better checkpoint; a NaN never counts as an improvement.
+    better checkpoint; a NaN never counts as an improvement. ``mode`` as for ``EarlyStopping`` (used only with
+    ``save_best_only``).
     """
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto") -> None:
         self.path = str(path)
         self.monitor, self.save_best_only = monitor, save_best_only
-        self._improves, self._worst = _improves(mode, monitor)
+        # Without save_best_only the monitor is not compared: any key will do with "auto"
+        self._improves, self._worst = _improves("min" if mode == "auto" and not save_best_only else mode, monitor)
         self.best = self._worst
         self.saved_paths: list[Path] = []
         try:
@@ -197,20 +206,42 @@ def _naming_callback(error: ValueError | PermissionError, callback: str) -> Valu
 
 
 class CSVLogger(Callback):
-    """Write one CSV row per epoch (``epoch`` then the logged keys); the file is rewritten atomically each epoch."""
+    """Write one CSV row per epoch (``epoch`` then the logged keys); the file is rewritten atomically each epoch.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    With ``append`` (Keras's name), the rows already in the file are kept at the start of each ``fit``, as
+    for a run resumed with ``initial_epoch`` (an epoch logged again replaces its row); without it each ``fit``
+    starts the file afresh.
+    """
+
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+        if not isinstance(append, bool):
+            raise TypeError(f"append must be a bool, got {type(append).__name__}")
         self.path = Path(path)
-        self._rows: list[dict[str, float]] = []
+        self.append = append
+        self._rows: list[dict[str, object]] = []
 
     def on_train_begin(self, model) -> None:
-        self._rows = []
         try:  # before the first epoch trains, not after it
             check_file_target(self.path)
         except (ValueError, PermissionError) as error:
             raise _naming_callback(error, "CSVLogger") from None
+        self._rows = self._earlier_rows() if self.append else []
+
+    def _earlier_rows(self) -> list[dict[str, object]]:
+        """The rows of the file this logger writes, if there is one: a CSV log with an ``epoch`` column."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8", newline="") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+        if rows and (reader.fieldnames is None or "epoch" not in reader.fieldnames
+                     or not all(row["epoch"].isdigit() for row in rows)):
+            raise ValueError(f"CSVLogger: {self.path} is not a CSV log with an 'epoch' column of epoch numbers, so "
+                             "append=True cannot go on with it")
+        return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        self._rows = [row for row in self._rows if row["epoch"] != epoch]
         self._rows.append({"epoch": epoch, **logs})
         columns = list(dict.fromkeys(key for row in self._rows for key in row))
         buffer = io.StringIO()

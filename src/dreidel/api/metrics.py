@@ -20,6 +20,10 @@ def _class_indices(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"accuracy: targets of shape {tuple(target.shape)} are neither labels nor scores shaped "
                              f"like the outputs {tuple(output.shape)}")
         return target.argmax(dim=-1)
+    if target.shape != output.shape[:-1]:  # broadcasting (B,) labels against (B, T) rows counted nonsense
+        raise ValueError(f"accuracy: labels of shape {tuple(target.shape)} do not match the outputs "
+                         f"{tuple(output.shape)}: expected labels {tuple(output.shape[:-1])} (or with a trailing 1), "
+                         "or scores shaped like the outputs")
     return target
 
 
@@ -35,7 +39,9 @@ class TopKAccuracy:
         self.name = "accuracy" if k == 1 else f"top_{k}_accuracy"
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> float:
-        if output.shape[-1] < 2:  # the arg-max of one output is always 0: every sample would count as right
+        # The arg-max of one output is always 0 (every sample right), and a (B,) output's runs over the batch
+        # (each batch counted as one sample)
+        if output.dim() < 2 or output.shape[-1] < 2:
             raise ValueError(f"{self.name} needs class scores (B, C) with C >= 2, got outputs of shape "
                              f"{tuple(output.shape)}; for one output, pass a callable metric that thresholds it")
         if self.k > output.shape[-1]:

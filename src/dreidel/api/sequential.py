@@ -260,7 +260,9 @@ class Sequential(nn.Sequential):
             optimizer: a name (``"adam"``, ``"sgd"``, ``"diagonal_newton"``, ``"kfac"``), a
                 ``torch.optim.Optimizer`` instance, or a factory ``(model) -> Optimizer``; resolved by
                 ``dreidel.optim.build_optimizer`` once the model is built.
-            loss: ``"cross_entropy"``, ``"mse"``, ``"kl_divergence"``, an instance from ``dreidel.api.losses``
+            loss: ``"cross_entropy"``, ``"mse"``, ``"kl_divergence"`` (distillation: targets are a teacher's
+                logits, not probabilities as Keras's loss of that name takes; see ``losses.KLDivergence``), an
+                instance from ``dreidel.api.losses``
                 (e.g. ``CrossEntropy(label_smoothing=0.1)``) or any callable ``(output, target) -> scalar``.
             metrics: names (``"accuracy"``, ``"top_5"``) or callables ``(output, target) -> float``, logged
                 under distinct names (``metric_name``), none of them ``loss``, ``lr``, ``epoch`` or ``val_*``.
