@@ -465,6 +465,33 @@ def test_summary_of_a_padded_spectral_layer_and_a_layer_used_twice():
     assert api.Sequential(LinearWHT(32)).num_parameters() == 0  # lazy: nothing yet
 
 
+def test_summary_counts_dreidels_convolution_and_attention_and_an_embedding():
+    """They were marked '?' and left out of the total: a Conv3dSpectral model reported 0 FLOPs (a user audit).
+    Expected counts derived here from what the layers compute (the module docstring's convention)."""
+    from dreidel.api.summary import fwht_flops, summarize
+    from dreidel.layers import Conv3dSpectral, MultiHeadAttentionSpectral
+
+    conv = api.Sequential(Conv2dSpectral(3, 8, 3, padding=1, activation="relu")).build((8, 8, 3))
+    mix = conv[0].channel_mix  # a LinearWHT(3, 8): 3 inputs padded to 4, two blocks
+    assert (mix.transform_length, mix.num_blocks) == (4, 2)
+    mix_per_position = 2 * (fwht_flops(4) + 3) + 8 + 8  # transforms and in-scales, s_out, bias
+    depthwise = 64 * 3 * 2 * 9  # 64 positions, 3 channels, a 3x3 kernel: a multiply and an add per tap
+    assert summarize(conv, (8, 8, 3), torch.float32)[0].flops == depthwise + 64 * mix_per_position + 64 * 8
+
+    conv3 = api.Sequential(Conv3dSpectral(4, 4, 2)).build((3, 3, 3, 4))
+    positions = 2 * 2 * 2  # no padding, stride 1
+    per_position = fwht_flops(4) + 4 + 4 + 4
+    assert summarize(conv3, (3, 3, 3, 4), torch.float32)[0].flops == positions * (4 * 2 * 8 + per_position)
+
+    attention = api.Sequential(nn.Embedding(20, 16), MultiHeadAttentionSpectral(16, 2)).build((5,), torch.int64)
+    rows = summarize(attention, (5,), torch.int64)
+    projection = fwht_flops(16) + 16 + 16 + 16  # a LinearWHT(16, 16): one block
+    scores = 2 * 5 * 5  # heads x T x T
+    assert rows[0].flops == 0  # a lookup
+    assert rows[1].flops == 5 * 4 * projection + 2 * (2 * 5 * 5 * 16) + scores * 4
+    assert "?" not in attention.summary()
+
+
 def test_summary_of_an_unbuilt_model_needs_an_input_shape():
     model = api.Sequential(LinearWHT(16), nn.ReLU())
     model(torch.randn(2, 20))  # a direct call does not set it (the message said the model had seen no data)

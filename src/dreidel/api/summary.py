@@ -1,9 +1,17 @@
 """``Sequential.summary``: per-layer output shapes, parameter counts and floating-point operations per sample.
 
-FLOPs count one multiply and one add as two operations. For a spectral layer with transform length
-``L = m·2^k`` (``m`` in 1, 12, 20, 28) a fast Walsh-Hadamard transform costs ``L·k`` additions for the
-butterflies plus ``L·(m - 1)`` for the ``m``-point Hadamard blocks plus ``L`` for the orthonormal scaling;
-every diagonal scaling, the bias and the activation add one operation per element.
+FLOPs count one multiply and one add as two operations; gathers and copies (permutations, an embedding's
+lookup, flattening) count none. For a spectral layer with transform length ``L = m·2^k`` (``m`` in 1, 12, 20,
+28) a fast Walsh-Hadamard transform costs ``L·k`` additions for the butterflies plus ``L·(m - 1)`` for the
+``m``-point Hadamard blocks plus ``L`` for the orthonormal scaling; every diagonal scaling, the bias and the
+activation add one operation per element. ``nn.Linear``: ``2·in·out`` plus ``out`` for the bias. A spectral
+convolution: its depthwise kernel (``2·prod(kernel)`` per input channel and output position) and its channel
+mixing (a linear layer per output position). Spectral attention over ``T`` positions: its four projections per
+position, ``2·T²·E`` for the scores and as many for the weighted sum, and per score one for the scaling and
+three for the softmax (the maximum, the exponential and the division; the sum's additions as well), counted
+over all ``T²`` pairs even where a causal mask leaves half of them out. Layer and batch norms count five per
+element (the mean, the variance, the subtraction, the division and the affine step folded in), softmax three.
+Layers of other types are marked ``?`` and left out of the total.
 """
 
 from __future__ import annotations
@@ -15,12 +23,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dreidel.layers import DeepSpectralLinear, LinearWHT
+from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
 
 __all__ = ["LayerRow", "format_summary", "fwht_flops", "layer_flops", "summarize"]
 
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
-_FREE = (nn.Identity, nn.Dropout, nn.Flatten)
+_FREE = (nn.Identity, nn.Dropout, nn.Flatten, nn.Embedding)
 _HADAMARD_BASES = (28, 20, 12, 1)
 
 
@@ -58,12 +66,44 @@ _ROW_FLOPS: dict[type, Callable[[nn.Module], int]] = {
 }
 
 
+def _row_flops(layer: nn.Module) -> int | None:
+    """FLOPs per row of the last dimension of a linear layer (a spectral layer's own or a projection); None when
+    its type is not counted."""
+    count = _ROW_FLOPS.get(type(layer))
+    return None if count is None else count(layer)
+
+
+def _conv_flops(layer: Conv2dSpectral | Conv3dSpectral, output_shape: tuple[int, ...]) -> int | None:
+    """A spectral convolution's FLOPs for one sample with channels-last ``output_shape`` ``(*spatial, C_out)``."""
+    mix = _row_flops(layer.channel_mix)
+    if mix is None:
+        return None
+    positions = math.prod(output_shape[:-1])
+    depthwise = positions * layer.in_channels * 2 * math.prod(layer.kernel_size)
+    activation = math.prod(output_shape) if layer.activation is not None else 0
+    return depthwise + positions * mix + activation
+
+
+def _attention_flops(layer: MultiHeadAttentionSpectral, input_shape: tuple[int, ...]) -> int | None:
+    """Self-attention's FLOPs for one sample ``(T, E)`` (see the module docstring)."""
+    projections = [_row_flops(p) for p in (layer.query, layer.key, layer.value, layer.out)]
+    if any(p is None for p in projections) or len(input_shape) != 2:
+        return None
+    positions, width = input_shape
+    scores = layer.num_heads * positions * positions
+    return positions * sum(projections) + 2 * (2 * positions * positions * width) + scores * (1 + 3)
+
+
 def layer_flops(layer: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int | None:
     """FLOPs for one sample through ``layer`` (shapes exclude the batch dimension); None when unknown."""
     output_elements = math.prod(output_shape)
     if type(layer) in _ROW_FLOPS:
         rows = math.prod(input_shape[:-1])
         return rows * _ROW_FLOPS[type(layer)](layer)
+    if isinstance(layer, (Conv2dSpectral, Conv3dSpectral)):
+        return _conv_flops(layer, output_shape)
+    if isinstance(layer, MultiHeadAttentionSpectral):
+        return _attention_flops(layer, input_shape)
     if isinstance(layer, _ELEMENTWISE):
         return output_elements
     if isinstance(layer, _FREE):
