@@ -288,9 +288,26 @@ def test_csv_logger_with_append_keeps_the_rows_of_the_run_it_resumes(tmp_path):
     model.fit(x, y, epochs=1, verbose=0, callbacks=[api.CSVLogger(path)])  # without append: afresh
     with open(path, newline="") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0"]
-    path.write_text("not,a,log\n1,2,3\n")
-    with pytest.raises(ValueError, match="is not a CSV log with an 'epoch' column"):
+    for text in ("not,a,log\n1,2,3\n", "loss,epoch\n0.7,0\n0.6\n", "epoch,loss\n0,0.7,extra\n"):
+        path.write_text(text)  # no epoch column; a short row; a long row
+        with pytest.raises(ValueError, match="is not a CSV log with an 'epoch' column"):
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[api.CSVLogger(path, append=True)])
+    path.write_bytes(b"epoch,loss\n0,\xe9\n")  # not UTF-8
+    with pytest.raises(ValueError, match="is not a CSV log"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[api.CSVLogger(path, append=True)])
+
+
+def test_csv_logger_append_drops_the_rows_a_resumed_run_supersedes(tmp_path):
+    """A resume from epoch 2 that stopped after epoch 3 left the old run's rows 4 and 5 after them: epochs
+    0, 1, 4, 5, 2, 3 in the file (a review). A spreadsheet's byte-order mark is read past."""
+    x, y = _small_problem()
+    path = tmp_path / "log.csv"
+    model = api.Sequential(nn.Linear(6, 2)).compile("sgd", lr=0.1)
+    model.fit(x, y, epochs=6, verbose=0, callbacks=[api.CSVLogger(path)])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    model.fit(x, y, epochs=4, initial_epoch=2, verbose=0, callbacks=[api.CSVLogger(path, append=True)])
+    with open(path, newline="") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2", "3"]
 
 
 @pytest.mark.parametrize("make", [
@@ -304,3 +321,7 @@ def test_auto_mode_asks_for_the_direction_of_a_key_it_does_not_know(make):
         make()
     assert api.EarlyStopping(monitor="val_f1", mode="max")._improves(0.9, 0.8, 0.0)
     api.ModelCheckpoint("ckpt", monitor="auc")  # not compared without save_best_only
+    with pytest.raises(ValueError, match="cannot tell"):  # names matched whole, not by substring (a review)
+        api.EarlyStopping(monitor="inaccuracy")
+    assert api.EarlyStopping(monitor="val_top_5_accuracy")._improves(0.9, 0.8, 0.0)
+    assert api.EarlyStopping(monitor="val_kl_loss")._improves(0.1, 0.2, 0.0)

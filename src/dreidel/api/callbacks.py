@@ -60,8 +60,9 @@ def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
 
 
 def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], bool], float]:
-    """``(improves(current, best, min_delta), worst)`` for ``mode`` in min/max/auto. ``"auto"``: max for a name
-    with ``accuracy`` in it, min for one with ``loss``, and for any other a ``ValueError`` asking for the mode,
+    """``(improves(current, best, min_delta), worst)`` for ``mode`` in min/max/auto. ``"auto"``: max for
+    ``accuracy`` or a name ending ``_accuracy``, min for ``loss`` or one ending ``_loss`` (``val_`` left aside),
+    and for any other a ``ValueError`` asking for the mode,
     as Keras 3 does (a custom ``f1`` or ``auc`` was minimised: early stops on improvement, checkpoints of the
     worst epoch).
 
@@ -70,10 +71,12 @@ def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], 
     """
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    if mode == "auto" and "accuracy" not in monitor and "loss" not in monitor:
+    name = monitor.removeprefix("val_")
+    accuracy = name == "accuracy" or name.endswith("_accuracy")  # top_5_accuracy too
+    if mode == "auto" and not accuracy and not (name == "loss" or name.endswith("_loss")):
         raise ValueError(f"mode='auto' cannot tell whether {monitor!r} should fall or rise (it knows losses and "
                          "accuracies): pass mode='min' or mode='max'")
-    if mode == "max" or (mode == "auto" and "accuracy" in monitor):
+    if mode == "max" or (mode == "auto" and accuracy):
         return (lambda current, best, delta: current > best + delta), -math.inf
     return (lambda current, best, delta: current < best - delta), math.inf
 
@@ -86,8 +89,8 @@ class EarlyStopping(Callback):
     only on its own early stop, leaving a run that ends on a worse epoch with that epoch's weights). ``best``
     is the best value so far (+inf, or -inf in max mode, until one improves on it: a NaN never does) and
     ``best_epoch`` its epoch; ``stopped_epoch`` is the epoch after which this callback stopped training (None
-    if it did not). ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (max for a key with ``accuracy`` in its name,
-    min for one with ``loss``; any other needs ``mode``, a ``ValueError`` says so).
+    if it did not). ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (max for ``accuracy`` and ``*_accuracy``, min
+    for ``loss`` and ``*_loss``, ``val_`` aside; any other key needs ``mode``, a ``ValueError`` says so).
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -208,9 +211,9 @@ def _naming_callback(error: ValueError | PermissionError, callback: str) -> Valu
 class CSVLogger(Callback):
     """Write one CSV row per epoch (``epoch`` then the logged keys); the file is rewritten atomically each epoch.
 
-    With ``append`` (Keras's name), the rows already in the file are kept at the start of each ``fit``, as
-    for a run resumed with ``initial_epoch`` (an epoch logged again replaces its row); without it each ``fit``
-    starts the file afresh.
+    With ``append`` (Keras's name), the rows already in the file are kept at the start of each ``fit``, up to
+    the fit's first epoch: a run resumed with ``initial_epoch`` supersedes the old rows from there on. Without
+    it each ``fit`` starts the file afresh.
     """
 
     def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
@@ -219,6 +222,7 @@ class CSVLogger(Callback):
         self.path = Path(path)
         self.append = append
         self._rows: list[dict[str, object]] = []
+        self._first_of_fit = True
 
     def on_train_begin(self, model) -> None:
         try:  # before the first epoch trains, not after it
@@ -226,21 +230,30 @@ class CSVLogger(Callback):
         except (ValueError, PermissionError) as error:
             raise _naming_callback(error, "CSVLogger") from None
         self._rows = self._earlier_rows() if self.append else []
+        self._first_of_fit = True
 
     def _earlier_rows(self) -> list[dict[str, object]]:
         """The rows of the file this logger writes, if there is one: a CSV log with an ``epoch`` column."""
         if not self.path.is_file():
             return []
-        with open(self.path, encoding="utf-8", newline="") as file:
-            reader = csv.DictReader(file)
-            rows = list(reader)
+        refusal = (f"CSVLogger: {self.path} is not a CSV log with an 'epoch' column of epoch numbers, so "
+                   "append=True cannot go on with it")
+        try:  # utf-8-sig: a byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the first column's name
+            with open(self.path, encoding="utf-8-sig", newline="") as file:
+                reader = csv.DictReader(file)
+                rows = list(reader)
+        except (UnicodeDecodeError, csv.Error):
+            raise ValueError(refusal) from None
+        # a short row has None for the fields it lacks, a long one its extra fields under the key None
         if rows and (reader.fieldnames is None or "epoch" not in reader.fieldnames
-                     or not all(row["epoch"].isdigit() for row in rows)):
-            raise ValueError(f"CSVLogger: {self.path} is not a CSV log with an 'epoch' column of epoch numbers, so "
-                             "append=True cannot go on with it")
+                     or not all(None not in row and (row["epoch"] or "").isdigit() for row in rows)):
+            raise ValueError(refusal)
         return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
     def on_epoch_end(self, model, epoch: int, logs: dict[str, float]) -> None:
+        if self._first_of_fit:  # a resumed run supersedes the old rows from its first epoch on
+            self._rows = [row for row in self._rows if row["epoch"] < epoch]
+            self._first_of_fit = False
         self._rows = [row for row in self._rows if row["epoch"] != epoch]
         self._rows.append({"epoch": epoch, **logs})
         columns = list(dict.fromkeys(key for row in self._rows for key in row))

@@ -458,8 +458,8 @@ class Sequential(nn.Sequential):
         for callback in callbacks:
             callback.on_train_begin(self)
         self.history = history = History()  # after the callbacks' checks: a refused fit keeps the last history
-        runner = self._runner()
         try:
+            runner = self._runner()  # inside: a torch.compile argument it refuses still ends the callbacks' run
             for epoch in range(initial_epoch, epochs):
                 for callback in callbacks:
                     callback.on_epoch_begin(self, epoch)
@@ -546,10 +546,10 @@ class Sequential(nn.Sequential):
         device, dtype = self._device_and_dtype()
         source = make_source(x, None, batch_size, need_targets=False, dtype=dtype, device=device,
                              no_single_last=_has_batch_norm(self))
+        runner = self._runner()
         was_training = self.training
         self.eval()
         outputs = []
-        runner = self._runner()
         try:
             with torch.no_grad():
                 for index, (batch, _) in enumerate(source.batches(False, None)):
