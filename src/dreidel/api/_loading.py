@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dreidel.api.layer_specs import check_layer_spec, construct_layer
+from dreidel.api.layer_specs import CONSTRUCTOR_REFUSALS, check_layer_spec, construct_layer, holds_lazy_tensors
 from dreidel.io.checkpoint import TensorHeader, require_config_keys
 
 __all__ = ["BuildBudget", "LayerPlan", "build_within_tensor_file", "check_config", "check_dry_run_size",
@@ -109,13 +109,12 @@ def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:
         try:
             with torch.device("meta"):
                 layer = plan.cls(**plan.args)
-        # the constructor refused the arguments (torch asserts some: Embedding's padding_idx in range)
-        except (TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError) as error:
+        except CONSTRUCTOR_REFUSALS as error:
             raise ValueError(f"{plan.where}: cannot build {plan.cls.__name__} from args {plan.args}: {error}") from error
         except RuntimeError:  # e.g. .item() or an operator without a meta kernel: built for real within the
             layers.append(None)  # tensor file's size (build_within_tensor_file) and checked after that
             continue
-        if any(nn.parameter.is_lazy(t) for t in (*layer.parameters(), *layer.buffers())):
+        if holds_lazy_tensors(layer):
             raise ValueError(f"{plan.where}: args {plan.args} leave a size to be learnt from data (a lazy layer); "
                              "a checkpoint must declare every size (e.g. in_features)")
         layers.append(layer)

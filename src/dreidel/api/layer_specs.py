@@ -19,8 +19,8 @@ from torch.nn.utils import parametrize
 from dreidel.layers import Conv2dSpectral, Conv3dSpectral, DeepSpectralLinear, LinearWHT, MultiHeadAttentionSpectral
 from dreidel.layers._registry import INIT_ONLY_ARGS
 
-__all__ = ["LAYER_TYPES", "REFUSED_ARGS", "build_layer", "check_layer_spec", "construct_layer", "layer_spec",
-           "register_layer_type"]
+__all__ = ["CONSTRUCTOR_REFUSALS", "LAYER_TYPES", "REFUSED_ARGS", "build_layer", "check_layer_spec", "construct_layer",
+           "holds_lazy_tensors", "layer_spec", "register_layer_type"]
 
 ArgsOf = Callable[[nn.Module], dict[str, Any]]
 
@@ -270,12 +270,22 @@ def build_layer(spec: Any, where: str = "layer spec") -> nn.Module:
     return construct_layer(cls, args, where)
 
 
+# What a constructor raises for arguments it refuses: torch asserts some (Embedding's padding_idx in range), and
+# a value of an unexpected type fails as the constructor first uses it. (A RuntimeError may be a missing meta
+# kernel instead: the meta builds of load and save tell the two apart.)
+CONSTRUCTOR_REFUSALS = (TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError)
+
+
+def holds_lazy_tensors(module: nn.Module) -> bool:
+    """Whether a parameter or buffer of ``module`` still waits for its first input to learn its size."""
+    return any(nn.parameter.is_lazy(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def construct_layer(cls: type[nn.Module], args: dict[str, Any], where: str) -> nn.Module:
     """``cls(**args)`` with the constructor's own complaints (bad values) raised as a ValueError naming ``where``."""
     try:
         return cls(**args)
     except NotImplementedError:  # an operator missing on this device (e.g. meta), not a bad argument
         raise
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, AssertionError) as error:
-        # torch asserts some; a value of an unexpected type fails as the constructor first uses it
+    except (*CONSTRUCTOR_REFUSALS, RuntimeError) as error:
         raise ValueError(f"{where}: cannot build {cls.__name__} from args {args}: {error}") from error

@@ -31,7 +31,8 @@ from dreidel.api._batches import BatchSource, check_targets, int_at_least, make_
 from dreidel.api.callbacks import Callback
 from dreidel.api.history import History
 from dreidel.api import _loading
-from dreidel.api.layer_specs import check_layer_spec, construct_layer, layer_spec
+from dreidel.api.layer_specs import (CONSTRUCTOR_REFUSALS, check_layer_spec, construct_layer, holds_lazy_tensors,
+                                     layer_spec)
 from dreidel.api.losses import resolve_loss
 from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
@@ -149,7 +150,7 @@ class Sequential(nn.Sequential):
     @property
     def is_built(self) -> bool:
         """Whether every parameter and buffer exists (no lazy layer waits for its first input)."""
-        return not any(nn.parameter.is_lazy(t) for t in (*self.parameters(), *self.buffers()))
+        return not holds_lazy_tensors(self)
 
     def build(self, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> "Sequential":
         """Fix ``input_shape`` (per sample, without the batch dimension) and materialise lazy layers.
@@ -659,10 +660,10 @@ def _refuse_state_beyond_spec(name: str, layer: nn.Module, spec: dict) -> None:
     except RuntimeError:  # no meta kernel (NotImplementedError too): load builds it for real, and so does this
         with torch.device("cpu"):
             rebuilt = construct_layer(cls, args, where)
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError) as error:
+    except CONSTRUCTOR_REFUSALS as error:
         raise ValueError(f"cannot save {where}: load() could not build {cls.__name__} from args {args}: {error}") \
             from error
-    if any(nn.parameter.is_lazy(t) for t in (*rebuilt.parameters(), *rebuilt.buffers())):
+    if holds_lazy_tensors(rebuilt):
         raise ValueError(f"cannot save layer {name!r} ({type(layer).__name__}): its arguments {spec['args']} leave a "
                          "size to be learnt from data (a lazy layer), so load() could not rebuild it: its "
                          "registered args_of must give every size")

@@ -97,9 +97,9 @@ def _attention_flops(layer: MultiHeadAttentionSpectral, input_shape: tuple[int, 
 def layer_flops(layer: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int | None:
     """FLOPs for one sample through ``layer`` (shapes exclude the batch dimension); None when unknown."""
     output_elements = math.prod(output_shape)
-    if type(layer) in _ROW_FLOPS:
-        rows = math.prod(input_shape[:-1])
-        return rows * _ROW_FLOPS[type(layer)](layer)
+    row = _row_flops(layer)
+    if row is not None:
+        return math.prod(input_shape[:-1]) * row
     if isinstance(layer, (Conv2dSpectral, Conv3dSpectral)):
         return _conv_flops(layer, output_shape)
     if isinstance(layer, MultiHeadAttentionSpectral):
