@@ -15,7 +15,6 @@ import numbers
 import operator
 import os
 import sys
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dreidel._warnings import warn
 from dreidel.api import _training
 from dreidel.api._training import progress_enabled
 from dreidel.api._batches import BatchSource, check_targets, int_at_least, make_source, targets_like
@@ -141,10 +141,10 @@ class Sequential(nn.Sequential):
             _release(self._compiled.optimizer)
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
         elif any(p.requires_grad for p in layer.parameters()):
-            warnings.warn(f"add: the optimizer instance given to compile does not update the new layer's "
+            warn(f"add: the optimizer instance given to compile does not update the new layer's "
                           f"parameters ({type(layer).__name__}); fit will not train them. Compile again with "
                           "an optimizer over model.parameters(), or a name or factory, which cover new layers",
-                          stacklevel=2)
+                          )
         return self
 
     @property
@@ -360,10 +360,9 @@ class Sequential(nn.Sequential):
                              "parameters (was it built over another module?); build it over model.parameters(), "
                              "or give compile a name or a factory")
         if missing:
-            warnings.warn(f"{method}: the optimizer instance does not update {len(missing)} trainable parameter(s) of "
+            warn(f"{method}: the optimizer instance does not update {len(missing)} trainable parameter(s) of "
                           f"the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fit will not "
-                          "train them. Compile again with an optimizer over model.parameters(), or a name or factory",
-                          stacklevel=3)
+                          "train them. Compile again with an optimizer over model.parameters(), or a name or factory")
 
     # ---------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,

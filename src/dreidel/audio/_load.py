@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import os
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dreidel._warnings import warn
 from dreidel.audio._mel import SAMPLE_RATE
 from dreidel.audio._resample import resample
 
@@ -25,11 +25,11 @@ _FLOAT_PEAK_WARNING = 1.5
 ARRAY_PEAK_WARNING = "audio: float samples"
 
 
-def _warn_beyond_full_scale(samples: np.ndarray, what: str, guess: str, stacklevel: int) -> None:
+def _warn_beyond_full_scale(samples: np.ndarray, what: str, guess: str) -> None:
     """Warn where float ``samples`` pass ``_FLOAT_PEAK_WARNING`` in magnitude (``what`` reach ..., ``guess``)."""
     peak = float(np.abs(samples).max()) if samples.size else 0.0
     if peak > _FLOAT_PEAK_WARNING:
-        warnings.warn(f"{what} reach {peak:g}, expected [-1, 1]: {guess}", stacklevel=stacklevel)
+        warn(f"{what} reach {peak:g}, expected [-1, 1]: {guess}")
 
 
 def pcm_to_float(samples: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
     if np.issubdtype(samples.dtype, np.floating):
         samples = samples.astype(np.float32, copy=False)
         _warn_beyond_full_scale(samples, ARRAY_PEAK_WARNING, "integer PCM values given as floats? (int16: divide "
-                                "by 32768)", stacklevel=4)
+                                "by 32768)")
         return samples
     if samples.dtype == np.int64:
         raise TypeError("audio samples: int64 is no PCM format (int16, int32, uint8 are; torch.tensor of Python "
@@ -281,8 +281,7 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
             raise ValueError(f"sample_rate must be None for a file (its rate is read from {path_or_array})")
         samples, rate = _read_file(Path(path_or_array))
         # libsndfile scales integer PCM into [-1, 1): only a float file's samples can pass it
-        _warn_beyond_full_scale(samples, f"{path_or_array}: samples", "a float file of unscaled values?",
-                                stacklevel=3)
+        _warn_beyond_full_scale(samples, f"{path_or_array}: samples", "a float file of unscaled values?")
         waveform = torch.from_numpy(np.ascontiguousarray(samples))
     elif isinstance(path_or_array, (np.ndarray, torch.Tensor)):
         rate = SAMPLE_RATE if sample_rate is None else sample_rate

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numbers
 import os
-import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from dreidel._checks import check_count
+from dreidel._warnings import warn
 
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",
@@ -80,8 +80,8 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
     filters = _mel_filters_float64(int(n_mels), int(sample_rate), int(n_fft))
     empty = int((filters.max(axis=1) == 0).sum())
     if empty:
-        warnings.warn(f"mel_filters: {empty} of {n_mels} filters are empty (no FFT bin of n_fft={n_fft} falls "
-                      "inside them): fewer mels, or a larger n_fft", UserWarning, stacklevel=2)
+        warn(f"mel_filters: {empty} of {n_mels} filters are empty (no FFT bin of n_fft={n_fft} falls "
+                      "inside them): fewer mels, or a larger n_fft")
     return torch.from_numpy(filters).to(dtype)
 
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import stat
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import safetensors.torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dreidel._warnings import warn
 from dreidel._files import (check_parents, give_usual_file_mode, keep_mode_of, staging_dir, staging_prefix,
                             written_path)
 
@@ -504,5 +504,5 @@ def _remove_old_checkpoint(path: Path) -> None:
             pass  # not ours to change: rmtree reports what stays
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):
-        warnings.warn(f"saved the new checkpoint, but could not remove the one it replaced: it is left at {path}",
-                      RuntimeWarning, stacklevel=4)
+        warn(f"saved the new checkpoint, but could not remove the one it replaced: it is left at {path}",
+                      RuntimeWarning)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dreidel._warnings import warn
 from dreidel.layers._curvature import PerSampleGradients
 
 
@@ -282,11 +282,11 @@ class ActivationCapture:
             del kept[0]
             if not self._warned_full:
                 self._warned_full = True
-                warnings.warn(f"curvature capture: more than {self.MAX_RECORDS} calls of a layer recorded since the "
+                warn(f"curvature capture: more than {self.MAX_RECORDS} calls of a layer recorded since the "
                               "optimizer's last step or zero_grad(); the oldest are dropped, so the next curvature "
                               "update sees only the latest. Forward passes with gradients outside training keep "
                               "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
-                              "training is over", stacklevel=3)
+                              "training is over")
         kept.append(record)
         output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_arrived(module, record,
                                                                                                    grad)))
@@ -402,13 +402,13 @@ class _PassStartHook(_WeakCaptureHook):
 
 def warn_no_records(optimizer: str, step: int) -> None:
     """Warn that a step meant to use recorded layer inputs found none."""
-    warnings.warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
+    warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
                   "or skips the update: zero_grad() between the forward pass and backward() drops them, and "
                   "gradients taken with torch.autograd.grad() give none. Call optimizer.zero_grad() before the "
                   "forward pass and loss.backward() after it. A model compiled with torch.compile that ran a "
                   "forward pass with gradients before this optimizer was built keeps running that compiled code, "
                   "without the optimizer's hooks: build the optimizer before the first compiled forward pass, or "
-                  "call torch._dynamo.reset() after building it", stacklevel=4)
+                  "call torch._dynamo.reset() after building it")
 
 
 def _remove_handles(handles: list) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
 from dreidel._checks import check_count, check_number
+from dreidel._warnings import warn
 from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_torch_options,
                                  named_model_parameters)
 from dreidel.optim._capture import ActivationCapture, RandomDraws, warn_no_records
@@ -214,8 +214,8 @@ class KFAC(CurvatureOptimizer):
         # and shifts alone (BatchNorm) are usually left to it on purpose: a note in the log.
         matrices = [description for description, holds_matrix in unsupported if holds_matrix]
         if matrices:
-            warnings.warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base "
-                          "optimizer takes plain steps on them", UserWarning, stacklevel=2)
+            warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base "
+                          "optimizer takes plain steps on them")
         others = [description for description, holds_matrix in unsupported if not holds_matrix]
         if others:
             logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(others))
