@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 
@@ -36,3 +37,11 @@ def check_count(name: str, value, minimum: int = 1, maximum: int | None = None) 
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}: expected an int <= {maximum}, got {value}")
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool: a Python or NumPy bool; ``TypeError`` naming ``name`` otherwise (a string such as
+    ``"no"``, or a number, would pass an ``if`` as true or false without saying)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.40}")

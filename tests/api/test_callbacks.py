@@ -325,3 +325,30 @@ def test_auto_mode_asks_for_the_direction_of_a_key_it_does_not_know(make):
         api.EarlyStopping(monitor="inaccuracy")
     assert api.EarlyStopping(monitor="val_top_5_accuracy")._improves(0.9, 0.8, 0.0)
     assert api.EarlyStopping(monitor="val_kl_loss")._improves(0.1, 0.2, 0.0)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: api.callbacks.ModelCheckpoint(None), TypeError, "path: expected a str or os.PathLike, got NoneType"),
+    (lambda: api.callbacks.ModelCheckpoint("ckpt", save_best_only="False"), TypeError,
+     r"save_best_only: expected a bool .* got str 'False'"),
+    (lambda: api.callbacks.EarlyStopping(restore_best_weights="no"), TypeError,
+     r"restore_best_weights: expected a bool .* got str 'no'"),
+    (lambda: api.callbacks.EarlyStopping(monitor=None), TypeError,
+     "monitor: expected the name of a logged value such as 'val_loss', got None"),
+])
+def test_callback_arguments_are_checked_by_name(make, error, message, tmp_path, monkeypatch):
+    """ModelCheckpoint(None) wrote a checkpoint to ./None; the string 'False' turned save_best_only on."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize("returned", [True, None, "0.1"])
+def test_a_schedule_returning_no_learning_rate_is_named(returned):
+    """True became a learning rate of 1.0; None a bare float() TypeError."""
+    model = api.Sequential(nn.Linear(4, 2)).compile("sgd", lr=0.1)
+    schedule = api.callbacks.LearningRateScheduler(lambda epoch, lr: returned)
+    with pytest.raises(TypeError, match=f"schedule: expected a learning rate \\(a float\\) back at epoch 0, got "
+                                        f"{type(returned).__name__}"):
+        model.fit(torch.randn(8, 4), torch.randint(0, 2, (8,)), callbacks=[schedule], verbose=0)
+    assert model.optimizer.param_groups[0]["lr"] == 0.1

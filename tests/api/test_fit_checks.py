@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import dreidel.api.sequential as sequential
 from dreidel import api
+from dreidel.api import callbacks
 from dreidel.api.callbacks import ModelCheckpoint
 
 
@@ -251,6 +252,14 @@ def test_load_refuses_an_input_dtype_the_layers_cannot_take(tmp_path):
     (lambda m, x, y: m.summary(input_shape=8), TypeError, "input_shape must be a tuple \\(or list\\) of ints"),
     (lambda m, x, y: m.build((8, 0)), ValueError, "input_shape must hold positive ints"),
     (lambda m, x, y: m.build((8,), "int64"), TypeError, "dtype: expected a torch.dtype"),
+    (lambda m, x, y: m.fit(x, y, shuffle="no", verbose=0), TypeError, r"shuffle: expected a bool .* got str 'no'"),
+    (lambda m, x, y: m.fit(x, y, callbacks=callbacks.EarlyStopping("loss"), verbose=0), TypeError,
+     r"callbacks: expected a list of callbacks, got one EarlyStopping; pass callbacks=\[EarlyStopping\(\.\.\.\)\]"),
+    (lambda m, x, y: m.fit(x, -torch.rand(len(x), 3), verbose=0), ValueError,
+     r"cross_entropy's float targets are class probabilities, each row non-negative and summing to 1; in y they "
+     r"range from -.* rows summing to"),
+    (lambda m, x, y: m.fit(x, (torch.rand(len(x), 3) > 0.5).float(), verbose=0), ValueError,
+     r"several labels per sample with a binary loss"),
 ])
 def test_bad_arguments_are_named(call, error, message):
     x, y = _data()
@@ -319,3 +328,37 @@ def test_validation_figures_follow_each_epochs_progress_bar(monkeypatch, capsys)
     assert "val_accuracy" in lines[0]
     model.fit(x, y, epochs=1, validation_split=0.25, verbose=0)
     assert "val_loss" not in capsys.readouterr().err
+
+
+def test_probability_targets_and_label_smoothing_train():
+    """Rows that sum to 1 within their dtype's rounding pass the check of cross_entropy's float targets."""
+    x, y = _data()
+    probabilities = torch.nn.functional.one_hot(y, 3).float() * 0.9 + 0.1 / 3
+    model = api.Sequential(nn.Linear(8, 3)).compile()
+    model.fit(x, probabilities, verbose=0)
+    model.fit(x, probabilities.half().float(), verbose=0)
+
+
+def test_kl_divergence_refuses_probabilities_as_teacher_targets():
+    """Probabilities (Keras's convention) were softmaxed again: a teacher sure at 0.999 became 0.58."""
+    x, _ = _data()
+    teacher_logits = 4 * torch.randn(len(x), 3, generator=torch.Generator().manual_seed(1))
+    model = api.Sequential(nn.Linear(8, 3)).compile(loss="kl_divergence")
+    with pytest.raises(ValueError, match=r"kl_divergence takes the teacher's logits, but every target row in y is "
+                                         r"non-negative and sums to 1.*p.log\(\)"):
+        model.fit(x, teacher_logits.softmax(-1), verbose=0)
+    model.fit(x, teacher_logits, verbose=0)
+    model.fit(x, teacher_logits.softmax(-1).log(), verbose=0)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl_divergence"])
+def test_a_softmax_before_a_loss_on_logits_is_warned_of(loss):
+    x, y = _data()
+    targets = y if loss == "cross_entropy" else torch.randn(len(x), 3)
+    model = api.Sequential(nn.Linear(8, 3), nn.Softmax(dim=-1)).compile(loss=loss)
+    with pytest.warns(UserWarning, match=f"the model ends in nn.Softmax, but {loss} takes logits"):
+        model.fit(x, targets, verbose=0)
+    quiet = api.Sequential(nn.Linear(8, 3), nn.LogSoftmax(dim=-1)).compile(loss=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.fit(x, targets, verbose=0)

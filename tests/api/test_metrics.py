@@ -84,3 +84,8 @@ def test_accuracy_refuses_outputs_and_labels_that_do_not_pair(output, target, me
     (B, T, C) outputs where B == T: silent nonsense (a user audit)."""
     with pytest.raises(ValueError, match=message):
         resolve_metric("accuracy")(output, target)
+
+
+def test_top_k_refuses_a_bool_k():
+    with pytest.raises(ValueError, match="k must be a positive int, got True"):
+        TopKAccuracy(True)

@@ -630,7 +630,7 @@ def test_cross_entropy_needs_one_row_of_logits_per_sample(targets):
     (B,) labels, a silently wrong loss against probabilities shaped like the output); fit refuses it up front."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, 5, generator=gen)
-    y = torch.randint(0, 3, (16,), generator=gen) if targets == "indices" else torch.rand(16, 1, 3, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen) if targets == "indices" else torch.rand(16, 1, 3, generator=gen).softmax(-1)
     model = api.Sequential(nn.Linear(5, 3)).compile("sgd")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"logits \(B, C\).*gives \(1, 3\) per sample"):

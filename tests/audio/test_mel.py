@@ -1,5 +1,7 @@
 """Whisper's log-mel front end against transformers' WhisperFeatureExtractor and mel_filter_bank."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -133,14 +135,16 @@ def test_a_path_is_loaded_as_openai_whisper_does(tmp_path):
 def test_samples_whose_power_spectrum_overflows_are_refused():
     """Finite samples of 1e18 gave an all-NaN spectrogram without a word (a user audit)."""
     audio = torch.randn(16000, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(log_mel_spectrogram(audio * 1e15)).all()
-    with pytest.raises(ValueError, match=r"audio's samples \(up to .*e\+18\) are too large: .*overflows float32"):
+    with pytest.warns(UserWarning, match="expected \\[-1, 1\\]"):
+        assert torch.isfinite(log_mel_spectrogram(audio * 1e15)).all()
+    with pytest.raises(ValueError, match=r"audio's samples \(up to .*e\+18\) are too large: .*overflows float32"), \
+            pytest.warns(UserWarning, match="expected \\[-1, 1\\]"):
         log_mel_spectrogram(audio * 1e18)
 
 
 def test_log_mel_takes_other_mel_counts_and_warns_of_empty_filters():
     """A converted checkpoint may have another count than Whisper's 80 or 128: computed the same way."""
-    audio = torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    audio = 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
     assert log_mel_spectrogram(audio, n_mels=64).shape == (64, 100)
     with pytest.warns(UserWarning, match="45 of 256 filters are empty"):
         log_mel_spectrogram(audio, n_mels=256)
@@ -156,3 +160,28 @@ def test_mel_filters_warn_of_empty_filters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mel_filters(128)
+
+
+def test_log_mel_warns_of_samples_at_integer_scale():
+    """int16 values given as floats: the mel moved by two decades and tiny.en heard other words, without a word
+    of warning (load_audio warned of the same samples)."""
+    audio = 0.3 * torch.sin(torch.arange(16000) * 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log_mel_spectrogram(audio)
+    with pytest.warns(UserWarning, match=r"log_mel_spectrogram: audio samples reach 9830.*divide by 32768"):
+        log_mel_spectrogram(audio * 32768)
+
+
+def test_mel_filters_refuse_a_rate_in_khz():
+    with pytest.raises(ValueError, match=r"sample_rate: expected a rate in Hz .* got 16: in kHz\?"):
+        mel_filters(sample_rate=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 80 mels up to 500 Hz leave filters empty: a warning of its own
+        assert mel_filters(sample_rate=1000).shape == (80, 201)
+
+
+def test_pad_or_trim_refuses_a_samples_channels_array():
+    """A (16000, 2) stereo array was padded along its channels, to (16000, 480000): 30 GB."""
+    with pytest.raises(ValueError, match=r"pad_or_trim: audio must be \(\.\.\., samples\), got shape \(16000, 2\)"):
+        pad_or_trim(torch.zeros(16000, 2))

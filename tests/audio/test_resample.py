@@ -62,14 +62,25 @@ def test_removes_frequencies_above_the_new_nyquist(rate_in):
     assert out[800:-800].abs().max() < 1e-3
 
 
-def test_batch_shape_identity_and_integers(generator):
+def test_batch_shape_and_identity(generator):
     x = torch.randn(2, 3, 441, generator=generator)
     out = resample(x, 44100, 16000)
     assert out.shape == (2, 3, 160)
     assert torch.allclose(out[1, 2], resample(x[1, 2], 44100, 16000), atol=1e-6)
     assert torch.equal(resample(x, 16000, 16000), x)
     assert resample(torch.zeros(0), 8000, 16000).shape == (0,)
-    assert resample(torch.ones(10, dtype=torch.int16), 8000, 16000).dtype == torch.float32
+
+
+def test_integer_samples_and_a_samples_channels_layout_are_refused():
+    """int16 PCM was cast unscaled (peaks of 20000 passed on as audio); a (samples, 2) stereo array was
+    resampled across its two channels, into (samples, 1)."""
+    with pytest.raises(TypeError, match=r"floating-point samples, got torch.int16 \(integer PCM: .*pcm_to_float"):
+        resample(torch.ones(10, dtype=torch.int16), 8000, 16000)
+    stereo = torch.zeros(16000, 2)
+    with pytest.raises(ValueError, match=r"resample: audio must be \(\.\.\., samples\), got shape \(16000, 2\).*audio.T"):
+        resample(stereo, 16000, 8000)
+    assert resample(stereo.T, 16000, 8000).shape == (2, 8000)
+    assert resample(torch.zeros(63, 1), 16000, 8000).shape == (63, 1)  # short rows, not many times longer
 
 
 @pytest.mark.parametrize("rate", [0, -8000, 8000.5, None])
@@ -161,5 +172,5 @@ def test_a_batch_of_no_channels_gives_no_channels(rate):
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.bool])
 def test_complex_and_bool_audio_are_refused(dtype):
     """A complex tensor lost its imaginary part with only torch's generic warning."""
-    with pytest.raises(TypeError, match=f"audio must hold real samples .*got {dtype}"):
+    with pytest.raises(TypeError, match=f"audio must hold floating-point samples, got {dtype}$"):
         resample(torch.ones(100, dtype=dtype), 44100, 16000)

@@ -87,3 +87,23 @@ def test_numpy_numbers_and_read_only_arrays_are_taken():
 def test_as_dataloader_refuses_scalars_by_name():
     with pytest.raises(ValueError, match="x must have a samples axis"):
         as_dataloader(np.float32(1.0), np.arange(1), batch_size=1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: as_dataloader(np.zeros((4, 2)), np.zeros(4), 2, shuffle="no"), r"shuffle: expected a bool .* got str"),
+    (lambda: as_dataloader(np.zeros((4, 2)), np.zeros(4), 2, generator=0),
+     r"generator: expected a torch.Generator .* got int"),
+    (lambda: as_dataloader(None, np.zeros(4), 2), r"x: expected a tensor or array \(N, \.\.\.\), got NoneType"),
+    (lambda: load_digits(as_tensors="no"), r"as_tensors: expected a bool .* got str 'no'"),
+])
+def test_flags_and_generators_are_checked_by_name(call, message):
+    """'no' was taken as true: shuffled batches, tensors instead of arrays; generator=0 failed only when iterated."""
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_numpy_bools_are_flags_too():
+    x, y = load_digits(as_tensors=np.bool_(False))
+    assert isinstance(x, np.ndarray)
+    batches = list(as_dataloader(np.arange(4.0)[:, None], np.arange(4), 2, shuffle=np.bool_(False)))
+    assert torch.equal(batches[0][1], torch.tensor([0, 1]))

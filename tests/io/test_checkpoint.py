@@ -457,3 +457,12 @@ def test_a_checkpoint_directory_in_a_loop_of_links_is_not_found(tmp_path):
     (tmp_path / "m").symlink_to("m")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory at .* \\(a loop of symbolic links\\)"):
         read_checkpoint(tmp_path / "m")
+
+
+def test_load_state_strict_refuses_a_non_bool_keep_dtypes():
+    """keep_dtypes='no' kept the float64 tensors: the model turned float64."""
+    model = _model()
+    tensors = {key: value.double() for key, value in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"keep_dtypes: expected a bool .* got str 'no'"):
+        load_state_strict(model, tensors, keep_dtypes="no")
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -832,3 +832,15 @@ def test_torch_export_follows_a_permutation_passed_to_functional_call():
     expected = torch.func.functional_call(layer, {"permutation": other.permutation}, (x,))
     torch.testing.assert_close(exported(other.permutation, x), expected)
     torch.testing.assert_close(exported(layer.permutation, x), layer(x))
+
+
+def test_num_parameters_function_checks_its_arguments():
+    from dreidel.layers import num_parameters
+
+    linear = nn.Linear(2, 2)
+    linear.bias.requires_grad_(False)
+    assert num_parameters(linear) == 4 and num_parameters(linear, False) == 6
+    with pytest.raises(TypeError, match=r"trainable_only: expected a bool .* got str 'no'"):
+        num_parameters(linear, "no")
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module, got list"):
+        num_parameters([linear])

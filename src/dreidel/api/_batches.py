@@ -185,6 +185,16 @@ def targets_like(target: torch.Tensor | None, output: torch.Tensor) -> torch.Ten
     return target.to(device=output.device, dtype=output.dtype if target.is_floating_point() else target.dtype)
 
 
+def _rows_are_distributions(target: torch.Tensor) -> bool:
+    """Whether every row (last dimension) of floating ``target`` is finite, non-negative and sums to 1 (to within
+    the rounding of its dtype over the row)."""
+    if target.numel() == 0:
+        return False
+    tolerance = max(1e-3, 4 * torch.finfo(target.dtype).eps * target.shape[-1])
+    sums = target.sum(dim=-1, dtype=torch.float64)
+    return bool(torch.isfinite(target).all() and target.min() >= 0 and ((sums - 1).abs() <= tolerance).all())
+
+
 def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where: str) -> None:
     """Cheap per-batch checks that ``target`` suits ``loss`` and ``output`` ``(B, C)``; ``where`` names the batch."""
     if target is None:
@@ -192,6 +202,10 @@ def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where
     if isinstance(loss, (MeanSquaredError, KLDivergence)) and target.shape != output.shape:
         raise ValueError(f"y: {loss.name} expects targets shaped like the output {tuple(output.shape)}, "
                          f"got {tuple(target.shape)} in {where}")
+    if isinstance(loss, KLDivergence) and target.is_floating_point() and _rows_are_distributions(target):
+        raise ValueError(f"y: kl_divergence takes the teacher's logits, but every target row in {where} is "
+                         "non-negative and sums to 1, as probabilities do (softmaxed again, they would flatten): "
+                         "pass the teacher's logits, or the probabilities' log (p.log())")
     if not isinstance(loss, CrossEntropy):
         return
     if output.dim() != 2:  # torch would take dimension 1 as the classes: (B, 1, C) against (B,) labels failed deep
@@ -203,6 +217,15 @@ def check_targets(loss, output: torch.Tensor, target: torch.Tensor | None, where
             raise ValueError(
                 f"y: cross_entropy takes int64 class indices (B,) or probabilities shaped like the output "
                 f"{tuple(output.shape)}; got float targets of shape {tuple(target.shape)} in {where}"
+            )
+        if target.numel() and not _rows_are_distributions(target):
+            sums = target.sum(dim=-1)
+            raise ValueError(
+                f"y: cross_entropy's float targets are class probabilities, each row non-negative and summing to "
+                f"1; in {where} they range from {float(target.min()):.4g} to {float(target.max()):.4g}, rows "
+                f"summing to {float(sums.min()):.4g} to {float(sums.max()):.4g}. A teacher's logits go with "
+                "'kl_divergence', several labels per sample with a binary loss (a callable such as "
+                "torch.nn.BCEWithLogitsLoss())"
             )
         return
     if target.dtype != torch.int64 or target.shape != output.shape[:1]:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from dreidel._checks import check_flag
 from dreidel._files import check_file_target, check_parents, replaced_atomically
 from dreidel.io.checkpoint import check_checkpoint_target
 
@@ -57,6 +58,12 @@ def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
     if monitor not in logs:
         raise ValueError(f"{owner}: monitor {monitor!r} is not logged; available: {sorted(logs)}")
     return logs[monitor]
+
+
+def _check_monitor(monitor: object) -> None:
+    """``monitor`` names a logged key: a non-empty str."""
+    if not isinstance(monitor, str) or not monitor:
+        raise TypeError(f"monitor: expected the name of a logged value such as 'val_loss', got {monitor!r:.40}")
 
 
 def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], bool], float]:
@@ -99,8 +106,9 @@ class EarlyStopping(Callback):
             raise ValueError(f"patience must be a non-negative int, got {patience!r}")
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta):
             raise ValueError(f"min_delta must be a finite number, got {min_delta!r}")
+        _check_monitor(monitor)
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
-        self.restore_best_weights = restore_best_weights
+        self.restore_best_weights = check_flag("restore_best_weights", restore_best_weights)
         self._improves, self._worst = _improves(mode, monitor)
         self.best = self._worst
         self.best_epoch: int | None = None
@@ -149,8 +157,13 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto") -> None:
-        self.path = str(path)
-        self.monitor, self.save_best_only = monitor, save_best_only
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+        _check_monitor(monitor)
+        self.path = os.fspath(path)
+        if isinstance(self.path, bytes):
+            raise TypeError("path: expected a str or os.PathLike of str, got bytes")
+        self.monitor, self.save_best_only = monitor, check_flag("save_best_only", save_best_only)
         # Without save_best_only the monitor is not compared: any key will do with "auto"
         self._improves, self._worst = _improves("min" if mode == "auto" and not save_best_only else mode, monitor)
         self.best = self._worst
@@ -280,7 +293,11 @@ class LearningRateScheduler(Callback):
 
     def on_epoch_begin(self, model, epoch: int) -> None:
         optimizer = model.optimizer
-        new_lr = float(self.schedule(epoch, optimizer.param_groups[0]["lr"]))
+        returned = self.schedule(epoch, optimizer.param_groups[0]["lr"])
+        if isinstance(returned, bool) or not isinstance(returned, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"schedule: expected a learning rate (a float) back at epoch {epoch}, got "
+                            f"{type(returned).__name__} {returned!r:.40}")
+        new_lr = float(returned)
         if not math.isfinite(new_lr) or new_lr < 0:
             raise ValueError(f"schedule returned an invalid learning rate {new_lr} at epoch {epoch}")
         for group in optimizer.param_groups:

@@ -33,7 +33,7 @@ class TopKAccuracy:
     ``top_k_accuracy_score`` ranks ties highest index first, so on tied outputs the two differ)."""
 
     def __init__(self, k: int = 5) -> None:
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         self.k = k
         self.name = "accuracy" if k == 1 else f"top_{k}_accuracy"

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dreidel._checks import check_flag
 from dreidel._warnings import warn
 from dreidel.api import _training
 from dreidel.api._training import progress_enabled
@@ -33,7 +34,7 @@ from dreidel.api.history import History
 from dreidel.api import _loading
 from dreidel.api.layer_specs import (CONSTRUCTOR_REFUSALS, check_layer_spec, construct_layer, holds_lazy_tensors,
                                      layer_spec)
-from dreidel.api.losses import resolve_loss
+from dreidel.api.losses import CrossEntropy, KLDivergence, resolve_loss
 from dreidel.api.metrics import metric_name, resolve_metric
 from dreidel.api.summary import format_summary, summarize
 from dreidel.io.checkpoint import CheckpointFiles, load_state_strict, open_checkpoint, write_checkpoint
@@ -421,10 +422,15 @@ class Sequential(nn.Sequential):
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
+        shuffle = check_flag("shuffle", shuffle)
+        if isinstance(callbacks, Callback):
+            raise TypeError(f"callbacks: expected a list of callbacks, got one {type(callbacks).__name__}; pass "
+                            f"callbacks=[{type(callbacks).__name__}(...)]")
         callbacks = [] if callbacks is None else list(callbacks)
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(f"callbacks must hold dreidel.api.callbacks.Callback objects, got {type(callback).__name__}")
+        self._warn_of_softmax_before_loss(compiled.loss)
         log_keys = ["loss", *(metric_name(m) for m in compiled.metrics)]
         log_keys += [f"val_{key}" for key in log_keys] if validation is not None else []
         for callback in callbacks:
@@ -514,6 +520,14 @@ class Sequential(nn.Sequential):
         return train, make_source(validation_data[0], validation_data[1], batch_size, need_targets=True, dtype=dtype,
                                   device=device, names=("validation_data[0]", "validation_data[1]"),
                                   no_single_last=single)
+
+    def _warn_of_softmax_before_loss(self, loss) -> None:
+        """Warn where the model ends in ``nn.Softmax`` and ``loss`` takes logits (cross_entropy, kl_divergence):
+        softmaxed twice, the probabilities flatten and training stalls, without an error."""
+        if len(self) and isinstance(self[-1], nn.Softmax) and isinstance(loss, (CrossEntropy, KLDivergence)):
+            warn(f"the model ends in nn.Softmax, but {loss.name} takes logits and applies the softmax itself "
+                 "(twice, the probabilities flatten and training stalls): leave out the last Softmax, and apply "
+                 "torch.softmax to predict's output where probabilities are wanted")
 
     def _check_targets_up_front(self, source: BatchSource, loss, where: str, metrics=()) -> None:
         """Check the inputs' shape and every target of the in-memory ``source`` against the output of one sample

@@ -10,26 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreidel._warnings import warn
-from dreidel.audio._mel import SAMPLE_RATE
+from dreidel.audio._mel import MAX_CHANNELS, SAMPLE_RATE, warn_beyond_full_scale
 from dreidel.audio._resample import resample
 
 __all__ = ["load_audio", "pcm_to_float"]
 
-_MAX_CHANNELS = 16
-
-
-# Float samples beyond this magnitude are not audio in [-1, 1]: most likely integer PCM values given as floats.
-_FLOAT_PEAK_WARNING = 1.5
-# How the warning about an array's (or tensor's) samples beyond it starts (a file's names the file instead).
+# How the warning about an array's (or tensor's) samples beyond full scale starts (a file's names the file
+# instead).
 ARRAY_PEAK_WARNING = "audio: float samples"
-
-
-def _warn_beyond_full_scale(samples: np.ndarray, what: str, guess: str) -> None:
-    """Warn where float ``samples`` pass ``_FLOAT_PEAK_WARNING`` in magnitude (``what`` reach ..., ``guess``)."""
-    peak = float(np.abs(samples).max()) if samples.size else 0.0
-    if peak > _FLOAT_PEAK_WARNING:
-        warn(f"{what} reach {peak:g}, expected [-1, 1]: {guess}")
 
 
 def pcm_to_float(samples: np.ndarray) -> np.ndarray:
@@ -48,7 +36,7 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
         return (samples.astype(np.float64) / float(2 ** (8 * samples.dtype.itemsize - 1))).astype(np.float32)
     if np.issubdtype(samples.dtype, np.floating):
         samples = samples.astype(np.float32, copy=False)
-        _warn_beyond_full_scale(samples, ARRAY_PEAK_WARNING, "integer PCM values given as floats? (int16: divide "
+        warn_beyond_full_scale(samples, ARRAY_PEAK_WARNING, "integer PCM values given as floats? (int16: divide "
                                 "by 32768)")
         return samples
     if samples.dtype == np.int64:
@@ -281,7 +269,7 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
             raise ValueError(f"sample_rate must be None for a file (its rate is read from {path_or_array})")
         samples, rate = _read_file(Path(path_or_array))
         # libsndfile scales integer PCM into [-1, 1): only a float file's samples can pass it
-        _warn_beyond_full_scale(samples, f"{path_or_array}: samples", "a float file of unscaled values?")
+        warn_beyond_full_scale(samples, f"{path_or_array}: samples", "a float file of unscaled values?")
         waveform = torch.from_numpy(np.ascontiguousarray(samples))
     elif isinstance(path_or_array, (np.ndarray, torch.Tensor)):
         rate = SAMPLE_RATE if sample_rate is None else sample_rate
@@ -297,8 +285,8 @@ def load_audio(path_or_array, sample_rate: int | None = None) -> torch.Tensor:
         if waveform.dim() == 2 and waveform.shape[0] == 0:
             raise ValueError(f"audio array has no channels: shape {tuple(waveform.shape)}, expected (channels, "
                              f"samples) with at least one channel")
-        if waveform.dim() == 2 and waveform.shape[0] > _MAX_CHANNELS:
-            raise ValueError(f"audio array must be (channels, samples) with at most {_MAX_CHANNELS} channels, got "
+        if waveform.dim() == 2 and waveform.shape[0] > MAX_CHANNELS:
+            raise ValueError(f"audio array must be (channels, samples) with at most {MAX_CHANNELS} channels, got "
                              f"shape {tuple(waveform.shape)}; transpose a (samples, channels) array")
     else:
         raise TypeError(f"path_or_array must be a path, numpy array or torch tensor, got {type(path_or_array).__name__}")

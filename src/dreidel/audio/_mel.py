@@ -29,6 +29,16 @@ CHUNK_LENGTH = 30  # seconds per Whisper window
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
 
+# The lowest rate mel_filters takes: rates of audio are thousands of Hz, and one below it is most likely a rate
+# in kHz (16 for 16 kHz), whose filters would span 0 to 8 Hz.
+_MIN_FILTER_RATE = 1000
+# Float samples beyond this magnitude are not audio in [-1, 1]: most likely integer PCM values given as floats.
+FLOAT_PEAK_WARNING = 1.5
+# The most channels audio has: load_audio refuses a (channels, samples) array with more, and a last axis this
+# short beside one at least _SAMPLES_LAST_RATIO times longer is taken for (samples, channels) (check_samples_last).
+MAX_CHANNELS = 16
+_SAMPLES_LAST_RATIO = 64
+
 _LINEAR_HZ_PER_MEL = 200.0 / 3.0
 _LOG_START_HZ = 1000.0
 _LOG_START_MEL = _LOG_START_HZ / _LINEAR_HZ_PER_MEL  # 15
@@ -67,13 +77,16 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist.
 
-    Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` and ``sample_rate`` are ints
-    >= 1, ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype. Warns where
+    Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` is an int >= 1, ``sample_rate``
+    an int >= 1000 (Hz: a rate in kHz is refused), ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype. Warns where
     some filters are empty (too many mels for the FFT's bins, e.g. 256 at ``n_fft=400``: their channels would
     be constant), as librosa does.
     """
     check_count("n_mels", n_mels)
     check_count("sample_rate", sample_rate)
+    if sample_rate < _MIN_FILTER_RATE:
+        raise ValueError(f"sample_rate: expected a rate in Hz (16000 for Whisper), at least {_MIN_FILTER_RATE}; got "
+                         f"{sample_rate}: in kHz?")
     check_count("n_fft", n_fft, minimum=2)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -83,6 +96,27 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
         warn(f"mel_filters: {empty} of {n_mels} filters are empty (no FFT bin of n_fft={n_fft} falls "
                       "inside them): fewer mels, or a larger n_fft")
     return torch.from_numpy(filters).to(dtype)
+
+
+def warn_beyond_full_scale(samples: torch.Tensor | np.ndarray, what: str, guess: str) -> None:
+    """Warn where float ``samples`` pass ``FLOAT_PEAK_WARNING`` in magnitude (``what`` reach ..., ``guess``)."""
+    if isinstance(samples, torch.Tensor):
+        peak = float(samples.abs().max()) if samples.numel() else 0.0
+    else:
+        peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > FLOAT_PEAK_WARNING:
+        warn(f"{what} reach {peak:g}, expected [-1, 1]: {guess}")
+
+
+def check_samples_last(audio: torch.Tensor, function: str) -> None:
+    """``ValueError`` where ``audio``, expected as ``(..., samples)``, looks like a ``(samples, channels)`` array:
+    a last axis of at most ``MAX_CHANNELS`` beside one at least ``_SAMPLES_LAST_RATIO`` times as long (a
+    stereo file read by soundfile or scipy is ``(samples, 2)``; taken as 2 samples per row, it was resampled
+    across its channels, or padded to 30 s per sample)."""
+    samples = audio.shape[-1]
+    if audio.dim() >= 2 and 0 < samples <= MAX_CHANNELS and audio.shape[-2] >= _SAMPLES_LAST_RATIO * samples:
+        raise ValueError(f"{function}: audio must be (..., samples), got shape {tuple(audio.shape)}, which looks like "
+                         "(samples, channels): pass audio.T (or audio.mT), or load it with load_audio")
 
 
 def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
@@ -96,6 +130,7 @@ def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
         audio = torch.as_tensor(np.asarray(audio))
     if audio.dim() == 0:
         raise ValueError("audio must have a samples axis (..., samples), got a scalar")
+    check_samples_last(audio, "pad_or_trim")
     check_count("length", length, minimum=0)
     if audio.shape[-1] >= length:
         return audio[..., :length]
@@ -124,10 +159,11 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     """
     if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"padding must be an int >= 0 (zeros appended), got {padding!r}")  # -k trimmed silently
-    if isinstance(audio, (str, os.PathLike)):
+    from_file = isinstance(audio, (str, os.PathLike))
+    if from_file:
         from dreidel.audio._load import load_audio  # here: _load imports this module
 
-        audio = load_audio(audio)
+        audio = load_audio(audio)  # which warns of a float file's samples beyond [-1, 1]
     if not isinstance(audio, torch.Tensor):
         audio = torch.as_tensor(np.asarray(audio))
     if not audio.is_floating_point():
@@ -139,6 +175,9 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
         # which one, looked up only on failure: a float64 sample past float32's range is finite until the cast
         raise ValueError("audio has NaN or infinite samples" if not bool(torch.isfinite(audio).all())
                          else "audio has samples beyond float32's range")
+    if not from_file:
+        warn_beyond_full_scale(samples, "log_mel_spectrogram: audio samples",
+                               "integer PCM values given as floats? (int16: divide by 32768)")
     audio = samples
     if padding:
         audio = torch.nn.functional.pad(audio, (0, padding))

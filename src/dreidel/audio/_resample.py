@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dreidel._checks import check_count, check_number
+from dreidel.audio._mel import check_samples_last
 
 __all__ = ["resample"]
 
@@ -120,23 +121,28 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
              rolloff: float = 0.945, kaiser_beta: float = 8.6) -> torch.Tensor:
     """Resample ``audio`` of shape ``(..., samples)`` from ``orig_rate`` to ``new_rate`` Hz.
 
-    Returns ``(..., ceil(samples * new_rate / orig_rate))`` in the input's floating dtype (float32 when given
-    an integer tensor). The low-pass is -6 dB at ``rolloff`` times the lower Nyquist frequency and reaches its
+    Returns ``(..., ceil(samples * new_rate / orig_rate))`` in the input's floating dtype. The low-pass is -6 dB at ``rolloff`` times the lower Nyquist frequency and reaches its
     stop band (about -85 dB with the default Kaiser beta) a little above that Nyquist: to 16 kHz with the
     defaults, 7.0 kHz passes at -0.2 dB, 7.56 kHz at -6 dB, and 8.1-8.4 kHz, just past the Nyquist, fold back
     attenuated by 31-75 dB (measured from 22.05, 44.1 and 48 kHz); from 8.6 kHz on, by 85 dB or more. The
     signal is taken as zero outside its ends. Raises
     ``ValueError`` where the reduced ratio would need a filter table of more than 2^25 values (about 256 MB),
-    e.g. a rate above about 660 kHz coprime with the other; ``TypeError`` / ``ValueError`` naming the argument
+    e.g. a rate above about 660 kHz coprime with the other, or where ``audio`` looks like ``(samples, channels)``
+    (a last axis of at most 16 beside one 64 times longer: pass ``audio.T``); ``TypeError`` for samples that are
+    not floating point (integer PCM goes through ``pcm_to_float`` first), and ``TypeError`` / ``ValueError``
+    naming the argument
     unless ``zero_crossings`` is an int >= 1, ``rolloff`` a number in (0, 1] (above 1 the filter would let
     aliases through) and ``kaiser_beta`` a finite number >= 0.
     """
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor, got {type(audio).__name__}")
-    if audio.is_complex() or audio.dtype == torch.bool:
-        raise TypeError(f"audio must hold real samples (a floating or integer tensor), got {audio.dtype}")
+    if not audio.is_floating_point():
+        hint = " (integer PCM: dreidel.audio.pcm_to_float scales it into [-1, 1))" if not (
+            audio.is_complex() or audio.dtype == torch.bool) else ""
+        raise TypeError(f"audio must hold floating-point samples, got {audio.dtype}{hint}")
     if audio.dim() == 0:
         raise ValueError("audio must have a samples axis (..., samples), got a scalar")
+    check_samples_last(audio, "resample")
     check_count("zero_crossings", zero_crossings)
     check_number("rolloff", rolloff, low=0, high=1, low_open=True)
     check_number("kaiser_beta", kaiser_beta, low=0)
@@ -144,8 +150,6 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     for name, rate in (("orig_rate", orig_rate), ("new_rate", new_rate)):
         if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or rate <= 0:
             raise ValueError(f"{name} must be a positive integer number of Hz, got {rate!r}")
-    if not audio.is_floating_point():
-        audio = audio.to(torch.float32)
     if orig_rate == new_rate:
         return audio.clone()
     divisor = math.gcd(int(orig_rate), int(new_rate))

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dreidel._checks import check_flag
+
 __all__ = ["SPLITS", "as_dataloader", "select_split", "stratified_split"]
 
 SPLITS = ("train", "test", "all")
@@ -85,6 +87,7 @@ def select_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    as_tensors = check_flag("as_tensors", as_tensors)
     if batch_size is not None:
         _check_batch_size(batch_size)
     seed = check_seed(seed)
@@ -104,6 +107,15 @@ def select_split(
     return x, y
 
 
+def _as_tensor(data, name: str) -> torch.Tensor:
+    """``torch.as_tensor(data)``, or a ``TypeError`` naming ``name`` (None gave torch's "Could not infer dtype
+    of NoneType")."""
+    try:
+        return torch.as_tensor(data)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name}: expected a tensor or array (N, ...), got {type(data).__name__} ({error})") from None
+
+
 def as_dataloader(
     x: torch.Tensor | np.ndarray,
     y: torch.Tensor | np.ndarray,
@@ -116,11 +128,16 @@ def as_dataloader(
     Shuffling draws from ``generator`` (pass a seeded one for reproducible epochs).
     """
     # A read-only array (np.load(mmap_mode="r"), say) is copied: torch.as_tensor would warn it is not writable.
-    x, y = (torch.as_tensor(np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a) for a in (x, y))
+    x, y = (_as_tensor(np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a, name)
+            for a, name in ((x, "x"), (y, "y")))
     for name, t in (("x", x), ("y", y)):
         if t.dim() == 0:
             raise ValueError(f"{name} must have a samples axis (N, ...), got a scalar")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     _check_batch_size(batch_size)
+    shuffle = check_flag("shuffle", shuffle)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator (torch.Generator().manual_seed(seed)), got "
+                        f"{type(generator).__name__}")
     return DataLoader(TensorDataset(x, y), batch_size=int(batch_size), shuffle=shuffle, generator=generator)

@@ -34,6 +34,7 @@ import safetensors.torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dreidel._checks import check_flag
 from dreidel._warnings import warn
 from dreidel._files import (check_parents, give_usual_file_mode, keep_mode_of, staging_dir, staging_prefix,
                             written_path)
@@ -373,6 +374,7 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], so
     device: a mixed-precision checkpoint stays mixed, and a module built on the meta device gets real tensors).
     Other tensors always take the module's dtype.
     """
+    keep_dtypes = check_flag("keep_dtypes", keep_dtypes)
     expected = module.state_dict()
     missing = [key for key in expected if key not in tensors]
     unexpected = [key for key in tensors if key not in expected]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from dreidel._checks import check_flag
 from dreidel.layers._spectral import _SpectralLinearBase
 
 __all__ = ["num_parameters", "to_dense"]
@@ -25,6 +26,9 @@ def to_dense(layer: nn.Module) -> torch.Tensor:
 
 def num_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable, when ``trainable_only``) parameter entries; lazy, unmaterialised parameters count 0."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    trainable_only = check_flag("trainable_only", trainable_only)
     return sum(
         p.numel()
         for p in module.parameters()

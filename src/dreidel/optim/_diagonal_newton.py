@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from dreidel._checks import check_count, check_number
-from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, named_model_parameters,
-                                 tensor_shape_problem)
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_single_process,
+                                 named_model_parameters, tensor_shape_problem)
 from dreidel.optim._capture import (
     ActivationCapture,
     curvature_dtype,
@@ -175,6 +175,7 @@ class DiagonalNewton(CurvatureOptimizer):
         if param_groups is not None and self.model is None:
             raise ValueError("param_groups: give them with the model (DiagonalNewton(model, param_groups=...)); "
                              "without one, pass the groups as model_or_params")
+        check_single_process("DiagonalNewton", self.model)
         if param_groups is not None:
             params, names = _model_groups(self.model, param_groups)
         elif self.model is not None:

@@ -18,8 +18,8 @@ from torch import nn
 
 from dreidel._checks import check_count, check_number
 from dreidel._warnings import warn
-from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_torch_options,
-                                 named_model_parameters)
+from dreidel.optim._base import (Closure, CurvatureOptimizer, all_finite, check_seed, check_single_process,
+                                 check_torch_options, named_model_parameters)
 from dreidel.optim._capture import ActivationCapture, RandomDraws, warn_no_records
 from dreidel.optim._kfac_blocks import Block, find_blocks
 from dreidel.optim._sampling import check_likelihood, sample_output_vector
@@ -197,6 +197,7 @@ class KFAC(CurvatureOptimizer):
             factor_rank = int(factor_rank)
         if factor_rank is not None and damping_mode != "factored":
             raise ValueError("factor_rank: low-rank inverses need damping_mode='factored'")
+        check_single_process("KFAC", model)
         names, params = named_model_parameters(model)
         base_opt = base(params) if base is not None else torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay
