@@ -6,8 +6,9 @@ try:
     from dreidel import _C
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
-        "dreidel's native core (dreidel._C) is not built. Install the package with "
-        "`pip install -e .` (or run `make test`), which compiles it."
+        f"dreidel's native core (dreidel._C) does not load ({exc}). Reinstall dreidel, which compiles it: "
+        "`pip install --force-reinstall dreidel` from a wheel or sdist, or in a source checkout "
+        "`pip install -e .` (`make test` does it)."
     ) from exc
 
 __all__ = ["native", "best_isa", "available_isas"]

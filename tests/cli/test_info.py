@@ -156,3 +156,13 @@ def test_info_reports_the_memory_this_process_may_use(capsys):
 
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_bytes"] == usable_memory_bytes() > 0
+
+
+def test_python_dash_m_dreidel_runs_the_cli():
+    """Where the console script is not on PATH: `python -m dreidel` (it said there was no dreidel.__main__)."""
+    child = subprocess.run([sys.executable, "-m", "dreidel", "info", "--json"], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout)["isa"] == best_isa()
+    bad = subprocess.run([sys.executable, "-m", "dreidel", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "usage: dreidel" in bad.stderr
