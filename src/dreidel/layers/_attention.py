@@ -105,9 +105,12 @@ class MultiHeadAttentionSpectral(nn.Module):
         Args:
             context: ``(B, S, E)`` for cross-attention; ``None`` for self-attention.
             kv_cache: a ``KVCache`` updated in place (see its docstring); ``None`` for a full pass.
-            attn_mask: optional mask broadcastable to ``(B, heads, T, keys)``: bool (True = attend) or additive
-                float (cast to the attention's dtype). ``keys`` counts the cached positions too: ``S`` for
-                cross-attention, ``past + T`` for self-attention with a cache holding ``past``.
+            attn_mask: optional mask broadcastable to ``(B, heads, T, keys)``: bool (True = attend, as
+                ``F.scaled_dot_product_attention`` takes it; the opposite of ``nn.MultiheadAttention``'s bool
+                ``attn_mask``, where True masks: give such a mask as ``~mask``) or additive float (cast to the
+                attention's dtype). ``keys`` counts the cached positions too: ``S`` for cross-attention,
+                ``past + T`` for self-attention with a cache holding ``past``. A query left no key (a padded
+                position) attends to nothing and gets the output projection of zeros (its bias).
 
         Raises:
             TypeError: ``x`` or ``context`` is not a tensor, ``kv_cache`` not a ``KVCache``, ``attn_mask`` not a

@@ -87,6 +87,24 @@ def test_an_empty_batch_is_refused(random_whisper):
         decode_scored(random_whisper, torch.zeros(0, 80, 3000), RANDOM_OPTIONS)
 
 
+@pytest.mark.parametrize("mel, error, message", [
+    (torch.full((1, 80, 3000), float("nan")), ValueError, "mel has NaN or infinite values"),
+    (torch.zeros(1, 80, 3000, dtype=torch.int64), TypeError, "mel must be a floating-point log-mel spectrogram"),
+    (torch.zeros(1, 80, 3000).numpy(), TypeError, "mel must be a torch.Tensor .* got ndarray"),
+    (torch.zeros(1, 80, 2999), ValueError, r"mel must have 3000 frames \(30 s\), got 2999"),
+])
+def test_a_mel_that_is_no_log_mel_window_is_refused(random_whisper, mel, error, message):
+    """A NaN mel decoded as a run of "!" tokens, an int64 one was cast and decoded, and 2999 frames passed the
+    frame check (made after the stride-2 convolution)."""
+    with pytest.raises(error, match=message):
+        decode_scored(random_whisper, mel, RANDOM_OPTIONS)
+
+
+def test_options_must_be_decoding_options(random_whisper):
+    with pytest.raises(TypeError, match=r"options must be a DecodingOptions \(recognizer.options\(...\)\), got dict"):
+        decode_scored(random_whisper, torch.zeros(1, 80, 3000), {"beam_size": 1})
+
+
 @torch.inference_mode()
 def test_beam_search_with_one_beam_is_greedy_random_model(random_whisper):
     features = torch.randn(2, 1500, random_whisper.dims.n_audio_state, generator=torch.Generator().manual_seed(3))
@@ -321,6 +339,15 @@ def test_arrays_at_another_rate_are_resampled_where_the_rate_is_given(tiny_en):
     assert text.split()[0].lower() in given[0].text.lower()
     with pytest.raises(TypeError, match="sample_rate must be an int"):
         transcribe(tiny_en, fast, sample_rate=44100.0)
+
+
+def test_a_sample_rate_given_with_files_only_is_refused(tmp_path, tiny_en):
+    """It was ignored, where load_audio refuses it for a file."""
+    with pytest.raises(ValueError, match=r"sample_rate is the rate of arrays; a file's rate is read from the file: "
+                                         r"leave it out for .*a.wav"):
+        transcribe(tiny_en, tmp_path / "a.wav", sample_rate=8000)
+    with pytest.raises(ValueError, match="leave it out for files"):
+        transcribe(tiny_en, [tmp_path / "a.wav", str(tmp_path / "b.wav")], sample_rate=8000)
 
 
 def test_the_last_30_s_cut_is_never_a_sliver():

@@ -179,12 +179,21 @@ def decode_scored(model: Whisper, mel: Tensor, options: DecodingOptions,
     length, so that no layer sees padding), each up to its own sampling limit (``sampling_limit`` of its
     prompt): a window's tokens equal those it decodes alone, and its scores to rounding.
 
-    Raises ``ValueError`` for a mel that is not (batch, n_mels, frames) with at least one window, for a
+    Raises ``TypeError`` for a mel that is not a floating-point tensor, ``ValueError`` for one that is not
+    (batch, n_mels, frames) with at least one window or holds NaN or infinite values, for a
     token id of ``options`` or ``previous`` past the model's vocabulary (naming the argument), and for
     ``previous`` of another length than the batch or too long for the text context.
     """
+    if not isinstance(mel, torch.Tensor):
+        raise TypeError(f"mel must be a torch.Tensor (from log_mel_spectrogram), got {type(mel).__name__}")
+    if not isinstance(options, DecodingOptions):
+        raise TypeError(f"options must be a DecodingOptions (recognizer.options(...)), got {type(options).__name__}")
+    if not mel.is_floating_point():
+        raise TypeError(f"mel must be a floating-point log-mel spectrogram (log_mel_spectrogram), got {mel.dtype}")
     if mel.dim() != 3 or mel.shape[0] == 0:
         raise ValueError(f"mel must be (batch, n_mels, frames) with batch >= 1, got shape {tuple(mel.shape)}")
+    if not bool(torch.isfinite(mel).all()):  # a NaN window decoded as a run of "!" tokens
+        raise ValueError("mel has NaN or infinite values")
     n_vocab = model.dims.n_vocab
     previous = _checked_previous(previous, mel.shape[0], n_vocab)
     if options.timestamp_begin is not None and options.timestamp_begin >= n_vocab:

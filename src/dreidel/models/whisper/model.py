@@ -207,12 +207,12 @@ class AudioEncoder(nn.Module):
         if mel.dtype != self.conv1.weight.dtype:
             raise TypeError(f"mel must have the model's dtype {self.conv1.weight.dtype}, got {mel.dtype} (give "
                             f"mel.to({self.conv1.weight.dtype}))")
-        x = F.gelu(self.conv1(mel))  # (B, C, 2T)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
-        if x.shape[1] != self.positional_embedding.shape[0]:
+        if mel.shape[-1] != 2 * self.positional_embedding.shape[0]:  # the stride-2 conv took 2999 frames too
             raise ValueError(
                 f"mel must have {2 * self.positional_embedding.shape[0]} frames (30 s), got {mel.shape[-1]}"
             )
+        x = F.gelu(self.conv1(mel))  # (B, C, 2T)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
         x = x + self.positional_embedding
         for block in self.blocks:
             x = block(x)

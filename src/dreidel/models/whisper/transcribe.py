@@ -816,6 +816,9 @@ def transcribe(recognizer: WhisperRecognizer, audio, beam_size: int = 1, languag
         _require_start_of_previous(recognizer, "condition_on_previous_text")
     if sample_rate is not None and (not isinstance(sample_rate, numbers.Integral) or isinstance(sample_rate, bool)):
         raise TypeError(f"sample_rate must be an int (Hz) or None, got {sample_rate!r}")
+    if sample_rate is not None and all(isinstance(item, (str, os.PathLike)) for item in inputs):
+        raise ValueError(f"sample_rate is the rate of arrays; a file's rate is read from the file: leave it out for "
+                         f"{'files' if len(inputs) > 1 else inputs[0]}")
     progress = [_Progress(load_audio(item, None if isinstance(item, (str, os.PathLike)) else sample_rate),
                           list(prompt), timestamps) for item in inputs]
     rules = _WindowRules(fallback, no_speech_threshold, silence_threshold_dbfs)
