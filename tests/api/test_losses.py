@@ -105,5 +105,17 @@ def test_kl_divergence_refuses_logits_of_two_shapes_and_an_infinite_temperature(
                              (torch.randn(4, 6), torch.randn(4, 5))):
         with pytest.raises(ValueError, match=r"student and teacher logits must have one shape"):
             KLDivergence()(student, teacher)
-    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+    with pytest.raises(ValueError, match="temperature: expected a finite number, got inf"):
         KLDivergence(float("inf"))  # every call returned nan
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: KLDivergence("2"), TypeError, "temperature: expected a real number, got str '2'"),
+    (lambda: KLDivergence(0), ValueError, r"temperature: expected a number in \(0.0, inf\), got 0.0"),
+    (lambda: CrossEntropy("0.1"), TypeError, "label_smoothing: expected a real number, got str '0.1'"),
+    (lambda: CrossEntropy(1.0), ValueError, r"label_smoothing: expected a number in \[0.0, 1.0\), got 1.0"),
+])
+def test_loss_settings_are_checked_by_name(make, error, message):
+    """Strings failed in a comparison with Python's own TypeError."""
+    with pytest.raises(error, match=message):
+        make()

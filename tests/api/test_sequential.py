@@ -1337,3 +1337,9 @@ def test_arguments_are_checked_against_the_constructors_annotations(tmp_path, la
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         api.load(path)
+
+
+def test_a_list_of_layers_is_named_with_the_torch_form():
+    """Keras's Sequential([...]) failed with torch's "list is not a Module subclass"."""
+    with pytest.raises(TypeError, match=r"Sequential\(\*layers\), not Sequential\(\[\.\.\.\]\)"):
+        api.Sequential([nn.Linear(2, 2), nn.ReLU()])

@@ -110,3 +110,17 @@ def test_plain_tuples_are_type_errors_asking_for_segments():
         with pytest.raises(TypeError, match=r"segment 1 must have start, end and text attributes \(a Whisper "
                                             r"Segment\), got tuple"):
             render([Cue(0.0, 1.0, "x"), (1.0, 2.0, "y")])
+
+
+def test_a_transcription_or_one_segment_is_named_with_what_to_pass():
+    """Both failed with "... is not iterable"."""
+
+    @dataclass
+    class Result:
+        segments: tuple
+
+    with pytest.raises(TypeError, match=r"segments: expected a sequence of segments, got one Result; pass result.segments"):
+        format_srt(Result(tuple(CUES)))
+    with pytest.raises(TypeError, match=r"got one Cue; pass \[segment\]"):
+        format_vtt(CUES[0])
+    assert format_srt(Result(tuple(CUES)).segments) == format_srt(CUES)

@@ -194,6 +194,13 @@ def test_build_optimizer_defaults_and_passthrough():
     assert made.param_groups[0]["lr"] == 0.3
 
 
+def test_build_optimizer_names_an_optimizer_class_given_for_an_instance():
+    """torch.optim.Adam itself was called as a factory on the model: "optimizer can only optimize Tensors"."""
+    with pytest.raises(TypeError, match=r"spec: got the class Adam, not an optimizer; .*lambda model: "
+                                        r"Adam\(model.parameters\(\), ...\)"):
+        build_optimizer(torch.optim.Adam, make_model())
+
+
 def test_build_optimizer_unknown_name_lists_names():
     with pytest.raises(ValueError, match="diagonal_newton") as info:
         build_optimizer("lbfgs", make_model())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch.nn import functional as F
+
+from dreidel._checks import check_number
 
 __all__ = ["LOSSES", "CrossEntropy", "KLDivergence", "MeanSquaredError", "resolve_loss"]
 
@@ -22,8 +23,7 @@ class CrossEntropy:
     takes_class_indices = True
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
         self.label_smoothing = float(label_smoothing)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,7 @@ class KLDivergence:
     takes_class_indices = False
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        check_number("temperature", temperature, low=0.0, low_open=True)
         self.temperature = float(temperature)
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

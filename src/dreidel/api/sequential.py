@@ -113,6 +113,9 @@ class Sequential(nn.Sequential):
     """
 
     def __init__(self, *layers: nn.Module) -> None:
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):  # Keras's Sequential([...])
+            raise TypeError("layers: Sequential takes the layers as arguments, as torch's does: "
+                            "Sequential(*layers), not Sequential([...])")
         if len(layers) == 1 and isinstance(layers[0], OrderedDict):
             for name in layers[0]:
                 if isinstance(name, str) and reserved_layer_name(name):

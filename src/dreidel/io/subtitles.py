@@ -47,6 +47,9 @@ def _clock(milliseconds: int, separator: str) -> str:
 
 def _cues(segments: Iterable[TimedText], separator: str) -> list[tuple[str, str]]:
     """(time line, text) of each segment with text, checked: starts in order, end not before start."""
+    if hasattr(segments, "segments") or hasattr(segments, "start"):  # a Transcription, or one Segment
+        raise TypeError(f"segments: expected a sequence of segments, got one {type(segments).__name__}; pass "
+                        f"{'result.segments' if hasattr(segments, 'segments') else '[segment]'}")
     cues = []
     previous_start = 0.0
     for index, segment in enumerate(segments):

@@ -53,6 +53,9 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, **kwargs) -> torch.op
         if name == "kfac":
             return KFAC(model, **kwargs)
         raise AssertionError(name)  # check_named_optimizer knows the names
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):  # torch's would fail on the module
+        raise TypeError(f"spec: got the class {spec.__name__}, not an optimizer; pass a name, an instance over "
+                        f"model.parameters() or a factory (lambda model: {spec.__name__}(model.parameters(), ...))")
     if callable(spec):
         optimizer = spec(model, **kwargs)
         if not isinstance(optimizer, torch.optim.Optimizer):
