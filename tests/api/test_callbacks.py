@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -343,7 +344,7 @@ def test_callback_arguments_are_checked_by_name(make, error, message, tmp_path, 
         make()
 
 
-@pytest.mark.parametrize("returned", [True, None, "0.1"])
+@pytest.mark.parametrize("returned", [True, None, "0.1", torch.tensor(True), torch.zeros(2)])
 def test_a_schedule_returning_no_learning_rate_is_named(returned):
     """True became a learning rate of 1.0; None a bare float() TypeError."""
     model = api.Sequential(nn.Linear(4, 2)).compile("sgd", lr=0.1)
@@ -352,3 +353,12 @@ def test_a_schedule_returning_no_learning_rate_is_named(returned):
                                         f"{type(returned).__name__}"):
         model.fit(torch.randn(8, 4), torch.randint(0, 2, (8,)), callbacks=[schedule], verbose=0)
     assert model.optimizer.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("returned", [np.float32(0.25), np.where(True, 0.25, 0.5), torch.tensor(0.25), 1])
+def test_a_schedule_may_return_numpy_and_torch_numbers(returned):
+    """np.where(...) gives a 0-d array; it was refused for a while."""
+    model = api.Sequential(nn.Linear(4, 2)).compile("sgd", lr=0.1)
+    schedule = api.callbacks.LearningRateScheduler(lambda epoch, lr: returned)
+    model.fit(torch.randn(8, 4), torch.randint(0, 2, (8,)), callbacks=[schedule], verbose=0)
+    assert model.optimizer.param_groups[0]["lr"] == float(returned)

@@ -185,3 +185,6 @@ def test_pad_or_trim_refuses_a_samples_channels_array():
     """A (16000, 2) stereo array was padded along its channels, to (16000, 480000): 30 GB."""
     with pytest.raises(ValueError, match=r"pad_or_trim: audio must be \(\.\.\., samples\), got shape \(16000, 2\)"):
         pad_or_trim(torch.zeros(16000, 2))
+    # openai-whisper pads a mel of a few frames to 3000 with the same function; short batches pass too
+    assert pad_or_trim(torch.zeros(80, 1), N_FRAMES).shape == (80, N_FRAMES)
+    assert pad_or_trim(torch.zeros(1000, 10), 20).shape == (1000, 20)

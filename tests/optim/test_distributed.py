@@ -37,6 +37,10 @@ def worker(rank, out):
     wrapped = DistributedDataParallel(model)
     lines = [outcome(lambda: KFAC(wrapped)), outcome(lambda: DiagonalNewton(wrapped)),
              outcome(lambda: KFAC(model)), outcome(lambda: DiagonalNewton(model))]
+    from torch.distributed.fsdp import fully_shard
+    sharded = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    fully_shard(sharded)  # FSDP2: an FSDPModule, not a FullyShardedDataParallel
+    lines.append(outcome(lambda: KFAC(sharded)))
     dist.destroy_process_group()
     with open(f"{out}/rank{rank}.txt", "w") as file:
         file.write("\\n".join(lines))
@@ -51,9 +55,36 @@ def test_ddp_models_are_refused_and_a_process_group_is_warned_of(tmp_path):
     script.write_text(_RANKS)
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=240)
     for rank in range(2):
-        kfac_ddp, newton_ddp, kfac_plain, newton_plain = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        kfac_ddp, newton_ddp, kfac_plain, newton_plain, kfac_fsdp2 = lines
         for line, name in ((kfac_ddp, "KFAC"), (newton_ddp, "DiagonalNewton")):
             assert line.startswith(f"ValueError: {name}: the model is wrapped in DistributedDataParallel, but {name} "
                                    "estimates the curvature from each process's own batch"), line
+        assert kfac_fsdp2.startswith("ValueError: KFAC: the model is wrapped in FSDPSequential"), kfac_fsdp2
         for line, name in ((kfac_plain, "KFAC"), (newton_plain, "DiagonalNewton")):
             assert f"warning: {name}: a process group of 2 ranks is active" in line, line
+
+
+def test_a_one_rank_process_group_keeps_ddp_models_trainable(tmp_path):
+    """`torchrun --nproc_per_node=1` around a script that always wraps in DDP: one rank, nothing to drift from."""
+    import warnings
+
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dreidel.optim import KFAC, DiagonalNewton
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for optimizer in (KFAC(model, lr=0.1), DiagonalNewton(model, lr=0.1)):
+                x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+                closure = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+                optimizer.zero_grad()
+                closure().backward()
+                optimizer.step(closure)
+                optimizer.remove_hooks()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -17,6 +17,7 @@ import string
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dreidel._checks import check_flag
@@ -62,8 +63,26 @@ def _monitored_value(logs: dict[str, float], monitor: str, owner: str) -> float:
 
 def _check_monitor(monitor: object) -> None:
     """``monitor`` names a logged key: a non-empty str."""
-    if not isinstance(monitor, str) or not monitor:
+    if not isinstance(monitor, str):
         raise TypeError(f"monitor: expected the name of a logged value such as 'val_loss', got {monitor!r:.40}")
+    if not monitor:
+        raise ValueError("monitor: expected the name of a logged value such as 'val_loss', got ''")
+
+
+def _learning_rate(returned: object, epoch: int) -> float:
+    """What a schedule returned, as a float: a real number, or a one-element array or tensor of a real dtype
+    (``np.where(...)`` gives a 0-d array); ``TypeError`` for anything else, bools included (True was a rate of
+    1.0)."""
+    if isinstance(returned, torch.Tensor):
+        if returned.numel() == 1 and not (returned.dtype.is_complex or returned.dtype == torch.bool):
+            return float(returned.reshape(()))
+    elif isinstance(returned, np.ndarray):
+        if returned.size == 1 and returned.dtype.kind in "iuf":
+            return float(returned.reshape(()))
+    elif isinstance(returned, numbers.Real) and not isinstance(returned, (bool, np.bool_)):
+        return float(returned)
+    raise TypeError(f"schedule: expected a learning rate (a float) back at epoch {epoch}, got "
+                    f"{type(returned).__name__} {returned!r:.40}")
 
 
 def _improves(mode: str, monitor: str) -> tuple[Callable[[float, float, float], bool], float]:
@@ -293,11 +312,7 @@ class LearningRateScheduler(Callback):
 
     def on_epoch_begin(self, model, epoch: int) -> None:
         optimizer = model.optimizer
-        returned = self.schedule(epoch, optimizer.param_groups[0]["lr"])
-        if isinstance(returned, bool) or not isinstance(returned, (numbers.Real, torch.Tensor)):
-            raise TypeError(f"schedule: expected a learning rate (a float) back at epoch {epoch}, got "
-                            f"{type(returned).__name__} {returned!r:.40}")
-        new_lr = float(returned)
+        new_lr = _learning_rate(self.schedule(epoch, optimizer.param_groups[0]["lr"]), epoch)
         if not math.isfinite(new_lr) or new_lr < 0:
             raise ValueError(f"schedule returned an invalid learning rate {new_lr} at epoch {epoch}")
         for group in optimizer.param_groups:

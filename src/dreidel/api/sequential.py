@@ -146,9 +146,8 @@ class Sequential(nn.Sequential):
             self._compiled.optimizer = None  # rebuilt over the new parameters at the next fit
         elif any(p.requires_grad for p in layer.parameters()):
             warn(f"add: the optimizer instance given to compile does not update the new layer's "
-                          f"parameters ({type(layer).__name__}); fit will not train them. Compile again with "
-                          "an optimizer over model.parameters(), or a name or factory, which cover new layers",
-                          )
+                 f"parameters ({type(layer).__name__}); fit will not train them. Compile again with "
+                 "an optimizer over model.parameters(), or a name or factory, which cover new layers")
         return self
 
     @property
@@ -365,8 +364,8 @@ class Sequential(nn.Sequential):
                              "or give compile a name or a factory")
         if missing:
             warn(f"{method}: the optimizer instance does not update {len(missing)} trainable parameter(s) of "
-                          f"the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fit will not "
-                          "train them. Compile again with an optimizer over model.parameters(), or a name or factory")
+                 f"the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fit will not "
+                 "train them. Compile again with an optimizer over model.parameters(), or a name or factory")
 
     # ---------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,

@@ -35,9 +35,11 @@ _MIN_FILTER_RATE = 1000
 # Float samples beyond this magnitude are not audio in [-1, 1]: most likely integer PCM values given as floats.
 FLOAT_PEAK_WARNING = 1.5
 # The most channels audio has: load_audio refuses a (channels, samples) array with more, and a last axis this
-# short beside one at least _SAMPLES_LAST_RATIO times longer is taken for (samples, channels) (check_samples_last).
+# short beside one at least _SAMPLES_LAST_RATIO times longer and _SAMPLES_LAST_MIN long (a quarter second at 16
+# kHz) is taken for (samples, channels) (check_samples_last): a mel of a few frames, (80, 1), is not.
 MAX_CHANNELS = 16
 _SAMPLES_LAST_RATIO = 64
+_SAMPLES_LAST_MIN = 4000
 
 _LINEAR_HZ_PER_MEL = 200.0 / 3.0
 _LOG_START_HZ = 1000.0
@@ -77,10 +79,10 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Slaney mel filterbank ``(n_mels, n_fft // 2 + 1)`` from 0 Hz to Nyquist.
 
-    Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` is an int >= 1, ``sample_rate``
-    an int >= 1000 (Hz: a rate in kHz is refused), ``n_fft`` an int >= 2 (a 0 Hz and a Nyquist bin) and ``dtype`` a floating torch dtype. Warns where
-    some filters are empty (too many mels for the FFT's bins, e.g. 256 at ``n_fft=400``: their channels would
-    be constant), as librosa does.
+    Raises ``TypeError`` / ``ValueError`` naming the argument unless ``n_mels`` is an int >= 1,
+    ``sample_rate`` an int >= 1000 (Hz: a rate in kHz is refused), ``n_fft`` an int >= 2 (a 0 Hz and a
+    Nyquist bin) and ``dtype`` a floating torch dtype. Warns where some filters are empty (too many mels for
+    the FFT's bins, e.g. 256 at ``n_fft=400``: their channels would be constant), as librosa does.
     """
     check_count("n_mels", n_mels)
     check_count("sample_rate", sample_rate)
@@ -94,7 +96,7 @@ def mel_filters(n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int 
     empty = int((filters.max(axis=1) == 0).sum())
     if empty:
         warn(f"mel_filters: {empty} of {n_mels} filters are empty (no FFT bin of n_fft={n_fft} falls "
-                      "inside them): fewer mels, or a larger n_fft")
+             "inside them): fewer mels, or a larger n_fft")
     return torch.from_numpy(filters).to(dtype)
 
 
@@ -110,11 +112,12 @@ def warn_beyond_full_scale(samples: torch.Tensor | np.ndarray, what: str, guess:
 
 def check_samples_last(audio: torch.Tensor, function: str) -> None:
     """``ValueError`` where ``audio``, expected as ``(..., samples)``, looks like a ``(samples, channels)`` array:
-    a last axis of at most ``MAX_CHANNELS`` beside one at least ``_SAMPLES_LAST_RATIO`` times as long (a
-    stereo file read by soundfile or scipy is ``(samples, 2)``; taken as 2 samples per row, it was resampled
-    across its channels, or padded to 30 s per sample)."""
+    a last axis of at most ``MAX_CHANNELS`` beside one at least ``_SAMPLES_LAST_RATIO`` times as long and
+    ``_SAMPLES_LAST_MIN`` long (a stereo file read by soundfile or scipy is ``(samples, 2)``; taken as 2
+    samples per row, it was resampled across its channels, or padded to 30 s per sample)."""
     samples = audio.shape[-1]
-    if audio.dim() >= 2 and 0 < samples <= MAX_CHANNELS and audio.shape[-2] >= _SAMPLES_LAST_RATIO * samples:
+    rows = audio.shape[-2] if audio.dim() >= 2 else 0
+    if 0 < samples <= MAX_CHANNELS and rows >= max(_SAMPLES_LAST_RATIO * samples, _SAMPLES_LAST_MIN):
         raise ValueError(f"{function}: audio must be (..., samples), got shape {tuple(audio.shape)}, which looks like "
                          "(samples, channels): pass audio.T (or audio.mT), or load it with load_audio")
 
@@ -123,7 +126,9 @@ def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
     """Zero-pad or cut the last axis of ``audio`` (..., samples) to ``length`` samples.
 
     Raises:
-        ValueError: ``audio`` is a scalar (no samples axis), or ``length`` is negative.
+        ValueError: ``audio`` is a scalar (no samples axis) or looks like a ``(samples, channels)`` array (a
+            last axis of at most 16 beside one of 4000 or more, 64 times as long: pass ``audio.T``), or
+            ``length`` is negative.
         TypeError: ``length`` is not an int.
     """
     if not isinstance(audio, torch.Tensor):
@@ -178,7 +183,12 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     if not from_file:
         warn_beyond_full_scale(samples, "log_mel_spectrogram: audio samples",
                                "integer PCM values given as floats? (int16: divide by 32768)")
-    audio = samples
+    return log_mel_of_samples(samples, n_mels, padding)
+
+
+def log_mel_of_samples(audio: torch.Tensor, n_mels: int = 80, padding: int = 0) -> torch.Tensor:
+    """``log_mel_spectrogram`` of finite float32 ``audio`` (..., samples) already checked, as ``load_audio``'s
+    are: no check of their level (``transcribe`` warns once per input, where this runs once per window)."""
     if padding:
         audio = torch.nn.functional.pad(audio, (0, padding))
     if audio.shape[-1] <= N_FFT // 2:

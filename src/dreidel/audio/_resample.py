@@ -121,18 +121,17 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
              rolloff: float = 0.945, kaiser_beta: float = 8.6) -> torch.Tensor:
     """Resample ``audio`` of shape ``(..., samples)`` from ``orig_rate`` to ``new_rate`` Hz.
 
-    Returns ``(..., ceil(samples * new_rate / orig_rate))`` in the input's floating dtype. The low-pass is -6 dB at ``rolloff`` times the lower Nyquist frequency and reaches its
-    stop band (about -85 dB with the default Kaiser beta) a little above that Nyquist: to 16 kHz with the
-    defaults, 7.0 kHz passes at -0.2 dB, 7.56 kHz at -6 dB, and 8.1-8.4 kHz, just past the Nyquist, fold back
-    attenuated by 31-75 dB (measured from 22.05, 44.1 and 48 kHz); from 8.6 kHz on, by 85 dB or more. The
-    signal is taken as zero outside its ends. Raises
-    ``ValueError`` where the reduced ratio would need a filter table of more than 2^25 values (about 256 MB),
-    e.g. a rate above about 660 kHz coprime with the other, or where ``audio`` looks like ``(samples, channels)``
-    (a last axis of at most 16 beside one 64 times longer: pass ``audio.T``); ``TypeError`` for samples that are
-    not floating point (integer PCM goes through ``pcm_to_float`` first), and ``TypeError`` / ``ValueError``
-    naming the argument
-    unless ``zero_crossings`` is an int >= 1, ``rolloff`` a number in (0, 1] (above 1 the filter would let
-    aliases through) and ``kaiser_beta`` a finite number >= 0.
+    Returns ``(..., ceil(samples * new_rate / orig_rate))`` in the input's floating dtype. The low-pass is -6 dB
+    at ``rolloff`` times the lower Nyquist frequency and reaches its stop band (about -85 dB with the default
+    Kaiser beta) a little above that Nyquist: to 16 kHz with the defaults, 7.0 kHz passes at -0.2 dB, 7.56 kHz at
+    -6 dB, and 8.1-8.4 kHz, just past the Nyquist, fold back attenuated by 31-75 dB (measured from 22.05, 44.1 and
+    48 kHz); from 8.6 kHz on, by 85 dB or more. The signal is taken as zero outside its ends. Raises
+    ``ValueError`` where the reduced ratio would need a filter table of more than 2^25 values (about 256 MB), e.g.
+    a rate above about 660 kHz coprime with the other, or where ``audio`` looks like ``(samples, channels)`` (a
+    last axis of at most 16 beside one of 4000 or more, 64 times as long: pass ``audio.T``); ``TypeError`` for
+    samples that are not floating point (integer PCM goes through ``pcm_to_float`` first), and ``TypeError`` /
+    ``ValueError`` naming the argument unless ``zero_crossings`` is an int >= 1, ``rolloff`` a number in (0, 1]
+    (above 1 the filter would let aliases through) and ``kaiser_beta`` a finite number >= 0.
     """
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor, got {type(audio).__name__}")

@@ -507,4 +507,4 @@ def _remove_old_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):
         warn(f"saved the new checkpoint, but could not remove the one it replaced: it is left at {path}",
-                      RuntimeWarning)
+             RuntimeWarning)

@@ -301,13 +301,13 @@ def floating_to(value, dtype: torch.dtype, device: torch.device):
 
 
 def check_single_process(optimizer: str, model: nn.Module | None) -> None:
-    """Refuse ``model`` where it is (or holds) a ``DistributedDataParallel`` or FSDP module, and warn where a
-    process group of several ranks is active: the curvature optimizers estimate the curvature (and K-FAC's
-    damping tests the loss) from this process's batch alone and do not synchronise them across ranks, so under
-    data parallelism each rank takes another step and the ranks' weights drift apart while DDP goes on
+    """Refuse ``model`` where it is (or holds) a ``DistributedDataParallel`` or FSDP module of several ranks, and
+    warn where a process group of several ranks is active: the curvature optimizers estimate the curvature (and
+    K-FAC's damping tests the loss) from this process's batch alone and do not synchronise them across ranks, so
+    under data parallelism each rank takes another step and the ranks' weights drift apart while DDP goes on
     averaging their gradients (gloo, 2 ranks, a LinearWHT model: 0.011 apart after one K-FAC step, 0.046 after
     one DiagonalNewton step, where Adam's stay equal). Synchronised curvature is not supported yet."""
-    wrapped = [type(m).__name__ for m in (model.modules() if model is not None else ()) if _is_data_parallel(m)]
+    wrapped = [type(m).__name__ for m in (model.modules() if model is not None else ()) if _data_parallel_ranks(m) > 1]
     if wrapped:
         raise ValueError(f"{optimizer}: the model is wrapped in {wrapped[0]}, but {optimizer} estimates the "
                          "curvature from each process's own batch and does not synchronise it across ranks (not "
@@ -321,14 +321,20 @@ def check_single_process(optimizer: str, model: nn.Module | None) -> None:
                  "that each rank trains on its own (under data parallelism the ranks' weights drift apart)")
 
 
-def _is_data_parallel(module: nn.Module) -> bool:
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        return True
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(module, FullyShardedDataParallel)
+def _data_parallel_ranks(module: nn.Module) -> int:
+    """How many ranks ``module`` shares its training with: its process group's size if it is a DDP or FSDP
+    (either API) module, else 1 (a one-rank group, as ``torchrun --nproc_per_node=1`` makes, has none to drift
+    from)."""
+    if not torch.distributed.is_available():
+        return 1
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if not isinstance(module, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel, FSDPModule)):
+        return 1
+    if not torch.distributed.is_initialized():
+        return 1
+    group = getattr(module, "process_group", None)
+    return torch.distributed.get_world_size(group) if group is not None else torch.distributed.get_world_size()
 
 
 # Name parts that wrappers add to their model's parameter names: torch.compile's OptimizedModule (``_orig_mod``,

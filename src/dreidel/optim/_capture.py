@@ -283,10 +283,10 @@ class ActivationCapture:
             if not self._warned_full:
                 self._warned_full = True
                 warn(f"curvature capture: more than {self.MAX_RECORDS} calls of a layer recorded since the "
-                              "optimizer's last step or zero_grad(); the oldest are dropped, so the next curvature "
-                              "update sees only the latest. Forward passes with gradients outside training keep "
-                              "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
-                              "training is over")
+                     "optimizer's last step or zero_grad(); the oldest are dropped, so the next curvature "
+                     "update sees only the latest. Forward passes with gradients outside training keep "
+                     "recording: call optimizer.zero_grad() before them, or optimizer.remove_hooks() once "
+                     "training is over")
         kept.append(record)
         output.register_hook(self._weak_gradient_hook(lambda capture, grad: capture._gradient_arrived(module, record,
                                                                                                    grad)))
@@ -403,12 +403,12 @@ class _PassStartHook(_WeakCaptureHook):
 def warn_no_records(optimizer: str, step: int) -> None:
     """Warn that a step meant to use recorded layer inputs found none."""
     warn(f"{optimizer}: no layer inputs were recorded for the curvature of step {step}, so it falls back "
-                  "or skips the update: zero_grad() between the forward pass and backward() drops them, and "
-                  "gradients taken with torch.autograd.grad() give none. Call optimizer.zero_grad() before the "
-                  "forward pass and loss.backward() after it. A model compiled with torch.compile that ran a "
-                  "forward pass with gradients before this optimizer was built keeps running that compiled code, "
-                  "without the optimizer's hooks: build the optimizer before the first compiled forward pass, or "
-                  "call torch._dynamo.reset() after building it")
+         "or skips the update: zero_grad() between the forward pass and backward() drops them, and "
+         "gradients taken with torch.autograd.grad() give none. Call optimizer.zero_grad() before the "
+         "forward pass and loss.backward() after it. A model compiled with torch.compile that ran a "
+         "forward pass with gradients before this optimizer was built keeps running that compiled code, "
+         "without the optimizer's hooks: build the optimizer before the first compiled forward pass, or "
+         "call torch._dynamo.reset() after building it")
 
 
 def _remove_handles(handles: list) -> None:

@@ -216,7 +216,7 @@ class KFAC(CurvatureOptimizer):
         matrices = [description for description, holds_matrix in unsupported if holds_matrix]
         if matrices:
             warn(f"K-FAC has no curvature factors for the weights of {', '.join(matrices)}: the base "
-                          "optimizer takes plain steps on them")
+                 "optimizer takes plain steps on them")
         others = [description for description, holds_matrix in unsupported if not holds_matrix]
         if others:
             logger.info("K-FAC: no curvature factors for %s; the base optimizer updates them", ", ".join(others))

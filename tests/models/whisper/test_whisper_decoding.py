@@ -341,6 +341,17 @@ def test_arrays_at_another_rate_are_resampled_where_the_rate_is_given(tiny_en):
         transcribe(tiny_en, fast, sample_rate=44100.0)
 
 
+def test_samples_at_integer_scale_are_warned_of_once_per_input(tiny_en):
+    """log_mel_spectrogram's own level warning came again for every 30 s window that transcribe decoded."""
+    import warnings
+
+    loud = 8000.0 * torch.sin(torch.arange(40 * 16000) * 0.05)  # 40 s: two windows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transcribe(tiny_en, loud, timestamps=False, max_new_tokens=4)
+    assert len([w for w in caught if "expected [-1, 1]" in str(w.message)]) == 1
+
+
 def test_a_sample_rate_given_with_files_only_is_refused(tmp_path, tiny_en):
     """It was ignored, where load_audio refuses it for a file."""
     with pytest.raises(ValueError, match=r"sample_rate is the rate of arrays; a file's rate is read from the file: "

@@ -526,14 +526,15 @@ def _decode_batch(recognizer: WhisperRecognizer, windows: list[torch.Tensor], op
     lists, empty for none), with the fallback if asked, its tokens emptied where it holds no speech
     (``_holds_no_speech``) or left undecoded, with none, where it is silent; and each window's share of the
     seconds that took (the batch's time shared equally)."""
-    from dreidel.audio import log_mel_spectrogram, pad_or_trim
+    from dreidel.audio import pad_or_trim
+    from dreidel.audio._mel import log_mel_of_samples
 
     start = time.perf_counter()
     scored = [ScoredWindow([], 0.0, None)] * len(windows)
     sound = [i for i, window in enumerate(windows) if not rules.is_silent(window)]
     if sound:
         n_mels = recognizer.model.dims.n_mels  # 80, or 128 for the large-v3 layout
-        mel = torch.stack([log_mel_spectrogram(pad_or_trim(windows[i]), n_mels) for i in sound])
+        mel = torch.stack([log_mel_of_samples(pad_or_trim(windows[i]), n_mels) for i in sound])  # load_audio's
         given = [previous[i] for i in sound] if any(previous[i] for i in sound) else None
         decoded = decode_scored(recognizer.model, mel, options, given)
         if rules.fallback and options.beam_size == 1:
