@@ -475,8 +475,8 @@ def _refuse_a_tangent(x: torch.Tensor, op: str) -> None:
     """The registered ops have no forward-mode formula (``torch.library`` takes none): a tangent on ``x`` would
     be dropped without a word, so it is refused. (``dreidel.fwht`` carries tangents by other paths.)"""
     if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
-        raise RuntimeError(f"{op}: x carries a forward-mode tangent, which this op cannot propagate; use "
-                           "dreidel.fwht, which does")
+        raise RuntimeError(f"{op}: an input carries a forward-mode tangent, which this op cannot propagate; use "
+                           f"{'dreidel.fwht' if 'fwht' in op else 'the spectral layer'}, which does")
 
 
 def _check_op_input_shape(x: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,11 @@ OUTPUT_FORMATS = ("txt", "srt", "vtt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("transcribe", help="transcribe audio files with Whisper (tiny.en by default)")
+    parser = subparsers.add_parser(
+        "transcribe", help="transcribe audio files with Whisper (tiny.en by default)",
+        epilog="Audio is decoded in 30 s windows. Less than 0.5 s left after a window's text at the end of a file "
+               "is not decoded (padded to 30 s alone, such slivers came out as words that were not spoken), so "
+               "a word shorter than that, spoken last after a pause, is lost.")
     # nargs="*", checked in run: argparse would report a missing FILE before an unknown option (main names those).
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="audio files (any format libsndfile reads; a name starting with '-' after '--')")
@@ -67,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     """For each input file, the file each asked-for format is written to; two inputs that would write the same
-    file (same name, other directories) are a usage error, raised before anything is decoded."""
+    file (same name, other directories), or a target that is one of the inputs (a WAV named clip.txt, its txt
+    written next to it, was replaced by its transcript), are usage errors, raised before anything is decoded."""
     chosen, given_directory = getattr(args, "output_format", None), getattr(args, "output_dir", None)
     if chosen is None and given_directory is not None:
         args.parser.error("argument --output-dir: writes nothing without --output-format txt|srt|vtt|all")
@@ -77,8 +83,13 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
         args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
     paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]
     writers: dict[Path, str] = {}
+    inputs = {_identity(file): file for file in args.files}  # the files exist (checked before)
     for file, targets in zip(args.files, paths):
         for target in targets.values():
+            replaced = inputs.get(_identity(target)) if target.exists() else None  # through links too
+            if replaced is not None:
+                args.parser.error(f"argument --output-dir: the {target.suffix[1:]} transcript of {file} would "
+                                  f"replace the input {replaced}; choose another --output-dir")
             if target in writers:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
@@ -90,6 +101,12 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
                 where = f": {error.filename}" if error.filename else ""
                 args.parser.error(f"argument --output-dir: {error.strerror}{where}")
     return paths
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    """The file ``path`` names, whatever the links to it: (device, inode)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def write_outputs(result, targets: dict[str, Path]) -> None:

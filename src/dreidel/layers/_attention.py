@@ -54,6 +54,11 @@ class MultiHeadAttentionSpectral(nn.Module):
         linear_kwargs: extra arguments for ``build_linear`` (e.g. ``{"depth": 3}``).
 
     Shapes: ``x`` ``(B, T, E)``; ``context`` ``(B, S, E)``; output ``(B, T, E)``.
+
+    Attention runs on ``F.scaled_dot_product_attention``, whose fused CPU kernel has no second derivative and
+    no forward-mode formula in torch (``nn.MultiheadAttention`` fails alike): for double backward,
+    ``torch.func.hessian`` or ``jacfwd``, run the layer under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, linear: str = "wht", bias: bool = True,

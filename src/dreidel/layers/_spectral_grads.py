@@ -33,8 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from dreidel.algo import fwht, fwht_into, in_functorch_transform, runs_native_eager
-from dreidel.algo._fwht import _is_legacy_batched
-from dreidel.layers._spectral_native import NativeSpectralLinear, native_spectral_forward, native_spectral_grads
+from dreidel.algo._fwht import _is_legacy_batched, _refuse_a_tangent
+from dreidel.layers._spectral_native import (NativeSpectralLinear, native_spectral_forward, native_spectral_grads,
+                                             needs_differentiable_backward, vjp_of)
 
 if TYPE_CHECKING:
     from dreidel.layers._spectral import _SpectralLinearBase
@@ -173,6 +174,9 @@ def spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.Tensor, 
 def _spectral_linear_op(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: torch.Tensor | None,
                         out_scale: torch.Tensor, bias: torch.Tensor | None, indices: list[torch.Tensor], length: int,
                         blocks: int, out_features: int) -> torch.Tensor:
+    for tensor in (x, in_scale, inner_scale, out_scale, bias):
+        if tensor is not None:  # no forward-mode formula: a tangent would be dropped (the layers go around)
+            _refuse_a_tangent(tensor, "dreidel::spectral_linear")
     return spectral_forward(x, in_scale, inner_scale, out_scale, bias,
                             SpectralLayout(*indices, length, blocks, out_features))
 
@@ -216,9 +220,9 @@ def _spectral_linear_setup_context(ctx, inputs, output) -> None:
 
 def _spectral_linear_backward(ctx, grad):
     x, in_scale, inner_scale, out_scale, *indices = ctx.saved_tensors
-    # create_graph=True, or batched gradients (a legacy-vmap tensor, for which the op has no batching rule):
-    # differentiate the composed form, whose ops have derivatives and batching rules
-    if torch.is_grad_enabled() or _is_legacy_batched(grad):
+    # create_graph=True, batched gradients or a tangent (see needs_differentiable_backward): differentiate the
+    # composed form, whose ops have derivatives, batching rules and forward-mode formulas
+    if needs_differentiable_backward(grad):
         return (*_composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices), [None] * len(indices),
                 None, None, None)
     grads = dict(zip(_GRAD_NAMES, _spectral_linear_backward_op(
@@ -241,12 +245,7 @@ def _composed_vjp(ctx, grad, x, in_scale, inner_scale, out_scale, indices) -> li
     # The bias enters additively: its value does not change any gradient, a zero stands in for it.
     bias = out_scale.new_zeros(out_scale.shape).requires_grad_() if ctx.has_bias else None
     inputs = (x, in_scale, inner_scale if ctx.has_inner else None, out_scale, bias)
-    needed = ctx.needs_input_grad[:5]
-    wanted = [t for t, need in zip(inputs, needed) if t is not None and need]
-    with torch.enable_grad():  # off in a backward that builds no graph (batched gradients)
-        y = spectral_linear_composed(x, *inputs[1:], layout)
-    computed = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    return [next(computed) if t is not None and need else None for t, need in zip(inputs, needed)]
+    return vjp_of(lambda *aliases: spectral_linear_composed(*aliases, layout), inputs, ctx.needs_input_grad[:5], grad)
 
 
 _spectral_linear_op.register_autograd(_spectral_linear_backward, setup_context=_spectral_linear_setup_context)

@@ -10,10 +10,14 @@ the parameter gradients in double. At width 256 this replaces about twenty small
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dreidel._native import native
 from dreidel.algo._fwht import _is_legacy_batched, _kernel_copy, kernel_constants
+
+_forward_ad = torch.autograd.forward_ad
 
 __all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads"]
 
@@ -119,6 +123,31 @@ def native_spectral_grads(x: torch.Tensor, grad: torch.Tensor, in_scale: torch.T
     return grads
 
 
+def needs_differentiable_backward(grad: torch.Tensor) -> bool:
+    """Whether a backward given ``grad`` must differentiate the composed form instead of running the kernel:
+    it builds a graph (``create_graph=True``), ``grad`` is a legacy-vmap batched tensor (no memory for the
+    kernel, no batching rule for the op), or ``grad`` carries a forward-mode tangent (forward-over-reverse:
+    the kernel reads the primal alone, and the tangent was dropped)."""
+    return (torch.is_grad_enabled() or _is_legacy_batched(grad)
+            or (_forward_ad._current_level >= 0 and _forward_ad.unpack_dual(grad).tangent is not None))
+
+
+def vjp_of(forward: Callable[..., torch.Tensor], inputs: tuple, needed: tuple[bool, ...],
+           grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """``grad``'s vector-Jacobian product with ``forward(*inputs)`` for the ``inputs`` flagged ``needed`` (None
+    for the others), as a differentiable graph. ``forward`` runs on aliases of the inputs (``view_as``), so the
+    products are partial derivatives of this one call: differentiated with respect to the saved tensors
+    themselves, autograd went on through a layer's earlier calls that made them (a layer applied twice, its
+    second input computed by its first) and returned total derivatives, which the outer backward then added
+    again, and fired their hooks twice."""
+    with torch.enable_grad():  # off in a backward that builds no graph (batched gradients, a tangent)
+        aliases = tuple(t.view_as(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+        y = forward(*aliases)
+    wanted = [a for a, need in zip(aliases, needed) if a is not None and need]
+    computed = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(computed) if a is not None and need else None for a, need in zip(aliases, needed)]
+
+
 class NativeSpectralLinear(torch.autograd.Function):
     """``y = s_out ⊙ h_K[:, :out] + b`` for ``x`` ``(rows, n)`` on the native kernels.
 
@@ -142,14 +171,10 @@ class NativeSpectralLinear(torch.autograd.Function):
         x, in_scale, inner_scale, out_scale, bias = ctx.saved_tensors
         inner_scale = inner_scale if ctx.has_inner else None
         bias = bias if ctx.has_bias else None
-        if torch.is_grad_enabled() or _is_legacy_batched(grad_y):  # create_graph=True, or batched gradients
+        if needs_differentiable_backward(grad_y):  # create_graph=True, batched gradients, a tangent
             inputs = (x, in_scale, inner_scale, out_scale, bias)
-            wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if t is not None and needed]
-            with torch.enable_grad():
-                y = ctx.differentiable_forward(x, in_scale, inner_scale, out_scale, bias, ctx.layout)
-            computed = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-            grads = [next(computed) if t is not None and needed else None
-                     for t, needed in zip(inputs, ctx.needs_input_grad)]
+            grads = vjp_of(lambda *aliases: ctx.differentiable_forward(*aliases, ctx.layout), inputs,
+                           ctx.needs_input_grad[:5], grad_y)
             return (*grads, None, None)
         grads = native_spectral_grads(x, grad_y, in_scale, inner_scale, out_scale, ctx.has_bias,
                                       ctx.layout.flat_perm, ctx.layout.length, groups=1,

@@ -227,3 +227,27 @@ def test_output_problems_are_one_line_errors_before_or_after_decoding(tmp_path, 
     monkeypatch.setattr(subtitles, "write_text_file", folder_made_since)
     with pytest.raises(SystemExit, match=r"dreidel transcribe: error: cannot write .*same.txt: '.*' is a directory"):
         args.func(args)  # was a traceback, and the later files' texts were never printed
+
+
+@pytest.mark.parametrize("through", ["the same name", "a symbolic link"])
+def test_a_transcript_never_replaces_an_input(tmp_path, capsys, through):
+    """A WAV named clip.txt with --output-format txt next to it was replaced by its own transcript (exit 0)."""
+    import numpy as np
+    import soundfile
+
+    audio = tmp_path / "clip.txt"
+    soundfile.write(audio, np.zeros(1600, dtype=np.float32), 16000, format="WAV")
+    before = audio.read_bytes()
+    given = audio
+    if through == "a symbolic link":
+        (tmp_path / "links").mkdir()
+        given = tmp_path / "links" / "clip.wav"
+        given.symlink_to(audio)
+        (tmp_path / "links" / "clip.txt").symlink_to(audio)  # the target, in the output folder, is the input too
+    args = parse(["transcribe", str(given), "--output-format", "txt", "--output-dir", str(given.parent)])
+    with pytest.raises(SystemExit) as exit_info:
+        args.func(args)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "argument --output-dir: the txt transcript of" in message and "would replace the input" in message
+    assert audio.read_bytes() == before
