@@ -221,11 +221,14 @@ CONFIG, TENSORS = "config.json", "model.safetensors"
         (lambda c: c.__setitem__("input_shape", [65]), r"the layers do not run on 'input_shape' \[65\]", CONFIG),
         (lambda c: c.__setitem__("input_shape", "64"), "'input_shape' must be null or a list of positive ints", CONFIG),
         (lambda c: c.__setitem__("input_shape", [0]), "'input_shape' must be null or a list of positive ints", CONFIG),
+        (lambda c: c["layers"].__setitem__(1, 0), r"layers\[1\] must be a JSON object \(a layer spec\), got int", CONFIG),
+        (lambda c: c.__setitem__("layers", [0] * 10_001), "'layers' holds 10001 specs; at most 10000 are read", CONFIG),
+        (_set_arg(2, "bias", float("nan")), r"NaN is not a JSON value", CONFIG),
     ],
     ids=["unknown-type", "no-layers", "no-args", "mis-shaped", "missing-tensor", "unexpected-tensor", "unknown-arg",
          "format", "version-bool", "version-float", "unknown-config-key", "unknown-spec-key", "bad-activation", "device", "dtype", "generator",
          "lazy", "null-width", "bool-type", "float-width", "list-width", "private-arg", "input-shape-rank",
-         "input-shape-misfit", "input-shape-type", "input-shape-zero"],
+         "input-shape-misfit", "input-shape-type", "input-shape-zero", "spec-not-object", "too-many-layers", "nan"],
 )
 def test_load_rejects_mismatched_checkpoints(tmp_path, edit, message, file):
     model = _small_model("wht").build((64,))

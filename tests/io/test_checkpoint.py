@@ -466,3 +466,17 @@ def test_load_state_strict_refuses_a_non_bool_keep_dtypes():
     with pytest.raises(TypeError, match=r"keep_dtypes: expected a bool .* got str 'no'"):
         load_state_strict(model, tensors, keep_dtypes="no")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_nan_and_infinities_are_neither_written_nor_read_as_json(tmp_path, tensors):
+    """json.dumps writes NaN and Infinity, which are not JSON; a config's NaN eps loaded and made every output NaN."""
+    from dreidel.io import read_json_object
+
+    with pytest.raises(ValueError, match=r"config: Out of range float values are not JSON compliant.*NaN and "
+                                         r"infinities are not JSON"):
+        write_checkpoint(tmp_path / "m", {"format": "dreidel.test", "eps": float("nan")}, tensors)
+    assert not (tmp_path / "m").exists()
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        (tmp_path / "c.json").write_text(f'{{"eps": {constant}}}')
+        with pytest.raises(ValueError, match=rf"c.json: not valid JSON: ValueError: {constant} is not a JSON value"):
+            read_json_object(tmp_path / "c.json")

@@ -29,6 +29,9 @@ __all__ = ["BuildBudget", "LayerPlan", "build_within_tensor_file", "check_config
 CONFIG_KEYS = ("format", "format_version", "input_shape", "layers")
 OPTIONAL_CONFIG_KEYS = ("input_dtype", "frozen")  # absent: floating inputs; every parameter trainable
 MAX_INPUT_DIMS = 32  # dimensions of one sample in a config's input_shape (a hand-made file could list 200,000)
+# Layers a config may list: a model of more is not a Sequential anyone saves, and each spec is built on the meta
+# device to check it (about 1 ms a layer: 200,000 would take minutes before any error).
+MAX_LAYERS = 10_000
 # Integer inputs a model can be built for (token or class indices, e.g. an nn.Embedding first).
 INPUT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
                 "uint8": torch.uint8}
@@ -64,6 +67,8 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
     specs = config["layers"]
     if not isinstance(specs, list) or not specs:
         raise ValueError(f"{where}: 'layers' must be a non-empty list of layer specs")
+    if len(specs) > MAX_LAYERS:
+        raise ValueError(f"{where}: 'layers' holds {len(specs)} specs; at most {MAX_LAYERS} are read")
     input_shape = config["input_shape"]
     if input_shape is not None and (
             not isinstance(input_shape, list)
@@ -85,16 +90,19 @@ def check_config(config: dict[str, Any], where: str, format_name: str, version: 
 
 def _layer_names(specs: list, where: str) -> list[str]:
     """The child names of the saved layers (``"0"``, ``"1"``, ... for specs without a ``name``, as in old files)."""
-    names = []
+    names: dict[str, None] = {}  # ordered, and looked up in constant time (a list made 80k names take a minute)
     for index, spec in enumerate(specs):
-        name = spec.get("name", str(index)) if isinstance(spec, dict) else str(index)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} layers[{index}] must be a JSON object (a layer spec), got "
+                             f"{type(spec).__name__}")
+        name = spec.get("name", str(index))
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"{where} layers[{index}] has an invalid 'name' {name!r}: expected a non-empty string "
                              "without '.'")
         if name in names:
             raise ValueError(f"{where} layers[{index}] repeats the name {name!r} of an earlier layer")
-        names.append(name)
-    return names
+        names[name] = None
+    return list(names)
 
 
 def meta_layers(plans: list[LayerPlan]) -> list[nn.Module | None]:

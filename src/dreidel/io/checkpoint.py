@@ -87,7 +87,10 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     for name, value in (("config", config), ("tensors", tensors)):
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
-    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON values
+    try:  # fails early on non-JSON values, NaN and infinities too (read_config refuses them)
+        config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as error:
+        raise ValueError(f"config: {error} (NaN and infinities are not JSON)") from None
     if len(config_text) > MAX_JSON_BYTES:  # read_config would refuse it (ASCII JSON: a byte per character)
         raise ValueError(f"config takes {len(config_text)} bytes as JSON, more than the {MAX_JSON_BYTES} a "
                          f"checkpoint's {CONFIG_FILE} may take")
@@ -313,8 +316,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         return files.config()
 
 
-# The largest JSON file read_json_object reads (configs; a Whisper tokenizer.json is about 2 MB).
-MAX_JSON_BYTES = 64 << 20
+# The largest JSON file read_json_object reads: configs, whose largest (a Sequential of MAX_LAYERS layers) take
+# a few MB. Parsed, JSON takes up to about 25 times its size ({},{},...: a 60 MB file took 1.5 GB).
+MAX_JSON_BYTES = 8 << 20
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -337,12 +341,20 @@ def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:
     if len(content) > MAX_JSON_BYTES:
         raise ValueError(f"{path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
     try:
-        parsed = json.loads(content.decode("utf-8"))
+        parsed = json.loads(content.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, long integers
         raise ValueError(f"cannot read {path}: not valid JSON: {type(error).__name__}: {error}") from None
+    except MemoryError:
+        raise ValueError(f"cannot read {path}: its JSON does not fit in memory") from None
     if not isinstance(parsed, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(parsed).__name__}")
     return parsed
+
+
+def _refuse_constant(name: str) -> None:
+    """``json.loads``' hook for ``NaN``, ``Infinity`` and ``-Infinity``, which Python writes but JSON has not:
+    a config's NaN ``eps`` loaded without a word and made every output NaN."""
+    raise ValueError(f"{name} is not a JSON value (configs hold finite numbers)")
 
 
 def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:

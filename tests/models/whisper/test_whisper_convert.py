@@ -291,6 +291,10 @@ def test_load_hf_refuses_a_config_its_tensors_do_not_hold(random_whisper, tmp_pa
     ("decoder/activation", torch.tensor(0, dtype=torch.int8), "decoder/activation is 0, but Whisper has 3 .GELU"),
     ("decoder/alibi", torch.tensor(1, dtype=torch.int8), "decoder/alibi is 1, but Whisper has 0"),
     ("decoder/scale_embeddings", torch.tensor(1, dtype=torch.int8), "decoder/scale_embeddings is 1"),
+    ("encoder/num_heads", torch.tensor(2.9), r"'encoder/num_heads' must hold a whole number, got 2.9"),  # was 2
+    ("encoder/num_heads", torch.tensor(float("nan")), r"'encoder/num_heads' must hold a whole number, got nan"),
+    ("encoder/num_heads", torch.tensor(5, dtype=torch.int16), r"model.bin: n_audio_state / n_text_state must be "
+                                                               r"divisible by their head counts"),
 ])
 def test_dims_from_malformed_ct2_variables_are_value_errors(random_whisper, name, value, message):
     variables = ours_to_checkpoint(ct2_rules(TINY_DIMS), random_whisper.state_dict())
@@ -392,3 +396,43 @@ def test_a_blank_language_is_not_taken_as_english(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="language must be a Whisper language code such as 'en', got ''"):
         tokenizer.prompt(language="")
+
+
+def test_load_hf_refuses_tensors_two_files_hold_and_integer_weights(random_whisper, tmp_path):
+    """A second .safetensors file beside model.safetensors replaced its weights without a word; an int8 weight
+    was cast to float and loaded (the CTranslate2 path refuses it)."""
+    from safetensors.torch import load_file, save_file
+
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
+    _tokenizer_dir(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("conv1.bias"))
+    save_file({name: torch.full_like(tensors[name], 7.0)}, str(tmp_path / "zz-extra.safetensors"))
+    with pytest.raises(ValueError, match=rf"zz-extra.safetensors: holds {name!r}, which an earlier .safetensors file"):
+        load(tmp_path)
+    (tmp_path / "zz-extra.safetensors").unlink()
+    save_file({**tensors, name: torch.arange(tensors[name].numel(), dtype=torch.int8)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name!r} holds torch.int8 values, expected floating-point weights"):
+        load(tmp_path)
+
+
+def test_load_hf_names_its_config_in_a_refusal_of_the_dimensions(random_whisper, tmp_path):
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["d_model"] = "8"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: WhisperDimensions.n_audio_state must be a positive int, "
+                                         r"got '8'") as raised:
+        load(tmp_path)
+    assert str(tmp_path / "config.json") in str(raised.value)
+
+
+def test_a_tokenizer_file_far_larger_than_whispers_is_refused_before_parsing(tmp_path):
+    """A 72 MB tokenizer.json took 1.1 GB to parse, and where memory ran out the Rust allocator aborted."""
+    from dreidel.models.whisper.tokenizer import MAX_TOKENIZER_BYTES, WhisperTokenizer
+
+    huge = tmp_path / "tokenizer.json"
+    with open(huge, "wb") as file:
+        file.truncate(MAX_TOKENIZER_BYTES + 1)  # sparse: nothing read
+    with pytest.raises(ValueError, match=rf"tokenizer.json: {MAX_TOKENIZER_BYTES + 1} bytes, more than the "):
+        WhisperTokenizer(huge, multilingual=False)

@@ -220,7 +220,10 @@ def _scalar(variables: dict[str, Tensor], name: str, source: str) -> int:
     value = variables[name]
     if value.numel() != 1:
         raise ValueError(f"{source}: {name!r} must hold one value, got shape {tuple(value.shape)}")
-    return int(value.reshape(()))
+    number = value.reshape(()).item()
+    if isinstance(number, bool) or number != number or abs(number) == float("inf") or number != int(number):
+        raise ValueError(f"{source}: {name!r} must hold a whole number, got {number!r}")  # int() truncated 2.9
+    return int(number)
 
 
 def _shape(variables: dict[str, Tensor], name: str, rank: int, source: str) -> torch.Size:
@@ -242,7 +245,7 @@ def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> Wh
                              f"not a Whisper dreidel can run")
     conv1 = _shape(variables, "encoder/conv1/weight", 3, source)
     embedding = _shape(variables, "decoder/embeddings/weight", 2, source)
-    return WhisperDimensions(
+    return _dimensions(source,
         n_mels=conv1[1],
         n_audio_ctx=_shape(variables, "encoder/position_encodings/encodings", 2, source)[0],
         n_audio_state=conv1[0],
@@ -254,6 +257,14 @@ def dims_from_ct2(variables: dict[str, Tensor], source: str = "model.bin") -> Wh
         n_text_head=_scalar(variables, "decoder/num_heads", source),
         n_text_layer=_count_layers(variables, "decoder/layer_"),
     )
+
+
+def _dimensions(source: str, **sizes: int) -> WhisperDimensions:
+    """``WhisperDimensions(**sizes)``, its refusal naming ``source``."""
+    try:
+        return WhisperDimensions(**sizes)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 _HF_CONFIG_FIELDS = {

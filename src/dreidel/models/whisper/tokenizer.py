@@ -8,6 +8,11 @@ from pathlib import Path
 __all__ = ["WhisperTokenizer"]
 
 
+# The largest tokenizer.json read: Whisper's are about 2 MB (a byte-pair vocabulary of 50k tokens); one of 72 MB
+# took 1.1 GB to parse, and where memory ran out the Rust allocator aborted the process.
+MAX_TOKENIZER_BYTES = 16 << 20
+
+
 class WhisperTokenizer:
     """Text <-> token ids, plus the special tokens that build a decoding prompt.
 
@@ -24,6 +29,10 @@ class WhisperTokenizer:
             raise ValueError(f"tokenizer.json not found: {path}")
         self.path = path
         self.multilingual = bool(multilingual)
+        size = path.stat().st_size
+        if size > MAX_TOKENIZER_BYTES:  # parsed, a tokenizer takes ~16 times its size; out of memory, Rust aborts
+            raise ValueError(f"{path}: {size} bytes, more than the {MAX_TOKENIZER_BYTES} a Whisper tokenizer.json "
+                             "takes (about 2 MB)")
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception for malformed files

@@ -191,15 +191,25 @@ def _load_ct2(name: str, model_parts, directory: Path, dtype: torch.dtype) -> Wh
 def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
     from safetensors.torch import load_file
 
-    dims = dims_from_hf_config(_read_json(directory / "config.json"))
+    config_path = directory / "config.json"
+    try:
+        dims = dims_from_hf_config(_read_json(config_path))
+    except ValueError as error:  # the dimensions' refusals do not name the file
+        message = str(error)
+        raise ValueError(message if str(config_path) in message else f"{config_path}: {message}") from None
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         if not file.is_file():  # a FIFO would block the read, a link to /dev/zero fill memory
             raise ValueError(f"{file}: expected a regular safetensors file")
         try:
-            tensors.update(load_file(str(file)))
+            loaded = load_file(str(file))
         except Exception as error:  # safetensors raises its own SafetensorError (an Exception) or OSError
             raise ValueError(f"{file}: not a readable safetensors file: {error}") from None
+        repeated = sorted(set(loaded) & set(tensors))
+        if repeated:  # a later file silently replaced the weights of an earlier one
+            raise ValueError(f"{file}: holds {repeated[0]!r}, which an earlier .safetensors file of {directory} holds "
+                             f"too ({len(repeated)} such tensors); keep one file per tensor")
+        tensors.update(loaded)
     if not any(name.startswith("model.") for name in tensors):  # a bare WhisperModel state dict
         tensors = {f"model.{name}": t for name, t in tensors.items()}
     tied, embedding = HF_TIED_OUTPUT
@@ -209,6 +219,10 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
                              f"not supported")
         del tensors[tied]
     expected = _expected_shapes(dims, tensors, str(directory))
+    integral = next((name for name, t in tensors.items() if not t.is_floating_point()), None)
+    if integral is not None:  # float() below would take int8 or bool values as weights
+        raise ValueError(f"{directory}: {integral!r} holds {tensors[integral].dtype} values, expected floating-point "
+                         "weights")
     state_dict = checkpoint_to_ours(hf_rules(dims), {k: v.float() for k, v in tensors.items()}, expected,
                                     str(directory))
     generation_path = directory / "generation_config.json"
