@@ -83,17 +83,17 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
         args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
     paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]
     writers: dict[Path, str] = {}
-    inputs = {_identity(file): file for file in args.files}  # the files exist (checked before)
+    inputs = {_entry(file): file for file in args.files}  # the files exist (checked before)
     for file, targets in zip(args.files, paths):
         for target in targets.values():
-            replaced = inputs.get(_identity(target)) if target.exists() else None  # through links too
-            if replaced is not None:
-                args.parser.error(f"argument --output-dir: the {target.suffix[1:]} transcript of {file} would "
-                                  f"replace the input {replaced}; choose another --output-dir")
             if target in writers:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
             try:  # a directory where the file goes, a file where a folder goes, or a folder that may not be
+                replaced = inputs.get(_entry(target))  # through symbolic links too
+                if replaced is not None:
+                    args.parser.error(f"argument --output-dir: the {target.suffix[1:]} transcript of {file} would "
+                                      f"replace the input {replaced}; choose another --output-dir")
                 check_file_target(target)  # written in: before anything is decoded
             except ValueError as error:
                 args.parser.error(f"argument --output-dir: {error}")
@@ -103,10 +103,16 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     return paths
 
 
-def _identity(path: str | Path) -> tuple[int, int]:
-    """The file ``path`` names, whatever the links to it: (device, inode)."""
-    status = os.stat(path)
-    return status.st_dev, status.st_ino
+def _entry(path: str | Path) -> tuple[int, int, str] | None:
+    """The directory entry a write to ``path`` replaces, symbolic links followed (as the atomic writes follow
+    them): its folder's (device, inode) and its name; None where that folder does not exist. A hard link
+    elsewhere to the same file is another entry, which the write (a new file renamed into place) leaves be."""
+    real = os.path.realpath(path)
+    try:
+        folder = os.stat(os.path.dirname(real))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return folder.st_dev, folder.st_ino, os.path.basename(real)
 
 
 def write_outputs(result, targets: dict[str, Path]) -> None:

@@ -251,3 +251,20 @@ def test_a_transcript_never_replaces_an_input(tmp_path, capsys, through):
     message = capsys.readouterr().err
     assert "argument --output-dir: the txt transcript of" in message and "would replace the input" in message
     assert audio.read_bytes() == before
+
+
+def test_a_hard_link_to_an_input_at_an_output_path_is_replaced_and_the_input_kept(tmp_path, capsys):
+    """The write renames a new file over that entry: the input, another entry of the same file, stays."""
+    import os
+
+    import numpy as np
+    import soundfile
+
+    audio = tmp_path / "a.wav"
+    soundfile.write(audio, np.zeros(1600, dtype=np.float32), 16000)
+    before = audio.read_bytes()
+    (tmp_path / "out").mkdir()
+    os.link(audio, tmp_path / "out" / "a.txt")
+    args = parse(["transcribe", str(audio), "--output-format", "txt", "--output-dir", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    assert audio.read_bytes() == before and (tmp_path / "out" / "a.txt").read_text().endswith("\n")
