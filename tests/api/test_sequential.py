@@ -1346,3 +1346,15 @@ def test_a_list_of_layers_is_named_with_the_torch_form():
     """Keras's Sequential([...]) failed with torch's "list is not a Module subclass"."""
     with pytest.raises(TypeError, match=r"Sequential\(\*layers\), not Sequential\(\[\.\.\.\]\)"):
         api.Sequential([nn.Linear(2, 2), nn.ReLU()])
+
+
+def test_an_infinity_norm_embedding_saves_and_loads(tmp_path):
+    """norm_type=inf is a setting JSON (as Python writes it) holds: save wrote it and load read it, until a
+    refusal of every non-finite constant broke both for a while."""
+    import math
+
+    model = api.Sequential(nn.Embedding(10, 4, max_norm=1.0, norm_type=math.inf)).build((3,), torch.int64)
+    loaded = api.load(model.save(tmp_path / "m"))
+    assert loaded[0].norm_type == math.inf
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(tokens), model(tokens))

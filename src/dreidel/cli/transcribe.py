@@ -112,6 +112,10 @@ def _entry(path: str | Path) -> tuple[int, int, str] | None:
         folder = os.stat(os.path.dirname(real))
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as error:  # a loop of links (ELOOP): check_file_target names the folder
+        if isinstance(error, PermissionError):
+            raise
+        return None
     return folder.st_dev, folder.st_ino, os.path.basename(real)
 
 

@@ -87,10 +87,8 @@ def write_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], tensors
     for name, value in (("config", config), ("tensors", tensors)):
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
-    try:  # fails early on non-JSON values, NaN and infinities too (read_config refuses them)
-        config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    except ValueError as error:
-        raise ValueError(f"config: {error} (NaN and infinities are not JSON)") from None
+    _refuse_nan(config, "config")  # read_config refuses it
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON values
     if len(config_text) > MAX_JSON_BYTES:  # read_config would refuse it (ASCII JSON: a byte per character)
         raise ValueError(f"config takes {len(config_text)} bytes as JSON, more than the {MAX_JSON_BYTES} a "
                          f"checkpoint's {CONFIG_FILE} may take")
@@ -341,7 +339,7 @@ def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:
     if len(content) > MAX_JSON_BYTES:
         raise ValueError(f"{path}: larger than the {MAX_JSON_BYTES} bytes a JSON config may take")
     try:
-        parsed = json.loads(content.decode("utf-8"), parse_constant=_refuse_constant)
+        parsed = json.loads(content.decode("utf-8"), parse_constant=_json_constant)
     except (ValueError, RecursionError) as error:  # ValueError: UnicodeDecodeError, JSONDecodeError, long integers
         raise ValueError(f"cannot read {path}: not valid JSON: {type(error).__name__}: {error}") from None
     except MemoryError:
@@ -351,10 +349,25 @@ def _parse_json_object(content: bytes, path: Path) -> dict[str, Any]:
     return parsed
 
 
-def _refuse_constant(name: str) -> None:
-    """``json.loads``' hook for ``NaN``, ``Infinity`` and ``-Infinity``, which Python writes but JSON has not:
-    a config's NaN ``eps`` loaded without a word and made every output NaN."""
-    raise ValueError(f"{name} is not a JSON value (configs hold finite numbers)")
+def _json_constant(name: str) -> float:
+    """``json.loads``' hook for the constants Python writes beyond JSON: ``Infinity`` and ``-Infinity`` are
+    read (an ``nn.Embedding``'s ``norm_type`` may be one), ``NaN`` is refused (a config's NaN ``eps`` loaded
+    without a word and made every output NaN)."""
+    if name == "NaN":
+        raise ValueError("NaN is not a JSON value")
+    return float(name.replace("Infinity", "inf"))
+
+
+def _refuse_nan(value: Any, where: str) -> None:
+    """``ValueError`` naming where in ``value`` (a JSON-like tree) a float NaN sits."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{where} is NaN, which JSON cannot hold (nor is it any layer's setting)")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_nan(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_nan(item, f"{where}[{index}]")
 
 
 def read_tensor_header(path: str | os.PathLike) -> dict[str, TensorHeader]:

@@ -398,9 +398,11 @@ def test_a_blank_language_is_not_taken_as_english(tmp_path, monkeypatch):
         tokenizer.prompt(language="")
 
 
-def test_load_hf_refuses_tensors_two_files_hold_and_integer_weights(random_whisper, tmp_path):
-    """A second .safetensors file beside model.safetensors replaced its weights without a word; an int8 weight
-    was cast to float and loaded (the CTranslate2 path refuses it)."""
+def test_load_hf_picks_its_files_as_transformers_does_and_refuses_integer_weights(random_whisper, tmp_path):
+    """Every .safetensors file was merged: a second one beside model.safetensors replaced its weights without a
+    word (openai/whisper-large-v3 ships float32 shards of the same tensors beside it). model.safetensors alone is
+    read where it exists; other files may not repeat a tensor. An int8 weight was cast to float and loaded (the
+    CTranslate2 path refuses it)."""
     from safetensors.torch import load_file, save_file
 
     hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True)
@@ -408,9 +410,13 @@ def test_load_hf_refuses_tensors_two_files_hold_and_integer_weights(random_whisp
     tensors = load_file(str(tmp_path / "model.safetensors"))
     name = next(n for n in tensors if n.endswith("conv1.bias"))
     save_file({name: torch.full_like(tensors[name], 7.0)}, str(tmp_path / "zz-extra.safetensors"))
+    loaded = load(tmp_path).model
+    assert torch.equal(loaded.encoder.conv1.bias, random_whisper.encoder.conv1.bias)  # the extra file is not read
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.safetensors")
     with pytest.raises(ValueError, match=rf"zz-extra.safetensors: holds {name!r}, which an earlier .safetensors file"):
         load(tmp_path)
     (tmp_path / "zz-extra.safetensors").unlink()
+    (tmp_path / "weights.safetensors").rename(tmp_path / "model.safetensors")
     save_file({**tensors, name: torch.arange(tensors[name].numel(), dtype=torch.int8)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=rf"{name!r} holds torch.int8 values, expected floating-point weights"):
         load(tmp_path)
@@ -436,3 +442,17 @@ def test_a_tokenizer_file_far_larger_than_whispers_is_refused_before_parsing(tmp
         file.truncate(MAX_TOKENIZER_BYTES + 1)  # sparse: nothing read
     with pytest.raises(ValueError, match=rf"tokenizer.json: {MAX_TOKENIZER_BYTES + 1} bytes, more than the "):
         WhisperTokenizer(huge, multilingual=False)
+
+
+def test_load_hf_reads_the_shards_its_index_maps(random_whisper, tmp_path):
+    hf_model_from_ours(random_whisper).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="1MB")
+    _tokenizer_dir(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    loaded = load(tmp_path).model
+    for name, tensor in random_whisper.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: "../elsewhere.safetensors" for name in index["weight_map"]}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"maps tensors to '../elsewhere.safetensors', not a file of"):
+        load(tmp_path)

@@ -198,7 +198,7 @@ def _load_hf(directory: Path, dtype: torch.dtype) -> WhisperRecognizer:
         message = str(error)
         raise ValueError(message if str(config_path) in message else f"{config_path}: {message}") from None
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in _hf_weight_files(directory):
         if not file.is_file():  # a FIFO would block the read, a link to /dev/zero fill memory
             raise ValueError(f"{file}: expected a regular safetensors file")
         try:
@@ -256,6 +256,27 @@ def _tokenizer_for(path: Path, dims: WhisperDimensions) -> WhisperTokenizer:
                          f"{tokenizer.eot}) with timestamp tokens up to {timestamps_end}, but the model is {model} "
                          f"with {dims.n_vocab} tokens")
     return tokenizer
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory, chosen as transformers chooses them: ``model.safetensors``
+    alone where it exists (openai/whisper-large-v3 ships float32 shards of the same tensors beside it), else the
+    shards ``model.safetensors.index.json`` maps, else every ``*.safetensors`` file (which may not repeat a
+    tensor: that is refused)."""
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path}: expected a 'weight_map' object of tensor names to file names")
+        shards = sorted(set(weight_map.values()))
+        outside = [name for name in shards if Path(name).name != name]
+        if outside:
+            raise ValueError(f"{index_path}: maps tensors to {outside[0]!r}, not a file of {directory}")
+        return [directory / name for name in shards]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def _read_json(path: Path) -> dict:
