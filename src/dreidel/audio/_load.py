@@ -37,7 +37,7 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
     if np.issubdtype(samples.dtype, np.floating):
         samples = samples.astype(np.float32, copy=False)
         warn_beyond_full_scale(samples, ARRAY_PEAK_WARNING, "integer PCM values given as floats? (int16: divide "
-                                "by 32768)")
+                               "by 32768)")
         return samples
     if samples.dtype == np.int64:
         raise TypeError("audio samples: int64 is no PCM format (int16, int32, uint8 are; torch.tensor of Python "
