@@ -423,8 +423,8 @@ class Sequential(nn.Sequential):
                              "generator=torch.Generator().manual_seed(seed)))")
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
         shuffle = check_flag("shuffle", shuffle)
+        train, validation = self._split_sources(x, y, batch_size, validation_data, validation_split)
         if isinstance(callbacks, Callback):
             raise TypeError(f"callbacks: expected a list of callbacks, got one {type(callbacks).__name__}; pass "
                             f"callbacks=[{type(callbacks).__name__}(...)]")

@@ -20,6 +20,8 @@ from dreidel._warnings import warn
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",
     "mel_filters", "log_mel_spectrogram", "pad_or_trim", "hz_to_mel", "mel_to_hz",
+    # for the package's own modules (load_audio, resample, transcribe)
+    "MAX_CHANNELS", "FLOAT_PEAK_WARNING", "check_samples_last", "log_mel_of_samples", "warn_beyond_full_scale",
 ]
 
 SAMPLE_RATE = 16000

@@ -136,8 +136,8 @@ def resample(audio: torch.Tensor, orig_rate: int, new_rate: int, *, zero_crossin
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor, got {type(audio).__name__}")
     if not audio.is_floating_point():
-        hint = " (integer PCM: dreidel.audio.pcm_to_float scales it into [-1, 1))" if not (
-            audio.is_complex() or audio.dtype == torch.bool) else ""
+        pcm = not (audio.is_complex() or audio.dtype == torch.bool)
+        hint = " (integer PCM: torch.from_numpy(dreidel.audio.pcm_to_float(audio.numpy())) scales it)" if pcm else ""
         raise TypeError(f"audio must hold floating-point samples, got {audio.dtype}{hint}")
     if audio.dim() == 0:
         raise ValueError("audio must have a samples axis (..., samples), got a scalar")

@@ -90,7 +90,7 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
             try:  # a directory where the file goes, a file where a folder goes, or a folder that may not be
-                replaced = inputs.get(_entry(target))  # through symbolic links too
+                replaced = inputs.get(_entry(target)) or _same_file_in_its_folder(target, args.files)
                 if replaced is not None:
                     args.parser.error(f"argument --output-dir: the {target.suffix[1:]} transcript of {file} would "
                                       f"replace the input {replaced}; choose another --output-dir")
@@ -103,6 +103,16 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     return paths
 
 
+def _same_file_in_its_folder(target: Path, files: list[str]) -> str | None:
+    """The input that an existing ``target`` is, in the same folder: where names differ only in case, on a
+    case-insensitive file system (macOS, vfat: clip.TXT is clip.txt) the entries compare unequal."""
+    if not target.exists():
+        return None
+    return next((file for file in files if os.path.samefile(target, file)
+                 and os.path.samefile(Path(os.path.realpath(target)).parent, Path(os.path.realpath(file)).parent)),
+                None)
+
+
 def _entry(path: str | Path) -> tuple[int, int, str] | None:
     """The directory entry a write to ``path`` replaces, symbolic links followed (as the atomic writes follow
     them): its folder's (device, inode) and its name; None where that folder does not exist. A hard link
@@ -110,11 +120,9 @@ def _entry(path: str | Path) -> tuple[int, int, str] | None:
     real = os.path.realpath(path)
     try:
         folder = os.stat(os.path.dirname(real))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as error:  # a loop of links (ELOOP): check_file_target names the folder
-        if isinstance(error, PermissionError):
-            raise
+    except PermissionError:  # output_paths reports it
+        raise
+    except OSError:  # no such folder, or a loop of links (ELOOP): check_file_target names it
         return None
     return folder.st_dev, folder.st_ino, os.path.basename(real)
 

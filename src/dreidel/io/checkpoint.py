@@ -453,7 +453,7 @@ def _is_checkpoint_dir(path: Path) -> bool:
     if not names <= {CONFIG_FILE, TENSORS_FILE} or CONFIG_FILE not in names:
         return False
     config_path = path / CONFIG_FILE
-    if not config_path.is_file() or config_path.stat().st_size > _MAX_RECOGNISED_CONFIG_BYTES:
+    if not config_path.is_file() or config_path.stat().st_size > MAX_JSON_BYTES:
         return False
     try:
         config = read_json_object(config_path)
@@ -461,9 +461,6 @@ def _is_checkpoint_dir(path: Path) -> bool:
         return False
     return isinstance(config.get("format"), str) and config["format"].startswith(FORMAT_PREFIX)
 
-
-# A config.json larger than this is not read to recognise it (a dreidel config lists layer specs: kilobytes).
-_MAX_RECOGNISED_CONFIG_BYTES = 64 << 20
 
 
 def _write_text(path: Path, text: str) -> None:

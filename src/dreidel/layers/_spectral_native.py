@@ -19,7 +19,8 @@ from dreidel.algo._fwht import _is_legacy_batched, _kernel_copy, kernel_constant
 
 _forward_ad = torch.autograd.forward_ad
 
-__all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads"]
+__all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads", "needs_differentiable_backward",
+           "vjp_of"]
 
 _get_num_threads = torch.get_num_threads  # bound once: looked up on every call otherwise
 

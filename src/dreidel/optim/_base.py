@@ -321,15 +321,22 @@ def check_single_process(optimizer: str, model: nn.Module | None) -> None:
                  "that each rank trains on its own (under data parallelism the ranks' weights drift apart)")
 
 
+def _data_parallel_types() -> tuple[type, ...]:
+    """DDP's and FSDP's module types in this torch: FSDP2's ``FSDPModule`` is importable from
+    ``torch.distributed.fsdp`` since torch 2.6 (this package takes 2.4 and later)."""
+    from torch.distributed import fsdp
+
+    return tuple(kind for kind in (nn.parallel.DistributedDataParallel, getattr(fsdp, "FullyShardedDataParallel", None),
+                                   getattr(fsdp, "FSDPModule", None)) if kind is not None)
+
+
 def _data_parallel_ranks(module: nn.Module) -> int:
     """How many ranks ``module`` shares its training with: its process group's size if it is a DDP or FSDP
     (either API) module, else 1 (a one-rank group, as ``torchrun --nproc_per_node=1`` makes, has none to drift
     from)."""
     if not torch.distributed.is_available():
         return 1
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if not isinstance(module, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel, FSDPModule)):
+    if not isinstance(module, _data_parallel_types()):
         return 1
     if not torch.distributed.is_initialized():
         return 1
