@@ -322,8 +322,8 @@ def check_single_process(optimizer: str, model: nn.Module | None) -> None:
 
 
 def _data_parallel_types() -> tuple[type, ...]:
-    """DDP's and FSDP's module types in this torch: FSDP2's ``FSDPModule`` is importable from
-    ``torch.distributed.fsdp`` since torch 2.6 (this package takes 2.4 and later)."""
+    """DDP's and FSDP's module types in this torch: each FSDP type only where ``torch.distributed.fsdp`` has it
+    (FSDP2's ``FSDPModule`` is a recent addition; this package takes torch 2.4 and later)."""
     from torch.distributed import fsdp
 
     return tuple(kind for kind in (nn.parallel.DistributedDataParallel, getattr(fsdp, "FullyShardedDataParallel", None),
