@@ -45,3 +45,10 @@ def check_flag(name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.40}")
+
+
+def check_generator(name: str, generator: object) -> None:
+    """``TypeError`` naming ``name`` unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None (torch.Generator().manual_seed(seed)), got "
+                        f"{type(generator).__name__}")

@@ -92,7 +92,7 @@ def test_as_dataloader_refuses_scalars_by_name():
 @pytest.mark.parametrize("call, message", [
     (lambda: as_dataloader(np.zeros((4, 2)), np.zeros(4), 2, shuffle="no"), r"shuffle: expected a bool .* got str"),
     (lambda: as_dataloader(np.zeros((4, 2)), np.zeros(4), 2, generator=0),
-     r"generator: expected a torch.Generator .* got int"),
+     r"generator must be a torch.Generator or None .* got int"),
     (lambda: as_dataloader(None, np.zeros(4), 2), r"x: expected a tensor or array \(N, \.\.\.\), got NoneType"),
     (lambda: load_digits(as_tensors="no"), r"as_tensors: expected a bool .* got str 'no'"),
 ])

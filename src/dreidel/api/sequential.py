@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dreidel._checks import check_flag
+from dreidel._checks import check_flag, check_generator
 from dreidel._warnings import warn
 from dreidel.api import _training
 from dreidel.api._training import progress_enabled
@@ -413,8 +413,7 @@ class Sequential(nn.Sequential):
             if not -2**63 <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
                 raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
             seed = int(seed)  # a NumPy integer too
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_generator("generator", generator)
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
         if isinstance(x, DataLoader) and (seed is not None or generator is not None):

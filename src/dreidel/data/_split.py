@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dreidel._checks import check_flag
+from dreidel._checks import check_flag, check_generator
 
 __all__ = ["SPLITS", "as_dataloader", "select_split", "stratified_split"]
 
@@ -137,7 +137,5 @@ def as_dataloader(
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     _check_batch_size(batch_size)
     shuffle = check_flag("shuffle", shuffle)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator (torch.Generator().manual_seed(seed)), got "
-                        f"{type(generator).__name__}")
+    check_generator("generator", generator)
     return DataLoader(TensorDataset(x, y), batch_size=int(batch_size), shuffle=shuffle, generator=generator)

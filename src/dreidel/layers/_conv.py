@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from dreidel.layers._activation import resolve_activation
 from dreidel.layers._registry import build_linear, config_kwargs
-from dreidel.layers._spectral import _as_width, check_dense_input, check_generator, check_input_dtype_and_device
+from dreidel._checks import check_generator
+from dreidel.layers._spectral import _as_width, check_dense_input, check_input_dtype_and_device
 
 __all__ = ["Conv2dSpectral", "Conv3dSpectral"]
 

@@ -54,6 +54,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from dreidel._checks import check_generator
 from dreidel._native import native
 from dreidel._system import usable_memory_bytes
 from dreidel.algo import nearest_hadamard_lengths
@@ -161,12 +162,6 @@ def _as_width(name: str, value: object, allow_none: bool) -> int | None:
     if width < 1:
         raise ValueError(f"{name} must be a positive int, got {width}")
     return width
-
-
-def check_generator(name: str, generator: object) -> None:
-    """``TypeError`` naming ``name`` unless ``generator`` is a ``torch.Generator`` or None."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def check_dense_input(layer: nn.Module, x: object, name: str = "input") -> None:
