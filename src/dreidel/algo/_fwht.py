@@ -471,12 +471,18 @@ def _op_input_needs_care(x: torch.Tensor) -> bool:
     return x.dim() == 0 or x.numel() == 0 or x.dtype in _LOW_PRECISION
 
 
-def _refuse_a_tangent(x: torch.Tensor, op: str) -> None:
+def has_forward_tangent(x: torch.Tensor) -> bool:
+    """Whether ``x`` carries a forward-mode (``torch.autograd.forward_ad``) tangent at the current level."""
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None
+
+
+def _refuse_a_tangent(x: torch.Tensor, op: str, instead: str = "dreidel.fwht") -> None:
     """The registered ops have no forward-mode formula (``torch.library`` takes none): a tangent on ``x`` would
-    be dropped without a word, so it is refused. (``dreidel.fwht`` carries tangents by other paths.)"""
-    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
+    be dropped without a word, so it is refused, pointing at ``instead``, which carries tangents by other
+    paths."""
+    if has_forward_tangent(x):
         raise RuntimeError(f"{op}: an input carries a forward-mode tangent, which this op cannot propagate; use "
-                           f"{'dreidel.fwht' if 'fwht' in op else 'the spectral layer'}, which does")
+                           f"{instead}, which does")
 
 
 def _check_op_input_shape(x: torch.Tensor) -> None:

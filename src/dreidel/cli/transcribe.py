@@ -83,14 +83,14 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
         args.parser.error(f"argument --output-dir: {directory} is a file, not a directory")
     paths = [{kind: directory / f"{Path(file).stem}.{kind}" for kind in formats} for file in args.files]
     writers: dict[Path, str] = {}
-    inputs = {_entry(file): file for file in args.files}  # the files exist (checked before)
+    inputs = {_file_in_folder(file): file for file in args.files}  # the files exist (checked before)
     for file, targets in zip(args.files, paths):
         for target in targets.values():
             if target in writers:
                 args.parser.error(f"argument FILE: {writers[target]} and {file} would both be written to {target}")
             writers[target] = file
             try:  # a directory where the file goes, a file where a folder goes, or a folder that may not be
-                replaced = inputs.get(_entry(target)) or _same_file_in_its_folder(target, args.files)
+                replaced = inputs.get(_file_in_folder(target))
                 if replaced is not None:
                     args.parser.error(f"argument --output-dir: the {target.suffix[1:]} transcript of {file} would "
                                       f"replace the input {replaced}; choose another --output-dir")
@@ -103,28 +103,19 @@ def output_paths(args: argparse.Namespace) -> list[dict[str, Path]]:
     return paths
 
 
-def _same_file_in_its_folder(target: Path, files: list[str]) -> str | None:
-    """The input that an existing ``target`` is, in the same folder: where names differ only in case, on a
-    case-insensitive file system (macOS, vfat: clip.TXT is clip.txt) the entries compare unequal."""
-    if not target.exists():
-        return None
-    return next((file for file in files if os.path.samefile(target, file)
-                 and os.path.samefile(Path(os.path.realpath(target)).parent, Path(os.path.realpath(file)).parent)),
-                None)
-
-
-def _entry(path: str | Path) -> tuple[int, int, str] | None:
-    """The directory entry a write to ``path`` replaces, symbolic links followed (as the atomic writes follow
-    them): its folder's (device, inode) and its name; None where that folder does not exist. A hard link
-    elsewhere to the same file is another entry, which the write (a new file renamed into place) leaves be."""
+def _file_in_folder(path: str | Path) -> tuple[int, int, int, int] | None:
+    """The file a write to ``path`` replaces, symbolic links followed (as the atomic writes follow them), and the
+    folder it lies in: both as (device, inode); None where there is no such file. Comparing files, not names,
+    also finds clip.TXT in clip.txt on a case-insensitive file system (macOS, vfat); comparing folders leaves
+    a hard link elsewhere to the same file be, as the write (a new file renamed into place) does."""
     real = os.path.realpath(path)
     try:
-        folder = os.stat(os.path.dirname(real))
+        file, folder = os.stat(real), os.stat(os.path.dirname(real))
     except PermissionError:  # output_paths reports it
         raise
-    except OSError:  # no such folder, or a loop of links (ELOOP): check_file_target names it
+    except OSError:  # no such file or folder, or a loop of links (ELOOP): check_file_target names it
         return None
-    return folder.st_dev, folder.st_ino, os.path.basename(real)
+    return file.st_dev, file.st_ino, folder.st_dev, folder.st_ino
 
 
 def write_outputs(result, targets: dict[str, Path]) -> None:

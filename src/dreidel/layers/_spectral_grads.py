@@ -176,7 +176,7 @@ def _spectral_linear_op(x: torch.Tensor, in_scale: torch.Tensor, inner_scale: to
                         blocks: int, out_features: int) -> torch.Tensor:
     for tensor in (x, in_scale, inner_scale, out_scale, bias):
         if tensor is not None:  # no forward-mode formula: a tangent would be dropped (the layers go around)
-            _refuse_a_tangent(tensor, "dreidel::spectral_linear")
+            _refuse_a_tangent(tensor, "dreidel::spectral_linear", instead="the spectral layer")
     return spectral_forward(x, in_scale, inner_scale, out_scale, bias,
                             SpectralLayout(*indices, length, blocks, out_features))
 

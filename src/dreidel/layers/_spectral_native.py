@@ -15,9 +15,7 @@ from typing import Callable
 import torch
 
 from dreidel._native import native
-from dreidel.algo._fwht import _is_legacy_batched, _kernel_copy, kernel_constants
-
-_forward_ad = torch.autograd.forward_ad
+from dreidel.algo._fwht import _is_legacy_batched, _kernel_copy, has_forward_tangent, kernel_constants
 
 __all__ = ["NativeSpectralLinear", "native_spectral_forward", "native_spectral_grads", "needs_differentiable_backward",
            "vjp_of"]
@@ -129,8 +127,7 @@ def needs_differentiable_backward(grad: torch.Tensor) -> bool:
     it builds a graph (``create_graph=True``), ``grad`` is a legacy-vmap batched tensor (no memory for the
     kernel, no batching rule for the op), or ``grad`` carries a forward-mode tangent (forward-over-reverse:
     the kernel reads the primal alone, and the tangent was dropped)."""
-    return (torch.is_grad_enabled() or _is_legacy_batched(grad)
-            or (_forward_ad._current_level >= 0 and _forward_ad.unpack_dual(grad).tangent is not None))
+    return torch.is_grad_enabled() or _is_legacy_batched(grad) or has_forward_tangent(grad)
 
 
 def vjp_of(forward: Callable[..., torch.Tensor], inputs: tuple, needed: tuple[bool, ...],

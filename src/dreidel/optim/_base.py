@@ -307,18 +307,22 @@ def check_single_process(optimizer: str, model: nn.Module | None) -> None:
     under data parallelism each rank takes another step and the ranks' weights drift apart while DDP goes on
     averaging their gradients (gloo, 2 ranks, a LinearWHT model: 0.011 apart after one K-FAC step, 0.046 after
     one DiagonalNewton step, where Adam's stay equal). Synchronised curvature is not supported yet."""
-    wrapped = [type(m).__name__ for m in (model.modules() if model is not None else ()) if _data_parallel_ranks(m) > 1]
-    if wrapped:
-        raise ValueError(f"{optimizer}: the model is wrapped in {wrapped[0]}, but {optimizer} estimates the "
-                         "curvature from each process's own batch and does not synchronise it across ranks (not "
-                         "supported yet): the ranks' weights would drift apart. Train in one process, or use a "
-                         "torch optimizer (Adam, SGD) under data parallelism")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        ranks = torch.distributed.get_world_size()
-        if ranks > 1:
-            warn(f"{optimizer}: a process group of {ranks} ranks is active; {optimizer} estimates the curvature from "
-                 "this process's batch alone and does not synchronise it across ranks, so it only suits a model "
-                 "that each rank trains on its own (under data parallelism the ranks' weights drift apart)")
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):  # no ranks: nothing to drift from
+        return
+    kinds = _data_parallel_types()
+    for module in model.modules() if model is not None else ():
+        # one rank (torchrun --nproc_per_node=1) has none to drift from; FSDP2's modules name no group: the default
+        if isinstance(module, kinds) and distributed.get_world_size(getattr(module, "process_group", None)) > 1:
+            raise ValueError(f"{optimizer}: the model is wrapped in {type(module).__name__}, but {optimizer} "
+                             "estimates the curvature from each process's own batch and does not synchronise it "
+                             "across ranks (not supported yet): the ranks' weights would drift apart. Train in one "
+                             "process, or use a torch optimizer (Adam, SGD) under data parallelism")
+    ranks = distributed.get_world_size()
+    if ranks > 1:
+        warn(f"{optimizer}: a process group of {ranks} ranks is active; {optimizer} estimates the curvature from "
+             "this process's batch alone and does not synchronise it across ranks, so it only suits a model "
+             "that each rank trains on its own (under data parallelism the ranks' weights drift apart)")
 
 
 def _data_parallel_types() -> tuple[type, ...]:
@@ -328,20 +332,6 @@ def _data_parallel_types() -> tuple[type, ...]:
 
     return tuple(kind for kind in (nn.parallel.DistributedDataParallel, getattr(fsdp, "FullyShardedDataParallel", None),
                                    getattr(fsdp, "FSDPModule", None)) if kind is not None)
-
-
-def _data_parallel_ranks(module: nn.Module) -> int:
-    """How many ranks ``module`` shares its training with: its process group's size if it is a DDP or FSDP
-    (either API) module, else 1 (a one-rank group, as ``torchrun --nproc_per_node=1`` makes, has none to drift
-    from)."""
-    if not torch.distributed.is_available():
-        return 1
-    if not isinstance(module, _data_parallel_types()):
-        return 1
-    if not torch.distributed.is_initialized():
-        return 1
-    group = getattr(module, "process_group", None)
-    return torch.distributed.get_world_size(group) if group is not None else torch.distributed.get_world_size()
 
 
 # Name parts that wrappers add to their model's parameter names: torch.compile's OptimizedModule (``_orig_mod``,
